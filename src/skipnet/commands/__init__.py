@@ -1,0 +1,1 @@
+"""CLI subcommands; every public module here is discovered by :mod:`skipnet.cli`."""

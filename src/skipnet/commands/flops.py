@@ -1,0 +1,44 @@
+"""``skipnet flops ARCH``: exact multiply-adds per image, per region, gates included."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from skipnet.cost import cost_model
+from skipnet.errors import SkipnetError
+from skipnet.registry import create_model
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("flops", help="multiply-adds per image of an architecture (gates included)")
+    p.add_argument("arch", help="registered architecture name (see 'skipnet models')")
+    p.add_argument("--image-size", type=int, default=None, help="square input size (default: the arch's own)")
+    p.add_argument("--num-classes", type=int, default=None, help="override the number of classes")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.image_size is not None and args.image_size < 8:
+        raise SkipnetError(f"--image-size must be >= 8, got {args.image_size}")
+    model = create_model(args.arch, num_classes=args.num_classes)
+    cm = cost_model(model, args.image_size)
+    d = cm.to_dict()
+    if args.json:
+        print(json.dumps(d))
+        return 0
+    print(
+        f"{cm.arch} at {cm.image_size}x{cm.image_size}: {cm.params:,} parameters, {cm.num_gates} gated blocks"
+    )
+    print(f"{'region':<22} {'MACs':>16}")
+    print(f"{'fixed (stem, block 0,':<22}")
+    print(f"{' shortcuts, head)':<22} {cm.fixed_macs:>16,}")
+    for i, (b, g) in enumerate(zip(cm.block_macs, cm.gate_macs)):
+        gate = f"   gate {g:,}" if g else ""
+        print(f"{'block ' + str(i + 1) + ' (stage ' + str(cm.block_stage[i] + 1) + ')':<22} {b:>16,}{gate}")
+    print(
+        f"{'total, all blocks on':<22} {cm.total_macs_all_on:>16,}  ({cm.total_macs_all_on / 1e9:.3f} GMACs)"
+    )
+    print(f"{'gates, summed':<22} {sum(cm.gate_macs):>16,}  ({100 * cm.gate_overhead:.3f}% of gated blocks)")
+    return 0

@@ -1,0 +1,296 @@
+"""The gated ResNet (paper Eq. 1) with every gating behaviour as a mode of one network.
+
+Placement follows the authors' code: the first residual block of the network always runs and every later
+block ``i`` is gated by a decision ``g_i`` computed from its input ``x_i``:
+
+    x_{i+1} = g_i * F_i(x_i) + (1 - g_i) * S_i(x_i)                                    (Eq. 1)
+
+where ``F_i`` is the whole residual block (residual branch + shortcut + ReLU) and ``S_i`` its shortcut: the
+identity, or for a downsampling block its projection ``BN(conv1x1_s2(x))`` (no ReLU).
+
+Modes (:class:`GateMode`):
+
+- ``hard``   straight-through (Eq. 7): forward ``1[p >= t]``, backward ``dp`` (supervised pre-training).
+- ``soft``   ``g = p`` (the paper's soft-gating baseline in training).
+- ``sample`` ``g ~ Bernoulli(p)`` (REINFORCE / hybrid RL, Eq. 5-6).
+- ``greedy`` ``g = 1[p >= t]`` (inference; ``t`` = ``threshold``, 0.5 by default).
+- ``random`` ``g ~ Bernoulli(keep)`` independent of the input (stochastic-depth variant, SDV).
+- ``all_on`` every block runs, no gate is computed: exactly the plain ResNet.
+
+Execution: *masked* computes every block for every sample and mixes with ``g`` (needed by ``hard`` and
+``soft``, whose gradients need ``F_i(x_i) - S_i(x_i)`` for every sample). *Routed* gathers the samples whose
+decision is 1, runs the residual branch on that subset only and writes the result back; a block that no
+sample executes costs nothing and a batch of one takes a plain Python branch. Routed is the default for
+``sample``, ``greedy``, ``random`` and forced decisions, where nothing needs the skipped branch; in training
+it also keeps skipped samples out of the block's BatchNorm statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.resnet import Bottleneck
+
+from skipnet.backbones import build_backbone, stages
+from skipnet.config import ArchConfig
+from skipnet.errors import SkipnetError
+from skipnet.gates import GateBank, build_gates
+
+
+class GateMode(str, Enum):
+    HARD = "hard"
+    SOFT = "soft"
+    SAMPLE = "sample"
+    GREEDY = "greedy"
+    RANDOM = "random"
+    ALL_ON = "all_on"
+
+
+ROUTED_BY_DEFAULT = {GateMode.SAMPLE, GateMode.GREEDY, GateMode.RANDOM}
+
+
+@dataclass
+class GateTrace:
+    """Per-sample record of the gating decisions of one forward pass; every field has shape (B, N).
+
+    Attributes:
+        probs: execution probabilities ``p_i`` (ones where no gate was computed).
+        decisions: the hard decisions actually taken, 0.0 (skip) or 1.0 (execute).
+        log_probs: ``log pi(g_i | x)`` of the decisions under the gate's Bernoulli policy (Eq. 3); carries
+            gradient to the gate parameters. Zeros where no gate was computed.
+        logits: the gate logits (zeros where no gate was computed).
+    """
+
+    probs: Tensor
+    decisions: Tensor
+    log_probs: Tensor
+    logits: Tensor
+
+    @property
+    def num_gates(self) -> int:
+        return self.decisions.shape[1]
+
+    def detach(self) -> GateTrace:
+        return GateTrace(
+            self.probs.detach(), self.decisions.detach(), self.log_probs.detach(), self.logits.detach()
+        )
+
+
+@dataclass
+class SkipOutput:
+    """What the gated network returns: ``logits`` (B, classes) and the gate ``trace``."""
+
+    logits: Tensor
+    trace: GateTrace
+
+
+def residual_branch(block: nn.Module, x: Tensor) -> Tensor:
+    """The residual function of a torchvision BasicBlock/Bottleneck, before the addition."""
+    out = block.relu(block.bn1(block.conv1(x)))
+    out = block.bn2(block.conv2(out))
+    if isinstance(block, Bottleneck):
+        out = block.bn3(block.conv3(block.relu(out)))
+    return out
+
+
+def shortcut_branch(block: nn.Module, x: Tensor) -> Tensor:
+    """What a skipped block yields (Eq. 1): its projection shortcut, or the identity."""
+    return block.downsample(x) if block.downsample is not None else x
+
+
+def run_block(block: nn.Module, x: Tensor) -> Tensor:
+    """``F_i(x)``: the whole residual block, ``relu(residual(x) + shortcut(x))``."""
+    return F.relu(residual_branch(block, x) + shortcut_branch(block, x))
+
+
+def _mix(g: Tensor, executed: Tensor, skipped: Tensor) -> Tensor:
+    """Eq. 1 with a per-sample gate ``g`` of shape (B,)."""
+    g = g.view(-1, 1, 1, 1).to(executed.dtype)
+    return g * executed + (1.0 - g) * skipped
+
+
+def routed_block(block: nn.Module, x: Tensor, decision: Tensor) -> Tensor:
+    """Run ``block`` only for the samples with ``decision == 1`` (B,); others get the shortcut.
+
+    Values equal the masked form of Eq. 1 with a hard 0/1 decision.
+    """
+    batch = x.shape[0]
+    if batch == 1:  # plain branch, no indexing
+        return run_block(block, x) if bool(decision[0] > 0.5) else shortcut_branch(block, x)
+    idx = torch.nonzero(decision > 0.5).flatten()
+    n = idx.numel()
+    if n == batch:
+        return run_block(block, x)
+    shortcut = shortcut_branch(block, x)
+    if n == 0:
+        return shortcut
+    # Advanced indexing and index_copy keep channels_last on CPU (index_select does not).
+    executed = F.relu(residual_branch(block, x[idx]) + shortcut[idx])
+    return shortcut.index_copy(0, idx, executed)
+
+
+class GatedResNet(nn.Module):
+    """A ResNet whose residual blocks (all but the first) can be skipped per input.
+
+    Args:
+        config: the architecture. ``config.gate == "none"`` builds a plain ResNet, which still supports the
+            ``all_on`` and ``random`` (SDV) modes.
+
+    Attributes:
+        backbone: the ResNet (torchvision layout); for ImageNet a ``torchvision.models.ResNet`` whose
+            state dict is interchangeable with torchvision's.
+        gates: the :class:`~skipnet.gates.GateBank`, or ``None`` for a plain ResNet.
+        mode, threshold, keep_ratio: defaults for :meth:`forward` (checkpoints store ``threshold``).
+    """
+
+    def __init__(self, config: ArchConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = build_backbone(config)
+        blocks: list[nn.Module] = []
+        stage_of: list[int] = []
+        for s, layer in enumerate(stages(self.backbone)):
+            for block in layer:
+                blocks.append(block)
+                stage_of.append(s)
+        # Plain Python lists: the modules are registered once, inside the backbone.
+        self._blocks = blocks
+        self.block_stage = stage_of[1:]  # stage index of each gated block
+        channels = [self._in_channels(b) for b in blocks[1:]]
+        self.gates: GateBank | None = build_gates(config.gate, channels, config.rnn_embed, config.rnn_hidden)
+        self.mode = GateMode.GREEDY if config.gated else GateMode.ALL_ON
+        self.threshold = 0.5
+        self.keep_ratio = 1.0
+
+    @staticmethod
+    def _in_channels(block: nn.Module) -> int:
+        return block.conv1.in_channels
+
+    @property
+    def num_gates(self) -> int:
+        """N: the number of gated blocks (blocks - 1)."""
+        return len(self._blocks) - 1
+
+    @property
+    def first_block(self) -> nn.Module:
+        return self._blocks[0]
+
+    @property
+    def gated_blocks(self) -> list[nn.Module]:
+        return self._blocks[1:]
+
+    def stem(self, x: Tensor) -> Tensor:
+        b = self.backbone
+        return b.maxpool(b.relu(b.bn1(b.conv1(x))))
+
+    def head(self, x: Tensor) -> Tensor:
+        return self.backbone.fc(torch.flatten(self.backbone.avgpool(x), 1))
+
+    def gate_step(self, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """Logit (B,) of gate ``i`` from the input ``x`` of gated block ``i``."""
+        assert self.gates is not None
+        return self.gates.step(i, x, state)
+
+    def forward(
+        self,
+        x: Tensor,
+        mode: GateMode | str | None = None,
+        *,
+        threshold: float | None = None,
+        keep: float | None = None,
+        decisions: Tensor | None = None,
+        execution: str = "auto",
+    ) -> SkipOutput:
+        """Run the network on images ``x`` (B, C, H, W).
+
+        Args:
+            mode: a :class:`GateMode` (default ``self.mode``).
+            threshold: greedy/hard threshold on ``p`` (default ``self.threshold``).
+            keep: keep ratio for ``random`` mode (default ``self.keep_ratio``).
+            decisions: (B, N) forced 0/1 decisions; gates are still computed (their cost is real) but the
+                given decisions are taken. Used by benchmarks and tests.
+            execution: ``"auto"``, ``"routed"`` or ``"masked"``.
+        """
+        mode = GateMode(mode or self.mode)
+        threshold = self.threshold if threshold is None else threshold
+        keep = self.keep_ratio if keep is None else keep
+        if execution not in ("auto", "routed", "masked"):
+            raise SkipnetError(f"execution must be auto, routed or masked, got {execution!r}")
+        if mode in (GateMode.HARD, GateMode.SOFT, GateMode.SAMPLE) and self.gates is None:
+            raise SkipnetError(f"mode {mode.value!r} needs a gated architecture; this one has no gates")
+        if mode in (GateMode.HARD, GateMode.SOFT) and execution == "routed":
+            raise SkipnetError(f"mode {mode.value!r} needs masked execution (its gradient needs every block)")
+        routed = execution == "routed" or (
+            execution == "auto" and (mode in ROUTED_BY_DEFAULT or decisions is not None)
+        )
+        n_gates = self.num_gates
+        if decisions is not None and tuple(decisions.shape) != (x.shape[0], n_gates):
+            raise SkipnetError(f"decisions must have shape (B, N) = ({x.shape[0]}, {n_gates})")
+
+        x = self.stem(x)
+        x = self.first_block(x)
+        batch = x.shape[0]
+        compute_gates = self.gates is not None and mode not in (GateMode.ALL_ON, GateMode.RANDOM)
+        state = self.gates.init_state(x) if compute_gates else None
+        if mode == GateMode.RANDOM and decisions is None:
+            decisions = torch.bernoulli(x.new_full((batch, n_gates), float(keep)))
+
+        logits_l, probs_l, dec_l, logp_l = [], [], [], []
+        for i, block in enumerate(self.gated_blocks):
+            if compute_gates:
+                z, state = self.gate_step(i, x, state)
+                p = torch.sigmoid(z)
+            else:
+                z = x.new_zeros(batch)
+                p = x.new_ones(batch)
+            if decisions is not None:
+                hard = decisions[:, i].to(x.dtype)
+            elif mode == GateMode.ALL_ON:
+                hard = x.new_ones(batch)
+            elif mode == GateMode.SAMPLE:
+                hard = torch.bernoulli(p.detach())
+            else:  # hard, soft, greedy
+                hard = (p.detach() >= threshold).to(x.dtype)
+
+            if mode == GateMode.HARD and decisions is None:
+                g = hard - p.detach() + p  # Eq. 7: forward 1[p >= t], backward dp
+            elif mode == GateMode.SOFT and decisions is None:
+                g = p
+            else:
+                g = hard
+
+            if mode == GateMode.ALL_ON and decisions is None:
+                x = run_block(block, x)
+            elif routed:
+                x = routed_block(block, x, hard)
+            else:
+                x = _mix(g, run_block(block, x), shortcut_branch(block, x))
+
+            if compute_gates:
+                # log pi(g_i | x) for the Bernoulli policy of Eq. 3, stable in the logit.
+                logp = hard * F.logsigmoid(z) + (1.0 - hard) * F.logsigmoid(-z)
+            else:
+                logp = x.new_zeros(batch)
+            logits_l.append(z)
+            probs_l.append(p)
+            dec_l.append(hard)
+            logp_l.append(logp)
+
+        logits = self.head(x)
+        if n_gates:
+            trace = GateTrace(
+                probs=torch.stack(probs_l, 1),
+                decisions=torch.stack(dec_l, 1).detach(),
+                log_probs=torch.stack(logp_l, 1),
+                logits=torch.stack(logits_l, 1),
+            )
+        else:
+            empty = x.new_zeros(batch, 0)
+            trace = GateTrace(empty, empty, empty, empty)
+        return SkipOutput(logits, trace)

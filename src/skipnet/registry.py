@@ -1,0 +1,82 @@
+"""Registry of named architectures, each one line over :class:`~skipnet.config.ArchConfig`.
+
+Names follow the authors' repository with its typos fixed: ``cifar10_resnet_110``,
+``cifar10_feedforward_38`` (FFGate-I below 100 layers, FFGate-II from 100 on, as in the paper),
+``cifar10_rnn_gate_110``, the same for ``cifar100_`` and ``svhn_``, ``imagenet_resnet_50``,
+``imagenet_rnn_gate_101``, and ``tiny_*`` variants for fast tests. Any other 6n+2 depth is accepted by
+pattern, e.g. ``cifar10_rnn_gate_56``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from skipnet.config import ArchConfig
+from skipnet.errors import SkipnetError
+from skipnet.gated import GatedResNet
+
+_REGISTRY: dict[str, ArchConfig] = {}
+
+SMALL_DATASETS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
+_PATTERN = re.compile(r"^(cifar10|cifar100|svhn|tiny)_(resnet|feedforward|rnn_gate)_(\d+)$")
+
+
+def register(config: ArchConfig) -> ArchConfig:
+    """Add ``config`` under ``config.name``; duplicate names are refused."""
+    if config.name in _REGISTRY:
+        raise ValueError(f"architecture {config.name!r} is already registered")
+    _REGISTRY[config.name] = config
+    return config
+
+
+def ff_kind(depth: int) -> str:
+    """The paper's rule: FFGate-I for depth < 100, FFGate-II for depth >= 100 (§3.1)."""
+    return "ffgate1" if depth < 100 else "ffgate2"
+
+
+def _small(dataset: str, kind: str, depth: int) -> ArchConfig:
+    gate = {"resnet": "none", "feedforward": ff_kind(depth), "rnn_gate": "rnn"}[kind]
+    if dataset == "tiny":
+        return ArchConfig(f"tiny_{kind}_{depth}", "cifar", depth, 10, gate, 32, width=8, dataset="tiny")
+    return ArchConfig(
+        f"{dataset}_{kind}_{depth}", "cifar", depth, SMALL_DATASETS[dataset], gate, 32, dataset=dataset
+    )
+
+
+for _ds in SMALL_DATASETS:
+    for _d in (38, 74, 110, 152):
+        register(_small(_ds, "resnet", _d))
+        register(_small(_ds, "rnn_gate", _d))
+    for _d in (38, 74, 110):
+        register(_small(_ds, "feedforward", _d))
+for _d in (34, 50, 101):
+    register(ArchConfig(f"imagenet_resnet_{_d}", "imagenet", _d, 1000, "none", 224, dataset="imagenet"))
+    register(ArchConfig(f"imagenet_rnn_gate_{_d}", "imagenet", _d, 1000, "rnn", 224, dataset="imagenet"))
+# Tiny variants for tests: 14 layers (5 gated blocks), width 8.
+for _kind in ("resnet", "rnn_gate", "feedforward"):
+    register(_small("tiny", _kind, 14))
+register(ArchConfig("tiny_feedforward2_14", "cifar", 14, 10, "ffgate2", 32, width=8, dataset="tiny"))
+
+
+def list_models() -> list[str]:
+    """All registered names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_config(name: str, **overrides: Any) -> ArchConfig:
+    """The config of ``name`` with ``overrides`` applied (``None`` overrides are dropped)."""
+    if name in _REGISTRY:
+        config = _REGISTRY[name]
+    else:
+        m = _PATTERN.match(name)
+        if not m:
+            raise SkipnetError(f"unknown architecture {name!r}; run 'skipnet models' for the list")
+        config = _small(m.group(1), m.group(2), int(m.group(3)))
+    return config.replace(**overrides)
+
+
+def create_model(name: str | ArchConfig, **overrides: Any) -> GatedResNet:
+    """Build a :class:`GatedResNet` from a registered name (or a config) and optional overrides."""
+    config = name.replace(**overrides) if isinstance(name, ArchConfig) else get_config(name, **overrides)
+    return GatedResNet(config)
