@@ -50,9 +50,7 @@ class ArchConfig:
         if self.gate not in GATE_KINDS:
             raise SkipnetError(f"unknown gate {self.gate!r}; expected one of {', '.join(GATE_KINDS)}")
         if self.family == "cifar" and (self.depth < 8 or (self.depth - 2) % 6 != 0):
-            raise SkipnetError(
-                f"CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 38, ...), got {self.depth}"
-            )
+            raise SkipnetError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 38, ...), got {self.depth}")
         if self.family == "imagenet" and self.depth not in IMAGENET_DEPTHS:
             raise SkipnetError(f"ImageNet ResNet depth must be one of {IMAGENET_DEPTHS}, got {self.depth}")
         if self.num_classes < 1:

@@ -28,7 +28,7 @@ it also keeps skipped samples out of the block's BatchNorm statistics.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -43,7 +43,7 @@ from skipnet.errors import SkipnetError
 from skipnet.gates import GateBank, build_gates
 
 
-class GateMode(str, Enum):
+class GateMode(StrEnum):
     HARD = "hard"
     SOFT = "soft"
     SAMPLE = "sample"
@@ -77,9 +77,7 @@ class GateTrace:
         return self.decisions.shape[1]
 
     def detach(self) -> GateTrace:
-        return GateTrace(
-            self.probs.detach(), self.decisions.detach(), self.log_probs.detach(), self.logits.detach()
-        )
+        return GateTrace(self.probs.detach(), self.decisions.detach(), self.log_probs.detach(), self.logits.detach())
 
 
 @dataclass
@@ -226,9 +224,7 @@ class GatedResNet(nn.Module):
             raise SkipnetError(f"mode {mode.value!r} needs a gated architecture; this one has no gates")
         if mode in (GateMode.HARD, GateMode.SOFT) and execution == "routed":
             raise SkipnetError(f"mode {mode.value!r} needs masked execution (its gradient needs every block)")
-        routed = execution == "routed" or (
-            execution == "auto" and (mode in ROUTED_BY_DEFAULT or decisions is not None)
-        )
+        routed = execution == "routed" or (execution == "auto" and (mode in ROUTED_BY_DEFAULT or decisions is not None))
         n_gates = self.num_gates
         if decisions is not None and tuple(decisions.shape) != (x.shape[0], n_gates):
             raise SkipnetError(f"decisions must have shape (B, N) = ({x.shape[0]}, {n_gates})")

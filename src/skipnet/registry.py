@@ -39,9 +39,7 @@ def _small(dataset: str, kind: str, depth: int) -> ArchConfig:
     gate = {"resnet": "none", "feedforward": ff_kind(depth), "rnn_gate": "rnn"}[kind]
     if dataset == "tiny":
         return ArchConfig(f"tiny_{kind}_{depth}", "cifar", depth, 10, gate, 32, width=8, dataset="tiny")
-    return ArchConfig(
-        f"{dataset}_{kind}_{depth}", "cifar", depth, SMALL_DATASETS[dataset], gate, 32, dataset=dataset
-    )
+    return ArchConfig(f"{dataset}_{kind}_{depth}", "cifar", depth, SMALL_DATASETS[dataset], gate, 32, dataset=dataset)
 
 
 for _ds in SMALL_DATASETS:

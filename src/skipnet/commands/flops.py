@@ -28,17 +28,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(d))
         return 0
-    print(
-        f"{cm.arch} at {cm.image_size}x{cm.image_size}: {cm.params:,} parameters, {cm.num_gates} gated blocks"
-    )
+    print(f"{cm.arch} at {cm.image_size}x{cm.image_size}: {cm.params:,} parameters, {cm.num_gates} gated blocks")
     print(f"{'region':<22} {'MACs':>16}")
     print(f"{'fixed (stem, block 0,':<22}")
     print(f"{' shortcuts, head)':<22} {cm.fixed_macs:>16,}")
     for i, (b, g) in enumerate(zip(cm.block_macs, cm.gate_macs)):
         gate = f"   gate {g:,}" if g else ""
         print(f"{'block ' + str(i + 1) + ' (stage ' + str(cm.block_stage[i] + 1) + ')':<22} {b:>16,}{gate}")
-    print(
-        f"{'total, all blocks on':<22} {cm.total_macs_all_on:>16,}  ({cm.total_macs_all_on / 1e9:.3f} GMACs)"
-    )
+    print(f"{'total, all blocks on':<22} {cm.total_macs_all_on:>16,}  ({cm.total_macs_all_on / 1e9:.3f} GMACs)")
     print(f"{'gates, summed':<22} {sum(cm.gate_macs):>16,}  ({100 * cm.gate_overhead:.3f}% of gated blocks)")
     return 0
