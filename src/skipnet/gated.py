@@ -103,34 +103,63 @@ def shortcut_branch(block: nn.Module, x: Tensor) -> Tensor:
 
 
 def run_block(block: nn.Module, x: Tensor) -> Tensor:
-    """``F_i(x)``: the whole residual block, ``relu(residual(x) + shortcut(x))``."""
-    return F.relu(residual_branch(block, x) + shortcut_branch(block, x))
+    """``F_i(x)``: the whole residual block, ``relu(residual(x) + shortcut(x))``.
+
+    The addition and the ReLU are done in place on the residual's fresh output (as torchvision's own blocks
+    do), which is autograd-safe: batch norm does not save its output.
+    """
+    out = residual_branch(block, x)
+    out += shortcut_branch(block, x)
+    return F.relu_(out)
 
 
 def _mix(g: Tensor, executed: Tensor, skipped: Tensor) -> Tensor:
-    """Eq. 1 with a per-sample gate ``g`` of shape (B,)."""
-    g = g.view(-1, 1, 1, 1).to(executed.dtype)
-    return g * executed + (1.0 - g) * skipped
+    """Eq. 1 with a per-sample gate ``g`` of shape (B,): ``g * executed + (1 - g) * skipped``.
+
+    One fused ``lerp`` instead of four element-wise passes; exact for ``g`` in {0, 1}, and its gradient in
+    ``g`` is ``executed - skipped`` as Eq. 1's.
+    """
+    return torch.lerp(skipped, executed, g.view(-1, 1, 1, 1).to(executed.dtype))
 
 
 def routed_block(block: nn.Module, x: Tensor, decision: Tensor) -> Tensor:
     """Run ``block`` only for the samples with ``decision == 1`` (B,); others get the shortcut.
 
-    Values equal the masked form of Eq. 1 with a hard 0/1 decision.
+    Values equal the masked form of Eq. 1 with a hard 0/1 decision. ``x`` is not modified.
     """
-    batch = x.shape[0]
-    if batch == 1:  # plain branch, no indexing
+    if x.shape[0] == 1:  # plain branch, no indexing
         return run_block(block, x) if bool(decision[0] > 0.5) else shortcut_branch(block, x)
-    idx = torch.nonzero(decision > 0.5).flatten()
+    return route_indices(block, x, torch.nonzero(decision > 0.5).flatten())
+
+
+def route_indices(block: nn.Module, x: Tensor, idx: Tensor, inplace: bool = False) -> Tensor:
+    """Run ``block`` on the rows ``idx`` (sorted, unique, 1-D int64) of ``x``; the other rows get the shortcut.
+
+    The executed subset is gathered with advanced indexing and written back with ``index_copy``: both keep
+    ``channels_last`` on CPU (``index_select`` does not). With ``inplace`` (only when autograd is off and the
+    caller owns ``x``) the result is written into the shortcut itself -- into ``x`` for an identity shortcut --
+    so no full-size copy is made. A block that every sample executes runs as a plain block; one that none
+    executes costs only its shortcut.
+    """
     n = idx.numel()
-    if n == batch:
+    if n == x.shape[0]:
         return run_block(block, x)
-    shortcut = shortcut_branch(block, x)
     if n == 0:
-        return shortcut
-    # Advanced indexing and index_copy keep channels_last on CPU (index_select does not).
-    executed = F.relu(residual_branch(block, x[idx]) + shortcut[idx])
-    return shortcut.index_copy(0, idx, executed)
+        return shortcut_branch(block, x)
+    xs = x[idx]
+    if block.downsample is not None:
+        # Every sample needs the projection (skipped ones get exactly it); it is a fresh tensor of ours, and
+        # writing into it is autograd-safe (batch norm does not save its output).
+        shortcut = block.downsample(x)
+        executed = residual_branch(block, xs)
+        executed += shortcut[idx]
+        return shortcut.index_copy_(0, idx, F.relu_(executed))
+    executed = residual_branch(block, xs)
+    executed += xs  # the identity shortcut of the executed rows, already gathered
+    executed = F.relu_(executed)
+    if inplace and not torch.is_grad_enabled():
+        return x.index_copy_(0, idx, executed)
+    return x.index_copy(0, idx, executed)
 
 
 class GatedResNet(nn.Module):
@@ -231,62 +260,83 @@ class GatedResNet(nn.Module):
 
         x = self.stem(x)
         x = self.first_block(x)
-        batch = x.shape[0]
+        batch, dtype = x.shape[0], x.dtype
         compute_gates = self.gates is not None and mode not in (GateMode.ALL_ON, GateMode.RANDOM)
         state = self.gates.init_state(x) if compute_gates else None
         if mode == GateMode.RANDOM and decisions is None:
             decisions = torch.bernoulli(x.new_full((batch, n_gates), float(keep)))
+        forced = None if decisions is None else decisions.detach().to(device=x.device, dtype=dtype)
+        all_on = mode == GateMode.ALL_ON and forced is None
 
-        logits_l, probs_l, dec_l, logp_l = [], [], [], []
+        # Routing reads each decision on the host. Forced decisions are read once, up front: as Python flags
+        # for a batch of one, as per-block index tensors otherwise (one nonzero for the whole (B, N) matrix).
+        # Decisions made inside the loop cost one host read per gated block (.item() or nonzero).
+        flags: list[bool] | None = None
+        rows: list[Tensor] | None = None
+        if routed and forced is not None and n_gates:
+            executed = forced > 0.5
+            if batch == 1:
+                flags = executed[0].tolist()
+            else:
+                pairs = torch.nonzero(executed.t())  # (block, sample) pairs, sorted by block then sample
+                rows = list(pairs[:, 1].contiguous().split(executed.sum(0).tolist()))
+        # From here on ``x`` is always a tensor this forward made, so without autograd routing may write the
+        # executed rows back into it instead of copying it.
+        inplace = routed and not torch.is_grad_enabled()
+
+        z_l: list[Tensor] = []
+        p_l: list[Tensor] = []
+        dec_l: list[Tensor] = []
         for i, block in enumerate(self.gated_blocks):
             if compute_gates:
                 z, state = self.gate_step(i, x, state)
-                p = torch.sigmoid(z)
-            else:
-                z = x.new_zeros(batch)
-                p = x.new_ones(batch)
-            if decisions is not None:
-                hard = decisions[:, i].to(x.dtype)
-            elif mode == GateMode.ALL_ON:
-                hard = x.new_ones(batch)
-            elif mode == GateMode.SAMPLE:
-                hard = torch.bernoulli(p.detach())
-            else:  # hard, soft, greedy
-                hard = (p.detach() >= threshold).to(x.dtype)
-
-            if mode == GateMode.HARD and decisions is None:
-                g = hard - p.detach() + p  # Eq. 7: forward 1[p >= t], backward dp
-            elif mode == GateMode.SOFT and decisions is None:
-                g = p
-            else:
-                g = hard
-
-            if mode == GateMode.ALL_ON and decisions is None:
+                z_l.append(z)
+            if all_on:
                 x = run_block(block, x)
-            elif routed:
-                x = routed_block(block, x, hard)
+                continue
+            if forced is not None:
+                hard = g = forced[:, i]
             else:
-                x = _mix(g, run_block(block, x), shortcut_branch(block, x))
+                p = torch.sigmoid(z)
+                p_l.append(p)
+                if mode == GateMode.SAMPLE:
+                    hard = torch.bernoulli(p.detach())
+                else:  # hard, soft, greedy
+                    hard = (p.detach() >= threshold).to(dtype)
+                dec_l.append(hard)
+                if mode == GateMode.HARD:
+                    g = hard - p.detach() + p  # Eq. 7: forward 1[p >= t], backward dp
+                elif mode == GateMode.SOFT:
+                    g = p
+                else:
+                    g = hard
 
-            if compute_gates:
-                # log pi(g_i | x) for the Bernoulli policy of Eq. 3, stable in the logit.
-                logp = hard * F.logsigmoid(z) + (1.0 - hard) * F.logsigmoid(-z)
+            if not routed:
+                x = _mix(g, run_block(block, x), shortcut_branch(block, x))
+            elif batch == 1:  # plain Python branch, no indexing
+                run = flags[i] if flags is not None else hard.item() > 0.5
+                x = run_block(block, x) if run else shortcut_branch(block, x)
             else:
-                logp = x.new_zeros(batch)
-            logits_l.append(z)
-            probs_l.append(p)
-            dec_l.append(hard)
-            logp_l.append(logp)
+                idx = rows[i] if rows is not None else torch.nonzero(hard > 0.5).flatten()
+                x = route_indices(block, x, idx, inplace=inplace)
 
         logits = self.head(x)
-        if n_gates:
-            trace = GateTrace(
-                probs=torch.stack(probs_l, 1),
-                decisions=torch.stack(dec_l, 1).detach(),
-                log_probs=torch.stack(logp_l, 1),
-                logits=torch.stack(logits_l, 1),
-            )
+        if compute_gates and n_gates:
+            z_all = torch.stack(z_l, 1)
+            probs = torch.stack(p_l, 1) if p_l else torch.sigmoid(z_all)
         else:
-            empty = x.new_zeros(batch, 0)
-            trace = GateTrace(empty, empty, empty, empty)
+            z_all = x.new_zeros(batch, n_gates)
+            probs = x.new_ones(batch, n_gates)
+        if forced is not None:
+            dec = forced
+        elif dec_l:
+            dec = torch.stack(dec_l, 1)
+        else:  # all_on: every block ran
+            dec = x.new_ones(batch, n_gates)
+        if compute_gates and n_gates:
+            # log pi(g_i | x) for the Bernoulli policy of Eq. 3, stable in the logit; one pass for all gates.
+            log_probs = dec * F.logsigmoid(z_all) + (1.0 - dec) * F.logsigmoid(-z_all)
+        else:
+            log_probs = x.new_zeros(batch, n_gates)
+        trace = GateTrace(probs=probs, decisions=dec.detach(), log_probs=log_probs, logits=z_all)
         return SkipOutput(logits, trace)

@@ -1,0 +1,76 @@
+"""``skipnet eval CKPT --data SPEC``: accuracy and the computation actually spent."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from skipnet.checkpoint import load_model
+from skipnet.cost import cost_model
+from skipnet.data import load_data
+from skipnet.evaluate import evaluate
+from skipnet.gated import GateMode
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint: accuracy, MACs, computation percentage")
+    p.add_argument("checkpoint", help="a .pt file written by 'skipnet train' or 'skipnet calibrate'")
+    p.add_argument("--data", required=True, help="cifar10, cifar100, svhn, digits, or an ImageFolder root / .tar.gz")
+    p.add_argument("--data-dir", default=None, help="where torchvision data sets live")
+    p.add_argument("--download", action="store_true", help="download cifar10/cifar100/svhn if missing")
+    p.add_argument("--split", choices=["test", "val", "train"], default="test", help="which split to evaluate")
+    p.add_argument("--threshold", type=float, default=None, help="gate threshold (default: the checkpoint's)")
+    p.add_argument("--mode", choices=[m.value for m in GateMode], default=None, help="override the gate mode")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--limit", type=int, default=None, help="evaluate a seeded subset of N images")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from skipnet.distributed import pick_device
+
+    device = pick_device(args.device)
+    model, ckpt = load_model(args.checkpoint, map_location="cpu")
+    meta = ckpt.get("data", {})
+    stats = (tuple(meta["mean"]), tuple(meta["std"])) if meta.get("mean") else None
+    val_split = float(meta.get("val_split", 0.0)) if args.split == "val" else float(meta.get("val_split", 0.0))
+    data = load_data(
+        args.data,
+        data_dir=args.data_dir,
+        download=args.download,
+        batch_size=args.batch_size,
+        eval_batch_size=args.batch_size,
+        val_split=val_split,
+        limit_test=args.limit,
+        image_size=model.config.image_size,
+        stats=stats,
+    )
+    model.to(device).to(memory_format=torch.channels_last)
+    loader = data.split(args.split)
+    if args.split == "train":
+        loader.train = False  # evaluate without augmentation
+    cost = cost_model(model)
+    result = evaluate(model, loader, cost, mode=args.mode, threshold=args.threshold)
+    result = {
+        "checkpoint": args.checkpoint,
+        "arch": model.config.name,
+        "split": args.split,
+        "threshold": args.threshold if args.threshold is not None else model.threshold,
+        "mode": args.mode or str(model.mode.value),
+    } | result
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{args.checkpoint} on {data.name} {args.split} ({result['images']} images)")
+    print(f"  top-1 accuracy          {result['accuracy']:.2f}%")
+    if "top5" in result:
+        print(f"  top-5 accuracy          {result['top5']:.2f}%")
+    print(f"  MACs per image          {result['macs_mean']:.4g} (plain ResNet {result['macs_all_on']:.4g})")
+    print(f"  MACs reduction          {result['macs_reduction']:.1f}%")
+    print(f"  computation percentage  {result['computation_percentage']:.1f}%")
+    print(f"  gate MACs per image     {result['gate_macs_mean']:.4g}")
+    return 0

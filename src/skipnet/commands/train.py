@@ -1,0 +1,115 @@
+"""``skipnet train ARCH --stage STAGE --data SPEC --out DIR``: every training stage of the paper."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from skipnet.errors import SkipnetError
+from skipnet.stages import STAGES
+from skipnet.train import SCHEDULES, TrainConfig, train
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        required=True,
+        help="cifar10, cifar100, svhn, digits, or an ImageFolder root (train/ + test/ or val/) or .tar.gz of one",
+    )
+    p.add_argument("--data-dir", default=None, help="where torchvision data sets live (default ~/.cache/skipnet)")
+    p.add_argument("--download", action="store_true", help="download cifar10/cifar100/svhn if missing")
+    p.add_argument("--limit-train", type=int, default=None, help="use a seeded subset of N training images")
+    p.add_argument("--limit-test", type=int, default=None, help="use a seeded subset of N test/val images")
+    p.add_argument("--image-size", type=int, default=None, help="resize (small) or crop (large) images to S")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers for large images (default 4)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    stage_help = "; ".join(f"{k}: {s.help}" for k, s in STAGES.items())
+    p = sub.add_parser(
+        "train",
+        help="train a stage (base, sp, hrl, soft, rl, sdv)",
+        description="Train one stage of SkipNet. Paper defaults apply to every option left unset "
+        "(reference notes §2): CIFAR base/SP 64k iterations, lr 0.1 stepped at 50%%/75%%; HRL after SP "
+        "lr 1e-4 constant for 10k iterations, alpha 0.1, beta 1; ImageNet alpha 0.01, beta alpha/N.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("arch", help="architecture name (see 'skipnet models')")
+    p.add_argument("--stage", required=True, choices=list(STAGES), help=stage_help)
+    add_data_args(p)
+    p.add_argument("--out", required=True, help="run directory (config.json, metrics.jsonl, last.pt, best.pt)")
+    p.add_argument(
+        "--init", default=None, help="start from another stage's checkpoint (e.g. SP from base, HRL from SP)"
+    )
+    p.add_argument("--init-torchvision", default=None, help="ImageNet: start from a torchvision ResNet state-dict file")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=float, default=None, help="train for E epochs (CPU runs: e.g. 10)")
+    g.add_argument("--iters", type=int, default=None, help="train for N iterations (paper: 64000 SP, 10000 HRL)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (paper: 128 CIFAR, 256 ImageNet)")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="evaluation batch size (default max(B, 256))")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate (paper: 0.1; 1e-4 for HRL after SP)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (recommended for short CPU schedules)")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (paper: 1e-4)")
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=None,
+        help="lr schedule: paper (x0.1 at 50%% and 75%%; ImageNet every 30 epochs), step, cosine, onecycle "
+        "(recommended for short CPU runs), constant (paper HRL)",
+    )
+    p.add_argument("--warmup-iters", type=int, default=0, help="iterations at lr/10 first (authors: 400 for 110+)")
+    p.add_argument("--alpha", type=float, default=None, help="HRL cost weight alpha (paper: 0.1 CIFAR, 0.01 ImageNet)")
+    p.add_argument(
+        "--beta", type=float, default=None, help="HRL loss weight beta in the return (1 CIFAR, alpha/N ImageNet)"
+    )
+    p.add_argument("--rl-weight", type=float, default=1.0, help="scale of the REINFORCE term (authors' code: 0.01)")
+    p.add_argument(
+        "--baseline", choices=["none", "batch", "ema"], default="none", help="REINFORCE baseline (variance reduction)"
+    )
+    p.add_argument("--keep", type=float, default=0.5, help="SDV keep ratio (stage sdv)")
+    p.add_argument("--threshold", type=float, default=0.5, help="gate threshold for hard/greedy decisions")
+    p.add_argument("--val-split", type=float, default=0.1, help="fraction of train held out for model selection")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--eval-every", type=int, default=None, help="validate + checkpoint every N steps (default: epoch)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision (off on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the block bodies")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
+    p.add_argument("--log-every", type=int, default=50, help="log a line every N steps when not on a terminal")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    keys = {f for f in TrainConfig.__dataclass_fields__}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in keys})
+
+
+def check_args(cfg: TrainConfig) -> None:
+    for name in ("epochs", "iters", "batch_size", "lr", "eval_every", "limit_train", "limit_test"):
+        v = getattr(cfg, name)
+        if v is not None and v <= 0:
+            raise SkipnetError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if not 0.0 <= cfg.keep <= 1.0:
+        raise SkipnetError(f"--keep must be in [0, 1], got {cfg.keep}")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    cfg = config_from_args(args)
+    check_args(cfg)
+    summary = train(cfg)
+    if args.json:
+        print(json.dumps(summary))
+    elif summary.get("test"):
+        t = summary["test"]
+        print(
+            f"{cfg.out}: test accuracy {t['accuracy']:.2f}%  MACs/image {t['macs_mean']:.4g} "
+            f"({t['macs_reduction']:.1f}% fewer)  computation percentage {t['computation_percentage']:.1f}%"
+        )
+    return 0

@@ -1,0 +1,114 @@
+"""Evaluation: accuracy, MACs actually spent per image, computation percentage, skip ratio per block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from skipnet.cost import CostModel, computation_percentage
+from skipnet.gated import GatedResNet, GateMode
+
+
+@dataclass
+class EvalRecord:
+    """Per-image results of an evaluation pass (all on CPU)."""
+
+    labels: Tensor  # (M,)
+    preds: Tensor  # (M,)
+    correct5: Tensor  # (M,) bool
+    decisions: Tensor  # (M, N)
+    probs: Tensor  # (M, N)
+    macs: Tensor  # (M,) float64
+
+
+def eval_mode_for(model: GatedResNet) -> GateMode:
+    """How a model decides at inference: its stored mode (``random`` for SDV), greedy if gated, else all-on."""
+    if model.mode == GateMode.RANDOM:
+        return GateMode.RANDOM
+    return GateMode.GREEDY if model.gates is not None else GateMode.ALL_ON
+
+
+@torch.no_grad()
+def run_eval(
+    model: nn.Module,
+    loader,
+    cost: CostModel,
+    *,
+    mode: GateMode | str | None = None,
+    threshold: float | None = None,
+    keep: float | None = None,
+    seed: int = 0,
+    max_batches: int | None = None,
+) -> EvalRecord:
+    """Run ``model`` over ``loader`` and collect per-image predictions, decisions and MACs."""
+    net: GatedResNet = getattr(model, "module", model)
+    was_training = net.training
+    net.eval()
+    mode = GateMode(mode or eval_mode_for(net))
+    device = next(net.parameters()).device
+    gen_state = torch.get_rng_state()
+    torch.manual_seed(seed)  # random (SDV) decisions are reproducible
+    labels, preds, c5, decs, probs = [], [], [], [], []
+    try:
+        for b, (x, y) in enumerate(loader):
+            if max_batches is not None and b >= max_batches:
+                break
+            out = net(x.to(device, non_blocking=True), mode, threshold=threshold, keep=keep)
+            logits = out.logits.float().cpu()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            labels.append(y)
+            preds.append(top[:, 0])
+            c5.append((top == y.view(-1, 1)).any(1))
+            decs.append(out.trace.decisions.float().cpu())
+            probs.append(out.trace.probs.float().cpu())
+    finally:
+        torch.set_rng_state(gen_state)
+        net.train(was_training)
+    decisions = torch.cat(decs) if decs else torch.zeros(0, net.num_gates)
+    gates_spent = net.gates is not None and mode not in (GateMode.ALL_ON, GateMode.RANDOM)
+    return EvalRecord(
+        labels=torch.cat(labels),
+        preds=torch.cat(preds),
+        correct5=torch.cat(c5),
+        decisions=decisions,
+        probs=torch.cat(probs) if probs else decisions.clone(),
+        macs=cost.macs_per_image(decisions, include_gates=gates_spent),
+    )
+
+
+def summarize(record: EvalRecord, cost: CostModel, num_classes: int, gated: bool = True) -> dict[str, Any]:
+    """The numbers ``skipnet eval --json`` reports, from an :class:`EvalRecord`."""
+    n = len(record.labels)
+    correct = (record.preds == record.labels).float()
+    macs_mean = record.macs.mean().item() if n else float("nan")
+    all_on = cost.total_macs_all_on
+    executed = record.decisions.mean(0) if n else torch.ones(cost.num_gates)
+    gate_macs = float(sum(cost.gate_macs)) if gated else 0.0
+    out: dict[str, Any] = {
+        "images": n,
+        "accuracy": 100.0 * correct.mean().item() if n else float("nan"),
+        "macs_mean": macs_mean,
+        "macs_all_on": all_on,
+        "macs_reduction": 100.0 * (1.0 - macs_mean / all_on),
+        "computation_percentage": computation_percentage(record.decisions) if n else 100.0,
+        "skip_ratio_per_block": [round(1.0 - v, 6) for v in executed.tolist()],
+        "executed_blocks_mean": 1.0 + record.decisions.sum(1).mean().item() if n else float("nan"),
+        "gate_macs_mean": gate_macs,
+    }
+    if num_classes >= 20:
+        out["top5"] = 100.0 * record.correct5.float().mean().item() if n else float("nan")
+    return out
+
+
+def evaluate(model: nn.Module, loader, cost: CostModel, **kwargs: Any) -> dict[str, Any]:
+    """Evaluate and summarise in one call (see :func:`run_eval` for the keyword arguments)."""
+    net = getattr(model, "module", model)
+    record = run_eval(model, loader, cost, **kwargs)
+    mode = GateMode(kwargs.get("mode") or eval_mode_for(net))
+    gated = net.gates is not None and mode not in (GateMode.ALL_ON, GateMode.RANDOM)
+    return summarize(record, cost, net.config.num_classes, gated)

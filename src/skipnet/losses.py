@@ -1,0 +1,95 @@
+"""The hybrid objective (paper Eq. 5-6) and its REINFORCE estimator, at explicit (B, N) shapes.
+
+    J = E_x E_g [ L(y_hat(x, F, g), y) - (alpha / N) * sum_i R_i ],   R_i = (1 - g_i) * C_i   (Eq. 5)
+    r_i = -[ beta * L - (alpha / N) * sum_{j >= i} R_j ]                                      (Eq. 6, relaxed)
+    grad J = E[grad L] - E[ sum_i grad log p(g_i | x) * r_i ]                                 (Eq. 6)
+
+``L`` is the per-sample cross-entropy, detached inside the return. Every tensor here is (B, N): one row per
+sample, one column per gate -- the authors' ImageNet code multiplied (B,) log-probs by (B, 1) returns and
+broadcast to (B, B), crediting each action with the batch-average return.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def skip_rewards(decisions: Tensor, costs: Tensor | None = None) -> Tensor:
+    """``R_i = (1 - g_i) * C_i`` (Eq. 5), (B, N); ``C_i = 1`` unless per-block ``costs`` (N,) are given."""
+    r = 1.0 - decisions
+    return r if costs is None else r * costs.view(1, -1)
+
+
+def hybrid_returns(
+    ce: Tensor, decisions: Tensor, alpha: float, beta: float = 1.0, costs: Tensor | None = None
+) -> Tensor:
+    """Per-sample, per-gate returns ``r_i`` of Eq. 6 (with the beta relaxation), shape (B, N).
+
+    Args:
+        ce: (B,) per-sample cross-entropy; detached here.
+        decisions: (B, N) sampled 0/1 gate actions.
+    """
+    if ce.dim() != 1 or decisions.dim() != 2 or decisions.shape[0] != ce.shape[0]:
+        raise ValueError(f"expected ce (B,) and decisions (B, N); got {tuple(ce.shape)} and {tuple(decisions.shape)}")
+    n = decisions.shape[1]
+    rewards = skip_rewards(decisions.to(ce.dtype), costs)
+    future = rewards.flip(1).cumsum(1).flip(1)  # sum_{j >= i} R_j
+    return -(beta * ce.detach().view(-1, 1) - (alpha / n) * future)
+
+
+def reinforce_loss(log_probs: Tensor, returns: Tensor, baseline: Tensor | None = None) -> Tensor:
+    """Surrogate whose gradient is ``-sum_i grad log p(g_i|x) * (r_i - b_i)``, averaged over the batch.
+
+    Args:
+        log_probs: (B, N) ``log pi(g_i | x)`` with gradient to the policy.
+        returns: (B, N) returns (no gradient).
+        baseline: optional (N,) or (B, N) baseline subtracted for variance reduction.
+    """
+    if log_probs.shape != returns.shape:
+        raise ValueError(f"log_probs {tuple(log_probs.shape)} and returns {tuple(returns.shape)} must both be (B, N)")
+    advantage = returns.detach()
+    if baseline is not None:
+        advantage = advantage - baseline.detach()
+    return -(log_probs * advantage).sum(1).mean()
+
+
+class Baseline:
+    """Per-gate moving-average baseline ``b_i`` of the return (optional variance reduction)."""
+
+    def __init__(self, kind: str = "none", momentum: float = 0.9) -> None:
+        if kind not in ("none", "batch", "ema"):
+            raise ValueError(f"baseline must be none, batch or ema, got {kind!r}")
+        self.kind, self.momentum, self.value = kind, momentum, None
+
+    def __call__(self, returns: Tensor) -> Tensor | None:
+        if self.kind == "none":
+            return None
+        batch = returns.detach().mean(0)
+        if self.kind == "batch":
+            return batch
+        if self.value is None:
+            self.value = batch
+        out = self.value
+        self.value = self.momentum * self.value + (1 - self.momentum) * batch
+        return out
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state.get("value")
+
+
+def expected_skip_reward(decisions: Tensor, alpha: float) -> Tensor:
+    """(alpha / N) * sum_i R_i per sample, (B,): the compute term of Eq. 5, for logging."""
+    return (
+        (alpha / decisions.shape[1]) * skip_rewards(decisions).sum(1)
+        if decisions.shape[1]
+        else decisions.new_zeros(decisions.shape[0])
+    )
+
+
+__all__ = ["Baseline", "expected_skip_reward", "hybrid_returns", "reinforce_loss", "skip_rewards"]
+
+_ = torch  # re-exported name space stays explicit

@@ -1,0 +1,510 @@
+"""The training loop shared by every stage (base, sp, hrl, soft, rl, sdv).
+
+A run directory holds ``config.json`` (the resolved run config), ``metrics.jsonl`` (one JSON line per
+evaluation), ``last.pt`` (for ``--resume``), ``best.pt`` (best validation accuracy) and, when the run has
+finished, ``summary.json`` with the test metrics of ``best.pt`` (chosen on validation only).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from skipnet.checkpoint import (
+    load_checkpoint,
+    load_weights_into,
+    model_from_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+    unwrap,
+)
+from skipnet.cost import cost_model
+from skipnet.data import DataBundle, load_data
+from skipnet.errors import SkipnetError
+from skipnet.evaluate import evaluate
+from skipnet.gated import GatedResNet, GateMode
+from skipnet.losses import Baseline
+from skipnet.registry import get_config
+from skipnet.stages import STAGES, Stage
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("paper", "step", "cosine", "onecycle", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``skipnet train``; ``None`` means "the paper's default for this stage and data"."""
+
+    arch: str
+    stage: str
+    data: str
+    out: str
+    data_dir: str | None = None
+    download: bool = False
+    init: str | None = None
+    init_torchvision: str | None = None
+    epochs: float | None = None
+    iters: int | None = None
+    batch_size: int | None = None
+    eval_batch_size: int | None = None
+    lr: float | None = None
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float | None = None
+    schedule: str | None = None
+    warmup_iters: int = 0
+    alpha: float | None = None
+    beta: float | None = None
+    rl_weight: float = 1.0
+    baseline: str = "none"
+    keep: float = 0.5
+    threshold: float = 0.5
+    val_split: float = 0.1
+    seed: int = 0
+    eval_every: int | None = None
+    limit_train: int | None = None
+    limit_test: int | None = None
+    image_size: int | None = None
+    workers: int = 4
+    threads: int | None = None
+    amp: str = "none"
+    compile: bool = False
+    sync_bn: bool = False
+    channels_last: bool = True
+    log_every: int = 50
+    resume: bool = False
+    device: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ------------------------------------------------------------------------------------------ defaults
+def resolve_defaults(cfg: TrainConfig, family: str, dataset: str, num_gates: int, steps_per_epoch: int) -> TrainConfig:
+    """Fill ``None`` options with the paper's settings (reference notes §2) for this stage and data."""
+    c = TrainConfig(**asdict(cfg))
+    imagenet = family == "imagenet"
+    finetune = c.stage == "hrl" and (c.init is not None or c.init_torchvision is not None)
+    if c.batch_size is None:
+        c.batch_size = 256 if imagenet else 128
+    if c.weight_decay is None:
+        c.weight_decay = 1e-4
+    if c.alpha is None:
+        c.alpha = 0.01 if imagenet else 0.1
+    if c.beta is None:
+        c.beta = c.alpha / max(1, num_gates) if imagenet else 1.0
+    if finetune:  # HRL after SP: lr 1e-4, constant, 10k iterations (CIFAR), 50 epochs SVHN, 40 ImageNet
+        c.lr = 1e-4 if c.lr is None else c.lr
+        c.schedule = c.schedule or "constant"
+        if c.iters is None and c.epochs is None:
+            if imagenet:
+                c.epochs = 40
+            elif dataset == "svhn":
+                c.epochs = 50
+            else:
+                c.iters = 10_000
+    else:  # base / sp / soft / rl / sdv / hrl from scratch: the ResNet recipe
+        c.lr = 0.1 if c.lr is None else c.lr
+        c.schedule = c.schedule or "paper"
+        if c.iters is None and c.epochs is None:
+            if imagenet:
+                c.epochs = 120
+            else:
+                c.iters = 64_000
+    if c.schedule not in SCHEDULES:
+        raise SkipnetError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {c.schedule!r}")
+    if c.eval_every is None:
+        c.eval_every = steps_per_epoch if steps_per_epoch <= 2000 else 2000
+    return c
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    if cfg.iters is not None:
+        return int(cfg.iters)
+    return max(1, int(round(cfg.epochs * steps_per_epoch)))
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int, imagenet: bool, steps_per_epoch: int) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based)."""
+    if warmup and step < warmup:
+        return 0.1  # the authors' warm-up: lr 0.01 for the first iterations of deep CIFAR nets
+    t = step / max(1, total)
+    if schedule == "constant":
+        return 1.0
+    if schedule in ("paper", "step"):
+        if imagenet and schedule == "paper":
+            return 0.1 ** (step // (30 * steps_per_epoch))
+        return 1.0 if t < 0.5 else (0.1 if t < 0.75 else 0.01)  # 32k / 48k of 64k
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    # one-cycle: linear warm-up over the first 25% to the peak, then linear decay to zero
+    return t / 0.25 if t < 0.25 else max(0.0, (1.0 - t) / 0.75)
+
+
+# ------------------------------------------------------------------------------------------ progress
+class Progress:
+    """A one-line progress bar on a terminal, plain log lines otherwise."""
+
+    def __init__(self, total: int, enabled: bool, log_every: int) -> None:
+        self.total, self.enabled, self.log_every = total, enabled, max(1, log_every)
+        self.tty = enabled and sys.stderr.isatty()
+        self.start = time.time()
+
+    def update(self, step: int, stats: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.time() - self.start
+        msg = " ".join(f"{k} {v:.4g}" for k, v in stats.items())
+        if self.tty:
+            frac = step / self.total
+            bar = "#" * int(30 * frac)
+            sys.stderr.write(f"\r[{bar:<30}] {step}/{self.total} {msg} ({elapsed:.0f}s)\x1b[K")
+            sys.stderr.flush()
+        elif step % self.log_every == 0 or step == self.total:
+            log.info("step %d/%d %s (%.0fs)", step, self.total, msg, elapsed)
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+# ------------------------------------------------------------------------------------------ trainer
+class Trainer:
+    """One training run. ``Trainer(cfg).fit()`` returns the run summary."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        if cfg.stage not in STAGES:
+            raise SkipnetError(f"unknown stage {cfg.stage!r}; expected one of {', '.join(STAGES)}")
+        self.stage: Stage = STAGES[cfg.stage]
+        self.out = Path(cfg.out)
+        from skipnet import distributed as dist
+
+        self.dist = dist.setup(cfg)
+        self.rank, self.world, self.device = self.dist.rank, self.dist.world, self.dist.device
+        self.main = self.rank == 0
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+
+        resume_ckpt = None
+        if cfg.resume and (self.out / "last.pt").exists():
+            resume_ckpt = load_checkpoint(self.out / "last.pt")
+            saved = TrainConfig.from_dict(resume_ckpt["train_config"])
+            for k in ("epochs", "iters"):  # a resumed run may be extended
+                if getattr(cfg, k) is not None:
+                    setattr(saved, k, getattr(cfg, k))
+            saved.resume, saved.out = True, cfg.out
+            cfg = saved
+        elif cfg.resume:
+            log.info("--resume: no %s yet, starting a new run", self.out / "last.pt")
+        elif (self.out / "last.pt").exists():
+            raise SkipnetError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+
+        init_ckpt = load_checkpoint(cfg.init) if cfg.init and resume_ckpt is None else None
+        arch = get_config(cfg.arch)
+        stats = None
+        if init_ckpt is not None and init_ckpt.get("data", {}).get("mean"):
+            stats = (tuple(init_ckpt["data"]["mean"]), tuple(init_ckpt["data"]["std"]))
+        if resume_ckpt is not None and resume_ckpt.get("data", {}).get("mean"):
+            stats = (tuple(resume_ckpt["data"]["mean"]), tuple(resume_ckpt["data"]["std"]))
+        global_batch = cfg.batch_size or (256 if arch.family == "imagenet" else 128)
+        if global_batch % self.world:
+            raise SkipnetError(f"--batch-size {global_batch} is not divisible by the {self.world} processes")
+        self.data: DataBundle = load_data(
+            cfg.data,
+            data_dir=cfg.data_dir,
+            download=cfg.download,
+            batch_size=global_batch // self.world,
+            eval_batch_size=cfg.eval_batch_size,
+            val_split=cfg.val_split,
+            seed=cfg.seed,
+            workers=cfg.workers,
+            rank=self.rank,
+            world=self.world,
+            limit_train=cfg.limit_train,
+            limit_test=cfg.limit_test,
+            image_size=cfg.image_size or (arch.image_size if arch.family == "imagenet" else None),
+            stats=stats,
+        )
+        arch = arch.replace(
+            num_classes=self.data.num_classes, in_channels=self.data.in_channels, image_size=self.data.image_size
+        )
+        if self.stage.needs_gates and not arch.gated:
+            raise SkipnetError(f"stage {cfg.stage!r} needs a gated architecture (e.g. an *_rnn_gate_* name)")
+        torch.manual_seed(cfg.seed)
+        self.model = GatedResNet(arch)
+        steps_per_epoch = len(self.data.train)
+        self.cfg = resolve_defaults(cfg, arch.family, arch.dataset, self.model.num_gates, steps_per_epoch)
+        self.cfg.batch_size = global_batch
+        self.steps_per_epoch = steps_per_epoch
+        self.total = total_steps(self.cfg, steps_per_epoch)
+
+        if init_ckpt is not None:
+            left = load_weights_into(self.model, init_ckpt, cfg.init)
+            log.info("initialised from %s (%d tensors left at their initial values)", cfg.init, len(left))
+        if cfg.init_torchvision and resume_ckpt is None:
+            self._init_torchvision(cfg.init_torchvision)
+        self.model.threshold = self.cfg.threshold
+        self.model.keep_ratio = self.cfg.keep
+        self.model.mode = (
+            self.stage.eval_mode if arch.gated or self.stage.eval_mode == GateMode.RANDOM else GateMode.ALL_ON
+        )
+        self.cost = cost_model(self.model)
+        self.model.to(self.device)
+        if self.cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=self.cfg.lr,
+            momentum=self.cfg.momentum,
+            nesterov=self.cfg.nesterov and self.cfg.momentum > 0,
+            weight_decay=self.cfg.weight_decay,
+        )
+        imagenet = arch.family == "imagenet"
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(self.cfg.schedule, s, self.total, self.cfg.warmup_iters, imagenet, steps_per_epoch),
+        )
+        self.baseline = Baseline(self.cfg.baseline)
+        self.step = 0
+        self.best_val = -1.0
+        self.history: list[dict[str, Any]] = []
+        if resume_ckpt is not None:
+            self._restore(resume_ckpt)
+        self.train_model: nn.Module = self.dist.wrap(self.model, self.cfg)
+        self.amp = self.dist.autocast(self.cfg.amp)
+        self.scaler = self.dist.grad_scaler(self.cfg.amp)
+
+    # -- setup helpers
+    def _init_torchvision(self, path: str) -> None:
+        if self.model.config.family != "imagenet":
+            raise SkipnetError("--init-torchvision needs an imagenet_* architecture")
+        if not Path(path).is_file():
+            raise SkipnetError(f"--init-torchvision: {path!r} does not exist")
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise SkipnetError(f"--init-torchvision: cannot read {path} ({type(exc).__name__})") from None
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+        if sd.get("fc.weight") is not None and sd["fc.weight"].shape[0] != self.model.config.num_classes:
+            sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+            log.info("--init-torchvision: classifier has a different number of classes; fc left at random init")
+        missing, unexpected = self.model.backbone.load_state_dict(sd, strict=False)
+        bad = [k for k in missing if not k.startswith("fc.")] + list(unexpected)
+        if bad:
+            raise SkipnetError(f"--init-torchvision: {path} is not a matching torchvision ResNet state dict ({bad[0]})")
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.model.to(self.device)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.step = int(ckpt["step"])
+        self.best_val = float(ckpt.get("metrics", {}).get("best_val_accuracy", -1.0))
+        if ckpt.get("baseline") is not None:
+            self.baseline.load_state_dict(ckpt["baseline"])
+        set_rng_state(ckpt.get("rng", {}))
+        log.info("resumed %s at step %d/%d", self.out, self.step, self.total)
+
+    # -- checkpoints
+    def _save(self, name: str, metrics: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        save_checkpoint(
+            self.out / name,
+            self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            step=self.step,
+            epoch=self.step // max(1, self.steps_per_epoch),
+            metrics=metrics,
+            train_config=self.cfg.to_dict(),
+            data=self.data.meta() | {"spec": self.cfg.data, "val_split": self.cfg.val_split},
+            extra={"baseline": self.baseline.state_dict(), "stage": self.cfg.stage},
+        )
+
+    def _append_metrics(self, row: dict[str, Any]) -> None:
+        if self.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    # -- evaluation
+    def evaluate_split(self, split: str) -> dict[str, Any]:
+        loader = self.data.split(split)
+        return evaluate(self.model, loader, self.cost, mode=self.model.mode, seed=self.cfg.seed)
+
+    # -- the loop
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        with self.amp:
+            out = self.train_model(x, self.stage.train_mode, threshold=cfg.threshold, keep=cfg.keep)
+            ce = F.cross_entropy(out.logits.float(), y, reduction="none")  # (B,)
+            loss, stats = self.stage.loss(
+                ce, out.trace, alpha=cfg.alpha, beta=cfg.beta, rl_weight=cfg.rl_weight, baseline=self.baseline
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():
+            acc = (out.logits.argmax(1) == y).float().mean()
+            executed = out.trace.decisions.float().mean() if out.trace.num_gates else torch.ones(())
+        stats = {k: v.float() for k, v in stats.items()} | {"loss": loss.detach().float(), "acc": acc, "exec": executed}
+        return self.dist.mean_stats(stats)
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(
+                json.dumps(cfg.to_dict() | {"arch_config": self.model.config.to_dict()}, indent=2)
+            )
+        summary_path = self.out / "summary.json"
+        if self.step >= self.total and summary_path.exists():
+            log.info("%s has already finished (%d steps); nothing to do", self.out, self.total)
+            return json.loads(summary_path.read_text())
+        log.info(
+            "%s: stage %s, %s, %d steps (%d per epoch), batch %d, lr %g (%s), %d gates",
+            self.out,
+            cfg.stage,
+            self.model.config.name,
+            self.total,
+            self.steps_per_epoch,
+            cfg.batch_size,
+            cfg.lr,
+            cfg.schedule,
+            self.model.num_gates,
+        )
+        progress = Progress(self.total, self.main, cfg.log_every)
+        progress.start -= float(self._elapsed_before())
+        run_start = time.time() - self._elapsed_before()
+        running: dict[str, float] = {}
+        n_running = 0
+        self.train_model.train()
+        while self.step < self.total:
+            epoch = self.step // self.steps_per_epoch
+            skip = self.step % self.steps_per_epoch
+            self.data.train.set_epoch(epoch)
+            for i, (x, y) in enumerate(self.data.train):
+                if i < skip:
+                    continue
+                stats = self.train_step(x, y)
+                self.step += 1
+                n_running += 1
+                for k, v in stats.items():
+                    running[k] = running.get(k, 0.0) + v
+                progress.update(self.step, {k: running[k] / n_running for k in ("loss", "acc", "exec") if k in running})
+                if self.step % cfg.eval_every == 0 or self.step == self.total:
+                    self._checkpoint_round({k: v / n_running for k, v in running.items()}, time.time() - run_start)
+                    running, n_running = {}, 0
+                    self.train_model.train()
+                if self.step >= self.total:
+                    break
+        progress.close()
+        return self._finish(time.time() - run_start)
+
+    def _elapsed_before(self) -> float:
+        if not self.history and (self.out / "metrics.jsonl").exists():
+            lines = (self.out / "metrics.jsonl").read_text().splitlines()
+            if lines:
+                return float(json.loads(lines[-1]).get("time_s", 0.0))
+        return 0.0
+
+    def _checkpoint_round(self, train_stats: dict[str, float], elapsed: float) -> None:
+        row: dict[str, Any] = {
+            "step": self.step,
+            "epoch": round(self.step / self.steps_per_epoch, 3),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "time_s": round(elapsed, 1),
+        }
+        row |= {f"train_{k}": round(v, 5) for k, v in train_stats.items()}
+        if self.data.val is not None:
+            val = self.evaluate_split("val")
+            row |= {
+                "val_accuracy": val["accuracy"],
+                "val_macs": val["macs_mean"],
+                "val_macs_reduction": val["macs_reduction"],
+                "val_cp": val["computation_percentage"],
+                "val_skip_ratio": 1.0 - (val["executed_blocks_mean"] - 1.0) / max(1, self.model.num_gates),
+            }
+            improved = val["accuracy"] > self.best_val
+        else:
+            improved = True  # no validation split: the last checkpoint is the chosen one
+        if improved:
+            self.best_val = row.get("val_accuracy", self.best_val)
+        metrics = row | {"best_val_accuracy": self.best_val}
+        self.history.append(row)
+        self._append_metrics(row)
+        if self.main:
+            log.info(
+                "step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float))
+            )
+        self._save("last.pt", metrics)
+        if improved and self.main:
+            shutil.copyfile(self.out / "last.pt", self.out / ".best.pt.tmp")
+            os.replace(self.out / ".best.pt.tmp", self.out / "best.pt")
+        self.dist.barrier()
+
+    def _finish(self, elapsed: float) -> dict[str, Any]:
+        summary: dict[str, Any] = {"stage": self.cfg.stage, "arch": self.model.config.name, "steps": self.step}
+        if self.main:
+            best = load_checkpoint(self.out / "best.pt", self.device)
+            model = model_from_checkpoint(best).to(self.device)
+            test = evaluate(model, self.data.test, self.cost, mode=model.mode, seed=self.cfg.seed)
+            summary |= {
+                "best_step": best["step"],
+                "best_val_accuracy": best["metrics"].get("val_accuracy"),
+                "test": test,
+                "train_time_s": round(elapsed, 1),
+                "train_config": self.cfg.to_dict(),
+            }
+            tmp = self.out / ".summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, self.out / "summary.json")
+            log.info(
+                "finished: test accuracy %.2f%% at %.4g MACs (%.1f%% fewer than the plain ResNet), CP %.1f%%",
+                test["accuracy"],
+                test["macs_mean"],
+                test["macs_reduction"],
+                test["computation_percentage"],
+            )
+        self.dist.barrier()
+        return summary
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) one training run; returns its summary."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.dist.cleanup()
+
+
+def unwrap_model(model: nn.Module) -> GatedResNet:
+    return unwrap(model)  # type: ignore[return-value]
