@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,3 +12,15 @@ import torch
 def _seed() -> None:
     """Every test starts from the same RNG state, so random inits and inputs are reproducible."""
     torch.manual_seed(0)
+
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def cifar_jpeg() -> str:
+    """The bundled CIFAR-10 JPEG tarball (real images); CI places ../shared beside the checkout."""
+    if not CIFAR_TAR.is_file():
+        pytest.fail(f"{CIFAR_TAR} is missing: the test data must sit beside the repository (../shared/data)")
+    return str(CIFAR_TAR)

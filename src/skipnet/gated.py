@@ -132,34 +132,75 @@ def routed_block(block: nn.Module, x: Tensor, decision: Tensor) -> Tensor:
     return route_indices(block, x, torch.nonzero(decision > 0.5).flatten())
 
 
+class _GatherRows(torch.autograd.Function):
+    """``x[idx]`` whose backward scatters into a zero tensor laid out like ``x`` (autograd's own backward of
+    advanced indexing allocates NCHW-contiguous zeros, so a ``channels_last`` network would get a gradient in
+    the other layout and every convolution backward would run on mixed formats)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, idx: Tensor) -> Tensor:
+        ctx.save_for_backward(idx)
+        ctx.size, ctx.stride = x.shape, x.stride()
+        return x[idx]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (idx,) = ctx.saved_tensors
+        out = grad.new_empty_strided(ctx.size, ctx.stride).zero_()
+        return out.index_copy_(0, idx, grad), None
+
+
+class _ScatterRows(torch.autograd.Function):
+    """``base`` with its rows ``idx`` replaced by ``src`` (in place when ``inplace``), memory format kept both
+    ways: autograd's backward of ``index_copy`` hands ``src`` an ``index_select``-ed, NCHW gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, base: Tensor, idx: Tensor, src: Tensor, inplace: bool) -> Tensor:
+        ctx.save_for_backward(idx)
+        if inplace:
+            ctx.mark_dirty(base)
+            return base.index_copy_(0, idx, src)
+        return base.clone().index_copy_(0, idx, src)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:
+        (idx,) = ctx.saved_tensors
+        g_base = grad.clone().index_fill_(0, idx, 0.0) if ctx.needs_input_grad[0] else None
+        g_src = grad[idx] if ctx.needs_input_grad[2] else None
+        return g_base, None, g_src, None
+
+
 def route_indices(block: nn.Module, x: Tensor, idx: Tensor, inplace: bool = False) -> Tensor:
     """Run ``block`` on the rows ``idx`` (sorted, unique, 1-D int64) of ``x``; the other rows get the shortcut.
 
-    The executed subset is gathered with advanced indexing and written back with ``index_copy``: both keep
-    ``channels_last`` on CPU (``index_select`` does not). With ``inplace`` (only when autograd is off and the
-    caller owns ``x``) the result is written into the shortcut itself -- into ``x`` for an identity shortcut --
-    so no full-size copy is made. A block that every sample executes runs as a plain block; one that none
-    executes costs only its shortcut.
+    The executed subset is gathered with advanced indexing and written back with ``index_copy_``: both keep
+    ``channels_last`` on CPU (``index_select`` and the out-of-place ``index_copy`` do not), and under autograd
+    their backward keeps it too (:class:`_GatherRows`, :class:`_ScatterRows`). With ``inplace`` (only honoured
+    when autograd is off; the caller must own ``x``) the result is written into ``x`` itself for an identity
+    shortcut, so no full-size copy is made; a projection shortcut is always a fresh tensor and is written into.
+    A block that every sample executes runs as a plain block; one that none executes costs only its shortcut.
     """
     n = idx.numel()
     if n == x.shape[0]:
         return run_block(block, x)
     if n == 0:
         return shortcut_branch(block, x)
-    xs = x[idx]
+    grad = torch.is_grad_enabled()
+    xs = _GatherRows.apply(x, idx) if grad else x[idx]
     if block.downsample is not None:
-        # Every sample needs the projection (skipped ones get exactly it); it is a fresh tensor of ours, and
+        # Every sample needs the projection (skipped ones get exactly it). It is a fresh tensor of ours, and
         # writing into it is autograd-safe (batch norm does not save its output).
         shortcut = block.downsample(x)
         executed = residual_branch(block, xs)
-        executed += shortcut[idx]
-        return shortcut.index_copy_(0, idx, F.relu_(executed))
+        executed += _GatherRows.apply(shortcut, idx) if grad else shortcut[idx]
+        executed = F.relu_(executed)
+        return _ScatterRows.apply(shortcut, idx, executed, True) if grad else shortcut.index_copy_(0, idx, executed)
     executed = residual_branch(block, xs)
     executed += xs  # the identity shortcut of the executed rows, already gathered
     executed = F.relu_(executed)
-    if inplace and not torch.is_grad_enabled():
-        return x.index_copy_(0, idx, executed)
-    return x.index_copy(0, idx, executed)
+    if grad:
+        return _ScatterRows.apply(x, idx, executed, False)
+    return x.index_copy_(0, idx, executed) if inplace else x.clone().index_copy_(0, idx, executed)
 
 
 class GatedResNet(nn.Module):
@@ -295,9 +336,16 @@ class GatedResNet(nn.Module):
                 x = run_block(block, x)
                 continue
             if forced is not None:
-                hard = g = forced[:, i]
+                if not routed:
+                    x = _mix(forced[:, i], run_block(block, x), shortcut_branch(block, x))
+                elif flags is not None:  # batch of one: a plain Python branch
+                    x = run_block(block, x) if flags[i] else shortcut_branch(block, x)
+                else:
+                    x = route_indices(block, x, rows[i], inplace=inplace)
+                continue
             else:
-                p = torch.sigmoid(z)
+                # A plain ResNet has no gate: p = 1, so greedy (threshold <= 1) executes every block.
+                p = torch.sigmoid(z) if compute_gates else x.new_ones(batch)
                 p_l.append(p)
                 if mode == GateMode.SAMPLE:
                     hard = torch.bernoulli(p.detach())
@@ -314,11 +362,9 @@ class GatedResNet(nn.Module):
             if not routed:
                 x = _mix(g, run_block(block, x), shortcut_branch(block, x))
             elif batch == 1:  # plain Python branch, no indexing
-                run = flags[i] if flags is not None else hard.item() > 0.5
-                x = run_block(block, x) if run else shortcut_branch(block, x)
+                x = run_block(block, x) if hard.item() > 0.5 else shortcut_branch(block, x)
             else:
-                idx = rows[i] if rows is not None else torch.nonzero(hard > 0.5).flatten()
-                x = route_indices(block, x, idx, inplace=inplace)
+                x = route_indices(block, x, torch.nonzero(hard > 0.5).flatten(), inplace=inplace)
 
         logits = self.head(x)
         if compute_gates and n_gates:

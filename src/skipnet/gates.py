@@ -16,8 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules import module as _hooks
 
 
 class FFGateI(nn.Module):
@@ -90,14 +93,40 @@ class RNNGate(GateBank):
         self.fc = nn.Linear(hidden, 1)
         self.hidden = hidden
         self.num_gates = len(channels)
+        # Plain references for the hot path (a tuple is not registered as a submodule).
+        self._hot = (list(self.proj), self.lstm, self.fc)
 
     def init_state(self, x: Tensor) -> tuple[Tensor, Tensor]:
         zeros = x.new_zeros(x.shape[0], self.hidden)
         return zeros, zeros
 
     def step(self, i: int, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Any]:
-        h, c = self.lstm(self.proj[i](x.mean(dim=(2, 3))), state)
-        return self.fc(h)[:, 0], (h, c)
+        projs, lstm, fc = self._hot
+        proj = projs[i]
+        if (
+            _hooks._global_forward_hooks
+            or _hooks._global_forward_pre_hooks
+            or proj._forward_hooks
+            or proj._forward_pre_hooks
+            or lstm._forward_hooks
+            or lstm._forward_pre_hooks
+            or fc._forward_hooks
+            or fc._forward_pre_hooks
+        ):  # someone (e.g. the cost counter) is watching the module calls: make them
+            h, c = lstm(proj(x.mean(dim=(2, 3))), state)
+            return fc(h)[:, 0], (h, c)
+        # The same ops, bit for bit, without the Python overhead of three module calls and LSTMCell's input
+        # checks: at batch size 1 on a CPU this cuts the gate's time by a third, and that time, not its
+        # ~0.04% of a block's MACs, is what a gate costs there.
+        h, c = torch.lstm_cell(
+            F.linear(x.mean(dim=(2, 3)), proj.weight, proj.bias),
+            state,
+            lstm.weight_ih,
+            lstm.weight_hh,
+            lstm.bias_ih,
+            lstm.bias_hh,
+        )
+        return F.linear(h, fc.weight, fc.bias)[:, 0], (h, c)
 
 
 def build_gates(kind: str, channels: list[int], embed: int = 10, hidden: int = 10) -> GateBank | None:

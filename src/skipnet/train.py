@@ -69,6 +69,7 @@ class TrainConfig:
     alpha: float | None = None
     beta: float | None = None
     rl_weight: float = 1.0
+    gate_lr_mult: float = 1.0
     baseline: str = "none"
     keep: float = 0.5
     threshold: float = 0.5
@@ -227,22 +228,23 @@ class Trainer:
         global_batch = cfg.batch_size or (256 if arch.family == "imagenet" else 128)
         if global_batch % self.world:
             raise SkipnetError(f"--batch-size {global_batch} is not divisible by the {self.world} processes")
-        self.data: DataBundle = load_data(
-            cfg.data,
-            data_dir=cfg.data_dir,
-            download=cfg.download,
-            batch_size=global_batch // self.world,
-            eval_batch_size=cfg.eval_batch_size,
-            val_split=cfg.val_split,
-            seed=cfg.seed,
-            workers=cfg.workers,
-            rank=self.rank,
-            world=self.world,
-            limit_train=cfg.limit_train,
-            limit_test=cfg.limit_test,
-            image_size=cfg.image_size or (arch.image_size if arch.family == "imagenet" else None),
-            stats=stats,
-        )
+        with self.dist.main_first():  # one process per machine extracts and caches the data first
+            self.data: DataBundle = load_data(
+                cfg.data,
+                data_dir=cfg.data_dir,
+                download=cfg.download,
+                batch_size=global_batch // self.world,
+                eval_batch_size=cfg.eval_batch_size,
+                val_split=cfg.val_split,
+                seed=cfg.seed,
+                workers=cfg.workers,
+                rank=self.rank,
+                world=self.world,
+                limit_train=cfg.limit_train,
+                limit_test=cfg.limit_test,
+                image_size=cfg.image_size or (arch.image_size if arch.family == "imagenet" else None),
+                stats=stats,
+            )
         arch = arch.replace(
             num_classes=self.data.num_classes, in_channels=self.data.in_channels, image_size=self.data.image_size
         )
@@ -271,8 +273,13 @@ class Trainer:
         if self.cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
+        gate_params = list(self.model.gates.parameters()) if self.model.gates is not None else []
+        gate_ids = {id(q) for q in gate_params}
+        groups = [{"params": [q for q in self.model.parameters() if id(q) not in gate_ids]}]
+        if gate_params:  # the policy may learn faster than the features in short schedules (--gate-lr-mult)
+            groups.append({"params": gate_params, "lr": self.cfg.lr * self.cfg.gate_lr_mult})
         self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
+            groups,
             lr=self.cfg.lr,
             momentum=self.cfg.momentum,
             nesterov=self.cfg.nesterov and self.cfg.momentum > 0,
@@ -283,7 +290,7 @@ class Trainer:
             self.optimizer,
             lambda s: lr_factor(self.cfg.schedule, s, self.total, self.cfg.warmup_iters, imagenet, steps_per_epoch),
         )
-        self.baseline = Baseline(self.cfg.baseline)
+        self.baseline: Baseline = self.dist.baseline(self.cfg.baseline)  # global-batch mean under DDP
         self.step = 0
         self.best_val = -1.0
         self.history: list[dict[str, Any]] = []
@@ -348,8 +355,11 @@ class Trainer:
 
     # -- evaluation
     def evaluate_split(self, split: str) -> dict[str, Any]:
-        loader = self.data.split(split)
-        return evaluate(self.model, loader, self.cost, mode=self.model.mode, seed=self.cfg.seed)
+        # Rank 0 evaluates the bare model on the whole split; the other ranks receive its result.
+        loader = self.dist.full_split(self.data.split(split))
+        return self.dist.on_main(
+            lambda: evaluate(self.model, loader, self.cost, mode=self.model.mode, seed=self.cfg.seed)
+        )
 
     # -- the loop
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -357,7 +367,9 @@ class Trainer:
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         with self.amp:
-            out = self.train_model(x, self.stage.train_mode, threshold=cfg.threshold, keep=cfg.keep)
+            out = self.train_model(
+                x, self.stage.train_mode, threshold=cfg.threshold, keep=cfg.keep, execution=self.dist.train_execution
+            )
             ce = F.cross_entropy(out.logits.float(), y, reduction="none")  # (B,)
             loss, stats = self.stage.loss(
                 ce, out.trace, alpha=cfg.alpha, beta=cfg.beta, rl_weight=cfg.rl_weight, baseline=self.baseline
@@ -475,7 +487,8 @@ class Trainer:
         if self.main:
             best = load_checkpoint(self.out / "best.pt", self.device)
             model = model_from_checkpoint(best).to(self.device)
-            test = evaluate(model, self.data.test, self.cost, mode=model.mode, seed=self.cfg.seed)
+            test_loader = self.dist.full_split(self.data.test)
+            test = evaluate(model, test_loader, self.cost, mode=model.mode, seed=self.cfg.seed)
             summary |= {
                 "best_step": best["step"],
                 "best_val_accuracy": best["metrics"].get("val_accuracy"),

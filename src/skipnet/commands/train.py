@@ -66,6 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--rl-weight", type=float, default=1.0, help="scale of the REINFORCE term (authors' code: 0.01)")
     p.add_argument(
+        "--gate-lr-mult",
+        type=float,
+        default=1.0,
+        help="learning-rate multiplier for the gate parameters (paper: 1; short CPU HRL runs: 10-30)",
+    )
+    p.add_argument(
         "--baseline", choices=["none", "batch", "ema"], default="none", help="REINFORCE baseline (variance reduction)"
     )
     p.add_argument("--keep", type=float, default=0.5, help="SDV keep ratio (stage sdv)")

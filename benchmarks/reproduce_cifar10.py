@@ -1,0 +1,463 @@
+"""Reproduce the paper's CIFAR-10 claims at CPU scale (or on the paper's schedule), resumably.
+
+    python benchmarks/reproduce_cifar10.py --scale cpu [--data PATH] [--out DIR] [--only NAME ...]
+
+Every experiment is a normal ``skipnet train`` run in its own run directory under ``--out``; running the
+command again resumes a killed run from its ``last.pt`` and skips finished ones. Test accuracy is read from
+each run's ``summary.json``: the test split evaluated once, on the checkpoint chosen on the validation split.
+Writes ``benchmarks/results/reproduce_cifar10_<scale>.{json,md,png}`` and prints the tables.
+
+Experiments (SkipNet-38, recurrent gate, unless stated):
+  1. plain ResNet-38                         4. ablation (ResNet-20 at CPU scale): HRL+SP vs HRL from
+  2. SP, SP + HRL at alpha 0.05/0.1/0.2,        scratch vs pure RL from scratch, same total steps
+     SP + HRL with FFGate-I                  5. SDV at keep ratios around SkipNet's
+  3. hard (SP) vs soft gating                6. real time: skipnet bench at batch 1 and 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+RESULTS = REPO / "benchmarks" / "results"
+
+# Per scale: the options of each kind of run. "cpu" fits a 2-core machine in about two hours of compute.
+SCALES = {
+    "cpu": {
+        "base": ["--epochs", "6", "--schedule", "onecycle", "--nesterov", "--weight-decay", "5e-4"],
+        "sp": ["--epochs", "3", "--schedule", "onecycle", "--lr", "0.05", "--nesterov", "--weight-decay", "5e-4"],
+        "hrl": ["--epochs", "1.5", "--lr", "0.003", "--schedule", "constant", "--baseline", "ema"],
+        "sdv": ["--epochs", "2", "--schedule", "onecycle", "--lr", "0.05", "--nesterov", "--weight-decay", "5e-4"],
+        # ablation at ResNet-20 on a 15k-image subset, equal total steps for the three algorithms
+        "abl_arch": "20",
+        "abl_limit": ["--limit-train", "15000"],
+        "abl_base": ["--epochs", "3", "--schedule", "onecycle", "--nesterov", "--weight-decay", "5e-4"],
+        "abl_sp": ["--epochs", "1", "--schedule", "onecycle", "--lr", "0.05", "--nesterov", "--weight-decay", "5e-4"],
+        "abl_hrl": ["--epochs", "1", "--lr", "0.003", "--schedule", "constant", "--baseline", "ema"],
+        "abl_scratch": [
+            "--epochs",
+            "5",
+            "--schedule",
+            "onecycle",
+            "--nesterov",
+            "--weight-decay",
+            "5e-4",
+            "--baseline",
+            "ema",
+        ],
+        "common": ["--batch-size", "128", "--val-split", "0.1", "--threads", "1"],
+        "alphas": [0.05, 0.1, 0.2],
+        "ff_alpha": 0.1,
+        "sdv_keeps": [0.5, 0.7],
+    },
+    "paper": {  # the paper's schedule (a machine with a GPU): 64k SP iterations, 10k HRL at lr 1e-4
+        "base": [],
+        "sp": [],
+        "hrl": [],
+        "sdv": [],
+        "abl_arch": "38",
+        "abl_limit": [],
+        "abl_base": [],
+        "abl_sp": [],
+        "abl_hrl": [],
+        "abl_scratch": ["--iters", "80000"],
+        "common": ["--batch-size", "128", "--val-split", "0.1"],
+        "alphas": [0.05, 0.1, 0.2],
+        "ff_alpha": 0.1,
+        "sdv_keeps": [0.5, 0.7],
+    },
+}
+
+
+def experiments(scale: str, data: str, out: Path) -> list[dict]:
+    s = SCALES[scale]
+    c = ["--data", data, *s["common"]]
+    d = s["abl_arch"]
+    runs = [
+        {"name": "base_r38", "group": "1", "arch": "cifar10_resnet_38", "stage": "base", "args": s["base"]},
+        {
+            "name": "sp_r38_rnn",
+            "group": "2",
+            "arch": "cifar10_rnn_gate_38",
+            "stage": "sp",
+            "args": s["sp"],
+            "init": "base_r38",
+        },
+    ]
+    for a in s["alphas"]:
+        runs.append(
+            {
+                "name": f"hrl_r38_rnn_a{a}",
+                "group": "2",
+                "arch": "cifar10_rnn_gate_38",
+                "stage": "hrl",
+                "args": [*s["hrl"], "--alpha", str(a)],
+                "init": "sp_r38_rnn",
+                "alpha": a,
+            }
+        )
+    runs += [
+        {
+            "name": "sp_r38_ff",
+            "group": "2",
+            "arch": "cifar10_feedforward_38",
+            "stage": "sp",
+            "args": s["sp"],
+            "init": "base_r38",
+        },
+        {
+            "name": f"hrl_r38_ff_a{s['ff_alpha']}",
+            "group": "2",
+            "arch": "cifar10_feedforward_38",
+            "stage": "hrl",
+            "args": [*s["hrl"], "--alpha", str(s["ff_alpha"])],
+            "init": "sp_r38_ff",
+            "alpha": s["ff_alpha"],
+        },
+        {
+            "name": "soft_r38_rnn",
+            "group": "3",
+            "arch": "cifar10_rnn_gate_38",
+            "stage": "soft",
+            "args": s["sp"],
+            "init": "base_r38",
+        },
+        {
+            "name": f"abl_base_r{d}",
+            "group": "4",
+            "arch": f"cifar10_resnet_{d}",
+            "stage": "base",
+            "args": [*s["abl_base"], *s["abl_limit"]],
+        },
+        {
+            "name": f"abl_sp_r{d}",
+            "group": "4",
+            "arch": f"cifar10_rnn_gate_{d}",
+            "stage": "sp",
+            "args": [*s["abl_sp"], *s["abl_limit"]],
+            "init": f"abl_base_r{d}",
+        },
+        {
+            "name": f"abl_hrl_sp_r{d}",
+            "group": "4",
+            "arch": f"cifar10_rnn_gate_{d}",
+            "stage": "hrl",
+            "args": [*s["abl_hrl"], *s["abl_limit"], "--alpha", "0.1"],
+            "init": f"abl_sp_r{d}",
+            "alpha": 0.1,
+        },
+        {
+            "name": f"abl_hrl_scratch_r{d}",
+            "group": "4",
+            "arch": f"cifar10_rnn_gate_{d}",
+            "stage": "hrl",
+            "args": [*s["abl_scratch"], *s["abl_limit"], "--alpha", "0.1"],
+            "alpha": 0.1,
+        },
+        {
+            "name": f"abl_rl_scratch_r{d}",
+            "group": "4",
+            "arch": f"cifar10_rnn_gate_{d}",
+            "stage": "rl",
+            "args": [*s["abl_scratch"], *s["abl_limit"], "--alpha", "0.1"],
+            "alpha": 0.1,
+        },
+    ]
+    for k in s["sdv_keeps"]:
+        runs.append(
+            {
+                "name": f"sdv_r38_k{k}",
+                "group": "5",
+                "arch": "cifar10_resnet_38",
+                "stage": "sdv",
+                "args": [*s["sdv"], "--keep", str(k)],
+                "init": "base_r38",
+                "keep": k,
+            }
+        )
+    for r in runs:
+        cmd = ["skipnet", "train", r["arch"], "--stage", r["stage"], *c, *r["args"], "--out", str(out / r["name"])]
+        if r.get("init"):
+            cmd += ["--init", str(out / r["init"] / "best.pt")]
+        r["cmd"] = cmd + ["--resume"]
+    return runs
+
+
+def run_one(r: dict, out: Path) -> dict | None:
+    summary = out / r["name"] / "summary.json"
+    if summary.exists():
+        return json.loads(summary.read_text())
+    if r.get("init") and not (out / r["init"] / "best.pt").exists():
+        print(f"[skip] {r['name']}: {r['init']} has not finished", flush=True)
+        return None
+    print(f"[run ] {shlex.join(r['cmd'])}", flush=True)
+    log = out / f"{r['name']}.log"
+    with open(log, "a") as f:
+        rc = subprocess.call(r["cmd"], stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0 or not summary.exists():
+        print(f"[fail] {r['name']} (exit {rc}); see {log}", flush=True)
+        return None
+    return json.loads(summary.read_text())
+
+
+def bench(ckpt: Path, batch: int, out: Path) -> dict | None:
+    cache = out / f"{ckpt.parent.name}.bench{batch}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    cmd = ["skipnet", "bench", str(ckpt), "--batch-size", str(batch), "--threads", "1", "--json"]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        return None
+    if res.returncode != 0:
+        print(f"[fail] bench {ckpt} b{batch}: {res.stderr.strip()[-300:]}", flush=True)
+        return None
+    d = json.loads(res.stdout.strip().splitlines()[-1])
+    cache.write_text(json.dumps(d))
+    return d
+
+
+def row(r: dict, summary: dict | None) -> dict:
+    d = {
+        "name": r["name"],
+        "group": r["group"],
+        "arch": r["arch"],
+        "stage": r["stage"],
+        "command": shlex.join(r["cmd"]),
+    }
+    for k in ("alpha", "keep"):
+        if k in r:
+            d[k] = r[k]
+    if summary:
+        t = summary["test"]
+        d |= {
+            "accuracy": round(t["accuracy"], 2),
+            "macs": t["macs_mean"],
+            "macs_all_on": t["macs_all_on"],
+            "macs_reduction": round(t["macs_reduction"], 2),
+            "computation_percentage": round(t["computation_percentage"], 2),
+            "train_time_s": summary.get("train_time_s"),
+            "best_val_accuracy": summary.get("best_val_accuracy"),
+            "steps": summary.get("steps"),
+        }
+    return d
+
+
+def fmt(v, spec=".2f", none="–"):
+    return none if v is None else format(v, spec)
+
+
+def table(rows: list[dict], with_speed: bool = False) -> str:
+    head = "| run | arch | stage | test acc % | MACs/img | MACs red. % | CP % |"
+    sep = "|---|---|---|---|---|---|---|"
+    if with_speed:
+        head += " speed-up b1 | speed-up b64 |"
+        sep += "---|---|"
+    head += " train time |"
+    sep += "---|"
+    lines = [head, sep]
+    for r in rows:
+        line = (
+            f"| {r['name']} | {r['arch']} | {r['stage']} | {fmt(r.get('accuracy'))} | {fmt(r.get('macs'), '.3g')} | "
+            f"{fmt(r.get('macs_reduction'), '.1f')} | {fmt(r.get('computation_percentage'), '.1f')} |"
+        )
+        if with_speed:
+            line += f" {fmt(r.get('speedup_b1'), '.2f')} | {fmt(r.get('speedup_b64'), '.2f')} |"
+        t = r.get("train_time_s")
+        line += f" {fmt(t / 60 if t else None, '.0f')} min |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def verdicts(rows: dict[str, dict], scale: str) -> tuple[dict, list[str]]:
+    out = []
+    base = rows.get("base_r38", {})
+    hrl = [r for n, r in rows.items() if n.startswith("hrl_r38_rnn") and r.get("accuracy") is not None]
+    headline = {}
+    if base.get("accuracy") is not None and hrl:
+        ok = [r for r in hrl if r["macs_reduction"] >= 30 and r["accuracy"] >= base["accuracy"] - 0.5]
+        best = (
+            max(ok, key=lambda r: r["macs_reduction"])
+            if ok
+            else max(hrl, key=lambda r: r["accuracy"] - 0.05 * max(0, 30 - r["macs_reduction"]))
+        )
+        headline = {
+            "base_accuracy": base["accuracy"],
+            "skipnet_accuracy": best["accuracy"],
+            "macs_reduction": best["macs_reduction"],
+            "alpha": best.get("alpha"),
+            "run": best["name"],
+            "reproduced": bool(ok),
+        }
+        word = "Reproduced" if ok else "Not reproduced"
+        out.append(
+            f"- **Headline** ({word}): SkipNet-38 + SP + HRL at α = {best.get('alpha')} reaches "
+            f"{best['accuracy']:.2f}% at {best['macs_reduction']:.1f}% fewer MACs vs the plain ResNet-38's "
+            f"{base['accuracy']:.2f}% (target: ≥ 30% fewer MACs within 0.5 points)."
+        )
+    sp, soft = rows.get("sp_r38_rnn", {}), rows.get("soft_r38_rnn", {})
+    if sp.get("accuracy") is not None and soft.get("accuracy") is not None:
+        gap = sp["accuracy"] - soft["accuracy"]
+        word = "Reproduced" if gap > 5 else ("Partly" if gap > 0 else "Not reproduced")
+        out.append(
+            f"- **Hard vs soft gating** ({word}): hard (SP) {sp['accuracy']:.2f}% at {sp['macs']:.3g} MACs vs "
+            f"soft {soft['accuracy']:.2f}% at {soft['macs']:.3g} MACs, both with 0.5-threshold decisions."
+        )
+    abl = {k: r for k, r in rows.items() if k.startswith("abl_") and r.get("accuracy") is not None}
+    hsp = next((r for k, r in abl.items() if k.startswith("abl_hrl_sp")), None)
+    hsc = next((r for k, r in abl.items() if k.startswith("abl_hrl_scratch")), None)
+    rl = next((r for k, r in abl.items() if k.startswith("abl_rl_scratch")), None)
+    if rl:
+        word = "Reproduced" if rl["accuracy"] < 20 else "Not reproduced"
+        out.append(f"- **Pure RL stays near chance** ({word}): {rl['accuracy']:.2f}% (chance 10%).")
+    if hsp and hsc:
+        word = "Reproduced" if hsp["accuracy"] > hsc["accuracy"] else "Not reproduced"
+        out.append(
+            f"- **HRL + SP beats HRL from scratch** ({word}): {hsp['accuracy']:.2f}% at "
+            f"{hsp['macs_reduction']:.1f}% fewer MACs vs {hsc['accuracy']:.2f}% at {hsc['macs_reduction']:.1f}%."
+        )
+    sdv = [r for k, r in rows.items() if k.startswith("sdv_") and r.get("accuracy") is not None]
+    if sdv and hrl:
+        pairs = []
+        for s_ in sdv:
+            closest = min(hrl, key=lambda h: abs(h["macs"] - s_["macs"]))
+            pairs.append((s_, closest))
+        wins = sum(h["accuracy"] > s_["accuracy"] for s_, h in pairs)
+        word = "Reproduced" if wins == len(pairs) else ("Partly" if wins else "Not reproduced")
+        detail = "; ".join(
+            f"SDV keep {s_.get('keep')} {s_['accuracy']:.2f}% at {s_['macs']:.3g} MACs vs "
+            f"{h['name']} {h['accuracy']:.2f}% at {h['macs']:.3g}"
+            for s_, h in pairs
+        )
+        out.append(f"- **SkipNet beats SDV at matched MACs** ({word}): {detail}.")
+    sp_rows = [r for r in hrl if r.get("speedup_b64")]
+    if sp_rows:
+        parts = []
+        for r in sp_rows:
+            ideal = 100.0 / (100.0 - r["macs_reduction"])
+            parts.append(f"{r['name']}: {r['speedup_b64']:.2f}x measured (batch 64) vs {ideal:.2f}x from MACs")
+        ok = all(r["speedup_b64"] >= 0.85 * (100.0 / (100.0 - r["macs_reduction"])) for r in sp_rows)
+        out.append(
+            f"- **Speed-up within 15% of the MACs reduction** ({'Reproduced' if ok else 'Not reproduced'}): "
+            + "; ".join(parts)
+            + "."
+        )
+    return headline, out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    styles = {
+        "base": ("k", "s"),
+        "sp": ("tab:blue", "o"),
+        "hrl": ("tab:red", "^"),
+        "soft": ("tab:gray", "v"),
+        "sdv": ("tab:green", "D"),
+        "rl": ("tab:purple", "x"),
+    }
+    for r in rows:
+        if r.get("accuracy") is None or not r["arch"].endswith("38"):
+            continue
+        color, marker = styles.get(r["stage"], ("k", "o"))
+        ax.scatter(r["macs"] / 1e6, r["accuracy"], c=color, marker=marker, s=60)
+        ax.annotate(
+            r["name"].replace("_r38", ""),
+            (r["macs"] / 1e6, r["accuracy"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
+    ax.set_xlabel("mean multiply-adds per image (millions, gates included)")
+    ax.set_ylabel("CIFAR-10 test accuracy (%)")
+    ax.set_title("Accuracy vs computation, ResNet-38 family (CPU-scale schedule)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", choices=list(SCALES), default="cpu")
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 ImageFolder root or its .tar.gz")
+    ap.add_argument(
+        "--out", default=None, help="parent of the run directories (default runs/reproduce_cifar10_<scale>)"
+    )
+    ap.add_argument("--only", nargs="*", default=None, help="run only these experiment names (others are reported)")
+    ap.add_argument("--no-train", action="store_true", help="only collect results of runs that exist")
+    ap.add_argument("--no-bench", action="store_true", help="skip the latency measurements")
+    args = ap.parse_args()
+    if not Path(args.data).exists():
+        print(f"reproduce_cifar10: error: data {args.data} not found", file=sys.stderr)
+        return 2
+    out = Path(args.out or REPO / "runs" / f"reproduce_cifar10_{args.scale}")
+    out.mkdir(parents=True, exist_ok=True)
+    runs = experiments(args.scale, args.data, out)
+    results: dict[str, dict] = {}
+    for r in runs:
+        summary_path = out / r["name"] / "summary.json"
+        if args.no_train or (args.only is not None and r["name"] not in args.only):
+            summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+        else:
+            summary = run_one(r, out)
+        results[r["name"]] = row(r, summary)
+    if not args.no_bench:
+        for name, d in results.items():
+            if d.get("accuracy") is None or d["stage"] not in ("hrl", "base") or not d["arch"].endswith("38"):
+                continue
+            for b in (1, 64):
+                res = bench(out / name / "best.pt", b, out)
+                if res:
+                    d[f"speedup_b{b}"] = res["speedup"]
+                    d[f"ideal_speedup_b{b}"] = res["ideal_speedup"]
+                    d[f"latency_ms_routed_b{b}"] = res["latency_ms_routed"]
+                    d[f"latency_ms_plain_b{b}"] = res["latency_ms_plain"]
+    rows = list(results.values())
+    headline, claims = verdicts(results, args.scale)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = dt.date.today().isoformat()
+    payload = {
+        "scale": args.scale,
+        "date": stamp,
+        "command": shlex.join(["python", *sys.argv]),
+        "headline": headline,
+        "claims": claims,
+        "runs": rows,
+    }
+    (RESULTS / f"reproduce_cifar10_{args.scale}.json").write_text(json.dumps(payload, indent=2))
+    plot(rows, RESULTS / f"reproduce_cifar10_{args.scale}.png")
+    groups = {
+        "1": "Plain ResNet-38",
+        "2": "SkipNet-38: SP and SP + HRL",
+        "3": "Hard vs soft gating (Table 3)",
+        "4": "Algorithm ablation (Fig. 10b)",
+        "5": "SDV (Fig. 6)",
+    }
+    md = [f"Run on {stamp}: `{payload['command']}`", ""]
+    for g, title in groups.items():
+        md += [f"#### {g}. {title}", "", table([r for r in rows if r["group"] == g], with_speed=g in "12"), ""]
+    md += ["#### Claims", "", *claims, "", "Commands:", ""]
+    md += [f"- `{r['name']}`: `{r['command']}`" for r in rows]
+    (RESULTS / f"reproduce_cifar10_{args.scale}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    rc = main()
+    print(f"\n(total {time.time() - t0:.0f}s)")
+    raise SystemExit(rc)

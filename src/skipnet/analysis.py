@@ -1,0 +1,568 @@
+"""The numbers behind the skipping analyses (paper §4.2, Figs. 7-10, appendix Fig. 12) and the budget knob.
+
+Pure functions turn the per-image decisions of an :class:`~skipnet.evaluate.EvalRecord` into the numbers of
+each figure (skip ratio per block and per stage, per-class accuracy and median skipped blocks, the easiest
+and hardest images, multi-scale deltas); a few helpers run a model (threshold sweep, multi-scale inputs,
+threshold calibration).
+
+Every threshold gets its own forward pass. With any gate a changed decision changes the input of every later
+gate (and the recurrent gate's state as well), so gate probabilities recorded at one threshold do not tell
+the decisions at another. For the same reason mean MACs need not be monotone in the threshold, for
+feed-forward gates as much as for the recurrent gate; what *is* guaranteed is that, per image, the first
+gate whose decision differs between two thresholds executes at the lower one (everything before it saw the
+same input). Sweeps therefore report whether their MACs were monotone on the grid, and calibration picks
+among the thresholds it has actually evaluated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from skipnet.cost import CostModel, cost_model
+from skipnet.data import DataBundle, load_data
+from skipnet.errors import SkipnetError
+from skipnet.evaluate import EvalRecord, run_eval, summarize
+from skipnet.gated import GatedResNet, GateMode
+
+DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 ... 0.95
+CALIBRATION_GRID: tuple[float, ...] = (0.0, *DEFAULT_THRESHOLDS, 1.0)
+ALL_SKIP_THRESHOLD = 1.01  # p <= 1 < t: no gated block runs
+DEFAULT_SCALES: tuple[float, ...] = (0.5, 0.75, 1.25, 1.5)
+
+
+# ----------------------------------------------------------------------------------------- pure numbers
+def executed_blocks(decisions: Tensor) -> Tensor:
+    """Residual blocks executed per image, (M,) int64, from (M, N) decisions; the always-run first block counts."""
+    return 1 + decisions.round().long().sum(1)
+
+
+def skipped_blocks(decisions: Tensor) -> Tensor:
+    """Gated blocks skipped per image, (M,) int64, from (M, N) decisions."""
+    return decisions.shape[1] - decisions.round().long().sum(1)
+
+
+def skip_ratio_per_block(decisions: Tensor) -> list[float]:
+    """Fraction of images that skip each gated block: ``1 - mean(decisions, 0)``, length N (Fig. 10a)."""
+    if decisions.shape[0] == 0:
+        return [float("nan")] * decisions.shape[1]
+    return (1.0 - decisions.to(torch.float64).mean(0)).tolist()
+
+
+def skip_ratio_per_stage(decisions: Tensor, block_stage: Sequence[int]) -> list[float]:
+    """Mean skip ratio over the gated blocks of each stage (stage order); NaN for a stage with no gated block."""
+    ratios = skip_ratio_per_block(decisions)
+    out = []
+    for s in range(max(block_stage, default=-1) + 1):
+        r = [ratios[i] for i, st in enumerate(block_stage) if st == s]
+        out.append(sum(r) / len(r) if r else float("nan"))
+    return out
+
+
+def _median(values: Tensor) -> float:
+    """The median of a 1-D tensor (the mean of the two middle values for an even count)."""
+    return float(values.to(torch.float64).quantile(0.5)) if values.numel() else float("nan")
+
+
+def per_class_stats(labels: Tensor, preds: Tensor, decisions: Tensor, classes: Sequence[str]) -> list[dict[str, Any]]:
+    """Per class: images, top-1 accuracy (%), median skipped blocks, mean executed blocks (Fig. 9a).
+
+    Args:
+        labels, preds: (M,) class indices.
+        decisions: (M, N) 0/1 decisions.
+        classes: class names; one entry per class index.
+    """
+    skipped = skipped_blocks(decisions)
+    executed = executed_blocks(decisions)
+    out = []
+    for c, name in enumerate(classes):
+        mask = labels == c
+        n = int(mask.sum())
+        out.append(
+            {
+                "class": c,
+                "name": str(name),
+                "images": n,
+                "accuracy": 100.0 * (preds[mask] == c).double().mean().item() if n else float("nan"),
+                "median_skipped": _median(skipped[mask]),
+                "mean_executed": executed[mask].double().mean().item() if n else float("nan"),
+            }
+        )
+    return out
+
+
+def easiest_hardest_class(stats: Sequence[dict[str, Any]]) -> tuple[int, int]:
+    """Indices (into ``stats``) of the classes with the highest and the lowest accuracy.
+
+    Ties go to the class that skips more (easiest) or less (hardest); classes without images are ignored.
+    """
+    seen = [i for i, s in enumerate(stats) if s["images"]]
+    if not seen:
+        raise ValueError("no class has any image")
+    easy = max(seen, key=lambda i: (stats[i]["accuracy"], stats[i]["median_skipped"], -i))
+    hard = min(seen, key=lambda i: (stats[i]["accuracy"], stats[i]["median_skipped"], i))
+    return easy, hard
+
+
+def easy_hard_indices(decisions: Tensor, k: int, probs: Tensor | None = None) -> tuple[list[int], list[int]]:
+    """The ``k`` images executing the fewest blocks (easy) and the ``k`` executing the most (hard) (Fig. 7).
+
+    Ties in the executed count are broken by the summed gate probabilities (lower = easier), then by index.
+    Easy is ordered easiest first, hard hardest first.
+    """
+    m = decisions.shape[0]
+    k = min(k, m)
+    count = executed_blocks(decisions).tolist()
+    tie = probs.to(torch.float64).sum(1).tolist() if probs is not None else [0.0] * m
+    order = sorted(range(m), key=lambda i: (count[i], tie[i], i))
+    return order[:k], order[::-1][:k]
+
+
+def value_counts(values: Tensor, lo: int, hi: int) -> list[int]:
+    """Counts of each integer ``lo..hi`` (inclusive) in ``values``."""
+    v = values.long().flatten()
+    return [int((v == i).sum()) for i in range(lo, hi + 1)]
+
+
+def multiscale_deltas(reference: Tensor, scaled: Tensor) -> Tensor:
+    """Per image: blocks executed at scale s minus blocks executed at scale 1, (M,) int64 (Fig. 8)."""
+    if reference.shape != scaled.shape:
+        raise ValueError(f"decision shapes differ: {tuple(reference.shape)} vs {tuple(scaled.shape)}")
+    return executed_blocks(scaled) - executed_blocks(reference)
+
+
+def is_non_increasing(values: Sequence[float], tol: float = 0.0) -> bool:
+    """Whether ``values`` never rises by more than ``tol`` from one entry to the next."""
+    return all(b <= a + tol for a, b in zip(values, values[1:]))
+
+
+def first_change_executes_lower(low: Tensor, high: Tensor) -> Tensor:
+    """(M,) bool: per image, whether the first gate that differs between thresholds ``low < high`` executes at
+    ``low`` (or no gate differs). Always true for a deterministic gated network (see the module docstring)."""
+    diff = low.round() != high.round()
+    first = diff.float().argmax(1)
+    rows = torch.arange(low.shape[0])
+    return ~diff.any(1) | (low[rows, first] > high[rows, first])
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats replaced by ``None`` (strict JSON) and tuples as lists, recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def eval_point(record: EvalRecord, cost: CostModel, num_classes: int, gated: bool = True) -> dict[str, Any]:
+    """The headline numbers of one evaluation (accuracy, MACs, reduction, CP, executed blocks)."""
+    s = summarize(record, cost, num_classes, gated)
+    keys = ("images", "accuracy", "macs_mean", "macs_all_on", "macs_reduction", "computation_percentage")
+    return {k: s[k] for k in keys} | {"executed_blocks_mean": s["executed_blocks_mean"]}
+
+
+# ------------------------------------------------------------------------------------ running a model
+def checkpoint_stats(ckpt: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The normalisation a checkpoint was trained with, or ``None``."""
+    meta = ckpt.get("data", {})
+    return (tuple(meta["mean"]), tuple(meta["std"])) if meta.get("mean") else None
+
+
+def data_for_checkpoint(
+    ckpt: dict[str, Any],
+    model: GatedResNet,
+    spec: str,
+    *,
+    data_dir: str | None = None,
+    download: bool = False,
+    batch_size: int = 256,
+    limit: int | None = None,
+    limit_train: int | None = None,
+) -> DataBundle:
+    """Load ``spec`` as the checkpoint saw it: its normalisation, its validation split and its image size.
+
+    ``limit`` keeps a seeded subset of the test and validation splits (as ``skipnet eval --limit``).
+    """
+    return load_data(
+        spec,
+        data_dir=data_dir,
+        download=download,
+        batch_size=batch_size,
+        eval_batch_size=batch_size,
+        val_split=float(ckpt.get("data", {}).get("val_split", 0.0) or 0.0),
+        limit_train=limit_train,
+        limit_test=limit,
+        image_size=model.config.image_size,
+        stats=checkpoint_stats(ckpt),
+    )
+
+
+def eval_loader(data: DataBundle, split: str):
+    """The loader of ``split``, without augmentation (also for ``train``)."""
+    loader = data.split(split)
+    if split == "train" and hasattr(loader, "train"):
+        loader.train = False
+    return loader
+
+
+def require_gates(model: GatedResNet, what: str) -> None:
+    if model.gates is None or model.mode == GateMode.RANDOM:
+        raise SkipnetError(f"{what} needs a checkpoint with learned gates; {model.config.name} has none")
+
+
+class ScaledLoader:
+    """Wrap a loader of normalised images so that each batch is resized by ``scale`` (bilinear; antialiased
+    when shrinking), keeping the memory format. Labels pass through unchanged."""
+
+    def __init__(self, loader, scale: float) -> None:
+        self.loader, self.scale = loader, scale
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in self.loader:
+            h, w = x.shape[-2:]
+            size = (max(1, round(h * self.scale)), max(1, round(w * self.scale)))
+            z = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=self.scale < 1)
+            yield z.contiguous(memory_format=torch.channels_last), y
+
+
+def threshold_sweep(
+    model: GatedResNet, loader, cost: CostModel, thresholds: Sequence[float]
+) -> tuple[list[dict[str, Any]], dict[float, EvalRecord]]:
+    """Greedy evaluation at each threshold, one forward pass each (ascending thresholds).
+
+    Returns the points (threshold, accuracy, MACs, reduction, CP, executed blocks) and the records by threshold.
+    """
+    points, records = [], {}
+    for t in sorted(set(float(t) for t in thresholds)):
+        rec = run_eval(model, loader, cost, mode=GateMode.GREEDY, threshold=t)
+        records[t] = rec
+        points.append({"threshold": t} | eval_point(rec, cost, model.config.num_classes))
+    return points, records
+
+
+def multiscale(
+    model: GatedResNet, loader, reference: EvalRecord, scales: Sequence[float], threshold: float | None = None
+) -> tuple[list[dict[str, Any]], dict[float, Tensor]]:
+    """Greedy evaluation of the split resized by each scale; per image delta of executed blocks vs scale 1.
+
+    Returns per-scale numbers (image size, accuracy, MACs at that size, mean delta, counts of each delta from
+    -N to N) and the per-image deltas by scale.
+    """
+    n = reference.decisions.shape[1]
+    size = model.config.image_size
+    rows, deltas = [], {}
+    for s in scales:
+        side = max(1, round(size * s))
+        try:
+            cost = cost_model(model, side)
+            rec = run_eval(model, ScaledLoader(loader, s), cost, mode=GateMode.GREEDY, threshold=threshold)
+        except RuntimeError as exc:  # an input too small for the network
+            rows.append({"scale": s, "image_size": side, "error": str(exc).splitlines()[0]})
+            continue
+        d = multiscale_deltas(reference.decisions, rec.decisions)
+        deltas[s] = d
+        pt = eval_point(rec, cost, model.config.num_classes)
+        rows.append(
+            {
+                "scale": s,
+                "image_size": side,
+                "accuracy": pt["accuracy"],
+                "macs_mean": pt["macs_mean"],
+                "executed_blocks_mean": pt["executed_blocks_mean"],
+                "delta_mean": d.double().mean().item() if d.numel() else float("nan"),
+                "delta_more": int((d > 0).sum()),
+                "delta_fewer": int((d < 0).sum()),
+                "delta_counts": dict(zip(range(-n, n + 1), value_counts(d, -n, n))),
+            }
+        )
+    return rows, deltas
+
+
+def gather_images(data: DataBundle, loader, indices: Sequence[int]) -> Tensor:
+    """Display images (k, C, H, W) in [0, 1] for positions ``indices`` of an unshuffled evaluation loader."""
+    if not indices:
+        return torch.zeros(0, data.in_channels, data.image_size, data.image_size)
+    if hasattr(loader, "images"):  # TensorLoader: uint8, not yet normalised
+        idx = torch.as_tensor(list(indices))
+        return data.denormalize(loader.normalize(loader.images[idx]))
+    dataset = loader.dataset  # FolderLoader: normalised tensors
+    return data.denormalize(torch.stack([dataset[i][0] for i in indices]))
+
+
+# ------------------------------------------------------------------------------------------ the analysis
+@dataclass
+class Analysis:
+    """Everything ``skipnet analyze`` draws and reports: JSON-able ``numbers`` plus the per-image tensors."""
+
+    numbers: dict[str, Any]
+    record: EvalRecord
+    deltas: dict[float, Tensor] = field(default_factory=dict)
+    easy_images: Tensor | None = None
+    hard_images: Tensor | None = None
+
+
+def analyze(
+    model: GatedResNet,
+    data: DataBundle,
+    split: str,
+    *,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    k: int = 16,
+) -> Analysis:
+    """Evaluate a gated ``model`` greedily at its own threshold on ``split`` and compute every analysis."""
+    require_gates(model, "analyze")
+    loader = eval_loader(data, split)
+    cost = cost_model(model)
+    record = run_eval(model, loader, cost, mode=GateMode.GREEDY)
+    if len(record.labels) == 0:
+        raise SkipnetError(f"the {split} split is empty")
+    main = eval_point(record, cost, model.config.num_classes)
+    n = model.num_gates
+    classes = list(data.classes) if data.classes else [str(i) for i in range(model.config.num_classes)]
+    stats = per_class_stats(record.labels, record.preds, record.decisions, classes)
+    easy_c, hard_c = easiest_hardest_class(stats)
+    easy, hard = easy_hard_indices(record.decisions, k, record.probs)
+    executed = executed_blocks(record.decisions)
+    sweep, _ = threshold_sweep(model, loader, cost, thresholds)
+    ms_rows, deltas = multiscale(model, loader, record, scales)
+    block_stage = list(model.block_stage)
+    numbers: dict[str, Any] = {
+        "arch": model.config.name,
+        "split": split,
+        "threshold": float(model.threshold),
+        "num_gates": n,
+        "block_stage": block_stage,
+        "cost": {
+            "macs_all_on": cost.total_macs_all_on,
+            "fixed_macs": cost.fixed_macs,
+            "gate_macs": float(sum(cost.gate_macs)),
+            "min_macs": cost.fixed_macs + float(sum(cost.gate_macs)),
+            "image_size": cost.image_size,
+        },
+        "main": main,
+        "skip_ratio_per_block": skip_ratio_per_block(record.decisions),
+        "skip_ratio_per_stage": skip_ratio_per_stage(record.decisions, block_stage),
+        "executed_blocks_counts": dict(zip(range(1, n + 2), value_counts(executed, 1, n + 1))),
+        "per_class": stats,
+        "easiest_class": stats[easy_c]["name"],
+        "hardest_class": stats[hard_c]["name"],
+        "easiest_class_executed_counts": value_counts(executed[record.labels == easy_c], 1, n + 1),
+        "hardest_class_executed_counts": value_counts(executed[record.labels == hard_c], 1, n + 1),
+        "easy_images": [
+            {"index": i, "executed": int(executed[i]), "label": classes[int(record.labels[i])]} for i in easy
+        ],
+        "hard_images": [
+            {"index": i, "executed": int(executed[i]), "label": classes[int(record.labels[i])]} for i in hard
+        ],
+        "threshold_sweep": sweep,
+        "threshold_sweep_monotone": is_non_increasing([p["macs_mean"] for p in sweep]),
+        "multiscale": ms_rows,
+    }
+    return Analysis(
+        numbers=numbers,
+        record=record,
+        deltas=deltas,
+        easy_images=gather_images(data, loader, easy),
+        hard_images=gather_images(data, loader, hard),
+    )
+
+
+def checkpoint_label(path: str | Path, ckpt: dict[str, Any]) -> str:
+    """A short label for a checkpoint: its run directory (or file stem), stage and, for RL stages, alpha."""
+    p = Path(path)
+    run = p.parent.name if p.name in ("best.pt", "last.pt") and p.parent.name else p.stem
+    cfg = ckpt.get("train_config") or {}
+    stage = ckpt.get("stage") or cfg.get("stage")
+    parts = [run]
+    if stage:
+        parts.append(str(stage))
+    if stage in ("hrl", "rl") and cfg.get("alpha") is not None:
+        parts.append(f"α={float(cfg['alpha']):g}")
+    t = float(ckpt.get("threshold", 0.5))
+    if ckpt.get("calibration") or abs(t - 0.5) > 1e-9:
+        parts.append(f"t={t:.3g}")
+    return " · ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ calibration
+@dataclass
+class Calibration:
+    """The outcome of :func:`calibrate_threshold`; ``points`` holds every evaluated threshold (ascending)."""
+
+    threshold: float
+    accuracy: float
+    macs_mean: float
+    macs_reduction: float
+    computation_percentage: float
+    target_macs: float
+    points: list[dict[str, Any]]
+    monotone_on_grid: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _best_feasible(points: Sequence[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    feasible = [p for p in points if p["macs_mean"] <= target]
+    if not feasible:
+        return None
+    # The most accurate; among equals the cheapest, then the lowest threshold.
+    return max(feasible, key=lambda p: (round(p["accuracy"], 9), -p["macs_mean"], -p["threshold"]))
+
+
+def calibrate_threshold(
+    model: GatedResNet,
+    loader,
+    cost: CostModel,
+    target_macs: float,
+    *,
+    grid: Sequence[float] = CALIBRATION_GRID,
+    refine: int = 4,
+) -> Calibration:
+    """The greedy threshold with mean MACs (gates included) ``<= target_macs`` and the best accuracy on ``loader``.
+
+    Evaluates ``grid``; then, between every pair of neighbouring grid thresholds where the lower one misses
+    the budget and the higher one meets it, bisects ``refine`` times (the budget is usually met most
+    accurately right at its edge). MACs are not assumed monotone in the threshold (see the module docstring):
+    the choice is among all evaluated thresholds that meet the budget, and ``monotone_on_grid`` says whether
+    the grid was monotone. If no grid threshold meets the budget, ``ALL_SKIP_THRESHOLD`` (no gated block
+    runs) is tried; a budget below that cost raises :class:`SkipnetError`.
+    """
+    floor = cost.fixed_macs + float(sum(cost.gate_macs))
+    if target_macs < floor:
+        raise SkipnetError(
+            f"target of {target_macs:.4g} MACs/image is below the least this network can spend "
+            f"({floor:.4g}: stem, first block, shortcuts, head and gates)"
+        )
+    nc = model.config.num_classes
+
+    def evaluate_at(t: float) -> dict[str, Any]:
+        rec = run_eval(model, loader, cost, mode=GateMode.GREEDY, threshold=t)
+        return {"threshold": t} | eval_point(rec, cost, nc)
+
+    points = {float(t): evaluate_at(float(t)) for t in sorted(set(grid))}
+    grid_pts = [points[t] for t in sorted(points)]
+    monotone = is_non_increasing([p["macs_mean"] for p in grid_pts])
+    for lo_p, hi_p in zip(grid_pts, grid_pts[1:]):
+        if not (lo_p["macs_mean"] > target_macs >= hi_p["macs_mean"]):
+            continue
+        lo, hi = lo_p["threshold"], hi_p["threshold"]
+        for _ in range(refine):
+            mid = 0.5 * (lo + hi)
+            points[mid] = p = evaluate_at(mid)
+            if p["macs_mean"] <= target_macs:
+                hi = mid
+            else:
+                lo = mid
+    if _best_feasible(list(points.values()), target_macs) is None:
+        points[ALL_SKIP_THRESHOLD] = evaluate_at(ALL_SKIP_THRESHOLD)
+    ordered = [points[t] for t in sorted(points)]
+    best = _best_feasible(ordered, target_macs)
+    if best is None:  # not reachable: all-skip costs exactly the floor checked above
+        raise SkipnetError(f"no threshold meets {target_macs:.4g} MACs/image")
+    return Calibration(
+        threshold=best["threshold"],
+        accuracy=best["accuracy"],
+        macs_mean=best["macs_mean"],
+        macs_reduction=best["macs_reduction"],
+        computation_percentage=best["computation_percentage"],
+        target_macs=float(target_macs),
+        points=ordered,
+        monotone_on_grid=monotone,
+    )
+
+
+# ------------------------------------------------------------------------------------------ the report
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return format(v, spec)
+
+
+def report_markdown(numbers: dict[str, Any], figures: dict[str, str], title: str) -> str:
+    """``report.md`` of ``skipnet analyze``: the key numbers and the figures (``figures``: file -> caption)."""
+    m = numbers["main"]
+    c = numbers["cost"]
+    lines = [f"# {title}", ""]
+    meta = numbers.get("checkpoint", {})
+    if meta:
+        lines += [
+            f"Checkpoint `{meta.get('path')}` ({numbers['arch']}, stage {meta.get('stage') or '?'}"
+            + (f", α = {meta['alpha']:g}" if meta.get("alpha") is not None else "")
+            + f"), data `{meta.get('data')}` {numbers['split']} split, {m['images']} images, "
+            f"greedy gates at threshold {numbers['threshold']:.3g}.",
+            "",
+        ]
+    stages = ", ".join(f"stage {i + 1}: {100 * r:.1f}%" for i, r in enumerate(numbers["skip_ratio_per_stage"]))
+    per_class = {s["name"]: s for s in numbers["per_class"]}
+    easy, hard = per_class[numbers["easiest_class"]], per_class[numbers["hardest_class"]]
+    lines += [
+        "| quantity | value |",
+        "|---|---|",
+        f"| top-1 accuracy | {m['accuracy']:.2f}% |",
+        f"| MACs per image (gates included) | {m['macs_mean']:.4g} |",
+        f"| plain ResNet MACs per image | {c['macs_all_on']:.4g} |",
+        f"| MACs reduction vs plain ResNet | {m['macs_reduction']:.1f}% |",
+        *(
+            [f"| accuracy vs --base ({numbers['base']['label']}) | {m['accuracy_vs_base']:+.2f} points |"]
+            if numbers.get("base")
+            else []
+        ),
+        f"| computation percentage (authors' CP) | {m['computation_percentage']:.1f}% |",
+        f"| gate MACs per image | {c['gate_macs']:.4g} |",
+        f"| executed blocks per image (mean, of {numbers['num_gates'] + 1}) | {m['executed_blocks_mean']:.2f} |",
+        f"| skip ratio per stage | {stages} |",
+        f"| easiest class (highest accuracy) | {easy['name']}: {easy['accuracy']:.1f}%, "
+        f"median {_fmt(easy['median_skipped'], '.1f')} blocks skipped |",
+        f"| hardest class (lowest accuracy) | {hard['name']}: {hard['accuracy']:.1f}%, "
+        f"median {_fmt(hard['median_skipped'], '.1f')} blocks skipped |",
+        "",
+    ]
+    others = numbers.get("others", [])
+    if others:
+        lines += ["## Other checkpoints on the same split", "", "| checkpoint | accuracy | MACs/image | reduction |"]
+        lines += ["|---|---|---|---|"]
+        for o in others:
+            lines.append(f"| {o['label']} | {o['accuracy']:.2f}% | {o['macs_mean']:.4g} | {o['macs_reduction']:.1f}% |")
+        lines.append("")
+    mono = "monotone" if numbers["threshold_sweep_monotone"] else "**not** monotone"
+    lines += [
+        "## Threshold sweep",
+        "",
+        f"One greedy forward pass per threshold; MACs were {mono} non-increasing in the threshold on this grid.",
+        "",
+        "| threshold | accuracy | MACs/image | reduction | CP |",
+        "|---|---|---|---|---|",
+    ]
+    for p in numbers["threshold_sweep"]:
+        lines.append(
+            f"| {p['threshold']:.3g} | {p['accuracy']:.2f}% | {p['macs_mean']:.4g} | {p['macs_reduction']:.1f}% "
+            f"| {p['computation_percentage']:.1f}% |"
+        )
+    lines += ["", "## Multi-scale inputs", "", "| scale | size | accuracy | executed blocks | Δ blocks vs scale 1 |"]
+    lines += ["|---|---|---|---|---|"]
+    for r in numbers["multiscale"]:
+        if "error" in r:
+            lines.append(f"| {r['scale']:g} | {r['image_size']} | – | – | failed: {r['error']} |")
+        else:
+            lines.append(
+                f"| {r['scale']:g} | {r['image_size']} | {r['accuracy']:.2f}% | {r['executed_blocks_mean']:.2f} "
+                f"| {r['delta_mean']:+.2f} (more: {r['delta_more']}, fewer: {r['delta_fewer']}) |"
+            )
+    lines += ["", "## Figures", ""]
+    for name, caption in figures.items():
+        lines += [f"### {caption}", "", f"![{caption}]({name})", ""]
+    return "\n".join(lines)

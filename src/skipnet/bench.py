@@ -1,0 +1,386 @@
+"""Wall-clock benchmarks: the plain ResNet against masked and routed SkipNet execution (issue 4, "real savings").
+
+Every figure compares variants timed **in the same run, on the same inputs, interleaved**: each round runs every
+variant once, in an order rotated from round to round, so that drift in a shared machine's load hits all of
+them alike; the reported latency is the median over rounds (the minimum is kept too). Inference runs in eval
+mode under ``torch.inference_mode`` with the model and inputs in ``channels_last``.
+
+The three inference variants share one set of weights:
+
+- ``plain``: ``mode="all_on"`` -- every block, no gate: exactly the plain ResNet on the same backbone.
+- ``masked``: every block for every sample, mixed with the 0/1 decision (what the authors' code does).
+- ``routed``: each block runs on the samples that execute it only (:func:`skipnet.gated.route_indices`).
+
+Decisions are either *forced* -- Bernoulli(keep) per sample and gate, drawn once and fixed across repeats;
+the gates are still computed, so their cost counts -- or, for a checkpoint, taken greedily by its learned gates
+at its stored threshold. ``ideal_speedup`` is the plain network's MACs over the MACs the routed run actually
+spent (gates included, :meth:`skipnet.cost.CostModel.macs_per_image`); ``efficiency`` is the measured speedup
+over that ideal.
+
+An untrained network in eval mode has running BatchNorm statistics at their initial (0, 1), so activations grow
+by orders of magnitude through 50 residual blocks and a float32 difference between two execution orders looks
+huge. :func:`calibrate_bn` therefore first sets every running statistic to the cumulative average over a few
+random batches (train-mode ``all_on`` passes under ``no_grad`` with ``momentum=None``), which keeps
+activations O(1) and ``max_abs_diff`` meaningful. Checkpoints keep their trained statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from skipnet.cost import cost_model
+from skipnet.errors import SkipnetError
+from skipnet.gated import GatedResNet
+from skipnet.registry import create_model
+
+CHANNELS_LAST = torch.channels_last
+
+
+def set_threads(threads: int | None) -> int:
+    """``torch.set_num_threads(threads)`` when given; returns the number of threads in use."""
+    if threads is not None:
+        if threads < 1:
+            raise SkipnetError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def is_checkpoint(spec: str) -> bool:
+    """Whether ``spec`` names a checkpoint file rather than a registered architecture."""
+    return spec.endswith((".pt", ".pth", ".ckpt")) or Path(spec).is_file()
+
+
+def load_subject(spec: str) -> tuple[GatedResNet, dict[str, Any]]:
+    """The model to benchmark: a fresh (BN-calibrated by the caller) architecture, or a trained checkpoint.
+
+    Returns ``(model, info)`` where ``info`` has ``source`` (``"arch"`` or ``"checkpoint"``), ``arch`` and, for a
+    checkpoint, ``path`` and ``threshold``.
+    """
+    if not is_checkpoint(spec):
+        model = create_model(spec)
+        return model, {"source": "arch", "arch": model.config.name}
+    if not Path(spec).is_file():
+        raise SkipnetError(f"checkpoint {spec!r} does not exist")
+    from skipnet.checkpoint import load_model  # the checkpoint format lives there
+
+    model, _ = load_model(spec, map_location="cpu")
+    return model, {"source": "checkpoint", "arch": model.config.name, "path": spec, "threshold": model.threshold}
+
+
+def random_images(batch: int, model: GatedResNet, image_size: int, seed: int) -> Tensor:
+    """Seeded N(0, 1) images (B, C, S, S) in ``channels_last``."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, model.config.in_channels, image_size, image_size, generator=gen)
+    return x.contiguous(memory_format=CHANNELS_LAST)
+
+
+def random_decisions(batch: int, n_gates: int, keep: float, seed: int) -> Tensor:
+    """Forced decisions: Bernoulli(``keep``) per sample and gate, (B, N), seeded."""
+    if not 0.0 <= keep <= 1.0:
+        raise SkipnetError(f"--keep must be in [0, 1], got {keep}")
+    gen = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(torch.full((batch, n_gates), float(keep)), generator=gen)
+
+
+@torch.no_grad()
+def calibrate_bn(model: GatedResNet, image_size: int, batches: int = 4, batch_size: int = 16, seed: int = 0) -> None:
+    """Set every BatchNorm running statistic to its cumulative average over random-input ``all_on`` passes.
+
+    For untrained networks only (see the module docstring): keeps eval-mode activations O(1). Gate BNs (in
+    feed-forward gates) are not visited by ``all_on`` and keep their initial statistics; forced decisions do
+    not depend on them. Leaves the model in eval mode.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    dtype = next(model.parameters()).dtype
+    try:
+        for b in range(batches):
+            model(random_images(batch_size, model, image_size, seed + 1000 + b).to(dtype), "all_on")
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.eval()
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, cpu: dict[str, list[float]] | None = None
+) -> dict[str, list[float]]:
+    """Wall-clock seconds of each callable over ``repeats`` rounds, after ``warmup`` rounds.
+
+    Each round calls every function once; the order rotates by one each round. Garbage collection is paused
+    while timing. If ``cpu`` is given it receives the calling thread's CPU seconds per call as well
+    (``time.thread_time``): with one intra-op thread all the work runs in that thread, so this figure ignores
+    the time a shared machine's other jobs take the core away, which wall-clock time cannot.
+    """
+    if repeats < 1:
+        raise SkipnetError(f"--repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise SkipnetError(f"--warmup must be >= 0, got {warmup}")
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    if cpu is not None:
+        cpu.update({n: [] for n in names})
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(warmup + repeats):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                c0 = time.thread_time()
+                t0 = time.perf_counter()
+                fns[name]()
+                dt = time.perf_counter() - t0
+                dc = time.thread_time() - c0
+                if r >= warmup:
+                    times[name].append(dt)
+                    if cpu is not None:
+                        cpu[name].append(dc)
+    finally:
+        if was_enabled:
+            gc.enable()
+    return times
+
+
+def _ms(samples: Sequence[float]) -> float:
+    return 1e3 * statistics.median(samples)
+
+
+def bench_inference(
+    model: GatedResNet,
+    *,
+    batch_size: int,
+    keeps: Sequence[float | None] = (None,),
+    image_size: int | None = None,
+    repeats: int = 10,
+    warmup: int = 2,
+    seed: int = 0,
+    info: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Time plain / masked / routed inference of ``model`` at one batch size, for each keep ratio.
+
+    Args:
+        model: the network (left in eval mode, converted to ``channels_last``).
+        keeps: keep ratios to force (Bernoulli decisions); ``None`` means the model's own greedy gates decide.
+            ``plain`` is timed once, interleaved with the masked and routed variants of every keep ratio.
+        info: extra fields copied into every result (``source``, ``arch``, ...).
+
+    Returns one dict per keep ratio, with the keys documented in :mod:`skipnet.commands.bench`.
+    """
+    if batch_size < 1:
+        raise SkipnetError(f"--batch-size must be >= 1, got {batch_size}")
+    size = image_size or model.config.image_size
+    if size < 8:
+        raise SkipnetError(f"--image-size must be >= 8, got {size}")
+    if any(k is None for k in keeps) and model.gates is None:
+        raise SkipnetError(f"{model.config.name} has no gates to decide: give --keep to force decisions")
+    model.eval()
+    model.to(memory_format=CHANNELS_LAST)
+    cm = cost_model(model, size)
+    x = random_images(batch_size, model, size, seed)
+
+    fns: dict[str, Callable[[], Any]] = {"plain": lambda: model(x, "all_on")}
+    runs: list[dict[str, Any]] = []
+    for j, keep in enumerate(keeps):
+        d = None if keep is None else random_decisions(batch_size, model.num_gates, keep, seed + 1 + j)
+        masked = _bind(model, x, d, "masked")
+        routed = _bind(model, x, d, "routed")
+        fns[f"masked{j}"], fns[f"routed{j}"] = masked, routed
+        runs.append({"keep_requested": keep, "masked": masked, "routed": routed})
+
+    with torch.inference_mode():
+        checks = []
+        for run in runs:
+            out_m, out_r = run["masked"](), run["routed"]()
+            checks.append((out_m, out_r))
+        cpu: dict[str, list[float]] = {}
+        times = time_interleaved(fns, repeats, warmup, cpu)
+
+    plain_ms = _ms(times["plain"])
+    one_thread = torch.get_num_threads() == 1
+    results = []
+    for j, (run, (out_m, out_r)) in enumerate(zip(runs, checks)):
+        dec = out_r.trace.decisions
+        macs_routed = float(cm.macs_per_image(dec).mean()) if dec.numel() else float(cm.total_macs_all_on)
+        macs_plain = float(cm.total_macs_all_on)
+        masked_ms, routed_ms = _ms(times[f"masked{j}"]), _ms(times[f"routed{j}"])
+        speedup = plain_ms / routed_ms
+        ideal = macs_plain / macs_routed
+        results.append(
+            {
+                **(info or {}),
+                "arch": model.config.name,
+                "image_size": size,
+                "batch_size": batch_size,
+                "decisions": "learned greedy gates" if run["keep_requested"] is None else "forced Bernoulli(keep)",
+                "keep_requested": run["keep_requested"],
+                "keep": float(dec.mean()) if dec.numel() else 1.0,
+                "threads": torch.get_num_threads(),
+                "repeats": repeats,
+                "warmup": warmup,
+                "seed": seed,
+                "latency_ms_plain": plain_ms,
+                "latency_ms_masked": masked_ms,
+                "latency_ms_routed": routed_ms,
+                "latency_ms_min_plain": 1e3 * min(times["plain"]),
+                "latency_ms_min_masked": 1e3 * min(times[f"masked{j}"]),
+                "latency_ms_min_routed": 1e3 * min(times[f"routed{j}"]),
+                "speedup": speedup,
+                "speedup_masked": plain_ms / masked_ms,
+                "macs_plain": macs_plain,
+                "macs_routed": macs_routed,
+                "ideal_speedup": ideal,
+                "efficiency": speedup / ideal,
+                "max_abs_diff": float((out_r.logits.float() - out_m.logits.float()).abs().max()),
+                "decisions_match": bool(torch.equal(out_r.trace.decisions, out_m.trace.decisions)),
+            }
+        )
+        if one_thread:  # CPU time of the only compute thread: robust to other jobs on a shared machine
+            cpu_plain, cpu_routed = _ms(cpu["plain"]), _ms(cpu[f"routed{j}"])
+            results[-1].update(
+                {
+                    "cpu_ms_plain": cpu_plain,
+                    "cpu_ms_masked": _ms(cpu[f"masked{j}"]),
+                    "cpu_ms_routed": cpu_routed,
+                    "speedup_cpu": cpu_plain / cpu_routed,
+                    "efficiency_cpu": cpu_plain / cpu_routed / ideal,
+                }
+            )
+    return results
+
+
+def _bind(model: GatedResNet, x: Tensor, decisions: Tensor | None, execution: str) -> Callable[[], Any]:
+    return lambda: model(x, "greedy", decisions=decisions, execution=execution)
+
+
+# --------------------------------------------------------------------------------------------------- training
+
+
+def _train_step_fn(
+    model: GatedResNet,
+    x: Tensor,
+    y: Tensor,
+    kind: str,
+    decisions: Tensor | None = None,
+    execution: str = "auto",
+    alpha: float = 0.1,
+    lr: float = 0.01,
+) -> Callable[[], float]:
+    """One SGD step of ``kind``: ``plain`` (all_on, CE), ``sp`` (hard gates, masked, CE) or ``hrl``.
+
+    ``hrl`` is the hybrid RL step with forced decisions: ``mode="sample"`` forward (routed or masked), CE +
+    the REINFORCE term of Eq. 6 on ``trace.log_probs`` (explicit (B, N) returns), backward, optimizer step.
+    """
+    from skipnet.losses import hybrid_returns, reinforce_loss
+
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9, weight_decay=1e-4)
+    model.train()
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        if kind == "plain":
+            loss = F.cross_entropy(model(x, "all_on").logits, y)
+        elif kind == "sp":
+            loss = F.cross_entropy(model(x, "hard", execution="masked").logits, y)
+        else:
+            out = model(x, "sample", decisions=decisions, execution=execution)
+            ce = F.cross_entropy(out.logits, y, reduction="none")
+            returns = hybrid_returns(ce, out.trace.decisions, alpha)
+            loss = ce.mean() + reinforce_loss(out.trace.log_probs, returns)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+def bench_train(
+    arch: str | GatedResNet,
+    *,
+    batch_size: int = 128,
+    keeps: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+    image_size: int | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time training steps, interleaved: plain ResNet, SP (hard gates, masked), and HRL at each keep ratio
+    with routed and with masked execution. Every variant has its own copy of the model and its own optimizer;
+    inputs, labels and forced decisions are shared and fixed.
+
+    Returns ``{"batch_size", "image_size", "threads", "latency_ms": {variant: median ms}, "ratios": {...}}``.
+    """
+    base = create_model(arch) if isinstance(arch, str) else arch
+    if base.gates is None:
+        raise SkipnetError(f"{base.config.name} has no gates: the SP and HRL steps need a gated architecture")
+    size = image_size or base.config.image_size
+    base.to(memory_format=CHANNELS_LAST)
+    x = random_images(batch_size, base, size, seed)
+    gen = torch.Generator().manual_seed(seed + 7)
+    y = torch.randint(0, base.config.num_classes, (batch_size,), generator=gen)
+
+    fns: dict[str, Callable[[], float]] = {
+        "plain": _train_step_fn(copy.deepcopy(base), x, y, "plain"),
+        "sp_masked": _train_step_fn(copy.deepcopy(base), x, y, "sp"),
+    }
+    for j, keep in enumerate(keeps):
+        d = random_decisions(batch_size, base.num_gates, keep, seed + 1 + j)
+        for execution in ("routed", "masked"):
+            fns[f"hrl_{execution}@{keep:g}"] = _train_step_fn(copy.deepcopy(base), x, y, "hrl", d, execution)
+    cpu: dict[str, list[float]] = {}
+    times = time_interleaved(fns, repeats, warmup, cpu)
+    ms = {k: _ms(v) for k, v in times.items()}
+    ratios = _train_ratios(ms, keeps)
+    out = {
+        "arch": base.config.name,
+        "batch_size": batch_size,
+        "image_size": size,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "warmup": warmup,
+        "keeps": list(keeps),
+        "latency_ms": ms,
+        "latency_ms_min": {k: 1e3 * min(v) for k, v in times.items()},
+        "ratios": ratios,
+    }
+    if torch.get_num_threads() == 1:
+        cms = {k: _ms(v) for k, v in cpu.items()}
+        out["cpu_ms"] = cms
+        out["ratios_cpu"] = _train_ratios(cms, keeps)
+    return out
+
+
+def _train_ratios(ms: dict[str, float], keeps: Sequence[float]) -> dict[str, float]:
+    ratios: dict[str, float] = {"sp_over_plain": ms["sp_masked"] / ms["plain"]}
+    for keep in keeps:
+        ratios[f"hrl_masked_over_routed@{keep:g}"] = ms[f"hrl_masked@{keep:g}"] / ms[f"hrl_routed@{keep:g}"]
+        ratios[f"hrl_routed_over_plain@{keep:g}"] = ms[f"hrl_routed@{keep:g}"] / ms["plain"]
+    return ratios
+
+
+__all__ = [
+    "bench_inference",
+    "bench_train",
+    "calibrate_bn",
+    "is_checkpoint",
+    "load_subject",
+    "random_decisions",
+    "random_images",
+    "set_threads",
+    "time_interleaved",
+]

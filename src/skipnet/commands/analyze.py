@@ -1,0 +1,211 @@
+"""``skipnet analyze CKPT --data SPEC --out DIR``: figures and a report of a model's skipping (paper §4.2).
+
+Writes ``tradeoff.png``, ``skip_ratio_per_block.png``, ``easy_hard.png``, ``per_class.png``,
+``multiscale.png``, ``executed_blocks_hist.png``, the numbers behind them in ``analysis.json`` and a
+``report.md`` that embeds the figures with the key numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from skipnet import plots
+from skipnet.analysis import (
+    DEFAULT_SCALES,
+    DEFAULT_THRESHOLDS,
+    analyze,
+    checkpoint_label,
+    checkpoint_stats,
+    data_for_checkpoint,
+    eval_loader,
+    eval_point,
+    jsonable,
+    report_markdown,
+)
+from skipnet.checkpoint import load_model
+from skipnet.cost import cost_model
+from skipnet.errors import SkipnetError
+from skipnet.evaluate import eval_mode_for, run_eval
+from skipnet.gated import GateMode
+
+log = logging.getLogger(__name__)
+
+FIGURES = {
+    "tradeoff.png": "Accuracy vs MACs per image: threshold sweep, plain ResNet and other checkpoints",
+    "skip_ratio_per_block.png": "Skip ratio per gated block, by stage (cf. paper Fig. 10a)",
+    "easy_hard.png": "Images executing the fewest and the most blocks (cf. paper Fig. 7)",
+    "per_class.png": "Skipping vs accuracy per class (cf. paper Fig. 9)",
+    "multiscale.png": "Executed blocks at other input scales relative to scale 1 (cf. paper Fig. 8)",
+    "executed_blocks_hist.png": "Executed blocks per image",
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "analyze",
+        help="figures and a report of a model's skipping behaviour (paper §4.2)",
+        description="Evaluate a gated checkpoint greedily at its own threshold and write six figures, "
+        "analysis.json and report.md into --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="a gated checkpoint (.pt) from 'skipnet train' or 'skipnet calibrate'")
+    p.add_argument("--data", required=True, help="cifar10, cifar100, svhn, digits, or an ImageFolder root / .tar.gz")
+    p.add_argument("--data-dir", default=None, help="where torchvision data sets live")
+    p.add_argument("--download", action="store_true", help="download cifar10/cifar100/svhn if missing")
+    p.add_argument("--out", required=True, help="output directory for the figures, analysis.json and report.md")
+    p.add_argument("--split", choices=["test", "val"], default="test", help="which split to analyse")
+    p.add_argument("--base", default=None, help="a plain-ResNet checkpoint: its point on the trade-off plot")
+    p.add_argument("--compare", nargs="+", default=[], metavar="CKPT", help="other checkpoints to place on the plot")
+    p.add_argument("--limit", type=int, default=None, help="analyse a seeded subset of N images")
+    p.add_argument(
+        "--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS), help="gate thresholds to sweep"
+    )
+    p.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES), help="input scales (Fig. 8)")
+    p.add_argument("--images", type=int, default=16, help="images in each easy/hard grid")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--json", action="store_true", help="print the headline numbers as one JSON object")
+    p.set_defaults(func=run)
+
+
+def _other_point(
+    path: str, args: argparse.Namespace, main_ckpt: dict[str, Any], bundles: dict, device, plain: bool = False
+) -> dict:
+    """Evaluate another checkpoint on the same split as the analysed one: greedy at its own threshold, or with
+    every block on (``plain``: the ``--base`` point)."""
+    model, ckpt = load_model(path, map_location="cpu")
+    if model.config.num_classes != main_ckpt["arch"]["num_classes"]:
+        raise SkipnetError(
+            f"{path} has {model.config.num_classes} classes; the analysed checkpoint has "
+            f"{main_ckpt['arch']['num_classes']}"
+        )
+    key = (checkpoint_stats(ckpt), model.config.image_size)
+    if key not in bundles:
+        bundles[key] = data_for_checkpoint(
+            ckpt, model, args.data, data_dir=args.data_dir, batch_size=args.batch_size, limit=args.limit
+        )
+    model.to(device).to(memory_format=torch.channels_last)
+    cost = cost_model(model)
+    mode = GateMode.ALL_ON if plain else eval_mode_for(model)
+    rec = run_eval(model, eval_loader(bundles[key], args.split), cost, mode=mode)
+    gated = model.gates is not None and mode == GateMode.GREEDY
+    point = eval_point(rec, cost, model.config.num_classes, gated)
+    label = checkpoint_label(path, ckpt)
+    if plain:  # a gated checkpoint as --base is its own network with every block on
+        label = f"plain ResNet ({label})" if model.gates is None else f"all blocks on ({label})"
+    return {"path": path, "label": label} | point
+
+
+def run(args: argparse.Namespace) -> int:
+    from skipnet.distributed import pick_device
+
+    if args.limit is not None and args.limit <= 0:
+        raise SkipnetError(f"--limit must be positive, got {args.limit}")
+    if args.images <= 0:
+        raise SkipnetError(f"--images must be positive, got {args.images}")
+    if any(s <= 0 for s in args.scales):
+        raise SkipnetError("--scales must be positive")
+    for extra in [args.base, *args.compare]:
+        if extra is not None and not Path(extra).is_file():
+            raise SkipnetError(f"checkpoint {extra!r} does not exist")
+    device = pick_device(args.device)
+    model, ckpt = load_model(args.checkpoint, map_location="cpu")
+    if args.split == "val" and not float(ckpt.get("data", {}).get("val_split", 0.0) or 0.0):
+        raise SkipnetError(f"{args.checkpoint} was trained without a validation split; use --split test")
+    data = data_for_checkpoint(
+        ckpt,
+        model,
+        args.data,
+        data_dir=args.data_dir,
+        download=args.download,
+        batch_size=args.batch_size,
+        limit=args.limit,
+    )
+    model.to(device).to(memory_format=torch.channels_last)
+    result = analyze(model, data, args.split, thresholds=args.thresholds, scales=args.scales, k=args.images)
+    numbers = result.numbers
+    cfg = ckpt.get("train_config") or {}
+    stage = ckpt.get("stage") or cfg.get("stage")
+    numbers["checkpoint"] = {
+        "path": args.checkpoint,
+        "label": checkpoint_label(args.checkpoint, ckpt),
+        "stage": stage,
+        "alpha": cfg.get("alpha") if stage in ("hrl", "rl") else None,
+        "data": args.data,
+        "calibration": ckpt.get("calibration"),
+    }
+
+    bundles = {(checkpoint_stats(ckpt), model.config.image_size): data}
+    base = _other_point(args.base, args, ckpt, bundles, device, plain=True) if args.base else None
+    others = [_other_point(p, args, ckpt, bundles, device) for p in args.compare]
+    numbers["base"] = base
+    numbers["others"] = ([base] if base else []) + others
+    if base:
+        numbers["main"]["accuracy_vs_base"] = numbers["main"]["accuracy"] - base["accuracy"]
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = numbers["checkpoint"]["label"]
+    n = numbers["num_gates"]
+    plots.plot_tradeoff(
+        out / "tradeoff.png",
+        macs_all_on=numbers["cost"]["macs_all_on"],
+        sweep=numbers["threshold_sweep"],
+        sweep_label=f"{name}: threshold sweep",
+        own=numbers["main"],
+        own_label=f"{name} at t={model.threshold:.3g}",
+        base=base,
+        base_label=base["label"] if base else "plain ResNet",
+        others=[(o["label"], o) for o in others],
+        title=f"Accuracy vs computation, {model.config.name} ({args.split} split)",
+    )
+    plots.plot_skip_ratio_per_block(
+        out / "skip_ratio_per_block.png",
+        numbers["skip_ratio_per_block"],
+        numbers["block_stage"],
+        title=f"Skip ratio per block, {name} ({args.split}, {numbers['main']['images']} images)",
+    )
+    plots.plot_easy_hard(
+        out / "easy_hard.png",
+        result.easy_images,
+        numbers["easy_images"],
+        result.hard_images,
+        numbers["hard_images"],
+        n + 1,
+        title=f"Easy and hard images, {name}",
+    )
+    plots.plot_per_class(
+        out / "per_class.png",
+        numbers["per_class"],
+        numbers["easiest_class"],
+        numbers["easiest_class_executed_counts"],
+        numbers["hardest_class"],
+        numbers["hardest_class_executed_counts"],
+        title=f"Skipping and accuracy per class, {name}",
+    )
+    plots.plot_multiscale(out / "multiscale.png", numbers["multiscale"], title=f"Multi-scale inputs, {name}")
+    plots.plot_executed_hist(
+        out / "executed_blocks_hist.png",
+        list(numbers["executed_blocks_counts"].values()),
+        title=f"Executed blocks per image, {name} ({args.split})",
+        mean=numbers["main"]["executed_blocks_mean"],
+    )
+    (out / "analysis.json").write_text(json.dumps(jsonable(numbers), indent=2))
+    (out / "report.md").write_text(report_markdown(numbers, FIGURES, f"SkipNet analysis: {name}"))
+
+    m = numbers["main"]
+    if args.json:
+        print(json.dumps(jsonable({"out": str(out), "figures": list(FIGURES)} | m)))
+        return 0
+    print(
+        f"{args.checkpoint} on {data.name} {args.split} ({m['images']} images): accuracy {m['accuracy']:.2f}%, "
+        f"{m['macs_mean']:.4g} MACs/image ({m['macs_reduction']:.1f}% fewer), CP {m['computation_percentage']:.1f}%"
+    )
+    print(f"wrote {out / 'report.md'}, analysis.json and {len(FIGURES)} figures")
+    return 0

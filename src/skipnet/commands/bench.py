@@ -1,0 +1,104 @@
+"""``skipnet bench ARCH_OR_CKPT``: wall-clock latency of the plain ResNet, masked SkipNet and routed SkipNet.
+
+The three are timed in one run, on the same inputs, interleaved (see :mod:`skipnet.bench`). With an
+architecture name, decisions are forced to Bernoulli(``--keep``) per sample and gate (the gates are still
+computed); its BatchNorm statistics are first calibrated on random batches so that activations are O(1). With a
+checkpoint, its learned greedy gates decide at its stored threshold, unless ``--keep`` forces decisions.
+
+JSON keys: ``arch``, ``source``, ``image_size``, ``batch_size``, ``keep`` (fraction of gated blocks actually
+executed), ``keep_requested``, ``threads``, ``latency_ms_plain`` / ``_masked`` / ``_routed`` (medians),
+``latency_ms_min_*``, ``speedup`` (plain / routed), ``speedup_masked`` (plain / masked), ``macs_plain``,
+``macs_routed`` (mean per image, gates included), ``ideal_speedup`` (their ratio), ``efficiency``
+(speedup / ideal_speedup), ``max_abs_diff`` (routed vs masked logits), ``decisions_match``; with one thread
+also ``cpu_ms_*``, ``speedup_cpu`` and ``efficiency_cpu`` (the calling thread's CPU time, robust to other jobs
+on a shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from skipnet.bench import bench_inference, calibrate_bn, load_subject, set_threads
+from skipnet.errors import SkipnetError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time plain vs masked vs routed SkipNet inference (CPU wall clock)",
+        description="Time the plain ResNet, masked SkipNet and routed SkipNet on the same inputs, interleaved; "
+        "report median latencies, the speedup, the ideal speedup from MACs and routed-vs-masked agreement.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("subject", metavar="ARCH_OR_CKPT", help="a registered architecture or a checkpoint (.pt)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument(
+        "--keep",
+        type=float,
+        default=None,
+        help="force Bernoulli(K) decisions per sample and gate (default: 0.5 for an architecture, the learned "
+        "gates for a checkpoint)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--image-size", type=int, default=None, help="square input size (default: the arch's own)")
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and forced decisions")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.image_size is not None and args.image_size < 8:
+        raise SkipnetError(f"--image-size must be >= 8, got {args.image_size}")
+    threads = set_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model, info = load_subject(args.subject)
+    size = args.image_size or model.config.image_size
+    keep = args.keep
+    if info["source"] == "arch":
+        keep = 0.5 if keep is None else keep
+        calibrate_bn(model, size, seed=args.seed)
+        info["bn"] = "calibrated on random batches"
+    (res,) = bench_inference(
+        model,
+        batch_size=args.batch_size,
+        keeps=(keep,),
+        image_size=size,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        seed=args.seed,
+        info=info,
+    )
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    how = (
+        f"forced Bernoulli({keep:g}) decisions"
+        if keep is not None
+        else f"learned greedy gates, threshold {info.get('threshold', 0.5):g}"
+    )
+    print(
+        f"{res['arch']} ({info['source']}), batch {res['batch_size']}, {size}x{size}, {threads} threads, "
+        f"{how}; executed fraction {res['keep']:.3f}"
+    )
+    print(f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up rounds")
+    cpu = "cpu_ms_plain" in res  # one thread: its CPU time is reported too
+    head = f"{'variant':<8} {'latency ms':>12} {'min ms':>10} {'speedup':>9}"
+    print(head + (f" {'CPU ms':>10} {'speedup':>9}" if cpu else ""))
+    for v in ("plain", "masked", "routed"):
+        lat = res[f"latency_ms_{v}"]
+        line = f"{v:<8} {lat:>12.2f} {res[f'latency_ms_min_{v}']:>10.2f} {res['latency_ms_plain'] / lat:>8.2f}x"
+        if cpu:
+            c = res[f"cpu_ms_{v}"]
+            line += f" {c:>10.2f} {res['cpu_ms_plain'] / c:>8.2f}x"
+        print(line)
+    print(
+        f"ideal speedup {res['ideal_speedup']:.2f}x (MACs {res['macs_plain'] / 1e6:.1f}M -> "
+        f"{res['macs_routed'] / 1e6:.1f}M per image, gates included); efficiency {res['efficiency']:.2f}"
+    )
+    print(f"max |routed - masked| logit difference {res['max_abs_diff']:.2e}; same decisions: {res['decisions_match']}")
+    return 0

@@ -1,0 +1,150 @@
+"""``skipnet calibrate CKPT --data SPEC (--target-macs M | --target-reduction P) --out NEW.pt``: a compute budget.
+
+Finds, on the checkpoint's validation split (never the test set), the greedy gate threshold whose mean MACs
+per image (gates included) meet the budget at the best accuracy, and writes a copy of the checkpoint with
+that ``threshold`` and a ``calibration`` record; ``skipnet eval`` and ``skipnet bench`` use it as they are.
+``--margin`` asks for that many percentage points of extra reduction on validation, so that the test split,
+whose images differ, also meets the budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from skipnet.analysis import CALIBRATION_GRID, calibrate_threshold, data_for_checkpoint, eval_loader, require_gates
+from skipnet.checkpoint import atomic_save, load_model
+from skipnet.cost import cost_model
+from skipnet.errors import SkipnetError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="choose the gate threshold that meets a MACs budget on the validation split",
+        description="Search the greedy gate threshold that meets a compute budget (mean MACs per image, gates "
+        "included) at the best validation accuracy, and write a checkpoint that uses it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="a gated checkpoint (.pt)")
+    p.add_argument("--data", required=True, help="the data set the checkpoint was trained on")
+    p.add_argument("--data-dir", default=None, help="where torchvision data sets live")
+    p.add_argument("--download", action="store_true", help="download cifar10/cifar100/svhn if missing")
+    # Exactly one of the two; checked in run() so that a mistake is a one-line error.
+    p.add_argument("--target-macs", type=float, default=None, help="budget: mean MACs per image, e.g. 5e7")
+    p.add_argument("--target-reduction", type=float, default=None, help="budget: %% fewer MACs than the plain ResNet")
+    p.add_argument("--out", required=True, help="the calibrated checkpoint to write (not the input itself)")
+    p.add_argument(
+        "--split",
+        choices=["val", "train"],
+        default="val",
+        help="where to calibrate: the checkpoint's validation split, or (explicitly) its training images",
+    )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=1.0,
+        help="extra MACs reduction to ask for on the calibration split, in percentage points of the plain ResNet",
+    )
+    p.add_argument("--grid", type=float, nargs="+", default=list(CALIBRATION_GRID), help="thresholds to evaluate")
+    p.add_argument("--refine", type=int, default=4, help="bisection steps between grid points at the budget's edge")
+    p.add_argument("--limit", type=int, default=None, help="calibrate on a seeded subset of N images")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from skipnet.distributed import pick_device
+
+    if (args.target_macs is None) == (args.target_reduction is None):
+        raise SkipnetError("give exactly one budget: --target-macs M or --target-reduction P")
+    if args.target_macs is not None and args.target_macs <= 0:
+        raise SkipnetError(f"--target-macs must be positive, got {args.target_macs:g}")
+    if args.target_reduction is not None and not 0.0 <= args.target_reduction < 100.0:
+        raise SkipnetError(f"--target-reduction must be a percentage in [0, 100), got {args.target_reduction:g}")
+    if args.margin < 0:
+        raise SkipnetError(f"--margin must be >= 0, got {args.margin:g}")
+    if args.refine < 0 or (args.limit is not None and args.limit <= 0):
+        raise SkipnetError("--refine must be >= 0 and --limit positive")
+    src, dst = Path(args.checkpoint), Path(args.out)
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise SkipnetError("--out must differ from the input checkpoint (it is kept as it is)")
+
+    model, ckpt = load_model(src, map_location="cpu")
+    require_gates(model, "calibrate")
+    val_split = float(ckpt.get("data", {}).get("val_split", 0.0) or 0.0)
+    if args.split == "val" and val_split <= 0:
+        raise SkipnetError(
+            f"{src} was trained without a validation split, and the test set must not choose the threshold; "
+            "pass --split train to calibrate on its training images instead"
+        )
+    data = data_for_checkpoint(
+        ckpt,
+        model,
+        args.data,
+        data_dir=args.data_dir,
+        download=args.download,
+        batch_size=args.batch_size,
+        limit=args.limit if args.split == "val" else None,
+        limit_train=args.limit if args.split == "train" else None,
+    )
+    device = pick_device(args.device)
+    model.to(device).to(memory_format=torch.channels_last)
+    cost = cost_model(model)
+    all_on = float(cost.total_macs_all_on)
+    if args.target_macs is not None:
+        target = float(args.target_macs)
+    else:
+        target = all_on * (1.0 - args.target_reduction / 100.0)
+    effective = target - all_on * args.margin / 100.0
+    floor = cost.fixed_macs + float(sum(cost.gate_macs))
+    if effective < floor:
+        raise SkipnetError(
+            f"budget {target:.4g} MACs/image ({100 * (1 - target / all_on):.1f}% fewer) less the {args.margin:g}-point "
+            f"margin is below the least this network spends, {floor:.4g} ({100 * (1 - floor / all_on):.1f}% fewer: "
+            "stem, first block, shortcuts, head, gates)"
+        )
+    result = calibrate_threshold(
+        model, eval_loader(data, args.split), cost, effective, grid=args.grid, refine=args.refine
+    )
+
+    record = {
+        "target_macs": target,
+        "target_reduction": 100.0 * (1.0 - target / all_on),
+        "margin": args.margin,
+        "effective_target_macs": effective,
+        "split": args.split,
+        "images": result.points[0]["images"],
+        "source": str(src),
+        "source_threshold": float(ckpt.get("threshold", 0.5)),
+        "threshold": result.threshold,
+        "accuracy": result.accuracy,
+        "macs_mean": result.macs_mean,
+        "macs_reduction": result.macs_reduction,
+        "computation_percentage": result.computation_percentage,
+        "monotone_on_grid": result.monotone_on_grid,
+        "points": result.points,
+    }
+    new = dict(ckpt)
+    new["threshold"] = float(result.threshold)
+    new["calibration"] = record
+    atomic_save(new, dst)
+
+    if args.json:
+        print(json.dumps({"checkpoint": str(dst)} | {k: v for k, v in record.items() if k != "points"}))
+        return 0
+    print(
+        f"threshold {result.threshold:.4g} (was {record['source_threshold']:.4g}): {args.split} accuracy "
+        f"{result.accuracy:.2f}%, {result.macs_mean:.4g} MACs/image, {result.macs_reduction:.1f}% fewer than the "
+        f"plain ResNet (budget {target:.4g} = {record['target_reduction']:.1f}% fewer, "
+        f"{args.margin:g} points margin)"
+    )
+    if not result.monotone_on_grid:
+        print("note: MACs were not monotone in the threshold on the grid; the most accurate point within budget won")
+    print(f"wrote {dst}")
+    return 0

@@ -1,0 +1,166 @@
+"""``skipnet sweep --init SP_CKPT --data SPEC --alphas A ... --out DIR``: the accuracy/cost trade-off over alpha.
+
+Trains hybrid RL (Eq. 5-6) from one supervised-pre-trained checkpoint at each alpha in turn, each into its
+own run directory ``DIR/alpha_<a>/`` with the ordinary trainer (so a rerun resumes unfinished runs and skips
+finished ones), then tabulates the test numbers of each run's ``best.pt`` (chosen on validation) with the SP
+starting point: ``DIR/sweep.json``, ``DIR/sweep.md`` and ``DIR/tradeoff.png`` (paper appendix Fig. 12).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from skipnet import plots
+from skipnet.analysis import data_for_checkpoint, eval_loader, eval_point, require_gates
+from skipnet.checkpoint import load_model
+from skipnet.commands.train import add_data_args, check_args
+from skipnet.cost import cost_model
+from skipnet.errors import SkipnetError
+from skipnet.evaluate import run_eval
+from skipnet.gated import GateMode
+from skipnet.train import SCHEDULES, TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="train hybrid RL at several alphas from one SP checkpoint and tabulate the trade-off",
+        description="Train stage hrl from --init at each alpha into OUT/alpha_<a>/ (resumable), evaluate each "
+        "best.pt on the test split and write sweep.json, sweep.md and tradeoff.png. Options left unset take "
+        "the trainer's HRL defaults (lr 1e-4 constant, 10k iterations on CIFAR).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--init", required=True, help="the supervised-pre-trained (SP) checkpoint every run starts from")
+    add_data_args(p)
+    p.add_argument("--alphas", type=float, nargs="+", required=True, help="cost weights alpha to train at")
+    p.add_argument("--out", required=True, help="parent directory of the run directories alpha_<a>/")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=float, default=None, help="train each run for E epochs")
+    g.add_argument("--iters", type=int, default=None, help="train each run for N iterations (paper: 10000)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (paper: 128)")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="evaluation batch size")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (paper HRL: 1e-4)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (paper: 1e-4)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=None, help="lr schedule (HRL default: constant)")
+    p.add_argument("--beta", type=float, default=None, help="loss weight beta in the return (1 CIFAR)")
+    p.add_argument("--rl-weight", type=float, default=1.0, help="scale of the REINFORCE term")
+    p.add_argument("--baseline", choices=["none", "batch", "ema"], default="none", help="REINFORCE baseline")
+    p.add_argument(
+        "--val-split", type=float, default=None, help="validation fraction (default: the SP checkpoint's own)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--eval-every", type=int, default=None, help="validate + checkpoint every N steps")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--log-every", type=int, default=50, help="log a line every N steps when not on a terminal")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.set_defaults(func=run)
+
+
+def alpha_dir(out: Path, alpha: float) -> Path:
+    return out / f"alpha_{alpha:g}"
+
+
+def _row(label: str, alpha: float | None, run: str, test: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    keys = ("accuracy", "macs_mean", "macs_reduction", "computation_percentage", "images")
+    return {"label": label, "alpha": alpha, "run": run} | {k: test.get(k) for k in keys} | extra
+
+
+def markdown_table(rows: list[dict[str, Any]], title: str) -> str:
+    lines = [
+        f"# {title}",
+        "",
+        "| run | α | test accuracy | MACs/image | MACs reduction | CP | best step | val accuracy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        alpha = "–" if r["alpha"] is None else f"{r['alpha']:g}"
+        best = "–" if r.get("best_step") is None else str(r["best_step"])
+        val = "–" if r.get("best_val_accuracy") is None else f"{r['best_val_accuracy']:.2f}%"
+        lines.append(
+            f"| {r['run']} | {alpha} | {r['accuracy']:.2f}% | {r['macs_mean']:.4g} | {r['macs_reduction']:.1f}% "
+            f"| {r['computation_percentage']:.1f}% | {best} | {val} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    from skipnet.distributed import pick_device
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    alphas = sorted(set(args.alphas))
+    if any(a < 0 for a in alphas):
+        raise SkipnetError("--alphas must be >= 0")
+    sp_model, sp_ckpt = load_model(args.init, map_location="cpu")
+    require_gates(sp_model, "sweep")
+    arch = sp_ckpt["arch"]["name"]
+    val_split = args.val_split
+    if val_split is None:
+        val_split = float(sp_ckpt.get("data", {}).get("val_split", 0.1) or 0.0)
+    out = Path(args.out)
+
+    common = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    common |= {"arch": arch, "stage": "hrl", "init": args.init, "val_split": val_split, "resume": True}
+    rows: list[dict[str, Any]] = []
+    for a in alphas:
+        cfg = TrainConfig(**(common | {"alpha": a, "out": str(alpha_dir(out, a))}))
+        check_args(cfg)
+        log.info("sweep: alpha %g -> %s", a, cfg.out)
+        summary = train(cfg)  # resumes an unfinished run; returns a finished run's summary without training
+        test = summary.get("test") or {}
+        if not test:
+            raise SkipnetError(f"{cfg.out} finished without test metrics")
+        # summary["test"] is the trainer's own evaluation of best.pt (chosen on validation) on the test split.
+        rows.append(
+            _row(
+                f"α={a:g}",
+                a,
+                Path(cfg.out).name,
+                test,
+                best_step=summary.get("best_step"),
+                best_val_accuracy=summary.get("best_val_accuracy"),
+                checkpoint=str(Path(cfg.out) / "best.pt"),
+            )
+        )
+
+    # The SP starting point on the same test images, as a reference.
+    device = pick_device(args.device)
+    data = data_for_checkpoint(
+        sp_ckpt, sp_model, args.data, data_dir=args.data_dir, download=args.download, limit=args.limit_test
+    )
+    sp_model.to(device).to(memory_format=torch.channels_last)
+    cost = cost_model(sp_model)
+    rec = run_eval(sp_model, eval_loader(data, "test"), cost, mode=GateMode.GREEDY)
+    sp_point = eval_point(rec, cost, sp_model.config.num_classes)
+    sp_row = _row("SP (start)", None, "init", sp_point, checkpoint=args.init)
+
+    table = [sp_row, *rows]
+    result = {"init": args.init, "arch": arch, "data": args.data, "macs_all_on": cost.total_macs_all_on, "rows": table}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(result, indent=2))
+    (out / "sweep.md").write_text(markdown_table(table, f"Hybrid-RL sweep over α from {args.init} ({arch})"))
+    plots.plot_tradeoff(
+        out / "tradeoff.png",
+        macs_all_on=cost.total_macs_all_on,
+        own=sp_point,
+        own_label="SP starting point",
+        others=[(r["label"], r) for r in rows],
+        connect_others=True,
+        title=f"Accuracy vs computation over α, {arch} (test split)",
+    )
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(markdown_table(table, f"sweep of {arch} from {args.init}").split("\n", 2)[2], end="")
+    print(f"wrote {out / 'sweep.json'}, sweep.md and tradeoff.png")
+    return 0

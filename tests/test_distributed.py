@@ -1,0 +1,292 @@
+"""Data-parallel training under ``torchrun`` (gloo on CPU): sharded runs stay in sync and match one process.
+
+The multi-process checks run ``torchrun --standalone --nproc_per_node=2`` in a subprocess with a timeout, so a
+hang (a collective that one rank never joins) fails the test instead of blocking CI. The numeric checks
+live in ``tests/dist_worker.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from skipnet import SkipnetError, create_model
+from skipnet.distributed import (
+    DistContext,
+    GlobalBaseline,
+    check_amp,
+    find_unused_parameters,
+    pick_device,
+    setup,
+    torchrun_env,
+    unsharded,
+)
+from skipnet.losses import Baseline
+from skipnet.stages import STAGES
+from skipnet.train import TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+BUNDLED = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+WORKER = TESTS / "dist_worker.py"
+TIMEOUT = 300  # seconds per torchrun launch; a few tens of seconds on two busy cores
+
+needs_bundled = pytest.mark.skipif(not BUNDLED.is_file(), reason=f"bundled CIFAR-10 JPEGs not found at {BUNDLED}")
+
+
+def cifar_subset(dest: Path, train_per_class: int, test_per_class: int) -> Path:
+    """An ImageFolder (train/, test/) with the first images of each class of the bundled CIFAR-10 JPEGs."""
+    quota = {"train": train_per_class, "test": test_per_class}
+    taken: dict[tuple[str, str], int] = {}
+    with tarfile.open(BUNDLED) as tar:
+        for member in tar:
+            parts = Path(member.name).parts  # cifar10-jpeg/<split>/<class>/<file>.jpg
+            if not member.isfile() or len(parts) != 4 or parts[1] not in quota:
+                continue
+            key = (parts[1], parts[2])
+            if taken.get(key, 0) >= quota[parts[1]]:
+                if len(taken) == 20 and all(taken[k] >= quota[k[0]] for k in taken):
+                    break
+                continue
+            taken[key] = taken.get(key, 0) + 1
+            out = dest / parts[1] / parts[2] / parts[3]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(tar.extractfile(member).read())
+    return dest
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not BUNDLED.is_file():
+        pytest.skip(f"bundled CIFAR-10 JPEGs not found at {BUNDLED}")
+    return cifar_subset(tmp_path_factory.mktemp("cifar") / "cifar10-sub", 30, 8)
+
+
+def torchrun(args: list[str], tmp: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "SKIPNET_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    try:
+        proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"torchrun did not finish in {TIMEOUT}s (a hang?): {' '.join(args)}\n{exc.stderr}")
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _sp_args(data: Path, out: Path) -> list[str]:
+    return [
+        "tiny_rnn_gate_14",
+        "--stage",
+        "sp",
+        "--data",
+        str(data),
+        "--limit-train",
+        "256",
+        "--limit-test",
+        "64",
+        "--iters",
+        "4",
+        "--eval-every",
+        "2",
+        "--batch-size",
+        "32",
+        "--schedule",
+        "constant",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+
+
+# --------------------------------------------------------------------------------------------- torchrun
+@pytest.mark.slow
+@needs_bundled
+def test_torchrun_cli_trains_sp_then_routed_hrl_in_sync(cifar_dir: Path, tmp_path: Path) -> None:
+    """``torchrun -m skipnet train``: rank-0-only files, full-split evaluation, identical weights on every rank."""
+    sp = tmp_path / "sp"
+    proc = torchrun(["-m", "skipnet", "train", *_sp_args(cifar_dir, sp), "--json"], tmp_path)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 4
+    assert summary["test"]["images"] == 64  # rank 0 evaluates the whole test split, not its shard
+    assert {"last.pt", "best.pt", "summary.json", "config.json", "metrics.jsonl"} <= {p.name for p in sp.iterdir()}
+    rows = [json.loads(line) for line in (sp / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]  # one line per evaluation: only rank 0 writes
+    config = json.loads((sp / "config.json").read_text())
+    assert config["batch_size"] == 32  # the global batch, 16 per rank
+
+    # SP and routed HRL (from the SP checkpoint) again, inside the worker: after each run the parameters of
+    # the two ranks are compared exactly.
+    runs = [
+        _sp_args(cifar_dir, tmp_path / "sp2"),
+        [
+            *_sp_args(cifar_dir, tmp_path / "hrl")[:2],
+            "hrl",
+            *_sp_args(cifar_dir, tmp_path / "hrl")[3:],
+            "--init",
+            str(sp / "best.pt"),
+            "--baseline",
+            "ema",
+            "--lr",
+            "0.01",
+        ],
+    ]
+    report_path = tmp_path / "train_report.json"
+    torchrun([str(WORKER), "train", str(report_path), json.dumps(runs)], tmp_path)
+    report = json.loads(report_path.read_text())
+    assert [r["world"] for r in report] == [2, 2]
+    for r in report:
+        assert r["ddp"] == "DistributedDataParallel"
+        assert r["steps"] == [4, 4]
+        assert r["spread"] == 0.0, r  # every rank holds identical weights
+        assert r["test_images"] == 64
+    assert report[0]["find_unused"] is False  # SP: masked, every parameter used
+    assert report[1]["find_unused"] is True  # HRL: routed, idle blocks on a rank
+    hrl = torch.load(tmp_path / "hrl" / "last.pt", weights_only=True)
+    assert hrl["train_config"]["stage"] == "hrl" and hrl["step"] == 4
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in hrl["state_dict"])
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_and_routing_does_not_hang(tmp_path: Path) -> None:
+    """2 processes x batch b == 1 process x batch 2b (loss and gradient), SP and HRL; no hang on idle blocks."""
+    report_path = tmp_path / "kinv.json"
+    torchrun([str(WORKER), "kinv", str(report_path)], tmp_path)
+    report = json.loads(report_path.read_text())
+    assert report["world"] == 2
+    for key in ("sp/none/none", "hrl/none/sampled", "hrl/batch/sampled", "hrl/ema/forced"):
+        r = report[key]
+        assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-10, abs=1e-12), key
+        assert r["grad_rel_err"] < 1e-10, key  # float64: equal up to summation order
+        assert r["grad_none_mismatch"] == [], key
+        assert r["grad_rank_spread"] == 0.0, key  # gradients synchronised
+    assert report["sp/none/none"]["find_unused"] is False
+    assert report["hrl/none/sampled"]["find_unused"] is True
+    # The forced pattern: one rank executes blocks 1 and 3 and the other does not; block 2 runs nowhere.
+    forced = report["hrl/ema/forced"]
+    assert forced["idle_block_grad_none"] is True
+    assert forced["baseline_after"] < 1e-12  # the moving average follows the global batch mean
+    for stage, r in report["stages"].items():
+        assert r["spread"] == 0.0, stage
+    assert report["stages"]["rl"]["find_unused"] is True  # rl leaves the classifier out of the loss
+    # SyncBatchNorm needs the same BN calls in the same order on every rank: routing breaks that, the
+    # masked execution used under --sync-bn keeps it.
+    assert report["bn_call_order_equal"] == {"auto": False, "masked": True}
+
+
+# --------------------------------------------------------------------------------------------- in-process
+def test_torchrun_env_and_single_process_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert torchrun_env() is None
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert torchrun_env() == (0, 1, 0)
+    ctx = setup(SimpleNamespace(device="cpu", amp="none", sync_bn=False))
+    assert (ctx.rank, ctx.world, ctx.device, ctx.initialized) == (0, 1, torch.device("cpu"), False)
+    assert ctx.mean_stats({"a": torch.tensor(1.5), "b": torch.tensor(2)}) == {"a": 1.5, "b": 2.0}
+    assert ctx.on_main(lambda: 7) == 7
+    assert ctx.train_execution == "auto"
+    assert type(ctx.baseline("batch")) is Baseline
+    model = create_model("tiny_rnn_gate_14")
+    assert ctx.wrap(model, SimpleNamespace(stage="hrl", compile=False, sync_bn=False)) is model
+    assert pick_device("cpu") == torch.device("cpu")
+
+
+def test_setup_refuses_what_cannot_work_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SkipnetError, match="sync-bn needs CUDA"):
+        setup(SimpleNamespace(device="cpu", amp="none", sync_bn=True))
+    with pytest.raises(SkipnetError, match="fp16 needs a CUDA"):
+        setup(SimpleNamespace(device="cpu", amp="fp16", sync_bn=False))
+    with pytest.raises(SkipnetError, match="--amp must be"):
+        check_amp("fp8", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(SkipnetError, match="CUDA is not available"):
+            pick_device("cuda")
+
+
+def test_find_unused_parameters_per_stage() -> None:
+    gated, plain = create_model("tiny_rnn_gate_14"), create_model("tiny_resnet_14")
+    assert not find_unused_parameters(gated, "hard")  # sp
+    assert not find_unused_parameters(gated, "soft")
+    assert find_unused_parameters(gated, "sample")  # hrl, rl: routed
+    assert find_unused_parameters(gated, "random") and find_unused_parameters(plain, "random")  # sdv
+    assert find_unused_parameters(gated, "all_on")  # base on a gated net: gates unused
+    assert not find_unused_parameters(plain, "all_on")
+
+
+def test_sync_bn_trains_with_masked_execution() -> None:
+    assert DistContext(world=2, sync_bn=True).train_execution == "masked"
+    assert DistContext(world=2).train_execution == "auto"
+
+
+def test_global_baseline_single_rank_equals_baseline() -> None:
+    returns = torch.randn(6, 5)
+    for kind in ("batch", "ema"):
+        a, b = Baseline(kind), GlobalBaseline(kind, DistContext())
+        for _ in range(2):
+            torch.testing.assert_close(a(returns), b(returns))
+    assert GlobalBaseline("none", DistContext())(returns) is None
+
+
+def test_unsharded_eval_loader_covers_the_split() -> None:
+    from skipnet.data import TensorLoader
+
+    images, labels = torch.zeros(10, 3, 4, 4, dtype=torch.uint8), torch.arange(10)
+    shard = TensorLoader(images, labels, 4, (0.0,) * 3, (1.0,) * 3, rank=1, world=2)
+    assert sorted(torch.cat([y for _, y in shard]).tolist()) == [1, 3, 5, 7, 9]
+    full = unsharded(shard)
+    assert torch.cat([y for _, y in full]).tolist() == list(range(10))
+    assert shard.world == 2  # the rank's own loader is left as it was
+    ctx = DistContext(rank=1, world=2)
+    assert ctx.full_split(shard) is ctx.full_split(shard)
+
+
+@pytest.mark.slow
+@needs_bundled
+def test_bf16_autocast_trains_routed_hrl_on_cpu(cifar_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """``--amp bf16`` on CPU: SP (masked) and HRL (routed) steps run under autocast and give finite losses."""
+    monkeypatch.setenv("SKIPNET_CACHE", str(tmp_path / "cache"))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    cfg = TrainConfig(
+        arch="tiny_rnn_gate_14",
+        stage="hrl",
+        data=str(cifar_dir),
+        out=str(tmp_path / "hrl"),
+        iters=2,
+        batch_size=16,
+        limit_train=64,
+        limit_test=16,
+        val_split=0.0,
+        amp="bf16",
+        threads=1,
+        device="cpu",
+    )
+    trainer = Trainer(cfg)
+    x, y = next(iter(trainer.data.train))
+    with trainer.amp, torch.no_grad():
+        assert trainer.model(x, "sample").logits.dtype == torch.bfloat16
+    for stage in ("hrl", "sp"):
+        trainer.stage = STAGES[stage]
+        stats = trainer.train_step(x, y)
+        assert all(torch.isfinite(torch.tensor(v)) for v in stats.values()), stats
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # fp32 master weights
+    with pytest.raises(SkipnetError, match="fp16"):
+        Trainer(TrainConfig(**(cfg.to_dict() | {"amp": "fp16", "out": str(tmp_path / "x")})))

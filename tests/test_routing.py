@@ -1,0 +1,325 @@
+"""Routed execution (issue 4): same values, gradients and BatchNorm statistics as masking, and the bench CLI.
+
+Routed execution runs each gated block on the samples that execute it only; masked execution runs every block
+for every sample and mixes with the 0/1 decision (Eq. 1). They must agree exactly in what they compute.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from skipnet import create_model
+from skipnet.bench import calibrate_bn, random_decisions, time_interleaved
+from skipnet.cli import main
+from skipnet.errors import SkipnetError
+from skipnet.gated import GatedResNet, route_indices, routed_block, run_block, shortcut_branch
+from skipnet.losses import hybrid_returns, reinforce_loss
+
+ARCHS = ["tiny_rnn_gate_14", "tiny_feedforward_14"]
+
+
+def calibrated(arch: str, dtype: torch.dtype = torch.float32) -> GatedResNet:
+    """An untrained model whose BN running statistics keep eval-mode activations O(1)."""
+    model = create_model(arch).to(dtype)
+    calibrate_bn(model, model.config.image_size, batches=2, batch_size=8)
+    return model.eval()
+
+
+def images(batch: int, dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
+    x = torch.randn(batch, 3, 32, 32, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def assert_same(a, b, atol: float = 1e-5) -> None:
+    assert torch.equal(a.trace.decisions, b.trace.decisions)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=atol)
+    torch.testing.assert_close(a.trace.log_probs, b.trace.log_probs, rtol=0, atol=atol)
+    torch.testing.assert_close(a.trace.probs, b.trace.probs, rtol=0, atol=atol)
+
+
+# ------------------------------------------------------------------------------------------------ inference
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_routed_equals_masked_forced(arch: str, batch: int, channels_last: bool) -> None:
+    model = calibrated(arch)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    x = images(batch, channels_last=channels_last)
+    d = random_decisions(batch, model.num_gates, 0.5, seed=3)
+    with torch.inference_mode():
+        masked = model(x, "greedy", decisions=d, execution="masked")
+        routed = model(x, "greedy", decisions=d, execution="routed")
+    assert_same(routed, masked)
+    assert torch.equal(routed.trace.decisions, d)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_that_nobody_or_everybody_executes(arch: str) -> None:
+    model = calibrated(arch)
+    x = images(4)
+    d = random_decisions(4, model.num_gates, 0.5, seed=1)
+    d[:, 0] = 0.0  # no sample executes block 1 ...
+    d[:, 1] = 1.0  # ... every sample executes block 2
+    d[:, 2] = torch.tensor([0.0, 1.0, 0.0, 0.0])  # a single sample executes block 3 (a batch of one inside)
+    with torch.no_grad():
+        assert_same(
+            model(x, "greedy", decisions=d, execution="routed"), model(x, "greedy", decisions=d, execution="masked")
+        )
+        for value in (0.0, 1.0):  # a batch where nobody / everybody executes every block
+            full = torch.full_like(d, value)
+            routed = model(x, "greedy", decisions=full, execution="routed")
+            assert_same(routed, model(x, "greedy", decisions=full, execution="masked"))
+        # every block on: the plain ResNet
+        torch.testing.assert_close(routed.logits, model(x, "all_on").logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_greedy_routed_equals_greedy_masked(arch: str, batch: int) -> None:
+    model = calibrated(arch, torch.float64)
+    x = images(batch, torch.float64)
+    for threshold in (0.3, 0.5, 0.7):
+        with torch.no_grad():
+            routed = model(x, "greedy", threshold=threshold, execution="routed")
+            masked = model(x, "greedy", threshold=threshold, execution="masked")
+        assert_same(routed, masked, atol=1e-10)
+
+
+def test_sample_and_random_modes_route_like_masking() -> None:
+    model = calibrated("tiny_rnn_gate_14", torch.float64)
+    x = images(6, torch.float64)
+    with torch.no_grad():
+        for mode, kw in (("sample", {}), ("random", {"keep": 0.4})):
+            torch.manual_seed(11)
+            routed = model(x, mode, execution="routed", **kw)
+            torch.manual_seed(11)
+            masked = model(x, mode, execution="masked", **kw)
+            assert_same(routed, masked, atol=1e-10)
+
+
+def test_routed_block_keeps_input_and_channels_last() -> None:
+    model = calibrated("tiny_rnn_gate_14")
+    model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        x = model.first_block(model.stem(images(5, channels_last=True)))
+    for block in model.gated_blocks[:3]:  # identity shortcuts and (block 3 of tiny-14) a projection
+        decision = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0])
+        before = x.clone()
+        with torch.inference_mode():
+            out = routed_block(block, x, decision)
+            expect = torch.where(decision.view(-1, 1, 1, 1) > 0.5, run_block(block, x), shortcut_branch(block, x))
+        assert torch.equal(x, before), "routed_block must not modify its input"
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, expect, rtol=0, atol=1e-6)
+        # in place (inference, the caller owns x): same values, written into x or into the projection
+        with torch.inference_mode():
+            inplace = route_indices(block, x.clone(), torch.tensor([0, 2]), inplace=True)
+        torch.testing.assert_close(inplace, expect, rtol=0, atol=1e-6)
+        assert inplace.is_contiguous(memory_format=torch.channels_last)
+        x = out
+
+
+def test_forward_in_inference_mode_leaves_caller_input_alone() -> None:
+    model = calibrated("tiny_rnn_gate_14")
+    x = images(4)
+    before = x.clone()
+    d = random_decisions(4, model.num_gates, 0.5, seed=2)
+    with torch.inference_mode():
+        a = model(x, "greedy", decisions=d).logits
+        b = model(x, "greedy", decisions=d).logits
+    assert torch.equal(x, before)
+    assert torch.equal(a, b)
+
+
+def test_forced_decisions_shape_is_checked() -> None:
+    model = calibrated("tiny_rnn_gate_14")
+    with pytest.raises(SkipnetError):
+        model(images(2), "greedy", decisions=torch.ones(2, model.num_gates + 1))
+
+
+# ------------------------------------------------------------------------------------------------- gradients
+
+
+def hrl_loss(out, y: torch.Tensor) -> torch.Tensor:
+    ce = F.cross_entropy(out.logits, y, reduction="none")
+    returns = hybrid_returns(ce, out.trace.decisions, alpha=0.1)
+    return ce.mean() + reinforce_loss(out.trace.log_probs, returns)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("batch", [1, 3, 6])
+def test_hrl_gradients_routed_equal_masked(arch: str, batch: int) -> None:
+    """Sample (HRL) mode with forced decisions: every parameter gets the same gradient routed or masked.
+
+    Eval-mode BN (so that batch statistics do not differ between the subset and the full batch), float64.
+    A block no sample executes gets no gradient when routed and an exactly-zero one when masked.
+    """
+    model = calibrated(arch, torch.float64)
+    x = images(batch, torch.float64)
+    y = torch.randint(0, 10, (batch,))
+    d = random_decisions(batch, model.num_gates, 0.5, seed=5)
+    if batch > 1:
+        d[:, 0] = 0.0
+        d[0, 1], d[1, 1] = 1.0, 0.0
+    grads = {}
+    for execution in ("routed", "masked"):
+        net = copy.deepcopy(model)
+        out = net(x, "sample", decisions=d, execution=execution)
+        hrl_loss(out, y).backward()
+        grads[execution] = {
+            n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in net.named_parameters()
+        }
+    for name, g in grads["masked"].items():
+        torch.testing.assert_close(grads["routed"][name], g, rtol=1e-9, atol=1e-12, msg=name)
+    gate_grads = [g for n, g in grads["routed"].items() if n.startswith("gates.")]
+    assert any(g.abs().sum() > 0 for g in gate_grads), "the REINFORCE term must reach the gates"
+
+
+def test_routed_training_step_runs_and_skipped_blocks_get_no_gradient() -> None:
+    model = create_model("tiny_rnn_gate_14").train()
+    x, y = images(4), torch.randint(0, 10, (4,))
+    d = torch.ones(4, model.num_gates)
+    d[:, 2] = 0.0
+    out = model(x, "sample", decisions=d)  # auto -> routed
+    hrl_loss(out, y).backward()
+    skipped = model.gated_blocks[2]
+    assert all(p.grad is None for p in skipped.conv1.parameters())
+    assert model.gated_blocks[1].conv1.weight.grad is not None
+
+
+# ------------------------------------------------------------------------------------------------ BatchNorm
+
+
+def test_routed_bn_statistics_come_from_executed_samples_only() -> None:
+    model = create_model("tiny_rnn_gate_14")
+    model.train()
+    x = images(6)
+    subset = torch.tensor([1, 4])
+    d = torch.ones(6, model.num_gates)
+    d[:, 0] = 0.0
+    d[subset, 0] = 1.0  # gated block 1 runs on samples 1 and 4 only
+    d[:, 1] = 0.0  # gated block 2 runs on nobody
+    ref = copy.deepcopy(model)
+    block, unused = model.gated_blocks[0], model.gated_blocks[1]
+    count_before = int(unused.bn1.num_batches_tracked)
+    mean_before = unused.bn1.running_mean.clone()
+
+    with torch.no_grad():
+        model(x, "sample", decisions=d, execution="routed")
+        # the input of gated block 1 is the first block's output on the whole batch
+        h = ref.first_block(ref.stem(x))
+        pre_bn = ref.gated_blocks[0].conv1(h[subset])
+        pre_bn_all = ref.gated_blocks[0].conv1(h)
+    m = block.bn1.momentum
+    expect_mean = m * pre_bn.mean(dim=(0, 2, 3))
+    expect_var = (1 - m) * torch.ones_like(expect_mean) + m * pre_bn.var(dim=(0, 2, 3), unbiased=True)
+    torch.testing.assert_close(block.bn1.running_mean, expect_mean, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(block.bn1.running_var, expect_var, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(block.bn1.running_mean, m * pre_bn_all.mean(dim=(0, 2, 3)), atol=1e-6)
+    # a block nobody executed saw no batch at all
+    assert int(unused.bn1.num_batches_tracked) == count_before
+    assert torch.equal(unused.bn1.running_mean, mean_before)
+
+
+def test_masked_bn_statistics_include_skipped_samples() -> None:
+    """The authors' fault (reference notes §5) that routing fixes: masking feeds skipped samples to BN."""
+    model = create_model("tiny_rnn_gate_14").train()
+    x = images(6)
+    d = torch.zeros(6, model.num_gates)
+    d[1, 0] = 1.0
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        model(x, "sample", decisions=d, execution="masked")
+        h = ref.first_block(ref.stem(x))
+        all_mean = ref.gated_blocks[0].bn1.momentum * ref.gated_blocks[0].conv1(h).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(model.gated_blocks[0].bn1.running_mean, all_mean, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ bench
+
+
+def test_time_interleaved_rotates_and_counts() -> None:
+    calls: list[str] = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    cpu: dict[str, list[float]] = {}
+    times = time_interleaved(fns, repeats=3, warmup=1, cpu=cpu)
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert {k: len(v) for k, v in cpu.items()} == {"a": 3, "b": 3, "c": 3}
+    assert calls[:6] == ["a", "b", "c", "b", "c", "a"]
+
+
+def test_bench_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "tiny_rnn_gate_14", "--keep", "0.5", "--batch-size", "4", "--repeats", "2", "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    for key in (
+        "batch_size",
+        "keep",
+        "latency_ms_plain",
+        "latency_ms_masked",
+        "latency_ms_routed",
+        "speedup",
+        "ideal_speedup",
+        "efficiency",
+        "max_abs_diff",
+    ):
+        assert key in res, key
+    assert res["batch_size"] == 4
+    assert 0.0 <= res["keep"] <= 1.0
+    assert res["max_abs_diff"] <= 1e-4
+    assert res["decisions_match"]
+    assert res["ideal_speedup"] > 1.0
+    assert res["efficiency"] == pytest.approx(res["speedup"] / res["ideal_speedup"])
+    assert res["speedup"] == pytest.approx(res["latency_ms_plain"] / res["latency_ms_routed"])
+
+
+def test_bench_cli_table_and_threads(capsys: pytest.CaptureFixture[str]) -> None:
+    threads = torch.get_num_threads()
+    try:
+        rc = main(
+            ["bench", "tiny_resnet_14", "--keep", "0.25", "--batch-size", "3", "--repeats", "1", "--threads", "1"]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    out = capsys.readouterr().out
+    for word in ("plain", "masked", "routed", "ideal speedup", "CPU ms"):
+        assert word in out
+
+
+def test_bench_cli_checkpoint_uses_learned_gates(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from skipnet.checkpoint import save_checkpoint
+
+    model = calibrated("tiny_rnn_gate_14")
+    model.threshold = 0.4
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model)
+    assert main(["bench", str(path), "--batch-size", "3", "--repeats", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["source"] == "checkpoint"
+    assert res["keep_requested"] is None
+    assert res["threshold"] == pytest.approx(0.4)
+    assert res["max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "no_such_arch"],
+        ["bench", "tiny_rnn_gate_14", "--keep", "1.5"],
+        ["bench", "tiny_rnn_gate_14", "--batch-size", "0"],
+        ["bench", "tiny_rnn_gate_14", "--repeats", "0"],
+        ["bench", "missing.pt"],
+    ],
+)
+def test_bench_cli_user_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert "error" in capsys.readouterr().err

@@ -1,0 +1,365 @@
+"""Training pipeline: the REINFORCE estimator (Eq. 5-6), every stage from the CLI on real images,
+checkpoints, resume, and the effect of alpha."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from skipnet.checkpoint import load_checkpoint, load_model
+from skipnet.cli import main
+from skipnet.losses import Baseline, hybrid_returns, reinforce_loss
+from skipnet.registry import create_model
+
+COMMON = ["--limit-train", "256", "--limit-test", "128", "--batch-size", "32", "--threads", "1", "--val-split", "0.2"]
+
+
+# ------------------------------------------------------------------------------------------- Eq. 5-6
+def test_hybrid_returns_by_hand() -> None:
+    ce = torch.tensor([0.5, 2.0])
+    d = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    alpha, beta, n = 0.3, 1.0, 3
+    r = hybrid_returns(ce, d, alpha, beta)
+    # sample 0 skips gates 2 and 3: future skip counts 2, 2, 1; sample 1 skips gate 1 only: 1, 0, 0
+    expected = torch.tensor(
+        [[-(0.5 - alpha / n * 2), -(0.5 - alpha / n * 2), -(0.5 - alpha / n * 1)], [-(2.0 - alpha / n), -2.0, -2.0]]
+    )
+    assert r.shape == (2, 3)
+    torch.testing.assert_close(r, expected)
+    # beta scales only the loss part
+    r2 = hybrid_returns(ce, d, alpha, beta=0.1)
+    torch.testing.assert_close(r2 - r, 0.9 * ce.view(-1, 1).expand(2, 3))
+
+
+def test_reinforce_gradient_is_per_sample_per_gate() -> None:
+    """d/dz of the surrogate equals -(g - sigmoid(z)) * r / B for every (sample, gate): no (B, B) broadcast."""
+    torch.manual_seed(1)
+    b, n = 5, 4
+    z = torch.randn(b, n, requires_grad=True)
+    g = torch.bernoulli(torch.full((b, n), 0.5))
+    ce = torch.rand(b) * 3  # known per-sample losses
+    log_pi = g * F.logsigmoid(z) + (1 - g) * F.logsigmoid(-z)
+    returns = hybrid_returns(ce, g, alpha=0.7, beta=1.0)
+    reinforce_loss(log_pi, returns).backward()
+    expected = -(g - torch.sigmoid(z.detach())) * returns / b
+    torch.testing.assert_close(z.grad, expected)
+    # each sample's gradient depends on its own return only: changing sample 0's loss changes row 0 only
+    z.grad = None
+    ce2 = ce.clone()
+    ce2[0] += 10.0
+    log_pi = g * F.logsigmoid(z) + (1 - g) * F.logsigmoid(-z)
+    reinforce_loss(log_pi, hybrid_returns(ce2, g, alpha=0.7)).backward()
+    diff = (z.grad - expected).abs().sum(1)
+    assert diff[0] > 1e-3 and torch.all(diff[1:] < 1e-6)
+
+
+def test_reinforce_rejects_broadcasting_shapes() -> None:
+    with pytest.raises(ValueError):
+        reinforce_loss(torch.zeros(4), torch.zeros(4, 1))
+    with pytest.raises(ValueError):
+        hybrid_returns(torch.zeros(4, 1), torch.zeros(4, 3), 0.1)
+
+
+def test_baselines() -> None:
+    r = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert Baseline("none")(r) is None
+    torch.testing.assert_close(Baseline("batch")(r), torch.tensor([2.0, 3.0]))
+    ema = Baseline("ema", momentum=0.5)
+    torch.testing.assert_close(ema(r), torch.tensor([2.0, 3.0]))
+    torch.testing.assert_close(ema(r + 2), torch.tensor([2.0, 3.0]))  # previous value is used, then updated
+    torch.testing.assert_close(ema.value, torch.tensor([3.0, 4.0]))
+
+
+def test_hrl_gate_gradient_comes_from_reinforce_only() -> None:
+    """In sample mode the gates get no cross-entropy gradient (decisions are sampled, not relaxed)."""
+    model = create_model("tiny_rnn_gate_14").train()
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    out = model(x, "sample")
+    F.cross_entropy(out.logits, y).backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.gates.parameters())
+
+
+# ------------------------------------------------------------------------------------------- CLI runs
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cifar_jpeg):
+    root = tmp_path_factory.mktemp("runs")
+    data = ["--data", cifar_jpeg]
+    assert (
+        main(
+            [
+                "train",
+                "tiny_resnet_14",
+                "--stage",
+                "base",
+                *data,
+                *COMMON,
+                "--iters",
+                "8",
+                "--lr",
+                "0.05",
+                "--eval-every",
+                "4",
+                "--out",
+                str(root / "base"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "tiny_rnn_gate_14",
+                "--stage",
+                "sp",
+                *data,
+                *COMMON,
+                "--iters",
+                "6",
+                "--init",
+                str(root / "base" / "best.pt"),
+                "--out",
+                str(root / "sp"),
+            ]
+        )
+        == 0
+    )
+    return root, cifar_jpeg
+
+
+@pytest.mark.parametrize("stage", ["hrl", "soft", "rl", "sdv", "hrl_scratch"])
+def test_stage_trains_from_cli(runs, stage) -> None:
+    root, data = runs
+    arch = "tiny_resnet_14" if stage == "sdv" else "tiny_rnn_gate_14"
+    extra = ["--init", str(root / "sp" / "best.pt")] if stage == "hrl" else []
+    name = "hrl" if stage == "hrl_scratch" else stage
+    out = root / stage
+    assert (
+        main(["train", arch, "--stage", name, "--data", data, *COMMON, "--iters", "4", *extra, "--out", str(out)]) == 0
+    )
+    for f in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json"):
+        assert (out / f).is_file(), f
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4 and "val_accuracy" in rows[-1] and "train_loss" in rows[-1]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["format_version"] == 1 and ckpt["train_config"]["stage"] == name
+    if stage == "hrl":
+        assert ckpt["train_config"]["lr"] == 1e-4 and ckpt["train_config"]["alpha"] == 0.1  # paper defaults
+        assert "train_reward" in rows[-1]
+    if stage == "sdv":
+        model, _ = load_model(out / "best.pt")
+        assert model.mode.value == "random" and model.keep_ratio == 0.5
+
+
+def test_eval_json_keys(runs, capsys) -> None:
+    root, data = runs
+    assert main(["eval", str(root / "sp" / "best.pt"), "--data", data, "--limit", "64", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in (
+        "accuracy",
+        "images",
+        "macs_mean",
+        "macs_all_on",
+        "macs_reduction",
+        "computation_percentage",
+        "skip_ratio_per_block",
+        "gate_macs_mean",
+    ):
+        assert key in out
+    assert out["images"] == 64 and len(out["skip_ratio_per_block"]) == 5
+    assert 0 <= out["macs_reduction"] < 100 and out["macs_mean"] <= out["macs_all_on"] + out["gate_macs_mean"]
+    # threshold 0 executes everything: computation percentage 100
+    assert (
+        main(["eval", str(root / "sp" / "best.pt"), "--data", data, "--limit", "64", "--json", "--threshold", "0"]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["computation_percentage"] == 100.0
+
+
+def test_sp_from_base_copies_backbone(runs) -> None:
+    root, _ = runs
+    base = load_checkpoint(root / "base" / "best.pt")
+    sp_model = create_model("tiny_rnn_gate_14")
+    from skipnet.checkpoint import load_weights_into
+
+    left = load_weights_into(sp_model, base)
+    assert left and all(k.startswith("gates.") for k in left)
+    torch.testing.assert_close(
+        sp_model.state_dict()["backbone.conv1.weight"], base["state_dict"]["backbone.conv1.weight"]
+    )
+
+
+def test_resume_equals_uninterrupted(tmp_path, cifar_jpeg) -> None:
+    args = [
+        "train",
+        "tiny_rnn_gate_14",
+        "--stage",
+        "hrl",
+        "--data",
+        cifar_jpeg,
+        *COMMON,
+        "--lr",
+        "0.01",
+        "--schedule",
+        "constant",
+        "--eval-every",
+        "2",
+    ]
+    assert main([*args, "--iters", "4", "--out", str(tmp_path / "straight")]) == 0
+    assert main([*args, "--iters", "2", "--out", str(tmp_path / "split")]) == 0
+    assert main([*args, "--iters", "4", "--out", str(tmp_path / "split"), "--resume"]) == 0
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "split" / "last.pt")["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def test_user_errors_exit_2(tmp_path, runs, capsys) -> None:
+    root, data = runs
+    assert (
+        main(
+            [
+                "train",
+                "tiny_rnn_gate_14",
+                "--stage",
+                "sp",
+                "--data",
+                str(tmp_path / "nope"),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "train",
+                "tiny_rnn_gate_14",
+                "--stage",
+                "sp",
+                "--data",
+                data,
+                *COMMON,
+                "--iters",
+                "1",
+                "--init",
+                str(root / "base" / "nope.pt"),
+                "--out",
+                str(tmp_path / "y"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "train",
+                "cifar10_rnn_gate_38",
+                "--stage",
+                "sp",
+                "--data",
+                data,
+                *COMMON,
+                "--iters",
+                "1",
+                "--init",
+                str(root / "base" / "best.pt"),
+                "--out",
+                str(tmp_path / "z"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "train",
+                "tiny_resnet_14",
+                "--stage",
+                "hrl",
+                "--data",
+                data,
+                *COMMON,
+                "--iters",
+                "1",
+                "--out",
+                str(tmp_path / "w"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "train",
+                "tiny_rnn_gate_14",
+                "--stage",
+                "sp",
+                "--data",
+                data,
+                *COMMON,
+                "--iters",
+                "1",
+                "--out",
+                str(root / "sp"),
+            ]
+        )
+        == 2
+    )  # an existing run without --resume
+    assert main(["eval", str(tmp_path / "missing.pt"), "--data", data]) == 2
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    assert main(["eval", str(tmp_path / "junk.pt"), "--data", data]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 7
+
+
+def test_large_alpha_skips_more(runs) -> None:
+    """From the same SP start, HRL with a large alpha executes clearly fewer blocks than alpha = 0."""
+    root, data = runs
+    ratios = {}
+    for alpha in (0.0, 5.0):
+        out = root / f"alpha_{alpha}"
+        assert (
+            main(
+                [
+                    "train",
+                    "tiny_rnn_gate_14",
+                    "--stage",
+                    "hrl",
+                    "--data",
+                    data,
+                    *COMMON,
+                    "--iters",
+                    "24",
+                    "--lr",
+                    "0.05",
+                    "--alpha",
+                    str(alpha),
+                    "--baseline",
+                    "ema",
+                    "--init",
+                    str(root / "sp" / "best.pt"),
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        ratios[alpha] = rows[-1]["train_exec"]
+    assert ratios[5.0] < ratios[0.0] - 0.2, ratios
+
+
+def test_checkpoint_written_atomically(tmp_path) -> None:
+    from skipnet.checkpoint import save_checkpoint
+
+    model = create_model("tiny_rnn_gate_14")
+    save_checkpoint(tmp_path / "a.pt", model, step=3)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]  # no temporary file left behind
+    ckpt = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["arch"]["name"] == "tiny_rnn_gate_14"
+    Path(tmp_path / "a.pt").unlink()
