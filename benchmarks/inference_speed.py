@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-imagenet", action="store_true", help="leave out imagenet_rnn_gate_101")
     ap.add_argument("--skip-train", action="store_true", help="leave out the training-step table")
+    ap.add_argument("--skip-inference", action="store_true", help="only the training-step table")
     ap.add_argument("--out", default=str(HERE / "results" / "inference_speed.json"), help="JSON output path")
     args = ap.parse_args(argv)
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "inference": [],
     }
-    for arch, size, batches, keeps in cfg["inference"]:
+    for arch, size, batches, keeps in [] if args.skip_inference else cfg["inference"]:
         if args.skip_imagenet and arch.startswith("imagenet"):
             continue
         torch.manual_seed(args.seed)

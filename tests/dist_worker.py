@@ -70,6 +70,7 @@ def run_train(out_json: str, runs: list[list[str]]) -> None:
             "test_images": summary.get("test", {}).get("images"),
         }
         report.append(entry)
+        trainer.train_model = trainer.model  # free DDP before the process group goes (DistContext.cleanup)
     if dist.get_rank() == 0:
         with open(out_json, "w") as f:
             json.dump(report, f)
@@ -212,6 +213,7 @@ def run_kinv(out_json: str) -> None:
         seqs = _gather(calls)
         order[execution] = all(s == seqs[0] for s in seqs)
     report["bn_call_order_equal"] = order
+    del ddp  # free DDP before the process group goes (DistContext.cleanup)
 
     if rank == 0:
         with open(out_json, "w") as f:

@@ -17,7 +17,7 @@ from skipnet import create_model
 from skipnet.bench import calibrate_bn, random_decisions, time_interleaved
 from skipnet.cli import main
 from skipnet.errors import SkipnetError
-from skipnet.gated import GatedResNet, route_indices, routed_block, run_block, shortcut_branch
+from skipnet.gated import GatedResNet, masked_block, route_indices, routed_block, run_block, shortcut_branch
 from skipnet.losses import hybrid_returns, reinforce_loss
 
 ARCHS = ["tiny_rnn_gate_14", "tiny_feedforward_14"]
@@ -193,6 +193,56 @@ def test_routed_training_step_runs_and_skipped_blocks_get_no_gradient() -> None:
     skipped = model.gated_blocks[2]
     assert all(p.grad is None for p in skipped.conv1.parameters())
     assert model.gated_blocks[1].conv1.weight.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_mix_gradient_equals_eq1_by_autograd(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hand-written backward of the masked mix (STE in hard mode, p in soft mode) is Eq. 1's gradient."""
+    import skipnet.gated as gated
+
+    model = create_model("tiny_rnn_gate_14").to(torch.float64).train()
+    model.to(memory_format=torch.channels_last)
+    x = images(5, torch.float64, channels_last=True)
+    y = torch.randint(0, 10, (5,))
+
+    def grads(net: GatedResNet) -> dict[str, torch.Tensor]:
+        out = net(x, mode, execution="masked")
+        (F.cross_entropy(out.logits, y) + out.trace.probs.sum()).backward()
+        return {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+
+    ours = grads(copy.deepcopy(model))
+
+    def eq1(g: torch.Tensor, executed: torch.Tensor, skipped: torch.Tensor) -> torch.Tensor:
+        g = g.view(-1, 1, 1, 1)
+        return g * executed + (1.0 - g) * skipped
+
+    monkeypatch.setattr(gated, "_mix", eq1)
+    ref = grads(copy.deepcopy(model))
+    assert ours.keys() == ref.keys()
+    for name, g in ref.items():
+        torch.testing.assert_close(ours[name], g, rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_backward_keeps_channels_last() -> None:
+    """Routing, the mix and the head hand channels_last gradients back (the built-in backwards do not)."""
+    model = create_model("tiny_rnn_gate_14").train()
+    model.to(memory_format=torch.channels_last)
+    block = model.gated_blocks[0]
+    x = torch.randn(4, 8, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_()
+    upstream = torch.randn(4, 8, 32, 32).contiguous(memory_format=torch.channels_last)
+    cl = torch.channels_last
+    out = route_indices(block, x, torch.tensor([0, 2]))
+    out.backward(upstream)
+    assert x.grad.is_contiguous(memory_format=cl)
+    x.grad = None
+    g = torch.rand(4, requires_grad=True)
+    gated_out = masked_block(block, x, g)
+    gated_out.backward(upstream)
+    assert x.grad.is_contiguous(memory_format=cl) and g.grad is not None
+    x.grad = None
+    h = torch.randn(4, 32, 8, 8).contiguous(memory_format=cl).requires_grad_()
+    model.head(h).sum().backward()
+    assert h.grad.is_contiguous(memory_format=cl)
 
 
 # ------------------------------------------------------------------------------------------------ BatchNorm

@@ -260,6 +260,12 @@ class DistContext:
         return Baseline(kind) if self.world == 1 else GlobalBaseline(kind, self)
 
     def cleanup(self) -> None:
+        """Destroy the process group this context created.
+
+        Drop every DistributedDataParallel module first: one still alive when the interpreter exits is torn
+        down after the process group's threads and aborts the process ("terminate called without an active
+        exception") now and then.
+        """
         if self.owned and dist.is_initialized():
             dist.destroy_process_group()
         self.owned = self.initialized = False
@@ -291,14 +297,14 @@ def check_amp(amp: str, device: torch.device) -> None:
         raise SkipnetError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; use fp16")
 
 
-def compile_model(model: nn.Module) -> nn.Module:
-    """``torch.compile`` the training module, batch dimension dynamic.
+def compile_model(model: nn.Module, **options: Any) -> nn.Module:
+    """``torch.compile`` the training module (``--compile``), batch dimension dynamic.
 
     The routed forward reads decisions on the host (``nonzero``/``.item()``), which breaks the graph once
-    per gated block; each piece between breaks is compiled once with a symbolic batch size, so subsets of
-    any size reuse it. Masked stages (``sp``, ``soft``) compile to one graph.
+    per gated block; each piece between breaks is compiled with a symbolic batch size, so subsets of most
+    sizes reuse it. Masked stages (``sp``, ``soft``) compile to one graph. ``options`` go to ``torch.compile``.
     """
-    return torch.compile(model, dynamic=True)
+    return torch.compile(model, dynamic=True, **options)
 
 
 def setup(cfg: Any) -> DistContext:

@@ -23,6 +23,11 @@ decision is 1, runs the residual branch on that subset only and writes the resul
 sample executes costs nothing and a batch of one takes a plain Python branch. Routed is the default for
 ``sample``, ``greedy``, ``random`` and forced decisions, where nothing needs the skipped branch; in training
 it also keeps skipped samples out of the block's BatchNorm statistics.
+
+Both executions keep ``channels_last`` tensors in ``channels_last``, forward and backward (the gather/scatter,
+the mix and the pooling have autograd functions of their own for that: PyTorch's built-in backwards of
+indexing, ``index_copy`` and average pooling return NCHW gradients, which slow every later backward kernel
+several-fold). Without autograd, routing writes the executed rows back into the block input in place.
 """
 
 from __future__ import annotations
@@ -113,13 +118,72 @@ def run_block(block: nn.Module, x: Tensor) -> Tensor:
     return F.relu_(out)
 
 
+class _GlobalAvgPool(torch.autograd.Function):
+    """``adaptive_avg_pool2d(x, 1)`` (the backbones' ``avgpool``) whose backward keeps ``x``'s memory format.
+
+    Autograd's own backward returns an NCHW-contiguous gradient; in a ``channels_last`` network it would flow
+    down the identity shortcuts and make every later backward kernel run on mixed layouts.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.shape = x.shape
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        ctx.memory_format = torch.channels_last if cl else torch.contiguous_format
+        return F.adaptive_avg_pool2d(x, 1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        _, _, h, w = ctx.shape
+        out = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.memory_format)
+        return out.copy_((grad / (h * w)).expand(ctx.shape))
+
+
+class _Mix(torch.autograd.Function):
+    """Eq. 1 for a per-sample gate: ``lerp(skipped, executed, g)``, with a lean backward.
+
+    The gradient in ``g`` is the per-sample sum of the output gradient times ``executed - skipped`` (one
+    temporary instead of ``lerp``'s two); the gradients of ``executed`` and ``skipped`` are written in their own
+    memory format whatever the incoming gradient's.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, g: Tensor, executed: Tensor, skipped: Tensor) -> Tensor:
+        w = g.view(-1, 1, 1, 1).to(executed.dtype)
+        ctx.save_for_backward(w, executed, skipped)
+        ctx.g_dtype = g.dtype
+        return torch.lerp(skipped, executed, w)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        w, executed, skipped = ctx.saved_tensors
+        g_g = g_e = g_s = None
+        if ctx.needs_input_grad[0]:
+            g_g = (executed - skipped).mul_(grad).sum(dim=(1, 2, 3)).to(ctx.g_dtype)
+        if ctx.needs_input_grad[1]:
+            g_e = torch.mul(grad, w, out=torch.empty_like(executed))
+        if ctx.needs_input_grad[2]:
+            g_s = torch.mul(grad, 1.0 - w, out=torch.empty_like(skipped))
+        return g_g, g_e, g_s
+
+
 def _mix(g: Tensor, executed: Tensor, skipped: Tensor) -> Tensor:
     """Eq. 1 with a per-sample gate ``g`` of shape (B,): ``g * executed + (1 - g) * skipped``.
 
     One fused ``lerp`` instead of four element-wise passes; exact for ``g`` in {0, 1}, and its gradient in
-    ``g`` is ``executed - skipped`` as Eq. 1's.
+    ``g`` is ``executed - skipped`` (summed with the output gradient per sample) as Eq. 1's.
     """
+    if torch.is_grad_enabled() and g.requires_grad:
+        return _Mix.apply(g, executed, skipped)
     return torch.lerp(skipped, executed, g.view(-1, 1, 1, 1).to(executed.dtype))
+
+
+def masked_block(block: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+    """Eq. 1 for every sample: the whole block and its shortcut (computed once), mixed by ``g`` (B,)."""
+    shortcut = shortcut_branch(block, x)
+    executed = residual_branch(block, x)
+    executed += shortcut
+    return _mix(g, F.relu_(executed), shortcut)
 
 
 def routed_block(block: nn.Module, x: Tensor, decision: Tensor) -> Tensor:
@@ -258,7 +322,11 @@ class GatedResNet(nn.Module):
         return b.maxpool(b.relu(b.bn1(b.conv1(x))))
 
     def head(self, x: Tensor) -> Tensor:
-        return self.backbone.fc(torch.flatten(self.backbone.avgpool(x), 1))
+        if torch.is_grad_enabled() and x.requires_grad:
+            pooled = _GlobalAvgPool.apply(x)  # the same values; a gradient in x's memory format
+        else:
+            pooled = self.backbone.avgpool(x)
+        return self.backbone.fc(torch.flatten(pooled, 1))
 
     def gate_step(self, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
         """Logit (B,) of gate ``i`` from the input ``x`` of gated block ``i``."""
@@ -337,30 +405,30 @@ class GatedResNet(nn.Module):
                 continue
             if forced is not None:
                 if not routed:
-                    x = _mix(forced[:, i], run_block(block, x), shortcut_branch(block, x))
+                    x = masked_block(block, x, forced[:, i])
                 elif flags is not None:  # batch of one: a plain Python branch
                     x = run_block(block, x) if flags[i] else shortcut_branch(block, x)
                 else:
                     x = route_indices(block, x, rows[i], inplace=inplace)
                 continue
+
+            # A plain ResNet has no gate: p = 1, so greedy (threshold <= 1) executes every block.
+            p = torch.sigmoid(z) if compute_gates else x.new_ones(batch)
+            p_l.append(p)
+            if mode == GateMode.SAMPLE:
+                hard = torch.bernoulli(p.detach())
+            else:  # hard, soft, greedy
+                hard = (p.detach() >= threshold).to(dtype)
+            dec_l.append(hard)
+            if mode == GateMode.HARD:
+                g = hard - p.detach() + p  # Eq. 7: forward 1[p >= t], backward dp
+            elif mode == GateMode.SOFT:
+                g = p
             else:
-                # A plain ResNet has no gate: p = 1, so greedy (threshold <= 1) executes every block.
-                p = torch.sigmoid(z) if compute_gates else x.new_ones(batch)
-                p_l.append(p)
-                if mode == GateMode.SAMPLE:
-                    hard = torch.bernoulli(p.detach())
-                else:  # hard, soft, greedy
-                    hard = (p.detach() >= threshold).to(dtype)
-                dec_l.append(hard)
-                if mode == GateMode.HARD:
-                    g = hard - p.detach() + p  # Eq. 7: forward 1[p >= t], backward dp
-                elif mode == GateMode.SOFT:
-                    g = p
-                else:
-                    g = hard
+                g = hard
 
             if not routed:
-                x = _mix(g, run_block(block, x), shortcut_branch(block, x))
+                x = masked_block(block, x, g)
             elif batch == 1:  # plain Python branch, no indexing
                 x = run_block(block, x) if hard.item() > 0.5 else shortcut_branch(block, x)
             else:

@@ -23,6 +23,35 @@ from torch import Tensor
 from torch.nn.modules import module as _hooks
 
 
+class _SpatialMean(torch.autograd.Function):
+    """``x.mean(dim=(2, 3))`` whose backward keeps ``x``'s memory format.
+
+    Autograd's own backward of ``mean`` (and of adaptive average pooling) returns an NCHW-contiguous gradient;
+    in a ``channels_last`` network that gradient is then summed with the block's own (channels_last) input
+    gradient and every following backward kernel runs on mixed layouts, several times slower.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.shape = x.shape
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        ctx.memory_format = torch.channels_last if cl else torch.contiguous_format
+        return x.mean(dim=(2, 3))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        b, c, h, w = ctx.shape
+        out = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.memory_format)
+        return out.copy_((grad / (h * w)).view(b, c, 1, 1).expand(ctx.shape))
+
+
+def spatial_mean(x: Tensor) -> Tensor:
+    """Global average pooling (B, C, H, W) -> (B, C); same values as ``x.mean(dim=(2, 3))``."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _SpatialMean.apply(x)
+    return x.mean(dim=(2, 3))
+
+
 class FFGateI(nn.Module):
     """Feed-forward gate I (Fig. 11a)."""
 
@@ -40,7 +69,7 @@ class FFGateI(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(self.pool(x))))
         x = self.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean(dim=(2, 3)))[:, 0]
+        return self.fc(spatial_mean(x))[:, 0]
 
 
 class FFGateII(nn.Module):
@@ -55,7 +84,7 @@ class FFGateII(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn(self.conv(x)))
-        return self.fc(x.mean(dim=(2, 3)))[:, 0]
+        return self.fc(spatial_mean(x))[:, 0]
 
 
 class GateBank(nn.Module):
@@ -113,13 +142,13 @@ class RNNGate(GateBank):
             or fc._forward_hooks
             or fc._forward_pre_hooks
         ):  # someone (e.g. the cost counter) is watching the module calls: make them
-            h, c = lstm(proj(x.mean(dim=(2, 3))), state)
+            h, c = lstm(proj(spatial_mean(x)), state)
             return fc(h)[:, 0], (h, c)
         # The same ops, bit for bit, without the Python overhead of three module calls and LSTMCell's input
         # checks: at batch size 1 on a CPU this cuts the gate's time by a third, and that time, not its
         # ~0.04% of a block's MACs, is what a gate costs there.
         h, c = torch.lstm_cell(
-            F.linear(x.mean(dim=(2, 3)), proj.weight, proj.bias),
+            F.linear(spatial_mean(x), proj.weight, proj.bias),
             state,
             lstm.weight_ih,
             lstm.weight_hh,

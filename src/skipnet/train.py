@@ -506,8 +506,7 @@ class Trainer:
                 test["macs_reduction"],
                 test["computation_percentage"],
             )
-        self.dist.barrier()
-        return summary
+        return self.dist.broadcast_object(summary)  # rank 0's summary, on every rank
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -516,6 +515,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     try:
         return trainer.fit()
     finally:
+        trainer.train_model = trainer.model  # free the DDP wrapper now, not at exit (see DistContext.cleanup)
         trainer.dist.cleanup()
 
 
