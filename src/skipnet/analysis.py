@@ -27,9 +27,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from skipnet.cost import CostModel, cost_model
-from skipnet.data import DataBundle, load_data
+from skipnet.data import DataBundle
 from skipnet.errors import SkipnetError
-from skipnet.evaluate import EvalRecord, run_eval, summarize
+from skipnet.evaluate import (  # noqa: F401 - the data helpers are re-exported for the commands
+    EvalRecord,
+    checkpoint_stats,
+    data_for_checkpoint,
+    eval_loader,
+    run_eval,
+    summarize,
+)
 from skipnet.gated import GatedResNet, GateMode
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 ... 0.95
@@ -171,49 +178,6 @@ def eval_point(record: EvalRecord, cost: CostModel, num_classes: int, gated: boo
 
 
 # ------------------------------------------------------------------------------------ running a model
-def checkpoint_stats(ckpt: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """The normalisation a checkpoint was trained with, or ``None``."""
-    meta = ckpt.get("data", {})
-    return (tuple(meta["mean"]), tuple(meta["std"])) if meta.get("mean") else None
-
-
-def data_for_checkpoint(
-    ckpt: dict[str, Any],
-    model: GatedResNet,
-    spec: str,
-    *,
-    data_dir: str | None = None,
-    download: bool = False,
-    batch_size: int = 256,
-    limit: int | None = None,
-    limit_train: int | None = None,
-) -> DataBundle:
-    """Load ``spec`` as the checkpoint saw it: its normalisation, its validation split and its image size.
-
-    ``limit`` keeps a seeded subset of the test and validation splits (as ``skipnet eval --limit``).
-    """
-    return load_data(
-        spec,
-        data_dir=data_dir,
-        download=download,
-        batch_size=batch_size,
-        eval_batch_size=batch_size,
-        val_split=float(ckpt.get("data", {}).get("val_split", 0.0) or 0.0),
-        limit_train=limit_train,
-        limit_test=limit,
-        image_size=model.config.image_size,
-        stats=checkpoint_stats(ckpt),
-    )
-
-
-def eval_loader(data: DataBundle, split: str):
-    """The loader of ``split``, without augmentation (also for ``train``)."""
-    loader = data.split(split)
-    if split == "train" and hasattr(loader, "train"):
-        loader.train = False
-    return loader
-
-
 def require_gates(model: GatedResNet, what: str) -> None:
     if model.gates is None or model.mode == GateMode.RANDOM:
         raise SkipnetError(f"{what} needs a checkpoint with learned gates; {model.config.name} has none")

@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from skipnet.cost import CostModel, computation_percentage
+from skipnet.data import DataBundle, load_data
 from skipnet.gated import GatedResNet, GateMode
 
 
@@ -112,3 +113,47 @@ def evaluate(model: nn.Module, loader, cost: CostModel, **kwargs: Any) -> dict[s
     mode = GateMode(kwargs.get("mode") or eval_mode_for(net))
     gated = net.gates is not None and mode not in (GateMode.ALL_ON, GateMode.RANDOM)
     return summarize(record, cost, net.config.num_classes, gated)
+
+
+# ------------------------------------------------------------------- data as a checkpoint saw it
+def checkpoint_stats(ckpt: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The normalisation a checkpoint was trained with, or ``None``."""
+    meta = ckpt.get("data", {})
+    return (tuple(meta["mean"]), tuple(meta["std"])) if meta.get("mean") else None
+
+
+def data_for_checkpoint(
+    ckpt: dict[str, Any],
+    model: GatedResNet,
+    spec: str,
+    *,
+    data_dir: str | None = None,
+    download: bool = False,
+    batch_size: int = 256,
+    limit: int | None = None,
+    limit_train: int | None = None,
+) -> DataBundle:
+    """Load ``spec`` as the checkpoint saw it: its normalisation, its validation split and its image size.
+
+    ``limit`` keeps a seeded subset of the test and validation splits (as ``skipnet eval --limit``).
+    """
+    return load_data(
+        spec,
+        data_dir=data_dir,
+        download=download,
+        batch_size=batch_size,
+        eval_batch_size=batch_size,
+        val_split=float(ckpt.get("data", {}).get("val_split", 0.0) or 0.0),
+        limit_train=limit_train,
+        limit_test=limit,
+        image_size=model.config.image_size,
+        stats=checkpoint_stats(ckpt),
+    )
+
+
+def eval_loader(data: DataBundle, split: str):
+    """The loader of ``split``, without augmentation (also for ``train``)."""
+    loader = data.split(split)
+    if split == "train" and hasattr(loader, "train"):
+        loader.train = False
+    return loader

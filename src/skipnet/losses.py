@@ -11,7 +11,6 @@ broadcast to (B, B), crediting each action with the batch-average return.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 
@@ -81,15 +80,4 @@ class Baseline:
         self.value = state.get("value")
 
 
-def expected_skip_reward(decisions: Tensor, alpha: float) -> Tensor:
-    """(alpha / N) * sum_i R_i per sample, (B,): the compute term of Eq. 5, for logging."""
-    return (
-        (alpha / decisions.shape[1]) * skip_rewards(decisions).sum(1)
-        if decisions.shape[1]
-        else decisions.new_zeros(decisions.shape[0])
-    )
-
-
-__all__ = ["Baseline", "expected_skip_reward", "hybrid_returns", "reinforce_loss", "skip_rewards"]
-
-_ = torch  # re-exported name space stays explicit
+__all__ = ["Baseline", "hybrid_returns", "reinforce_loss", "skip_rewards"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from skipnet.gated import GateMode, GateTrace
@@ -61,5 +60,3 @@ STAGES: dict[str, Stage] = {
     "rl": Stage("rl", GateMode.SAMPLE, GateMode.GREEDY, True, uses_rl=True, supervised=False, help="pure REINFORCE"),
     "sdv": Stage("sdv", GateMode.RANDOM, GateMode.RANDOM, False, help="stochastic-depth variant (random skipping)"),
 }
-
-_ = torch

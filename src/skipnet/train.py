@@ -28,7 +28,6 @@ from skipnet.checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
     set_rng_state,
-    unwrap,
 )
 from skipnet.cost import cost_model
 from skipnet.data import DataBundle, load_data
@@ -517,7 +516,3 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     finally:
         trainer.train_model = trainer.model  # free the DDP wrapper now, not at exit (see DistContext.cleanup)
         trainer.dist.cleanup()
-
-
-def unwrap_model(model: nn.Module) -> GatedResNet:
-    return unwrap(model)  # type: ignore[return-value]

@@ -9,8 +9,7 @@ import torch
 
 from skipnet.checkpoint import load_model
 from skipnet.cost import cost_model
-from skipnet.data import load_data
-from skipnet.evaluate import evaluate
+from skipnet.evaluate import data_for_checkpoint, eval_loader, evaluate
 from skipnet.gated import GateMode
 
 
@@ -35,24 +34,17 @@ def run(args: argparse.Namespace) -> int:
 
     device = pick_device(args.device)
     model, ckpt = load_model(args.checkpoint, map_location="cpu")
-    meta = ckpt.get("data", {})
-    stats = (tuple(meta["mean"]), tuple(meta["std"])) if meta.get("mean") else None
-    val_split = float(meta.get("val_split", 0.0)) if args.split == "val" else float(meta.get("val_split", 0.0))
-    data = load_data(
+    data = data_for_checkpoint(
+        ckpt,
+        model,
         args.data,
         data_dir=args.data_dir,
         download=args.download,
         batch_size=args.batch_size,
-        eval_batch_size=args.batch_size,
-        val_split=val_split,
-        limit_test=args.limit,
-        image_size=model.config.image_size,
-        stats=stats,
+        limit=args.limit,
     )
     model.to(device).to(memory_format=torch.channels_last)
-    loader = data.split(args.split)
-    if args.split == "train":
-        loader.train = False  # evaluate without augmentation
+    loader = eval_loader(data, args.split)
     cost = cost_model(model)
     result = evaluate(model, loader, cost, mode=args.mode, threshold=args.threshold)
     result = {
