@@ -6,15 +6,32 @@ Layout (``FORMAT_VERSION`` 1)::
      optimizer, scheduler, step, epoch, rng: {torch, cuda, python}, metrics, train_config, data}
 
 Weights are saved from the unwrapped, uncompiled module (no ``module.`` / ``_orig_mod.`` prefixes).
+
+Guarantees:
+
+- **Safe loading.** ``.pt`` files are read with ``weights_only=True``: a pickle that names anything but
+  tensors and plain containers is refused (one-line :class:`SkipnetError`) and nothing in it runs.
+- **Atomic writes.** Every file goes to a temporary sibling, is fsynced, renamed over the target and the
+  directory fsynced, so a crash, a kill or a full disk leaves the previous file intact. A full disk is
+  reported as a :class:`SkipnetError`; temporary files of writers that died (same host, dead pid) are
+  removed by the next write of the same file.
+- **Exports.** :func:`export_safetensors` writes the weights as safetensors with the architecture, threshold
+  and data normalisation in the string metadata; :func:`load_checkpoint` reads such a file like a ``.pt``.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import pickle
 import random
+import re
+import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.nn as nn
@@ -53,20 +70,112 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``."""
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+
+
+def _tmp_prefix(path: Path) -> str:
+    """Temporary files of ``path`` are ``.NAME.HOST.PID.*.tmp``: a later writer can tell a dead writer's leftovers."""
+    return f".{path.name}.{_host()}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Delete temporary files of ``path`` left by writers on this host that no longer run (e.g. SIGKILLed)."""
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.{re.escape(_host())}\.(\d+)\..*\.tmp$")
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for f in path.parent.iterdir():
+        m = pattern.match(f.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _TrackedFile:
+    """A binary file that remembers the OSError of a failed write: ``torch.save`` reports a full disk as a
+    RuntimeError of its zip writer ("unexpected pos ..."), which hides the ENOSPC underneath."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.f, name)
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the directory.
+
+    On any failure (exception, signal, full disk) ``path`` keeps its previous content and the temporary file is
+    removed; a full disk raises :class:`SkipnetError` naming the file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
+    tracked = None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+            tracked = _TrackedFile(f)
+            write(tracked)
+            tracked.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        cause = exc if isinstance(exc, OSError) else getattr(tracked, "error", None)
+        if isinstance(cause, OSError) and cause.errno in _NO_SPACE:
+            kept = "previous checkpoint kept" if path.exists() else "nothing was written"
+            raise SkipnetError(f"no space left on device writing {path}; {kept} (free some space and retry)") from None
         raise
+    _fsync_dir(path.parent)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def make_checkpoint(
@@ -110,14 +219,37 @@ def save_checkpoint(path: str | Path, model: nn.Module, **kwargs: Any) -> None:
     atomic_save(make_checkpoint(model, **kwargs), path)
 
 
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _is_safetensors(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a skipnet checkpoint safely (``weights_only=True``) with clear errors for user mistakes."""
+    """Read a skipnet checkpoint safely (``weights_only=True``) with clear errors for user mistakes.
+
+    Also reads a ``.safetensors`` export (:func:`export_safetensors`); it comes back as a checkpoint without
+    optimizer state.
+    """
     path = Path(path)
     if not path.is_file():
         raise SkipnetError(f"checkpoint {str(path)!r} does not exist")
+    if _is_safetensors(path):
+        return load_safetensors(path, map_location)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a user-facing "not a checkpoint"
+        found = _GLOBAL_RE.search(str(exc))
+        if isinstance(exc, pickle.UnpicklingError) and found:
+            raise SkipnetError(
+                f"refused to load {path}: it contains the Python object {found.group(1)}, which safe loading "
+                "(weights_only=True) never runs; use a checkpoint written by 'skipnet train' or 'skipnet export'"
+            ) from None
         raise SkipnetError(f"{path} is not a readable skipnet checkpoint ({type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "skipnet":
         raise SkipnetError(f"{path} is not a skipnet checkpoint")
@@ -125,6 +257,80 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise SkipnetError(
             f"{path} has format version {ckpt['format_version']}; this skipnet reads <= {FORMAT_VERSION}"
         )
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------------ safetensors
+def export_safetensors(ckpt: dict[str, Any], out: str | Path, *, source: str | None = None) -> None:
+    """Write the weights of ``ckpt`` to ``out`` as safetensors, atomically.
+
+    The string metadata holds everything needed to rebuild and run the model: ``format`` ("skipnet"),
+    ``format_version``, ``arch`` (JSON ArchConfig), ``threshold``, ``keep_ratio``, ``mode``, ``data`` (JSON:
+    normalisation, classes, validation split), ``stage``, ``step`` and, if present, ``calibration`` (JSON).
+    """
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in ckpt["state_dict"].items()}
+    meta = {
+        "format": "skipnet",
+        "format_version": str(FORMAT_VERSION),
+        "arch": json.dumps(ckpt["arch"]),
+        "threshold": repr(float(ckpt.get("threshold", 0.5))),
+        "keep_ratio": repr(float(ckpt.get("keep_ratio", 1.0))),
+        "mode": str(ckpt.get("mode", "greedy")),
+        "data": json.dumps(ckpt.get("data") or {}),
+        "stage": str(ckpt.get("stage") or (ckpt.get("train_config") or {}).get("stage") or ""),
+        "step": str(int(ckpt.get("step", 0))),
+    }
+    if source:
+        meta["source"] = source
+    if ckpt.get("calibration"):
+        cal = {k: v for k, v in ckpt["calibration"].items() if k != "points"}
+        meta["calibration"] = json.dumps(cal)
+    payload = save(tensors, metadata=meta)
+    atomic_write(out, lambda f: f.write(payload))
+
+
+def load_safetensors(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a :func:`export_safetensors` file back as a checkpoint dict (no optimizer, scheduler or RNG state)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        n = int.from_bytes(raw[:8], "little")
+        meta = json.loads(raw[8 : 8 + n]).get("__metadata__") or {}
+        state_dict = load(raw)
+    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as exc:
+        raise SkipnetError(f"{path} is not a readable safetensors file ({type(exc).__name__})") from None
+    if meta.get("format") != "skipnet" or "arch" not in meta:
+        raise SkipnetError(f"{path} is a safetensors file without skipnet metadata; write it with 'skipnet export'")
+    version = int(meta.get("format_version", "0") or 0)
+    if version > FORMAT_VERSION:
+        raise SkipnetError(f"{path} has format version {version}; this skipnet reads <= {FORMAT_VERSION}")
+    try:
+        ckpt: dict[str, Any] = {
+            "format_version": version,
+            "kind": "skipnet",
+            "arch": json.loads(meta["arch"]),
+            "state_dict": {k: v.to(map_location) for k, v in state_dict.items()},
+            "threshold": float(meta.get("threshold", 0.5)),
+            "keep_ratio": float(meta.get("keep_ratio", 1.0)),
+            "mode": meta.get("mode", "greedy"),
+            "data": json.loads(meta.get("data", "{}")),
+            "stage": meta.get("stage") or None,
+            "step": int(meta.get("step", 0)),
+            "optimizer": None,
+            "scheduler": None,
+            "metrics": {},
+            "train_config": {},
+            "source_format": "safetensors",
+        }
+        if meta.get("calibration"):
+            ckpt["calibration"] = json.loads(meta["calibration"])
+    except (ValueError, TypeError) as exc:
+        raise SkipnetError(f"{path} has malformed skipnet metadata ({type(exc).__name__})") from None
     return ckpt
 
 
@@ -144,6 +350,12 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     return model_from_checkpoint(ckpt), ckpt
 
 
+def _arch_summary(arch: dict[str, Any]) -> str:
+    width = f", width {arch.get('width')}" if arch.get("family") == "cifar" else ""
+    classes = arch.get("num_classes")
+    return f"{arch.get('name')} ({arch.get('family')}, depth {arch.get('depth')}{width}, {classes} classes)"
+
+
 def load_weights_into(model: GatedResNet, ckpt: dict[str, Any], source: str = "checkpoint") -> list[str]:
     """Initialise ``model`` from another stage's weights (``--init``).
 
@@ -154,10 +366,28 @@ def load_weights_into(model: GatedResNet, ckpt: dict[str, Any], source: str = "c
     own = model.state_dict()
     problems = [k for k in own if k.startswith("backbone.") and (k not in src or src[k].shape != own[k].shape)]
     if problems:
+        theirs, mine = ckpt.get("arch") or {}, model.config.to_dict()
+        if all(theirs.get(k) == mine.get(k) for k in ("family", "depth", "width")) and theirs.get(
+            "num_classes"
+        ) != mine.get("num_classes"):
+            raise SkipnetError(
+                f"{source} was trained for {theirs.get('num_classes')} classes but this data has "
+                f"{mine.get('num_classes')}; --init needs a checkpoint trained on data with the same classes"
+            )
+        what = f" is {_arch_summary(theirs)}," if theirs else ""
         raise SkipnetError(
-            f"{source} does not match this architecture's backbone ({len(problems)} tensors differ, e.g. "
-            f"{problems[0]}); --init needs the same depth, width and number of classes"
+            f"{source}{what} which does not match this architecture, {_arch_summary(mine)} ({len(problems)} "
+            f"backbone tensors differ, e.g. {problems[0]}); --init needs the same depth, width and number of classes"
         )
     loadable = {k: v for k, v in src.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(loadable, strict=False)
     return sorted(set(own) - set(loadable))
+
+
+def require_same_classes(model: GatedResNet, data: Any, source: str) -> None:
+    """Refuse to evaluate a model on data with another number of classes (labels would be silently wrong)."""
+    if int(data.num_classes) != int(model.config.num_classes):
+        raise SkipnetError(
+            f"{source} was trained for {model.config.num_classes} classes but {data.name} has {data.num_classes} "
+            "class folders; evaluate it on the data set it was trained on"
+        )

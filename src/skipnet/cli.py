@@ -2,12 +2,14 @@
 
 Each command module defines ``register(subparsers)`` (adds its parser, with ``func`` set to a callable taking
 the parsed ``argparse.Namespace`` and returning an exit code). User mistakes raise
-:class:`~skipnet.errors.SkipnetError` and are printed as one line with exit status 2.
+:class:`~skipnet.errors.SkipnetError` and are printed as one line with exit status 2, without a traceback;
+so are the environment's refusals that a user fixes (a full disk, a read-only or forbidden path).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import pkgutil
 import sys
@@ -31,6 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# OSErrors that are the user's to fix, reported like a SkipnetError (one line, exit 2).
+USER_OS_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def one_line(message: str) -> str:
+    """A message as one line. An error re-raised from a DataLoader worker carries the worker's traceback: its
+    last line (the original message) is kept."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if not lines:
+        return "unknown error"
+    if len(lines) > 1 and "Original Traceback" in message:
+        last = lines[-1]
+        return last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") and ": " in last else last
+    return " ".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -40,7 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except SkipnetError as exc:
-        print(f"skipnet {args.command}: error: {exc}", file=sys.stderr)
+        print(f"skipnet {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in USER_OS_ERRORS:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"skipnet {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"skipnet {args.command}: interrupted", file=sys.stderr)

@@ -7,15 +7,25 @@ transforms (RandomResizedCrop 224 + flip; resize 256 + centre crop 224).
 
 A validation split is carved from the training set with a fixed seed (``--val-split``) so that model
 selection never touches the test set. Every loader can be sharded across distributed ranks.
+
+ImageFolder input is checked, not trusted: a missing or empty directory, a split without class folders or
+images, or test classes that the training split lacks are one-line ``SkipnetError`` messages. Grayscale,
+palette, RGBA, CMYK and 16-bit images are converted to 8-bit RGB. Corrupt or truncated files are skipped:
+small-image splits log one warning with their count and the first few paths (and fail if *every* image of a
+split is unreadable); large-image splits replace an unreadable file by the next image of the folder when they
+meet it, with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import os
+import shutil
 import tarfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +83,7 @@ class TensorLoader:
         self.images, self.labels = images, labels
         self.batch_size, self.train, self.pad, self.flip = batch_size, train, pad, flip
         self.seed, self.epoch, self.rank, self.world = seed, 0, rank, world
-        self.drop_last = train if drop_last is None else drop_last
+        self._drop_last = drop_last
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
 
@@ -83,9 +93,20 @@ class TensorLoader:
         n = len(self.labels)
         return n // self.world if self.train or self.world > 1 else n
 
+    @property
+    def drop_last(self) -> bool:
+        """Training drops the last partial batch; evaluation (also of the train split) keeps it."""
+        return self.train if self._drop_last is None else self._drop_last
+
     def __len__(self) -> int:
         n = self.num_samples
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        batches = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        if batches == 0 and self.train:
+            raise SkipnetError(
+                f"training split has {n} images, fewer than one batch of {self.batch_size}; "
+                "lower --batch-size or add images"
+            )
+        return batches
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -293,69 +314,250 @@ def resolve_folder(path: Path) -> Path:
         if not (dest / ".complete").exists():
             log.info("extracting %s to %s", path, dest)
             dest.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(path) as tar:
-                tar.extractall(dest, filter="data")
+            try:
+                with tarfile.open(path) as tar:
+                    tar.extractall(dest, filter="data")
+            except (tarfile.TarError, EOFError, OSError) as exc:
+                shutil.rmtree(dest, ignore_errors=True)
+                raise SkipnetError(
+                    f"cannot extract {path} ({type(exc).__name__}: {exc}); is it a complete .tar.gz? "
+                    "download or copy it again"
+                ) from None
             (dest / ".complete").touch()
         path = dest
+    if not path.exists():
+        raise SkipnetError(
+            f"data {str(path)!r} does not exist; pass one of {', '.join(BUILTIN)}, or an ImageFolder directory "
+            "(train/ and test/ class folders) or .tar.gz of one"
+        )
     if not path.is_dir():
         raise SkipnetError(f"data {str(path)!r} is neither a known data set ({', '.join(BUILTIN)}) nor a directory")
-    for candidate in [path, *sorted(p for p in path.iterdir() if p.is_dir())]:
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir())
+    if not subdirs and not any(path.iterdir()):
+        raise SkipnetError(f"data directory {path} is empty; put train/ and test/ (or val/) class folders in it")
+    for candidate in [path, *subdirs]:
         if (candidate / "train").is_dir() and any((candidate / s).is_dir() for s in ("test", "val")):
             return candidate
     raise SkipnetError(f"{path} is not an ImageFolder root: expected train/ and test/ (or val/) class folders")
 
 
-def _list_folder(split_dir: Path) -> tuple[list[Path], list[int], list[str]]:
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-    if not classes:
-        raise SkipnetError(f"{split_dir} holds no class folders")
-    files, labels = [], []
+def _list_folder(split_dir: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
+    """Image files, labels and class names of one split. With ``classes`` (the training split's), labels index
+    that list, so a test split may lack a class but must not bring a new one."""
+    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if not found:
+        raise SkipnetError(
+            f"{split_dir} holds no class folders; put each class's images in its own sub-folder "
+            f"({split_dir}/CLASS/IMAGE.jpg)"
+        )
+    if classes is None:
+        classes = found
+    else:
+        extra = sorted(set(found) - set(classes))
+        if extra:
+            raise SkipnetError(
+                f"{split_dir} has class folders that the training split lacks ({', '.join(extra[:5])}); "
+                "both splits need the same classes"
+            )
+    files, labels, empty, others = [], [], [], 0
     for i, c in enumerate(classes):
+        if not (split_dir / c).is_dir():
+            continue
+        n = len(files)
         for f in sorted((split_dir / c).iterdir()):
-            if f.suffix.lower() in IMAGE_EXTS:
+            if f.suffix.lower() in IMAGE_EXTS and f.is_file():
                 files.append(f)
                 labels.append(i)
+            else:
+                others += 1
+        if len(files) == n:
+            empty.append(c)
     if not files:
-        raise SkipnetError(f"{split_dir} holds no images")
+        what = f" ({others} other files)" if others else ""
+        raise SkipnetError(
+            f"{split_dir} holds no images{what}: its class folders need files ending in {', '.join(sorted(IMAGE_EXTS))}"
+        )
+    if empty:
+        log.warning("%s: %d class folder(s) hold no images: %s", split_dir, len(empty), ", ".join(empty[:5]))
     return files, labels, classes
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def _tv_decoder():
+    """torchvision's fast decoder (deprecated since torchvision 0.29), or ``None`` where it is gone."""
+    try:
+        from torchvision.io import ImageReadMode, decode_image
+    except ImportError:
+        return None
+    return lambda buf: decode_image(buf, mode=ImageReadMode.RGB)
+
+
+def _decode_file(path: Path, decode=None) -> Tensor | None:
+    """One image as uint8 RGB (3, H, W), whatever its mode (L, P, RGBA, CMYK, 16-bit); ``None`` if unreadable."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if not data:
+        return None
+    try:
+        if decode is None:
+            raise ValueError("no torchvision decoder")
+        img = decode(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        if img.dtype == torch.uint16:
+            img = (img.to(torch.int32) // 257).to(torch.uint8)
+        if img.dtype == torch.uint8 and img.dim() == 3 and img.shape[0] == 3:
+            return img
+    except (RuntimeError, ValueError):
+        pass
+    from PIL import Image  # formats torchvision does not decode (BMP, TIFF, PPM), and its failures
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode.startswith("I"):  # 16/32-bit integer gray: scale 16 bits down to 8 (convert() would clip)
+                import numpy as np
+
+                im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) // 257).astype(np.uint8))
+            rgb = im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3).permute(2, 0, 1)
+
+
+def _warn_skipped(split_dir: Path, skipped: list[str], total: int) -> None:
+    if skipped:
+        head = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        log.warning(
+            "skipped %d of %d images under %s that could not be decoded (corrupt or truncated): %s",
+            len(skipped),
+            total,
+            split_dir,
+            head,
+        )
+
+
+def _image_size(files: list[Path]) -> tuple[int, int]:
+    """Size of the first readable image of ``files``."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        return im.size
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                return im.size
+        except (OSError, ValueError, SyntaxError):
+            continue
+    raise SkipnetError(
+        f"none of the {len(files)} images under {files[0].parent.parent} could be decoded (e.g. {files[0]}); "
+        "they are corrupt, truncated or not images: replace them"
+    )
 
 
-def _decode_folder(split_dir: Path, size: int | None) -> tuple[Tensor, Tensor, list[str]]:
-    """Decode every image of a small-image split into one uint8 tensor, cached on disk."""
-    files, labels, classes = _list_folder(split_dir)
-    stat = split_dir.stat()
-    key = hashlib.sha1(f"{split_dir.resolve()}:{len(files)}:{stat.st_mtime}:{size}".encode()).hexdigest()[:16]
+def _folder_key(split_dir: Path, files: list[Path], size: int | None) -> str:
+    """Cache key over the split's path, every file's name, size and mtime, and the resize target."""
+    h = hashlib.sha1(f"{split_dir.resolve()}:{size}".encode())
+    for f in files:
+        try:
+            st = f.stat()
+            h.update(f"{f.parent.name}/{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{f.parent.name}/{f.name}:gone\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _decode_folder(
+    split_dir: Path, size: int | None, classes: list[str] | None = None
+) -> tuple[Tensor, Tensor, list[str]]:
+    """Decode every image of a small-image split into one uint8 tensor, cached on disk.
+
+    Unreadable files are skipped with one warning (count and first paths); a split with no readable image fails.
+    """
+    files, labels, classes = _list_folder(split_dir, classes)
+    key = _folder_key(split_dir, files, size)
     cache = cache_dir() / "tensors" / f"{split_dir.parent.name}-{split_dir.name}-{key}.pt"
     if cache.exists():
-        data = torch.load(cache, weights_only=True)
-        return data["images"], data["labels"], data["classes"]
-    from torchvision.io import ImageReadMode, decode_image
+        try:
+            data = torch.load(cache, weights_only=True)
+            _warn_skipped(split_dir, list(data.get("skipped", [])), len(files))
+            return data["images"], data["labels"], data["classes"]
+        except Exception:  # noqa: BLE001 - a damaged cache is rebuilt
+            log.warning("ignoring unreadable cache %s; decoding again", cache)
 
     log.info("decoding %d images from %s (once; cached at %s)", len(files), split_dir, cache)
-    images = []
-    for f in files:
-        img = decode_image(torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        if size is not None and tuple(img.shape[1:]) != (size, size):
-            img = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", antialias=True)[0]
-            img = img.round().clamp(0, 255).to(torch.uint8)
-        images.append(img)
+    images, kept, skipped = [], [], []
+    decode = _tv_decoder()
+    with warnings.catch_warnings():  # torchvision warns of its decoders' deprecation on every call
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+        for f, label in zip(files, labels):
+            img = _decode_file(f, decode)
+            if img is None:
+                skipped.append(str(f))
+                continue
+            if size is not None and tuple(img.shape[1:]) != (size, size):
+                img = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", antialias=True)[0]
+                img = img.round().clamp(0, 255).to(torch.uint8)
+            images.append(img)
+            kept.append(label)
+    if not images:
+        raise SkipnetError(
+            f"none of the {len(files)} images under {split_dir} could be decoded (e.g. {skipped[0]}); "
+            "they are corrupt, truncated or not images: replace them"
+        )
+    _warn_skipped(split_dir, skipped, len(files))
     try:
         x = torch.stack(images)
     except RuntimeError:
         raise SkipnetError(f"images under {split_dir} differ in size; pass --image-size to resize them") from None
-    y = torch.tensor(labels)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save({"images": x, "labels": y, "classes": classes}, tmp)
-    os.replace(tmp, cache)
+    y = torch.tensor(kept)
+    from skipnet.checkpoint import atomic_save
+
+    try:
+        atomic_save({"images": x, "labels": y, "classes": classes, "skipped": skipped}, cache)
+    except (OSError, SkipnetError) as exc:  # the cache is an optimisation: a full disk must not stop the run
+        log.warning("could not write the decoded-image cache %s (%s); continuing without it", cache, exc)
     return x, y, classes
+
+
+class SafeFolder(torch.utils.data.Dataset):
+    """An ImageFolder that replaces an unreadable image by the next readable one, with a warning."""
+
+    MAX_TRIES = 50
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+        self.classes = folder.classes
+        self.bad: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int):
+        n = len(self.folder)
+        path = ""
+        for k in range(min(n, self.MAX_TRIES)):
+            i = (index + k) % n
+            try:
+                return self.folder[i]
+            except (OSError, ValueError, SyntaxError) as exc:
+                path = self.folder.samples[i][0]
+                if path not in self.bad:
+                    self.bad.add(path)
+                    log.warning("skipping unreadable image %s (%s); using the next one", path, type(exc).__name__)
+        raise SkipnetError(
+            f"{min(n, self.MAX_TRIES)} consecutive images under {self.folder.root} could not be decoded "
+            f"(e.g. {path}); they are corrupt or truncated: replace them"
+        )
+
+
+def _image_folder(split_dir: Path, transform, classes: list[str]) -> SafeFolder:
+    """torchvision's ImageFolder over ``split_dir``, its labels indexing the training split's ``classes``."""
+    from torchvision.datasets import ImageFolder
+
+    folder = ImageFolder(str(split_dir), transform, allow_empty=True)
+    index = {c: i for i, c in enumerate(classes)}
+    folder.samples = [(path, index[folder.classes[t]]) for path, t in folder.samples]
+    folder.imgs = folder.samples
+    folder.targets = [t for _, t in folder.samples]
+    folder.classes, folder.class_to_idx = list(classes), index
+    return SafeFolder(folder)
 
 
 def _folder_transforms(size: int, train: bool, mean, std):
@@ -409,8 +611,9 @@ def load_data(
         root = resolve_folder(Path(spec).expanduser())
         name = root.name
         test_dir = root / "test" if (root / "test").is_dir() else root / "val"
-        files, _, _ = _list_folder(root / "train")
-        w, h = _image_size(files[0])
+        files, _, train_classes = _list_folder(root / "train")
+        _list_folder(test_dir, train_classes)  # same classes, some images: checked before any decoding
+        w, h = _image_size(files)
         if max(w, h) > SMALL_MAX and (image_size is None or image_size > SMALL_MAX):
             return _folder_bundle(
                 root,
@@ -427,7 +630,10 @@ def load_data(
                 image_size or 224,
                 stats,
             )
-        arrays = {"train": _decode_folder(root / "train", image_size), "test": _decode_folder(test_dir, image_size)}
+        arrays = {
+            "train": _decode_folder(root / "train", image_size),
+            "test": _decode_folder(test_dir, image_size, train_classes),
+        }
         pad, flip = 4, True
     if augment is False:
         pad, flip = 0, False
@@ -445,8 +651,6 @@ def load_data(
     train = TensorLoader(x_tr[tr_idx], y_tr[tr_idx], batch_size, train=True, pad=pad, flip=flip, **common)
     val = TensorLoader(x_tr[va_idx], y_tr[va_idx], eval_batch_size, **common) if len(va_idx) else None
     test = TensorLoader(x_te[te_idx], y_te[te_idx], eval_batch_size, **common)
-    if len(train) == 0:
-        raise SkipnetError(f"training split has {len(tr_idx)} images, fewer than one batch of {batch_size}")
     return DataBundle(
         name,
         len(classes),
@@ -478,12 +682,12 @@ def _folder_bundle(
     stats,
 ) -> DataBundle:
     from torch.utils.data import Subset
-    from torchvision.datasets import ImageFolder
 
     mean, std = stats or STATS["imagenet"]
-    train_full = ImageFolder(str(root / "train"), _folder_transforms(size, True, mean, std))
-    val_full = ImageFolder(str(root / "train"), _folder_transforms(size, False, mean, std))
-    test_ds = ImageFolder(str(test_dir), _folder_transforms(size, False, mean, std))
+    _, _, classes = _list_folder(root / "train")
+    train_full = _image_folder(root / "train", _folder_transforms(size, True, mean, std), classes)
+    val_full = _image_folder(root / "train", _folder_transforms(size, False, mean, std), classes)
+    test_ds = _image_folder(test_dir, _folder_transforms(size, False, mean, std), classes)
     tr_idx, va_idx = _carve_val(len(train_full), val_split)
     tr_idx = tr_idx[_limit(len(tr_idx), limit_train, 0)]
     te_idx = _limit(len(test_ds), limit_test, 2)

@@ -9,6 +9,7 @@ pattern, e.g. ``cifar10_rnn_gate_56``.
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any
 
@@ -69,9 +70,30 @@ def get_config(name: str, **overrides: Any) -> ArchConfig:
     else:
         m = _PATTERN.match(name)
         if not m:
-            raise SkipnetError(f"unknown architecture {name!r}; run 'skipnet models' for the list")
+            close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise SkipnetError(f"unknown architecture {name!r}; {hint}run 'skipnet models' for the list")
         config = _small(m.group(1), m.group(2), int(m.group(3)))
     return config.replace(**overrides)
+
+
+def min_image_size(config: ArchConfig) -> int:
+    """The smallest input side for which ``config``'s last stage still sees a feature map of at least 1x1 pixel
+    per stride: 8 for a CIFAR ResNet (total stride 4, last map 2x2), 32 for an ImageNet ResNet (stride 32)."""
+    return 32 if config.family == "imagenet" else 8
+
+
+def check_image_size(config: ArchConfig, size: int | None, option: str = "--image-size") -> None:
+    """Raise a one-line error when ``size`` is too small for ``config`` (``None``: the architecture's own)."""
+    if size is None:
+        return
+    least = min_image_size(config)
+    if size < least:
+        stride = 32 if config.family == "imagenet" else 4
+        raise SkipnetError(
+            f"{option} {size} is too small for {config.name}: its feature maps shrink {stride}x, so inputs must be "
+            f"at least {least}x{least} pixels (its default is {config.image_size}); pass {option} {config.image_size}"
+        )
 
 
 def create_model(name: str | ArchConfig, **overrides: Any) -> GatedResNet:

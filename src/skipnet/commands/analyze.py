@@ -28,7 +28,8 @@ from skipnet.analysis import (
     jsonable,
     report_markdown,
 )
-from skipnet.checkpoint import load_model
+from skipnet.checkpoint import load_model, require_same_classes
+from skipnet.commands.train import check_value
 from skipnet.cost import cost_model
 from skipnet.errors import SkipnetError
 from skipnet.evaluate import eval_mode_for, run_eval
@@ -111,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
         raise SkipnetError(f"--images must be positive, got {args.images}")
     if any(s <= 0 for s in args.scales):
         raise SkipnetError("--scales must be positive")
+    check_value("batch_size", args.batch_size, lambda v: v > 0, "positive")
+    for t in args.thresholds:
+        check_value("thresholds", t, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
     for extra in [args.base, *args.compare]:
         if extra is not None and not Path(extra).is_file():
             raise SkipnetError(f"checkpoint {extra!r} does not exist")
@@ -127,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         limit=args.limit,
     )
+    require_same_classes(model, data, args.checkpoint)
     model.to(device).to(memory_format=torch.channels_last)
     result = analyze(model, data, args.split, thresholds=args.thresholds, scales=args.scales, k=args.images)
     numbers = result.numbers

@@ -54,6 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.image_size is not None and args.image_size < 8:
         raise SkipnetError(f"--image-size must be >= 8, got {args.image_size}")
+    for name, least in (("batch_size", 1), ("repeats", 1), ("warmup", 0), ("threads", 1)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise SkipnetError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    if args.keep is not None and not 0.0 <= args.keep <= 1.0:
+        raise SkipnetError(f"--keep must be in [0, 1], got {args.keep:g}")
     threads = set_threads(args.threads)
     torch.manual_seed(args.seed)
     model, info = load_subject(args.subject)

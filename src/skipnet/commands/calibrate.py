@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from skipnet.analysis import CALIBRATION_GRID, calibrate_threshold, data_for_checkpoint, eval_loader, require_gates
-from skipnet.checkpoint import atomic_save, load_model
+from skipnet.checkpoint import atomic_save, load_model, require_same_classes
+from skipnet.commands.train import check_value
 from skipnet.cost import cost_model
 from skipnet.errors import SkipnetError
 
@@ -71,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
         raise SkipnetError(f"--margin must be >= 0, got {args.margin:g}")
     if args.refine < 0 or (args.limit is not None and args.limit <= 0):
         raise SkipnetError("--refine must be >= 0 and --limit positive")
+    check_value("batch_size", args.batch_size, lambda v: v > 0, "positive")
+    for t in args.grid:
+        check_value("grid", t, lambda v: 0.0 <= v <= 1.0, "thresholds in [0, 1]")
     src, dst = Path(args.checkpoint), Path(args.out)
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise SkipnetError("--out must differ from the input checkpoint (it is kept as it is)")
@@ -93,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit if args.split == "val" else None,
         limit_train=args.limit if args.split == "train" else None,
     )
+    require_same_classes(model, data, str(src))
     device = pick_device(args.device)
     model.to(device).to(memory_format=torch.channels_last)
     cost = cost_model(model)

@@ -7,7 +7,8 @@ import json
 
 import torch
 
-from skipnet.checkpoint import load_model
+from skipnet.checkpoint import load_model, require_same_classes
+from skipnet.commands.train import check_value
 from skipnet.cost import cost_model
 from skipnet.evaluate import data_for_checkpoint, eval_loader, evaluate
 from skipnet.gated import GateMode
@@ -15,7 +16,9 @@ from skipnet.gated import GateMode
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint: accuracy, MACs, computation percentage")
-    p.add_argument("checkpoint", help="a .pt file written by 'skipnet train' or 'skipnet calibrate'")
+    p.add_argument(
+        "checkpoint", help="a .pt file written by 'skipnet train' or 'skipnet calibrate', or a .safetensors export"
+    )
     p.add_argument("--data", required=True, help="cifar10, cifar100, svhn, digits, or an ImageFolder root / .tar.gz")
     p.add_argument("--data-dir", default=None, help="where torchvision data sets live")
     p.add_argument("--download", action="store_true", help="download cifar10/cifar100/svhn if missing")
@@ -32,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from skipnet.distributed import pick_device
 
+    check_value("threshold", args.threshold, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+    check_value("batch_size", args.batch_size, lambda v: v > 0, "positive")
+    check_value("limit", args.limit, lambda v: v > 0, "positive")
     device = pick_device(args.device)
     model, ckpt = load_model(args.checkpoint, map_location="cpu")
     data = data_for_checkpoint(
@@ -43,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         limit=args.limit,
     )
+    require_same_classes(model, data, args.checkpoint)
     model.to(device).to(memory_format=torch.channels_last)
     loader = eval_loader(data, args.split)
     cost = cost_model(model)

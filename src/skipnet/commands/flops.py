@@ -7,7 +7,7 @@ import json
 
 from skipnet.cost import cost_model
 from skipnet.errors import SkipnetError
-from skipnet.registry import create_model
+from skipnet.registry import check_image_size, create_model, get_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,9 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.image_size is not None and args.image_size < 8:
-        raise SkipnetError(f"--image-size must be >= 8, got {args.image_size}")
-    model = create_model(args.arch, num_classes=args.num_classes)
+    config = get_config(args.arch)
+    check_image_size(config, args.image_size)
+    if args.num_classes is not None and args.num_classes < 1:
+        raise SkipnetError(f"--num-classes must be positive, got {args.num_classes}")
+    model = create_model(config, num_classes=args.num_classes)
     cm = cost_model(model, args.image_size)
     d = cm.to_dict()
     if args.json:

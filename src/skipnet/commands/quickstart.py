@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+from skipnet.errors import SkipnetError
 from skipnet.train import TrainConfig, train
 
 # Feed-forward gates (FFGate-I, one per block) learn a graded policy within a few hundred HRL steps here.
@@ -72,6 +73,12 @@ def stage_configs(out: Path, scale: float, alpha: float, seed: int, threads: int
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if not args.epochs > 0:
+        raise SkipnetError(f"--epochs must be positive, got {args.epochs:g}")
+    if not args.alpha >= 0:
+        raise SkipnetError(f"--alpha must be >= 0, got {args.alpha:g}")
+    if args.threads is not None and args.threads < 1:
+        raise SkipnetError(f"--threads must be positive, got {args.threads}")
     out = Path(args.out)
     rows = []
     for cfg in stage_configs(out, args.epochs, args.alpha, args.seed, args.threads):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
 from skipnet.errors import SkipnetError
+from skipnet.registry import check_image_size, get_config
 from skipnet.stages import STAGES
 from skipnet.train import SCHEDULES, TrainConfig, train
 
@@ -96,19 +98,90 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in keys})
 
 
+# (option, test, what it must be): every numeric option of TrainConfig that has a valid range.
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _non_negative(v) -> bool:
+    return v >= 0
+
+
+def _unit(v) -> bool:
+    return 0.0 <= v <= 1.0
+
+
+def _unit_open(v) -> bool:
+    return 0.0 <= v < 1.0
+
+
+RULES: list[tuple[str, object, str]] = [
+    ("epochs", _positive, "positive"),
+    ("iters", _positive, "positive"),
+    ("batch_size", _positive, "positive"),
+    ("eval_batch_size", _positive, "positive"),
+    ("lr", _positive, "positive"),
+    ("eval_every", _positive, "positive"),
+    ("limit_train", _positive, "positive"),
+    ("limit_test", _positive, "positive"),
+    ("threads", _positive, "positive"),
+    ("log_every", _positive, "positive"),
+    ("gate_lr_mult", _positive, "positive"),
+    ("alpha", _non_negative, ">= 0"),
+    ("beta", _non_negative, ">= 0"),
+    ("weight_decay", _non_negative, ">= 0"),
+    ("rl_weight", _non_negative, ">= 0"),
+    ("warmup_iters", _non_negative, ">= 0"),
+    ("workers", _non_negative, ">= 0"),
+    ("threshold", _unit, "in [0, 1]"),
+    ("keep", _unit, "in [0, 1]"),
+    ("momentum", _unit_open, "in [0, 1)"),
+    ("val_split", _unit_open, "in [0, 1)"),
+]
+
+# Files whose presence means --out already holds a run (config.json alone: a run that never got to a checkpoint).
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json")
+
+
+def check_value(option: str, value, test, what: str) -> None:
+    """Raise a one-line error when ``value`` of ``--option`` fails ``test`` (``None``: option left unset)."""
+    if value is None:
+        return
+    if value != value or not test(value):  # NaN fails every range
+        raise SkipnetError(f"--{option.replace('_', '-')} must be {what}, got {value:g}")
+
+
 def check_args(cfg: TrainConfig) -> None:
-    for name in ("epochs", "iters", "batch_size", "lr", "eval_every", "limit_train", "limit_test"):
-        v = getattr(cfg, name)
-        if v is not None and v <= 0:
-            raise SkipnetError(f"--{name.replace('_', '-')} must be positive, got {v}")
-    if not 0.0 <= cfg.keep <= 1.0:
-        raise SkipnetError(f"--keep must be in [0, 1], got {cfg.keep}")
+    """Validate the options of a run before anything is loaded or written."""
+    for name, test, what in RULES:
+        check_value(name, getattr(cfg, name, None), test, what)
+    check_image_size(get_config(cfg.arch), cfg.image_size)
+
+
+def check_out(cfg: TrainConfig) -> None:
+    """``--resume`` needs a run to continue; without it, ``--out`` must not hold one (it would be overwritten)."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise SkipnetError(f"--out {out} is a file, not a run directory; choose another --out")
+    if cfg.resume:
+        if not out.exists():
+            raise SkipnetError(f"--resume: {out} does not exist, so there is nothing to resume; drop --resume")
+        if not (out / "last.pt").is_file():
+            raise SkipnetError(f"--resume: {out} holds no last.pt, so there is nothing to resume; drop --resume")
+        return
+    held = [f for f in RUN_FILES if (out / f).exists()]
+    if held:
+        raise SkipnetError(
+            f"--out {out} already holds a run ({', '.join(held)}); pass --resume to continue it, "
+            "or choose another --out"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     cfg = config_from_args(args)
     check_args(cfg)
+    check_out(cfg)
     summary = train(cfg)
     if args.json:
         print(json.dumps(summary))
