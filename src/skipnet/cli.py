@@ -14,7 +14,7 @@ import importlib
 import pkgutil
 import sys
 
-from skipnet.errors import SkipnetError
+from skipnet.errors import Interrupted, SkipnetError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except Interrupted as exc:  # a clean stop on a signal, with a checkpoint to resume from
+        print(f"skipnet {args.command}: {one_line(str(exc))}", file=sys.stderr)
+        return exc.exit_code
     except SkipnetError as exc:
         print(f"skipnet {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2

@@ -206,6 +206,14 @@ class DistContext:
         dist.all_reduce(out)
         return out / self.world
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank (one tiny all-reduce; none in a single process)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def mean_stats(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
         """Average 0-dim statistics over ranks (one all-reduce); returns plain floats, same on every rank."""
         if not stats:

@@ -12,8 +12,12 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from skipnet.checkpoint import (
+    atomic_write,
     load_checkpoint,
     load_weights_into,
     model_from_checkpoint,
@@ -31,7 +36,7 @@ from skipnet.checkpoint import (
 )
 from skipnet.cost import cost_model
 from skipnet.data import DataBundle, load_data
-from skipnet.errors import SkipnetError
+from skipnet.errors import Interrupted, SkipnetError
 from skipnet.evaluate import evaluate
 from skipnet.gated import GatedResNet, GateMode
 from skipnet.losses import Baseline
@@ -293,6 +298,9 @@ class Trainer:
         self.step = 0
         self.best_val = -1.0
         self.history: list[dict[str, Any]] = []
+        self.running: dict[str, float] = {}  # sums of the training statistics since the last evaluation
+        self.n_running = 0
+        self._signal: int | None = None  # set by the SIGINT / SIGTERM handler; acted on between steps
         if resume_ckpt is not None:
             self._restore(resume_ckpt)
         self.train_model: nn.Module = self.dist.wrap(self.model, self.cfg)
@@ -327,7 +335,11 @@ class Trainer:
         self.best_val = float(ckpt.get("metrics", {}).get("best_val_accuracy", -1.0))
         if ckpt.get("baseline") is not None:
             self.baseline.load_state_dict(ckpt["baseline"])
+        running = ckpt.get("running") or {}
+        self.running = {k: float(v) for k, v in running.get("sums", {}).items()}
+        self.n_running = int(running.get("n", 0))
         set_rng_state(ckpt.get("rng", {}))
+        self._drop_metrics_after(self.step)
         log.info("resumed %s at step %d/%d", self.out, self.step, self.total)
 
     # -- checkpoints
@@ -344,13 +356,30 @@ class Trainer:
             metrics=metrics,
             train_config=self.cfg.to_dict(),
             data=self.data.meta() | {"spec": self.cfg.data, "val_split": self.cfg.val_split},
-            extra={"baseline": self.baseline.state_dict(), "stage": self.cfg.stage},
+            extra={
+                "baseline": self.baseline.state_dict(),
+                "stage": self.cfg.stage,
+                "running": {"sums": dict(self.running), "n": self.n_running},
+            },
         )
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
         if self.main:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """On resume: forget metric rows written after the checkpoint (a run killed between the two writes)."""
+        path = self.out / "metrics.jsonl"
+        if not self.main or not path.exists():
+            return
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+        if len(keep) != len(lines):
+            log.info("resume: dropping %d metric rows written after step %d", len(lines) - len(keep), step)
+            atomic_write(path, lambda f: f.write("".join(ln + "\n" for ln in keep).encode()))
 
     # -- evaluation
     def evaluate_split(self, split: str) -> dict[str, Any]:
@@ -373,6 +402,8 @@ class Trainer:
             loss, stats = self.stage.loss(
                 ce, out.trace, alpha=cfg.alpha, beta=cfg.beta, rl_weight=cfg.rl_weight, baseline=self.baseline
             )
+        if self.dist.any(not bool(torch.isfinite(loss.detach()))):  # before the update: weights stay good
+            self._non_finite(loss)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -388,13 +419,25 @@ class Trainer:
         stats = {k: v.float() for k, v in stats.items()} | {"loss": loss.detach().float(), "acc": acc, "exec": executed}
         return self.dist.mean_stats(stats)
 
+    def _non_finite(self, loss: torch.Tensor) -> None:
+        last = self.out / "last.pt"
+        kept = (
+            f"the last good checkpoint is {last} (step {load_checkpoint(last)['step']})"
+            if last.exists()
+            else "no checkpoint was written yet"
+        )
+        value = loss.item()
+        raise SkipnetError(
+            f"the training loss became {value} at step {self.step + 1} (stage {self.cfg.stage}); stopped before "
+            f"updating the weights; {kept}. Lower --lr (or --alpha / --rl-weight), or resume from it with --resume"
+        )
+
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(
-                json.dumps(cfg.to_dict() | {"arch_config": self.model.config.to_dict()}, indent=2)
-            )
+            text = json.dumps(cfg.to_dict() | {"arch_config": self.model.config.to_dict()}, indent=2)
+            atomic_write(self.out / "config.json", lambda f: f.write(text.encode()))
         summary_path = self.out / "summary.json"
         if self.step >= self.total and summary_path.exists():
             log.info("%s has already finished (%d steps); nothing to do", self.out, self.total)
@@ -414,30 +457,75 @@ class Trainer:
         progress = Progress(self.total, self.main, cfg.log_every)
         progress.start -= float(self._elapsed_before())
         run_start = time.time() - self._elapsed_before()
-        running: dict[str, float] = {}
-        n_running = 0
         self.train_model.train()
-        while self.step < self.total:
-            epoch = self.step // self.steps_per_epoch
-            skip = self.step % self.steps_per_epoch
-            self.data.train.set_epoch(epoch)
-            for i, (x, y) in enumerate(self.data.train):
-                if i < skip:
-                    continue
-                stats = self.train_step(x, y)
-                self.step += 1
-                n_running += 1
-                for k, v in stats.items():
-                    running[k] = running.get(k, 0.0) + v
-                progress.update(self.step, {k: running[k] / n_running for k in ("loss", "acc", "exec") if k in running})
-                if self.step % cfg.eval_every == 0 or self.step == self.total:
-                    self._checkpoint_round({k: v / n_running for k, v in running.items()}, time.time() - run_start)
-                    running, n_running = {}, 0
-                    self.train_model.train()
-                if self.step >= self.total:
-                    break
+        with self._stop_on_signals():
+            while self.step < self.total:
+                epoch = self.step // self.steps_per_epoch
+                skip = self.step % self.steps_per_epoch
+                self.data.train.set_epoch(epoch)
+                for i, (x, y) in enumerate(self.data.train):
+                    if i < skip:  # resuming inside an epoch: the loader's per-epoch streams replay to here
+                        continue
+                    if self.dist.any(self._signal is not None):  # every rank stops at the same step
+                        progress.close()
+                        self._interrupted(time.time() - run_start)
+                    stats = self.train_step(x, y)
+                    self.step += 1
+                    self.n_running += 1
+                    for k, v in stats.items():
+                        self.running[k] = self.running.get(k, 0.0) + v
+                    shown = {k: self.running[k] / self.n_running for k in ("loss", "acc", "exec") if k in self.running}
+                    progress.update(self.step, shown)
+                    if self.step % cfg.eval_every == 0 or self.step == self.total:
+                        means = {k: v / self.n_running for k, v in self.running.items()}
+                        self.running, self.n_running = {}, 0
+                        self._checkpoint_round(means, time.time() - run_start)
+                        self.train_model.train()
+                    if self.step >= self.total:
+                        break
         progress.close()
         return self._finish(time.time() - run_start)
+
+    @contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGINT / SIGTERM ask the loop to stop at the next step boundary with a resumable checkpoint; a second
+        SIGINT interrupts at once (the previous checkpoint stays intact: writes are atomic)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._signal = signum
+            if self.main:
+                print(
+                    f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
+                    "(Ctrl-C again to stop at once)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _interrupted(self, elapsed: float) -> None:
+        """Write ``last.pt`` at the current step (mid-interval: running statistics included) and stop."""
+        signum = self._signal or signal.SIGTERM
+        self._save("last.pt", (self.history[-1] if self.history else {}) | {"best_val_accuracy": self.best_val})
+        if self.main:
+            log.info("interrupted at step %d/%d after %.0f s", self.step, self.total, elapsed)
+        self.dist.barrier()
+        name = signal.Signals(signum).name
+        raise Interrupted(
+            f"{name}: stopped at step {self.step}/{self.total}; checkpoint {self.out / 'last.pt'} written; "
+            f"continue with the same command plus --resume",
+            128 + int(signum),
+        )
 
     def _elapsed_before(self) -> float:
         if not self.history and (self.out / "metrics.jsonl").exists():
@@ -477,9 +565,16 @@ class Trainer:
             )
         self._save("last.pt", metrics)
         if improved and self.main:
-            shutil.copyfile(self.out / "last.pt", self.out / ".best.pt.tmp")
-            os.replace(self.out / ".best.pt.tmp", self.out / "best.pt")
+            atomic_write(self.out / "best.pt", self._copy_of(self.out / "last.pt"))
         self.dist.barrier()
+
+    @staticmethod
+    def _copy_of(src: Path):
+        def write(f) -> None:
+            with open(src, "rb") as g:
+                shutil.copyfileobj(g, f)
+
+        return write
 
     def _finish(self, elapsed: float) -> dict[str, Any]:
         summary: dict[str, Any] = {"stage": self.cfg.stage, "arch": self.model.config.name, "steps": self.step}
@@ -495,9 +590,8 @@ class Trainer:
                 "train_time_s": round(elapsed, 1),
                 "train_config": self.cfg.to_dict(),
             }
-            tmp = self.out / ".summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2))
-            os.replace(tmp, self.out / "summary.json")
+            text = json.dumps(summary, indent=2)
+            atomic_write(self.out / "summary.json", lambda f: f.write(text.encode()))
             log.info(
                 "finished: test accuracy %.2f%% at %.4g MACs (%.1f%% fewer than the plain ResNet), CP %.1f%%",
                 test["accuracy"],
