@@ -55,6 +55,7 @@ SCALES = {
         ],
         "common": ["--batch-size", "128", "--val-split", "0.1", "--threads", "1"],
         "alphas": [0.05, 0.1, 0.2, 1.0, 3.0],
+        "scratch_alphas": [0.05, 0.1, 0.2, 0.5],
         "ff_alpha": 1.0,
         "sdv_keeps": [0.5, 0.8],
         "calibrate": 30,
@@ -72,6 +73,7 @@ SCALES = {
         "abl_scratch": ["--iters", "80000"],
         "common": ["--batch-size", "128", "--val-split", "0.1"],
         "alphas": [0.05, 0.1, 0.2],
+        "scratch_alphas": [0.05, 0.1, 0.2],
         "ff_alpha": 0.1,
         "sdv_keeps": [0.5, 0.7],
         "calibrate": 30,
@@ -103,6 +105,23 @@ def experiments(scale: str, data: str, out: Path) -> list[dict]:
                 "stage": "hrl",
                 "args": [*s["hrl"], "--alpha", str(a)],
                 "init": "sp_r38_rnn",
+                "alpha": a,
+            }
+        )
+    # The authors' recipe: SP from scratch on the base schedule (its gates stay undecided enough for HRL to
+    # explore), then HRL. SP from the base weights (above) drives every gate to "execute" and HRL cannot move it.
+    runs.append(
+        {"name": "sp_r38_rnn_scratch", "group": "2", "arch": "cifar10_rnn_gate_38", "stage": "sp", "args": s["base"]}
+    )
+    for a in s["scratch_alphas"]:
+        runs.append(
+            {
+                "name": f"hrl_r38_rnn_scratch_a{a}",
+                "group": "2",
+                "arch": "cifar10_rnn_gate_38",
+                "stage": "hrl",
+                "args": [*s["hrl"], "--alpha", str(a)],
+                "init": "sp_r38_rnn_scratch",
                 "alpha": a,
             }
         )
@@ -189,7 +208,7 @@ def experiments(scale: str, data: str, out: Path) -> list[dict]:
         cmd = ["skipnet", "train", r["arch"], "--stage", r["stage"], *c, *r["args"], "--out", str(out / r["name"])]
         if r.get("init"):
             cmd += ["--init", str(out / r["init"] / "best.pt")]
-        r["cmd"] = cmd + ["--resume"]
+        r["cmd"] = cmd
     return runs
 
 
@@ -210,6 +229,8 @@ def run_all(runs: list[dict], out: Path, jobs: int) -> None:
                     pending.remove(r)
                     failed.add(r["name"])
                 continue
+            if (out / r["name"] / "last.pt").exists():  # killed earlier: continue it
+                r["cmd"] = [*r["cmd"], "--resume"]
             print(f"[run ] {shlex.join(r['cmd'])}", flush=True)
             log = open(out / f"{r['name']}.log", "a")  # noqa: SIM115 - closed with the process
             running[r["name"]] = subprocess.Popen(r["cmd"], stdout=log, stderr=subprocess.STDOUT)
@@ -256,11 +277,13 @@ def calibrate(r: dict, data: str, target: float, out: Path) -> dict | None:
     return d
 
 
-def bench(ckpt: Path, batch: int, out: Path) -> dict | None:
+def bench(ckpt: Path, batch: int, out: Path, keep: float | None = None) -> dict | None:
+    """``skipnet bench`` of a checkpoint; ``keep`` forces decisions (needed for a plain ResNet, which has no gates)."""
     cache = out / f"{ckpt.parent.name}.{ckpt.stem}.bench{batch}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     cmd = ["skipnet", "bench", str(ckpt), "--batch-size", str(batch), "--threads", "1", "--json"]
+    cmd += ["--keep", str(keep)] if keep is not None else []
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     except subprocess.TimeoutExpired:
@@ -513,7 +536,7 @@ def main() -> int:
                 ckpt = out / name / "best.pt"
                 if d["stage"] == "hrl+cal":
                     ckpt = out / name.rsplit("_cal", 1)[0] / f"calibrated_{name.rsplit('_cal', 1)[1]}.pt"
-                res = bench(ckpt, b, out)
+                res = bench(ckpt, b, out, keep=1.0 if d["stage"] == "base" else None)
                 if res:
                     d[f"speedup_b{b}"] = res["speedup"]
                     d[f"ideal_speedup_b{b}"] = res["ideal_speedup"]
