@@ -132,8 +132,8 @@ def test_torchrun_cli_trains_sp_then_routed_hrl_in_sync(cifar_dir: Path, tmp_pat
     """``torchrun -m skipnet train``: rank-0-only files, full-split evaluation, identical weights on every rank."""
     sp = tmp_path / "sp"
     proc = torchrun(["-m", "skipnet", "train", *_sp_args(cifar_dir, sp), "--json"], tmp_path)
-    summaries = json_objects(proc.stdout)  # every rank prints the summary; unbuffered lines may interleave
-    assert summaries and all(x == summaries[0] for x in summaries)
+    summaries = json_objects(proc.stdout)
+    assert len(summaries) == 1  # rank 0 alone prints the summary
     summary = summaries[0]
     assert summary["steps"] == 4
     assert summary["test"]["images"] == 64  # rank 0 evaluates the whole test split, not its shard

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 from skipnet.errors import SkipnetError
@@ -183,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
     check_args(cfg)
     check_out(cfg)
     summary = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     if args.json:
         print(json.dumps(summary))
     elif summary.get("test"):
