@@ -360,11 +360,13 @@ def verdicts(rows: dict[str, dict], scale: str) -> tuple[dict, list[str]]:
     headline = {}
     if base.get("accuracy") is not None and hrl:
         ok = [r for r in hrl if r["macs_reduction"] >= 30 and r["accuracy"] >= base["accuracy"] - 0.5]
-        best = (
-            max(ok, key=lambda r: r["macs_reduction"])
-            if ok
-            else max(hrl, key=lambda r: r["accuracy"] - 0.05 * max(0, 30 - r["macs_reduction"]))
-        )
+        cheap = [r for r in hrl if r["macs_reduction"] >= 30]
+        if ok:
+            best = max(ok, key=lambda r: r["macs_reduction"])
+        elif cheap:  # not reproduced: the most accurate run that does save >= 30%
+            best = max(cheap, key=lambda r: r["accuracy"])
+        else:
+            best = max(hrl, key=lambda r: r["macs_reduction"])
         headline = {
             "base_accuracy": base["accuracy"],
             "skipnet_accuracy": best["accuracy"],
@@ -425,13 +427,19 @@ def verdicts(rows: dict[str, dict], scale: str) -> tuple[dict, list[str]]:
         out.append(f"- **SkipNet beats SDV at matched MACs** ({word}): {detail}.")
     sp_rows = [r for r in hrl + cal if r.get("speedup_b64") and r["macs_reduction"] > 5]
     if sp_rows:
-        parts = []
+        parts, passed = [], 0
         for r in sp_rows:
-            ideal = 100.0 / (100.0 - r["macs_reduction"])
-            parts.append(f"{r['name']}: {r['speedup_b64']:.2f}x measured (batch 64) vs {ideal:.2f}x from MACs")
-        ok = all(r["speedup_b64"] >= 0.85 * (100.0 / (100.0 - r["macs_reduction"])) for r in sp_rows)
+            # the bench's own MACs ratio: its inputs are random images, on which the gates decide differently
+            ideal = r.get("ideal_speedup_b64") or 100.0 / (100.0 - r["macs_reduction"])
+            good = r["speedup_b64"] >= 0.85 * ideal
+            passed += good
+            parts.append(
+                f"{r['name']}: {r['speedup_b64']:.2f}x measured (batch 64) vs {ideal:.2f}x from its MACs "
+                f"({'within' if good else 'not within'} 15%)"
+            )
+        word = "Reproduced" if passed == len(sp_rows) else ("Partly" if passed else "Not reproduced")
         out.append(
-            f"- **Speed-up within 15% of the MACs reduction** ({'Reproduced' if ok else 'Not reproduced'}): "
+            f"- **Speed-up within 15% of the MACs reduction** ({word}, {passed} of {len(sp_rows)} models): "
             + "; ".join(parts)
             + "."
         )
