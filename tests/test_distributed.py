@@ -318,12 +318,6 @@ def test_compile_wraps_the_training_module_and_checkpoints_stay_bare() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    raises=torch._dynamo.exc.InternalTorchDynamoError,
-    strict=True,
-    reason="the channels_last autograd.Functions (gates._SpatialMean, gated._GlobalAvgPool) do not trace under "
-    "torch.compile(dynamic=True); they should fall back to the plain op when torch.compiler.is_compiling()",
-)
 def test_compile_captures_sp_and_routed_hrl_steps() -> None:
     """What ``--compile`` wraps traces (graph capture only, ``backend="eager"``) for SP and routed HRL."""
     import torch.nn.functional as F

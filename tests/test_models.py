@@ -10,7 +10,7 @@ import torchvision
 from torch.testing import assert_close
 
 from skipnet import ArchConfig, GatedResNet, GateMode, SkipnetError, create_model, get_config, list_models
-from skipnet.gated import routed_block, run_block, shortcut_branch
+from skipnet.gated import SkipOutput, routed_block, run_block, shortcut_branch
 from skipnet.gates import RNNGate
 from skipnet.registry import register
 
@@ -420,6 +420,44 @@ def test_rnn_gate_state_carried_across_stages() -> None:
         b = boundaries[0]
         fresh = g.lstm(g.proj[b](pooled[b]), None)
         assert not torch.allclose(g.fc(fresh[0])[:, 0], out.trace.logits[:, b], rtol=1e-6, atol=1e-9)
+
+
+def test_rnn_gate_inference_path_equals_module_path() -> None:
+    """Without autograd the RNN gate takes a folded fast path (projection and 1 / (H W) folded into the LSTM's
+    input weights, one ``lstm_cell`` and one ``addmv`` per step): the same logits as the module calls, also
+    after in-place parameter updates, a ``load_state_dict`` and a change of input size."""
+    model = create_model("cifar10_rnn_gate_38").double()
+    x = _images("cifar", 3, torch.float64)
+    _realistic_bn(model, x)
+    g = model.gates
+    with torch.no_grad():
+        assert len(g.init_state(x[:, :1])) == 3  # the fast path is taken
+    with torch.enable_grad():
+        assert len(g.init_state(x[:, :1])) == 2
+
+    def check(inp: torch.Tensor) -> SkipOutput:
+        with torch.no_grad():
+            fast = model(inp, mode="greedy")
+        slow = model(inp, mode="greedy")  # autograd on: the module path
+        assert_close(fast.trace.logits, slow.trace.logits.detach(), rtol=0, atol=1e-12)
+        assert torch.equal(fast.trace.decisions, slow.trace.decisions)
+        assert_close(fast.logits, slow.logits.detach(), rtol=0, atol=1e-10)
+        return fast
+
+    before = check(x)
+    with torch.no_grad():  # what an optimizer step does: in-place updates
+        g.proj[3].weight.mul_(-2.0)
+        g.lstm.weight_ih.add_(0.05)
+        g.fc.bias.add_(0.5)
+    after = check(x)
+    assert not torch.allclose(after.trace.logits[:, 3], before.trace.logits[:, 3])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        g.proj[5].bias.add_(1.0)
+    model.load_state_dict(state)
+    assert_close(check(x).trace.logits, after.trace.logits, rtol=0, atol=0)
+    check(torch.randn(2, 3, 40, 40, dtype=torch.float64))  # another H W per gate
+    assert_close(check(x).trace.logits, after.trace.logits, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------- Eq. 1 skipping

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -17,7 +18,16 @@ from skipnet import create_model
 from skipnet.bench import calibrate_bn, random_decisions, time_interleaved
 from skipnet.cli import main
 from skipnet.errors import SkipnetError
-from skipnet.gated import GatedResNet, masked_block, route_indices, routed_block, run_block, shortcut_branch
+from skipnet.gated import (
+    GatedResNet,
+    masked_block,
+    put_rows_,
+    route_indices,
+    routed_block,
+    run_block,
+    shortcut_branch,
+    take_rows,
+)
 from skipnet.losses import hybrid_returns, reinforce_loss
 
 ARCHS = ["tiny_rnn_gate_14", "tiny_feedforward_14"]
@@ -93,6 +103,22 @@ def test_greedy_routed_equals_greedy_masked(arch: str, batch: int) -> None:
         assert_same(routed, masked, atol=1e-10)
 
 
+def test_greedy_routed_batch_one_reads_the_decision_like_the_trace() -> None:
+    """At batch 1 routed greedy reads ``p`` on the host; the decision is still exactly ``p >= t`` as torch compares
+    it (in p's dtype), also for a threshold between p and the next float."""
+    model = calibrated("tiny_rnn_gate_14")
+    x = images(1)
+    with torch.no_grad():
+        p0 = float(model(x, "greedy", execution="masked").trace.probs[0, 0])  # gate 0 sees the same input always
+        for t in (p0, math.nextafter(p0, 1.0), math.nextafter(p0, 0.0), 0.7, 0.3):
+            routed = model(x, "greedy", threshold=t, execution="routed")
+            masked = model(x, "greedy", threshold=t, execution="masked")
+            assert_same(routed, masked, atol=0)
+            assert torch.equal(routed.trace.decisions, (routed.trace.probs >= t).to(torch.float32))
+        # float32(p0 + half an ulp) is p0 itself: executed, whatever the double comparison says
+        assert model(x, "greedy", threshold=math.nextafter(p0, 1.0), execution="routed").trace.decisions[0, 0] == 1
+
+
 def test_sample_and_random_modes_route_like_masking() -> None:
     model = calibrated("tiny_rnn_gate_14", torch.float64)
     x = images(6, torch.float64)
@@ -125,6 +151,39 @@ def test_routed_block_keeps_input_and_channels_last() -> None:
         torch.testing.assert_close(inplace, expect, rtol=0, atol=1e-6)
         assert inplace.is_contiguous(memory_format=torch.channels_last)
         x = out
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(7, 3, 5, 5), (7, 16, 32, 32)])  # 300 B and 64 KiB per sample
+def test_take_rows_and_put_rows_equal_indexing(shape: tuple[int, ...], channels_last: bool) -> None:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape).contiguous(memory_format=fmt)
+    for rows in ([0, 1, 2, 4, 6], [3], [1, 2], [0, 1, 2, 3, 4, 5, 6]):
+        idx = torch.tensor(rows)
+        taken = take_rows(x, idx)
+        assert torch.equal(taken, x[idx]) and taken.is_contiguous(memory_format=fmt)
+        src = torch.randn(taken.shape).contiguous(memory_format=fmt)
+        put = put_rows_(x.clone(), idx, src)
+        assert torch.equal(put, x.clone().index_copy_(0, idx, src)) and put.is_contiguous(memory_format=fmt)
+    assert torch.equal(take_rows(x[:, :, ::2], torch.tensor([1, 3])), x[:, :, ::2][[1, 3]])  # not dense: indexing
+
+
+def test_routed_block_with_large_samples_equals_masking() -> None:
+    """CIFAR stage-1 samples (64 KiB) take the slice-copy write-back; values and gradients still match."""
+    model = create_model("cifar10_rnn_gate_38").double().eval()  # eval BN: no batch statistics of the subset
+    block = model.gated_blocks[0]
+    x = torch.randn(6, 16, 32, 32, dtype=torch.float64).requires_grad_()
+    d = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    routed = route_indices(block, x, torch.nonzero(d).flatten())
+    masked = masked_block(block, x, d)
+    torch.testing.assert_close(routed, masked, rtol=0, atol=1e-12)
+    up = torch.randn_like(routed)
+    (g_routed,) = torch.autograd.grad(routed, x, up)
+    (g_masked,) = torch.autograd.grad(masked, x, up)
+    torch.testing.assert_close(g_routed, g_masked, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        inplace = route_indices(block, x.detach().clone(), torch.nonzero(d).flatten(), inplace=True)
+    torch.testing.assert_close(inplace, masked.detach(), rtol=0, atol=1e-12)
 
 
 def test_forward_in_inference_mode_leaves_caller_input_alone() -> None:
@@ -212,11 +271,11 @@ def test_mix_gradient_equals_eq1_by_autograd(mode: str, monkeypatch: pytest.Monk
 
     ours = grads(copy.deepcopy(model))
 
-    def eq1(g: torch.Tensor, executed: torch.Tensor, skipped: torch.Tensor) -> torch.Tensor:
+    def eq1(g: torch.Tensor, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
         g = g.view(-1, 1, 1, 1)
-        return g * executed + (1.0 - g) * skipped
+        return g * F.relu(residual + shortcut) + (1.0 - g) * shortcut
 
-    monkeypatch.setattr(gated, "_mix", eq1)
+    monkeypatch.setattr(gated, "_masked_tail", eq1)
     ref = grads(copy.deepcopy(model))
     assert ours.keys() == ref.keys()
     for name, g in ref.items():

@@ -139,51 +139,90 @@ class _GlobalAvgPool(torch.autograd.Function):
         return out.copy_((grad / (h * w)).expand(ctx.shape))
 
 
-class _Mix(torch.autograd.Function):
-    """Eq. 1 for a per-sample gate: ``lerp(skipped, executed, g)``, with a lean backward.
+# ``a = relu(a + b)`` in one pass: an ATen kernel without autograd formula (made for fusion), float32/float64
+# only on CPU; bit-identical to the two-op form. Only called inside :class:`_MaskedTail`, which has its own backward.
+_ADD_RELU_ = getattr(torch.ops.aten, "_add_relu_", None)
 
-    The gradient in ``g`` is the per-sample sum of the output gradient times ``executed - skipped`` (one
-    temporary instead of ``lerp``'s two); the gradients of ``executed`` and ``skipped`` are written in their own
-    memory format whatever the incoming gradient's.
+
+def _add_relu_(a: Tensor, b: Tensor) -> Tensor:
+    if (
+        _ADD_RELU_ is not None
+        and a.device.type == "cpu"
+        and a.dtype in (torch.float32, torch.float64)
+        and b.dtype == a.dtype
+    ):
+        return _ADD_RELU_(a, b)
+    return a.add_(b).relu_()
+
+
+class _MaskedTail(torch.autograd.Function):
+    """Eq. 1 after a block's residual branch ``r`` for a per-sample gate ``g``: ``lerp(s, relu(r + s), g)``.
+
+    One autograd node for the block's addition, ReLU and mix, with a backward that makes fewer full-size passes
+    than autograd's three nodes (the block is memory-bound at training batch sizes):
+
+    - ``d/dg``: the per-sample sum of the output gradient times ``relu(r + s) - s`` (one temporary, where
+      ``lerp``'s own backward makes two);
+    - ``d/dr = threshold(grad * g)`` (the ReLU backward), and ``d/ds = d/dr + grad * (1 - g)`` in one ``addcmul``,
+      where autograd would write ``grad * (1 - g)`` and then add the two when it accumulates.
+
+    Gradients are written in the memory format of ``r`` and ``s`` whatever the incoming gradient's. The forward
+    adds and rectifies in one pass, in place in ``r`` (a fresh tensor: marked dirty and returned as the second
+    output, so autograd would catch anyone who saved it; a new full-size tensor per block would make glibc map
+    fresh pages at every step). Saved: ``relu(r + s)`` and ``s``, which the unfused form saves too.
     """
 
     @staticmethod
-    def forward(ctx: Any, g: Tensor, executed: Tensor, skipped: Tensor) -> Tensor:
-        w = g.view(-1, 1, 1, 1).to(executed.dtype)
-        ctx.save_for_backward(w, executed, skipped)
+    def forward(ctx: Any, g: Tensor, residual: Tensor, shortcut: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)  # the second output is normally unused: no zero gradient for it
+        w = g.view(-1, 1, 1, 1).to(residual.dtype)
+        executed = _add_relu_(residual, shortcut)
+        ctx.mark_dirty(residual)
+        ctx.save_for_backward(w, executed, shortcut)
         ctx.g_dtype = g.dtype
-        return torch.lerp(skipped, executed, w)
+        return torch.lerp(shortcut, executed, w), executed
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        w, executed, skipped = ctx.saved_tensors
-        g_g = g_e = g_s = None
+    def backward(
+        ctx: Any, grad: Tensor | None, grad_executed: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        w, executed, shortcut = ctx.saved_tensors
+        if grad is None:  # only the second output was used (nobody does): relu(r + s) alone
+            grad = torch.zeros_like(executed)
+        g_g = g_r = g_s = None
         if ctx.needs_input_grad[0]:
-            g_g = (executed - skipped).mul_(grad).sum(dim=(1, 2, 3)).to(ctx.g_dtype)
-        if ctx.needs_input_grad[1]:
+            g_g = (executed - shortcut).mul_(grad).sum(dim=(1, 2, 3)).to(ctx.g_dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             g_e = torch.mul(grad, w, out=torch.empty_like(executed))
+            if grad_executed is not None:
+                g_e += grad_executed
+            g_r = torch.ops.aten.threshold_backward(g_e, executed, 0)
         if ctx.needs_input_grad[2]:
-            g_s = torch.mul(grad, 1.0 - w, out=torch.empty_like(skipped))
-        return g_g, g_e, g_s
+            g_s = torch.addcmul(g_r, grad, 1.0 - w, out=torch.empty_like(shortcut))
+        return g_g, g_r if ctx.needs_input_grad[1] else None, g_s
 
 
 def _mix(g: Tensor, executed: Tensor, skipped: Tensor) -> Tensor:
-    """Eq. 1 with a per-sample gate ``g`` of shape (B,): ``g * executed + (1 - g) * skipped``.
+    """Eq. 1 with a per-sample gate ``g`` of shape (B,), without autograd: ``lerp(skipped, executed, g)``.
 
-    One fused ``lerp`` instead of four element-wise passes; exact for ``g`` in {0, 1}, and its gradient in
-    ``g`` is ``executed - skipped`` (summed with the output gradient per sample) as Eq. 1's.
+    One fused ``lerp`` instead of four element-wise passes; exact for ``g`` in {0, 1}.
     """
-    if torch.is_grad_enabled() and g.requires_grad:
-        return _Mix.apply(g, executed, skipped)
     return torch.lerp(skipped, executed, g.view(-1, 1, 1, 1).to(executed.dtype))
+
+
+def _masked_tail(g: Tensor, residual: Tensor, shortcut: Tensor) -> Tensor:
+    """``lerp(shortcut, relu(residual + shortcut), g)``: Eq. 1 for the block whose residual branch gave
+    ``residual``. May write into ``residual`` (a fresh tensor of the caller's)."""
+    if torch.is_grad_enabled() and (g.requires_grad or residual.requires_grad or shortcut.requires_grad):
+        return _MaskedTail.apply(g, residual, shortcut)[0]
+    residual += shortcut
+    return _mix(g, F.relu_(residual), shortcut)
 
 
 def masked_block(block: nn.Module, x: Tensor, g: Tensor) -> Tensor:
     """Eq. 1 for every sample: the whole block and its shortcut (computed once), mixed by ``g`` (B,)."""
     shortcut = shortcut_branch(block, x)
-    executed = residual_branch(block, x)
-    executed += shortcut
-    return _mix(g, F.relu_(executed), shortcut)
+    return _masked_tail(g, residual_branch(block, x), shortcut)
 
 
 def routed_block(block: nn.Module, x: Tensor, decision: Tensor) -> Tensor:
@@ -196,6 +235,45 @@ def routed_block(block: nn.Module, x: Tensor, decision: Tensor) -> Tensor:
     return route_indices(block, x, torch.nonzero(decision > 0.5).flatten())
 
 
+def take_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """``x[idx]`` (rows ``idx`` of the batch dimension) in ``x``'s memory format.
+
+    When every sample is one dense block of memory (NCHW- or NHWC-contiguous ``x``) this is a single row-wise
+    ``index_select`` on a (B, C*H*W) view of the memory, viewed back: a third to a quarter of the time advanced
+    indexing takes on a ``channels_last`` tensor, whose general index kernel copies element by element.
+    (``index_select`` on the 4-D tensor itself would return NCHW.)
+    """
+    n = idx.numel()
+    if x.is_contiguous():
+        return x.view(x.shape[0], -1).index_select(0, idx).view((n, *x.shape[1:]))
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        b, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(b, -1).index_select(0, idx)
+        return rows.view(n, h, w, c).permute(0, 3, 1, 2)
+    return x[idx]
+
+
+_RUN_COPY_BYTES = 1 << 16  # per sample; below this index_copy_ is as fast as slice copies
+
+
+def put_rows_(x: Tensor, idx: Tensor, src: Tensor) -> Tensor:
+    """``x.index_copy_(0, idx, src)`` for sorted, unique ``idx``: rows ``idx`` of ``x`` replaced by ``src``.
+
+    On a CPU with large samples (64 KiB and more) each run of consecutive indices is one slice copy, a memcpy:
+    ``index_copy_``'s element-wise kernel takes 1.3 to 2 times as long there.
+    """
+    n = idx.numel()
+    if x.device.type != "cpu" or n == 0 or x[0].numel() * x.element_size() < _RUN_COPY_BYTES:
+        return x.index_copy_(0, idx, src)
+    rows = idx.tolist()
+    start = 0
+    for j in range(1, n + 1):
+        if j == n or rows[j] != rows[j - 1] + 1:
+            x.narrow(0, rows[start], j - start).copy_(src.narrow(0, start, j - start))
+            start = j
+    return x
+
+
 class _GatherRows(torch.autograd.Function):
     """``x[idx]`` whose backward scatters into a zero tensor laid out like ``x`` (autograd's own backward of
     advanced indexing allocates NCHW-contiguous zeros, so a ``channels_last`` network would get a gradient in
@@ -205,7 +283,7 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, idx: Tensor) -> Tensor:
         ctx.save_for_backward(idx)
         ctx.size, ctx.stride = x.shape, x.stride()
-        return x[idx]
+        return take_rows(x, idx)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
@@ -223,23 +301,23 @@ class _ScatterRows(torch.autograd.Function):
         ctx.save_for_backward(idx)
         if inplace:
             ctx.mark_dirty(base)
-            return base.index_copy_(0, idx, src)
-        return base.clone().index_copy_(0, idx, src)
+            return put_rows_(base, idx, src)
+        return put_rows_(base.clone(), idx, src)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:
         (idx,) = ctx.saved_tensors
         g_base = grad.clone().index_fill_(0, idx, 0.0) if ctx.needs_input_grad[0] else None
-        g_src = grad[idx] if ctx.needs_input_grad[2] else None
+        g_src = take_rows(grad, idx) if ctx.needs_input_grad[2] else None
         return g_base, None, g_src, None
 
 
 def route_indices(block: nn.Module, x: Tensor, idx: Tensor, inplace: bool = False) -> Tensor:
     """Run ``block`` on the rows ``idx`` (sorted, unique, 1-D int64) of ``x``; the other rows get the shortcut.
 
-    The executed subset is gathered with advanced indexing and written back with ``index_copy_``: both keep
-    ``channels_last`` on CPU (``index_select`` and the out-of-place ``index_copy`` do not), and under autograd
-    their backward keeps it too (:class:`_GatherRows`, :class:`_ScatterRows`). With ``inplace`` (only honoured
+    The executed subset is gathered with :func:`take_rows` and written back with :func:`put_rows_`: both keep
+    ``channels_last`` on CPU (a 4-D ``index_select`` and the out-of-place ``index_copy`` do not), and under
+    autograd their backward keeps it too (:class:`_GatherRows`, :class:`_ScatterRows`). With ``inplace`` (only honoured
     when autograd is off; the caller must own ``x``) the result is written into ``x`` itself for an identity
     shortcut, so no full-size copy is made; a projection shortcut is always a fresh tensor and is written into.
     A block that every sample executes runs as a plain block; one that none executes costs only its shortcut.
@@ -250,21 +328,21 @@ def route_indices(block: nn.Module, x: Tensor, idx: Tensor, inplace: bool = Fals
     if n == 0:
         return shortcut_branch(block, x)
     grad = torch.is_grad_enabled()
-    xs = _GatherRows.apply(x, idx) if grad else x[idx]
+    xs = _GatherRows.apply(x, idx) if grad else take_rows(x, idx)
     if block.downsample is not None:
         # Every sample needs the projection (skipped ones get exactly it). It is a fresh tensor of ours, and
         # writing into it is autograd-safe (batch norm does not save its output).
         shortcut = block.downsample(x)
         executed = residual_branch(block, xs)
-        executed += _GatherRows.apply(shortcut, idx) if grad else shortcut[idx]
+        executed += _GatherRows.apply(shortcut, idx) if grad else take_rows(shortcut, idx)
         executed = F.relu_(executed)
-        return _ScatterRows.apply(shortcut, idx, executed, True) if grad else shortcut.index_copy_(0, idx, executed)
+        return _ScatterRows.apply(shortcut, idx, executed, True) if grad else put_rows_(shortcut, idx, executed)
     executed = residual_branch(block, xs)
     executed += xs  # the identity shortcut of the executed rows, already gathered
     executed = F.relu_(executed)
     if grad:
         return _ScatterRows.apply(x, idx, executed, False)
-    return x.index_copy_(0, idx, executed) if inplace else x.clone().index_copy_(0, idx, executed)
+    return put_rows_(x if inplace else x.clone(), idx, executed)
 
 
 class GatedResNet(nn.Module):
@@ -322,8 +400,10 @@ class GatedResNet(nn.Module):
         return b.maxpool(b.relu(b.bn1(b.conv1(x))))
 
     def head(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            pooled = _GlobalAvgPool.apply(x)  # the same values; a gradient in x's memory format
+        if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+            # The same values; a gradient in x's memory format. (Under torch.compile the plain op is traced: the
+            # function keeps x's shape on ctx, which does not trace with symbolic shapes.)
+            pooled = _GlobalAvgPool.apply(x)
         else:
             pooled = self.backbone.avgpool(x)
         return self.backbone.fc(torch.flatten(pooled, 1))
@@ -395,7 +475,8 @@ class GatedResNet(nn.Module):
 
         z_l: list[Tensor] = []
         p_l: list[Tensor] = []
-        dec_l: list[Tensor] = []
+        dec_l: list[Tensor] | list[bool] = []
+        host_threshold: float | None = None
         for i, block in enumerate(self.gated_blocks):
             if compute_gates:
                 z, state = self.gate_step(i, x, state)
@@ -415,6 +496,18 @@ class GatedResNet(nn.Module):
             # A plain ResNet has no gate: p = 1, so greedy (threshold <= 1) executes every block.
             p = torch.sigmoid(z) if compute_gates else x.new_ones(batch)
             p_l.append(p)
+            if routed and mode == GateMode.GREEDY:  # only the decision 1[p >= t] is needed, as few ops as can be
+                if batch == 1:  # one host read, a plain Python branch
+                    if host_threshold is None:  # ``p >= t`` compares in p's dtype: so does this
+                        host_threshold = torch.tensor(threshold, dtype=p.dtype).item()
+                    take = p.item() >= host_threshold
+                    dec_l.append(take)
+                    x = run_block(block, x) if take else shortcut_branch(block, x)
+                else:
+                    mask = p.detach() >= threshold
+                    dec_l.append(mask)
+                    x = route_indices(block, x, torch.nonzero(mask).flatten(), inplace=inplace)
+                continue
             if mode == GateMode.SAMPLE:
                 hard = torch.bernoulli(p.detach())
             else:  # hard, soft, greedy
@@ -431,8 +524,8 @@ class GatedResNet(nn.Module):
                 x = masked_block(block, x, g)
             elif batch == 1:  # plain Python branch, no indexing
                 x = run_block(block, x) if hard.item() > 0.5 else shortcut_branch(block, x)
-            else:
-                x = route_indices(block, x, torch.nonzero(hard > 0.5).flatten(), inplace=inplace)
+            else:  # sample: a Bernoulli draw is exactly 0 or 1
+                x = route_indices(block, x, torch.nonzero(hard).flatten(), inplace=inplace)
 
         logits = self.head(x)
         if compute_gates and n_gates:
@@ -443,8 +536,12 @@ class GatedResNet(nn.Module):
             probs = x.new_ones(batch, n_gates)
         if forced is not None:
             dec = forced
+        elif dec_l and not isinstance(dec_l[0], Tensor):  # routed greedy, batch of one: Python flags
+            dec = torch.tensor(dec_l, dtype=dtype, device=x.device).view(1, -1)
         elif dec_l:
             dec = torch.stack(dec_l, 1)
+            if dec.dtype == torch.bool:  # routed greedy
+                dec = dec.to(dtype)
         else:  # all_on: every block ran
             dec = x.new_ones(batch, n_gates)
         if compute_gates and n_gates:

@@ -24,30 +24,34 @@ from torch.nn.modules import module as _hooks
 
 
 class _SpatialMean(torch.autograd.Function):
-    """``x.mean(dim=(2, 3))`` whose backward keeps ``x``'s memory format.
+    """``x.mean(dim=(2, 3))`` whose backward keeps ``x``'s memory format: it is a broadcast view.
 
     Autograd's own backward of ``mean`` (and of adaptive average pooling) returns an NCHW-contiguous gradient;
     in a ``channels_last`` network that gradient is then summed with the block's own (channels_last) input
-    gradient and every following backward kernel runs on mixed layouts, several times slower.
+    gradient and every following backward kernel runs on mixed layouts, several times slower. A broadcast view
+    of ``grad / (H W)`` has no layout of its own: autograd adds it into the input's other gradients (the RNN
+    gate's input is the block's input) in their layout, in one pass and without a full-size temporary, and a
+    kernel that consumes it alone (a feed-forward gate's ReLU backward) writes in its other operand's layout.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
         ctx.shape = x.shape
-        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        ctx.memory_format = torch.channels_last if cl else torch.contiguous_format
         return x.mean(dim=(2, 3))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         b, c, h, w = ctx.shape
-        out = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.memory_format)
-        return out.copy_((grad / (h * w)).view(b, c, 1, 1).expand(ctx.shape))
+        return (grad / (h * w)).view(b, c, 1, 1).expand(ctx.shape)
 
 
 def spatial_mean(x: Tensor) -> Tensor:
-    """Global average pooling (B, C, H, W) -> (B, C); same values as ``x.mean(dim=(2, 3))``."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    """Global average pooling (B, C, H, W) -> (B, C); same values as ``x.mean(dim=(2, 3))``.
+
+    Under ``torch.compile`` the plain op is traced instead (the autograd function keeps the input's shape on
+    ``ctx``, which does not trace with symbolic shapes; the compiler derives its own backward anyway).
+    """
+    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
         return _SpatialMean.apply(x)
     return x.mean(dim=(2, 3))
 
@@ -112,8 +116,29 @@ class FeedForwardGates(GateBank):
         return self.gates[i](x), state
 
 
+class _FoldedStep:
+    """One RNN gate step's folded input weights (see :class:`RNNGate`): ``weight`` = ``W_ih P_i``, ``bias``, and
+    ``weight_hw`` = ``weight / hw`` for the spatial size ``hw`` = H W last seen."""
+
+    __slots__ = ("weight", "bias", "hw", "weight_hw")
+
+    def __init__(self, weight: Tensor, bias: Tensor) -> None:
+        self.weight, self.bias, self.hw, self.weight_hw = weight, bias, 0, weight
+
+
 class RNNGate(GateBank):
-    """The recurrent gate (Fig. 11c): per-block projection, one shared LSTM cell and output layer."""
+    """The recurrent gate (Fig. 11c): per-block projection, one shared LSTM cell and output layer.
+
+    Two executions of the same function. With autograd (training), autocast, ``torch.compile`` or while someone
+    watches the module calls (e.g. the cost counter's hooks), every step runs the projection, the LSTM cell and
+    the output layer as written. Otherwise (inference) :meth:`init_state` selects a fast path of three calls per
+    step: the spatial sum, one ``torch.lstm_cell`` whose input weights are the LSTM's ``W_ih`` with the block's
+    projection and the mean's ``1 / (H W)`` folded in (``W_ih P_i / (H W)``, bias ``W_ih b_i + b_ih + b_hh``),
+    and one ``addmv`` for the output layer. The folded weights are computed for all gates at once (a few
+    batched products) and cached until a gate parameter changes. At batch size 1 on a CPU a gate's cost is its
+    number of calls, not its ~0.04% of a block's MACs. The logits equal the module path's up to float rounding
+    (the folded products are summed in another order).
+    """
 
     def __init__(self, channels: list[int], embed: int = 10, hidden: int = 10) -> None:
         super().__init__()
@@ -124,29 +149,78 @@ class RNNGate(GateBank):
         self.num_gates = len(channels)
         # Plain references for the hot path (a tuple is not registered as a submodule).
         self._hot = (list(self.proj), self.lstm, self.fc)
+        # Runs of consecutive gates with the same input width (one per stage): folded together.
+        runs: list[tuple[int, int]] = []
+        for i, c in enumerate(channels):
+            if runs and channels[runs[-1][0]] == c:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+        self._runs = runs
 
-    def init_state(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def _watched(*modules: nn.Module) -> bool:
+        """Whether forward (pre-)hooks watch these module calls (then the modules must be called)."""
+        if _hooks._global_forward_hooks or _hooks._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+    def _folded(self) -> tuple[list[_FoldedStep], Tensor, Tensor, Tensor]:
+        """The inference parameters (see :meth:`_fold`), cached while no gate parameter changes: the key is every
+        parameter's storage address and version counter (bumped by optimizer steps, ``load_state_dict`` and
+        any other in-place update; a moved, converted or replaced parameter has a new address)."""
+        projs, lstm, fc = self._hot
+        key = tuple(
+            (t.data_ptr(), t._version) for m in (lstm, fc, *projs) for t in m._parameters.values() if t is not None
+        )
+        cache = self.__dict__.get("_fold_cache")
+        if cache is None or cache[0] != key:
+            cache = self.__dict__["_fold_cache"] = (key, self._fold())
+        return cache[1]
+
+    @torch.no_grad()
+    def _fold(self) -> tuple[list[_FoldedStep], Tensor, Tensor, Tensor]:
+        """Per gate ``W_ih P_i`` and ``W_ih b_i + b_ih + b_hh``; ``W_hh``; the output layer's weight row and bias."""
+        projs, lstm, fc = self._hot
+        w_ih = lstm.weight_ih
+        bias = lstm.bias_ih + lstm.bias_hh
+        folded: list[_FoldedStep] = []
+        for a, b in self._runs:
+            w = torch.stack([p.weight for p in projs[a:b]])  # (n, E, C)
+            pb = torch.stack([p.bias for p in projs[a:b]])  # (n, E)
+            folded += map(_FoldedStep, torch.matmul(w_ih, w).unbind(0), torch.addmm(bias, pb, w_ih.t()).unbind(0))
+        return folded, lstm.weight_hh, fc.weight[0], fc.bias
+
+    def init_state(self, x: Tensor) -> tuple[Tensor, ...]:
+        """``(h, c)`` at zero, plus the folded parameters when the fast inference path applies."""
         zeros = x.new_zeros(x.shape[0], self.hidden)
-        return zeros, zeros
+        projs, lstm, fc = self._hot
+        if (
+            torch.is_grad_enabled()
+            or torch.is_autocast_enabled(x.device.type)
+            or torch.compiler.is_compiling()
+            or self._watched(lstm, fc, *projs)
+        ):
+            return zeros, zeros
+        return zeros, zeros, self._folded()
 
-    def step(self, i: int, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Any]:
+    def step(self, i: int, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, Any]:
+        if len(state) == 3:  # the inference path (see the class docstring)
+            h, c, params = state
+            folded, w_hh, fc_w, fc_b = params
+            f = folded[i]
+            hw = x.shape[2] * x.shape[3]
+            if f.hw != hw:  # first step at this input size: fold the mean's 1 / (H W) in too
+                f.hw, f.weight_hw = hw, f.weight / hw
+            h, c = torch.lstm_cell(x.sum(dim=(2, 3)), (h, c), f.weight_hw, w_hh, f.bias)
+            return torch.addmv(fc_b, h, fc_w), (h, c, params)
         projs, lstm, fc = self._hot
         proj = projs[i]
-        if (
-            _hooks._global_forward_hooks
-            or _hooks._global_forward_pre_hooks
-            or proj._forward_hooks
-            or proj._forward_pre_hooks
-            or lstm._forward_hooks
-            or lstm._forward_pre_hooks
-            or fc._forward_hooks
-            or fc._forward_pre_hooks
-        ):  # someone (e.g. the cost counter) is watching the module calls: make them
+        if self._watched(proj, lstm, fc):  # someone (e.g. the cost counter) is watching the module calls: make them
             h, c = lstm(proj(spatial_mean(x)), state)
             return fc(h)[:, 0], (h, c)
         # The same ops, bit for bit, without the Python overhead of three module calls and LSTMCell's input
-        # checks: at batch size 1 on a CPU this cuts the gate's time by a third, and that time, not its
-        # ~0.04% of a block's MACs, is what a gate costs there.
+        # checks.
         h, c = torch.lstm_cell(
             F.linear(spatial_mean(x), proj.weight, proj.bias),
             state,
