@@ -432,3 +432,27 @@ def test_bench_cli_checkpoint_uses_learned_gates(tmp_path, capsys: pytest.Captur
 def test_bench_cli_user_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_bench_cli_data_times_real_images(tmp_path, cifar_jpeg, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--data``: the learned gates decide on real test images (as the checkpoint saw them), not on noise."""
+    from skipnet.checkpoint import save_checkpoint
+    from skipnet.commands.bench import real_images
+
+    model = calibrated("tiny_rnn_gate_14")
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model)
+    argv = ["bench", str(path), "--batch-size", "5", "--repeats", "1", "--threads", "1", "--json"]
+    assert main([*argv, "--data", cifar_jpeg]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["inputs"] == "real images" and res["image_size"] == 32
+    x = real_images(str(path), model, cifar_jpeg, None, 5)
+    assert x.shape == (5, 3, 32, 32) and x.std() > 0.1
+    with torch.no_grad():
+        expected = model.eval()(x, "greedy").trace.decisions.float().mean().item()
+    assert res["keep"] == pytest.approx(expected)
+    assert main(argv) == 0  # without --data: random inputs
+    assert json.loads(capsys.readouterr().out)["inputs"] == "random N(0, 1)"
+    assert main(["bench", "tiny_rnn_gate_14", "--data", "digits"]) == 2
+    assert main([*argv, "--data", "digits"]) == 2  # 1-channel 8x8 digits for a 3-channel network
+    assert "channel" in capsys.readouterr().err

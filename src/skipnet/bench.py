@@ -171,6 +171,7 @@ def bench_inference(
     warmup: int = 2,
     seed: int = 0,
     info: dict[str, Any] | None = None,
+    images: Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """Time plain / masked / routed inference of ``model`` at one batch size, for each keep ratio.
 
@@ -179,6 +180,8 @@ def bench_inference(
         keeps: keep ratios to force (Bernoulli decisions); ``None`` means the model's own greedy gates decide.
             ``plain`` is timed once, interleaved with the masked and routed variants of every keep ratio.
         info: extra fields copied into every result (``source``, ``arch``, ...).
+        images: the inputs (B, C, S, S), e.g. real test images on which learned gates decide as they would in
+            use; default seeded N(0, 1) noise.
 
     Returns one dict per keep ratio, with the keys documented in :mod:`skipnet.commands.bench`.
     """
@@ -192,7 +195,10 @@ def bench_inference(
     model.eval()
     model.to(memory_format=CHANNELS_LAST)
     cm = cost_model(model, size)
-    x = random_images(batch_size, model, size, seed)
+    if images is None:
+        x = random_images(batch_size, model, size, seed)
+    else:
+        x = images.contiguous(memory_format=CHANNELS_LAST)
 
     fns: dict[str, Callable[[], Any]] = {"plain": lambda: model(x, "all_on")}
     runs: list[dict[str, Any]] = []
@@ -227,6 +233,7 @@ def bench_inference(
                 "arch": model.config.name,
                 "image_size": size,
                 "batch_size": batch_size,
+                "inputs": "random N(0, 1)" if images is None else "real images",
                 "decisions": "learned greedy gates" if run["keep_requested"] is None else "forced Bernoulli(keep)",
                 "keep_requested": run["keep_requested"],
                 "keep": float(dec.mean()) if dec.numel() else 1.0,

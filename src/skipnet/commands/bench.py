@@ -47,8 +47,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed rounds (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and forced decisions")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="time on the first B test images of this data set (as the checkpoint saw it: normalisation, size), "
+        "so learned gates decide as they do in use; default: random N(0, 1) inputs",
+    )
+    p.add_argument("--data-dir", default=None, help="where torchvision data sets live (with --data)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
+
+
+def real_images(path: str, model, spec: str, data_dir: str | None, batch: int) -> torch.Tensor:
+    """The first ``batch`` images of the test split, loaded as the checkpoint saw its data."""
+    from skipnet.checkpoint import load_checkpoint, require_same_classes
+    from skipnet.evaluate import data_for_checkpoint, eval_loader
+
+    data = data_for_checkpoint(load_checkpoint(path), model, spec, data_dir=data_dir, batch_size=batch)
+    require_same_classes(model, data, path)
+    xs, n = [], 0
+    for x, _ in eval_loader(data, "test"):
+        xs.append(x)
+        n += len(x)
+        if n >= batch:
+            break
+    x = torch.cat(xs)[:batch]
+    if x.shape[1] != model.config.in_channels:
+        raise SkipnetError(
+            f"--data {spec}: {x.shape[1]}-channel images for a {model.config.in_channels}-channel network ({path})"
+        )
+    if len(x) < batch:
+        raise SkipnetError(f"--data: the test split has only {len(x)} images, fewer than --batch-size {batch}")
+    return x
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,7 +93,13 @@ def run(args: argparse.Namespace) -> int:
     threads = set_threads(args.threads)
     torch.manual_seed(args.seed)
     model, info = load_subject(args.subject)
-    size = args.image_size or model.config.image_size
+    images = None
+    if args.data is not None:
+        if info["source"] != "checkpoint":
+            raise SkipnetError("--data needs a checkpoint (an architecture name has no trained normalisation)")
+        images = real_images(args.subject, model, args.data, args.data_dir, args.batch_size)
+        info["inputs"] = f"first {args.batch_size} test images of {args.data}"
+    size = args.image_size or (images.shape[-1] if images is not None else model.config.image_size)
     keep = args.keep
     if info["source"] == "arch":
         keep = 0.5 if keep is None else keep
@@ -78,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         seed=args.seed,
         info=info,
+        images=images,
     )
     if args.json:
         print(json.dumps(res))
