@@ -106,5 +106,6 @@ def run(args: argparse.Namespace) -> int:
             f"{r['stage']:<6} {r['accuracy']:>10.2f} {r['macs']:>12,} {r['macs_reduction']:>13.1f} "
             f"{r['computation_percentage']:>8.1f}  {r['run']}"
         )
-    print("\nNext: skipnet eval runs/quickstart/hrl/best.pt --data digits ; skipnet bench runs/quickstart/hrl/best.pt")
+    best = out / "hrl" / "best.pt"
+    print(f"\nNext: skipnet eval {best} --data digits ; skipnet bench {best} --data digits")
     return 0
