@@ -108,8 +108,9 @@ def experiments(scale: str, data: str, out: Path) -> list[dict]:
                 "alpha": a,
             }
         )
-    # The authors' recipe: SP from scratch on the base schedule (its gates stay undecided enough for HRL to
-    # explore), then HRL. SP from the base weights (above) drives every gate to "execute" and HRL cannot move it.
+    # The authors' recipe: SP from scratch on the base schedule (the backbone learns with blocks skipped and the
+    # gates become block-specific), then HRL. SP from the base weights (above) leaves one undiscriminating gate
+    # probability above 0.5, and HRL then pushes every gate to "execute": skips cost more CE than alpha repays.
     runs.append(
         {"name": "sp_r38_rnn_scratch", "group": "2", "arch": "cifar10_rnn_gate_38", "stage": "sp", "args": s["base"]}
     )
