@@ -448,37 +448,68 @@ def verdicts(rows: dict[str, dict], scale: str) -> tuple[dict, list[str]]:
     return headline, out
 
 
+def _category(r: dict) -> str:
+    if r["stage"] == "hrl+cal":
+        return "HRL, threshold calibrated to 30%"
+    if r["stage"] in ("sp", "hrl") and "scratch" in r["name"]:
+        return f"{r['stage'].upper()} (SP from scratch)"
+    if r["stage"] in ("sp", "hrl"):
+        return f"{r['stage'].upper()} (SP from base)" + (", FFGate-I" if "_ff" in r["name"] else "")
+    names = {"base": "plain ResNet-38", "soft": "soft gating", "sdv": "SDV (random skipping)"}
+    return names.get(r["stage"], r["stage"])
+
+
 def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy vs MACs of every ResNet-38 run: the whole range, and a zoom on the region near the plain network."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
     styles = {
-        "base": ("k", "s"),
-        "sp": ("tab:blue", "o"),
-        "hrl": ("tab:red", "^"),
-        "soft": ("tab:gray", "v"),
-        "sdv": ("tab:green", "D"),
-        "rl": ("tab:purple", "x"),
+        "plain ResNet-38": ("k", "s", True),
+        "SP (SP from base)": ("tab:blue", "o", True),
+        "HRL (SP from base)": ("tab:red", "^", True),
+        "SP (SP from base), FFGate-I": ("tab:cyan", "o", True),
+        "HRL (SP from base), FFGate-I": ("tab:pink", "^", True),
+        "SP (SP from scratch)": ("tab:blue", "o", False),
+        "HRL (SP from scratch)": ("tab:orange", "^", True),
+        "HRL, threshold calibrated to 30%": ("tab:brown", "P", False),
+        "soft gating": ("tab:gray", "v", True),
+        "SDV (random skipping)": ("tab:green", "D", True),
     }
-    for r in rows:
-        if r.get("accuracy") is None or not r["arch"].endswith("38"):
-            continue
-        color, marker = styles.get(r["stage"], ("k", "o"))
-        ax.scatter(r["macs"] / 1e6, r["accuracy"], c=color, marker=marker, s=60)
-        ax.annotate(
-            r["name"].replace("_r38", ""),
-            (r["macs"] / 1e6, r["accuracy"]),
-            textcoords="offset points",
-            xytext=(5, 4),
-            fontsize=8,
-        )
-    ax.set_xlabel("mean multiply-adds per image (millions, gates included)")
-    ax.set_ylabel("CIFAR-10 test accuracy (%)")
-    ax.set_title("Accuracy vs computation, ResNet-38 family (CPU-scale schedule)")
-    ax.grid(alpha=0.3)
+    pts = [r for r in rows if r.get("accuracy") is not None and r["arch"].endswith("38")]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1, 1.3]})
+    seen: set[str] = set()
+    for k, ax in enumerate(axes):
+        placed: list[tuple[float, float]] = []
+        for r in sorted(pts, key=lambda r: -r["accuracy"]):
+            cat = _category(r)
+            color, marker, filled = styles.get(cat, ("k", "o", True))
+            x, y = r["macs"] / 1e6, r["accuracy"]
+            label = cat if k == 0 and cat not in seen else None
+            seen.add(cat)
+            kw = {"c": color} if filled or marker == "P" else {"facecolors": "none", "edgecolors": color}
+            ax.scatter(x, y, marker=marker, s=60, label=label, linewidths=1.5, **kw)
+            if k == 1 and all(abs(x - px) > 4 or abs(y - py) > 1.2 for px, py in placed):  # no overlapping labels
+                placed.append((x, y))
+                name = r["name"].replace("_r38", "")
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.set_xlabel("mean multiply-adds per image (millions, gates included)")
+        ax.grid(alpha=0.3)
+    base = next((r for r in pts if r["stage"] == "base"), None)
+    axes[0].set_ylabel("CIFAR-10 test accuracy (%)")
+    axes[0].set_title("All ResNet-38 runs (CPU-scale schedule)")
+    axes[0].legend(fontsize=7, loc="lower right")
+    zoom = [r for r in pts if r["accuracy"] >= 60]
+    if zoom:
+        axes[1].set_xlim(min(r["macs"] for r in zoom) / 1e6 - 5, max(r["macs"] for r in zoom) / 1e6 + 12)
+        axes[1].set_ylim(min(r["accuracy"] for r in zoom) - 2, max(r["accuracy"] for r in zoom) + 2)
+    if base:
+        for ax in axes:
+            ax.axhline(base["accuracy"] - 0.5, color="k", lw=0.8, ls=":")
+            ax.axvline(0.7 * base["macs"] / 1e6, color="k", lw=0.8, ls=":")
+        axes[1].set_title("Zoom (dotted: the headline's corner, >= 30% fewer MACs within 0.5 points)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
