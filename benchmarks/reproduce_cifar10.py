@@ -298,6 +298,17 @@ def bench(ckpt: Path, batch: int, out: Path, data: str, keep: float | None = Non
     return d
 
 
+def test_fields(t: dict) -> dict:
+    """The reported figures of one test evaluation (``summary.json``'s or ``skipnet eval --json``'s ``test``)."""
+    return {
+        "accuracy": round(t["accuracy"], 2),
+        "macs": t["macs_mean"],
+        "macs_all_on": t["macs_all_on"],
+        "macs_reduction": round(t["macs_reduction"], 2),
+        "computation_percentage": round(t["computation_percentage"], 2),
+    }
+
+
 def row(r: dict, summary: dict | None) -> dict:
     d = {
         "name": r["name"],
@@ -310,13 +321,7 @@ def row(r: dict, summary: dict | None) -> dict:
         if k in r:
             d[k] = r[k]
     if summary:
-        t = summary["test"]
-        d |= {
-            "accuracy": round(t["accuracy"], 2),
-            "macs": t["macs_mean"],
-            "macs_all_on": t["macs_all_on"],
-            "macs_reduction": round(t["macs_reduction"], 2),
-            "computation_percentage": round(t["computation_percentage"], 2),
+        d |= test_fields(summary["test"]) | {
             "train_time_s": summary.get("train_time_s"),
             "best_val_accuracy": summary.get("best_val_accuracy"),
             "steps": summary.get("steps"),
@@ -557,11 +562,7 @@ def main() -> int:
                 "stage": "hrl+cal",
                 "alpha": r.get("alpha"),
                 "command": " && ".join(cal["commands"]),
-                "accuracy": round(t["accuracy"], 2),
-                "macs": t["macs_mean"],
-                "macs_all_on": t["macs_all_on"],
-                "macs_reduction": round(t["macs_reduction"], 2),
-                "computation_percentage": round(t["computation_percentage"], 2),
+                **test_fields(t),
                 "threshold": t.get("threshold"),
                 "train_time_s": results[r["name"]].get("train_time_s"),
             }

@@ -565,16 +565,9 @@ class Trainer:
             )
         self._save("last.pt", metrics)
         if improved and self.main:
-            atomic_write(self.out / "best.pt", self._copy_of(self.out / "last.pt"))
+            with open(self.out / "last.pt", "rb") as src:
+                atomic_write(self.out / "best.pt", lambda f: shutil.copyfileobj(src, f))
         self.dist.barrier()
-
-    @staticmethod
-    def _copy_of(src: Path):
-        def write(f) -> None:
-            with open(src, "rb") as g:
-                shutil.copyfileobj(g, f)
-
-        return write
 
     def _finish(self, elapsed: float) -> dict[str, Any]:
         summary: dict[str, Any] = {"stage": self.cfg.stage, "arch": self.model.config.name, "steps": self.step}
