@@ -282,6 +282,35 @@ def test_sample_mode_log_probs(name: str) -> None:
     assert not torch.equal(again, tr.decisions)
 
 
+def test_sample_mode_exploration_floor() -> None:
+    """``explore=eps`` draws from pi = eps + (1 - 2 eps) p with log pi in the trace; gates at p ~ 1 still skip."""
+    name, eps = "tiny_rnn_gate_14", 0.2
+    model = create_model(name).double().train()
+    with torch.no_grad():
+        for unit in _gate_units(model):
+            for m in unit.modules():
+                if isinstance(m, nn.Linear) and m.out_features == 1:
+                    m.bias.fill_(30.0)  # p = sigmoid(~30): the paper's policy would never skip
+    x = _images(name, 64, torch.float64)
+    torch.manual_seed(0)
+    tr = model(x, mode="sample").trace
+    assert bool((tr.probs > 1 - 1e-9).all()) and bool((tr.decisions == 1).all())
+    torch.manual_seed(0)
+    tr = model(x, mode="sample", explore=eps).trace
+    skipped = float((tr.decisions == 0).double().mean())
+    assert 0.1 < skipped < 0.3, skipped  # ~eps of 64 x N draws
+    pi = eps + (1 - 2 * eps) * tr.probs
+    expected = torch.where(tr.decisions == 1, torch.log(pi), torch.log1p(-pi))
+    assert_close(tr.log_probs, expected, rtol=1e-10, atol=1e-12)
+    assert tr.log_probs.requires_grad
+    # Greedy decisions do not depend on the floor's training policy (pi >= 1/2 iff p >= 1/2).
+    model.eval()
+    with torch.no_grad():
+        assert bool((model(x).trace.decisions == 1).all())
+    with pytest.raises(SkipnetError, match="explore"):
+        model(x, mode="sample", explore=0.5)
+
+
 @pytest.mark.parametrize("name", GATED_TINY)
 def test_greedy_threshold(name: str) -> None:
     model = create_model(name).eval()

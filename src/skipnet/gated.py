@@ -422,6 +422,7 @@ class GatedResNet(nn.Module):
         keep: float | None = None,
         decisions: Tensor | None = None,
         execution: str = "auto",
+        explore: float = 0.0,
     ) -> SkipOutput:
         """Run the network on images ``x`` (B, C, H, W).
 
@@ -432,6 +433,10 @@ class GatedResNet(nn.Module):
             decisions: (B, N) forced 0/1 decisions; gates are still computed (their cost is real) but the
                 given decisions are taken. Used by benchmarks and tests.
             execution: ``"auto"``, ``"routed"`` or ``"masked"``.
+            explore: exploration floor ``eps`` of ``sample`` mode (beyond the paper): decisions are drawn from
+                ``pi = eps + (1 - 2 eps) p`` and ``log_probs`` are those of ``pi``, so every block is tried on and
+                off at least ``eps`` of the time. ``pi >= 1/2`` exactly when ``p >= 1/2``: greedy inference at
+                threshold 0.5 decides as the policy's mode. 0 is the paper's policy.
         """
         mode = GateMode(mode or self.mode)
         threshold = self.threshold if threshold is None else threshold
@@ -440,6 +445,8 @@ class GatedResNet(nn.Module):
             raise SkipnetError(f"execution must be auto, routed or masked, got {execution!r}")
         if mode in (GateMode.HARD, GateMode.SOFT, GateMode.SAMPLE) and self.gates is None:
             raise SkipnetError(f"mode {mode.value!r} needs a gated architecture; this one has no gates")
+        if not 0.0 <= explore < 0.5:
+            raise SkipnetError(f"explore must be in [0, 0.5), got {explore}")
         if mode in (GateMode.HARD, GateMode.SOFT) and execution == "routed":
             raise SkipnetError(f"mode {mode.value!r} needs masked execution (its gradient needs every block)")
         routed = execution == "routed" or (execution == "auto" and (mode in ROUTED_BY_DEFAULT or decisions is not None))
@@ -509,7 +516,7 @@ class GatedResNet(nn.Module):
                     x = route_indices(block, x, torch.nonzero(mask).flatten(), inplace=inplace)
                 continue
             if mode == GateMode.SAMPLE:
-                hard = torch.bernoulli(p.detach())
+                hard = torch.bernoulli(p.detach() if not explore else explore + (1.0 - 2.0 * explore) * p.detach())
             else:  # hard, soft, greedy
                 hard = (p.detach() >= threshold).to(dtype)
             dec_l.append(hard)
@@ -546,7 +553,12 @@ class GatedResNet(nn.Module):
             dec = x.new_ones(batch, n_gates)
         if compute_gates and n_gates:
             # log pi(g_i | x) for the Bernoulli policy of Eq. 3, stable in the logit; one pass for all gates.
-            log_probs = dec * F.logsigmoid(z_all) + (1.0 - dec) * F.logsigmoid(-z_all)
+            if explore and mode == GateMode.SAMPLE:  # the floored policy pi = eps + (1 - 2 eps) p; 1 - pi likewise
+                on = torch.log(explore + (1.0 - 2.0 * explore) * torch.sigmoid(z_all))
+                off = torch.log(explore + (1.0 - 2.0 * explore) * torch.sigmoid(-z_all))
+                log_probs = dec * on + (1.0 - dec) * off
+            else:
+                log_probs = dec * F.logsigmoid(z_all) + (1.0 - dec) * F.logsigmoid(-z_all)
         else:
             log_probs = x.new_zeros(batch, n_gates)
         trace = GateTrace(probs=probs, decisions=dec.detach(), log_probs=log_probs, logits=z_all)

@@ -75,6 +75,7 @@ class TrainConfig:
     rl_weight: float = 1.0
     gate_lr_mult: float = 1.0
     baseline: str = "none"
+    explore: float = 0.0
     keep: float = 0.5
     threshold: float = 0.5
     val_split: float = 0.1
@@ -396,7 +397,12 @@ class Trainer:
         y = y.to(self.device, non_blocking=True)
         with self.amp:
             out = self.train_model(
-                x, self.stage.train_mode, threshold=cfg.threshold, keep=cfg.keep, execution=self.dist.train_execution
+                x,
+                self.stage.train_mode,
+                threshold=cfg.threshold,
+                keep=cfg.keep,
+                execution=self.dist.train_execution,
+                explore=cfg.explore if self.stage.train_mode == GateMode.SAMPLE else 0.0,
             )
             ce = F.cross_entropy(out.logits.float(), y, reduction="none")  # (B,)
             loss, stats = self.stage.loss(

@@ -77,6 +77,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--baseline", choices=["none", "batch", "ema"], default="none", help="REINFORCE baseline (variance reduction)"
     )
+    p.add_argument(
+        "--explore",
+        type=float,
+        default=0.0,
+        help="hrl/rl: exploration floor eps, gates sampled from eps + (1 - 2 eps) p (beyond the paper; 0 = paper)",
+    )
     p.add_argument("--keep", type=float, default=0.5, help="SDV keep ratio (stage sdv)")
     p.add_argument("--threshold", type=float, default=0.5, help="gate threshold for hard/greedy decisions")
     p.add_argument("--val-split", type=float, default=0.1, help="fraction of train held out for model selection")
@@ -138,6 +144,7 @@ RULES: list[tuple[str, object, str]] = [
     ("keep", _unit, "in [0, 1]"),
     ("momentum", _unit_open, "in [0, 1)"),
     ("val_split", _unit_open, "in [0, 1)"),
+    ("explore", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)"),
 ]
 
 # Files whose presence means --out already holds a run (config.json alone: a run that never got to a checkpoint).
