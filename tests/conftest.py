@@ -14,6 +14,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fast_gate_kernel() -> None:
+    """Build the compiled gate kernel (skipnet.fastgate) once, up front, instead of inside the first test that
+    runs CPU inference (on a fresh machine the build takes ~25 s; later processes load the cached build)."""
+    from skipnet import fastgate
+
+    fastgate.load()
+
+
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 

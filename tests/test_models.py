@@ -11,7 +11,7 @@ from torch.testing import assert_close
 
 from skipnet import ArchConfig, GatedResNet, GateMode, SkipnetError, create_model, get_config, list_models
 from skipnet.gated import SkipOutput, routed_block, run_block, shortcut_branch
-from skipnet.gates import RNNGate
+from skipnet.gates import KernelRun, RNNGate
 from skipnet.registry import register
 
 # Gated blocks N = blocks - 1 (the first residual block always runs); reference notes §1.
@@ -337,7 +337,7 @@ def test_greedy_threshold(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["tiny_rnn_gate_14", "tiny_feedforward_14", "tiny_resnet_14"])
-def test_random_mode(name: str) -> None:
+def test_random_mode(name: str, monkeypatch) -> None:
     model = create_model(name).eval()
     n = model.num_gates
     x = _images(name, 6)
@@ -348,6 +348,13 @@ def test_random_mode(name: str) -> None:
         return GatedResNet.gate_step(model, *args)
 
     model.gate_step = counting_gate_step  # instance attribute shadows the method
+    kernel_step = KernelRun.step  # the compiled gate path (CPU float32 inference) steps the gates itself
+
+    def counting_kernel_step(self, i, x):
+        gate_calls.append(i)
+        return kernel_step(self, i, x)
+
+    monkeypatch.setattr(KernelRun, "step", counting_kernel_step)
     with torch.no_grad():
         none = model(x, mode="random", keep=0.0)
         every = model(x, mode="random", keep=1.0)

@@ -484,8 +484,14 @@ class GatedResNet(nn.Module):
         p_l: list[Tensor] = []
         dec_l: list[Tensor] | list[bool] = []
         host_threshold: float | None = None
+        # CPU float32 inference with the recurrent gate: each gate step is one compiled call that also takes the
+        # decision and lists the executed samples (skipnet.fastgate); ``kern.z`` / ``kern.p`` hold the trace.
+        kern = self.gates.kernel_run(x, state, threshold) if compute_gates and n_gates else None
+        kern_routes = kern is not None and routed and mode == GateMode.GREEDY and forced is None
         for i, block in enumerate(self.gated_blocks):
-            if compute_gates:
+            if kern is not None:
+                n_exec = kern.step(i, x)
+            elif compute_gates:
                 z, state = self.gate_step(i, x, state)
                 z_l.append(z)
             if all_on:
@@ -500,9 +506,20 @@ class GatedResNet(nn.Module):
                     x = route_indices(block, x, rows[i], inplace=inplace)
                 continue
 
+            if kern_routes:  # the kernel decided: n_exec samples, listed in kern.idx
+                if n_exec == batch:
+                    x = run_block(block, x)
+                elif n_exec == 0:
+                    x = shortcut_branch(block, x)
+                else:
+                    x = route_indices(block, x, kern.idx[:n_exec], inplace=inplace)
+                continue
             # A plain ResNet has no gate: p = 1, so greedy (threshold <= 1) executes every block.
-            p = torch.sigmoid(z) if compute_gates else x.new_ones(batch)
-            p_l.append(p)
+            if kern is not None:
+                p = kern.p[:, i]
+            else:
+                p = torch.sigmoid(z) if compute_gates else x.new_ones(batch)
+                p_l.append(p)
             if routed and mode == GateMode.GREEDY:  # only the decision 1[p >= t] is needed, as few ops as can be
                 if batch == 1:  # one host read, a plain Python branch
                     if host_threshold is None:  # ``p >= t`` compares in p's dtype: so does this
@@ -535,7 +552,9 @@ class GatedResNet(nn.Module):
                 x = route_indices(block, x, torch.nonzero(hard).flatten(), inplace=inplace)
 
         logits = self.head(x)
-        if compute_gates and n_gates:
+        if kern is not None:
+            z_all, probs = kern.z, kern.p
+        elif compute_gates and n_gates:
             z_all = torch.stack(z_l, 1)
             probs = torch.stack(p_l, 1) if p_l else torch.sigmoid(z_all)
         else:
@@ -543,6 +562,8 @@ class GatedResNet(nn.Module):
             probs = x.new_ones(batch, n_gates)
         if forced is not None:
             dec = forced
+        elif kern_routes:  # the kernel's own comparison, p >= t in p's dtype
+            dec = (probs >= threshold).to(dtype)
         elif dec_l and not isinstance(dec_l[0], Tensor):  # routed greedy, batch of one: Python flags
             dec = torch.tensor(dec_l, dtype=dtype, device=x.device).view(1, -1)
         elif dec_l:

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules import module as _hooks
 
+from skipnet import fastgate
+
 
 class _SpatialMean(torch.autograd.Function):
     """``x.mean(dim=(2, 3))`` whose backward keeps ``x``'s memory format: it is a broadcast view.
@@ -102,6 +104,10 @@ class GateBank(nn.Module):
     def step(self, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
         raise NotImplementedError
 
+    def kernel_run(self, x: Tensor, state: Any, threshold: float) -> KernelRun | None:
+        """A compiled inference path for this forward (see :class:`KernelRun`), or ``None``."""
+        return None
+
 
 class FeedForwardGates(GateBank):
     """One independent feed-forward gate per gated block."""
@@ -118,12 +124,45 @@ class FeedForwardGates(GateBank):
 
 class _FoldedStep:
     """One RNN gate step's folded input weights (see :class:`RNNGate`): ``weight`` = ``W_ih P_i``, ``bias``, and
-    ``weight_hw`` = ``weight / hw`` for the spatial size ``hw`` = H W last seen."""
+    ``weight_hw`` = ``weight / hw`` (``weight_t_hw`` its contiguous transpose, for the compiled kernel) for the
+    spatial size ``hw`` = H W last seen."""
 
-    __slots__ = ("weight", "bias", "hw", "weight_hw")
+    __slots__ = ("weight", "bias", "hw", "weight_hw", "weight_t_hw")
 
     def __init__(self, weight: Tensor, bias: Tensor) -> None:
-        self.weight, self.bias, self.hw, self.weight_hw = weight, bias, 0, weight
+        self.weight, self.bias, self.hw, self.weight_hw, self.weight_t_hw = weight, bias, 0, weight, weight
+
+    def at_size(self, hw: int) -> _FoldedStep:
+        if self.hw != hw:  # first step at this input size: fold the mean's 1 / (H W) in too
+            self.hw, self.weight_hw = hw, self.weight / hw
+            self.weight_t_hw = self.weight_hw.t().contiguous()
+        return self
+
+
+class KernelRun:
+    """One forward's use of the compiled gate step (:mod:`skipnet.fastgate`), for float32 CPU inference.
+
+    Holds the LSTM state and (B, N) buffers that each :meth:`step` fills in column ``i``: ``z`` (logits) and
+    ``p`` (probabilities); ``idx[:n]`` are the samples with ``p >= threshold`` after the step that returned
+    ``n``. The caller reads them instead of computing ``sigmoid``, a comparison and ``nonzero`` per gate.
+    """
+
+    __slots__ = ("fn", "params", "threshold", "h", "c", "z", "p", "idx")
+
+    def __init__(self, fn: Any, params: tuple, batch: int, hidden: int, n_gates: int, threshold: float) -> None:
+        self.fn, self.params, self.threshold = fn, params, float(threshold)
+        self.h = torch.zeros(batch, hidden)
+        self.c = torch.zeros(batch, hidden)
+        self.z = torch.empty(batch, n_gates)
+        self.p = torch.empty(batch, n_gates)
+        self.idx = torch.empty(batch, dtype=torch.long)
+
+    def step(self, i: int, x: Tensor) -> int:
+        """Gate ``i`` on its block's input ``x``; returns how many samples execute the block."""
+        folded, _, fc_w, fc_b, w_hh_t = self.params
+        f = folded[i].at_size(x.shape[2] * x.shape[3])
+        return self.fn(x, self.h, self.c, f.weight_t_hw, w_hh_t, f.bias, fc_w, fc_b, self.z, self.p, self.idx, i,
+                       self.threshold)  # fmt: skip
 
 
 class RNNGate(GateBank):
@@ -165,7 +204,7 @@ class RNNGate(GateBank):
             return True
         return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
-    def _folded(self) -> tuple[list[_FoldedStep], Tensor, Tensor, Tensor]:
+    def _folded(self) -> tuple[list[_FoldedStep], Tensor, Tensor, Tensor, Tensor]:
         """The inference parameters (see :meth:`_fold`), cached while no gate parameter changes: the key is every
         parameter's storage address and version counter (bumped by optimizer steps, ``load_state_dict`` and
         any other in-place update; a moved, converted or replaced parameter has a new address)."""
@@ -179,8 +218,9 @@ class RNNGate(GateBank):
         return cache[1]
 
     @torch.no_grad()
-    def _fold(self) -> tuple[list[_FoldedStep], Tensor, Tensor, Tensor]:
-        """Per gate ``W_ih P_i`` and ``W_ih b_i + b_ih + b_hh``; ``W_hh``; the output layer's weight row and bias."""
+    def _fold(self) -> tuple[list[_FoldedStep], Tensor, Tensor, Tensor, Tensor]:
+        """Per gate ``W_ih P_i`` and ``W_ih b_i + b_ih + b_hh``; ``W_hh``; the output layer's weight row and bias;
+        ``W_hh`` transposed (contiguous, for the compiled kernel)."""
         projs, lstm, fc = self._hot
         w_ih = lstm.weight_ih
         bias = lstm.bias_ih + lstm.bias_hh
@@ -189,7 +229,7 @@ class RNNGate(GateBank):
             w = torch.stack([p.weight for p in projs[a:b]])  # (n, E, C)
             pb = torch.stack([p.bias for p in projs[a:b]])  # (n, E)
             folded += map(_FoldedStep, torch.matmul(w_ih, w).unbind(0), torch.addmm(bias, pb, w_ih.t()).unbind(0))
-        return folded, lstm.weight_hh, fc.weight[0], fc.bias
+        return folded, lstm.weight_hh, fc.weight[0], fc.bias, lstm.weight_hh.t().contiguous()
 
     def init_state(self, x: Tensor) -> tuple[Tensor, ...]:
         """``(h, c)`` at zero, plus the folded parameters when the fast inference path applies."""
@@ -204,14 +244,17 @@ class RNNGate(GateBank):
             return zeros, zeros
         return zeros, zeros, self._folded()
 
+    def kernel_run(self, x: Tensor, state: tuple[Tensor, ...], threshold: float) -> KernelRun | None:
+        """The compiled step for this forward when the fast inference path applies to float32 CPU input ``x``."""
+        if len(state) != 3 or not fastgate.applies(x):
+            return None
+        return KernelRun(fastgate.load().gate_step, state[2], x.shape[0], self.hidden, self.num_gates, threshold)
+
     def step(self, i: int, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, Any]:
         if len(state) == 3:  # the inference path (see the class docstring)
             h, c, params = state
-            folded, w_hh, fc_w, fc_b = params
-            f = folded[i]
-            hw = x.shape[2] * x.shape[3]
-            if f.hw != hw:  # first step at this input size: fold the mean's 1 / (H W) in too
-                f.hw, f.weight_hw = hw, f.weight / hw
+            folded, w_hh, fc_w, fc_b, _ = params
+            f = folded[i].at_size(x.shape[2] * x.shape[3])
             h, c = torch.lstm_cell(x.sum(dim=(2, 3)), (h, c), f.weight_hw, w_hh, f.bias)
             return torch.addmv(fc_b, h, fc_w), (h, c, params)
         projs, lstm, fc = self._hot

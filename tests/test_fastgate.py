@@ -1,0 +1,143 @@
+"""The compiled recurrent-gate step (skipnet.fastgate) against the eager PyTorch gate it replaces."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from skipnet import create_model, fastgate
+from skipnet.gates import KernelRun
+
+
+def _trained_like(name: str, seed: int = 1) -> torch.nn.Module:
+    """A model whose gates decide differently per sample (random, larger gate weights; BN statistics moved)."""
+    torch.manual_seed(seed)
+    model = create_model(name).eval()
+    with torch.no_grad():
+        for p in model.gates.parameters():
+            p.normal_(0, 0.5)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    monkeypatch.setenv("SKIPNET_FAST_GATE", "0")
+
+
+def test_kernel_builds_here() -> None:
+    """This machine (and CI, a machine like it) has a compiler: the kernel must be available, not silently off."""
+    assert fastgate.load() is not None
+    assert fastgate.module_name().startswith("skipnet_fastgate_")
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "strided"])
+@pytest.mark.parametrize("name,size", [("cifar10_rnn_gate_38", 32), ("tiny_rnn_gate_14", 16)])
+def test_kernel_step_equals_eager_gate(name: str, size: int, layout: str) -> None:
+    """Every gate of a network, on its block's real input: logits, probabilities, LSTM state and decisions."""
+    model = _trained_like(name)
+    for batch in (1, 7):
+        x = torch.randn(batch, 3, size, size)
+        with torch.no_grad():
+            h = model.first_block(model.stem(x))
+            state = model.gates.init_state(h)
+            assert len(state) == 3  # the eager inference path
+            kern = model.gates.kernel_run(h, state, 0.5)
+            assert isinstance(kern, KernelRun)
+            for i, block in enumerate(model.gated_blocks):
+                if layout == "channels_last":
+                    xi = h.contiguous(memory_format=torch.channels_last)
+                elif layout == "contiguous":
+                    xi = h.contiguous()
+                else:  # a view with gaps between rows: the kernel's general-stride loop
+                    xi = torch.cat([h, h], 3)[..., ::2]
+                z, state = model.gates.step(i, xi, state)
+                n = kern.step(i, xi)
+                assert_close(kern.z[:, i], z, rtol=1e-4, atol=1e-5)
+                assert_close(kern.h, state[0], rtol=1e-4, atol=1e-5)
+                assert_close(kern.c, state[1], rtol=1e-4, atol=1e-5)
+                assert_close(kern.p[:, i], torch.sigmoid(kern.z[:, i]), rtol=1e-6, atol=1e-7)
+                executed = torch.nonzero(kern.p[:, i] >= 0.5).flatten()
+                assert n == executed.numel() and torch.equal(kern.idx[:n], executed)
+                h = block(h)
+
+
+def test_forward_with_and_without_kernel_agree(monkeypatch) -> None:
+    """Greedy routed and masked forwards: same decisions, same logits (to float rounding), kernel or not."""
+    model = _trained_like("cifar10_rnn_gate_38").to(memory_format=torch.channels_last)
+    x = torch.randn(9, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        fast_r = model(x, "greedy", execution="routed")
+        fast_m = model(x, "greedy", execution="masked")
+        monkeypatch.setenv("SKIPNET_FAST_GATE", "0")
+        assert model.gates.kernel_run(x, model.gates.init_state(x), 0.5) is None
+        slow_r = model(x, "greedy", execution="routed")
+    dec = fast_r.trace.decisions
+    assert 0.1 < float(dec.mean()) < 0.9  # the gates really route
+    assert torch.equal(dec, fast_m.trace.decisions) and torch.equal(dec, slow_r.trace.decisions)
+    assert torch.equal(fast_r.logits, fast_m.logits)
+    assert_close(fast_r.logits, slow_r.logits, rtol=1e-5, atol=1e-5)
+    assert_close(fast_r.trace.logits, slow_r.trace.logits, rtol=1e-5, atol=2e-6)
+    assert_close(fast_r.trace.probs, slow_r.trace.probs, rtol=1e-5, atol=1e-6)
+    assert_close(fast_r.trace.log_probs, slow_r.trace.log_probs, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_of_one_and_threshold_ties() -> None:
+    """At batch 1 the kernel's decision is the only one taken; a threshold equal to p executes (p >= t)."""
+    model = _trained_like("tiny_rnn_gate_14")
+    x = torch.randn(1, 3, 16, 16)
+    with torch.inference_mode():
+        out = model(x, "greedy", execution="routed")
+        p = out.trace.probs[0]
+        j = int(torch.argmin((p - 0.5).abs()))
+        t = float(p[j])  # exactly p_j, as a Python float
+        tie = model(x, "greedy", threshold=t, execution="routed")
+        masked = model(x, "greedy", threshold=t, execution="masked")
+    assert tie.trace.decisions[0, j] == 1
+    assert torch.equal(tie.trace.decisions, masked.trace.decisions)
+    assert torch.equal(tie.trace.decisions, (tie.trace.probs >= t).float())
+    assert_close(tie.logits, masked.logits)
+
+
+def test_training_and_other_dtypes_use_eager_gates() -> None:
+    model = create_model("tiny_rnn_gate_14")
+    x = torch.randn(2, 3, 16, 16)
+    state = model.gates.init_state(x)  # grad enabled: the module path
+    assert model.gates.kernel_run(x, state, 0.5) is None
+    with torch.no_grad():
+        state = model.double().gates.init_state(x.double())
+        assert model.gates.kernel_run(x.double(), state, 0.5) is None
+        out = model(x.double(), "greedy", execution="routed")
+    assert out.trace.probs.dtype == torch.float64
+
+
+def test_build_failure_falls_back_with_one_warning(monkeypatch) -> None:
+    import torch.utils.cpp_extension as ext
+
+    def broken(*args, **kwargs):
+        raise OSError("no C++ compiler\nsecond line")
+
+    monkeypatch.setattr(ext, "load", broken)
+    monkeypatch.setattr(fastgate, "_module", None)
+    monkeypatch.setattr(fastgate, "_tried", False)
+    with pytest.warns(RuntimeWarning, match=r"could not be built \(OSError: no C\+\+ compiler\)"):
+        assert fastgate.load() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fastgate.load() is None  # tried once per process: no second warning
+        model = create_model("tiny_rnn_gate_14").eval()
+        with torch.no_grad():
+            out = model(torch.randn(3, 3, 16, 16), "greedy", execution="routed")
+    assert out.trace.decisions.shape == (3, model.num_gates)
+
+
+def test_disabled_by_environment(no_kernel) -> None:
+    assert not fastgate.enabled()
+    assert fastgate.load() is None
+    assert not fastgate.applies(torch.randn(1, 3, 8, 8))
