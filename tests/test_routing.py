@@ -427,6 +427,8 @@ def test_bench_cli_checkpoint_uses_learned_gates(tmp_path, capsys: pytest.Captur
         ["bench", "tiny_rnn_gate_14", "--batch-size", "0"],
         ["bench", "tiny_rnn_gate_14", "--repeats", "0"],
         ["bench", "missing.pt"],
+        ["bench", "tiny_rnn_gate_14", "--device", "bogus"],
+        *([] if torch.cuda.is_available() else [["bench", "tiny_rnn_gate_14", "--device", "cuda"]]),
     ],
 )
 def test_bench_cli_user_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -118,14 +118,20 @@ def calibrate_bn(model: GatedResNet, image_size: int, batches: int = 4, batch_si
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, cpu: dict[str, list[float]] | None = None
+    fns: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int,
+    cpu: dict[str, list[float]] | None = None,
+    sync: Callable[[], Any] | None = None,
 ) -> dict[str, list[float]]:
     """Wall-clock seconds of each callable over ``repeats`` rounds, after ``warmup`` rounds.
 
     Each round calls every function once; the order rotates by one each round. Garbage collection is paused
     while timing. If ``cpu`` is given it receives the calling thread's CPU seconds per call as well
     (``time.thread_time``): with one intra-op thread all the work runs in that thread, so this figure ignores
-    the time a shared machine's other jobs take the core away, which wall-clock time cannot.
+    the time a shared machine's other jobs take the core away, which wall-clock time cannot. ``sync`` (e.g.
+    ``torch.cuda.synchronize``) is called before and after each call, so that asynchronous device work is
+    timed in full.
     """
     if repeats < 1:
         raise SkipnetError(f"--repeats must be >= 1, got {repeats}")
@@ -142,9 +148,13 @@ def time_interleaved(
         for r in range(warmup + repeats):
             k = r % len(names)
             for name in names[k:] + names[:k]:
+                if sync is not None:
+                    sync()
                 c0 = time.thread_time()
                 t0 = time.perf_counter()
                 fns[name]()
+                if sync is not None:
+                    sync()
                 dt = time.perf_counter() - t0
                 dc = time.thread_time() - c0
                 if r >= warmup:
@@ -172,6 +182,7 @@ def bench_inference(
     seed: int = 0,
     info: dict[str, Any] | None = None,
     images: Tensor | None = None,
+    device: torch.device | str | None = None,
 ) -> list[dict[str, Any]]:
     """Time plain / masked / routed inference of ``model`` at one batch size, for each keep ratio.
 
@@ -182,6 +193,7 @@ def bench_inference(
         info: extra fields copied into every result (``source``, ``arch``, ...).
         images: the inputs (B, C, S, S), e.g. real test images on which learned gates decide as they would in
             use; default seeded N(0, 1) noise.
+        device: where to run (default: where the model is). On CUDA every call is synchronised before and after.
 
     Returns one dict per keep ratio, with the keys documented in :mod:`skipnet.commands.bench`.
     """
@@ -193,17 +205,19 @@ def bench_inference(
     if any(k is None for k in keeps) and model.gates is None:
         raise SkipnetError(f"{model.config.name} has no gates to decide: give --keep to force decisions")
     model.eval()
-    model.to(memory_format=CHANNELS_LAST)
     cm = cost_model(model, size)
-    if images is None:
-        x = random_images(batch_size, model, size, seed)
-    else:
-        x = images.contiguous(memory_format=CHANNELS_LAST)
+    if device is not None:
+        model.to(device)
+    model.to(memory_format=CHANNELS_LAST)
+    dev = next(model.parameters()).device
+    x = random_images(batch_size, model, size, seed) if images is None else images
+    x = x.to(dev).contiguous(memory_format=CHANNELS_LAST)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
 
     fns: dict[str, Callable[[], Any]] = {"plain": lambda: model(x, "all_on")}
     runs: list[dict[str, Any]] = []
     for j, keep in enumerate(keeps):
-        d = None if keep is None else random_decisions(batch_size, model.num_gates, keep, seed + 1 + j)
+        d = None if keep is None else random_decisions(batch_size, model.num_gates, keep, seed + 1 + j).to(dev)
         masked = _bind(model, x, d, "masked")
         routed = _bind(model, x, d, "routed")
         fns[f"masked{j}"], fns[f"routed{j}"] = masked, routed
@@ -215,13 +229,13 @@ def bench_inference(
             out_m, out_r = run["masked"](), run["routed"]()
             checks.append((out_m, out_r))
         cpu: dict[str, list[float]] = {}
-        times = time_interleaved(fns, repeats, warmup, cpu)
+        times = time_interleaved(fns, repeats, warmup, cpu, sync)
 
     plain_ms = _ms(times["plain"])
-    one_thread = torch.get_num_threads() == 1
+    one_thread = torch.get_num_threads() == 1 and dev.type == "cpu"
     results = []
     for j, (run, (out_m, out_r)) in enumerate(zip(runs, checks)):
-        dec = out_r.trace.decisions
+        dec = out_r.trace.decisions.cpu()
         macs_routed = float(cm.macs_per_image(dec).mean()) if dec.numel() else float(cm.total_macs_all_on)
         macs_plain = float(cm.total_macs_all_on)
         masked_ms, routed_ms = _ms(times[f"masked{j}"]), _ms(times[f"routed{j}"])
@@ -237,6 +251,7 @@ def bench_inference(
                 "decisions": "learned greedy gates" if run["keep_requested"] is None else "forced Bernoulli(keep)",
                 "keep_requested": run["keep_requested"],
                 "keep": float(dec.mean()) if dec.numel() else 1.0,
+                "device": str(dev),
                 "threads": torch.get_num_threads(),
                 "repeats": repeats,
                 "warmup": warmup,

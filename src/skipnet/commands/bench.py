@@ -22,13 +22,14 @@ import json
 import torch
 
 from skipnet.bench import bench_inference, calibrate_bn, load_subject, set_threads
+from skipnet.distributed import pick_device
 from skipnet.errors import SkipnetError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
-        help="time plain vs masked vs routed SkipNet inference (CPU wall clock)",
+        help="time plain vs masked vs routed SkipNet inference (wall clock, CPU or CUDA)",
         description="Time the plain ResNet, masked SkipNet and routed SkipNet on the same inputs, interleaved; "
         "report median latencies, the speedup, the ideal speedup from MACs and routed-vs-masked agreement.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "gates for a checkpoint)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (CUDA calls are synchronised)")
     p.add_argument("--image-size", type=int, default=None, help="square input size (default: the arch's own)")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
@@ -90,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
             raise SkipnetError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     if args.keep is not None and not 0.0 <= args.keep <= 1.0:
         raise SkipnetError(f"--keep must be in [0, 1], got {args.keep:g}")
+    device = pick_device(args.device)
     threads = set_threads(args.threads)
     torch.manual_seed(args.seed)
     model, info = load_subject(args.subject)
@@ -115,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         info=info,
         images=images,
+        device=device,
     )
     if args.json:
         print(json.dumps(res))
@@ -125,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         else f"learned greedy gates, threshold {info.get('threshold', 0.5):g}"
     )
     print(
-        f"{res['arch']} ({info['source']}), batch {res['batch_size']}, {size}x{size}, {threads} threads, "
+        f"{res['arch']} ({info['source']}), batch {res['batch_size']}, {size}x{size}, {res['device']}, "
+        f"{threads} threads, "
         f"{how}; executed fraction {res['keep']:.3f}"
     )
     print(f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up rounds")
