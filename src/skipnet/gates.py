@@ -159,7 +159,7 @@ class KernelRun:
 
     def step(self, i: int, x: Tensor) -> int:
         """Gate ``i`` on its block's input ``x``; returns how many samples execute the block."""
-        folded, _, fc_w, fc_b, w_hh_t = self.params
+        folded, _, fc_w, fc_b, w_hh_t, _ = self.params
         f = folded[i].at_size(x.shape[2] * x.shape[3])
         return self.fn(x, self.h, self.c, f.weight_t_hw, w_hh_t, f.bias, fc_w, fc_b, self.z, self.p, self.idx, i,
                        self.threshold)  # fmt: skip
@@ -204,7 +204,7 @@ class RNNGate(GateBank):
             return True
         return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
-    def _folded(self) -> tuple[list[_FoldedStep], Tensor, Tensor, Tensor, Tensor]:
+    def _folded(self) -> tuple[list[_FoldedStep], Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The inference parameters (see :meth:`_fold`), cached while no gate parameter changes: the key is every
         parameter's storage address and version counter (bumped by optimizer steps, ``load_state_dict`` and
         any other in-place update; a moved, converted or replaced parameter has a new address)."""
@@ -218,9 +218,9 @@ class RNNGate(GateBank):
         return cache[1]
 
     @torch.no_grad()
-    def _fold(self) -> tuple[list[_FoldedStep], Tensor, Tensor, Tensor, Tensor]:
+    def _fold(self) -> tuple[list[_FoldedStep], Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Per gate ``W_ih P_i`` and ``W_ih b_i + b_ih + b_hh``; ``W_hh``; the output layer's weight row and bias;
-        ``W_hh`` transposed (contiguous, for the compiled kernel)."""
+        ``W_hh`` transposed (contiguous, for the compiled kernel); a zero hidden bias."""
         projs, lstm, fc = self._hot
         w_ih = lstm.weight_ih
         bias = lstm.bias_ih + lstm.bias_hh
@@ -229,7 +229,9 @@ class RNNGate(GateBank):
             w = torch.stack([p.weight for p in projs[a:b]])  # (n, E, C)
             pb = torch.stack([p.bias for p in projs[a:b]])  # (n, E)
             folded += map(_FoldedStep, torch.matmul(w_ih, w).unbind(0), torch.addmm(bias, pb, w_ih.t()).unbind(0))
-        return folded, lstm.weight_hh, fc.weight[0], fc.bias, lstm.weight_hh.t().contiguous()
+        # b_hh is folded into the per-gate bias; lstm_cell is given zeros for it (CUDA's fused cell needs both).
+        zero = torch.zeros_like(lstm.bias_hh)
+        return folded, lstm.weight_hh, fc.weight[0], fc.bias, lstm.weight_hh.t().contiguous(), zero
 
     def init_state(self, x: Tensor) -> tuple[Tensor, ...]:
         """``(h, c)`` at zero, plus the folded parameters when the fast inference path applies."""
@@ -253,9 +255,9 @@ class RNNGate(GateBank):
     def step(self, i: int, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, Any]:
         if len(state) == 3:  # the inference path (see the class docstring)
             h, c, params = state
-            folded, w_hh, fc_w, fc_b, _ = params
+            folded, w_hh, fc_w, fc_b, _, zero = params
             f = folded[i].at_size(x.shape[2] * x.shape[3])
-            h, c = torch.lstm_cell(x.sum(dim=(2, 3)), (h, c), f.weight_hw, w_hh, f.bias)
+            h, c = torch.lstm_cell(x.sum(dim=(2, 3)), (h, c), f.weight_hw, w_hh, f.bias, zero)
             return torch.addmv(fc_b, h, fc_w), (h, c, params)
         projs, lstm, fc = self._hot
         proj = projs[i]
