@@ -62,53 +62,62 @@ def grads(model) -> dict[str, torch.Tensor]:
 
 
 def checks(device: torch.device, archs: list[str]) -> list[dict]:
-    rows = []
-    for arch in archs:
-        model = trained_like(arch, device)
-        batch = 64 if arch.startswith("cifar") else 8
-        x = images(model, batch, device)
-        y = torch.randint(0, model.config.num_classes, (batch,), device=device)
-        d = random_decisions(batch, model.num_gates, 0.5, seed=3).to(device)
-        with torch.inference_mode():
-            r, m = model(x, "greedy", execution="routed"), model(x, "greedy", execution="masked")
-            fr, fm = model(x, decisions=d, execution="routed"), model(x, decisions=d, execution="masked")
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                br, bm = model(x, "greedy", execution="routed"), model(x, "greedy", execution="masked")
-        row = {
-            "arch": arch,
-            "batch": batch,
-            "greedy_keep": float(r.trace.decisions.float().mean()),
-            "greedy_decisions_match": bool(torch.equal(r.trace.decisions, m.trace.decisions)),
-            "greedy_max_abs_diff": float((r.logits - m.logits).abs().max()),
-            "forced_max_abs_diff": float((fr.logits - fm.logits).abs().max()),
-            "bf16_decision_agreement": float((br.trace.decisions == bm.trace.decisions).float().mean()),
-            "bf16_max_abs_diff": float((br.logits.float() - bm.logits.float()).abs().max()),
-        }
-        # HRL gradients, routed vs masked (eval-mode BN: the sub-batch and the batch normalise alike).
-        g = {}
-        for execution in ("routed", "masked"):
-            net = copy.deepcopy(model)
-            out = net(x, "sample", decisions=d, execution=execution)
-            ce = F.cross_entropy(out.logits, y, reduction="none")
-            (ce.mean() + reinforce_loss(out.trace.log_probs, hybrid_returns(ce, out.trace.decisions, 0.1))).backward()
-            g[execution] = grads(net)
-        row["hrl_grad_max_rel_diff"] = max(rel(g["routed"][n], g["masked"][n]) for n in g["masked"])
-        # SP (hard, straight-through, masked): the device against float64 on the CPU.
-        small = x[:16]
-        ref = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
-        dev = copy.deepcopy(model)
-        for net, inp in ((ref, small.cpu().double()), (dev, small)):
-            out = net(inp, "hard")
-            F.cross_entropy(out.logits, y[:16].to(inp.device)).backward()
-        gr, gd = grads(ref), grads(dev)
-        row["sp_grad_max_rel_diff_vs_cpu_f64"] = max(rel(gd[n], gr[n]) for n in gr if gr[n].abs().max() > 0)
-        rows.append(row)
-    return rows
+    """The equivalence checks, in true float32 (TF32 off: with TF32 a sub-batch and the full batch, or the device
+    and the CPU, differ by TF32's 10-bit rounding, ~1e-3 relative, which would hide a real fault)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        return [_check(device, arch) for arch in archs]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _check(device: torch.device, arch: str) -> dict:
+    model = trained_like(arch, device)
+    batch = 64 if arch.startswith("cifar") else 8
+    x = images(model, batch, device)
+    y = torch.randint(0, model.config.num_classes, (batch,), device=device)
+    d = random_decisions(batch, model.num_gates, 0.5, seed=3).to(device)
+    with torch.inference_mode():
+        r, m = model(x, "greedy", execution="routed"), model(x, "greedy", execution="masked")
+        fr, fm = model(x, decisions=d, execution="routed"), model(x, decisions=d, execution="masked")
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            br, bm = model(x, "greedy", execution="routed"), model(x, "greedy", execution="masked")
+    row = {
+        "arch": arch,
+        "batch": batch,
+        "greedy_keep": float(r.trace.decisions.float().mean()),
+        "greedy_decisions_match": bool(torch.equal(r.trace.decisions, m.trace.decisions)),
+        "greedy_max_abs_diff": float((r.logits - m.logits).abs().max()),
+        "forced_max_abs_diff": float((fr.logits - fm.logits).abs().max()),
+        "bf16_decision_agreement": float((br.trace.decisions == bm.trace.decisions).float().mean()),
+        "bf16_max_abs_diff": float((br.logits.float() - bm.logits.float()).abs().max()),
+    }
+    # HRL gradients, routed vs masked (eval-mode BN: the sub-batch and the batch normalise alike).
+    g = {}
+    for execution in ("routed", "masked"):
+        net = copy.deepcopy(model)
+        out = net(x, "sample", decisions=d, execution=execution)
+        ce = F.cross_entropy(out.logits, y, reduction="none")
+        (ce.mean() + reinforce_loss(out.trace.log_probs, hybrid_returns(ce, out.trace.decisions, 0.1))).backward()
+        g[execution] = grads(net)
+    row["hrl_grad_max_rel_diff"] = max(rel(g["routed"][n], g["masked"][n]) for n in g["masked"])
+    # SP (hard, straight-through, masked): the device against float64 on the CPU.
+    small = x[:16]
+    ref = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
+    dev = copy.deepcopy(model)
+    for net, inp in ((ref, small.cpu().double()), (dev, small)):
+        out = net(inp, "hard")
+        F.cross_entropy(out.logits, y[:16].to(inp.device)).backward()
+    gr, gd = grads(ref), grads(dev)
+    row["sp_grad_max_rel_diff_vs_cpu_f64"] = max(rel(gd[n], gr[n]) for n in gr if gr[n].abs().max() > 0)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats, batch 1 and 64 only")
+    ap.add_argument("--checks-only", action="store_true", help="the equivalence checks, no timing")
     ap.add_argument("--out", default=str(RESULTS / "cuda_paths.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -130,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['sp_grad_max_rel_diff_vs_cpu_f64']:.2e} |")  # fmt: skip
     timing = []
     model = trained_like("cifar10_rnn_gate_110", torch.device("cpu"))
-    for batch in (1, 64) if args.quick else (1, 64, 256):
+    for batch in () if args.checks_only else (1, 64) if args.quick else (1, 64, 256):
         timing += bench_inference(
             copy.deepcopy(model),
             batch_size=batch,

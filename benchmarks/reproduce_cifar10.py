@@ -58,6 +58,10 @@ SCALES = {
         "scratch_alphas": [0.05, 0.1, 0.2, 0.5],
         "ff_alpha": 1.0,
         "sdv_keeps": [0.5, 0.8],
+        # beyond the paper: HRL from SP-from-base with an exploration floor (--explore)
+        "explore": 0.1,
+        "explore_alphas": [1.0, 2.0],
+        "hrl_explore": ["--epochs", "2", "--lr", "0.003", "--schedule", "constant", "--baseline", "ema"],
         "calibrate": 30,
     },
     "paper": {  # the paper's schedule (a machine with a GPU): 64k SP iterations, 10k HRL at lr 1e-4
@@ -76,6 +80,9 @@ SCALES = {
         "scratch_alphas": [0.05, 0.1, 0.2],
         "ff_alpha": 0.1,
         "sdv_keeps": [0.5, 0.7],
+        "explore": 0.1,
+        "explore_alphas": [0.2, 0.5],
+        "hrl_explore": [],
         "calibrate": 30,
     },
 }
@@ -104,6 +111,21 @@ def experiments(scale: str, data: str, out: Path) -> list[dict]:
                 "arch": "cifar10_rnn_gate_38",
                 "stage": "hrl",
                 "args": [*s["hrl"], "--alpha", str(a)],
+                "init": "sp_r38_rnn",
+                "alpha": a,
+            }
+        )
+    # Beyond the paper: the same HRL with an exploration floor, gates drawn from eps + (1 - 2 eps) p, so that every
+    # block keeps being skipped in training (the backbone learns to do without it) and REINFORCE keeps seeing skips.
+    eps = s["explore"]
+    for a in s["explore_alphas"]:
+        runs.append(
+            {
+                "name": f"hrl_r38_rnn_x{eps}_a{a}",
+                "group": "2",
+                "arch": "cifar10_rnn_gate_38",
+                "stage": "hrl",
+                "args": [*s["hrl_explore"], "--alpha", str(a), "--explore", str(eps)],
                 "init": "sp_r38_rnn",
                 "alpha": a,
             }
@@ -458,6 +480,8 @@ def _category(r: dict) -> str:
         return "HRL, threshold calibrated to 30%"
     if r["stage"] in ("sp", "hrl") and "scratch" in r["name"]:
         return f"{r['stage'].upper()} (SP from scratch)"
+    if r["stage"] == "hrl" and "_x" in r["name"]:
+        return "HRL (SP from base), exploration floor"
     if r["stage"] in ("sp", "hrl"):
         return f"{r['stage'].upper()} (SP from base)" + (", FFGate-I" if "_ff" in r["name"] else "")
     names = {"base": "plain ResNet-38", "soft": "soft gating", "sdv": "SDV (random skipping)"}
@@ -477,6 +501,7 @@ def plot(rows: list[dict], path: Path) -> None:
         "HRL (SP from base)": ("tab:red", "^", True),
         "SP (SP from base), FFGate-I": ("tab:cyan", "o", True),
         "HRL (SP from base), FFGate-I": ("tab:pink", "^", True),
+        "HRL (SP from base), exploration floor": ("tab:purple", "^", False),
         "SP (SP from scratch)": ("tab:blue", "o", False),
         "HRL (SP from scratch)": ("tab:orange", "^", True),
         "HRL, threshold calibrated to 30%": ("tab:brown", "P", False),
