@@ -58,6 +58,7 @@ SCALES = {
         "scratch_alphas": [0.05, 0.1, 0.2, 0.5],
         "ff_alpha": 1.0,
         "sdv_keeps": [0.5, 0.8],
+        "sdv_scratch_keep": 0.67,
         # beyond the paper: HRL from SP-from-base with an exploration floor (--explore)
         "explore": 0.1,
         "explore_alphas": [1.0, 2.0],
@@ -80,6 +81,7 @@ SCALES = {
         "scratch_alphas": [0.05, 0.1, 0.2],
         "ff_alpha": 0.1,
         "sdv_keeps": [0.5, 0.7],
+        "sdv_scratch_keep": 0.7,
         "explore": 0.1,
         "explore_alphas": [0.2, 0.5],
         "hrl_explore": [],
@@ -215,6 +217,18 @@ def experiments(scale: str, data: str, out: Path) -> list[dict]:
             "alpha": 0.1,
         },
     ]
+    # SDV from scratch on the base schedule, at the keep ratio of the SP-from-scratch HRL models: the same starting
+    # point as SkipNet's authors' recipe (the SDV runs above fine-tune the trained plain network instead).
+    runs.append(
+        {
+            "name": f"sdv_r38_scratch_k{s['sdv_scratch_keep']}",
+            "group": "5",
+            "arch": "cifar10_resnet_38",
+            "stage": "sdv",
+            "args": [*s["base"], "--keep", str(s["sdv_scratch_keep"])],
+            "keep": s["sdv_scratch_keep"],
+        }
+    )
     for k in s["sdv_keeps"]:
         runs.append(
             {
@@ -443,13 +457,15 @@ def verdicts(rows: dict[str, dict], scale: str) -> tuple[dict, list[str]]:
     sdv = [r for k, r in rows.items() if k.startswith("sdv_") and r.get("accuracy") is not None]
     if sdv and hrl:
         pairs = []
-        for s_ in sdv:
-            closest = min(hrl, key=lambda h: abs(h["macs"] - s_["macs"]))
+        for s_ in sdv:  # SDV from scratch is matched with SkipNet from scratch (SP from scratch + HRL)
+            same_start = [h for h in hrl if ("scratch" in h["name"]) == ("scratch" in s_["name"])] or hrl
+            closest = min(same_start, key=lambda h: abs(h["macs"] - s_["macs"]))
             pairs.append((s_, closest))
         wins = sum(h["accuracy"] > s_["accuracy"] for s_, h in pairs)
         word = "Reproduced" if wins == len(pairs) else ("Partly" if wins else "Not reproduced")
         detail = "; ".join(
-            f"SDV keep {s_.get('keep')} {s_['accuracy']:.2f}% at {s_['macs']:.3g} MACs vs "
+            f"SDV{' from scratch' if 'scratch' in s_['name'] else ''} keep {s_.get('keep')} {s_['accuracy']:.2f}% "
+            f"at {s_['macs']:.3g} MACs vs "
             f"{h['name']} {h['accuracy']:.2f}% at {h['macs']:.3g}"
             for s_, h in pairs
         )
