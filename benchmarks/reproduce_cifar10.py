@@ -457,9 +457,9 @@ def verdicts(rows: dict[str, dict], scale: str) -> tuple[dict, list[str]]:
     sdv = [r for k, r in rows.items() if k.startswith("sdv_") and r.get("accuracy") is not None]
     if sdv and hrl:
         pairs = []
-        for s_ in sdv:  # SDV from scratch is matched with SkipNet from scratch (SP from scratch + HRL)
-            same_start = [h for h in hrl if ("scratch" in h["name"]) == ("scratch" in s_["name"])] or hrl
-            closest = min(same_start, key=lambda h: abs(h["macs"] - s_["macs"]))
+        for s_ in sdv:  # SDV from scratch is matched with SkipNet from scratch (SP from scratch + HRL) only
+            pool = [h for h in hrl if "scratch" in h["name"]] if "scratch" in s_["name"] else hrl
+            closest = min(pool or hrl, key=lambda h: abs(h["macs"] - s_["macs"]))
             pairs.append((s_, closest))
         wins = sum(h["accuracy"] > s_["accuracy"] for s_, h in pairs)
         word = "Reproduced" if wins == len(pairs) else ("Partly" if wins else "Not reproduced")
