@@ -87,31 +87,31 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) float lstm_step(
 
 }  // namespace
 
-// Gate `col` for every sample of x (B, C, H, W). h, c (B, Hd) are the LSTM state, updated in place. w_t (C, 4Hd)
-// is W_ih P_i / (H W) transposed, whh_t (Hd, 4Hd) W_hh transposed, bias (4Hd), fc_w (Hd), fc_b (1). Writes the
-// logit and p = sigmoid(logit) into column `col` of z and p (B, N), and into idx (B,) int64 the samples with
-// p >= threshold (in float, as a float tensor compares with a Python number), in order. Returns their count.
-int64_t gate_step(const at::Tensor& x, at::Tensor& h, at::Tensor& c, const at::Tensor& w_t, const at::Tensor& whh_t,
-                  const at::Tensor& bias, const at::Tensor& fc_w, const at::Tensor& fc_b, at::Tensor& z, at::Tensor& p,
-                  at::Tensor& idx, int64_t col, double threshold) {
+// Gate `col` for every sample of x (B, C, H, W). hc (2, B, Hd) is the LSTM state (h, c), updated in place. pack
+// is the gate's parameters in one contiguous float run: W_ih P_i / (H W) transposed (C, 4Hd), its bias (4Hd),
+// W_hh transposed (Hd, 4Hd), the output weight (Hd) and bias (1). Writes the logit and p = sigmoid(logit) into
+// column `col` of zp[0] and zp[1] (each B, N), and into idx (B,) int64 the samples with p >= threshold (in float,
+// as a float tensor compares with a Python number), in order. Returns their count.
+int64_t gate_step(const at::Tensor& x, at::Tensor& hc, const at::Tensor& pack, at::Tensor& zp, at::Tensor& idx,
+                  int64_t col, double threshold) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "gate_step: float32 CPU x");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t hd = h.size(1), g4 = 4 * hd;
-  TORCH_CHECK(w_t.size(0) == C && w_t.size(1) == g4 && whh_t.size(0) == hd, "gate_step: weight shapes");
-  TORCH_CHECK(h.is_contiguous() && c.is_contiguous() && w_t.is_contiguous() && whh_t.is_contiguous(),
-              "gate_step: contiguous state and weights");
+  const int64_t hd = hc.size(2), g4 = 4 * hd;
+  TORCH_CHECK(hc.is_contiguous() && zp.is_contiguous() && pack.is_contiguous(), "gate_step: contiguous buffers");
+  TORCH_CHECK(pack.numel() == C * g4 + g4 + hd * g4 + hd + 1 && hc.size(1) == B && zp.size(1) == B,
+              "gate_step: parameter pack or buffer shapes");
   const float* xp = x.data_ptr<float>();
   const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
-  float* hp = h.data_ptr<float>();
-  float* cp = c.data_ptr<float>();
-  const float* wp = w_t.data_ptr<float>();
-  const float* whp = whh_t.data_ptr<float>();
-  const float* bp = bias.data_ptr<float>();
-  const float* fwp = fc_w.data_ptr<float>();
-  const float fb = fc_b.data_ptr<float>()[0];
-  float* zp = z.data_ptr<float>();
-  float* pp = p.data_ptr<float>();
-  const int64_t zs0 = z.stride(0), ps0 = p.stride(0), zc = col * z.stride(1), pc = col * p.stride(1);
+  float* hp = hc.data_ptr<float>();
+  float* cp = hp + B * hd;
+  const float* wp = pack.data_ptr<float>();
+  const float* bp = wp + C * g4;
+  const float* whp = bp + g4;
+  const float* fwp = whp + hd * g4;
+  const float fb = fwp[hd];
+  const int64_t n = zp.size(2);
+  float* zz = zp.data_ptr<float>() + col;
+  float* pp = zz + B * n;
   const float t = static_cast<float>(threshold);
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, C * H * W));
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
@@ -121,15 +121,15 @@ int64_t gate_step(const at::Tensor& x, at::Tensor& h, at::Tensor& c, const at::T
     for (int64_t b = b0; b < b1; ++b) {
       spatial_sum(xp + b * s0, C, H, W, s1, s2, s3, xs);
       const float logit = lstm_step(xs, hp + b * hd, cp + b * hd, wp, whp, bp, fwp, fb, C, hd, gates);
-      zp[b * zs0 + zc] = logit;
-      pp[b * ps0 + pc] = sigmoid(logit);
+      zz[b * n] = logit;
+      pp[b * n] = sigmoid(logit);
     }
   });
   int64_t* ip = idx.data_ptr<int64_t>();
-  int64_t n = 0;
+  int64_t k = 0;
   for (int64_t b = 0; b < B; ++b)
-    if (pp[b * ps0 + pc] >= t) ip[n++] = b;
-  return n;
+    if (pp[b * n] >= t) ip[k++] = b;
+  return k;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -124,45 +124,50 @@ class FeedForwardGates(GateBank):
 
 class _FoldedStep:
     """One RNN gate step's folded input weights (see :class:`RNNGate`): ``weight`` = ``W_ih P_i``, ``bias``, and
-    ``weight_hw`` = ``weight / hw`` (``weight_t_hw`` its contiguous transpose, for the compiled kernel) for the
-    spatial size ``hw`` = H W last seen."""
+    ``weight_hw`` = ``weight / hw`` for the spatial size ``hw`` = H W last seen; ``pack``: the same with the shared
+    recurrent and output weights, in the compiled kernel's layout (see ``_fastgate.cpp``)."""
 
-    __slots__ = ("weight", "bias", "hw", "weight_hw", "weight_t_hw")
+    __slots__ = ("weight", "bias", "hw", "weight_hw", "pack")
 
     def __init__(self, weight: Tensor, bias: Tensor) -> None:
-        self.weight, self.bias, self.hw, self.weight_hw, self.weight_t_hw = weight, bias, 0, weight, weight
+        self.weight, self.bias, self.hw, self.weight_hw, self.pack = weight, bias, 0, weight, weight
 
-    def at_size(self, hw: int) -> _FoldedStep:
+    def at_size(self, hw: int, shared: tuple[Tensor, ...]) -> _FoldedStep:
+        """``shared`` = (``W_hh``, output weight row, output bias)."""
         if self.hw != hw:  # first step at this input size: fold the mean's 1 / (H W) in too
             self.hw, self.weight_hw = hw, self.weight / hw
-            self.weight_t_hw = self.weight_hw.t().contiguous()
+            w_hh, fc_w, fc_b = shared
+            parts = (self.weight_hw.t(), self.bias, w_hh.t(), fc_w, fc_b)
+            self.pack = torch.cat([t.reshape(-1) for t in parts])
         return self
 
 
 class KernelRun:
     """One forward's use of the compiled gate step (:mod:`skipnet.fastgate`), for float32 CPU inference.
 
-    Holds the LSTM state and (B, N) buffers that each :meth:`step` fills in column ``i``: ``z`` (logits) and
-    ``p`` (probabilities); ``idx[:n]`` are the samples with ``p >= threshold`` after the step that returned
-    ``n``. The caller reads them instead of computing ``sigmoid``, a comparison and ``nonzero`` per gate.
+    Holds the LSTM state ``hc`` (2, B, Hd) and a (2, B, N) buffer that each :meth:`step` fills in column ``i``:
+    ``z`` (logits) and ``p`` (probabilities) are its two halves; ``idx[:n]`` are the samples with
+    ``p >= threshold`` after the step that returned ``n``. The caller reads them instead of computing
+    ``sigmoid``, a comparison and ``nonzero`` per gate.
     """
 
-    __slots__ = ("fn", "params", "threshold", "h", "c", "z", "p", "idx")
+    __slots__ = ("fn", "folded", "shared", "threshold", "hc", "zp", "z", "p", "idx")
 
     def __init__(self, fn: Any, params: tuple, batch: int, hidden: int, n_gates: int, threshold: float) -> None:
-        self.fn, self.params, self.threshold = fn, params, float(threshold)
-        self.h = torch.zeros(batch, hidden)
-        self.c = torch.zeros(batch, hidden)
-        self.z = torch.empty(batch, n_gates)
-        self.p = torch.empty(batch, n_gates)
+        self.fn, self.threshold = fn, float(threshold)
+        self.folded, w_hh, fc_w, fc_b = params[:4]
+        self.shared = (w_hh, fc_w, fc_b)
+        self.hc = torch.zeros(2, batch, hidden)
+        self.zp = torch.empty(2, batch, n_gates)
+        self.z, self.p = self.zp[0], self.zp[1]
         self.idx = torch.empty(batch, dtype=torch.long)
 
     def step(self, i: int, x: Tensor) -> int:
         """Gate ``i`` on its block's input ``x``; returns how many samples execute the block."""
-        folded, _, fc_w, fc_b, w_hh_t, _ = self.params
-        f = folded[i].at_size(x.shape[2] * x.shape[3])
-        return self.fn(x, self.h, self.c, f.weight_t_hw, w_hh_t, f.bias, fc_w, fc_b, self.z, self.p, self.idx, i,
-                       self.threshold)  # fmt: skip
+        f = self.folded[i]
+        if f.hw != x.shape[2] * x.shape[3]:
+            f.at_size(x.shape[2] * x.shape[3], self.shared)
+        return self.fn(x, self.hc, f.pack, self.zp, self.idx, i, self.threshold)
 
 
 class RNNGate(GateBank):
@@ -204,7 +209,7 @@ class RNNGate(GateBank):
             return True
         return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
-    def _folded(self) -> tuple[list[_FoldedStep], Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _folded(self) -> tuple[list[_FoldedStep], Tensor, Tensor, Tensor, Tensor]:
         """The inference parameters (see :meth:`_fold`), cached while no gate parameter changes: the key is every
         parameter's storage address and version counter (bumped by optimizer steps, ``load_state_dict`` and
         any other in-place update; a moved, converted or replaced parameter has a new address)."""
@@ -218,9 +223,9 @@ class RNNGate(GateBank):
         return cache[1]
 
     @torch.no_grad()
-    def _fold(self) -> tuple[list[_FoldedStep], Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _fold(self) -> tuple[list[_FoldedStep], Tensor, Tensor, Tensor, Tensor]:
         """Per gate ``W_ih P_i`` and ``W_ih b_i + b_ih + b_hh``; ``W_hh``; the output layer's weight row and bias;
-        ``W_hh`` transposed (contiguous, for the compiled kernel); a zero hidden bias."""
+        a zero hidden bias."""
         projs, lstm, fc = self._hot
         w_ih = lstm.weight_ih
         bias = lstm.bias_ih + lstm.bias_hh
@@ -231,7 +236,7 @@ class RNNGate(GateBank):
             folded += map(_FoldedStep, torch.matmul(w_ih, w).unbind(0), torch.addmm(bias, pb, w_ih.t()).unbind(0))
         # b_hh is folded into the per-gate bias; lstm_cell is given zeros for it (CUDA's fused cell needs both).
         zero = torch.zeros_like(lstm.bias_hh)
-        return folded, lstm.weight_hh, fc.weight[0], fc.bias, lstm.weight_hh.t().contiguous(), zero
+        return folded, lstm.weight_hh, fc.weight[0], fc.bias, zero
 
     def init_state(self, x: Tensor) -> tuple[Tensor, ...]:
         """``(h, c)`` at zero, plus the folded parameters when the fast inference path applies."""
@@ -255,8 +260,8 @@ class RNNGate(GateBank):
     def step(self, i: int, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, Any]:
         if len(state) == 3:  # the inference path (see the class docstring)
             h, c, params = state
-            folded, w_hh, fc_w, fc_b, _, zero = params
-            f = folded[i].at_size(x.shape[2] * x.shape[3])
+            folded, w_hh, fc_w, fc_b, zero = params
+            f = folded[i].at_size(x.shape[2] * x.shape[3], (w_hh, fc_w, fc_b))
             h, c = torch.lstm_cell(x.sum(dim=(2, 3)), (h, c), f.weight_hw, w_hh, f.bias, zero)
             return torch.addmv(fc_b, h, fc_w), (h, c, params)
         projs, lstm, fc = self._hot
