@@ -141,3 +141,35 @@ def test_disabled_by_environment(no_kernel) -> None:
     assert not fastgate.enabled()
     assert fastgate.load() is None
     assert not fastgate.applies(torch.randn(1, 3, 8, 8))
+
+
+def _tail_run(g, r, s, grad, grad_layout=None):
+    """Forward and backward of the masked tail (Eq. 1 after a block's residual branch) from fresh leaves."""
+    import skipnet.gated as gated
+
+    gl, rl, sl = (t.detach().clone().requires_grad_() for t in (g, r, s))
+    out = gated._masked_tail(gl, rl * 1.0, sl)  # rl * 1.0: the tail writes into its residual argument
+    out.backward(grad if grad_layout is None else grad.contiguous(memory_format=grad_layout))
+    return out.detach(), gl.grad, rl.grad, sl.grad
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_masked_tail_kernels_equal_eager(layout, monkeypatch) -> None:
+    """The compiled forward/backward of the SP block tail give the eager values (hard and soft gate values)."""
+    import skipnet.gated as gated
+
+    assert gated._tail_kernels(torch.zeros(2, 3, 4, 4)) is not None  # the kernels are there to compare
+    r, s, grad = (torch.randn(7, 16, 9, 9).contiguous(memory_format=layout) for _ in range(3))
+    g = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.3, 0.7, 0.5])  # exact skips and executions, and soft values
+    fast = _tail_run(g, r, s, grad)
+    other_layout = _tail_run(g, r, s, grad, torch.contiguous_format if layout == torch.channels_last else None)
+    monkeypatch.setattr(gated, "_tail_kernels", lambda *t: None)
+    slow = _tail_run(g, r, s, grad)
+    assert torch.equal(fast[0], slow[0])  # forward: bit-identical (torch.lerp's formula)
+    assert fast[0].stride() == slow[0].stride()
+    assert_close(fast[1], slow[1], rtol=1e-5, atol=1e-5)  # per-sample sums, another order
+    for a, b in zip(fast[2:], slow[2:]):
+        assert a.stride() == b.stride()
+        assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(other_layout, slow):  # a gradient in another layout takes the eager path: same values
+        assert_close(a, b, rtol=1e-5, atol=1e-5)

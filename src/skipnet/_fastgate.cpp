@@ -1,6 +1,8 @@
-// The recurrent gate's inference step in one call (skipnet.fastgate): spatial sum, LSTM cell with folded input
-// weights, output layer, sigmoid, threshold and the indices of the samples that execute the block.
-// float32 CPU tensors only, no autograd; built on first use by torch.utils.cpp_extension.
+// Compiled CPU kernels of skipnet (skipnet.fastgate), float32 only, built on first use by torch.utils.cpp_extension:
+// - gate_step: the recurrent gate's inference step in one call: spatial sum, LSTM cell with folded input weights,
+//   output layer, sigmoid, threshold and the indices of the samples that execute the block;
+// - masked_tail_forward / masked_tail_backward: Eq. 1's masked block tail (skipnet.gated._MaskedTail), each in one
+//   pass over memory.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -132,6 +134,105 @@ int64_t gate_step(const at::Tensor& x, at::Tensor& hc, const at::Tensor& pack, a
   return k;
 }
 
+// Backward of lerp(s, relu(r + s), w) per sample (skipnet.gated._MaskedTail) in one pass over memory, where the
+// eager form makes five. Inputs: grad (and grad_executed, or an empty tensor) the gradients of the two outputs;
+// executed = relu(r + s); shortcut = s; w (B,) float32. All 4-D tensors have the same strides and hold each
+// sample as one dense run of n elements (checked by the caller). Writes, per element,
+//   g_r = executed > 0 ? grad * w + grad_executed : 0,   g_s = g_r + grad * (1 - w),
+// and per sample g_g[b] = sum(grad * (executed - shortcut)) when need_g.
+namespace {
+__attribute__((target_clones("avx512f", "avx2", "default"))) float tail_sample(
+    const float* __restrict__ gr, const float* __restrict__ ge, const float* __restrict__ ex,
+    const float* __restrict__ sc, float* __restrict__ out_r, float* __restrict__ out_s, int64_t n, float w,
+    bool need_g) {
+  const float v = 1.0f - w;
+  float acc[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    for (int j = 0; j < 16; ++j) {
+      const float g = gr[i + j], e = ex[i + j];
+      if (need_g) acc[j] += g * (e - sc[i + j]);
+      const float r = e > 0.0f ? g * w + (ge ? ge[i + j] : 0.0f) : 0.0f;
+      out_r[i + j] = r;
+      out_s[i + j] = r + g * v;
+    }
+  }
+  float tot = 0.0f;
+  for (; i < n; ++i) {
+    const float g = gr[i], e = ex[i];
+    if (need_g) tot += g * (e - sc[i]);
+    const float r = e > 0.0f ? g * w + (ge ? ge[i] : 0.0f) : 0.0f;
+    out_r[i] = r;
+    out_s[i] = r + g * v;
+  }
+  for (int j = 0; j < 16; ++j) tot += acc[j];
+  return tot;
+}
+}  // namespace
+
+void masked_tail_backward(const at::Tensor& grad, const at::Tensor& grad_executed, const at::Tensor& executed,
+                          const at::Tensor& shortcut, const at::Tensor& w, at::Tensor& g_r, at::Tensor& g_s,
+                          at::Tensor& g_g, bool need_g) {
+  const int64_t B = executed.size(0), n = executed.numel() / std::max<int64_t>(1, B), s0 = executed.stride(0);
+  TORCH_CHECK(executed.scalar_type() == at::kFloat && w.numel() == B && w.is_contiguous(), "masked_tail: float32");
+  const bool has_ge = grad_executed.defined() && grad_executed.numel() > 0;
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&grad, &shortcut, &g_r, &g_s})
+    TORCH_CHECK(t->strides() == executed.strides() && t->scalar_type() == at::kFloat, "masked_tail: layouts");
+  TORCH_CHECK(!has_ge || grad_executed.strides() == executed.strides(), "masked_tail: grad_executed layout");
+  const float* gp = grad.data_ptr<float>();
+  const float* gep = has_ge ? grad_executed.data_ptr<float>() : nullptr;
+  const float* ep = executed.data_ptr<float>();
+  const float* sp = shortcut.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* rp = g_r.data_ptr<float>();
+  float* op = g_s.data_ptr<float>();
+  float* gg = need_g ? g_g.data_ptr<float>() : nullptr;
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t o = b * s0;
+      const float d = tail_sample(gp + o, gep ? gep + o : nullptr, ep + o, sp + o, rp + o, op + o, n, wp[b], need_g);
+      if (need_g) gg[b] = d;
+    }
+  });
+}
+
+// Forward of the masked tail: executed = relu(r + s), written into r, and out = lerp(s, executed, w) per sample
+// (torch.lerp's formula: exact at w = 0 and w = 1), in one pass. Same layout conditions as the backward.
+namespace {
+__attribute__((target_clones("avx512f", "avx2", "default"))) void tail_forward_sample(
+    float* __restrict__ r, const float* __restrict__ s, float* __restrict__ out, int64_t n, float w) {
+  if (w < 0.5f) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float a = r[i] + s[i], e = a > 0.0f ? a : (a != a ? a : 0.0f);
+      r[i] = e;
+      out[i] = s[i] + w * (e - s[i]);
+    }
+  } else {
+    const float v = 1.0f - w;
+    for (int64_t i = 0; i < n; ++i) {
+      const float a = r[i] + s[i], e = a > 0.0f ? a : (a != a ? a : 0.0f);
+      r[i] = e;
+      out[i] = e - (e - s[i]) * v;
+    }
+  }
+}
+}  // namespace
+
+void masked_tail_forward(at::Tensor& residual, const at::Tensor& shortcut, const at::Tensor& w, at::Tensor& out) {
+  const int64_t B = residual.size(0), n = residual.numel() / std::max<int64_t>(1, B), s0 = residual.stride(0);
+  TORCH_CHECK(residual.scalar_type() == at::kFloat && w.numel() == B && w.is_contiguous(), "masked_tail: float32");
+  TORCH_CHECK(shortcut.strides() == residual.strides() && out.strides() == residual.strides(), "masked_tail: layouts");
+  float* rp = residual.data_ptr<float>();
+  const float* sp = shortcut.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) tail_forward_sample(rp + b * s0, sp + b * s0, op + b * s0, n, wp[b]);
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gate_step", &gate_step, "one recurrent-gate inference step (see _fastgate.cpp)");
+  m.def("masked_tail_forward", &masked_tail_forward, "forward of the masked block tail (see _fastgate.cpp)");
+  m.def("masked_tail_backward", &masked_tail_backward, "backward of the masked block tail (see _fastgate.cpp)");
 }

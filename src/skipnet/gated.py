@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.resnet import Bottleneck
 
+from skipnet import fastgate
 from skipnet.backbones import build_backbone, stages
 from skipnet.config import ArchConfig
 from skipnet.errors import SkipnetError
@@ -176,11 +177,18 @@ class _MaskedTail(torch.autograd.Function):
     def forward(ctx: Any, g: Tensor, residual: Tensor, shortcut: Tensor) -> tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)  # the second output is normally unused: no zero gradient for it
         w = g.view(-1, 1, 1, 1).to(residual.dtype)
-        executed = _add_relu_(residual, shortcut)
+        kernels = _tail_kernels(residual, shortcut)
+        if kernels is not None:  # the same in one pass (skipnet.fastgate)
+            out = torch.empty_like(shortcut)
+            kernels.masked_tail_forward(residual, shortcut, w.reshape(-1).contiguous(), out)
+            executed = residual
+        else:
+            executed = _add_relu_(residual, shortcut)
+            out = torch.lerp(shortcut, executed, w)
         ctx.mark_dirty(residual)
         ctx.save_for_backward(w, executed, shortcut)
         ctx.g_dtype = g.dtype
-        return torch.lerp(shortcut, executed, w), executed
+        return out, executed
 
     @staticmethod
     def backward(
@@ -189,6 +197,15 @@ class _MaskedTail(torch.autograd.Function):
         w, executed, shortcut = ctx.saved_tensors
         if grad is None:  # only the second output was used (nobody does): relu(r + s) alone
             grad = torch.zeros_like(executed)
+        need_g, need_r, need_s = ctx.needs_input_grad
+        kernels = _tail_kernels(executed, grad, grad_executed, shortcut) if (need_r or need_s) else None
+        if kernels is not None:  # the same formulas in one pass (skipnet.fastgate)
+            g_r, g_s = torch.empty_like(executed), torch.empty_like(shortcut)
+            g_g = executed.new_empty(executed.shape[0] if need_g else 0)
+            ge = grad_executed if grad_executed is not None else executed.new_empty(0)
+            w1 = w.reshape(-1).contiguous()
+            kernels.masked_tail_backward(grad, ge, executed, shortcut, w1, g_r, g_s, g_g, need_g)
+            return g_g.to(ctx.g_dtype) if need_g else None, g_r if need_r else None, g_s if need_s else None
         g_g = g_r = g_s = None
         if ctx.needs_input_grad[0]:
             g_g = (executed - shortcut).mul_(grad).sum(dim=(1, 2, 3)).to(ctx.g_dtype)
@@ -200,6 +217,25 @@ class _MaskedTail(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             g_s = torch.addcmul(g_r, grad, 1.0 - w, out=torch.empty_like(shortcut))
         return g_g, g_r if ctx.needs_input_grad[1] else None, g_s
+
+
+def _tail_kernels(*tensors: Tensor | None) -> Any:
+    """The compiled masked-tail kernels (skipnet.fastgate) when they apply to ``tensors`` (``None`` entries are
+    ignored): float32 CPU, 4-D, one memory layout (NCHW or channels_last, so each sample is one dense run, with
+    the same strides for all), outside ``torch.compile``; else ``None``."""
+    first = tensors[0]
+    if (
+        first.device.type != "cpu"
+        or first.dim() != 4
+        or torch.compiler.is_compiling()
+        or not (first.is_contiguous() or first.is_contiguous(memory_format=torch.channels_last))
+    ):
+        return None
+    strides = first.stride()
+    for t in tensors:
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or t.stride() != strides):
+            return None
+    return fastgate.load()
 
 
 def _mix(g: Tensor, executed: Tensor, skipped: Tensor) -> Tensor:
@@ -538,7 +574,9 @@ class GatedResNet(nn.Module):
                 hard = (p.detach() >= threshold).to(dtype)
             dec_l.append(hard)
             if mode == GateMode.HARD:
-                g = hard - p.detach() + p  # Eq. 7: forward 1[p >= t], backward dp
+                # Eq. 7: forward 1[p >= t], backward dp. ``p - p.detach()`` is exactly 0, so g is exactly 0 or 1
+                # (``hard - p.detach() + p`` rounds to 1 +- 1 ulp, or +-3e-8 for a skip).
+                g = hard + (p - p.detach())
             elif mode == GateMode.SOFT:
                 g = p
             else:
