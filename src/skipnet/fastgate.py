@@ -1,4 +1,5 @@
-"""The recurrent gate's inference step as one compiled call (``_fastgate.cpp``), built on first use.
+"""Compiled CPU kernels (``_fastgate.cpp``), built on first use: the recurrent gate's inference step as one call,
+and the SP block tail (:class:`skipnet.gated._MaskedTail`) forward and backward in one pass each.
 
 At batch size 1 on a CPU a gate step in eager PyTorch is about ten small calls (spatial sum, LSTM cell, output
 layer, sigmoid, threshold, host read) at 15-20 us in all, against ~1.5 us for the same work in one C++ function:
@@ -6,9 +7,13 @@ over the 53 gates of a ResNet-110 that is ~1 ms of a ~10 ms forward, the whole o
 must recover. The kernel computes exactly the inference path of :class:`skipnet.gates.RNNGate` (logits equal
 to float rounding; the decision ``p >= t`` is taken on the kernel's own ``p``, which the trace records).
 
+The masked tail (SP / soft training, masked execution) is memory-bound at training batch sizes: the eager form
+reads and writes the block's activations ~5 times in the backward, the kernel once (float32 CPU, NCHW or
+channels_last; values equal the eager form's, the per-sample gate gradient up to summation order).
+
 It is built once per machine and source version with ``torch.utils.cpp_extension`` (a C++ compiler and ninja;
 about 25 s; cached under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Where it cannot be
-built, or with ``SKIPNET_FAST_GATE=0``, the gates run in eager PyTorch, with the same results.
+built, or with ``SKIPNET_FAST_GATE=0``, the gates and the tail run in eager PyTorch, with the same results.
 """
 
 from __future__ import annotations
@@ -62,8 +67,8 @@ def load() -> ModuleType | None:
     except Exception as e:  # no compiler, no ninja, read-only cache, ...: the eager path does the same
         first = (str(e).strip().splitlines() or [""])[0][:200]
         warnings.warn(
-            f"skipnet: the fast gate kernel could not be built ({type(e).__name__}: {first}); gates run in eager "
-            "PyTorch (same results, slower at small batches). Set SKIPNET_FAST_GATE=0 to silence this.",
+            f"skipnet: the compiled kernels (gate step, SP block tail) could not be built ({type(e).__name__}: "
+            f"{first}); eager PyTorch runs instead (same results, slower). Set SKIPNET_FAST_GATE=0 to silence this.",
             RuntimeWarning,
             stacklevel=2,
         )
