@@ -60,7 +60,8 @@ def load() -> ModuleType | None:
         from torch.utils.cpp_extension import load as load_extension
 
         name = module_name()
-        log.debug("loading the fast gate kernel %s (built once per machine, ~25 s)", name)
+        if not _built(name):
+            log.info("building skipnet's compiled kernels %s (once per machine, ~25 s)", name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # compiler-ABI notes
             _module = load_extension(name, [str(SOURCE)], extra_cflags=["-O3"], verbose=False)
@@ -76,6 +77,16 @@ def load() -> ModuleType | None:
     finally:
         quiet.setLevel(level)
     return _module
+
+
+def _built(name: str) -> bool:
+    """Whether a build of ``name`` is already cached (then loading takes milliseconds); True when unknown."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(name, False)) / f"{name}.so").exists()
+    except Exception:  # a private helper of torch's: if it moves, just say nothing
+        return True
 
 
 def applies(x: torch.Tensor) -> bool:
