@@ -50,8 +50,10 @@ def module_name() -> str:
 def load() -> ModuleType | None:
     """The compiled kernel, building it on the first call of the process if needed; ``None`` if unavailable."""
     global _module, _tried
-    if _tried or not enabled():
-        return _module if enabled() else None
+    if not enabled():
+        return None
+    if _tried:
+        return _module
     _tried = True
     quiet = logging.getLogger("torch.utils.cpp_extension")  # "No CUDA runtime is found" on CPU machines
     level = quiet.level

@@ -207,16 +207,16 @@ class _MaskedTail(torch.autograd.Function):
             kernels.masked_tail_backward(grad, ge, executed, shortcut, w1, g_r, g_s, g_g, need_g)
             return g_g.to(ctx.g_dtype) if need_g else None, g_r if need_r else None, g_s if need_s else None
         g_g = g_r = g_s = None
-        if ctx.needs_input_grad[0]:
+        if need_g:
             g_g = (executed - shortcut).mul_(grad).sum(dim=(1, 2, 3)).to(ctx.g_dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if need_r or need_s:
             g_e = torch.mul(grad, w, out=torch.empty_like(executed))
             if grad_executed is not None:
                 g_e += grad_executed
             g_r = torch.ops.aten.threshold_backward(g_e, executed, 0)
-        if ctx.needs_input_grad[2]:
+        if need_s:
             g_s = torch.addcmul(g_r, grad, 1.0 - w, out=torch.empty_like(shortcut))
-        return g_g, g_r if ctx.needs_input_grad[1] else None, g_s
+        return g_g, g_r if need_r else None, g_s
 
 
 def _tail_kernels(*tensors: Tensor | None) -> Any:

@@ -125,21 +125,26 @@ class FeedForwardGates(GateBank):
 class _FoldedStep:
     """One RNN gate step's folded input weights (see :class:`RNNGate`): ``weight`` = ``W_ih P_i``, ``bias``, and
     ``weight_hw`` = ``weight / hw`` for the spatial size ``hw`` = H W last seen; ``pack``: the same with the shared
-    recurrent and output weights, in the compiled kernel's layout (see ``_fastgate.cpp``)."""
+    recurrent and output weights in the compiled kernel's layout (see ``_fastgate.cpp``), made when the kernel
+    first needs it at this size."""
 
     __slots__ = ("weight", "bias", "hw", "weight_hw", "pack")
 
     def __init__(self, weight: Tensor, bias: Tensor) -> None:
-        self.weight, self.bias, self.hw, self.weight_hw, self.pack = weight, bias, 0, weight, weight
+        self.weight, self.bias, self.hw, self.weight_hw, self.pack = weight, bias, 0, weight, None
 
-    def at_size(self, hw: int, shared: tuple[Tensor, ...]) -> _FoldedStep:
-        """``shared`` = (``W_hh``, output weight row, output bias)."""
+    def at_size(self, hw: int) -> _FoldedStep:
         if self.hw != hw:  # first step at this input size: fold the mean's 1 / (H W) in too
-            self.hw, self.weight_hw = hw, self.weight / hw
-            w_hh, fc_w, fc_b = shared
-            parts = (self.weight_hw.t(), self.bias, w_hh.t(), fc_w, fc_b)
-            self.pack = torch.cat([t.reshape(-1) for t in parts])
+            self.hw, self.weight_hw, self.pack = hw, self.weight / hw, None
         return self
+
+    def packed(self, hw: int, shared: tuple[Tensor, ...]) -> Tensor:
+        """``pack`` at size ``hw``; ``shared`` = (``W_hh``, output weight row, output bias)."""
+        if self.hw != hw or self.pack is None:
+            w_hh, fc_w, fc_b = shared
+            parts = (self.at_size(hw).weight_hw.t(), self.bias, w_hh.t(), fc_w, fc_b)
+            self.pack = torch.cat([t.reshape(-1) for t in parts])
+        return self.pack
 
 
 class KernelRun:
@@ -164,10 +169,8 @@ class KernelRun:
 
     def step(self, i: int, x: Tensor) -> int:
         """Gate ``i`` on its block's input ``x``; returns how many samples execute the block."""
-        f = self.folded[i]
-        if f.hw != x.shape[2] * x.shape[3]:
-            f.at_size(x.shape[2] * x.shape[3], self.shared)
-        return self.fn(x, self.hc, f.pack, self.zp, self.idx, i, self.threshold)
+        pack = self.folded[i].packed(x.shape[2] * x.shape[3], self.shared)
+        return self.fn(x, self.hc, pack, self.zp, self.idx, i, self.threshold)
 
 
 class RNNGate(GateBank):
@@ -261,7 +264,7 @@ class RNNGate(GateBank):
         if len(state) == 3:  # the inference path (see the class docstring)
             h, c, params = state
             folded, w_hh, fc_w, fc_b, zero = params
-            f = folded[i].at_size(x.shape[2] * x.shape[3], (w_hh, fc_w, fc_b))
+            f = folded[i].at_size(x.shape[2] * x.shape[3])
             h, c = torch.lstm_cell(x.sum(dim=(2, 3)), (h, c), f.weight_hw, w_hh, f.bias, zero)
             return torch.addmv(fc_b, h, fc_w), (h, c, params)
         projs, lstm, fc = self._hot
