@@ -25,12 +25,14 @@ from skipnet.analysis import (
     skip_ratio_per_block,
     skip_ratio_per_stage,
     skipped_blocks,
+    static_lesion,
     threshold_sweep,
     value_counts,
 )
 from skipnet.checkpoint import atomic_save, load_checkpoint, load_model
 from skipnet.cli import main
 from skipnet.cost import cost_model
+from skipnet.errors import SkipnetError
 from skipnet.train import TrainConfig, train
 
 FIGURES = (
@@ -160,6 +162,36 @@ def test_threshold_sweep_recurrent_first_change_and_scaled_loader() -> None:
         assert first_change_executes_lower(records[lo].decisions, records[hi].decisions).all()
     x, _ = next(iter(ScaledLoader(loader, 0.75)))
     assert tuple(x.shape) == (48, 3, 24, 24) and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_static_lesion_removes_a_dead_block_first_and_nests() -> None:
+    model, loader, cost = _random_setup("tiny_resnet_14")
+    dead = 2  # a block whose residual branch is exactly zero: removing it changes nothing
+    bn = model.gated_blocks[dead].bn2
+    with torch.no_grad():
+        bn.weight.zero_()
+        bn.bias.zero_()
+    labels = model(loader[0][0], "all_on").logits.argmax(1)  # labels the intact network gets right
+    select = [(loader[0][0], labels)]
+    points = static_lesion(model, select, cost, max_drop=3, evaluate_on=select)
+    assert len(points) == 4 and points[0]["dropped"] == []
+    assert points[0]["select_accuracy"] == points[0]["accuracy"] == 100.0
+    assert points[1]["dropped"] == [dead]
+    assert points[1]["select_loss"] == pytest.approx(points[0]["select_loss"], abs=1e-6)
+    assert points[1]["macs_reduction"] == pytest.approx(100 * cost.block_macs[dead] / cost.total_macs_all_on)
+    for a, b in zip(points, points[1:]):  # one more block each step, the earlier ones kept out
+        assert set(a["dropped"]) < set(b["dropped"]) and len(b["dropped"]) == len(a["dropped"]) + 1
+        assert b["macs_reduction"] > a["macs_reduction"]
+    # the greedy choice is the best single removal: no other block costs less on ``select``
+    for i in range(model.num_gates):
+        if i != dead:
+            keep = torch.ones(1, model.num_gates)
+            keep[0, i] = 0
+            logits = model(select[0][0], "random", decisions=keep.expand(48, -1)).logits
+            assert torch.nn.functional.cross_entropy(logits, labels).item() >= points[1]["select_loss"] - 1e-6
+    with pytest.raises(SkipnetError, match="max_drop"):
+        static_lesion(model, select, cost, max_drop=model.num_gates + 1)
+    assert model.training is False  # left as it was
 
 
 def test_calibrate_threshold_meets_target_and_refuses_impossible() -> None:

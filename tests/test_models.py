@@ -312,6 +312,35 @@ def test_sample_mode_exploration_floor() -> None:
 
 
 @pytest.mark.parametrize("name", GATED_TINY)
+def test_gate_bias_sets_the_starting_probability(name: str) -> None:
+    model = create_model(name).double().eval()
+    x = _images(name, 16, torch.float64)
+    with torch.no_grad():
+        for bias, above in ((12.0, True), (-12.0, False)):
+            model.set_gate_bias(bias)
+            p = model(x).trace.probs
+            assert bool((p > 0.999).all() if above else (p < 0.001).all()), (bias, p.min(), p.max())
+    assert bool((model(x).trace.decisions == 0).all())  # closed gates: nothing runs at threshold 0.5
+    with pytest.raises(SkipnetError, match="no gates"):
+        create_model("tiny_resnet_14").set_gate_bias(1.0)
+
+
+def test_zero_init_residual_starts_every_block_as_the_identity() -> None:
+    model = create_model("tiny_rnn_gate_14").double().eval()
+    model.zero_init_residual()
+    x = model.stem(_images("tiny_rnn_gate_14", 8, torch.float64))  # non-negative: after the stem's ReLU
+    with torch.no_grad():
+        for block in model._blocks:
+            if block.downsample is None:  # identity shortcut: relu(0 + x) = x
+                assert_close(block(x), x, rtol=0, atol=0)
+            x = block(x)
+        # so in SP the gate's straight-through gradient, <dL/dx_out, F(x)>, starts at zero
+        trained = create_model("tiny_rnn_gate_14").double()
+        assert any(float(b.bn2.weight.abs().sum()) > 0 for b in trained._blocks)
+        assert all(float(b.bn2.weight.abs().sum()) == 0 for b in model._blocks)
+
+
+@pytest.mark.parametrize("name", GATED_TINY)
 def test_greedy_threshold(name: str) -> None:
     model = create_model(name).eval()
     x = _images(name, 3)

@@ -534,6 +534,7 @@ def test_corrupt_large_images_are_replaced_when_met(tmp_path, caplog) -> None:
         (["--val-split", "1"], "--val-split must be in [0, 1), got 1"),
         (["--val-split", "-0.1"], "--val-split must be in [0, 1)"),
         (["--explore", "0.5"], "--explore must be in [0, 0.5), got 0.5"),
+        (["--gate-bias", "inf"], "--gate-bias must be finite, got inf"),
         (["--keep", "2"], "--keep must be in [0, 1]"),
         (["--momentum", "1"], "--momentum must be in [0, 1)"),
         (["--limit-train", "0"], "--limit-train must be positive"),

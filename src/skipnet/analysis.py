@@ -379,6 +379,77 @@ class Calibration:
         return asdict(self)
 
 
+@torch.no_grad()
+def static_lesion(
+    model: GatedResNet,
+    select: Sequence[tuple[Tensor, Tensor]],
+    cost: CostModel,
+    *,
+    max_drop: int,
+    evaluate_on=None,
+) -> list[dict[str, Any]]:
+    """How much of a trained backbone can go without it, for every image alike (beyond the paper).
+
+    A lesion study in the manner of Veit et al. (2016): greedily remove, one at a time, the gated block whose
+    removal raises the mean cross-entropy on ``select`` (a list of ``(images, labels)`` batches, e.g. part of the
+    validation split) the least, up to ``max_drop`` blocks. The same blocks are skipped for every image (forced
+    decisions, routed execution, no gate computed), so this is the best *static* choice; a SkipNet, which chooses
+    per image, has to beat it to save the same compute. Works for plain and gated networks alike.
+
+    Returns one point per step, starting with nothing removed: ``dropped`` (the removed block indices),
+    ``select_loss`` / ``select_accuracy`` (on ``select``), ``macs_reduction`` (%, the backbone's MACs without
+    the gates) and, with ``evaluate_on`` (a loader), its ``accuracy``.
+    """
+    if model.num_gates == 0:
+        raise SkipnetError(f"{model.config.name} has no gated block to remove")
+    if not 0 <= max_drop <= model.num_gates:
+        raise SkipnetError(f"max_drop must be in [0, {model.num_gates}], got {max_drop}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    n = model.num_gates
+
+    def run(batches, keep: Tensor) -> tuple[float, float]:
+        loss = correct = seen = 0.0
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            decisions = keep.to(device).expand(x.shape[0], n)
+            logits = model(x, GateMode.RANDOM, decisions=decisions).logits.float()
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += y.shape[0]
+        return loss / max(seen, 1), 100.0 * correct / max(seen, 1)
+
+    keep = torch.ones(1, n)
+    points: list[dict[str, Any]] = []
+    try:
+        for step in range(max_drop + 1):
+            if step:  # remove the block that costs the least on ``select``
+                trials = []
+                for i in torch.nonzero(keep[0]).flatten().tolist():
+                    trial = keep.clone()
+                    trial[0, i] = 0.0
+                    trials.append((*run(select, trial), i))
+                loss, acc, i = min(trials)
+                keep[0, i] = 0.0
+            else:
+                loss, acc = run(select, keep)
+            macs = cost.macs_per_image(keep, include_gates=False).item()
+            point = {
+                "dropped": torch.nonzero(keep[0] == 0).flatten().tolist(),
+                "select_loss": loss,
+                "select_accuracy": acc,
+                "macs_mean": macs,
+                "macs_reduction": 100.0 * (1.0 - macs / cost.total_macs_all_on),
+            }
+            if evaluate_on is not None:
+                point["accuracy"] = run(evaluate_on, keep)[1]
+            points.append(point)
+    finally:
+        model.train(was_training)
+    return points
+
+
 def _best_feasible(points: Sequence[dict[str, Any]], target: float) -> dict[str, Any] | None:
     feasible = [p for p in points if p["macs_mean"] <= target]
     if not feasible:

@@ -418,6 +418,27 @@ class GatedResNet(nn.Module):
     def _in_channels(block: nn.Module) -> int:
         return block.conv1.in_channels
 
+    @torch.no_grad()
+    def zero_init_residual(self) -> None:
+        """Zero the scale of the last BN of every residual branch (Goyal et al. 2017; torchvision's
+        ``zero_init_residual``), beyond the paper: each block starts as the identity, so a freshly initialised
+        branch neither disturbs the signal nor tells its gate to close (in SP the gate's gradient is the inner
+        product of the output gradient with the branch, zero here). The branches still learn: the last BN's
+        bias and scale get gradients wherever the block runs."""
+        for block in self._blocks:
+            bn = block.bn3 if isinstance(block, Bottleneck) else block.bn2
+            bn.weight.zero_()
+
+    @torch.no_grad()
+    def set_gate_bias(self, bias: float) -> None:
+        """Set the bias of every gate's output layer, so each gate starts at ``p = sigmoid(bias)`` (beyond the
+        paper: a positive bias starts SP from scratch with the blocks executing)."""
+        if self.gates is None:
+            raise SkipnetError(f"{self.config.name} has no gates to set a bias on")
+        heads = [g.fc for g in self.gates.gates] if hasattr(self.gates, "gates") else [self.gates.fc]
+        for fc in heads:
+            fc.bias.fill_(float(bias))
+
     @property
     def num_gates(self) -> int:
         """N: the number of gated blocks (blocks - 1)."""

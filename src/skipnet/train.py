@@ -76,6 +76,8 @@ class TrainConfig:
     gate_lr_mult: float = 1.0
     baseline: str = "none"
     explore: float = 0.0
+    zero_init_residual: bool = False
+    gate_bias: float | None = None
     keep: float = 0.5
     threshold: float = 0.5
     val_split: float = 0.1
@@ -230,6 +232,8 @@ class Trainer:
             stats = (tuple(init_ckpt["data"]["mean"]), tuple(init_ckpt["data"]["std"]))
         if resume_ckpt is not None and resume_ckpt.get("data", {}).get("mean"):
             stats = (tuple(resume_ckpt["data"]["mean"]), tuple(resume_ckpt["data"]["std"]))
+        if cfg.gate_bias is not None and not arch.gated:
+            raise SkipnetError(f"--gate-bias needs a gated architecture; {arch.name} has no gates")
         global_batch = cfg.batch_size or (256 if arch.family == "imagenet" else 128)
         if global_batch % self.world:
             raise SkipnetError(f"--batch-size {global_batch} is not divisible by the {self.world} processes")
@@ -263,6 +267,10 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch
         self.total = total_steps(self.cfg, steps_per_epoch)
 
+        if cfg.zero_init_residual:  # before --init, whose tensors replace these
+            self.model.zero_init_residual()
+        if cfg.gate_bias is not None:
+            self.model.set_gate_bias(cfg.gate_bias)
         if init_ckpt is not None:
             left = load_weights_into(self.model, init_ckpt, cfg.init)
             log.info("initialised from %s (%d tensors left at their initial values)", cfg.init, len(left))

@@ -83,6 +83,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0.0,
         help="hrl/rl: exploration floor eps, gates sampled from eps + (1 - 2 eps) p (beyond the paper; 0 = paper)",
     )
+    p.add_argument(
+        "--zero-init-residual",
+        action="store_true",
+        help="start every residual branch at zero (last BN scale 0; beyond the paper, for short SP-from-scratch runs)",
+    )
+    p.add_argument(
+        "--gate-bias",
+        type=float,
+        default=None,
+        help="initial bias of the gates' output layer: gates start at p = sigmoid(B) (beyond the paper)",
+    )
     p.add_argument("--keep", type=float, default=0.5, help="SDV keep ratio (stage sdv)")
     p.add_argument("--threshold", type=float, default=0.5, help="gate threshold for hard/greedy decisions")
     p.add_argument("--val-split", type=float, default=0.1, help="fraction of train held out for model selection")
@@ -145,6 +156,7 @@ RULES: list[tuple[str, object, str]] = [
     ("momentum", _unit_open, "in [0, 1)"),
     ("val_split", _unit_open, "in [0, 1)"),
     ("explore", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)"),
+    ("gate_bias", lambda v: abs(v) < float("inf"), "finite"),
 ]
 
 # Files whose presence means --out already holds a run (config.json alone: a run that never got to a checkpoint).
