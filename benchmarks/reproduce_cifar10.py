@@ -12,6 +12,11 @@ Experiments (SkipNet-38, recurrent gate, unless stated):
   2. SP, SP + HRL at alpha 0.05/0.1/0.2,        scratch vs pure RL from scratch, same total steps
      SP + HRL with FFGate-I                  5. SDV at keep ratios around SkipNet's
   3. hard (SP) vs soft gating                6. real time: skipnet bench at batch 1 and 64
+  7. (cpu) the plain network and SP from scratch + HRL on a schedule twice as long: how the headline's gap
+     moves with training length
+Every SkipNet is held against the plain network trained on its own schedule. Beyond the paper, each plain
+ResNet-38 also gets a static lesion curve (``skipnet.analysis.static_lesion``): the accuracy left after removing
+the k least useful blocks for every image alike, the bar a per-image policy has to clear.
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ SCALES = {
         "explore_alphas": [1.0, 2.0],
         "hrl_explore": ["--epochs", "2", "--lr", "0.003", "--schedule", "constant", "--baseline", "ema"],
         "calibrate": 30,
+        # beyond the paper: SP from scratch with the gates starting open (--gate-bias), then HRL
+        "gate_bias": 2.0,
+        "gate_bias_alphas": [0.5, 1.0, 2.0, 3.0],
         # the headline's gap against schedule length: base and SP from scratch at twice the base schedule
         "long": ["--epochs", "12", "--schedule", "onecycle", "--nesterov", "--weight-decay", "5e-4"],
         "long_alphas": [0.5, 1.0],
@@ -90,6 +98,8 @@ SCALES = {
         "explore_alphas": [0.2, 0.5],
         "hrl_explore": [],
         "calibrate": 30,
+        "gate_bias": None,
+        "gate_bias_alphas": [],
         "long": None,  # the paper's schedule is already the long one
         "long_alphas": [],
     },
@@ -156,6 +166,32 @@ def experiments(scale: str, data: str, out: Path) -> list[dict]:
                 "alpha": a,
             }
         )
+    # Beyond the paper: the same SP from scratch with every gate starting open (p = sigmoid(2) = 0.88), so the
+    # blocks train from the first step instead of waiting for their gates to reopen (SP from scratch with the
+    # default init skips ~93% of the blocks after its first epoch), then HRL at larger alphas.
+    if s["gate_bias"] is not None:
+        gb = f"gb{s['gate_bias']:g}"
+        runs.append(
+            {
+                "name": f"sp_r38_rnn_scratch_{gb}",
+                "group": "2",
+                "arch": "cifar10_rnn_gate_38",
+                "stage": "sp",
+                "args": [*s["base"], "--gate-bias", str(s["gate_bias"])],
+            }
+        )
+        for a in s["gate_bias_alphas"]:
+            runs.append(
+                {
+                    "name": f"hrl_r38_rnn_scratch_{gb}_a{a}",
+                    "group": "2",
+                    "arch": "cifar10_rnn_gate_38",
+                    "stage": "hrl",
+                    "args": [*s["hrl"], "--alpha", str(a)],
+                    "init": f"sp_r38_rnn_scratch_{gb}",
+                    "alpha": a,
+                }
+            )
     runs += [
         {
             "name": "sp_r38_ff",
@@ -592,6 +628,8 @@ def _category(r: dict) -> str:
         return {"base": "plain ResNet-38", "sp": "SP from scratch", "hrl": "HRL"}[r["stage"]] + f", {epochs} epochs"
     if r["stage"] == "hrl+cal":
         return "HRL, threshold calibrated to 30%"
+    if r["stage"] in ("sp", "hrl") and "_gb" in r["name"]:
+        return f"{r['stage'].upper()} (SP from scratch, gates start open)"
     if r["stage"] in ("sp", "hrl") and "scratch" in r["name"]:
         return f"{r['stage'].upper()} (SP from scratch)"
     if r["stage"] == "hrl" and "_x" in r["name"]:
@@ -618,6 +656,8 @@ def plot(rows: list[dict], path: Path) -> None:
         "HRL (SP from base), exploration floor": ("tab:purple", "^", False),
         "SP (SP from scratch)": ("tab:blue", "o", False),
         "HRL (SP from scratch)": ("tab:orange", "^", True),
+        "SP (SP from scratch, gates start open)": ("tab:red", "o", False),
+        "HRL (SP from scratch, gates start open)": ("darkred", "^", True),
         "HRL, threshold calibrated to 30%": ("tab:brown", "P", False),
         "soft gating": ("tab:gray", "v", True),
         "SDV (random skipping)": ("tab:green", "D", True),

@@ -155,6 +155,23 @@ def test_stage_trains_from_cli(runs, stage) -> None:
         assert model.mode.value == "random" and model.keep_ratio == 0.5
 
 
+def test_init_options_reach_the_trained_model(runs, tmp_path) -> None:
+    """--gate-bias opens the gates of an SP run from scratch; --zero-init-residual starts the branches at zero
+    (one step at a tiny lr barely moves either); an --init checkpoint's tensors replace both."""
+    root, data = runs
+    args = ["train", "tiny_rnn_gate_14", "--stage", "sp", "--data", data, *COMMON, "--iters", "1", "--lr", "1e-6"]
+    out = tmp_path / "open"
+    assert main([*args, "--gate-bias", "6", "--zero-init-residual", "--out", str(out)]) == 0
+    model, _ = load_model(out / "last.pt")
+    assert model.gates.fc.bias.item() == pytest.approx(6.0, abs=1e-3)
+    assert all(b.bn2.weight.abs().max().item() < 1e-3 for b in model._blocks)
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["val_cp"] == 100.0  # p ~ 0.998
+    out = tmp_path / "init"
+    assert main([*args, "--zero-init-residual", "--init", str(root / "sp" / "best.pt"), "--out", str(out)]) == 0
+    model, _ = load_model(out / "last.pt")
+    assert all(b.bn2.weight.abs().max().item() > 1e-2 for b in model._blocks)
+
+
 def test_eval_json_keys(runs, capsys) -> None:
     root, data = runs
     assert main(["eval", str(root / "sp" / "best.pt"), "--data", data, "--limit", "64", "--json"]) == 0
