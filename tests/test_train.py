@@ -155,7 +155,7 @@ def test_stage_trains_from_cli(runs, stage) -> None:
         assert model.mode.value == "random" and model.keep_ratio == 0.5
 
 
-def test_init_options_reach_the_trained_model(runs, tmp_path) -> None:
+def test_init_options_reach_the_trained_model(runs, tmp_path, caplog) -> None:
     """--gate-bias opens the gates of an SP run from scratch; --zero-init-residual starts the branches at zero
     (one step at a tiny lr barely moves either); an --init checkpoint's tensors replace both."""
     root, data = runs
@@ -166,6 +166,10 @@ def test_init_options_reach_the_trained_model(runs, tmp_path) -> None:
     assert model.gates.fc.bias.item() == pytest.approx(6.0, abs=1e-3)
     assert all(b.bn2.weight.abs().max().item() < 1e-3 for b in model._blocks)
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["val_cp"] == 100.0  # p ~ 0.998
+    assert "--zero-init-residual with gates that may start closed" not in caplog.text
+    out = tmp_path / "closed"
+    assert main([*args, "--zero-init-residual", "--out", str(out)]) == 0
+    assert "--zero-init-residual with gates that may start closed" in caplog.text  # the SP deadlock warning
     out = tmp_path / "init"
     assert main([*args, "--zero-init-residual", "--init", str(root / "sp" / "best.pt"), "--out", str(out)]) == 0
     model, _ = load_model(out / "last.pt")

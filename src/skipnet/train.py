@@ -269,6 +269,11 @@ class Trainer:
 
         if cfg.zero_init_residual:  # before --init, whose tensors replace these
             self.model.zero_init_residual()
+            if self.stage.train_mode == GateMode.HARD and not cfg.init and not (cfg.gate_bias or 0) > 0:
+                log.warning(
+                    "--zero-init-residual with gates that may start closed: in SP a closed gate's zero branch gets "
+                    "no gradient and the gate none either; pass --gate-bias 2 so that the gates start open"
+                )
         if cfg.gate_bias is not None:
             self.model.set_gate_bias(cfg.gate_bias)
         if init_ckpt is not None:
