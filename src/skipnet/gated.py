@@ -422,9 +422,9 @@ class GatedResNet(nn.Module):
     def zero_init_residual(self) -> None:
         """Zero the scale of the last BN of every residual branch (Goyal et al. 2017; torchvision's
         ``zero_init_residual``), beyond the paper: each block starts as the identity, so a freshly initialised
-        branch neither disturbs the signal nor tells its gate to close (in SP the gate's gradient is the inner
-        product of the output gradient with the branch, zero here). The branches still learn: the last BN's
-        bias and scale get gradients wherever the block runs."""
+        branch does not disturb the signal. In SP the gate's gradient is the inner product of the output gradient
+        with the branch, zero here, and a branch learns only where its block runs: gates that start closed stay
+        closed, so pair it with an open gate bias (:meth:`set_gate_bias`)."""
         for block in self._blocks:
             bn = block.bn3 if isinstance(block, Bottleneck) else block.bn2
             bn.weight.zero_()
