@@ -75,7 +75,7 @@ SCALES = {
         "gate_bias_alphas": [0.5, 1.0, 1.5, 2.0, 3.0],
         # the headline's gap against schedule length: base and SP from scratch at twice the base schedule
         "long": ["--epochs", "12", "--schedule", "onecycle", "--nesterov", "--weight-decay", "5e-4"],
-        "long_alphas": [1.0, 1.5, 2.0],
+        "long_alphas": [1.0, 1.25, 1.5, 2.0],
     },
     "paper": {  # the paper's schedule (a machine with a GPU): 64k SP iterations, 10k HRL at lr 1e-4
         "base": [],
@@ -745,7 +745,7 @@ def main() -> int:
             t = cal["test"]
             results[name] = {
                 "name": name,
-                "group": "2",
+                "group": r["group"],
                 "arch": r["arch"],
                 "stage": "hrl+cal",
                 "alpha": r.get("alpha"),
