@@ -14,6 +14,8 @@ Experiments (SkipNet-38, recurrent gate, unless stated):
   3. hard (SP) vs soft gating                6. real time: skipnet bench at batch 1 and 64
   7. (cpu) the plain network and SP from scratch (gates starting open) + HRL on a schedule twice as long:
      how the headline's gap moves with training length
+Beyond the paper (group 2, cpu): HRL with an exploration floor; SP from scratch with the gates starting open
+(``--gate-bias 2``) and HRL from it at five alphas and, longer and slower, at two.
 Every SkipNet is held against the plain network trained on its own schedule. Beyond the paper, each plain
 ResNet-38 also gets a static lesion curve (``skipnet.analysis.static_lesion``): the accuracy left after removing
 the k least useful blocks for every image alike, the bar a per-image policy has to clear.
@@ -73,6 +75,9 @@ SCALES = {
         # beyond the paper: SP from scratch with the gates starting open (--gate-bias), then HRL
         "gate_bias": 2.0,
         "gate_bias_alphas": [0.5, 1.0, 1.5, 2.0, 3.0],
+        # a longer, slower HRL from the same SP (closer to the paper's 10k iterations at lr 1e-4)
+        "hrl_long": ["--epochs", "3", "--lr", "0.001", "--schedule", "constant", "--baseline", "ema"],
+        "hrl_long_alphas": [1.25, 1.5],
         # the headline's gap against schedule length: base and SP from scratch at twice the base schedule
         "long": ["--epochs", "12", "--schedule", "onecycle", "--nesterov", "--weight-decay", "5e-4"],
         "long_alphas": [1.0, 1.25, 1.5, 2.0],
@@ -100,6 +105,8 @@ SCALES = {
         "calibrate": 30,
         "gate_bias": None,
         "gate_bias_alphas": [],
+        "hrl_long": [],
+        "hrl_long_alphas": [],
         "long": None,  # the paper's schedule is already the long one
         "long_alphas": [],
     },
@@ -188,6 +195,18 @@ def experiments(scale: str, data: str, out: Path) -> list[dict]:
                     "arch": "cifar10_rnn_gate_38",
                     "stage": "hrl",
                     "args": [*s["hrl"], "--alpha", str(a)],
+                    "init": f"sp_r38_rnn_scratch_{gb}",
+                    "alpha": a,
+                }
+            )
+        for a in s["hrl_long_alphas"]:
+            runs.append(
+                {
+                    "name": f"hrl_r38_rnn_scratch_{gb}_long_a{a}",
+                    "group": "2",
+                    "arch": "cifar10_rnn_gate_38",
+                    "stage": "hrl",
+                    "args": [*s["hrl_long"], "--alpha", str(a)],
                     "init": f"sp_r38_rnn_scratch_{gb}",
                     "alpha": a,
                 }
