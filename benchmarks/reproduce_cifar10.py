@@ -113,6 +113,12 @@ SCALES = {
 }
 
 
+def rnn38(name: str, group: str, stage: str, args: list[str], init: str | None = None, **extra) -> dict:
+    """One SkipNet-38 (recurrent gate) experiment."""
+    r = {"name": name, "group": group, "arch": "cifar10_rnn_gate_38", "stage": stage, "args": args}
+    return r | ({"init": init} if init else {}) | extra
+
+
 def experiments(scale: str, data: str, out: Path) -> list[dict]:
     s = SCALES[scale]
     c = ["--data", data, *s["common"]]
@@ -129,31 +135,20 @@ def experiments(scale: str, data: str, out: Path) -> list[dict]:
         },
     ]
     for a in s["alphas"]:
-        runs.append(
-            {
-                "name": f"hrl_r38_rnn_a{a}",
-                "group": "2",
-                "arch": "cifar10_rnn_gate_38",
-                "stage": "hrl",
-                "args": [*s["hrl"], "--alpha", str(a)],
-                "init": "sp_r38_rnn",
-                "alpha": a,
-            }
-        )
+        runs.append(rnn38(f"hrl_r38_rnn_a{a}", "2", "hrl", [*s["hrl"], "--alpha", str(a)], "sp_r38_rnn", alpha=a))
     # Beyond the paper: the same HRL with an exploration floor, gates drawn from eps + (1 - 2 eps) p, so that every
     # block keeps being skipped in training (the backbone learns to do without it) and REINFORCE keeps seeing skips.
     eps = s["explore"]
     for a in s["explore_alphas"]:
         runs.append(
-            {
-                "name": f"hrl_r38_rnn_x{eps}_a{a}",
-                "group": "2",
-                "arch": "cifar10_rnn_gate_38",
-                "stage": "hrl",
-                "args": [*s["hrl_explore"], "--alpha", str(a), "--explore", str(eps)],
-                "init": "sp_r38_rnn",
-                "alpha": a,
-            }
+            rnn38(
+                f"hrl_r38_rnn_x{eps}_a{a}",
+                "2",
+                "hrl",
+                [*s["hrl_explore"], "--alpha", str(a), "--explore", str(eps)],
+                "sp_r38_rnn",
+                alpha=a,
+            )
         )
     # The authors' recipe: SP from scratch on the base schedule (the backbone learns with blocks skipped and the
     # gates become block-specific), then HRL. SP from the base weights (above) leaves one undiscriminating gate
@@ -163,53 +158,37 @@ def experiments(scale: str, data: str, out: Path) -> list[dict]:
     )
     for a in s["scratch_alphas"]:
         runs.append(
-            {
-                "name": f"hrl_r38_rnn_scratch_a{a}",
-                "group": "2",
-                "arch": "cifar10_rnn_gate_38",
-                "stage": "hrl",
-                "args": [*s["hrl"], "--alpha", str(a)],
-                "init": "sp_r38_rnn_scratch",
-                "alpha": a,
-            }
+            rnn38(
+                f"hrl_r38_rnn_scratch_a{a}", "2", "hrl", [*s["hrl"], "--alpha", str(a)], "sp_r38_rnn_scratch", alpha=a
+            )
         )
     # Beyond the paper: the same SP from scratch with every gate starting open (p = sigmoid(2) = 0.88), so the
     # blocks train from the first step instead of waiting for their gates to reopen (SP from scratch with the
     # default init skips ~93% of the blocks after its first epoch), then HRL at larger alphas.
     if s["gate_bias"] is not None:
         gb = f"gb{s['gate_bias']:g}"
-        runs.append(
-            {
-                "name": f"sp_r38_rnn_scratch_{gb}",
-                "group": "2",
-                "arch": "cifar10_rnn_gate_38",
-                "stage": "sp",
-                "args": [*s["base"], "--gate-bias", str(s["gate_bias"])],
-            }
-        )
+        runs.append(rnn38(f"sp_r38_rnn_scratch_{gb}", "2", "sp", [*s["base"], "--gate-bias", str(s["gate_bias"])]))
         for a in s["gate_bias_alphas"]:
             runs.append(
-                {
-                    "name": f"hrl_r38_rnn_scratch_{gb}_a{a}",
-                    "group": "2",
-                    "arch": "cifar10_rnn_gate_38",
-                    "stage": "hrl",
-                    "args": [*s["hrl"], "--alpha", str(a)],
-                    "init": f"sp_r38_rnn_scratch_{gb}",
-                    "alpha": a,
-                }
+                rnn38(
+                    f"hrl_r38_rnn_scratch_{gb}_a{a}",
+                    "2",
+                    "hrl",
+                    [*s["hrl"], "--alpha", str(a)],
+                    f"sp_r38_rnn_scratch_{gb}",
+                    alpha=a,
+                )
             )
         for a in s["hrl_long_alphas"]:
             runs.append(
-                {
-                    "name": f"hrl_r38_rnn_scratch_{gb}_long_a{a}",
-                    "group": "2",
-                    "arch": "cifar10_rnn_gate_38",
-                    "stage": "hrl",
-                    "args": [*s["hrl_long"], "--alpha", str(a)],
-                    "init": f"sp_r38_rnn_scratch_{gb}",
-                    "alpha": a,
-                }
+                rnn38(
+                    f"hrl_r38_rnn_scratch_{gb}_long_a{a}",
+                    "2",
+                    "hrl",
+                    [*s["hrl_long"], "--alpha", str(a)],
+                    f"sp_r38_rnn_scratch_{gb}",
+                    alpha=a,
+                )
             )
     runs += [
         {
@@ -309,25 +288,18 @@ def experiments(scale: str, data: str, out: Path) -> list[dict]:
         gb = f"gb{s['gate_bias']:g}"
         runs += [
             {"name": f"base_r38_e{e}", "group": "7", "arch": "cifar10_resnet_38", "stage": "base", "args": s["long"]},
-            {
-                "name": f"sp_r38_rnn_scratch_{gb}_e{e}",
-                "group": "7",
-                "arch": "cifar10_rnn_gate_38",
-                "stage": "sp",
-                "args": [*s["long"], "--gate-bias", str(s["gate_bias"])],
-            },
+            rnn38(f"sp_r38_rnn_scratch_{gb}_e{e}", "7", "sp", [*s["long"], "--gate-bias", str(s["gate_bias"])]),
         ]
         for a in s["long_alphas"]:
             runs.append(
-                {
-                    "name": f"hrl_r38_rnn_scratch_{gb}_e{e}_a{a}",
-                    "group": "7",
-                    "arch": "cifar10_rnn_gate_38",
-                    "stage": "hrl",
-                    "args": [*s["hrl"], "--alpha", str(a)],
-                    "init": f"sp_r38_rnn_scratch_{gb}_e{e}",
-                    "alpha": a,
-                }
+                rnn38(
+                    f"hrl_r38_rnn_scratch_{gb}_e{e}_a{a}",
+                    "7",
+                    "hrl",
+                    [*s["hrl"], "--alpha", str(a)],
+                    f"sp_r38_rnn_scratch_{gb}_e{e}",
+                    alpha=a,
+                )
             )
     for r in runs:
         cmd = ["skipnet", "train", r["arch"], "--stage", r["stage"], *c, *r["args"], "--out", str(out / r["name"])]
