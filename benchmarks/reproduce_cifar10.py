@@ -688,12 +688,12 @@ def plot(rows: list[dict], path: Path) -> None:
         for ax in axes:
             ax.axhline(base["accuracy"] - 0.5, color="k", lw=0.8, ls=":")
             ax.axvline(0.7 * base["macs"] / 1e6, color="k", lw=0.8, ls=":")
-        for r in pts:  # a longer schedule's plain network: its own accuracy line
-            if r["stage"] == "base" and r is not base:
-                axes[1].axhline(r["accuracy"] - 0.5, color="dimgray", lw=0.8, ls="--")
-        title = "Zoom (dotted: the headline's corner, >= 30% fewer MACs within 0.5 points"
-        longer = any(r["stage"] == "base" and r is not base for r in pts)
-        axes[1].set_title(title + ("; dashed: 12-epoch plain - 0.5)" if longer else ")"), fontsize=9)
+        longer = [r for r in pts if r["stage"] == "base" and r is not base]  # other schedules' plain networks
+        for r in longer:
+            axes[1].axhline(r["accuracy"] - 0.5, color="dimgray", lw=0.8, ls="--")
+        dashed = "".join(f"; dashed: {_category(r)} - 0.5" for r in longer)
+        corner = "headline corner, >= 30% fewer MACs within 0.5 pts"
+        axes[1].set_title(f"Zoom (dotted: {corner}{dashed})", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

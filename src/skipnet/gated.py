@@ -435,8 +435,7 @@ class GatedResNet(nn.Module):
         paper: a positive bias starts SP from scratch with the blocks executing)."""
         if self.gates is None:
             raise SkipnetError(f"{self.config.name} has no gates to set a bias on")
-        heads = [g.fc for g in self.gates.gates] if hasattr(self.gates, "gates") else [self.gates.fc]
-        for fc in heads:
+        for fc in self.gates.heads():
             fc.bias.fill_(float(bias))
 
     @property

@@ -108,6 +108,10 @@ class GateBank(nn.Module):
         """A compiled inference path for this forward (see :class:`KernelRun`), or ``None``."""
         return None
 
+    def heads(self) -> list[nn.Linear]:
+        """The output layers whose single unit is each gate's logit (one shared layer for the recurrent gate)."""
+        raise NotImplementedError
+
 
 class FeedForwardGates(GateBank):
     """One independent feed-forward gate per gated block."""
@@ -120,6 +124,9 @@ class FeedForwardGates(GateBank):
 
     def step(self, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
         return self.gates[i](x), state
+
+    def heads(self) -> list[nn.Linear]:
+        return [g.fc for g in self.gates]
 
 
 class _FoldedStep:
@@ -240,6 +247,9 @@ class RNNGate(GateBank):
         # b_hh is folded into the per-gate bias; lstm_cell is given zeros for it (CUDA's fused cell needs both).
         zero = torch.zeros_like(lstm.bias_hh)
         return folded, lstm.weight_hh, fc.weight[0], fc.bias, zero
+
+    def heads(self) -> list[nn.Linear]:
+        return [self.fc]
 
     def init_state(self, x: Tensor) -> tuple[Tensor, ...]:
         """``(h, c)`` at zero, plus the folded parameters when the fast inference path applies."""
