@@ -15,6 +15,9 @@ Guarantees:
   directory fsynced, so a crash, a kill or a full disk leaves the previous file intact. A full disk is
   reported as a :class:`SkipnetError`; temporary files of writers that died (same host, dead pid) are
   removed by the next write of the same file.
+- **Fault injection.** Every file operation of a write calls :func:`fault_point`; with the environment variable
+  ``SKIPNET_FAULT_AFTER=k`` the process kills itself (SIGKILL) right after its k-th operation, so tests can
+  stop a checkpoint round at every step and check that ``--resume`` recovers exactly.
 - **Exports.** :func:`export_safetensors` writes the weights as safetensors with the architecture, threshold
   and data normalisation in the string metadata; :func:`load_checkpoint` reads such a file like a ``.pt``.
 """
@@ -22,11 +25,13 @@ Guarantees:
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import pickle
 import random
 import re
+import signal
 import socket
 import tempfile
 from collections.abc import Callable
@@ -73,6 +78,37 @@ def set_rng_state(state: dict[str, Any]) -> None:
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
+# ------------------------------------------------------------------------------------------ fault injection
+_file_ops = 0
+
+
+def fault_point(what: str) -> None:
+    """Count one file operation (``what``: e.g. ``"rename last.pt"``); die with SIGKILL right after the k-th one
+    when ``SKIPNET_FAULT_AFTER=k`` is set, as a power cut or ``kill -9`` would at that point."""
+    global _file_ops
+    _file_ops += 1
+    fault_hook(_file_ops, what)
+
+
+def _kill_after_env(count: int, what: str) -> None:
+    k = os.environ.get("SKIPNET_FAULT_AFTER")
+    if k and k.isdigit() and count == int(k):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+fault_hook: Callable[[int, str], None] = _kill_after_env  # tests may swap in another fault (e.g. a full disk)
+
+
+def _default_mode(path: Path) -> int:
+    """The permissions a plain ``open(path, "w")`` would give (0666 less the umask), or the existing file's."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
 
@@ -92,14 +128,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(path: str | Path) -> list[Path]:
-    """Delete temporary files of ``path`` left by writers on this host that no longer run (e.g. SIGKILLed)."""
+def remove_stale_temps(path: str | Path, *, every_file: bool = False) -> list[Path]:
+    """Delete temporary files of ``path`` left by writers on this host that no longer run (e.g. SIGKILLed); with
+    ``every_file``, ``path`` is a directory and the leftovers of every file in it go."""
     path = Path(path)
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.{re.escape(_host())}\.(\d+)\..*\.tmp$")
+    directory, name = (path, r".+?") if every_file else (path.parent, re.escape(path.name))
+    pattern = re.compile(rf"^\.{name}\.{re.escape(_host())}\.(\d+)\.[^.]*\.tmp$")
     removed = []
-    if not path.parent.is_dir():
+    if not directory.is_dir():
         return removed
-    for f in path.parent.iterdir():
+    for f in directory.iterdir():
         m = pattern.match(f.name)
         if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
             f.unlink(missing_ok=True)
@@ -157,12 +195,17 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
     tracked = None
     try:
+        os.fchmod(fd, _default_mode(path))  # mkstemp's 0600 would otherwise replace the file's permissions
+        fault_point(f"create temp of {path.name}")
         with os.fdopen(fd, "wb") as f:
             tracked = _TrackedFile(f)
             write(tracked)
             tracked.flush()
+            fault_point(f"write {path.name}")
             os.fsync(f.fileno())
+        fault_point(f"fsync {path.name}")
         os.replace(tmp, path)
+        fault_point(f"rename {path.name}")
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         cause = exc if isinstance(exc, OSError) else getattr(tracked, "error", None)
@@ -171,6 +214,14 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
             raise SkipnetError(f"no space left on device writing {path}; {kept} (free some space and retry)") from None
         raise
     _fsync_dir(path.parent)
+    fault_point(f"fsync directory of {path.name}")
+
+
+def checkpoint_bytes(obj: Any) -> bytes:
+    """``obj`` serialised by ``torch.save``, to write it to several files identically."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

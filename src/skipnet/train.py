@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -28,10 +27,12 @@ import torch.nn.functional as F
 
 from skipnet.checkpoint import (
     atomic_write,
+    checkpoint_bytes,
     load_checkpoint,
     load_weights_into,
+    make_checkpoint,
     model_from_checkpoint,
-    save_checkpoint,
+    remove_stale_temps,
     set_rng_state,
 )
 from skipnet.cost import cost_model
@@ -41,6 +42,7 @@ from skipnet.evaluate import evaluate
 from skipnet.gated import GatedResNet, GateMode
 from skipnet.losses import Baseline
 from skipnet.registry import get_config
+from skipnet.rundir import append_row, read_rows, run_lock, write_rows
 from skipnet.stages import STAGES, Stage
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,7 @@ class TrainConfig:
     log_every: int = 50
     resume: bool = False
     device: str = "auto"
+    checkpoint_minutes: float = 10.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -221,7 +224,7 @@ class Trainer:
             saved.resume, saved.out = True, cfg.out
             cfg = saved
         elif cfg.resume:
-            log.info("--resume: no %s yet, starting a new run", self.out / "last.pt")
+            self._start_afresh()
         elif (self.out / "last.pt").exists():
             raise SkipnetError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
 
@@ -315,6 +318,7 @@ class Trainer:
         self.running: dict[str, float] = {}  # sums of the training statistics since the last evaluation
         self.n_running = 0
         self._signal: int | None = None  # set by the SIGINT / SIGTERM handler; acted on between steps
+        self.last_saved = time.monotonic()  # for the wall-clock checkpoints (--checkpoint-minutes)
         if resume_ckpt is not None:
             self._restore(resume_ckpt)
         self.train_model: nn.Module = self.dist.wrap(self.model, self.cfg)
@@ -322,6 +326,15 @@ class Trainer:
         self.scaler = self.dist.grad_scaler(self.cfg.amp)
 
     # -- setup helpers
+    def _start_afresh(self) -> None:
+        """``--resume`` on a directory without a checkpoint (a job preempted before its first one, re-queued with
+        the same command line): start a new run there, dropping what the first attempt left."""
+        leftovers = [n for n in ("metrics.jsonl", "best.pt", "summary.json") if (self.out / n).exists()]
+        log.warning("--resume: %s holds no checkpoint yet; starting a new run", self.out)
+        if self.main:
+            for name in leftovers:
+                (self.out / name).unlink()
+
     def _init_torchvision(self, path: str) -> None:
         if self.model.config.family != "imagenet":
             raise SkipnetError("--init-torchvision needs an imagenet_* architecture")
@@ -341,7 +354,15 @@ class Trainer:
             raise SkipnetError(f"--init-torchvision: {path} is not a matching torchvision ResNet state dict ({bad[0]})")
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["state_dict"])
+        try:
+            self.model.load_state_dict(ckpt["state_dict"])
+        except (RuntimeError, KeyError, TypeError) as exc:
+            raise SkipnetError(f"{self.out / 'last.pt'} does not fit this run's network ({_first_line(exc)})") from None
+        if not self._state_finite():
+            raise SkipnetError(
+                f"{self.out / 'last.pt'} holds non-finite weights or statistics, so training cannot continue from it; "
+                "start a new run (another --out) with a lower --lr"
+            )
         self.model.to(self.device)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -357,11 +378,9 @@ class Trainer:
         log.info("resumed %s at step %d/%d", self.out, self.step, self.total)
 
     # -- checkpoints
-    def _save(self, name: str, metrics: dict[str, Any]) -> None:
-        if not self.main:
-            return
-        save_checkpoint(
-            self.out / name,
+    def _checkpoint_bytes(self, metrics: dict[str, Any]) -> bytes:
+        """The resumable state of the run, serialised (weights, optimizer, schedule, RNG, running statistics)."""
+        ckpt = make_checkpoint(
             self.model,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
@@ -376,24 +395,54 @@ class Trainer:
                 "running": {"sums": dict(self.running), "n": self.n_running},
             },
         )
+        return checkpoint_bytes(ckpt)
+
+    def _save_last(self, metrics: dict[str, Any], best: bool = False) -> None:
+        """Write ``last.pt`` (and first, when this round chose it, ``best.pt``: a run killed in between redoes
+        the round on resume, so ``best.pt`` is never older than the ``last.pt`` that names it best).
+
+        The state is checked first: a diverged update (e.g. BatchNorm statistics gone infinite) stops the run
+        with the previous checkpoints kept."""
+        if not self._state_finite():
+            last = self.out / "last.pt"
+            kept = f"{last} (step {load_checkpoint(last)['step']}) is kept" if last.exists() else "no checkpoint kept"
+            raise SkipnetError(
+                f"the weights or BatchNorm statistics became non-finite by step {self.step} (stage {self.cfg.stage}); "
+                f"{kept}. Lower --lr (or --alpha / --rl-weight) and start again"
+            )
+        if not self.main:
+            return
+        payload = self._checkpoint_bytes(metrics)
+        if best:
+            atomic_write(self.out / "best.pt", lambda f: f.write(payload))
+        atomic_write(self.out / "last.pt", lambda f: f.write(payload))
+        self.last_saved = time.monotonic()
+
+    def _latest_metrics(self) -> dict[str, Any]:
+        """The metrics of a checkpoint written between evaluations (a signal, the wall-clock interval)."""
+        return (self.history[-1] if self.history else {}) | {"best_val_accuracy": self.best_val}
+
+    def _state_finite(self) -> bool:
+        """Whether every floating-point parameter and buffer is finite (NaN * 0 and inf * 0 are NaN)."""
+        tensors = [t.detach() for t in (*self.model.parameters(), *self.model.buffers()) if t.is_floating_point()]
+        return not tensors or float(sum(t.mul(0).sum(dtype=torch.float32) for t in tensors)) == 0.0
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
         if self.main:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            append_row(self.out / "metrics.jsonl", row)
 
     def _drop_metrics_after(self, step: int) -> None:
-        """On resume: forget metric rows written after the checkpoint (a run killed between the two writes)."""
+        """On resume: forget metric rows written after the checkpoint (a run killed between the two writes) and a
+        torn row (a run killed, or a disk filled, in the middle of one)."""
         path = self.out / "metrics.jsonl"
         if not self.main or not path.exists():
             return
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-        if len(keep) != len(lines):
-            log.info("resume: dropping %d metric rows written after step %d", len(lines) - len(keep), step)
-            atomic_write(path, lambda f: f.write("".join(ln + "\n" for ln in keep).encode()))
+        rows, torn = read_rows(path)
+        keep = [r for r in rows if r.get("step", 0) <= step]
+        if len(keep) != len(rows) or torn:
+            dropped = len(rows) - len(keep)
+            log.info("resume: dropping %d metric rows written after step %d and %d torn rows", dropped, step, torn)
+            write_rows(path, keep)
 
     # -- evaluation
     def evaluate_split(self, split: str) -> dict[str, Any]:
@@ -488,6 +537,8 @@ class Trainer:
                     if self.dist.any(self._signal is not None):  # every rank stops at the same step
                         progress.close()
                         self._interrupted(time.time() - run_start)
+                    if self.dist.any(time.monotonic() - self.last_saved >= 60 * cfg.checkpoint_minutes):
+                        self._save_last(self._latest_metrics())
                     stats = self.train_step(x, y)
                     self.step += 1
                     self.n_running += 1
@@ -535,7 +586,7 @@ class Trainer:
     def _interrupted(self, elapsed: float) -> None:
         """Write ``last.pt`` at the current step (mid-interval: running statistics included) and stop."""
         signum = self._signal or signal.SIGTERM
-        self._save("last.pt", (self.history[-1] if self.history else {}) | {"best_val_accuracy": self.best_val})
+        self._save_last(self._latest_metrics())
         if self.main:
             log.info("interrupted at step %d/%d after %.0f s", self.step, self.total, elapsed)
         self.dist.barrier()
@@ -547,10 +598,10 @@ class Trainer:
         )
 
     def _elapsed_before(self) -> float:
-        if not self.history and (self.out / "metrics.jsonl").exists():
-            lines = (self.out / "metrics.jsonl").read_text().splitlines()
-            if lines:
-                return float(json.loads(lines[-1]).get("time_s", 0.0))
+        if not self.history:
+            rows, _ = read_rows(self.out / "metrics.jsonl")
+            if rows:
+                return float(rows[-1].get("time_s", 0.0))
         return 0.0
 
     def _checkpoint_round(self, train_stats: dict[str, float], elapsed: float) -> None:
@@ -582,10 +633,7 @@ class Trainer:
             log.info(
                 "step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float))
             )
-        self._save("last.pt", metrics)
-        if improved and self.main:
-            with open(self.out / "last.pt", "rb") as src:
-                atomic_write(self.out / "best.pt", lambda f: shutil.copyfileobj(src, f))
+        self._save_last(metrics, best=improved)
         self.dist.barrier()
 
     def _finish(self, elapsed: float) -> dict[str, Any]:
@@ -614,11 +662,28 @@ class Trainer:
         return self.dist.broadcast_object(summary)  # rank 0's summary, on every rank
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+@contextmanager
+def hold_run_dir(out: str) -> Iterator[None]:
+    """The run directory's lock (rank 0 only: under torchrun the other ranks write nothing), then a sweep of the
+    temporary files that writers killed earlier left in it."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    with run_lock(out):
+        remove_stale_temps(out, every_file=True)
+        yield
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) one training run; returns its summary."""
-    trainer = Trainer(cfg)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.train_model = trainer.model  # free the DDP wrapper now, not at exit (see DistContext.cleanup)
-        trainer.dist.cleanup()
+    """Run (or resume) one training run, holding its directory's lock; returns its summary."""
+    with hold_run_dir(cfg.out):
+        trainer = Trainer(cfg)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.train_model = trainer.model  # free the DDP wrapper now, not at exit (see DistContext.cleanup)
+            trainer.dist.cleanup()

@@ -11,7 +11,7 @@ from pathlib import Path
 from skipnet.errors import SkipnetError
 from skipnet.registry import check_image_size, get_config
 from skipnet.stages import STAGES
-from skipnet.train import SCHEDULES, TrainConfig, train
+from skipnet.train import SCHEDULES, TrainConfig, hold_run_dir, train
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -106,7 +106,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
     p.add_argument("--log-every", type=int, default=50, help="log a line every N steps when not on a terminal")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last.pt (a new run if it holds no checkpoint yet)",
+    )
+    p.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=10.0,
+        help="also write last.pt every M minutes of training, between evaluations (a kill loses at most that)",
+    )
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
     p.set_defaults(func=run)
 
@@ -157,6 +167,8 @@ RULES: list[tuple[str, object, str]] = [
     ("val_split", _unit_open, "in [0, 1)"),
     ("explore", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)"),
     ("gate_bias", lambda v: abs(v) < float("inf"), "finite"),
+    ("checkpoint_minutes", _positive, "positive"),
+    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
 ]
 
 # Files whose presence means --out already holds a run (config.json alone: a run that never got to a checkpoint).
@@ -169,6 +181,8 @@ def check_value(option: str, value, test, what: str) -> None:
         return
     if value != value or not test(value):  # NaN fails every range
         raise SkipnetError(f"--{option.replace('_', '-')} must be {what}, got {value:g}")
+    if abs(value) == float("inf"):
+        raise SkipnetError(f"--{option.replace('_', '-')} must be finite, got {value:g}")
 
 
 def check_args(cfg: TrainConfig) -> None:
@@ -179,15 +193,12 @@ def check_args(cfg: TrainConfig) -> None:
 
 
 def check_out(cfg: TrainConfig) -> None:
-    """``--resume`` needs a run to continue; without it, ``--out`` must not hold one (it would be overwritten)."""
+    """Without ``--resume``, ``--out`` must not hold a run (it would be overwritten). With it, a directory without a
+    checkpoint yet (a job killed before its first one and started again with the same command) gets a new run."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise SkipnetError(f"--out {out} is a file, not a run directory; choose another --out")
     if cfg.resume:
-        if not out.exists():
-            raise SkipnetError(f"--resume: {out} does not exist, so there is nothing to resume; drop --resume")
-        if not (out / "last.pt").is_file():
-            raise SkipnetError(f"--resume: {out} holds no last.pt, so there is nothing to resume; drop --resume")
         return
     held = [f for f in RUN_FILES if (out / f).exists()]
     if held:
@@ -201,8 +212,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     cfg = config_from_args(args)
     check_args(cfg)
-    check_out(cfg)
-    summary = train(cfg)
+    with hold_run_dir(cfg.out):  # no other run may check or write this directory until this one ends
+        check_out(cfg)
+        summary = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
     if args.json:
