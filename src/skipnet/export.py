@@ -1,0 +1,591 @@
+"""Export a SkipNet that still skips: ``torch.export`` programs (``.pt2``) and ONNX graphs (issue 18).
+
+:class:`~skipnet.gated.GatedResNet.forward` decides on the host (a Python branch per block at batch 1, an index
+list otherwise) and calls compiled C++ kernels; neither survives tracing. This module builds *export graphs*
+instead: small ``nn.Module`` s that share the submodules of a :class:`GatedResNet` (stem, first block, gated
+blocks, gate bank, head) and express the routing with graph operators only. The gates run their module path
+(the recurrent gate's projection, LSTM cell and output layer as plain tensor ops); :mod:`skipnet.fastgate` is
+never called.
+
+Graphs (:data:`GRAPHS`):
+
+- ``conditional`` (batch 1): every gated block is ``torch.cond(p_i >= t, F_i, S_i)`` on its gate's decision,
+  an ONNX ``If`` node: the runtime runs a skipped block's shortcut only, never its convolutions.
+- ``routed`` (any batch): each block gathers the rows that execute it (``nonzero`` + ``index_select``), runs on
+  them and scatters the result back (``index_copy``): ONNX ``NonZero`` / ``Gather`` / ``ScatterND``, with a
+  data-dependent batch inside each block.
+- ``masked`` (any batch): every block for every row, mixed by the decision (``where``); the same values, but it
+  saves no compute. Used when ``routed`` cannot be exported, with a warning.
+- ``plain``: every block, no gate: the plain ResNet of the same backbone (what benchmarks compare against).
+
+Every graph takes images as ``skipnet eval`` reads them before normalisation: float32 RGB in [0, 1], shape
+(B, C, H, W); the data normalisation of the checkpoint (``(x - mean) / std``) and the threshold are constants of
+the graph, and also written to its metadata. Gated graphs return ``(logits, probs, decisions)`` with probs and
+decisions (B, N) float32 (decisions 0/1); ``plain`` returns ``logits`` only.
+
+Nothing is written that does not reproduce the eager model: :func:`export_model` runs the exported program on
+probe images and compares decisions and logits with the eager greedy model before writing (atomically).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.resnet import Bottleneck
+
+from skipnet.errors import SkipnetError
+from skipnet.gated import GatedResNet, residual_branch, run_block, shortcut_branch
+from skipnet.gates import FeedForwardGates, RNNGate
+
+GRAPHS = ("conditional", "routed", "masked", "plain")
+FORMATS = ("safetensors", "pt2", "onnx")
+SUFFIXES = {".safetensors": "safetensors", ".pt2": "pt2", ".onnx": "onnx"}
+META_KEY = "skipnet"  # ONNX metadata_props key / pt2 extra file name holding the JSON metadata
+ONNX_OPSET = 18
+LOGIT_TOL = 1e-4  # max |exported - eager| logit difference accepted by the export's own check
+
+log = logging.getLogger(__name__)
+
+
+def format_for(path: str | Path, fmt: str | None = None) -> str:
+    """The export format: ``fmt`` if given, else from the file extension; a one-line error otherwise."""
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise SkipnetError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        return fmt
+    suffix = Path(path).suffix
+    if suffix not in SUFFIXES:
+        raise SkipnetError(
+            f"cannot tell the format of {path} from its extension; name it .safetensors, .pt2 or .onnx, "
+            "or pass --format"
+        )
+    return SUFFIXES[suffix]
+
+
+def require_onnx() -> tuple[Any, Any]:
+    """``(onnx, onnxruntime)``, or the one error that says how to install them (also checks onnxscript)."""
+    try:
+        import onnx
+        import onnxruntime
+        import onnxscript  # noqa: F401 - torch.onnx's dynamo exporter needs it
+    except ImportError as exc:
+        raise SkipnetError(
+            f"ONNX export and benchmarking need onnx, onnxruntime and onnxscript ({exc.name} is missing); "
+            "install them with: pip install 'skipnet[export]' (or pip install -e '.[export]')"
+        ) from None
+    return onnx, onnxruntime
+
+
+# ------------------------------------------------------------------------------------------- graph modules
+class _Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, as the data loaders do (identity without statistics)."""
+
+    def __init__(self, stats: tuple[tuple[float, ...], tuple[float, ...]] | None, channels: int) -> None:
+        super().__init__()
+        self.enabled = stats is not None
+        mean, std = stats if stats is not None else ((0.0,) * channels, (1.0,) * channels)
+        if len(mean) != channels or len(std) != channels:
+            raise SkipnetError(f"normalisation has {len(mean)} channels but the network takes {channels}")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std if self.enabled else x
+
+
+class _Gates(nn.Module):
+    """The gate bank as plain tensor ops: ``init(x)`` then ``logit(i, x_i, state) -> (z (B,), state)``.
+
+    The recurrent gate runs its module path (mean, projection, LSTM cell, output layer) written out, never the
+    folded fast path or the compiled kernel; the feed-forward gates call their modules.
+    """
+
+    def __init__(self, bank: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(bank, RNNGate | FeedForwardGates):
+            raise SkipnetError(f"cannot export gates of type {type(bank).__name__}")
+        self.bank = bank
+        self.recurrent = isinstance(bank, RNNGate)
+
+    def init(self, x: Tensor) -> Any:
+        if not self.recurrent:
+            return None
+        h = x.new_zeros(x.shape[0], self.bank.hidden)
+        return h, h
+
+    def logit(self, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+        bank = self.bank
+        if not self.recurrent:
+            g = bank.gates[i]
+            y = g.pool(x) if hasattr(g, "pool") else x
+            if hasattr(g, "conv1"):
+                y = F.relu(g.bn1(g.conv1(y)))
+                y = F.relu(g.bn2(g.conv2(y)))
+            else:
+                y = F.relu(g.bn(g.conv(y)))
+            return F.linear(y.mean(dim=(2, 3)), g.fc.weight, g.fc.bias)[:, 0], None
+        h, c = state
+        proj, lstm, fc = bank.proj[i], bank.lstm, bank.fc
+        e = F.linear(x.mean(dim=(2, 3)), proj.weight, proj.bias)
+        gates = F.linear(e, lstm.weight_ih, lstm.bias_ih) + F.linear(h, lstm.weight_hh, lstm.bias_hh)
+        i_g, f_g, g_g, o_g = gates.chunk(4, 1)
+        c = torch.sigmoid(f_g) * c + torch.sigmoid(i_g) * torch.tanh(g_g)
+        h = torch.sigmoid(o_g) * torch.tanh(c)
+        return F.linear(h, fc.weight, fc.bias)[:, 0], (h, c)
+
+
+def _bn(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """Eval-mode batch norm as the one ATen op it dispatches to (``F.batch_norm``'s own path asks whether the
+    batch is empty, which a data-dependent batch cannot answer)."""
+    return torch.ops.aten._native_batch_norm_legit_no_training.default(
+        x, bn.weight, bn.bias, bn.running_mean, bn.running_var, 0.0, bn.eps
+    )[0]
+
+
+def _routed_residual(block: nn.Module, x: Tensor) -> Tensor:
+    """:func:`~skipnet.gated.residual_branch` for a batch of data-dependent size (the same ops)."""
+    out = F.relu(_bn(block.bn1, block.conv1(x)))
+    out = _bn(block.bn2, block.conv2(out))
+    if isinstance(block, Bottleneck):
+        out = _bn(block.bn3, block.conv3(F.relu(out)))
+    return out
+
+
+class _RunBlock(nn.Module):
+    """``F_i``: the whole residual block (the ``then`` branch)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = residual_branch(self.block, x) + shortcut_branch(self.block, x)
+        return F.relu(out)
+
+
+class _SkipBlock(nn.Module):
+    """``S_i``: the shortcut (the ``else`` branch); a copy for the identity (a branch may not alias its input)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block.downsample(x) if self.block.downsample is not None else x.clone()
+
+
+class ExportGraph(nn.Module):
+    """Base of the export graphs: normalisation, stem, first block and head of ``model`` (shared modules)."""
+
+    graph = ""
+
+    def __init__(self, model: GatedResNet, stats: Any = None, threshold: float | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.norm = _Normalize(stats, model.config.in_channels)
+        self.threshold = float(model.threshold if threshold is None else threshold)
+        self.blocks = nn.ModuleList(model.gated_blocks)
+        self.gates = _Gates(model.gates) if model.gates is not None else None
+
+    def prologue(self, images: Tensor) -> Tensor:
+        return self.model.first_block(self.model.stem(self.norm(images)))
+
+    def head(self, x: Tensor) -> Tensor:
+        b = self.model.backbone
+        return b.fc(torch.flatten(b.avgpool(x), 1))
+
+    def decide(self, i: int, x: Tensor, state: Any) -> tuple[Tensor, Tensor, Any]:
+        """Gate ``i``: ``(p (B,), decision (B,) bool, state)``; decision = ``p >= threshold`` in float32."""
+        z, state = self.gates.logit(i, x, state)
+        p = torch.sigmoid(z)
+        return p, p >= self.threshold, state
+
+    def finish(self, x: Tensor, probs: list[Tensor], decisions: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        return self.head(x), torch.stack(probs, 1), torch.stack(decisions, 1).to(torch.float32)
+
+
+class ConditionalGraph(ExportGraph):
+    """Batch 1: each gated block is ``torch.cond`` on its gate's decision (ONNX ``If``)."""
+
+    graph = "conditional"
+
+    def __init__(self, model: GatedResNet, stats: Any = None, threshold: float | None = None) -> None:
+        super().__init__(model, stats, threshold)
+        self.run = nn.ModuleList(_RunBlock(b) for b in model.gated_blocks)
+        self.skip = nn.ModuleList(_SkipBlock(b) for b in model.gated_blocks)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = self.prologue(images)
+        state = self.gates.init(x)
+        probs, decisions = [], []
+        for i in range(len(self.blocks)):
+            p, d, state = self.decide(i, x, state)
+            probs.append(p)
+            decisions.append(d)
+            x = torch.cond(d[0], self.run[i], self.skip[i], (x,))
+        return self.finish(x, probs, decisions)
+
+
+class RoutedGraph(ExportGraph):
+    """Any batch: gather the executing rows, run the block on them, scatter back (data-dependent shapes)."""
+
+    graph = "routed"
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = self.prologue(images)
+        state = self.gates.init(x)
+        probs, decisions = [], []
+        for i, block in enumerate(self.blocks):
+            p, d, state = self.decide(i, x, state)
+            probs.append(p)
+            decisions.append(d)
+            idx = torch.nonzero(d).flatten()
+            xs = x.index_select(0, idx)
+            if block.downsample is not None:
+                shortcut = block.downsample(x)
+                out = F.relu(_routed_residual(block, xs) + shortcut.index_select(0, idx))
+                x = shortcut.index_copy(0, idx, out)
+            else:
+                x = x.index_copy(0, idx, F.relu(_routed_residual(block, xs) + xs))
+        return self.finish(x, probs, decisions)
+
+
+class MaskedGraph(ExportGraph):
+    """Any batch: every block for every row, mixed by the decision. Same values as routed; saves no compute."""
+
+    graph = "masked"
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = self.prologue(images)
+        state = self.gates.init(x)
+        probs, decisions = [], []
+        for i, block in enumerate(self.blocks):
+            p, d, state = self.decide(i, x, state)
+            probs.append(p)
+            decisions.append(d)
+            x = torch.where(d.view(-1, 1, 1, 1), run_block(block, x), shortcut_branch(block, x))
+        return self.finish(x, probs, decisions)
+
+
+class PlainGraph(ExportGraph):
+    """Every block, no gate: the plain ResNet of the same backbone; returns logits only."""
+
+    graph = "plain"
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.prologue(images)
+        for block in self.blocks:
+            x = F.relu(residual_branch(block, x) + shortcut_branch(block, x))
+        return self.head(x)
+
+
+_GRAPH_CLASSES = {"conditional": ConditionalGraph, "routed": RoutedGraph, "masked": MaskedGraph, "plain": PlainGraph}
+
+
+def build_graph(model: GatedResNet, graph: str, stats: Any = None, threshold: float | None = None) -> ExportGraph:
+    """The export graph ``graph`` (see :data:`GRAPHS`) over ``model``'s modules, in eval mode."""
+    if graph not in _GRAPH_CLASSES:
+        raise SkipnetError(f"unknown graph {graph!r}; expected one of {', '.join(GRAPHS)}")
+    if graph != "plain" and model.gates is None:
+        raise SkipnetError(f"{model.config.name} has no gates: only --graph plain applies to it")
+    return _GRAPH_CLASSES[graph](model, stats, threshold).eval()
+
+
+# -------------------------------------------------------------------------------------------- references
+def eager_reference(model: GatedResNet, graph: ExportGraph, images: Tensor) -> tuple[Tensor, Tensor | None]:
+    """What ``graph`` must reproduce: the eager model on the normalised images, greedy at the graph's threshold
+    (``all_on`` for ``plain``). Returns ``(logits, decisions or None)``."""
+    with torch.inference_mode():
+        x = graph.norm(images)
+        if graph.graph == "plain":
+            return model(x, "all_on").logits, None
+        out = model(x, "greedy", threshold=graph.threshold)
+        return out.logits, out.trace.decisions
+
+
+def compare(
+    ref_logits: Tensor, ref_dec: Tensor | None, logits: Tensor, dec: Tensor | None, tol: float = LOGIT_TOL
+) -> dict[str, Any]:
+    """Agreement of an exported run with the eager one: decisions, predicted classes, max logit difference."""
+    logits, ref_logits = torch.as_tensor(logits).float(), ref_logits.float()
+    res = {
+        "images": int(ref_logits.shape[0]),
+        "max_abs_logit_diff": float((logits - ref_logits).abs().max()) if logits.numel() else 0.0,
+        "same_classes": bool(torch.equal(logits.argmax(1), ref_logits.argmax(1))),
+    }
+    if ref_dec is not None:
+        dec = torch.as_tensor(dec).float()
+        res["decision_mismatches"] = int((dec != ref_dec.float()).sum())
+        res["executed_fraction"] = float(ref_dec.float().mean()) if ref_dec.numel() else 1.0
+        res["same_decisions"] = res["decision_mismatches"] == 0
+    res["ok"] = bool(res["same_classes"] and res.get("same_decisions", True) and res["max_abs_logit_diff"] <= tol)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ export
+@dataclass
+class Exported:
+    """The result of an export: the serialized bytes and what was checked."""
+
+    fmt: str
+    graph: str
+    payload: bytes
+    meta: dict[str, Any]
+    check: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def metadata(model: GatedResNet, graph: ExportGraph, ckpt: dict[str, Any] | None, batch: int | None) -> dict:
+    """The JSON metadata stored with an export: what the graph takes, returns and decides with."""
+    stats = graph.norm
+    data = (ckpt or {}).get("data") or {}
+    return {
+        "format": "skipnet-export",
+        "version": 1,
+        "graph": graph.graph,
+        "arch": model.config.to_dict(),
+        "threshold": graph.threshold,
+        "batch": batch,  # None: any batch size
+        "image_size": model.config.image_size,
+        "input": "float32 RGB images in [0, 1], (B, C, H, W); the normalisation below is applied inside the graph",
+        "normalize": {"mean": stats.mean.flatten().tolist(), "std": stats.std.flatten().tolist()}
+        if stats.enabled
+        else None,
+        "outputs": ["logits"] if graph.graph == "plain" else ["logits", "probs", "decisions"],
+        "classes": data.get("classes"),
+        "saves_compute": graph.graph in ("conditional", "routed"),
+    }
+
+
+def probe_images(model: GatedResNet, n: int, batch: int, seed: int = 0, size: int | None = None) -> list[Tensor]:
+    """``n`` seeded batches of uniform [0, 1] images (B, C, S, S)."""
+    gen = torch.Generator().manual_seed(seed)
+    s = size or model.config.image_size
+    return [torch.rand(batch, model.config.in_channels, s, s, generator=gen) for _ in range(n)]
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """Silence the exporters' progress prints and info logs (they are not errors)."""
+    sink = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(sink), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield sink
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _dynamic(graph: ExportGraph, batch: int | None) -> Any:
+    if batch is not None:
+        return None
+    return {"images": {0: torch.export.Dim("batch", min=1, max=1 << 16)}}
+
+
+def _torch_export(graph: ExportGraph, example: Tensor, batch: int | None) -> torch.export.ExportedProgram:
+    with torch.no_grad(), _quiet():
+        return torch.export.export(graph, (example,), dynamic_shapes=_dynamic(graph, batch), strict=False)
+
+
+def _onnx_program(graph: ExportGraph, example: Tensor, batch: int | None) -> Any:
+    require_onnx()
+    names = ["logits"] if graph.graph == "plain" else ["logits", "probs", "decisions"]
+    with torch.no_grad(), _quiet():
+        return torch.onnx.export(
+            graph,
+            (example,),
+            dynamo=True,
+            input_names=["images"],
+            output_names=names,
+            dynamic_shapes=_dynamic(graph, batch),
+            opset_version=ONNX_OPSET,
+            optimize=True,
+            verbose=False,
+        )
+
+
+def onnx_session(model_bytes: bytes, threads: int | None = 1) -> Any:
+    """An ONNX Runtime CPU session (sequential executor, ``threads`` intra-op threads)."""
+    _, ort = require_onnx()
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session: Any, images: Tensor) -> tuple[Tensor, ...]:
+    outs = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    return tuple(torch.from_numpy(o) for o in outs)
+
+
+def _split(outs: Any, graph: str) -> tuple[Tensor, Tensor | None]:
+    if graph == "plain":
+        return (outs[0] if isinstance(outs, tuple | list) else outs), None
+    return outs[0], outs[2]
+
+
+def check_program(
+    fn: Callable[[Tensor], Any], model: GatedResNet, graph: ExportGraph, probes: list[Tensor]
+) -> dict[str, Any]:
+    """Run ``fn`` (an exported program) on ``probes`` and compare with the eager model; totals over all probes."""
+    total: dict[str, Any] = {"images": 0, "max_abs_logit_diff": 0.0, "same_classes": True, "ok": True}
+    decisions = []
+    for x in probes:
+        ref_logits, ref_dec = eager_reference(model, graph, x)
+        logits, dec = _split(fn(x), graph.graph)
+        r = compare(ref_logits, ref_dec, logits, dec)
+        total["images"] += r["images"]
+        total["max_abs_logit_diff"] = max(total["max_abs_logit_diff"], r["max_abs_logit_diff"])
+        total["same_classes"] &= r["same_classes"]
+        total["ok"] &= r["ok"]
+        if ref_dec is not None:
+            total["decision_mismatches"] = total.get("decision_mismatches", 0) + r["decision_mismatches"]
+            decisions.append(ref_dec)
+    if decisions:
+        total["executed_fraction"] = float(torch.cat(decisions).mean())
+    return total
+
+
+def export_model(
+    model: GatedResNet,
+    fmt: str,
+    *,
+    graph: str = "conditional",
+    stats: Any = None,
+    threshold: float | None = None,
+    ckpt: dict[str, Any] | None = None,
+    probes: int = 4,
+    fallback: bool = True,
+) -> Exported:
+    """Export ``model`` as ``fmt`` (``pt2`` or ``onnx``) with graph ``graph``, checked against the eager model.
+
+    ``conditional`` is exported for batch 1; ``routed``, ``masked`` and ``plain`` for any batch. When ``routed``
+    does not export (the exporter cannot express the data-dependent shapes) and ``fallback`` is set, the
+    ``masked`` graph is exported instead with a warning that it saves no compute. The exported program is run
+    on ``probes`` seeded batches of random images (and the ONNX file in ONNX Runtime); any decision, class or
+    logit (> 1e-4) that differs from the eager greedy model is an error and nothing is returned.
+    """
+    if fmt not in ("pt2", "onnx"):
+        raise SkipnetError(f"export_model writes pt2 or onnx, not {fmt!r}")
+    model.eval()
+    batch = 1 if graph == "conditional" else None
+    notes: list[str] = []
+    g = build_graph(model, graph, stats, threshold)
+    example = probe_images(model, 1, 1 if batch == 1 else 2, seed=1234)[0]
+    try:
+        program = _onnx_program(g, example, batch) if fmt == "onnx" else _torch_export(g, example, batch)
+    except SkipnetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the exporters raise many types; report them in one line
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+        if graph == "routed" and fallback:
+            note = (
+                f"the routed graph does not export to {fmt} ({reason}); wrote the MASKED graph instead: it computes "
+                "every block for every image and saves no compute (use --graph conditional at batch 1 to skip)"
+            )
+            warnings.warn(note, stacklevel=2)
+            ex = export_model(model, fmt, graph="masked", stats=stats, threshold=threshold, ckpt=ckpt, probes=probes)
+            ex.warnings.insert(0, note)
+            return ex
+        raise SkipnetError(f"cannot export the {graph} graph of {model.config.name} to {fmt}: {reason}") from None
+
+    meta = metadata(model, g, ckpt, batch)
+    pbatch = 1 if batch == 1 else 3
+    images = probe_images(model, probes if batch == 1 else max(1, probes // 2), pbatch, seed=99)
+    if fmt == "onnx":
+        import onnx
+
+        proto = program.model_proto
+        proto.producer_name = "skipnet"
+        proto.graph.name = f"skipnet_{graph}_{model.config.name}"
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = META_KEY, json.dumps(meta)
+        payload = proto.SerializeToString()
+        onnx.checker.check_model(onnx.load_from_string(payload))  # structural check
+        session = onnx_session(payload)
+        check = check_program(lambda x: run_onnx(session, x), model, g, images)
+        check["runtime"] = "onnxruntime " + _ort_version()
+    else:
+        module = program.module()
+        with torch.no_grad():
+            check = check_program(lambda x: module(x), model, g, images)
+        check["runtime"] = "torch.export " + torch.__version__
+        buf = io.BytesIO()
+        torch.export.save(program, buf, extra_files={META_KEY: json.dumps(meta)})
+        payload = buf.getvalue()
+    if not check["ok"]:
+        raise SkipnetError(
+            f"the exported {graph} {fmt} graph disagrees with the eager model on probe images "
+            f"({check.get('decision_mismatches', 0)} decisions differ, max logit difference "
+            f"{check['max_abs_logit_diff']:.2e}, same classes: {check['same_classes']}); nothing was written"
+        )
+    return Exported(fmt, g.graph, payload, meta, check, notes)
+
+
+def _ort_version() -> str:
+    _, ort = require_onnx()
+    return ort.__version__
+
+
+def write_export(ex: Exported, out: str | Path) -> None:
+    """Write an export's bytes to ``out`` atomically (see :func:`skipnet.checkpoint.atomic_write`)."""
+    from skipnet.checkpoint import atomic_write
+
+    atomic_write(out, lambda f: f.write(ex.payload))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def read_onnx_meta(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """``(onnx ModelProto, skipnet metadata)`` of an ONNX file written by :func:`export_model`."""
+    onnx, _ = require_onnx()
+    path = Path(path)
+    if not path.is_file():
+        raise SkipnetError(f"{path} does not exist")
+    try:
+        proto = onnx.load(os.fspath(path))
+    except Exception as exc:  # noqa: BLE001 - protobuf decode errors have many types
+        raise SkipnetError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    if META_KEY not in props:
+        raise SkipnetError(f"{path} is an ONNX file without skipnet metadata; write it with 'skipnet export'")
+    try:
+        meta = json.loads(props[META_KEY])
+    except ValueError:
+        raise SkipnetError(f"{path} has malformed skipnet metadata") from None
+    return proto, meta
+
+
+def load_pt2(path: str | Path) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
+    """``(ExportedProgram, skipnet metadata)`` of a ``.pt2`` file written by :func:`export_model`."""
+    path = Path(path)
+    extra = {META_KEY: ""}
+    try:
+        with _quiet():
+            program = torch.export.load(os.fspath(path), extra_files=extra)
+    except Exception as exc:  # noqa: BLE001
+        raise SkipnetError(f"{path} is not a readable torch.export program ({type(exc).__name__})") from None
+    if not extra[META_KEY]:
+        raise SkipnetError(f"{path} has no skipnet metadata; write it with 'skipnet export'")
+    return program, json.loads(extra[META_KEY])
