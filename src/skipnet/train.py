@@ -404,12 +404,7 @@ class Trainer:
         The state is checked first: a diverged update (e.g. BatchNorm statistics gone infinite) stops the run
         with the previous checkpoints kept."""
         if not self._state_finite():
-            last = self.out / "last.pt"
-            kept = f"{last} (step {load_checkpoint(last)['step']}) is kept" if last.exists() else "no checkpoint kept"
-            raise SkipnetError(
-                f"the weights or BatchNorm statistics became non-finite by step {self.step} (stage {self.cfg.stage}); "
-                f"{kept}. Lower --lr (or --alpha / --rl-weight) and start again"
-            )
+            raise self._diverged()
         if not self.main:
             return
         payload = self._checkpoint_bytes(metrics)
@@ -417,6 +412,14 @@ class Trainer:
             atomic_write(self.out / "best.pt", lambda f: f.write(payload))
         atomic_write(self.out / "last.pt", lambda f: f.write(payload))
         self.last_saved = time.monotonic()
+
+    def _diverged(self) -> SkipnetError:
+        last = self.out / "last.pt"
+        kept = f"{last} (step {load_checkpoint(last)['step']}) is kept" if last.exists() else "no checkpoint was kept"
+        return SkipnetError(
+            f"the weights or BatchNorm statistics became non-finite by step {self.step} (stage {self.cfg.stage}); "
+            f"{kept}. Lower --lr (or --alpha / --rl-weight) and start again"
+        )
 
     def _latest_metrics(self) -> dict[str, Any]:
         """The metrics of a checkpoint written between evaluations (a signal, the wall-clock interval)."""
@@ -539,7 +542,12 @@ class Trainer:
                         self._interrupted(time.time() - run_start)
                     if self.dist.any(time.monotonic() - self.last_saved >= 60 * cfg.checkpoint_minutes):
                         self._save_last(self._latest_metrics())
-                    stats = self.train_step(x, y)
+                    try:
+                        stats = self.train_step(x, y)
+                    except RuntimeError:  # e.g. gate probabilities that are NaN: say why if the state diverged
+                        if self._state_finite():
+                            raise
+                        raise self._diverged() from None
                     self.step += 1
                     self.n_running += 1
                     for k, v in stats.items():

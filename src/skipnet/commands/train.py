@@ -189,6 +189,8 @@ def check_args(cfg: TrainConfig) -> None:
     """Validate the options of a run before anything is loaded or written."""
     for name, test, what in RULES:
         check_value(name, getattr(cfg, name, None), test, what)
+    if cfg.device.startswith("cpu:") and cfg.device != "cpu:0":
+        raise SkipnetError(f"--device {cfg.device}: the CPU is one device; pass --device cpu")
     check_image_size(get_config(cfg.arch), cfg.image_size)
 
 

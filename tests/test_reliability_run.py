@@ -1,0 +1,243 @@
+"""A run directory under abuse: two writers at once, a job re-queued with --resume before its first checkpoint,
+wall-clock checkpoints, a diverging run, file permissions."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import skipnet.checkpoint as ckpt_mod
+from skipnet.checkpoint import atomic_save, load_checkpoint
+from skipnet.cli import main
+from skipnet.rundir import run_lock
+from skipnet.train import Trainer
+
+ARGS = [
+    "tiny_rnn_gate_14",
+    "--stage",
+    "hrl",
+    "--data",
+    "digits",
+    "--batch-size",
+    "16",
+    "--threads",
+    "1",
+    "--val-split",
+    "0.2",
+    "--lr",
+    "0.05",
+    "--schedule",
+    "constant",
+    "--limit-train",
+    "160",
+    "--limit-test",
+    "64",
+    "--log-every",
+    "100",
+]
+
+
+def run_args(out: Path, *extra: str) -> list[str]:
+    return ["train", *ARGS, "--out", str(out), *extra]
+
+
+def one_line_error(capsys) -> str:
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("skipnet train: ")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def fork(child) -> int:
+    """Run ``child()`` in a forked process that never returns into pytest; its pid."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child()
+        finally:
+            os._exit(0)
+    return pid
+
+
+# ------------------------------------------------------------------------------------------ the lock (defect 3)
+def test_second_writer_is_refused_naming_the_holder_and_a_dead_holder_blocks_nothing(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    ready_r, ready_w = os.pipe()
+
+    def hold() -> None:
+        with run_lock(out):
+            os.write(ready_w, b"x")
+            signal.pause()  # until SIGKILLed
+
+    holder = fork(hold)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        assert main(run_args(out, "--iters", "2")) == 2
+        line = one_line_error(capsys)
+        assert line == (
+            f"skipnet train: error: {out} is in use by another skipnet run (pid {holder} on {socket.gethostname()}); "
+            "wait for it to end or choose another --out"
+        )
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written by the refused run
+        assert main([*run_args(out, "--iters", "2"), "--resume"]) == 2  # --resume is refused the same way
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+    # The holder died by SIGKILL and its lock file stayed: the lock went with it, the next run proceeds.
+    assert (out / ".lock").exists()
+    assert main(run_args(out, "--iters", "2")) == 0
+    assert load_checkpoint(out / "last.pt")["step"] == 2
+
+
+def test_lock_is_released_when_the_run_fails(tmp_path) -> None:
+    out = tmp_path / "run"
+    assert main(run_args(out, "--iters", "2", "--init", str(tmp_path / "missing.pt"))) == 2
+    got: list[int] = []
+    r, w = os.pipe()
+
+    def probe() -> None:
+        with run_lock(out):
+            os.write(w, b"1")
+
+    pid = fork(probe)
+    os.waitpid(pid, 0)
+    got.append(os.read(r, 1) == b"1")
+    assert got == [True]
+    assert not out.exists()  # the refused run left no empty run directory behind
+
+
+def test_out_under_a_file_is_one_line(tmp_path, capsys) -> None:
+    (tmp_path / "afile").write_text("x")
+    assert main(run_args(tmp_path / "afile" / "sub", "--iters", "1")) == 2
+    assert "a parent of it is a file" in one_line_error(capsys)
+
+
+# ------------------------------------------------------------------------------------------ restarts (defect 9)
+def test_resume_before_the_first_checkpoint_starts_a_new_run(tmp_path, capsys, caplog) -> None:
+    """A job killed before its first checkpoint and re-queued with the same command line (--resume) just runs."""
+    straight = tmp_path / "straight"
+    assert main(run_args(straight, "--iters", "4", "--eval-every", "2")) == 0
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"step": 2, "val_accuracy": 99.0}\n{"step": 4, "val_')  # a dead attempt's
+    capsys.readouterr()
+    assert main(run_args(out, "--iters", "4", "--eval-every", "2")) == 2  # without --resume: refused, untouched
+    assert "already holds a run (metrics.jsonl); pass --resume" in one_line_error(capsys)
+    caplog.set_level("INFO")
+    assert main([*run_args(out, "--iters", "4", "--eval-every", "2"), "--resume"]) == 0
+    said = [r.getMessage() for r in caplog.records if "holds no checkpoint" in r.getMessage()]
+    assert said == [f"--resume: {out} holds no checkpoint yet; starting a new run"]
+    strip = [
+        [{k: v for k, v in json.loads(ln).items() if k != "time_s"} for ln in (p / "metrics.jsonl").open()]
+        for p in (straight, out)
+    ]
+    assert strip[0] == strip[1]
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(out / "last.pt")
+    assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
+
+
+def test_resume_of_a_directory_that_does_not_exist_starts_a_new_run(tmp_path) -> None:
+    out = tmp_path / "new"
+    assert main([*run_args(out, "--iters", "2"), "--resume"]) == 0
+    assert load_checkpoint(out / "last.pt")["step"] == 2
+
+
+# ------------------------------------------------------------------------------------------ wall-clock checkpoints
+def test_wall_clock_checkpoints_between_evaluations_resume_exactly(tmp_path) -> None:
+    """With --checkpoint-minutes tiny, last.pt is written before every step; a kill after the 4th such write
+    (step 3, no evaluation yet) resumes to the run that never stopped and never checkpointed mid-interval."""
+    extra = ("--iters", "8", "--eval-every", "8", "--baseline", "ema")
+    straight = tmp_path / "straight"
+    assert main(run_args(straight, *extra)) == 0
+    out = tmp_path / "run"
+
+    def child() -> None:
+        os.environ["SKIPNET_FAULT_AFTER"] = str(5 + 4 * 5)  # config.json, then four times last.pt (5 operations)
+        ckpt_mod._file_ops = 0
+        main(run_args(out, *extra, "--checkpoint-minutes", "1e-9"))
+
+    _, status = os.waitpid(fork(child), 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["step"] == 3 and ckpt["running"]["n"] == 3 and not (out / "metrics.jsonl").exists()
+    assert main([*run_args(out, *extra), "--resume"]) == 0
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(out / "last.pt")
+    assert a["step"] == b["step"] == 8
+    assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
+    assert json.loads((straight / "summary.json").read_text())["test"] == json.loads(
+        (out / "summary.json").read_text()
+    )["test"]
+
+
+def test_checkpoint_minutes_is_checked(tmp_path, capsys) -> None:
+    assert main(run_args(tmp_path / "r", "--checkpoint-minutes", "0")) == 2
+    assert "--checkpoint-minutes must be positive" in one_line_error(capsys)
+
+
+# ------------------------------------------------------------------------------------------ divergence (defect 6)
+def test_non_finite_state_is_never_checkpointed(tmp_path, monkeypatch, capsys) -> None:
+    """BatchNorm statistics gone infinite at step 5 (loss still finite): the round at step 6 refuses to write,
+    the step-4 checkpoints stay, and --resume (diverging again) says so in one line too."""
+    real = Trainer.train_step
+
+    def diverging(self, x, y):
+        stats = real(self, x, y)
+        if self.step == 4:  # the 5th update
+            bn = next(m for m in self.model.modules() if isinstance(m, nn.BatchNorm2d))
+            bn.running_var.fill_(math.inf)
+        return stats
+
+    monkeypatch.setattr(Trainer, "train_step", diverging)
+    out = tmp_path / "run"
+    extra = ("--iters", "10", "--eval-every", "2")
+    assert main(run_args(out, *extra)) == 2
+    line = one_line_error(capsys)
+    assert "became non-finite by step 6" in line and f"{out / 'last.pt'} (step 4) is kept" in line, line
+    for name in ("last.pt", "best.pt"):
+        ckpt = load_checkpoint(out / name)
+        assert ckpt["step"] <= 4
+        assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert main([*run_args(out, *extra), "--resume"]) == 2
+    assert "became non-finite by step 6" in one_line_error(capsys)
+
+
+def test_resume_from_a_non_finite_checkpoint_is_one_line(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(run_args(out, "--iters", "2")) == 0
+    ckpt = load_checkpoint(out / "last.pt")
+    key = next(k for k in ckpt["state_dict"] if k.endswith("running_var"))
+    ckpt["state_dict"][key].fill_(math.nan)
+    atomic_save(ckpt, out / "last.pt")
+    capsys.readouterr()
+    assert main([*run_args(out, "--iters", "4"), "--resume"]) == 2
+    assert "holds non-finite weights or statistics" in one_line_error(capsys)
+
+
+# ------------------------------------------------------------------------------------------ permissions (defect 10)
+def test_files_get_ordinary_permissions_also_after_resume(tmp_path) -> None:
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        assert main(run_args(out, "--iters", "4", "--eval-every", "2")) == 0
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write('{"step": 6, "x"')  # a torn row: resume rewrites the file
+        assert main([*run_args(out, "--iters", "6", "--eval-every", "2"), "--resume"]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o644), modes
+
+
+@pytest.mark.parametrize("device", ["cpu:7", "cpu:1"])
+def test_cpu_with_an_index_is_refused(tmp_path, capsys, device) -> None:
+    assert main(run_args(tmp_path / "r", "--iters", "1", "--device", device)) == 2
+    assert "--device" in one_line_error(capsys)
+    assert not (tmp_path / "r").exists()
