@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from skipnet.config import ArchConfig
 from skipnet.errors import SkipnetError
-from skipnet.gated import GatedResNet
+from skipnet.gated import GatedResNet, GateMode
 
 FORMAT_VERSION = 1
 
@@ -304,11 +304,42 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise SkipnetError(f"{path} is not a readable skipnet checkpoint ({type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "skipnet":
         raise SkipnetError(f"{path} is not a skipnet checkpoint")
-    if ckpt.get("format_version", 0) > FORMAT_VERSION:
-        raise SkipnetError(
-            f"{path} has format version {ckpt['format_version']}; this skipnet reads <= {FORMAT_VERSION}"
-        )
+    version = ckpt.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise SkipnetError(f"{path} has format version {version!r}; this skipnet reads <= {FORMAT_VERSION}")
+    check_contents(ckpt, path)
     return ckpt
+
+
+def _unit_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
+def check_contents(ckpt: dict[str, Any], path: str | Path) -> None:
+    """Refuse, in one line, a checkpoint whose records are malformed: the architecture (bounded, see
+    :mod:`skipnet.config`), a state dict of named tensors, a threshold and keep ratio in [0, 1], a known gate mode
+    and a step count. Whether the tensors fit the network is checked when it is built (:func:`model_from_checkpoint`).
+    """
+    if "arch" not in ckpt:
+        raise SkipnetError(f"{path} has no architecture record ('arch'); it was not written by skipnet")
+    try:
+        ArchConfig.from_dict(ckpt["arch"])
+    except SkipnetError as exc:
+        raise SkipnetError(f"{path}: {exc}") from None
+    except TypeError as exc:
+        raise SkipnetError(f"{path} has a malformed architecture record ({exc})") from None
+    sd = ckpt.get("state_dict")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise SkipnetError(f"{path} has no state dict of named tensors")
+    for key in ("threshold", "keep_ratio"):
+        if key in ckpt and not _unit_number(ckpt[key]):
+            raise SkipnetError(f"{path} has {key} {ckpt[key]!r}; it must be a number in [0, 1]"[:300])
+    modes = [m.value for m in GateMode]
+    if "mode" in ckpt and ckpt["mode"] not in modes:
+        raise SkipnetError(f"{path} has gate mode {ckpt['mode']!r}; expected one of {', '.join(modes)}"[:300])
+    step = ckpt.get("step", 0)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise SkipnetError(f"{path} has step {step!r}; it must be a count >= 0"[:300])
 
 
 # ------------------------------------------------------------------------------------------ safetensors
@@ -357,7 +388,8 @@ def load_safetensors(path: str | Path, map_location: str | torch.device = "cpu")
         raise SkipnetError(f"{path} is not a readable safetensors file ({type(exc).__name__})") from None
     if meta.get("format") != "skipnet" or "arch" not in meta:
         raise SkipnetError(f"{path} is a safetensors file without skipnet metadata; write it with 'skipnet export'")
-    version = int(meta.get("format_version", "0") or 0)
+    version = meta.get("format_version", "0")
+    version = int(version) if version.isdigit() and len(version) < 6 else FORMAT_VERSION + 1
     if version > FORMAT_VERSION:
         raise SkipnetError(f"{path} has format version {version}; this skipnet reads <= {FORMAT_VERSION}")
     try:
@@ -380,15 +412,26 @@ def load_safetensors(path: str | Path, map_location: str | torch.device = "cpu")
         }
         if meta.get("calibration"):
             ckpt["calibration"] = json.loads(meta["calibration"])
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, AttributeError) as exc:
         raise SkipnetError(f"{path} has malformed skipnet metadata ({type(exc).__name__})") from None
+    check_contents(ckpt, path)
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> GatedResNet:
-    """Rebuild the network of a loaded checkpoint, weights and inference settings included (eval mode)."""
+def model_from_checkpoint(ckpt: dict[str, Any], source: str | Path = "the checkpoint") -> GatedResNet:
+    """Rebuild the network of a loaded checkpoint, weights and inference settings included (eval mode).
+
+    Tensors that are missing, extra or of another shape than the architecture's are a one-line error."""
+    check_contents(ckpt, source)
     model = GatedResNet(ArchConfig.from_dict(ckpt["arch"]))
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        what = lines[1] if len(lines) > 1 else (lines or ["mismatch"])[0]
+        raise SkipnetError(
+            f"{source} does not hold the weights of its architecture, {_arch_summary(ckpt['arch'])}: {what}"[:400]
+        ) from None
     model.threshold = float(ckpt.get("threshold", 0.5))
     model.keep_ratio = float(ckpt.get("keep_ratio", 1.0))
     model.mode = type(model.mode)(ckpt.get("mode", model.mode.value))
@@ -398,7 +441,7 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> GatedResNet:
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GatedResNet, dict[str, Any]]:
     """Load ``path`` and return ``(model, checkpoint)``; the model is in eval mode with its threshold set."""
     ckpt = load_checkpoint(path, map_location)
-    return model_from_checkpoint(ckpt), ckpt
+    return model_from_checkpoint(ckpt, path), ckpt
 
 
 def _arch_summary(arch: dict[str, Any]) -> str:
@@ -436,7 +479,13 @@ def load_weights_into(model: GatedResNet, ckpt: dict[str, Any], source: str = "c
 
 
 def require_same_classes(model: GatedResNet, data: Any, source: str) -> None:
-    """Refuse to evaluate a model on data with another number of classes (labels would be silently wrong)."""
+    """Refuse to evaluate a model on data with another number of classes (labels would be silently wrong) or of
+    another number of image channels (the first convolution would fail)."""
+    if int(data.in_channels) != int(model.config.in_channels):
+        raise SkipnetError(
+            f"{source} takes {model.config.in_channels}-channel images but {data.name} has {data.in_channels}-channel "
+            "ones; evaluate it on the data set it was trained on"
+        )
     if int(data.num_classes) != int(model.config.num_classes):
         raise SkipnetError(
             f"{source} was trained for {model.config.num_classes} classes but {data.name} has {data.num_classes} "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 from skipnet.errors import SkipnetError
@@ -12,6 +12,31 @@ GateKind = Literal["none", "ffgate1", "ffgate2", "rnn"]
 
 GATE_KINDS = ("none", "ffgate1", "ffgate2", "rnn")
 IMAGENET_DEPTHS = (18, 34, 50, 101, 152)
+
+# Upper bounds of every field, checked before anything is allocated: a name or a file's metadata cannot make
+# skipnet build a network that exhausts memory (the paper's largest is ResNet-1202 on CIFAR).
+LIMITS = {
+    "depth": 2000,
+    "num_classes": 100_000,
+    "image_size": 4096,
+    "width": 1024,
+    "rnn_embed": 1024,
+    "rnn_hidden": 1024,
+    "in_channels": 64,
+}
+MAX_PARAMETERS = 300_000_000  # 1.2 GB of float32 weights
+_INT_FIELDS = tuple(LIMITS)
+_STR_FIELDS = ("name", "family", "gate", "dataset")
+
+
+def estimated_parameters(c: ArchConfig) -> int:
+    """About the number of weights of ``c`` (within a few per cent), from its fields alone: nothing is allocated."""
+    if c.family == "imagenet":
+        return 60_000_000 + 2048 * c.num_classes
+    n = (c.depth - 2) // 6
+    convs = 2 * 9 * n * c.width**2 * (1 + 4 + 16)  # three stages of n blocks, widths w, 2w, 4w
+    gates = 4 * c.rnn_hidden * (c.rnn_embed + c.rnn_hidden) + 4 * c.width * c.rnn_embed
+    return convs + gates + 4 * c.width * c.num_classes
 
 
 @dataclass(frozen=True)
@@ -45,6 +70,15 @@ class ArchConfig:
     dataset: str = "cifar10"
 
     def __post_init__(self) -> None:
+        for f in _STR_FIELDS:
+            if not isinstance(getattr(self, f), str):
+                raise SkipnetError(f"architecture field {f} must be a string, got {getattr(self, f)!r}"[:200])
+        for f in _INT_FIELDS:
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise SkipnetError(f"architecture field {f} must be an integer, got {v!r}"[:200])
+            if not 1 <= v <= LIMITS[f]:
+                raise SkipnetError(f"architecture field {f} must be in [1, {LIMITS[f]}], got {v}")
         if self.family not in ("cifar", "imagenet"):
             raise SkipnetError(f"unknown family {self.family!r}; expected 'cifar' or 'imagenet'")
         if self.gate not in GATE_KINDS:
@@ -57,6 +91,11 @@ class ArchConfig:
             raise SkipnetError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.image_size < 8:
             raise SkipnetError(f"image_size must be >= 8, got {self.image_size}")
+        if estimated_parameters(self) > MAX_PARAMETERS:
+            raise SkipnetError(
+                f"architecture {self.name} would have about {estimated_parameters(self):.3g} weights, more than the "
+                f"{MAX_PARAMETERS:.3g} skipnet builds (depth {self.depth}, width {self.width})"
+            )
 
     @property
     def gated(self) -> bool:
@@ -72,5 +111,11 @@ class ArchConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ArchConfig:
+        """The config of a checkpoint's ``arch`` record; malformed contents are a :class:`SkipnetError`."""
+        if not isinstance(data, dict):
+            raise SkipnetError(f"the architecture record is a {type(data).__name__}, not a mapping")
         known = {f.name for f in fields(cls)}
+        missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING]
+        if missing:
+            raise SkipnetError(f"the architecture record lacks {', '.join(missing)}")
         return cls(**{k: v for k, v in data.items() if k in known})

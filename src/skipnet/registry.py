@@ -20,7 +20,7 @@ from skipnet.gated import GatedResNet
 _REGISTRY: dict[str, ArchConfig] = {}
 
 SMALL_DATASETS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
-_PATTERN = re.compile(r"^(cifar10|cifar100|svhn|tiny)_(resnet|feedforward|rnn_gate)_(\d+)$")
+_PATTERN = re.compile(r"^(cifar10|cifar100|svhn|tiny)_(resnet|feedforward|rnn_gate)_(\d{1,9})$")
 
 
 def register(config: ArchConfig) -> ArchConfig:

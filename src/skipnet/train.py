@@ -217,7 +217,10 @@ class Trainer:
         resume_ckpt = None
         if cfg.resume and (self.out / "last.pt").exists():
             resume_ckpt = load_checkpoint(self.out / "last.pt")
-            saved = TrainConfig.from_dict(resume_ckpt["train_config"])
+            try:
+                saved = TrainConfig.from_dict(resume_ckpt["train_config"])
+            except (KeyError, TypeError, AttributeError):
+                raise SkipnetError(f"{self.out / 'last.pt'} has no usable run configuration to resume from") from None
             for k in ("epochs", "iters"):  # a resumed run may be extended
                 if getattr(cfg, k) is not None:
                     setattr(saved, k, getattr(cfg, k))
@@ -356,24 +359,24 @@ class Trainer:
     def _restore(self, ckpt: dict[str, Any]) -> None:
         try:
             self.model.load_state_dict(ckpt["state_dict"])
-        except (RuntimeError, KeyError, TypeError) as exc:
-            raise SkipnetError(f"{self.out / 'last.pt'} does not fit this run's network ({_first_line(exc)})") from None
+            self.model.to(self.device)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.step = int(ckpt["step"])
+            self.best_val = float(ckpt.get("metrics", {}).get("best_val_accuracy", -1.0))
+            if ckpt.get("baseline") is not None:
+                self.baseline.load_state_dict(ckpt["baseline"])
+            running = ckpt.get("running") or {}
+            self.running = {k: float(v) for k, v in running.get("sums", {}).items()}
+            self.n_running = int(running.get("n", 0))
+            set_rng_state(ckpt.get("rng", {}))
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise SkipnetError(f"{self.out / 'last.pt'} cannot be resumed by this run ({_first_line(exc)})") from None
         if not self._state_finite():
             raise SkipnetError(
                 f"{self.out / 'last.pt'} holds non-finite weights or statistics, so training cannot continue from it; "
                 "start a new run (another --out) with a lower --lr"
             )
-        self.model.to(self.device)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.step = int(ckpt["step"])
-        self.best_val = float(ckpt.get("metrics", {}).get("best_val_accuracy", -1.0))
-        if ckpt.get("baseline") is not None:
-            self.baseline.load_state_dict(ckpt["baseline"])
-        running = ckpt.get("running") or {}
-        self.running = {k: float(v) for k, v in running.get("sums", {}).items()}
-        self.n_running = int(running.get("n", 0))
-        set_rng_state(ckpt.get("rng", {}))
         self._drop_metrics_after(self.step)
         log.info("resumed %s at step %d/%d", self.out, self.step, self.total)
 
@@ -671,7 +674,9 @@ class Trainer:
 
 
 def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    """The first line of an exception's message that says something (not a header ending in a colon)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return next((ln for ln in lines if not ln.endswith(":")), lines[0] if lines else type(exc).__name__)[:200]
 
 
 @contextmanager

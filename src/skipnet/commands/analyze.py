@@ -91,6 +91,7 @@ def _other_point(
         bundles[key] = data_for_checkpoint(
             ckpt, model, args.data, data_dir=args.data_dir, batch_size=args.batch_size, limit=args.limit
         )
+    require_same_classes(model, bundles[key], path)
     model.to(device).to(memory_format=torch.channels_last)
     cost = cost_model(model)
     mode = GateMode.ALL_ON if plain else eval_mode_for(model)
@@ -118,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
     for extra in [args.base, *args.compare]:
         if extra is not None and not Path(extra).is_file():
             raise SkipnetError(f"checkpoint {extra!r} does not exist")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SkipnetError(f"--out {out} is a file; analyze writes a directory of figures, so give a directory name")
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        raise SkipnetError(f"--out {out}: a parent of it is a file, not a directory")
     device = pick_device(args.device)
     model, ckpt = load_model(args.checkpoint, map_location="cpu")
     if args.split == "val" and not float(ckpt.get("data", {}).get("val_split", 0.0) or 0.0):
@@ -154,7 +160,6 @@ def run(args: argparse.Namespace) -> int:
     if base:
         numbers["main"]["accuracy_vs_base"] = numbers["main"]["accuracy"] - base["accuracy"]
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = numbers["checkpoint"]["label"]
     n = numbers["num_gates"]

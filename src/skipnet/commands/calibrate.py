@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from skipnet.analysis import CALIBRATION_GRID, calibrate_threshold, data_for_checkpoint, eval_loader, require_gates
-from skipnet.checkpoint import atomic_save, load_model, require_same_classes
+from skipnet.checkpoint import atomic_save, export_safetensors, load_model, require_same_classes
 from skipnet.commands.train import check_value
 from skipnet.cost import cost_model
 from skipnet.errors import SkipnetError
@@ -37,7 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     # Exactly one of the two; checked in run() so that a mistake is a one-line error.
     p.add_argument("--target-macs", type=float, default=None, help="budget: mean MACs per image, e.g. 5e7")
     p.add_argument("--target-reduction", type=float, default=None, help="budget: %% fewer MACs than the plain ResNet")
-    p.add_argument("--out", required=True, help="the calibrated checkpoint to write (not the input itself)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="the calibrated checkpoint to write: NEW.pt, or NEW.safetensors for an export (not the input itself)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument(
         "--split",
         choices=["val", "train"],
@@ -59,6 +64,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_out_file(src: Path, dst: Path, force: bool) -> None:
+    """``--out`` is a new file (or ``--force``), never the input, a directory or under a file."""
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise SkipnetError("--out must differ from the input checkpoint (it is kept as it is)")
+    if dst.is_dir():
+        raise SkipnetError(f"--out {dst} is a directory; give a file name such as {dst / 'calibrated.pt'}")
+    if any(p.exists() and not p.is_dir() for p in dst.parents):
+        raise SkipnetError(f"--out {dst}: a parent of it is a file, not a directory")
+    if dst.exists() and not force:
+        raise SkipnetError(f"--out {dst} exists; pass --force to overwrite it or choose another name")
+
+
 def run(args: argparse.Namespace) -> int:
     from skipnet.distributed import pick_device
 
@@ -76,8 +93,7 @@ def run(args: argparse.Namespace) -> int:
     for t in args.grid:
         check_value("grid", t, lambda v: 0.0 <= v <= 1.0, "thresholds in [0, 1]")
     src, dst = Path(args.checkpoint), Path(args.out)
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise SkipnetError("--out must differ from the input checkpoint (it is kept as it is)")
+    check_out_file(src, dst, args.force)
 
     model, ckpt = load_model(src, map_location="cpu")
     require_gates(model, "calibrate")
@@ -138,7 +154,10 @@ def run(args: argparse.Namespace) -> int:
     new = dict(ckpt)
     new["threshold"] = float(result.threshold)
     new["calibration"] = record
-    atomic_save(new, dst)
+    if dst.suffix == ".safetensors":
+        export_safetensors(new, dst, source=str(src))
+    else:
+        atomic_save(new, dst)
 
     if args.json:
         print(json.dumps({"checkpoint": str(dst)} | {k: v for k, v in record.items() if k != "points"}))
