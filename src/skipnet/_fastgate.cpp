@@ -8,15 +8,53 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
+
+// Instruction-set variants. Each hot loop below is written once (an always-inline "_body" function) and compiled
+// three times on x86-64 (AVX-512, AVX2, baseline), once elsewhere; `g_isa` picks which runs (set_isa). The build
+// uses -ffp-contract=off and no fast-math, so no variant fuses a multiply-add or reorders a sum: every variant
+// computes the same float operations in the same order, and their results are bit-identical (tested).
+namespace {
+enum Isa : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
+int g_isa = kDefault;
+
+bool isa_supported(int isa) {
+  if (isa == kDefault) return true;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (isa == kAvx2) return __builtin_cpu_supports("avx2");
+  if (isa == kAvx512) return __builtin_cpu_supports("avx512f");
+#endif
+  return false;
+}
+}  // namespace
+
+#define SKIPNET_INLINE static inline __attribute__((always_inline))
+#if defined(__x86_64__) || defined(__i386__)
+#define SKIPNET_VARIANTS(NAME, RET, PARAMS, ARGS)                                        \
+  __attribute__((target("avx512f"))) static RET NAME##_avx512 PARAMS { return NAME##_body ARGS; } \
+  __attribute__((target("avx2"))) static RET NAME##_avx2 PARAMS { return NAME##_body ARGS; }     \
+  static RET NAME##_default PARAMS { return NAME##_body ARGS; }                                  \
+  static RET NAME PARAMS {                                                                       \
+    switch (g_isa) {                                                                             \
+      case kAvx512: return NAME##_avx512 ARGS;                                                   \
+      case kAvx2: return NAME##_avx2 ARGS;                                                       \
+      default: return NAME##_default ARGS;                                                       \
+    }                                                                                            \
+  }
+#else  // one variant: the compiler's baseline for the target (NEON on aarch64)
+#define SKIPNET_VARIANTS(NAME, RET, PARAMS, ARGS) \
+  static RET NAME PARAMS { return NAME##_body ARGS; }
+#endif
 
 namespace {
 
 inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
-// xs[0:C] = sum over the H*W positions of sample b. Compiled for AVX-512, AVX2 and the baseline; the loader picks.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void spatial_sum(const float* __restrict__ xb, int64_t C, int64_t H, int64_t W, int64_t s1, int64_t s2, int64_t s3,
-                 float* __restrict__ xs) {
+// xs[0:C] = sum over the H*W positions of sample b.
+SKIPNET_INLINE void spatial_sum_body(const float* __restrict__ xb, int64_t C, int64_t H, int64_t W, int64_t s1,
+                                     int64_t s2, int64_t s3, float* __restrict__ xs) {
   const int64_t HW = H * W;
   std::fill(xs, xs + C, 0.0f);
   if (s1 == 1 && s3 == C && s2 == W * C) {  // channels_last: HW rows of C contiguous channels
@@ -61,7 +99,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void spatial_sum(co
 }
 
 // One LSTM step of one sample from its channel sums xs (C): the state hb, cb (hd) is updated; returns the logit.
-__attribute__((target_clones("avx512f", "avx2", "default"))) float lstm_step(
+SKIPNET_INLINE float lstm_step_body(
     const float* __restrict__ xs, float* __restrict__ hb, float* __restrict__ cb, const float* __restrict__ wp,
     const float* __restrict__ whp, const float* __restrict__ bp, const float* __restrict__ fwp, float fb, int64_t C,
     int64_t hd, float* __restrict__ gates) {
@@ -86,6 +124,15 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) float lstm_step(
   }
   return logit;
 }
+SKIPNET_VARIANTS(spatial_sum, void,
+                 (const float* __restrict__ xb, int64_t C, int64_t H, int64_t W, int64_t s1, int64_t s2, int64_t s3,
+                  float* __restrict__ xs),
+                 (xb, C, H, W, s1, s2, s3, xs))
+SKIPNET_VARIANTS(lstm_step, float,
+                 (const float* __restrict__ xs, float* __restrict__ hb, float* __restrict__ cb,
+                  const float* __restrict__ wp, const float* __restrict__ whp, const float* __restrict__ bp,
+                  const float* __restrict__ fwp, float fb, int64_t C, int64_t hd, float* __restrict__ gates),
+                 (xs, hb, cb, wp, whp, bp, fwp, fb, C, hd, gates))
 
 }  // namespace
 
@@ -141,7 +188,7 @@ int64_t gate_step(const at::Tensor& x, at::Tensor& hc, const at::Tensor& pack, a
 //   g_r = executed > 0 ? grad * w + grad_executed : 0,   g_s = g_r + grad * (1 - w),
 // and per sample g_g[b] = sum(grad * (executed - shortcut)) when need_g.
 namespace {
-__attribute__((target_clones("avx512f", "avx2", "default"))) float tail_sample(
+SKIPNET_INLINE float tail_sample_body(
     const float* __restrict__ gr, const float* __restrict__ ge, const float* __restrict__ ex,
     const float* __restrict__ sc, float* __restrict__ out_r, float* __restrict__ out_s, int64_t n, float w,
     bool need_g) {
@@ -168,6 +215,11 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) float tail_sample(
   for (int j = 0; j < 16; ++j) tot += acc[j];
   return tot;
 }
+SKIPNET_VARIANTS(tail_sample, float,
+                 (const float* __restrict__ gr, const float* __restrict__ ge, const float* __restrict__ ex,
+                  const float* __restrict__ sc, float* __restrict__ out_r, float* __restrict__ out_s, int64_t n,
+                  float w, bool need_g),
+                 (gr, ge, ex, sc, out_r, out_s, n, w, need_g))
 }  // namespace
 
 void masked_tail_backward(const at::Tensor& grad, const at::Tensor& grad_executed, const at::Tensor& executed,
@@ -199,8 +251,8 @@ void masked_tail_backward(const at::Tensor& grad, const at::Tensor& grad_execute
 // Forward of the masked tail: executed = relu(r + s), written into r, and out = lerp(s, executed, w) per sample
 // (torch.lerp's formula: exact at w = 0 and w = 1), in one pass. Same layout conditions as the backward.
 namespace {
-__attribute__((target_clones("avx512f", "avx2", "default"))) void tail_forward_sample(
-    float* __restrict__ r, const float* __restrict__ s, float* __restrict__ out, int64_t n, float w) {
+SKIPNET_INLINE void tail_forward_sample_body(float* __restrict__ r, const float* __restrict__ s,
+                                             float* __restrict__ out, int64_t n, float w) {
   if (w < 0.5f) {
     for (int64_t i = 0; i < n; ++i) {
       const float a = r[i] + s[i], e = a > 0.0f ? a : (a != a ? a : 0.0f);
@@ -216,6 +268,9 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void tail_forward_s
     }
   }
 }
+SKIPNET_VARIANTS(tail_forward_sample, void,
+                 (float* __restrict__ r, const float* __restrict__ s, float* __restrict__ out, int64_t n, float w),
+                 (r, s, out, n, w))
 }  // namespace
 
 void masked_tail_forward(at::Tensor& residual, const at::Tensor& shortcut, const at::Tensor& w, at::Tensor& out) {
@@ -231,7 +286,32 @@ void masked_tail_forward(at::Tensor& residual, const at::Tensor& shortcut, const
   });
 }
 
+// The variants this CPU can run, by name, fastest first ("default" always).
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+#if defined(__x86_64__) || defined(__i386__)
+  if (isa_supported(kAvx512)) out.push_back("avx512");
+  if (isa_supported(kAvx2)) out.push_back("avx2");
+#endif
+  out.push_back("default");
+  return out;
+}
+
+// Select the variant every kernel runs from now on (process-wide). An unknown name, or one the CPU cannot run,
+// is refused (running it would die of an illegal instruction).
+void set_isa(const std::string& name) {
+  int isa = name == "avx512" ? kAvx512 : name == "avx2" ? kAvx2 : name == "default" ? kDefault : -1;
+  TORCH_CHECK(isa >= 0, "unknown kernel variant '", name, "' (avx512, avx2 or default)");
+  TORCH_CHECK(isa_supported(isa), "this CPU cannot run the '", name, "' kernel variant");
+  g_isa = isa;
+}
+
+std::string current_isa() { return g_isa == kAvx512 ? "avx512" : g_isa == kAvx2 ? "avx2" : "default"; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("supported_isas", &supported_isas, "the instruction-set variants this CPU can run, fastest first");
+  m.def("set_isa", &set_isa, "select the instruction-set variant of every kernel");
+  m.def("current_isa", &current_isa, "the selected instruction-set variant");
   m.def("gate_step", &gate_step, "one recurrent-gate inference step (see _fastgate.cpp)");
   m.def("masked_tail_forward", &masked_tail_forward, "forward of the masked block tail (see _fastgate.cpp)");
   m.def("masked_tail_backward", &masked_tail_backward, "backward of the masked block tail (see _fastgate.cpp)");

@@ -11,9 +11,16 @@ The masked tail (SP / soft training, masked execution) is memory-bound at traini
 reads and writes the block's activations ~5 times in the backward, the kernel once (float32 CPU, NCHW or
 channels_last; values equal the eager form's, the per-sample gate gradient up to summation order).
 
-It is built once per machine and source version with ``torch.utils.cpp_extension`` (a C++ compiler and ninja;
-about 25 s; cached under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Where it cannot be
-built, or with ``SKIPNET_FAST_GATE=0``, the gates and the tail run in eager PyTorch, with the same results.
+It is built once per machine and source version with ``torch.utils.cpp_extension`` (a C++ compiler and ninja, a
+dependency of the package; about 25 s; cached under ``$TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``). Where it cannot be built, or with ``SKIPNET_FAST_GATE=0``, the gates and the tail
+run in eager PyTorch, with the same results.
+
+Instruction-set variants: on x86-64 every kernel is compiled for AVX-512, AVX2 and the baseline (one variant
+elsewhere, e.g. NEON on aarch64); the fastest the CPU runs is used, or the one named by ``SKIPNET_KERNEL_ISA``
+(``avx512``, ``avx2``, ``default``; read at load) or :func:`set_variant`. The build turns off floating-point
+contraction (``-ffp-contract=off``), so no variant fuses a multiply-add or reorders a sum: all variants give
+bit-identical results, which the tests check on every variant the machine can run.
 """
 
 from __future__ import annotations
@@ -28,9 +35,14 @@ from types import ModuleType
 
 import torch
 
+from skipnet.errors import SkipnetError
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_fastgate.cpp")
+# No multiply-add contraction: every instruction-set variant then rounds exactly as the others (module docstring).
+CFLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math"]
+VARIANT_ENV = "SKIPNET_KERNEL_ISA"
 _module: ModuleType | None = None
 _tried = False
 
@@ -43,7 +55,7 @@ def enabled() -> bool:
 def module_name() -> str:
     """The extension's name: one per source text, torch and Python version (a stale build is never loaded)."""
     h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(f"{torch.__version__} {sys.version_info[:2]}".encode())
+    h.update(f"{torch.__version__} {sys.version_info[:2]} {CFLAGS}".encode())
     return f"skipnet_fastgate_{h.hexdigest()[:12]}"
 
 
@@ -66,7 +78,7 @@ def load() -> ModuleType | None:
             log.info("building skipnet's compiled kernels %s (once per machine, ~25 s)", name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # compiler-ABI notes
-            _module = load_extension(name, [str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+            _module = load_extension(name, [str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
     except Exception as e:  # no compiler, no ninja, read-only cache, ...: the eager path does the same
         first = (str(e).strip().splitlines() or [""])[0][:200]
         warnings.warn(
@@ -78,7 +90,42 @@ def load() -> ModuleType | None:
         _module = None
     finally:
         quiet.setLevel(level)
+    if _module is not None:
+        _select(_module, os.environ.get(VARIANT_ENV, "auto").strip().lower() or "auto")
     return _module
+
+
+def _select(module: ModuleType, name: str) -> None:
+    """Select variant ``name`` (``auto``: the fastest this CPU runs) in the loaded ``module``."""
+    supported = list(module.supported_isas())
+    if name == "auto":
+        name = supported[0]
+    if name not in supported:
+        raise SkipnetError(
+            f"{VARIANT_ENV}={name}: this CPU runs the kernel variants {', '.join(supported)} "
+            f"(unset {VARIANT_ENV} to pick the fastest)"
+        )
+    module.set_isa(name)
+
+
+def variants() -> list[str]:
+    """The kernel's instruction-set variants this CPU can run, fastest first; empty without the kernel."""
+    module = load()
+    return [] if module is None else list(module.supported_isas())
+
+
+def variant() -> str | None:
+    """The variant the kernels run now (``None`` without the kernel)."""
+    module = load()
+    return None if module is None else str(module.current_isa())
+
+
+def set_variant(name: str) -> None:
+    """Run every kernel in variant ``name`` (one of :func:`variants`, or ``auto``) from now on, process-wide."""
+    module = load()
+    if module is None:
+        raise SkipnetError("the compiled kernels are not available, so there is no variant to select")
+    _select(module, name)
 
 
 def _built(name: str) -> bool:
@@ -96,4 +143,4 @@ def applies(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and load() is not None
 
 
-__all__ = ["SOURCE", "applies", "enabled", "load", "module_name"]
+__all__ = ["SOURCE", "applies", "enabled", "load", "module_name", "set_variant", "variant", "variants"]

@@ -32,6 +32,7 @@ several-fold). Without autograd, routing writes the executed rows back into the 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.resnet import Bottleneck
 
-from skipnet import fastgate
+from skipnet import capture, fastgate
 from skipnet.backbones import build_backbone, stages
 from skipnet.config import ArchConfig
 from skipnet.errors import SkipnetError
@@ -222,12 +223,12 @@ class _MaskedTail(torch.autograd.Function):
 def _tail_kernels(*tensors: Tensor | None) -> Any:
     """The compiled masked-tail kernels (skipnet.fastgate) when they apply to ``tensors`` (``None`` entries are
     ignored): float32 CPU, 4-D, one memory layout (NCHW or channels_last, so each sample is one dense run, with
-    the same strides for all), outside ``torch.compile``; else ``None``."""
+    the same strides for all), outside any graph capture (:mod:`skipnet.capture`); else ``None``."""
     first = tensors[0]
     if (
         first.device.type != "cpu"
         or first.dim() != 4
-        or torch.compiler.is_compiling()
+        or capture.active()
         or not (first.is_contiguous() or first.is_contiguous(memory_format=torch.channels_last))
     ):
         return None
@@ -249,6 +250,8 @@ def _mix(g: Tensor, executed: Tensor, skipped: Tensor) -> Tensor:
 def _masked_tail(g: Tensor, residual: Tensor, shortcut: Tensor) -> Tensor:
     """``lerp(shortcut, relu(residual + shortcut), g)``: Eq. 1 for the block whose residual branch gave
     ``residual``. May write into ``residual`` (a fresh tensor of the caller's)."""
+    if capture.active():  # plain, out-of-place ops that every tracer and exporter records
+        return torch.lerp(shortcut, F.relu(residual + shortcut), g.view(-1, 1, 1, 1).to(residual.dtype))
     if torch.is_grad_enabled() and (g.requires_grad or residual.requires_grad or shortcut.requires_grad):
         return _MaskedTail.apply(g, residual, shortcut)[0]
     residual += shortcut
@@ -456,13 +459,17 @@ class GatedResNet(nn.Module):
         return b.maxpool(b.relu(b.bn1(b.conv1(x))))
 
     def head(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
-            # The same values; a gradient in x's memory format. (Under torch.compile the plain op is traced: the
+        if torch.is_grad_enabled() and x.requires_grad and not capture.active():
+            # The same values; a gradient in x's memory format. (Under a capture the plain op is traced: the
             # function keeps x's shape on ctx, which does not trace with symbolic shapes.)
             pooled = _GlobalAvgPool.apply(x)
         else:
             pooled = self.backbone.avgpool(x)
         return self.backbone.fc(torch.flatten(pooled, 1))
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script`` before compiling: a SkipNet cannot be scripted; say what to use."""
+        raise SkipnetError(capture.REFUSE_SCRIPT)
 
     def gate_step(self, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
         """Logit (B,) of gate ``i`` from the input ``x`` of gated block ``i``."""
@@ -493,7 +500,20 @@ class GatedResNet(nn.Module):
                 ``pi = eps + (1 - 2 eps) p`` and ``log_probs`` are those of ``pi``, so every block is tried on and
                 off at least ``eps`` of the time. ``pi >= 1/2`` exactly when ``p >= 1/2``: greedy inference at
                 threshold 0.5 decides as the policy's mode. 0 is the paper's policy.
+
+        Under ``torch.jit.trace`` and ``torch.export`` (and the ONNX exporters built on them) the forward runs
+        masked, with every decision a tensor op, so the captured graph is right on every input (see
+        :mod:`skipnet.capture`); ``torch.jit.script`` and FX symbolic tracing are refused.
         """
+        tool = capture.tool(x)
+        if tool == capture.FX:
+            raise SkipnetError(capture.REFUSE_FX)
+        traced = tool in capture.MASKED_ONLY
+        if traced and execution == "routed":
+            raise SkipnetError(
+                f"routed execution cannot be captured by {tool} (which samples run a block depends on the input); "
+                "use execution='masked', or `skipnet export` for a graph that skips"
+            )
         mode = GateMode(mode or self.mode)
         threshold = self.threshold if threshold is None else threshold
         keep = self.keep_ratio if keep is None else keep
@@ -506,6 +526,14 @@ class GatedResNet(nn.Module):
         if mode in (GateMode.HARD, GateMode.SOFT) and execution == "routed":
             raise SkipnetError(f"mode {mode.value!r} needs masked execution (its gradient needs every block)")
         routed = execution == "routed" or (execution == "auto" and (mode in ROUTED_BY_DEFAULT or decisions is not None))
+        if traced and routed:
+            routed = False
+            warnings.warn(
+                f"skipnet: {tool} captures a SkipNet with masked execution (every block computed, mixed with the "
+                "0/1 decisions): correct on every input, but it saves no compute; `skipnet export` builds graphs "
+                "that skip",
+                stacklevel=2,
+            )
         n_gates = self.num_gates
         if decisions is not None and tuple(decisions.shape) != (x.shape[0], n_gates):
             raise SkipnetError(f"decisions must have shape (B, N) = ({x.shape[0]}, {n_gates})")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules import module as _hooks
 
-from skipnet import fastgate
+from skipnet import capture, fastgate
 
 
 class _SpatialMean(torch.autograd.Function):
@@ -53,7 +53,7 @@ def spatial_mean(x: Tensor) -> Tensor:
     Under ``torch.compile`` the plain op is traced instead (the autograd function keeps the input's shape on
     ``ctx``, which does not trace with symbolic shapes; the compiler derives its own backward anyway).
     """
-    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+    if torch.is_grad_enabled() and x.requires_grad and not capture.active():
         return _SpatialMean.apply(x)
     return x.mean(dim=(2, 3))
 
@@ -258,7 +258,7 @@ class RNNGate(GateBank):
         if (
             torch.is_grad_enabled()
             or torch.is_autocast_enabled(x.device.type)
-            or torch.compiler.is_compiling()
+            or capture.active()
             or self._watched(lstm, fc, *projs)
         ):
             return zeros, zeros
