@@ -37,6 +37,13 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 RESULTS = REPO / "benchmarks" / "results"
 
+
+def portable(cmd: list[str] | str) -> str:
+    """A command line as recorded in results: paths inside the repository relative to it, the bundled data set
+    beside it as ``../shared/...`` (no absolute path of the machine that ran it)."""
+    text = cmd if isinstance(cmd, str) else shlex.join(cmd)
+    return text.replace(f"{REPO}/", "").replace(f"{REPO.parent}/", "../")
+
 # Per scale: the options of each kind of run. "cpu" fits a 2-core machine in about two hours of compute.
 SCALES = {
     "cpu": {
@@ -369,7 +376,7 @@ def calibrate(r: dict, data: str, target: float, out: Path) -> dict | None:
         if res.returncode != 0:
             print(f"[fail] {shlex.join(cmd)}: {res.stderr.strip()[-300:]}", flush=True)
             return None
-    d = {"test": json.loads(res.stdout.strip().splitlines()[-1]), "commands": [shlex.join(cal), shlex.join(ev)]}
+    d = {"test": json.loads(res.stdout.strip().splitlines()[-1]), "commands": [portable(cal), portable(ev)]}
     cache.write_text(json.dumps(d))
     return d
 
@@ -411,7 +418,7 @@ def row(r: dict, summary: dict | None) -> dict:
         "group": r["group"],
         "arch": r["arch"],
         "stage": r["stage"],
-        "command": shlex.join(r["cmd"]),
+        "command": portable(r["cmd"]),
     }
     for k in ("alpha", "keep"):
         if k in r:
@@ -773,7 +780,7 @@ def main() -> int:
     payload = {
         "scale": args.scale,
         "date": stamp,
-        "command": shlex.join(["python", *sys.argv]),
+        "command": portable(["python", *sys.argv]),
         "headline": headline,
         "claims": claims,
         "runs": rows,

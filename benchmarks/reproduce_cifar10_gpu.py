@@ -183,6 +183,16 @@ def bench_device(device: torch.device, specs: list[tuple[str, object]], batches:
     return rows
 
 
+def _portable(arg: str) -> str:
+    """An argument as recorded in the report: no absolute path of the machine that ran it (a path inside the
+    repository relative to it; any other absolute path as $DIR/<name>)."""
+    if not os.path.isabs(arg):
+        return arg
+    repo = Path(__file__).resolve().parents[1]
+    path = Path(arg)
+    return str(path.relative_to(repo)) if path.is_relative_to(repo) else f"$DIR/{path.name}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="cifar10-jpeg.tar.gz or its ImageFolder root")
@@ -211,7 +221,7 @@ def main() -> int:
     results.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     deadline = START + args.budget
-    report: dict = {"budget_s": args.budget, "argv": sys.argv}
+    report: dict = {"budget_s": args.budget, "argv": [_portable(a) for a in sys.argv]}
     if device.type == "cuda":
         report["device"] = torch.cuda.get_device_name(device)
     report["torch"] = torch.__version__

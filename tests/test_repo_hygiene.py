@@ -1,0 +1,34 @@
+"""The repository's own files carry no absolute path of the machine that produced them."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Absolute locations typical of a machine's checkout, home, data or scratch directory.
+MACHINE_PATH = re.compile(r"(?<![\w.$~])/(?:work|root|home|tmp|Users|mnt)/[\w.-]")
+
+
+def _tracked_text_files() -> list[Path]:
+    out = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
+    if out.returncode != 0:  # not a git checkout (an sdist): every file under the repository
+        return [p for p in REPO.rglob("*") if p.is_file() and ".git" not in p.parts]
+    return [REPO / line for line in out.stdout.splitlines()]
+
+
+def test_no_absolute_machine_paths_in_tracked_files() -> None:
+    own = {str(REPO), str(REPO.parent / "shared")}
+    bad = []
+    for path in _tracked_text_files():
+        if path.name == ".gitignore" or path == Path(__file__).resolve() or not path.is_file():
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:  # binary (e.g. a shipped safetensors checkpoint)
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if any(p in line for p in own) or MACHINE_PATH.search(line):
+                bad.append(f"{path.relative_to(REPO)}:{n}: {line.strip()[:100]}")
+    assert not bad, "absolute paths in tracked files:\n" + "\n".join(bad[:20])
