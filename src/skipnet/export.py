@@ -69,8 +69,7 @@ def format_for(path: str | Path, fmt: str | None = None) -> str:
     suffix = Path(path).suffix
     if suffix not in SUFFIXES:
         raise SkipnetError(
-            f"cannot tell the format of {path} from its extension; name it .safetensors, .pt2 or .onnx, "
-            "or pass --format"
+            f"{path} must end in .safetensors, .pt2 or .onnx (the format is taken from the extension), or pass --format"
         )
     return SUFFIXES[suffix]
 
@@ -381,7 +380,8 @@ def probe_images(model: GatedResNet, n: int, batch: int, seed: int = 0, size: in
 def _quiet() -> Any:
     """Silence the exporters' progress prints and info logs (they are not errors)."""
     sink = io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._export")]
+    names = ("torch.onnx", "onnxscript", "torch.export", "torch._export", "torch.fx._symbolic_trace", "torch.fx")
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -420,6 +420,33 @@ def _onnx_program(graph: ExportGraph, example: Tensor, batch: int | None) -> Any
             optimize=True,
             verbose=False,
         )
+
+
+def localize_branch_weights(proto: Any) -> Any:
+    """Copy every weight an ``If`` branch uses into that branch's own initializers (and drop it from the main
+    graph when nothing else there uses it). Same function; but ONNX Runtime's layout optimiser (NCHWc
+    convolutions, ~1.7x faster on a CPU) only rewrites a convolution whose weight is an initializer *of its own
+    graph*: left in the main graph, every convolution of a conditional block would run the slower NCHW kernel."""
+    import onnx
+
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    used_in_main = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    moved: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type != onnx.AttributeProto.GRAPH:
+                continue
+            sub = attr.g
+            wanted = {i for n in sub.node for i in n.input} | {o.name for o in sub.output}
+            own = {t.name for t in sub.initializer}
+            for name in sorted((wanted & inits.keys()) - own):
+                sub.initializer.append(inits[name])
+                moved.add(name)
+    keep = [t for t in graph.initializer if t.name not in moved or t.name in used_in_main]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return proto
 
 
 def onnx_session(model_bytes: bytes, threads: int | None = 1) -> Any:
@@ -517,7 +544,7 @@ def export_model(
     if fmt == "onnx":
         import onnx
 
-        proto = program.model_proto
+        proto = localize_branch_weights(program.model_proto)
         proto.producer_name = "skipnet"
         proto.graph.name = f"skipnet_{graph}_{model.config.name}"
         entry = proto.metadata_props.add()
