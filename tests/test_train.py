@@ -168,7 +168,7 @@ def test_init_options_reach_the_trained_model(runs, tmp_path, caplog) -> None:
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["val_cp"] == 100.0  # p ~ 0.998
     assert "--zero-init-residual with gates that may start closed" not in caplog.text
     out = tmp_path / "closed"
-    assert main([*args, "--zero-init-residual", "--out", str(out)]) == 0
+    assert main([*args, "--zero-init-residual", "--paper-gate-init", "--out", str(out)]) == 0
     assert "--zero-init-residual with gates that may start closed" in caplog.text  # the SP deadlock warning
     out = tmp_path / "init"
     assert main([*args, "--zero-init-residual", "--init", str(root / "sp" / "best.pt"), "--out", str(out)]) == 0

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from skipnet.cost import CostModel, computation_percentage
@@ -24,6 +25,7 @@ class EvalRecord:
     decisions: Tensor  # (M, N)
     probs: Tensor  # (M, N)
     macs: Tensor  # (M,) float64
+    ce: Tensor  # (M,) cross-entropy of each image
 
 
 def eval_mode_for(model: GatedResNet) -> GateMode:
@@ -53,7 +55,7 @@ def run_eval(
     device = next(net.parameters()).device
     gen_state = torch.get_rng_state()
     torch.manual_seed(seed)  # random (SDV) decisions are reproducible
-    labels, preds, c5, decs, probs = [], [], [], [], []
+    labels, preds, c5, decs, probs, ces = [], [], [], [], [], []
     try:
         for b, (x, y) in enumerate(loader):
             if max_batches is not None and b >= max_batches:
@@ -63,6 +65,7 @@ def run_eval(
             k = min(5, logits.shape[1])
             top = logits.topk(k, dim=1).indices
             labels.append(y)
+            ces.append(F.cross_entropy(logits, y.long(), reduction="none"))
             preds.append(top[:, 0])
             c5.append((top == y.view(-1, 1)).any(1))
             decs.append(out.trace.decisions.float().cpu())
@@ -79,6 +82,7 @@ def run_eval(
         decisions=decisions,
         probs=torch.cat(probs) if probs else decisions.clone(),
         macs=cost.macs_per_image(decisions, include_gates=gates_spent),
+        ce=torch.cat(ces) if ces else torch.zeros(0),
     )
 
 
@@ -93,6 +97,7 @@ def summarize(record: EvalRecord, cost: CostModel, num_classes: int, gated: bool
     out: dict[str, Any] = {
         "images": n,
         "accuracy": 100.0 * correct.mean().item() if n else float("nan"),
+        "loss": record.ce.mean().item() if n else float("nan"),
         "macs_mean": macs_mean,
         "macs_all_on": all_on,
         "macs_reduction": 100.0 * (1.0 - macs_mean / all_on),

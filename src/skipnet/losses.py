@@ -37,6 +37,14 @@ def hybrid_returns(
     return -(beta * ce.detach().view(-1, 1) - (alpha / n) * future)
 
 
+def mean_first_return(ce_mean: float, skip_fraction: float, alpha: float, beta: float = 1.0) -> float:
+    """The batch mean of the first gate's return ``r_1`` (Eq. 6 at i = 1, ``C_i = 1``), from the mean
+    cross-entropy and the mean fraction of gated blocks skipped: ``-(beta L) + alpha * skipped / N``. It is linear
+    in both, so this equals ``hybrid_returns(ce, decisions, alpha, beta)[:, 0].mean()`` (tested). It is what HRL
+    maximises, used to choose the HRL checkpoint on the validation split."""
+    return -(beta * ce_mean) + alpha * skip_fraction
+
+
 def reinforce_loss(log_probs: Tensor, returns: Tensor, baseline: Tensor | None = None) -> Tensor:
     """Surrogate whose gradient is ``-sum_i grad log p(g_i|x) * (r_i - b_i)``, averaged over the batch.
 
@@ -80,4 +88,4 @@ class Baseline:
         self.value = state.get("value")
 
 
-__all__ = ["Baseline", "hybrid_returns", "reinforce_loss", "skip_rewards"]
+__all__ = ["Baseline", "hybrid_returns", "mean_first_return", "reinforce_loss", "skip_rewards"]

@@ -40,7 +40,7 @@ from skipnet.data import DataBundle, load_data
 from skipnet.errors import Interrupted, SkipnetError
 from skipnet.evaluate import evaluate
 from skipnet.gated import GatedResNet, GateMode
-from skipnet.losses import Baseline
+from skipnet.losses import Baseline, mean_first_return
 from skipnet.registry import get_config
 from skipnet.rundir import append_row, read_rows, run_lock, write_rows
 from skipnet.stages import STAGES, Stage
@@ -80,6 +80,9 @@ class TrainConfig:
     explore: float = 0.0
     zero_init_residual: bool = False
     gate_bias: float | None = None
+    paper_gate_init: bool = False
+    bn: str | None = None
+    select: str | None = None
     keep: float = 0.5
     threshold: float = 0.5
     val_split: float = 0.1
@@ -144,7 +147,39 @@ def resolve_defaults(cfg: TrainConfig, family: str, dataset: str, num_gates: int
         raise SkipnetError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {c.schedule!r}")
     if c.eval_every is None:
         c.eval_every = steps_per_epoch if steps_per_epoch <= 2000 else 2000
+    from_scratch = c.init is None and c.init_torchvision is None
+    if c.gate_bias is None and c.stage in ("sp", "soft") and from_scratch and not c.paper_gate_init:
+        # Beyond the paper: gates start open (p = 0.88). With the paper's initialisation SP from scratch closes
+        # almost every gate in its first epoch, and a closed block gets no gradient (benchmarks/RESULTS.md).
+        c.gate_bias = OPEN_GATE_BIAS
+    rl = c.stage in ("hrl", "rl")
+    if c.bn is None:
+        # Routed RL from a trained network: BatchNorm statistics frozen, so that training normalises as greedy
+        # inference does (updating them from sampled, routed executions drifts them; measured in RESULTS.md).
+        c.bn = "frozen" if rl and not from_scratch else "update"
+    if c.bn not in BN_MODES:
+        raise SkipnetError(f"--bn must be one of {', '.join(BN_MODES)}, got {c.bn!r}")
+    if c.select is None:  # HRL is reported at what it optimises, not at its least-skipping epoch
+        c.select = "reward" if rl else "accuracy"
+    if c.select not in SELECT_RULES:
+        raise SkipnetError(f"--select must be one of {', '.join(SELECT_RULES)}, got {c.select!r}")
     return c
+
+
+OPEN_GATE_BIAS = 2.0
+BN_MODES = ("update", "frozen")
+SELECT_RULES = ("accuracy", "reward", "last")
+
+
+def selection_score(rule: str, val: dict[str, Any], alpha: float, beta: float, num_gates: int) -> float:
+    """How good a checkpoint is on the validation split under ``rule`` (higher is better): its accuracy, the
+    mean return HRL maximises (Eq. 6, :func:`skipnet.losses.mean_first_return`), or (``last``) its recency."""
+    if rule == "accuracy":
+        return float(val["accuracy"])
+    if rule == "reward":
+        skipped = 1.0 - (val["executed_blocks_mean"] - 1.0) / max(1, num_gates)
+        return mean_first_return(val["loss"], skipped, alpha, beta)
+    return math.inf
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -275,13 +310,13 @@ class Trainer:
 
         if cfg.zero_init_residual:  # before --init, whose tensors replace these
             self.model.zero_init_residual()
-            if self.stage.train_mode == GateMode.HARD and not cfg.init and not (cfg.gate_bias or 0) > 0:
+            if self.stage.train_mode == GateMode.HARD and not cfg.init and not (self.cfg.gate_bias or 0) > 0:
                 log.warning(
                     "--zero-init-residual with gates that may start closed: in SP a closed gate's zero branch gets "
                     "no gradient and the gate none either; pass --gate-bias 2 so that the gates start open"
                 )
-        if cfg.gate_bias is not None:
-            self.model.set_gate_bias(cfg.gate_bias)
+        if self.cfg.gate_bias is not None and arch.gated:
+            self.model.set_gate_bias(self.cfg.gate_bias)
         if init_ckpt is not None:
             left = load_weights_into(self.model, init_ckpt, cfg.init)
             log.info("initialised from %s (%d tensors left at their initial values)", cfg.init, len(left))
@@ -316,7 +351,8 @@ class Trainer:
         )
         self.baseline: Baseline = self.dist.baseline(self.cfg.baseline)  # global-batch mean under DDP
         self.step = 0
-        self.best_val = -1.0
+        self.best_val = -1.0  # validation accuracy of best.pt
+        self.best_score = -math.inf  # its score under --select
         self.history: list[dict[str, Any]] = []
         self.running: dict[str, float] = {}  # sums of the training statistics since the last evaluation
         self.n_running = 0
@@ -364,6 +400,7 @@ class Trainer:
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.step = int(ckpt["step"])
             self.best_val = float(ckpt.get("metrics", {}).get("best_val_accuracy", -1.0))
+            self.best_score = float(ckpt.get("metrics", {}).get("best_score", self.best_val))
             if ckpt.get("baseline") is not None:
                 self.baseline.load_state_dict(ckpt["baseline"])
             running = ckpt.get("running") or {}
@@ -426,7 +463,10 @@ class Trainer:
 
     def _latest_metrics(self) -> dict[str, Any]:
         """The metrics of a checkpoint written between evaluations (a signal, the wall-clock interval)."""
-        return (self.history[-1] if self.history else {}) | {"best_val_accuracy": self.best_val}
+        return (self.history[-1] if self.history else {}) | {
+            "best_val_accuracy": self.best_val,
+            "best_score": self.best_score,
+        }
 
     def _state_finite(self) -> bool:
         """Whether every floating-point parameter and buffer is finite (NaN * 0 and inf * 0 are NaN)."""
@@ -451,6 +491,15 @@ class Trainer:
             write_rows(path, keep)
 
     # -- evaluation
+    def _train_mode(self) -> None:
+        """Training mode; with ``--bn frozen`` every BatchNorm stays in eval mode (running statistics used and
+        kept, as greedy inference uses them; its scale and shift still learn)."""
+        self.train_model.train()
+        if self.cfg.bn == "frozen":
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
     def evaluate_split(self, split: str) -> dict[str, Any]:
         # Rank 0 evaluates the bare model on the whole split; the other ranks receive its result.
         loader = self.dist.full_split(self.data.split(split))
@@ -531,7 +580,7 @@ class Trainer:
         progress = Progress(self.total, self.main, cfg.log_every)
         progress.start -= float(self._elapsed_before())
         run_start = time.time() - self._elapsed_before()
-        self.train_model.train()
+        self._train_mode()
         with self._stop_on_signals():
             while self.step < self.total:
                 epoch = self.step // self.steps_per_epoch
@@ -561,7 +610,7 @@ class Trainer:
                         means = {k: v / self.n_running for k, v in self.running.items()}
                         self.running, self.n_running = {}, 0
                         self._checkpoint_round(means, time.time() - run_start)
-                        self.train_model.train()
+                        self._train_mode()
                     if self.step >= self.total:
                         break
         progress.close()
@@ -632,12 +681,16 @@ class Trainer:
                 "val_cp": val["computation_percentage"],
                 "val_skip_ratio": 1.0 - (val["executed_blocks_mean"] - 1.0) / max(1, self.model.num_gates),
             }
-            improved = val["accuracy"] > self.best_val
+            row["val_loss"] = val["loss"]
+            score = selection_score(self.cfg.select, val, self.cfg.alpha, self.cfg.beta, self.model.num_gates)
+            row["val_score"] = score if math.isfinite(score) else None
+            improved = score > self.best_score or self.cfg.select == "last"
         else:
-            improved = True  # no validation split: the last checkpoint is the chosen one
+            improved, score = True, math.inf  # no validation split: the last checkpoint is the chosen one
         if improved:
             self.best_val = row.get("val_accuracy", self.best_val)
-        metrics = row | {"best_val_accuracy": self.best_val}
+            self.best_score = score
+        metrics = row | {"best_val_accuracy": self.best_val, "best_score": self.best_score}
         self.history.append(row)
         self._append_metrics(row)
         if self.main:

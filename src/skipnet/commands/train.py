@@ -92,7 +92,30 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--gate-bias",
         type=float,
         default=None,
-        help="initial bias of the gates' output layer: gates start at p = sigmoid(B) (beyond the paper)",
+        help="initial bias of the gates' output layer: gates start at p = sigmoid(B) (beyond the paper; "
+        "default for sp/soft from scratch: 2, gates open, see --paper-gate-init)",
+    )
+    p.add_argument(
+        "--paper-gate-init",
+        action="store_true",
+        help="sp/soft from scratch: keep the paper's gate initialisation (its gates close in the first epoch on "
+        "short schedules; the default starts them open)",
+    )
+    p.add_argument(
+        "--bn",
+        choices=["update", "frozen"],
+        default=None,
+        help="BatchNorm in training: update its running statistics, or freeze them (eval mode; scale and shift "
+        "still learn). Default: frozen for hrl/rl from --init (routed sampling drifts them away from greedy "
+        "inference), update otherwise",
+    )
+    p.add_argument(
+        "--select",
+        choices=["accuracy", "reward", "last"],
+        default=None,
+        help="how best.pt is chosen on the validation split: accuracy, the mean return HRL maximises "
+        "(-beta CE + alpha x fraction skipped, Eq. 6), or the last evaluation. Default: reward for hrl/rl, "
+        "accuracy otherwise",
     )
     p.add_argument("--keep", type=float, default=0.5, help="SDV keep ratio (stage sdv)")
     p.add_argument("--threshold", type=float, default=0.5, help="gate threshold for hard/greedy decisions")

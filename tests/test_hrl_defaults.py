@@ -1,0 +1,86 @@
+"""Defaults that work (issue: the headline): gates start open for SP from scratch, BatchNorm frozen in HRL from a
+trained network, best.pt of HRL chosen on what HRL maximises."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from skipnet.checkpoint import load_model
+from skipnet.cli import main
+from skipnet.losses import hybrid_returns, mean_first_return
+from skipnet.train import selection_score
+
+COMMON = ["--limit-train", "256", "--limit-test", "64", "--batch-size", "32", "--threads", "1", "--val-split", "0.2"]
+
+
+def test_mean_first_return_is_eq6_at_the_first_gate() -> None:
+    ce = torch.rand(9) * 2
+    d = (torch.rand(9, 5) > 0.4).float()
+    expected = hybrid_returns(ce, d, alpha=1.5, beta=0.7)[:, 0].mean().item()
+    got = mean_first_return(ce.mean().item(), (1 - d).mean().item(), alpha=1.5, beta=0.7)
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_selection_rules() -> None:
+    accurate = {"accuracy": 80.0, "loss": 0.60, "executed_blocks_mean": 6.0}  # all 5 gated blocks run
+    cheap = {"accuracy": 78.0, "loss": 0.65, "executed_blocks_mean": 3.0}  # 3 of 5 skipped
+    assert selection_score("accuracy", accurate, 1.0, 1.0, 5) > selection_score("accuracy", cheap, 1.0, 1.0, 5)
+    # reward = -CE + alpha * skipped fraction: 0.6 skipped is worth 0.05 CE at any alpha above 1/12
+    assert selection_score("reward", cheap, 1.0, 1.0, 5) == pytest.approx(-0.65 + 0.6)
+    assert selection_score("reward", cheap, 1.0, 1.0, 5) > selection_score("reward", accurate, 1.0, 1.0, 5)
+    assert selection_score("reward", cheap, 0.0, 1.0, 5) < selection_score("reward", accurate, 0.0, 1.0, 5)
+    assert selection_score("last", cheap, 1.0, 1.0, 5) == float("inf")
+
+
+@pytest.fixture(scope="module")
+def sp_run(tmp_path_factory, cifar_jpeg):
+    """SP from scratch with nothing but the schedule set: its defaults open the gates."""
+    out = tmp_path_factory.mktemp("defaults") / "sp"
+    args = ["train", "tiny_rnn_gate_14", "--stage", "sp", "--data", cifar_jpeg, *COMMON, "--iters", "8"]
+    assert main([*args, "--lr", "0.05", "--out", str(out)]) == 0
+    return out, cifar_jpeg
+
+
+def test_sp_from_scratch_starts_with_open_gates(sp_run, tmp_path) -> None:
+    out, data = sp_run
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["gate_bias"] == 2.0 and cfg["bn"] == "update" and cfg["select"] == "accuracy"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["val_cp"] > 50.0  # gates open: most blocks run (the paper's init closes them)
+    paper = tmp_path / "paper"
+    args = ["train", "tiny_rnn_gate_14", "--stage", "sp", "--data", data, *COMMON, "--iters", "1", "--lr", "1e-9"]
+    assert main([*args, "--paper-gate-init", "--out", str(paper)]) == 0
+    assert json.loads((paper / "config.json").read_text())["gate_bias"] is None
+    model, _ = load_model(paper / "last.pt")
+    assert abs(model.gates.fc.bias.item()) < 1.0  # the module's own initialisation, not the open bias
+
+
+def _logits(path, x):
+    model, _ = load_model(path)
+    with torch.no_grad():
+        out = model.eval()(x, "greedy")
+    return out.logits, out.trace.decisions
+
+
+@pytest.mark.parametrize("bn", ["frozen", "update"])
+def test_hrl_at_a_tiny_lr_leaves_greedy_inference_alone(sp_run, tmp_path, bn) -> None:
+    """HRL steps that cannot move the weights (lr 1e-12) must not change what greedy inference computes. With
+    the running statistics updated from sampled, routed executions they do (the drift this default prevents)."""
+    sp, data = sp_run
+    out = tmp_path / bn
+    args = ["train", "tiny_rnn_gate_14", "--stage", "hrl", "--data", data, *COMMON, "--iters", "6", "--lr", "1e-12"]
+    extra = [] if bn == "frozen" else ["--bn", "update"]  # frozen is the default from --init
+    assert main([*args, "--init", str(sp / "best.pt"), *extra, "--alpha", "1", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["bn"] == bn and cfg["select"] == "reward"
+    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    before, d0 = _logits(sp / "best.pt", x)
+    after, d1 = _logits(out / "last.pt", x)
+    if bn == "frozen":
+        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+        assert torch.equal(d0, d1)
+    else:
+        assert (after - before).abs().max() > 1e-3
