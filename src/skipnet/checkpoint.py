@@ -25,6 +25,7 @@ Guarantees:
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -34,6 +35,7 @@ import re
 import signal
 import socket
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -281,6 +283,20 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
+def _check_zip(path: Path) -> None:
+    """A ``torch.save`` file is a zip archive whose records carry CRC-32s that ``torch.load`` never checks: check
+    them, so that a damaged file is refused instead of loading wrong weights."""
+    if not zipfile.is_zipfile(path):
+        return  # not a zip: torch.load says what it is not
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
+        raise SkipnetError(f"{path} is damaged ({type(exc).__name__}: {exc})"[:300]) from None
+    if bad is not None:
+        raise SkipnetError(f"{path} is damaged: its record {bad} fails its checksum")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a skipnet checkpoint safely (``weights_only=True``) with clear errors for user mistakes.
 
@@ -292,6 +308,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise SkipnetError(f"checkpoint {str(path)!r} does not exist")
     if _is_safetensors(path):
         return load_safetensors(path, map_location)
+    _check_zip(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a user-facing "not a checkpoint"
@@ -369,8 +386,13 @@ def export_safetensors(ckpt: dict[str, Any], out: str | Path, *, source: str | N
     if ckpt.get("calibration"):
         cal = {k: v for k, v in ckpt["calibration"].items() if k != "points"}
         meta["calibration"] = json.dumps(cal)
-    payload = save(tensors, metadata=meta)
+    meta["data_sha256"] = hashlib.sha256(_data_section(save(tensors, metadata=meta))).hexdigest()
+    payload = save(tensors, metadata=meta)  # the metadata changes the header only, not the data section
     atomic_write(out, lambda f: f.write(payload))
+
+
+def _data_section(raw: bytes) -> bytes:
+    return raw[8 + int.from_bytes(raw[:8], "little") :]
 
 
 def load_safetensors(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -388,6 +410,9 @@ def load_safetensors(path: str | Path, map_location: str | torch.device = "cpu")
         raise SkipnetError(f"{path} is not a readable safetensors file ({type(exc).__name__})") from None
     if meta.get("format") != "skipnet" or "arch" not in meta:
         raise SkipnetError(f"{path} is a safetensors file without skipnet metadata; write it with 'skipnet export'")
+    digest = meta.get("data_sha256")  # exports written before it had none
+    if digest is not None and hashlib.sha256(_data_section(raw)).hexdigest() != digest:
+        raise SkipnetError(f"{path} is damaged: its tensor data fails the checksum in its metadata")
     version = meta.get("format_version", "0")
     version = int(version) if version.isdigit() and len(version) < 6 else FORMAT_VERSION + 1
     if version > FORMAT_VERSION:
@@ -424,6 +449,10 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str | Path = "the checkp
     Tensors that are missing, extra or of another shape than the architecture's are a one-line error."""
     check_contents(ckpt, source)
     model = GatedResNet(ArchConfig.from_dict(ckpt["arch"]))
+    own, sd = model.state_dict(), ckpt["state_dict"]
+    kinds = [k for k, v in sd.items() if k in own and v.is_floating_point() != own[k].is_floating_point()]
+    if kinds:  # load_state_dict would cast e.g. an int64 or bool tensor into float weights
+        raise SkipnetError(f"{source} stores {kinds[0]} as {sd[kinds[0]].dtype}, not {own[kinds[0]].dtype}")
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:

@@ -1,0 +1,299 @@
+"""Loading hostile checkpoints: bounds on every architecture field (no memory exhaustion from a small file or a
+name), malformed contents as one line in every command, and a fuzz test of .pt and .safetensors loading."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from skipnet import SkipnetError
+from skipnet.checkpoint import export_safetensors, load_checkpoint, load_model, make_checkpoint
+from skipnet.cli import main
+from skipnet.config import LIMITS, ArchConfig
+from skipnet.registry import create_model, get_config
+
+ARCH = "tiny_rnn_gate_14"
+
+
+@pytest.fixture(scope="module")
+def valid(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("load")
+    pt, st = root / "ok.pt", root / "ok.safetensors"
+    torch.manual_seed(0)
+    data = {"mean": [0.5] * 3, "std": [0.25] * 3, "val_split": 0.2}
+    ckpt = make_checkpoint(create_model(ARCH, num_classes=10), step=3, data=data)
+    torch.save(ckpt, pt)
+    export_safetensors(ckpt, st)
+    return {"root": root, "pt": pt, "st": st, "ckpt": ckpt}
+
+
+def one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"skipnet {command}: error: "), err
+    return err[0]
+
+
+# ------------------------------------------------------------------------------------------ bounds (defect 7)
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("depth", 1_200_002, "depth must be in [1, 2000]"),
+        ("width", 100_000, "width must be in [1, 1024]"),
+        ("num_classes", 10**9, "num_classes must be in [1, 100000]"),
+        ("image_size", 10**6, "image_size must be in [1, 4096]"),
+        ("rnn_hidden", 10**7, "rnn_hidden must be in [1, 1024]"),
+        ("in_channels", 10**4, "in_channels must be in [1, 64]"),
+        ("depth", "14", "depth must be an integer"),
+        ("width", 8.0, "width must be an integer"),
+        ("gate", 3, "gate must be a string"),
+    ],
+)
+def test_every_architecture_field_is_bounded_before_building(field, value, needle) -> None:
+    arch = get_config(ARCH).to_dict() | {field: value}
+    with pytest.raises(SkipnetError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        ArchConfig.from_dict(arch)
+
+
+def test_weight_count_is_bounded_as_well() -> None:
+    arch = get_config(ARCH).to_dict() | {"depth": 1202, "width": 512}  # each field in range, 1.3e10 weights
+    with pytest.raises(SkipnetError, match="more than the 3e\\+08 skipnet builds"):
+        ArchConfig.from_dict(arch)
+    assert set(LIMITS) == {"depth", "num_classes", "image_size", "width", "rnn_embed", "rnn_hidden", "in_channels"}
+
+
+def test_huge_depth_in_a_name_is_one_line(tmp_path, capsys) -> None:
+    argv = ["train", "cifar10_rnn_gate_600000002", "--stage", "sp", "--data", "digits", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "depth must be in [1, 2000], got 600000002" in one_line_error(capsys, "train")
+    assert main([*argv[:1], "cifar10_rnn_gate_" + "9" * 5000, *argv[2:]]) == 2
+    assert "unknown architecture" in one_line_error(capsys, "train")
+
+
+def test_huge_depth_in_safetensors_metadata_is_one_line(valid, tmp_path, capsys) -> None:
+    bad = tmp_path / "deep.safetensors"
+    export_safetensors(valid["ckpt"] | {"arch": valid["ckpt"]["arch"] | {"depth": 1_200_002}}, bad)
+    assert bad.stat().st_size < 300_000
+    assert main(["eval", str(bad), "--data", "digits"]) == 2
+    assert "depth must be in [1, 2000], got 1200002" in one_line_error(capsys, "eval")
+
+
+# ------------------------------------------------------------------------------------------ malformed (defect 8)
+def _mutations(ckpt: dict) -> dict[str, dict]:
+    sd = ckpt["state_dict"]
+    first = next(iter(sd))
+    return {
+        "missing tensor": ckpt | {"state_dict": {k: v for k, v in sd.items() if k != first}},
+        "extra tensor": ckpt | {"state_dict": sd | {"extra.weight": torch.zeros(3)}},
+        "wrong shape": ckpt | {"state_dict": sd | {first: torch.zeros(2, 2)}},
+        "bogus mode": ckpt | {"mode": "bogus"},
+        "no arch": {k: v for k, v in ckpt.items() if k != "arch"},
+        "nan threshold": ckpt | {"threshold": math.nan},
+    }
+
+
+NEEDLES = {
+    "missing tensor": "does not hold the weights of its architecture",
+    "extra tensor": "does not hold the weights of its architecture",
+    "wrong shape": "does not hold the weights of its architecture",
+    "bogus mode": "gate mode 'bogus'",
+    "no arch": "has no architecture record",
+    "nan threshold": "threshold nan; it must be a number in [0, 1]",
+}
+
+
+@pytest.mark.parametrize("case", list(NEEDLES))
+def test_malformed_checkpoint_is_one_line_in_eval_calibrate_analyze(valid, tmp_path, capsys, case) -> None:
+    path = tmp_path / "bad.pt"
+    torch.save(_mutations(valid["ckpt"])[case], path)
+    for argv in (
+        ["eval", str(path), "--data", "digits"],
+        ["calibrate", str(path), "--data", "digits", "--target-reduction", "10", "--out", str(tmp_path / "c.pt")],
+        ["analyze", str(path), "--data", "digits", "--out", str(tmp_path / "an")],
+    ):
+        assert main(argv) == 2, argv
+        assert NEEDLES[case] in one_line_error(capsys, argv[0])
+    assert not (tmp_path / "c.pt").exists() and not (tmp_path / "an").exists()
+
+
+def test_nan_threshold_in_safetensors_metadata_is_refused(valid, tmp_path) -> None:
+    raw = valid["st"].read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"]["threshold"] = "nan"
+    blob = json.dumps(header).encode()
+    bad = tmp_path / "nan.safetensors"
+    bad.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n :])
+    with pytest.raises(SkipnetError, match="threshold nan"):
+        load_checkpoint(bad)
+
+
+def test_malformed_resume_checkpoint_is_one_line(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    base = ["train", ARCH, "--stage", "sp", "--data", "digits", "--batch-size", "16", "--threads", "1"]
+    argv = [*base, "--limit-train", "64", "--limit-test", "32", "--iters", "2", "--out", str(out)]
+    assert main(argv) == 0
+    good = load_checkpoint(out / "last.pt")
+    for bad, needle in (
+        (good | {"optimizer": {"state": {}, "param_groups": []}}, "cannot be resumed by this run"),
+        (good | {"train_config": {"lr": 0.1}}, "has no usable run configuration"),
+        (_mutations(good)["wrong shape"], "cannot be resumed by this run"),
+    ):
+        torch.save(bad, out / "last.pt")
+        capsys.readouterr()
+        assert main([*argv, "--resume"]) == 2
+        assert needle in one_line_error(capsys, "train")
+
+
+def test_checkpoint_on_data_with_another_channel_count(valid, tmp_path, capsys) -> None:
+    """A 3-channel checkpoint on the 1-channel digits (the same check refuses 1 channel on 3)."""
+    for argv in (
+        ["eval", str(valid["pt"]), "--data", "digits"],
+        ["calibrate", str(valid["pt"]), "--data", "digits", "--target-reduction", "10", "--out", str(tmp_path / "c")],
+        ["analyze", str(valid["pt"]), "--data", "digits", "--out", str(tmp_path / "an")],
+    ):
+        assert main(argv) == 2
+        assert "takes 3-channel images but digits has 1-channel ones" in one_line_error(capsys, argv[0])
+
+
+def test_calibrate_out_mistakes(valid, tmp_path, capsys) -> None:
+    existing = tmp_path / "last.pt"
+    existing.write_bytes(b"resume state")
+    common = ["calibrate", str(valid["pt"]), "--data", "digits", "--target-reduction", "10"]
+    assert main([*common, "--out", str(existing)]) == 2
+    assert "exists; pass --force" in one_line_error(capsys, "calibrate")
+    assert existing.read_bytes() == b"resume state"
+    assert main([*common, "--out", str(tmp_path)]) == 2
+    assert "is a directory" in one_line_error(capsys, "calibrate")
+
+
+# ------------------------------------------------------------------------------------------ fuzz
+WEIRD = [0, -1, 2**31, 10**12, 1.5, math.nan, math.inf, "x", "", None, [], {}, True, "14" * 40]
+
+
+def _mutate_pt(ckpt: dict, rng: random.Random) -> dict | bytes:
+    c = dict(ckpt)
+    sd = dict(c["state_dict"])
+    key = rng.choice(sorted(sd))
+    kind = rng.randrange(9)
+    if kind == 0:
+        del sd[key]
+    elif kind == 1:
+        sd[key + rng.choice(["", ".x"]) + "_renamed"] = sd.pop(key)
+    elif kind == 2:
+        sd[key] = torch.zeros([rng.randrange(1, 5) for _ in range(rng.randrange(0, 4))])
+    elif kind == 3:
+        sd[key] = rng.choice(WEIRD)
+    elif kind == 4:
+        c["arch"] = dict(c["arch"]) | {rng.choice(sorted(c["arch"])): rng.choice(WEIRD)}
+    elif kind == 5:
+        c[rng.choice(["threshold", "keep_ratio", "mode", "step", "format_version"])] = rng.choice(WEIRD)
+    elif kind == 6:
+        del c[rng.choice(["arch", "state_dict", "kind"])]
+    elif kind == 7:
+        sd[key] = sd[key].to(rng.choice([torch.float16, torch.int64, torch.bool]))
+    else:
+        c["arch"] = rng.choice(WEIRD)
+    c["state_dict"] = sd
+    return c
+
+
+def _mutate_bytes(raw: bytes, rng: random.Random) -> bytes:
+    if rng.random() < 0.5:
+        return raw[: rng.randrange(len(raw))]
+    b = bytearray(raw)
+    for _ in range(rng.randrange(1, 16)):
+        b[rng.randrange(len(b))] = rng.randrange(256)
+    return bytes(b)
+
+
+def _mutate_st(valid: dict, rng: random.Random, path: Path) -> None:
+    ckpt = valid["ckpt"]
+    kind = rng.randrange(4)
+    if kind == 0:  # metadata values
+        raw = valid["st"].read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + n])
+        meta = header["__metadata__"]
+        field = rng.choice(sorted(meta) + ["arch_field"])
+        if field == "arch_field":
+            arch = json.loads(meta["arch"])
+            arch[rng.choice(sorted(arch))] = rng.choice(WEIRD)
+            meta["arch"] = json.dumps(arch)
+        else:
+            meta[field] = rng.choice(["nan", "-1", "1e400", "abc", "{}", "[1]", "", json.dumps(rng.choice(WEIRD))])
+        blob = json.dumps(header).encode()
+        path.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n :])
+    elif kind == 1:  # tensor names and shapes
+        mutated = _mutate_pt(ckpt, rng)
+        sd = mutated["state_dict"] if isinstance(mutated, dict) and isinstance(mutated.get("state_dict"), dict) else {}
+        sd = {k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        raw = valid["st"].read_bytes()
+        meta = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+        save_file(sd, path, metadata=meta)
+    else:  # truncation, flipped bytes
+        path.write_bytes(_mutate_bytes(valid["st"].read_bytes(), rng))
+
+
+def _load_all(paths: list[Path], original: dict, report: int) -> None:
+    """In the forked child: load every file with bounded memory; one JSON line per file into ``report``."""
+    status = Path("/proc/self/status").read_text()
+    vm = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmSize:"))) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))  # 1 GiB more, at most
+    for p in paths:
+        try:
+            model, _ = load_model(p)  # loaded: the weights must be the valid file's (or their float16 rounding)
+            same = all(
+                torch.equal(v, original[k]) or torch.equal(v, original[k].half().to(v.dtype))
+                for k, v in model.state_dict().items()
+            )
+            result = {"ok": same, "error": None if same else "loaded other weights"}
+        except SkipnetError as exc:
+            result = {"ok": True, "error": str(exc)}
+        except BaseException as exc:  # noqa: BLE001 - what the test looks for
+            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        os.write(report, (json.dumps({"path": p.name} | result) + "\n").encode())
+
+
+def test_fuzzed_checkpoints_give_one_line_or_a_working_model(valid, tmp_path) -> None:
+    rng = random.Random(16)
+    paths = []
+    raw_pt = valid["pt"].read_bytes()
+    for i in range(60):
+        p = tmp_path / f"f{i}.pt"
+        if i % 3 == 2:
+            p.write_bytes(_mutate_bytes(raw_pt, rng))
+        else:
+            torch.save(_mutate_pt(valid["ckpt"], rng), p)
+        paths.append(p)
+    for i in range(60):
+        p = tmp_path / f"f{i}.safetensors"
+        _mutate_st(valid, rng, p)
+        paths.append(p)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            signal.alarm(120)  # a hang ends the child (and fails the test)
+            _load_all(paths, valid["ckpt"]["state_dict"], w)
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        lines = [json.loads(ln) for ln in f]
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"the loader died: status {status}"
+    assert len(lines) == len(paths)
+    bad = [ln for ln in lines if not ln["ok"] or (ln["error"] and "\n" in ln["error"])]
+    assert not bad, bad[:5]
+    refused = sum(1 for ln in lines if ln["error"])
+    assert 60 < refused < len(paths)  # most mutations are refused; some (a new name, a step count) load fine
