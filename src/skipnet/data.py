@@ -304,6 +304,14 @@ def _digits() -> dict[str, tuple[Tensor, Tensor, list[str]]]:
     return {"train": (x[perm[k:]], y[perm[k:]], classes), "test": (x[perm[:k]], y[perm[:k]], classes)}
 
 
+def _check_rest(tar: tarfile.TarFile) -> None:
+    """After extraction, read the archive to its end: a damaged header makes tarfile stop early without a word (its
+    members after it would be lost), and gzip checks its CRC only at the end of the stream."""
+    while chunk := tar.fileobj.read(1 << 20):
+        if chunk.count(0) != len(chunk):  # past the last member there is only zero padding
+            raise tarfile.ReadError(f"members after {tar.members[-1].name if tar.members else 'the start'} are damaged")
+
+
 def resolve_folder(path: Path) -> Path:
     """An ImageFolder root for ``path``: a directory with ``train/`` and ``test/`` or ``val/``, or a
     ``.tar.gz`` archive holding one (extracted once into the cache directory)."""
@@ -317,6 +325,7 @@ def resolve_folder(path: Path) -> Path:
             try:
                 with tarfile.open(path) as tar:
                     tar.extractall(dest, filter="data")
+                    _check_rest(tar)
             except (tarfile.TarError, EOFError, OSError) as exc:
                 shutil.rmtree(dest, ignore_errors=True)
                 raise SkipnetError(
@@ -391,13 +400,31 @@ def _tv_decoder():
     return lambda buf: decode_image(buf, mode=ImageReadMode.RGB)
 
 
+def _bomb(data: bytes) -> bool:
+    """Whether an encoded image declares more pixels than PIL's decompression-bomb limit (a few hundred bytes can
+    declare gigabytes; torchvision's decoder has no limit): read from its header, nothing decoded."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.width * im.height > (Image.MAX_IMAGE_PIXELS or float("inf"))
+    except Image.DecompressionBombError:
+        return True
+    except Exception:  # noqa: BLE001 - not for PIL to judge: the decoders below report unreadable files
+        return False
+
+
 def _decode_file(path: Path, decode=None) -> Tensor | None:
     """One image as uint8 RGB (3, H, W), whatever its mode (L, P, RGBA, CMYK, 16-bit); ``None`` if unreadable."""
     try:
         data = path.read_bytes()
     except OSError:
         return None
-    if not data:
+    if not data or _bomb(data):
         return None
     try:
         if decode is None:
@@ -443,7 +470,7 @@ def _image_size(files: list[Path]) -> tuple[int, int]:
         try:
             with Image.open(f) as im:
                 return im.size
-        except (OSError, ValueError, SyntaxError):
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             continue
     raise SkipnetError(
         f"none of the {len(files)} images under {files[0].parent.parent} could be decoded (e.g. {files[0]}); "
@@ -530,13 +557,15 @@ class SafeFolder(torch.utils.data.Dataset):
         return len(self.folder)
 
     def __getitem__(self, index: int):
+        from PIL import Image
+
         n = len(self.folder)
         path = ""
         for k in range(min(n, self.MAX_TRIES)):
             i = (index + k) % n
             try:
                 return self.folder[i]
-            except (OSError, ValueError, SyntaxError) as exc:
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 path = self.folder.samples[i][0]
                 if path not in self.bad:
                     self.bad.add(path)

@@ -1,0 +1,91 @@
+"""Hostile data: a damaged .tar.gz is refused (not extracted in part and cached), and a decompression-bomb image
+(a tiny file declaring hundreds of megapixels) is skipped in both image paths without being decoded."""
+
+from __future__ import annotations
+
+import struct
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from skipnet import SkipnetError
+from skipnet.data import SafeFolder, _image_folder, load_data
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIPNET_CACHE", str(tmp_path / "cache"))
+
+
+def make_folder(root: Path, n: int = 4, size: int = 16) -> Path:
+    rng = np.random.RandomState(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.randint(0, 256, (size, size, 3)).astype(np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def bomb_png(path: Path, side: int = 14_000) -> Path:
+    """A PNG whose header declares side x side pixels (196 Mpx by default) and whose data is a few bytes."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
+    return path
+
+
+def test_damaged_tar_gz_is_refused_and_not_cached(tmp_path) -> None:
+    root = make_folder(tmp_path / "imgs", n=30)
+    archive = tmp_path / "imgs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="imgs")
+    raw = bytearray(archive.read_bytes())
+    for i in range(len(raw) - 60, len(raw) - 28):  # 32 bytes near the end, as the tester did
+        raw[i] ^= 0xFF
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(SkipnetError, match=r"cannot extract .*imgs\.tar\.gz .*download or copy it again") as exc:
+        load_data(str(archive), batch_size=4, val_split=0.0)
+    assert "\n" not in str(exc.value)
+    extracted = tmp_path / "cache" / "extracted"
+    assert not extracted.exists() or not any(extracted.iterdir())  # nothing half-extracted is kept (or cached)
+
+
+def test_intact_tar_gz_still_loads(tmp_path) -> None:
+    root = make_folder(tmp_path / "imgs")
+    archive = tmp_path / "imgs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="imgs")
+    bundle = load_data(str(archive), batch_size=4, val_split=0.0)
+    assert bundle.info["train_images"] == 8 and bundle.info["test_images"] == 8
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["bomb-first", "bomb-later"])
+def test_bomb_image_is_skipped_in_the_small_image_path(tmp_path, caplog, first) -> None:
+    root = make_folder(tmp_path / "imgs")
+    bomb = bomb_png(root / "train" / "a" / ("0.png" if first else "9.png"))
+    assert bomb.stat().st_size < 1000
+    caplog.set_level("WARNING")
+    bundle = load_data(str(root), batch_size=4, val_split=0.0)
+    files = 8 if first else 9
+    assert bundle.info["train_images"] == files - 1
+    said = [r.getMessage() for r in caplog.records]
+    assert any(f"skipped 1 of {files} images" in m and bomb.name in m for m in said), said
+
+
+def test_bomb_image_is_skipped_in_the_large_image_path(tmp_path) -> None:
+    root = make_folder(tmp_path / "imgs", size=80)  # larger than the cached small-image path takes
+    bomb_png(root / "train" / "a" / "1.png")
+    folder = _image_folder(root / "train", None, ["a", "b"])
+    assert isinstance(folder, SafeFolder)
+    index = [p for p, _ in folder.folder.samples].index(str(root / "train" / "a" / "1.png"))
+    image, label = folder[index]  # the next image of the folder instead, with a warning
+    assert image.size == (80, 80) and label == 0 and str(root / "train" / "a" / "1.png") in folder.bad
