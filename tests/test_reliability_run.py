@@ -241,3 +241,63 @@ def test_cpu_with_an_index_is_refused(tmp_path, capsys, device) -> None:
     assert main(run_args(tmp_path / "r", "--iters", "1", "--device", device)) == 2
     assert "--device" in one_line_error(capsys)
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------------------ the CLI's edges (defect 8)
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--epochs", "inf"], "--epochs must be finite, got inf"),
+        (["--lr", "inf"], "--lr must be finite, got inf"),
+        (["--seed", str(10**20)], "--seed must be in [0, 2**32)"),
+    ],
+)
+def test_infinite_and_huge_options_are_one_line(tmp_path, capsys, extra, needle) -> None:
+    assert main(run_args(tmp_path / "r", *extra)) == 2
+    assert needle in one_line_error(capsys)
+    assert not (tmp_path / "r").exists()
+
+
+def test_hrl_with_a_huge_alpha_is_one_line(tmp_path, capsys) -> None:
+    assert main(run_args(tmp_path / "r", "--iters", "4", "--alpha", "1e30", "--lr", "0.1")) == 2
+    line = one_line_error(capsys)
+    assert "non-finite" in line and "Lower --lr (or --alpha" in line, line
+
+
+def test_ctrl_c_during_start_up_is_one_line(monkeypatch, capsys) -> None:
+    import skipnet.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["models"]) == 130
+    assert capsys.readouterr().err == "skipnet: interrupted\n"
+
+
+def test_importing_the_cli_does_not_import_torch() -> None:
+    """So that a Ctrl-C while torch loads reaches main(), which turns it into one line."""
+    import subprocess
+    import sys
+
+    code = "import sys, skipnet.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_output_into_a_closed_pipe_is_quiet(tmp_path, monkeypatch) -> None:
+    import io
+    import sys
+
+    class ClosedPipe(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            return sink.fileno()
+
+    sink = open(tmp_path / "sink", "w")  # noqa: SIM115 - stands for the pipe's file descriptor
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    try:
+        assert main(["models"]) == 128 + signal.SIGPIPE
+    finally:
+        sink.close()

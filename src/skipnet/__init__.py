@@ -7,12 +7,39 @@ Public entry points::
     out = model(images, mode="greedy")      # SkipOutput(logits, trace)
 """
 
-from skipnet.config import ArchConfig
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from skipnet.errors import SkipnetError
-from skipnet.gated import GatedResNet, GateMode, GateTrace, SkipOutput
-from skipnet.registry import create_model, get_config, list_models
+
+if TYPE_CHECKING:
+    from skipnet.config import ArchConfig
+    from skipnet.gated import GatedResNet, GateMode, GateTrace, SkipOutput
+    from skipnet.registry import create_model, get_config, list_models
 
 __version__ = "0.1.0"
+
+# Imported on first use, so that ``skipnet --help`` and a Ctrl-C during start-up do not wait for torch inside
+# ``import skipnet`` (where the CLI could not turn them into one line).
+_LAZY = {
+    "ArchConfig": "skipnet.config",
+    "GatedResNet": "skipnet.gated",
+    "GateMode": "skipnet.gated",
+    "GateTrace": "skipnet.gated",
+    "SkipOutput": "skipnet.gated",
+    "create_model": "skipnet.registry",
+    "get_config": "skipnet.registry",
+    "list_models": "skipnet.registry",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'skipnet' has no attribute {name!r}")
+
 
 __all__ = [
     "ArchConfig",

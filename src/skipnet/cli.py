@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import pkgutil
+import signal
 import sys
 
 from skipnet.errors import Interrupted, SkipnetError
@@ -50,13 +52,20 @@ def one_line(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports torch: a Ctrl-C here is the same one line as later
+    except KeyboardInterrupt:
+        print("skipnet: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # e.g. `skipnet eval ... --json | head -c 10`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 128 + signal.SIGPIPE
     except Interrupted as exc:  # a clean stop on a signal, with a checkpoint to resume from
         print(f"skipnet {args.command}: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
