@@ -21,7 +21,10 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch.fx._symbolic_trace import is_fx_tracing
+from torch.fx import _symbolic_trace
+
+# torch >= 2.6 tells FX symbolic tracing apart from export (``is_fx_tracing`` is true for both, with a warning).
+_fx_symbolic = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
 
 JIT_TRACE = "torch.jit.trace"
 EXPORT = "torch.export"
@@ -49,7 +52,7 @@ def tool(x: Any = None) -> str | None:
         return EXPORT
     if torch.compiler.is_compiling():
         return COMPILE
-    if isinstance(x, torch.fx.Proxy) or is_fx_tracing():
+    if isinstance(x, torch.fx.Proxy) or _fx_symbolic():
         return FX
     return None
 
