@@ -297,3 +297,19 @@ def test_fuzzed_checkpoints_give_one_line_or_a_working_model(valid, tmp_path) ->
     assert not bad, bad[:5]
     refused = sum(1 for ln in lines if ln["error"])
     assert 60 < refused < len(paths)  # most mutations are refused; some (a new name, a step count) load fine
+
+
+def test_calibrate_to_safetensors_writes_an_export_that_eval_reads(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    base = ["train", ARCH, "--stage", "sp", "--data", "digits", "--batch-size", "16", "--threads", "1"]
+    assert main([*base, "--limit-train", "64", "--limit-test", "32", "--iters", "2", "--out", str(run)]) == 0
+    out = tmp_path / "cal.safetensors"
+    cal = ["calibrate", str(run / "best.pt"), "--data", "digits", "--target-reduction", "5", "--margin", "0"]
+    assert main([*cal, "--limit", "32", "--out", str(out)]) == 0
+    ckpt = load_checkpoint(out)
+    assert ckpt["source_format"] == "safetensors" and ckpt["calibration"]["threshold"] == ckpt["threshold"]
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", "digits", "--limit", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["threshold"] == ckpt["threshold"]
+    assert main([*cal, "--limit", "32", "--out", str(out)]) == 2  # now it exists
+    assert "exists; pass --force" in one_line_error(capsys, "calibrate")
