@@ -113,6 +113,23 @@ def test_lock_is_released_when_the_run_fails(tmp_path) -> None:
     assert not out.exists()  # the refused run left no empty run directory behind
 
 
+def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch, caplog) -> None:
+    import errno
+
+    import skipnet.rundir as rundir
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(rundir.fcntl, "lockf", no_locks)
+    caplog.set_level("WARNING")
+    with run_lock(tmp_path / "run"):
+        pass
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cannot lock {tmp_path / 'run'} (No locks available); make sure that no other run writes there"
+    ]
+
+
 def test_out_under_a_file_is_one_line(tmp_path, capsys) -> None:
     (tmp_path / "afile").write_text("x")
     assert main(run_args(tmp_path / "afile" / "sub", "--iters", "1")) == 2

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ from typing import Any
 
 from skipnet.checkpoint import atomic_write, fault_point
 from skipnet.errors import SkipnetError
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 _held: dict[Path, int] = {}  # lock path -> nesting depth, for this process
@@ -55,8 +58,10 @@ def run_lock(directory: str | Path) -> Iterator[None]:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):  # e.g. ENOLCK: a file system without locks
+                log.warning("cannot lock %s (%s); make sure that no other run writes there", directory, exc.strerror)
+                yield
+                return
             holder = os.pread(fd, 200, 0).decode(errors="replace").split()
             who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
             raise SkipnetError(
