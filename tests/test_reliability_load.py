@@ -111,17 +111,19 @@ NEEDLES = {
 
 
 @pytest.mark.parametrize("case", list(NEEDLES))
-def test_malformed_checkpoint_is_one_line_in_eval_calibrate_analyze(valid, tmp_path, capsys, case) -> None:
+def test_malformed_checkpoint_is_one_line_in_every_command(valid, tmp_path, capsys, case) -> None:
     path = tmp_path / "bad.pt"
     torch.save(_mutations(valid["ckpt"])[case], path)
     for argv in (
         ["eval", str(path), "--data", "digits"],
         ["calibrate", str(path), "--data", "digits", "--target-reduction", "10", "--out", str(tmp_path / "c.pt")],
         ["analyze", str(path), "--data", "digits", "--out", str(tmp_path / "an")],
+        ["bench", str(path)],
+        ["export", str(path), str(tmp_path / "x.safetensors")],
     ):
         assert main(argv) == 2, argv
         assert NEEDLES[case] in one_line_error(capsys, argv[0])
-    assert not (tmp_path / "c.pt").exists() and not (tmp_path / "an").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "bad.pt"]  # nothing written
 
 
 def test_nan_threshold_in_safetensors_metadata_is_refused(valid, tmp_path) -> None:
