@@ -301,9 +301,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read a skipnet checkpoint safely (``weights_only=True``) with clear errors for user mistakes.
 
     Also reads a ``.safetensors`` export (:func:`export_safetensors`); it comes back as a checkpoint without
-    optimizer state.
+    optimizer state. ``pretrained:NAME`` is the file shipped for NAME (:mod:`skipnet.pretrained`).
     """
-    path = Path(path)
+    from skipnet.pretrained import resolve_checkpoint
+
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise SkipnetError(f"checkpoint {str(path)!r} does not exist")
     if _is_safetensors(path):

@@ -96,7 +96,18 @@ def check_image_size(config: ArchConfig, size: int | None, option: str = "--imag
         )
 
 
-def create_model(name: str | ArchConfig, **overrides: Any) -> GatedResNet:
-    """Build a :class:`GatedResNet` from a registered name (or a config) and optional overrides."""
+def create_model(name: str | ArchConfig, pretrained: bool = False, **overrides: Any) -> GatedResNet:
+    """Build a :class:`GatedResNet` from a registered name (or a config) and optional overrides.
+
+    ``pretrained=True`` loads the weights shipped with skipnet (:mod:`skipnet.pretrained`; ``name`` is a shipped
+    model or its architecture) and returns the model in eval mode at its stored threshold; no overrides then."""
+    if pretrained:
+        from skipnet.pretrained import load_pretrained
+
+        changed = sorted(k for k, v in overrides.items() if v is not None)
+        if isinstance(name, ArchConfig) or changed:
+            what = f"overrides ({', '.join(changed)})" if changed else "an ArchConfig"
+            raise SkipnetError(f"pretrained=True takes a registered or shipped name without {what}")
+        return load_pretrained(name)[0]
     config = name.replace(**overrides) if isinstance(name, ArchConfig) else get_config(name, **overrides)
     return GatedResNet(config)
