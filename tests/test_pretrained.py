@@ -206,3 +206,25 @@ def test_the_package_ships_its_zoo(monkeypatch) -> None:
         assert pretrained_path(name).is_file()
     data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["skipnet"]
     assert {"pretrained/*.safetensors", "pretrained/index.json", "pretrained/RESULTS.md"} <= set(data)
+
+
+def test_every_checkpoint_command_takes_pretrained(zoo, capsys, tmp_path) -> None:
+    """bench, export and train --init read pretrained:NAME like a file (they all load through load_checkpoint)."""
+    from skipnet.checkpoint import load_model
+
+    bench = ["bench", f"pretrained:{NAME}", "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    rc, out, err = run_cli(capsys, [*bench, "--json"])
+    assert rc == 0, err
+    assert json.loads(out)["source"] == "checkpoint" and json.loads(out)["arch"] == "tiny_rnn_gate_14"
+    out_file = tmp_path / "copy.safetensors"
+    rc, _, err = run_cli(capsys, ["export", f"pretrained:{NAME}", str(out_file)])
+    assert rc == 0, err
+    x = torch.randn(3, 3, 32, 32)
+    want = create_model(NAME, pretrained=True)(x, "greedy").logits
+    torch.testing.assert_close(load_model(out_file)[0](x, "greedy").logits, want, rtol=0, atol=0)
+    train = ["train", "tiny_rnn_gate_14", "--stage", "hrl", "--init", f"pretrained:{NAME}", "--data", zoo["data"]]
+    rc, _, err = run_cli(
+        capsys, [*train, "--iters", "1", "--batch-size", "4", "--threads", "1", "--out", str(tmp_path / "r")]
+    )
+    assert rc == 0, err
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["train_config"]["init"] == f"pretrained:{NAME}"

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     for t in args.thresholds:
         check_value("thresholds", t, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
     for extra in [args.base, *args.compare]:
-        if extra is not None and not Path(extra).is_file():
+        if extra is not None and not extra.startswith("pretrained:") and not Path(extra).is_file():
             raise SkipnetError(f"checkpoint {extra!r} does not exist")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
