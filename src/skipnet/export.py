@@ -105,11 +105,49 @@ class _Normalize(nn.Module):
         return (x - self.mean) / self.std if self.enabled else x
 
 
-class _Gates(nn.Module):
-    """The gate bank as plain tensor ops: ``init(x)`` then ``logit(i, x_i, state) -> (z (B,), state)``.
+def logit_threshold(threshold: float) -> float:
+    """The smallest float32 logit ``z`` with ``sigmoid(z) >= threshold`` in float32 (as PyTorch computes it).
 
-    The recurrent gate runs its module path (mean, projection, LSTM cell, output layer) written out, never the
-    folded fast path or the compiled kernel; the feed-forward gates call their modules.
+    Sigmoid is non-decreasing in float32, so ``z >= logit_threshold(t)`` takes exactly the decisions of
+    ``sigmoid(z) >= t``; the graphs compare logits and need no sigmoid per gate. Found by bisection over the
+    ordered float32 bit patterns.
+    """
+    t = torch.tensor(float(threshold), dtype=torch.float32)
+
+    def ok(bits: int) -> bool:
+        z = torch.tensor([bits], dtype=torch.int32).view(torch.float32)
+        return bool(torch.sigmoid(z)[0] >= t)
+
+    def to_bits(v: float) -> int:  # float32 -> an int whose order is the float order
+        b = int(torch.tensor([v], dtype=torch.float32).view(torch.int32)[0])
+        return b if b >= 0 else -(b & 0x7FFFFFFF)
+
+    def from_bits(k: int) -> int:
+        return k if k >= 0 else -k | -0x80000000
+
+    lo, hi = to_bits(float("-inf")), to_bits(float("inf"))
+    if ok(from_bits(lo)):
+        return float("-inf")
+    if not ok(from_bits(hi)):
+        return float("inf")  # nothing reaches the threshold (t > 1): never execute
+    while hi - lo > 1:  # invariant: not ok(lo), ok(hi)
+        mid = (lo + hi) // 2
+        if ok(from_bits(mid)):
+            hi = mid
+        else:
+            lo = mid
+    return float(torch.tensor([from_bits(hi)], dtype=torch.int32).view(torch.float32)[0])
+
+
+class _Gates(nn.Module):
+    """The gate bank as plain tensor ops: ``init(x)`` then ``logit(i, x_i, state) -> (z (B, 1), state)``.
+
+    The recurrent gate runs the function of its module path (mean, projection, LSTM cell, output layer) with
+    tensor ops only -- never the compiled kernel -- in the fewest graph operators (at batch 1 a CPU runtime's
+    cost per operator, not the gate's few multiply-adds, is what a gate costs): the projection folded into the
+    LSTM's input weights and the recurrent weights stacked beside them (one matrix product per step on
+    ``[mean(x), h]``), the gate rows ordered (input, forget, output, cell) so one sigmoid covers three of them.
+    Same function up to float rounding (~1e-7). The feed-forward gates run their modules' layers.
     """
 
     def __init__(self, bank: nn.Module) -> None:
@@ -118,11 +156,25 @@ class _Gates(nn.Module):
             raise SkipnetError(f"cannot export gates of type {type(bank).__name__}")
         self.bank = bank
         self.recurrent = isinstance(bank, RNNGate)
+        if self.recurrent:
+            with torch.no_grad():
+                lstm, hd = bank.lstm, bank.hidden
+                # torch's row order is (i, f, g, o): reorder to (i, f, o, g)
+                order = torch.cat([torch.arange(0, 2 * hd), torch.arange(3 * hd, 4 * hd), torch.arange(2 * hd, 3 * hd)])
+                w_ih, w_hh = lstm.weight_ih[order], lstm.weight_hh[order]
+                bias = (lstm.bias_ih + lstm.bias_hh)[order]
+                for i, proj in enumerate(bank.proj):
+                    w = torch.cat([w_ih @ proj.weight, w_hh], 1)  # (4H, C + H) on [mean(x), h]
+                    self.register_buffer(f"w{i}", w.contiguous())
+                    self.register_buffer(f"b{i}", (w_ih @ proj.bias + bias).contiguous())
+                self.register_buffer("fc_w", bank.fc.weight.detach().clone())
+                self.register_buffer("fc_b", bank.fc.bias.detach().clone())
+            self.hidden = hd
 
     def init(self, x: Tensor) -> Any:
         if not self.recurrent:
             return None
-        h = x.new_zeros(x.shape[0], self.bank.hidden)
+        h = x.new_zeros(x.shape[0], self.hidden)
         return h, h
 
     def logit(self, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
@@ -135,15 +187,15 @@ class _Gates(nn.Module):
                 y = F.relu(g.bn2(g.conv2(y)))
             else:
                 y = F.relu(g.bn(g.conv(y)))
-            return F.linear(y.mean(dim=(2, 3)), g.fc.weight, g.fc.bias)[:, 0], None
+            return F.linear(y.mean(dim=(2, 3)), g.fc.weight, g.fc.bias), None
         h, c = state
-        proj, lstm, fc = bank.proj[i], bank.lstm, bank.fc
-        e = F.linear(x.mean(dim=(2, 3)), proj.weight, proj.bias)
-        gates = F.linear(e, lstm.weight_ih, lstm.bias_ih) + F.linear(h, lstm.weight_hh, lstm.bias_hh)
-        i_g, f_g, g_g, o_g = gates.chunk(4, 1)
-        c = torch.sigmoid(f_g) * c + torch.sigmoid(i_g) * torch.tanh(g_g)
-        h = torch.sigmoid(o_g) * torch.tanh(c)
-        return F.linear(h, fc.weight, fc.bias)[:, 0], (h, c)
+        hd = self.hidden
+        gates = F.linear(torch.cat([x.mean(dim=(2, 3)), h], 1), getattr(self, f"w{i}"), getattr(self, f"b{i}"))
+        sig = torch.sigmoid(gates[:, : 3 * hd])
+        i_g, f_g, o_g = sig.split(hd, 1)
+        c = f_g * c + i_g * torch.tanh(gates[:, 3 * hd :])
+        h = o_g * torch.tanh(c)
+        return F.linear(h, self.fc_w, self.fc_b), (h, c)
 
 
 def _bn(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
@@ -196,6 +248,7 @@ class ExportGraph(nn.Module):
         self.model = model
         self.norm = _Normalize(stats, model.config.in_channels)
         self.threshold = float(model.threshold if threshold is None else threshold)
+        self.z_threshold = logit_threshold(self.threshold)
         self.blocks = nn.ModuleList(model.gated_blocks)
         self.gates = _Gates(model.gates) if model.gates is not None else None
 
@@ -207,13 +260,14 @@ class ExportGraph(nn.Module):
         return b.fc(torch.flatten(b.avgpool(x), 1))
 
     def decide(self, i: int, x: Tensor, state: Any) -> tuple[Tensor, Tensor, Any]:
-        """Gate ``i``: ``(p (B,), decision (B,) bool, state)``; decision = ``p >= threshold`` in float32."""
+        """Gate ``i``: ``(logit (B, 1), decision (B, 1) bool, state)``; the decision is ``sigmoid(z) >= threshold``
+        in float32, taken as ``z >= logit_threshold(threshold)`` (the same decisions, one operator)."""
         z, state = self.gates.logit(i, x, state)
-        p = torch.sigmoid(z)
-        return p, p >= self.threshold, state
+        return z, z >= self.z_threshold, state
 
-    def finish(self, x: Tensor, probs: list[Tensor], decisions: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        return self.head(x), torch.stack(probs, 1), torch.stack(decisions, 1).to(torch.float32)
+    def finish(self, x: Tensor, logits: list[Tensor], decisions: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        probs = torch.sigmoid(torch.cat(logits, 1))
+        return self.head(x), probs, torch.cat(decisions, 1).to(torch.float32)
 
 
 class ConditionalGraph(ExportGraph):
@@ -234,7 +288,7 @@ class ConditionalGraph(ExportGraph):
             p, d, state = self.decide(i, x, state)
             probs.append(p)
             decisions.append(d)
-            x = torch.cond(d[0], self.run[i], self.skip[i], (x,))
+            x = torch.cond(d.reshape(()), self.run[i], self.skip[i], (x,))
         return self.finish(x, probs, decisions)
 
 
@@ -251,7 +305,7 @@ class RoutedGraph(ExportGraph):
             p, d, state = self.decide(i, x, state)
             probs.append(p)
             decisions.append(d)
-            idx = torch.nonzero(d).flatten()
+            idx = torch.nonzero(d.flatten()).flatten()
             xs = x.index_select(0, idx)
             if block.downsample is not None:
                 shortcut = block.downsample(x)

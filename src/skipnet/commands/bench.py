@@ -5,6 +5,11 @@ architecture name, decisions are forced to Bernoulli(``--keep``) per sample and 
 computed); its BatchNorm statistics are first calibrated on random batches so that activations are O(1). With a
 checkpoint, its learned greedy gates decide at its stored threshold, unless ``--keep`` forces decisions.
 
+``skipnet bench OUT.onnx`` (or ``--runtime onnxruntime`` with a checkpoint, exported on the fly) times an
+exported SkipNet against the exported plain ResNet of the same backbone (and the masked graph) in ONNX Runtime
+on the CPU, interleaved, with the same JSON keys plus ``runtime``, ``graph`` and ``images`` (see
+:mod:`skipnet.bench_onnx`); its decisions are its learned gates' on the images.
+
 JSON keys: ``arch``, ``source``, ``image_size``, ``batch_size``, ``keep`` (fraction of gated blocks actually
 executed), ``keep_requested``, ``threads``, ``latency_ms_plain`` / ``_masked`` / ``_routed`` (medians),
 ``latency_ms_min_*``, ``speedup`` (plain / routed), ``speedup_masked`` (plain / masked), ``macs_plain``,
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
@@ -35,7 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("subject", metavar="ARCH_OR_CKPT", help="a registered architecture or a checkpoint (.pt)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="images per forward pass (default: 64; 1 for a conditional graph)"
+    )
     p.add_argument(
         "--keep",
         type=float,
@@ -56,6 +64,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "so learned gates decide as they do in use; default: random N(0, 1) inputs",
     )
     p.add_argument("--data-dir", default=None, help="where torchvision data sets live (with --data)")
+    p.add_argument(
+        "--runtime",
+        choices=("torch", "onnxruntime"),
+        default=None,
+        help="torch (eager) or onnxruntime (an exported graph; a checkpoint is exported first) "
+        "(default: onnxruntime for a .onnx file, else torch)",
+    )
+    p.add_argument(
+        "--plain", default=None, help="onnxruntime: the exported plain ResNet to compare a routed graph with"
+    )
+    p.add_argument(
+        "--images", type=int, default=8, help="onnxruntime: distinct images (batches of --batch-size) per round"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -84,6 +105,12 @@ def real_images(path: str, model, spec: str, data_dir: str | None, batch: int) -
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.runtime == "onnxruntime" or (args.runtime is None and args.subject.endswith(".onnx")):
+        return run_onnx(args)
+    if args.batch_size is None:
+        args.batch_size = 64
+    if args.plain is not None:
+        raise SkipnetError("--plain applies to --runtime onnxruntime")
     if args.image_size is not None and args.image_size < 8:
         raise SkipnetError(f"--image-size must be >= 8, got {args.image_size}")
     for name, least in (("batch_size", 1), ("repeats", 1), ("warmup", 0), ("threads", 1)):
@@ -149,4 +176,110 @@ def run(args: argparse.Namespace) -> int:
         f"{res['macs_routed'] / 1e6:.1f}M per image, gates included); efficiency {res['efficiency']:.2f}"
     )
     print(f"max |routed - masked| logit difference {res['max_abs_diff']:.2e}; same decisions: {res['decisions_match']}")
+    return 0
+
+
+def run_onnx(args: argparse.Namespace) -> int:
+    """``skipnet bench OUT.onnx`` / ``--runtime onnxruntime``: see :mod:`skipnet.bench_onnx`."""
+    from pathlib import Path
+
+    from skipnet.bench_onnx import bench_onnx, load_onnx_subject
+    from skipnet.export import export_model, read_onnx_meta, require_onnx
+
+    require_onnx()
+    if args.batch_size is None:
+        args.batch_size = 1 if args.subject.endswith(".onnx") or args.runtime == "onnxruntime" else 64
+    for name, least in (("batch_size", 1), ("repeats", 1), ("warmup", 0), ("threads", 1), ("images", 1)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise SkipnetError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    if args.keep is not None:
+        raise SkipnetError("--keep forces decisions in eager PyTorch only; an exported graph's gates decide")
+    if args.device != "cpu":
+        raise SkipnetError("--runtime onnxruntime runs on the CPU; drop --device")
+    threads = args.threads or 1
+    torch.set_num_threads(threads)
+    torch.manual_seed(args.seed)
+    plain_bytes = None
+    if args.plain is not None:
+        proto, pmeta = read_onnx_meta(args.plain)
+        if pmeta.get("graph") != "plain":
+            raise SkipnetError(f"--plain {args.plain} is a {pmeta.get('graph')} graph; export one with --graph plain")
+        plain_bytes = proto.SerializeToString()
+    info: dict = {"source": "onnx", "path": args.subject}
+    if args.subject.endswith(".onnx"):
+        if args.data is not None:
+            raise SkipnetError(
+                "--data needs the checkpoint (its data normalisation); give random images or a checkpoint"
+            )
+        payload, meta = load_onnx_subject(args.subject)
+        model = None
+    else:
+        from skipnet.evaluate import checkpoint_stats
+
+        if not Path(args.subject).is_file():
+            raise SkipnetError(
+                f"--runtime onnxruntime needs a checkpoint or an exported .onnx file, got {args.subject!r}"
+            )
+        from skipnet.checkpoint import load_model
+
+        model, ckpt = load_model(args.subject)
+        stats = checkpoint_stats(ckpt)
+        graph = "conditional" if args.batch_size == 1 else "routed"
+        ex = export_model(model, "onnx", graph=graph, stats=stats, ckpt=ckpt, probes=1)
+        for note in ex.warnings:
+            print(f"skipnet bench: warning: {note}", file=sys.stderr)
+        payload, meta = ex.payload, ex.meta
+        if graph != "conditional" and plain_bytes is None:
+            plain_bytes = export_model(model, "onnx", graph="plain", stats=stats, ckpt=ckpt, probes=1).payload
+        info = {"source": "checkpoint", "path": args.subject, "exported": ex.graph}
+    size = args.image_size or meta["image_size"]
+    n = args.images * args.batch_size
+    channels = meta["arch"].get("in_channels", 3)
+    if args.data is not None:
+        images = real_images(args.subject, model, args.data, args.data_dir, n)
+        norm = meta.get("normalize")
+        if norm:  # back to the [0, 1] pixels the graph takes
+            images = images * torch.tensor(norm["std"]).view(1, -1, 1, 1) + torch.tensor(norm["mean"]).view(1, -1, 1, 1)
+        info["inputs"] = f"first {n} test images of {args.data}"
+    else:
+        gen = torch.Generator().manual_seed(args.seed)
+        images = torch.rand(n, channels, size, size, generator=gen)
+        info["inputs"] = "random uniform [0, 1] images"
+    res = bench_onnx(
+        payload,
+        meta,
+        plain_bytes=plain_bytes,
+        images=images.float().contiguous(),
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        threads=threads,
+        info=info,
+    )
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(
+        f"{res['arch']} ({res['graph']} graph) in {res['runtime']}, CPU, {threads} thread(s), batch {args.batch_size}, "
+        f"{res['images']} images per round; executed fraction {res['keep']:.3f} (learned gates, threshold "
+        f"{res['threshold']:g})"
+    )
+    print(f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up rounds, per batch")
+    cpu = "cpu_ms_plain" in res
+    head = f"{'variant':<8} {'latency ms':>12} {'min ms':>10} {'speedup':>9}"
+    print(head + (f" {'CPU ms':>10} {'speedup':>9}" if cpu else ""))
+    for v in ("plain", "masked", "routed"):
+        lat = res[f"latency_ms_{v}"]
+        if lat != lat:  # nan: not timed
+            continue
+        line = f"{v:<8} {lat:>12.2f} {res[f'latency_ms_min_{v}']:>10.2f} {res['latency_ms_plain'] / lat:>8.2f}x"
+        if cpu:
+            c = res[f"cpu_ms_{v}"]
+            line += f" {c:>10.2f} {res['cpu_ms_plain'] / c:>8.2f}x"
+        print(line)
+    print(
+        f"ideal speedup {res['ideal_speedup']:.2f}x (MACs {res['macs_plain'] / 1e6:.1f}M -> "
+        f"{res['macs_routed'] / 1e6:.1f}M per image, gates included); efficiency {res['efficiency']:.2f}"
+    )
     return 0

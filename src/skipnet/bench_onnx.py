@@ -1,0 +1,221 @@
+"""``skipnet bench OUT.onnx``: an exported SkipNet against the exported plain ResNet in ONNX Runtime (CPU).
+
+The conditional graph (:mod:`skipnet.export`) holds everything needed for its two references, derived from the
+file itself so that they use the very same (BN-folded) weights and kernels:
+
+- ``plain``: every ``If`` replaced by its ``then`` branch (the whole block) and the gates pruned: the plain
+  ResNet of the same backbone, as ``skipnet export --graph plain`` would write it;
+- ``masked``: every ``If`` replaced by both branches and a ``Where`` on the decision (every block computed, as
+  the masked graph does);
+- ``routed``: the file as written.
+
+A routed or masked graph (any batch) has no ``If`` to unfold: give the plain ResNet with ``--plain`` (or bench
+a checkpoint with ``--runtime onnxruntime``, which exports both). The three are timed interleaved, as
+:func:`skipnet.bench.time_interleaved` does, in sessions with ``threads`` intra-op threads and the sequential
+executor; the JSON keys are those of ``skipnet bench`` (see :mod:`skipnet.commands.bench`), plus ``runtime``,
+``graph`` and ``images``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from skipnet.bench import time_interleaved
+from skipnet.config import ArchConfig
+from skipnet.cost import cost_model
+from skipnet.errors import SkipnetError
+from skipnet.export import onnx_session, read_onnx_meta, require_onnx
+
+
+def _prune(graph: Any) -> None:
+    """Drop nodes whose outputs nothing uses (graph outputs included), and unused initializers."""
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(list(graph.node)):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+            for attr in node.attribute:
+                if attr.type == attr.GRAPH:
+                    needed.update(i for n in attr.g.node for i in n.input)
+    keep.reverse()
+    del graph.node[:]
+    graph.node.extend(keep)
+    inits = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
+def unfold_ifs(proto: Any, how: str) -> Any:
+    """A copy of a conditional graph with every ``If`` unfolded: ``how="then"`` inlines the ``then`` branch (and
+    keeps only the logits output: the plain ResNet), ``"where"`` inlines both branches and selects with ``Where``
+    on the condition (the masked graph). Branch values are renamed apart; branch weights move to the main graph."""
+    onnx, _ = require_onnx()
+    from onnx import helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    graph = model.graph
+    have = {t.name for t in graph.initializer}
+    nodes = []
+    for k, node in enumerate(graph.node):
+        if node.op_type != "If":
+            nodes.append(node)
+            continue
+        branches = {a.name: a.g for a in node.attribute}
+        outs = []
+        for name in ("then_branch", "else_branch") if how == "where" else ("then_branch",):
+            sub = branches[name]
+            rename = {}
+            for sn in sub.node:
+                for o in sn.output:
+                    rename[o] = f"if{k}_{name}/{o}"
+            for t in sub.initializer:
+                if t.name not in have:
+                    graph.initializer.append(t)
+                    have.add(t.name)
+            for sn in sub.node:
+                new = onnx.NodeProto()
+                new.CopyFrom(sn)
+                new.name = f"if{k}_{name}/{sn.name}"
+                for j, i in enumerate(new.input):
+                    new.input[j] = rename.get(i, i)
+                for j, o in enumerate(new.output):
+                    new.output[j] = rename[o]
+                nodes.append(new)
+            outs.append([rename.get(o.name, o.name) for o in sub.output])
+        for j, target in enumerate(node.output):
+            if how == "where":
+                nodes.append(helper.make_node("Where", [node.input[0], outs[0][j], outs[1][j]], [target]))
+            else:
+                nodes.append(helper.make_node("Identity", [outs[0][j]], [target]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if how == "then":
+        keep = [o for o in graph.output if o.name == "logits"] or [graph.output[0]]
+        del graph.output[:]
+        graph.output.extend(keep)
+    _prune(graph)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _ms(samples: list[float], per: int) -> float:
+    return 1e3 * statistics.median(samples) / per
+
+
+def bench_onnx(
+    skipnet_bytes: bytes,
+    meta: dict[str, Any],
+    *,
+    plain_bytes: bytes | None = None,
+    images: torch.Tensor,
+    batch_size: int = 1,
+    repeats: int = 10,
+    warmup: int = 2,
+    threads: int = 1,
+    info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Time plain / masked / routed (the exported SkipNet) in ONNX Runtime on ``images`` (N, C, H, W) in [0, 1],
+    fed ``batch_size`` at a time; one round runs every variant over all the images. Latencies are per batch."""
+    onnx, _ = require_onnx()
+    proto = onnx.load_from_string(skipnet_bytes)
+    graph = meta.get("graph")
+    if meta.get("batch") == 1 and batch_size != 1:
+        raise SkipnetError(f"the {graph} graph takes one image at a time; use --batch-size 1")
+    if len(images) % batch_size:
+        raise SkipnetError(f"{len(images)} images do not split into batches of {batch_size}")
+    conditional = any(n.op_type == "If" for n in proto.graph.node)
+    if plain_bytes is None:
+        if not conditional:
+            raise SkipnetError(
+                f"a {graph} graph has no If nodes to unfold into the plain ResNet: pass --plain PLAIN.onnx "
+                "(skipnet export CKPT PLAIN.onnx --graph plain)"
+            )
+        plain_bytes = unfold_ifs(proto, "then").SerializeToString()
+    sessions = {"plain": onnx_session(plain_bytes, threads), "routed": onnx_session(skipnet_bytes, threads)}
+    if conditional:
+        sessions["masked"] = onnx_session(unfold_ifs(proto, "where").SerializeToString(), threads)
+    batches = [images[i : i + batch_size].contiguous().numpy() for i in range(0, len(images), batch_size)]
+    names = {k: s.get_inputs()[0].name for k, s in sessions.items()}
+
+    def runner(key: str) -> Callable[[], Any]:
+        s, name = sessions[key], names[key]
+        return lambda: [s.run(None, {name: b}) for b in batches]
+
+    outs = {k: runner(k)() for k in sessions}
+    cpu: dict[str, list[float]] = {}
+    times = time_interleaved({k: runner(k) for k in sessions}, repeats, warmup, cpu)
+
+    dec = torch.from_numpy(np.concatenate([o[2] for o in outs["routed"]]))
+    logits_r = torch.from_numpy(np.concatenate([o[0] for o in outs["routed"]]))
+    config = ArchConfig.from_dict(meta["arch"])
+    from skipnet.gated import GatedResNet
+
+    cm = cost_model(GatedResNet(config), int(images.shape[-1]))
+    macs_plain = float(cm.total_macs_all_on)
+    macs_routed = float(cm.macs_per_image(dec).mean())
+    n = len(batches)
+    plain_ms, routed_ms = _ms(times["plain"], n), _ms(times["routed"], n)
+    masked_ms = _ms(times["masked"], n) if "masked" in times else float("nan")
+    res = {
+        **(info or {}),
+        "runtime": "onnxruntime " + require_onnx()[1].__version__,
+        "graph": graph,
+        "arch": config.name,
+        "image_size": int(images.shape[-1]),
+        "batch_size": batch_size,
+        "images": len(images),
+        "decisions": "learned greedy gates",
+        "keep_requested": None,
+        "keep": float(dec.mean()) if dec.numel() else 1.0,
+        "device": "cpu",
+        "threads": threads,
+        "repeats": repeats,
+        "warmup": warmup,
+        "threshold": meta.get("threshold"),
+        "latency_ms_plain": plain_ms,
+        "latency_ms_masked": masked_ms,
+        "latency_ms_routed": routed_ms,
+        "latency_ms_min_plain": 1e3 * min(times["plain"]) / n,
+        "latency_ms_min_masked": 1e3 * min(times["masked"]) / n if "masked" in times else float("nan"),
+        "latency_ms_min_routed": 1e3 * min(times["routed"]) / n,
+        "speedup": plain_ms / routed_ms,
+        "speedup_masked": plain_ms / masked_ms,
+        "macs_plain": macs_plain,
+        "macs_routed": macs_routed,
+        "ideal_speedup": macs_plain / macs_routed,
+        "efficiency": plain_ms / routed_ms / (macs_plain / macs_routed),
+    }
+    if "masked" in outs:
+        logits_m = torch.from_numpy(np.concatenate([o[0] for o in outs["masked"]]))
+        dec_m = torch.from_numpy(np.concatenate([o[2] for o in outs["masked"]]))
+        res["max_abs_diff"] = float((logits_r - logits_m).abs().max())
+        res["decisions_match"] = bool(torch.equal(dec, dec_m))
+    else:
+        res["max_abs_diff"], res["decisions_match"] = float("nan"), None
+    if threads == 1:  # CPU time of the only compute thread: robust to other jobs on a shared machine
+        cp, cr = _ms(cpu["plain"], n), _ms(cpu["routed"], n)
+        res.update(
+            {
+                "cpu_ms_plain": cp,
+                "cpu_ms_masked": _ms(cpu["masked"], n) if "masked" in cpu else float("nan"),
+                "cpu_ms_routed": cr,
+                "speedup_cpu": cp / cr,
+                "efficiency_cpu": cp / cr / (macs_plain / macs_routed),
+            }
+        )
+    return res
+
+
+def load_onnx_subject(path: str) -> tuple[bytes, dict[str, Any]]:
+    """The bytes and skipnet metadata of an exported ONNX file."""
+    proto, meta = read_onnx_meta(path)
+    if meta.get("graph") == "plain":
+        raise SkipnetError(f"{path} is a plain ResNet; bench the exported SkipNet (its plain twin is derived from it)")
+    return proto.SerializeToString(), meta
