@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="skipnet",
         description="SkipNet: train, measure and deploy residual networks that skip blocks per input.",
     )
+    from skipnet import __version__
+
+    parser.add_argument("--version", action="version", version=f"skipnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
