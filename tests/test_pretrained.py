@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from skipnet.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from skipnet.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from skipnet.cli import main
 from skipnet.errors import SkipnetError
 from skipnet.pretrained import ENV, from_pretrained, read_index, save_pretrained
@@ -228,3 +228,35 @@ def test_every_checkpoint_command_takes_pretrained(zoo, capsys, tmp_path) -> Non
     )
     assert rc == 0, err
     assert load_checkpoint(tmp_path / "r" / "last.pt")["train_config"]["init"] == f"pretrained:{NAME}"
+
+
+# ------------------------------------------------------------------------------------------ safetensors reader
+def test_safetensors_are_read_with_safe_open_not_whole_files(tmp_path, monkeypatch) -> None:
+    """checkpoint.load_safetensors takes the metadata and tensors from safetensors' own reader: it works with
+    Path.read_bytes disabled, gives the exported tensors bit for bit, and still refuses a damaged data section
+    and a truncated file in one line."""
+    from skipnet.checkpoint import export_safetensors
+
+    model = tiny_model()
+    out = tmp_path / "m.safetensors"
+    export_safetensors(make_checkpoint(model, data={"mean": [0.5] * 3, "std": [0.25] * 3}), out)
+    raw = out.read_bytes()
+
+    def no_whole_reads(self):
+        raise AssertionError(f"read_bytes({self})")
+
+    monkeypatch.setattr(Path, "read_bytes", no_whole_reads)
+    ckpt = load_checkpoint(out)
+    assert ckpt["data"]["std"] == [0.25] * 3 and ckpt["threshold"] == pytest.approx(0.49)
+    own = model.state_dict()
+    assert set(ckpt["state_dict"]) == set(own)
+    assert all(torch.equal(v, own[k]) and v.dtype == own[k].dtype for k, v in ckpt["state_dict"].items())
+    monkeypatch.undo()
+    damaged = bytearray(raw)
+    damaged[-1] ^= 0x01
+    (tmp_path / "d.safetensors").write_bytes(bytes(damaged))
+    with pytest.raises(SkipnetError, match="tensor data fails the checksum"):
+        load_checkpoint(tmp_path / "d.safetensors")
+    (tmp_path / "t.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(SkipnetError, match="not a readable safetensors file"):
+        load_checkpoint(tmp_path / "t.safetensors")

@@ -397,24 +397,38 @@ def _data_section(raw: bytes) -> bytes:
     return raw[8 + int.from_bytes(raw[:8], "little") :]
 
 
+def _data_sha256(path: Path) -> str:
+    """SHA-256 of a safetensors file's data section (what follows the 8-byte header size and the header), read in
+    blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load_safetensors(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a :func:`export_safetensors` file back as a checkpoint dict (no optimizer, scheduler or RNG state)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    """Read a :func:`export_safetensors` file back as a checkpoint dict (no optimizer, scheduler or RNG state).
+
+    safetensors' own reader (``safe_open``) gives the metadata and memory-mapped tensors; the data section is
+    checked against the ``data_sha256`` of the metadata before any tensor is taken."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    raw = path.read_bytes()
     try:
-        n = int.from_bytes(raw[:8], "little")
-        meta = json.loads(raw[8 : 8 + n]).get("__metadata__") or {}
-        state_dict = load(raw)
-    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as exc:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "skipnet" or "arch" not in meta:
+                raise SkipnetError(
+                    f"{path} is a safetensors file without skipnet metadata; write it with 'skipnet export'"
+                )
+            digest = meta.get("data_sha256")  # exports written before it had none
+            if digest is not None and _data_sha256(path) != digest:
+                raise SkipnetError(f"{path} is damaged: its tensor data fails the checksum in its metadata")
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError, TypeError) as exc:
         raise SkipnetError(f"{path} is not a readable safetensors file ({type(exc).__name__})") from None
-    if meta.get("format") != "skipnet" or "arch" not in meta:
-        raise SkipnetError(f"{path} is a safetensors file without skipnet metadata; write it with 'skipnet export'")
-    digest = meta.get("data_sha256")  # exports written before it had none
-    if digest is not None and hashlib.sha256(_data_section(raw)).hexdigest() != digest:
-        raise SkipnetError(f"{path} is damaged: its tensor data fails the checksum in its metadata")
     version = meta.get("format_version", "0")
     version = int(version) if version.isdigit() and len(version) < 6 else FORMAT_VERSION + 1
     if version > FORMAT_VERSION:
