@@ -1,0 +1,281 @@
+"""Export graphs that still skip (issue 18): torch.export programs and ONNX graphs equal the eager model on fresh
+inputs, skipped blocks' convolutions sit inside conditionals, and the CLI refuses bad input in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from skipnet import create_model
+from skipnet.bench import calibrate_bn
+from skipnet.checkpoint import save_checkpoint
+from skipnet.cli import main
+from skipnet.errors import SkipnetError
+from skipnet.export import (
+    build_graph,
+    compare,
+    eager_reference,
+    export_model,
+    load_pt2,
+    onnx_session,
+    run_onnx,
+)
+
+onnx = pytest.importorskip("onnx", reason="the export extra (pip install -e '.[export]') is part of CI's dev extra")
+pytest.importorskip("onnxruntime")
+
+STATS = ((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+
+
+def _varied_model():
+    """tiny_rnn_gate_14 (5 gated blocks) with calibrated BN, a steep gate and its bias at the median logit: decisions
+    vary by input, block by block (checked below)."""
+    torch.manual_seed(0)
+    model = create_model("tiny_rnn_gate_14")
+    calibrate_bn(model, 32)
+    with torch.no_grad():
+        model.gates.fc.weight.mul_(20.0)
+        model.set_gate_bias(0.0)
+        z = model(torch.rand(64, 3, 32, 32), "greedy").trace.logits
+        model.set_gate_bias(-float(z.median()))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _varied_model()
+
+
+def _fresh(n: int, batch: int, seed: int = 7) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.rand(batch, 3, 32, 32, generator=gen) for _ in range(n)]
+
+
+def _agree(model, graph_name, fn, inputs) -> list[torch.Tensor]:
+    graph = build_graph(model, graph_name, STATS)
+    decisions = []
+    for x in inputs:
+        ref_logits, ref_dec = eager_reference(model, graph, x)
+        out = fn(x)
+        logits, dec = (out, None) if graph_name == "plain" else (out[0], out[2])
+        res = compare(ref_logits, ref_dec, logits, dec)
+        assert res["ok"], res
+        assert res["max_abs_logit_diff"] <= 1e-4
+        if ref_dec is not None:
+            decisions.append(ref_dec)
+    return decisions
+
+
+def _varies(decisions: list[torch.Tensor]) -> None:
+    d = torch.cat(decisions)
+    assert 0.1 < float(d.mean()) < 0.95
+    assert (d.min(0).values != d.max(0).values).any(), "some block must be taken by some inputs and skipped by others"
+
+
+def _cli(capsys, argv: list[str]) -> tuple[int, str, str]:
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, model) -> Path:
+    path = tmp_path_factory.mktemp("export") / "tiny.pt"
+    save_checkpoint(path, model, data={"mean": list(STATS[0]), "std": list(STATS[1])})
+    return path
+
+
+@pytest.fixture(scope="module")
+def conditional_onnx(ckpt) -> tuple[Path, dict]:
+    """``skipnet export tiny.pt tiny.onnx --json``: the default, the conditional graph."""
+    out = ckpt.parent / "tiny.onnx"
+    rc = main(["export", str(ckpt), str(out), "--probes", "2", "--json"])
+    assert rc == 0
+    return out, {}
+
+
+def test_cli_conditional_onnx_matches_eager_on_fresh_images(model, conditional_onnx) -> None:
+    path, _ = conditional_onnx
+    session = onnx_session(path.read_bytes())
+    _varies(_agree(model, "conditional", lambda x: run_onnx(session, x), _fresh(24, 1)))
+
+
+def test_conditional_onnx_runs_gated_convolutions_only_inside_if(model, conditional_onnx) -> None:
+    proto = onnx.load(str(conditional_onnx[0]))
+    main_ops = [n.op_type for n in proto.graph.node]
+    assert main_ops.count("If") == model.num_gates
+    assert main_ops.count("Conv") == 1 + 2  # the stem and the always-run first block
+    for node in proto.graph.node:
+        if node.op_type == "If":
+            branches = {a.name: [n.op_type for n in a.g.node] for a in node.attribute}
+            assert branches["then_branch"].count("Conv") >= 2  # the block (BN folded into its convolutions)
+            assert branches["else_branch"].count("Conv") <= 1  # identity, or the projection shortcut
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}["skipnet"])
+    assert meta["graph"] == "conditional" and meta["threshold"] == 0.5
+    assert meta["normalize"]["mean"] == pytest.approx(STATS[0]) and meta["outputs"][2] == "decisions"
+
+
+def test_conditional_pt2_matches_eager_and_round_trips(model, tmp_path) -> None:
+    ex = export_model(model, "pt2", graph="conditional", stats=STATS, probes=2)
+    path = tmp_path / "m.pt2"
+    path.write_bytes(ex.payload)
+    program, meta = load_pt2(path)
+    assert meta["graph"] == "conditional"
+    assert any("cond" in str(n.target) for n in program.graph.nodes)
+    module = program.module()
+    with torch.no_grad():
+        _varies(_agree(model, "conditional", module, _fresh(16, 1, seed=11)))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_routed_graph_matches_eager_at_any_batch(model, fmt) -> None:
+    ex = export_model(model, fmt, graph="routed", stats=STATS, probes=2)
+    assert ex.graph == "routed" and not ex.warnings and ex.meta["batch"] is None
+    if fmt == "onnx":
+        ops = {n.op_type for n in onnx.load_from_string(ex.payload).graph.node}
+        assert {"NonZero", "ScatterND"} <= ops or {"NonZero", "ScatterElements"} <= ops
+        session = onnx_session(ex.payload)
+        fn = lambda x: run_onnx(session, x)  # noqa: E731
+    else:
+        import io
+
+        module = torch.export.load(io.BytesIO(ex.payload)).module()
+        fn = lambda x: module(x)  # noqa: E731
+    # batches of 1, 5 and 16 images: blocks that every image, no image and some images execute
+    with torch.no_grad():
+        decisions = _agree(model, "routed", fn, _fresh(2, 5) + _fresh(1, 16, seed=3) + _fresh(2, 1, seed=5))
+    _varies(decisions)
+
+
+def test_routed_falls_back_to_masked_with_a_warning(model, monkeypatch) -> None:
+    import skipnet.export as ex_mod
+
+    real = ex_mod._torch_export
+
+    def refuse_routed(graph, example, batch):
+        if graph.graph == "routed":
+            raise RuntimeError("GuardOnDataDependentSymNode: Eq(u0, 8)")
+        return real(graph, example, batch)
+
+    monkeypatch.setattr(ex_mod, "_torch_export", refuse_routed)
+    with pytest.warns(UserWarning, match="MASKED graph instead.*saves no compute"):
+        ex = export_model(model, "pt2", graph="routed", stats=STATS, probes=1)
+    assert ex.graph == "masked" and ex.meta["graph"] == "masked" and not ex.meta["saves_compute"]
+    assert ex.warnings and "saves no compute" in ex.warnings[0]
+
+
+def test_plain_graph_is_the_all_on_network(model) -> None:
+    ex = export_model(model, "onnx", graph="plain", stats=STATS, probes=1)
+    proto = onnx.load_from_string(ex.payload)
+    assert not {"If", "NonZero", "LSTM"} & {n.op_type for n in proto.graph.node}
+    session = onnx_session(ex.payload)
+    _agree(model, "plain", lambda x: run_onnx(session, x)[0], _fresh(2, 3))
+
+
+def test_export_refuses_a_graph_that_disagrees(model, monkeypatch) -> None:
+    import skipnet.export as ex_mod
+
+    real = ex_mod.eager_reference
+
+    def shifted(m, g, x):
+        logits, dec = real(m, g, x)
+        return logits + 1e-3, dec
+
+    monkeypatch.setattr(ex_mod, "eager_reference", shifted)
+    with pytest.raises(SkipnetError, match="disagrees with the eager model.*nothing was written"):
+        export_model(model, "pt2", graph="plain", stats=STATS, probes=1)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def test_cli_format_errors_are_one_line(ckpt, capsys, tmp_path) -> None:
+    out = tmp_path / "m.pt2"
+    out.write_bytes(b"previous")
+    for argv, msg in [
+        ([str(ckpt), str(out)], "already exists; pass --force"),
+        ([str(ckpt), str(tmp_path / "m.pt")], "must end in .safetensors, .pt2 or .onnx"),
+        ([str(ckpt), str(tmp_path / "m.safetensors"), "--graph", "routed"], "apply to pt2 and onnx"),
+        ([str(ckpt), str(tmp_path / "n.onnx"), "--threshold", "2"], "--threshold must be in [0, 1]"),
+        ([str(tmp_path / "missing.pt"), str(tmp_path / "n.onnx")], "does not exist"),
+    ]:
+        rc, _, err = _cli(capsys, ["export", *argv])
+        assert rc == 2 and err.startswith("skipnet export: error: ") and msg in err and err.count("\n") == 1, err
+    assert out.read_bytes() == b"previous"
+
+
+def test_cli_pt2_threshold_and_force_overwrite_atomically(ckpt, model, capsys, tmp_path) -> None:
+    out = tmp_path / "m.bin"
+    out.write_bytes(b"previous")
+    argv = ["export", str(ckpt), str(out), "--format", "pt2", "--graph", "routed", "--threshold", "0.6", "--force"]
+    rc, stdout, err = _cli(capsys, [*argv, "--json"])
+    assert rc == 0, err
+    assert json.loads(stdout)["check"]["ok"]
+    program, meta = load_pt2(out)
+    assert (
+        meta["graph"] == "routed" and meta["threshold"] == 0.6 and meta["normalize"]["std"] == pytest.approx(STATS[1])
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    x = _fresh(1, 4, seed=21)[0]
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in STATS)
+    with torch.inference_mode():
+        ref = model((x - mean) / std, "greedy", threshold=0.6)
+        logits, _, dec = program.module()(x)
+    assert torch.equal(dec, ref.trace.decisions) and (logits - ref.logits).abs().max() < 1e-4
+
+
+def test_cli_bench_onnx_times_skipnet_against_its_plain_twin(conditional_onnx, capsys) -> None:
+    path, _ = conditional_onnx
+    rc, stdout, err = _cli(capsys, ["bench", str(path), "--images", "3", "--repeats", "2", "--warmup", "0", "--json"])
+    assert rc == 0, err
+    res = json.loads(stdout)
+    for key in (
+        "latency_ms_plain",
+        "latency_ms_masked",
+        "latency_ms_routed",
+        "speedup",
+        "ideal_speedup",
+        "efficiency",
+        "macs_plain",
+        "macs_routed",
+        "keep",
+        "decisions_match",
+        "max_abs_diff",
+        "cpu_ms_routed",
+    ):
+        assert key in res, key
+    assert res["runtime"].startswith("onnxruntime") and res["graph"] == "conditional" and res["batch_size"] == 1
+    assert res["decisions_match"] and res["max_abs_diff"] < 1e-4 and 0 < res["keep"] < 1
+    assert res["macs_routed"] < res["macs_plain"]
+    rc, _, err = _cli(capsys, ["bench", str(path), "--batch-size", "4"])
+    assert rc == 2 and "use --batch-size 1" in err and err.count("\n") == 1
+
+
+def test_unfolded_plain_twin_is_the_plain_graph(model, conditional_onnx) -> None:
+    from skipnet.bench_onnx import unfold_ifs
+
+    proto = onnx.load(str(conditional_onnx[0]))
+    plain = unfold_ifs(proto, "then")
+    assert not {"If", "Sigmoid", "Tanh"} & {n.op_type for n in plain.graph.node}
+    session = onnx_session(plain.SerializeToString())
+    _agree(model, "plain", lambda x: run_onnx(session, x)[0], _fresh(3, 1, seed=4))
+    masked = onnx_session(unfold_ifs(proto, "where").SerializeToString())
+    _agree(model, "conditional", lambda x: run_onnx(masked, x), _fresh(6, 1, seed=4))
+
+
+def test_missing_onnx_is_one_clear_error(ckpt, capsys, tmp_path, monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_onnxruntime(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'", name="onnxruntime")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    out = tmp_path / "m.onnx"
+    rc, _, err = _cli(capsys, ["export", str(ckpt), str(out)])
+    assert rc == 2 and "pip install 'skipnet[export]'" in err and "onnxruntime is missing" in err
+    assert err.count("\n") == 1 and not out.exists()
