@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         print("skipnet: interrupted", file=sys.stderr)
         return 130
     args = parser.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if getattr(args, "command", None) in given:  # the command's own arguments (skipnet train --config reads them)
+        args.command_argv = given[given.index(args.command) + 1 :]
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -43,6 +43,7 @@ from skipnet.gated import GatedResNet, GateMode
 from skipnet.losses import Baseline, mean_first_return
 from skipnet.registry import get_config
 from skipnet.rundir import append_row, read_rows, run_lock, write_rows
+from skipnet.runlog import Progress, RunLog, environment
 from skipnet.stages import STAGES, Stage
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class TrainConfig:
     resume: bool = False
     device: str = "auto"
     checkpoint_minutes: float = 10.0
+    tensorboard: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -203,33 +205,6 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int, imagenet: bool,
         return 0.5 * (1.0 + math.cos(math.pi * t))
     # one-cycle: linear warm-up over the first 25% to the peak, then linear decay to zero
     return t / 0.25 if t < 0.25 else max(0.0, (1.0 - t) / 0.75)
-
-
-# ------------------------------------------------------------------------------------------ progress
-class Progress:
-    """A one-line progress bar on a terminal, plain log lines otherwise."""
-
-    def __init__(self, total: int, enabled: bool, log_every: int) -> None:
-        self.total, self.enabled, self.log_every = total, enabled, max(1, log_every)
-        self.tty = enabled and sys.stderr.isatty()
-        self.start = time.time()
-
-    def update(self, step: int, stats: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        elapsed = time.time() - self.start
-        msg = " ".join(f"{k} {v:.4g}" for k, v in stats.items())
-        if self.tty:
-            frac = step / self.total
-            bar = "#" * int(30 * frac)
-            sys.stderr.write(f"\r[{bar:<30}] {step}/{self.total} {msg} ({elapsed:.0f}s)\x1b[K")
-            sys.stderr.flush()
-        elif step % self.log_every == 0 or step == self.total:
-            log.info("step %d/%d %s (%.0fs)", step, self.total, msg, elapsed)
-
-    def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
 
 
 # ------------------------------------------------------------------------------------------ trainer
@@ -559,14 +534,15 @@ class Trainer:
         cfg = self.cfg
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            text = json.dumps(cfg.to_dict() | {"arch_config": self.model.config.to_dict()}, indent=2)
+            record = {"arch_config": self.model.config.to_dict(), "environment": environment(self.device, self.world)}
+            text = json.dumps(cfg.to_dict() | record, indent=2)
             atomic_write(self.out / "config.json", lambda f: f.write(text.encode()))
         summary_path = self.out / "summary.json"
         if self.step >= self.total and summary_path.exists():
             log.info("%s has already finished (%d steps); nothing to do", self.out, self.total)
             return json.loads(summary_path.read_text())
         log.info(
-            "%s: stage %s, %s, %d steps (%d per epoch), batch %d, lr %g (%s), %d gates",
+            "%s: stage %s, %s, %d steps (%d per epoch), batch %d, lr %g (%s), %s",
             self.out,
             cfg.stage,
             self.model.config.name,
@@ -575,13 +551,15 @@ class Trainer:
             cfg.batch_size,
             cfg.lr,
             cfg.schedule,
-            self.model.num_gates,
+            f"{self.model.num_gates} gates" if self.model.gates is not None else "no gates (plain ResNet)",
         )
-        progress = Progress(self.total, self.main, cfg.log_every)
-        progress.start -= float(self._elapsed_before())
+        progress = Progress(self.total, self.main, cfg.log_every, self.step, self._elapsed_before())
+        self.runlog = RunLog(
+            self.out, enabled=self.main, every=cfg.log_every, tensorboard=cfg.tensorboard, resume_step=self.step or None
+        )
         run_start = time.time() - self._elapsed_before()
         self._train_mode()
-        with self._stop_on_signals():
+        with self._stop_on_signals(), progress.logging_above(), self.runlog:  # closed also on a stop or an error
             while self.step < self.total:
                 epoch = self.step // self.steps_per_epoch
                 skip = self.step % self.steps_per_epoch
@@ -606,6 +584,8 @@ class Trainer:
                         self.running[k] = self.running.get(k, 0.0) + v
                     shown = {k: self.running[k] / self.n_running for k in ("loss", "acc", "exec") if k in self.running}
                     progress.update(self.step, shown)
+                    lr, spent = self.optimizer.param_groups[0]["lr"], time.time() - run_start
+                    self.runlog.step(self.step, stats, lr=lr, epoch=self.step / self.steps_per_epoch, time_s=spent)
                     if self.step % cfg.eval_every == 0 or self.step == self.total:
                         means = {k: v / self.n_running for k, v in self.running.items()}
                         self.running, self.n_running = {}, 0
@@ -614,6 +594,7 @@ class Trainer:
                     if self.step >= self.total:
                         break
         progress.close()
+        self.runlog.close()
         return self._finish(time.time() - run_start)
 
     @contextmanager
@@ -693,6 +674,7 @@ class Trainer:
         metrics = row | {"best_val_accuracy": self.best_val, "best_score": self.best_score}
         self.history.append(row)
         self._append_metrics(row)
+        self.runlog.evaluation(self.step, row, val if self.data.val is not None else None)
         if self.main:
             log.info(
                 "step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float))

@@ -38,10 +38,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "lr 1e-4 constant for 10k iterations, alpha 0.1, beta 1; ImageNet alpha 0.01, beta alpha/N.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("arch", help="architecture name (see 'skipnet models')")
-    p.add_argument("--stage", required=True, choices=list(STAGES), help=stage_help)
+    p.add_argument("arch", nargs="?", help="architecture name (see 'skipnet models')")
+    p.add_argument("--stage", choices=list(STAGES), help=stage_help)
     add_data_args(p)
-    p.add_argument("--out", required=True, help="run directory (config.json, metrics.jsonl, last.pt, best.pt)")
+    p.add_argument("--out", help="run directory (config.json, metrics.jsonl, last.pt, best.pt)")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="take every option not given on the command line from FILE (JSON or YAML, option names as keys; a "
+        "run's own config.json works as is): 'skipnet train --config runs/x/config.json --out runs/y' repeats run x",
+    )
     p.add_argument(
         "--init", default=None, help="start from another stage's checkpoint (e.g. SP from base, HRL from SP)"
     )
@@ -140,8 +147,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=10.0,
         help="also write last.pt every M minutes of training, between evaluations (a kill loses at most that)",
     )
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard event files to OUT/tensorboard (needs the tensorboard package); per-step "
+        "scalars go to OUT/steps.csv every --log-every steps in any case",
+    )
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, parser=p)
+    for action in p._actions:  # ARCH, --stage, --data and --out may come from --config (checked in run)
+        if action.dest == "data":
+            action.required = False
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -194,6 +210,9 @@ RULES: list[tuple[str, object, str]] = [
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
 ]
 
+# What a run needs, from the command line or --config: (as named in messages, destination)
+REQUIRED = (("ARCH", "arch"), ("--stage", "stage"), ("--data", "data"), ("--out", "out"))
+
 # Files whose presence means --out already holds a run (config.json alone: a run that never got to a checkpoint).
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json")
 
@@ -235,6 +254,17 @@ def check_out(cfg: TrainConfig) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.config:
+        from skipnet.runlog import apply_config
+
+        apply_config(args, args.parser, getattr(args, "command_argv", []), args.config)
+    missing = [name for name, dest in REQUIRED if getattr(args, dest, None) is None]
+    if missing:
+        raise SkipnetError(f"the following arguments are required: {', '.join(missing)} (or give them in --config)")
+    if args.tensorboard:
+        from skipnet.runlog import check_tensorboard
+
+        check_tensorboard()
     cfg = config_from_args(args)
     check_args(cfg)
     with hold_run_dir(cfg.out):  # no other run may check or write this directory until this one ends

@@ -1,0 +1,355 @@
+"""What a training run shows and leaves behind besides its checkpoints.
+
+- :class:`Progress`: a tqdm bar (steps, rate, ETA, running loss / accuracy / executed fraction) on a terminal, and
+  on anything else one plain log line every ``--log-every`` steps with the same numbers; log lines written while
+  the bar is up (the evaluations) are printed above it, not over it.
+- :class:`RunLog`: every ``--log-every`` steps one row of per-step scalars (``STEP_FIELDS``: loss, CE, REINFORCE
+  term, reward, executed fraction, accuracy, lr) in ``steps.csv`` beside ``metrics.jsonl``, and with
+  ``--tensorboard`` the same scalars plus every evaluation's metrics (skip ratio per block included) as
+  TensorBoard event files in ``tensorboard/``. On ``--resume`` rows and events after the checkpoint's step are
+  dropped, so a resumed run's logs read like an uninterrupted run's.
+- :func:`environment`: versions, git commit, command line and device, recorded in ``config.json``.
+- :func:`load_config_file` / :func:`apply_config`: ``skipnet train --config FILE`` (JSON or YAML; a run's own
+  ``config.json`` works as is), with the options given on the command line taking precedence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import io
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from skipnet.errors import SkipnetError
+
+log = logging.getLogger("skipnet.train")
+
+STEPS_CSV = "steps.csv"
+TENSORBOARD_DIR = "tensorboard"
+STEP_FIELDS = ("step", "epoch", "lr", "loss", "ce", "rl", "reward", "exec", "acc", "time_s")
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+# ------------------------------------------------------------------------------------------ progress
+class Progress:
+    """Training progress: a tqdm bar on a terminal (``sys.stderr``), plain log lines with rate and ETA otherwise."""
+
+    def __init__(self, total: int, enabled: bool, log_every: int, initial: int = 0, elapsed: float = 0.0) -> None:
+        self.total, self.enabled, self.log_every = total, enabled, max(1, log_every)
+        self.initial, self.elapsed_before = initial, elapsed
+        self.start = time.time()
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, step: int, stats: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items()}, refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif step % self.log_every == 0 or step == self.total:
+            spent = time.time() - self.start
+            rate = (step - self.initial) / spent if spent > 0 else math.nan
+            eta = (self.total - step) / rate if rate and rate > 0 else math.nan
+            msg = " ".join(f"{k} {v:.4g}" for k, v in stats.items())
+            log.info(
+                "step %d/%d %s | %.3g steps/s, elapsed %s, ETA %s",
+                step,
+                self.total,
+                msg,
+                rate,
+                _fmt_time(self.elapsed_before + spent),
+                _fmt_time(eta),
+            )
+
+    @contextlib.contextmanager
+    def logging_above(self) -> Iterator[None]:
+        """While the bar is up, route log records through ``tqdm.write`` so that they print above it; the bar is
+        closed on the way out (also on an exception or a signal)."""
+        if self.bar is None:
+            yield
+            return
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        try:
+            with logging_redirect_tqdm():
+                yield
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# ------------------------------------------------------------------------------------------ logs
+def _tensorboard_writer(directory: Path, purge_step: int | None):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SkipnetError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard (or skipnet[tensorboard])"
+        ) from None
+    return SummaryWriter(str(directory), purge_step=purge_step)
+
+
+def check_tensorboard() -> None:
+    """A one-line error now, before any training, when ``--tensorboard`` cannot work."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise SkipnetError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard (or skipnet[tensorboard])"
+        ) from None
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary sibling renamed over it. Not :func:`skipnet.checkpoint.atomic_write`:
+    a log is not a checkpoint, and its file operations must not count as fault points."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunLog:
+    """Per-step scalars (``steps.csv``, TensorBoard) and per-evaluation metrics (TensorBoard) of one run.
+
+    Only the process that writes the run directory (rank 0) passes ``enabled``. ``resume_step`` is the step of the
+    checkpoint a resumed run starts from (rows after it are dropped), ``None`` for a new run (an old
+    ``steps.csv`` is replaced)."""
+
+    def __init__(
+        self,
+        out: str | Path,
+        *,
+        enabled: bool,
+        every: int,
+        tensorboard: bool = False,
+        resume_step: int | None = None,
+    ) -> None:
+        self.out, self.enabled, self.every = Path(out), enabled, max(1, every)
+        self.csv_path = self.out / STEPS_CSV
+        self.tb = None
+        if not enabled:
+            return
+        kept = self._kept_rows(resume_step)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=STEP_FIELDS)
+        writer.writeheader()
+        writer.writerows(kept)
+        _replace_text(self.csv_path, text.getvalue())
+        if tensorboard:
+            self.tb = _tensorboard_writer(self.out / TENSORBOARD_DIR, resume_step + 1 if resume_step else None)
+
+    def _kept_rows(self, resume_step: int | None) -> list[dict[str, str]]:
+        if resume_step is None or not self.csv_path.is_file():
+            return []
+        try:
+            with open(self.csv_path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        except (OSError, csv.Error, UnicodeDecodeError):
+            return []
+        kept = []
+        for row in rows:  # a torn last row (killed mid-write) has a missing or unparsable step
+            try:
+                if int(row.get("step") or "x") <= resume_step and row.get("time_s"):
+                    kept.append({k: row.get(k, "") for k in STEP_FIELDS})
+            except ValueError:
+                continue
+        return kept
+
+    def step(self, step: int, stats: dict[str, float], *, lr: float, epoch: float, time_s: float) -> None:
+        """Record the scalars of training step ``step`` (1-based) when it is a multiple of ``every``."""
+        if not self.enabled or step % self.every:
+            return
+        values = {k: float(v) for k, v in stats.items()} | {"lr": float(lr)}
+        row = {"step": step, "epoch": round(epoch, 4), "time_s": round(time_s, 2)}
+        row |= {k: f"{values[k]:.6g}" for k in STEP_FIELDS if k in values}
+        with open(self.csv_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=STEP_FIELDS).writerow(row)
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+
+    def evaluation(self, step: int, row: dict[str, Any], val: dict[str, Any] | None = None) -> None:
+        """Record one evaluation: the numbers of its ``metrics.jsonl`` row and the skip ratio of every block."""
+        if self.tb is None:
+            return
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(v):
+                group = "val" if k.startswith("val_") else "train_mean" if k.startswith("train_") else "run"
+                self.tb.add_scalar(f"{group}/{k.split('_', 1)[1] if group != 'run' else k}", v, step)
+        for i, r in enumerate((val or {}).get("skip_ratio_per_block", [])):
+            self.tb.add_scalar(f"val_skip_ratio/block_{i + 1:02d}", r, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------------------ environment
+def _git_commit(directory: Path) -> dict[str, Any] | None:
+    """The commit of the git checkout holding ``directory`` (and whether tracked files differ), if any."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(directory), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head.stdout.strip(), "modified": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: Any = None, world: int = 1) -> dict[str, Any]:
+    """Versions, git commit of the skipnet source, command line and device: what ``config.json`` records so that a
+    run can be repeated and its numbers traced."""
+    import torch
+
+    import skipnet
+
+    dev = str(device) if device is not None else "cpu"
+    gpu = None
+    if dev.startswith("cuda") and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(torch.device(dev))
+    return {
+        "skipnet_version": skipnet.__version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "git": _git_commit(Path(skipnet.__file__).resolve().parent),
+        "command_line": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "device": dev,
+        "gpu": gpu,
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_version": torch.version.cuda,
+        "world_size": world,
+    }
+
+
+# ------------------------------------------------------------------------------------------ --config FILE
+RECORD_ONLY = ("arch_config", "environment")  # what a run's config.json holds besides the options
+NEVER_FROM_FILE = ("resume", "json", "config")  # what only the command line decides
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The options in a JSON or YAML file (keys as in ``config.json``; ``-`` and ``_`` alike)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SkipnetError(f"--config {path} does not exist")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise SkipnetError("--config: a YAML file needs PyYAML (pip install pyyaml); or give a JSON file") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SkipnetError(f"--config {path} is not valid YAML ({type(exc).__name__})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise SkipnetError(f"--config {path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise SkipnetError(f"--config {path} must hold a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items() if k not in RECORD_ONLY}
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options given on the command line ``argv`` (the command's own arguments)."""
+    probe = copy.deepcopy(parser)
+    probe._defaults = {}
+    for action in probe._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    ns, _ = probe.parse_known_args(argv)
+    return set(vars(ns))
+
+
+def apply_config(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str], path: str | Path
+) -> argparse.Namespace:
+    """``args`` with every option the command line left out taken from the ``--config`` file."""
+    data = load_config_file(path)
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", *NEVER_FROM_FILE)}
+    unknown = sorted(k for k in data if k not in actions and k not in NEVER_FROM_FILE)
+    if unknown:
+        raise SkipnetError(f"--config {path}: unknown option(s) {', '.join(unknown)}; see 'skipnet train --help'")
+    given = explicit_options(parser, argv)
+    if given & {"epochs", "iters"}:  # a length on the command line replaces the file's, whichever it was
+        data.pop("epochs", None)
+        data.pop("iters", None)
+    for key, value in data.items():
+        if key in NEVER_FROM_FILE or key in given:
+            continue
+        action = actions[key]
+        if value is not None and action.type is not None and isinstance(value, str):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                raise SkipnetError(f"--config {path}: {key} = {value!r} is not a valid value") from None
+        if value is not None and action.choices is not None and value not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            raise SkipnetError(f"--config {path}: {key} = {value!r}; expected one of {choices}")
+        setattr(args, key, value)
+    return args
