@@ -19,6 +19,28 @@ import sys
 from skipnet.errors import Interrupted, SkipnetError
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every command's help: an option's default is appended as "(default: X)" when it has a real one that its help
+    does not state already. Nothing is appended for a default of ``None`` (the help says what unset means: the
+    paper's value, the checkpoint's, ...), for on/off flags, for an empty list, or where the help already names a
+    default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or default is None
+            or default is argparse.SUPPRESS
+            or isinstance(default, bool)
+            or default == []
+            or action.nargs == 0
+            or "default" in text.lower()
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     import skipnet.commands as commands
 
@@ -35,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(f"skipnet.commands.{info.name}")
         module.register(sub)
+    for command in sub.choices.values():  # one help style for every command
+        command.formatter_class = HelpFormatter
     return parser
 
 
