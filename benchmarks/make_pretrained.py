@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from skipnet.cost import fewer_macs
 from skipnet.errors import SkipnetError
 from skipnet.pretrained import add_model, zoo_dir
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     root = zoo_dir(args.zoo)
     print(
         f"{args.name}: {entry['arch']} {entry['accuracy']:.2f}% on {entry['images']} test images, "
-        f"{entry['macs_mean']:.4g} MACs/image ({entry['macs_reduction']:.1f}% fewer than the plain ResNet), "
+        f"{entry['macs_mean']:.4g} MACs/image ({fewer_macs(entry['macs_reduction'])} than the plain ResNet), "
         f"CP {entry['computation_percentage']:.1f}% -> {root / entry['file']} ({entry['bytes'] / 1e6:.1f} MB)"
     )
     print(f"check: skipnet eval pretrained:{args.name} --data {args.data} --json")

@@ -104,6 +104,14 @@ class CostModel:
         return d
 
 
+def fewer_macs(reduction: float) -> str:
+    """A MACs reduction in words: ``"30.0% fewer"``, or ``"1.2% more"`` when it is negative (a network whose gates
+    cost more than the blocks they skip), never "-1.2% fewer"."""
+    if round(reduction, 1) == 0:
+        return "as many (0.0%)"
+    return f"{reduction:.1f}% fewer" if reduction > 0 else f"{-reduction:.1f}% more"
+
+
 def computation_percentage(decisions: Tensor) -> float:
     """The authors' "computation percentage": ``100 * (1 + sum_k executed_fraction_k) / (K + 1)``.
 

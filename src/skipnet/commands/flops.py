@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("flops", help="multiply-adds per image of an architecture (gates included)")
     p.add_argument("arch", help="registered architecture name (see 'skipnet models')")
     p.add_argument("--image-size", type=int, default=None, help="square input size (default: the arch's own)")
-    p.add_argument("--num-classes", type=int, default=None, help="override the number of classes")
+    p.add_argument("--num-classes", type=int, default=None, help="number of classes (default: the architecture's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
