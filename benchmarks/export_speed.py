@@ -185,7 +185,8 @@ def speed(args) -> dict:
 def _line(r: dict) -> str:
     return (
         f"{r['setting']:<14} {r['graph']:<11} batch {r['batch_size']:>2} keep {r['keep']:.3f}  plain "
-        f"{r['cpu_ms_plain']:.2f} ms  masked {r['cpu_ms_masked']:.2f} ms  skipnet {r['cpu_ms_routed']:.2f} ms "
+        f"{r['cpu_ms_plain']:.2f} ms  masked {r['cpu_ms_masked'] or float('nan'):.2f} ms  "
+        f"skipnet {r['cpu_ms_routed']:.2f} ms "
         f"(CPU time)  speed-up {r['speedup_cpu']:.2f}x of ideal {r['ideal_speedup']:.2f}x = "
         f"{r['efficiency_cpu']:.2f}; wall {r['speedup']:.2f}x"
     )
