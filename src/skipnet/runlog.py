@@ -64,7 +64,18 @@ class Progress:
         if self.tty:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+            try:  # a pseudo-terminal without a size (0 columns) would get an empty bar: give it 100
+                columns = os.get_terminal_size(sys.stderr.fileno()).columns
+            except (OSError, ValueError):
+                columns = 0
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=columns > 0,
+                ncols=None if columns > 0 else 100,
+            )
 
     def update(self, step: int, stats: dict[str, float]) -> None:
         if not self.enabled:
