@@ -64,17 +64,18 @@ class Progress:
         if self.tty:
             from tqdm import tqdm
 
-            try:  # a pseudo-terminal without a size (0 columns) would get an empty bar: give it 100
-                columns = os.get_terminal_size(sys.stderr.fileno()).columns
+            try:  # a pseudo-terminal without a size (0 x 0) would hide the bar: give it 100 x 50
+                sized = min(os.get_terminal_size(sys.stderr.fileno())) > 0
             except (OSError, ValueError):
-                columns = 0
+                sized = False
             self.bar = tqdm(
                 total=total,
                 initial=initial,
                 unit="step",
                 file=sys.stderr,
-                dynamic_ncols=columns > 0,
-                ncols=None if columns > 0 else 100,
+                dynamic_ncols=sized,
+                ncols=None if sized else 100,
+                nrows=None if sized else 50,
             )
 
     def update(self, step: int, stats: dict[str, float]) -> None:
