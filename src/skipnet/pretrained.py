@@ -86,10 +86,14 @@ def read_index(root: str | Path | None = None) -> dict[str, dict[str, Any]]:
     except (OSError, ValueError) as exc:
         raise SkipnetError(f"{path} is not readable JSON ({type(exc).__name__}); reinstall skipnet") from None
     models = data.get("models") if isinstance(data, dict) else None
-    if not isinstance(models, dict) or not all(isinstance(v, dict) and "file" in v for v in models.values()):
+    entries_ok = isinstance(models, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("file"), str) for v in models.values()
+    )
+    if not entries_ok:
         raise SkipnetError(f"{path} is not a skipnet pretrained index (no 'models' mapping of entries with a file)")
-    if data.get("format", 0) > INDEX_FORMAT:
-        raise SkipnetError(f"{path} has index format {data['format']}; this skipnet reads <= {INDEX_FORMAT}")
+    version = data.get("format", 0)
+    if not isinstance(version, int) or version > INDEX_FORMAT:
+        raise SkipnetError(f"{path} has index format {version!r}; this skipnet reads <= {INDEX_FORMAT}")
     return models
 
 
