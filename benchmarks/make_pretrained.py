@@ -5,6 +5,8 @@
         --data ../shared/data/cifar10-jpeg.tar.gz \\
         --command "skipnet train cifar10_rnn_gate_38 --stage sp ... --out runs/h30/sp" \\
         --command "skipnet train cifar10_rnn_gate_38 --stage hrl --init runs/h30/sp/best.pt ... --out runs/h30/hrl"
+    python benchmarks/make_pretrained.py runs/h30/hrl/best.pt cifar10_rnn_gate_38 --data ... \\
+        --from-run runs/h30/sp --from-run runs/h30/hrl          # the commands from the runs' config.json
 
 The checkpoint is exported with the library's safetensors export, the exported file is evaluated with
 ``skipnet eval FILE --data DATA --json`` on the whole test split (``--device``, CPU by default, so that the
@@ -22,7 +24,7 @@ import sys
 
 from skipnet.cost import fewer_macs
 from skipnet.errors import SkipnetError
-from skipnet.pretrained import add_model, zoo_dir
+from skipnet.pretrained import add_model, command_of_run, zoo_dir
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -34,9 +36,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--command",
         action="append",
-        required=True,
+        default=[],
         dest="commands",
         help="a command that trained the checkpoint; repeat it for every stage, in order",
+    )
+    p.add_argument(
+        "--from-run",
+        action="append",
+        default=[],
+        metavar="RUN_DIR",
+        help="take a stage's command from a run directory's config.json (recorded, or rebuilt from its options for "
+        "older runs); repeat it for every stage, in order; comes before the --command ones",
     )
     p.add_argument("--device", default="cpu", help="device of the evaluation (default: cpu)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default: 256)")
@@ -56,12 +66,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
+        commands = [command_of_run(run) for run in args.from_run] + args.commands
         entry = add_model(
             args.checkpoint,
             args.name,
             data=args.data,
             data_dir=args.data_dir,
-            commands=args.commands,
+            commands=commands,
             root=args.zoo,
             device=args.device,
             batch_size=args.batch_size,

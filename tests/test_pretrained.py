@@ -260,3 +260,23 @@ def test_safetensors_are_read_with_safe_open_not_whole_files(tmp_path, monkeypat
     (tmp_path / "t.safetensors").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(SkipnetError, match="not a readable safetensors file"):
         load_checkpoint(tmp_path / "t.safetensors")
+
+
+def test_command_of_run_repeats_the_run(tmp_path) -> None:
+    """make_pretrained.py --from-run: a run's command, recorded (less --resume) or rebuilt from its options."""
+    import shlex
+
+    from skipnet.cli import build_parser
+    from skipnet.commands.train import config_from_args
+    from skipnet.pretrained import command_of_run
+    from skipnet.train import TrainConfig
+
+    cfg = TrainConfig(arch="tiny_rnn_gate_14", stage="hrl", data="some data", out="runs/x", init="runs/sp/best.pt")
+    cfg.lr, cfg.alpha, cfg.nesterov, cfg.channels_last, cfg.epochs, cfg.gate_bias = 0.003, 1.5, True, False, 2.5, -1.0
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict() | {"arch_config": {}}))
+    words = shlex.split(command_of_run(tmp_path))
+    assert words[:3] == ["skipnet", "train", "tiny_rnn_gate_14"] and "--no-channels-last" in words
+    assert config_from_args(build_parser().parse_args(words[1:])) == cfg
+    recorded = {"command_line": "skipnet train tiny_rnn_gate_14 --stage sp --data 'a b' --out r --resume"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict() | {"environment": recorded}))
+    assert command_of_run(tmp_path) == "skipnet train tiny_rnn_gate_14 --stage sp --data 'a b' --out r"

@@ -265,6 +265,38 @@ def _cli_json(argv: list[str]) -> dict[str, Any]:
     return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
+def command_of_run(directory: str | Path) -> str:
+    """The ``skipnet train`` command of a run directory: as recorded in its ``config.json`` (``environment``), or for
+    a run recorded before that, rebuilt from its resolved options (every option that differs from the command's
+    default, so the command repeats the run). ``--resume`` is left out."""
+    import argparse
+    import shlex
+
+    path = Path(directory) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SkipnetError(f"{path} is not a readable run configuration ({type(exc).__name__})") from None
+    recorded = (config.get("environment") or {}).get("command_line")
+    if recorded:  # as run, less --resume (a resumed run repeats as the command that started it)
+        return shlex.join(w for w in shlex.split(str(recorded)) if w != "--resume")
+    from skipnet.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    words = ["skipnet", "train", str(config.get("arch"))]
+    for action in sub.choices["train"]._actions:
+        if not action.option_strings or action.dest not in config or action.dest in ("resume", "json", "config"):
+            continue
+        value = config[action.dest]
+        if value == action.default or value is None:
+            continue
+        if action.nargs == 0:  # on/off flags: given when they differ from the default
+            words.append(action.option_strings[0])
+        else:
+            words += [action.option_strings[0], f"{value:g}" if isinstance(value, float) else str(value)]
+    return shlex.join(words)
+
+
 def _portable(spec: str) -> str:
     """A data spec as recorded: an absolute path becomes its file name (no machine paths in the repository)."""
     return Path(spec).name if os.path.isabs(spec) else spec
