@@ -107,9 +107,7 @@ class CostModel:
 def fewer_macs(reduction: float) -> str:
     """A MACs reduction in words: ``"30.0% fewer"``, or ``"1.2% more"`` when it is negative (a network whose gates
     cost more than the blocks they skip), never "-1.2% fewer"."""
-    if round(reduction, 1) == 0:
-        return "as many (0.0%)"
-    return f"{reduction:.1f}% fewer" if reduction > 0 else f"{-reduction:.1f}% more"
+    return f"{abs(reduction):.1f}% fewer" if round(reduction, 1) >= 0 else f"{-reduction:.1f}% more"
 
 
 def computation_percentage(decisions: Tensor) -> float:

@@ -39,6 +39,11 @@ def _num(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _signed(reduction) -> str:
+    """A MACs reduction as the signed change against the plain ResNet: 30 -> "-30.0%"."""
+    return "-" if reduction is None else f"{0.0 - reduction:+.1f}%"
+
+
 def run_pretrained(args: argparse.Namespace) -> int:
     from skipnet.pretrained import read_index, zoo_dir
 
@@ -51,18 +56,18 @@ def run_pretrained(args: argparse.Namespace) -> int:
         return 0
     width = max(len("name"), *(len(n) for n in index))
     print(
-        f"{'name':<{width}} {'architecture':<22} {'data':<9} {'top-1 %':>7} {'MACs':>9} {'saved %':>7} "
+        f"{'name':<{width}} {'architecture':<22} {'data':<9} {'top-1 %':>7} {'MACs':>9} {'vs plain':>8} "
         f"{'CP %':>6} {'latency':>7}"
     )
     for name, e in index.items():
         print(
             f"{name:<{width}} {str(e.get('arch')):<22} {str(e.get('dataset')):<9} "
             f"{_num(e.get('accuracy'), '.2f'):>7} {_num(e.get('macs_mean'), '.4g'):>9} "
-            f"{_num(e.get('macs_reduction'), '.1f'):>7} {_num(e.get('computation_percentage'), '.1f'):>6} "
+            f"{_signed(e.get('macs_reduction')):>8} {_num(e.get('computation_percentage'), '.1f'):>6} "
             f"{_num(e.get('latency_ratio'), '.2f') + ('x' if e.get('latency_ratio') else ''):>7}"
         )
     print(
-        "\nNumbers: 'skipnet eval pretrained:NAME' on the test split (MACs per image, gates included; saved: "
+        "\nNumbers: 'skipnet eval pretrained:NAME' on the test split (MACs per image, gates included, and their change "
         "against the plain ResNet; latency: plain / routed time).\nLoad with create_model(NAME, pretrained=True) "
         "or pass pretrained:NAME wherever a checkpoint is taken. Training commands: skipnet models --pretrained --json"
     )

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'stage':<6} {'test acc %':>10} {'MACs/image':>12} {'MACs vs plain':>14} {'comp. %':>8}  run dir")
     for r in rows:
         print(
-            f"{r['stage']:<6} {r['accuracy']:>10.2f} {r['macs']:>12,} {-r['macs_reduction']:>+13.1f}% "
+            f"{r['stage']:<6} {r['accuracy']:>10.2f} {r['macs']:>12,} {0.0 - r['macs_reduction']:>+13.1f}% "
             f"{r['computation_percentage']:>8.1f}  {r['run']}"
         )
     best = out / "hrl" / "best.pt"
