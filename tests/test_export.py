@@ -281,3 +281,21 @@ def test_missing_onnx_is_one_clear_error(ckpt, capsys, tmp_path, monkeypatch) ->
     rc, _, err = _cli(capsys, ["export", str(ckpt), str(out)])
     assert rc == 2 and "pip install 'skipnet[export]'" in err and "onnxruntime is missing" in err
     assert err.count("\n") == 1 and not out.exists()
+
+
+def test_feedforward_gates_export_conditionally() -> None:
+    torch.manual_seed(0)
+    model = create_model("tiny_feedforward_14")
+    calibrate_bn(model, 32)
+    with torch.no_grad():
+        for fc in model.gates.heads():
+            fc.weight.mul_(20.0)
+        model.set_gate_bias(0.0)
+        z = model(torch.rand(32, 3, 32, 32), "greedy").trace.logits
+        for i, fc in enumerate(model.gates.heads()):  # each gate at its own median
+            fc.bias.fill_(-float(z[:, i].median()))
+    model.eval()
+    ex = export_model(model, "pt2", graph="conditional", stats=STATS, probes=1)
+    module = torch.export.load(__import__("io").BytesIO(ex.payload)).module()
+    with torch.no_grad():
+        _varies(_agree(model, "conditional", module, _fresh(12, 1, seed=8)))
