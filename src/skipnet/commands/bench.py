@@ -63,7 +63,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="time on the first B test images of this data set (as the checkpoint saw it: normalisation, size), "
         "so learned gates decide as they do in use; default: random N(0, 1) inputs",
     )
-    p.add_argument("--data-dir", default=None, help="where torchvision data sets live (with --data)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="where torchvision data sets live, with --data (default: $SKIPNET_CACHE/datasets, ~/.cache/skipnet)",
+    )
     p.add_argument(
         "--runtime",
         choices=("torch", "onnxruntime"),
