@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import pkgutil
 import tomllib
 from pathlib import Path
 
@@ -32,3 +34,72 @@ def test_license_and_citation_files() -> None:
     paper = cff["preferred-citation"]
     assert paper["title"] == "SkipNet: Learning Dynamic Routing in Convolutional Networks" and paper["year"] == 2018
     assert [a["family-names"] for a in paper["authors"]] == ["Wang", "Yu", "Dou", "Darrell", "Gonzalez"]
+
+
+# ------------------------------------------------------------------------------------------ --help of every command
+# Options whose unset value means "not given" (inputs, outputs, budgets to choose from), not a default to state.
+NO_DEFAULT = {
+    "data",
+    "out",
+    "init",
+    "init_torchvision",
+    "config",
+    "base",
+    "plain",
+    "target_macs",
+    "target_reduction",
+    "alphas",
+    "stage",
+}
+
+
+def commands() -> dict[str, argparse.ArgumentParser]:
+    from skipnet.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+@pytest.fixture
+def wide(monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option: phrases are not split by wrapping
+
+
+def test_every_command_is_checked(wide) -> None:
+    import skipnet.commands as package
+
+    modules = {m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")}
+    assert set(commands()) == modules and len(modules) >= 10
+
+
+@pytest.mark.parametrize("name", sorted(commands()))
+def test_help_states_real_defaults_once(wide, name) -> None:
+    parser = commands()[name]
+    text = parser.format_help()
+    assert "None" not in text, name
+    assert "%%" not in text and "%(" not in text, name
+    assert "reference notes" not in text.lower(), name
+    for bad in ("(default: True)", "(default: False)", "(default: [])"):
+        assert bad not in text, (name, bad)
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        shown = formatter._expand_help(action) if action.help else ""
+        flag = action.option_strings[-1]
+        assert shown.lower().count("default") <= 1, (name, flag, shown)  # never "(default 4) (default: 4)"
+        if action.default is None and action.nargs != 0 and action.dest not in NO_DEFAULT:
+            # unset means the paper's value, the checkpoint's, all images, ...: the help must say which
+            assert "default" in shown.lower() or "paper" in shown.lower(), (name, flag, shown)
+
+
+def test_help_items_of_issue_20(wide) -> None:
+    helps = {name: p.format_help() for name, p in commands().items()}
+    train = " ".join(helps["train"].split())
+    assert "off on CPU" not in train and "block bodies" not in train  # bf16 works on CPU; the whole module compiles
+    for name in ("analyze", "bench", "calibrate", "eval", "export"):  # every command that reads a checkpoint
+        positional = " ".join(helps[name].split("positional arguments:")[1].split("options:")[0].split())
+        assert ".safetensors" in positional and "pretrained:NAME" in positional, name
+    for name, text in helps.items():
+        assert "--no-channels-last" not in text or "(default: True)" not in text, name

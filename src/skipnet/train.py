@@ -35,7 +35,7 @@ from skipnet.checkpoint import (
     remove_stale_temps,
     set_rng_state,
 )
-from skipnet.cost import cost_model
+from skipnet.cost import cost_model, fewer_macs
 from skipnet.data import DataBundle, load_data
 from skipnet.errors import Interrupted, SkipnetError
 from skipnet.evaluate import evaluate
@@ -699,10 +699,10 @@ class Trainer:
             text = json.dumps(summary, indent=2)
             atomic_write(self.out / "summary.json", lambda f: f.write(text.encode()))
             log.info(
-                "finished: test accuracy %.2f%% at %.4g MACs (%.1f%% fewer than the plain ResNet), CP %.1f%%",
+                "finished: test accuracy %.2f%% at %.4g MACs (%s than the plain ResNet), CP %.1f%%",
                 test["accuracy"],
                 test["macs_mean"],
-                test["macs_reduction"],
+                fewer_macs(test["macs_reduction"]),
                 test["computation_percentage"],
             )
         return self.dist.broadcast_object(summary)  # rank 0's summary, on every rank

@@ -30,7 +30,7 @@ from skipnet.analysis import (
 )
 from skipnet.checkpoint import load_model, require_same_classes
 from skipnet.commands.train import check_value
-from skipnet.cost import cost_model
+from skipnet.cost import cost_model, fewer_macs
 from skipnet.errors import SkipnetError
 from skipnet.evaluate import eval_mode_for, run_eval
 from skipnet.gated import GateMode
@@ -55,15 +55,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         "analysis.json and report.md into --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("checkpoint", help="a gated checkpoint (.pt) from 'skipnet train' or 'skipnet calibrate'")
+    p.add_argument(
+        "checkpoint",
+        help="a gated checkpoint: a .pt from 'skipnet train' or 'skipnet calibrate', a .safetensors export, or "
+        "pretrained:NAME",
+    )
     p.add_argument("--data", required=True, help="cifar10, cifar100, svhn, digits, or an ImageFolder root / .tar.gz")
-    p.add_argument("--data-dir", default=None, help="where torchvision data sets live")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="where torchvision data sets live (default: ~/.cache/skipnet/datasets, or $SKIPNET_CACHE/datasets)",
+    )
     p.add_argument("--download", action="store_true", help="download cifar10/cifar100/svhn if missing")
     p.add_argument("--out", required=True, help="output directory for the figures, analysis.json and report.md")
     p.add_argument("--split", choices=["test", "val"], default="test", help="which split to analyse")
     p.add_argument("--base", default=None, help="a plain-ResNet checkpoint: its point on the trade-off plot")
     p.add_argument("--compare", nargs="+", default=[], metavar="CKPT", help="other checkpoints to place on the plot")
-    p.add_argument("--limit", type=int, default=None, help="analyse a seeded subset of N images")
+    p.add_argument("--limit", type=int, default=None, help="analyse a seeded subset of N images (default: all)")
     p.add_argument(
         "--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS), help="gate thresholds to sweep"
     )
@@ -215,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{args.checkpoint} on {data.name} {args.split} ({m['images']} images): accuracy {m['accuracy']:.2f}%, "
-        f"{m['macs_mean']:.4g} MACs/image ({m['macs_reduction']:.1f}% fewer), CP {m['computation_percentage']:.1f}%"
+        f"{m['macs_mean']:.4g} MACs/image ({fewer_macs(m['macs_reduction'])}), CP {m['computation_percentage']:.1f}%"
     )
     print(f"wrote {out / 'report.md'}, analysis.json and {len(FIGURES)} figures")
     return 0

@@ -40,7 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "report median latencies, the speedup, the ideal speedup from MACs and routed-vs-masked agreement.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("subject", metavar="ARCH_OR_CKPT", help="a registered architecture or a checkpoint (.pt)")
+    p.add_argument(
+        "subject",
+        metavar="ARCH_OR_CKPT",
+        help="a registered architecture, or a checkpoint: .pt, .safetensors export or pretrained:NAME",
+    )
     p.add_argument(
         "--batch-size", type=int, default=None, help="images per forward pass (default: 64; 1 for a conditional graph)"
     )

@@ -18,7 +18,7 @@ import torch
 from skipnet.analysis import CALIBRATION_GRID, calibrate_threshold, data_for_checkpoint, eval_loader, require_gates
 from skipnet.checkpoint import atomic_save, export_safetensors, load_model, require_same_classes
 from skipnet.commands.train import check_value
-from skipnet.cost import cost_model
+from skipnet.cost import cost_model, fewer_macs
 from skipnet.errors import SkipnetError
 
 
@@ -30,9 +30,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "included) at the best validation accuracy, and write a checkpoint that uses it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("checkpoint", help="a gated checkpoint (.pt)")
+    p.add_argument("checkpoint", help="a gated checkpoint: .pt, .safetensors export or pretrained:NAME")
     p.add_argument("--data", required=True, help="the data set the checkpoint was trained on")
-    p.add_argument("--data-dir", default=None, help="where torchvision data sets live")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="where torchvision data sets live (default: ~/.cache/skipnet/datasets, or $SKIPNET_CACHE/datasets)",
+    )
     p.add_argument("--download", action="store_true", help="download cifar10/cifar100/svhn if missing")
     # Exactly one of the two; checked in run() so that a mistake is a one-line error.
     p.add_argument("--target-macs", type=float, default=None, help="budget: mean MACs per image, e.g. 5e7")
@@ -57,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--grid", type=float, nargs="+", default=list(CALIBRATION_GRID), help="thresholds to evaluate")
     p.add_argument("--refine", type=int, default=4, help="bisection steps between grid points at the budget's edge")
-    p.add_argument("--limit", type=int, default=None, help="calibrate on a seeded subset of N images")
+    p.add_argument("--limit", type=int, default=None, help="calibrate on a seeded subset of N images (default: all)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -164,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(
         f"threshold {result.threshold:.4g} (was {record['source_threshold']:.4g}): {args.split} accuracy "
-        f"{result.accuracy:.2f}%, {result.macs_mean:.4g} MACs/image, {result.macs_reduction:.1f}% fewer than the "
+        f"{result.accuracy:.2f}%, {result.macs_mean:.4g} MACs/image, {fewer_macs(result.macs_reduction)} than the "
         f"plain ResNet (budget {target:.4g} = {record['target_reduction']:.1f}% fewer, "
         f"{args.margin:g} points margin)"
     )

@@ -17,16 +17,27 @@ from skipnet.gated import GateMode
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint: accuracy, MACs, computation percentage")
     p.add_argument(
-        "checkpoint", help="a .pt file written by 'skipnet train' or 'skipnet calibrate', or a .safetensors export"
+        "checkpoint",
+        help="a .pt file written by 'skipnet train' or 'skipnet calibrate', a .safetensors export, or "
+        "pretrained:NAME (see 'skipnet models --pretrained')",
     )
     p.add_argument("--data", required=True, help="cifar10, cifar100, svhn, digits, or an ImageFolder root / .tar.gz")
-    p.add_argument("--data-dir", default=None, help="where torchvision data sets live")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="where torchvision data sets live (default: ~/.cache/skipnet/datasets, or $SKIPNET_CACHE/datasets)",
+    )
     p.add_argument("--download", action="store_true", help="download cifar10/cifar100/svhn if missing")
     p.add_argument("--split", choices=["test", "val", "train"], default="test", help="which split to evaluate")
     p.add_argument("--threshold", type=float, default=None, help="gate threshold (default: the checkpoint's)")
-    p.add_argument("--mode", choices=[m.value for m in GateMode], default=None, help="override the gate mode")
+    p.add_argument(
+        "--mode",
+        choices=[m.value for m in GateMode],
+        default=None,
+        help="gate mode (default: the checkpoint's; greedy for SkipNets, all_on for plain ResNets, random for SDV)",
+    )
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-    p.add_argument("--limit", type=int, default=None, help="evaluate a seeded subset of N images")
+    p.add_argument("--limit", type=int, default=None, help="evaluate a seeded subset of N images (default: all)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)

@@ -37,7 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "skipped blocks are not computed by the runtime. Graphs are checked against the eager model before writing.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("checkpoint", help="a .pt (or .safetensors) checkpoint written by 'skipnet train' or 'calibrate'")
+    p.add_argument(
+        "checkpoint",
+        help="a .pt (or .safetensors) checkpoint written by 'skipnet train' or 'calibrate', or pretrained:NAME",
+    )
     p.add_argument("out", help="the file to write: .safetensors, .pt2 or .onnx")
     p.add_argument("--format", choices=FORMATS, default=None, help="the format (default: from OUT's extension)")
     p.add_argument(

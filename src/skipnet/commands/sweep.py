@@ -43,24 +43,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alphas", type=float, nargs="+", required=True, help="cost weights alpha to train at")
     p.add_argument("--out", required=True, help="parent directory of the run directories alpha_<a>/")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--epochs", type=float, default=None, help="train each run for E epochs")
+    g.add_argument(
+        "--epochs", type=float, default=None, help="train each run for E epochs (default: the paper's 10000 iterations)"
+    )
     g.add_argument("--iters", type=int, default=None, help="train each run for N iterations (paper: 10000)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (paper: 128)")
-    p.add_argument("--eval-batch-size", type=int, default=None, help="evaluation batch size")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="evaluation batch size (default: max(B, 256))")
     p.add_argument("--lr", type=float, default=None, help="learning rate (paper HRL: 1e-4)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
     p.add_argument("--weight-decay", type=float, default=None, help="weight decay (paper: 1e-4)")
     p.add_argument("--schedule", choices=SCHEDULES, default=None, help="lr schedule (HRL default: constant)")
-    p.add_argument("--beta", type=float, default=None, help="loss weight beta in the return (1 CIFAR)")
+    p.add_argument("--beta", type=float, default=None, help="loss weight beta in the return (paper: 1 on CIFAR)")
     p.add_argument("--rl-weight", type=float, default=1.0, help="scale of the REINFORCE term")
     p.add_argument("--baseline", choices=["none", "batch", "ema"], default="none", help="REINFORCE baseline")
     p.add_argument(
         "--val-split", type=float, default=None, help="validation fraction (default: the SP checkpoint's own)"
     )
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--eval-every", type=int, default=None, help="validate + checkpoint every N steps")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="validate + checkpoint every N steps (default: every epoch, at most 2000 steps)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own, one per core)")
     p.add_argument("--log-every", type=int, default=50, help="log a line every N steps when not on a terminal")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--json", action="store_true", help="print the table as JSON")

@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 
+from skipnet.cost import fewer_macs
 from skipnet.errors import SkipnetError
 from skipnet.registry import check_image_size, get_config
 from skipnet.stages import STAGES
@@ -20,12 +21,25 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
         required=True,
         help="cifar10, cifar100, svhn, digits, or an ImageFolder root (train/ + test/ or val/) or .tar.gz of one",
     )
-    p.add_argument("--data-dir", default=None, help="where torchvision data sets live (default ~/.cache/skipnet)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="where torchvision data sets live (default: ~/.cache/skipnet/datasets, or $SKIPNET_CACHE/datasets)",
+    )
     p.add_argument("--download", action="store_true", help="download cifar10/cifar100/svhn if missing")
-    p.add_argument("--limit-train", type=int, default=None, help="use a seeded subset of N training images")
-    p.add_argument("--limit-test", type=int, default=None, help="use a seeded subset of N test/val images")
-    p.add_argument("--image-size", type=int, default=None, help="resize (small) or crop (large) images to S")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers for large images (default 4)")
+    p.add_argument(
+        "--limit-train", type=int, default=None, help="use a seeded subset of N training images (default: all)"
+    )
+    p.add_argument(
+        "--limit-test", type=int, default=None, help="use a seeded subset of N test/val images (default: all)"
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize (small) or crop (large) images to S (default: the data's own; 224 for ImageNet nets)",
+    )
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers for large images")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a stage (base, sp, hrl, soft, rl, sdv)",
         description="Train one stage of SkipNet. Paper defaults apply to every option left unset "
-        "(reference notes §2): CIFAR base/SP 64k iterations, lr 0.1 stepped at 50%%/75%%; HRL after SP "
+        "(each option's help names its value): CIFAR base/SP 64k iterations, lr 0.1 stepped at 50%/75%; HRL after SP "
         "lr 1e-4 constant for 10k iterations, alpha 0.1, beta 1; ImageNet alpha 0.01, beta alpha/N.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -50,14 +64,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         "run's own config.json works as is): 'skipnet train --config runs/x/config.json --out runs/y' repeats run x",
     )
     p.add_argument(
-        "--init", default=None, help="start from another stage's checkpoint (e.g. SP from base, HRL from SP)"
+        "--init",
+        default=None,
+        help="start from another stage's checkpoint (e.g. SP from base, HRL from SP): .pt, .safetensors or "
+        "pretrained:NAME",
     )
     p.add_argument("--init-torchvision", default=None, help="ImageNet: start from a torchvision ResNet state-dict file")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--epochs", type=float, default=None, help="train for E epochs (CPU runs: e.g. 10)")
+    g.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help="train for E epochs (default: the paper's length, see --iters; CPU runs: e.g. 10)",
+    )
     g.add_argument("--iters", type=int, default=None, help="train for N iterations (paper: 64000 SP, 10000 HRL)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch size (paper: 128 CIFAR, 256 ImageNet)")
-    p.add_argument("--eval-batch-size", type=int, default=None, help="evaluation batch size (default max(B, 256))")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="evaluation batch size (default: max(B, 256))")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (paper: 0.1; 1e-4 for HRL after SP)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (recommended for short CPU schedules)")
@@ -72,7 +94,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-iters", type=int, default=0, help="iterations at lr/10 first (authors: 400 for 110+)")
     p.add_argument("--alpha", type=float, default=None, help="HRL cost weight alpha (paper: 0.1 CIFAR, 0.01 ImageNet)")
     p.add_argument(
-        "--beta", type=float, default=None, help="HRL loss weight beta in the return (1 CIFAR, alpha/N ImageNet)"
+        "--beta",
+        type=float,
+        default=None,
+        help="HRL loss weight beta in the return (paper: 1 on CIFAR, alpha/N on ImageNet)",
     )
     p.add_argument("--rl-weight", type=float, default=1.0, help="scale of the REINFORCE term (authors' code: 0.01)")
     p.add_argument(
@@ -128,13 +153,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=0.5, help="gate threshold for hard/greedy decisions")
     p.add_argument("--val-split", type=float, default=0.1, help="fraction of train held out for model selection")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--eval-every", type=int, default=None, help="validate + checkpoint every N steps (default: epoch)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision (off on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the block bodies")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="validate + checkpoint every N steps (default: every epoch, at most 2000 steps)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own, one per core)")
+    p.add_argument(
+        "--amp",
+        choices=["none", "bf16", "fp16"],
+        default="none",
+        help="mixed precision: bf16 (CPU or CUDA) or fp16 (CUDA only)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the whole training module (routed stages break the graph at each gated block)",
+    )
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes")
-    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
-    p.add_argument("--log-every", type=int, default=50, help="log a line every N steps when not on a terminal")
+    p.add_argument(
+        "--no-channels-last",
+        dest="channels_last",
+        action="store_false",
+        help="keep the NCHW memory layout (default: channels-last, NHWC)",
+    )
+    p.add_argument(
+        "--log-every",
+        type=int,
+        default=50,
+        help="a progress line every N steps when not on a terminal, and a row of OUT/steps.csv",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--resume",
@@ -278,6 +327,6 @@ def run(args: argparse.Namespace) -> int:
         t = summary["test"]
         print(
             f"{cfg.out}: test accuracy {t['accuracy']:.2f}%  MACs/image {t['macs_mean']:.4g} "
-            f"({t['macs_reduction']:.1f}% fewer)  computation percentage {t['computation_percentage']:.1f}%"
+            f"({fewer_macs(t['macs_reduction'])})  computation percentage {t['computation_percentage']:.1f}%"
         )
     return 0
