@@ -3,7 +3,7 @@
 Both expose the torchvision attribute layout (``conv1, bn1, relu, maxpool, layer1.., avgpool, fc``) so that
 the gated network treats them alike, and so that a torchvision state dict loads into an ImageNet backbone
 unchanged. The CIFAR network reuses torchvision's ``BasicBlock`` with a projection shortcut
-(1x1 conv stride 2 + BN) on the first block of stages 2 and 3 (reference notes §1).
+(1x1 conv stride 2 + BN) on the first block of stages 2 and 3, as in the authors' code.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Cost accounting: exact multiply-adds (MACs) per image, gates included (paper §4.1, reference notes §3).
+"""Cost accounting: exact multiply-adds (MACs) per image, gates included (paper §4.1).
 
 The per-region costs are derived once from the modules themselves: a forward hook on every convolution,
 linear layer and LSTM cell counts the MACs of what actually ran while the network is walked region by

@@ -1,4 +1,4 @@
-"""Gating networks (paper §3.1, Fig. 11; reference notes §1).
+"""Gating networks (paper §3.1, Fig. 11; the authors' gate code).
 
 Every gate bank maps the input ``x_i`` of gated block ``i`` to a logit ``z_i`` of shape (B,);
 ``p_i = sigmoid(z_i)`` is the probability of *executing* the block. Logits (not probabilities) are returned

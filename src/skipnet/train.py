@@ -115,7 +115,7 @@ class TrainConfig:
 
 # ------------------------------------------------------------------------------------------ defaults
 def resolve_defaults(cfg: TrainConfig, family: str, dataset: str, num_gates: int, steps_per_epoch: int) -> TrainConfig:
-    """Fill ``None`` options with the paper's settings (reference notes §2) for this stage and data."""
+    """Fill ``None`` options with the paper's settings (§4; the authors' scripts) for this stage and data."""
     c = TrainConfig(**asdict(cfg))
     imagenet = family == "imagenet"
     finetune = c.stage == "hrl" and (c.init is not None or c.init_torchvision is not None)
