@@ -270,15 +270,11 @@ class ExportGraph(nn.Module):
         return self.head(x), probs, torch.cat(decisions, 1).to(torch.float32)
 
 
-class ConditionalGraph(ExportGraph):
-    """Batch 1: each gated block is ``torch.cond`` on its gate's decision (ONNX ``If``)."""
+class GatedGraph(ExportGraph):
+    """The gated graphs: one loop over the gated blocks; each graph says how a block runs on its decisions."""
 
-    graph = "conditional"
-
-    def __init__(self, model: GatedResNet, stats: Any = None, threshold: float | None = None) -> None:
-        super().__init__(model, stats, threshold)
-        self.run = nn.ModuleList(_RunBlock(b) for b in model.gated_blocks)
-        self.skip = nn.ModuleList(_SkipBlock(b) for b in model.gated_blocks)
+    def step(self, i: int, x: Tensor, d: Tensor) -> Tensor:
+        raise NotImplementedError
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = self.prologue(images)
@@ -288,49 +284,48 @@ class ConditionalGraph(ExportGraph):
             p, d, state = self.decide(i, x, state)
             probs.append(p)
             decisions.append(d)
-            x = torch.cond(d.reshape(()), self.run[i], self.skip[i], (x,))
+            x = self.step(i, x, d)
         return self.finish(x, probs, decisions)
 
 
-class RoutedGraph(ExportGraph):
+class ConditionalGraph(GatedGraph):
+    """Batch 1: each gated block is ``torch.cond`` on its gate's decision (ONNX ``If``)."""
+
+    graph = "conditional"
+
+    def __init__(self, model: GatedResNet, stats: Any = None, threshold: float | None = None) -> None:
+        super().__init__(model, stats, threshold)
+        self.run = nn.ModuleList(_RunBlock(b) for b in model.gated_blocks)
+        self.skip = nn.ModuleList(_SkipBlock(b) for b in model.gated_blocks)
+
+    def step(self, i: int, x: Tensor, d: Tensor) -> Tensor:
+        return torch.cond(d.reshape(()), self.run[i], self.skip[i], (x,))
+
+
+class RoutedGraph(GatedGraph):
     """Any batch: gather the executing rows, run the block on them, scatter back (data-dependent shapes)."""
 
     graph = "routed"
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x = self.prologue(images)
-        state = self.gates.init(x)
-        probs, decisions = [], []
-        for i, block in enumerate(self.blocks):
-            p, d, state = self.decide(i, x, state)
-            probs.append(p)
-            decisions.append(d)
-            idx = torch.nonzero(d.flatten()).flatten()
-            xs = x.index_select(0, idx)
-            if block.downsample is not None:
-                shortcut = block.downsample(x)
-                out = F.relu(_routed_residual(block, xs) + shortcut.index_select(0, idx))
-                x = shortcut.index_copy(0, idx, out)
-            else:
-                x = x.index_copy(0, idx, F.relu(_routed_residual(block, xs) + xs))
-        return self.finish(x, probs, decisions)
+    def step(self, i: int, x: Tensor, d: Tensor) -> Tensor:
+        block = self.blocks[i]
+        idx = torch.nonzero(d.flatten()).flatten()
+        xs = x.index_select(0, idx)
+        if block.downsample is not None:
+            shortcut = block.downsample(x)
+            out = F.relu(_routed_residual(block, xs) + shortcut.index_select(0, idx))
+            return shortcut.index_copy(0, idx, out)
+        return x.index_copy(0, idx, F.relu(_routed_residual(block, xs) + xs))
 
 
-class MaskedGraph(ExportGraph):
+class MaskedGraph(GatedGraph):
     """Any batch: every block for every row, mixed by the decision. Same values as routed; saves no compute."""
 
     graph = "masked"
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x = self.prologue(images)
-        state = self.gates.init(x)
-        probs, decisions = [], []
-        for i, block in enumerate(self.blocks):
-            p, d, state = self.decide(i, x, state)
-            probs.append(p)
-            decisions.append(d)
-            x = torch.where(d.view(-1, 1, 1, 1), run_block(block, x), shortcut_branch(block, x))
-        return self.finish(x, probs, decisions)
+    def step(self, i: int, x: Tensor, d: Tensor) -> Tensor:
+        block = self.blocks[i]
+        return torch.where(d.view(-1, 1, 1, 1), run_block(block, x), shortcut_branch(block, x))
 
 
 class PlainGraph(ExportGraph):
