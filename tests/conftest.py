@@ -33,3 +33,20 @@ def cifar_jpeg() -> str:
     if not CIFAR_TAR.is_file():
         pytest.fail(f"{CIFAR_TAR} is missing: the test data must sit beside the repository (../shared/data)")
     return str(CIFAR_TAR)
+
+
+def trained_like(name: str, seed: int = 1) -> torch.nn.Module:
+    """A model whose gates decide differently per sample, in eval mode: gate weights spread so that the gate
+    probabilities straddle 0.5, BatchNorm statistics moved off their initial values (as training leaves them)."""
+    from skipnet import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(name).eval()
+    with torch.no_grad():
+        for p in model.gates.parameters():
+            p.normal_(0, 0.5)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    return model

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from conftest import trained_like
 from skipnet import create_model, fastgate
 from skipnet.errors import SkipnetError
 from skipnet.gates import KernelRun
@@ -29,20 +30,6 @@ def variant(request):
     assert fastgate.variant() == request.param
     yield request.param
     fastgate.set_variant(CHOSEN)
-
-
-def _trained_like(name: str, seed: int = 1) -> torch.nn.Module:
-    """A model whose gates decide differently per sample (random, larger gate weights; BN statistics moved)."""
-    torch.manual_seed(seed)
-    model = create_model(name).eval()
-    with torch.no_grad():
-        for p in model.gates.parameters():
-            p.normal_(0, 0.5)
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-    return model
 
 
 @pytest.fixture
@@ -93,7 +80,7 @@ def _kernel_outputs(model, x):
 
 def test_variants_are_bit_identical() -> None:
     """No contraction, no reordering: each variant computes the same floats as the baseline, bit for bit."""
-    model = _trained_like("tiny_rnn_gate_14")
+    model = trained_like("tiny_rnn_gate_14")
     x = torch.randn(6, 3, 16, 16)
     results = {}
     try:
@@ -111,7 +98,7 @@ def test_variants_are_bit_identical() -> None:
 @pytest.mark.parametrize("name,size", [("cifar10_rnn_gate_38", 32), ("tiny_rnn_gate_14", 16)])
 def test_kernel_step_equals_eager_gate(name: str, size: int, layout: str, variant: str) -> None:
     """Every gate of a network, on its block's real input: logits, probabilities, LSTM state and decisions."""
-    model = _trained_like(name)
+    model = trained_like(name)
     for batch in (1, 7):
         x = torch.randn(batch, 3, size, size)
         with torch.no_grad():
@@ -140,7 +127,7 @@ def test_kernel_step_equals_eager_gate(name: str, size: int, layout: str, varian
 
 def test_forward_with_and_without_kernel_agree(monkeypatch) -> None:
     """Greedy routed and masked forwards: same decisions, same logits (to float rounding), kernel or not."""
-    model = _trained_like("cifar10_rnn_gate_38").to(memory_format=torch.channels_last)
+    model = trained_like("cifar10_rnn_gate_38").to(memory_format=torch.channels_last)
     x = torch.randn(9, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         fast_r = model(x, "greedy", execution="routed")
@@ -160,7 +147,7 @@ def test_forward_with_and_without_kernel_agree(monkeypatch) -> None:
 
 def test_batch_of_one_and_threshold_ties() -> None:
     """At batch 1 the kernel's decision is the only one taken; a threshold equal to p executes (p >= t)."""
-    model = _trained_like("tiny_rnn_gate_14")
+    model = trained_like("tiny_rnn_gate_14")
     x = torch.randn(1, 3, 16, 16)
     with torch.inference_mode():
         out = model(x, "greedy", execution="routed")

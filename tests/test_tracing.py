@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from skipnet import capture, create_model, fastgate
+from conftest import trained_like
+from skipnet import capture, fastgate
 from skipnet.errors import SkipnetError
 
 B = 6
@@ -32,18 +33,8 @@ class _Deployed(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    """A tiny gated network whose decisions differ between samples: gate weights spread so that the gate
-    probabilities straddle 0.5, BatchNorm statistics moved off their initial values (as training leaves them)."""
-    torch.manual_seed(3)
-    m = create_model("tiny_rnn_gate_14").eval()
-    with torch.no_grad():
-        for p in m.gates.parameters():
-            p.normal_(0, 0.5)
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.normal_(0, 0.1)
-                mod.running_var.uniform_(0.5, 2.0)
-    return m
+    """A tiny gated network whose decisions differ between samples (see ``conftest.trained_like``)."""
+    return trained_like("tiny_rnn_gate_14", seed=3)
 
 
 def _inputs(seed: int) -> torch.Tensor:
