@@ -169,20 +169,7 @@ def run(args: argparse.Namespace) -> int:
         f"{how}; executed fraction {res['keep']:.3f}"
     )
     print(f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up rounds")
-    cpu = "cpu_ms_plain" in res  # one thread: its CPU time is reported too
-    head = f"{'variant':<8} {'latency ms':>12} {'min ms':>10} {'speedup':>9}"
-    print(head + (f" {'CPU ms':>10} {'speedup':>9}" if cpu else ""))
-    for v in ("plain", "masked", "routed"):
-        lat = res[f"latency_ms_{v}"]
-        line = f"{v:<8} {lat:>12.2f} {res[f'latency_ms_min_{v}']:>10.2f} {res['latency_ms_plain'] / lat:>8.2f}x"
-        if cpu:
-            c = res[f"cpu_ms_{v}"]
-            line += f" {c:>10.2f} {res['cpu_ms_plain'] / c:>8.2f}x"
-        print(line)
-    print(
-        f"ideal speedup {res['ideal_speedup']:.2f}x (MACs {res['macs_plain'] / 1e6:.1f}M -> "
-        f"{res['macs_routed'] / 1e6:.1f}M per image, gates included); efficiency {res['efficiency']:.2f}"
-    )
+    _print_table(res)
     print(f"max |routed - masked| logit difference {res['max_abs_diff']:.2e}; same decisions: {res['decisions_match']}")
     return 0
 
@@ -274,12 +261,19 @@ def run_onnx(args: argparse.Namespace) -> int:
         f"{res['threshold']:g})"
     )
     print(f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up rounds, per batch")
-    cpu = "cpu_ms_plain" in res
+    _print_table(res)
+    return 0
+
+
+def _print_table(res: dict) -> None:
+    """Latency of each variant, its speed-up over the plain network (CPU time too at one thread), and the ideal
+    speed-up from MACs."""
+    cpu = "cpu_ms_plain" in res  # one thread: its CPU time is reported too
     head = f"{'variant':<8} {'latency ms':>12} {'min ms':>10} {'speedup':>9}"
     print(head + (f" {'CPU ms':>10} {'speedup':>9}" if cpu else ""))
     for v in ("plain", "masked", "routed"):
-        lat = res[f"latency_ms_{v}"]
-        if lat is None:  # a routed graph has no masked twin
+        lat = res.get(f"latency_ms_{v}")
+        if lat is None:  # a routed ONNX graph has no masked twin
             continue
         line = f"{v:<8} {lat:>12.2f} {res[f'latency_ms_min_{v}']:>10.2f} {res['latency_ms_plain'] / lat:>8.2f}x"
         if cpu:
@@ -290,4 +284,3 @@ def run_onnx(args: argparse.Namespace) -> int:
         f"ideal speedup {res['ideal_speedup']:.2f}x (MACs {res['macs_plain'] / 1e6:.1f}M -> "
         f"{res['macs_routed'] / 1e6:.1f}M per image, gates included); efficiency {res['efficiency']:.2f}"
     )
-    return 0
