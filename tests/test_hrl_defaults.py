@@ -10,7 +10,8 @@ import torch
 
 from skipnet.checkpoint import load_model
 from skipnet.cli import main
-from skipnet.losses import hybrid_returns, mean_first_return
+from skipnet.losses import distillation_loss, distilled_task_loss, hybrid_returns, mean_first_return
+from skipnet.registry import create_model
 from skipnet.train import selection_score
 
 COMMON = ["--limit-train", "256", "--limit-test", "64", "--batch-size", "32", "--threads", "1", "--val-split", "0.2"]
@@ -84,3 +85,37 @@ def test_hrl_at_a_tiny_lr_leaves_greedy_inference_alone(sp_run, tmp_path, bn) ->
         assert torch.equal(d0, d1)
     else:
         assert (after - before).abs().max() > 1e-3
+
+
+def test_distillation_loss_is_t2_kl() -> None:
+    s, t = torch.randn(6, 10), torch.randn(6, 10)
+    kd = distillation_loss(s, t, temperature=3.0)
+    p_t = torch.softmax(t / 3, 1)
+    expected = 9.0 * (p_t * (p_t.log() - torch.log_softmax(s / 3, 1))).sum(1)
+    torch.testing.assert_close(kd, expected)
+    assert distillation_loss(t, t, 3.0).abs().max() < 1e-6  # matching the teacher costs nothing
+    ce = torch.rand(6)
+    torch.testing.assert_close(distilled_task_loss(ce, kd, 0.25), 0.75 * ce + 0.25 * kd)
+
+
+def test_hrl_distills_from_a_teacher(sp_run, tmp_path, capsys) -> None:
+    """--distill changes the loss HRL trains on (a KD term is logged) and refuses a teacher of other classes."""
+    sp, data = sp_run
+    args = ["train", "tiny_rnn_gate_14", "--stage", "hrl", "--data", data, *COMMON, "--iters", "4", "--lr", "0.01"]
+    args += ["--init", str(sp / "best.pt"), "--alpha", "1", "--seed", "3"]
+    assert main([*args, "--distill", str(sp / "best.pt"), "--out", str(tmp_path / "kd")]) == 0
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    kd_rows = (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()
+    row = json.loads(kd_rows[-1])
+    assert row["train_kd"] >= 0.0 and json.loads((tmp_path / "kd" / "config.json").read_text())["distill"]
+    a, _ = load_model(tmp_path / "kd" / "last.pt")
+    b, _ = load_model(tmp_path / "plain" / "last.pt")
+    assert any(not torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    other = tmp_path / "seven.pt"
+    _, ckpt = load_model(sp / "best.pt")
+    ckpt["arch"]["num_classes"] = 7
+    ckpt["state_dict"] = create_model("tiny_rnn_gate_14", num_classes=7).state_dict()
+    torch.save(ckpt, other)
+    capsys.readouterr()
+    assert main([*args, "--distill", str(other), "--out", str(tmp_path / "bad")]) == 2
+    assert "predicts 7 classes; the data has 10" in capsys.readouterr().err

@@ -189,9 +189,10 @@ def test_wall_clock_checkpoints_between_evaluations_resume_exactly(tmp_path) -> 
     a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(out / "last.pt")
     assert a["step"] == b["step"] == 8
     assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
-    assert json.loads((straight / "summary.json").read_text())["test"] == json.loads(
-        (out / "summary.json").read_text()
-    )["test"]
+    assert (
+        json.loads((straight / "summary.json").read_text())["test"]
+        == json.loads((out / "summary.json").read_text())["test"]
+    )
 
 
 def test_checkpoint_minutes_is_checked(tmp_path, capsys) -> None:

@@ -11,6 +11,7 @@ broadcast to (B, B), crediting each action with the batch-average return.
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -43,6 +44,21 @@ def mean_first_return(ce_mean: float, skip_fraction: float, alpha: float, beta: 
     in both, so this equals ``hybrid_returns(ce, decisions, alpha, beta)[:, 0].mean()`` (tested). It is what HRL
     maximises, used to choose the HRL checkpoint on the validation split."""
     return -(beta * ce_mean) + alpha * skip_fraction
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Per-sample knowledge distillation ``T^2 * KL(softmax(t / T) || softmax(s / T))``, shape (B,) (Hinton et
+    al. 2015; beyond the paper). The ``T^2`` keeps its gradient on the scale of the cross-entropy's."""
+    t = float(temperature)
+    log_s = F.log_softmax(student_logits.float() / t, dim=1)
+    log_t = F.log_softmax(teacher_logits.detach().float() / t, dim=1)
+    return (t * t) * (log_t.exp() * (log_t - log_s)).sum(1)
+
+
+def distilled_task_loss(ce: Tensor, kd: Tensor, weight: float) -> Tensor:
+    """The per-sample loss ``L`` of Eq. 5 under ``--distill``: ``(1 - w) * CE + w * KD``, (B,). It is both the
+    backbone's supervised loss and the loss inside the HRL return (Eq. 6)."""
+    return (1.0 - weight) * ce + weight * kd
 
 
 def reinforce_loss(log_probs: Tensor, returns: Tensor, baseline: Tensor | None = None) -> Tensor:
@@ -88,4 +104,12 @@ class Baseline:
         self.value = state.get("value")
 
 
-__all__ = ["Baseline", "hybrid_returns", "mean_first_return", "reinforce_loss", "skip_rewards"]
+__all__ = [
+    "Baseline",
+    "distillation_loss",
+    "distilled_task_loss",
+    "hybrid_returns",
+    "mean_first_return",
+    "reinforce_loss",
+    "skip_rewards",
+]

@@ -29,6 +29,7 @@ from skipnet.checkpoint import (
     atomic_write,
     checkpoint_bytes,
     load_checkpoint,
+    load_model,
     load_weights_into,
     make_checkpoint,
     model_from_checkpoint,
@@ -40,7 +41,7 @@ from skipnet.data import DataBundle, load_data
 from skipnet.errors import Interrupted, SkipnetError
 from skipnet.evaluate import evaluate
 from skipnet.gated import GatedResNet, GateMode
-from skipnet.losses import Baseline, mean_first_return
+from skipnet.losses import Baseline, distillation_loss, distilled_task_loss, mean_first_return
 from skipnet.registry import get_config
 from skipnet.rundir import append_row, read_rows, run_lock, write_rows
 from skipnet.runlog import Progress, RunLog, environment
@@ -103,6 +104,9 @@ class TrainConfig:
     device: str = "auto"
     checkpoint_minutes: float = 10.0
     tensorboard: bool = False
+    distill: str | None = None
+    distill_weight: float = 0.5
+    distill_temperature: float = 4.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,6 +186,11 @@ def selection_score(rule: str, val: dict[str, Any], alpha: float, beta: float, n
         skipped = 1.0 - (val["executed_blocks_mean"] - 1.0) / max(1, num_gates)
         return mean_first_return(val["loss"], skipped, alpha, beta)
     return math.inf
+
+
+def _same_stats(saved: dict[str, Any], data: DataBundle) -> bool:
+    pairs = list(zip(saved["mean"], data.mean)) + list(zip(saved["std"], data.std))
+    return len(saved["mean"]) == len(data.mean) and all(abs(a - b) <= 1e-4 for a, b in pairs)
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -303,6 +312,7 @@ class Trainer:
             self.stage.eval_mode if arch.gated or self.stage.eval_mode == GateMode.RANDOM else GateMode.ALL_ON
         )
         self.cost = cost_model(self.model)
+        self.teacher = self._load_teacher(self.cfg.distill) if self.cfg.distill else None
         self.model.to(self.device)
         if self.cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -348,6 +358,26 @@ class Trainer:
         if self.main:
             for name in leftovers:
                 (self.out / name).unlink()
+
+    def _load_teacher(self, spec: str) -> GatedResNet:
+        """The frozen network whose predictions ``--distill`` matches (eval mode, its own gate mode): it must see
+        the same classes and the same input normalisation as the student, or the targets would be wrong."""
+        teacher, ckpt = load_model(spec)
+        if teacher.config.num_classes != self.data.num_classes:
+            raise SkipnetError(
+                f"--distill {spec} predicts {teacher.config.num_classes} classes; the data has {self.data.num_classes}"
+            )
+        stats = ckpt.get("data", {})
+        if stats.get("mean") is not None and not _same_stats(stats, self.data):
+            raise SkipnetError(
+                f"--distill {spec} was trained on inputs normalised with mean {stats['mean']} and std {stats['std']}; "
+                f"this run normalises with {list(self.data.mean)} and {list(self.data.std)}"
+            )
+        teacher.requires_grad_(False)
+        teacher.to(self.device)
+        if self.cfg.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        return teacher.eval()
 
     def _init_torchvision(self, path: str) -> None:
         if self.model.config.family != "imagenet":
@@ -497,9 +527,16 @@ class Trainer:
                 explore=cfg.explore if self.stage.train_mode == GateMode.SAMPLE else 0.0,
             )
             ce = F.cross_entropy(out.logits.float(), y, reduction="none")  # (B,)
+            task, extra = ce, {}
+            if self.teacher is not None:
+                with torch.no_grad():
+                    target = self.teacher(x).logits
+                kd = distillation_loss(out.logits, target, cfg.distill_temperature)
+                task, extra = distilled_task_loss(ce, kd, cfg.distill_weight), {"kd": kd.detach().mean()}
             loss, stats = self.stage.loss(
-                ce, out.trace, alpha=cfg.alpha, beta=cfg.beta, rl_weight=cfg.rl_weight, baseline=self.baseline
+                task, out.trace, alpha=cfg.alpha, beta=cfg.beta, rl_weight=cfg.rl_weight, baseline=self.baseline
             )
+            stats |= {"ce": ce.detach().mean()} | extra
         if self.dist.any(not bool(torch.isfinite(loss.detach()))):  # before the update: weights stay good
             self._non_finite(loss)
         self.optimizer.zero_grad(set_to_none=True)

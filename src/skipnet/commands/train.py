@@ -149,6 +149,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(-beta CE + alpha x fraction skipped, Eq. 6), or the last evaluation. Default: reward for hrl/rl, "
         "accuracy otherwise",
     )
+    p.add_argument(
+        "--distill",
+        default=None,
+        metavar="TEACHER",
+        help="also match the predictions of a frozen TEACHER (a checkpoint or pretrained:NAME, e.g. the plain "
+        "network): the per-sample loss becomes (1 - w) CE + w T^2 KL (beyond the paper)",
+    )
+    p.add_argument("--distill-weight", type=float, default=0.5, help="w, the weight of the distillation term")
+    p.add_argument("--distill-temperature", type=float, default=4.0, help="T, the softmax temperature of --distill")
     p.add_argument("--keep", type=float, default=0.5, help="SDV keep ratio (stage sdv)")
     p.add_argument("--threshold", type=float, default=0.5, help="gate threshold for hard/greedy decisions")
     p.add_argument("--val-split", type=float, default=0.1, help="fraction of train held out for model selection")
@@ -250,6 +259,8 @@ RULES: list[tuple[str, object, str]] = [
     ("warmup_iters", _non_negative, ">= 0"),
     ("workers", _non_negative, ">= 0"),
     ("threshold", _unit, "in [0, 1]"),
+    ("distill_weight", _unit, "in [0, 1]"),
+    ("distill_temperature", _positive, "positive"),
     ("keep", _unit, "in [0, 1]"),
     ("momentum", _unit_open, "in [0, 1)"),
     ("val_split", _unit_open, "in [0, 1)"),
