@@ -100,6 +100,9 @@ def test_tensorboard_event_files_hold_the_scalars(run) -> None:
     assert [e.value for e in loss] == pytest.approx([float(r["loss"]) for r in rows], rel=1e-5)
     val = [json.loads(ln) for ln in (run / "metrics.jsonl").open()]
     assert [e.value for e in events.Scalars("val/accuracy")] == pytest.approx([r["val_accuracy"] for r in val])
+    per_block = [e.value for e in events.Scalars("val_skip_ratio/block_03")]  # also in each metrics.jsonl row
+    assert per_block == pytest.approx([r["val_skip_ratio_per_block"][2] for r in val], abs=1e-5)
+    assert all(len(r["val_skip_ratio_per_block"]) == 5 for r in val)
 
 
 def test_config_json_records_versions_and_command(run) -> None:

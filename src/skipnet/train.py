@@ -698,6 +698,7 @@ class Trainer:
                 "val_macs_reduction": val["macs_reduction"],
                 "val_cp": val["computation_percentage"],
                 "val_skip_ratio": 1.0 - (val["executed_blocks_mean"] - 1.0) / max(1, self.model.num_gates),
+                "val_skip_ratio_per_block": [round(float(r), 5) for r in val.get("skip_ratio_per_block", [])],
             }
             row["val_loss"] = val["loss"]
             score = selection_score(self.cfg.select, val, self.cfg.alpha, self.cfg.beta, self.model.num_gates)
