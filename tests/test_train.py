@@ -236,6 +236,10 @@ def test_resume_equals_uninterrupted(tmp_path, cifar_jpeg) -> None:
     b = load_checkpoint(tmp_path / "split" / "last.pt")["state_dict"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
+    # a resumed run may be extended and given another thread count, which its checkpoint then records
+    assert main([*args, "--iters", "5", "--threads", "2", "--out", str(tmp_path / "split"), "--resume"]) == 0
+    extended = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert extended["step"] == 5 and extended["train_config"]["threads"] == 2
 
 
 def test_user_errors_exit_2(tmp_path, runs, capsys) -> None:

@@ -240,7 +240,7 @@ class Trainer:
                 saved = TrainConfig.from_dict(resume_ckpt["train_config"])
             except (KeyError, TypeError, AttributeError):
                 raise SkipnetError(f"{self.out / 'last.pt'} has no usable run configuration to resume from") from None
-            for k in ("epochs", "iters"):  # a resumed run may be extended
+            for k in ("epochs", "iters", "threads"):  # a resumed run may be extended, or given more threads
                 if getattr(cfg, k) is not None:
                     setattr(saved, k, getattr(cfg, k))
             saved.resume, saved.out = True, cfg.out
