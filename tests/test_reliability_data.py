@@ -89,3 +89,51 @@ def test_bomb_image_is_skipped_in_the_large_image_path(tmp_path) -> None:
     index = [p for p, _ in folder.folder.samples].index(str(root / "train" / "a" / "1.png"))
     image, label = folder[index]  # the next image of the folder instead, with a warning
     assert image.size == (80, 80) and label == 0 and str(root / "train" / "a" / "1.png") in folder.bad
+
+
+def _resolve_in_child(archive: str, cache: str, queue) -> None:
+    import os
+
+    os.environ["SKIPNET_CACHE"] = cache
+    from skipnet.data import resolve_folder
+
+    root = resolve_folder(Path(archive))
+    queue.put(sorted(str(p.relative_to(root)) for p in root.rglob("*.png")))
+
+
+def test_two_processes_extract_one_archive_at_once(tmp_path) -> None:
+    """Two commands started together on a fresh cache (two runs, or pytest-xdist workers) each get the whole data
+    set: each extracts into its own directory and renames it into place; no half-extracted copy is ever read."""
+    import multiprocessing as mp
+
+    root = make_folder(tmp_path / "imgs", n=60)
+    archive = tmp_path / "imgs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="imgs")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_resolve_in_child, args=(str(archive), str(tmp_path / "c"), queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert all(g == got[0] for g in got) and len(got[0]) == 2 * 2 * 60
+    left = list((tmp_path / "c" / "extracted").iterdir())
+    assert len(left) == 1 and (left[0] / ".complete").exists()  # no temporary directory left behind
+
+
+def test_leftover_of_a_killed_extraction_is_replaced(tmp_path) -> None:
+    from skipnet.data import resolve_folder
+
+    root = make_folder(tmp_path / "imgs")
+    archive = tmp_path / "imgs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="imgs")
+    first = resolve_folder(archive)
+    dest = next((tmp_path / "cache" / "extracted").iterdir())
+    (dest / ".complete").unlink()  # as if killed before it finished
+    next(first.rglob("*.png")).unlink()
+    again = resolve_folder(archive)
+    assert len(list(again.rglob("*.png"))) == 16 and (dest / ".complete").exists()

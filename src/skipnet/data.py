@@ -312,6 +312,34 @@ def _check_rest(tar: tarfile.TarFile) -> None:
             raise tarfile.ReadError(f"members after {tar.members[-1].name if tar.members else 'the start'} are damaged")
 
 
+def _extract(archive: Path, dest: Path) -> None:
+    """Extract ``archive`` to ``dest`` atomically: into a directory of this process's own, renamed into place when
+    complete, so that two processes extracting at once never read (or delete) each other's half-written files."""
+    log.info("extracting %s to %s", archive, dest)
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+            _check_rest(tar)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SkipnetError(
+            f"cannot extract {archive} ({type(exc).__name__}: {exc}); is it a complete .tar.gz? download or copy "
+            "it again"
+        ) from None
+    (tmp / ".complete").touch()
+    if dest.exists() and not (dest / ".complete").exists():  # left by an extraction that was killed
+        shutil.rmtree(dest, ignore_errors=True)
+    try:
+        os.rename(tmp, dest)
+    except OSError:  # another process put its complete copy there first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dest / ".complete").exists():
+            raise SkipnetError(f"cannot extract {archive} to {dest}: the directory is in use or not writable") from None
+
+
 def resolve_folder(path: Path) -> Path:
     """An ImageFolder root for ``path``: a directory with ``train/`` and ``test/`` or ``val/``, or a
     ``.tar.gz`` archive holding one (extracted once into the cache directory)."""
@@ -320,19 +348,7 @@ def resolve_folder(path: Path) -> Path:
         key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime}".encode()).hexdigest()[:12]
         dest = cache_dir() / "extracted" / f"{path.name.split('.')[0]}-{key}"
         if not (dest / ".complete").exists():
-            log.info("extracting %s to %s", path, dest)
-            dest.mkdir(parents=True, exist_ok=True)
-            try:
-                with tarfile.open(path) as tar:
-                    tar.extractall(dest, filter="data")
-                    _check_rest(tar)
-            except (tarfile.TarError, EOFError, OSError) as exc:
-                shutil.rmtree(dest, ignore_errors=True)
-                raise SkipnetError(
-                    f"cannot extract {path} ({type(exc).__name__}: {exc}); is it a complete .tar.gz? "
-                    "download or copy it again"
-                ) from None
-            (dest / ".complete").touch()
+            _extract(path, dest)
         path = dest
     if not path.exists():
         raise SkipnetError(
