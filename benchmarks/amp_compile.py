@@ -8,7 +8,7 @@ For one architecture and batch, times a full training step (forward, loss, backw
 in fp32 and under ``torch.autocast`` bf16 (what ``--amp bf16`` does), eager and compiled:
 
 - ``model``: ``torch.compile(model, dynamic=True)`` -- what ``skipnet train --compile`` does;
-- ``blocks``: only the residual branch of the blocks compiled (``skipnet.gated.residual_branch``, dynamic batch),
+- ``blocks``: only the residual branch of the blocks compiled (``skipnet.blocks.residual_branch``, dynamic batch),
   the routing staying eager (reference notes §6).
 
 Compilation is slow on a small CPU, so compiled variants can run on a smaller ``--compile-arch`` (eager is
@@ -34,7 +34,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-import skipnet.gated as gated
+import skipnet.blocks as blocks
 import skipnet.gates as gates
 from skipnet import create_model
 from skipnet.checkpoint import unwrap
@@ -52,7 +52,7 @@ def time_steps(arch: str, stage: str, batch: int, amp: str, compiled: str, steps
     """Time training steps of one variant. A compiled variant alternates, step by step, with an eager twin
     (same weights, same inputs), so that both see the same machine load: ``eager_median_s``."""
     torch._dynamo.reset()
-    original = gated.residual_branch
+    original = blocks.residual_branch
     body = torch.compile(original, dynamic=True) if compiled == "blocks" else original
     if compiled == "model":
         # The gates' channels_last-preserving average pool (a custom autograd.Function) does not trace
@@ -76,7 +76,7 @@ def time_steps(arch: str, stage: str, batch: int, amp: str, compiled: str, steps
         executed = []
         for _ in range(warmup + steps):
             for key, (train_model, branch) in runs.items():
-                gated.residual_branch = branch
+                blocks.residual_branch = branch
                 t0 = time.perf_counter()
                 with ctx:
                     out = train_model(x, st.train_mode)
@@ -90,7 +90,7 @@ def time_steps(arch: str, stage: str, batch: int, amp: str, compiled: str, steps
                     executed.append(out.trace.decisions.float().mean().item())
                     finite = bool(torch.isfinite(loss).item())
     finally:
-        gated.residual_branch = original
+        blocks.residual_branch = original
         gates.spatial_mean = _SPATIAL_MEAN
     timed = times["main"][warmup:]
     row = {

@@ -58,7 +58,7 @@ def test_variant_env_is_read_at_load_and_checked() -> None:
 
 def _kernel_outputs(model, x):
     """Every compiled kernel's results on fixed inputs: gate steps of a whole network, tail forward and backward."""
-    import skipnet.gated as gated
+    import skipnet.executors as executors
 
     out = []
     with torch.no_grad():
@@ -74,7 +74,7 @@ def _kernel_outputs(model, x):
     for layout in (torch.channels_last, torch.contiguous_format):
         r, s, grad = (torch.randn(5, 19, 7, 9).contiguous(memory_format=layout) for _ in range(3))
         out += _tail_run(g, r, s, grad)
-        assert gated._tail_kernels(r, s) is not None
+        assert executors._tail_kernels(r, s) is not None
     return out
 
 
@@ -202,10 +202,10 @@ def test_disabled_by_environment(no_kernel) -> None:
 
 def _tail_run(g, r, s, grad, grad_layout=None):
     """Forward and backward of the masked tail (Eq. 1 after a block's residual branch) from fresh leaves."""
-    import skipnet.gated as gated
+    import skipnet.executors as executors
 
     gl, rl, sl = (t.detach().clone().requires_grad_() for t in (g, r, s))
-    out = gated._masked_tail(gl, rl * 1.0, sl)  # rl * 1.0: the tail writes into its residual argument
+    out = executors._masked_tail(gl, rl * 1.0, sl)  # rl * 1.0: the tail writes into its residual argument
     out.backward(grad if grad_layout is None else grad.contiguous(memory_format=grad_layout))
     return out.detach(), gl.grad, rl.grad, sl.grad
 
@@ -223,14 +223,14 @@ def _lerp_bound(out: torch.Tensor, e: torch.Tensor, s: torch.Tensor) -> torch.Te
 def test_masked_tail_kernels_equal_eager(layout, monkeypatch, variant: str) -> None:
     """The compiled forward/backward of the SP block tail give the eager values: bit-identical for hard gate
     values (0, 1), within the stated rounding bound (:func:`_lerp_bound`) for soft ones, in every variant."""
-    import skipnet.gated as gated
+    import skipnet.executors as executors
 
-    assert gated._tail_kernels(torch.zeros(2, 3, 4, 4)) is not None  # the kernels are there to compare
+    assert executors._tail_kernels(torch.zeros(2, 3, 4, 4)) is not None  # the kernels are there to compare
     r, s, grad = (torch.randn(7, 16, 9, 9).contiguous(memory_format=layout) for _ in range(3))
     g = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.3, 0.7, 0.5])  # exact skips and executions, and soft values
     fast = _tail_run(g, r, s, grad)
     other_layout = _tail_run(g, r, s, grad, torch.contiguous_format if layout == torch.channels_last else None)
-    monkeypatch.setattr(gated, "_tail_kernels", lambda *t: None)
+    monkeypatch.setattr(executors, "_tail_kernels", lambda *t: None)
     slow = _tail_run(g, r, s, grad)
     hard = (g == 0) | (g == 1)
     assert torch.equal(fast[0][hard], slow[0][hard])  # hard gates: bit-identical

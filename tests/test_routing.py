@@ -16,18 +16,11 @@ import torch.nn.functional as F
 
 from skipnet import create_model
 from skipnet.bench import calibrate_bn, random_decisions, time_interleaved
+from skipnet.blocks import run_block, shortcut_branch
 from skipnet.cli import main
 from skipnet.errors import SkipnetError
-from skipnet.gated import (
-    GatedResNet,
-    masked_block,
-    put_rows_,
-    route_indices,
-    routed_block,
-    run_block,
-    shortcut_branch,
-    take_rows,
-)
+from skipnet.executors import masked_block, put_rows_, route_indices, routed_block, take_rows
+from skipnet.gated import GatedResNet
 from skipnet.losses import hybrid_returns, reinforce_loss
 
 ARCHS = ["tiny_rnn_gate_14", "tiny_feedforward_14"]

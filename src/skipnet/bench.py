@@ -9,7 +9,7 @@ The three inference variants share one set of weights:
 
 - ``plain``: ``mode="all_on"`` -- every block, no gate: exactly the plain ResNet on the same backbone.
 - ``masked``: every block for every sample, mixed with the 0/1 decision (what the authors' code does).
-- ``routed``: each block runs on the samples that execute it only (:func:`skipnet.gated.route_indices`).
+- ``routed``: each block runs on the samples that execute it only (:func:`skipnet.executors.route_indices`).
 
 Decisions are either *forced* -- Bernoulli(keep) per sample and gate, drawn once and fixed across repeats;
 the gates are still computed, so their cost counts -- or, for a checkpoint, taken greedily by its learned gates

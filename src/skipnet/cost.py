@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from skipnet.gated import GatedResNet, residual_branch, shortcut_branch
+from skipnet.blocks import residual_branch, shortcut_branch
+from skipnet.gated import GatedResNet
 
 
 def _module_macs(module: nn.Module, inputs: tuple[Tensor, ...], output: Any) -> int:

@@ -46,8 +46,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.resnet import Bottleneck
 
+from skipnet.blocks import residual_branch, run_block, shortcut_branch
 from skipnet.errors import SkipnetError
-from skipnet.gated import GatedResNet, residual_branch, run_block, shortcut_branch
+from skipnet.gated import GatedResNet
 from skipnet.gates import FeedForwardGates, RNNGate
 
 GRAPHS = ("conditional", "routed", "masked", "plain")
@@ -207,7 +208,7 @@ def _bn(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
 
 
 def _routed_residual(block: nn.Module, x: Tensor) -> Tensor:
-    """:func:`~skipnet.gated.residual_branch` for a batch of data-dependent size (the same ops)."""
+    """:func:`~skipnet.blocks.residual_branch` for a batch of data-dependent size (the same ops)."""
     out = F.relu(_bn(block.bn1, block.conv1(x)))
     out = _bn(block.bn2, block.conv2(out))
     if isinstance(block, Bottleneck):

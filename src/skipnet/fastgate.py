@@ -1,5 +1,5 @@
 """Compiled CPU kernels (``_fastgate.cpp``), built on first use: the recurrent gate's inference step as one call,
-and the SP block tail (:class:`skipnet.gated._MaskedTail`) forward and backward in one pass each.
+and the SP block tail (:class:`skipnet.executors._MaskedTail`) forward and backward in one pass each.
 
 At batch size 1 on a CPU a gate step in eager PyTorch is about ten small calls (spatial sum, LSTM cell, output
 layer, sigmoid, threshold, host read) at 15-20 us in all, against ~1.5 us for the same work in one C++ function:

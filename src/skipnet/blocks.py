@@ -1,0 +1,41 @@
+"""The two functions of a gated residual block in Eq. 1, ``x_{i+1} = g_i F_i(x_i) + (1 - g_i) S_i(x_i)``.
+
+``F_i`` is the whole torchvision BasicBlock/Bottleneck (residual branch + shortcut + ReLU) and ``S_i`` its
+shortcut: the identity, or for a downsampling block its projection ``BN(conv1x1_s2(x))`` (no ReLU). Every
+executor (:mod:`skipnet.executors`), the cost counter and the export graphs build on these.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.resnet import Bottleneck
+
+
+def residual_branch(block: nn.Module, x: Tensor) -> Tensor:
+    """The residual function of a torchvision BasicBlock/Bottleneck, before the addition."""
+    out = block.relu(block.bn1(block.conv1(x)))
+    out = block.bn2(block.conv2(out))
+    if isinstance(block, Bottleneck):
+        out = block.bn3(block.conv3(block.relu(out)))
+    return out
+
+
+def shortcut_branch(block: nn.Module, x: Tensor) -> Tensor:
+    """What a skipped block yields (Eq. 1): its projection shortcut, or the identity."""
+    return block.downsample(x) if block.downsample is not None else x
+
+
+def run_block(block: nn.Module, x: Tensor) -> Tensor:
+    """``F_i(x)``: the whole residual block, ``relu(residual(x) + shortcut(x))``.
+
+    The addition and the ReLU are done in place on the residual's fresh output (as torchvision's own blocks
+    do), which is autograd-safe: batch norm does not save its output.
+    """
+    out = residual_branch(block, x)
+    out += shortcut_branch(block, x)
+    return F.relu_(out)
+
+
+__all__ = ["residual_branch", "run_block", "shortcut_branch"]

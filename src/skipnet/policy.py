@@ -1,0 +1,257 @@
+"""Gate policies: per gated block, the decision ``g_i`` and, at the end of the forward, its log-probability.
+
+A policy is made once per forward (:func:`choose`) from the mode, threshold, keep ratio, exploration floor and
+any forced decisions. :meth:`GatePolicy.start` sees the first gated block's input; :meth:`GatePolicy.decide`
+runs gate ``i`` (paper §3.1, :mod:`skipnet.gates`) and returns block ``i``'s decision in the form the forward's
+executor takes (:mod:`skipnet.executors`: the gate ``g`` (B,) for masked execution, the executing rows or a
+``bool`` for routed); :meth:`GatePolicy.trace` assembles the :class:`~skipnet.outputs.GateTrace`, with
+``log pi(g_i | x)`` of the Bernoulli policy (Eq. 3) for REINFORCE (Eq. 5-6).
+
+Modes (:class:`GateMode`):
+
+- ``hard``   straight-through (Eq. 7): forward ``1[p >= t]``, backward ``dp`` (supervised pre-training).
+- ``soft``   ``g = p`` (the paper's soft-gating baseline in training).
+- ``sample`` ``g ~ Bernoulli(p)`` (REINFORCE / hybrid RL, Eq. 5-6).
+- ``greedy`` ``g = 1[p >= t]`` (inference; ``t`` = ``threshold``, 0.5 by default).
+- ``random`` ``g ~ Bernoulli(keep)`` independent of the input (stochastic-depth variant, SDV).
+- ``all_on`` every block runs, no gate is computed: exactly the plain ResNet.
+
+To add a gate mode: a :class:`GateMode` member and a :class:`GatePolicy` subclass (its ``decide`` and
+``decisions``), picked in :func:`choose`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from skipnet.errors import SkipnetError
+from skipnet.outputs import GateTrace
+
+
+class GateMode(StrEnum):
+    HARD = "hard"
+    SOFT = "soft"
+    SAMPLE = "sample"
+    GREEDY = "greedy"
+    RANDOM = "random"
+    ALL_ON = "all_on"
+
+    @property
+    def needs_masked(self) -> bool:
+        """Whether the mode's gradient needs every block for every sample (masked execution only)."""
+        return self in (GateMode.HARD, GateMode.SOFT)
+
+    @property
+    def routed_by_default(self) -> bool:
+        """Whether ``execution="auto"`` routes: nothing needs the skipped branch."""
+        return self in (GateMode.SAMPLE, GateMode.GREEDY, GateMode.RANDOM)
+
+    @property
+    def differentiable(self) -> bool:
+        """Whether training in this mode gives the gates a gradient (straight-through, soft or REINFORCE)."""
+        return self in (GateMode.HARD, GateMode.SOFT, GateMode.SAMPLE)
+
+
+class GatePolicy:
+    """One forward's decisions. The base runs the gates (or the compiled gate step) and builds the trace;
+    subclasses say how a gate's probability becomes a decision (:meth:`decide`) and the (B, N) decisions taken
+    (:meth:`decisions`)."""
+
+    def __init__(self, model: Any, mode: GateMode, threshold: float, explore: float, routed: bool) -> None:
+        self.mode, self.threshold, self.explore, self.routed = mode, threshold, explore, routed
+        self.gates, self.n = model.gates, model.num_gates
+        self.gate_step: Callable[..., tuple[Tensor, Any]] = model.gate_step
+        self.computes = self.gates is not None and mode not in (GateMode.ALL_ON, GateMode.RANDOM)
+
+    def start(self, x: Tensor) -> None:
+        """Begin on the input ``x`` of the first gated block (a tensor the forward made)."""
+        self.batch, self.dtype = x.shape[0], x.dtype
+        self.state = self.gates.init_state(x) if self.computes else None
+        # CPU float32 inference with the recurrent gate: each gate step is one compiled call that also takes the
+        # decision and lists the executed samples (skipnet.fastgate); ``kern.z`` / ``kern.p`` hold the trace.
+        self.kern = self.gates.kernel_run(x, self.state, self.threshold) if self.computes and self.n else None
+        self.z_l: list[Tensor] = []
+        self.p_l: list[Tensor] = []
+        self.dec_l: list[Any] = []
+
+    def step(self, i: int, x: Tensor) -> int | None:
+        """Run gate ``i`` (if any): the compiled step's count of executing samples, else ``None``."""
+        if self.kern is not None:
+            return self.kern.step(i, x)
+        if self.computes:
+            z, self.state = self.gate_step(i, x, self.state)
+            self.z_l.append(z)
+        return None
+
+    def probs(self, i: int, x: Tensor) -> Tensor:
+        """Run gate ``i``; ``p_i`` (B,). A plain ResNet has no gate: ``p = 1``, so greedy executes every block."""
+        self.step(i, x)
+        if self.kern is not None:
+            return self.kern.p[:, i]
+        p = torch.sigmoid(self.z_l[-1]) if self.computes else x.new_ones(self.batch)
+        self.p_l.append(p)
+        return p
+
+    def decide(self, i: int, x: Tensor) -> Tensor | bool:
+        raise NotImplementedError
+
+    def decisions(self, x: Tensor, probs: Tensor) -> Tensor:
+        """The (B, N) 0/1 decisions taken, in the block input's dtype."""
+        raise NotImplementedError
+
+    def trace(self, x: Tensor) -> GateTrace:
+        """The forward's :class:`GateTrace` (``x``: the last block's output)."""
+        batch, n = self.batch, self.n
+        if self.kern is not None:
+            z_all, probs = self.kern.z, self.kern.p
+        elif self.computes and n:
+            z_all = torch.stack(self.z_l, 1)
+            probs = torch.stack(self.p_l, 1) if self.p_l else torch.sigmoid(z_all)
+        else:
+            z_all, probs = x.new_zeros(batch, n), x.new_ones(batch, n)
+        dec = self.decisions(x, probs)
+        if not (self.computes and n):
+            log_probs = x.new_zeros(batch, n)
+        elif self.explore and self.mode == GateMode.SAMPLE:  # the floored policy pi = eps + (1 - 2 eps) p
+            eps = self.explore
+            on = torch.log(eps + (1.0 - 2.0 * eps) * torch.sigmoid(z_all))
+            off = torch.log(eps + (1.0 - 2.0 * eps) * torch.sigmoid(-z_all))
+            log_probs = dec * on + (1.0 - dec) * off
+        else:  # log pi(g_i | x) for the Bernoulli policy of Eq. 3, stable in the logit; one pass for all gates
+            log_probs = dec * F.logsigmoid(z_all) + (1.0 - dec) * F.logsigmoid(-z_all)
+        return GateTrace(probs=probs, decisions=dec.detach(), log_probs=log_probs, logits=z_all)
+
+
+class AllOn(GatePolicy):
+    """``all_on``: every block runs, no gate is computed."""
+
+    def decide(self, i: int, x: Tensor) -> bool:
+        return True
+
+    def decisions(self, x: Tensor, probs: Tensor) -> Tensor:
+        return x.new_ones(self.batch, self.n)
+
+
+class Forced(GatePolicy):
+    """Given 0/1 decisions (B, N), or for ``random`` (SDV) Bernoulli(``keep``) draws independent of the input.
+    Gates are still computed (their cost is real) unless the mode computes none."""
+
+    def __init__(self, model: Any, mode: GateMode, threshold: float, explore: float, routed: bool, **kw: Any) -> None:
+        super().__init__(model, mode, threshold, explore, routed)
+        self.given: Tensor | None = kw["decisions"]
+        self.keep: float = kw["keep"]
+
+    def start(self, x: Tensor) -> None:
+        super().start(x)
+        given = self.given
+        if given is None:  # random mode
+            given = torch.bernoulli(x.new_full((self.batch, self.n), float(self.keep)))
+        self.forced = given.detach().to(device=x.device, dtype=self.dtype)
+        # Routing reads each decision on the host: once, up front, as Python flags for a batch of one, as
+        # per-block index tensors otherwise (one nonzero for the whole (B, N) matrix).
+        self.rows: list[Any] = []
+        if self.routed and self.n:
+            executed = self.forced > 0.5
+            if self.batch == 1:
+                self.rows = executed[0].tolist()
+            else:
+                pairs = torch.nonzero(executed.t())  # (block, sample) pairs, sorted by block then sample
+                self.rows = list(pairs[:, 1].contiguous().split(executed.sum(0).tolist()))
+
+    def decide(self, i: int, x: Tensor) -> Tensor | bool:
+        self.step(i, x)
+        return self.rows[i] if self.routed else self.forced[:, i]
+
+    def decisions(self, x: Tensor, probs: Tensor) -> Tensor:
+        return self.forced
+
+
+class Greedy(GatePolicy):
+    """Routed ``greedy``: only the decision ``1[p >= t]`` is needed, in as few operations as can be."""
+
+    def start(self, x: Tensor) -> None:
+        super().start(x)
+        self.host_threshold: float | None = None
+
+    def decide(self, i: int, x: Tensor) -> Tensor | bool:
+        if self.kern is not None:  # the kernel decided: n samples, listed in kern.idx
+            n = self.kern.step(i, x)
+            return n == self.batch if n in (0, self.batch) else self.kern.idx[:n]
+        p = self.probs(i, x)
+        if self.batch == 1:  # one host read, a plain Python branch
+            if self.host_threshold is None:  # ``p >= t`` compares in p's dtype: so does this
+                self.host_threshold = torch.tensor(self.threshold, dtype=p.dtype).item()
+            take = p.item() >= self.host_threshold
+            self.dec_l.append(take)
+            return take
+        mask = p.detach() >= self.threshold
+        self.dec_l.append(mask)
+        return torch.nonzero(mask).flatten()
+
+    def decisions(self, x: Tensor, probs: Tensor) -> Tensor:
+        if self.kern is not None:  # the kernel's own comparison, p >= t in p's dtype
+            return (probs >= self.threshold).to(self.dtype)
+        if not self.dec_l:  # no gated block: nothing was decided
+            return x.new_ones(self.batch, self.n)
+        if not isinstance(self.dec_l[0], Tensor):  # batch of one: Python flags
+            return torch.tensor(self.dec_l, dtype=self.dtype, device=x.device).view(1, -1)
+        return torch.stack(self.dec_l, 1).to(self.dtype)
+
+
+class Drawn(GatePolicy):
+    """``hard``, ``soft``, ``sample`` and masked ``greedy``: a tensor decision per block from ``p``."""
+
+    def decide(self, i: int, x: Tensor) -> Tensor | bool:
+        p = self.probs(i, x)
+        eps = self.explore
+        if self.mode == GateMode.SAMPLE:
+            hard = torch.bernoulli(p.detach() if not eps else eps + (1.0 - 2.0 * eps) * p.detach())
+        else:  # hard, soft, greedy
+            hard = (p.detach() >= self.threshold).to(self.dtype)
+        self.dec_l.append(hard)
+        if self.routed:  # sample: a Bernoulli draw is exactly 0 or 1
+            return hard.item() > 0.5 if self.batch == 1 else torch.nonzero(hard).flatten()
+        if self.mode == GateMode.HARD:
+            # Eq. 7: forward 1[p >= t], backward dp. ``p - p.detach()`` is exactly 0, so g is exactly 0 or 1
+            # (``hard - p.detach() + p`` rounds to 1 +- 1 ulp, or +-3e-8 for a skip).
+            return hard + (p - p.detach())
+        return p if self.mode == GateMode.SOFT else hard
+
+    def decisions(self, x: Tensor, probs: Tensor) -> Tensor:
+        return torch.stack(self.dec_l, 1) if self.dec_l else x.new_ones(self.batch, self.n)
+
+
+def choose(
+    model: Any,
+    mode: GateMode,
+    routed: bool,
+    *,
+    threshold: float,
+    keep: float,
+    explore: float,
+    decisions: Tensor | None,
+    batch: int,
+) -> GatePolicy:
+    """The policy of one forward of ``model`` (checks the arguments)."""
+    if mode in (GateMode.HARD, GateMode.SOFT, GateMode.SAMPLE) and model.gates is None:
+        raise SkipnetError(f"mode {mode.value!r} needs a gated architecture; this one has no gates")
+    if not 0.0 <= explore < 0.5:
+        raise SkipnetError(f"explore must be in [0, 0.5), got {explore}")
+    if decisions is not None and tuple(decisions.shape) != (batch, model.num_gates):
+        raise SkipnetError(f"decisions must have shape (B, N) = ({batch}, {model.num_gates})")
+    if decisions is not None or mode == GateMode.RANDOM:
+        return Forced(model, mode, threshold, explore, routed, decisions=decisions, keep=keep)
+    if mode == GateMode.ALL_ON:
+        return AllOn(model, mode, threshold, explore, routed)
+    if routed and mode == GateMode.GREEDY:
+        return Greedy(model, mode, threshold, explore, routed)
+    return Drawn(model, mode, threshold, explore, routed)
+
+
+__all__ = ["AllOn", "Drawn", "Forced", "GateMode", "GatePolicy", "Greedy", "choose"]
