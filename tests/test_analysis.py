@@ -18,7 +18,6 @@ from skipnet.analysis import (
     easiest_hardest_class,
     easy_hard_indices,
     executed_blocks,
-    first_change_executes_lower,
     is_non_increasing,
     multiscale_deltas,
     per_class_stats,
@@ -136,6 +135,15 @@ def test_easy_hard_ties_broken_by_gate_probabilities() -> None:
 
 
 # --------------------------------------------------------------------------------------------- sweeps
+def first_change_executes_lower(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """(M,) bool: per image, whether the first gate that differs between thresholds ``low < high`` executes at
+    ``low`` (or no gate differs). Always true for a deterministic gated network."""
+    diff = low.round() != high.round()
+    first = diff.float().argmax(1)
+    rows = torch.arange(low.shape[0])
+    return ~diff.any(1) | (low[rows, first] > high[rows, first])
+
+
 def test_threshold_sweep_feedforward_monotone_and_endpoints() -> None:
     model, loader, cost = _random_setup("tiny_feedforward_14")
     thresholds = [0.0, *[0.3 + 0.01 * i for i in range(41)], ALL_SKIP_THRESHOLD]

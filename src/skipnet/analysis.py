@@ -150,15 +150,6 @@ def is_non_increasing(values: Sequence[float], tol: float = 0.0) -> bool:
     return all(b <= a + tol for a, b in zip(values, values[1:]))
 
 
-def first_change_executes_lower(low: Tensor, high: Tensor) -> Tensor:
-    """(M,) bool: per image, whether the first gate that differs between thresholds ``low < high`` executes at
-    ``low`` (or no gate differs). Always true for a deterministic gated network (see the module docstring)."""
-    diff = low.round() != high.round()
-    first = diff.float().argmax(1)
-    rows = torch.arange(low.shape[0])
-    return ~diff.any(1) | (low[rows, first] > high[rows, first])
-
-
 def jsonable(obj: Any) -> Any:
     """``obj`` with NaN/inf floats replaced by ``None`` (strict JSON) and tuples as lists, recursively."""
     if isinstance(obj, float):

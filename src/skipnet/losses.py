@@ -15,15 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def skip_rewards(decisions: Tensor, costs: Tensor | None = None) -> Tensor:
-    """``R_i = (1 - g_i) * C_i`` (Eq. 5), (B, N); ``C_i = 1`` unless per-block ``costs`` (N,) are given."""
-    r = 1.0 - decisions
-    return r if costs is None else r * costs.view(1, -1)
+def skip_rewards(decisions: Tensor) -> Tensor:
+    """``R_i = (1 - g_i) * C_i`` (Eq. 5) with ``C_i = 1``, (B, N)."""
+    return 1.0 - decisions
 
 
-def hybrid_returns(
-    ce: Tensor, decisions: Tensor, alpha: float, beta: float = 1.0, costs: Tensor | None = None
-) -> Tensor:
+def hybrid_returns(ce: Tensor, decisions: Tensor, alpha: float, beta: float = 1.0) -> Tensor:
     """Per-sample, per-gate returns ``r_i`` of Eq. 6 (with the beta relaxation), shape (B, N).
 
     Args:
@@ -33,7 +30,7 @@ def hybrid_returns(
     if ce.dim() != 1 or decisions.dim() != 2 or decisions.shape[0] != ce.shape[0]:
         raise ValueError(f"expected ce (B,) and decisions (B, N); got {tuple(ce.shape)} and {tuple(decisions.shape)}")
     n = decisions.shape[1]
-    rewards = skip_rewards(decisions.to(ce.dtype), costs)
+    rewards = skip_rewards(decisions.to(ce.dtype))
     future = rewards.flip(1).cumsum(1).flip(1)  # sum_{j >= i} R_j
     return -(beta * ce.detach().view(-1, 1) - (alpha / n) * future)
 
