@@ -212,7 +212,7 @@ def test_torchrun_env_and_single_process_setup(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert torchrun_env() == (0, 1, 0)
     ctx = setup(SimpleNamespace(device="cpu", amp="none", sync_bn=False))
-    assert (ctx.rank, ctx.world, ctx.device, ctx.initialized) == (0, 1, torch.device("cpu"), False)
+    assert (ctx.rank, ctx.world, ctx.device) == (0, 1, torch.device("cpu"))
     assert ctx.mean_stats({"a": torch.tensor(1.5), "b": torch.tensor(2)}) == {"a": 1.5, "b": 2.0}
     assert ctx.on_main(lambda: 7) == 7
     assert ctx.train_execution == "auto"

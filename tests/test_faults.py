@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import skipnet.checkpoint as ckpt_mod
+import skipnet.fileio as fileio
 from skipnet.checkpoint import load_checkpoint
 from skipnet.cli import main
 
@@ -59,7 +59,7 @@ def run_args(out: Path, *extra: str) -> list[str]:
 def file_ops(monkeypatch, out: Path) -> list[str]:
     """The file operations of a whole uninterrupted run, in order (operation k is ``ops[k - 1]``)."""
     seen: list[str] = []
-    monkeypatch.setattr(ckpt_mod, "fault_hook", lambda k, what: seen.append(what))
+    monkeypatch.setattr(fileio, "fault_hook", lambda k, what: seen.append(what))
     assert main(run_args(out)) == 0
     monkeypatch.undo()
     return seen
@@ -108,7 +108,7 @@ def killed_after(k: int, out: Path) -> None:
         code = 3
         try:
             os.environ["SKIPNET_FAULT_AFTER"] = str(k)
-            ckpt_mod._file_ops = 0
+            fileio._file_ops = 0
             code = main(run_args(out))
         finally:
             os._exit(code)
@@ -156,14 +156,14 @@ def test_disk_full_at_each_write_then_resume_is_exact(reference, tmp_path, monke
             if count == k:
                 raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(ckpt_mod, "_file_ops", 0)
-        monkeypatch.setattr(ckpt_mod, "fault_hook", full)
+        monkeypatch.setattr(fileio, "_file_ops", 0)
+        monkeypatch.setattr(fileio, "fault_hook", full)
         capsys.readouterr()
         assert main(run_args(out)) == 2
         err = capsys.readouterr().err.strip().splitlines()
         name = ops[k - 1].split(" ")[-1]
         assert err[-1].startswith("skipnet train: error: no space left on device writing") and name in err[-1]
-        monkeypatch.setattr(ckpt_mod, "fault_hook", lambda count, what: None)
+        monkeypatch.setattr(fileio, "fault_hook", lambda count, what: None)
         assert main([*run_args(out), "--resume"]) == 0
         same_run(straight, out)
 

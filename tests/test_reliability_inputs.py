@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import skipnet.checkpoint as ckpt_mod
+import skipnet.fileio as fileio
 from skipnet import SkipnetError
 from skipnet.checkpoint import (
     load_checkpoint,
@@ -393,7 +394,7 @@ def test_full_disk_during_training_then_resume(run, capsys, tmp_path, monkeypatc
         if sum(calls) == 2 and calls[-1]:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt_mod, "fault_hook", flaky)
+    monkeypatch.setattr(fileio, "fault_hook", flaky)
     out = tmp_path / "run"
     argv = [*run["base"], "--iters", "4", "--eval-every", "2", "--out", str(out)]
     rc, _, err = run_cli(capsys, argv)

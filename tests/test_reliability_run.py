@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import skipnet.checkpoint as ckpt_mod
+import skipnet.fileio as fileio
 from skipnet.checkpoint import atomic_save, load_checkpoint
 from skipnet.cli import main
 from skipnet.rundir import run_lock
@@ -178,7 +178,7 @@ def test_wall_clock_checkpoints_between_evaluations_resume_exactly(tmp_path) -> 
 
     def child() -> None:
         os.environ["SKIPNET_FAULT_AFTER"] = str(5 + 4 * 5)  # config.json, then four times last.pt (5 operations)
-        ckpt_mod._file_ops = 0
+        fileio._file_ops = 0
         main(run_args(out, *extra, "--checkpoint-minutes", "1e-9"))
 
     _, status = os.waitpid(fork(child), 0)

@@ -550,7 +550,7 @@ def _decode_folder(
     except RuntimeError:
         raise SkipnetError(f"images under {split_dir} differ in size; pass --image-size to resize them") from None
     y = torch.tensor(kept)
-    from skipnet.checkpoint import atomic_save
+    from skipnet.fileio import atomic_save
 
     try:
         atomic_save({"images": x, "labels": y, "classes": classes, "skipped": skipped}, cache)

@@ -32,10 +32,10 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.utils._pytree as pytree
 
+from skipnet.device import pick_device
 from skipnet.errors import SkipnetError
-from skipnet.gated import GateMode, GateTrace, SkipOutput
+from skipnet.gated import GateMode
 from skipnet.losses import Baseline
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,6 @@ T = TypeVar("T")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Rank 0 evaluates the whole validation split while the others wait in a collective: allow for that.
 TIMEOUT = timedelta(minutes=int(os.environ.get("SKIPNET_DIST_TIMEOUT_MIN", "60")))
-
-# DDP passes a forward's outputs through its ``_DDPSink`` only when they are pytree nodes; registered, every
-# tensor of a SkipOutput takes part, so an output that the loss does not use (the logits of stage ``rl``)
-# leaves its parameters "unused" instead of stalling the gradient reduction.
-for _cls in (GateTrace, SkipOutput):
-    with contextlib.suppress(ValueError):  # already registered (module reloaded)
-        pytree.register_dataclass(_cls)
 
 
 def torchrun_env() -> tuple[int, int, int] | None:
@@ -63,24 +56,6 @@ def torchrun_env() -> tuple[int, int, int] | None:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
     except ValueError:
         raise SkipnetError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets them)") from None
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:LOCAL_RANK`` if CUDA is available, else ``cpu``; a bare ``cuda`` gets the local rank."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SkipnetError(f"--device: unknown device {name!r} (auto, cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SkipnetError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        if device.index >= torch.cuda.device_count():
-            raise SkipnetError(f"device {device} does not exist ({torch.cuda.device_count()} CUDA devices)")
-    return device
 
 
 def find_unused_parameters(model: nn.Module, train_mode: GateMode | str) -> bool:
@@ -146,7 +121,6 @@ class DistContext:
     world: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    initialized: bool = False
     owned: bool = False
     sync_bn: bool = False
     _full: dict[int, Any] = field(default_factory=dict, repr=False)
@@ -276,7 +250,7 @@ class DistContext:
         """
         if self.owned and dist.is_initialized():
             dist.destroy_process_group()
-        self.owned = self.initialized = False
+        self.owned = False
 
     # ---------------------------------------------------------------------------------------- precision
     def autocast(self, amp: str):
@@ -341,7 +315,6 @@ def setup(cfg: Any) -> DistContext:
         ctx.owned = True
     if dist.get_world_size() != world or dist.get_rank() != rank:
         raise SkipnetError("the process group does not match RANK/WORLD_SIZE of the environment")
-    ctx.initialized = True
     if rank != 0:  # one copy of the run's log lines: rank 0's
         logging.getLogger("skipnet").setLevel(logging.WARNING)
     return ctx

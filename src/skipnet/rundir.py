@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from skipnet.checkpoint import atomic_write, fault_point
 from skipnet.errors import SkipnetError
+from skipnet.fileio import atomic_write, fault_point
 
 log = logging.getLogger(__name__)
 

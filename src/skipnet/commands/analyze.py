@@ -29,7 +29,7 @@ from skipnet.analysis import (
     report_markdown,
 )
 from skipnet.checkpoint import load_model, require_same_classes
-from skipnet.commands.train import check_value
+from skipnet.commands._common import add_source_args, check_value, open_for_eval
 from skipnet.cost import cost_model, fewer_macs
 from skipnet.errors import SkipnetError
 from skipnet.evaluate import eval_mode_for, run_eval
@@ -60,13 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a gated checkpoint: a .pt from 'skipnet train' or 'skipnet calibrate', a .safetensors export, or "
         "pretrained:NAME",
     )
-    p.add_argument("--data", required=True, help="cifar10, cifar100, svhn, digits, or an ImageFolder root / .tar.gz")
-    p.add_argument(
-        "--data-dir",
-        default=None,
-        help="where torchvision data sets live (default: ~/.cache/skipnet/datasets, or $SKIPNET_CACHE/datasets)",
-    )
-    p.add_argument("--download", action="store_true", help="download cifar10/cifar100/svhn if missing")
+    add_source_args(p)
     p.add_argument("--out", required=True, help="output directory for the figures, analysis.json and report.md")
     p.add_argument("--split", choices=["test", "val"], default="test", help="which split to analyse")
     p.add_argument("--base", default=None, help="a plain-ResNet checkpoint: its point on the trade-off plot")
@@ -113,8 +107,6 @@ def _other_point(
 
 
 def run(args: argparse.Namespace) -> int:
-    from skipnet.distributed import pick_device
-
     if args.limit is not None and args.limit <= 0:
         raise SkipnetError(f"--limit must be positive, got {args.limit}")
     if args.images <= 0:
@@ -132,21 +124,12 @@ def run(args: argparse.Namespace) -> int:
         raise SkipnetError(f"--out {out} is a file; analyze writes a directory of figures, so give a directory name")
     if any(p.exists() and not p.is_dir() for p in out.parents):
         raise SkipnetError(f"--out {out}: a parent of it is a file, not a directory")
-    device = pick_device(args.device)
-    model, ckpt = load_model(args.checkpoint, map_location="cpu")
-    if args.split == "val" and not float(ckpt.get("data", {}).get("val_split", 0.0) or 0.0):
-        raise SkipnetError(f"{args.checkpoint} was trained without a validation split; use --split test")
-    data = data_for_checkpoint(
-        ckpt,
-        model,
-        args.data,
-        data_dir=args.data_dir,
-        download=args.download,
-        batch_size=args.batch_size,
-        limit=args.limit,
-    )
-    require_same_classes(model, data, args.checkpoint)
-    model.to(device).to(memory_format=torch.channels_last)
+
+    def check(model, ckpt) -> None:
+        if args.split == "val" and not float(ckpt.get("data", {}).get("val_split", 0.0) or 0.0):
+            raise SkipnetError(f"{args.checkpoint} was trained without a validation split; use --split test")
+
+    device, model, ckpt, data = open_for_eval(args, check=check, limit=args.limit)
     result = analyze(model, data, args.split, thresholds=args.thresholds, scales=args.scales, k=args.images)
     numbers = result.numbers
     cfg = ckpt.get("train_config") or {}

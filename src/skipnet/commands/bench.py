@@ -28,7 +28,7 @@ import sys
 import torch
 
 from skipnet.bench import bench_inference, calibrate_bn, load_subject, set_threads
-from skipnet.distributed import pick_device
+from skipnet.device import pick_device
 from skipnet.errors import SkipnetError
 
 

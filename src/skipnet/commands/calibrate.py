@@ -13,11 +13,9 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from skipnet.analysis import CALIBRATION_GRID, calibrate_threshold, data_for_checkpoint, eval_loader, require_gates
-from skipnet.checkpoint import atomic_save, export_safetensors, load_model, require_same_classes
-from skipnet.commands.train import check_value
+from skipnet.analysis import CALIBRATION_GRID, calibrate_threshold, eval_loader, require_gates
+from skipnet.checkpoint import atomic_save, export_safetensors
+from skipnet.commands._common import add_source_args, check_value, open_for_eval
 from skipnet.cost import cost_model, fewer_macs
 from skipnet.errors import SkipnetError
 
@@ -31,13 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("checkpoint", help="a gated checkpoint: .pt, .safetensors export or pretrained:NAME")
-    p.add_argument("--data", required=True, help="the data set the checkpoint was trained on")
-    p.add_argument(
-        "--data-dir",
-        default=None,
-        help="where torchvision data sets live (default: ~/.cache/skipnet/datasets, or $SKIPNET_CACHE/datasets)",
-    )
-    p.add_argument("--download", action="store_true", help="download cifar10/cifar100/svhn if missing")
+    add_source_args(p, "the data set the checkpoint was trained on")
     # Exactly one of the two; checked in run() so that a mistake is a one-line error.
     p.add_argument("--target-macs", type=float, default=None, help="budget: mean MACs per image, e.g. 5e7")
     p.add_argument("--target-reduction", type=float, default=None, help="budget: %% fewer MACs than the plain ResNet")
@@ -81,8 +73,6 @@ def check_out_file(src: Path, dst: Path, force: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from skipnet.distributed import pick_device
-
     if (args.target_macs is None) == (args.target_reduction is None):
         raise SkipnetError("give exactly one budget: --target-macs M or --target-reduction P")
     if args.target_macs is not None and args.target_macs <= 0:
@@ -99,27 +89,17 @@ def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.checkpoint), Path(args.out)
     check_out_file(src, dst, args.force)
 
-    model, ckpt = load_model(src, map_location="cpu")
-    require_gates(model, "calibrate")
-    val_split = float(ckpt.get("data", {}).get("val_split", 0.0) or 0.0)
-    if args.split == "val" and val_split <= 0:
-        raise SkipnetError(
-            f"{src} was trained without a validation split, and the test set must not choose the threshold; "
-            "pass --split train to calibrate on its training images instead"
-        )
-    data = data_for_checkpoint(
-        ckpt,
-        model,
-        args.data,
-        data_dir=args.data_dir,
-        download=args.download,
-        batch_size=args.batch_size,
-        limit=args.limit if args.split == "val" else None,
-        limit_train=args.limit if args.split == "train" else None,
-    )
-    require_same_classes(model, data, str(src))
-    device = pick_device(args.device)
-    model.to(device).to(memory_format=torch.channels_last)
+
+    def check(model, ckpt) -> None:
+        require_gates(model, "calibrate")
+        if args.split == "val" and not float(ckpt.get("data", {}).get("val_split", 0.0) or 0.0):
+            raise SkipnetError(
+                f"{src} was trained without a validation split, and the test set must not choose the threshold; "
+                "pass --split train to calibrate on its training images instead"
+            )
+
+    split_limit = {"limit": args.limit} if args.split == "val" else {"limit_train": args.limit}
+    _, model, ckpt, data = open_for_eval(args, check=check, **split_limit)
     cost = cost_model(model)
     all_on = float(cost.total_macs_all_on)
     if args.target_macs is not None:

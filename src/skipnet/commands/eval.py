@@ -5,12 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
-from skipnet.checkpoint import load_model, require_same_classes
-from skipnet.commands.train import check_value
+from skipnet.commands._common import add_source_args, check_value, open_for_eval
 from skipnet.cost import cost_model
-from skipnet.evaluate import data_for_checkpoint, eval_loader, evaluate
+from skipnet.evaluate import eval_loader, evaluate
 from skipnet.gated import GateMode
 
 
@@ -21,13 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a .pt file written by 'skipnet train' or 'skipnet calibrate', a .safetensors export, or "
         "pretrained:NAME (see 'skipnet models --pretrained')",
     )
-    p.add_argument("--data", required=True, help="cifar10, cifar100, svhn, digits, or an ImageFolder root / .tar.gz")
-    p.add_argument(
-        "--data-dir",
-        default=None,
-        help="where torchvision data sets live (default: ~/.cache/skipnet/datasets, or $SKIPNET_CACHE/datasets)",
-    )
-    p.add_argument("--download", action="store_true", help="download cifar10/cifar100/svhn if missing")
+    add_source_args(p)
     p.add_argument("--split", choices=["test", "val", "train"], default="test", help="which split to evaluate")
     p.add_argument("--threshold", type=float, default=None, help="gate threshold (default: the checkpoint's)")
     p.add_argument(
@@ -44,24 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from skipnet.distributed import pick_device
-
     check_value("threshold", args.threshold, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
     check_value("batch_size", args.batch_size, lambda v: v > 0, "positive")
     check_value("limit", args.limit, lambda v: v > 0, "positive")
-    device = pick_device(args.device)
-    model, ckpt = load_model(args.checkpoint, map_location="cpu")
-    data = data_for_checkpoint(
-        ckpt,
-        model,
-        args.data,
-        data_dir=args.data_dir,
-        download=args.download,
-        batch_size=args.batch_size,
-        limit=args.limit,
-    )
-    require_same_classes(model, data, args.checkpoint)
-    model.to(device).to(memory_format=torch.channels_last)
+    _, model, _, data = open_for_eval(args, limit=args.limit)
     loader = eval_loader(data, args.split)
     cost = cost_model(model)
     result = evaluate(model, loader, cost, mode=args.mode, threshold=args.threshold)

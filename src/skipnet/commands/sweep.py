@@ -17,12 +17,13 @@ from typing import Any
 import torch
 
 from skipnet import plots
-from skipnet.analysis import data_for_checkpoint, eval_loader, eval_point, require_gates
+from skipnet.analysis import eval_point, require_gates
 from skipnet.checkpoint import load_model
-from skipnet.commands.train import add_data_args, check_args
+from skipnet.commands._common import add_data_args
+from skipnet.commands.train import check_args  # the training options' rules (to move into TrainConfig)
 from skipnet.cost import cost_model
 from skipnet.errors import SkipnetError
-from skipnet.evaluate import run_eval
+from skipnet.evaluate import data_for_checkpoint, eval_loader, run_eval
 from skipnet.gated import GateMode
 from skipnet.train import SCHEDULES, TrainConfig, train
 
@@ -102,7 +103,7 @@ def markdown_table(rows: list[dict[str, Any]], title: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from skipnet.distributed import pick_device
+    from skipnet.device import pick_device
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     alphas = sorted(set(args.alphas))
