@@ -5,6 +5,8 @@ Public entry points::
     from skipnet import create_model, list_models, GateMode
     model = create_model("cifar10_rnn_gate_110")
     out = model(images, mode="greedy")      # SkipOutput(logits, trace)
+    save_checkpoint("net.pt", model); model, ckpt = load_model("net.pt")
+    LogitsOnly(model)                       # a module that returns the logits alone
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 from skipnet.errors import SkipnetError
 
 if TYPE_CHECKING:
+    from skipnet.checkpoint import load_model, save_checkpoint
     from skipnet.config import ArchConfig
-    from skipnet.gated import GatedResNet, GateMode, GateTrace, SkipOutput
+    from skipnet.gated import GatedResNet, GateMode, GateTrace, LogitsOnly, SkipOutput
     from skipnet.registry import create_model, get_config, list_models
 
 __version__ = "0.1.0"
@@ -28,7 +31,10 @@ _LAZY = {
     "GatedResNet": "skipnet.gated",
     "GateMode": "skipnet.gated",
     "GateTrace": "skipnet.gated",
+    "LogitsOnly": "skipnet.gated",
     "SkipOutput": "skipnet.gated",
+    "load_model": "skipnet.checkpoint",
+    "save_checkpoint": "skipnet.checkpoint",
     "create_model": "skipnet.registry",
     "get_config": "skipnet.registry",
     "list_models": "skipnet.registry",
@@ -46,9 +52,12 @@ __all__ = [
     "GateMode",
     "GateTrace",
     "GatedResNet",
+    "LogitsOnly",
     "SkipOutput",
     "SkipnetError",
     "create_model",
     "get_config",
     "list_models",
+    "load_model",
+    "save_checkpoint",
 ]
