@@ -123,24 +123,8 @@ def bench_onnx(
 ) -> dict[str, Any]:
     """Time plain / masked / routed (the exported SkipNet) in ONNX Runtime on ``images`` (N, C, H, W) in [0, 1],
     fed ``batch_size`` at a time; one round runs every variant over all the images. Latencies are per batch."""
-    onnx, _ = require_onnx()
-    proto = onnx.load_from_string(skipnet_bytes)
     graph = meta.get("graph")
-    if meta.get("batch") == 1 and batch_size != 1:
-        raise SkipnetError(f"the {graph} graph takes one image at a time; use --batch-size 1")
-    if len(images) % batch_size:
-        raise SkipnetError(f"{len(images)} images do not split into batches of {batch_size}")
-    conditional = any(n.op_type == "If" for n in proto.graph.node)
-    if plain_bytes is None:
-        if not conditional:
-            raise SkipnetError(
-                f"a {graph} graph has no If nodes to unfold into the plain ResNet: pass --plain PLAIN.onnx "
-                "(skipnet export CKPT PLAIN.onnx --graph plain)"
-            )
-        plain_bytes = unfold_ifs(proto, "then").SerializeToString()
-    sessions = {"plain": onnx_session(plain_bytes, threads), "routed": onnx_session(skipnet_bytes, threads)}
-    if conditional:
-        sessions["masked"] = onnx_session(unfold_ifs(proto, "where").SerializeToString(), threads)
+    sessions = _sessions(skipnet_bytes, meta, plain_bytes, len(images), batch_size, threads)
     batches = [images[i : i + batch_size].contiguous().numpy() for i in range(0, len(images), batch_size)]
     names = {k: s.get_inputs()[0].name for k, s in sessions.items()}
 
@@ -192,13 +176,7 @@ def bench_onnx(
         "ideal_speedup": macs_plain / macs_routed,
         "efficiency": plain_ms / routed_ms / (macs_plain / macs_routed),
     }
-    if "masked" in outs:
-        logits_m = torch.from_numpy(np.concatenate([o[0] for o in outs["masked"]]))
-        dec_m = torch.from_numpy(np.concatenate([o[2] for o in outs["masked"]]))
-        res["max_abs_diff"] = float((logits_r - logits_m).abs().max())
-        res["decisions_match"] = bool(torch.equal(dec, dec_m))
-    else:
-        res["max_abs_diff"], res["decisions_match"] = None, None
+    res |= _masked_check(outs, logits_r, dec)
     if threads == 1:  # CPU time of the only compute thread: robust to other jobs on a shared machine
         cp, cr = _ms(cpu["plain"], n), _ms(cpu["routed"], n)
         res.update(
@@ -211,6 +189,41 @@ def bench_onnx(
             }
         )
     return res
+
+
+def _sessions(
+    skipnet_bytes: bytes, meta: dict[str, Any], plain_bytes: bytes | None, n_images: int, batch_size: int, threads: int
+) -> dict[str, Any]:
+    """ONNX Runtime sessions ``plain``, ``routed`` (the exported graph) and, for a conditional graph, ``masked``
+    (its ``If`` nodes unfolded into ``Where``); the plain graph is unfolded from the conditional one if not given."""
+    onnx, _ = require_onnx()
+    proto = onnx.load_from_string(skipnet_bytes)
+    graph = meta.get("graph")
+    if meta.get("batch") == 1 and batch_size != 1:
+        raise SkipnetError(f"the {graph} graph takes one image at a time; use --batch-size 1")
+    if n_images % batch_size:
+        raise SkipnetError(f"{n_images} images do not split into batches of {batch_size}")
+    conditional = any(n.op_type == "If" for n in proto.graph.node)
+    if plain_bytes is None:
+        if not conditional:
+            raise SkipnetError(
+                f"a {graph} graph has no If nodes to unfold into the plain ResNet: pass --plain PLAIN.onnx "
+                "(skipnet export CKPT PLAIN.onnx --graph plain)"
+            )
+        plain_bytes = unfold_ifs(proto, "then").SerializeToString()
+    sessions = {"plain": onnx_session(plain_bytes, threads), "routed": onnx_session(skipnet_bytes, threads)}
+    if conditional:
+        sessions["masked"] = onnx_session(unfold_ifs(proto, "where").SerializeToString(), threads)
+    return sessions
+
+
+def _masked_check(outs: dict[str, Any], logits_r: torch.Tensor, dec: torch.Tensor) -> dict[str, Any]:
+    """``max_abs_diff`` and ``decisions_match`` of the routed against the masked graph (``None`` without one)."""
+    if "masked" not in outs:
+        return {"max_abs_diff": None, "decisions_match": None}
+    logits_m = torch.from_numpy(np.concatenate([o[0] for o in outs["masked"]]))
+    dec_m = torch.from_numpy(np.concatenate([o[2] for o in outs["masked"]]))
+    return {"max_abs_diff": float((logits_r - logits_m).abs().max()), "decisions_match": bool(torch.equal(dec, dec_m))}
 
 
 def load_onnx_subject(path: str) -> tuple[bytes, dict[str, Any]]:

@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -682,17 +683,37 @@ def load_data(
         pad, flip = 4, True
     if augment is False:
         pad, flip = 0, False
+    if stats is None:
+        stats = STATS.get(spec) or _compute_stats(arrays["train"][0])
+    loaders = {"batch_size": batch_size, "eval_batch_size": eval_batch_size, "rank": rank, "world": world}
+    return _tensor_bundle(name, arrays, pad, flip, stats, val_split, seed, limit_train, limit_test, **loaders)
+
+
+def _tensor_bundle(
+    name: str,
+    arrays: dict[str, tuple],
+    pad: int,
+    flip: bool,
+    stats: tuple[tuple[float, ...], tuple[float, ...]],
+    val_split: float,
+    seed: int,
+    limit_train: int | None,
+    limit_test: int | None,
+    **loaders: Any,
+) -> DataBundle:
+    """The bundle of decoded ``arrays`` (``train`` / ``test``: images, labels, classes) held in memory:
+    the validation split carved from the training images, the seeded subsets, one :class:`TensorLoader` each.
+    ``loaders``: ``batch_size``, ``eval_batch_size``, ``rank``, ``world``."""
+    batch_size, eval_batch_size = loaders["batch_size"], loaders["eval_batch_size"]
     x_tr, y_tr, classes = arrays["train"]
     x_te, y_te, _ = arrays["test"]
-    if stats is None:
-        stats = STATS.get(spec) or _compute_stats(x_tr)
     mean, std = stats
     tr_idx, va_idx = _carve_val(len(y_tr), val_split)
     tr_idx = tr_idx[_limit(len(tr_idx), limit_train, 0)]
     if len(va_idx) and limit_test:
         va_idx = va_idx[_limit(len(va_idx), limit_test, 1)]
     te_idx = _limit(len(y_te), limit_test, 2)
-    common = {"mean": mean, "std": std, "rank": rank, "world": world, "seed": seed}
+    common = {"mean": mean, "std": std, "rank": loaders["rank"], "world": loaders["world"], "seed": seed}
     train = TensorLoader(x_tr[tr_idx], y_tr[tr_idx], batch_size, train=True, pad=pad, flip=flip, **common)
     val = TensorLoader(x_tr[va_idx], y_tr[va_idx], eval_batch_size, **common) if len(va_idx) else None
     test = TensorLoader(x_te[te_idx], y_te[te_idx], eval_batch_size, **common)

@@ -65,37 +65,7 @@ def plot_tradeoff(
     fig = Figure(figsize=(7.5, 5.2))
     ax = fig.add_subplot()
     if sweep:
-        xs = [p["macs_mean"] / div for p in sweep]
-        ys = [p["accuracy"] for p in sweep]
-        ax.plot(xs, ys, "o-", color="#1f77b4", ms=4, lw=1.5, label=sweep_label, zorder=2)
-        # Neighbouring thresholds often give the same point: one label per distinct point, naming its range.
-        groups: list[list[dict[str, Any]]] = []
-        for p in sweep:
-            if groups and (groups[-1][0]["macs_mean"], groups[-1][0]["accuracy"]) == (p["macs_mean"], p["accuracy"]):
-                groups[-1].append(p)
-            else:
-                groups.append([p])
-        # Label the ends, then any point far enough (in axis fractions) from the labelled ones.
-        span_x = (max(xs) - min(xs)) or 1.0
-        span_y = (max(ys) - min(ys)) or 1.0
-        labelled: list[tuple[float, float]] = []
-        order = [0, len(groups) - 1, *range(1, len(groups) - 1)] if len(groups) > 1 else [0]
-        for i in order:
-            grp = groups[i]
-            u, v = grp[0]["macs_mean"] / div / span_x, grp[0]["accuracy"] / span_y
-            if any(math.hypot(u - a, v - b) < 0.09 for a, b in labelled):
-                continue
-            labelled.append((u, v))
-            lo, hi = grp[0]["threshold"], grp[-1]["threshold"]
-            text = f"t={lo:.2g}" if lo == hi else f"t={lo:.2g}–{hi:.2g}"
-            ax.annotate(
-                text,
-                (grp[0]["macs_mean"] / div, grp[0]["accuracy"]),
-                textcoords="offset points",
-                xytext=(4, -11),
-                fontsize=7,
-                color="#1f77b4",
-            )
+        _sweep_line(ax, sweep, div, sweep_label)
     if others:
         if connect_others:
             ax.plot([p["macs_mean"] / div for _, p in others], [p["accuracy"] for _, p in others], "-", color="0.6")
@@ -132,6 +102,41 @@ def plot_tradeoff(
     )
     secondary.set_xlabel("MACs reduction vs plain ResNet (%)")
     return _save(fig, path)
+
+
+def _sweep_line(ax: Any, sweep: Sequence[dict[str, Any]], div: float, label: str) -> None:
+    """The threshold sweep as a line, each distinct point labelled with its threshold(s) where there is room."""
+    xs = [p["macs_mean"] / div for p in sweep]
+    ys = [p["accuracy"] for p in sweep]
+    ax.plot(xs, ys, "o-", color="#1f77b4", ms=4, lw=1.5, label=label, zorder=2)
+    # Neighbouring thresholds often give the same point: one label per distinct point, naming its range.
+    groups: list[list[dict[str, Any]]] = []
+    for p in sweep:
+        if groups and (groups[-1][0]["macs_mean"], groups[-1][0]["accuracy"]) == (p["macs_mean"], p["accuracy"]):
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    # Label the ends, then any point far enough (in axis fractions) from the labelled ones.
+    span_x = (max(xs) - min(xs)) or 1.0
+    span_y = (max(ys) - min(ys)) or 1.0
+    labelled: list[tuple[float, float]] = []
+    order = [0, len(groups) - 1, *range(1, len(groups) - 1)] if len(groups) > 1 else [0]
+    for i in order:
+        grp = groups[i]
+        u, v = grp[0]["macs_mean"] / div / span_x, grp[0]["accuracy"] / span_y
+        if any(math.hypot(u - a, v - b) < 0.09 for a, b in labelled):
+            continue
+        labelled.append((u, v))
+        lo, hi = grp[0]["threshold"], grp[-1]["threshold"]
+        text = f"t={lo:.2g}" if lo == hi else f"t={lo:.2g}–{hi:.2g}"
+        ax.annotate(
+            text,
+            (grp[0]["macs_mean"] / div, grp[0]["accuracy"]),
+            textcoords="offset points",
+            xytext=(4, -11),
+            fontsize=7,
+            color="#1f77b4",
+        )
 
 
 def plot_skip_ratio_per_block(

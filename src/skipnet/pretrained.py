@@ -323,7 +323,7 @@ def add_model(
     in ``index.json`` and ``RESULTS.md``. With ``bench_batch``, ``skipnet bench`` times the file on that many
     test images (on ``device``) and the plain/routed latency ratio is recorded. The file is evaluated before
     anything in the zoo changes; an existing NAME is refused unless ``force``. Returns the entry."""
-    from skipnet.checkpoint import export_safetensors, load_checkpoint, model_from_checkpoint
+    from skipnet.checkpoint import load_checkpoint, model_from_checkpoint
 
     check_name(name)
     if not commands or not all(isinstance(c, str) and c.strip() for c in commands):
@@ -336,20 +336,8 @@ def add_model(
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, checkpoint)
     root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix=".make-") as tmp:
-        staged = Path(tmp) / f"{name}.safetensors"
-        export_safetensors(ckpt, staged, source=Path(checkpoint).name)
-        argv = ["eval", str(staged), "--data", data, "--device", device, "--batch-size", str(batch_size), "--json"]
-        if data_dir:
-            argv += ["--data-dir", data_dir]
-        if limit:
-            argv += ["--limit", str(limit)]
-        result = _cli_json(argv)
-        latency = None
-        if bench_batch:
-            bench = ["bench", str(staged), "--data", data, "--batch-size", str(bench_batch), "--device", device]
-            latency = _cli_json([*bench, *(["--data-dir", data_dir] if data_dir else []), "--json"])
-        os.replace(staged, target)  # same directory: atomic
+    opts = {"device": device, "data_dir": data_dir, "limit": limit, "batch_size": batch_size}
+    result, latency = _stage_and_measure(ckpt, checkpoint, target, data, bench_batch, **opts)
     import torch
 
     entry: dict[str, Any] = {
@@ -385,6 +373,33 @@ def add_model(
     index[name] = entry
     write_index(index, root)
     return entry
+
+
+def _stage_and_measure(
+    ckpt: dict[str, Any], checkpoint: str | Path, target: Path, data: str, bench_batch: int | None, **opts: Any
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Export ``ckpt`` beside ``target``, evaluate (and with ``bench_batch`` time) that file with the CLI, then move
+    it onto ``target``: ``(eval result, bench result or None)``. ``opts``: ``device``, ``data_dir``, ``limit``,
+    ``batch_size``."""
+    from skipnet.checkpoint import export_safetensors
+
+    name, root = target.stem, target.parent
+    device, data_dir, limit, batch_size = opts["device"], opts["data_dir"], opts["limit"], opts["batch_size"]
+    with tempfile.TemporaryDirectory(dir=root, prefix=".make-") as tmp:
+        staged = Path(tmp) / f"{name}.safetensors"
+        export_safetensors(ckpt, staged, source=Path(checkpoint).name)
+        argv = ["eval", str(staged), "--data", data, "--device", device, "--batch-size", str(batch_size), "--json"]
+        if data_dir:
+            argv += ["--data-dir", data_dir]
+        if limit:
+            argv += ["--limit", str(limit)]
+        result = _cli_json(argv)
+        latency = None
+        if bench_batch:
+            bench = ["bench", str(staged), "--data", data, "--batch-size", str(bench_batch), "--device", device]
+            latency = _cli_json([*bench, *(["--data-dir", data_dir] if data_dir else []), "--json"])
+        os.replace(staged, target)  # same directory: atomic
+    return result, latency
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -106,7 +106,8 @@ def _other_point(
     return {"path": path, "label": label} | point
 
 
-def run(args: argparse.Namespace) -> int:
+def _checked_out(args: argparse.Namespace) -> Path:
+    """Check the options before anything is loaded; returns ``--out``."""
     if args.limit is not None and args.limit <= 0:
         raise SkipnetError(f"--limit must be positive, got {args.limit}")
     if args.images <= 0:
@@ -124,6 +125,61 @@ def run(args: argparse.Namespace) -> int:
         raise SkipnetError(f"--out {out} is a file; analyze writes a directory of figures, so give a directory name")
     if any(p.exists() and not p.is_dir() for p in out.parents):
         raise SkipnetError(f"--out {out}: a parent of it is a file, not a directory")
+    return out
+
+
+def _write_figures(out: Path, numbers: dict, result: Any, model: Any, split: str) -> None:
+    """The six figures of :data:`FIGURES` into ``out``."""
+    base, others = numbers["base"], numbers["others"][1:] if numbers["base"] else numbers["others"]
+    name = numbers["checkpoint"]["label"]
+    n = numbers["num_gates"]
+    plots.plot_tradeoff(
+        out / "tradeoff.png",
+        macs_all_on=numbers["cost"]["macs_all_on"],
+        sweep=numbers["threshold_sweep"],
+        sweep_label=f"{name}: threshold sweep",
+        own=numbers["main"],
+        own_label=f"{name} at t={model.threshold:.3g}",
+        base=base,
+        base_label=base["label"] if base else "plain ResNet",
+        others=[(o["label"], o) for o in others],
+        title=f"Accuracy vs computation, {model.config.name} ({split} split)",
+    )
+    plots.plot_skip_ratio_per_block(
+        out / "skip_ratio_per_block.png",
+        numbers["skip_ratio_per_block"],
+        numbers["block_stage"],
+        title=f"Skip ratio per block, {name} ({split}, {numbers['main']['images']} images)",
+    )
+    plots.plot_easy_hard(
+        out / "easy_hard.png",
+        result.easy_images,
+        numbers["easy_images"],
+        result.hard_images,
+        numbers["hard_images"],
+        n + 1,
+        title=f"Easy and hard images, {name}",
+    )
+    plots.plot_per_class(
+        out / "per_class.png",
+        numbers["per_class"],
+        numbers["easiest_class"],
+        numbers["easiest_class_executed_counts"],
+        numbers["hardest_class"],
+        numbers["hardest_class_executed_counts"],
+        title=f"Skipping and accuracy per class, {name}",
+    )
+    plots.plot_multiscale(out / "multiscale.png", numbers["multiscale"], title=f"Multi-scale inputs, {name}")
+    plots.plot_executed_hist(
+        out / "executed_blocks_hist.png",
+        list(numbers["executed_blocks_counts"].values()),
+        title=f"Executed blocks per image, {name} ({split})",
+        mean=numbers["main"]["executed_blocks_mean"],
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    out = _checked_out(args)
 
     def check(model, ckpt) -> None:
         if args.split == "val" and not float(ckpt.get("data", {}).get("val_split", 0.0) or 0.0):
@@ -152,53 +208,10 @@ def run(args: argparse.Namespace) -> int:
         numbers["main"]["accuracy_vs_base"] = numbers["main"]["accuracy"] - base["accuracy"]
 
     out.mkdir(parents=True, exist_ok=True)
-    name = numbers["checkpoint"]["label"]
-    n = numbers["num_gates"]
-    plots.plot_tradeoff(
-        out / "tradeoff.png",
-        macs_all_on=numbers["cost"]["macs_all_on"],
-        sweep=numbers["threshold_sweep"],
-        sweep_label=f"{name}: threshold sweep",
-        own=numbers["main"],
-        own_label=f"{name} at t={model.threshold:.3g}",
-        base=base,
-        base_label=base["label"] if base else "plain ResNet",
-        others=[(o["label"], o) for o in others],
-        title=f"Accuracy vs computation, {model.config.name} ({args.split} split)",
-    )
-    plots.plot_skip_ratio_per_block(
-        out / "skip_ratio_per_block.png",
-        numbers["skip_ratio_per_block"],
-        numbers["block_stage"],
-        title=f"Skip ratio per block, {name} ({args.split}, {numbers['main']['images']} images)",
-    )
-    plots.plot_easy_hard(
-        out / "easy_hard.png",
-        result.easy_images,
-        numbers["easy_images"],
-        result.hard_images,
-        numbers["hard_images"],
-        n + 1,
-        title=f"Easy and hard images, {name}",
-    )
-    plots.plot_per_class(
-        out / "per_class.png",
-        numbers["per_class"],
-        numbers["easiest_class"],
-        numbers["easiest_class_executed_counts"],
-        numbers["hardest_class"],
-        numbers["hardest_class_executed_counts"],
-        title=f"Skipping and accuracy per class, {name}",
-    )
-    plots.plot_multiscale(out / "multiscale.png", numbers["multiscale"], title=f"Multi-scale inputs, {name}")
-    plots.plot_executed_hist(
-        out / "executed_blocks_hist.png",
-        list(numbers["executed_blocks_counts"].values()),
-        title=f"Executed blocks per image, {name} ({args.split})",
-        mean=numbers["main"]["executed_blocks_mean"],
-    )
+    _write_figures(out, numbers, result, model, args.split)
     (out / "analysis.json").write_text(json.dumps(jsonable(numbers), indent=2))
-    (out / "report.md").write_text(report_markdown(numbers, FIGURES, f"SkipNet analysis: {name}"))
+    title = f"SkipNet analysis: {numbers['checkpoint']['label']}"
+    (out / "report.md").write_text(report_markdown(numbers, FIGURES, title))
 
     m = numbers["main"]
     if args.json:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 import torch
 
@@ -176,10 +177,9 @@ def run(args: argparse.Namespace) -> int:
 
 def run_onnx(args: argparse.Namespace) -> int:
     """``skipnet bench OUT.onnx`` / ``--runtime onnxruntime``: see :mod:`skipnet.bench_onnx`."""
-    from pathlib import Path
 
-    from skipnet.bench_onnx import bench_onnx, load_onnx_subject
-    from skipnet.export import export_model, read_onnx_meta, require_onnx
+    from skipnet.bench_onnx import bench_onnx
+    from skipnet.export import require_onnx
 
     require_onnx()
     if args.batch_size is None:
@@ -195,6 +195,40 @@ def run_onnx(args: argparse.Namespace) -> int:
     threads = args.threads or 1
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
+    payload, meta, plain_bytes, model, info = _onnx_subject(args)
+    images, info["inputs"] = _onnx_images(args, meta, model)
+    res = bench_onnx(
+        payload,
+        meta,
+        plain_bytes=plain_bytes,
+        images=images,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        threads=threads,
+        info=info,
+    )
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(
+        f"{res['arch']} ({res['graph']} graph) in {res['runtime']}, CPU, {threads} thread(s), batch {args.batch_size}, "
+        f"{res['images']} images per round; executed fraction {res['keep']:.3f} (learned gates, threshold "
+        f"{res['threshold']:g})"
+    )
+    print(f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up rounds, per batch")
+    _print_table(res)
+    return 0
+
+
+def _onnx_subject(args: argparse.Namespace) -> tuple[bytes, dict, bytes | None, Any, dict]:
+    """``(graph bytes, metadata, plain graph bytes or None, model or None, info)`` of an ONNX benchmark: the
+    given ``.onnx`` file, or the graph exported from the checkpoint (conditional at batch 1, else routed)."""
+    from pathlib import Path
+
+    from skipnet.bench_onnx import load_onnx_subject
+    from skipnet.export import export_model, read_onnx_meta
+
     plain_bytes = None
     if args.plain is not None:
         proto, pmeta = read_onnx_meta(args.plain)
@@ -228,6 +262,11 @@ def run_onnx(args: argparse.Namespace) -> int:
         if graph != "conditional" and plain_bytes is None:
             plain_bytes = export_model(model, "onnx", graph="plain", stats=stats, ckpt=ckpt, probes=1).payload
         info = {"source": "checkpoint", "path": args.subject, "exported": ex.graph}
+    return payload, meta, plain_bytes, model, info
+
+
+def _onnx_images(args: argparse.Namespace, meta: dict, model: Any) -> tuple[torch.Tensor, str]:
+    """The images of an ONNX benchmark, as the graph takes them (pixels in [0, 1]), and how they were made."""
     size = args.image_size or meta["image_size"]
     n = args.images * args.batch_size
     channels = meta["arch"].get("in_channels", 3)
@@ -236,33 +275,12 @@ def run_onnx(args: argparse.Namespace) -> int:
         norm = meta.get("normalize")
         if norm:  # back to the [0, 1] pixels the graph takes
             images = images * torch.tensor(norm["std"]).view(1, -1, 1, 1) + torch.tensor(norm["mean"]).view(1, -1, 1, 1)
-        info["inputs"] = f"first {n} test images of {args.data}"
+        inputs = f"first {n} test images of {args.data}"
     else:
         gen = torch.Generator().manual_seed(args.seed)
         images = torch.rand(n, channels, size, size, generator=gen)
-        info["inputs"] = "random uniform [0, 1] images"
-    res = bench_onnx(
-        payload,
-        meta,
-        plain_bytes=plain_bytes,
-        images=images.float().contiguous(),
-        batch_size=args.batch_size,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        threads=threads,
-        info=info,
-    )
-    if args.json:
-        print(json.dumps(res))
-        return 0
-    print(
-        f"{res['arch']} ({res['graph']} graph) in {res['runtime']}, CPU, {threads} thread(s), batch {args.batch_size}, "
-        f"{res['images']} images per round; executed fraction {res['keep']:.3f} (learned gates, threshold "
-        f"{res['threshold']:g})"
-    )
-    print(f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up rounds, per batch")
-    _print_table(res)
-    return 0
+        inputs = "random uniform [0, 1] images"
+    return images.float().contiguous(), inputs
 
 
 def _print_table(res: dict) -> None:

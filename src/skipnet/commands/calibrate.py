@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from skipnet.analysis import CALIBRATION_GRID, calibrate_threshold, eval_loader, require_gates
 from skipnet.checkpoint import atomic_save, export_safetensors
@@ -72,7 +73,8 @@ def check_out_file(src: Path, dst: Path, force: bool) -> None:
         raise SkipnetError(f"--out {dst} exists; pass --force to overwrite it or choose another name")
 
 
-def run(args: argparse.Namespace) -> int:
+def _check_options(args: argparse.Namespace) -> None:
+    """One-line errors for option values, before anything is loaded."""
     if (args.target_macs is None) == (args.target_reduction is None):
         raise SkipnetError("give exactly one budget: --target-macs M or --target-reduction P")
     if args.target_macs is not None and args.target_macs <= 0:
@@ -86,9 +88,35 @@ def run(args: argparse.Namespace) -> int:
     check_value("batch_size", args.batch_size, lambda v: v > 0, "positive")
     for t in args.grid:
         check_value("grid", t, lambda v: 0.0 <= v <= 1.0, "thresholds in [0, 1]")
+
+
+def _record(
+    args: argparse.Namespace, result: Any, target: float, all_on: float, effective: float, src: Path, ckpt: dict
+) -> dict[str, Any]:
+    """The ``calibration`` entry written into the new checkpoint."""
+    return {
+        "target_macs": target,
+        "target_reduction": 100.0 * (1.0 - target / all_on),
+        "margin": args.margin,
+        "effective_target_macs": effective,
+        "split": args.split,
+        "images": result.points[0]["images"],
+        "source": str(src),
+        "source_threshold": float(ckpt.get("threshold", 0.5)),
+        "threshold": result.threshold,
+        "accuracy": result.accuracy,
+        "macs_mean": result.macs_mean,
+        "macs_reduction": result.macs_reduction,
+        "computation_percentage": result.computation_percentage,
+        "monotone_on_grid": result.monotone_on_grid,
+        "points": result.points,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_options(args)
     src, dst = Path(args.checkpoint), Path(args.out)
     check_out_file(src, dst, args.force)
-
 
     def check(model, ckpt) -> None:
         require_gates(model, "calibrate")
@@ -118,23 +146,7 @@ def run(args: argparse.Namespace) -> int:
         model, eval_loader(data, args.split), cost, effective, grid=args.grid, refine=args.refine
     )
 
-    record = {
-        "target_macs": target,
-        "target_reduction": 100.0 * (1.0 - target / all_on),
-        "margin": args.margin,
-        "effective_target_macs": effective,
-        "split": args.split,
-        "images": result.points[0]["images"],
-        "source": str(src),
-        "source_threshold": float(ckpt.get("threshold", 0.5)),
-        "threshold": result.threshold,
-        "accuracy": result.accuracy,
-        "macs_mean": result.macs_mean,
-        "macs_reduction": result.macs_reduction,
-        "computation_percentage": result.computation_percentage,
-        "monotone_on_grid": result.monotone_on_grid,
-        "points": result.points,
-    }
+    record = _record(args, result, target, all_on, effective, src, ckpt)
     new = dict(ckpt)
     new["threshold"] = float(result.threshold)
     new["calibration"] = record
