@@ -241,65 +241,36 @@ def bench_inference(
     one_thread = torch.get_num_threads() == 1 and dev.type == "cpu"
     results = []
     for j, (run, (out_m, out_r)) in enumerate(zip(runs, checks)):
-        parts = _latency_row(cm, run["keep_requested"], out_m, out_r, times, j, dev)
-        parts |= {"repeats": repeats, "warmup": warmup, "seed": seed} | _latencies(times, parts, j)
-        row = common | {k: parts[k] for k in _ROW_KEYS}
+        dec = out_r.trace.decisions.cpu()
+        row = common | _setup(run["keep_requested"], dec, dev) | {"repeats": repeats, "warmup": warmup, "seed": seed}
+        macs_plain = float(cm.total_macs_all_on)
+        macs_routed = float(cm.macs_per_image(dec).mean()) if dec.numel() else macs_plain
+        row |= _latencies(times, j, macs_plain, macs_routed)
+        row |= {
+            "max_abs_diff": float((out_r.logits.float() - out_m.logits.float()).abs().max()),
+            "decisions_match": bool(torch.equal(out_r.trace.decisions, out_m.trace.decisions)),
+        }
         if one_thread:  # CPU time of the only compute thread: robust to other jobs on a shared machine
             row |= _cpu_times(cpu, row, j)
         results.append(row)
     return results
 
 
-# The order of a result row's keys after the caller's ``info`` and the setup (as printed by ``--json``).
-_ROW_KEYS = (
-    "decisions",
-    "keep_requested",
-    "keep",
-    "device",
-    "threads",
-    "repeats",
-    "warmup",
-    "seed",
-    "latency_ms_plain",
-    "latency_ms_masked",
-    "latency_ms_routed",
-    "latency_ms_min_plain",
-    "latency_ms_min_masked",
-    "latency_ms_min_routed",
-    "speedup",
-    "speedup_masked",
-    "macs_plain",
-    "macs_routed",
-    "ideal_speedup",
-    "efficiency",
-    "max_abs_diff",
-    "decisions_match",
-)
-
-
-def _latency_row(
-    cm: Any, keep: float | None, out_m: Any, out_r: Any, times: dict[str, list[float]], j: int, dev: torch.device
-) -> dict[str, Any]:
-    """What the routed run of keep ratio ``j`` decided and spent, and how it compares with the masked run."""
-    dec = out_r.trace.decisions.cpu()
-    macs_routed = float(cm.macs_per_image(dec).mean()) if dec.numel() else float(cm.total_macs_all_on)
+def _setup(keep: float | None, dec: Tensor, dev: torch.device) -> dict[str, Any]:
+    """How the decisions of one keep ratio were made and what the routed run executed."""
     return {
         "decisions": "learned greedy gates" if keep is None else "forced Bernoulli(keep)",
         "keep_requested": keep,
         "keep": float(dec.mean()) if dec.numel() else 1.0,
         "device": str(dev),
         "threads": torch.get_num_threads(),
-        "macs_plain": float(cm.total_macs_all_on),
-        "macs_routed": macs_routed,
-        "max_abs_diff": float((out_r.logits.float() - out_m.logits.float()).abs().max()),
-        "decisions_match": bool(torch.equal(out_r.trace.decisions, out_m.trace.decisions)),
     }
 
 
-def _latencies(times: dict[str, list[float]], row: dict[str, Any], j: int) -> dict[str, Any]:
-    """Median and minimum latencies of keep ratio ``j``, the speedups and their ideal (MACs ratio)."""
+def _latencies(times: dict[str, list[float]], j: int, macs_plain: float, macs_routed: float) -> dict[str, Any]:
+    """Median and minimum latencies of keep ratio ``j``, the speedups and their ideal (the MACs ratio)."""
     plain_ms, masked_ms, routed_ms = _ms(times["plain"]), _ms(times[f"masked{j}"]), _ms(times[f"routed{j}"])
-    ideal = row["macs_plain"] / row["macs_routed"]
+    ideal = macs_plain / macs_routed
     return {
         "latency_ms_plain": plain_ms,
         "latency_ms_masked": masked_ms,
@@ -309,6 +280,8 @@ def _latencies(times: dict[str, list[float]], row: dict[str, Any], j: int) -> di
         "latency_ms_min_routed": 1e3 * min(times[f"routed{j}"]),
         "speedup": plain_ms / routed_ms,
         "speedup_masked": plain_ms / masked_ms,
+        "macs_plain": macs_plain,
+        "macs_routed": macs_routed,
         "ideal_speedup": ideal,
         "efficiency": plain_ms / routed_ms / ideal,
     }

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules import module as _hooks
 
@@ -184,13 +183,14 @@ class RNNGate(GateBank):
     """The recurrent gate (Fig. 11c): per-block projection, one shared LSTM cell and output layer.
 
     Two executions of the same function. With autograd (training), autocast, ``torch.compile`` or while someone
-    watches the module calls (e.g. the cost counter's hooks), every step runs the projection, the LSTM cell and
-    the output layer as written. Otherwise (inference) :meth:`init_state` selects a fast path of three calls per
-    step: the spatial sum, one ``torch.lstm_cell`` whose input weights are the LSTM's ``W_ih`` with the block's
-    projection and the mean's ``1 / (H W)`` folded in (``W_ih P_i / (H W)``, bias ``W_ih b_i + b_ih + b_hh``),
-    and one ``addmv`` for the output layer. The folded weights are computed for all gates at once (a few
-    batched products) and cached until a gate parameter changes. At batch size 1 on a CPU a gate's cost is its
-    number of calls, not its ~0.04% of a block's MACs. The logits equal the module path's up to float rounding
+    watches the module calls (e.g. the cost counter's hooks), every step is the reference step: the projection,
+    the LSTM cell and the output layer, called as modules. Otherwise (inference) :meth:`init_state` selects the
+    fast step, three calls: the spatial sum, one ``torch.lstm_cell`` whose input weights are the LSTM's ``W_ih``
+    with the block's projection and the mean's ``1 / (H W)`` folded in (``W_ih P_i / (H W)``, bias
+    ``W_ih b_i + b_ih + b_hh``), and one ``addmv`` for the output layer (on a float32 CPU, the compiled kernel of
+    :mod:`skipnet.fastgate` does the same in one call). The folded weights are computed for all gates at once (a
+    few batched products) and cached until a gate parameter changes. At batch size 1 on a CPU a gate's cost is its
+    number of calls, not its ~0.04% of a block's MACs. The logits equal the reference step's up to float rounding
     (the folded products are summed in another order).
     """
 
@@ -277,22 +277,9 @@ class RNNGate(GateBank):
             f = folded[i].at_size(x.shape[2] * x.shape[3])
             h, c = torch.lstm_cell(x.sum(dim=(2, 3)), (h, c), f.weight_hw, w_hh, f.bias, zero)
             return torch.addmv(fc_b, h, fc_w), (h, c, params)
-        projs, lstm, fc = self._hot
-        proj = projs[i]
-        if self._watched(proj, lstm, fc):  # someone (e.g. the cost counter) is watching the module calls: make them
-            h, c = lstm(proj(spatial_mean(x)), state)
-            return fc(h)[:, 0], (h, c)
-        # The same ops, bit for bit, without the Python overhead of three module calls and LSTMCell's input
-        # checks.
-        h, c = torch.lstm_cell(
-            F.linear(spatial_mean(x), proj.weight, proj.bias),
-            state,
-            lstm.weight_ih,
-            lstm.weight_hh,
-            lstm.bias_ih,
-            lstm.bias_hh,
-        )
-        return F.linear(h, fc.weight, fc.bias)[:, 0], (h, c)
+        projs, lstm, fc = self._hot  # the reference step: the module calls, which hooks (the cost counter) see
+        h, c = lstm(projs[i](spatial_mean(x)), state)
+        return fc(h)[:, 0], (h, c)
 
 
 def build_gates(kind: str, channels: list[int], embed: int = 10, hidden: int = 10) -> GateBank | None:
