@@ -139,20 +139,17 @@ class GatedResNet(nn.Module):
         """Run the network on images ``x`` (B, C, H, W).
 
         Args:
-            mode: a :class:`GateMode` (default ``self.mode``).
-            threshold: greedy/hard threshold on ``p`` (default ``self.threshold``).
-            keep: keep ratio for ``random`` mode (default ``self.keep_ratio``).
+            mode: a :class:`GateMode` (default ``self.mode``); threshold: greedy/hard threshold on ``p`` (default
+                ``self.threshold``); keep: keep ratio of ``random`` mode (default ``self.keep_ratio``).
             decisions: (B, N) forced 0/1 decisions; gates are still computed (their cost is real) but the
                 given decisions are taken. Used by benchmarks and tests.
-            execution: ``"auto"``, ``"routed"`` or ``"masked"``.
+            execution: ``"auto"``, ``"routed"`` or ``"masked"`` (:mod:`skipnet.executors`).
             explore: exploration floor ``eps`` of ``sample`` mode (beyond the paper): decisions are drawn from
                 ``pi = eps + (1 - 2 eps) p`` and ``log_probs`` are those of ``pi``, so every block is tried on and
-                off at least ``eps`` of the time. ``pi >= 1/2`` exactly when ``p >= 1/2``: greedy inference at
-                threshold 0.5 decides as the policy's mode. 0 is the paper's policy.
+                off at least ``eps`` of the time; greedy inference at 0.5 decides as the policy's mode.
 
-        Under ``torch.jit.trace`` and ``torch.export`` (and the ONNX exporters built on them) the forward runs
-        masked, with every decision a tensor op, so the captured graph is right on every input (see
-        :mod:`skipnet.capture`); ``torch.jit.script`` and FX symbolic tracing are refused.
+        Under ``torch.jit.trace`` and ``torch.export`` the forward runs masked, with every decision a tensor op
+        (see :mod:`skipnet.capture`); ``torch.jit.script`` and FX symbolic tracing are refused.
         """
         if mode is None:
             self._check_default_mode()
@@ -160,16 +157,7 @@ class GatedResNet(nn.Module):
         executor = executors.choose(x, execution, mode, decisions is not None)
         threshold = self.threshold if threshold is None else threshold
         keep = self.keep_ratio if keep is None else keep
-        gate = policy.choose(
-            self,
-            mode,
-            executor.routed,
-            threshold=threshold,
-            keep=keep,
-            explore=explore,
-            decisions=decisions,
-            batch=x.shape[0],
-        )
+        gate = policy.choose(self, mode, executor.routed, x.shape[0], decisions, threshold, keep, explore)
         x = self.first_block(self.stem(x))
         gate.start(x)  # from here on ``x`` is a tensor this forward made (routing may write into it)
         for i, block in enumerate(self.gated_blocks):

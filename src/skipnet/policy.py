@@ -231,12 +231,11 @@ def choose(
     model: Any,
     mode: GateMode,
     routed: bool,
-    *,
+    batch: int,
+    decisions: Tensor | None,
     threshold: float,
     keep: float,
     explore: float,
-    decisions: Tensor | None,
-    batch: int,
 ) -> GatePolicy:
     """The policy of one forward of ``model`` (checks the arguments)."""
     if mode in (GateMode.HARD, GateMode.SOFT, GateMode.SAMPLE) and model.gates is None:
