@@ -246,10 +246,8 @@ def bench_inference(
         macs_plain = float(cm.total_macs_all_on)
         macs_routed = float(cm.macs_per_image(dec).mean()) if dec.numel() else macs_plain
         row |= _latencies(times, j, macs_plain, macs_routed)
-        row |= {
-            "max_abs_diff": float((out_r.logits.float() - out_m.logits.float()).abs().max()),
-            "decisions_match": bool(torch.equal(out_r.trace.decisions, out_m.trace.decisions)),
-        }
+        row["max_abs_diff"] = float((out_r.logits.float() - out_m.logits.float()).abs().max())
+        row["decisions_match"] = bool(torch.equal(out_r.trace.decisions, out_m.trace.decisions))
         if one_thread:  # CPU time of the only compute thread: robust to other jobs on a shared machine
             row |= _cpu_times(cpu, row, j)
         results.append(row)
