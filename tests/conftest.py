@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, each worker gets its share of the cores: N workers with every core each would
+    oversubscribe the machine (torch's intra-op threads spin while they wait for each other)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(autouse=True)
