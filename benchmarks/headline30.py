@@ -39,6 +39,8 @@ VARIANTS = {
     # from here on, --distill keeps the paper's CE inside the HRL return (the KD term trains the backbone only)
     "hrl_a3": (3.0, []),
     "hrl_kdce_a3": (3.0, ["--distill", "{out}/base/best.pt"]),
+    "hrl_kdce_a2": (2.0, ["--distill", "{out}/base/best.pt"]),
+    "hrl_kdce_a2.5": (2.5, ["--distill", "{out}/base/best.pt"]),
 }
 
 
