@@ -34,9 +34,13 @@ HRL += ["--eval-every", "176"]
 VARIANTS = {
     "hrl_a1.5": (1.5, []),
     "hrl_kd_a1.5": (1.5, ["--distill", "{out}/base/best.pt"]),
-    "hrl_a1.25": (1.25, []),
-    "hrl_kd_a1.25": (1.25, ["--distill", "{out}/base/best.pt"]),
-    "hrl_kd_a2": (2.0, ["--distill", "{out}/base/best.pt"]),
+    "hrl_kd_a2.5": (2.5, ["--distill", "{out}/base/best.pt"]),
+    "hrl_kd_a3.5": (3.5, ["--distill", "{out}/base/best.pt"]),
+    # from here on, --distill keeps the paper's CE inside the HRL return (the KD term trains the backbone only)
+    "hrl_a3": (3.0, []),
+    "hrl_kdce_a3": (3.0, ["--distill", "{out}/base/best.pt"]),
+    "hrl_kdce_a2": (2.0, ["--distill", "{out}/base/best.pt"]),
+    "hrl_kdce_a2.5": (2.5, ["--distill", "{out}/base/best.pt"]),
 }
 
 

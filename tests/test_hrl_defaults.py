@@ -119,3 +119,21 @@ def test_hrl_distills_from_a_teacher(sp_run, tmp_path, capsys) -> None:
     capsys.readouterr()
     assert main([*args, "--distill", str(other), "--out", str(tmp_path / "bad")]) == 2
     assert "predicts 7 classes; the data has 10" in capsys.readouterr().err
+
+
+def test_distillation_trains_the_backbone_but_the_return_keeps_the_ce() -> None:
+    """With --distill the supervised term is the distilled loss, while the HRL return (Eq. 6) is computed from the
+    cross-entropy alone: the REINFORCE term and the reward are those of the same step without a teacher."""
+    from skipnet.gated import GateTrace
+    from skipnet.stages import STAGES
+
+    torch.manual_seed(0)
+    ce, task = torch.rand(8), torch.rand(8) * 5
+    decisions = (torch.rand(8, 4) > 0.5).float()
+    log_probs = torch.randn(8, 4)
+    trace = GateTrace(probs=torch.rand(8, 4), decisions=decisions, log_probs=log_probs, logits=torch.zeros(8, 4))
+    kw = dict(alpha=2.0, beta=1.0, rl_weight=1.0, baseline=None)
+    plain, s0 = STAGES["hrl"].loss(ce, trace, **kw)
+    distilled, s1 = STAGES["hrl"].loss(ce, trace, **kw, task=task)
+    assert torch.equal(s0["rl"], s1["rl"]) and torch.equal(s0["reward"], s1["reward"])
+    torch.testing.assert_close(distilled - plain, task.mean() - ce.mean())

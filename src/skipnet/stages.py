@@ -38,10 +38,13 @@ class Stage:
         beta: float,
         rl_weight: float,
         baseline: Baseline | None,
+        task: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total loss from per-sample cross-entropy ``ce`` (B,) and the gate ``trace`` (B, N)."""
+        """Total loss from per-sample cross-entropy ``ce`` (B,) and the gate ``trace`` (B, N). ``task`` (B,), when
+        given (``--distill``), replaces ``ce`` in the supervised term only; the HRL return keeps the paper's CE."""
         stats: dict[str, Tensor] = {"ce": ce.detach().mean()}
-        loss = ce.mean() if self.supervised else ce.new_zeros(())
+        supervised = ce if task is None else task
+        loss = supervised.mean() if self.supervised else ce.new_zeros(())
         if self.uses_rl and trace.num_gates:
             returns = hybrid_returns(ce, trace.decisions, alpha, beta)  # (B, N), CE detached inside
             b = baseline(returns) if baseline is not None else None

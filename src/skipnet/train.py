@@ -527,16 +527,22 @@ class Trainer:
                 explore=cfg.explore if self.stage.train_mode == GateMode.SAMPLE else 0.0,
             )
             ce = F.cross_entropy(out.logits.float(), y, reduction="none")  # (B,)
-            task, extra = ce, {}
+            task, extra = None, {}
             if self.teacher is not None:
                 with torch.no_grad():
                     target = self.teacher(x).logits
                 kd = distillation_loss(out.logits, target, cfg.distill_temperature)
                 task, extra = distilled_task_loss(ce, kd, cfg.distill_weight), {"kd": kd.detach().mean()}
             loss, stats = self.stage.loss(
-                task, out.trace, alpha=cfg.alpha, beta=cfg.beta, rl_weight=cfg.rl_weight, baseline=self.baseline
+                ce,
+                out.trace,
+                alpha=cfg.alpha,
+                beta=cfg.beta,
+                rl_weight=cfg.rl_weight,
+                baseline=self.baseline,
+                task=task,
             )
-            stats |= {"ce": ce.detach().mean()} | extra
+            stats |= extra
         if self.dist.any(not bool(torch.isfinite(loss.detach()))):  # before the update: weights stay good
             self._non_finite(loss)
         self.optimizer.zero_grad(set_to_none=True)
