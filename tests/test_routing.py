@@ -250,7 +250,7 @@ def test_routed_training_step_runs_and_skipped_blocks_get_no_gradient() -> None:
 @pytest.mark.parametrize("mode", ["hard", "soft"])
 def test_mix_gradient_equals_eq1_by_autograd(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The hand-written backward of the masked mix (STE in hard mode, p in soft mode) is Eq. 1's gradient."""
-    import skipnet.gated as gated
+    import skipnet.executors as executors
 
     model = create_model("tiny_rnn_gate_14").to(torch.float64).train()
     model.to(memory_format=torch.channels_last)
@@ -268,7 +268,7 @@ def test_mix_gradient_equals_eq1_by_autograd(mode: str, monkeypatch: pytest.Monk
         g = g.view(-1, 1, 1, 1)
         return g * F.relu(residual + shortcut) + (1.0 - g) * shortcut
 
-    monkeypatch.setattr(gated, "_masked_tail", eq1)
+    monkeypatch.setattr(executors, "_masked_tail", eq1)
     ref = grads(copy.deepcopy(model))
     assert ours.keys() == ref.keys()
     for name, g in ref.items():

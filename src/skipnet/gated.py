@@ -151,9 +151,11 @@ class GatedResNet(nn.Module):
         Under ``torch.jit.trace`` and ``torch.export`` the forward runs masked, with every decision a tensor op
         (see :mod:`skipnet.capture`); ``torch.jit.script`` and FX symbolic tracing are refused.
         """
+        if capture.tool(x) == capture.FX:  # before anything branches on an argument FX has made a proxy
+            raise SkipnetError(capture.REFUSE_FX)
         if mode is None:
             self._check_default_mode()
-        mode = GateMode(mode or self.mode)
+        mode = GateMode(self.mode if mode is None else mode)
         executor = executors.choose(x, execution, mode, decisions is not None)
         threshold = self.threshold if threshold is None else threshold
         keep = self.keep_ratio if keep is None else keep
