@@ -387,6 +387,8 @@ def _stage_and_measure(
     device, data_dir, limit, batch_size = opts["device"], opts["data_dir"], opts["limit"], opts["batch_size"]
     with tempfile.TemporaryDirectory(dir=root, prefix=".make-") as tmp:
         staged = Path(tmp) / f"{name}.safetensors"
+        if isinstance(ckpt.get("data", {}).get("spec"), str):  # the shipped file holds no path of this machine
+            ckpt = ckpt | {"data": ckpt["data"] | {"spec": _portable(ckpt["data"]["spec"])}}
         export_safetensors(ckpt, staged, source=Path(checkpoint).name)
         argv = ["eval", str(staged), "--data", data, "--device", device, "--batch-size", str(batch_size), "--json"]
         if data_dir:
