@@ -41,6 +41,9 @@ VARIANTS = {
     "hrl_kdce_a3": (3.0, ["--distill", "{out}/base/best.pt"]),
     "hrl_kdce_a2": (2.0, ["--distill", "{out}/base/best.pt"]),
     "hrl_kdce_a2.5": (2.5, ["--distill", "{out}/base/best.pt"]),
+    # the learning rate decays to 0 over the epoch (cosine), so that the policy and the backbone settle
+    "hrl_kdce_cos_a2": (2.0, ["--distill", "{out}/base/best.pt", "--schedule", "cosine"]),
+    "hrl_kdce_cos_a2.5": (2.5, ["--distill", "{out}/base/best.pt", "--schedule", "cosine"]),
 }
 
 
