@@ -28,7 +28,7 @@ def test_no_absolute_machine_paths_in_tracked_files() -> None:
             text = path.read_text()
         except UnicodeDecodeError:  # binary: a shipped safetensors checkpoint's JSON header is checked, the rest not
             raw = path.read_bytes()
-            if not path.suffix == ".safetensors":
+            if path.suffix != ".safetensors":
                 continue
             text = raw[8 : 8 + int.from_bytes(raw[:8], "little")].decode().replace("\\n", "\n")
         for n, line in enumerate(text.splitlines(), 1):
