@@ -8,38 +8,12 @@ import logging
 import os
 from pathlib import Path
 
+from skipnet.commands._common import add_data_args, check_value
 from skipnet.cost import fewer_macs
 from skipnet.errors import SkipnetError
 from skipnet.registry import check_image_size, get_config
 from skipnet.stages import STAGES
 from skipnet.train import SCHEDULES, TrainConfig, hold_run_dir, train
-
-
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--data",
-        required=True,
-        help="cifar10, cifar100, svhn, digits, or an ImageFolder root (train/ + test/ or val/) or .tar.gz of one",
-    )
-    p.add_argument(
-        "--data-dir",
-        default=None,
-        help="where torchvision data sets live (default: ~/.cache/skipnet/datasets, or $SKIPNET_CACHE/datasets)",
-    )
-    p.add_argument("--download", action="store_true", help="download cifar10/cifar100/svhn if missing")
-    p.add_argument(
-        "--limit-train", type=int, default=None, help="use a seeded subset of N training images (default: all)"
-    )
-    p.add_argument(
-        "--limit-test", type=int, default=None, help="use a seeded subset of N test/val images (default: all)"
-    )
-    p.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help="resize (small) or crop (large) images to S (default: the data's own; 224 for ImageNet nets)",
-    )
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers for large images")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -275,16 +249,6 @@ REQUIRED = (("ARCH", "arch"), ("--stage", "stage"), ("--data", "data"), ("--out"
 
 # Files whose presence means --out already holds a run (config.json alone: a run that never got to a checkpoint).
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json")
-
-
-def check_value(option: str, value, test, what: str) -> None:
-    """Raise a one-line error when ``value`` of ``--option`` fails ``test`` (``None``: option left unset)."""
-    if value is None:
-        return
-    if value != value or not test(value):  # NaN fails every range
-        raise SkipnetError(f"--{option.replace('_', '-')} must be {what}, got {value:g}")
-    if abs(value) == float("inf"):
-        raise SkipnetError(f"--{option.replace('_', '-')} must be finite, got {value:g}")
 
 
 def check_args(cfg: TrainConfig) -> None:
