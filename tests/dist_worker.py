@@ -46,7 +46,7 @@ def param_spread(model: nn.Module) -> float:
 
 # ------------------------------------------------------------------------------------------ train
 def run_train(out_json: str, runs: list[list[str]]) -> None:
-    from skipnet.commands.train import check_args, config_from_args, register
+    from skipnet.commands.train import config_from_args, register
     from skipnet.train import Trainer
 
     parser = argparse.ArgumentParser()
@@ -56,7 +56,7 @@ def run_train(out_json: str, runs: list[list[str]]) -> None:
     for argv in runs:
         args = parser.parse_args(["train", *argv])
         cfg = config_from_args(args)
-        check_args(cfg)
+        cfg.validate()
         trainer = Trainer(cfg)
         summary = trainer.fit()
         ctx = trainer.dist

@@ -696,3 +696,12 @@ def test_registry_and_config() -> None:
     assert ArchConfig.from_dict({**cfg.to_dict(), "extra": 1}) == cfg
     assert create_model(cfg).backbone.fc.out_features == 7
     assert create_model("tiny_resnet_14", num_classes=3).config.num_classes == 3
+
+
+def test_timm_style_overrides() -> None:
+    """``create_model(name, in_chans=..., num_classes=...)`` as in timm; a misspelt option is one clear error."""
+    model = create_model("tiny_rnn_gate_14", in_chans=1, num_classes=5).eval()
+    assert model.config.in_channels == 1 and model.backbone.conv1.in_channels == 1
+    assert model(torch.randn(2, 1, 16, 16)).logits.shape == (2, 5)
+    with pytest.raises(SkipnetError, match="unknown model option 'in_chan'.*in_chans"):
+        create_model("tiny_rnn_gate_14", in_chan=1)

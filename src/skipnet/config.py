@@ -39,6 +39,10 @@ def estimated_parameters(c: ArchConfig) -> int:
     return convs + gates + 4 * c.width * c.num_classes
 
 
+# timm's keyword names for create_model -> ours
+TIMM_NAMES = {"in_chans": "in_channels"}
+
+
 @dataclass(frozen=True)
 class ArchConfig:
     """Everything needed to rebuild a (gated) ResNet.
@@ -102,8 +106,15 @@ class ArchConfig:
         return self.gate != "none"
 
     def replace(self, **changes: Any) -> ArchConfig:
-        """A copy with ``changes`` applied; ``None`` values are ignored (timm-style overrides)."""
-        changes = {k: v for k, v in changes.items() if v is not None}
+        """A copy with ``changes`` applied; ``None`` values are ignored and timm's names accepted (``in_chans``
+        for ``in_channels``), as in ``timm.create_model(name, num_classes=..., in_chans=...)``."""
+        changes = {TIMM_NAMES.get(k, k): v for k, v in changes.items() if v is not None}
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise SkipnetError(
+                f"unknown model option {unknown[0]!r}; the options are {', '.join(sorted(known | set(TIMM_NAMES)))}"
+            )
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

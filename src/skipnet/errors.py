@@ -11,3 +11,13 @@ class Interrupted(SkipnetError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def check_value(option: str, value, test, what: str) -> None:
+    """Raise a one-line error when ``value`` of ``--option`` fails ``test`` (``None``: option left unset)."""
+    if value is None:
+        return
+    if value != value or not test(value):  # NaN fails every range
+        raise SkipnetError(f"--{option.replace('_', '-')} must be {what}, got {value:g}")
+    if abs(value) == float("inf"):
+        raise SkipnetError(f"--{option.replace('_', '-')} must be finite, got {value:g}")

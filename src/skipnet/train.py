@@ -12,12 +12,10 @@ import logging
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,135 +44,9 @@ from skipnet.registry import get_config
 from skipnet.rundir import append_row, read_rows, run_lock, write_rows
 from skipnet.runlog import Progress, RunLog, environment
 from skipnet.stages import STAGES, Stage
+from skipnet.trainconfig import SCHEDULES, TrainConfig, resolve_defaults  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-
-SCHEDULES = ("paper", "step", "cosine", "onecycle", "constant")
-
-
-@dataclass
-class TrainConfig:
-    """Every option of ``skipnet train``; ``None`` means "the paper's default for this stage and data"."""
-
-    arch: str
-    stage: str
-    data: str
-    out: str
-    data_dir: str | None = None
-    download: bool = False
-    init: str | None = None
-    init_torchvision: str | None = None
-    epochs: float | None = None
-    iters: int | None = None
-    batch_size: int | None = None
-    eval_batch_size: int | None = None
-    lr: float | None = None
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float | None = None
-    schedule: str | None = None
-    warmup_iters: int = 0
-    alpha: float | None = None
-    beta: float | None = None
-    rl_weight: float = 1.0
-    gate_lr_mult: float = 1.0
-    baseline: str = "none"
-    explore: float = 0.0
-    zero_init_residual: bool = False
-    gate_bias: float | None = None
-    paper_gate_init: bool = False
-    bn: str | None = None
-    select: str | None = None
-    keep: float = 0.5
-    threshold: float = 0.5
-    val_split: float = 0.1
-    seed: int = 0
-    eval_every: int | None = None
-    limit_train: int | None = None
-    limit_test: int | None = None
-    image_size: int | None = None
-    workers: int = 4
-    threads: int | None = None
-    amp: str = "none"
-    compile: bool = False
-    sync_bn: bool = False
-    channels_last: bool = True
-    log_every: int = 50
-    resume: bool = False
-    device: str = "auto"
-    checkpoint_minutes: float = 10.0
-    tensorboard: bool = False
-    distill: str | None = None
-    distill_weight: float = 0.5
-    distill_temperature: float = 4.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-# ------------------------------------------------------------------------------------------ defaults
-def resolve_defaults(cfg: TrainConfig, family: str, dataset: str, num_gates: int, steps_per_epoch: int) -> TrainConfig:
-    """Fill ``None`` options with the paper's settings (§4; the authors' scripts) for this stage and data."""
-    c = TrainConfig(**asdict(cfg))
-    imagenet = family == "imagenet"
-    finetune = c.stage == "hrl" and (c.init is not None or c.init_torchvision is not None)
-    if c.batch_size is None:
-        c.batch_size = 256 if imagenet else 128
-    if c.weight_decay is None:
-        c.weight_decay = 1e-4
-    if c.alpha is None:
-        c.alpha = 0.01 if imagenet else 0.1
-    if c.beta is None:
-        c.beta = c.alpha / max(1, num_gates) if imagenet else 1.0
-    if finetune:  # HRL after SP: lr 1e-4, constant, 10k iterations (CIFAR), 50 epochs SVHN, 40 ImageNet
-        c.lr = 1e-4 if c.lr is None else c.lr
-        c.schedule = c.schedule or "constant"
-        if c.iters is None and c.epochs is None:
-            if imagenet:
-                c.epochs = 40
-            elif dataset == "svhn":
-                c.epochs = 50
-            else:
-                c.iters = 10_000
-    else:  # base / sp / soft / rl / sdv / hrl from scratch: the ResNet recipe
-        c.lr = 0.1 if c.lr is None else c.lr
-        c.schedule = c.schedule or "paper"
-        if c.iters is None and c.epochs is None:
-            if imagenet:
-                c.epochs = 120
-            else:
-                c.iters = 64_000
-    if c.schedule not in SCHEDULES:
-        raise SkipnetError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {c.schedule!r}")
-    if c.eval_every is None:
-        c.eval_every = steps_per_epoch if steps_per_epoch <= 2000 else 2000
-    from_scratch = c.init is None and c.init_torchvision is None
-    if c.gate_bias is None and c.stage in ("sp", "soft") and from_scratch and not c.paper_gate_init:
-        # Beyond the paper: gates start open (p = 0.88). With the paper's initialisation SP from scratch closes
-        # almost every gate in its first epoch, and a closed block gets no gradient (benchmarks/RESULTS.md).
-        c.gate_bias = OPEN_GATE_BIAS
-    rl = c.stage in ("hrl", "rl")
-    if c.bn is None:
-        # Routed RL from a trained network: BatchNorm statistics frozen, so that training normalises as greedy
-        # inference does (updating them from sampled, routed executions drifts them; measured in RESULTS.md).
-        c.bn = "frozen" if rl and not from_scratch else "update"
-    if c.bn not in BN_MODES:
-        raise SkipnetError(f"--bn must be one of {', '.join(BN_MODES)}, got {c.bn!r}")
-    if c.select is None:  # HRL is reported at what it optimises, not at its least-skipping epoch
-        c.select = "reward" if rl else "accuracy"
-    if c.select not in SELECT_RULES:
-        raise SkipnetError(f"--select must be one of {', '.join(SELECT_RULES)}, got {c.select!r}")
-    return c
-
-
-OPEN_GATE_BIAS = 2.0
-BN_MODES = ("update", "frozen")
-SELECT_RULES = ("accuracy", "reward", "last")
 
 
 def selection_score(rule: str, val: dict[str, Any], alpha: float, beta: float, num_gates: int) -> float:
@@ -232,53 +104,16 @@ class Trainer:
         self.main = self.rank == 0
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-
-        resume_ckpt = None
-        if cfg.resume and (self.out / "last.pt").exists():
-            resume_ckpt = load_checkpoint(self.out / "last.pt")
-            try:
-                saved = TrainConfig.from_dict(resume_ckpt["train_config"])
-            except (KeyError, TypeError, AttributeError):
-                raise SkipnetError(f"{self.out / 'last.pt'} has no usable run configuration to resume from") from None
-            for k in ("epochs", "iters", "threads"):  # a resumed run may be extended, or given more threads
-                if getattr(cfg, k) is not None:
-                    setattr(saved, k, getattr(cfg, k))
-            saved.resume, saved.out = True, cfg.out
-            cfg = saved
-        elif cfg.resume:
-            self._start_afresh()
-        elif (self.out / "last.pt").exists():
-            raise SkipnetError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
-
+        cfg, resume_ckpt = self._resumed_config(cfg)
         init_ckpt = load_checkpoint(cfg.init) if cfg.init and resume_ckpt is None else None
         arch = get_config(cfg.arch)
-        stats = None
-        if init_ckpt is not None and init_ckpt.get("data", {}).get("mean"):
-            stats = (tuple(init_ckpt["data"]["mean"]), tuple(init_ckpt["data"]["std"]))
-        if resume_ckpt is not None and resume_ckpt.get("data", {}).get("mean"):
-            stats = (tuple(resume_ckpt["data"]["mean"]), tuple(resume_ckpt["data"]["std"]))
         if cfg.gate_bias is not None and not arch.gated:
             raise SkipnetError(f"--gate-bias needs a gated architecture; {arch.name} has no gates")
         global_batch = cfg.batch_size or (256 if arch.family == "imagenet" else 128)
         if global_batch % self.world:
             raise SkipnetError(f"--batch-size {global_batch} is not divisible by the {self.world} processes")
-        with self.dist.main_first():  # one process per machine extracts and caches the data first
-            self.data: DataBundle = load_data(
-                cfg.data,
-                data_dir=cfg.data_dir,
-                download=cfg.download,
-                batch_size=global_batch // self.world,
-                eval_batch_size=cfg.eval_batch_size,
-                val_split=cfg.val_split,
-                seed=cfg.seed,
-                workers=cfg.workers,
-                rank=self.rank,
-                world=self.world,
-                limit_train=cfg.limit_train,
-                limit_test=cfg.limit_test,
-                image_size=cfg.image_size or (arch.image_size if arch.family == "imagenet" else None),
-                stats=stats,
-            )
+        saved = resume_ckpt if resume_ckpt is not None else init_ckpt  # the input normalisation to keep
+        self.data: DataBundle = self._load_data(cfg, arch, global_batch, saved)
         arch = arch.replace(
             num_classes=self.data.num_classes, in_channels=self.data.in_channels, image_size=self.data.image_size
         )
@@ -286,54 +121,12 @@ class Trainer:
             raise SkipnetError(f"stage {cfg.stage!r} needs a gated architecture (e.g. an *_rnn_gate_* name)")
         torch.manual_seed(cfg.seed)
         self.model = GatedResNet(arch)
-        steps_per_epoch = len(self.data.train)
-        self.cfg = resolve_defaults(cfg, arch.family, arch.dataset, self.model.num_gates, steps_per_epoch)
+        self.steps_per_epoch = len(self.data.train)
+        self.cfg = resolve_defaults(cfg, arch.family, arch.dataset, self.model.num_gates, self.steps_per_epoch)
         self.cfg.batch_size = global_batch
-        self.steps_per_epoch = steps_per_epoch
-        self.total = total_steps(self.cfg, steps_per_epoch)
-
-        if cfg.zero_init_residual:  # before --init, whose tensors replace these
-            self.model.zero_init_residual()
-            if self.stage.train_mode == GateMode.HARD and not cfg.init and not (self.cfg.gate_bias or 0) > 0:
-                log.warning(
-                    "--zero-init-residual with gates that may start closed: in SP a closed gate's zero branch gets "
-                    "no gradient and the gate none either; pass --gate-bias 2 so that the gates start open"
-                )
-        if self.cfg.gate_bias is not None and arch.gated:
-            self.model.set_gate_bias(self.cfg.gate_bias)
-        if init_ckpt is not None:
-            left = load_weights_into(self.model, init_ckpt, cfg.init)
-            log.info("initialised from %s (%d tensors left at their initial values)", cfg.init, len(left))
-        if cfg.init_torchvision and resume_ckpt is None:
-            self._init_torchvision(cfg.init_torchvision)
-        self.model.threshold = self.cfg.threshold
-        self.model.keep_ratio = self.cfg.keep
-        self.model.mode = (
-            self.stage.eval_mode if arch.gated or self.stage.eval_mode == GateMode.RANDOM else GateMode.ALL_ON
-        )
-        self.cost = cost_model(self.model)
-        self.teacher = self._load_teacher(self.cfg.distill) if self.cfg.distill else None
-        self.model.to(self.device)
-        if self.cfg.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-
-        gate_params = list(self.model.gates.parameters()) if self.model.gates is not None else []
-        gate_ids = {id(q) for q in gate_params}
-        groups = [{"params": [q for q in self.model.parameters() if id(q) not in gate_ids]}]
-        if gate_params:  # the policy may learn faster than the features in short schedules (--gate-lr-mult)
-            groups.append({"params": gate_params, "lr": self.cfg.lr * self.cfg.gate_lr_mult})
-        self.optimizer = torch.optim.SGD(
-            groups,
-            lr=self.cfg.lr,
-            momentum=self.cfg.momentum,
-            nesterov=self.cfg.nesterov and self.cfg.momentum > 0,
-            weight_decay=self.cfg.weight_decay,
-        )
-        imagenet = arch.family == "imagenet"
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_factor(self.cfg.schedule, s, self.total, self.cfg.warmup_iters, imagenet, steps_per_epoch),
-        )
+        self.total = total_steps(self.cfg, self.steps_per_epoch)
+        self._prepare_model(init_ckpt, resumed=resume_ckpt is not None)
+        self.optimizer, self.scheduler = self._optimizer()
         self.baseline: Baseline = self.dist.baseline(self.cfg.baseline)  # global-batch mean under DDP
         self.step = 0
         self.best_val = -1.0  # validation accuracy of best.pt
@@ -350,6 +143,96 @@ class Trainer:
         self.scaler = self.dist.grad_scaler(self.cfg.amp)
 
     # -- setup helpers
+    def _resumed_config(self, cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
+        """``(config, checkpoint)`` of the run to continue (``--resume`` with a last.pt: the saved config, which
+        may be extended or given more threads), or ``(cfg, None)`` for a new run."""
+        if cfg.resume and (self.out / "last.pt").exists():
+            ckpt = load_checkpoint(self.out / "last.pt")
+            try:
+                saved = TrainConfig.from_dict(ckpt["train_config"])
+            except (KeyError, TypeError, AttributeError):
+                raise SkipnetError(f"{self.out / 'last.pt'} has no usable run configuration to resume from") from None
+            for k in ("epochs", "iters", "threads"):  # a resumed run may be extended, or given more threads
+                if getattr(cfg, k) is not None:
+                    setattr(saved, k, getattr(cfg, k))
+            saved.resume, saved.out = True, cfg.out
+            return saved, ckpt
+        if cfg.resume:
+            self._start_afresh()
+        elif (self.out / "last.pt").exists():
+            raise SkipnetError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+        return cfg, None
+
+    def _load_data(self, cfg: TrainConfig, arch: Any, global_batch: int, saved: dict[str, Any] | None) -> DataBundle:
+        """This process's share of the data, normalised as ``saved`` (the resumed or --init checkpoint) was."""
+        stats = None
+        if saved is not None and saved.get("data", {}).get("mean"):
+            stats = (tuple(saved["data"]["mean"]), tuple(saved["data"]["std"]))
+        with self.dist.main_first():  # one process per machine extracts and caches the data first
+            return load_data(
+                cfg.data,
+                data_dir=cfg.data_dir,
+                download=cfg.download,
+                batch_size=global_batch // self.world,
+                eval_batch_size=cfg.eval_batch_size,
+                val_split=cfg.val_split,
+                seed=cfg.seed,
+                workers=cfg.workers,
+                rank=self.rank,
+                world=self.world,
+                limit_train=cfg.limit_train,
+                limit_test=cfg.limit_test,
+                image_size=cfg.image_size or (arch.image_size if arch.family == "imagenet" else None),
+                stats=stats,
+            )
+
+    def _prepare_model(self, init_ckpt: dict[str, Any] | None, resumed: bool) -> None:
+        """Initialise the new model (zero residuals, gate bias, --init weights), set its gate options, the cost
+        model and the teacher, and move both to the device."""
+        cfg, arch = self.cfg, self.model.config
+        if cfg.zero_init_residual:  # before --init, whose tensors replace these
+            self.model.zero_init_residual()
+            if self.stage.train_mode == GateMode.HARD and not cfg.init and not (cfg.gate_bias or 0) > 0:
+                log.warning(
+                    "--zero-init-residual with gates that may start closed: in SP a closed gate's zero branch gets "
+                    "no gradient and the gate none either; pass --gate-bias 2 so that the gates start open"
+                )
+        if cfg.gate_bias is not None and arch.gated:
+            self.model.set_gate_bias(cfg.gate_bias)
+        if init_ckpt is not None:
+            left = load_weights_into(self.model, init_ckpt, cfg.init)
+            log.info("initialised from %s (%d tensors left at their initial values)", cfg.init, len(left))
+        if cfg.init_torchvision and not resumed:
+            self._init_torchvision(cfg.init_torchvision)
+        self.model.threshold = cfg.threshold
+        self.model.keep_ratio = cfg.keep
+        self.model.mode = (
+            self.stage.eval_mode if arch.gated or self.stage.eval_mode == GateMode.RANDOM else GateMode.ALL_ON
+        )
+        self.cost = cost_model(self.model)
+        self.teacher = self._load_teacher(cfg.distill) if cfg.distill else None
+        self.model.to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def _optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """SGD over two parameter groups (the gates at ``--gate-lr-mult`` times the lr) and its lr schedule."""
+        cfg = self.cfg
+        gate_params = list(self.model.gates.parameters()) if self.model.gates is not None else []
+        gate_ids = {id(q) for q in gate_params}
+        groups = [{"params": [q for q in self.model.parameters() if id(q) not in gate_ids]}]
+        if gate_params:  # the policy may learn faster than the features in short schedules (--gate-lr-mult)
+            groups.append({"params": gate_params, "lr": cfg.lr * cfg.gate_lr_mult})
+        nesterov = cfg.nesterov and cfg.momentum > 0
+        opt = torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, weight_decay=cfg.weight_decay
+        )
+        imagenet, spe = self.model.config.family == "imagenet", self.steps_per_epoch
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(cfg.schedule, s, self.total, cfg.warmup_iters, imagenet, spe)
+        )
+        return opt, schedule
+
     def _start_afresh(self) -> None:
         """``--resume`` on a directory without a checkpoint (a job preempted before its first one, re-queued with
         the same command line): start a new run there, dropping what the first attempt left."""
@@ -653,11 +536,9 @@ class Trainer:
                 raise KeyboardInterrupt
             self._signal = signum
             if self.main:
-                print(
-                    f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
-                    "(Ctrl-C again to stop at once)",
-                    file=sys.stderr,
-                    flush=True,
+                log.warning(
+                    "%s: stopping after this step and writing a checkpoint (Ctrl-C again to stop at once)",
+                    signal.Signals(signum).name,
                 )
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}

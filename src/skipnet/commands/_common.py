@@ -10,20 +10,10 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from skipnet.errors import SkipnetError
+from skipnet.errors import SkipnetError, check_value  # noqa: F401 (the commands' value check)
 
 DATA_DIR_HELP = "where torchvision data sets live (default: ~/.cache/skipnet/datasets, or $SKIPNET_CACHE/datasets)"
 DATA_HELP = "cifar10, cifar100, svhn, digits, or an ImageFolder root / .tar.gz"
-
-
-def check_value(option: str, value, test, what: str) -> None:
-    """Raise a one-line error when ``value`` of ``--option`` fails ``test`` (``None``: option left unset)."""
-    if value is None:
-        return
-    if value != value or not test(value):  # NaN fails every range
-        raise SkipnetError(f"--{option.replace('_', '-')} must be {what}, got {value:g}")
-    if abs(value) == float("inf"):
-        raise SkipnetError(f"--{option.replace('_', '-')} must be finite, got {value:g}")
 
 
 def add_source_args(p: argparse.ArgumentParser, data_help: str = DATA_HELP) -> None:
@@ -50,7 +40,56 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="resize (small) or crop (large) images to S (default: the data's own; 224 for ImageNet nets)",
     )
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers for large images")
+    from skipnet.trainconfig import TrainConfig
+
+    workers = TrainConfig.defaults()["workers"]
+    p.add_argument("--workers", type=int, default=workers, help="DataLoader workers for large images")
+
+
+def add_optim_args(p: argparse.ArgumentParser) -> None:
+    """The optimisation options of a training run (``skipnet train`` and ``skipnet sweep``); defaults from
+    :class:`skipnet.trainconfig.TrainConfig`, ``None`` meaning the stage's paper setting."""
+    from skipnet.trainconfig import SCHEDULES, TrainConfig
+
+    d = TrainConfig.defaults()
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=float, default=None, help="train for E epochs (default: the paper's --iters)")
+    g.add_argument("--iters", type=int, default=None, help="train for N iterations (paper: 64000 SP, 10000 HRL)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (paper: 128 CIFAR, 256 ImageNet)")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="evaluation batch size (default: max(B, 256))")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate (paper: 0.1; 1e-4 for HRL after SP)")
+    p.add_argument("--momentum", type=float, default=d["momentum"], help="SGD momentum")
+    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (recommended for short CPU schedules)")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (paper: 1e-4)")
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=None,
+        help="lr schedule: paper (x0.1 at 50%% and 75%%; ImageNet every 30 epochs), step, cosine, onecycle "
+        "(recommended for short CPU runs), constant (the paper's HRL)",
+    )
+    p.add_argument(
+        "--warmup-iters", type=int, default=d["warmup_iters"], help="iterations at lr/10 first (authors: 400 for 110+)"
+    )
+    p.add_argument("--beta", type=float, default=None, help="HRL loss weight beta (paper: 1 CIFAR, alpha/N ImageNet)")
+    p.add_argument(
+        "--rl-weight", type=float, default=d["rl_weight"], help="scale of the REINFORCE term (authors: 0.01)"
+    )
+    p.add_argument(
+        "--baseline", choices=["none", "batch", "ema"], default=d["baseline"], help="REINFORCE baseline (variance)"
+    )
+    p.add_argument("--seed", type=int, default=d["seed"], help="random seed")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="validate, checkpoint every N steps (default: each epoch, <= 2000)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own, one per core)")
+    p.add_argument(
+        "--log-every", type=int, default=d["log_every"], help="a progress line (off a terminal) and a steps.csv row"
+    )
+    p.add_argument("--device", default=d["device"], help="auto, cpu, cuda, cuda:1, ...")
 
 
 def open_for_eval(

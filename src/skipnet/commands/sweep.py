@@ -19,13 +19,12 @@ import torch
 from skipnet import plots
 from skipnet.analysis import eval_point, require_gates
 from skipnet.checkpoint import load_model
-from skipnet.commands._common import add_data_args
-from skipnet.commands.train import check_args  # the training options' rules (to move into TrainConfig)
+from skipnet.commands._common import add_data_args, add_optim_args
 from skipnet.cost import cost_model
 from skipnet.errors import SkipnetError
 from skipnet.evaluate import data_for_checkpoint, eval_loader, run_eval
 from skipnet.gated import GateMode
-from skipnet.train import SCHEDULES, TrainConfig, train
+from skipnet.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -43,34 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_args(p)
     p.add_argument("--alphas", type=float, nargs="+", required=True, help="cost weights alpha to train at")
     p.add_argument("--out", required=True, help="parent directory of the run directories alpha_<a>/")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument(
-        "--epochs", type=float, default=None, help="train each run for E epochs (default: the paper's 10000 iterations)"
-    )
-    g.add_argument("--iters", type=int, default=None, help="train each run for N iterations (paper: 10000)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (paper: 128)")
-    p.add_argument("--eval-batch-size", type=int, default=None, help="evaluation batch size (default: max(B, 256))")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (paper HRL: 1e-4)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (paper: 1e-4)")
-    p.add_argument("--schedule", choices=SCHEDULES, default=None, help="lr schedule (HRL default: constant)")
-    p.add_argument("--beta", type=float, default=None, help="loss weight beta in the return (paper: 1 on CIFAR)")
-    p.add_argument("--rl-weight", type=float, default=1.0, help="scale of the REINFORCE term")
-    p.add_argument("--baseline", choices=["none", "batch", "ema"], default="none", help="REINFORCE baseline")
+    add_optim_args(p)
     p.add_argument(
         "--val-split", type=float, default=None, help="validation fraction (default: the SP checkpoint's own)"
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument(
-        "--eval-every",
-        type=int,
-        default=None,
-        help="validate + checkpoint every N steps (default: every epoch, at most 2000 steps)",
-    )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own, one per core)")
-    p.add_argument("--log-every", type=int, default=50, help="log a line every N steps when not on a terminal")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.set_defaults(func=run)
 
@@ -122,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for a in alphas:
         cfg = TrainConfig(**(common | {"alpha": a, "out": str(alpha_dir(out, a))}))
-        check_args(cfg)
+        cfg.validate()
         log.info("sweep: alpha %g -> %s", a, cfg.out)
         summary = train(cfg)  # resumes an unfinished run; returns a finished run's summary without training
         test = summary.get("test") or {}

@@ -8,16 +8,15 @@ import logging
 import os
 from pathlib import Path
 
-from skipnet.commands._common import add_data_args, check_value
+from skipnet.commands._common import add_data_args, add_optim_args
 from skipnet.cost import fewer_macs
 from skipnet.errors import SkipnetError
-from skipnet.registry import check_image_size, get_config
 from skipnet.stages import STAGES
-from skipnet.train import SCHEDULES, TrainConfig, hold_run_dir, train
+from skipnet.train import TrainConfig, hold_run_dir, train
+from skipnet.trainconfig import BN_MODES, OPEN_GATE_BIAS, SELECT_RULES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    stage_help = "; ".join(f"{k}: {s.help}" for k, s in STAGES.items())
     p = sub.add_parser(
         "train",
         help="train a stage (base, sp, hrl, soft, rl, sdv)",
@@ -27,9 +26,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("arch", nargs="?", help="architecture name (see 'skipnet models')")
-    p.add_argument("--stage", choices=list(STAGES), help=stage_help)
+    p.add_argument("--stage", choices=list(STAGES), help="; ".join(f"{k}: {s.help}" for k, s in STAGES.items()))
     add_data_args(p)
     p.add_argument("--out", help="run directory (config.json, metrics.jsonl, last.pt, best.pt)")
+    _add_start_args(p)
+    add_optim_args(p)
+    _add_skipnet_args(p)
+    _add_runtime_args(p)
+    p.set_defaults(func=run, parser=p)
+    for action in p._actions:  # ARCH, --stage, --data and --out may come from --config (checked in run)
+        if action.dest == "data":
+            action.required = False
+
+
+def _add_start_args(p: argparse.ArgumentParser) -> None:
+    """Where a run starts: a config file, another stage's checkpoint, torchvision weights, or its own last.pt."""
     p.add_argument(
         "--config",
         default=None,
@@ -44,49 +55,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         "pretrained:NAME",
     )
     p.add_argument("--init-torchvision", default=None, help="ImageNet: start from a torchvision ResNet state-dict file")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument(
-        "--epochs",
-        type=float,
-        default=None,
-        help="train for E epochs (default: the paper's length, see --iters; CPU runs: e.g. 10)",
-    )
-    g.add_argument("--iters", type=int, default=None, help="train for N iterations (paper: 64000 SP, 10000 HRL)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size (paper: 128 CIFAR, 256 ImageNet)")
-    p.add_argument("--eval-batch-size", type=int, default=None, help="evaluation batch size (default: max(B, 256))")
-    p.add_argument("--lr", type=float, default=None, help="base learning rate (paper: 0.1; 1e-4 for HRL after SP)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (recommended for short CPU schedules)")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (paper: 1e-4)")
     p.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default=None,
-        help="lr schedule: paper (x0.1 at 50%% and 75%%; ImageNet every 30 epochs), step, cosine, onecycle "
-        "(recommended for short CPU runs), constant (paper HRL)",
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last.pt (a new run if it holds no checkpoint yet)",
     )
-    p.add_argument("--warmup-iters", type=int, default=0, help="iterations at lr/10 first (authors: 400 for 110+)")
+
+
+def _add_skipnet_args(p: argparse.ArgumentParser) -> None:
+    """What is particular to SkipNet: the cost weight, the gates, BatchNorm under routing, model selection."""
+    d = TrainConfig.defaults()
     p.add_argument("--alpha", type=float, default=None, help="HRL cost weight alpha (paper: 0.1 CIFAR, 0.01 ImageNet)")
-    p.add_argument(
-        "--beta",
-        type=float,
-        default=None,
-        help="HRL loss weight beta in the return (paper: 1 on CIFAR, alpha/N on ImageNet)",
-    )
-    p.add_argument("--rl-weight", type=float, default=1.0, help="scale of the REINFORCE term (authors' code: 0.01)")
     p.add_argument(
         "--gate-lr-mult",
         type=float,
-        default=1.0,
+        default=d["gate_lr_mult"],
         help="learning-rate multiplier for the gate parameters (paper: 1; short CPU HRL runs: 10-30)",
-    )
-    p.add_argument(
-        "--baseline", choices=["none", "batch", "ema"], default="none", help="REINFORCE baseline (variance reduction)"
     )
     p.add_argument(
         "--explore",
         type=float,
-        default=0.0,
+        default=d["explore"],
         help="hrl/rl: exploration floor eps, gates sampled from eps + (1 - 2 eps) p (beyond the paper; 0 = paper)",
     )
     p.add_argument(
@@ -99,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="initial bias of the gates' output layer: gates start at p = sigmoid(B) (beyond the paper; "
-        "default for sp/soft from scratch: 2, gates open, see --paper-gate-init)",
+        f"default for sp/soft from scratch: {OPEN_GATE_BIAS:g}, gates open, see --paper-gate-init)",
     )
     p.add_argument(
         "--paper-gate-init",
@@ -109,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--bn",
-        choices=["update", "frozen"],
+        choices=BN_MODES,
         default=None,
         help="BatchNorm in training: update its running statistics, or freeze them (eval mode; scale and shift "
         "still learn). Default: frozen for hrl/rl from --init (routed sampling drifts them away from greedy "
@@ -117,7 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--select",
-        choices=["accuracy", "reward", "last"],
+        choices=SELECT_RULES,
         default=None,
         help="how best.pt is chosen on the validation split: accuracy, the mean return HRL maximises "
         "(-beta CE + alpha x fraction skipped, Eq. 6), or the last evaluation. Default: reward for hrl/rl, "
@@ -130,24 +119,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also match the predictions of a frozen TEACHER (a checkpoint or pretrained:NAME, e.g. the plain "
         "network): the per-sample loss becomes (1 - w) CE + w T^2 KL (beyond the paper)",
     )
-    p.add_argument("--distill-weight", type=float, default=0.5, help="w, the weight of the distillation term")
-    p.add_argument("--distill-temperature", type=float, default=4.0, help="T, the softmax temperature of --distill")
-    p.add_argument("--keep", type=float, default=0.5, help="SDV keep ratio (stage sdv)")
-    p.add_argument("--threshold", type=float, default=0.5, help="gate threshold for hard/greedy decisions")
-    p.add_argument("--val-split", type=float, default=0.1, help="fraction of train held out for model selection")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--distill-weight", type=float, default=d["distill_weight"], help="w, the weight of --distill")
     p.add_argument(
-        "--eval-every",
-        type=int,
-        default=None,
-        help="validate + checkpoint every N steps (default: every epoch, at most 2000 steps)",
+        "--distill-temperature", type=float, default=d["distill_temperature"], help="T, the softmax temperature"
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own, one per core)")
+    p.add_argument("--keep", type=float, default=d["keep"], help="SDV keep ratio (stage sdv)")
+    p.add_argument("--threshold", type=float, default=d["threshold"], help="gate threshold for greedy decisions")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """How the run uses the machine, and what it writes besides its checkpoints."""
+    d = TrainConfig.defaults()
     p.add_argument(
-        "--amp",
-        choices=["none", "bf16", "fp16"],
-        default="none",
-        help="mixed precision: bf16 (CPU or CUDA) or fp16 (CUDA only)",
+        "--val-split", type=float, default=d["val_split"], help="fraction of train held out for model selection"
+    )
+    p.add_argument(
+        "--amp", choices=["none", "bf16", "fp16"], default=d["amp"], help="mixed precision: bf16 (CPU or CUDA), fp16"
     )
     p.add_argument(
         "--compile",
@@ -162,21 +149,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="keep the NCHW memory layout (default: channels-last, NHWC)",
     )
     p.add_argument(
-        "--log-every",
-        type=int,
-        default=50,
-        help="a progress line every N steps when not on a terminal, and a row of OUT/steps.csv",
-    )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --out from its last.pt (a new run if it holds no checkpoint yet)",
-    )
-    p.add_argument(
         "--checkpoint-minutes",
         type=float,
-        default=10.0,
+        default=d["checkpoint_minutes"],
         help="also write last.pt every M minutes of training, between evaluations (a kill loses at most that)",
     )
     p.add_argument(
@@ -186,10 +161,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "scalars go to OUT/steps.csv every --log-every steps in any case",
     )
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
-    p.set_defaults(func=run, parser=p)
-    for action in p._actions:  # ARCH, --stage, --data and --out may come from --config (checked in run)
-        if action.dest == "data":
-            action.required = False
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -197,67 +168,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in keys})
 
 
-# (option, test, what it must be): every numeric option of TrainConfig that has a valid range.
-def _positive(v) -> bool:
-    return v > 0
-
-
-def _non_negative(v) -> bool:
-    return v >= 0
-
-
-def _unit(v) -> bool:
-    return 0.0 <= v <= 1.0
-
-
-def _unit_open(v) -> bool:
-    return 0.0 <= v < 1.0
-
-
-RULES: list[tuple[str, object, str]] = [
-    ("epochs", _positive, "positive"),
-    ("iters", _positive, "positive"),
-    ("batch_size", _positive, "positive"),
-    ("eval_batch_size", _positive, "positive"),
-    ("lr", _positive, "positive"),
-    ("eval_every", _positive, "positive"),
-    ("limit_train", _positive, "positive"),
-    ("limit_test", _positive, "positive"),
-    ("threads", _positive, "positive"),
-    ("log_every", _positive, "positive"),
-    ("gate_lr_mult", _positive, "positive"),
-    ("alpha", _non_negative, ">= 0"),
-    ("beta", _non_negative, ">= 0"),
-    ("weight_decay", _non_negative, ">= 0"),
-    ("rl_weight", _non_negative, ">= 0"),
-    ("warmup_iters", _non_negative, ">= 0"),
-    ("workers", _non_negative, ">= 0"),
-    ("threshold", _unit, "in [0, 1]"),
-    ("distill_weight", _unit, "in [0, 1]"),
-    ("distill_temperature", _positive, "positive"),
-    ("keep", _unit, "in [0, 1]"),
-    ("momentum", _unit_open, "in [0, 1)"),
-    ("val_split", _unit_open, "in [0, 1)"),
-    ("explore", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)"),
-    ("gate_bias", lambda v: abs(v) < float("inf"), "finite"),
-    ("checkpoint_minutes", _positive, "positive"),
-    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
-]
-
 # What a run needs, from the command line or --config: (as named in messages, destination)
 REQUIRED = (("ARCH", "arch"), ("--stage", "stage"), ("--data", "data"), ("--out", "out"))
 
 # Files whose presence means --out already holds a run (config.json alone: a run that never got to a checkpoint).
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json")
-
-
-def check_args(cfg: TrainConfig) -> None:
-    """Validate the options of a run before anything is loaded or written."""
-    for name, test, what in RULES:
-        check_value(name, getattr(cfg, name, None), test, what)
-    if cfg.device.startswith("cpu:") and cfg.device != "cpu:0":
-        raise SkipnetError(f"--device {cfg.device}: the CPU is one device; pass --device cpu")
-    check_image_size(get_config(cfg.arch), cfg.image_size)
 
 
 def check_out(cfg: TrainConfig) -> None:
@@ -290,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
 
         check_tensorboard()
     cfg = config_from_args(args)
-    check_args(cfg)
+    cfg.validate()
     with hold_run_dir(cfg.out):  # no other run may check or write this directory until this one ends
         check_out(cfg)
         summary = train(cfg)

@@ -1,0 +1,194 @@
+"""The options of a training run (:class:`TrainConfig`): their defaults, their ranges, and the paper's settings
+that fill the ones left unset (:func:`resolve_defaults`). The CLI's ``skipnet train`` options are these."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any
+
+from skipnet.errors import SkipnetError, check_value
+
+SCHEDULES = ("paper", "step", "cosine", "onecycle", "constant")
+BN_MODES = ("update", "frozen")
+SELECT_RULES = ("accuracy", "reward", "last")
+OPEN_GATE_BIAS = 2.0  # sp/soft from scratch: gates start open, p = sigmoid(2) = 0.88 (beyond the paper)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``skipnet train``; ``None`` means "the paper's default for this stage and data"."""
+
+    arch: str
+    stage: str
+    data: str
+    out: str
+    data_dir: str | None = None
+    download: bool = False
+    init: str | None = None
+    init_torchvision: str | None = None
+    epochs: float | None = None
+    iters: int | None = None
+    batch_size: int | None = None
+    eval_batch_size: int | None = None
+    lr: float | None = None
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float | None = None
+    schedule: str | None = None
+    warmup_iters: int = 0
+    alpha: float | None = None
+    beta: float | None = None
+    rl_weight: float = 1.0
+    gate_lr_mult: float = 1.0
+    baseline: str = "none"
+    explore: float = 0.0
+    zero_init_residual: bool = False
+    gate_bias: float | None = None
+    paper_gate_init: bool = False
+    bn: str | None = None
+    select: str | None = None
+    keep: float = 0.5
+    threshold: float = 0.5
+    val_split: float = 0.1
+    seed: int = 0
+    eval_every: int | None = None
+    limit_train: int | None = None
+    limit_test: int | None = None
+    image_size: int | None = None
+    workers: int = 4
+    threads: int | None = None
+    amp: str = "none"
+    compile: bool = False
+    sync_bn: bool = False
+    channels_last: bool = True
+    log_every: int = 50
+    resume: bool = False
+    device: str = "auto"
+    checkpoint_minutes: float = 10.0
+    tensorboard: bool = False
+    distill: str | None = None
+    distill_weight: float = 0.5
+    distill_temperature: float = 4.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each option's default (the CLI's defaults are these; ``None``: the stage's paper default)."""
+        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+    def validate(self) -> None:
+        """Raise a one-line error for an option out of its range, before anything is loaded or written."""
+        for name, test, what in RULES:
+            check_value(name, getattr(self, name), test, what)
+        for name, choices in (("schedule", SCHEDULES), ("bn", BN_MODES), ("select", SELECT_RULES)):
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                raise SkipnetError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
+        if self.device.startswith("cpu:") and self.device != "cpu:0":
+            raise SkipnetError(f"--device {self.device}: the CPU is one device; pass --device cpu")
+        from skipnet.registry import check_image_size, get_config
+
+        check_image_size(get_config(self.arch), self.image_size)
+
+
+def resolve_defaults(cfg: TrainConfig, family: str, dataset: str, num_gates: int, steps_per_epoch: int) -> TrainConfig:
+    """Fill ``None`` options with the paper's settings (§4; the authors' scripts) for this stage and data."""
+    c = TrainConfig(**asdict(cfg))
+    imagenet = family == "imagenet"
+    finetune = c.stage == "hrl" and (c.init is not None or c.init_torchvision is not None)
+    if c.batch_size is None:
+        c.batch_size = 256 if imagenet else 128
+    if c.weight_decay is None:
+        c.weight_decay = 1e-4
+    if c.alpha is None:
+        c.alpha = 0.01 if imagenet else 0.1
+    if c.beta is None:
+        c.beta = c.alpha / max(1, num_gates) if imagenet else 1.0
+    if finetune:  # HRL after SP: lr 1e-4, constant, 10k iterations (CIFAR), 50 epochs SVHN, 40 ImageNet
+        c.lr = 1e-4 if c.lr is None else c.lr
+        c.schedule = c.schedule or "constant"
+        if c.iters is None and c.epochs is None:
+            if imagenet:
+                c.epochs = 40
+            elif dataset == "svhn":
+                c.epochs = 50
+            else:
+                c.iters = 10_000
+    else:  # base / sp / soft / rl / sdv / hrl from scratch: the ResNet recipe
+        c.lr = 0.1 if c.lr is None else c.lr
+        c.schedule = c.schedule or "paper"
+        if c.iters is None and c.epochs is None:
+            if imagenet:
+                c.epochs = 120
+            else:
+                c.iters = 64_000
+    if c.eval_every is None:
+        c.eval_every = steps_per_epoch if steps_per_epoch <= 2000 else 2000
+    from_scratch = c.init is None and c.init_torchvision is None
+    if c.gate_bias is None and c.stage in ("sp", "soft") and from_scratch and not c.paper_gate_init:
+        # Beyond the paper: gates start open (p = 0.88). With the paper's initialisation SP from scratch closes
+        # almost every gate in its first epoch, and a closed block gets no gradient (benchmarks/RESULTS.md).
+        c.gate_bias = OPEN_GATE_BIAS
+    rl = c.stage in ("hrl", "rl")
+    if c.bn is None:
+        # Routed RL from a trained network: BatchNorm statistics frozen, so that training normalises as greedy
+        # inference does (updating them from sampled, routed executions drifts them; measured in RESULTS.md).
+        c.bn = "frozen" if rl and not from_scratch else "update"
+    if c.select is None:  # HRL is reported at what it optimises, not at its least-skipping epoch
+        c.select = "reward" if rl else "accuracy"
+    return c
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _non_negative(v) -> bool:
+    return v >= 0
+
+
+def _unit(v) -> bool:
+    return 0.0 <= v <= 1.0
+
+
+def _unit_open(v) -> bool:
+    return 0.0 <= v < 1.0
+
+
+# (option, test, what it must be): every numeric option that has a valid range.
+RULES: list[tuple[str, Any, str]] = [
+    ("epochs", _positive, "positive"),
+    ("iters", _positive, "positive"),
+    ("batch_size", _positive, "positive"),
+    ("eval_batch_size", _positive, "positive"),
+    ("lr", _positive, "positive"),
+    ("eval_every", _positive, "positive"),
+    ("limit_train", _positive, "positive"),
+    ("limit_test", _positive, "positive"),
+    ("threads", _positive, "positive"),
+    ("log_every", _positive, "positive"),
+    ("gate_lr_mult", _positive, "positive"),
+    ("alpha", _non_negative, ">= 0"),
+    ("beta", _non_negative, ">= 0"),
+    ("weight_decay", _non_negative, ">= 0"),
+    ("rl_weight", _non_negative, ">= 0"),
+    ("warmup_iters", _non_negative, ">= 0"),
+    ("workers", _non_negative, ">= 0"),
+    ("threshold", _unit, "in [0, 1]"),
+    ("distill_weight", _unit, "in [0, 1]"),
+    ("distill_temperature", _positive, "positive"),
+    ("keep", _unit, "in [0, 1]"),
+    ("momentum", _unit_open, "in [0, 1)"),
+    ("val_split", _unit_open, "in [0, 1)"),
+    ("explore", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)"),
+    ("gate_bias", lambda v: abs(v) < float("inf"), "finite"),
+    ("checkpoint_minutes", _positive, "positive"),
+    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+]
