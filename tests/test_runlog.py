@@ -168,7 +168,10 @@ def test_progress_bar_on_a_terminal_and_lines_elsewhere(monkeypatch, caplog) -> 
 
     screen = Terminal()
     monkeypatch.setattr(sys, "stderr", screen)
-    bar = Progress(total=10, enabled=True, log_every=5)
+    quiet = Progress(total=10, enabled=True, log_every=5)  # the library's default: no bar, even on a terminal
+    quiet.update(5, {"loss": 1.5})
+    assert quiet.bar is None and screen.getvalue() == ""
+    bar = Progress(total=10, enabled=True, log_every=5, bar=True)  # the CLI's choice
     with bar.logging_above():
         for step in range(1, 5):
             bar.update(step, {"loss": 1.5, "acc": 0.25})
@@ -177,7 +180,7 @@ def test_progress_bar_on_a_terminal_and_lines_elsewhere(monkeypatch, caplog) -> 
     assert "4/10" in text and "step/s" in text and "<" in text and "loss=1.5" in text  # rate, ETA, stats
     assert "an evaluation line" in text and bar.bar is None  # printed above the bar; bar closed on the way out
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: plain lines every log_every steps
-    lines = Progress(total=10, enabled=True, log_every=5)
+    lines = Progress(total=10, enabled=True, log_every=5, bar=True)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="skipnet.train"):
         for step in range(1, 11):

@@ -53,13 +53,16 @@ def _fmt_time(seconds: float) -> str:
 
 # ------------------------------------------------------------------------------------------ progress
 class Progress:
-    """Training progress: a tqdm bar on a terminal (``sys.stderr``), plain log lines with rate and ETA otherwise."""
+    """Training progress: log lines with rate and ETA every ``log_every`` steps; with ``bar`` (the CLI's), a tqdm
+    bar instead when ``sys.stderr`` is a terminal."""
 
-    def __init__(self, total: int, enabled: bool, log_every: int, initial: int = 0, elapsed: float = 0.0) -> None:
+    def __init__(
+        self, total: int, enabled: bool, log_every: int, initial: int = 0, elapsed: float = 0.0, bar: bool = False
+    ) -> None:
         self.total, self.enabled, self.log_every = total, enabled, max(1, log_every)
         self.initial, self.elapsed_before = initial, elapsed
         self.start = time.time()
-        self.tty = enabled and sys.stderr.isatty()
+        self.tty = enabled and bar and sys.stderr.isatty()
         self.bar = None
         if self.tty:
             from tqdm import tqdm

@@ -90,9 +90,12 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int, imagenet: bool,
 
 # ------------------------------------------------------------------------------------------ trainer
 class Trainer:
-    """One training run. ``Trainer(cfg).fit()`` returns the run summary."""
+    """One training run. ``Trainer(cfg).fit()`` returns the run summary. Progress goes to :mod:`logging`
+    (``skipnet.runlog``); ``progress_bar=True`` (the CLI's choice) shows a tqdm bar instead when stderr is a
+    terminal."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, progress_bar: bool = False) -> None:
+        self.progress_bar = progress_bar
         if cfg.stage not in STAGES:
             raise SkipnetError(f"unknown stage {cfg.stage!r}; expected one of {', '.join(STAGES)}")
         self.stage: Stage = STAGES[cfg.stage]
@@ -479,7 +482,7 @@ class Trainer:
             cfg.schedule,
             f"{self.model.num_gates} gates" if self.model.gates is not None else "no gates (plain ResNet)",
         )
-        progress = Progress(self.total, self.main, cfg.log_every, self.step, self._elapsed_before())
+        progress = Progress(self.total, self.main, cfg.log_every, self.step, self._elapsed_before(), self.progress_bar)
         self.runlog = RunLog(
             self.out, enabled=self.main, every=cfg.log_every, tensorboard=cfg.tensorboard, resume_step=self.step or None
         )
@@ -651,10 +654,11 @@ def hold_run_dir(out: str) -> Iterator[None]:
         yield
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) one training run, holding its directory's lock; returns its summary."""
+def train(cfg: TrainConfig, progress_bar: bool = False) -> dict[str, Any]:
+    """Run (or resume) one training run, holding its directory's lock; returns its summary. Nothing is printed:
+    progress and notices go to :mod:`logging` (``progress_bar=True``: a tqdm bar on a terminal, for the CLI)."""
     with hold_run_dir(cfg.out):
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, progress_bar)
         try:
             return trainer.fit()
         finally:

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     rows = []
     for cfg in stage_configs(out, args.epochs, args.alpha, args.seed, args.threads):
-        summary = train(cfg)
+        summary = train(cfg, progress_bar=True)
         t = summary["test"]
         rows.append(
             {

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig(**(common | {"alpha": a, "out": str(alpha_dir(out, a))}))
         cfg.validate()
         log.info("sweep: alpha %g -> %s", a, cfg.out)
-        summary = train(cfg)  # resumes an unfinished run; returns a finished run's summary without training
+        summary = train(cfg, progress_bar=True)  # resumes an unfinished run; a finished one: its summary
         test = summary.get("test") or {}
         if not test:
             raise SkipnetError(f"{cfg.out} finished without test metrics")

@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     cfg.validate()
     with hold_run_dir(cfg.out):  # no other run may check or write this directory until this one ends
         check_out(cfg)
-        summary = train(cfg)
+        summary = train(cfg, progress_bar=True)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
     if args.json:
