@@ -44,6 +44,7 @@ def portable(cmd: list[str] | str) -> str:
     text = cmd if isinstance(cmd, str) else shlex.join(cmd)
     return text.replace(f"{REPO}/", "").replace(f"{REPO.parent}/", "../")
 
+
 # Per scale: the options of each kind of run. "cpu" fits a 2-core machine in about two hours of compute.
 SCALES = {
     "cpu": {

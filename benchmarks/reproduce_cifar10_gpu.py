@@ -119,9 +119,7 @@ def summary_row(out: Path, name: str) -> dict:
     m = out / name / "metrics.jsonl"
     if m.exists():
         rows = [json.loads(r) for r in m.read_text().splitlines() if r.strip()]
-        d["val_curve"] = [
-            {k: r.get(k) for k in ("step", "val_accuracy", "val_macs_reduction", "val_cp")} for r in rows
-        ]
+        d["val_curve"] = [{k: r.get(k) for k in ("step", "val_accuracy", "val_macs_reduction", "val_cp")} for r in rows]
     return d
 
 

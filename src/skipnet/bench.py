@@ -197,15 +197,8 @@ def bench_inference(
 
     Returns one dict per keep ratio, with the keys documented in :mod:`skipnet.commands.bench`.
     """
-    if batch_size < 1:
-        raise SkipnetError(f"--batch-size must be >= 1, got {batch_size}")
-    size = image_size or model.config.image_size
-    if size < 8:
-        raise SkipnetError(f"--image-size must be >= 8, got {size}")
-    if any(k is None for k in keeps) and model.gates is None:
-        raise SkipnetError(f"{model.config.name} has no gates to decide: give --keep to force decisions")
-    model.eval()
-    cm = cost_model(model, size)
+    size = _check(model, batch_size, keeps, image_size)
+    cm = cost_model(model.eval(), size)
     if device is not None:
         model.to(device)
     model.to(memory_format=CHANNELS_LAST)
@@ -224,10 +217,7 @@ def bench_inference(
         runs.append({"keep_requested": keep, "masked": masked, "routed": routed})
 
     with torch.inference_mode():
-        checks = []
-        for run in runs:
-            out_m, out_r = run["masked"](), run["routed"]()
-            checks.append((out_m, out_r))
+        checks = [(run["masked"](), run["routed"]()) for run in runs]
         cpu: dict[str, list[float]] = {}
         times = time_interleaved(fns, repeats, warmup, cpu, sync)
 
@@ -252,6 +242,18 @@ def bench_inference(
             row |= _cpu_times(cpu, row, j)
         results.append(row)
     return results
+
+
+def _check(model: GatedResNet, batch_size: int, keeps: Sequence[float | None], image_size: int | None) -> int:
+    """Refuse what cannot be timed, in one line; the image size to time at."""
+    if batch_size < 1:
+        raise SkipnetError(f"--batch-size must be >= 1, got {batch_size}")
+    size = image_size or model.config.image_size
+    if size < 8:
+        raise SkipnetError(f"--image-size must be >= 8, got {size}")
+    if any(k is None for k in keeps) and model.gates is None:
+        raise SkipnetError(f"{model.config.name} has no gates to decide: give --keep to force decisions")
+    return size
 
 
 def _setup(keep: float | None, dec: Tensor, dev: torch.device) -> dict[str, Any]:
