@@ -52,7 +52,10 @@ VARIANTS = {
     # eight epochs, closer to the paper's HRL length (10k iterations, ~28 epochs of 45k images)
     "hrl_kdce_cos8_a1.5": (1.5, ["--distill", "{out}/base/best.pt", "--schedule", "cosine", "--epochs", "8"]),
     "hrl_kdce_cos8_a2": (2.0, ["--distill", "{out}/base/best.pt", "--schedule", "cosine", "--epochs", "8"]),
+    # the BatchNorm default from --init (statistics frozen) against the --bn update of the rows above
+    "hrl_kdce_cos_a2.5_bnfrozen": (2.5, ["--distill", "{out}/base/best.pt", "--schedule", "cosine", "--bn", "frozen"]),
     # smaller skip rewards on the eight-epoch schedule, aiming the policy itself nearer the 30% budget
+    "hrl_kdce_cos8_a1.25": (1.25, ["--distill", "{out}/base/best.pt", "--schedule", "cosine", "--epochs", "8"]),
     "hrl_kdce_cos8_a1": (1.0, ["--distill", "{out}/base/best.pt", "--schedule", "cosine", "--epochs", "8"]),
     "hrl_kdce_cos8_a0.5": (0.5, ["--distill", "{out}/base/best.pt", "--schedule", "cosine", "--epochs", "8"]),
 }
