@@ -12,7 +12,7 @@ from skipnet.checkpoint import load_model
 from skipnet.cli import main
 from skipnet.losses import distillation_loss, distilled_task_loss, hybrid_returns, mean_first_return
 from skipnet.registry import create_model
-from skipnet.train import selection_score
+from skipnet.train import TrainConfig, resolve_defaults, selection_score
 
 COMMON = ["--limit-train", "256", "--limit-test", "64", "--batch-size", "32", "--threads", "1", "--val-split", "0.2"]
 
@@ -85,6 +85,24 @@ def test_hrl_at_a_tiny_lr_leaves_greedy_inference_alone(sp_run, tmp_path, bn) ->
         assert torch.equal(d0, d1)
     else:
         assert (after - before).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("stage", "init", "lr", "bn"),
+    [
+        ("hrl", "sp.pt", None, "frozen"),  # the paper's fine-tuning lr, 1e-4
+        ("hrl", "sp.pt", 1e-3, "frozen"),
+        ("hrl", "sp.pt", 3e-3, "update"),  # the weights move too: updated statistics measured better
+        ("rl", "sp.pt", 1e-4, "frozen"),
+        ("hrl", None, None, "update"),  # from scratch nothing is there to keep
+        ("sp", "base.pt", 1e-4, "update"),
+    ],
+)
+def test_bn_default_follows_stage_start_and_lr(stage, init, lr, bn) -> None:
+    cfg = TrainConfig(arch="cifar10_rnn_gate_38", stage=stage, data="x", out="y", init=init, lr=lr)
+    assert resolve_defaults(cfg, "cifar", "cifar10", num_gates=17, steps_per_epoch=352).bn == bn
+    explicit = TrainConfig(arch="cifar10_rnn_gate_38", stage=stage, data="x", out="y", init=init, lr=lr, bn="update")
+    assert resolve_defaults(explicit, "cifar", "cifar10", num_gates=17, steps_per_epoch=352).bn == "update"
 
 
 def test_distillation_loss_is_t2_kl() -> None:

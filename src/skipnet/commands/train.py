@@ -101,8 +101,8 @@ def _add_skipnet_args(p: argparse.ArgumentParser) -> None:
         choices=BN_MODES,
         default=None,
         help="BatchNorm in training: update its running statistics, or freeze them (eval mode; scale and shift "
-        "still learn). Default: frozen for hrl/rl from --init (routed sampling drifts them away from greedy "
-        "inference), update otherwise",
+        "still learn). Default: frozen for hrl/rl from --init at --lr up to 1e-3 (routed sampling drifts them away "
+        "from greedy inference), update otherwise",
     )
     p.add_argument(
         "--select",
