@@ -34,6 +34,9 @@ def test_selection_rules() -> None:
     assert selection_score("reward", cheap, 1.0, 1.0, 5) > selection_score("reward", accurate, 1.0, 1.0, 5)
     assert selection_score("reward", cheap, 0.0, 1.0, 5) < selection_score("reward", accurate, 0.0, 1.0, 5)
     assert selection_score("last", cheap, 1.0, 1.0, 5) == float("inf")
+    # --skip-target: skipping beyond the target earns nothing; at 0.02 the 0.05 of CE is no longer repaid
+    assert selection_score("reward", cheap, 1.0, 1.0, 5, 0.2) == pytest.approx(-0.65 + 0.2)
+    assert selection_score("reward", accurate, 1.0, 1.0, 5, 0.02) > selection_score("reward", cheap, 1.0, 1.0, 5, 0.02)
 
 
 @pytest.fixture(scope="module")

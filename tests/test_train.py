@@ -35,6 +35,30 @@ def test_hybrid_returns_by_hand() -> None:
     torch.testing.assert_close(r2 - r, 0.9 * ce.view(-1, 1).expand(2, 3))
 
 
+def test_skip_target_caps_the_reward_to_go() -> None:
+    """--skip-target s: gate j earns the increment of min(running skip count, sN); its return sums those from j on."""
+    torch.manual_seed(0)
+    ce = torch.rand(64) * 2
+    d = torch.bernoulli(torch.full((64, 6), 0.4))
+    alpha, n = 0.9, 6
+    for s in (0.2, 0.5, 0.55):
+        got = hybrid_returns(ce, d, alpha, skip_target=s)
+        for b in range(64):  # by hand, step by step
+            count, earned = 0.0, []
+            for j in range(n):
+                new = count + (1 - d[b, j].item())
+                earned.append(min(new, s * n) - min(count, s * n))
+                count = new
+            for i in range(n):
+                expect = -(ce[b].item() - alpha / n * sum(earned[i:]))
+                assert got[b, i].item() == pytest.approx(expect, abs=1e-6)
+    torch.testing.assert_close(hybrid_returns(ce, d, alpha, skip_target=1.0), hybrid_returns(ce, d, alpha))
+    # a sample above the target gains nothing from skipping one more block at the end
+    over = torch.tensor([[0.0, 0.0, 0.0, 1.0]]), torch.tensor([[0.0, 0.0, 0.0, 0.0]])
+    r = [hybrid_returns(torch.zeros(1), g, 1.0, skip_target=0.5) for g in over]
+    torch.testing.assert_close(r[0], r[1])
+
+
 def test_reinforce_gradient_is_per_sample_per_gate() -> None:
     """d/dz of the surrogate equals -(g - sigmoid(z)) * r / B for every (sample, gate): no (B, B) broadcast."""
     torch.manual_seed(1)

@@ -20,26 +20,44 @@ def skip_rewards(decisions: Tensor) -> Tensor:
     return 1.0 - decisions
 
 
-def hybrid_returns(ce: Tensor, decisions: Tensor, alpha: float, beta: float = 1.0) -> Tensor:
+def hybrid_returns(
+    ce: Tensor, decisions: Tensor, alpha: float, beta: float = 1.0, skip_target: float | None = None
+) -> Tensor:
     """Per-sample, per-gate returns ``r_i`` of Eq. 6 (with the beta relaxation), shape (B, N).
 
     Args:
         ce: (B,) per-sample cross-entropy; detached here.
         decisions: (B, N) sampled 0/1 gate actions.
+        skip_target: beyond the paper (``--skip-target``): the skip reward stops growing once a sample has
+            skipped this fraction ``s`` of its N gated blocks. The reward of gate j becomes the increment of the
+            capped running total, ``min(c_j, sN) - min(c_{j-1}, sN)`` with ``c_j = sum_{k <= j} R_k``, so the
+            reward to go is ``min(c_N, sN) - min(c_{i-1}, sN)``; ``None`` (or s >= 1) is Eq. 6 unchanged.
     """
     if ce.dim() != 1 or decisions.dim() != 2 or decisions.shape[0] != ce.shape[0]:
         raise ValueError(f"expected ce (B,) and decisions (B, N); got {tuple(ce.shape)} and {tuple(decisions.shape)}")
     n = decisions.shape[1]
     rewards = skip_rewards(decisions.to(ce.dtype))
-    future = rewards.flip(1).cumsum(1).flip(1)  # sum_{j >= i} R_j
+    if skip_target is None:
+        future = rewards.flip(1).cumsum(1).flip(1)  # sum_{j >= i} R_j
+    else:
+        cap = skip_target * n
+        total = rewards.cumsum(1).clamp(max=cap)  # min(c_j, sN)
+        before = (rewards.cumsum(1) - rewards).clamp(max=cap)  # min(c_{i-1}, sN)
+        future = total[:, -1:] - before  # min(c_N, sN) - min(c_{i-1}, sN)
     return -(beta * ce.detach().view(-1, 1) - (alpha / n) * future)
 
 
-def mean_first_return(ce_mean: float, skip_fraction: float, alpha: float, beta: float = 1.0) -> float:
+def mean_first_return(
+    ce_mean: float, skip_fraction: float, alpha: float, beta: float = 1.0, skip_target: float | None = None
+) -> float:
     """The batch mean of the first gate's return ``r_1`` (Eq. 6 at i = 1, ``C_i = 1``), from the mean
     cross-entropy and the mean fraction of gated blocks skipped: ``-(beta L) + alpha * skipped / N``. It is linear
     in both, so this equals ``hybrid_returns(ce, decisions, alpha, beta)[:, 0].mean()`` (tested). It is what HRL
-    maximises, used to choose the HRL checkpoint on the validation split."""
+    maximises, used to choose the HRL checkpoint on the validation split. With ``skip_target`` the mean fraction
+    is capped at it: an upper bound of the mean capped return (the cap is per sample), exact when no sample is
+    above the target."""
+    if skip_target is not None:
+        skip_fraction = min(skip_fraction, skip_target)
     return -(beta * ce_mean) + alpha * skip_fraction
 
 

@@ -49,14 +49,16 @@ from skipnet.trainconfig import SCHEDULES, TrainConfig, resolve_defaults  # noqa
 log = logging.getLogger(__name__)
 
 
-def selection_score(rule: str, val: dict[str, Any], alpha: float, beta: float, num_gates: int) -> float:
+def selection_score(
+    rule: str, val: dict[str, Any], alpha: float, beta: float, num_gates: int, skip_target: float | None = None
+) -> float:
     """How good a checkpoint is on the validation split under ``rule`` (higher is better): its accuracy, the
     mean return HRL maximises (Eq. 6, :func:`skipnet.losses.mean_first_return`), or (``last``) its recency."""
     if rule == "accuracy":
         return float(val["accuracy"])
     if rule == "reward":
         skipped = 1.0 - (val["executed_blocks_mean"] - 1.0) / max(1, num_gates)
-        return mean_first_return(val["loss"], skipped, alpha, beta)
+        return mean_first_return(val["loss"], skipped, alpha, beta, skip_target)
     return math.inf
 
 
@@ -427,6 +429,7 @@ class Trainer:
                 rl_weight=cfg.rl_weight,
                 baseline=self.baseline,
                 task=task,
+                skip_target=cfg.skip_target,
             )
             stats |= extra
         if self.dist.any(not bool(torch.isfinite(loss.detach()))):  # before the update: weights stay good
@@ -591,7 +594,8 @@ class Trainer:
                 "val_skip_ratio_per_block": [round(float(r), 5) for r in val.get("skip_ratio_per_block", [])],
             }
             row["val_loss"] = val["loss"]
-            score = selection_score(self.cfg.select, val, self.cfg.alpha, self.cfg.beta, self.model.num_gates)
+            c = self.cfg
+            score = selection_score(c.select, val, c.alpha, c.beta, self.model.num_gates, c.skip_target)
             row["val_score"] = score if math.isfinite(score) else None
             improved = score > self.best_score or self.cfg.select == "last"
         else:

@@ -45,6 +45,7 @@ class TrainConfig:
     gate_lr_mult: float = 1.0
     baseline: str = "none"
     explore: float = 0.0
+    skip_target: float | None = None
     zero_init_residual: bool = False
     gate_bias: float | None = None
     paper_gate_init: bool = False
@@ -192,6 +193,7 @@ RULES: list[tuple[str, Any, str]] = [
     ("momentum", _unit_open, "in [0, 1)"),
     ("val_split", _unit_open, "in [0, 1)"),
     ("explore", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)"),
+    ("skip_target", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
     ("gate_bias", lambda v: abs(v) < float("inf"), "finite"),
     ("checkpoint_minutes", _positive, "positive"),
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),

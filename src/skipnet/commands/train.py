@@ -79,6 +79,14 @@ def _add_skipnet_args(p: argparse.ArgumentParser) -> None:
         help="hrl/rl: exploration floor eps, gates sampled from eps + (1 - 2 eps) p (beyond the paper; 0 = paper)",
     )
     p.add_argument(
+        "--skip-target",
+        type=float,
+        default=d["skip_target"],
+        metavar="S",
+        help="hrl/rl: the skip reward stops growing once a sample skips this fraction of its gated blocks, so the "
+        "policy settles near S instead of skipping ever more (beyond the paper; default: no cap, Eq. 5)",
+    )
+    p.add_argument(
         "--zero-init-residual",
         action="store_true",
         help="start every residual branch at zero (last BN scale 0; beyond the paper, for short SP-from-scratch runs)",
