@@ -58,6 +58,7 @@ VARIANTS = {
     # beyond the paper: the skip reward capped at 40% of the blocks (--skip-target), so that the policy settles
     # near a 30% budget instead of switching from nothing to 60-70% with alpha
     "hrl_kdce_cos8_a2_t0.4": (2.0, [*KD8, "--skip-target", "0.4"]),
+    "hrl_kdce_cos8_a2_t0.33": (2.0, [*KD8, "--skip-target", "0.33"]),
     # smaller skip rewards on the eight-epoch schedule, aiming the policy itself nearer the 30% budget
     "hrl_kdce_cos8_a1.25": (1.25, ["--distill", "{out}/base/best.pt", "--schedule", "cosine", "--epochs", "8"]),
     "hrl_kdce_cos8_a1": (1.0, ["--distill", "{out}/base/best.pt", "--schedule", "cosine", "--epochs", "8"]),
