@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_cifar10 import DEFAULT_DATA, RESULTS, portable, test_fields  # noqa: E402
+from reproduce_cifar10 import DEFAULT_DATA, RESULTS, lesion, lesion_table, portable, test_fields  # noqa: E402
 
 COMMON = ["--batch-size", "128", "--val-split", "0.1", "--threads", "1", "--amp", "bf16"]
 SCHEDULE = ["--epochs", "30", "--schedule", "onecycle", "--nesterov", "--weight-decay", "5e-4"]
@@ -232,11 +232,19 @@ def table(got: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def write(got: dict[str, dict], head: dict, command: str) -> None:
+# The static alternative without training: the plain ResNet-38 with the same blocks removed for every image
+# (skipnet.analysis.static_lesion, chosen on 1,000 validation images), up to LESION_DROP blocks (~57% fewer MACs).
+LESION_DROP = 10
+
+
+def write(got: dict[str, dict], head: dict, command: str, curve: dict | None) -> None:
     stamp = dt.date.today().isoformat()
-    payload = {"date": stamp, "command": command, "headline": head, "runs": list(got.values())}
+    payload = {"date": stamp, "command": command, "headline": head, "runs": list(got.values()), "lesion": curve}
     (RESULTS / "headline30_cifar10_cpu.json").write_text(json.dumps(payload, indent=2) + "\n")
     md = [f"Run on {stamp}: `{command}`", "", table(got), ""]
+    if curve:
+        md += ["Static lesion of `base` (the same blocks removed for every image; test split):", ""]
+        md += [lesion_table([curve]), ""]
     md += [f"- `{r['name']}`: `{r['command']}`" for r in got.values()]
     (RESULTS / "headline30_cifar10_cpu.md").write_text("\n".join(md) + "\n")
     repro = RESULTS / "reproduce_cifar10_cpu.json"
@@ -268,7 +276,8 @@ def main() -> int:
         train(chosen, out, args.jobs)
         calibrate(chosen, out, args.data)
     got = rows(rs, out) | calibrated_rows(rs, out)
-    write(got, headline(got), portable(["python", *sys.argv]))
+    curve = lesion("base", out, args.data, max_drop=LESION_DROP) if done(out, "base") else None
+    write(got, headline(got), portable(["python", *sys.argv]), curve)
     return 0
 
 
