@@ -32,37 +32,39 @@ SCHEDULE = ["--epochs", "30", "--schedule", "onecycle", "--nesterov", "--weight-
 # BatchNorm statistics updated (measured better than frozen at this lr on CIFAR-10, RESULTS.md), two evaluations.
 HRL = ["--epochs", "1", "--lr", "0.003", "--schedule", "constant", "--baseline", "ema", "--bn", "update"]
 HRL += ["--eval-every", "176"]
-KD8 = ["--distill", "{out}/base/best.pt", "--schedule", "cosine", "--epochs", "8"]
+KD = ["--distill", "{out}/base/best.pt"]  # distillation from the plain network of the same schedule
+COS = [*KD, "--schedule", "cosine"]
+KD8 = [*COS, "--epochs", "8"]
 # name -> (alpha, extra options). "kd": distillation from the plain network of the same schedule (beyond the paper).
 VARIANTS = {
     "hrl_a1.5": (1.5, []),
-    "hrl_kd_a1.5": (1.5, ["--distill", "{out}/base/best.pt"]),
-    "hrl_kd_a2.5": (2.5, ["--distill", "{out}/base/best.pt"]),
-    "hrl_kd_a3.5": (3.5, ["--distill", "{out}/base/best.pt"]),
+    "hrl_kd_a1.5": (1.5, KD),
+    "hrl_kd_a2.5": (2.5, KD),
+    "hrl_kd_a3.5": (3.5, KD),
     # from here on, --distill keeps the paper's CE inside the HRL return (the KD term trains the backbone only)
     "hrl_a3": (3.0, []),
-    "hrl_kdce_a3": (3.0, ["--distill", "{out}/base/best.pt"]),
-    "hrl_kdce_a2": (2.0, ["--distill", "{out}/base/best.pt"]),
-    "hrl_kdce_a2.5": (2.5, ["--distill", "{out}/base/best.pt"]),
+    "hrl_kdce_a3": (3.0, KD),
+    "hrl_kdce_a2": (2.0, KD),
+    "hrl_kdce_a2.5": (2.5, KD),
     # the learning rate decays to 0 over the epoch (cosine), so that the policy and the backbone settle
-    "hrl_kdce_cos_a2": (2.0, ["--distill", "{out}/base/best.pt", "--schedule", "cosine"]),
-    "hrl_kdce_cos_a2.5": (2.5, ["--distill", "{out}/base/best.pt", "--schedule", "cosine"]),
+    "hrl_kdce_cos_a2": (2.0, COS),
+    "hrl_kdce_cos_a2.5": (2.5, COS),
     # three HRL epochs instead of one (the cosine decay spread over all three): the backbone has longer to adapt
-    "hrl_kdce_cos3_a2": (2.0, ["--distill", "{out}/base/best.pt", "--schedule", "cosine", "--epochs", "3"]),
-    "hrl_kdce_cos3_a2.5": (2.5, ["--distill", "{out}/base/best.pt", "--schedule", "cosine", "--epochs", "3"]),
+    "hrl_kdce_cos3_a2": (2.0, [*COS, "--epochs", "3"]),
+    "hrl_kdce_cos3_a2.5": (2.5, [*COS, "--epochs", "3"]),
     # eight epochs, closer to the paper's HRL length (10k iterations, ~28 epochs of 45k images)
-    "hrl_kdce_cos8_a1.5": (1.5, ["--distill", "{out}/base/best.pt", "--schedule", "cosine", "--epochs", "8"]),
-    "hrl_kdce_cos8_a2": (2.0, ["--distill", "{out}/base/best.pt", "--schedule", "cosine", "--epochs", "8"]),
+    "hrl_kdce_cos8_a1.5": (1.5, KD8),
+    "hrl_kdce_cos8_a2": (2.0, KD8),
     # the BatchNorm default from --init (statistics frozen) against the --bn update of the rows above
-    "hrl_kdce_cos_a2.5_bnfrozen": (2.5, ["--distill", "{out}/base/best.pt", "--schedule", "cosine", "--bn", "frozen"]),
+    "hrl_kdce_cos_a2.5_bnfrozen": (2.5, [*COS, "--bn", "frozen"]),
     # beyond the paper: the skip reward capped at 40% of the blocks (--skip-target), so that the policy settles
     # near a 30% budget instead of switching from nothing to 60-70% with alpha
     "hrl_kdce_cos8_a2_t0.4": (2.0, [*KD8, "--skip-target", "0.4"]),
     "hrl_kdce_cos8_a2_t0.33": (2.0, [*KD8, "--skip-target", "0.33"]),
     # smaller skip rewards on the eight-epoch schedule, aiming the policy itself nearer the 30% budget
-    "hrl_kdce_cos8_a1.25": (1.25, ["--distill", "{out}/base/best.pt", "--schedule", "cosine", "--epochs", "8"]),
-    "hrl_kdce_cos8_a1": (1.0, ["--distill", "{out}/base/best.pt", "--schedule", "cosine", "--epochs", "8"]),
-    "hrl_kdce_cos8_a0.5": (0.5, ["--distill", "{out}/base/best.pt", "--schedule", "cosine", "--epochs", "8"]),
+    "hrl_kdce_cos8_a1.25": (1.25, KD8),
+    "hrl_kdce_cos8_a1": (1.0, KD8),
+    "hrl_kdce_cos8_a0.5": (0.5, KD8),
 }
 
 
@@ -80,7 +82,6 @@ def runs(out: Path, data: str) -> list[dict]:
     for depth in STATIC:  # the static alternative: a shallower plain network on the same schedule
         args = [*c, *SCHEDULE]
         rs.append({"name": f"base_r{depth}", "arch": f"cifar10_resnet_{depth}", "stage": "base", "args": args})
-        rs[-1]["static"] = True
     for name, (alpha, extra) in VARIANTS.items():
         extra = [a.format(out=out) for a in extra]
         args = [*c, *HRL, "--alpha", str(alpha), "--init", str(out / "sp" / "best.pt"), *extra]
@@ -185,9 +186,10 @@ def rows(rs: list[dict], out: Path) -> dict[str, dict]:
             **test_fields(s["test"]),
             "skip_ratio_per_block": [round(v, 4) for v in s["test"].get("skip_ratio_per_block", [])],
         }
-    for r in got.values():  # every row's saving against the plain ResNet-38, so shallower networks compare too
-        if "base" in got and r["name"] != "base" and r["stage"] == "base":
-            r["macs_reduction"] = round(100 * (1 - r["macs"] / got["base"]["macs"]), 2)
+    base = got.get("base")
+    for r in got.values():  # the shallower plain networks' saving against the plain ResNet-38
+        if base and r is not base and r["stage"] == "base":
+            r["macs_reduction"] = round(100 * (1 - r["macs"] / base["macs"]), 2)
     return got
 
 

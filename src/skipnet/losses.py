@@ -40,10 +40,9 @@ def hybrid_returns(
     if skip_target is None:
         future = rewards.flip(1).cumsum(1).flip(1)  # sum_{j >= i} R_j
     else:
-        cap = skip_target * n
-        total = rewards.cumsum(1).clamp(max=cap)  # min(c_j, sN)
-        before = (rewards.cumsum(1) - rewards).clamp(max=cap)  # min(c_{i-1}, sN)
-        future = total[:, -1:] - before  # min(c_N, sN) - min(c_{i-1}, sN)
+        cap, running = skip_target * n, rewards.cumsum(1)  # c_j
+        before = (running - rewards).clamp(max=cap)  # min(c_{i-1}, sN)
+        future = running[:, -1:].clamp(max=cap) - before  # min(c_N, sN) - min(c_{i-1}, sN)
     return -(beta * ce.detach().view(-1, 1) - (alpha / n) * future)
 
 
