@@ -71,6 +71,10 @@ VARIANTS = {
 # Plain ResNets shallower than 38 on the base's schedule: what a user would train instead of a SkipNet-38 (the
 # paper's argument against static compression, Fig. 5c/6c), compared at matched MACs.
 STATIC = (20, 26, 32)
+# SDV (Fig. 6): the plain ResNet-38 fine-tuned with blocks dropped at random (stochastic depth) for as many epochs
+# as the SkipNet's HRL, dropping blocks at random at inference too; keep 0.6 is about the pick's cost.
+SDV = {"sdv_k0.6": 0.6}
+SDV_ARGS = ["--epochs", "8", "--schedule", "onecycle", "--lr", "0.05", "--nesterov", "--weight-decay", "5e-4"]
 
 
 def runs(out: Path, data: str) -> list[dict]:
@@ -82,6 +86,9 @@ def runs(out: Path, data: str) -> list[dict]:
     for depth in STATIC:  # the static alternative: a shallower plain network on the same schedule
         args = [*c, *SCHEDULE]
         rs.append({"name": f"base_r{depth}", "arch": f"cifar10_resnet_{depth}", "stage": "base", "args": args})
+    for name, keep in SDV.items():
+        args = [*c, *SDV_ARGS, "--keep", str(keep), "--init", str(out / "base" / "best.pt")]
+        rs.append({"name": name, "arch": "cifar10_resnet_38", "stage": "sdv", "args": args, "after": "base"})
     for name, (alpha, extra) in VARIANTS.items():
         extra = [a.format(out=out) for a in extra]
         args = [*c, *HRL, "--alpha", str(alpha), "--init", str(out / "sp" / "best.pt"), *extra]
@@ -129,21 +136,24 @@ GRID = ["0", "0.005", "0.01", "0.02", "0.03", "0.04", "0.05", "0.06", "0.08", "0
 GRID += ["0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"]
 
 
-def calibrate(rs: list[dict], out: Path, data: str) -> None:
-    """Calibrate every finished HRL run that skips and has no calibrated test result yet, one at a time; the
-    result (``calibrated_30_test.json``: the eval JSON and the commands that made it) is written atomically."""
+def calibrate(rs: list[dict], out: Path, data: str, stages=("hrl",), min_skip: float = MIN_SKIP) -> None:
+    """Calibrate every finished run of ``stages`` that skips at least ``min_skip``% and has no calibrated test
+    result yet, one at a time; the result (``calibrated_30_test.json``: the eval JSON and the commands that made
+    it) is written atomically."""
     for r in rs:
         run = out / r["name"]
         test, cal = run / f"calibrated_{BUDGET}_test.json", run / f"calibrated_{BUDGET}.pt"
-        if r["stage"] != "hrl" or not done(out, r["name"]) or test.exists():
+        if r["stage"] not in stages or not done(out, r["name"]) or test.exists():
             continue
-        if json.loads((run / "summary.json").read_text())["test"]["macs_reduction"] < MIN_SKIP:
+        if json.loads((run / "summary.json").read_text())["test"]["macs_reduction"] < min_skip:
             continue
         c = ["skipnet", "calibrate", str(run / "best.pt"), "--data", data, "--target-reduction", str(BUDGET)]
         c += ["--grid", *GRID, "--out", str(cal), "--force", "--json"]
         e = ["skipnet", "eval", str(cal), "--data", data, "--json"]
         print("+", portable(c), flush=True)
-        subprocess.run(c, check=True, stdout=subprocess.DEVNULL)
+        if subprocess.run(c, stdout=subprocess.DEVNULL).returncode != 0:  # e.g. no threshold meets the budget
+            print(f"{r['name']}: not calibrated", flush=True)
+            continue
         got = json.loads(subprocess.run(e, check=True, capture_output=True, text=True).stdout)
         tmp = test.with_suffix(".tmp")
         tmp.write_text(json.dumps({"command": portable(c) + " && " + portable(e), **got}, indent=2))
@@ -154,15 +164,15 @@ def calibrated_rows(rs: list[dict], out: Path) -> dict[str, dict]:
     got = {}
     for r in rs:
         test = out / r["name"] / f"calibrated_{BUDGET}_test.json"
-        if r["stage"] != "hrl" or not test.exists():
+        if not test.exists():
             continue
         t = json.loads(test.read_text())
         name = f"{r['name']}@{BUDGET}%"
         got[name] = {
             "name": name,
-            "stage": "hrl",
-            "alpha": r["alpha"],
-            "distill": r["distill"],
+            "stage": r["stage"],
+            "alpha": r.get("alpha"),
+            "distill": r.get("distill", False),
             "threshold": t["threshold"],
             "command": t["command"],
             **test_fields(t),
