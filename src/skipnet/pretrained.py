@@ -97,11 +97,6 @@ def read_index(root: str | Path | None = None) -> dict[str, dict[str, Any]]:
     return models
 
 
-def list_pretrained(root: str | Path | None = None) -> list[str]:
-    """The names of the shipped models, in index order."""
-    return list(read_index(root))
-
-
 def _available(index: dict[str, dict[str, Any]]) -> str:
     if not index:
         return "no pretrained models are installed"
@@ -152,10 +147,6 @@ def resolve_checkpoint(spec: str | Path) -> Path:
     if path.is_dir() and (path / WEIGHTS).is_file():
         return path / WEIGHTS
     return path
-
-
-def is_pretrained_spec(spec: str | Path) -> bool:
-    return str(spec).startswith(PREFIX)
 
 
 # ------------------------------------------------------------------------------------------ loading
