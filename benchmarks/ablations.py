@@ -82,7 +82,7 @@ def main() -> int:
     if not args.no_train:
         chosen = [r for r in rs if not args.only or r["name"] in args.only]
         train(chosen, out, args.jobs)
-        calibrate(chosen, out, args.data, stages=("hrl", "rl", "soft"), min_skip=0)
+        calibrate(chosen, out, args.data, stages=("hrl", "rl", "soft"), min_skip=-100)
     got = rows(rs, out) | calibrated_rows(rs, out)
     write(got, portable(["python", *sys.argv]))
     return 0
