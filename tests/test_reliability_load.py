@@ -315,3 +315,21 @@ def test_calibrate_to_safetensors_writes_an_export_that_eval_reads(tmp_path, cap
     assert json.loads(capsys.readouterr().out)["threshold"] == ckpt["threshold"]
     assert main([*cal, "--limit", "32", "--out", str(out)]) == 2  # now it exists
     assert "exists; pass --force" in one_line_error(capsys, "calibrate")
+
+
+def test_all_skip_threshold_written_by_calibrate_loads(valid, tmp_path, capsys) -> None:
+    """A budget no threshold in [0, 1] meets makes calibrate write the all-skip threshold; eval must take it (it
+    refused it once: calibrate wrote a checkpoint its own eval rejected). Any other value above 1 is refused."""
+    from skipnet.policy import ALL_SKIP_THRESHOLD
+
+    good, bad = tmp_path / "all_skip.pt", tmp_path / "above.pt"
+    torch.save(valid["ckpt"] | {"threshold": ALL_SKIP_THRESHOLD}, good)
+    torch.save(valid["ckpt"] | {"threshold": 1.02}, bad)
+    assert load_checkpoint(good)["threshold"] == ALL_SKIP_THRESHOLD
+    model, _ = load_model(good)
+    size = model.config.image_size
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, size, size))
+    assert not out.trace.decisions.any()  # no gated block runs
+    assert main(["eval", str(bad), "--data", "digits"]) == 2
+    assert "threshold 1.02; it must be a number in [0, 1] or 1.01" in one_line_error(capsys, "eval")

@@ -38,10 +38,10 @@ from skipnet.evaluate import (  # noqa: F401 - the data helpers are re-exported 
     summarize,
 )
 from skipnet.gated import GatedResNet, GateMode
+from skipnet.policy import ALL_SKIP_THRESHOLD
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 ... 0.95
 CALIBRATION_GRID: tuple[float, ...] = (0.0, *DEFAULT_THRESHOLDS, 1.0)
-ALL_SKIP_THRESHOLD = 1.01  # p <= 1 < t: no gated block runs
 DEFAULT_SCALES: tuple[float, ...] = (0.5, 0.75, 1.25, 1.5)
 
 

@@ -40,6 +40,7 @@ from skipnet.fileio import (  # noqa: F401 (re-exported: the model-free file I/O
     remove_stale_temps,
 )
 from skipnet.gated import GatedResNet, GateMode
+from skipnet.policy import ALL_SKIP_THRESHOLD
 
 FORMAT_VERSION = 1
 
@@ -190,9 +191,13 @@ def check_contents(ckpt: dict[str, Any], path: str | Path) -> None:
     sd = ckpt.get("state_dict")
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise SkipnetError(f"{path} has no state dict of named tensors")
-    for key in ("threshold", "keep_ratio"):
-        if key in ckpt and not _unit_number(ckpt[key]):
-            raise SkipnetError(f"{path} has {key} {ckpt[key]!r}; it must be a number in [0, 1]"[:300])
+    if "keep_ratio" in ckpt and not _unit_number(ckpt["keep_ratio"]):
+        raise SkipnetError(f"{path} has keep_ratio {ckpt['keep_ratio']!r}; it must be a number in [0, 1]"[:300])
+    # calibration's all-skip point (a budget no threshold in [0, 1] meets) is a valid greedy threshold too
+    if "threshold" in ckpt and not (_unit_number(ckpt["threshold"]) or ckpt["threshold"] == ALL_SKIP_THRESHOLD):
+        raise SkipnetError(
+            f"{path} has threshold {ckpt['threshold']!r}; it must be a number in [0, 1] or {ALL_SKIP_THRESHOLD}"[:300]
+        )
     modes = [m.value for m in GateMode]
     if "mode" in ckpt and ckpt["mode"] not in modes:
         raise SkipnetError(f"{path} has gate mode {ckpt['mode']!r}; expected one of {', '.join(modes)}"[:300])

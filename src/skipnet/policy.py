@@ -33,6 +33,8 @@ from torch import Tensor
 from skipnet.errors import SkipnetError
 from skipnet.outputs import GateTrace
 
+ALL_SKIP_THRESHOLD = 1.01  # greedy threshold above every p <= 1: no gated block runs (calibration's floor)
+
 
 class GateMode(StrEnum):
     HARD = "hard"
