@@ -21,15 +21,14 @@ split, then the test split is evaluated once at it (rows ``NAME@30%``). Writes
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from headline30 import COMMON, HRL, calibrate, calibrated_rows, rows, table, train  # noqa: E402
-from reproduce_cifar10 import DEFAULT_DATA, RESULTS, portable  # noqa: E402
+from headline30 import COMMON, HRL, run_group, table  # noqa: E402
+from reproduce_cifar10 import RESULTS, portable  # noqa: E402
 
 ARCH = "cifar10_rnn_gate_38"
 ALPHA = 1.5
@@ -43,12 +42,12 @@ SCRATCH = [("hrl", ALPHA), ("rl", ALPHA), ("hrl", 0.1)]
 def runs(out: Path, data: str) -> list[dict]:
     c, total = ["--data", data, *COMMON], ["--epochs", str(TOTAL_EPOCHS), *ONECYCLE]
     scratch = [*c, *total, "--baseline", "ema", "--gate-bias", "2"]
+    init = ["--init", str(out / "sp" / "best.pt")]
     rs = [
         {"name": "sp", "stage": "sp", "args": [*c, "--epochs", str(SP_EPOCHS), *ONECYCLE]},
-        {"name": f"hrl_sp_a{ALPHA}", "stage": "hrl", "after": "sp", "alpha": ALPHA},
+        {"name": f"hrl_sp_a{ALPHA}", "stage": "hrl", "after": "sp", "alpha": ALPHA, "args": [*c, *HRL, *init]},
         {"name": "soft", "stage": "soft", "args": [*c, *total]},
     ]
-    rs[1]["args"] = [*c, *HRL, "--init", str(out / "sp" / "best.pt")]
     for stage, alpha in SCRATCH:
         rs.append({"name": f"{stage}_scratch_a{alpha}", "stage": stage, "args": scratch, "alpha": alpha})
     for r in rs:
@@ -69,21 +68,7 @@ def write(got: dict[str, dict], command: str) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=str(DEFAULT_DATA))
-    p.add_argument("--out", default="runs/ablations")
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--only", nargs="*", help="train and calibrate only these runs")
-    p.add_argument("--no-train", action="store_true", help="only collect the finished runs and write the results")
-    args = p.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rs = runs(out, args.data)
-    if not args.no_train:
-        chosen = [r for r in rs if not args.only or r["name"] in args.only]
-        train(chosen, out, args.jobs)
-        calibrate(chosen, out, args.data, stages=("hrl", "rl", "soft"), min_skip=-100)
-    got = rows(rs, out) | calibrated_rows(rs, out)
+    _, _, got = run_group(__doc__, "runs/ablations", runs, stages=("hrl", "rl", "soft"), min_skip=None)
     write(got, portable(["python", *sys.argv]))
     return 0
 

@@ -136,16 +136,17 @@ GRID = ["0", "0.005", "0.01", "0.02", "0.03", "0.04", "0.05", "0.06", "0.08", "0
 GRID += ["0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"]
 
 
-def calibrate(rs: list[dict], out: Path, data: str, stages=("hrl",), min_skip: float = MIN_SKIP) -> None:
-    """Calibrate every finished run of ``stages`` that skips at least ``min_skip``% and has no calibrated test
-    result yet, one at a time; the result (``calibrated_30_test.json``: the eval JSON and the commands that made
-    it) is written atomically."""
+def calibrate(rs: list[dict], out: Path, data: str, stages=("hrl",), min_skip: float | None = MIN_SKIP) -> None:
+    """Calibrate every finished run of ``stages`` that skips at least ``min_skip``% (any, with None) and has no
+    calibrated test result yet, one at a time; the result (``calibrated_30_test.json``: the eval JSON and the
+    commands that made it) is written atomically."""
     for r in rs:
         run = out / r["name"]
         test, cal = run / f"calibrated_{BUDGET}_test.json", run / f"calibrated_{BUDGET}.pt"
         if r["stage"] not in stages or not done(out, r["name"]) or test.exists():
             continue
-        if json.loads((run / "summary.json").read_text())["test"]["macs_reduction"] < min_skip:
+        saved = json.loads((run / "summary.json").read_text())["test"]["macs_reduction"]
+        if min_skip is not None and saved < min_skip:
             continue
         c = ["skipnet", "calibrate", str(run / "best.pt"), "--data", data, "--target-reduction", str(BUDGET)]
         c += ["--grid", *GRID, "--out", str(cal), "--force", "--json"]
@@ -270,24 +271,28 @@ def write(got: dict[str, dict], head: dict, command: str, curve: dict | None) ->
     print(json.dumps(head))
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_group(doc: str, default_out: str, make_runs, **calibrate_options) -> tuple[argparse.Namespace, Path, dict]:
+    """The command line shared by this script and ``ablations.py``: parse it, train and calibrate what is pending
+    (unless ``--no-train``), and return ``(args, out, rows)`` of every finished run, calibrated rows included."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--data", default=str(DEFAULT_DATA))
-    p.add_argument("--out", default="runs/h30")
+    p.add_argument("--out", default=default_out)
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument(
-        "--only", nargs="*", help="train and calibrate only these runs (names: base, sp, " + ", ".join(VARIANTS) + ")"
-    )
+    p.add_argument("--only", nargs="*", help="train and calibrate only these runs (names: see the runs' list)")
     p.add_argument("--no-train", action="store_true", help="only collect the finished runs and write the results")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rs = runs(out, args.data)
+    rs = make_runs(out, args.data)
     if not args.no_train:
         chosen = [r for r in rs if not args.only or r["name"] in args.only]
         train(chosen, out, args.jobs)
-        calibrate(chosen, out, args.data)
-    got = rows(rs, out) | calibrated_rows(rs, out)
+        calibrate(chosen, out, args.data, **calibrate_options)
+    return args, out, rows(rs, out) | calibrated_rows(rs, out)
+
+
+def main() -> int:
+    args, out, got = run_group(__doc__, "runs/h30", runs)
     curve = lesion("base", out, args.data, max_drop=LESION_DROP) if done(out, "base") else None
     write(got, headline(got), portable(["python", *sys.argv]), curve)
     return 0
