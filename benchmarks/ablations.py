@@ -68,7 +68,8 @@ def write(got: dict[str, dict], command: str) -> None:
 
 
 def main() -> int:
-    _, _, got = run_group(__doc__, "runs/ablations", runs, stages=("hrl", "rl", "soft"), min_skip=None)
+    results = RESULTS / "ablations_cifar10_cpu.json"
+    _, _, got = run_group(__doc__, "runs/ablations", runs, results, stages=("hrl", "rl", "soft"), min_skip=None)
     write(got, portable(["python", *sys.argv]))
     return 0
 
