@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from skipnet.checkpoint import load_checkpoint, load_model
 from skipnet.cli import main
-from skipnet.losses import Baseline, hybrid_returns, reinforce_loss
+from skipnet.losses import Baseline, SkipBudget, hybrid_returns, reinforce_loss
 from skipnet.registry import create_model
 
 COMMON = ["--limit-train", "256", "--limit-test", "128", "--batch-size", "32", "--threads", "1", "--val-split", "0.2"]
@@ -57,6 +57,21 @@ def test_skip_target_caps_the_reward_to_go() -> None:
     over = torch.tensor([[0.0, 0.0, 0.0, 1.0]]), torch.tensor([[0.0, 0.0, 0.0, 0.0]])
     r = [hybrid_returns(torch.zeros(1), g, 1.0, skip_target=0.5) for g in over]
     torch.testing.assert_close(r[0], r[1])
+
+
+def test_skip_budget_is_dual_ascent_on_alpha() -> None:
+    """--skip-budget S: alpha <- max(0, alpha + eta (S - skipped)); rises while the policy skips too little, falls
+    while it skips too much, never below 0, and stays where the budget is met."""
+    b = SkipBudget(0.4, alpha=1.0, lr=0.5)
+    assert b.update(0.2) == pytest.approx(1.1)  # skipped 20% of a 40% budget: skipping pays more
+    assert b.update(0.8) == pytest.approx(0.9)
+    assert b.update(0.4) == pytest.approx(0.9)  # the budget met: the multiplier stays
+    assert SkipBudget(0.3, alpha=0.1, lr=1.0).update(1.0) == 0.0  # floored at 0
+    again = SkipBudget(0.4, alpha=5.0, lr=0.5)
+    again.load_state_dict(b.state_dict())
+    assert again.alpha == b.alpha
+    with pytest.raises(ValueError):
+        SkipBudget(1.0, alpha=1.0, lr=0.1)
 
 
 def test_reinforce_gradient_is_per_sample_per_gate() -> None:
@@ -237,7 +252,9 @@ def test_sp_from_base_copies_backbone(runs) -> None:
     )
 
 
-def test_resume_equals_uninterrupted(tmp_path, cifar_jpeg) -> None:
+@pytest.mark.parametrize("budget", [[], ["--skip-budget", "0.5", "--alpha", "1", "--alpha-lr", "0.5"]])
+def test_resume_equals_uninterrupted(tmp_path, cifar_jpeg, budget) -> None:
+    """Bit-identical weights after a resume; with --skip-budget its alpha (moved every step) resumes too."""
     args = [
         "train",
         "tiny_rnn_gate_14",
@@ -252,6 +269,7 @@ def test_resume_equals_uninterrupted(tmp_path, cifar_jpeg) -> None:
         "constant",
         "--eval-every",
         "2",
+        *budget,
     ]
     assert main([*args, "--iters", "4", "--out", str(tmp_path / "straight")]) == 0
     assert main([*args, "--iters", "2", "--out", str(tmp_path / "split")]) == 0
@@ -260,6 +278,9 @@ def test_resume_equals_uninterrupted(tmp_path, cifar_jpeg) -> None:
     b = load_checkpoint(tmp_path / "split" / "last.pt")["state_dict"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
+    if budget:
+        alphas = [json.loads(r)["train_alpha"] for r in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+        assert len(set(alphas)) == 2 and load_checkpoint(tmp_path / "split" / "last.pt")["skip_budget"]["alpha"] != 1
     # a resumed run may be extended and given another thread count, which its checkpoint then records
     assert main([*args, "--iters", "5", "--threads", "2", "--out", str(tmp_path / "split"), "--resume"]) == 0
     extended = load_checkpoint(tmp_path / "split" / "last.pt")

@@ -128,3 +128,34 @@ __all__ = [
     "reinforce_loss",
     "skip_rewards",
 ]
+
+
+class SkipBudget:
+    """Beyond the paper (``--skip-budget S``): alpha of Eq. 5 adapted so that the policy skips a fraction ``S`` of
+    the gated blocks on average over the data, not per sample.
+
+    HRL with a fixed alpha minimises ``E[L] - alpha E[skipped fraction]``; with the constraint ``E[skipped] >= S``
+    that is the Lagrangian with alpha as its multiplier, and dual ascent finds it:
+
+        alpha <- max(0, alpha + eta * (S - skipped))
+
+    after each step, ``skipped`` the step's (global) batch mean of the sampled decisions. The reward stays linear
+    in every sample's own skips (Eq. 5-6 at the current alpha), so images whose loss suffers little skip more
+    than the budget and hard ones less, unlike ``--skip-target``, which caps each sample at S.
+    """
+
+    def __init__(self, budget: float, alpha: float, lr: float) -> None:
+        if not 0.0 < budget < 1.0 or alpha < 0 or lr <= 0:
+            raise ValueError(f"need 0 < budget < 1, alpha >= 0, lr > 0; got {budget}, {alpha}, {lr}")
+        self.budget, self.alpha, self.lr = float(budget), float(alpha), float(lr)
+
+    def update(self, skipped: float) -> float:
+        """One dual-ascent step from the mean skipped fraction of a batch; returns the new alpha."""
+        self.alpha = max(0.0, self.alpha + self.lr * (self.budget - float(skipped)))
+        return self.alpha
+
+    def state_dict(self) -> dict:
+        return {"alpha": self.alpha}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.alpha = float(state["alpha"])

@@ -39,7 +39,7 @@ from skipnet.data import DataBundle, load_data
 from skipnet.errors import Interrupted, SkipnetError
 from skipnet.evaluate import evaluate
 from skipnet.gated import GatedResNet, GateMode
-from skipnet.losses import Baseline, distillation_loss, distilled_task_loss, mean_first_return
+from skipnet.losses import Baseline, SkipBudget, distillation_loss, distilled_task_loss, mean_first_return
 from skipnet.registry import get_config
 from skipnet.rundir import append_row, read_rows, run_lock, write_rows
 from skipnet.runlog import Progress, RunLog, environment
@@ -133,6 +133,8 @@ class Trainer:
         self._prepare_model(init_ckpt, resumed=resume_ckpt is not None)
         self.optimizer, self.scheduler = self._optimizer()
         self.baseline: Baseline = self.dist.baseline(self.cfg.baseline)  # global-batch mean under DDP
+        c = self.cfg  # --skip-budget: alpha adapted each step from the global batch's skips (same on every rank)
+        self.budget = SkipBudget(c.skip_budget, c.alpha, c.alpha_lr) if c.skip_budget is not None else None
         self.step = 0
         self.best_val = -1.0  # validation accuracy of best.pt
         self.best_score = -math.inf  # its score under --select
@@ -296,6 +298,8 @@ class Trainer:
             self.best_score = float(ckpt.get("metrics", {}).get("best_score", self.best_val))
             if ckpt.get("baseline") is not None:
                 self.baseline.load_state_dict(ckpt["baseline"])
+            if self.budget is not None:
+                self.budget.load_state_dict(ckpt["skip_budget"])
             running = ckpt.get("running") or {}
             self.running = {k: float(v) for k, v in running.get("sums", {}).items()}
             self.n_running = int(running.get("n", 0))
@@ -324,6 +328,7 @@ class Trainer:
             data=self.data.meta() | {"spec": self.cfg.data, "val_split": self.cfg.val_split},
             extra={
                 "baseline": self.baseline.state_dict(),
+                "skip_budget": self.budget.state_dict() if self.budget is not None else None,
                 "stage": self.cfg.stage,
                 "running": {"sums": dict(self.running), "n": self.n_running},
             },
@@ -424,7 +429,7 @@ class Trainer:
             loss, stats = self.stage.loss(
                 ce,
                 out.trace,
-                alpha=cfg.alpha,
+                alpha=self.alpha,
                 beta=cfg.beta,
                 rl_weight=cfg.rl_weight,
                 baseline=self.baseline,
@@ -447,7 +452,16 @@ class Trainer:
             acc = (out.logits.argmax(1) == y).float().mean()
             executed = out.trace.decisions.float().mean() if out.trace.num_gates else torch.ones(())
         stats = {k: v.float() for k, v in stats.items()} | {"loss": loss.detach().float(), "acc": acc, "exec": executed}
-        return self.dist.mean_stats(stats)
+        stats = self.dist.mean_stats(stats)
+        if self.budget is not None:  # "alpha": the value this step used
+            stats["alpha"] = self.alpha
+            self.budget.update(1.0 - stats["exec"])
+        return stats
+
+    @property
+    def alpha(self) -> float:
+        """The skip reward's weight this step: ``--alpha``, or where ``--skip-budget`` has moved it."""
+        return self.budget.alpha if self.budget is not None else self.cfg.alpha
 
     def _non_finite(self, loss: torch.Tensor) -> None:
         last = self.out / "last.pt"
@@ -595,7 +609,8 @@ class Trainer:
             }
             row["val_loss"] = val["loss"]
             c = self.cfg
-            score = selection_score(c.select, val, c.alpha, c.beta, self.model.num_gates, c.skip_target)
+            cap = c.skip_target if self.budget is None else c.skip_budget  # a budget's excess earns no credit
+            score = selection_score(c.select, val, self.alpha, c.beta, self.model.num_gates, cap)
             row["val_score"] = score if math.isfinite(score) else None
             improved = score > self.best_score or self.cfg.select == "last"
         else:

@@ -46,6 +46,8 @@ class TrainConfig:
     baseline: str = "none"
     explore: float = 0.0
     skip_target: float | None = None
+    skip_budget: float | None = None
+    alpha_lr: float = 0.01
     zero_init_residual: bool = False
     gate_bias: float | None = None
     paper_gate_init: bool = False
@@ -95,6 +97,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value not in choices:
                 raise SkipnetError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
+        if self.skip_budget is not None and self.skip_target is not None:
+            raise SkipnetError("--skip-budget and --skip-target are alternatives (a mean budget or a per-sample cap)")
+        if self.skip_budget is not None and self.stage not in ("hrl", "rl"):
+            raise SkipnetError(f"--skip-budget adapts the HRL/RL skip reward; stage {self.stage} has none")
         if self.device.startswith("cpu:") and self.device != "cpu:0":
             raise SkipnetError(f"--device {self.device}: the CPU is one device; pass --device cpu")
         from skipnet.registry import check_image_size, get_config
@@ -194,6 +200,8 @@ RULES: list[tuple[str, Any, str]] = [
     ("val_split", _unit_open, "in [0, 1)"),
     ("explore", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)"),
     ("skip_target", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    ("skip_budget", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
+    ("alpha_lr", _positive, "positive"),
     ("gate_bias", lambda v: abs(v) < float("inf"), "finite"),
     ("checkpoint_minutes", _positive, "positive"),
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),

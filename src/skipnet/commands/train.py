@@ -87,6 +87,21 @@ def _add_skipnet_args(p: argparse.ArgumentParser) -> None:
         "policy settles near S instead of skipping ever more (beyond the paper; default: no cap, Eq. 5)",
     )
     p.add_argument(
+        "--skip-budget",
+        type=float,
+        default=d["skip_budget"],
+        metavar="S",
+        help="hrl/rl: adapt alpha during training (dual ascent, from --alpha) so that the gated blocks skipped "
+        "average S over the data: easy images may skip more, hard ones less (beyond the paper; an alternative to "
+        "--skip-target)",
+    )
+    p.add_argument(
+        "--alpha-lr",
+        type=float,
+        default=d["alpha_lr"],
+        help="step size of --skip-budget's alpha update, per step and unit of budget missed (default: 0.01)",
+    )
+    p.add_argument(
         "--zero-init-residual",
         action="store_true",
         help="start every residual branch at zero (last BN scale 0; beyond the paper, for short SP-from-scratch runs)",
