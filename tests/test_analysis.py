@@ -21,6 +21,7 @@ from skipnet.analysis import (
     is_non_increasing,
     multiscale_deltas,
     per_class_stats,
+    route_stats,
     skip_ratio_per_block,
     skip_ratio_per_stage,
     skipped_blocks,
@@ -101,6 +102,17 @@ def test_skip_ratio_per_block_is_one_minus_mean_decisions() -> None:
     assert per_stage == pytest.approx([sum(ratios[:2]) / 2, sum(ratios[2:5]) / 3, sum(ratios[5:]) / 2])
     assert executed_blocks(decisions).tolist() == (1 + decisions.sum(1)).long().tolist()
     assert (executed_blocks(decisions) + skipped_blocks(decisions) == 8).all()
+
+
+def test_route_stats_by_hand() -> None:
+    """Distinct decision patterns, the most common one's share, and the spread of executed blocks."""
+    d = torch.tensor([[1, 0, 1], [1, 0, 1], [0, 0, 0], [1, 0, 1.0]])
+    got = route_stats(d)
+    assert got["distinct_routes"] == 2 and got["top_route_share"] == 0.75
+    assert got["executed_std"] == pytest.approx(torch.tensor([3.0, 3, 1, 3]).std(unbiased=False).item())
+    static = route_stats(torch.ones(5, 4))
+    assert static == {"distinct_routes": 1, "top_route_share": 1.0, "executed_std": 0.0}
+    assert route_stats(torch.ones(0, 4))["distinct_routes"] == 0
 
 
 def test_per_class_stats_hand_made() -> None:
@@ -296,6 +308,7 @@ def test_analyze_command_writes_figures_and_report(sp_run: Path, tmp_path: Path,
     assert len(numbers["skip_ratio_per_block"]) == 5 and len(numbers["multiscale"]) == 4
     assert numbers["base"]["macs_reduction"] == pytest.approx(0.0)  # every block on, no gate
     assert sum(numbers["executed_blocks_counts"].values()) == 120
+    assert 1 <= numbers["routes"]["distinct_routes"] <= 120 and "distinct routes" in report
     assert "accuracy" in report and "computation percentage" in report
 
 

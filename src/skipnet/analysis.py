@@ -73,6 +73,21 @@ def skip_ratio_per_stage(decisions: Tensor, block_stage: Sequence[int]) -> list[
     return out
 
 
+def route_stats(decisions: Tensor) -> dict[str, Any]:
+    """How per-image the policy is: the number of distinct routes (0/1 decision patterns) over the (M, N)
+    decisions, the share of images on the most common one (1.0: a static network), and the standard deviation
+    of the blocks executed per image."""
+    if decisions.shape[0] == 0:
+        return {"distinct_routes": 0, "top_route_share": float("nan"), "executed_std": float("nan")}
+    routes, counts = torch.unique(decisions.round().to(torch.uint8), dim=0, return_counts=True)
+    executed = executed_blocks(decisions).to(torch.float64)
+    return {
+        "distinct_routes": int(routes.shape[0]),
+        "top_route_share": float(counts.max()) / decisions.shape[0],
+        "executed_std": float(executed.std(unbiased=False)),
+    }
+
+
 def _median(values: Tensor) -> float:
     """The median of a 1-D tensor (the mean of the two middle values for an even count)."""
     return float(values.to(torch.float64).quantile(0.5)) if values.numel() else float("nan")
@@ -310,6 +325,7 @@ def analyze(
         "main": main,
         "skip_ratio_per_block": skip_ratio_per_block(record.decisions),
         "skip_ratio_per_stage": skip_ratio_per_stage(record.decisions, block_stage),
+        "routes": route_stats(record.decisions),
         "executed_blocks_counts": dict(zip(range(1, n + 2), value_counts(executed, 1, n + 1))),
         "per_class": stats,
         "easiest_class": stats[easy_c]["name"],
@@ -533,7 +549,7 @@ def report_markdown(numbers: dict[str, Any], figures: dict[str, str], title: str
             "",
         ]
     stages = ", ".join(f"stage {i + 1}: {100 * r:.1f}%" for i, r in enumerate(numbers["skip_ratio_per_stage"]))
-    per_class = {s["name"]: s for s in numbers["per_class"]}
+    per_class, r = {s["name"]: s for s in numbers["per_class"]}, numbers["routes"]
     easy, hard = per_class[numbers["easiest_class"]], per_class[numbers["hardest_class"]]
     lines += [
         "| quantity | value |",
@@ -551,6 +567,8 @@ def report_markdown(numbers: dict[str, Any], figures: dict[str, str], title: str
         f"| gate MACs per image | {c['gate_macs']:.4g} |",
         f"| executed blocks per image (mean, of {numbers['num_gates'] + 1}) | {m['executed_blocks_mean']:.2f} |",
         f"| skip ratio per stage | {stages} |",
+        f"| distinct routes (images on the most common) | {r['distinct_routes']} ({100 * r['top_route_share']:.1f}%) |",
+        f"| std of executed blocks per image | {r['executed_std']:.2f} |",
         f"| easiest class (highest accuracy) | {easy['name']}: {easy['accuracy']:.1f}%, "
         f"median {_fmt(easy['median_skipped'], '.1f')} blocks skipped |",
         f"| hardest class (lowest accuracy) | {hard['name']}: {hard['accuracy']:.1f}%, "
