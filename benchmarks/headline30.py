@@ -79,7 +79,8 @@ FROM_BASE_VARIANTS = {
     # executed after 1.5 epochs: every skip cost the plain backbone more than alpha repaid; stopped there, so
     # not a row). With --skip-budget, alpha moves (from 2) until the budget is skipped on average:
     "hrl_base_kdce_cos8_b0.4_g10": (2.0, [*FROM_BASE, "--skip-budget", "0.4", "--gate-lr-mult", "10"]),
-    "hrl_base_kdce_cos8_b0.3_g10": (2.0, [*FROM_BASE, "--skip-budget", "0.3", "--gate-lr-mult", "10"]),
+    # the budget at the gates' own learning rate: slower to skip, but the policy stays stochastic longer
+    "hrl_base_kdce_cos8_b0.4": (2.0, [*FROM_BASE, "--skip-budget", "0.4"]),
 }
 
 
