@@ -37,6 +37,11 @@ def test_selection_rules() -> None:
     # --skip-target: skipping beyond the target earns nothing; at 0.02 the 0.05 of CE is no longer repaid
     assert selection_score("reward", cheap, 1.0, 1.0, 5, 0.2) == pytest.approx(-0.65 + 0.2)
     assert selection_score("reward", accurate, 1.0, 1.0, 5, 0.02) > selection_score("reward", cheap, 1.0, 1.0, 5, 0.02)
+    # --skip-budget: a constraint; those meeting it rank by accuracy, above every one that does not (by its skips)
+    better = cheap | {"accuracy": 79.0, "executed_blocks_mean": 3.2}  # 0.56 skipped: within 0.02 of the budget
+    score = lambda v, budget=0.58: selection_score("reward", v, 9.0, 1.0, 5, skip_budget=budget)  # noqa: E731
+    assert score(cheap) == 78.0 and score(better) == 79.0 and score(accurate) == pytest.approx(-100.0)
+    assert score(better, 0.6) == pytest.approx(-44.0) and score(better, 0.6) > score(accurate, 0.6)
 
 
 @pytest.fixture(scope="module")

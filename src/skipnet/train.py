@@ -49,15 +49,30 @@ from skipnet.trainconfig import SCHEDULES, TrainConfig, resolve_defaults  # noqa
 log = logging.getLogger(__name__)
 
 
+BUDGET_TOLERANCE = 0.02  # --skip-budget: an evaluation skipping this little below the budget still meets it
+
+
 def selection_score(
-    rule: str, val: dict[str, Any], alpha: float, beta: float, num_gates: int, skip_target: float | None = None
+    rule: str,
+    val: dict[str, Any],
+    alpha: float,
+    beta: float,
+    num_gates: int,
+    skip_target: float | None = None,
+    skip_budget: float | None = None,
 ) -> float:
     """How good a checkpoint is on the validation split under ``rule`` (higher is better): its accuracy, the
-    mean return HRL maximises (Eq. 6, :func:`skipnet.losses.mean_first_return`), or (``last``) its recency."""
+    mean return HRL maximises (Eq. 6, :func:`skipnet.losses.mean_first_return`), or (``last``) its recency.
+
+    Under ``--skip-budget`` alpha moves during the run, so returns at different alphas do not compare; the budget
+    is a constraint, and ``reward`` ranks the evaluations that meet it by accuracy (in [0, 100]) above those that
+    do not, which rank by how much they skip (in [-100, 0))."""
     if rule == "accuracy":
         return float(val["accuracy"])
     if rule == "reward":
         skipped = 1.0 - (val["executed_blocks_mean"] - 1.0) / max(1, num_gates)
+        if skip_budget is not None:
+            return float(val["accuracy"]) if skipped >= skip_budget - BUDGET_TOLERANCE else 100.0 * skipped - 100.0
         return mean_first_return(val["loss"], skipped, alpha, beta, skip_target)
     return math.inf
 
@@ -609,8 +624,9 @@ class Trainer:
             }
             row["val_loss"] = val["loss"]
             c = self.cfg
-            cap = c.skip_target if self.budget is None else c.skip_budget  # a budget's excess earns no credit
-            score = selection_score(c.select, val, self.alpha, c.beta, self.model.num_gates, cap)
+            score = selection_score(
+                c.select, val, c.alpha, c.beta, self.model.num_gates, c.skip_target, skip_budget=c.skip_budget
+            )
             row["val_score"] = score if math.isfinite(score) else None
             improved = score > self.best_score or self.cfg.select == "last"
         else:

@@ -132,8 +132,8 @@ def _add_skipnet_args(p: argparse.ArgumentParser) -> None:
         choices=SELECT_RULES,
         default=None,
         help="how best.pt is chosen on the validation split: accuracy, the mean return HRL maximises "
-        "(-beta CE + alpha x fraction skipped, Eq. 6), or the last evaluation. Default: reward for hrl/rl, "
-        "accuracy otherwise",
+        "(-beta CE + alpha x fraction skipped, Eq. 6; with --skip-budget: the most accurate evaluation that "
+        "meets the budget), or the last evaluation. Default: reward for hrl/rl, accuracy otherwise",
     )
     p.add_argument(
         "--distill",
