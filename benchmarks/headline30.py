@@ -79,8 +79,20 @@ FROM_BASE_VARIANTS = {
     # executed after 1.5 epochs: every skip cost the plain backbone more than alpha repaid; stopped there, so
     # not a row). With --skip-budget, alpha moves (from 2) until the budget is skipped on average:
     "hrl_base_kdce_cos8_b0.4_g10": (2.0, [*FROM_BASE, "--skip-budget", "0.4", "--gate-lr-mult", "10"]),
-    # the budget at the gates' own learning rate: slower to skip, but the policy stays stochastic longer
-    "hrl_base_kdce_cos8_b0.4": (2.0, [*FROM_BASE, "--skip-budget", "0.4"]),
+    # Not a row: the same budget at the gates' own learning rate (no --gate-lr-mult) collapsed. Alpha rose to 3.2
+    # before the policy skipped, then every gate closed within 300 steps (1.6% of the blocks executed, 46% val
+    # accuracy) and stayed closed with alpha back at 0 for the last 1,400 steps: nothing rewards reopening a gate
+    # whose block the backbone has learned to do without. (It ran before the budget's best.pt rule was fixed;
+    # its best.pt is the step-176 evaluation, which skips nothing.)
+}
+# Eight more HRL epochs from the shipped pick (pretrained:cifar10_rnn_gate_38 = hrl_kdce_cos8_a2_t0.4, SP 30 +
+# HRL 8), the same recipe restarted (a warm restart of the cosine), at its lr and at a third of it: SP 30 + HRL 16
+# epochs in all, against the base's 30.
+PICK = "pretrained:cifar10_rnn_gate_38"
+MORE = ["--init", PICK, "--distill", BASE, "--schedule", "cosine", "--epochs", "8", "--skip-target", "0.4"]
+FROM_PICK_VARIANTS = {
+    "hrl_pick_more8": (2.0, MORE),
+    "hrl_pick_more8_lr1e-3": (2.0, [*MORE, "--lr", "0.001", "--bn", "update"]),
 }
 
 
@@ -110,7 +122,7 @@ def runs(out: Path, data: str) -> list[dict]:
         args = [*c, *HRL, "--alpha", str(alpha), "--init", str(out / "sp" / "best.pt"), *extra]
         rs.append({"name": name, "arch": "cifar10_rnn_gate_38", "stage": "hrl", "args": args, "after": "sp"})
         rs[-1] |= {"alpha": alpha, "distill": bool(extra)}
-    for name, (alpha, extra) in FROM_BASE_VARIANTS.items():
+    for name, (alpha, extra) in (FROM_BASE_VARIANTS | FROM_PICK_VARIANTS).items():
         args = [*c, *HRL, "--alpha", str(alpha), *extra]
         rs.append({"name": name, "arch": "cifar10_rnn_gate_38", "stage": "hrl", "args": args})
         rs[-1] |= {"alpha": alpha, "distill": True}
