@@ -85,10 +85,10 @@ FROM_BASE_VARIANTS = {
     # whose block the backbone has learned to do without. (It ran before the budget's best.pt rule was fixed;
     # its best.pt is the step-176 evaluation, which skips nothing.)
 }
-# Eight more HRL epochs from the shipped pick (pretrained:cifar10_rnn_gate_38 = hrl_kdce_cos8_a2_t0.4, SP 30 +
-# HRL 8), the same recipe restarted (a warm restart of the cosine), at its lr and at a third of it: SP 30 + HRL 16
-# epochs in all, against the base's 30.
-PICK = "pretrained:cifar10_rnn_gate_38"
+# Eight more HRL epochs from the earlier pick (hrl_kdce_cos8_a2_t0.4: SP 30 + HRL 8), the same recipe restarted
+# (a warm restart of the cosine), at its lr and at a third of it: SP 30 + HRL 16 epochs in all, against the base's
+# 30. Run on 2026-12-01 from that run's export, then shipped as pretrained:cifar10_rnn_gate_38 (replaced since).
+PICK = "{out}/hrl_kdce_cos8_a2_t0.4/best.pt"
 MORE = ["--init", PICK, "--distill", BASE, "--schedule", "cosine", "--epochs", "8", "--skip-target", "0.4"]
 FROM_PICK_VARIANTS = {
     "hrl_pick_more8": (2.0, MORE),
@@ -123,9 +123,11 @@ def runs(out: Path, data: str) -> list[dict]:
         rs.append({"name": name, "arch": "cifar10_rnn_gate_38", "stage": "hrl", "args": args, "after": "sp"})
         rs[-1] |= {"alpha": alpha, "distill": bool(extra)}
     for name, (alpha, extra) in (FROM_BASE_VARIANTS | FROM_PICK_VARIANTS).items():
-        args = [*c, *HRL, "--alpha", str(alpha), *extra]
+        args = [*c, *HRL, "--alpha", str(alpha), *[a.format(out=out) for a in extra]]
         rs.append({"name": name, "arch": "cifar10_rnn_gate_38", "stage": "hrl", "args": args})
         rs[-1] |= {"alpha": alpha, "distill": True}
+        if name in FROM_PICK_VARIANTS:
+            rs[-1]["after"] = "hrl_kdce_cos8_a2_t0.4"
     for r in rs:
         r["cmd"] = ["skipnet", "train", r["arch"], "--stage", r["stage"], *r["args"], "--out", str(out / r["name"])]
     return rs
