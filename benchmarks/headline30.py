@@ -90,6 +90,11 @@ FROM_BASE_VARIANTS = {
 # 30. Run on 2026-12-01 from that run's export, then shipped as pretrained:cifar10_rnn_gate_38 (replaced since).
 PICK = "{out}/hrl_kdce_cos8_a2_t0.4/best.pt"
 MORE = ["--init", PICK, "--distill", BASE, "--schedule", "cosine", "--epochs", "8", "--skip-target", "0.4"]
+# The control for the continuation's 16 extra epochs: the plain ResNet-38 given 16 more epochs of the HRL recipe's
+# learning rate (3e-3, cosine) with the same distillation from itself, so the SkipNet's gap is also measured at
+# equal training.
+BASE_MORE = ["--init", BASE, "--distill", BASE, "--epochs", "16", "--lr", "0.003", "--schedule", "cosine"]
+BASE_MORE += ["--eval-every", "351"]
 FROM_PICK_VARIANTS = {
     "hrl_pick_more8": (2.0, MORE),
     "hrl_pick_more8_lr1e-3": (2.0, [*MORE, "--lr", "0.001", "--bn", "update"]),
@@ -114,6 +119,8 @@ def runs(out: Path, data: str) -> list[dict]:
     for depth in STATIC:  # the static alternative: a shallower plain network on the same schedule
         args = [*c, *SCHEDULE]
         rs.append({"name": f"base_r{depth}", "arch": f"cifar10_resnet_{depth}", "stage": "base", "args": args})
+    args = [*c, *BASE_MORE]
+    rs.append({"name": "base_more16_kd", "arch": "cifar10_resnet_38", "stage": "base", "args": args})
     for name, keep in SDV.items():
         args = [*c, *SDV_ARGS, "--keep", str(keep), "--init", str(out / "base" / "best.pt")]
         rs.append({"name": name, "arch": "cifar10_resnet_38", "stage": "sdv", "args": args, "after": "base"})
