@@ -7,7 +7,8 @@ Every run is a plain ``skipnet train`` command in its own directory under ``--ou
 per variant below); running the command again resumes a killed run and skips finished ones. Test figures are
 each run's ``summary.json``: the test split evaluated once, on the checkpoint chosen on the validation split.
 Each finished HRL run is then calibrated (``skipnet calibrate``: the greedy threshold chosen on the validation
-split for a 30% budget) and evaluated once on the test split at it, a row ``NAME@30%``.
+split for a 30% budget) and evaluated once on the test split at it, a row ``NAME@30%``. Rows of runs that did
+not finish on this machine (earlier sessions': run directories are not kept) are carried over from the JSON.
 Writes ``benchmarks/results/headline30_cifar10_cpu.{json,md}`` and sets the ``headline`` of
 ``benchmarks/results/reproduce_cifar10_cpu.json`` from this group (the shorter schedules' pick is kept there as
 ``headline_short``).
