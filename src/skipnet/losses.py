@@ -119,17 +119,6 @@ class Baseline:
         self.value = state.get("value")
 
 
-__all__ = [
-    "Baseline",
-    "distillation_loss",
-    "distilled_task_loss",
-    "hybrid_returns",
-    "mean_first_return",
-    "reinforce_loss",
-    "skip_rewards",
-]
-
-
 class SkipBudget:
     """Beyond the paper (``--skip-budget S``): alpha of Eq. 5 adapted so that the policy skips a fraction ``S`` of
     the gated blocks on average over the data, not per sample.
@@ -159,3 +148,16 @@ class SkipBudget:
 
     def load_state_dict(self, state: dict) -> None:
         self.alpha = float(state["alpha"])
+
+
+__all__ = [
+    "Baseline",
+    "SkipBudget",
+    "distillation_loss",
+    "distilled_task_loss",
+    "hybrid_returns",
+    "mean_first_return",
+    "reinforce_loss",
+    "skip_rewards",
+]
+
