@@ -160,4 +160,3 @@ __all__ = [
     "reinforce_loss",
     "skip_rewards",
 ]
-
