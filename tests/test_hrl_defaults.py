@@ -42,6 +42,9 @@ def test_selection_rules() -> None:
     score = lambda v, budget=0.58: selection_score("reward", v, 9.0, 1.0, 5, skip_budget=budget)  # noqa: E731
     assert score(cheap) == 78.0 and score(better) == 79.0 and score(accurate) == pytest.approx(-100.0)
     assert score(better, 0.6) == pytest.approx(-44.0) and score(better, 0.6) > score(accurate, 0.6)
+    # --skip-reward correct: only right predictions earn the skip reward, estimated as skipped x accuracy
+    correct = selection_score("reward", cheap, 1.0, 1.0, 5, skip_reward="correct")
+    assert correct == pytest.approx(-0.65 + 0.6 * 0.78)
 
 
 @pytest.fixture(scope="module")

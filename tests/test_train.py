@@ -59,6 +59,41 @@ def test_skip_target_caps_the_reward_to_go() -> None:
     torch.testing.assert_close(r[0], r[1])
 
 
+def test_skip_reward_correct_pays_right_predictions_only() -> None:
+    """--skip-reward correct: a right sample's returns are Eq. 6's; a wrong one's are its loss alone."""
+    torch.manual_seed(1)
+    ce, d = torch.rand(32) * 2, torch.bernoulli(torch.full((32, 5), 0.5))
+    right = torch.rand(32) > 0.5
+    for cap in (None, 0.4):
+        paper = hybrid_returns(ce, d, 1.3, 0.8, skip_target=cap)
+        got = hybrid_returns(ce, d, 1.3, 0.8, skip_target=cap, correct=right)
+        torch.testing.assert_close(got[right], paper[right])
+        torch.testing.assert_close(got[~right], (-0.8 * ce[~right]).view(-1, 1).expand(-1, 5))
+    assert not torch.equal(got, paper)  # some wrong sample skipped something
+
+
+def test_skip_reward_correct_reaches_the_loss(runs, monkeypatch, tmp_path) -> None:
+    """The trainer passes each sample's correctness (argmax == label) into the return, only when asked."""
+    import skipnet.stages
+
+    seen, real = [], skipnet.stages.hybrid_returns
+
+    def spy(ce, decisions, alpha, beta, skip_target, correct):
+        seen.append(correct)
+        return real(ce, decisions, alpha, beta, skip_target, correct)
+
+    monkeypatch.setattr(skipnet.stages, "hybrid_returns", spy)
+    root, data = runs
+    hrl = ["train", "tiny_rnn_gate_14", "--stage", "hrl", "--data", data, *COMMON, "--iters", "2"]
+    hrl += ["--init", str(root / "sp" / "best.pt")]
+    assert main([*hrl, "--skip-reward", "correct", "--out", str(tmp_path / "c")]) == 0
+    assert seen and all(c is not None and c.dtype == torch.bool and c.shape == (32,) for c in seen)
+    assert not all(bool(c.all()) for c in seen)  # a 2-step model gets some wrong: the mask is not all ones
+    seen.clear()
+    assert main([*hrl, "--out", str(tmp_path / "a")]) == 0
+    assert seen and all(c is None for c in seen)
+
+
 def test_skip_budget_is_dual_ascent_on_alpha() -> None:
     """--skip-budget S: alpha <- max(0, alpha + eta (S - skipped)); rises while the policy skips too little, falls
     while it skips too much, never below 0, and stays where the budget is met."""

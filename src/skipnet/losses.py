@@ -21,7 +21,12 @@ def skip_rewards(decisions: Tensor) -> Tensor:
 
 
 def hybrid_returns(
-    ce: Tensor, decisions: Tensor, alpha: float, beta: float = 1.0, skip_target: float | None = None
+    ce: Tensor,
+    decisions: Tensor,
+    alpha: float,
+    beta: float = 1.0,
+    skip_target: float | None = None,
+    correct: Tensor | None = None,
 ) -> Tensor:
     """Per-sample, per-gate returns ``r_i`` of Eq. 6 (with the beta relaxation), shape (B, N).
 
@@ -32,6 +37,10 @@ def hybrid_returns(
             skipped this fraction ``s`` of its N gated blocks. The reward of gate j becomes the increment of the
             capped running total, ``min(c_j, sN) - min(c_{j-1}, sN)`` with ``c_j = sum_{k <= j} R_k``, so the
             reward to go is ``min(c_N, sN) - min(c_{i-1}, sN)``; ``None`` (or s >= 1) is Eq. 6 unchanged.
+        correct: beyond the paper (``--skip-reward correct``): (B,) 0/1, whether each sample's prediction was
+            right; the skip reward of a wrong sample is zero (``R_i = (1 - g_i) C_i [y_hat = y]``), so a wrong
+            image is paid only for lowering its loss, never for skipping (BlockDrop's reward likewise pays for
+            skipping only when the prediction is correct). ``None`` is Eq. 5.
     """
     if ce.dim() != 1 or decisions.dim() != 2 or decisions.shape[0] != ce.shape[0]:
         raise ValueError(f"expected ce (B,) and decisions (B, N); got {tuple(ce.shape)} and {tuple(decisions.shape)}")
@@ -43,6 +52,8 @@ def hybrid_returns(
         cap, running = skip_target * n, rewards.cumsum(1)  # c_j
         before = (running - rewards).clamp(max=cap)  # min(c_{i-1}, sN)
         future = running[:, -1:].clamp(max=cap) - before  # min(c_N, sN) - min(c_{i-1}, sN)
+    if correct is not None:
+        future = future * correct.detach().to(future.dtype).view(-1, 1)
     return -(beta * ce.detach().view(-1, 1) - (alpha / n) * future)
 
 

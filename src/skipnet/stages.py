@@ -40,14 +40,18 @@ class Stage:
         baseline: Baseline | None,
         task: Tensor | None = None,
         skip_target: float | None = None,
+        correct: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss from per-sample cross-entropy ``ce`` (B,) and the gate ``trace`` (B, N). ``task`` (B,), when
-        given (``--distill``), replaces ``ce`` in the supervised term only; the HRL return keeps the paper's CE."""
+        given (``--distill``), replaces ``ce`` in the supervised term only; the HRL return keeps the paper's CE.
+        ``correct`` (B,), when given (``--skip-reward correct``), pays the skip reward only to right predictions."""
         stats: dict[str, Tensor] = {"ce": ce.detach().mean()}
         supervised = ce if task is None else task
         loss = supervised.mean() if self.supervised else ce.new_zeros(())
         if self.uses_rl and trace.num_gates:
-            returns = hybrid_returns(ce, trace.decisions, alpha, beta, skip_target)  # (B, N), CE detached inside
+            returns = hybrid_returns(
+                ce, trace.decisions, alpha, beta, skip_target, correct
+            )  # (B, N), CE detached inside
             b = baseline(returns) if baseline is not None else None
             rl = reinforce_loss(trace.log_probs, returns, b)
             loss = loss + rl_weight * rl

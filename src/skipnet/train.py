@@ -60,19 +60,26 @@ def selection_score(
     num_gates: int,
     skip_target: float | None = None,
     skip_budget: float | None = None,
+    skip_reward: str = "all",
 ) -> float:
     """How good a checkpoint is on the validation split under ``rule`` (higher is better): its accuracy, the
     mean return HRL maximises (Eq. 6, :func:`skipnet.losses.mean_first_return`), or (``last``) its recency.
 
     Under ``--skip-budget`` alpha moves during the run, so returns at different alphas do not compare; the budget
     is a constraint, and ``reward`` ranks the evaluations that meet it by accuracy (in [0, 100]) above those that
-    do not, which rank by how much they skip (in [-100, 0))."""
+    do not, which rank by how much they skip (in [-100, 0)).
+
+    Under ``--skip-reward correct`` only right predictions earn the skip reward; the evaluation does not keep
+    per-image skips, so the skipped fraction is weighted by the accuracy (exact when skipping and correctness are
+    independent; an estimate otherwise)."""
     if rule == "accuracy":
         return float(val["accuracy"])
     if rule == "reward":
         skipped = 1.0 - (val["executed_blocks_mean"] - 1.0) / max(1, num_gates)
         if skip_budget is not None:
             return float(val["accuracy"]) if skipped >= skip_budget - BUDGET_TOLERANCE else 100.0 * skipped - 100.0
+        if skip_reward == "correct":
+            skipped *= float(val["accuracy"]) / 100.0
         return mean_first_return(val["loss"], skipped, alpha, beta, skip_target)
     return math.inf
 
@@ -450,6 +457,7 @@ class Trainer:
                 baseline=self.baseline,
                 task=task,
                 skip_target=cfg.skip_target,
+                correct=(out.logits.argmax(1) == y) if cfg.skip_reward == "correct" else None,
             )
             stats |= extra
         if self.dist.any(not bool(torch.isfinite(loss.detach()))):  # before the update: weights stay good
@@ -625,7 +633,14 @@ class Trainer:
             row["val_loss"] = val["loss"]
             c = self.cfg
             score = selection_score(
-                c.select, val, c.alpha, c.beta, self.model.num_gates, c.skip_target, skip_budget=c.skip_budget
+                c.select,
+                val,
+                c.alpha,
+                c.beta,
+                self.model.num_gates,
+                c.skip_target,
+                skip_budget=c.skip_budget,
+                skip_reward=c.skip_reward,
             )
             row["val_score"] = score if math.isfinite(score) else None
             improved = score > self.best_score or self.cfg.select == "last"

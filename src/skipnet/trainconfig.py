@@ -14,6 +14,7 @@ BN_MODES = ("update", "frozen")
 # 1e-4 on CIFAR-10 and digits, worse at 3e-3 on CIFAR-10 by 3.1 and 8.7 points: benchmarks/RESULTS.md).
 BN_FREEZE_MAX_LR = 1e-3
 SELECT_RULES = ("accuracy", "reward", "last")
+SKIP_REWARDS = ("all", "correct")  # --skip-reward: who earns Eq. 5's skip reward
 OPEN_GATE_BIAS = 2.0  # sp/soft from scratch: gates start open, p = sigmoid(2) = 0.88 (beyond the paper)
 
 
@@ -47,6 +48,7 @@ class TrainConfig:
     explore: float = 0.0
     skip_target: float | None = None
     skip_budget: float | None = None
+    skip_reward: str = "all"
     alpha_lr: float = 0.01
     zero_init_residual: bool = False
     gate_bias: float | None = None
@@ -93,14 +95,20 @@ class TrainConfig:
         """Raise a one-line error for an option out of its range, before anything is loaded or written."""
         for name, test, what in RULES:
             check_value(name, getattr(self, name), test, what)
-        for name, choices in (("schedule", SCHEDULES), ("bn", BN_MODES), ("select", SELECT_RULES)):
+        for name, choices in (
+            ("schedule", SCHEDULES),
+            ("bn", BN_MODES),
+            ("select", SELECT_RULES),
+            ("skip_reward", SKIP_REWARDS),
+        ):
             value = getattr(self, name)
             if value is not None and value not in choices:
                 raise SkipnetError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
         if self.skip_budget is not None and self.skip_target is not None:
             raise SkipnetError("--skip-budget and --skip-target are alternatives (a mean budget or a per-sample cap)")
-        if self.skip_budget is not None and self.stage not in ("hrl", "rl"):
-            raise SkipnetError(f"--skip-budget adapts the HRL/RL skip reward; stage {self.stage} has none")
+        for flag, on in (("--skip-budget", self.skip_budget is not None), ("--skip-reward", self.skip_reward != "all")):
+            if on and self.stage not in ("hrl", "rl"):
+                raise SkipnetError(f"{flag} changes the HRL/RL skip reward; stage {self.stage} has none")
         if self.device.startswith("cpu:") and self.device != "cpu:0":
             raise SkipnetError(f"--device {self.device}: the CPU is one device; pass --device cpu")
         from skipnet.registry import check_image_size, get_config

@@ -13,7 +13,7 @@ from skipnet.cost import fewer_macs
 from skipnet.errors import SkipnetError
 from skipnet.stages import STAGES
 from skipnet.train import TrainConfig, hold_run_dir, train
-from skipnet.trainconfig import BN_MODES, OPEN_GATE_BIAS, SELECT_RULES
+from skipnet.trainconfig import BN_MODES, OPEN_GATE_BIAS, SELECT_RULES, SKIP_REWARDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -94,6 +94,13 @@ def _add_skipnet_args(p: argparse.ArgumentParser) -> None:
         help="hrl/rl: adapt alpha during training (dual ascent, from --alpha) so that the gated blocks skipped "
         "average S over the data: easy images may skip more, hard ones less (beyond the paper; an alternative to "
         "--skip-target)",
+    )
+    p.add_argument(
+        "--skip-reward",
+        choices=SKIP_REWARDS,
+        default=d["skip_reward"],
+        help="hrl/rl: who earns the skip reward of Eq. 5: every sample (all, the paper) or only those predicted "
+        "right (correct: a wrong image is paid only for lowering its loss; beyond the paper)",
     )
     p.add_argument(
         "--alpha-lr",
