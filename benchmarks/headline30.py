@@ -85,6 +85,11 @@ FROM_BASE_VARIANTS = {
     # accuracy) and stayed closed with alpha back at 0 for the last 1,400 steps: nothing rewards reopening a gate
     # whose block the backbone has learned to do without. (It ran before the budget's best.pt rule was fixed;
     # its best.pt is the step-176 evaluation, which skips nothing.)
+    # --skip-reward correct: only right predictions earn the skip reward, so an image is paid for skipping only
+    # while it stays right (the incentive for a per-image policy); with the cap as above (one change), and without
+    # it (the correctness condition alone limits the skipping: an image that skips into error earns nothing).
+    "hrl_base_kdce_cos8_a2_t0.4_rc": (2.0, [*FROM_BASE, "--skip-target", "0.4", "--skip-reward", "correct"]),
+    "hrl_base_kdce_cos8_a2_rc": (2.0, [*FROM_BASE, "--skip-reward", "correct"]),
 }
 # Eight more HRL epochs from the earlier pick (hrl_kdce_cos8_a2_t0.4: SP 30 + HRL 8), the same recipe restarted
 # (a warm restart of the cosine), at its lr and at a third of it: SP 30 + HRL 16 epochs in all, against the base's
