@@ -183,19 +183,21 @@ GRID = ["0", "0.005", "0.01", "0.02", "0.03", "0.04", "0.05", "0.06", "0.08", "0
 GRID += ["0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"]
 
 
-def calibrate(rs: list[dict], out: Path, data: str, stages=("hrl",), min_skip: float | None = MIN_SKIP) -> None:
+def calibrate(
+    rs: list[dict], out: Path, data: str, stages=("hrl",), min_skip: float | None = MIN_SKIP, budget: int = BUDGET
+) -> None:
     """Calibrate every finished run of ``stages`` that skips at least ``min_skip``% (any, with None) and has no
-    calibrated test result yet, one at a time; the result (``calibrated_30_test.json``: the eval JSON and the
-    commands that made it) is written atomically."""
+    calibrated test result yet to ``budget``% fewer MACs, one at a time; the result
+    (``calibrated_{budget}_test.json``: the eval JSON and the commands that made it) is written atomically."""
     for r in rs:
         run = out / r["name"]
-        test, cal = run / f"calibrated_{BUDGET}_test.json", run / f"calibrated_{BUDGET}.pt"
+        test, cal = run / f"calibrated_{budget}_test.json", run / f"calibrated_{budget}.pt"
         if r["stage"] not in stages or not done(out, r["name"]) or test.exists():
             continue
         saved = json.loads((run / "summary.json").read_text())["test"]["macs_reduction"]
         if min_skip is not None and saved < min_skip:
             continue
-        c = ["skipnet", "calibrate", str(run / "best.pt"), "--data", data, "--target-reduction", str(BUDGET)]
+        c = ["skipnet", "calibrate", str(run / "best.pt"), "--data", data, "--target-reduction", str(budget)]
         c += ["--grid", *GRID, "--out", str(cal), "--force", "--json"]
         e = ["skipnet", "eval", str(cal), "--data", data, "--json"]
         print("+", portable(c), flush=True)
@@ -208,14 +210,14 @@ def calibrate(rs: list[dict], out: Path, data: str, stages=("hrl",), min_skip: f
         tmp.replace(test)
 
 
-def calibrated_rows(rs: list[dict], out: Path) -> dict[str, dict]:
+def calibrated_rows(rs: list[dict], out: Path, budget: int = BUDGET) -> dict[str, dict]:
     got = {}
     for r in rs:
-        test = out / r["name"] / f"calibrated_{BUDGET}_test.json"
+        test = out / r["name"] / f"calibrated_{budget}_test.json"
         if not test.exists():
             continue
         t = json.loads(test.read_text())
-        name = f"{r['name']}@{BUDGET}%"
+        name = f"{r['name']}@{budget}%"
         got[name] = {
             "name": name,
             "stage": r["stage"],
