@@ -8,9 +8,11 @@ machine):
 - Fig. 10b, HRL + SP vs HRL from scratch (HRL+S) vs pure RL: SP for 4 epochs then one HRL epoch, against HRL and
   RL from scratch for all 5 (the paper likewise matches the from-scratch runs to the two stages' total steps),
   all at alpha 1.5, which makes HRL after SP skip (about 30% on this recipe), and HRL from scratch also at the
-  paper's alpha 0.1 (at 1.5 it skips every block within an epoch). The from-scratch runs start with
-  the gates open like SP (``--gate-bias 2``); with the paper's initialisation HRL from scratch closes every gate
-  (RESULTS.md, issue 6).
+  paper's alpha 0.1 (at 1.5 it skips every block within an epoch) and at alphas in between (see ``SCRATCH``);
+  and, beyond the paper, both with the same per-sample cap on the skip reward (``--skip-target``), plus HRL + SP
+  trained to skip more, for a comparison at HRL from scratch's saving (rows ``NAME@70%``). The from-scratch runs
+  start with the gates open like SP (``--gate-bias 2``); with the paper's initialisation HRL from scratch closes
+  every gate (RESULTS.md, issue 6).
 - Table 3, hard vs soft gating: soft gating (``--stage soft``: g = p in training, thresholded at inference) for
   the same 5 epochs, against the hard-gated SkipNet (SP + HRL) above.
 "Similar computation" (the paper tunes the hard model to the soft one's) is met here by calibrating every gated
