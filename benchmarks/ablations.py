@@ -49,6 +49,8 @@ SCRATCH += [("hrl", ALPHA, CAP)]
 # HRL + SP cannot be calibrated to that saving (its gates are saturated: 32% at most short of skipping all), so it
 # is also trained to skip more: (alpha, cap) pairs, calibrated to the same budget
 SP_MORE = [(3.0, 0.75), (5.0, 0.75)]
+# the paper's own comparison (Fig. 10b) is accuracy at the same alpha: HRL + SP also at alphas of the scratch sweep
+SP_ALPHAS = [0.1, 0.4]
 
 
 def capped(name: str, args: list[str], cap: float | None) -> tuple[str, list[str]]:
@@ -66,6 +68,9 @@ def runs(out: Path, data: str) -> list[dict]:
     ]
     name, args = capped(f"hrl_sp_a{ALPHA}", [*c, *HRL, *init], CAP)
     rs.append({"name": name, "stage": "hrl", "after": "sp", "alpha": ALPHA, "args": args})
+    for alpha in SP_ALPHAS:
+        args = [*c, *HRL, *init]
+        rs.append({"name": f"hrl_sp_a{alpha}", "stage": "hrl", "after": "sp", "alpha": alpha, "args": args})
     for alpha, cap in SP_MORE:
         name, args = capped(f"hrl_sp_a{alpha}", [*c, *HRL, *init], cap)
         rs.append({"name": name, "stage": "hrl", "after": "sp", "alpha": alpha, "args": args})
