@@ -49,34 +49,26 @@ SCRATCH += [("hrl", ALPHA, CAP)]
 # HRL + SP cannot be calibrated to that saving (its gates are saturated: 32% at most short of skipping all), so it
 # is also trained to skip more: (alpha, cap) pairs, calibrated to the same budget
 SP_MORE = [(3.0, 0.75), (5.0, 0.75)]
-# the paper's own comparison (Fig. 10b) is accuracy at the same alpha: HRL + SP also at alphas of the scratch sweep
-SP_ALPHAS = [0.1, 0.4]
+# HRL after SP: (alpha, skip target). The paper's own comparison (Fig. 10b) is accuracy at the same alpha, so HRL +
+# SP also runs at alphas of the scratch sweep (0.1, 0.4).
+AFTER_SP = [(ALPHA, None), (ALPHA, CAP), (0.1, None), (0.4, None), *SP_MORE]
 
 
-def capped(name: str, args: list[str], cap: float | None) -> tuple[str, list[str]]:
-    return (name, args) if cap is None else (f"{name}_t{cap}", [*args, "--skip-target", str(cap)])
+def run(name: str, stage: str, args: list[str], alpha: float | None = None, cap: float | None = None) -> dict:
+    """One run; a skip target adds ``--skip-target`` and ``_t{cap}`` to the name."""
+    if cap is not None:
+        name, args = f"{name}_t{cap}", [*args, "--skip-target", str(cap)]
+    return {"name": name, "stage": stage, "args": args, "cap": cap} | ({} if alpha is None else {"alpha": alpha})
 
 
 def runs(out: Path, data: str) -> list[dict]:
     c, total = ["--data", data, *COMMON], ["--epochs", str(TOTAL_EPOCHS), *ONECYCLE]
     scratch = [*c, *total, "--baseline", "ema", "--gate-bias", "2"]
     init = ["--init", str(out / "sp" / "best.pt")]
-    rs = [
-        {"name": "sp", "stage": "sp", "args": [*c, "--epochs", str(SP_EPOCHS), *ONECYCLE]},
-        {"name": f"hrl_sp_a{ALPHA}", "stage": "hrl", "after": "sp", "alpha": ALPHA, "args": [*c, *HRL, *init]},
-        {"name": "soft", "stage": "soft", "args": [*c, *total]},
-    ]
-    name, args = capped(f"hrl_sp_a{ALPHA}", [*c, *HRL, *init], CAP)
-    rs.append({"name": name, "stage": "hrl", "after": "sp", "alpha": ALPHA, "args": args})
-    for alpha in SP_ALPHAS:
-        args = [*c, *HRL, *init]
-        rs.append({"name": f"hrl_sp_a{alpha}", "stage": "hrl", "after": "sp", "alpha": alpha, "args": args})
-    for alpha, cap in SP_MORE:
-        name, args = capped(f"hrl_sp_a{alpha}", [*c, *HRL, *init], cap)
-        rs.append({"name": name, "stage": "hrl", "after": "sp", "alpha": alpha, "args": args})
-    for stage, alpha, cap in SCRATCH:
-        name, args = capped(f"{stage}_scratch_a{alpha}", scratch, cap)
-        rs.append({"name": name, "stage": stage, "args": args, "alpha": alpha})
+    rs = [run("sp", "sp", [*c, "--epochs", str(SP_EPOCHS), *ONECYCLE])]
+    rs += [run(f"hrl_sp_a{a}", "hrl", [*c, *HRL, *init], a, cap) | {"after": "sp"} for a, cap in AFTER_SP]
+    rs += [run("soft", "soft", [*c, *total])]
+    rs += [run(f"{stage}_scratch_a{a}", stage, scratch, a, cap) for stage, a, cap in SCRATCH]
     for r in rs:
         r["arch"] = ARCH
         r["args"] = [*r["args"], *(["--alpha", str(r["alpha"])] if "alpha" in r else [])]
@@ -98,7 +90,7 @@ def main() -> int:
     results = RESULTS / "ablations_cifar10_cpu.json"
     args, out, got = run_group(__doc__, "runs/ablations", runs, results, stages=("hrl", "rl", "soft"), min_skip=None)
     # the capped pair also at HRL from scratch's own saving, so that each is measured at the other's compute
-    pair = [r for r in runs(out, args.data) if r["name"].endswith(f"_t{CAP}") or "_t0.75" in r["name"]]
+    pair = [r for r in runs(out, args.data) if r["cap"] is not None]
     if not args.no_train:
         calibrate(pair, out, args.data, min_skip=None, budget=PAIR_BUDGET)
     got |= calibrated_rows(pair, out, budget=PAIR_BUDGET)

@@ -49,9 +49,8 @@ class Stage:
         supervised = ce if task is None else task
         loss = supervised.mean() if self.supervised else ce.new_zeros(())
         if self.uses_rl and trace.num_gates:
-            returns = hybrid_returns(
-                ce, trace.decisions, alpha, beta, skip_target, correct
-            )  # (B, N), CE detached inside
+            # (B, N), CE detached inside
+            returns = hybrid_returns(ce, trace.decisions, alpha, beta, skip_target, correct)
             b = baseline(returns) if baseline is not None else None
             rl = reinforce_loss(trace.log_probs, returns, b)
             loss = loss + rl_weight * rl
