@@ -1,0 +1,211 @@
+"""Issue 18: what a conditional block costs in ONNX Runtime by itself (the floor under the speed targets).
+
+    python benchmarks/onnx_floor.py            # cifar10_rnn_gate_110, batch 1, one thread (~6 min)
+
+The exported conditional graph of the bias-set ResNet-110 of ``export_speed.py`` (all gated blocks executed:
+threshold 0) is rewritten into graphs that each keep one more part of a SkipNet block, and all are timed
+interleaved against the plain ResNet-110 unfolded from it (same BN-folded weights, same kernels):
+
+- ``plain``: every ``If`` replaced by its ``then`` branch, gates pruned;
+- ``if_only``: every ``If`` kept, its condition a graph input fed ``True``, gates pruned: the cost of running a
+  block as an ``If`` branch (the node, and the NCHWc layout boundary: reorder in and out, unfused Add + ReLU);
+- ``if_pool``: as ``if_only`` but the condition computed from the block input's spatial mean (the gate's first
+  node) against -1e30: adds the pooling;
+- ``conditional``: the exported graph (the recurrent gate, ~16 nodes a block, decides);
+- ``slice``: the exported graph with every ``If`` replaced by batch-axis ``Slice``s (N = d and 1 - d rows) run
+  through the block and the skip path and ``Concat``-ed back: conditional without a subgraph.
+
+Also the half-executed model's conditional and slice graphs. Reports the calling thread's CPU time per image
+(median of interleaved rounds) and the overhead per gated block against the budget the issue sets (at all
+executed, at most 5% slower than plain). Writes ``benchmarks/results/onnx_floor.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+from onnx import numpy_helper as nh
+
+from export_speed import bias_set_model, cifar, env, pixels
+from skipnet.bench import time_interleaved
+from skipnet.bench_onnx import _prune, unfold_ifs
+from skipnet.export import export_model, onnx_session
+
+HERE = Path(__file__).resolve().parent
+
+
+def _outer_input(node) -> str:
+    """The one outer-scope value an ``If``'s ``then`` branch reads (the block input)."""
+    sub = next(a.g for a in node.attribute if a.name == "then_branch")
+    made = {o for n in sub.node for o in n.output} | {t.name for t in sub.initializer}
+    (x,) = {i for n in sub.node for i in n.input if i not in made}
+    return x
+
+
+def _inline(graph, sub, prefix: str, x_from: str, x_to: str) -> str:
+    """Copy ``sub``'s nodes into ``graph`` (values renamed apart, ``x_from`` read as ``x_to``); its output name."""
+    have = {t.name for t in graph.initializer}
+    graph.initializer.extend(t for t in sub.initializer if t.name not in have)
+    rename = {x_from: x_to} | {o: prefix + o for n in sub.node for o in n.output}
+    for n in sub.node:
+        new = onnx.NodeProto()
+        new.CopyFrom(n)
+        new.name = prefix + n.name
+        new.input[:] = [rename.get(i, i) for i in n.input]
+        new.output[:] = [rename[o] for o in n.output]
+        graph.node.append(new)
+    return rename[sub.output[0].name]
+
+
+def _constants(graph) -> None:
+    graph.initializer.extend(
+        [
+            nh.from_array(np.array([0], np.int64), "fl_zero"),
+            nh.from_array(np.array([1], np.int64), "fl_one"),
+            nh.from_array(np.array([1, 2, 3], np.int64), "fl_axes"),
+            nh.from_array(np.array([], np.int64), "fl_scalar"),
+            nh.from_array(np.float32(-1e30), "fl_low"),
+        ]
+    )
+
+
+def sliced(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Every ``If`` on decision d replaced by Concat(then(x[:d]), else(x[:1-d])) along the batch (batch 1)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    g = model.graph
+    _constants(g)
+    old = list(g.node)
+    del g.node[:]
+    for k, node in enumerate(old):
+        if node.op_type != "If":
+            g.node.append(node)
+            continue
+        p, x = f"fl{k}_", _outer_input(node)
+        g.node.extend(
+            [
+                helper.make_node("Cast", [node.input[0]], [p + "d"], to=TensorProto.INT64),
+                helper.make_node("Reshape", [p + "d", "fl_one"], [p + "n"]),
+                helper.make_node("Sub", ["fl_one", p + "n"], [p + "m"]),
+                helper.make_node("Slice", [x, "fl_zero", p + "n", "fl_zero"], [p + "xt"]),
+                helper.make_node("Slice", [x, "fl_zero", p + "m", "fl_zero"], [p + "xe"]),
+            ]
+        )
+        branch = {a.name: a.g for a in node.attribute}
+        yt = _inline(g, branch["then_branch"], p + "t/", x, p + "xt")
+        ye = _inline(g, branch["else_branch"], p + "e/", x, p + "xe")
+        g.node.append(helper.make_node("Concat", [yt, ye], [node.output[0]], axis=0))
+    onnx.checker.check_model(model)
+    return model
+
+
+def gateless(proto: onnx.ModelProto, pool: bool) -> onnx.ModelProto:
+    """Every ``If`` kept, its condition a graph input (``pool=False``) or mean(x) >= -1e30; gates pruned."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    g = model.graph
+    _constants(g)
+    old = list(g.node)
+    del g.node[:]
+    for k, node in enumerate(old):
+        if node.op_type == "If":
+            p = f"fl{k}_"
+            if pool:
+                g.node.extend(
+                    [
+                        helper.make_node("ReduceMean", [_outer_input(node), "fl_axes"], [p + "mean"], keepdims=0),
+                        helper.make_node("GreaterOrEqual", [p + "mean", "fl_low"], [p + "ge"]),
+                        helper.make_node("Reshape", [p + "ge", "fl_scalar"], [p + "c"]),
+                    ]
+                )
+            node.input[0] = p + "c" if pool else "run_block"
+        g.node.append(node)
+    if not pool:
+        g.input.append(helper.make_tensor_value_info("run_block", TensorProto.BOOL, []))
+    keep = [o for o in g.output if o.name == "logits"]
+    del g.output[:]
+    g.output.extend(keep)
+    _prune(g)
+    onnx.checker.check_model(model)
+    return model
+
+
+def time_all(graphs: dict[str, bytes], images: np.ndarray, repeats: int, ref: str) -> dict[str, float]:
+    """CPU ms per image of each graph (batch 1), interleaved rounds; checks that every graph's logits agree with
+    those of graph ``ref`` (``plain`` only where all blocks execute)."""
+    sessions = {k: onnx_session(b, threads=1) for k, b in graphs.items()}
+
+    def runner(s):
+        feeds = [{s.get_inputs()[0].name: images[i : i + 1]} for i in range(len(images))]
+        if len(s.get_inputs()) > 1:
+            feeds = [f | {"run_block": np.array(True)} for f in feeds]
+        return lambda: [s.run(None, f)[0] for f in feeds]
+
+    outs = {k: np.concatenate(runner(s)()) for k, s in sessions.items()}
+    for k, o in outs.items():
+        if (k != "plain" or ref == "plain") and np.abs(o - outs[ref]).max() > 1e-4:
+            sys.exit(f"{k}: logits differ from {ref}'s by {np.abs(o - outs[ref]).max():.2e}")
+    cpu: dict[str, list[float]] = {}
+    time_interleaved({k: runner(s) for k, s in sessions.items()}, repeats, 2, cpu)
+    return {k: 1e3 * statistics.median(v) / len(images) for k, v in cpu.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--out", default=str(HERE / "results" / "onnx_floor.json"))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    data, stats = cifar()
+    model, reached = bias_set_model("cifar10_rnn_gate_110", data, stats, 0.5)
+    images = pixels(data, "test", args.images).numpy()
+    full = onnx.load_from_string(export_model(model, "onnx", stats=stats, threshold=0.0, probes=1).payload)
+    half = onnx.load_from_string(export_model(model, "onnx", stats=stats, probes=1).payload)
+    blocks = sum(n.op_type == "If" for n in full.graph.node)
+    all_on = {
+        "plain": unfold_ifs(full, "then"),
+        "if_only": gateless(full, pool=False),
+        "if_pool": gateless(full, pool=True),
+        "conditional": full,
+        "slice": sliced(full),
+    }
+    ms = time_all({k: m.SerializeToString() for k, m in all_on.items()}, images, args.repeats, "plain")
+    half_graphs = {"plain": all_on["plain"], "conditional": half, "slice": sliced(half)}
+    ms_half = time_all(
+        {k: m.SerializeToString() for k, m in half_graphs.items()},
+        images,
+        args.repeats,
+        "conditional",
+    )
+    per_block = {k: 1e3 * (v - ms["plain"]) / blocks for k, v in ms.items()}
+    result = {
+        "env": env(),
+        "model": "cifar10_rnn_gate_110, BN calibrated on CIFAR-10, gate bias set (export_speed.py)",
+        "gated_blocks": blocks,
+        "keep_half": reached,
+        "cpu_ms_all_executed": ms,
+        "overhead_us_per_block": per_block,
+        "budget_us_per_block_5pct": 1e3 * 0.05 * ms["plain"] / blocks,
+        "cpu_ms_half_executed": ms_half,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    for k, v in ms.items():
+        print(f"all executed  {k:<12} {v:6.2f} ms  {v / ms['plain'] - 1:+7.1%}  {per_block[k]:6.1f} us per gated block")
+    print(f"budget (5% of plain over {blocks} gated blocks): {result['budget_us_per_block_5pct']:.1f} us per block")
+    for k, v in ms_half.items():
+        print(f"half ({reached:.2f})   {k:<12} {v:6.2f} ms  speed-up {ms_half['plain'] / v:.2f}x")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
