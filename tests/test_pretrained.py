@@ -268,8 +268,9 @@ def test_command_of_run_repeats_the_run(tmp_path) -> None:
 
     from skipnet.cli import build_parser
     from skipnet.commands.train import config_from_args
-    from skipnet.pretrained import command_of_run
     from skipnet.train import TrainConfig
+
+    command_of_run = _load_script().command_of_run
 
     cfg = TrainConfig(arch="tiny_rnn_gate_14", stage="hrl", data="some data", out="runs/x", init="runs/sp/best.pt")
     cfg.lr, cfg.alpha, cfg.nesterov, cfg.channels_last, cfg.epochs, cfg.gate_bias = 0.003, 1.5, True, False, 2.5, -1.0

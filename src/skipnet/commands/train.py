@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (config.json, metrics.jsonl, last.pt, best.pt)")
     _add_start_args(p)
     add_optim_args(p)
-    _add_skipnet_args(p)
+    _add_reward_args(p)
+    _add_model_args(p)
     _add_runtime_args(p)
     p.set_defaults(func=run, parser=p)
     for action in p._actions:  # ARCH, --stage, --data and --out may come from --config (checked in run)
@@ -62,8 +63,8 @@ def _add_start_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_skipnet_args(p: argparse.ArgumentParser) -> None:
-    """What is particular to SkipNet: the cost weight, the gates, BatchNorm under routing, model selection."""
+def _add_reward_args(p: argparse.ArgumentParser) -> None:
+    """What is particular to SkipNet's training: the cost weight, how the gates learn and what they are paid."""
     d = TrainConfig.defaults()
     p.add_argument("--alpha", type=float, default=None, help="HRL cost weight alpha (paper: 0.1 CIFAR, 0.01 ImageNet)")
     p.add_argument(
@@ -108,6 +109,11 @@ def _add_skipnet_args(p: argparse.ArgumentParser) -> None:
         default=d["alpha_lr"],
         help="step size of --skip-budget's alpha update, per step and unit of budget missed (default: 0.01)",
     )
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """How the network starts and is kept: initialisation, BatchNorm under routing, model selection, distillation."""
+    d = TrainConfig.defaults()
     p.add_argument(
         "--zero-init-residual",
         action="store_true",
