@@ -33,7 +33,7 @@ def _imports(tree: ast.Module) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "skipnet":
             rest = node.module[len("skipnet.") :] if node.module != "skipnet" else ""
-            found |= {f"{rest}.{a.name}".strip(".") if not rest else rest for a in node.names}
+            found |= {rest or a.name for a in node.names}
         elif isinstance(node, ast.Import):
             found |= {a.name[len("skipnet.") :] for a in node.names if a.name.startswith("skipnet.")}
     return found

@@ -266,6 +266,27 @@ def test_unfolded_plain_twin_is_the_plain_graph(model, conditional_onnx) -> None
     _agree(model, "conditional", lambda x: run_onnx(masked, x), _fresh(6, 1, seed=4))
 
 
+def test_bench_refuses_an_edited_onnx_file_in_one_line(conditional_onnx, capsys, tmp_path) -> None:
+    """An exported file whose inputs or outputs were changed afterwards is refused before it runs, not with
+    ONNX Runtime's traceback."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    proto = onnx.load(str(conditional_onnx[0]))
+    extra = onnx.ModelProto()
+    extra.CopyFrom(proto)
+    extra.graph.input.append(helper.make_tensor_value_info("d0", TensorProto.BOOL, []))
+    fewer = onnx.ModelProto()
+    fewer.CopyFrom(proto)
+    del fewer.graph.output[2]
+    cases = (("extra", extra, "takes ['images', 'd0']"), ("fewer", fewer, "returns ['logits', 'probs']"))
+    for name, edited, msg in cases:
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(edited, str(path))
+        rc, _, err = _cli(capsys, ["bench", str(path), "--images", "2", "--repeats", "1"])
+        assert rc == 2 and err.startswith("skipnet bench: error: ") and msg in err and err.count("\n") == 1, err
+
+
 def test_missing_onnx_is_one_clear_error(ckpt, capsys, tmp_path, monkeypatch) -> None:
     import builtins
 

@@ -651,7 +651,24 @@ def read_onnx_meta(path: str | Path) -> tuple[Any, dict[str, Any]]:
         meta = json.loads(props[META_KEY])
     except ValueError:
         raise SkipnetError(f"{path} has malformed skipnet metadata") from None
+    if not isinstance(meta, dict):
+        raise SkipnetError(f"{path} has malformed skipnet metadata")
+    _check_interface(path, proto, meta)
     return proto, meta
+
+
+def _check_interface(path: Path, proto: Any, meta: dict[str, Any]) -> None:
+    """The inputs and outputs :func:`export_model` writes: ``images`` in; ``logits`` (a plain graph) or
+    ``logits, probs, decisions`` out. A file edited since is refused before anything runs it."""
+    weights = {t.name for t in proto.graph.initializer}
+    inputs = [i.name for i in proto.graph.input if i.name not in weights]
+    outputs = [o.name for o in proto.graph.output]
+    want = ["logits"] if meta.get("graph") == "plain" else ["logits", "probs", "decisions"]
+    if inputs != ["images"] or outputs != want:
+        raise SkipnetError(
+            f"{path} takes {inputs} and returns {outputs}; a graph written by 'skipnet export' takes ['images'] "
+            f"and returns {want}"
+        )
 
 
 def load_pt2(path: str | Path) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
