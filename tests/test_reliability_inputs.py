@@ -590,6 +590,7 @@ def test_unknown_architecture_suggests_close_names(run, capsys, tmp_path, name, 
         ("metrics.jsonl", False, "already holds a run (metrics.jsonl); pass --resume"),
         ("summary.json", False, "already holds a run (summary.json); pass --resume"),
         ("file", False, "is a file, not a run directory"),
+        ("best.pt", True, "holds a best.pt but no last.pt to continue from"),
     ],
 )
 def test_run_directory_mistakes(run, capsys, tmp_path, setup, resume, needle) -> None:

@@ -137,6 +137,26 @@ def test_out_under_a_file_is_one_line(tmp_path, capsys) -> None:
 
 
 # ------------------------------------------------------------------------------------------ restarts (defect 9)
+def test_resume_refuses_a_command_line_that_changes_the_run(tmp_path, capsys) -> None:
+    """--resume continues the saved run: another stage, architecture or changed option is one error line, and the
+    run is left as it was (it used to train the new stage's loss under the old stage's name, or ignore --lr)."""
+    out = tmp_path / "run"
+    assert main(run_args(out, "--iters", "2")) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    capsys.readouterr()
+    changed = [
+        (["--iters", "4", "--lr", "0.5"], "has lr 0.05, not 0.5"),
+        (["--iters", "4", "--batch-size", "32"], "has batch-size 16, not 32"),
+        (["--iters", "4", "--stage", "sp"], "has stage 'hrl', not 'sp'"),
+    ]
+    for extra, needle in changed:
+        assert main([*run_args(out, *extra), "--resume"]) == 2
+        assert needle in one_line_error(capsys)
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    assert after == before
+    assert main([*run_args(out, "--iters", "3", "--threads", "1"), "--resume"]) == 0  # extended: allowed
+
+
 def test_resume_before_the_first_checkpoint_starts_a_new_run(tmp_path, capsys, caplog) -> None:
     """A job killed before its first checkpoint and re-queued with the same command line (--resume) just runs."""
     straight = tmp_path / "straight"

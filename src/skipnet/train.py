@@ -113,6 +113,27 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int, imagenet: bool,
 
 
 # ------------------------------------------------------------------------------------------ trainer
+# options a resumed run may take from its new command line; the rest must be the saved run's (or left unset)
+RESUME_MAY_CHANGE = frozenset(
+    {"epochs", "iters", "threads", "resume", "out", "data", "data_dir", "download", "device", "workers", "log_every"}
+    | {"checkpoint_minutes", "tensorboard", "eval_batch_size"}
+)
+
+
+def _check_resume_matches(cfg: TrainConfig, saved: TrainConfig, out: Path) -> None:
+    """``--resume`` continues the saved run as it was configured: a command line that sets an option to something
+    else (other than the defaults, and other than the options in ``RESUME_MAY_CHANGE``) is refused, not ignored."""
+    defaults = TrainConfig.defaults()
+    for name, value in cfg.to_dict().items():
+        if name in RESUME_MAY_CHANGE or value is None or getattr(saved, name, value) == value:
+            continue
+        if name in ("arch", "stage") or value != defaults.get(name):
+            raise SkipnetError(
+                f"--resume: the run in {out} has {name.replace('_', '-')} {getattr(saved, name)!r}, not {value!r}; "
+                "resume it with its own options (or choose another --out)"
+            )
+
+
 class Trainer:
     """One training run. ``Trainer(cfg).fit()`` returns the run summary. Progress goes to :mod:`logging`
     (``skipnet.runlog``); ``progress_bar=True`` (the CLI's choice) shows a tqdm bar instead when stderr is a
@@ -184,9 +205,15 @@ class Trainer:
             for k in ("epochs", "iters", "threads"):  # a resumed run may be extended, or given more threads
                 if getattr(cfg, k) is not None:
                     setattr(saved, k, getattr(cfg, k))
+            _check_resume_matches(cfg, saved, self.out)
             saved.resume, saved.out = True, cfg.out
             return saved, ckpt
         if cfg.resume:
+            if (self.out / "best.pt").exists():
+                raise SkipnetError(
+                    f"--resume: {self.out} holds a best.pt but no last.pt to continue from; choose another --out "
+                    "(or remove what is there)"
+                )
             self._start_afresh()
         elif (self.out / "last.pt").exists():
             raise SkipnetError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
