@@ -633,6 +633,19 @@ def test_eval_on_data_with_another_class_count(run, capsys, tmp_path) -> None:
     assert_one_line_error(rc, err, "eval", "was trained for 3 classes but two has 2 class folders")
 
 
+def test_eval_on_data_whose_classes_have_other_names(run, capsys, tmp_path) -> None:
+    """Same class count, other folder names: the labels would mean other classes, and the accuracy be silently
+    wrong, so it is refused (the checkpoint records its class names)."""
+    renamed = make_folder(tmp_path / "renamed", classes=("a", "b", "x"), n_train=2, n_test=2)
+    for cmd in ("eval", "calibrate"):
+        argv = [cmd, str(run["ckpt"]), "--data", str(renamed)]
+        if cmd == "calibrate":
+            argv += ["--out", str(tmp_path / "cal.pt"), "--target-reduction", "10"]
+        rc, _, err = run_cli(capsys, argv)
+        assert_one_line_error(rc, err, cmd, "was trained with class 2 named 'c' but renamed names it 'x'")
+    assert not (tmp_path / "cal.pt").exists()
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [

@@ -368,9 +368,10 @@ def load_weights_into(model: GatedResNet, ckpt: dict[str, Any], source: str = "c
     return sorted(set(own) - set(loadable))
 
 
-def require_same_classes(model: GatedResNet, data: Any, source: str) -> None:
-    """Refuse to evaluate a model on data with another number of classes (labels would be silently wrong) or of
-    another number of image channels (the first convolution would fail)."""
+def require_same_classes(model: GatedResNet, data: Any, source: str, classes: Any = None) -> None:
+    """Refuse to evaluate a model on data with another number of classes or other class names than ``classes``
+    (the names the checkpoint recorded, if any: labels would be silently wrong), or of another number of image
+    channels (the first convolution would fail)."""
     if int(data.in_channels) != int(model.config.in_channels):
         raise SkipnetError(
             f"{source} takes {model.config.in_channels}-channel images but {data.name} has {data.in_channels}-channel "
@@ -380,4 +381,11 @@ def require_same_classes(model: GatedResNet, data: Any, source: str) -> None:
         raise SkipnetError(
             f"{source} was trained for {model.config.num_classes} classes but {data.name} has {data.num_classes} "
             "class folders; evaluate it on the data set it was trained on"
+        )
+    names = list(getattr(data, "classes", None) or [])
+    if isinstance(classes, list) and all(isinstance(c, str) for c in classes) and names and classes != names:
+        diff = next(i for i, (a, b) in enumerate(zip(classes, names, strict=False)) if a != b)
+        raise SkipnetError(
+            f"{source} was trained with class {diff} named {classes[diff]!r} but {data.name} names it "
+            f"{names[diff]!r}; evaluate it on the data set it was trained on"
         )

@@ -123,6 +123,6 @@ def open_for_eval(
         limit=limit,
         limit_train=limit_train,
     )
-    require_same_classes(model, data, str(args.checkpoint))
+    require_same_classes(model, data, str(args.checkpoint), (ckpt.get("data") or {}).get("classes"))
     model.to(device).to(memory_format=torch.channels_last)
     return device, model, ckpt, data

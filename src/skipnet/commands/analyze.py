@@ -93,7 +93,7 @@ def _other_point(
         bundles[key] = data_for_checkpoint(
             ckpt, model, args.data, data_dir=args.data_dir, batch_size=args.batch_size, limit=args.limit
         )
-    require_same_classes(model, bundles[key], path)
+    require_same_classes(model, bundles[key], path, (ckpt.get("data") or {}).get("classes"))
     model.to(device).to(memory_format=torch.channels_last)
     cost = cost_model(model)
     mode = GateMode.ALL_ON if plain else eval_mode_for(model)
