@@ -201,6 +201,8 @@ def test_cli_format_errors_are_one_line(ckpt, capsys, tmp_path) -> None:
         ([str(ckpt), str(tmp_path / "m.safetensors"), "--graph", "routed"], "apply to pt2 and onnx"),
         ([str(ckpt), str(tmp_path / "n.onnx"), "--threshold", "2"], "--threshold must be in [0, 1]"),
         ([str(tmp_path / "missing.pt"), str(tmp_path / "n.onnx")], "does not exist"),
+        ([str(ckpt), str(out / "under_a_file.onnx")], "m.pt2"),  # a path under a regular file
+        ([str(ckpt), str(tmp_path / ("n" * 300) / "m.onnx")], "too long"),
     ]:
         rc, _, err = _cli(capsys, ["export", *argv])
         assert rc == 2 and err.startswith("skipnet export: error: ") and msg in err and err.count("\n") == 1, err

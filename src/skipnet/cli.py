@@ -62,8 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# OSErrors that are the user's to fix, reported like a SkipnetError (one line, exit 2).
-USER_OS_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# OSErrors that are the user's to fix, reported like a SkipnetError (one line, exit 2): a full or read-only disk,
+# permissions, and paths that cannot be made (under a regular file, a symlink loop, a name too long, no parent).
+USER_OS_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)} | {
+    errno.EEXIST,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ELOOP,
+    errno.ENAMETOOLONG,
+    errno.ENOENT,
+}
 
 
 def one_line(message: str) -> str:
