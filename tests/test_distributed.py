@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -235,6 +236,21 @@ def test_setup_refuses_what_cannot_work_on_cpu(monkeypatch: pytest.MonkeyPatch) 
     if not torch.cuda.is_available():
         with pytest.raises(SkipnetError, match="CUDA is not available"):
             pick_device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("name", "needle"),
+    [
+        ("xpu", "runs on cpu, cuda or (where available) mps"),
+        ("meta", "runs on cpu, cuda or (where available) mps"),
+        ("cpu:1", "the CPU takes no index"),
+        ("warp9", "unknown device 'warp9'"),
+    ],
+)
+def test_pick_device_refuses_devices_skipnet_cannot_run_on(name: str, needle: str) -> None:
+    with pytest.raises(SkipnetError, match=re.escape(needle)):
+        pick_device(name)
+    assert pick_device("cpu") == torch.device("cpu") and pick_device("cpu:0").type == "cpu"
 
 
 def test_find_unused_parameters_per_stage() -> None:
