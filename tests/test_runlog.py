@@ -144,6 +144,17 @@ def test_config_file_mistakes_are_one_line(run, tmp_path, capsys) -> None:
     assert "required: ARCH, --stage, --data, --out" in error(["train"])
     (tmp_path / "broken.json").write_text("{")
     assert "is not valid JSON" in error(["train", "--config", str(tmp_path / "broken.json")])
+    wrong_types = [  # JSON values of the wrong type: refused, not misread (true as lr 1, "false" as a flag on)
+        ({"arch": 5}, "arch = 5; expected text"),
+        ({"lr": True}, "lr = True is not a valid value"),
+        ({"iters": 64.7}, "iters = 64.7 is not a valid value"),
+        ({"threshold": [0.5]}, "threshold = [0.5] is not a valid value"),
+        ({"nesterov": "false"}, "nesterov = 'false'; expected true or false"),
+        ({"epochs": 1, "iters": 2}, "gives both epochs and iters"),
+    ]
+    for k, (content, needle) in enumerate(wrong_types):
+        (tmp_path / f"t{k}.json").write_text(json.dumps(content))
+        assert needle in error(["train", "--config", str(tmp_path / f"t{k}.json")])
     assert not (tmp_path / "runs").exists()
 
 

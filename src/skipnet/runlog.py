@@ -354,17 +354,34 @@ def apply_config(
     if given & {"epochs", "iters"}:  # a length on the command line replaces the file's, whichever it was
         data.pop("epochs", None)
         data.pop("iters", None)
+    elif data.get("epochs") is not None and data.get("iters") is not None:
+        raise SkipnetError(f"--config {path}: gives both epochs and iters; keep one")
     for key, value in data.items():
         if key in NEVER_FROM_FILE or key in given:
             continue
-        action = actions[key]
-        if value is not None and action.type is not None and isinstance(value, str):
-            try:
-                value = action.type(value)
-            except (TypeError, ValueError):
-                raise SkipnetError(f"--config {path}: {key} = {value!r} is not a valid value") from None
-        if value is not None and action.choices is not None and value not in action.choices:
-            choices = ", ".join(map(str, action.choices))
-            raise SkipnetError(f"--config {path}: {key} = {value!r}; expected one of {choices}")
-        setattr(args, key, value)
+        setattr(args, key, _config_value(path, key, value, actions[key]))
     return args
+
+
+def _config_value(path: str | Path, key: str, value: Any, action: argparse.Action) -> Any:
+    """A ``--config`` value as the command line would have given it: flags must be true/false, typed options
+    convert from their text (so 64.7 is no count and ``true`` no learning rate), the rest must be text."""
+    if value is None:
+        return None
+    if action.nargs == 0:  # an on/off flag
+        if not isinstance(value, bool):
+            raise SkipnetError(f"--config {path}: {key} = {value!r}; expected true or false")
+        return value
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise SkipnetError(f"--config {path}: {key} = {value!r} is not a valid value")
+    if action.type is not None:
+        try:
+            value = action.type(value if isinstance(value, str) else repr(value))
+        except (TypeError, ValueError):
+            raise SkipnetError(f"--config {path}: {key} = {value!r} is not a valid value") from None
+    elif not isinstance(value, str):
+        raise SkipnetError(f"--config {path}: {key} = {value!r}; expected text")
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(map(str, action.choices))
+        raise SkipnetError(f"--config {path}: {key} = {value!r}; expected one of {choices}")
+    return value
