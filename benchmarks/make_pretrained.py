@@ -26,13 +26,19 @@ import io
 import json
 import os
 import re
+import shlex
 import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import skipnet
+from skipnet.checkpoint import atomic_write, export_safetensors, load_checkpoint, model_from_checkpoint
+from skipnet.cli import build_parser
+from skipnet.cli import main as cli_main
 from skipnet.cost import fewer_macs
 from skipnet.errors import SkipnetError
 from skipnet.pretrained import INDEX, INDEX_FORMAT, RESULTS, read_index, sha256_of, zoo_dir
@@ -69,8 +75,6 @@ def check_name(name: str) -> str:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    from skipnet.checkpoint import atomic_write
-
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
@@ -83,11 +87,9 @@ def write_index(models: dict[str, dict[str, Any]], root: str | Path | None = Non
 
 def _cli_json(argv: list[str]) -> dict[str, Any]:
     """Run a ``skipnet`` command in this process and return the JSON object it prints (``--json``)."""
-    from skipnet.cli import main
-
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = main(argv)
+        rc = cli_main(argv)
     if rc != 0:
         raise SkipnetError(f"'skipnet {' '.join(argv)}' failed (exit status {rc}); see the message above")
     return json.loads(out.getvalue().strip().splitlines()[-1])
@@ -97,9 +99,6 @@ def command_of_run(directory: str | Path) -> str:
     """The ``skipnet train`` command of a run directory: as recorded in its ``config.json`` (``environment``), or for
     a run recorded before that, rebuilt from its resolved options (every option that differs from the command's
     default, so the command repeats the run). ``--resume`` is left out."""
-    import argparse
-    import shlex
-
     path = Path(directory) / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -108,8 +107,6 @@ def command_of_run(directory: str | Path) -> str:
     recorded = (config.get("environment") or {}).get("command_line")
     if recorded:  # as run, less --resume (a resumed run repeats as the command that started it)
         return shlex.join(w for w in shlex.split(str(recorded)) if w != "--resume")
-    from skipnet.cli import build_parser
-
     (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     words = ["skipnet", "train", str(config.get("arch"))]
     for action in sub.choices["train"]._actions:
@@ -151,8 +148,6 @@ def add_model(
     in ``index.json`` and ``RESULTS.md``. With ``bench_batch``, ``skipnet bench`` times the file on that many
     test images (on ``device``) and the plain/routed latency ratio is recorded. The file is evaluated before
     anything in the zoo changes; an existing NAME is refused unless ``force``. Returns the entry."""
-    from skipnet.checkpoint import load_checkpoint, model_from_checkpoint
-
     check_name(name)
     if not commands or not all(isinstance(c, str) and c.strip() for c in commands):
         raise SkipnetError("give the training command(s) of the checkpoint (--command), in the order they were run")
@@ -166,8 +161,6 @@ def add_model(
     root.mkdir(parents=True, exist_ok=True)
     opts = {"device": device, "data_dir": data_dir, "limit": limit, "batch_size": batch_size}
     result, latency = _stage_and_measure(ckpt, checkpoint, target, data, bench_batch, **opts)
-    import torch
-
     entry: dict[str, Any] = {
         "file": target.name,
         "sha256": sha256_of(target),
@@ -209,8 +202,6 @@ def _stage_and_measure(
     """Export ``ckpt`` beside ``target``, evaluate (and with ``bench_batch`` time) that file with the CLI, then move
     it onto ``target``: ``(eval result, bench result or None)``. ``opts``: ``device``, ``data_dir``, ``limit``,
     ``batch_size``."""
-    from skipnet.checkpoint import export_safetensors
-
     name, root = target.stem, target.parent
     device, data_dir, limit, batch_size = opts["device"], opts["data_dir"], opts["limit"], opts["batch_size"]
     with tempfile.TemporaryDirectory(dir=root, prefix=".make-") as tmp:

@@ -38,7 +38,7 @@ from onnx import numpy_helper as nh
 
 from export_speed import bias_set_model, cifar, env, pixels
 from skipnet.bench import time_interleaved
-from skipnet.bench_onnx import _prune, unfold_ifs
+from skipnet.bench_onnx import _prune, inline_branch, unfold_ifs
 from skipnet.cost import cost_model
 from skipnet.export import export_model, onnx_session
 
@@ -53,19 +53,14 @@ def _outer_input(node) -> str:
     return x
 
 
-def _inline(graph, sub, prefix: str, x_from: str, x_to: str) -> str:
-    """Copy ``sub``'s nodes into ``graph`` (values renamed apart, ``x_from`` read as ``x_to``); its output name."""
-    have = {t.name for t in graph.initializer}
-    graph.initializer.extend(t for t in sub.initializer if t.name not in have)
-    rename = {x_from: x_to} | {o: prefix + o for n in sub.node for o in n.output}
-    for n in sub.node:
-        new = onnx.NodeProto()
-        new.CopyFrom(n)
-        new.name = prefix + n.name
-        new.input[:] = [rename.get(i, i) for i in n.input]
-        new.output[:] = [rename[o] for o in n.output]
-        graph.node.append(new)
-    return rename[sub.output[0].name]
+def _copy_without_nodes(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list]:
+    """A copy of ``proto`` whose graph has the rewrite's constants and no nodes yet, and the nodes it had."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    _constants(model.graph)
+    old = list(model.graph.node)
+    del model.graph.node[:]
+    return model, old
 
 
 def _constants(graph) -> None:
@@ -82,12 +77,8 @@ def _constants(graph) -> None:
 
 def sliced(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Every ``If`` on decision d replaced by Concat(then(x[:d]), else(x[:1-d])) along the batch (batch 1)."""
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
+    model, old = _copy_without_nodes(proto)
     g = model.graph
-    _constants(g)
-    old = list(g.node)
-    del g.node[:]
     for k, node in enumerate(old):
         if node.op_type != "If":
             g.node.append(node)
@@ -103,9 +94,9 @@ def sliced(proto: onnx.ModelProto) -> onnx.ModelProto:
             ]
         )
         branch = {a.name: a.g for a in node.attribute}
-        yt = _inline(g, branch["then_branch"], p + "t/", x, p + "xt")
-        ye = _inline(g, branch["else_branch"], p + "e/", x, p + "xe")
-        g.node.append(helper.make_node("Concat", [yt, ye], [node.output[0]], axis=0))
+        then_nodes, (yt,) = inline_branch(g, branch["then_branch"], p + "t/", {x: p + "xt"})
+        else_nodes, (ye,) = inline_branch(g, branch["else_branch"], p + "e/", {x: p + "xe"})
+        g.node.extend([*then_nodes, *else_nodes, helper.make_node("Concat", [yt, ye], [node.output[0]], axis=0)])
     onnx.checker.check_model(model)
     return model
 
@@ -113,12 +104,8 @@ def sliced(proto: onnx.ModelProto) -> onnx.ModelProto:
 def gateless(proto: onnx.ModelProto, pool: bool) -> onnx.ModelProto:
     """Every ``If`` kept, its condition a graph input ``decision_J`` (``pool=False``; J counts the ``If``s) or
     mean(x) >= -1e30; gates pruned."""
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
+    model, old = _copy_without_nodes(proto)
     g = model.graph
-    _constants(g)
-    old = list(g.node)
-    del g.node[:]
     j = 0
     for k, node in enumerate(old):
         if node.op_type == "If":

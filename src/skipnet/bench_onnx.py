@@ -51,6 +51,25 @@ def _prune(graph: Any) -> None:
     graph.initializer.extend(inits)
 
 
+def inline_branch(graph: Any, sub: Any, prefix: str, reads: dict[str, str] | None = None) -> tuple[list, list[str]]:
+    """Copies of the nodes of ``sub`` (an ``If`` branch) for ``graph``: the values it makes renamed apart
+    (``prefix`` + name), the outer values it reads renamed by ``reads``; its weights added to ``graph``'s
+    initializers. ``(nodes, names of its outputs)``."""
+    onnx, _ = require_onnx()
+    have = {t.name for t in graph.initializer}
+    graph.initializer.extend(t for t in sub.initializer if t.name not in have)
+    rename = (reads or {}) | {o: prefix + o for n in sub.node for o in n.output}
+    nodes = []
+    for n in sub.node:
+        new = onnx.NodeProto()
+        new.CopyFrom(n)
+        new.name = prefix + n.name
+        new.input[:] = [rename.get(i, i) for i in n.input]
+        new.output[:] = [rename[o] for o in n.output]
+        nodes.append(new)
+    return nodes, [rename.get(o.name, o.name) for o in sub.output]
+
+
 def unfold_ifs(proto: Any, how: str) -> Any:
     """A copy of a conditional graph with every ``If`` unfolded: ``how="then"`` inlines the ``then`` branch (and
     keeps only the logits output: the plain ResNet), ``"where"`` inlines both branches and selects with ``Where``
@@ -61,7 +80,6 @@ def unfold_ifs(proto: Any, how: str) -> Any:
     model = onnx.ModelProto()
     model.CopyFrom(proto)
     graph = model.graph
-    have = {t.name for t in graph.initializer}
     nodes = []
     for k, node in enumerate(graph.node):
         if node.op_type != "If":
@@ -70,25 +88,9 @@ def unfold_ifs(proto: Any, how: str) -> Any:
         branches = {a.name: a.g for a in node.attribute}
         outs = []
         for name in ("then_branch", "else_branch") if how == "where" else ("then_branch",):
-            sub = branches[name]
-            rename = {}
-            for sn in sub.node:
-                for o in sn.output:
-                    rename[o] = f"if{k}_{name}/{o}"
-            for t in sub.initializer:
-                if t.name not in have:
-                    graph.initializer.append(t)
-                    have.add(t.name)
-            for sn in sub.node:
-                new = onnx.NodeProto()
-                new.CopyFrom(sn)
-                new.name = f"if{k}_{name}/{sn.name}"
-                for j, i in enumerate(new.input):
-                    new.input[j] = rename.get(i, i)
-                for j, o in enumerate(new.output):
-                    new.output[j] = rename[o]
-                nodes.append(new)
-            outs.append([rename.get(o.name, o.name) for o in sub.output])
+            copied, branch_outs = inline_branch(graph, branches[name], f"if{k}_{name}/")
+            nodes += copied
+            outs.append(branch_outs)
         for j, target in enumerate(node.output):
             if how == "where":
                 nodes.append(helper.make_node("Where", [node.input[0], outs[0][j], outs[1][j]], [target]))

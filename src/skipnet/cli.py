@@ -64,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 # OSErrors that are the user's to fix, reported like a SkipnetError (one line, exit 2): a full or read-only disk,
 # permissions, and paths that cannot be made (under a regular file, a symlink loop, a name too long, no parent).
-USER_OS_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)} | {
+USER_OS_ERRORS = {
+    errno.ENOSPC,
+    getattr(errno, "EDQUOT", errno.ENOSPC),
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
     errno.EEXIST,
     errno.ENOTDIR,
     errno.EISDIR,

@@ -115,8 +115,22 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int, imagenet: bool,
 # ------------------------------------------------------------------------------------------ trainer
 # options a resumed run may take from its new command line; the rest must be the saved run's (or left unset)
 RESUME_MAY_CHANGE = frozenset(
-    {"epochs", "iters", "threads", "resume", "out", "data", "data_dir", "download", "device", "workers", "log_every"}
-    | {"checkpoint_minutes", "tensorboard", "eval_batch_size"}
+    {
+        "epochs",
+        "iters",
+        "threads",
+        "resume",
+        "out",
+        "data",
+        "data_dir",
+        "download",
+        "device",
+        "workers",
+        "log_every",
+        "checkpoint_minutes",
+        "tensorboard",
+        "eval_batch_size",
+    }
 )
 
 
@@ -125,7 +139,7 @@ def _check_resume_matches(cfg: TrainConfig, saved: TrainConfig, out: Path) -> No
     else (other than the defaults, and other than the options in ``RESUME_MAY_CHANGE``) is refused, not ignored."""
     defaults = TrainConfig.defaults()
     for name, value in cfg.to_dict().items():
-        if name in RESUME_MAY_CHANGE or value is None or getattr(saved, name, value) == value:
+        if name in RESUME_MAY_CHANGE or value is None or getattr(saved, name) == value:
             continue
         if name in ("arch", "stage") or value != defaults.get(name):
             raise SkipnetError(
@@ -292,7 +306,7 @@ class Trainer:
     def _start_afresh(self) -> None:
         """``--resume`` on a directory without a checkpoint (a job preempted before its first one, re-queued with
         the same command line): start a new run there, dropping what the first attempt left."""
-        leftovers = [n for n in ("metrics.jsonl", "best.pt", "summary.json") if (self.out / n).exists()]
+        leftovers = [n for n in ("metrics.jsonl", "summary.json") if (self.out / n).exists()]  # best.pt: refused
         log.warning("--resume: %s holds no checkpoint yet; starting a new run", self.out)
         if self.main:
             for name in leftovers:
