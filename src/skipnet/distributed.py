@@ -100,9 +100,9 @@ class GlobalBaseline(Baseline):
         super().__init__(kind, momentum)
         self._ctx = ctx
 
-    def __call__(self, returns: torch.Tensor) -> torch.Tensor | None:
-        if self.kind == "none":
-            return None
+    def __call__(self, returns: torch.Tensor, greedy: torch.Tensor | None = None) -> torch.Tensor | None:
+        if self.kind in ("none", "self-critical"):  # per sample: nothing to share between processes
+            return super().__call__(returns, greedy)
         # The parent's batch statistic is ``returns.mean(0)``; a (1, N) row holding the global mean gives it
         # exactly, and every rank then keeps the same moving average.
         return super().__call__(self._ctx.all_mean(returns.detach().mean(0)).unsqueeze(0))

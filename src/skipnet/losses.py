@@ -11,6 +11,7 @@ broadcast to (B, B), crediting each action with the batch-average return.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -55,6 +56,41 @@ def hybrid_returns(
     if correct is not None:
         future = future * correct.detach().to(future.dtype).view(-1, 1)
     return -(beta * ce.detach().view(-1, 1) - (alpha / n) * future)
+
+
+def blockdrop_returns(correct: Tensor, decisions: Tensor, penalty: float, block_cost: Tensor | None = None) -> Tensor:
+    """Beyond the paper (``--reward blockdrop``): BlockDrop's reward (Wu et al., CVPR 2018, Eq. 3), given to every
+    gate of a sample, shape (B, N):
+
+        R = 1 - u^2   if the prediction is right,   R = -penalty   otherwise
+
+    with ``u = sum_i g_i c_i / sum_i c_i`` the executed share of the gated blocks' cost (``block_cost`` (N,), the
+    MACs of each gated block; ``None``: every block costs the same). A wrong image earns the same whatever it
+    skips, so only images that stay right are paid for skipping: the pressure to skip falls on easy images.
+
+    Args:
+        correct: (B,) 0/1 (or bool), whether each sample's prediction was right.
+        decisions: (B, N) 0/1 gate actions.
+        penalty: gamma >= 0, the cost of a wrong prediction.
+    """
+    if correct.dim() != 1 or decisions.dim() != 2 or decisions.shape[0] != correct.shape[0]:
+        raise ValueError(
+            f"expected correct (B,) and decisions (B, N); got {tuple(correct.shape)} and {tuple(decisions.shape)}"
+        )
+    g = decisions.detach().float()
+    cost = g.new_ones(g.shape[1]) if block_cost is None else block_cost.to(g)
+    used = (g * cost).sum(1) / cost.sum()  # u, (B,)
+    right = correct.detach().float()
+    reward = right * (1.0 - used * used) - (1.0 - right) * float(penalty)
+    return reward.view(-1, 1).expand_as(g).contiguous()
+
+
+def gate_entropy(logits: Tensor) -> Tensor:
+    """Per-sample entropy of the gates' Bernoulli policies, ``sum_i H(sigmoid(z_i))`` (B,), in nats; stable in
+    the logit: ``H = softplus(z) - z sigmoid(z)``. ``--entropy-bonus`` adds its batch mean, weighted, to the
+    REINFORCE objective (beyond the paper; as BlockDrop's ``beta``), so the gates are kept from saturating."""
+    z = logits.float()
+    return (F.softplus(z) - z * torch.sigmoid(z)).sum(1)
 
 
 def mean_first_return(
@@ -103,15 +139,25 @@ def reinforce_loss(log_probs: Tensor, returns: Tensor, baseline: Tensor | None =
     return -(log_probs * advantage).sum(1).mean()
 
 
+BASELINES = ("none", "batch", "ema", "self-critical")
+
+
 class Baseline:
-    """Per-gate moving-average baseline ``b_i`` of the return (optional variance reduction)."""
+    """Baseline ``b_i`` of the return (optional variance reduction): none; the batch mean per gate; its moving
+    average (ema); or self-critical (beyond the paper; Rennie et al. 2017, BlockDrop's ``r(sampled) - r(greedy)``):
+    each sample's own return under the greedy decisions of the same network, ``greedy`` (B, N), so a sampled
+    route is reinforced exactly when it beats what the policy would do at inference on that image."""
 
     def __init__(self, kind: str = "none", momentum: float = 0.9) -> None:
-        if kind not in ("none", "batch", "ema"):
-            raise ValueError(f"baseline must be none, batch or ema, got {kind!r}")
+        if kind not in BASELINES:
+            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {kind!r}")
         self.kind, self.momentum, self.value = kind, momentum, None
 
-    def __call__(self, returns: Tensor) -> Tensor | None:
+    def __call__(self, returns: Tensor, greedy: Tensor | None = None) -> Tensor | None:
+        if self.kind == "self-critical":
+            if greedy is None or greedy.shape != returns.shape:
+                raise ValueError("the self-critical baseline needs the greedy returns, shaped as the returns")
+            return greedy.detach()
         if self.kind == "none":
             return None
         batch = returns.detach().mean(0)
@@ -162,10 +208,13 @@ class SkipBudget:
 
 
 __all__ = [
+    "BASELINES",
     "Baseline",
     "SkipBudget",
     "distillation_loss",
     "distilled_task_loss",
+    "blockdrop_returns",
+    "gate_entropy",
     "hybrid_returns",
     "mean_first_return",
     "reinforce_loss",

@@ -16,7 +16,33 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from skipnet.gated import GateMode, GateTrace
-from skipnet.losses import Baseline, hybrid_returns, reinforce_loss
+from skipnet.losses import Baseline, blockdrop_returns, gate_entropy, hybrid_returns, reinforce_loss
+
+REWARDS = ("hybrid", "blockdrop")  # --reward: the paper's Eq. 5-6, or BlockDrop's (beyond the paper)
+
+
+@dataclass(frozen=True)
+class Reward:
+    """What a sampled route is paid (``--reward``): ``hybrid``, the paper's relaxed return of Eq. 6 (with
+    ``--skip-target`` / ``--skip-reward correct``), or ``blockdrop``, BlockDrop's ``1 - u^2`` if right, else
+    ``-penalty`` (:func:`~skipnet.losses.blockdrop_returns`; ``block_cost`` the gated blocks' MACs)."""
+
+    kind: str = "hybrid"
+    alpha: float = 0.1
+    beta: float = 1.0
+    skip_target: float | None = None
+    correct_only: bool = False
+    penalty: float = 1.0
+    block_cost: Tensor | None = None
+
+    def returns(self, ce: Tensor, decisions: Tensor, correct: Tensor | None) -> Tensor:
+        """(B, N) returns of the routes taken, from the per-sample CE and whether each prediction was right."""
+        if self.kind == "blockdrop":
+            if correct is None:
+                raise ValueError("the blockdrop reward needs whether each prediction was right")
+            return blockdrop_returns(correct, decisions, self.penalty, self.block_cost)
+        right = correct if self.correct_only else None
+        return hybrid_returns(ce, decisions, self.alpha, self.beta, self.skip_target, right)
 
 
 @dataclass(frozen=True)
@@ -41,21 +67,35 @@ class Stage:
         task: Tensor | None = None,
         skip_target: float | None = None,
         correct: Tensor | None = None,
+        reward: Reward | None = None,
+        greedy: tuple[Tensor, Tensor, Tensor] | None = None,
+        entropy: float = 0.0,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss from per-sample cross-entropy ``ce`` (B,) and the gate ``trace`` (B, N). ``task`` (B,), when
         given (``--distill``), replaces ``ce`` in the supervised term only; the HRL return keeps the paper's CE.
-        ``correct`` (B,), when given (``--skip-reward correct``), pays the skip reward only to right predictions."""
+        ``correct`` (B,), when given (``--skip-reward correct``), pays the skip reward only to right predictions.
+
+        ``reward``, when given, replaces alpha/beta/skip_target/correct (it holds them, or BlockDrop's reward;
+        ``correct`` is then whether each prediction was right). ``greedy`` = (CE, decisions, correct) of the same
+        batch under greedy decisions, for the self-critical baseline. ``entropy`` > 0 adds that weight times the
+        batch-mean entropy of the gate policies to the objective (``--entropy-bonus``)."""
         stats: dict[str, Tensor] = {"ce": ce.detach().mean()}
         supervised = ce if task is None else task
         loss = supervised.mean() if self.supervised else ce.new_zeros(())
         if self.uses_rl and trace.num_gates:
-            # (B, N), CE detached inside
-            returns = hybrid_returns(ce, trace.decisions, alpha, beta, skip_target, correct)
-            b = baseline(returns) if baseline is not None else None
+            if reward is None:
+                reward = Reward("hybrid", alpha, beta, skip_target, correct_only=correct is not None)
+            returns = reward.returns(ce, trace.decisions, correct)  # (B, N), CE detached inside
+            greedy_returns = reward.returns(*greedy) if greedy is not None else None
+            b = baseline(returns, greedy_returns) if baseline is not None else None
             rl = reinforce_loss(trace.log_probs, returns, b)
             loss = loss + rl_weight * rl
             stats["rl"] = rl.detach()
             stats["reward"] = returns[:, 0].detach().mean()
+            if entropy:
+                h = gate_entropy(trace.logits).mean()
+                loss = loss - entropy * h
+                stats["entropy"] = h.detach()
         return loss, stats
 
 

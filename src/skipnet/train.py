@@ -43,7 +43,7 @@ from skipnet.losses import Baseline, SkipBudget, distillation_loss, distilled_ta
 from skipnet.registry import get_config
 from skipnet.rundir import append_row, read_rows, run_lock, write_rows
 from skipnet.runlog import Progress, RunLog, environment
-from skipnet.stages import STAGES, Stage
+from skipnet.stages import STAGES, Reward, Stage
 from skipnet.trainconfig import SCHEDULES, TrainConfig, resolve_defaults  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ def selection_score(
     skip_target: float | None = None,
     skip_budget: float | None = None,
     skip_reward: str = "all",
+    reward: str = "hybrid",
+    penalty: float = 1.0,
 ) -> float:
     """How good a checkpoint is on the validation split under ``rule`` (higher is better): its accuracy, the
     mean return HRL maximises (Eq. 6, :func:`skipnet.losses.mean_first_return`), or (``last``) its recency.
@@ -71,11 +73,16 @@ def selection_score(
 
     Under ``--skip-reward correct`` only right predictions earn the skip reward; the evaluation does not keep
     per-image skips, so the skipped fraction is weighted by the accuracy (exact when skipping and correctness are
-    independent; an estimate otherwise)."""
+    independent; an estimate otherwise). Under ``--reward blockdrop`` the score is ``acc (1 - u^2) - (1 - acc)
+    gamma`` at the mean executed share ``u`` of the gated blocks (an estimate of the mean reward: exact when
+    every image executes as many blocks)."""
     if rule == "accuracy":
         return float(val["accuracy"])
     if rule == "reward":
         skipped = 1.0 - (val["executed_blocks_mean"] - 1.0) / max(1, num_gates)
+        if reward == "blockdrop":
+            acc = float(val["accuracy"]) / 100.0
+            return acc * (1.0 - (1.0 - skipped) ** 2) - (1.0 - acc) * penalty
         if skip_budget is not None:
             return float(val["accuracy"]) if skipped >= skip_budget - BUDGET_TOLERANCE else 100.0 * skipped - 100.0
         if skip_reward == "correct":
@@ -280,6 +287,7 @@ class Trainer:
             self.stage.eval_mode if arch.gated or self.stage.eval_mode == GateMode.RANDOM else GateMode.ALL_ON
         )
         self.cost = cost_model(self.model)
+        self.block_cost = torch.tensor(self.cost.block_macs, dtype=torch.float32, device=self.device)
         self.teacher = self._load_teacher(cfg.distill) if cfg.distill else None
         self.model.to(self.device)
         if cfg.channels_last:
@@ -290,8 +298,12 @@ class Trainer:
         cfg = self.cfg
         gate_params = list(self.model.gates.parameters()) if self.model.gates is not None else []
         gate_ids = {id(q) for q in gate_params}
-        groups = [{"params": [q for q in self.model.parameters() if id(q) not in gate_ids]}]
-        if gate_params:  # the policy may learn faster than the features in short schedules (--gate-lr-mult)
+        backbone = [q for q in self.model.parameters() if id(q) not in gate_ids]
+        frozen = {"backbone": backbone, "gates": gate_params}.get(cfg.freeze, [])
+        for q in frozen:  # --freeze: no gradient, no update, no weight decay
+            q.requires_grad_(False)
+        groups = [] if cfg.freeze == "backbone" else [{"params": backbone}]
+        if gate_params and cfg.freeze != "gates":  # the policy may learn faster than the features (--gate-lr-mult)
             groups.append({"params": gate_params, "lr": cfg.lr * cfg.gate_lr_mult})
         nesterov = cfg.nesterov and cfg.momentum > 0
         opt = torch.optim.SGD(
@@ -497,8 +509,10 @@ class Trainer:
                 rl_weight=cfg.rl_weight,
                 baseline=self.baseline,
                 task=task,
-                skip_target=cfg.skip_target,
-                correct=(out.logits.argmax(1) == y) if cfg.skip_reward == "correct" else None,
+                correct=out.logits.argmax(1) == y,
+                reward=self.reward(),
+                greedy=self._greedy_outcome(x, y) if cfg.baseline == "self-critical" else None,
+                entropy=cfg.entropy_bonus,
             )
             stats |= extra
         if self.dist.any(not bool(torch.isfinite(loss.detach()))):  # before the update: weights stay good
@@ -521,6 +535,31 @@ class Trainer:
             stats["alpha"] = self.alpha
             self.budget.update(1.0 - stats["exec"])
         return stats
+
+    def reward(self) -> Reward:
+        """What this step's sampled routes earn (``--reward``, at the current alpha)."""
+        c = self.cfg
+        return Reward(
+            c.reward,
+            self.alpha,
+            c.beta,
+            c.skip_target,
+            correct_only=c.skip_reward == "correct",
+            penalty=c.wrong_penalty,
+            block_cost=self.block_cost,
+        )
+
+    @torch.no_grad()
+    def _greedy_outcome(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(CE, decisions, correct) of the batch under greedy decisions at the run's threshold, BatchNorm in eval
+        mode as at inference: what the self-critical baseline compares each sampled route with."""
+        self.model.eval()
+        try:
+            out = self.model(x, GateMode.GREEDY, threshold=self.cfg.threshold, execution=self.dist.train_execution)
+        finally:
+            self._train_mode()
+        ce = F.cross_entropy(out.logits.float(), y, reduction="none")
+        return ce, out.trace.decisions, out.logits.argmax(1) == y
 
     @property
     def alpha(self) -> float:
@@ -682,6 +721,8 @@ class Trainer:
                 c.skip_target,
                 skip_budget=c.skip_budget,
                 skip_reward=c.skip_reward,
+                reward=c.reward,
+                penalty=c.wrong_penalty,
             )
             row["val_score"] = score if math.isfinite(score) else None
             improved = score > self.best_score or self.cfg.select == "last"

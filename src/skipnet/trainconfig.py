@@ -15,6 +15,9 @@ BN_MODES = ("update", "frozen")
 BN_FREEZE_MAX_LR = 1e-3
 SELECT_RULES = ("accuracy", "reward", "last")
 SKIP_REWARDS = ("all", "correct")  # --skip-reward: who earns Eq. 5's skip reward
+REWARDS = ("hybrid", "blockdrop")  # --reward: Eq. 5-6, or BlockDrop's 1 - u^2 if right else -penalty
+FREEZE = ("none", "backbone", "gates")  # --freeze: which parameters do not train
+BASELINES = ("none", "batch", "ema", "self-critical")  # --baseline (losses.Baseline)
 OPEN_GATE_BIAS = 2.0  # sp/soft from scratch: gates start open, p = sigmoid(2) = 0.88 (beyond the paper)
 
 
@@ -50,6 +53,10 @@ class TrainConfig:
     skip_budget: float | None = None
     skip_reward: str = "all"
     alpha_lr: float = 0.01
+    reward: str = "hybrid"
+    wrong_penalty: float = 1.0
+    entropy_bonus: float = 0.0
+    freeze: str = "none"
     zero_init_residual: bool = False
     gate_bias: float | None = None
     paper_gate_init: bool = False
@@ -100,20 +107,46 @@ class TrainConfig:
             ("bn", BN_MODES),
             ("select", SELECT_RULES),
             ("skip_reward", SKIP_REWARDS),
+            ("reward", REWARDS),
+            ("freeze", FREEZE),
+            ("baseline", BASELINES),
         ):
             value = getattr(self, name)
             if value is not None and value not in choices:
                 raise SkipnetError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
         if self.skip_budget is not None and self.skip_target is not None:
             raise SkipnetError("--skip-budget and --skip-target are alternatives (a mean budget or a per-sample cap)")
-        for flag, on in (("--skip-budget", self.skip_budget is not None), ("--skip-reward", self.skip_reward != "all")):
+        rl_only = (
+            ("--skip-budget", self.skip_budget is not None),
+            ("--skip-reward", self.skip_reward != "all"),
+            ("--reward", self.reward != "hybrid"),
+            ("--entropy-bonus", self.entropy_bonus != 0),
+            ("--baseline self-critical", self.baseline == "self-critical"),
+        )
+        for flag, on in rl_only:
             if on and self.stage not in ("hrl", "rl"):
-                raise SkipnetError(f"{flag} changes the HRL/RL skip reward; stage {self.stage} has none")
+                raise SkipnetError(f"{flag} changes the HRL/RL reward or its estimator; stage {self.stage} has none")
+        self._validate_freeze()
         if self.device.startswith("cpu:") and self.device != "cpu:0":
             raise SkipnetError(f"--device {self.device}: the CPU is one device; pass --device cpu")
         from skipnet.registry import check_image_size, get_config
 
         check_image_size(get_config(self.arch), self.image_size)
+
+    def _validate_freeze(self) -> None:
+        if self.reward == "blockdrop" and (self.skip_target is not None or self.skip_reward != "all"):
+            raise SkipnetError("--skip-target and --skip-reward shape the hybrid reward; --reward blockdrop is another")
+        if self.reward == "blockdrop" and self.skip_budget is not None:
+            raise SkipnetError("--skip-budget adapts the hybrid reward's alpha; --reward blockdrop has no alpha")
+        if self.freeze == "backbone":
+            if self.stage not in ("hrl", "rl"):
+                raise SkipnetError(f"--freeze backbone trains the gates alone (REINFORCE); stage {self.stage} has none")
+            if self.init is None and self.init_torchvision is None:
+                raise SkipnetError("--freeze backbone needs a trained backbone: pass --init (e.g. the plain network)")
+            if self.bn == "update":
+                raise SkipnetError("--freeze backbone keeps BatchNorm frozen too; --bn update contradicts it")
+        if self.freeze == "gates" and self.stage not in ("hrl", "rl", "sp", "soft"):
+            raise SkipnetError(f"--freeze gates needs a stage that trains gates; stage {self.stage} trains none")
 
 
 def resolve_defaults(cfg: TrainConfig, family: str, dataset: str, num_gates: int, steps_per_epoch: int) -> TrainConfig:
@@ -155,6 +188,8 @@ def resolve_defaults(cfg: TrainConfig, family: str, dataset: str, num_gates: int
         # almost every gate in its first epoch, and a closed block gets no gradient (benchmarks/RESULTS.md).
         c.gate_bias = OPEN_GATE_BIAS
     rl = c.stage in ("hrl", "rl")
+    if c.bn is None and c.freeze == "backbone":  # nothing of the backbone learns, its statistics included
+        c.bn = "frozen"
     if c.bn is None:
         # Routed RL from a trained network at a fine-tuning lr: BatchNorm statistics frozen, so that training
         # normalises as greedy inference does (updating them from sampled, routed executions drifts them). At a
@@ -210,6 +245,8 @@ RULES: list[tuple[str, Any, str]] = [
     ("skip_target", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
     ("skip_budget", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
     ("alpha_lr", _positive, "positive"),
+    ("wrong_penalty", lambda v: 0.0 <= v < float("inf"), ">= 0 and finite"),
+    ("entropy_bonus", lambda v: 0.0 <= v < float("inf"), ">= 0 and finite"),
     ("gate_bias", lambda v: abs(v) < float("inf"), "finite"),
     ("checkpoint_minutes", _positive, "positive"),
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),

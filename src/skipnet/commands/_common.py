@@ -49,7 +49,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 def add_optim_args(p: argparse.ArgumentParser) -> None:
     """The optimisation options of a training run (``skipnet train`` and ``skipnet sweep``); defaults from
     :class:`skipnet.trainconfig.TrainConfig`, ``None`` meaning the stage's paper setting."""
-    from skipnet.trainconfig import SCHEDULES, TrainConfig
+    from skipnet.trainconfig import BASELINES, SCHEDULES, TrainConfig
 
     d = TrainConfig.defaults()
     g = p.add_mutually_exclusive_group()
@@ -76,7 +76,12 @@ def add_optim_args(p: argparse.ArgumentParser) -> None:
         "--rl-weight", type=float, default=d["rl_weight"], help="scale of the REINFORCE term (authors: 0.01)"
     )
     p.add_argument(
-        "--baseline", choices=["none", "batch", "ema"], default=d["baseline"], help="REINFORCE baseline (variance)"
+        "--baseline",
+        choices=list(BASELINES),
+        default=d["baseline"],
+        help="REINFORCE baseline (variance reduction): none (the paper), the batch mean per gate, its moving "
+        "average (ema), or self-critical: each image's return under its greedy route (one more forward per step; "
+        "beyond the paper, as BlockDrop)",
     )
     p.add_argument("--seed", type=int, default=d["seed"], help="random seed")
     p.add_argument(

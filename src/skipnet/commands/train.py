@@ -13,7 +13,7 @@ from skipnet.cost import fewer_macs
 from skipnet.errors import SkipnetError
 from skipnet.stages import STAGES
 from skipnet.train import TrainConfig, hold_run_dir, train
-from skipnet.trainconfig import BN_MODES, OPEN_GATE_BIAS, SELECT_RULES, SKIP_REWARDS
+from skipnet.trainconfig import BN_MODES, FREEZE, OPEN_GATE_BIAS, REWARDS, SELECT_RULES, SKIP_REWARDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -102,6 +102,34 @@ def _add_reward_args(p: argparse.ArgumentParser) -> None:
         default=d["skip_reward"],
         help="hrl/rl: who earns the skip reward of Eq. 5: every sample (all, the paper) or only those predicted "
         "right (correct: a wrong image is paid only for lowering its loss; beyond the paper)",
+    )
+    p.add_argument(
+        "--reward",
+        choices=REWARDS,
+        default=d["reward"],
+        help="hrl/rl: what a sampled route earns: hybrid (the paper's Eq. 5-6, -beta CE + alpha x skipped) or "
+        "blockdrop (1 - u^2 if the prediction is right, u the executed share of the gated MACs, else "
+        "-WRONG_PENALTY; beyond the paper, from BlockDrop)",
+    )
+    p.add_argument(
+        "--wrong-penalty",
+        type=float,
+        default=d["wrong_penalty"],
+        help="--reward blockdrop: gamma, what a wrong prediction earns is -gamma (larger: fewer skips)",
+    )
+    p.add_argument(
+        "--entropy-bonus",
+        type=float,
+        default=d["entropy_bonus"],
+        help="hrl/rl: weight of the gate policies' mean entropy added to the objective, keeping the gates from "
+        "saturating (beyond the paper; 0 = off)",
+    )
+    p.add_argument(
+        "--freeze",
+        choices=FREEZE,
+        default=d["freeze"],
+        help="parameters that do not train: backbone (hrl/rl from --init: the policy learns on a fixed network, "
+        "BatchNorm frozen too; BlockDrop's first stage) or gates (the backbone adapts to a fixed policy)",
     )
     p.add_argument(
         "--alpha-lr",

@@ -1,0 +1,162 @@
+"""Per-image routing mechanisms (issue 31), each against its formula by hand: BlockDrop's reward, the gates'
+entropy, the self-critical baseline, and --freeze (the policy on a fixed backbone, or the backbone under a fixed
+policy)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from skipnet.checkpoint import load_checkpoint
+from skipnet.cli import main
+from skipnet.errors import SkipnetError
+from skipnet.losses import Baseline, blockdrop_returns, gate_entropy, hybrid_returns, reinforce_loss
+from skipnet.outputs import GateTrace
+from skipnet.stages import STAGES, Reward
+from skipnet.trainconfig import TrainConfig
+
+
+def test_blockdrop_reward_by_hand() -> None:
+    d = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
+    right = torch.tensor([True, True, False])
+    r = blockdrop_returns(right, d, penalty=3.0)
+    assert r.shape == (3, 4)
+    # u = 2/4 -> 1 - 0.25; u = 1 -> 0; wrong -> -3 whatever it skipped
+    expected = torch.tensor([0.75, 0.0, -3.0]).view(3, 1).expand(3, 4)
+    torch.testing.assert_close(r, expected)
+    # u weighted by each block's cost: blocks 0, 1 cost 3 of 4 -> u = 0.75, 1 - 0.5625
+    cost = torch.tensor([1.0, 2.0, 0.5, 0.5])
+    torch.testing.assert_close(blockdrop_returns(right, d, 3.0, cost)[0], torch.full((4,), 1 - 0.75**2))
+    with pytest.raises(ValueError):
+        blockdrop_returns(right[:2], d, 1.0)
+
+
+def test_gate_entropy_is_the_bernoulli_entropy() -> None:
+    z = torch.tensor([[0.0, 2.0, -30.0], [1.5, -1.0, 40.0]])
+    p = torch.sigmoid(z.double())
+    by_hand = -(p * p.log() + (1 - p) * (1 - p).log()).nan_to_num(0.0).sum(1)
+    torch.testing.assert_close(gate_entropy(z).double(), by_hand, atol=1e-6, rtol=1e-5)
+    assert gate_entropy(torch.zeros(1, 5)).item() == pytest.approx(5 * math.log(2))
+
+
+def test_self_critical_baseline_is_the_greedy_return() -> None:
+    sampled, greedy = torch.randn(4, 3), torch.randn(4, 3)
+    torch.testing.assert_close(Baseline("self-critical")(sampled, greedy), greedy)
+    with pytest.raises(ValueError):
+        Baseline("self-critical")(sampled)
+
+
+def _trace(b: int, n: int) -> GateTrace:
+    z = torch.randn(b, n, requires_grad=True)
+    d = torch.bernoulli(torch.full((b, n), 0.5))
+    log_probs = d * torch.nn.functional.logsigmoid(z) + (1 - d) * torch.nn.functional.logsigmoid(-z)
+    return GateTrace(probs=torch.sigmoid(z), decisions=d, log_probs=log_probs, logits=z), z
+
+
+def test_stage_loss_with_blockdrop_self_critical_and_entropy() -> None:
+    """The HRL loss with the three options equals CE + REINFORCE(advantage = R(sampled) - R(greedy)) - w H."""
+    torch.manual_seed(3)
+    trace, z = _trace(6, 4)
+    ce = torch.rand(6)
+    right = torch.tensor([1, 0, 1, 1, 0, 1]).bool()
+    greedy = (torch.rand(6), torch.ones(6, 4), torch.tensor([1, 1, 0, 1, 0, 1]).bool())
+    reward = Reward("blockdrop", penalty=2.0)
+    loss, stats = STAGES["hrl"].loss(
+        ce,
+        trace,
+        alpha=0.1,
+        beta=1.0,
+        rl_weight=0.5,
+        baseline=Baseline("self-critical"),
+        correct=right,
+        reward=reward,
+        greedy=greedy,
+        entropy=0.05,
+    )
+    r = blockdrop_returns(right, trace.decisions, 2.0)
+    b = blockdrop_returns(greedy[2], greedy[1], 2.0)
+    expected = ce.mean() + 0.5 * reinforce_loss(trace.log_probs, r, b) - 0.05 * gate_entropy(z).mean()
+    torch.testing.assert_close(loss, expected)
+    assert stats["entropy"].item() == pytest.approx(gate_entropy(z).mean().item())
+
+
+def test_hybrid_reward_object_is_eq6() -> None:
+    ce, d, right = torch.rand(5), torch.bernoulli(torch.full((5, 3), 0.5)), torch.rand(5) > 0.5
+    r = Reward("hybrid", alpha=0.7, beta=0.9, skip_target=0.5, correct_only=True)
+    torch.testing.assert_close(r.returns(ce, d, right), hybrid_returns(ce, d, 0.7, 0.9, 0.5, right))
+
+
+def _train(tmp_path, name, *extra) -> str:
+    out = str(tmp_path / name)
+    args = ["train", "--data", "digits", "--iters", "12", "--batch-size", "32", "--threads", "1", "--out", out]
+    assert main([*args, *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory) -> str:
+    return _train(tmp_path_factory.mktemp("plain"), "base", "tiny_resnet_14", "--stage", "base")
+
+
+def _state(path: str) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["state_dict"]
+
+
+@pytest.mark.parametrize("freeze", ["backbone", "gates"])
+def test_freeze_keeps_its_part_bit_identical_and_trains_the_other(plain_run, tmp_path, freeze) -> None:
+    init = f"{plain_run}/best.pt"
+    extra = ["--reward", "blockdrop", "--baseline", "self-critical", "--lr", "0.5", "--gate-bias", "1"]
+    out = _train(tmp_path, freeze, "tiny_rnn_gate_14", "--stage", "hrl", "--init", init, "--freeze", freeze, *extra)
+    args = ["tiny_rnn_gate_14", "--stage", "hrl", "--init", init, "--freeze", freeze, *extra[:6], "--gate-bias", "1"]
+    first = _train(tmp_path, "start", *args, "--lr", "1e-30")  # the same start, no step taken
+    before, after, start = _state(init), _state(f"{out}/last.pt"), _state(f"{first}/last.pt")
+    gate_keys = [k for k in after if k.startswith("gates.")]
+    assert gate_keys
+    if freeze == "backbone":  # every backbone tensor, BatchNorm statistics included, as in the plain network
+        for k, v in before.items():
+            assert torch.equal(after[k], v), k
+        assert any(not torch.equal(after[k], start[k]) for k in gate_keys)
+    else:
+        changed = [k for k, v in before.items() if v.is_floating_point() and not torch.equal(after[k], v)]
+        assert changed
+        gate_init = _train(
+            tmp_path,
+            "g0",
+            "tiny_rnn_gate_14",
+            "--stage",
+            "hrl",
+            "--init",
+            init,
+            "--iters",
+            "1",
+            "--freeze",
+            "gates",
+            "--gate-bias",
+            "1",
+        )
+        for k in gate_keys:  # the gates stay at their (seeded) initial values
+            assert torch.equal(after[k], _state(f"{gate_init}/last.pt")[k]), k
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"stage": "sp", "freeze": "backbone"}, "--freeze backbone"),
+        ({"stage": "hrl", "freeze": "backbone"}, "needs a trained backbone"),
+        ({"stage": "hrl", "freeze": "backbone", "init": "x.pt", "bn": "update"}, "--bn update"),
+        ({"stage": "base", "freeze": "gates"}, "--freeze gates"),
+        ({"stage": "sp", "reward": "blockdrop"}, "--reward"),
+        ({"stage": "hrl", "reward": "blockdrop", "skip_target": 0.4}, "--reward blockdrop"),
+        ({"stage": "hrl", "reward": "blockdrop", "skip_budget": 0.4}, "--reward blockdrop"),
+        ({"stage": "sp", "baseline": "self-critical"}, "self-critical"),
+        ({"stage": "hrl", "wrong_penalty": -1.0}, "--wrong-penalty"),
+        ({"stage": "hrl", "entropy_bonus": float("nan")}, "--entropy-bonus"),
+        ({"stage": "hrl", "baseline": "greedy"}, "--baseline"),
+    ],
+)
+def test_dynamic_options_are_checked(kw, message) -> None:
+    cfg = TrainConfig(arch="tiny_rnn_gate_14", data="digits", out="o", **kw)
+    with pytest.raises(SkipnetError, match=message):
+        cfg.validate()
