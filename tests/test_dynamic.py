@@ -160,3 +160,38 @@ def test_dynamic_options_are_checked(kw, message) -> None:
     cfg = TrainConfig(arch="tiny_rnn_gate_14", data="digits", out="o", **kw)
     with pytest.raises(SkipnetError, match=message):
         cfg.validate()
+
+
+def test_spearman_by_hand() -> None:
+    from skipnet.routes import spearman
+
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert spearman(a, torch.tensor([10.0, 20.0, 30.0, 40.0])) == pytest.approx(1.0)
+    assert spearman(a, torch.tensor([4.0, 3.0, 2.0, 1.0])) == pytest.approx(-1.0)
+    # ties take their average rank: ranks (1.5, 1.5, 3, 4) against (1, 2, 3, 4) -> Pearson 0.9486833
+    assert spearman(torch.tensor([5.0, 5.0, 6.0, 7.0]), a) == pytest.approx(0.9486833, abs=1e-6)
+    assert math.isnan(spearman(torch.ones(4), a))
+
+
+def test_route_summary_by_hand() -> None:
+    from skipnet.routes import route_summary
+
+    # 4 images, 3 gated blocks; two share a route. Executed (first block included): 3, 3, 2, 4.
+    d = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    labels, preds = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 0])
+    s = route_summary(d, labels, preds)
+    assert s["distinct_routes"] == 3 and s["top_route_share"] == 0.5
+    assert s["executed_std"] == pytest.approx(torch.tensor([3.0, 3, 2, 4]).std(unbiased=False).item())
+    assert s["executed_mean_correct"] == pytest.approx(2.5)  # images 0 and 2
+    assert s["executed_mean_wrong"] == pytest.approx(3.5)  # images 1 and 3
+    assert s["class_spearman_median"] is None  # both classes: accuracy 50%, a constant
+    all_right = route_summary(d, labels, labels)
+    assert all_right["executed_mean_wrong"] is None
+
+
+def test_eval_json_reports_routes(plain_run, capsys) -> None:
+    import json
+
+    assert main(["eval", f"{plain_run}/best.pt", "--data", "digits", "--limit", "64", "--json"]) == 0
+    routes = json.loads(capsys.readouterr().out)["routes"]
+    assert routes["distinct_routes"] == 1 and routes["top_route_share"] == 1.0 and routes["executed_std"] == 0.0

@@ -39,6 +39,7 @@ from skipnet.evaluate import (  # noqa: F401 - the data helpers are re-exported 
 )
 from skipnet.gated import GatedResNet, GateMode
 from skipnet.policy import ALL_SKIP_THRESHOLD
+from skipnet.routes import executed_blocks, route_stats, skipped_blocks  # noqa: F401 (re-exported)
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 ... 0.95
 CALIBRATION_GRID: tuple[float, ...] = (0.0, *DEFAULT_THRESHOLDS, 1.0)
@@ -46,16 +47,6 @@ DEFAULT_SCALES: tuple[float, ...] = (0.5, 0.75, 1.25, 1.5)
 
 
 # ----------------------------------------------------------------------------------------- pure numbers
-def executed_blocks(decisions: Tensor) -> Tensor:
-    """Residual blocks executed per image, (M,) int64, from (M, N) decisions; the always-run first block counts."""
-    return 1 + decisions.round().long().sum(1)
-
-
-def skipped_blocks(decisions: Tensor) -> Tensor:
-    """Gated blocks skipped per image, (M,) int64, from (M, N) decisions."""
-    return decisions.shape[1] - decisions.round().long().sum(1)
-
-
 def skip_ratio_per_block(decisions: Tensor) -> list[float]:
     """Fraction of images that skip each gated block: ``1 - mean(decisions, 0)``, length N (Fig. 10a)."""
     if decisions.shape[0] == 0:
@@ -71,21 +62,6 @@ def skip_ratio_per_stage(decisions: Tensor, block_stage: Sequence[int]) -> list[
         r = [ratios[i] for i, st in enumerate(block_stage) if st == s]
         out.append(sum(r) / len(r) if r else float("nan"))
     return out
-
-
-def route_stats(decisions: Tensor) -> dict[str, Any]:
-    """How per-image the policy is: the number of distinct routes (0/1 decision patterns) over the (M, N)
-    decisions, the share of images on the most common one (1.0: a static network), and the standard deviation
-    of the blocks executed per image."""
-    if decisions.shape[0] == 0:
-        return {"distinct_routes": 0, "top_route_share": float("nan"), "executed_std": float("nan")}
-    routes, counts = torch.unique(decisions.round().to(torch.uint8), dim=0, return_counts=True)
-    executed = executed_blocks(decisions).to(torch.float64)
-    return {
-        "distinct_routes": int(routes.shape[0]),
-        "top_route_share": float(counts.max()) / decisions.shape[0],
-        "executed_std": float(executed.std(unbiased=False)),
-    }
 
 
 def _median(values: Tensor) -> float:

@@ -13,6 +13,7 @@ from torch import Tensor
 from skipnet.cost import CostModel, computation_percentage
 from skipnet.data import DataBundle, load_data
 from skipnet.gated import GatedResNet, GateMode
+from skipnet.routes import route_summary
 
 
 @dataclass
@@ -105,6 +106,7 @@ def summarize(record: EvalRecord, cost: CostModel, num_classes: int, gated: bool
         "skip_ratio_per_block": [round(1.0 - v, 6) for v in executed.tolist()],
         "executed_blocks_mean": 1.0 + record.decisions.sum(1).mean().item() if n else float("nan"),
         "gate_macs_mean": gate_macs,
+        "routes": route_summary(record.decisions, record.labels, record.preds),
     }
     if num_classes >= 20:
         out["top5"] = 100.0 * record.correct5.float().mean().item() if n else float("nan")

@@ -60,4 +60,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"  MACs reduction          {result['macs_reduction']:.1f}%")
     print(f"  computation percentage  {result['computation_percentage']:.1f}%")
     print(f"  gate MACs per image     {result['gate_macs_mean']:.4g}")
+    r = result["routes"]
+    if r["distinct_routes"]:
+        print(
+            f"  routes                  {r['distinct_routes']} distinct, {100 * r['top_route_share']:.1f}% of images "
+            f"on the most common; executed blocks std {r['executed_std']:.2f}"
+        )
     return 0
