@@ -350,3 +350,19 @@ def test_compile_captures_sp_and_routed_hrl_steps() -> None:
             loss, _ = STAGES[stage].loss(ce, out.trace, alpha=0.1, beta=1.0, rl_weight=1.0, baseline=None)
             loss.backward()
             assert torch.isfinite(loss)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch) -> None:
+    """oneDNN emulates bfloat16 on CPUs without AVX-512 BF16 / AMX (80x slower than float32 measured on an AVX2
+    machine): --amp bf16 says so instead of silently running a training many times slower."""
+    from skipnet import distributed
+
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bfloat16"):
+        distributed.check_amp("bf16", torch.device("cpu"))
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        distributed.check_amp("bf16", torch.device("cpu"))
