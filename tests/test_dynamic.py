@@ -154,6 +154,9 @@ def test_freeze_keeps_its_part_bit_identical_and_trains_the_other(plain_run, tmp
         ({"stage": "hrl", "wrong_penalty": -1.0}, "--wrong-penalty"),
         ({"stage": "hrl", "entropy_bonus": float("nan")}, "--entropy-bonus"),
         ({"stage": "hrl", "baseline": "greedy"}, "--baseline"),
+        ({"stage": "base", "batch_shape": 0.5}, "--batch-shape"),
+        ({"stage": "hrl", "batch_shape": 1.0}, "--batch-shape"),
+        ({"stage": "sp", "batch_shape": 0.5, "freeze": "gates"}, "--freeze gates"),
     ],
 )
 def test_dynamic_options_are_checked(kw, message) -> None:
@@ -195,3 +198,32 @@ def test_eval_json_reports_routes(plain_run, capsys) -> None:
     assert main(["eval", f"{plain_run}/best.pt", "--data", "digits", "--limit", "64", "--json"]) == 0
     routes = json.loads(capsys.readouterr().out)["routes"]
     assert routes["distinct_routes"] == 1 and routes["top_route_share"] == 1.0 and routes["executed_std"] == 0.0
+
+
+def test_batch_shape_loss_by_hand() -> None:
+    from skipnet.losses import batch_shape_loss
+
+    # one gate, 4 images, rate 0.5: the two highest go to 0.9, the two lowest to 0.1
+    p = torch.tensor([[0.8], [0.2], [0.6], [0.3]], requires_grad=True)
+    loss = batch_shape_loss(p, 0.5)
+    by_hand = ((0.2 - 0.1) ** 2 + (0.3 - 0.1) ** 2 + (0.6 - 0.9) ** 2 + (0.8 - 0.9) ** 2) / 4
+    assert loss.item() == pytest.approx(by_hand)
+    loss.backward()  # each p pulled towards its own target
+    assert p.grad[0, 0] < 0 and p.grad[2, 0] < 0 and p.grad[1, 0] > 0 and p.grad[3, 0] > 0
+    # a static gate cannot do better than rate (1 - rate) (high - low)^2; a split batch pays nothing
+    static = batch_shape_loss(torch.full((100, 3), 0.5), 0.3)
+    assert static.item() >= 0.3 * 0.7 * 0.8**2 - 1e-6
+    split = torch.tensor([0.1] * 70 + [0.9] * 30).view(-1, 1)
+    assert batch_shape_loss(split, 0.3).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_stage_loss_adds_the_batch_shape_term() -> None:
+    from skipnet.losses import batch_shape_loss
+
+    trace, _ = _trace(8, 3)
+    ce = torch.rand(8)
+    kw = dict(alpha=0.1, beta=1.0, rl_weight=1.0, baseline=None)
+    plain, _ = STAGES["hrl"].loss(ce, trace, **kw)
+    shaped, stats = STAGES["hrl"].loss(ce, trace, **kw, shape=(0.4, 3.0))
+    torch.testing.assert_close(shaped - plain, 3.0 * batch_shape_loss(trace.probs, 0.4))
+    assert stats["shape"].item() == pytest.approx(batch_shape_loss(trace.probs, 0.4).item())

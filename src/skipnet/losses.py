@@ -93,6 +93,26 @@ def gate_entropy(logits: Tensor) -> Tensor:
     return (F.softplus(z) - z * torch.sigmoid(z)).sum(1)
 
 
+def batch_shape_loss(probs: Tensor, rate: float, low: float = 0.1, high: float = 0.9) -> Tensor:
+    """Beyond the paper (``--batch-shape RATE``): a per-gate, batch-level term that a gate deciding the same for
+    every image cannot satisfy. Over a batch of B images, each gate's probabilities, sorted, are matched to the
+    quantiles of a two-point prior: the ``rate`` share of the images it ranks highest to ``high``, the others to
+    ``low``, by mean squared difference (the 2-Wasserstein distance between the batch's distribution of ``p`` and
+    the prior; batch-shaping, Ehteshami Bejnordi et al., ICLR 2020, matches CDFs to a Beta prior instead):
+
+        loss = mean_{l, k} (p_(k),l - q_k)^2,   q_k = high if k > (1 - rate) B else low     (k = 1..B, ascending)
+
+    A static gate (one ``p`` for every image) pays ``rate (1 - rate) (high - low)^2`` at best; a gate that splits
+    the batch pays 0. Which images it executes is left to the reward. ``probs`` (B, N), returns a scalar."""
+    if probs.dim() != 2 or not 0.0 < rate < 1.0:
+        raise ValueError(f"expected probs (B, N) and 0 < rate < 1; got {tuple(probs.shape)} and {rate}")
+    b = probs.shape[0]
+    sorted_p = probs.float().sort(0).values  # ascending over the batch, per gate
+    k = torch.arange(1, b + 1, device=probs.device, dtype=torch.float32)
+    target = torch.where(k > (1.0 - rate) * b, high, low).view(-1, 1)
+    return ((sorted_p - target) ** 2).mean()
+
+
 def mean_first_return(
     ce_mean: float, skip_fraction: float, alpha: float, beta: float = 1.0, skip_target: float | None = None
 ) -> float:
@@ -213,6 +233,7 @@ __all__ = [
     "SkipBudget",
     "distillation_loss",
     "distilled_task_loss",
+    "batch_shape_loss",
     "blockdrop_returns",
     "gate_entropy",
     "hybrid_returns",

@@ -513,6 +513,7 @@ class Trainer:
                 reward=self.reward(),
                 greedy=self._greedy_outcome(x, y) if cfg.baseline == "self-critical" else None,
                 entropy=cfg.entropy_bonus,
+                shape=(cfg.batch_shape, cfg.batch_shape_weight) if cfg.batch_shape is not None else None,
             )
             stats |= extra
         if self.dist.any(not bool(torch.isfinite(loss.detach()))):  # before the update: weights stay good

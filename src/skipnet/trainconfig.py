@@ -57,6 +57,8 @@ class TrainConfig:
     wrong_penalty: float = 1.0
     entropy_bonus: float = 0.0
     freeze: str = "none"
+    batch_shape: float | None = None
+    batch_shape_weight: float = 1.0
     zero_init_residual: bool = False
     gate_bias: float | None = None
     paper_gate_init: bool = False
@@ -145,6 +147,10 @@ class TrainConfig:
                 raise SkipnetError("--freeze backbone needs a trained backbone: pass --init (e.g. the plain network)")
             if self.bn == "update":
                 raise SkipnetError("--freeze backbone keeps BatchNorm frozen too; --bn update contradicts it")
+        if self.batch_shape is not None and self.stage not in ("hrl", "rl", "sp", "soft"):
+            raise SkipnetError(f"--batch-shape shapes the gates' probabilities; stage {self.stage} trains no gate")
+        if self.batch_shape is not None and self.freeze == "gates":
+            raise SkipnetError("--batch-shape trains the gates; --freeze gates keeps them fixed")
         if self.freeze == "gates" and self.stage not in ("hrl", "rl", "sp", "soft"):
             raise SkipnetError(f"--freeze gates needs a stage that trains gates; stage {self.stage} trains none")
 
@@ -247,6 +253,8 @@ RULES: list[tuple[str, Any, str]] = [
     ("alpha_lr", _positive, "positive"),
     ("wrong_penalty", lambda v: 0.0 <= v < float("inf"), ">= 0 and finite"),
     ("entropy_bonus", lambda v: 0.0 <= v < float("inf"), ">= 0 and finite"),
+    ("batch_shape", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
+    ("batch_shape_weight", lambda v: 0.0 <= v < float("inf"), ">= 0 and finite"),
     ("gate_bias", lambda v: abs(v) < float("inf"), "finite"),
     ("checkpoint_minutes", _positive, "positive"),
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),

@@ -125,6 +125,17 @@ def _add_reward_args(p: argparse.ArgumentParser) -> None:
         "saturating (beyond the paper; 0 = off)",
     )
     p.add_argument(
+        "--batch-shape",
+        type=float,
+        default=d["batch_shape"],
+        metavar="RATE",
+        help="per gate and batch, push the RATE share of the images the gate ranks highest to p = 0.9 and the "
+        "others to 0.1 (a static gate cannot satisfy it; beyond the paper, after batch-shaping; default: off)",
+    )
+    p.add_argument(
+        "--batch-shape-weight", type=float, default=d["batch_shape_weight"], help="weight of --batch-shape's term"
+    )
+    p.add_argument(
         "--freeze",
         choices=FREEZE,
         default=d["freeze"],
