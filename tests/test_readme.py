@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -64,6 +65,34 @@ def test_quick_start_is_what_ci_runs() -> None:
     ]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install -q -e '.[dev]'" in ci and "\npython -m pytest -q\n" in ci
+
+
+@pytest.mark.slow
+def test_quickstart_is_quiet(tmp_path, capsys) -> None:
+    """``skipnet quickstart``: a line per stage (a bar on a terminal) and one table, at most 25 lines; per-epoch
+    lines go to OUT/quickstart.log; no word about --resume, which the user did not give (issue 35)."""
+    from skipnet.cli import main
+
+    out = tmp_path / "qs"
+    (out / "sp").mkdir(parents=True)
+    (out / "sp" / "metrics.jsonl").write_text('{"step": 3}\n')  # an earlier attempt, killed before its checkpoint
+    assert main(["quickstart", "--out", str(out), "--epochs", "0.05", "--threads", "1"]) == 0
+    stdout, stderr = capsys.readouterr()
+    shown = (stdout + stderr).strip().splitlines()
+    assert len(shown) <= 25, "\n".join(shown)
+    assert "resume" not in stdout + stderr and "step 19" not in stdout + stderr
+    assert [ln.split()[0] for ln in shown if ln.split() and ln.split()[0] in ("base", "sp", "hrl")] == [
+        "base",
+        "sp",
+        "hrl",
+    ]
+    log = (out / "quickstart.log").read_text()
+    assert "step 19:" in log and "holds no checkpoint yet" in log and "finished: test accuracy" in log
+    assert logging.getLogger("skipnet").propagate and not logging.getLogger("skipnet").handlers  # restored
+
+    assert main(["quickstart", "--out", str(out), "--epochs", "0.05", "--threads", "1"]) == 0
+    again = capsys.readouterr()
+    assert again.err.count("finished earlier: reused") == 3 and "resume" not in again.out + again.err
 
 
 def test_shipped_models_table_is_the_index() -> None:

@@ -2,7 +2,7 @@
 
 - :class:`Progress`: a tqdm bar (steps, rate, ETA, running loss / accuracy / executed fraction) on a terminal, and
   on anything else one plain log line every ``--log-every`` steps with the same numbers; log lines written while
-  the bar is up (the evaluations) are printed above it, not over it.
+  the bar is up (the evaluations) are printed above it, not over it. :func:`bar_label` titles the bars.
 - :class:`RunLog`: every ``--log-every`` steps one row of per-step scalars (``STEP_FIELDS``: loss, CE, REINFORCE
   term, reward, executed fraction, accuracy, lr) in ``steps.csv`` beside ``metrics.jsonl``, and with
   ``--tensorboard`` the same scalars plus every evaluation's metrics (skip ratio per block included) as
@@ -52,6 +52,29 @@ def _fmt_time(seconds: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------ progress
+class BarLabel:
+    """The title of the progress bars made under :func:`bar_label`, and whether a run made one (``started``)."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.started = text, False
+
+
+_LABELS: list[BarLabel] = []
+
+
+@contextlib.contextmanager
+def bar_label(text: str) -> Iterator[BarLabel]:
+    """Title the progress bars of the runs started inside with ``text`` (``skipnet quickstart``: one bar per
+    stage). The yielded label's ``started`` tells whether a run trained under it: a finished run, reused, makes
+    none."""
+    label = BarLabel(text)
+    _LABELS.append(label)
+    try:
+        yield label
+    finally:
+        _LABELS.remove(label)
+
+
 class Progress:
     """Training progress: log lines with rate and ETA every ``log_every`` steps; with ``bar`` (the CLI's), a tqdm
     bar instead when ``sys.stderr`` is a terminal."""
@@ -64,6 +87,9 @@ class Progress:
         self.start = time.time()
         self.tty = enabled and bar and sys.stderr.isatty()
         self.bar = None
+        label = _LABELS[-1] if _LABELS and enabled else None
+        if label is not None:
+            label.started = True
         if self.tty:
             from tqdm import tqdm
 
@@ -72,6 +98,7 @@ class Progress:
             except (OSError, ValueError):
                 sized = False
             self.bar = tqdm(
+                desc=label.text if label is not None else None,
                 total=total,
                 initial=initial,
                 unit="step",

@@ -3,30 +3,56 @@
 The three stages of Algorithm 1 on a small real data set that ships inside a package, so that the whole
 pipeline runs on a fresh machine with no download. Prints accuracy, MACs and computation percentage per
 stage and leaves the run directories behind (``--out``, default ``runs/quickstart``).
+
+Quiet by design (issue 35): one progress bar per stage on a terminal (one line per stage elsewhere) and one
+table at the end. Every log line of the three runs (each evaluation, the notices) goes to ``OUT/quickstart.log``
+instead, beside the runs' own ``metrics.jsonl`` and ``steps.csv``; warnings still reach the terminal. Running it
+again reuses the stages that finished and continues one that was stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from skipnet.errors import SkipnetError
+from skipnet.runlog import bar_label
 from skipnet.train import TrainConfig, train
 
 # Feed-forward gates (FFGate-I, one per block) learn a graded policy within a few hundred HRL steps here.
 GATED = "tiny_feedforward_14"
+LOG = "quickstart.log"
+# What the trainer says when a run directory holds no checkpoint yet and --resume starts afresh: quickstart asked
+# for --resume itself (to clear an earlier attempt's leftovers), so the notice goes to the log file only.
+NO_CHECKPOINT_NOTICE = "holds no checkpoint yet; starting a new run"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quickstart", help="base -> SP -> HRL on the built-in digits data (a few minutes on CPU)")
+    p = sub.add_parser(
+        "quickstart",
+        help="base -> SP -> HRL on the built-in digits data (a few minutes on CPU)",
+        description="Train a plain ResNet, a SkipNet by supervised pre-training from it, and refine it with hybrid "
+        "RL, on scikit-learn's digits (no download); print one progress bar per stage and a table of accuracy, "
+        "MACs and computation percentage. Every log line goes to OUT/quickstart.log. Run again, it reuses the "
+        "finished stages. See docs/getting-started.md.",
+    )
     p.add_argument("--out", default="runs/quickstart", help="parent directory of the three run directories")
-    p.add_argument("--epochs", type=float, default=1.0, help="multiply every stage's epoch count by this factor")
-    p.add_argument("--alpha", type=float, default=2.0, help="HRL cost weight alpha")
+    p.add_argument(
+        "--epochs",
+        type=float,
+        default=1.0,
+        help="factor on every stage's length, 1 = 30 base, 15 SP and 15 HRL epochs",
+    )
+    p.add_argument("--alpha", type=float, default=2.0, help="HRL's reward for skipping, alpha of Eq. 5 (unitless)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own, one per core)")
-    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.add_argument("--json", action="store_true", help="print the table as JSON (and nothing else on stdout)")
     p.set_defaults(func=run)
 
 
@@ -37,12 +63,11 @@ def stage_configs(out: Path, scale: float, alpha: float, seed: int, threads: int
         "val_split": 0.15,
         "seed": seed,
         "threads": threads,
-        "resume": True,
         "nesterov": True,
         "weight_decay": 5e-4,
         "log_every": 100,
     }
-    return [
+    configs = [
         TrainConfig(
             "tiny_resnet_14", "base", out=str(out / "base"), epochs=30 * scale, lr=0.1, schedule="onecycle", **common
         ),
@@ -69,10 +94,57 @@ def stage_configs(out: Path, scale: float, alpha: float, seed: int, threads: int
             **common,
         ),
     ]
+    for cfg in configs:  # continue (or reuse) what an earlier quickstart left; a fresh directory is a new run
+        run_dir = Path(cfg.out)
+        cfg.resume = run_dir.is_dir() and any(run_dir.iterdir())
+    return configs
+
+
+class _Console(logging.Handler):
+    """Warnings and errors on stderr, printed above a progress bar (``tqdm.write``) rather than through it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        self.addFilter(lambda record: NO_CHECKPOINT_NOTICE not in record.getMessage())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must not raise
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def quiet_logs(path: Path) -> Iterator[None]:
+    """Every record of skipnet's loggers (and Python warnings) to ``path``; only warnings and errors to the
+    terminal. Not through the root logger: the training bar's ``logging_redirect_tqdm`` would print its records.
+    The loggers are restored on the way out (the CLI may run in a longer-lived process, e.g. the tests)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    loggers = [logging.getLogger("skipnet"), logging.getLogger("py.warnings")]
+    saved = [(lg, lg.level, lg.propagate, list(lg.handlers)) for lg in loggers]
+    console = _Console()
+    logging.captureWarnings(True)
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.INFO)
+            lg.propagate = False
+            lg.handlers = [to_file, console]
+        yield
+    finally:
+        logging.captureWarnings(False)
+        for lg, level, propagate, handlers in saved:
+            lg.setLevel(level)
+            lg.propagate = propagate
+            lg.handlers = handlers
+        to_file.close()
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if not args.epochs > 0:
         raise SkipnetError(f"--epochs must be positive, got {args.epochs:g}")
     if not args.alpha >= 0:
@@ -80,25 +152,43 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise SkipnetError(f"--threads must be positive, got {args.threads}")
     out = Path(args.out)
+    configs = stage_configs(out, args.epochs, args.alpha, args.seed, args.threads)
+    bars = sys.stderr.isatty()
+    say = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say(f"skipnet quickstart: base -> SP -> HRL on scikit-learn digits; logs in {out / LOG}")
     rows = []
-    for cfg in stage_configs(out, args.epochs, args.alpha, args.seed, args.threads):
-        summary = train(cfg, progress_bar=True)
-        t = summary["test"]
-        rows.append(
-            {
-                "stage": cfg.stage,
-                "arch": cfg.arch,
-                "run": cfg.out,
-                "accuracy": round(t["accuracy"], 2),
-                "macs": round(t["macs_mean"]),
-                "macs_reduction": round(t["macs_reduction"], 1),
-                "computation_percentage": round(t["computation_percentage"], 1),
-                "train_time_s": summary.get("train_time_s"),
-            }
-        )
+    with quiet_logs(out / LOG):
+        for i, cfg in enumerate(configs, 1):
+            start = time.time()
+            with bar_label(f"[{i}/3] {cfg.stage}") as label:
+                summary = train(cfg, progress_bar=True)
+            t = summary["test"]
+            if not label.started:
+                say(f"[{i}/3] {cfg.stage:<4} finished earlier: reused {cfg.out}")
+            elif not bars:
+                say(
+                    f"[{i}/3] {cfg.stage:<4} trained in {time.time() - start:.0f} s: test accuracy {t['accuracy']:.2f}%"
+                )
+            rows.append(
+                {
+                    "stage": cfg.stage,
+                    "arch": cfg.arch,
+                    "run": cfg.out,
+                    "accuracy": round(t["accuracy"], 2),
+                    "macs": round(t["macs_mean"]),
+                    "macs_reduction": round(t["macs_reduction"], 1),
+                    "computation_percentage": round(t["computation_percentage"], 1),
+                    "train_time_s": summary.get("train_time_s"),
+                }
+            )
     if args.json:
         print(json.dumps(rows))
         return 0
+    print_table(rows, out)
+    return 0
+
+
+def print_table(rows: list[dict], out: Path) -> None:
     print("\nSkipNet quickstart on scikit-learn digits (8x8, 1,797 real images; test split of 359)")
     print(f"{'stage':<6} {'test acc %':>10} {'MACs/image':>12} {'MACs vs plain':>14} {'comp. %':>8}  run dir")
     for r in rows:
@@ -107,5 +197,5 @@ def run(args: argparse.Namespace) -> int:
             f"{r['computation_percentage']:>8.1f}  {r['run']}"
         )
     best = out / "hrl" / "best.pt"
-    print(f"\nNext: skipnet eval {best} --data digits ; skipnet bench {best} --data digits")
-    return 0
+    print(f"\nPer-epoch metrics: each run dir's metrics.jsonl and steps.csv; every log line: {out / LOG}")
+    print(f"Next: skipnet eval {best} --data digits ; skipnet bench {best} --data digits")
