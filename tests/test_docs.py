@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def test_site_builds_strict(tmp_path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
