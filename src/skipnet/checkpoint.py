@@ -144,13 +144,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     Also reads a ``.safetensors`` export (:func:`export_safetensors`); it comes back as a checkpoint without
     optimizer state. ``pretrained:NAME`` is the file shipped for NAME (:mod:`skipnet.pretrained`).
     """
-    from skipnet.pretrained import resolve_checkpoint
+    from skipnet.pretrained import check_entry, resolve_checkpoint
 
-    path = resolve_checkpoint(path)
+    spec, path = path, resolve_checkpoint(path)
     if not path.is_file():
         raise SkipnetError(f"checkpoint {str(path)!r} does not exist")
     if _is_safetensors(path):
-        return load_safetensors(path, map_location)
+        ckpt = load_safetensors(path, map_location)
+        check_entry(spec, ckpt)
+        return ckpt
     _check_zip(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)

@@ -30,10 +30,24 @@ class EvalRecord:
 
 
 def eval_mode_for(model: GatedResNet) -> GateMode:
-    """How a model decides at inference: its stored mode (``random`` for SDV), greedy if gated, else all-on."""
-    if model.mode == GateMode.RANDOM:
-        return GateMode.RANDOM
+    """How a model decides at inference: as it was trained and validated.
+
+    ``all_on`` and ``random`` (SDV) are kept as stored: a gated architecture trained in stage ``base`` records
+    ``all_on`` and its gates were never trained, so it runs every block. A training mode (``hard``, ``soft``,
+    ``sample``) is validated greedily, as is any gated model; a model without gates runs every block."""
+    mode = GateMode(model.mode)
+    if mode in (GateMode.RANDOM, GateMode.ALL_ON):
+        return mode
     return GateMode.GREEDY if model.gates is not None else GateMode.ALL_ON
+
+
+def describe_mode(mode: GateMode | str) -> str:
+    """A few words naming how a mode decides, for reports."""
+    return {
+        GateMode.ALL_ON: "all_on: every block runs, no gate computed",
+        GateMode.RANDOM: "random: blocks kept at random (stochastic depth)",
+        GateMode.GREEDY: "greedy: the learned gates decide",
+    }.get(GateMode(mode), str(GateMode(mode).value))
 
 
 @torch.no_grad()

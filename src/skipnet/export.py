@@ -407,6 +407,7 @@ def metadata(model: GatedResNet, graph: ExportGraph, ckpt: dict[str, Any] | None
         "graph": graph.graph,
         "arch": model.config.to_dict(),
         "threshold": graph.threshold,
+        "mode": "all_on" if graph.graph == "plain" else "greedy",  # how the graph decides: every block, or the gates
         "batch": batch,  # None: any batch size
         "image_size": model.config.image_size,
         "input": "float32 RGB images in [0, 1], (B, C, H, W); the normalisation below is applied inside the graph",

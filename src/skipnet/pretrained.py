@@ -122,12 +122,34 @@ def resolve_checkpoint(spec: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ loading
+def check_mode(record: dict[str, Any], ckpt: dict[str, Any], what: str) -> None:
+    """Refuse a description (an index entry, a ``config.json``) whose gate mode is not the weights' own: the
+    model runs in the weights' mode, and figures measured in another would be silently wrong."""
+    want, have = record.get("mode"), ckpt.get("mode", "greedy")
+    if want is not None and want != have:
+        raise SkipnetError(
+            f"{what} disagree on the gate mode ({want!r} against the weights' {have!r}); reinstall or save it again"[
+                :300
+            ]
+        )
+
+
+def check_entry(spec: str | Path, ckpt: dict[str, Any]) -> None:
+    """For ``pretrained:NAME``: the shipped file must run in the mode its index entry was measured in."""
+    text = str(spec)
+    if text.startswith(PREFIX) and text[len(PREFIX) :]:
+        key, entry = get_entry(text[len(PREFIX) :])
+        check_mode(entry, ckpt, f"the index entry of {key!r} and its file")
+
+
 def load_pretrained(name: str, root: str | Path | None = None, map_location: str = "cpu"):
     """The shipped model ``name`` (eval mode, its threshold and gate mode set), as ``(model, checkpoint)``."""
     from skipnet.checkpoint import load_checkpoint, model_from_checkpoint
 
     path = pretrained_path(name, root)
     ckpt = load_checkpoint(path, map_location)
+    key, entry = get_entry(name, root)
+    check_mode(entry, ckpt, f"the index entry of {key!r} and its file")
     return model_from_checkpoint(ckpt, f"{PREFIX}{name}"), ckpt
 
 
@@ -187,6 +209,7 @@ def from_pretrained(directory_or_name: str | Path, map_location: str = "cpu"):
             raise SkipnetError(f"{config_path} is not readable JSON ({type(exc).__name__})") from None
         if not isinstance(config, dict) or config.get("arch") != ckpt["arch"]:
             raise SkipnetError(f"{config_path} describes another architecture than {weights}; save the model again")
+        check_mode(config, ckpt, f"{config_path} and {weights}")
     return model_from_checkpoint(ckpt, weights)
 
 

@@ -29,7 +29,7 @@ from skipnet.analysis import (
     report_markdown,
 )
 from skipnet.checkpoint import load_model, require_same_classes
-from skipnet.commands._common import add_source_args, check_value, open_for_eval
+from skipnet.commands._common import add_source_args, check_value, open_for_eval, require_learned_gates
 from skipnet.cost import cost_model, fewer_macs
 from skipnet.errors import SkipnetError
 from skipnet.evaluate import eval_mode_for, run_eval
@@ -103,7 +103,9 @@ def _other_point(
     label = checkpoint_label(path, ckpt)
     if plain:  # a gated checkpoint as --base is its own network with every block on
         label = f"plain ResNet ({label})" if model.gates is None else f"all blocks on ({label})"
-    return {"path": path, "label": label} | point
+    elif mode != GateMode.GREEDY:  # run as it was validated: every block (stage base) or at random (SDV)
+        label = f"{label}, {mode.value}"
+    return {"path": path, "label": label, "mode": mode.value} | point
 
 
 def _checked_out(args: argparse.Namespace) -> Path:
@@ -182,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
     out = _checked_out(args)
 
     def check(model, ckpt) -> None:
+        require_learned_gates(model, ckpt, str(args.checkpoint), "analyze")
         if args.split == "val" and not float(ckpt.get("data", {}).get("val_split", 0.0) or 0.0):
             raise SkipnetError(f"{args.checkpoint} was trained without a validation split; use --split test")
 
@@ -197,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
         "alpha": cfg.get("alpha") if stage in ("hrl", "rl") else None,
         "data": args.data,
         "calibration": ckpt.get("calibration"),
+        "mode": GateMode.GREEDY.value,  # analyze runs the learned gates (require_learned_gates)
     }
 
     bundles = {(checkpoint_stats(ckpt), model.config.image_size): data}

@@ -132,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
     threads = set_threads(args.threads)
     torch.manual_seed(args.seed)
     model, info = load_subject(args.subject)
+    keep = args.keep
+    if info["source"] == "checkpoint":
+        keep = _checkpoint_keep(model, args.subject, keep, info)
     images = None
     if args.data is not None:
         if info["source"] != "checkpoint":
@@ -139,7 +142,6 @@ def run(args: argparse.Namespace) -> int:
         images = real_images(args.subject, model, args.data, args.data_dir, args.batch_size)
         info["inputs"] = f"first {args.batch_size} test images of {args.data}"
     size = args.image_size or (images.shape[-1] if images is not None else model.config.image_size)
-    keep = args.keep
     if info["source"] == "arch":
         keep = 0.5 if keep is None else keep
         calibrate_bn(model, size, seed=args.seed)
@@ -160,9 +162,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(res))
         return 0
     how = (
-        f"forced Bernoulli({keep:g}) decisions"
-        if keep is not None
-        else f"learned greedy gates, threshold {info.get('threshold', 0.5):g}"
+        f"learned greedy gates, threshold {info.get('threshold', 0.5):g}"
+        if keep is None
+        else f"random Bernoulli({keep:g}) decisions (mode random, as the checkpoint was validated)"
+        if info.get("mode") == "random"
+        else f"forced Bernoulli({keep:g}) decisions"
     )
     print(
         f"{res['arch']} ({info['source']}), batch {res['batch_size']}, {size}x{size}, {res['device']}, "
@@ -173,6 +177,28 @@ def run(args: argparse.Namespace) -> int:
     _print_table(res)
     print(f"max |routed - masked| logit difference {res['max_abs_diff']:.2e}; same decisions: {res['decisions_match']}")
     return 0
+
+
+def _checkpoint_keep(model: Any, subject: str, keep: float | None, info: dict) -> float | None:
+    """The decisions a checkpoint is timed with, as it was trained and validated (its mode, recorded in
+    ``info["mode"]``): its learned greedy gates, its random keep ratio (SDV), or ``--keep``; a checkpoint that runs
+    every block (mode ``all_on``) has nothing to skip and needs ``--keep``."""
+    from skipnet.evaluate import eval_mode_for
+    from skipnet.gated import GateMode
+
+    mode = eval_mode_for(model)
+    if keep is not None:
+        info["mode"] = "forced"
+        return keep
+    info["mode"] = mode.value
+    if mode == GateMode.RANDOM:
+        return float(model.keep_ratio)
+    if mode == GateMode.ALL_ON and model.gates is not None:
+        raise SkipnetError(
+            f"{subject} runs every block (mode all_on: trained without its gates, e.g. in stage base), so there is "
+            "no skipping to time; pass --keep K to time forced decisions, or bench a checkpoint of stage sp or hrl"
+        )
+    return keep
 
 
 def run_onnx(args: argparse.Namespace) -> int:
@@ -253,6 +279,7 @@ def _onnx_subject(args: argparse.Namespace) -> tuple[bytes, dict, bytes | None, 
         from skipnet.checkpoint import load_model
 
         model, ckpt = load_model(args.subject)
+        _require_greedy(model, args.subject)
         stats = checkpoint_stats(ckpt)
         graph = "conditional" if args.batch_size == 1 else "routed"
         ex = export_model(model, "onnx", graph=graph, stats=stats, ckpt=ckpt, probes=1)
@@ -262,7 +289,23 @@ def _onnx_subject(args: argparse.Namespace) -> tuple[bytes, dict, bytes | None, 
         if graph != "conditional" and plain_bytes is None:
             plain_bytes = export_model(model, "onnx", graph="plain", stats=stats, ckpt=ckpt, probes=1).payload
         info = {"source": "checkpoint", "path": args.subject, "exported": ex.graph}
+    info["mode"] = "greedy"  # an exported gated graph decides greedily at its threshold
     return payload, meta, plain_bytes, model, info
+
+
+def _require_greedy(model: Any, subject: str) -> None:
+    """An exported graph decides greedily with the learned gates: refuse a checkpoint validated otherwise."""
+    from skipnet.evaluate import eval_mode_for
+    from skipnet.gated import GateMode
+
+    mode = eval_mode_for(model)
+    if mode == GateMode.GREEDY or model.gates is None:  # no gates: the export says only --graph plain applies
+        return
+    why = {
+        GateMode.ALL_ON: "runs every block (mode all_on: its gates were never trained, e.g. stage base)",
+        GateMode.RANDOM: "decides at random (mode random, stochastic depth), which no exported graph does",
+    }[mode]
+    raise SkipnetError(f"{subject} {why}; --runtime onnxruntime times the learned gates of a SkipNet (stage sp or hrl)")
 
 
 def _onnx_images(args: argparse.Namespace, meta: dict, model: Any) -> tuple[torch.Tensor, str]:

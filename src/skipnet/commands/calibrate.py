@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from skipnet.analysis import CALIBRATION_GRID, calibrate_threshold, eval_loader, require_gates
+from skipnet.analysis import CALIBRATION_GRID, calibrate_threshold, eval_loader
 from skipnet.checkpoint import atomic_save, export_safetensors
-from skipnet.commands._common import add_source_args, check_value, open_for_eval
+from skipnet.commands._common import add_source_args, check_value, open_for_eval, require_learned_gates
 from skipnet.cost import cost_model, fewer_macs
 from skipnet.errors import SkipnetError
 
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     check_out_file(src, dst, args.force)
 
     def check(model, ckpt) -> None:
-        require_gates(model, "calibrate")
+        require_learned_gates(model, ckpt, str(src), "calibrate")
         if args.split == "val" and not float(ckpt.get("data", {}).get("val_split", 0.0) or 0.0):
             raise SkipnetError(
                 f"{src} was trained without a validation split, and the test set must not choose the threshold; "

@@ -7,7 +7,8 @@ import json
 
 from skipnet.commands._common import add_source_args, check_value, open_for_eval
 from skipnet.cost import cost_model
-from skipnet.evaluate import eval_loader, evaluate
+from skipnet.errors import SkipnetError
+from skipnet.evaluate import describe_mode, eval_loader, eval_mode_for, evaluate
 from skipnet.gated import GateMode
 
 
@@ -25,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--mode",
         choices=[m.value for m in GateMode],
         default=None,
-        help="gate mode (default: the checkpoint's; greedy for SkipNets, all_on for plain ResNets, random for SDV)",
+        help="gate mode (default: the one the checkpoint was trained and validated in: greedy for SkipNets, all_on "
+        "for plain ResNets and for gated networks trained in stage base, random for SDV)",
     )
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--limit", type=int, default=None, help="evaluate a seeded subset of N images (default: all)")
@@ -38,21 +40,32 @@ def run(args: argparse.Namespace) -> int:
     check_value("threshold", args.threshold, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
     check_value("batch_size", args.batch_size, lambda v: v > 0, "positive")
     check_value("limit", args.limit, lambda v: v > 0, "positive")
-    _, model, _, data = open_for_eval(args, limit=args.limit)
+
+    def check(model, ckpt) -> None:
+        mode = GateMode(args.mode or eval_mode_for(model))
+        if args.threshold is not None and mode in (GateMode.ALL_ON, GateMode.RANDOM):
+            why = "" if args.mode else f" (the mode {args.checkpoint} was trained and validated in)"
+            raise SkipnetError(
+                f"--threshold sets the gates' threshold, but this evaluation runs in mode {mode.value}{why}, which "
+                "computes no gate; drop --threshold, or pass --mode greedy to run the gates"
+            )
+
+    _, model, _, data = open_for_eval(args, check=check, limit=args.limit)
     loader = eval_loader(data, args.split)
     cost = cost_model(model)
-    result = evaluate(model, loader, cost, mode=args.mode, threshold=args.threshold)
+    mode = GateMode(args.mode or eval_mode_for(model))  # what the checkpoint was validated in, unless asked
+    result = evaluate(model, loader, cost, mode=mode, threshold=args.threshold)
     result = {
         "checkpoint": args.checkpoint,
         "arch": model.config.name,
         "split": args.split,
         "threshold": args.threshold if args.threshold is not None else model.threshold,
-        "mode": args.mode or str(model.mode.value),
+        "mode": mode.value,
     } | result
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{args.checkpoint} on {data.name} {args.split} ({result['images']} images)")
+    print(f"{args.checkpoint} on {data.name} {args.split} ({result['images']} images), mode {describe_mode(mode)}")
     print(f"  top-1 accuracy          {result['accuracy']:.2f}%")
     if "top5" in result:
         print(f"  top-5 accuracy          {result['top5']:.2f}%")

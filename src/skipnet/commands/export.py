@@ -78,25 +78,11 @@ def run(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(src)
     model = model_from_checkpoint(ckpt)  # the weights must rebuild the network before they are exported
     if fmt == "safetensors":
-        export_safetensors(ckpt, dst, source=src.name)
-        info = {
-            "checkpoint": str(src),
-            "out": str(dst),
-            "format": fmt,
-            "arch": ckpt["arch"]["name"],
-            "tensors": len(ckpt["state_dict"]),
-            "bytes": dst.stat().st_size,
-            "threshold": float(ckpt.get("threshold", 0.5)),
-        }
-        if args.json:
-            print(json.dumps(info))
-        else:
-            print(f"wrote {dst} ({info['arch']}, {info['tensors']} tensors, {info['bytes']:,} bytes)")
-        return 0
+        return _write_safetensors(ckpt, src, dst, args.json)
 
     from skipnet.evaluate import checkpoint_stats
 
-    graph = args.graph or ("conditional" if model.gates is not None else "plain")
+    graph = _graph_for(model, args.graph, str(src))
     ex = export_model(
         model,
         fmt,
@@ -114,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         "out": str(dst),
         "format": fmt,
         "graph": ex.graph,
+        "mode": ex.meta["mode"],
         "arch": model.config.name,
         "bytes": dst.stat().st_size,
         "threshold": ex.meta["threshold"],
@@ -130,12 +117,56 @@ def run(args: argparse.Namespace) -> int:
     chk = ex.check
     dec = f", {chk['decision_mismatches']} decisions differ" if "decision_mismatches" in chk else ""
     print(
-        f"wrote {dst} ({info['arch']}, {ex.graph} graph, {batch}, threshold {info['threshold']:g}, "
-        f"{info['bytes']:,} bytes)"
+        f"wrote {dst} ({info['arch']}, {ex.graph} graph, mode {info['mode']}, {batch}, threshold "
+        f"{info['threshold']:g}, {info['bytes']:,} bytes)"
     )
     print(
         f"checked in {chk['runtime']} on {chk['images']} probe images against the eager model: max logit "
         f"difference {chk['max_abs_logit_diff']:.1e}{dec}"
     )
     print("input: float32 RGB images in [0, 1], (B, C, H, W); normalised inside the graph")
+    return 0
+
+
+def _graph_for(model, graph: str | None, source: str) -> str:
+    """The graph to export: as the checkpoint was trained and validated. A SkipNet (greedy gates) defaults to
+    ``conditional``; a network that runs every block (no gates, or a gated one trained in stage ``base``: mode
+    ``all_on``) to ``plain`` and refuses a gated graph, whose untrained gates would decide; a stochastic-depth
+    network (mode ``random``) has no deterministic graph and needs ``--graph plain`` explicitly."""
+    from skipnet.evaluate import eval_mode_for
+    from skipnet.gated import GateMode
+
+    mode = eval_mode_for(model)
+    if mode == GateMode.RANDOM and graph != "plain":
+        raise SkipnetError(
+            f"{source} decides at random (mode random, stochastic depth), which no exported graph does; pass "
+            "--graph plain to export it with every block on"
+        )
+    if mode == GateMode.ALL_ON and model.gates is not None and graph not in (None, "plain"):
+        raise SkipnetError(
+            f"{source} runs every block (mode all_on: its gates were never trained, e.g. stage base), so a "
+            f"{graph} graph would let untrained gates decide; export it with --graph plain (the default for it)"
+        )
+    if graph is not None:
+        return graph
+    return "conditional" if mode == GateMode.GREEDY else "plain"
+
+
+def _write_safetensors(ckpt: dict, src: Path, dst: Path, as_json: bool) -> int:
+    """The weights as safetensors, with the architecture, threshold, gate mode and normalisation in the metadata."""
+    export_safetensors(ckpt, dst, source=src.name)
+    info = {
+        "checkpoint": str(src),
+        "out": str(dst),
+        "format": "safetensors",
+        "arch": ckpt["arch"]["name"],
+        "tensors": len(ckpt["state_dict"]),
+        "bytes": dst.stat().st_size,
+        "threshold": float(ckpt.get("threshold", 0.5)),
+        "mode": str(ckpt.get("mode", "greedy")),
+    }
+    if as_json:
+        print(json.dumps(info))
+    else:
+        print(f"wrote {dst} ({info['arch']}, mode {info['mode']}, {info['tensors']} tensors, {info['bytes']:,} bytes)")
     return 0
