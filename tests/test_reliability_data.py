@@ -137,3 +137,30 @@ def test_leftover_of_a_killed_extraction_is_replaced(tmp_path) -> None:
     next(first.rglob("*.png")).unlink()
     again = resolve_folder(archive)
     assert len(list(again.rglob("*.png"))) == 16 and (dest / ".complete").exists()
+
+
+def _test_labels(root: Path) -> tuple[list[str], list[int]]:
+    bundle = load_data(str(root), batch_size=4, val_split=0.0)
+    loader = bundle.split("test")
+    return list(bundle.classes), [int(y) for _, ys in loader for y in ys]
+
+
+def test_a_new_training_class_relabels_the_cached_test_split(tmp_path) -> None:
+    """Issue 33: train/{a,b}, test/{a,b}; then train/0new/ is added. The test split's files are unchanged, but its
+    labels index the training class list, which changed: the decoded-image cache must not hand back the old
+    labels (test accuracy 0.00% with the warm cache, 100.00% with a fresh one)."""
+    root = make_folder(tmp_path / "imgs")
+    classes, labels = _test_labels(root)
+    assert classes == ["a", "b"] and sorted(labels) == [0] * 4 + [1] * 4
+    new = root / "train" / "0new"
+    new.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(new / f"{i}.png")
+    classes, labels = _test_labels(root)  # the same cache directory, now warm
+    assert classes == ["0new", "a", "b"]
+    assert sorted(labels) == [1] * 4 + [2] * 4
+    # and back: removing the class again gives the first labels, not the second run's
+    for f in new.iterdir():
+        f.unlink()
+    new.rmdir()
+    assert sorted(_test_labels(root)[1]) == [0] * 4 + [1] * 4

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -495,9 +496,11 @@ def _image_size(files: list[Path]) -> tuple[int, int]:
     )
 
 
-def _folder_key(split_dir: Path, files: list[Path], size: int | None) -> str:
-    """Cache key over the split's path, every file's name, size and mtime, and the resize target."""
-    h = hashlib.sha1(f"{split_dir.resolve()}:{size}".encode())
+def _folder_key(split_dir: Path, files: list[Path], size: int | None, classes: list[str]) -> str:
+    """Cache key over the split's path, the class list its labels index (the training split's, for a test
+    split: a class added to or removed from train/ relabels test/), every file's name, size and mtime, and the
+    resize target."""
+    h = hashlib.sha1(f"{split_dir.resolve()}:{size}:{json.dumps(list(classes))}".encode())
     for f in files:
         try:
             st = f.stat()
@@ -515,14 +518,16 @@ def _decode_folder(
     Unreadable files are skipped with one warning (count and first paths); a split with no readable image fails.
     """
     files, labels, classes = _list_folder(split_dir, classes)
-    key = _folder_key(split_dir, files, size)
+    key = _folder_key(split_dir, files, size, classes)
     cache = cache_dir() / "tensors" / f"{split_dir.parent.name}-{split_dir.name}-{key}.pt"
     if cache.exists():
         try:
             data = torch.load(cache, weights_only=True)
+            if list(data["classes"]) != list(classes):  # labels index another class list: decode again
+                raise ValueError("stale class list")
             _warn_skipped(split_dir, list(data.get("skipped", [])), len(files))
-            return data["images"], data["labels"], data["classes"]
-        except Exception:  # noqa: BLE001 - a damaged cache is rebuilt
+            return data["images"], data["labels"], list(classes)
+        except Exception:  # noqa: BLE001 - a damaged or stale cache is rebuilt
             log.warning("ignoring unreadable cache %s; decoding again", cache)
 
     log.info("decoding %d images from %s (once; cached at %s)", len(files), split_dir, cache)
