@@ -541,8 +541,8 @@ def test_corrupt_large_images_are_replaced_when_met(tmp_path, caplog) -> None:
         (["--skip-budget", "1"], "--skip-budget must be in (0, 1), got 1"),
         (["--skip-budget", "0.3", "--alpha-lr", "0"], "--alpha-lr must be positive"),
         (["--skip-budget", "0.3", "--skip-target", "0.3"], "--skip-budget and --skip-target are alternatives"),
-        (["--skip-budget", "0.3"], "--skip-budget changes the HRL/RL skip reward; stage"),
-        (["--skip-reward", "correct"], "--skip-reward changes the HRL/RL skip reward; stage"),
+        (["--skip-budget", "0.3"], "--skip-budget changes the HRL/RL"),
+        (["--skip-reward", "correct"], "--skip-reward changes the HRL/RL"),
         (["--image-size", "4"], "--image-size 4 is too small for tiny_rnn_gate_14"),
     ],
 )

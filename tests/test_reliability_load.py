@@ -134,6 +134,9 @@ def test_nan_threshold_in_safetensors_metadata_is_refused(valid, tmp_path) -> No
     blob = json.dumps(header).encode()
     bad = tmp_path / "nan.safetensors"
     bad.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n :])
+    with pytest.raises(SkipnetError, match="fails the checksum"):  # an edited header
+        load_checkpoint(bad)
+    export_safetensors(valid["ckpt"] | {"threshold": math.nan}, bad)  # written so, with a valid checksum
     with pytest.raises(SkipnetError, match="threshold nan"):
         load_checkpoint(bad)
 
@@ -333,3 +336,94 @@ def test_all_skip_threshold_written_by_calibrate_loads(valid, tmp_path, capsys) 
     assert not out.trace.decisions.any()  # no gated block runs
     assert main(["eval", str(bad), "--data", "digits"]) == 2
     assert "threshold 1.02; it must be a number in [0, 1] or 1.01" in one_line_error(capsys, "eval")
+
+
+# ------------------------------------------------------------------------------ safetensors header checksum
+def _rewrite_header(src: Path, dst: Path, edit) -> None:
+    """Copy ``src`` to ``dst`` with its header JSON changed by ``edit(header)``; the data section unchanged."""
+    raw = src.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    blob = json.dumps(header).encode()
+    dst.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n :])
+
+
+def _swap_same_shape(header: dict) -> None:
+    by_shape: dict = {}
+    for name, entry in sorted(header.items()):
+        if name != "__metadata__":
+            by_shape.setdefault((entry["dtype"], tuple(entry["shape"])), []).append(name)
+    a, b = next(v for v in by_shape.values() if len(v) > 1)[:2]
+    header[a]["data_offsets"], header[b]["data_offsets"] = header[b]["data_offsets"], header[a]["data_offsets"]
+
+
+def _set_meta(key: str, change):
+    def edit(header: dict) -> None:
+        header["__metadata__"][key] = change(header["__metadata__"][key])
+
+    return edit
+
+
+HEADER_EDITS = {
+    "swapped tensors": _swap_same_shape,
+    "threshold 0.5 -> 0.9": _set_meta("threshold", lambda v: "0.9"),
+    "a digit of the mean": _set_meta("data", lambda v: v.replace("0.5", "0.6", 1)),
+    "mode": _set_meta("mode", lambda v: "all_on"),
+    "arch renamed": _set_meta("arch", lambda v: v.replace('"name": "', '"name": "x', 1)),
+    "stage": _set_meta("stage", lambda v: "hrl"),
+    "a metadata entry added": lambda h: h["__metadata__"].update({"note": "x"}),
+    "a metadata entry removed": lambda h: h["__metadata__"].pop("step"),
+    "dtype entry": lambda h: h[sorted(k for k in h if k != "__metadata__")[0]].update({"dtype": "I32"}),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_EDITS))
+def test_an_edited_safetensors_header_fails_its_checksum(valid, tmp_path, capsys, case) -> None:
+    """Issue 33: the checksum covered the data section only; two swapped same-shape tensors or an edited
+    threshold or mean loaded silently. Header and data are hashed together now, in every command."""
+    bad = tmp_path / "edited.safetensors"
+    _rewrite_header(valid["st"], bad, HEADER_EDITS[case])
+    with pytest.raises(SkipnetError, match="fails the checksum|not a readable safetensors") as exc:
+        load_checkpoint(bad)
+    assert "\n" not in str(exc.value)
+    for argv in (["eval", str(bad), "--data", "digits"], ["export", str(bad), str(tmp_path / "x.safetensors")]):
+        assert main(argv) == 2
+        one_line_error(capsys, argv[0])
+
+
+def test_a_repeated_header_key_is_refused(valid, tmp_path) -> None:
+    raw = valid["st"].read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    text = raw[8 : 8 + n].decode().rstrip()
+    blob = (text[:-1] + ',"__metadata__":{"format":"skipnet"}}').encode()  # a second metadata object
+    bad = tmp_path / "twice.safetensors"
+    bad.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n :])
+    with pytest.raises(SkipnetError):
+        load_checkpoint(bad)
+
+
+def test_an_export_of_the_old_format_still_loads_and_checks_its_data(valid, tmp_path, caplog) -> None:
+    """A file written before the header checksum (``data_sha256`` only) loads, with a warning that its header is
+    not verified; its data section is still checked."""
+    old = tmp_path / "old.safetensors"
+    _rewrite_header(valid["st"], old, lambda h: h["__metadata__"].pop("sha256"))
+    with caplog.at_level("WARNING", logger="skipnet.checkpoint"):
+        ckpt = load_checkpoint(old)
+    assert ckpt["threshold"] == valid["ckpt"]["threshold"] and "not verified" in caplog.text
+    raw = bytearray(old.read_bytes())
+    raw[-3] ^= 0xFF
+    old.write_bytes(bytes(raw))
+    with pytest.raises(SkipnetError, match="tensor data fails the checksum"):
+        load_checkpoint(old)
+
+
+def test_shipped_models_carry_the_header_checksum() -> None:
+    from skipnet.pretrained import pretrained_path, read_index
+
+    for name in read_index():
+        path = pretrained_path(name)
+        raw = path.read_bytes()
+        meta = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+        assert "sha256" in meta and "data_sha256" in meta, name
+        load_checkpoint(f"pretrained:{name}")

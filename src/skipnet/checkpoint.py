@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import pickle
 import random
 import re
@@ -43,6 +44,8 @@ from skipnet.gated import GatedResNet, GateMode
 from skipnet.policy import ALL_SKIP_THRESHOLD
 
 FORMAT_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -235,24 +238,94 @@ def export_safetensors(ckpt: dict[str, Any], out: str | Path, *, source: str | N
     if ckpt.get("calibration"):
         cal = {k: v for k, v in ckpt["calibration"].items() if k != "points"}
         meta["calibration"] = json.dumps(cal)
+    # the metadata changes the header only, never the data section
     meta["data_sha256"] = hashlib.sha256(_data_section(save(tensors, metadata=meta))).hexdigest()
-    payload = save(tensors, metadata=meta)  # the metadata changes the header only, not the data section
+    meta[HEADER_DIGEST] = _file_digest(save(tensors, metadata=meta))
+    payload = save(tensors, metadata=meta)
+    if _file_digest(payload) != meta[HEADER_DIGEST]:  # the digest excludes itself, so adding it changes nothing
+        raise SkipnetError(f"cannot write {out}: its checksum does not reproduce")
     atomic_write(out, lambda f: f.write(payload))
+
+
+HEADER_DIGEST = "sha256"  # metadata key: SHA-256 of the header (every entry but this one) and the data section
+MAX_HEADER = 100_000_000  # bytes; safetensors' own limit
 
 
 def _data_section(raw: bytes) -> bytes:
     return raw[8 + int.from_bytes(raw[:8], "little") :]
 
 
-def _data_sha256(path: Path) -> str:
-    """SHA-256 of a safetensors file's data section (what follows the 8-byte header size and the header), read in
-    blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(8 + int.from_bytes(f.read(8), "little"))
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate key in the header")
+    return dict(pairs)
+
+
+def _canonical_header(header: bytes) -> tuple[bytes, dict[str, str]]:
+    """The header JSON in one canonical form (sorted keys, no spaces) without the :data:`HEADER_DIGEST` entry,
+    and its metadata. A repeated key is refused: two readers could take different ones."""
+    parsed = json.loads(header.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    if not isinstance(parsed, dict):
+        raise ValueError("the header is not a JSON object")
+    meta = parsed.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("the header's metadata is not a JSON object")
+    parsed["__metadata__"] = {k: v for k, v in meta.items() if k != HEADER_DIGEST}
+    text = json.dumps(parsed, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return text.encode(), meta
+
+
+def _file_digest(raw: bytes) -> str:
+    """:data:`HEADER_DIGEST` of a safetensors file held in memory (see :func:`_file_sha256`)."""
+    n = int.from_bytes(raw[:8], "little")
+    canonical, _ = _canonical_header(raw[8 : 8 + n])
+    h = hashlib.sha256(len(canonical).to_bytes(8, "little") + canonical)
+    h.update(raw[8 + n :])
     return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> tuple[str, str, dict[str, str]]:
+    """``(header-and-data digest, data digest, metadata)`` of a safetensors file, read in blocks. The first
+    covers every tensor's name, dtype, shape and offsets and every metadata entry (but itself) as well as the
+    bytes of the data section: a swapped header entry or an edited threshold fails it, not only damaged weights.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > min(size - 8, MAX_HEADER):
+            raise ValueError("header size past the end of the file")
+        canonical, meta = _canonical_header(f.read(n))
+        whole = hashlib.sha256(len(canonical).to_bytes(8, "little") + canonical)
+        data = hashlib.sha256()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            whole.update(block)
+            data.update(block)
+    return whole.hexdigest(), data.hexdigest(), meta
+
+
+def _verify_safetensors(path: Path, meta: dict[str, str]) -> None:
+    """Check a skipnet safetensors file against the checksums in its metadata: header and data together
+    (:data:`HEADER_DIGEST`), or, in a file written before that existed, the data section (``data_sha256``)."""
+    whole, data, parsed = _file_sha256(path)
+    if parsed != meta:  # what safetensors' reader took is what was checked
+        raise SkipnetError(f"{path} is damaged: its header reads differently in two parsers")
+    if HEADER_DIGEST in meta:
+        if whole != meta[HEADER_DIGEST]:
+            raise SkipnetError(
+                f"{path} is damaged or edited: its header or tensor data fails the checksum in its metadata"
+            )
+        if "data_sha256" in meta and data != meta["data_sha256"]:
+            raise SkipnetError(f"{path} is damaged: its tensor data fails the checksum in its metadata")
+        return
+    digest = meta.get("data_sha256")  # exports written before the header checksum; before that, none
+    if digest is not None and data != digest:
+        raise SkipnetError(f"{path} is damaged: its tensor data fails the checksum in its metadata")
+    log.warning(
+        "%s was written before skipnet checksummed safetensors headers: its metadata (threshold, normalisation, "
+        "tensor names) is not verified; export it again to protect it",
+        path,
+    )
 
 
 def load_safetensors(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -270,11 +343,9 @@ def load_safetensors(path: str | Path, map_location: str | torch.device = "cpu")
                 raise SkipnetError(
                     f"{path} is a safetensors file without skipnet metadata; write it with 'skipnet export'"
                 )
-            digest = meta.get("data_sha256")  # exports written before it had none
-            if digest is not None and _data_sha256(path) != digest:
-                raise SkipnetError(f"{path} is damaged: its tensor data fails the checksum in its metadata")
+            _verify_safetensors(path, meta)
             state_dict = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError, TypeError) as exc:
+    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError, TypeError, RecursionError) as exc:
         raise SkipnetError(f"{path} is not a readable safetensors file ({type(exc).__name__})") from None
     version = meta.get("format_version", "0")
     version = int(version) if version.isdigit() and len(version) < 6 else FORMAT_VERSION + 1
