@@ -1,0 +1,152 @@
+"""Experiments as declared runs: each a ``skipnet train`` command with explicit fields, resumable, run in the
+order of their dependencies, then calibrated to compute budgets and evaluated once on the test split.
+
+A benchmark script declares its :class:`Run` list and calls :class:`Runner`; running it again resumes a killed
+run (``--resume``), skips finished ones (``summary.json`` present) and reuses every cached calibration and
+evaluation (a JSON file beside the checkpoint). A failed command raises :class:`RunFailed` naming its log;
+nothing else is retried or skipped. Progress goes to :mod:`logging`; this module prints nothing.
+
+Placeholders in a run's arguments: ``{data}`` (the data set) and ``{runs}`` (the directory holding every run, so
+``--init {runs}/policy/best.pt`` names another run's checkpoint; list that run in ``needs``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from skipnet.errors import SkipnetError
+
+log = logging.getLogger(__name__)
+
+
+class RunFailed(SkipnetError):
+    """A command of an experiment exited non-zero."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run.
+
+    Attributes:
+        name: its directory under the runner's ``out``.
+        args: ``skipnet train`` arguments (architecture, ``--stage``, options; no ``--data``/``--out``).
+        needs: names of the runs that must finish first.
+        budgets: MACs reductions (%) to calibrate its ``best.pt`` to on the validation split (``skipnet
+            calibrate``), each evaluated on the test split as a row ``NAME@B%``.
+        note: what the run tests, for the results table.
+    """
+
+    name: str
+    args: tuple[str, ...]
+    needs: tuple[str, ...] = ()
+    budgets: tuple[float, ...] = ()
+    note: str = ""
+
+
+def order(runs: Sequence[Run]) -> list[Run]:
+    """``runs`` with every run after the runs it needs (stable otherwise); refuses unknown or circular needs."""
+    by_name = {r.name: r for r in runs}
+    done: list[Run] = []
+    visiting: set[str] = set()
+
+    def visit(r: Run) -> None:
+        if r in done:
+            return
+        if r.name in visiting:
+            raise SkipnetError(f"run {r.name} depends on itself")
+        visiting.add(r.name)
+        for n in r.needs:
+            if n not in by_name:
+                raise SkipnetError(f"run {r.name} needs {n}, which is not declared")
+            visit(by_name[n])
+        visiting.discard(r.name)
+        done.append(r)
+
+    for r in runs:
+        visit(r)
+    return done
+
+
+@dataclass
+class Runner:
+    """Runs, calibrates and evaluates declared :class:`Run` s under ``out`` on ``data``."""
+
+    out: Path
+    data: str
+    python: str = sys.executable
+    env: dict[str, str] | None = None
+    commands: list[str] = field(default_factory=list)  # every command this runner issued, in order
+
+    def dir(self, name: str) -> Path:
+        return self.out / name
+
+    def finished(self, run: Run) -> bool:
+        return (self.dir(run.name) / "summary.json").exists()
+
+    def command(self, run: Run) -> list[str]:
+        """The ``skipnet train`` command of ``run`` (placeholders filled)."""
+        args = [a.format(data=self.data, runs=self.out) for a in run.args]
+        return ["skipnet", "train", *args, "--data", self.data, "--out", str(self.dir(run.name))]
+
+    def _call(self, cmd: list[str], logfile: Path) -> str:
+        self.commands.append(" ".join(cmd))
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        with open(logfile, "a") as f:
+            done = subprocess.run(
+                [self.python, "-m", "skipnet", *cmd[1:]], stdout=subprocess.PIPE, stderr=f, text=True, env=self.env
+            )
+        if done.returncode != 0:
+            raise RunFailed(f"{' '.join(cmd)} exited {done.returncode}; see {logfile}")
+        return done.stdout
+
+    def train(self, runs: Sequence[Run]) -> None:
+        """Train every unfinished run, dependencies first; a started run resumes from its ``last.pt``."""
+        for run in order(runs):
+            if self.finished(run):
+                continue
+            cmd = self.command(run)
+            if (self.dir(run.name) / "last.pt").exists():
+                cmd.append("--resume")
+            log.info("training %s", run.name)
+            self._call(cmd, self.out / f"{run.name}.log")
+
+    def calibrated(self, run: Run, budget: float) -> Path:
+        """``best.pt`` of ``run`` calibrated to ``budget`` % fewer MACs (written once, then reused)."""
+        path = self.dir(run.name) / f"budget{budget:g}.pt"
+        if not path.exists():
+            cmd = ["skipnet", "calibrate", str(self.dir(run.name) / "best.pt"), "--data", self.data]
+            cmd += ["--target-reduction", f"{budget:g}", "--out", str(path)]
+            self._call(cmd, self.out / f"{run.name}.log")
+        return path
+
+    def evaluate(self, checkpoint: Path) -> dict[str, Any]:
+        """``skipnet eval --json`` of ``checkpoint`` on the test split (cached beside it)."""
+        cache = checkpoint.with_suffix(".test.json")
+        if cache.exists():
+            return json.loads(cache.read_text())
+        result = json.loads(
+            self._call(["skipnet", "eval", str(checkpoint), "--data", self.data, "--json"], self.out / "eval.log")
+        )
+        cache.write_text(json.dumps(result))
+        return result
+
+    def rows(self, runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
+        """Test rows of every finished run (its ``best.pt``) and of each of its budgets (``NAME@B%``)."""
+        out: dict[str, dict[str, Any]] = {}
+        for run in runs:
+            if not self.finished(run):
+                continue
+            out[run.name] = self.evaluate(self.dir(run.name) / "best.pt") | {"note": run.note}
+            for b in run.budgets:
+                out[f"{run.name}@{b:g}%"] = self.evaluate(self.calibrated(run, b)) | {"note": run.note}
+        return out
+
+
+__all__ = ["Run", "RunFailed", "Runner", "order"]

@@ -1,0 +1,58 @@
+"""The experiment runner: dependency order, resuming, one way of failing, cached calibration and evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from skipnet.errors import SkipnetError
+from skipnet.experiments import Run, RunFailed, Runner, order
+
+FAST = ("--iters", "6", "--batch-size", "32", "--threads", "1", "--val-split", "0.2", "--limit-test", "64")
+
+
+def test_order_puts_needs_first_and_refuses_cycles() -> None:
+    a, b, c = Run("a", (), needs=("b",)), Run("b", (), needs=("c",)), Run("c", ())
+    assert [r.name for r in order([a, b, c])] == ["c", "b", "a"]
+    with pytest.raises(SkipnetError, match="not declared"):
+        order([Run("x", (), needs=("y",))])
+    with pytest.raises(SkipnetError, match="depends on itself"):
+        order([Run("x", (), needs=("y",)), Run("y", (), needs=("x",))])
+
+
+def test_runner_trains_in_order_resumes_and_collects(tmp_path) -> None:
+    runner = Runner(tmp_path / "runs", "digits")
+    base = Run("base", ("tiny_resnet_14", "--stage", "base", *FAST))
+    hrl = Run(
+        "hrl",
+        ("tiny_rnn_gate_14", "--stage", "hrl", "--init", "{runs}/base/best.pt", "--gate-bias", "1", *FAST),
+        needs=("base",),
+        budgets=(30,),
+    )
+    runner.train([hrl, base])
+    assert [c.split()[2] for c in runner.commands] == ["tiny_resnet_14", "tiny_rnn_gate_14"]
+    assert f"--init {tmp_path}/runs/base/best.pt" in runner.commands[1]
+    runner.commands.clear()
+    runner.train([base, hrl])  # finished: nothing runs again
+    assert runner.commands == []
+    rows = runner.rows([base, hrl])
+    assert set(rows) == {"base", "hrl", "hrl@30%"}
+    assert rows["hrl@30%"]["macs_reduction"] >= 30 - 1e-6 or rows["hrl@30%"]["threshold"] > 1.0
+    assert "routes" in rows["hrl"]
+    n = len(runner.commands)
+    assert runner.rows([base, hrl]) == rows and len(runner.commands) == n  # cached: no command again
+    assert json.loads((tmp_path / "runs" / "hrl" / "best.test.json").read_text())["accuracy"] == rows["hrl"]["accuracy"]
+
+
+def test_runner_resumes_a_started_run_and_fails_one_way(tmp_path) -> None:
+    runner = Runner(tmp_path / "runs", "digits")
+    run = Run("base", ("tiny_resnet_14", "--stage", "base", *FAST))
+    runner.train([run])
+    (tmp_path / "runs" / "base" / "summary.json").unlink()  # as if killed after its last checkpoint
+    runner.commands.clear()
+    runner.train([run])
+    assert runner.commands[0].endswith("--resume")
+    bad = Run("bad", ("tiny_resnet_14", "--stage", "base", "--lr", "-1", *FAST))
+    with pytest.raises(RunFailed, match="bad.log"):
+        runner.train([bad])
