@@ -104,6 +104,18 @@ def _add_reward_args(p: argparse.ArgumentParser) -> None:
         "right (correct: a wrong image is paid only for lowering its loss; beyond the paper)",
     )
     p.add_argument(
+        "--alpha-lr",
+        type=float,
+        default=d["alpha_lr"],
+        help="step size of --skip-budget's alpha update, per step and unit of budget missed (default: 0.01)",
+    )
+    _add_routing_args(p)
+
+
+def _add_routing_args(p: argparse.ArgumentParser) -> None:
+    """Beyond the paper, for a policy that depends on the image: the reward, the estimator, which part trains."""
+    d = TrainConfig.defaults()
+    p.add_argument(
         "--reward",
         choices=REWARDS,
         default=d["reward"],
@@ -141,12 +153,6 @@ def _add_reward_args(p: argparse.ArgumentParser) -> None:
         default=d["freeze"],
         help="parameters that do not train: backbone (hrl/rl from --init: the policy learns on a fixed network, "
         "BatchNorm frozen too; BlockDrop's first stage) or gates (the backbone adapts to a fixed policy)",
-    )
-    p.add_argument(
-        "--alpha-lr",
-        type=float,
-        default=d["alpha_lr"],
-        help="step size of --skip-budget's alpha update, per step and unit of budget missed (default: 0.01)",
     )
 
 
