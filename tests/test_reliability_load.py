@@ -427,3 +427,57 @@ def test_shipped_models_carry_the_header_checksum() -> None:
         meta = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
         assert "sha256" in meta and "data_sha256" in meta, name
         load_checkpoint(f"pretrained:{name}")
+
+
+# ------------------------------------------------------------------------------ data and arch records (issue 33)
+def _record_cases(ckpt: dict) -> dict[str, tuple[dict, str]]:
+    data, sd = ckpt["data"], ckpt["state_dict"]
+    one_channel = make_checkpoint(create_model(ARCH, num_classes=10, in_channels=1), data=data | {"mean": [0.5] * 3})
+    return {
+        "std 0": (ckpt | {"data": data | {"std": [0.0] * 3}}, "must be > 0"),
+        "std nan": (ckpt | {"data": data | {"std": [math.nan] * 3}}, "is not a list of finite numbers"),
+        "mean abc": (ckpt | {"data": data | {"mean": "abc"}}, "mean 'abc' is not a list of finite numbers"),
+        "mean of 3 on 1 channel": (one_channel, "mean has 3 values but the network takes 1-channel images"),
+        "data null": (ckpt | {"data": None}, "malformed data record: NoneType None"),
+        "data list": (ckpt | {"data": [1, 2]}, "malformed data record: list"),
+        "val_split [1]": (ckpt | {"data": data | {"val_split": [1]}}, "val_split [1] must be a fraction"),
+        "classes": (ckpt | {"data": data | {"classes": ["a", "b"]}}, "classes must be 10 names"),
+        "image_size 4096": (
+            ckpt | {"arch": ckpt["arch"] | {"image_size": 4096}, "data": data | {"image_size": 32}},
+            "image_size 32 but the architecture's is 4096",
+        ),
+        "all-NaN weights": (
+            ckpt
+            | {"state_dict": {k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in sd.items()}},
+            "holds non-finite weights or statistics",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_record_cases(make_checkpoint(create_model(ARCH), data={"mean": [0.5] * 3}))))
+def test_a_malformed_data_record_is_one_line_in_every_command(valid, tmp_path, capsys, case) -> None:
+    """Issue 33: std [0] or [NaN] evaluated at 11% with a NaN loss, an image size of 4096 counted 1e11 MACs for
+    8-px digits, an all-NaN state dict evaluated silently, and null, list or "abc" records were tracebacks."""
+    bad_ckpt, needle = _record_cases(valid["ckpt"])[case]
+    for suffix in (".pt", ".safetensors") if case != "data null" else (".pt",):  # an export writes null as {}
+        path = tmp_path / f"bad{suffix}"
+        torch.save(bad_ckpt, path) if suffix == ".pt" else export_safetensors(bad_ckpt, path)
+        for argv in (
+            ["eval", str(path), "--data", "digits"],
+            ["calibrate", str(path), "--data", "digits", "--target-reduction", "10", "--out", str(tmp_path / "c.pt")],
+            ["analyze", str(path), "--data", "digits", "--out", str(tmp_path / "an")],
+            ["bench", str(path)],
+            ["export", str(path), str(tmp_path / "x.safetensors")],
+        ):
+            assert main(argv) == 2, argv
+            assert needle in one_line_error(capsys, argv[0]), argv
+        path.unlink()
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_checkpoint_for_another_image_size_is_refused_on_the_data(tmp_path, capsys) -> None:
+    """No data record to compare with: the data itself (8-px digits) is compared with the network's size."""
+    path = tmp_path / "big.pt"
+    torch.save(make_checkpoint(create_model(ARCH, num_classes=10, in_channels=1, image_size=64)), path)
+    assert main(["eval", str(path), "--data", "digits"]) == 2
+    assert "is built for 64-px images but digits gives 8-px ones" in one_line_error(capsys, "eval")

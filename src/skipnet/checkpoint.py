@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import pickle
 import random
 import re
@@ -209,6 +210,53 @@ def check_contents(ckpt: dict[str, Any], path: str | Path) -> None:
     step = ckpt.get("step", 0)
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise SkipnetError(f"{path} has step {step!r}; it must be a count >= 0"[:300])
+    check_data_record(ckpt.get("data", {}), ckpt["arch"], path)
+    bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise SkipnetError(
+            f"{path} holds non-finite weights or statistics (NaN or inf in {bad}); it cannot be evaluated or trained "
+            "from: use an earlier checkpoint"[:300]
+        )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_data_record(data: Any, arch: dict[str, Any], path: str | Path) -> None:
+    """Refuse, in one line, a ``data`` record that does not describe the images the architecture takes: a mapping
+    whose ``mean`` / ``std`` (if given) hold one finite number per input channel, every ``std`` > 0; whose
+    ``num_classes``, ``in_channels`` and ``image_size`` (if given) are the architecture's; whose ``classes`` are
+    that many names and whose ``val_split`` is a fraction in [0, 1)."""
+
+    def refuse(what: str) -> SkipnetError:
+        return SkipnetError(f"{path} has a malformed data record: {what}"[:300])
+
+    if not isinstance(data, dict):
+        raise refuse(f"{type(data).__name__} {data!r}, not a mapping"[:120])
+    channels = arch.get("in_channels", 3)
+    mean, std = data.get("mean"), data.get("std")
+    if mean or std:
+        for name, values in (("mean", mean), ("std", std)):
+            if not isinstance(values, list) or not all(_number(v) for v in values):
+                raise refuse(f"{name} {values!r} is not a list of finite numbers"[:150])
+            if len(values) != channels:
+                raise refuse(f"{name} has {len(values)} values but the network takes {channels}-channel images")
+        if not all(v > 0 for v in std):
+            raise refuse(f"std {std!r} must be > 0 in every channel (the images are divided by it)"[:150])
+    for key in ("num_classes", "in_channels", "image_size"):
+        if key in data and data[key] is not None and data[key] != arch.get(key):
+            raise refuse(f"{key} {data[key]!r} but the architecture's is {arch.get(key)!r}"[:150])
+    classes = data.get("classes")
+    if classes is not None and (
+        not isinstance(classes, list)
+        or not all(isinstance(c, str) for c in classes)
+        or len(classes) != arch.get("num_classes")
+    ):
+        raise refuse(f"classes must be {arch.get('num_classes')} names, got {classes!r}"[:150])
+    split = data.get("val_split")
+    if split is not None and not (_number(split) and 0.0 <= split < 1.0):
+        raise refuse(f"val_split {split!r} must be a fraction in [0, 1)"[:150])
 
 
 # ------------------------------------------------------------------------------------------ safetensors
@@ -443,11 +491,16 @@ def load_weights_into(model: GatedResNet, ckpt: dict[str, Any], source: str = "c
 
 def require_same_classes(model: GatedResNet, data: Any, source: str, classes: Any = None) -> None:
     """Refuse to evaluate a model on data with another number of classes or other class names than ``classes``
-    (the names the checkpoint recorded, if any: labels would be silently wrong), or of another number of image
-    channels (the first convolution would fail)."""
+    (the names the checkpoint recorded, if any: labels would be silently wrong), of another number of image
+    channels (the first convolution would fail) or of another image size (MACs would be counted at the wrong one)."""
     if int(data.in_channels) != int(model.config.in_channels):
         raise SkipnetError(
             f"{source} takes {model.config.in_channels}-channel images but {data.name} has {data.in_channels}-channel "
+            "ones; evaluate it on the data set it was trained on"
+        )
+    if int(data.image_size) != int(model.config.image_size):  # the cost model would count MACs at another size
+        raise SkipnetError(
+            f"{source} is built for {model.config.image_size}-px images but {data.name} gives {data.image_size}-px "
             "ones; evaluate it on the data set it was trained on"
         )
     if int(data.num_classes) != int(model.config.num_classes):
