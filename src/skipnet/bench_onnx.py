@@ -234,3 +234,46 @@ def load_onnx_subject(path: str) -> tuple[bytes, dict[str, Any]]:
     if meta.get("graph") == "plain":
         raise SkipnetError(f"{path} is a plain ResNet; bench the exported SkipNet (its plain twin is derived from it)")
     return proto.SerializeToString(), meta
+
+
+def check_plain_twin(subject: str, meta: dict[str, Any], proto: Any, plain: str, pmeta: dict[str, Any], pbytes: bytes):
+    """Refuse, in one line, a ``--plain`` graph that is not the plain ResNet of the SkipNet's own backbone: the
+    same architecture, input and normalisation, and the same backbone weights (the ``backbone_sha256`` both exports
+    record). A conditional graph's plain twin is also checked by its outputs: the graph with every ``If`` unfolded
+    into its ``then`` branch must give the ``--plain`` graph's logits on probe images."""
+    for key in ("arch", "image_size", "normalize"):
+        if meta.get(key) != pmeta.get(key):
+            raise SkipnetError(
+                f"--plain {plain} has another {key} than {subject}: it is not the plain twin of its backbone"
+            )
+    mine, theirs = meta.get("backbone_sha256"), pmeta.get("backbone_sha256")
+    if mine and theirs and mine != theirs:
+        raise SkipnetError(
+            f"--plain {plain} holds other backbone weights than {subject}; export the plain graph from the same "
+            "checkpoint (skipnet export CKPT PLAIN.onnx --graph plain)"
+        )
+    conditional = any(n.op_type == "If" for n in proto.graph.node)
+    if not conditional:
+        if not (mine and theirs):
+            raise SkipnetError(
+                f"cannot tell whether --plain {plain} has the backbone of {subject} (an export without a backbone "
+                "fingerprint); export both again from the checkpoint"
+            )
+        return
+    size, channels = int(meta["image_size"]), int(meta["arch"].get("in_channels", 3))
+    gen = torch.Generator().manual_seed(7)
+    probes = torch.rand(4, channels, size, size, generator=gen)
+    twin = onnx_session(unfold_ifs(proto, "then").SerializeToString())
+    given = onnx_session(pbytes)
+    for x in probes.split(1):
+        a = torch.from_numpy(twin.run(None, {twin.get_inputs()[0].name: x.numpy()})[0])
+        b = torch.from_numpy(given.run(None, {given.get_inputs()[0].name: x.numpy()})[0])
+        if (
+            a.shape != b.shape
+            or not bool(torch.isfinite(b).all())
+            or (a - b).abs().max() > 1e-3 * max(1.0, float(a.abs().max()))
+        ):
+            raise SkipnetError(
+                f"--plain {plain} computes other logits than the backbone of {subject}: it is not its plain twin; "
+                "export the plain graph from the same checkpoint (skipnet export CKPT PLAIN.onnx --graph plain)"
+            )

@@ -30,6 +30,7 @@ probe images and compares decisions and logits with the eager greedy model befor
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -397,6 +398,17 @@ class Exported:
     warnings: list[str] = field(default_factory=list)
 
 
+def backbone_fingerprint(model: GatedResNet) -> str:
+    """SHA-256 of the backbone's weights and BatchNorm statistics (names, dtypes, shapes and values): the same for
+    every graph exported from one checkpoint, so that a plain graph can be matched with its SkipNet."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.backbone.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def metadata(model: GatedResNet, graph: ExportGraph, ckpt: dict[str, Any] | None, batch: int | None) -> dict:
     """The JSON metadata stored with an export: what the graph takes, returns and decides with."""
     stats = graph.norm
@@ -417,6 +429,7 @@ def metadata(model: GatedResNet, graph: ExportGraph, ckpt: dict[str, Any] | None
         "outputs": ["logits"] if graph.graph == "plain" else ["logits", "probs", "decisions"],
         "classes": data.get("classes"),
         "saves_compute": graph.graph in ("conditional", "routed"),
+        "backbone_sha256": backbone_fingerprint(model),
     }
 
 

@@ -255,7 +255,7 @@ def _onnx_subject(args: argparse.Namespace) -> tuple[bytes, dict, bytes | None, 
     from skipnet.bench_onnx import load_onnx_subject
     from skipnet.export import export_model, read_onnx_meta
 
-    plain_bytes = None
+    plain_bytes, pmeta = None, None
     if args.plain is not None:
         proto, pmeta = read_onnx_meta(args.plain)
         if pmeta.get("graph") != "plain":
@@ -290,6 +290,12 @@ def _onnx_subject(args: argparse.Namespace) -> tuple[bytes, dict, bytes | None, 
             plain_bytes = export_model(model, "onnx", graph="plain", stats=stats, ckpt=ckpt, probes=1).payload
         info = {"source": "checkpoint", "path": args.subject, "exported": ex.graph}
     info["mode"] = "greedy"  # an exported gated graph decides greedily at its threshold
+    if args.plain is not None:  # the plain graph given must be the backbone of this one
+        import onnx
+
+        from skipnet.bench_onnx import check_plain_twin
+
+        check_plain_twin(args.subject, meta, onnx.load_from_string(payload), args.plain, pmeta, plain_bytes)
     return payload, meta, plain_bytes, model, info
 
 
