@@ -9,7 +9,7 @@ import pytest
 from skipnet.errors import SkipnetError
 from skipnet.experiments import Run, RunFailed, Runner, order
 
-FAST = ("--iters", "6", "--batch-size", "32", "--threads", "1", "--val-split", "0.2", "--limit-test", "64")
+FAST = ("--iters", "4", "--batch-size", "32", "--threads", "1", "--val-split", "0.2", "--limit-test", "64")
 
 
 def test_order_puts_needs_first_and_refuses_cycles() -> None:
@@ -21,7 +21,7 @@ def test_order_puts_needs_first_and_refuses_cycles() -> None:
         order([Run("x", (), needs=("y",)), Run("y", (), needs=("x",))])
 
 
-def test_runner_trains_in_order_resumes_and_collects(tmp_path) -> None:
+def test_runner_trains_in_order_resumes_collects_and_fails_one_way(tmp_path) -> None:
     runner = Runner(tmp_path / "runs", "digits")
     base = Run("base", ("tiny_resnet_14", "--stage", "base", *FAST))
     hrl = Run(
@@ -43,15 +43,11 @@ def test_runner_trains_in_order_resumes_and_collects(tmp_path) -> None:
     n = len(runner.commands)
     assert runner.rows([base, hrl]) == rows and len(runner.commands) == n  # cached: no command again
     assert json.loads((tmp_path / "runs" / "hrl" / "best.test.json").read_text())["accuracy"] == rows["hrl"]["accuracy"]
-
-
-def test_runner_resumes_a_started_run_and_fails_one_way(tmp_path) -> None:
-    runner = Runner(tmp_path / "runs", "digits")
-    run = Run("base", ("tiny_resnet_14", "--stage", "base", *FAST))
-    runner.train([run])
-    (tmp_path / "runs" / "base" / "summary.json").unlink()  # as if killed after its last checkpoint
+    # a run killed after its last checkpoint resumes; until then its best.pt is a row marked unfinished
+    (tmp_path / "runs" / "base" / "summary.json").unlink()
+    assert runner.rows([base])["base"]["finished"] is False
     runner.commands.clear()
-    runner.train([run])
+    runner.train([base])
     assert runner.commands[0].endswith("--resume")
     bad = Run("bad", ("tiny_resnet_14", "--stage", "base", "--lr", "-1", *FAST))
     with pytest.raises(RunFailed, match="bad.log"):

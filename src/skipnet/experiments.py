@@ -138,14 +138,20 @@ class Runner:
         return result
 
     def rows(self, runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
-        """Test rows of every finished run (its ``best.pt``) and of each of its budgets (``NAME@B%``)."""
+        """Test rows of every run with a ``best.pt`` (``"finished": False`` for a run stopped early) and, for a
+        finished run, of each of its budgets (``NAME@B%``)."""
         out: dict[str, dict[str, Any]] = {}
         for run in runs:
-            if not self.finished(run):
+            best = self.dir(run.name) / "best.pt"
+            if not best.exists():
                 continue
-            out[run.name] = self.evaluate(self.dir(run.name) / "best.pt") | {"note": run.note}
-            for b in run.budgets:
-                out[f"{run.name}@{b:g}%"] = self.evaluate(self.calibrated(run, b)) | {"note": run.note}
+            done = self.finished(run)
+            out[run.name] = self.evaluate(best) | {"note": run.note, "finished": done}
+            for b in run.budgets if done else ():
+                out[f"{run.name}@{b:g}%"] = self.evaluate(self.calibrated(run, b)) | {
+                    "note": run.note,
+                    "finished": True,
+                }
         return out
 
 

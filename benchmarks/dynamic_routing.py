@@ -1,0 +1,182 @@
+"""Per-image routing on CIFAR-10 (issue 31): which mechanism makes SkipNet-38's policy depend on the image, and
+at what accuracy, against the static frontier of plain ResNet-20/26/32/38.
+
+    python benchmarks/dynamic_routing.py [--data PATH] [--out runs/dyn] [--only NAME ...] [--no-train]
+
+Every run starts from the shipped plain ResNet-38 (``pretrained:cifar10_resnet_38``, 30 epochs): a policy
+stage learns the gates with the backbone frozen (``--freeze backbone``: BlockDrop's first stage), then a joint
+stage trains both, distilled from the same plain network. Runs are declared below and run by
+:class:`skipnet.experiments.Runner` (resumable; ``--no-train`` only collects). Each row is ``skipnet eval
+--json`` on the test split of the run's ``best.pt`` (chosen on the validation split), with its route
+statistics; the chosen run is also calibrated on validation to 20, 30, 40 and 50% fewer MACs. The plain
+networks' points are the 30-epoch rows of ``benchmarks/results/headline30_cifar10_cpu.json``.
+
+Writes ``benchmarks/results/dynamic_routing.{json,md}`` and ``docs/figures/dynamic_routing.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+
+from skipnet.experiments import Run, Runner
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+FIGURE = REPO / "docs" / "figures" / "dynamic_routing.png"
+DEFAULT_DATA = "../shared/data/cifar10-jpeg.tar.gz"
+BASE = "pretrained:cifar10_resnet_38"
+COMMON = ("--batch-size", "128", "--val-split", "0.1", "--log-every", "10")
+# the policy on the frozen plain network: gates start open (p = 0.88), sampled with a 5% floor, self-critical
+POLICY = ("cifar10_rnn_gate_38", "--stage", "hrl", "--init", BASE, "--freeze", "backbone", "--gate-bias", "2")
+POLICY += ("--baseline", "self-critical", "--explore", "0.05", "--lr", "0.05", "--schedule", "cosine", "--threads", "1")
+SHAPE = ("--batch-shape", "0.65", "--batch-shape-weight", "20")
+BUDGETS = (20.0, 30.0, 40.0, 50.0)
+RUNS = [
+    Run(
+        "pol_bd1_static",
+        (*POLICY, "--reward", "blockdrop", "--wrong-penalty", "1", "--entropy-bonus", "0.01", "--epochs", "4"),
+        note="policy, frozen backbone: BlockDrop reward (gamma 1), self-critical, entropy 0.01; stopped after "
+        "its first evaluation (epoch 1 of 4)",
+    ),
+    Run(
+        "pol_h1_static",
+        (*POLICY, "--reward", "hybrid", "--alpha", "1", "--entropy-bonus", "0.01", "--epochs", "4"),
+        note="policy, frozen backbone: hybrid reward (alpha 1), self-critical, entropy 0.01; stopped after its "
+        "first evaluation (epoch 1 of 4)",
+    ),
+    Run(
+        "pol_bd1_bs",
+        (*POLICY, "--reward", "blockdrop", "--wrong-penalty", "1", *SHAPE, "--epochs", "3"),
+        note="policy, frozen backbone: BlockDrop reward (gamma 1), self-critical, --batch-shape 0.65",
+    ),
+    Run(
+        "pol_h1_bs",
+        (*POLICY, "--reward", "hybrid", "--alpha", "1", *SHAPE, "--epochs", "3"),
+        note="policy, frozen backbone: hybrid reward (alpha 1), self-critical, --batch-shape 0.65",
+    ),
+    Run(
+        "joint_h1_bs",
+        (
+            "cifar10_rnn_gate_38",
+            "--stage",
+            "hrl",
+            "--init",
+            "{runs}/pol_h1_bs/best.pt",
+            "--distill",
+            BASE,
+            "--baseline",
+            "self-critical",
+            "--explore",
+            "0.05",
+            "--reward",
+            "hybrid",
+            "--alpha",
+            "1",
+            "--lr",
+            "0.02",
+            "--schedule",
+            "cosine",
+            "--epochs",
+            "1",
+            "--eval-every",
+            "176",
+            "--threads",
+            "2",
+            *SHAPE,
+        ),
+        needs=("pol_h1_bs",),
+        budgets=BUDGETS,
+        note="joint: pol_h1_bs's policy and backbone trained together one epoch, distilled from the plain "
+        "ResNet-38, --batch-shape kept",
+    ),
+]
+PLAIN = {"base_r20": "ResNet-20", "base_r26": "ResNet-26", "base_r32": "ResNet-32", "base": "ResNet-38"}
+
+
+def plain_points() -> dict[str, dict]:
+    """The plain networks' 30-epoch test rows (headline30)."""
+    runs = json.loads((RESULTS / "headline30_cifar10_cpu.json").read_text())["runs"]
+    got = {r["name"]: r for r in runs if r["name"] in PLAIN}
+    return {PLAIN[n]: {"accuracy": got[n]["accuracy"], "macs_reduction": got[n]["macs_reduction"]} for n in PLAIN}
+
+
+def frontier(plain: dict[str, dict], reduction: float) -> float:
+    """Accuracy of the straight line between the plain ResNet-20/26/32 (and 38) points at ``reduction``."""
+    pts = sorted((p["macs_reduction"], p["accuracy"]) for p in plain.values())
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= reduction <= x1:
+            return y0 + (y1 - y0) * (reduction - x0) / (x1 - x0)
+    return float("nan")  # beyond ResNet-20's saving: no plain point to interpolate
+
+
+def table(rows: dict[str, dict], plain: dict[str, dict]) -> str:
+    head = "| run | test accuracy | MACs saved | frontier there | routes | top route | std | wrong - right |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        ro = r["routes"]
+        gap = (ro["executed_mean_wrong"] or 0.0) - (ro["executed_mean_correct"] or 0.0)
+        front = frontier(plain, r["macs_reduction"])
+        lines.append(
+            f"| `{name}` | {r['accuracy']:.2f}% | {r['macs_reduction']:.1f}% | {front:.2f}% | {ro['distinct_routes']} "
+            f"| {100 * ro['top_route_share']:.1f}% | {ro['executed_std']:.2f} | {gap:+.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, dict], plain: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [p["macs_reduction"] for p in plain.values()]
+    ax.plot(xs, [p["accuracy"] for p in plain.values()], "o--", color="gray", label="plain ResNet-20/26/32/38")
+    for label, p in plain.items():
+        ax.annotate(label, (p["macs_reduction"], p["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    curve = sorted((r["macs_reduction"], r["accuracy"]) for n, r in rows.items() if n.startswith("joint_h1_bs"))
+    if curve:
+        ax.plot(*zip(*curve), "s-", color="C0", label="SkipNet-38 joint_h1_bs, calibrated thresholds")
+    ax.set_xlabel("MACs saved vs ResNet-38 (%)")
+    ax.set_ylabel("CIFAR-10 test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--out", default="runs/dyn")
+    p.add_argument("--only", nargs="+", default=None)
+    p.add_argument("--no-train", action="store_true")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    runs = [r for r in RUNS if args.only is None or r.name in args.only]
+    runner = Runner(Path(args.out), args.data)
+    if not args.no_train:
+        runner.train(runs)
+    rows = runner.rows(runs)
+    plain = plain_points()
+    out = {
+        "date": dt.date.today().isoformat(),
+        "command": "python benchmarks/dynamic_routing.py --data " + args.data,
+        "plain": plain,
+        "runs": {r.name: {"command": " ".join(runner.command(r)), "note": r.note} for r in RUNS},
+        "rows": rows,
+    }
+    (RESULTS / "dynamic_routing.json").write_text(json.dumps(out, indent=1) + "\n")
+    (RESULTS / "dynamic_routing.md").write_text(table(rows, plain) + "\n")
+    plot(rows, plain, FIGURE)
+    print(table(rows, plain))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
