@@ -157,6 +157,9 @@ def test_freeze_keeps_its_part_bit_identical_and_trains_the_other(plain_run, tmp
         ({"stage": "base", "batch_shape": 0.5}, "--batch-shape"),
         ({"stage": "hrl", "batch_shape": 1.0}, "--batch-shape"),
         ({"stage": "sp", "batch_shape": 0.5, "freeze": "gates"}, "--freeze gates"),
+        ({"stage": "hrl", "batch_shape": 0.5, "batch_shape_floor": 0.1}, "alternatives"),
+        ({"stage": "hrl", "batch_shape_floor": 0.5}, "--batch-shape-floor"),
+        ({"stage": "base", "batch_shape_floor": 0.1}, "--batch-shape"),
     ],
 )
 def test_dynamic_options_are_checked(kw, message) -> None:
@@ -224,6 +227,46 @@ def test_stage_loss_adds_the_batch_shape_term() -> None:
     ce = torch.rand(8)
     kw = dict(alpha=0.1, beta=1.0, rl_weight=1.0, baseline=None)
     plain, _ = STAGES["hrl"].loss(ce, trace, **kw)
-    shaped, stats = STAGES["hrl"].loss(ce, trace, **kw, shape=(0.4, 3.0))
+    shaped, stats = STAGES["hrl"].loss(ce, trace, **kw, shape=(0.4, 3.0, None))
     torch.testing.assert_close(shaped - plain, 3.0 * batch_shape_loss(trace.probs, 0.4))
     assert stats["shape"].item() == pytest.approx(batch_shape_loss(trace.probs, 0.4).item())
+
+
+def test_routing_page_figures_are_the_results_json() -> None:
+    """Every figure docs/routing.md states about a run is that run's row in benchmarks/results/dynamic_routing.json
+    (the page's table is that file's Markdown twin, included as it is)."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "routing.md").read_text()
+    rows = {r["name"]: r for r in json.loads((root / "benchmarks/results/dynamic_routing.json").read_text())["runs"]}
+    assert '--8<-- "benchmarks/results/dynamic_routing.md"' in page
+    static, shaped, joint = rows["pol_bd1_static"], rows["pol_h1_bs"], rows["joint_h1_bs_more3"]
+    stated = {
+        f"{static['routes']['distinct_routes']} routes": True,
+        f"{100 * static['routes']['top_route_share']:.1f}% of images on one": True,
+        f"std {static['routes']['executed_std']:.2f}": True,
+        f"{shaped['accuracy']:.2f}% at {shaped['macs_reduction']:.1f}% fewer MACs": True,
+        f"{joint['accuracy']:.2f}% at {joint['macs_reduction']:.1f}% fewer MACs": True,
+        f"std about {shaped['routes']['executed_std']:.1f}": True,
+    }
+    missing = [s for s in stated if s not in page]
+    assert not missing, f"docs/routing.md does not state {missing}"
+    gap = shaped["routes"]["executed_mean_correct"] - shaped["routes"]["executed_mean_wrong"]
+    assert f"about {round(gap)} blocks *fewer*" in page
+
+
+def test_adaptive_batch_shape_rate_by_hand() -> None:
+    from skipnet.losses import adaptive_rate, batch_shape_loss
+
+    # gate 0 mostly on (mean 0.9 -> clipped to 0.8), gate 1 at 0.5, gate 2 off (mean 0.05 -> 0.2)
+    p = torch.tensor([[1.0, 0.2, 0.0], [1.0, 0.8, 0.0], [0.9, 0.6, 0.1], [0.7, 0.4, 0.1], [0.9, 0.5, 0.05]])
+    rates = adaptive_rate(p, 0.2)
+    torch.testing.assert_close(rates, torch.tensor([0.8, 0.5, 0.2]))
+    # per gate the round(rate * 5) highest of 5 images go to 0.9: four, two (2.5 rounds to even), one
+    s = p.sort(0).values
+    t = torch.tensor([[0.1, 0.1, 0.1], [0.9, 0.1, 0.1], [0.9, 0.1, 0.1], [0.9, 0.9, 0.1], [0.9, 0.9, 0.9]])
+    assert batch_shape_loss(p, rates).item() == pytest.approx(((s - t) ** 2).mean().item())
+    with pytest.raises(ValueError):
+        batch_shape_loss(p, torch.tensor([0.5, 0.5]))

@@ -93,24 +93,34 @@ def gate_entropy(logits: Tensor) -> Tensor:
     return (F.softplus(z) - z * torch.sigmoid(z)).sum(1)
 
 
-def batch_shape_loss(probs: Tensor, rate: float, low: float = 0.1, high: float = 0.9) -> Tensor:
+def batch_shape_loss(probs: Tensor, rate: float | Tensor, low: float = 0.1, high: float = 0.9) -> Tensor:
     """Beyond the paper (``--batch-shape RATE``): a per-gate, batch-level term that a gate deciding the same for
     every image cannot satisfy. Over a batch of B images, each gate's probabilities, sorted, are matched to the
     quantiles of a two-point prior: the ``rate`` share of the images it ranks highest to ``high``, the others to
     ``low``, by mean squared difference (the 2-Wasserstein distance between the batch's distribution of ``p`` and
     the prior; batch-shaping, Ehteshami Bejnordi et al., ICLR 2020, matches CDFs to a Beta prior instead):
 
-        loss = mean_{l, k} (p_(k),l - q_k)^2,   q_k = high if k > (1 - rate) B else low     (k = 1..B, ascending)
+        loss = mean_{l, k} (p_(k),l - q_k)^2,   q_k = high if k > B - round(rate B) else low   (k = 1..B, ascending)
 
     A static gate (one ``p`` for every image) pays ``rate (1 - rate) (high - low)^2`` at best; a gate that splits
-    the batch pays 0. Which images it executes is left to the reward. ``probs`` (B, N), returns a scalar."""
-    if probs.dim() != 2 or not 0.0 < rate < 1.0:
-        raise ValueError(f"expected probs (B, N) and 0 < rate < 1; got {tuple(probs.shape)} and {rate}")
+    the batch pays 0. Which images it executes is left to the reward. ``probs`` (B, N), returns a scalar; ``rate``
+    a float, or (N,) one per gate (:func:`adaptive_rate`)."""
+    rates = torch.as_tensor(rate, dtype=torch.float32, device=probs.device).reshape(-1)
+    if probs.dim() != 2 or rates.numel() not in (1, probs.shape[1]) or not bool(((rates > 0) & (rates < 1)).all()):
+        raise ValueError(f"expected probs (B, N) and 0 < rate < 1 (one or N); got {tuple(probs.shape)} and {rate}")
     b = probs.shape[0]
     sorted_p = probs.float().sort(0).values  # ascending over the batch, per gate
-    k = torch.arange(1, b + 1, device=probs.device, dtype=torch.float32)
-    target = torch.where(k > (1.0 - rate) * b, high, low).view(-1, 1)
+    k = torch.arange(1, b + 1, device=probs.device, dtype=torch.float32).view(-1, 1)
+    high_count = torch.round(rates.view(1, -1) * b)  # the images each gate should execute, rate * B rounded
+    target = torch.where(k > b - high_count, high, low)
     return ((sorted_p - target) ** 2).mean()
+
+
+def adaptive_rate(probs: Tensor, floor: float) -> Tensor:
+    """``--batch-shape-floor M``: each gate's own batch-mean probability, clipped to ``[M, 1 - M]`` (detached), as
+    :func:`batch_shape_loss`'s per-gate rate. The reward keeps choosing how much each gate executes; the term only
+    asks that at least the share M of the images go the other way at every gate, so no gate is static. (N,)"""
+    return probs.detach().float().mean(0).clamp(floor, 1.0 - floor)
 
 
 def mean_first_return(
@@ -233,6 +243,7 @@ __all__ = [
     "SkipBudget",
     "distillation_loss",
     "distilled_task_loss",
+    "adaptive_rate",
     "batch_shape_loss",
     "blockdrop_returns",
     "gate_entropy",

@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from skipnet.gated import GateMode, GateTrace
-from skipnet.losses import Baseline, batch_shape_loss, blockdrop_returns, gate_entropy, hybrid_returns, reinforce_loss
+from skipnet.losses import (
+    Baseline,
+    adaptive_rate,
+    batch_shape_loss,
+    blockdrop_returns,
+    gate_entropy,
+    hybrid_returns,
+    reinforce_loss,
+)
 
 REWARDS = ("hybrid", "blockdrop")  # --reward: the paper's Eq. 5-6, or BlockDrop's (beyond the paper)
 
@@ -70,7 +78,7 @@ class Stage:
         reward: Reward | None = None,
         greedy: tuple[Tensor, Tensor, Tensor] | None = None,
         entropy: float = 0.0,
-        shape: tuple[float, float] | None = None,
+        shape: tuple[float | None, float, float | None] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss from per-sample cross-entropy ``ce`` (B,) and the gate ``trace`` (B, N). ``task`` (B,), when
         given (``--distill``), replaces ``ce`` in the supervised term only; the HRL return keeps the paper's CE.
@@ -79,8 +87,10 @@ class Stage:
         ``reward``, when given, replaces alpha/beta/skip_target/correct (it holds them, or BlockDrop's reward;
         ``correct`` is then whether each prediction was right). ``greedy`` = (CE, decisions, correct) of the same
         batch under greedy decisions, for the self-critical baseline. ``entropy`` > 0 adds that weight times the
-        batch-mean entropy of the gate policies to the objective (``--entropy-bonus``). ``shape`` = (rate, weight)
-        adds ``weight * batch_shape_loss(probs, rate)`` (``--batch-shape``; any stage whose gates have a gradient)."""
+        batch-mean entropy of the gate policies to the objective (``--entropy-bonus``). ``shape`` = (rate, weight,
+        floor) adds ``weight * batch_shape_loss(probs, rate)`` (``--batch-shape``), the rate per gate
+        ``adaptive_rate(probs, floor)`` when ``floor`` is given (``--batch-shape-floor``); any stage whose gates
+        have a gradient."""
         stats: dict[str, Tensor] = {"ce": ce.detach().mean()}
         supervised = ce if task is None else task
         loss = supervised.mean() if self.supervised else ce.new_zeros(())
@@ -99,7 +109,8 @@ class Stage:
                 loss = loss - entropy * h
                 stats["entropy"] = h.detach()
         if shape is not None and trace.num_gates and trace.probs.requires_grad:
-            term = batch_shape_loss(trace.probs, shape[0])
+            rate, _, floor = shape
+            term = batch_shape_loss(trace.probs, adaptive_rate(trace.probs, floor) if floor is not None else rate)
             loss = loss + shape[1] * term
             stats["shape"] = term.detach()
         return loss, stats

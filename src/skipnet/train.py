@@ -513,7 +513,7 @@ class Trainer:
                 reward=self.reward(),
                 greedy=self._greedy_outcome(x, y) if cfg.baseline == "self-critical" else None,
                 entropy=cfg.entropy_bonus,
-                shape=(cfg.batch_shape, cfg.batch_shape_weight) if cfg.batch_shape is not None else None,
+                shape=self._shape(),
             )
             stats |= extra
         if self.dist.any(not bool(torch.isfinite(loss.detach()))):  # before the update: weights stay good
@@ -549,6 +549,13 @@ class Trainer:
             penalty=c.wrong_penalty,
             block_cost=self.block_cost,
         )
+
+    def _shape(self) -> tuple[float | None, float, float | None] | None:
+        """``--batch-shape`` / ``--batch-shape-floor``: (rate, weight, floor) of the batch-shape term, or None."""
+        c = self.cfg
+        if c.batch_shape is None and c.batch_shape_floor is None:
+            return None
+        return c.batch_shape, c.batch_shape_weight, c.batch_shape_floor
 
     @torch.no_grad()
     def _greedy_outcome(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -59,6 +59,7 @@ class TrainConfig:
     freeze: str = "none"
     batch_shape: float | None = None
     batch_shape_weight: float = 1.0
+    batch_shape_floor: float | None = None
     zero_init_residual: bool = False
     gate_bias: float | None = None
     paper_gate_init: bool = False
@@ -147,9 +148,14 @@ class TrainConfig:
                 raise SkipnetError("--freeze backbone needs a trained backbone: pass --init (e.g. the plain network)")
             if self.bn == "update":
                 raise SkipnetError("--freeze backbone keeps BatchNorm frozen too; --bn update contradicts it")
-        if self.batch_shape is not None and self.stage not in ("hrl", "rl", "sp", "soft"):
+        if self.batch_shape is not None and self.batch_shape_floor is not None:
+            raise SkipnetError(
+                "--batch-shape (one rate) and --batch-shape-floor (each gate's own rate) are alternatives"
+            )
+        shaped = self.batch_shape is not None or self.batch_shape_floor is not None
+        if shaped and self.stage not in ("hrl", "rl", "sp", "soft"):
             raise SkipnetError(f"--batch-shape shapes the gates' probabilities; stage {self.stage} trains no gate")
-        if self.batch_shape is not None and self.freeze == "gates":
+        if shaped and self.freeze == "gates":
             raise SkipnetError("--batch-shape trains the gates; --freeze gates keeps them fixed")
         if self.freeze == "gates" and self.stage not in ("hrl", "rl", "sp", "soft"):
             raise SkipnetError(f"--freeze gates needs a stage that trains gates; stage {self.stage} trains none")
@@ -255,6 +261,7 @@ RULES: list[tuple[str, Any, str]] = [
     ("entropy_bonus", lambda v: 0.0 <= v < float("inf"), ">= 0 and finite"),
     ("batch_shape", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
     ("batch_shape_weight", lambda v: 0.0 <= v < float("inf"), ">= 0 and finite"),
+    ("batch_shape_floor", lambda v: 0.0 < v < 0.5, "in (0, 0.5)"),
     ("gate_bias", lambda v: abs(v) < float("inf"), "finite"),
     ("checkpoint_minutes", _positive, "positive"),
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),

@@ -145,6 +145,14 @@ def _add_routing_args(p: argparse.ArgumentParser) -> None:
         "others to 0.1 (a static gate cannot satisfy it; beyond the paper, after batch-shaping; default: off)",
     )
     p.add_argument(
+        "--batch-shape-floor",
+        type=float,
+        default=d["batch_shape_floor"],
+        metavar="M",
+        help="--batch-shape with each gate's own batch-mean rate, clipped to [M, 1 - M]: the reward sets how much a "
+        "gate executes, and at least the share M of the images go the other way (beyond the paper; default: off)",
+    )
+    p.add_argument(
         "--batch-shape-weight", type=float, default=d["batch_shape_weight"], help="weight of --batch-shape's term"
     )
     p.add_argument(
