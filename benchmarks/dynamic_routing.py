@@ -124,6 +124,42 @@ RUNS = [
         budgets=BUDGETS,
         note="joint_h1_bs given three more joint epochs (four in all)",
     ),
+    Run(
+        "pol_hrl38_floor0.1",
+        (
+            "cifar10_rnn_gate_38",
+            "--stage",
+            "hrl",
+            "--init",
+            "pretrained:cifar10_rnn_gate_38",
+            "--freeze",
+            "backbone",
+            "--baseline",
+            "self-critical",
+            "--explore",
+            "0.05",
+            "--reward",
+            "hybrid",
+            "--alpha",
+            "2",
+            "--lr",
+            "0.05",
+            "--schedule",
+            "cosine",
+            "--epochs",
+            "2",
+            "--eval-every",
+            "176",
+            "--threads",
+            "1",
+            "--batch-shape-floor",
+            "0.1",
+            "--batch-shape-weight",
+            "20",
+        ),
+        note="policy on the shipped SkipNet-38's frozen backbone (static route): hybrid reward (alpha 2), "
+        "self-critical, --batch-shape-floor 0.1 (each gate's own rate, at least 10% of images the other way)",
+    ),
 ]
 PLAIN = {"base_r20": "ResNet-20", "base_r26": "ResNet-26", "base_r32": "ResNet-32", "base": "ResNet-38"}
 
@@ -199,8 +235,8 @@ def main() -> int:
         "date": dt.date.today().isoformat(),
         "command": "python benchmarks/dynamic_routing.py --data " + args.data,
         "plain": plain,
-        "runs": {r.name: {"command": " ".join(runner.command(r)), "note": r.note} for r in RUNS},
-        "rows": rows,
+        "commands": {r.name: " ".join(runner.command(r)) for r in RUNS},
+        "runs": [{"name": name} | row for name, row in rows.items()],
     }
     (RESULTS / "dynamic_routing.json").write_text(json.dumps(out, indent=1) + "\n")
     (RESULTS / "dynamic_routing.md").write_text(table(rows, plain) + "\n")
