@@ -154,3 +154,18 @@ def require_learned_gates(model: Any, ckpt: dict[str, Any], source: str, what: s
             f"{source} runs every block (mode all_on{how}): its gates were never trained, so {what} has no "
             "thresholds to work on; give a checkpoint of stage sp or hrl"
         )
+
+
+MAX_THREADS = 256  # --threads beyond this starts that many OpenMP threads per process (a crash under task limits)
+
+
+def check_out(value: str, option: str = "--out") -> None:
+    """Refuse an empty output path: ``Path("")`` is the current directory, which would receive the files."""
+    if not str(value).strip():
+        raise SkipnetError(f"{option} is empty; give a path (the current directory is never written into)")
+
+
+def check_count(option: str, value: int | None, least: int, most: int, why: str = "") -> None:
+    """A count option in [least, most] (``None``: unset), one line otherwise."""
+    if value is not None and not least <= value <= most:
+        raise SkipnetError(f"{option} must be in [{least}, {most}]{why}, got {value}")

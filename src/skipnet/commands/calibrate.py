@@ -11,14 +11,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from skipnet.analysis import CALIBRATION_GRID, calibrate_threshold, eval_loader
 from skipnet.checkpoint import atomic_save, export_safetensors
-from skipnet.commands._common import add_source_args, check_value, open_for_eval, require_learned_gates
+from skipnet.commands._common import (
+    add_source_args,
+    check_count,
+    check_out,
+    check_value,
+    open_for_eval,
+    require_learned_gates,
+)
 from skipnet.cost import cost_model, fewer_macs
 from skipnet.errors import SkipnetError
+from skipnet.policy import ALL_SKIP_THRESHOLD
+
+MAX_REFINE = 20  # bisection steps: 2**-20 of a grid interval
+MAX_GRID = 1000  # thresholds: one evaluation pass each
+OUT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -77,17 +90,21 @@ def _check_options(args: argparse.Namespace) -> None:
     """One-line errors for option values, before anything is loaded."""
     if (args.target_macs is None) == (args.target_reduction is None):
         raise SkipnetError("give exactly one budget: --target-macs M or --target-reduction P")
-    if args.target_macs is not None and args.target_macs <= 0:
-        raise SkipnetError(f"--target-macs must be positive, got {args.target_macs:g}")
-    if args.target_reduction is not None and not 0.0 <= args.target_reduction < 100.0:
-        raise SkipnetError(f"--target-reduction must be a percentage in [0, 100), got {args.target_reduction:g}")
-    if args.margin < 0:
-        raise SkipnetError(f"--margin must be >= 0, got {args.margin:g}")
-    if args.refine < 0 or (args.limit is not None and args.limit <= 0):
-        raise SkipnetError("--refine must be >= 0 and --limit positive")
+    check_value("target_macs", args.target_macs, lambda v: v > 0, "positive")
+    check_value("target_reduction", args.target_reduction, lambda v: 0.0 <= v < 100.0, "a percentage in [0, 100)")
+    check_value("margin", args.margin, lambda v: 0.0 <= v < 100.0, "in [0, 100) percentage points")
+    check_count("--refine", args.refine, 0, MAX_REFINE, " (each step halves the interval: 20 reach 1e-6)")
+    check_value("limit", args.limit, lambda v: v > 0, "positive")
     check_value("batch_size", args.batch_size, lambda v: v > 0, "positive")
+    check_count("--grid", len(args.grid), 1, MAX_GRID, " thresholds")
     for t in args.grid:
         check_value("grid", t, lambda v: 0.0 <= v <= 1.0, "thresholds in [0, 1]")
+    check_out(args.out)
+    if Path(args.out).suffix not in OUT_SUFFIXES:
+        raise SkipnetError(
+            f"--out {args.out} must end in .pt (a checkpoint) or .safetensors (an export); calibrate writes no "
+            f"{Path(args.out).suffix or 'extension-less'} file (for ONNX: skipnet export NEW.pt NEW.onnx)"
+        )
 
 
 def _record(
@@ -156,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
         atomic_save(new, dst)
 
     if args.json:
-        print(json.dumps({"checkpoint": str(dst)} | {k: v for k, v in record.items() if k != "points"}))
+        extra = {"all_skip": result.threshold == ALL_SKIP_THRESHOLD}
+        print(json.dumps({"checkpoint": str(dst)} | {k: v for k, v in record.items() if k != "points"} | extra))
         return 0
     print(
         f"threshold {result.threshold:.4g} (was {record['source_threshold']:.4g}): {args.split} accuracy "
@@ -164,6 +182,12 @@ def run(args: argparse.Namespace) -> int:
         f"plain ResNet (budget {target:.4g} = {record['target_reduction']:.1f}% fewer, "
         f"{args.margin:g} points margin)"
     )
+    if result.threshold == ALL_SKIP_THRESHOLD:
+        print(
+            "note: no threshold of the grid met the budget, so every gated block is skipped (the all-skip point); a "
+            "finer --grid may find a threshold that meets it with some blocks on",
+            file=sys.stderr,
+        )
     if not result.monotone_on_grid:
         print("note: MACs were not monotone in the threshold on the grid; the most accurate point within budget won")
     print(f"wrote {dst}")

@@ -24,8 +24,11 @@ import sys
 from pathlib import Path
 
 from skipnet.checkpoint import export_safetensors, load_checkpoint, model_from_checkpoint
+from skipnet.commands._common import check_count, check_out
 from skipnet.errors import SkipnetError
 from skipnet.export import FORMATS, GRAPHS, export_model, format_for, write_export
+
+MAX_PROBES = 64  # probe batches: each is a run of the exported program and of the eager model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,6 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out(args.out, "OUT")
     src, dst = Path(args.checkpoint), Path(args.out)
     fmt = format_for(dst, args.format)
     if dst.is_dir():
@@ -73,8 +77,7 @@ def run(args: argparse.Namespace) -> int:
         raise SkipnetError("--graph and --threshold apply to pt2 and onnx exports; a .safetensors file holds weights")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise SkipnetError(f"--threshold must be in [0, 1], got {args.threshold:g}")
-    if args.probes < 1:
-        raise SkipnetError(f"--probes must be >= 1, got {args.probes}")
+    check_count("--probes", args.probes, 1, MAX_PROBES)
     ckpt = load_checkpoint(src)
     model = model_from_checkpoint(ckpt)  # the weights must rebuild the network before they are exported
     if fmt == "safetensors":

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from skipnet.errors import SkipnetError
+from skipnet.commands._common import MAX_THREADS, check_count, check_out, check_value
 from skipnet.runlog import bar_label
 from skipnet.train import TrainConfig, train
 
@@ -31,6 +31,7 @@ LOG = "quickstart.log"
 # What the trainer says when a run directory holds no checkpoint yet and --resume starts afresh: quickstart asked
 # for --resume itself (to clear an earlier attempt's leftovers), so the notice goes to the log file only.
 NO_CHECKPOINT_NOTICE = "holds no checkpoint yet; starting a new run"
+MAX_EPOCHS = 100.0  # x (30 + 15 + 15) epochs: 6,000 epochs of digits, days on a CPU
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -145,12 +146,11 @@ def quiet_logs(path: Path) -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.epochs > 0:
-        raise SkipnetError(f"--epochs must be positive, got {args.epochs:g}")
-    if not args.alpha >= 0:
-        raise SkipnetError(f"--alpha must be >= 0, got {args.alpha:g}")
-    if args.threads is not None and args.threads < 1:
-        raise SkipnetError(f"--threads must be positive, got {args.threads}")
+    check_value("epochs", args.epochs, lambda v: 0 < v <= MAX_EPOCHS, f"in (0, {MAX_EPOCHS:g}]")
+    check_value("alpha", args.alpha, lambda v: v >= 0, ">= 0")
+    check_count("--threads", args.threads, 1, MAX_THREADS)
+    check_count("--seed", args.seed, 0, 2**32 - 1)
+    check_out(args.out)
     out = Path(args.out)
     configs = stage_configs(out, args.epochs, args.alpha, args.seed, args.threads)
     bars = sys.stderr.isatty()
