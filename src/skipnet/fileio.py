@@ -11,14 +11,16 @@ checkpoint round at every step and check that ``--resume`` recovers exactly.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import io
 import os
 import re
+import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -180,4 +182,106 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-__all__ = ["atomic_save", "atomic_write", "checkpoint_bytes", "fault_point", "remove_stale_temps"]
+# ------------------------------------------------------------------------------------------ whole directories
+def foreign_files(path: Path, owned: Iterable[str]) -> list[str]:
+    """Names in the directory ``path`` (if it exists) that are not in ``owned``: files a writer did not make."""
+    if not path.is_dir():
+        return []
+    mine = set(owned)
+    return sorted(p.name for p in path.iterdir() if p.name not in mine)
+
+
+def _remove_stale_dirs(path: Path) -> None:
+    """Delete staging directories of ``path`` left by writers on this host that no longer run."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.{re.escape(_host())}\.(\d+)\.[^.]*\.(tmpdir|old)$")
+    if not path.parent.is_dir():
+        return
+    for d in path.parent.iterdir():
+        m = pattern.match(d.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))) and d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries atomically (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_tree(directory: Path) -> None:
+    for f in directory.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(directory)
+
+
+def atomic_directory(path: str | Path, fill: Callable[[Path], Any], owned: Iterable[str]) -> None:
+    """Write the directory ``path`` whole or not at all: ``fill(staging)`` writes every file into a staging
+    directory beside it, which then takes ``path``'s place in one rename (an existing ``path`` is swapped out
+    atomically where the system can, and removed). On any failure, a signal or a full disk, ``path`` is left as it
+    was and the staging directory removed; a full disk is a :class:`SkipnetError` naming the file. ``path`` may
+    only hold names of ``owned`` (what an earlier write made): files of anyone else are refused, never removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise SkipnetError(f"{path} is a file, not a directory")
+    foreign = foreign_files(path, owned)
+    if foreign:
+        raise SkipnetError(
+            f"{path} holds files this command did not write ({', '.join(foreign[:3])}); give a new directory"[:300]
+        )
+    _remove_stale_dirs(path)
+    prefix = _tmp_prefix(path)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmpdir", dir=path.parent))
+    old = None
+    try:
+        os.chmod(staging, 0o777 & ~_umask())
+        fill(staging)
+        _fsync_tree(staging)
+        fault_point(f"fill {path.name}")
+        if not path.exists():
+            os.rename(staging, path)
+        elif not _exchange(staging, path):  # two renames: between them, path is briefly missing
+            old = Path(tempfile.mkdtemp(prefix=prefix, suffix=".old", dir=path.parent))
+            os.rename(path, old / "d")
+            os.rename(staging, path)
+        fault_point(f"rename {path.name}")
+        _fsync_dir(path.parent)
+    except BaseException as exc:
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            where = path / Path(exc.filename).name if exc.filename else path
+            kept = "it was left as it was" if path.exists() else "nothing was written"
+            raise SkipnetError(f"no space left on device writing {where}; {kept} (free some space and retry)") from None
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # after an exchange: the previous contents
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+__all__ = [
+    "atomic_directory",
+    "atomic_save",
+    "atomic_write",
+    "checkpoint_bytes",
+    "fault_point",
+    "foreign_files",
+    "remove_stale_temps",
+]

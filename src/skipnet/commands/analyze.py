@@ -2,7 +2,8 @@
 
 Writes ``tradeoff.png``, ``skip_ratio_per_block.png``, ``easy_hard.png``, ``per_class.png``,
 ``multiscale.png``, ``executed_blocks_hist.png``, the numbers behind them in ``analysis.json`` and a
-``report.md`` that embeds the figures with the key numbers.
+``report.md`` that embeds the figures with the key numbers. The directory is written whole or not at all
+(:func:`skipnet.fileio.atomic_directory`): an interruption or a full disk leaves an earlier one as it was.
 """
 
 from __future__ import annotations
@@ -29,13 +30,24 @@ from skipnet.analysis import (
     report_markdown,
 )
 from skipnet.checkpoint import load_model, require_same_classes
-from skipnet.commands._common import add_source_args, check_value, open_for_eval, require_learned_gates
+from skipnet.commands._common import (
+    add_source_args,
+    check_count,
+    check_out,
+    check_value,
+    open_for_eval,
+    require_learned_gates,
+)
 from skipnet.cost import cost_model, fewer_macs
 from skipnet.errors import SkipnetError
 from skipnet.evaluate import eval_mode_for, run_eval
+from skipnet.fileio import atomic_directory, foreign_files
 from skipnet.gated import GateMode
 
 log = logging.getLogger(__name__)
+
+MAX_SCALE = 4.0  # input scales of Fig. 8: the paper's go to 2; 4 is 16x the pixels of every image
+MAX_IMAGES = 64  # images in each easy/hard grid
 
 FIGURES = {
     "tradeoff.png": "Accuracy vs MACs per image: threshold sweep, plain ResNet and other checkpoints",
@@ -45,6 +57,7 @@ FIGURES = {
     "multiscale.png": "Executed blocks at other input scales relative to scale 1 (cf. paper Fig. 8)",
     "executed_blocks_hist.png": "Executed blocks per image",
 }
+OWNED = (*FIGURES, "analysis.json", "report.md")  # all that --out holds: it is written whole or not at all
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -112,22 +125,35 @@ def _checked_out(args: argparse.Namespace) -> Path:
     """Check the options before anything is loaded; returns ``--out``."""
     if args.limit is not None and args.limit <= 0:
         raise SkipnetError(f"--limit must be positive, got {args.limit}")
-    if args.images <= 0:
-        raise SkipnetError(f"--images must be positive, got {args.images}")
-    if any(s <= 0 for s in args.scales):
-        raise SkipnetError("--scales must be positive")
+    check_count("--images", args.images, 1, MAX_IMAGES)
+    for scale in args.scales:
+        check_value("scales", scale, lambda v: 0 < v <= MAX_SCALE, f"in (0, {MAX_SCALE:g}]")
+    check_count("--scales", len(args.scales), 1, 32, " values")
+    check_count("--thresholds", len(args.thresholds), 1, 1000, " values")
     check_value("batch_size", args.batch_size, lambda v: v > 0, "positive")
     for t in args.thresholds:
         check_value("thresholds", t, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
     for extra in [args.base, *args.compare]:
         if extra is not None and not extra.startswith("pretrained:") and not Path(extra).is_file():
             raise SkipnetError(f"checkpoint {extra!r} does not exist")
+    check_out(args.out)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SkipnetError(f"--out {out} is a file; analyze writes a directory of figures, so give a directory name")
     if any(p.exists() and not p.is_dir() for p in out.parents):
         raise SkipnetError(f"--out {out}: a parent of it is a file, not a directory")
+    foreign = foreign_files(out, OWNED)
+    if foreign:  # analyze replaces its directory whole: anyone else's files there would go with it
+        raise SkipnetError(
+            f"--out {out} holds files analyze did not write ({', '.join(foreign[:3])}); give a new directory or an "
+            "earlier analyze output"[:300]
+        )
     return out
+
+
+def write_text(path: Path, text: str) -> None:
+    """One file of the analysis (in the staging directory)."""
+    path.write_text(text, encoding="utf-8")
 
 
 def _write_figures(out: Path, numbers: dict, result: Any, model: Any, split: str) -> None:
@@ -211,11 +237,14 @@ def run(args: argparse.Namespace) -> int:
     if base:
         numbers["main"]["accuracy_vs_base"] = numbers["main"]["accuracy"] - base["accuracy"]
 
-    out.mkdir(parents=True, exist_ok=True)
-    _write_figures(out, numbers, result, model, args.split)
-    (out / "analysis.json").write_text(json.dumps(jsonable(numbers), indent=2))
     title = f"SkipNet analysis: {numbers['checkpoint']['label']}"
-    (out / "report.md").write_text(report_markdown(numbers, FIGURES, title))
+
+    def fill(staging: Path) -> None:  # every file of --out, into a staging directory that then replaces it whole
+        _write_figures(staging, numbers, result, model, args.split)
+        write_text(staging / "analysis.json", json.dumps(jsonable(numbers), indent=2))
+        write_text(staging / "report.md", report_markdown(numbers, FIGURES, title))
+
+    atomic_directory(out, fill, OWNED)
 
     m = numbers["main"]
     if args.json:
