@@ -599,9 +599,12 @@ def test_run_directory_mistakes(run, capsys, tmp_path, setup, resume, needle) ->
         out.mkdir()
     elif setup == "file":
         out.write_text("x")
+    elif setup.endswith(".pt"):  # as skipnet writes them (a user's own file of that name is refused otherwise)
+        out.mkdir()
+        torch.save({"step": 1}, out / setup)
     elif setup != "nothing":
         out.mkdir()
-        (out / setup).write_text('{"step": 1}\n')
+        (out / setup).write_text('{"step": 1, "stage": "hrl", "arch": "tiny_rnn_gate_14"}\n')
     before = {p.name: p.read_bytes() for p in out.iterdir()} if out.is_dir() else None
     rc, _, err = run_cli(capsys, [*run["argv"], "--out", str(out), *(["--resume"] if resume else [])])
     assert_one_line_error(rc, err, "train", needle)

@@ -163,8 +163,9 @@ def test_resume_before_the_first_checkpoint_starts_a_new_run(tmp_path, capsys, c
     assert main(run_args(straight, "--iters", "4", "--eval-every", "2")) == 0
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.json").write_text("{}")
-    (out / "metrics.jsonl").write_text('{"step": 2, "val_accuracy": 99.0}\n{"step": 4, "val_')  # a dead attempt's
+    dead = {"arch": ARGS[0], "stage": "hrl", "out": str(out)}  # a dead attempt's (its first lines)
+    (out / "config.json").write_text(json.dumps(dead))
+    (out / "metrics.jsonl").write_text('{"step": 2, "val_accuracy": 99.0}\n{"step": 4, "val_')
     capsys.readouterr()
     assert main(run_args(out, "--iters", "4", "--eval-every", "2")) == 2  # without --resume: refused, untouched
     assert "already holds a run (metrics.jsonl); pass --resume" in one_line_error(capsys)
@@ -339,3 +340,50 @@ def test_output_into_a_closed_pipe_is_quiet(tmp_path, monkeypatch) -> None:
         assert main(["models"]) == 128 + signal.SIGPIPE
     finally:
         sink.close()
+
+
+# ------------------------------------------------------------------------------------------ others' files (issue 33)
+USER_FILES = {
+    "config.json": '{"learning_rate": 0.1}\n',
+    "steps.csv": "epoch,loss\n1,0.5\n",
+    "metrics.jsonl": "my notes\n",
+    "summary.json": "[]",
+    "best.pt": "not a checkpoint",
+}
+
+
+@pytest.mark.parametrize("name", list(USER_FILES))
+def test_a_new_run_never_overwrites_a_users_file(tmp_path, capsys, name) -> None:
+    """Issue 33: a directory holding only the user's config.json / steps.csv was taken over by a new run."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / name).write_text(USER_FILES[name])
+    (out / "notes.txt").write_text("other files are left alone and do not stop a run")
+    for extra in ([], ["--resume"]):
+        assert main(run_args(out, "--iters", "2", *extra)) == 2
+        assert f"holds {name} that skipnet did not write" in one_line_error(capsys)
+    assert sorted(p.name for p in out.iterdir()) == sorted([name, "notes.txt"])  # not even a lock file
+    assert (out / name).read_text() == USER_FILES[name]
+
+
+def test_a_directory_with_other_files_and_a_finished_run_still_work(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(run_args(out, "--iters", "2")) == 0
+    assert main([*run_args(out, "--iters", "4"), "--resume"]) == 0  # its own files are skipnet's
+    assert load_checkpoint(out / "last.pt")["step"] == 4 and (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_a_linked_lock_file_is_refused_and_its_target_kept(tmp_path, capsys, link) -> None:
+    """Issue 33: a symbolic link OUT/.lock to a user's file truncated it (the lock wrote its holder there)."""
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").symlink_to(target) if link == "symlink" else os.link(target, out / ".lock")
+    assert main(run_args(out, "--iters", "2")) == 2
+    assert "run lock must be" in one_line_error(capsys)
+    assert target.read_text() == "keep me\n"
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]

@@ -1,8 +1,11 @@
 """The files of a run directory that are not checkpoints: its lock and its ``metrics.jsonl``.
 
 - **Lock.** :func:`run_lock` holds a POSIX lock on ``DIR/.lock`` (which names the holder's pid and host) while a
-  run writes into ``DIR``: a second writer is refused with one line naming the holder. The kernel releases the
-  lock when its process ends in any way (``kill -9`` included), so a lock file left behind is never stale.
+  run writes into ``DIR``: a second writer is refused with one line naming the holder. The lock must be skipnet's
+  own plain file (a symbolic link or hard link is refused, never followed or truncated), and a directory holding a
+  file of a run's names that skipnet did not write (a user's ``config.json``, ``steps.csv``) is refused too. The
+  kernel releases the lock when its process ends in any way (``kill -9`` included), so a lock file left behind is
+  never stale.
   Locks nest within one process; DataLoader workers (forked) do not inherit it.
 - **Metrics rows.** :func:`append_row` appends one JSON line and fsyncs; a failed write (a full disk) is cut back
   to the previous end of the file and reported naming the file. :func:`read_rows` drops a torn line (a writer
@@ -18,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,7 +49,7 @@ def run_lock(directory: str | Path) -> Iterator[None]:
         raise SkipnetError(
             f"--out {directory}: a parent of it is a file, not a directory; choose another --out"
         ) from None
-    path = (directory / LOCK_NAME).resolve()
+    path = directory.resolve() / LOCK_NAME  # the directory resolved, never the lock file: a link is not followed
     if path in _held:
         _held[path] += 1
         try:
@@ -53,7 +57,9 @@ def run_lock(directory: str | Path) -> Iterator[None]:
         finally:
             _held[path] -= 1
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    if not created:  # before anything is written there, the lock file included
+        _refuse_foreign(directory)
+    fd = _open_lock(path)
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -79,6 +85,87 @@ def run_lock(directory: str | Path) -> Iterator[None]:
                 directory.rmdir()
     finally:
         os.close(fd)  # releases the lock
+
+
+def _open_lock(path: Path) -> int:
+    """Open (or create) the lock file ``path`` for writing its holder, refusing anything but skipnet's own plain
+    file: a symbolic link (its target would be truncated), a file with other hard links, a directory or a device."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or path.is_symlink():
+            raise SkipnetError(
+                f"{path} is a symbolic link; skipnet's run lock must be a plain file (remove the link)"
+            ) from None
+        if exc.errno in (errno.EISDIR, errno.ENXIO, errno.EACCES, errno.EPERM):
+            raise SkipnetError(f"{path} cannot be skipnet's run lock ({exc.strerror}); remove it") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+        os.close(fd)
+        what = "has other hard links" if stat.S_ISREG(st.st_mode) else "is not a plain file"
+        raise SkipnetError(f"{path} {what}; skipnet's run lock must be its own plain file (remove it)")
+    return fd
+
+
+def _looks_like(path: Path, test) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        return bool(test(head))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+
+
+def _json_object_with(keys: tuple[str, ...]):
+    def test(head: bytes) -> bool:
+        obj = json.loads(head.decode())
+        return isinstance(obj, dict) and all(k in obj for k in keys)
+
+    return test
+
+
+def _first_row_has_step(head: bytes) -> bool:
+    line = next((ln for ln in head.decode(errors="replace").splitlines() if ln.strip()), None)
+    if line is None:
+        return True  # empty: nothing to lose
+    row = json.loads(line)
+    return isinstance(row, dict) and "step" in row
+
+
+# What skipnet writes in a run directory, and how to tell that an existing file of that name is skipnet's (a file
+# of these names that is not would be overwritten or appended to by a new run).
+RUN_FILES = {
+    "config.json": lambda p: _looks_like(p, _json_object_with(("arch", "stage", "out"))),
+    "summary.json": lambda p: _looks_like(p, _json_object_with(("stage", "arch"))),
+    "metrics.jsonl": lambda p: _looks_like(p, _first_row_has_step),
+    "steps.csv": lambda p: p.stat().st_size == 0 or _looks_like(p, lambda h: h.startswith(b"step,")),
+    "last.pt": lambda p: _looks_like(p, lambda h: h.startswith(b"PK")),  # torch.save's zip archive
+    "best.pt": lambda p: _looks_like(p, lambda h: h.startswith(b"PK")),
+    "tensorboard": lambda p: p.is_dir() and not p.is_symlink(),
+}
+
+
+def foreign_run_files(directory: str | Path) -> list[str]:
+    """Names of files in ``directory`` that a run would write but that are not skipnet's: a user's own
+    ``config.json``, ``steps.csv``, ``best.pt`` ... (a symbolic link under one of these names counts too: writing
+    through it would change its target)."""
+    directory = Path(directory)
+    found = []
+    for name, ours in RUN_FILES.items():
+        path = directory / name
+        if path.is_symlink() or (path.exists() and not ((path.is_file() or name == "tensorboard") and ours(path))):
+            found.append(name)
+    return found
+
+
+def _refuse_foreign(directory: Path) -> None:
+    foreign = foreign_run_files(directory)
+    if foreign:
+        raise SkipnetError(
+            f"--out {directory} holds {', '.join(foreign[:3])} that skipnet did not write, and a run there would "
+            "overwrite it; choose another --out (or move the file away)"
+        )
 
 
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
