@@ -143,6 +143,9 @@ def test_hrl_distills_from_a_teacher(sp_run, tmp_path, capsys) -> None:
     other = tmp_path / "seven.pt"
     _, ckpt = load_model(sp / "best.pt")
     ckpt["arch"]["num_classes"] = 7
+    if "num_classes" in ckpt.get("data", {}):  # a consistent checkpoint of 7 classes, not a malformed one
+        ckpt["data"]["num_classes"] = 7
+        ckpt["data"]["classes"] = ckpt["data"].get("classes", [])[:7] or None
     ckpt["state_dict"] = create_model("tiny_rnn_gate_14", num_classes=7).state_dict()
     torch.save(ckpt, other)
     capsys.readouterr()
