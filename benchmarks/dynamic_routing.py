@@ -174,10 +174,12 @@ def plain_points() -> dict[str, dict]:
 def frontier(plain: dict[str, dict], reduction: float) -> float:
     """Accuracy of the straight line between the plain ResNet-20/26/32 (and 38) points at ``reduction``."""
     pts = sorted((p["macs_reduction"], p["accuracy"]) for p in plain.values())
+    if reduction <= pts[0][0]:  # no saving (or a gate overhead): the plain ResNet-38 itself
+        return pts[0][1]
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
         if x0 <= reduction <= x1:
             return y0 + (y1 - y0) * (reduction - x0) / (x1 - x0)
-    return float("nan")  # beyond ResNet-20's saving: no plain point to interpolate
+    return float("nan")  # beyond ResNet-20's saving: no plain point to interpolate (shown as "nan%")
 
 
 def table(rows: dict[str, dict], plain: dict[str, dict]) -> str:

@@ -270,3 +270,21 @@ def test_adaptive_batch_shape_rate_by_hand() -> None:
     assert batch_shape_loss(p, rates).item() == pytest.approx(((s - t) ** 2).mean().item())
     with pytest.raises(ValueError):
         batch_shape_loss(p, torch.tensor([0.5, 0.5]))
+
+
+def test_routing_page_states_the_floor_run() -> None:
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "routing.md").read_text()
+    rows = {r["name"]: r for r in json.loads((root / "benchmarks/results/dynamic_routing.json").read_text())["runs"]}
+    r = rows["pol_hrl38_floor0.1"]
+    ro = r["routes"]
+    for s in (
+        f"{ro['distinct_routes']} routes, with {100 * ro['top_route_share']:.1f}% of images",
+        f"executed-blocks std {ro['executed_std']:.2f}",
+        f"{r['accuracy']:.2f}% at {r['macs_reduction']:.1f}% fewer MACs",
+    ):
+        assert s in page, s
+    assert ro["executed_mean_wrong"] < ro["executed_mean_correct"]  # "wrong predictions still execute fewer"
