@@ -162,7 +162,16 @@ def test_checkpoint_on_data_with_another_channel_count(valid, tmp_path, capsys) 
     """A 3-channel checkpoint on the 1-channel digits (the same check refuses 1 channel on 3)."""
     for argv in (
         ["eval", str(valid["pt"]), "--data", "digits"],
-        ["calibrate", str(valid["pt"]), "--data", "digits", "--target-reduction", "10", "--out", str(tmp_path / "c")],
+        [
+            "calibrate",
+            str(valid["pt"]),
+            "--data",
+            "digits",
+            "--target-reduction",
+            "10",
+            "--out",
+            str(tmp_path / "c.pt"),
+        ],
         ["analyze", str(valid["pt"]), "--data", "digits", "--out", str(tmp_path / "an")],
     ):
         assert main(argv) == 2

@@ -84,6 +84,11 @@ def check_out_file(src: Path, dst: Path, force: bool) -> None:
         raise SkipnetError(f"--out {dst}: a parent of it is a file, not a directory")
     if dst.exists() and not force:
         raise SkipnetError(f"--out {dst} exists; pass --force to overwrite it or choose another name")
+    if dst.suffix not in OUT_SUFFIXES:
+        raise SkipnetError(
+            f"--out {dst} must end in .pt (a checkpoint) or .safetensors (an export); calibrate writes no "
+            f"{dst.suffix or 'extension-less'} file (for ONNX: skipnet export NEW.pt NEW.onnx)"
+        )
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -100,11 +105,6 @@ def _check_options(args: argparse.Namespace) -> None:
     for t in args.grid:
         check_value("grid", t, lambda v: 0.0 <= v <= 1.0, "thresholds in [0, 1]")
     check_out(args.out)
-    if Path(args.out).suffix not in OUT_SUFFIXES:
-        raise SkipnetError(
-            f"--out {args.out} must end in .pt (a checkpoint) or .safetensors (an export); calibrate writes no "
-            f"{Path(args.out).suffix or 'extension-less'} file (for ONNX: skipnet export NEW.pt NEW.onnx)"
-        )
 
 
 def _record(
