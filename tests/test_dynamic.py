@@ -288,3 +288,9 @@ def test_routing_page_states_the_floor_run() -> None:
     ):
         assert s in page, s
     assert ro["executed_mean_wrong"] < ro["executed_mean_correct"]  # "wrong predictions still execute fewer"
+
+
+def test_train_refuses_an_empty_out(capsys) -> None:
+    assert main(["train", "tiny_resnet_14", "--stage", "base", "--data", "digits", "--out", ""]) == 2
+    err = capsys.readouterr().err
+    assert "--out is empty" in err and len(err.strip().splitlines()) == 1

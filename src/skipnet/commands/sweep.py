@@ -22,8 +22,7 @@ from skipnet.checkpoint import load_model
 from skipnet.commands._common import add_data_args, add_optim_args
 from skipnet.cost import cost_model
 from skipnet.errors import SkipnetError
-from skipnet.evaluate import data_for_checkpoint, eval_loader, run_eval
-from skipnet.gated import GateMode
+from skipnet.evaluate import data_for_checkpoint, eval_loader, eval_mode_for, run_eval
 from skipnet.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -123,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     )
     sp_model.to(device).to(memory_format=torch.channels_last)
     cost = cost_model(sp_model)
-    rec = run_eval(sp_model, eval_loader(data, "test"), cost, mode=GateMode.GREEDY)
+    rec = run_eval(sp_model, eval_loader(data, "test"), cost, mode=eval_mode_for(sp_model))  # as it was trained
     sp_point = eval_point(rec, cost, sp_model.config.num_classes)
     sp_row = _row("SP (start)", None, "init", sp_point, checkpoint=args.init)
 

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from skipnet.commands._common import add_data_args, add_optim_args
+from skipnet.commands._common import check_out as check_out_path
 from skipnet.cost import fewer_macs
 from skipnet.errors import SkipnetError
 from skipnet.stages import STAGES
@@ -293,6 +294,7 @@ def run(args: argparse.Namespace) -> int:
         from skipnet.runlog import check_tensorboard
 
         check_tensorboard()
+    check_out_path(args.out)
     cfg = config_from_args(args)
     cfg.validate()
     with hold_run_dir(cfg.out):  # no other run may check or write this directory until this one ends
