@@ -34,6 +34,9 @@ COMMON = ("--batch-size", "128", "--val-split", "0.1", "--log-every", "10")
 POLICY = ("cifar10_rnn_gate_38", "--stage", "hrl", "--init", BASE, "--freeze", "backbone", "--gate-bias", "2")
 POLICY += ("--baseline", "self-critical", "--explore", "0.05", "--lr", "0.05", "--schedule", "cosine", "--threads", "1")
 SHAPE = ("--batch-shape", "0.65", "--batch-shape-weight", "20")
+# the joint stage: policy and backbone together, distilled from the plain network, the batch-shape term kept
+JOINT = (*f"--stage hrl --distill {BASE} --baseline self-critical --explore 0.05".split(), *SHAPE)
+JOINT += ("--reward", "hybrid", "--alpha", "1", "--lr", "0.02", "--schedule", "cosine", "--threads", "2")
 BUDGETS = (20.0, 30.0, 40.0, 50.0)
 RUNS = [
     Run(
@@ -60,66 +63,14 @@ RUNS = [
     ),
     Run(
         "joint_h1_bs",
-        (
-            "cifar10_rnn_gate_38",
-            "--stage",
-            "hrl",
-            "--init",
-            "{runs}/pol_h1_bs/best.pt",
-            "--distill",
-            BASE,
-            "--baseline",
-            "self-critical",
-            "--explore",
-            "0.05",
-            "--reward",
-            "hybrid",
-            "--alpha",
-            "1",
-            "--lr",
-            "0.02",
-            "--schedule",
-            "cosine",
-            "--epochs",
-            "1",
-            "--eval-every",
-            "176",
-            "--threads",
-            "2",
-            *SHAPE,
-        ),
+        ("cifar10_rnn_gate_38", "--init", "{runs}/pol_h1_bs/best.pt", *JOINT, "--epochs", "1", "--eval-every", "176"),
         needs=("pol_h1_bs",),
         note="joint: pol_h1_bs's policy and backbone trained together one epoch, distilled from the plain "
         "ResNet-38, --batch-shape kept",
     ),
     Run(
         "joint_h1_bs_more3",
-        (
-            "cifar10_rnn_gate_38",
-            "--stage",
-            "hrl",
-            "--init",
-            "{runs}/joint_h1_bs/best.pt",
-            "--distill",
-            BASE,
-            "--baseline",
-            "self-critical",
-            "--explore",
-            "0.05",
-            "--reward",
-            "hybrid",
-            "--alpha",
-            "1",
-            "--lr",
-            "0.02",
-            "--schedule",
-            "cosine",
-            "--epochs",
-            "3",
-            "--threads",
-            "2",
-            *SHAPE,
-        ),
+        ("cifar10_rnn_gate_38", "--init", "{runs}/joint_h1_bs/best.pt", *JOINT, "--epochs", "3"),
         needs=("joint_h1_bs",),
         budgets=BUDGETS,
         note="joint_h1_bs given three more joint epochs (four in all)",
