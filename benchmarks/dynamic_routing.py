@@ -111,6 +111,42 @@ RUNS = [
         note="policy on the shipped SkipNet-38's frozen backbone (static route): hybrid reward (alpha 2), "
         "self-critical, --batch-shape-floor 0.1 (each gate's own rate, at least 10% of images the other way)",
     ),
+    Run(
+        "pol_hrl38_floor0.1_bd",
+        (
+            "cifar10_rnn_gate_38",
+            "--stage",
+            "hrl",
+            "--init",
+            "pretrained:cifar10_rnn_gate_38",
+            "--freeze",
+            "backbone",
+            "--baseline",
+            "self-critical",
+            "--explore",
+            "0.05",
+            "--reward",
+            "blockdrop",
+            "--wrong-penalty",
+            "1",
+            "--lr",
+            "0.05",
+            "--schedule",
+            "cosine",
+            "--epochs",
+            "1",
+            "--eval-every",
+            "176",
+            "--threads",
+            "2",
+            "--batch-shape-floor",
+            "0.1",
+            "--batch-shape-weight",
+            "20",
+        ),
+        note="as pol_hrl38_floor0.1 with BlockDrop's reward (gamma 1: only right predictions are paid for "
+        "skipping), one epoch",
+    ),
 ]
 PLAIN = {"base_r20": "ResNet-20", "base_r26": "ResNet-26", "base_r32": "ResNet-32", "base": "ResNet-38"}
 
