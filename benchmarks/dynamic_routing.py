@@ -37,6 +37,10 @@ SHAPE = ("--batch-shape", "0.65", "--batch-shape-weight", "20")
 # the joint stage: policy and backbone together, distilled from the plain network, the batch-shape term kept
 JOINT = (*f"--stage hrl --distill {BASE} --baseline self-critical --explore 0.05".split(), *SHAPE)
 JOINT += ("--reward", "hybrid", "--alpha", "1", "--lr", "0.02", "--schedule", "cosine", "--threads", "2")
+# the policy on the shipped SkipNet-38's frozen backbone, each gate's own rate with a 10% floor
+FLOOR = ("cifar10_rnn_gate_38", "--stage", "hrl", "--init", "pretrained:cifar10_rnn_gate_38", "--freeze", "backbone")
+FLOOR += ("--baseline", "self-critical", "--explore", "0.05", "--lr", "0.05", "--schedule", "cosine")
+FLOOR += ("--eval-every", "176", "--batch-shape-floor", "0.1", "--batch-shape-weight", "20")
 BUDGETS = (20.0, 30.0, 40.0, 50.0)
 RUNS = [
     Run(
@@ -77,73 +81,13 @@ RUNS = [
     ),
     Run(
         "pol_hrl38_floor0.1",
-        (
-            "cifar10_rnn_gate_38",
-            "--stage",
-            "hrl",
-            "--init",
-            "pretrained:cifar10_rnn_gate_38",
-            "--freeze",
-            "backbone",
-            "--baseline",
-            "self-critical",
-            "--explore",
-            "0.05",
-            "--reward",
-            "hybrid",
-            "--alpha",
-            "2",
-            "--lr",
-            "0.05",
-            "--schedule",
-            "cosine",
-            "--epochs",
-            "2",
-            "--eval-every",
-            "176",
-            "--threads",
-            "1",
-            "--batch-shape-floor",
-            "0.1",
-            "--batch-shape-weight",
-            "20",
-        ),
+        (*FLOOR, "--reward", "hybrid", "--alpha", "2", "--epochs", "2", "--threads", "1"),
         note="policy on the shipped SkipNet-38's frozen backbone (static route): hybrid reward (alpha 2), "
         "self-critical, --batch-shape-floor 0.1 (each gate's own rate, at least 10% of images the other way)",
     ),
     Run(
         "pol_hrl38_floor0.1_bd",
-        (
-            "cifar10_rnn_gate_38",
-            "--stage",
-            "hrl",
-            "--init",
-            "pretrained:cifar10_rnn_gate_38",
-            "--freeze",
-            "backbone",
-            "--baseline",
-            "self-critical",
-            "--explore",
-            "0.05",
-            "--reward",
-            "blockdrop",
-            "--wrong-penalty",
-            "1",
-            "--lr",
-            "0.05",
-            "--schedule",
-            "cosine",
-            "--epochs",
-            "1",
-            "--eval-every",
-            "176",
-            "--threads",
-            "2",
-            "--batch-shape-floor",
-            "0.1",
-            "--batch-shape-weight",
-            "20",
-        ),
+        (*FLOOR, "--reward", "blockdrop", "--wrong-penalty", "1", "--epochs", "1", "--threads", "2"),
         note="as pol_hrl38_floor0.1 with BlockDrop's reward (gamma 1: only right predictions are paid for "
         "skipping), one epoch",
     ),
