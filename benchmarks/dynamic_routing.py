@@ -22,7 +22,7 @@ import json
 import logging
 from pathlib import Path
 
-from skipnet.experiments import Run, Runner
+from skipnet.experiments import Run, Runner, select
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -41,6 +41,10 @@ JOINT += ("--reward", "hybrid", "--alpha", "1", "--lr", "0.02", "--schedule", "c
 FLOOR = ("cifar10_rnn_gate_38", "--stage", "hrl", "--init", "pretrained:cifar10_rnn_gate_38", "--freeze", "backbone")
 FLOOR += ("--baseline", "self-critical", "--explore", "0.05", "--lr", "0.05", "--schedule", "cosine")
 FLOOR += ("--eval-every", "176", "--batch-shape-floor", "0.1", "--batch-shape-weight", "20")
+# the joint stage after a floor policy: backbone and policy together, distilled from the plain network
+FLOOR_JOINT = (*f"--stage hrl --distill {BASE} --baseline self-critical --explore 0.05 --lr 0.02".split(),)
+FLOOR_JOINT += (*"--schedule cosine --eval-every 176 --batch-shape-floor 0.1 --batch-shape-weight 20".split(),)
+FLOOR_JOINT += ("--reward", "hybrid", "--alpha", "2", "--threads", "2")
 BUDGETS = (20.0, 30.0, 40.0, 50.0)
 RUNS = [
     Run(
@@ -91,8 +95,34 @@ RUNS = [
         note="as pol_hrl38_floor0.1 with BlockDrop's reward (gamma 1: only right predictions are paid for "
         "skipping), one epoch",
     ),
+    Run(
+        "pol_hrl38_floor0.1_sc",
+        (*FLOOR, "--reward", "hybrid", "--alpha", "2", "--skip-reward", "correct", "--epochs", "2", "--threads", "1"),
+        note="as pol_hrl38_floor0.1 with --skip-reward correct (a wrong prediction earns nothing for skipping, "
+        "only for lowering its loss)",
+    ),
+    Run(
+        "joint_hrl38_floor0.1",
+        ("cifar10_rnn_gate_38", "--init", "{runs}/pol_hrl38_floor0.1/best.pt", *FLOOR_JOINT, "--epochs", "2"),
+        needs=("pol_hrl38_floor0.1",),
+        budgets=BUDGETS,
+        note="joint: pol_hrl38_floor0.1's policy and backbone trained together two epochs, distilled from the "
+        "plain ResNet-38, the 10% floor kept",
+    ),
 ]
 PLAIN = {"base_r20": "ResNet-20", "base_r26": "ResNet-26", "base_r32": "ResNet-32", "base": "ResNet-38"}
+
+
+NAMES = [r.name for r in RUNS]
+
+
+def recorded() -> dict[str, dict]:
+    """The rows of the results file as committed, for runs whose directories are not here (kept, not re-run)."""
+    path = RESULTS / "dynamic_routing.json"
+    if not path.exists():
+        return {}
+    runs = json.loads(path.read_text())["runs"]
+    return {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in runs if r["name"].split("@")[0] in NAMES}
 
 
 def plain_points() -> dict[str, dict]:
@@ -158,11 +188,12 @@ def main() -> int:
     p.add_argument("--no-train", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    runs = [r for r in RUNS if args.only is None or r.name in args.only]
+    runs = RUNS if args.only is None else select(RUNS, args.only)
     runner = Runner(Path(args.out), args.data)
     if not args.no_train:
         runner.train(runs)
-    rows = runner.rows(runs)
+    rows = recorded() | runner.rows(RUNS)
+    rows = {name: rows[name] for name in sorted(rows, key=lambda n: NAMES.index(n.split("@")[0]))}
     plain = plain_points()
     out = {
         "date": dt.date.today().isoformat(),

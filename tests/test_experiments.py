@@ -7,7 +7,7 @@ import json
 import pytest
 
 from skipnet.errors import SkipnetError
-from skipnet.experiments import Run, RunFailed, Runner, order
+from skipnet.experiments import Run, RunFailed, Runner, order, select
 
 FAST = ("--iters", "4", "--batch-size", "32", "--threads", "1", "--val-split", "0.2", "--limit-test", "64")
 
@@ -19,6 +19,14 @@ def test_order_puts_needs_first_and_refuses_cycles() -> None:
         order([Run("x", (), needs=("y",))])
     with pytest.raises(SkipnetError, match="depends on itself"):
         order([Run("x", (), needs=("y",)), Run("y", (), needs=("x",))])
+
+
+def test_select_adds_what_the_named_runs_need_and_refuses_unknown_names() -> None:
+    runs = [Run("a", ()), Run("b", (), needs=("a",)), Run("c", (), needs=("b",)), Run("d", ())]
+    assert [r.name for r in select(runs, ["c"])] == ["a", "b", "c"]
+    assert [r.name for r in select(runs, ["d", "a"])] == ["a", "d"]
+    with pytest.raises(SkipnetError, match="no run named e"):
+        select(runs, ["e"])
 
 
 def test_runner_trains_in_order_resumes_collects_and_fails_one_way(tmp_path) -> None:

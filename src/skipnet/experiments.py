@@ -74,6 +74,23 @@ def order(runs: Sequence[Run]) -> list[Run]:
     return done
 
 
+def select(runs: Sequence[Run], names: Sequence[str]) -> list[Run]:
+    """The runs named in ``names`` and every run they need, transitively (in ``runs``' order); refuses unknown
+    names."""
+    by_name = {r.name: r for r in runs}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise SkipnetError(f"no run named {', '.join(unknown)}; declared: {', '.join(by_name)}")
+    wanted: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo.extend(n for n in by_name[name].needs if n in by_name)
+    return [r for r in runs if r.name in wanted]
+
+
 @dataclass
 class Runner:
     """Runs, calibrates and evaluates declared :class:`Run` s under ``out`` on ``data``."""
@@ -155,4 +172,4 @@ class Runner:
         return out
 
 
-__all__ = ["Run", "RunFailed", "Runner", "order"]
+__all__ = ["Run", "RunFailed", "Runner", "order", "select"]
