@@ -42,9 +42,13 @@ FLOOR = ("cifar10_rnn_gate_38", "--stage", "hrl", "--init", "pretrained:cifar10_
 FLOOR += ("--baseline", "self-critical", "--explore", "0.05", "--lr", "0.05", "--schedule", "cosine")
 FLOOR += ("--eval-every", "176", "--batch-shape-floor", "0.1", "--batch-shape-weight", "20")
 # the joint stage after a floor policy: backbone and policy together, distilled from the plain network
-FLOOR_JOINT = (*f"--stage hrl --distill {BASE} --baseline self-critical --explore 0.05 --lr 0.02".split(),)
-FLOOR_JOINT += (*"--schedule cosine --eval-every 176 --batch-shape-floor 0.1 --batch-shape-weight 20".split(),)
-FLOOR_JOINT += ("--reward", "hybrid", "--alpha", "2", "--threads", "2")
+FLOOR_JOINT = ("--stage", "hrl", "--distill", BASE, "--baseline", "self-critical", "--explore", "0.05", "--lr", "0.02")
+FLOOR_JOINT += ("--schedule", "cosine", "--eval-every", "176", "--batch-shape-floor", "0.1")
+FLOOR_JOINT += ("--batch-shape-weight", "20", "--reward", "hybrid", "--alpha", "2", "--threads", "2")
+# ConvNet-AIG's recipe: gates and backbone trained together from the plain network by straight-through hard
+# gates (the SP stage), the batch-shape term as each gate's target rate, distilled from the plain network
+AIG = ("--stage", "sp", "--init", BASE, "--distill", BASE, *SHAPE, "--lr", "0.02", "--schedule", "cosine")
+AIG += ("--eval-every", "176", "--epochs", "2", "--threads", "1")
 BUDGETS = (20.0, 30.0, 40.0, 50.0)
 RUNS = [
     Run(
@@ -108,6 +112,19 @@ RUNS = [
         budgets=BUDGETS,
         note="joint: pol_hrl38_floor0.1's policy and backbone trained together two epochs, distilled from the "
         "plain ResNet-38, the 10% floor kept",
+    ),
+    Run(
+        "aig_sp_bs",
+        ("cifar10_aig_gate_38", *AIG),
+        budgets=BUDGETS,
+        note="ConvNet-AIG's gate (pool, linear, BatchNorm, ReLU, linear), SP stage (straight-through hard gates) "
+        "from the plain ResNet-38 with --batch-shape 0.65 as the target rate, distilled, two epochs",
+    ),
+    Run(
+        "rnn_sp_bs",
+        ("cifar10_rnn_gate_38", *AIG),
+        budgets=BUDGETS,
+        note="as aig_sp_bs with the paper's recurrent gate (the gate design's control)",
     ),
 ]
 PLAIN = {"base_r20": "ResNet-20", "base_r26": "ResNet-26", "base_r32": "ResNet-32", "base": "ResNet-38"}

@@ -31,7 +31,9 @@ ARCHS = [
     "tiny_rnn_gate_14",
     "tiny_feedforward_14",
     "tiny_feedforward2_14",
+    "tiny_aig_gate_14",
     "cifar10_rnn_gate_38",
+    "cifar10_aig_gate_38",
     "cifar10_feedforward_38",
     "cifar10_feedforward_110",
 ]

@@ -306,9 +306,10 @@ def test_missing_onnx_is_one_clear_error(ckpt, capsys, tmp_path, monkeypatch) ->
     assert err.count("\n") == 1 and not out.exists()
 
 
-def test_feedforward_gates_export_conditionally() -> None:
+@pytest.mark.parametrize("name", ["tiny_feedforward_14", "tiny_aig_gate_14"])
+def test_feedforward_gates_export_conditionally(name: str) -> None:
     torch.manual_seed(0)
-    model = create_model("tiny_feedforward_14")
+    model = create_model(name)
     calibrate_bn(model, 32)
     with torch.no_grad():
         for fc in model.gates.heads():

@@ -8,9 +8,9 @@ from typing import Any, Literal
 from skipnet.errors import SkipnetError
 
 Family = Literal["cifar", "imagenet"]
-GateKind = Literal["none", "ffgate1", "ffgate2", "rnn"]
+GateKind = Literal["none", "ffgate1", "ffgate2", "rnn", "aig"]
 
-GATE_KINDS = ("none", "ffgate1", "ffgate2", "rnn")
+GATE_KINDS = ("none", "ffgate1", "ffgate2", "rnn", "aig")
 IMAGENET_DEPTHS = (18, 34, 50, 101, 152)
 
 # Upper bounds of every field, checked before anything is allocated: a name or a file's metadata cannot make
@@ -52,7 +52,8 @@ class ArchConfig:
         family: ``"cifar"`` (6n+2 BasicBlock ResNet, 3 stages) or ``"imagenet"`` (torchvision ResNet).
         depth: number of weighted layers (38, 74, 110, 152 for CIFAR; 34, 50, 101 for ImageNet).
         num_classes: size of the classifier output.
-        gate: ``"none"`` (plain ResNet), ``"ffgate1"``, ``"ffgate2"`` or ``"rnn"`` (paper §3.1).
+        gate: ``"none"`` (plain ResNet), ``"ffgate1"``, ``"ffgate2"`` or ``"rnn"`` (paper §3.1), or
+            ``"aig"`` (ConvNet-AIG's gate, beyond the paper).
         image_size: default (square) input size, used for cost accounting.
         width: channels of the first CIFAR stage (16 in the paper); ignored for ImageNet.
         rnn_embed: RNNGate projection size (10 in the paper).

@@ -50,7 +50,7 @@ from torchvision.models.resnet import Bottleneck
 from skipnet.blocks import residual_branch, run_block, shortcut_branch
 from skipnet.errors import SkipnetError
 from skipnet.gated import GatedResNet
-from skipnet.gates import FeedForwardGates, RNNGate
+from skipnet.gates import AIGGate, FeedForwardGates, RNNGate
 
 GRAPHS = ("conditional", "routed", "masked", "plain")
 FORMATS = ("safetensors", "pt2", "onnx")
@@ -183,6 +183,8 @@ class _Gates(nn.Module):
         bank = self.bank
         if not self.recurrent:
             g = bank.gates[i]
+            if isinstance(g, AIGGate):  # BatchNorm in eval mode: its running statistics, an affine map
+                return F.linear(F.relu(g.bn(g.proj(x.mean(dim=(2, 3))))), g.fc.weight, g.fc.bias), None
             y = g.pool(x) if hasattr(g, "pool") else x
             if hasattr(g, "conv1"):
                 y = F.relu(g.bn1(g.conv1(y)))

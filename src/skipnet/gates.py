@@ -7,6 +7,10 @@ so that log-probabilities are computed stably with ``logsigmoid``.
 - :class:`FFGateI`: 2x2 max-pool -> 3x3 conv s1 + BN + ReLU -> 3x3 conv s2 + BN + ReLU -> GAP -> linear.
   ~15.6% of a residual block's multiply-adds (the paper rounds to 19%). Used for depth < 100.
 - :class:`FFGateII`: 3x3 conv s2 + BN + ReLU -> GAP -> linear. 12.5% of a block. Used for depth >= 100.
+- :class:`AIGGate` (beyond the paper; ConvNet-AIG's gate, Veit & Belongie, ECCV 2018): GAP -> linear C -> 16
+  -> BatchNorm -> ReLU -> linear 16 -> 1. Its BatchNorm normalises the gate's input features over the batch in
+  training, so a gate sees how an image differs from the others rather than the block's shared offset. ~0.2% of
+  a block.
 - :class:`RNNGate`: per block GAP -> linear projection C -> 10; one LSTM cell (input 10, hidden 10) shared by
   all gates, stepped once per gated block, with its (h, c) state starting at zero for each input and carried
   across stage boundaries; a shared linear 10 -> 1. ~0.04% of a block.
@@ -92,6 +96,23 @@ class FFGateII(nn.Module):
         return self.fc(spatial_mean(x))[:, 0]
 
 
+class AIGGate(nn.Module):
+    """ConvNet-AIG's gate (its ``gs`` head, one logit instead of two): normalised pooled features."""
+
+    def __init__(self, channels: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.proj = nn.Linear(channels, hidden, bias=False)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(hidden, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.relu(self.bn(self.proj(spatial_mean(x)))))[:, 0]
+
+
+FF_GATES = {"ffgate1": FFGateI, "ffgate2": FFGateII, "aig": AIGGate}
+
+
 class GateBank(nn.Module):
     """Common interface: ``init_state(x)`` then ``step(i, x_i, state) -> (logit (B,), state)``."""
 
@@ -117,7 +138,7 @@ class FeedForwardGates(GateBank):
 
     def __init__(self, channels: list[int], kind: str) -> None:
         super().__init__()
-        cls = FFGateI if kind == "ffgate1" else FFGateII
+        cls = FF_GATES[kind]
         self.gates = nn.ModuleList(cls(c) for c in channels)
         self.num_gates = len(channels)
 

@@ -2,9 +2,9 @@
 
 Names follow the authors' repository with its typos fixed: ``cifar10_resnet_110``,
 ``cifar10_feedforward_38`` (FFGate-I below 100 layers, FFGate-II from 100 on, as in the paper),
-``cifar10_rnn_gate_110``, the same for ``cifar100_`` and ``svhn_``, ``imagenet_resnet_50``,
-``imagenet_rnn_gate_101``, and ``tiny_*`` variants for fast tests. Any other 6n+2 depth is accepted by
-pattern, e.g. ``cifar10_rnn_gate_56``.
+``cifar10_rnn_gate_110``, ``cifar10_aig_gate_38`` (ConvNet-AIG's gate, beyond the paper), the same for
+``cifar100_`` and ``svhn_``, ``imagenet_resnet_50``, ``imagenet_rnn_gate_101``, and ``tiny_*`` variants for
+fast tests. Any other 6n+2 depth is accepted by pattern, e.g. ``cifar10_rnn_gate_56``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from skipnet.gated import GatedResNet
 _REGISTRY: dict[str, ArchConfig] = {}
 
 SMALL_DATASETS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
-_PATTERN = re.compile(r"^(cifar10|cifar100|svhn|tiny)_(resnet|feedforward|rnn_gate)_(\d{1,9})$")
+_PATTERN = re.compile(r"^(cifar10|cifar100|svhn|tiny)_(resnet|feedforward|rnn_gate|aig_gate)_(\d{1,9})$")
 
 
 def register(config: ArchConfig) -> ArchConfig:
@@ -37,7 +37,7 @@ def ff_kind(depth: int) -> str:
 
 
 def _small(dataset: str, kind: str, depth: int) -> ArchConfig:
-    gate = {"resnet": "none", "feedforward": ff_kind(depth), "rnn_gate": "rnn"}[kind]
+    gate = {"resnet": "none", "feedforward": ff_kind(depth), "rnn_gate": "rnn", "aig_gate": "aig"}[kind]
     if dataset == "tiny":
         return ArchConfig(f"tiny_{kind}_{depth}", "cifar", depth, 10, gate, 32, width=8, dataset="tiny")
     return ArchConfig(f"{dataset}_{kind}_{depth}", "cifar", depth, SMALL_DATASETS[dataset], gate, 32, dataset=dataset)
@@ -49,11 +49,12 @@ for _ds in SMALL_DATASETS:
         register(_small(_ds, "rnn_gate", _d))
     for _d in (38, 74, 110):
         register(_small(_ds, "feedforward", _d))
+        register(_small(_ds, "aig_gate", _d))
 for _d in (34, 50, 101):
     register(ArchConfig(f"imagenet_resnet_{_d}", "imagenet", _d, 1000, "none", 224, dataset="imagenet"))
     register(ArchConfig(f"imagenet_rnn_gate_{_d}", "imagenet", _d, 1000, "rnn", 224, dataset="imagenet"))
 # Tiny variants for tests: 14 layers (5 gated blocks), width 8.
-for _kind in ("resnet", "rnn_gate", "feedforward"):
+for _kind in ("resnet", "rnn_gate", "feedforward", "aig_gate"):
     register(_small("tiny", _kind, 14))
 register(ArchConfig("tiny_feedforward2_14", "cifar", 14, 10, "ffgate2", 32, width=8, dataset="tiny"))
 

@@ -39,6 +39,7 @@ from skipnet.data import DataBundle, load_data
 from skipnet.errors import Interrupted, SkipnetError
 from skipnet.evaluate import evaluate
 from skipnet.gated import GatedResNet, GateMode
+from skipnet.gates import AIGGate
 from skipnet.losses import Baseline, SkipBudget, distillation_loss, distilled_task_loss, mean_first_return
 from skipnet.registry import get_config
 from skipnet.rundir import append_row, read_rows, run_lock, write_rows
@@ -466,12 +467,11 @@ class Trainer:
     # -- evaluation
     def _train_mode(self) -> None:
         """Training mode; with ``--bn frozen`` every BatchNorm stays in eval mode (running statistics used and
-        kept, as greedy inference uses them; its scale and shift still learn)."""
+        kept, as greedy inference uses them; its scale and shift still learn), except a ConvNet-AIG gate's, whose
+        batch normalisation is the gate's design."""
         self.train_model.train()
         if self.cfg.bn == "frozen":
-            for m in self.model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            freeze_batchnorm(self.model)
 
     def evaluate_split(self, split: str) -> dict[str, Any]:
         # Rank 0 evaluates the bare model on the whole split; the other ranks receive its result.
@@ -774,6 +774,15 @@ class Trainer:
                 test["computation_percentage"],
             )
         return self.dist.broadcast_object(summary)  # rank 0's summary, on every rank
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """``--bn frozen``: every BatchNorm in eval mode, except a ConvNet-AIG gate's (its batch normalisation is
+    what the gate is)."""
+    normalising = {id(m) for g in model.modules() if isinstance(g, AIGGate) for m in g.modules()}
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in normalising:
+            m.eval()
 
 
 def _first_line(exc: BaseException) -> str:
