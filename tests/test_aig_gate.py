@@ -45,6 +45,14 @@ def test_inference_logit_is_the_formula() -> None:
     torch.testing.assert_close(gate(x), want)
 
 
+def test_a_single_training_image_uses_the_running_statistics() -> None:
+    torch.manual_seed(2)
+    gate = AIGGate(8)
+    x = torch.randn(1, 8, 4, 4)
+    want = gate.eval()(x)
+    torch.testing.assert_close(gate.train()(x), want)
+
+
 def test_frozen_batchnorm_leaves_the_aig_gates_normalising() -> None:
     model = create_model("tiny_aig_gate_14").train()
     freeze_batchnorm(model)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules import module as _hooks
 
@@ -107,7 +108,13 @@ class AIGGate(nn.Module):
         self.fc = nn.Linear(hidden, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.relu(self.bn(self.proj(spatial_mean(x)))))[:, 0]
+        h = self.proj(spatial_mean(x))
+        if self.training and h.shape[0] == 1:  # one image has no batch to be normalised against: running stats
+            bn = self.bn
+            h = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        else:
+            h = self.bn(h)
+        return self.fc(self.relu(h))[:, 0]
 
 
 FF_GATES = {"ffgate1": FFGateI, "ffgate2": FFGateII, "aig": AIGGate}

@@ -49,7 +49,7 @@ for _ds in SMALL_DATASETS:
         register(_small(_ds, "rnn_gate", _d))
     for _d in (38, 74, 110):
         register(_small(_ds, "feedforward", _d))
-        register(_small(_ds, "aig_gate", _d))
+    register(_small(_ds, "aig_gate", 38))  # other depths by pattern
 for _d in (34, 50, 101):
     register(ArchConfig(f"imagenet_resnet_{_d}", "imagenet", _d, 1000, "none", 224, dataset="imagenet"))
     register(ArchConfig(f"imagenet_rnn_gate_{_d}", "imagenet", _d, 1000, "rnn", 224, dataset="imagenet"))
