@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -51,6 +52,13 @@ def test_runner_trains_in_order_resumes_collects_and_fails_one_way(tmp_path) -> 
     n = len(runner.commands)
     assert runner.rows([base, hrl]) == rows and len(runner.commands) == n  # cached: no command again
     assert json.loads((tmp_path / "runs" / "hrl" / "best.test.json").read_text())["accuracy"] == rows["hrl"]["accuracy"]
+    # a replaced best.pt (a run still training) is evaluated again, never answered from the stale cache
+    best = tmp_path / "runs" / "hrl" / "best.pt"
+    best.write_bytes(best.read_bytes())
+    os.utime(best, ns=(1, 1))
+    runner.commands.clear()
+    assert runner.rows([hrl])["hrl"]["accuracy"] == rows["hrl"]["accuracy"]
+    assert [c.split()[1] for c in runner.commands] == ["eval"]
     # a run killed after its last checkpoint resumes; until then its best.pt is a row marked unfinished
     (tmp_path / "runs" / "base" / "summary.json").unlink()
     assert runner.rows([base])["base"]["finished"] is False

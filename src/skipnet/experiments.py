@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from skipnet.errors import SkipnetError
+from skipnet.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,11 @@ def order(runs: Sequence[Run]) -> list[Run]:
     for r in runs:
         visit(r)
     return done
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
 
 
 def select(runs: Sequence[Run], names: Sequence[str]) -> list[Run]:
@@ -144,14 +150,20 @@ class Runner:
         return path
 
     def evaluate(self, checkpoint: Path) -> dict[str, Any]:
-        """``skipnet eval --json`` of ``checkpoint`` on the test split (cached beside it)."""
+        """``skipnet eval --json`` of ``checkpoint`` on the test split, cached beside it for the checkpoint's
+        current version (size and modification time): a run still training replaces its ``best.pt``, and the
+        row must follow it."""
         cache = checkpoint.with_suffix(".test.json")
+        stamp = _stamp(checkpoint)
         if cache.exists():
-            return json.loads(cache.read_text())
+            cached = json.loads(cache.read_text())
+            if cached.pop("checkpoint_stamp", None) == stamp:
+                return cached
         result = json.loads(
             self._call(["skipnet", "eval", str(checkpoint), "--data", self.data, "--json"], self.out / "eval.log")
         )
-        cache.write_text(json.dumps(result))
+        if _stamp(checkpoint) == stamp:  # not replaced while it was evaluated
+            atomic_write(cache, lambda f: f.write(json.dumps(result | {"checkpoint_stamp": stamp}).encode()))
         return result
 
     def rows(self, runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
