@@ -1,0 +1,216 @@
+"""``skipnet predict`` (issue 32): the same classes and executed blocks from a checkpoint, its .onnx and its .pt2;
+files, folders and archives; unreadable inputs skipped with one line each; atomic CSV / JSONL; one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from skipnet.bench import calibrate_bn
+from skipnet.checkpoint import save_checkpoint
+from skipnet.cli import main
+from skipnet.registry import create_model
+
+pytest.importorskip("onnx", reason="the export extra (pip install -e '.[export]') is part of CI's dev extra")
+pytest.importorskip("onnxruntime")
+
+CLASSES = [f"class_{i}" for i in range(10)]
+DATA = {"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26], "classes": CLASSES, "image_size": 32}
+N_IMAGES = 8
+
+
+def _varied_model():
+    """tiny_rnn_gate_14 (5 gated blocks), BN calibrated, a steep gate with its bias at the median logit: decisions
+    differ between images (as tests/test_export.py builds it)."""
+    torch.manual_seed(0)
+    model = create_model("tiny_rnn_gate_14")
+    calibrate_bn(model, 32)
+    with torch.no_grad():
+        model.gates.fc.weight.mul_(20.0)
+        model.set_gate_bias(0.0)
+        x = (torch.rand(64, 3, 32, 32) - torch.tensor(DATA["mean"]).view(1, 3, 1, 1)) / 0.25
+        z = model(x, "greedy").trace.logits
+        model.set_gate_bias(-float(z.median()))
+    return model.eval()
+
+
+def _images(folder: Path, n: int = N_IMAGES, seed: int = 3) -> list[Path]:
+    """``n`` PNG images of random smooth colour fields (32 px, and one 40 px image to be resized)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    paths = []
+    for i in range(n):
+        s = 40 if i == 0 else 32
+        low = torch.rand(3, 4, 4, generator=gen)
+        img = torch.nn.functional.interpolate(low[None], size=(s, s), mode="bilinear")[0]
+        img = (img + 0.2 * torch.rand(3, s, s, generator=gen)).clamp(0, 1)
+        arr = (img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        path = folder / ("sub" if i % 2 else "") / f"img{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(arr).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """The checkpoint, its conditional ONNX graph (batch 1) and its routed pt2 program (any batch)."""
+    root = tmp_path_factory.mktemp("predict")
+    ckpt = root / "tiny.pt"
+    save_checkpoint(ckpt, _varied_model(), data=DATA)
+    out = {"pt": ckpt, "onnx": root / "tiny.onnx", "pt2": root / "tiny.pt2"}
+    assert main(["export", str(ckpt), str(out["onnx"]), "--probes", "1"]) == 0
+    assert main(["export", str(ckpt), str(out["pt2"]), "--graph", "routed", "--probes", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images") / "imgs"
+    _images(root)
+    return root
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("skipnet predict: error: "), err
+    return err[0]
+
+
+def test_checkpoint_onnx_and_pt2_agree(models, folder, tmp_path, capsys) -> None:
+    rows = {}
+    for kind, model in models.items():
+        out = tmp_path / f"{kind}.jsonl"
+        argv = ["predict", str(model), str(folder), "--out", str(out), "--threads", "1", "--batch-size", "3"]
+        assert main(argv) == 0, capsys.readouterr().err
+        rows[kind] = _jsonl(out)
+    ref = rows["pt"]
+    assert len(ref) == N_IMAGES and {r["class"] for r in ref} <= set(CLASSES)
+    routes = {r["route"] for r in ref}
+    assert len(routes) > 1, "the test needs images that take different routes"
+    for kind in ("onnx", "pt2"):
+        assert [r["image"] for r in rows[kind]] == [r["image"] for r in ref]
+        assert [(r["class"], r["route"], r["macs"]) for r in rows[kind]] == [
+            (r["class"], r["route"], r["macs"]) for r in ref
+        ], kind
+        assert max(abs(a["probability"] - b["probability"]) for a, b in zip(rows[kind], ref)) < 1e-4
+
+
+def test_predictions_are_the_eager_model_on_the_data_module_pixels(models, folder, capsys) -> None:
+    """The checkpoint's rows are the eager greedy model on the pixels the data module decodes, normalised with the
+    checkpoint's statistics; the 40 px image is resized as skipnet.data resizes a small-image folder."""
+    from skipnet.checkpoint import load_model
+    from skipnet.data import _decode_file, _tv_decoder
+
+    assert main(["predict", str(models["pt"]), str(folder), "--threads", "1", "--top-k", "2"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    model, _ = load_model(models["pt"])
+    files = sorted(p for p in folder.rglob("*.png"))
+    xs = []
+    for f in files:
+        img = _decode_file(f, _tv_decoder()).float()
+        if img.shape[-1] != 32:
+            img = torch.nn.functional.interpolate(img[None], size=(32, 32), mode="bilinear", antialias=True)[0]
+            img = img.round().clamp(0, 255)
+        xs.append(img / 255.0)
+    x = (torch.stack(xs) - torch.tensor(DATA["mean"]).view(1, 3, 1, 1)) / torch.tensor(DATA["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        out = model(x, "greedy")
+    assert len(table) == 1 + len(files)
+    for line, f, c, d in zip(table[1:], files, out.logits.argmax(1), out.trace.decisions):
+        assert line.split()[0].endswith(f.name) and line.split()[1] == CLASSES[int(c)]
+        assert line.split()[3] == f"{int(d.sum())}/5"
+
+
+def test_archives_and_unreadable_files_are_skipped_with_one_line_each(models, folder, tmp_path, capsys) -> None:
+    files = sorted(folder.rglob("*.png"))
+    tgz, zpath = tmp_path / "imgs.tar.gz", tmp_path / "imgs.zip"
+    with tarfile.open(tgz, "w:gz") as tar:
+        for f in files[:3]:
+            tar.add(f, arcname=f"a/{f.name}")
+        info = tarfile.TarInfo("a/broken.jpg")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"\xff\xd8abc"))
+    with zipfile.ZipFile(zpath, "w") as z:
+        for f in files[3:5]:
+            z.write(f, f"z/{f.name}")
+        z.writestr("z/notes.txt", "not an image: ignored")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "fake.tar").write_bytes(b"this is no tar archive")
+    out = tmp_path / "p.csv"
+    argv = ["predict", str(models["pt"]), str(tgz), str(zpath), str(tmp_path / "empty.png"), str(tmp_path / "fake.tar")]
+    assert main([*argv, "--out", str(out), "--threads", "1", "--top-k", "2"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    skips = [ln for ln in err if ln.startswith("skipnet predict: skipped ") and ": " in ln[25:]]
+    assert any("broken.jpg: not a readable image" in ln for ln in skips), err
+    assert any("empty.png: empty file" in ln for ln in skips), err
+    assert any("fake.tar: damaged or not a tar archive" in ln for ln in skips), err
+    assert "skipped 3 unreadable input(s)" in err[-1]
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["image"] for r in rows] == [f"{tgz}:a/{f.name}" for f in files[:3]] + [
+        f"{zpath}:z/{f.name}" for f in files[3:5]
+    ]
+    assert all(r["top2_class"] in CLASSES and float(r["top2_probability"]) <= float(r["probability"]) for r in rows)
+
+
+def test_nothing_readable_is_an_error_and_nothing_is_written(models, tmp_path, capsys) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(b"garbage")
+    out = tmp_path / "p.jsonl"
+    out.write_text("previous\n")
+    assert main(["predict", str(models["pt"]), str(tmp_path / "in"), "--out", str(out), "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("skipnet predict: error: none of the 1 inputs could be read") and len(err) == 2
+    assert out.read_text() == "previous\n"  # left as it was
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["{model}", "{tmp}/nowhere"], "does not exist"),
+        (["{model}", "{tmp}"], "holds no image files"),
+        (["{model}", "{img}", "--out", "{tmp}/p.txt"], "must end in .csv or .jsonl"),
+        (["{model}", "{img}", "--out", ""], "--out is empty"),
+        (["{model}", "{img}", "--batch-size", "0"], "--batch-size must be in [1, 4096]"),
+        (["{model}", "{img}", "--top-k", "11"], "--top-k must be in [1, 10]"),
+        (["{model}", "{img}", "--threads", "-1"], "--threads must be in [1, 256]"),
+        (["{tmp}/missing.onnx", "{img}"], "does not exist"),
+        (["{tmp}/missing.pt", "{img}"], "does not exist"),
+    ],
+)
+def test_user_errors_are_one_line(models, folder, tmp_path, capsys, argv, needle) -> None:
+    img = next(folder.rglob("*.png"))
+    subs = {"{model}": str(models["pt"]), "{tmp}": str(tmp_path), "{img}": str(img)}
+    for k, v in subs.items():
+        argv = [a.replace(k, v) for a in argv]
+    before = set(os.listdir(tmp_path))
+    assert main(["predict", *argv]) == 2
+    assert needle in _one_line_error(capsys)
+    assert set(os.listdir(tmp_path)) == before
+
+
+def test_a_base_stage_checkpoint_runs_every_block(folder, tmp_path, capsys) -> None:
+    """A gated network trained in stage base (mode all_on) never runs its untrained gates."""
+    model = _varied_model()
+    model.mode = type(model.mode)("all_on")
+    path = tmp_path / "base.pt"
+    save_checkpoint(path, model, data=DATA)
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", str(path), str(folder), "--out", str(out), "--threads", "1"]) == 0
+    assert "mode all_on" in capsys.readouterr().err
+    rows = _jsonl(out)
+    assert {r["route"] for r in rows} == {"11111"} and {r["gated_blocks_executed"] for r in rows} == {5}
