@@ -1,0 +1,52 @@
+"""Data: torchvision data sets, ImageFolder trees (and the bundled CIFAR-10 JPEG tarball), sklearn digits.
+
+Small images (<= 64 px) are decoded once into a uint8 tensor cache (kept on disk under the cache directory)
+and augmented batch-wise on tensors -- padded random crop and horizontal flip drawn per sample -- so that
+two CPU cores are not spent in PIL. Large images (ImageNet) go through DataLoader workers with the standard
+transforms (RandomResizedCrop 224 + flip; resize 256 + centre crop 224).
+
+A validation split is carved from the training set with a fixed seed (``--val-split``) so that model
+selection never touches the test set. Every loader can be sharded across distributed ranks.
+
+ImageFolder input is checked, not trusted: a missing or empty directory, a split without class folders or
+images, or test classes that the training split lacks are one-line ``SkipnetError`` messages. Grayscale,
+palette, RGBA, CMYK and 16-bit images are converted to 8-bit RGB. Corrupt or truncated files are skipped:
+small-image splits log one warning with their count and the first few paths (and fail if *every* image of a
+split is unreadable); large-image splits replace an unreadable file by the next image of the folder when they
+meet it, with a warning.
+
+One module per job, each importing only those listed before it:
+
+- ``sources``: the built-in data sets (torchvision's, the shipped digits) and the cache directory;
+- ``folders``: ImageFolder trees and ``.tar.gz`` archives of them: extracted, checked, listed;
+- ``decode``: small images decoded into one uint8 tensor per split, cached on disk;
+- ``loaders``: :class:`TensorLoader`, :class:`FolderLoader` and the ImageFolder dataset they read;
+- ``bundle``: the entry point, :func:`load_data` / :func:`build` of a :class:`DataSpec`, and :class:`DataBundle`.
+"""
+
+from skipnet.data.bundle import SMALL_MAX, SPLIT_SEED, STATS, DataBundle, DataSpec, build, load_data
+from skipnet.data.decode import _decode_file as _decode_file
+from skipnet.data.decode import _tv_decoder as _tv_decoder
+from skipnet.data.folders import IMAGE_EXTS, resolve_folder
+from skipnet.data.loaders import FolderLoader, SafeFolder, TensorLoader, image_folder
+from skipnet.data.sources import BUILTIN, cache_dir
+
+__all__ = [
+    "BUILTIN",
+    "IMAGE_EXTS",
+    "SMALL_MAX",
+    "SPLIT_SEED",
+    "STATS",
+    "DataBundle",
+    "DataSpec",
+    "FolderLoader",
+    "SafeFolder",
+    "TensorLoader",
+    "build",
+    "cache_dir",
+    "image_folder",
+    "load_data",
+    "resolve_folder",
+]
+
+_image_folder = image_folder  # its name before the split (tests import it)

@@ -1,0 +1,267 @@
+"""The entry point: :func:`load_data` (or :func:`build` of a :class:`DataSpec`) picks the source, decodes or lists
+it, carves the validation split with a fixed seed, keeps the seeded subsets and returns a :class:`DataBundle`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from skipnet.data.decode import decode_folder, first_image_size
+from skipnet.data.folders import list_folder, resolve_folder
+from skipnet.data.loaders import FolderLoader, TensorLoader, folder_transforms, image_folder
+from skipnet.data.sources import BUILTIN, Arrays, builtin_arrays
+from skipnet.errors import SkipnetError
+
+SPLIT_SEED = 20180908  # the validation split never depends on the training seed
+
+STATS: dict[str, Stats] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+SMALL_MAX = 64  # the largest side decoded into a tensor cache; larger images go through DataLoader workers
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+@dataclass
+class DataBundle:
+    """Loaders and metadata of one data set."""
+
+    name: str
+    num_classes: int
+    image_size: int
+    in_channels: int
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train: TensorLoader | FolderLoader
+    val: TensorLoader | FolderLoader | None
+    test: TensorLoader | FolderLoader
+    info: dict = field(default_factory=dict)
+
+    def split(self, name: str) -> TensorLoader | FolderLoader:
+        loader = {"train": self.train, "val": self.val, "test": self.test}.get(name)
+        if loader is None:
+            raise SkipnetError(f"split {name!r} is not available (use --val-split to carve a validation split)")
+        return loader
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Normalised images back to [0, 1] for display."""
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        return (x.float() * std + mean).clamp(0, 1)
+
+    def meta(self) -> dict:
+        """Plain-data description stored in checkpoints."""
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "image_size": self.image_size,
+            "in_channels": self.in_channels,
+            "classes": list(self.classes),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+
+def _carve_val(n: int, fraction: float) -> tuple[Tensor, Tensor]:
+    if not 0.0 <= fraction < 1.0:
+        raise SkipnetError(f"--val-split must be in [0, 1), got {fraction}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    k = int(round(n * fraction))
+    return perm[k:].sort().values, perm[:k].sort().values
+
+
+def _limit(n: int, limit: int | None, seed: int) -> Tensor:
+    if not limit or limit >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED + seed + 1))[:limit].sort().values
+
+
+def _compute_stats(images: Tensor) -> Stats:
+    x = images[: min(len(images), 20000)].float() / 255.0
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What to load and how: the arguments of :func:`load_data`, passed on once as one value.
+
+    Attributes:
+        source: ``cifar10``, ``cifar100``, ``svhn``, ``digits`` or an ImageFolder path/archive.
+        val_split: fraction of the training set held out (fixed seed) for model selection.
+        limit_train, limit_test: keep a seeded random subset of that many images (quick experiments);
+            ``limit_test`` also limits the validation split.
+        image_size: resize images of an ImageFolder to this size (small images) or crop size (large).
+        stats: normalisation (mean, std) to use instead of the data set's own (checkpoints carry theirs).
+        augment: ``False`` turns the default augmentation off (on for CIFAR/ImageFolder, off for SVHN and digits).
+    """
+
+    source: str
+    data_dir: str | None = None
+    download: bool = False
+    batch_size: int = 128
+    eval_batch_size: int | None = None
+    val_split: float = 0.0
+    seed: int = 0
+    workers: int = 4
+    rank: int = 0
+    world: int = 1
+    limit_train: int | None = None
+    limit_test: int | None = None
+    image_size: int | None = None
+    stats: Stats | None = None
+    augment: bool | None = None
+
+    @property
+    def eval_batch(self) -> int:
+        """The evaluation batch size: ``eval_batch_size``, else the training one but at least 256."""
+        return self.eval_batch_size or max(self.batch_size, 256)
+
+
+def load_data(
+    spec: str,
+    *,
+    data_dir: str | None = None,
+    download: bool = False,
+    batch_size: int = 128,
+    eval_batch_size: int | None = None,
+    val_split: float = 0.0,
+    seed: int = 0,
+    workers: int = 4,
+    rank: int = 0,
+    world: int = 1,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+    image_size: int | None = None,
+    stats: Stats | None = None,
+    augment: bool | None = None,
+) -> DataBundle:
+    """Load data set ``spec``: ``cifar10``, ``cifar100``, ``svhn``, ``digits`` or an ImageFolder path/archive.
+
+    The keyword arguments are the fields of :class:`DataSpec` (see there); this is ``build(DataSpec(spec, ...))``.
+    """
+    return build(
+        DataSpec(
+            spec,
+            data_dir=data_dir,
+            download=download,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            val_split=val_split,
+            seed=seed,
+            workers=workers,
+            rank=rank,
+            world=world,
+            limit_train=limit_train,
+            limit_test=limit_test,
+            image_size=image_size,
+            stats=stats,
+            augment=augment,
+        )
+    )
+
+
+def build(spec: DataSpec) -> DataBundle:
+    """The :class:`DataBundle` of ``spec``: small images decoded into memory, large ones read by DataLoader workers."""
+    if spec.source in BUILTIN:
+        name, arrays = spec.source, builtin_arrays(spec.source, spec.data_dir, spec.download)
+        pad, flip = {"digits": (1, False), "svhn": (0, False)}.get(spec.source, (4, True))
+    else:
+        root, test_dir, classes, large = _folder_source(spec)
+        if large:
+            return _folder_bundle(spec, root, test_dir, classes)
+        name, pad, flip = root.name, 4, True
+        arrays = {
+            "train": decode_folder(root / "train", spec.image_size),
+            "test": decode_folder(test_dir, spec.image_size, classes),
+        }
+    if spec.augment is False:
+        pad, flip = 0, False
+    stats = spec.stats
+    if stats is None:
+        stats = STATS.get(spec.source) or _compute_stats(arrays["train"][0])
+    return _tensor_bundle(spec, name, arrays, pad, flip, stats)
+
+
+def _folder_source(spec: DataSpec) -> tuple[Path, Path, list[str], bool]:
+    """The ImageFolder root of ``spec.source``, its test (or val) split, the training classes, and whether its
+    images are large (read through DataLoader workers rather than decoded into memory). Both splits are checked
+    (same classes, some images) before anything is decoded."""
+    root = resolve_folder(Path(spec.source).expanduser())
+    test_dir = root / "test" if (root / "test").is_dir() else root / "val"
+    files, _, classes = list_folder(root / "train")
+    list_folder(test_dir, classes)
+    w, h = first_image_size(files)
+    large = max(w, h) > SMALL_MAX and (spec.image_size is None or spec.image_size > SMALL_MAX)
+    return root, test_dir, classes, large
+
+
+def _tensor_bundle(spec: DataSpec, name: str, arrays: Arrays, pad: int, flip: bool, stats: Stats) -> DataBundle:
+    """The bundle of decoded ``arrays`` held in memory: the validation split carved from the training images, the
+    seeded subsets, one :class:`TensorLoader` each."""
+    x_tr, y_tr, classes = arrays["train"]
+    x_te, y_te, _ = arrays["test"]
+    mean, std = stats
+    tr_idx, va_idx = _carve_val(len(y_tr), spec.val_split)
+    tr_idx = tr_idx[_limit(len(tr_idx), spec.limit_train, 0)]
+    if len(va_idx) and spec.limit_test:
+        va_idx = va_idx[_limit(len(va_idx), spec.limit_test, 1)]
+    te_idx = _limit(len(y_te), spec.limit_test, 2)
+    common = {"mean": mean, "std": std, "rank": spec.rank, "world": spec.world, "seed": spec.seed}
+    train = TensorLoader(x_tr[tr_idx], y_tr[tr_idx], spec.batch_size, train=True, pad=pad, flip=flip, **common)
+    val = TensorLoader(x_tr[va_idx], y_tr[va_idx], spec.eval_batch, **common) if len(va_idx) else None
+    test = TensorLoader(x_te[te_idx], y_te[te_idx], spec.eval_batch, **common)
+    return DataBundle(
+        name,
+        len(classes),
+        x_tr.shape[-1],
+        x_tr.shape[1],
+        list(classes),
+        mean,
+        std,
+        train,
+        val,
+        test,
+        {"train_images": len(tr_idx), "val_images": len(va_idx), "test_images": len(te_idx)},
+    )
+
+
+def _folder_bundle(spec: DataSpec, root: Path, test_dir: Path, classes: list[str]) -> DataBundle:
+    """The bundle of an ImageFolder of large images: one :class:`FolderLoader` per split, with the standard
+    transforms at ``spec.image_size`` (224 by default)."""
+    from torch.utils.data import Subset
+
+    size = spec.image_size or 224
+    mean, std = spec.stats or STATS["imagenet"]
+    train_full = image_folder(root / "train", folder_transforms(size, True, mean, std), classes)
+    val_full = image_folder(root / "train", folder_transforms(size, False, mean, std), classes)
+    test_ds = image_folder(test_dir, folder_transforms(size, False, mean, std), classes)
+    tr_idx, va_idx = _carve_val(len(train_full), spec.val_split)
+    tr_idx = tr_idx[_limit(len(tr_idx), spec.limit_train, 0)]
+    te_idx = _limit(len(test_ds), spec.limit_test, 2)
+    common = {"workers": spec.workers, "seed": spec.seed, "rank": spec.rank, "world": spec.world}
+    train = FolderLoader(Subset(train_full, tr_idx.tolist()), spec.batch_size, train=True, **common)
+    val = (
+        FolderLoader(Subset(val_full, va_idx.tolist()), spec.eval_batch, train=False, **common) if len(va_idx) else None
+    )
+    test = FolderLoader(Subset(test_ds, te_idx.tolist()), spec.eval_batch, train=False, **common)
+    return DataBundle(
+        root.name,
+        len(classes),
+        size,
+        3,
+        list(classes),
+        mean,
+        std,
+        train,
+        val,
+        test,
+        {"train_images": len(tr_idx), "val_images": len(va_idx), "test_images": len(te_idx)},
+    )

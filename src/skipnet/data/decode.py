@@ -1,0 +1,178 @@
+"""Decoding small images: every image of a split into one uint8 tensor, whatever its mode (L, P, RGBA, CMYK,
+16-bit), unreadable files and decompression bombs skipped with one warning, cached on disk under a key of the
+split's files (``<cache>/tensors/<root>-<split>-<key>.pt``)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from skipnet.data.folders import list_folder
+from skipnet.data.sources import cache_dir
+from skipnet.errors import SkipnetError
+
+log = logging.getLogger(__name__)
+
+
+def _tv_decoder():
+    """torchvision's fast decoder (deprecated since torchvision 0.29), or ``None`` where it is gone."""
+    try:
+        from torchvision.io import ImageReadMode, decode_image
+    except ImportError:
+        return None
+    return lambda buf: decode_image(buf, mode=ImageReadMode.RGB)
+
+
+def _bomb(data: bytes) -> bool:
+    """Whether an encoded image declares more pixels than PIL's decompression-bomb limit (a few hundred bytes can
+    declare gigabytes; torchvision's decoder has no limit): read from its header, nothing decoded."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.width * im.height > (Image.MAX_IMAGE_PIXELS or float("inf"))
+    except Image.DecompressionBombError:
+        return True
+    except Exception:  # noqa: BLE001 - not for PIL to judge: the decoders below report unreadable files
+        return False
+
+
+def _decode_file(path: Path, decode=None) -> Tensor | None:
+    """One image as uint8 RGB (3, H, W), whatever its mode (L, P, RGBA, CMYK, 16-bit); ``None`` if unreadable."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if not data or _bomb(data):
+        return None
+    try:
+        if decode is None:
+            raise ValueError("no torchvision decoder")
+        img = decode(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        if img.dtype == torch.uint16:
+            img = (img.to(torch.int32) // 257).to(torch.uint8)
+        if img.dtype == torch.uint8 and img.dim() == 3 and img.shape[0] == 3:
+            return img
+    except (RuntimeError, ValueError):
+        pass
+    from PIL import Image  # formats torchvision does not decode (BMP, TIFF, PPM), and its failures
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode.startswith("I"):  # 16/32-bit integer gray: scale 16 bits down to 8 (convert() would clip)
+                import numpy as np
+
+                im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) // 257).astype(np.uint8))
+            rgb = im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3).permute(2, 0, 1)
+
+
+def _warn_skipped(split_dir: Path, skipped: list[str], total: int) -> None:
+    if skipped:
+        head = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        log.warning(
+            "skipped %d of %d images under %s that could not be decoded (corrupt or truncated): %s",
+            len(skipped),
+            total,
+            split_dir,
+            head,
+        )
+
+
+def first_image_size(files: list[Path]) -> tuple[int, int]:
+    """Size of the first readable image of ``files``."""
+    from PIL import Image
+
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                return im.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue
+    raise SkipnetError(
+        f"none of the {len(files)} images under {files[0].parent.parent} could be decoded (e.g. {files[0]}); "
+        "they are corrupt, truncated or not images: replace them"
+    )
+
+
+def _folder_key(split_dir: Path, files: list[Path], size: int | None, classes: list[str]) -> str:
+    """Cache key over the split's path, the class list its labels index (the training split's, for a test
+    split: a class added to or removed from train/ relabels test/), every file's name, size and mtime, and the
+    resize target."""
+    h = hashlib.sha1(f"{split_dir.resolve()}:{size}:{json.dumps(list(classes))}".encode())
+    for f in files:
+        try:
+            st = f.stat()
+            h.update(f"{f.parent.name}/{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{f.parent.name}/{f.name}:gone\n".encode())
+    return h.hexdigest()[:16]
+
+
+def decode_folder(
+    split_dir: Path, size: int | None, classes: list[str] | None = None
+) -> tuple[Tensor, Tensor, list[str]]:
+    """Decode every image of a small-image split into one uint8 tensor, cached on disk.
+
+    Unreadable files are skipped with one warning (count and first paths); a split with no readable image fails.
+    """
+    files, labels, classes = list_folder(split_dir, classes)
+    key = _folder_key(split_dir, files, size, classes)
+    cache = cache_dir() / "tensors" / f"{split_dir.parent.name}-{split_dir.name}-{key}.pt"
+    if cache.exists():
+        try:
+            data = torch.load(cache, weights_only=True)
+            if list(data["classes"]) != list(classes):  # labels index another class list: decode again
+                raise ValueError("stale class list")
+            _warn_skipped(split_dir, list(data.get("skipped", [])), len(files))
+            return data["images"], data["labels"], list(classes)
+        except Exception:  # noqa: BLE001 - a damaged or stale cache is rebuilt
+            log.warning("ignoring unreadable cache %s; decoding again", cache)
+
+    log.info("decoding %d images from %s (once; cached at %s)", len(files), split_dir, cache)
+    images, kept, skipped = [], [], []
+    decode = _tv_decoder()
+    with warnings.catch_warnings():  # torchvision warns of its decoders' deprecation on every call
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+        for f, label in zip(files, labels):
+            img = _decode_file(f, decode)
+            if img is None:
+                skipped.append(str(f))
+                continue
+            if size is not None and tuple(img.shape[1:]) != (size, size):
+                img = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", antialias=True)[0]
+                img = img.round().clamp(0, 255).to(torch.uint8)
+            images.append(img)
+            kept.append(label)
+    if not images:
+        raise SkipnetError(
+            f"none of the {len(files)} images under {split_dir} could be decoded (e.g. {skipped[0]}); "
+            "they are corrupt, truncated or not images: replace them"
+        )
+    _warn_skipped(split_dir, skipped, len(files))
+    try:
+        x = torch.stack(images)
+    except RuntimeError:
+        raise SkipnetError(f"images under {split_dir} differ in size; pass --image-size to resize them") from None
+    y = torch.tensor(kept)
+    from skipnet.fileio import atomic_save
+
+    try:
+        atomic_save({"images": x, "labels": y, "classes": classes, "skipped": skipped}, cache)
+    except (OSError, SkipnetError) as exc:  # the cache is an optimisation: a full disk must not stop the run
+        log.warning("could not write the decoded-image cache %s (%s); continuing without it", cache, exc)
+    return x, y, classes

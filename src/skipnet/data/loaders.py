@@ -1,0 +1,214 @@
+"""Loaders: :class:`TensorLoader` (decoded small images in memory, augmented batch-wise on tensors) and
+:class:`FolderLoader` (large images through DataLoader workers and the standard ImageNet transforms, over a
+:class:`SafeFolder` that steps over unreadable files). Both can be sharded across distributed ranks."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from skipnet.errors import SkipnetError
+
+log = logging.getLogger(__name__)
+
+
+class TensorLoader:
+    """Batches from an in-memory uint8 image tensor (N, C, H, W), augmented on tensors.
+
+    Yields ``(images, labels)`` with images float32, normalised, channels_last. Iteration order and
+    augmentation are a function of ``(seed, epoch)`` only, so a resumed run sees the same batches.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        *,
+        train: bool = False,
+        pad: int = 4,
+        flip: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        drop_last: bool | None = None,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.train, self.pad, self.flip = batch_size, train, pad, flip
+        self.seed, self.epoch, self.rank, self.world = seed, 0, rank, world
+        self._drop_last = drop_last
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees per epoch."""
+        n = len(self.labels)
+        return n // self.world if self.train or self.world > 1 else n
+
+    @property
+    def drop_last(self) -> bool:
+        """Training drops the last partial batch; evaluation (also of the train split) keeps it."""
+        return self.train if self._drop_last is None else self._drop_last
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        batches = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        if batches == 0 and self.train:
+            raise SkipnetError(
+                f"training split has {n} images, fewer than one batch of {self.batch_size}; "
+                "lower --batch-size or add images"
+            )
+        return batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> Tensor:
+        n = len(self.labels)
+        if self.train:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        if self.world > 1:  # equal shards: every rank runs the same number of steps
+            per = n // self.world
+            order = order[self.rank * per : (self.rank + 1) * per] if self.train else order[self.rank :: self.world]
+        return order
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return ((x.float() / 255.0) - self.mean) / self.std
+
+    def augment(self, x: Tensor, g: torch.Generator) -> Tensor:
+        """Padded random crop and horizontal flip, drawn per sample, on a uint8 batch."""
+        b, _, h, w = x.shape
+        if self.pad:
+            p = self.pad
+            xp = F.pad(x, (p, p, p, p))
+            dy = torch.randint(0, 2 * p + 1, (b,), generator=g)
+            dx = torch.randint(0, 2 * p + 1, (b,), generator=g)
+            rows = (dy.view(b, 1) + torch.arange(h).view(1, h)).view(b, h, 1)
+            cols = (dx.view(b, 1) + torch.arange(w).view(1, w)).view(b, 1, w)
+            # (b, h, w, C) by advanced indexing, back to (b, C, h, w)
+            x = xp.permute(0, 2, 3, 1)[torch.arange(b).view(b, 1, 1), rows, cols].permute(0, 3, 1, 2)
+        if self.flip:
+            flip = torch.rand(b, generator=g) < 0.5
+            x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
+        return x
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        order = self._order()
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 31 + self.rank)
+        n = len(order)
+        stop = (n // self.batch_size) * self.batch_size if self.drop_last else n
+        for start in range(0, stop, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            x = self.images[idx]
+            if self.train:
+                x = self.augment(x, g)
+            x = self.normalize(x).contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[idx]
+
+
+class FolderLoader:
+    """DataLoader over an ImageFolder of large images with the standard ImageNet transforms."""
+
+    def __init__(self, dataset, batch_size: int, *, train: bool, workers: int, seed: int, rank: int, world: int):
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        self.dataset, self.train, self.seed, self.epoch = dataset, train, seed, 0
+        self.sampler = None
+        if world > 1:
+            self.sampler = DistributedSampler(dataset, world, rank, shuffle=train, seed=seed, drop_last=train)
+        gen = torch.Generator().manual_seed(seed)
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train and self.sampler is None,
+            sampler=self.sampler,
+            num_workers=workers,
+            drop_last=train,
+            persistent_workers=workers > 0,
+            generator=gen,
+        )
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.sampler) if self.sampler is not None else len(self.dataset)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        else:
+            self.loader.generator.manual_seed(self.seed * 100003 + epoch)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in self.loader:
+            yield x.contiguous(memory_format=torch.channels_last), y
+
+
+class SafeFolder(torch.utils.data.Dataset):
+    """An ImageFolder that replaces an unreadable image by the next readable one, with a warning."""
+
+    MAX_TRIES = 50
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+        self.classes = folder.classes
+        self.bad: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        n = len(self.folder)
+        path = ""
+        for k in range(min(n, self.MAX_TRIES)):
+            i = (index + k) % n
+            try:
+                return self.folder[i]
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                path = self.folder.samples[i][0]
+                if path not in self.bad:
+                    self.bad.add(path)
+                    log.warning("skipping unreadable image %s (%s); using the next one", path, type(exc).__name__)
+        raise SkipnetError(
+            f"{min(n, self.MAX_TRIES)} consecutive images under {self.folder.root} could not be decoded "
+            f"(e.g. {path}); they are corrupt or truncated: replace them"
+        )
+
+
+def image_folder(split_dir: Path, transform, classes: list[str]) -> SafeFolder:
+    """torchvision's ImageFolder over ``split_dir``, its labels indexing the training split's ``classes``."""
+    from torchvision.datasets import ImageFolder
+
+    folder = ImageFolder(str(split_dir), transform, allow_empty=True)
+    index = {c: i for i, c in enumerate(classes)}
+    folder.samples = [(path, index[folder.classes[t]]) for path, t in folder.samples]
+    folder.imgs = folder.samples
+    folder.targets = [t for _, t in folder.samples]
+    folder.classes, folder.class_to_idx = list(classes), index
+    return SafeFolder(folder)
+
+
+def folder_transforms(size: int, train: bool, mean, std):
+    from torchvision import transforms as T
+
+    norm = T.Normalize(mean, std)
+    if train:
+        return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    return T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), T.ToTensor(), norm])

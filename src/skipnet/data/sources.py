@@ -1,0 +1,72 @@
+"""Built-in data sets: CIFAR-10/100 and SVHN through torchvision, scikit-learn's 8x8 digits; and the cache directory
+that downloads, extracted archives and decoded tensors share."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from skipnet.errors import SkipnetError
+
+BUILTIN = ("cifar10", "cifar100", "svhn", "digits")
+
+Arrays = dict[str, tuple[Tensor, Tensor, list[str]]]
+"""``train`` / ``test``: (uint8 images (N, C, H, W), labels (N,), class names)."""
+
+
+def cache_dir() -> Path:
+    """Where decoded tensors and extracted archives live (``$SKIPNET_CACHE`` or ``~/.cache/skipnet``)."""
+    return Path(os.environ.get("SKIPNET_CACHE", Path.home() / ".cache" / "skipnet"))
+
+
+def builtin_arrays(name: str, data_dir: str | None, download: bool) -> Arrays:
+    """The decoded splits of built-in data set ``name`` (torchvision's under ``data_dir``, or the shipped digits)."""
+    if name == "digits":
+        return _digits()
+    root = Path(data_dir) if data_dir else cache_dir() / "datasets"
+    return _torchvision_arrays(name, root, download)
+
+
+def _torchvision_arrays(name: str, root: Path, download: bool) -> Arrays:
+    import torchvision.datasets as tvd
+
+    def missing(exc: Exception) -> SkipnetError:
+        return SkipnetError(
+            f"{name} not found under {root} ({exc}); pass --download to fetch it, or --data-dir to point at it"
+        )
+
+    out = {}
+    try:
+        if name in ("cifar10", "cifar100"):
+            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+            for split in ("train", "test"):
+                ds = cls(str(root), train=split == "train", download=download)
+                x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+                out[split] = (x, torch.tensor(ds.targets), list(ds.classes))
+        else:  # svhn: train + extra for training, as in the paper
+            parts = []
+            for split in ("train", "extra", "test"):
+                ds = tvd.SVHN(str(root), split=split, download=download)
+                parts.append((torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long()))
+            classes = [str(i) for i in range(10)]
+            out["train"] = (torch.cat([parts[0][0], parts[1][0]]), torch.cat([parts[0][1], parts[1][1]]), classes)
+            out["test"] = (parts[2][0], parts[2][1], classes)
+    except (RuntimeError, OSError) as exc:
+        raise missing(exc) from None
+    return out
+
+
+def _digits() -> Arrays:
+    """scikit-learn's 8x8 digits (1,797 real images, shipped inside the package): a fixed 80/20 split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy((d.images * (255.0 / 16.0)).round().astype("uint8")).unsqueeze(1)
+    y = torch.from_numpy(d.target).long()
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    k = len(y) // 5
+    classes = [str(i) for i in range(10)]
+    return {"train": (x[perm[k:]], y[perm[k:]], classes), "test": (x[perm[:k]], y[perm[:k]], classes)}
