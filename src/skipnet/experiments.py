@@ -16,7 +16,7 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,18 @@ class Run:
     needs: tuple[str, ...] = ()
     budgets: tuple[float, ...] = ()
     note: str = ""
+
+
+@dataclass(frozen=True)
+class Result:
+    """One test evaluation of a run: of its ``best.pt`` (``budget`` None) or calibrated to ``budget`` % fewer
+    MACs; ``name`` is the row's (``NAME`` or ``NAME@B%``), ``test`` the ``skipnet eval --json`` object."""
+
+    run: Run
+    budget: float | None
+    name: str
+    test: dict[str, Any]
+    finished: bool
 
 
 def order(runs: Sequence[Run]) -> list[Run]:
@@ -106,6 +118,8 @@ class Runner:
     python: str = sys.executable
     env: dict[str, str] | None = None
     commands: list[str] = field(default_factory=list)  # every command this runner issued, in order
+    calibrate_args: tuple[str, ...] = ()  # more ``skipnet calibrate`` options (e.g. ``--grid ...``)
+    min_saving: float | None = None  # calibrate only runs whose best.pt saves at least this many % of MACs
 
     def dir(self, name: str) -> Path:
         return self.out / name
@@ -144,10 +158,17 @@ class Runner:
         """``best.pt`` of ``run`` calibrated to ``budget`` % fewer MACs (written once, then reused)."""
         path = self.dir(run.name) / f"budget{budget:g}.pt"
         if not path.exists():
-            cmd = ["skipnet", "calibrate", str(self.dir(run.name) / "best.pt"), "--data", self.data]
-            cmd += ["--target-reduction", f"{budget:g}", "--out", str(path)]
-            self._call(cmd, self.out / f"{run.name}.log")
+            self._call(self.calibrate_command(run, budget), self.out / f"{run.name}.log")
         return path
+
+    def calibrate_command(self, run: Run, budget: float) -> list[str]:
+        """The ``skipnet calibrate`` command writing ``run``'s ``budget{B}.pt``."""
+        path = self.dir(run.name) / f"budget{budget:g}.pt"
+        cmd = ["skipnet", "calibrate", str(self.dir(run.name) / "best.pt"), "--data", self.data]
+        return [*cmd, "--target-reduction", f"{budget:g}", "--out", str(path), *self.calibrate_args]
+
+    def eval_command(self, checkpoint: Path) -> list[str]:
+        return ["skipnet", "eval", str(checkpoint), "--data", self.data, "--json"]
 
     def evaluate(self, checkpoint: Path) -> dict[str, Any]:
         """``skipnet eval --json`` of ``checkpoint`` on the test split, cached beside it for the checkpoint's
@@ -159,29 +180,30 @@ class Runner:
             cached = json.loads(cache.read_text())
             if cached.pop("checkpoint_stamp", None) == stamp:
                 return cached
-        result = json.loads(
-            self._call(["skipnet", "eval", str(checkpoint), "--data", self.data, "--json"], self.out / "eval.log")
-        )
+        result = json.loads(self._call(self.eval_command(checkpoint), self.out / "eval.log"))
         if _stamp(checkpoint) == stamp:  # not replaced while it was evaluated
             atomic_write(cache, lambda f: f.write(json.dumps(result | {"checkpoint_stamp": stamp}).encode()))
         return result
 
+    def results(self, runs: Sequence[Run], finished_only: bool = False) -> Iterator[Result]:
+        """The test evaluation of every run with a ``best.pt`` (only the finished ones with ``finished_only``)
+        and, for a finished run (saving at least ``min_saving`` %, if set), of each of its budgets."""
+        for run in runs:
+            best = self.dir(run.name) / "best.pt"
+            done = self.finished(run)
+            if not best.exists() or (finished_only and not done):
+                continue
+            test = self.evaluate(best)
+            yield Result(run, None, run.name, test, done)
+            if self.min_saving is not None and test["macs_reduction"] < self.min_saving:
+                continue
+            for b in run.budgets if done else ():
+                yield Result(run, b, f"{run.name}@{b:g}%", self.evaluate(self.calibrated(run, b)), True)
+
     def rows(self, runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
         """Test rows of every run with a ``best.pt`` (``"finished": False`` for a run stopped early) and, for a
         finished run, of each of its budgets (``NAME@B%``)."""
-        out: dict[str, dict[str, Any]] = {}
-        for run in runs:
-            best = self.dir(run.name) / "best.pt"
-            if not best.exists():
-                continue
-            done = self.finished(run)
-            out[run.name] = self.evaluate(best) | {"note": run.note, "finished": done}
-            for b in run.budgets if done else ():
-                out[f"{run.name}@{b:g}%"] = self.evaluate(self.calibrated(run, b)) | {
-                    "note": run.note,
-                    "finished": True,
-                }
-        return out
+        return {r.name: r.test | {"note": r.run.note, "finished": r.finished} for r in self.results(runs)}
 
 
-__all__ = ["Run", "RunFailed", "Runner", "order", "select"]
+__all__ = ["Result", "Run", "RunFailed", "Runner", "order", "select"]

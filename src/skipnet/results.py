@@ -1,0 +1,170 @@
+"""Result rows of experiments, shared by the benchmark scripts: the figures reported for one test evaluation,
+the rows recorded in a results file (kept for runs whose directories are not on this machine), the headline
+pick, the plain networks' frontier, the static lesion curve and the tables built from them.
+
+A benchmark script declares its runs (:mod:`skipnet.experiments`), collects rows with these helpers and writes
+its own tables; ``--no-train`` rebuilds its committed results from the recorded rows alone.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+
+
+def portable(cmd: Sequence[str] | str, root: Path) -> str:
+    """A command line as recorded in results: paths inside ``root`` (the repository) relative to it, those beside
+    it as ``../...`` (no absolute path of the machine that ran it)."""
+    text = cmd if isinstance(cmd, str) else shlex.join(cmd)
+    return text.replace(f"{root}/", "").replace(f"{root.parent}/", "../")
+
+
+def option(args: Sequence[str], flag: str) -> str | None:
+    """The value given to ``flag`` in a run's arguments (the last one), or None."""
+    found = None
+    for i, a in enumerate(args[:-1]):
+        if a == flag:
+            found = args[i + 1]
+    return found
+
+
+def test_fields(t: dict[str, Any]) -> Row:
+    """The reported figures of one test evaluation (``summary.json``'s or ``skipnet eval --json``'s ``test``)."""
+    return {
+        "accuracy": round(t["accuracy"], 2),
+        "macs": t["macs_mean"],
+        "macs_all_on": t["macs_all_on"],
+        "macs_reduction": round(t["macs_reduction"], 2),
+        "computation_percentage": round(t["computation_percentage"], 2),
+    }
+
+
+def recorded(path: Path, key: str = "runs") -> dict[str, Row]:
+    """The rows of a results file as last written (by name, in their order); empty if there is none."""
+    if not path.exists():
+        return {}
+    return {r["name"]: r for r in json.loads(path.read_text())[key]}
+
+
+def with_recorded(got: dict[str, Row], path: Path, key: str = "runs") -> dict[str, Row]:
+    """``got`` plus the rows of the results file ``path`` whose runs were not collected here: run directories are
+    not kept, so collecting new runs must not drop the rows of earlier ones. Rows keep their recorded order; new
+    ones follow."""
+    merged = {name: got.get(name, r) for name, r in recorded(path, key).items()}
+    return merged | {k: v for k, v in got.items() if k not in merged}
+
+
+def pick_headline(pairs: Sequence[tuple[Row, Row]], budget: float = 30, tolerance: float = 0.5):
+    """The headline's pick among ``(row, its plain network's row)`` pairs: the largest saving among those within
+    ``tolerance`` points of their plain network at >= ``budget``% fewer MACs; failing that, the one closest to its
+    plain network among those saving >= ``budget``%; failing that, the one saving the most. Returns ``(row, plain
+    row, reproduced)`` or None without pairs."""
+    if not pairs:
+        return None
+
+    def gap(rb: tuple[Row, Row]) -> float:
+        return rb[1]["accuracy"] - rb[0]["accuracy"]
+
+    ok = [rb for rb in pairs if rb[0]["macs_reduction"] >= budget and gap(rb) <= tolerance]
+    cheap = [rb for rb in pairs if rb[0]["macs_reduction"] >= budget]
+    if ok:
+        return (*max(ok, key=lambda rb: rb[0]["macs_reduction"]), True)
+    if cheap:
+        return (*min(cheap, key=gap), False)
+    return (*max(pairs, key=lambda rb: rb[0]["macs_reduction"]), False)
+
+
+def frontier(points: Sequence[tuple[float, float]], reduction: float) -> float:
+    """Accuracy on the straight lines between plain networks' ``(MACs reduction, accuracy)`` points at
+    ``reduction``: the first point's accuracy below it, NaN beyond the last point."""
+    pts = sorted(points)
+    if reduction <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= reduction <= x1:
+            return y0 + (y1 - y0) * (reduction - x0) / (x1 - x0)
+    return float("nan")
+
+
+def fmt(v: float | None, spec: str = ".2f", none: str = "–") -> str:
+    return none if v is None else format(v, spec)
+
+
+def markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def lesion_table(curves: Sequence[Row]) -> str:
+    """Static lesion curves side by side: test accuracy (MACs reduction) after each removed block."""
+    head = "| blocks removed | " + " | ".join(f"{c['run']}: test acc % (MACs red. %)" for c in curves) + " |"
+    lines = [head, "|---|" + "---|" * len(curves)]
+    for k in range(max(len(c["points"]) for c in curves)):
+        cells = []
+        for c in curves:
+            p = c["points"][k] if k < len(c["points"]) else None
+            cells.append(f"{p['accuracy']:.2f} ({p['macs_reduction']:.1f})" if p else "–")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def lesion(run: Path, data: str, cache: Path, max_drop: int = 6, select_images: int = 1000) -> Row | None:
+    """The static lesion curve of the trained run in ``run`` (``skipnet.analysis.static_lesion``), cached in
+    ``cache``: the best blocks to remove for every image alike, chosen on the first ``select_images`` validation
+    images, with the test accuracy after each removal. None without a ``best.pt``."""
+    if cache.exists():
+        return json.loads(cache.read_text())
+    if not (run / "best.pt").exists():
+        return None
+    import torch
+
+    from skipnet.analysis import data_for_checkpoint, eval_loader, static_lesion
+    from skipnet.checkpoint import load_model
+    from skipnet.cost import cost_model
+
+    torch.set_num_threads(2)
+    model, ckpt = load_model(run / "best.pt")
+    bundle = data_for_checkpoint(ckpt, model, data, batch_size=500)
+    select, seen = [], 0
+    for x, y in eval_loader(bundle, "val"):
+        select.append((x, y))
+        seen += len(y)
+        if seen >= select_images:
+            break
+    t0 = time.time()
+    points = static_lesion(model, select, cost_model(model), max_drop=max_drop, evaluate_on=eval_loader(bundle, "test"))
+    res = {"run": run.name, "select_images": seen, "points": points, "seconds": round(time.time() - t0, 1)}
+    cache.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def write_json(path: Path, payload: Row, newline: bool = True) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + ("\n" if newline else ""))
+
+
+def each(rows: dict[str, Row], keep: Callable[[Row], bool]) -> list[Row]:
+    return [r for r in rows.values() if keep(r)]
+
+
+__all__ = [
+    "fmt",
+    "frontier",
+    "lesion",
+    "lesion_table",
+    "markdown",
+    "option",
+    "pick_headline",
+    "portable",
+    "recorded",
+    "test_fields",
+    "with_recorded",
+    "write_json",
+]
