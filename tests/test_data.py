@@ -157,3 +157,35 @@ def test_a_decoded_image_cache_of_the_old_layout_is_read(tmp_path) -> None:
     b = load_data(str(root), batch_size=2, stats=((0.5,) * 3, (0.5,) * 3))
     assert bool((b.train.images == 7).all()) and bool((b.test.images == 9).all())
     assert b.test.labels.tolist() == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------------------ the two bugs of issue 34
+def test_large_image_folder_augment_false_turns_augmentation_off(tmp_path) -> None:
+    root = str(make_folder(tmp_path / "large", 72))
+    on = load_data(root, batch_size=2, seed=3, workers=0, image_size=72)
+    torch.manual_seed(0)
+    assert not torch.equal(on.train.dataset[0][0], on.train.dataset[0][0])  # random crops and flips by default
+    off = load_data(root, batch_size=2, seed=3, workers=0, image_size=72, augment=False)
+    first = off.train.dataset[0][0]
+    assert torch.equal(first, off.train.dataset[0][0])  # deterministic: the evaluation transform
+    path = off.train.dataset.dataset.folder.samples[off.train.dataset.indices[0]][0]
+    evaluation = off.test.dataset.dataset.folder.transform
+    with Image.open(path) as im:
+        assert torch.equal(first, evaluation(im.convert("RGB")))
+
+
+def test_large_image_folder_limit_test_limits_the_validation_split_as_the_tensor_path_does(tmp_path) -> None:
+    small = load_data(str(make_folder(tmp_path / "small", 8)), batch_size=2, val_split=0.5, limit_test=3, seed=3)
+    large = load_data(
+        str(make_folder(tmp_path / "large", 72)),
+        batch_size=2,
+        val_split=0.5,
+        limit_test=3,
+        seed=3,
+        workers=0,
+        image_size=72,
+    )
+    assert small.info == large.info == {"train_images": 9, "val_images": 3, "test_images": 3}
+    assert len(large.val.dataset) == 3
+    assert [label for _, label in folder_names(large.val)] == small.val.labels.tolist()  # the same images
+    assert [label for _, label in folder_names(large.test)] == small.test.labels.tolist()

@@ -82,6 +82,17 @@ def _limit(n: int, limit: int | None, seed: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED + seed + 1))[:limit].sort().values
 
 
+def _split(spec: DataSpec, n_train: int, n_test: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Indices of the training, validation and test images: the validation split carved from the training set with
+    a fixed seed, then the seeded subsets (``limit_train`` of the training split, ``limit_test`` of the validation and
+    the test splits). The same for decoded tensors and for large-image folders."""
+    tr_idx, va_idx = _carve_val(n_train, spec.val_split)
+    tr_idx = tr_idx[_limit(len(tr_idx), spec.limit_train, 0)]
+    if len(va_idx) and spec.limit_test:
+        va_idx = va_idx[_limit(len(va_idx), spec.limit_test, 1)]
+    return tr_idx, va_idx, _limit(n_test, spec.limit_test, 2)
+
+
 def _compute_stats(images: Tensor) -> Stats:
     x = images[: min(len(images), 20000)].float() / 255.0
     mean = x.mean(dim=(0, 2, 3))
@@ -209,11 +220,7 @@ def _tensor_bundle(spec: DataSpec, name: str, arrays: Arrays, pad: int, flip: bo
     x_tr, y_tr, classes = arrays["train"]
     x_te, y_te, _ = arrays["test"]
     mean, std = stats
-    tr_idx, va_idx = _carve_val(len(y_tr), spec.val_split)
-    tr_idx = tr_idx[_limit(len(tr_idx), spec.limit_train, 0)]
-    if len(va_idx) and spec.limit_test:
-        va_idx = va_idx[_limit(len(va_idx), spec.limit_test, 1)]
-    te_idx = _limit(len(y_te), spec.limit_test, 2)
+    tr_idx, va_idx, te_idx = _split(spec, len(y_tr), len(y_te))
     common = {"mean": mean, "std": std, "rank": spec.rank, "world": spec.world, "seed": spec.seed}
     train = TensorLoader(x_tr[tr_idx], y_tr[tr_idx], spec.batch_size, train=True, pad=pad, flip=flip, **common)
     val = TensorLoader(x_tr[va_idx], y_tr[va_idx], spec.eval_batch, **common) if len(va_idx) else None
@@ -240,12 +247,12 @@ def _folder_bundle(spec: DataSpec, root: Path, test_dir: Path, classes: list[str
 
     size = spec.image_size or 224
     mean, std = spec.stats or STATS["imagenet"]
-    train_full = image_folder(root / "train", folder_transforms(size, True, mean, std), classes)
-    val_full = image_folder(root / "train", folder_transforms(size, False, mean, std), classes)
-    test_ds = image_folder(test_dir, folder_transforms(size, False, mean, std), classes)
-    tr_idx, va_idx = _carve_val(len(train_full), spec.val_split)
-    tr_idx = tr_idx[_limit(len(tr_idx), spec.limit_train, 0)]
-    te_idx = _limit(len(test_ds), spec.limit_test, 2)
+    evaluation = folder_transforms(size, False, mean, std)
+    training = folder_transforms(size, True, mean, std) if spec.augment is not False else evaluation
+    train_full = image_folder(root / "train", training, classes)
+    val_full = image_folder(root / "train", evaluation, classes)
+    test_ds = image_folder(test_dir, evaluation, classes)
+    tr_idx, va_idx, te_idx = _split(spec, len(train_full), len(test_ds))
     common = {"workers": spec.workers, "seed": spec.seed, "rank": spec.rank, "world": spec.world}
     train = FolderLoader(Subset(train_full, tr_idx.tolist()), spec.batch_size, train=True, **common)
     val = (
