@@ -1,7 +1,7 @@
 """The paper's two training ablations at matched compute (issue 19), on SkipNet-38 and the bundled CIFAR-10,
 resumably.
 
-    python benchmarks/ablations.py [--data PATH] [--out runs/ablations] [--jobs 2] [--only NAME ...] [--no-train]
+    python benchmarks/ablations.py [--data PATH] [--out runs/ablations] [--only NAME ...] [--no-train]
 
 Every run gets the same five epochs (SP's one-cycle recipe of the 30-epoch group, shortened to fit this
 machine):
@@ -17,25 +17,31 @@ machine):
   the same 5 epochs, against the hard-gated SkipNet (SP + HRL) above.
 "Similar computation" (the paper tunes the hard model to the soft one's) is met here by calibrating every gated
 run to the same budget: ``skipnet calibrate --target-reduction 30`` picks the greedy threshold on the validation
-split, then the test split is evaluated once at it (rows ``NAME@30%``). Writes
-``benchmarks/results/ablations_cifar10_cpu.{json,md}``.
+split, then the test split is evaluated once at it (rows ``NAME@30%``). The runs are declared below and run by
+:class:`skipnet.experiments.Runner` (resumable; ``--no-train`` only collects, rows of runs not here carried over
+from the JSON). Writes ``benchmarks/results/ablations_cifar10_cpu.{json,md}``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from headline30 import COMMON, HRL, calibrate, calibrated_rows, run_group, table  # noqa: E402
-from reproduce_cifar10 import RESULTS, portable  # noqa: E402
+from skipnet.experiments import Run, Runner, select
+from skipnet.results import GRID, collect, command_line, group_parser, group_table, write_json
 
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+DEFAULT_DATA = str(REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
+FILE = "ablations_cifar10_cpu"
+# the options and the HRL recipe of the 30-epoch group (headline30.py)
+COMMON = ("--batch-size", "128", "--val-split", "0.1", "--threads", "1", "--amp", "bf16")
+HRL = ("--epochs", "1", "--lr", "0.003", "--schedule", "constant", "--baseline", "ema", "--bn", "update")
+HRL += ("--eval-every", "176")
 ARCH = "cifar10_rnn_gate_38"
 ALPHA = 1.5
 SP_EPOCHS, TOTAL_EPOCHS = 4, 5
-ONECYCLE = ["--schedule", "onecycle", "--nesterov", "--weight-decay", "5e-4"]
+ONECYCLE = ("--schedule", "onecycle", "--nesterov", "--weight-decay", "5e-4")
 # from scratch: (stage, alpha, skip target). At alpha 1.5 HRL from scratch skips every gated block within its first
 # epoch, so it also runs at the paper's CIFAR default, 0.1 (which skips nothing), and in between, looking for an
 # alpha at which it skips part of the blocks (Fig. 10b: "alpha chosen so that each skips"): up to 0.3 every gate
@@ -54,49 +60,49 @@ SP_MORE = [(3.0, 0.75), (5.0, 0.75)]
 AFTER_SP = [(ALPHA, None), (ALPHA, CAP), (0.1, None), (0.4, None), *SP_MORE]
 
 
-def run(name: str, stage: str, args: list[str], alpha: float | None = None, cap: float | None = None) -> dict:
-    """One run; a skip target adds ``--skip-target`` and ``_t{cap}`` to the name."""
+def run(
+    name: str, stage: str, args: tuple[str, ...], alpha: float | None = None, cap: float | None = None, **kw
+) -> Run:
+    """One run of SkipNet-38; an alpha adds ``--alpha``, a skip target ``--skip-target`` and ``_t{cap}`` to the
+    name and the pair's budget. Every run but SP is calibrated to 30%."""
+    args = (ARCH, "--stage", stage, *COMMON, *args, *(() if alpha is None else ("--alpha", str(alpha))))
+    budgets = () if stage == "sp" else (30.0,)
     if cap is not None:
-        name, args = f"{name}_t{cap}", [*args, "--skip-target", str(cap)]
-    return {"name": name, "stage": stage, "args": args, "cap": cap} | ({} if alpha is None else {"alpha": alpha})
+        name, args, budgets = f"{name}_t{cap}", (*args, "--skip-target", str(cap)), (30.0, PAIR_BUDGET)
+    return Run(name, args, budgets=budgets, **kw)
 
 
-def runs(out: Path, data: str) -> list[dict]:
-    c, total = ["--data", data, *COMMON], ["--epochs", str(TOTAL_EPOCHS), *ONECYCLE]
-    scratch = [*c, *total, "--baseline", "ema", "--gate-bias", "2"]
-    init = ["--init", str(out / "sp" / "best.pt")]
-    rs = [run("sp", "sp", [*c, "--epochs", str(SP_EPOCHS), *ONECYCLE])]
-    rs += [run(f"hrl_sp_a{a}", "hrl", [*c, *HRL, *init], a, cap) | {"after": "sp"} for a, cap in AFTER_SP]
-    rs += [run("soft", "soft", [*c, *total])]
+def declare() -> list[Run]:
+    total = ("--epochs", str(TOTAL_EPOCHS), *ONECYCLE)
+    scratch = (*total, "--baseline", "ema", "--gate-bias", "2")
+    after_sp = (*HRL, "--init", "{runs}/sp/best.pt")
+    rs = [run("sp", "sp", ("--epochs", str(SP_EPOCHS), *ONECYCLE))]
+    rs += [run(f"hrl_sp_a{a}", "hrl", after_sp, a, cap, needs=("sp",)) for a, cap in AFTER_SP]
+    rs += [run("soft", "soft", total)]
     rs += [run(f"{stage}_scratch_a{a}", stage, scratch, a, cap) for stage, a, cap in SCRATCH]
-    for r in rs:
-        r["arch"] = ARCH
-        r["args"] = [*r["args"], *(["--alpha", str(r["alpha"])] if "alpha" in r else [])]
-        r["cmd"] = ["skipnet", "train", ARCH, "--stage", r["stage"], *r["args"], "--out", str(out / r["name"])]
     return rs
 
 
-def write(got: dict[str, dict], command: str) -> None:
+def write(results: Path, got: dict[str, dict], command: str) -> None:
     stamp = dt.date.today().isoformat()
-    payload = {"date": stamp, "command": command, "runs": list(got.values())}
-    (RESULTS / "ablations_cifar10_cpu.json").write_text(json.dumps(payload, indent=2) + "\n")
-    md = [f"Run on {stamp}: `{command}`", "", table(got), ""]
+    write_json(results / f"{FILE}.json", {"date": stamp, "command": command, "runs": list(got.values())})
+    md = [f"Run on {stamp}: `{command}`", "", group_table(got), ""]
     md += [f"- `{r['name']}`: `{r['command']}`" for r in got.values()]
-    (RESULTS / "ablations_cifar10_cpu.md").write_text("\n".join(md) + "\n")
+    (results / f"{FILE}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
-def main() -> int:
-    results = RESULTS / "ablations_cifar10_cpu.json"
-    args, out, got = run_group(__doc__, "runs/ablations", runs, results, stages=("hrl", "rl", "soft"), min_skip=None)
-    # the capped pair also at HRL from scratch's own saving, so that each is measured at the other's compute
-    pair = [r for r in runs(out, args.data) if r["cap"] is not None]
+def main(argv: list[str] | None = None) -> int:
+    args = group_parser(__doc__, "runs/ablations", DEFAULT_DATA, RESULTS).parse_args(argv)
+    runner = Runner(Path(args.out), args.data, calibrate_args=("--grid", *GRID))
     if not args.no_train:
-        calibrate(pair, out, args.data, min_skip=None, budget=PAIR_BUDGET)
-    got |= calibrated_rows(pair, out, budget=PAIR_BUDGET)
-    write(got, portable(["python", *sys.argv]))
+        runner.train(RUNS if args.only is None else select(RUNS, args.only))
+    got = collect(runner, RUNS, Path(args.results) / f"{FILE}.json", REPO)
+    write(Path(args.results), got, command_line(__file__, argv, REPO))
     return 0
 
+
+RUNS = declare()
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,39 +1,49 @@
 """The headline on a 30-epoch schedule (issue 19): a plain ResNet-38 against SkipNet-38 (SP from scratch with the
 gates starting open, then HRL), on the bundled CIFAR-10, resumably.
 
-    python benchmarks/headline30.py [--data PATH] [--out runs/h30] [--jobs 2] [--only NAME ...] [--no-train]
+    python benchmarks/headline30.py [--data PATH] [--out runs/h30] [--only NAME ...] [--no-train]
 
-Every run is a plain ``skipnet train`` command in its own directory under ``--out`` (base, sp, then one HRL run
-per variant below); running the command again resumes a killed run and skips finished ones. Test figures are
-each run's ``summary.json``: the test split evaluated once, on the checkpoint chosen on the validation split.
-Each finished HRL run is then calibrated (``skipnet calibrate``: the greedy threshold chosen on the validation
-split for a 30% budget) and evaluated once on the test split at it, a row ``NAME@30%``. Rows of runs that did
-not finish on this machine (earlier sessions': run directories are not kept) are carried over from the JSON.
-Writes ``benchmarks/results/headline30_cifar10_cpu.{json,md}`` and sets the ``headline`` of
-``benchmarks/results/reproduce_cifar10_cpu.json`` from this group (the shorter schedules' pick is kept there as
-``headline_short``).
+The runs are declared below and run by :class:`skipnet.experiments.Runner` (resumable: a killed run resumes, a
+finished one is skipped). Each row is ``skipnet eval --json`` on the test split of the run's ``best.pt`` (chosen
+on the validation split). Each finished HRL run that skips at least ``MIN_SKIP``% is then calibrated (``skipnet
+calibrate``: the greedy threshold chosen on the validation split for a 30% budget) and evaluated once on the
+test split at it, a row ``NAME@30%``. Rows of runs that are not on this machine (earlier sessions': run
+directories are not kept) are carried over from the JSON; ``--no-train`` only collects.
+Writes ``benchmarks/results/headline30_cifar10_cpu.{json,md}``; its ``headline`` is the one
+``reproduce_cifar10.py`` reports.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_cifar10 import DEFAULT_DATA, RESULTS, lesion, lesion_table, portable, test_fields  # noqa: E402
+from skipnet.experiments import Run, Runner, select
+from skipnet.results import (
+    GRID,
+    collect,
+    command_line,
+    group_parser,
+    group_table,
+    lesion,
+    lesion_table,
+    pick_headline,
+    write_json,
+)
 
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+DEFAULT_DATA = str(REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
+FILE = "headline30_cifar10_cpu"
+ARCH = "cifar10_rnn_gate_38"
 COMMON = ["--batch-size", "128", "--val-split", "0.1", "--threads", "1", "--amp", "bf16"]
 SCHEDULE = ["--epochs", "30", "--schedule", "onecycle", "--nesterov", "--weight-decay", "5e-4"]
 # HRL from the SP checkpoint: the CPU recipe of the shorter schedules (one epoch at lr 3e-3, EMA baseline), with
 # BatchNorm statistics updated (measured better than frozen at this lr on CIFAR-10, RESULTS.md), two evaluations.
 HRL = ["--epochs", "1", "--lr", "0.003", "--schedule", "constant", "--baseline", "ema", "--bn", "update"]
 HRL += ["--eval-every", "176"]
-KD = ["--distill", "{out}/base/best.pt"]  # distillation from the plain network of the same schedule
+KD = ["--distill", "{runs}/base/best.pt"]  # distillation from the plain network of the same schedule
 COS = [*KD, "--schedule", "cosine"]
 KD8 = [*COS, "--epochs", "8"]
 # name -> (alpha, extra options). "kd": distillation from the plain network of the same schedule (beyond the paper).
@@ -94,7 +104,7 @@ FROM_BASE_VARIANTS = {
 # Eight more HRL epochs from the earlier pick (hrl_kdce_cos8_a2_t0.4: SP 30 + HRL 8), the same recipe restarted
 # (a warm restart of the cosine), at its lr and at a third of it: SP 30 + HRL 16 epochs in all, against the base's
 # 30. Run on 2026-12-01 from that run's export, then shipped as pretrained:cifar10_rnn_gate_38 (replaced since).
-PICK = "{out}/hrl_kdce_cos8_a2_t0.4/best.pt"
+PICK = "{runs}/hrl_kdce_cos8_a2_t0.4/best.pt"
 MORE = ["--init", PICK, "--distill", BASE, "--schedule", "cosine", "--epochs", "8", "--skip-target", "0.4"]
 # The control for the continuation's 16 extra epochs: the plain ResNet-38 given 16 more epochs of the HRL recipe's
 # learning rate (3e-3, cosine) with the same distillation from itself, so the SkipNet's gap is also measured at
@@ -116,158 +126,41 @@ SDV = {"sdv_k0.6": 0.6}
 SDV_ARGS = ["--epochs", "8", "--schedule", "onecycle", "--lr", "0.05", "--nesterov", "--weight-decay", "5e-4"]
 
 
-def runs(out: Path, data: str) -> list[dict]:
-    c = ["--data", data, *COMMON]
-    rs = [
-        {"name": "base", "arch": "cifar10_resnet_38", "stage": "base", "args": [*c, *SCHEDULE]},
-        {"name": "sp", "arch": "cifar10_rnn_gate_38", "stage": "sp", "args": [*c, *SCHEDULE]},
-    ]
-    for depth in STATIC:  # the static alternative: a shallower plain network on the same schedule
-        args = [*c, *SCHEDULE]
-        rs.append({"name": f"base_r{depth}", "arch": f"cifar10_resnet_{depth}", "stage": "base", "args": args})
-    args = [*c, *BASE_MORE]
-    rs.append({"name": "base_more16_kd", "arch": "cifar10_resnet_38", "stage": "base", "args": args})
+def hrl(name: str, alpha: float, extra: list[str], needs: tuple[str, ...]) -> Run:
+    """An HRL run of SkipNet-38 (calibrated to ``BUDGET``); ``extra`` names its starting point."""
+    args = (ARCH, "--stage", "hrl", *COMMON, *HRL, "--alpha", str(alpha), *extra)
+    return Run(name, args, needs=needs + (("base",) if "{runs}/base/best.pt" in extra else ()), budgets=(BUDGET,))
+
+
+def declare() -> list[Run]:
+    rs = [Run("base", ("cifar10_resnet_38", "--stage", "base", *COMMON, *SCHEDULE))]
+    rs += [Run("sp", (ARCH, "--stage", "sp", *COMMON, *SCHEDULE))]
+    # the static alternative: a shallower plain network on the same schedule
+    rs += [Run(f"base_r{d}", (f"cifar10_resnet_{d}", "--stage", "base", *COMMON, *SCHEDULE)) for d in STATIC]
+    rs += [Run("base_more16_kd", ("cifar10_resnet_38", "--stage", "base", *COMMON, *BASE_MORE))]
     for name, keep in SDV.items():
-        args = [*c, *SDV_ARGS, "--keep", str(keep), "--init", str(out / "base" / "best.pt")]
-        rs.append({"name": name, "arch": "cifar10_resnet_38", "stage": "sdv", "args": args, "after": "base"})
-    for name, (alpha, extra) in VARIANTS.items():
-        extra = [a.format(out=out) for a in extra]
-        args = [*c, *HRL, "--alpha", str(alpha), "--init", str(out / "sp" / "best.pt"), *extra]
-        rs.append({"name": name, "arch": "cifar10_rnn_gate_38", "stage": "hrl", "args": args, "after": "sp"})
-        rs[-1] |= {"alpha": alpha, "distill": bool(extra)}
-    for name, (alpha, extra) in (FROM_BASE_VARIANTS | FROM_PICK_VARIANTS).items():
-        args = [*c, *HRL, "--alpha", str(alpha), *[a.format(out=out) for a in extra]]
-        rs.append({"name": name, "arch": "cifar10_rnn_gate_38", "stage": "hrl", "args": args})
-        rs[-1] |= {"alpha": alpha, "distill": True}
-        if name in FROM_PICK_VARIANTS:
-            rs[-1]["after"] = "hrl_kdce_cos8_a2_t0.4"
-    for r in rs:
-        r["cmd"] = ["skipnet", "train", r["arch"], "--stage", r["stage"], *r["args"], "--out", str(out / r["name"])]
+        args = ("cifar10_resnet_38", "--stage", "sdv", *COMMON, *SDV_ARGS, "--keep", str(keep))
+        rs.append(Run(name, (*args, "--init", "{runs}/base/best.pt"), needs=("base",)))
+    rs += [hrl(n, a, ["--init", "{runs}/sp/best.pt", *x], ("sp",)) for n, (a, x) in VARIANTS.items()]
+    rs += [hrl(n, a, x, ()) for n, (a, x) in FROM_BASE_VARIANTS.items()]
+    rs += [hrl(n, a, x, ("hrl_kdce_cos8_a2_t0.4",)) for n, (a, x) in FROM_PICK_VARIANTS.items()]
     return rs
-
-
-def done(out: Path, name: str) -> bool:
-    return (out / name / "summary.json").exists()
-
-
-def train(rs: list[dict], out: Path, jobs: int) -> None:
-    """Run what is pending, ``jobs`` at a time, each after the run it starts from; resume the interrupted."""
-    pending, running = [r for r in rs if not done(out, r["name"])], {}
-    while pending or running:
-        for r in list(pending):
-            if len(running) >= jobs:
-                break
-            if r.get("after") and not done(out, r["after"]):
-                if r["after"] not in running and not any(p["name"] == r["after"] for p in pending):
-                    print(f"skip {r['name']}: {r['after']} did not finish", flush=True)
-                    pending.remove(r)
-                continue
-            cmd = r["cmd"] + (["--resume"] if (out / r["name"] / "last.pt").exists() else [])
-            print("+", portable(cmd), flush=True)
-            with open(out / f"{r['name']}.log", "a") as log:  # the child keeps its own copy of the descriptor
-                running[r["name"]] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-            pending.remove(r)
-        for name, proc in list(running.items()):
-            if proc.poll() is not None:
-                print(f"{name}: exit {proc.returncode}", flush=True)
-                del running[name]
-        time.sleep(5)
 
 
 # The compute knob (skipnet calibrate): an HRL run's greedy threshold chosen on the validation split to meet a
 # 30% budget, then the test split evaluated once at it. Runs that skip at least MIN_SKIP% at threshold 0.5 are
-# calibrated (the gates of the others are saturated open). The grid adds low thresholds to calibrate's own spacing:
-# the gates of longer HRL runs are confident, so their budget is crossed between 0 and 0.1.
+# calibrated (the gates of the others are saturated open). The grid (GRID) adds low thresholds to calibrate's own
+# spacing: the gates of longer HRL runs are confident, so their budget is crossed between 0 and 0.1.
 BUDGET, MIN_SKIP = 30, 10
-GRID = ["0", "0.005", "0.01", "0.02", "0.03", "0.04", "0.05", "0.06", "0.08", "0.1", "0.15"]
-GRID += ["0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"]
-
-
-def calibrate(
-    rs: list[dict], out: Path, data: str, stages=("hrl",), min_skip: float | None = MIN_SKIP, budget: int = BUDGET
-) -> None:
-    """Calibrate every finished run of ``stages`` that skips at least ``min_skip``% (any, with None) and has no
-    calibrated test result yet to ``budget``% fewer MACs, one at a time; the result
-    (``calibrated_{budget}_test.json``: the eval JSON and the commands that made it) is written atomically."""
-    for r in rs:
-        run = out / r["name"]
-        test, cal = run / f"calibrated_{budget}_test.json", run / f"calibrated_{budget}.pt"
-        if r["stage"] not in stages or not done(out, r["name"]) or test.exists():
-            continue
-        saved = json.loads((run / "summary.json").read_text())["test"]["macs_reduction"]
-        if min_skip is not None and saved < min_skip:
-            continue
-        c = ["skipnet", "calibrate", str(run / "best.pt"), "--data", data, "--target-reduction", str(budget)]
-        c += ["--grid", *GRID, "--out", str(cal), "--force", "--json"]
-        e = ["skipnet", "eval", str(cal), "--data", data, "--json"]
-        print("+", portable(c), flush=True)
-        if subprocess.run(c, stdout=subprocess.DEVNULL).returncode != 0:  # e.g. no threshold meets the budget
-            print(f"{r['name']}: not calibrated", flush=True)
-            continue
-        got = json.loads(subprocess.run(e, check=True, capture_output=True, text=True).stdout)
-        tmp = test.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"command": portable(c) + " && " + portable(e), **got}, indent=2))
-        tmp.replace(test)
-
-
-def calibrated_rows(rs: list[dict], out: Path, budget: int = BUDGET) -> dict[str, dict]:
-    got = {}
-    for r in rs:
-        test = out / r["name"] / f"calibrated_{budget}_test.json"
-        if not test.exists():
-            continue
-        t = json.loads(test.read_text())
-        name = f"{r['name']}@{budget}%"
-        got[name] = {
-            "name": name,
-            "stage": r["stage"],
-            "alpha": r.get("alpha"),
-            "distill": r.get("distill", False),
-            "threshold": t["threshold"],
-            "command": t["command"],
-            **test_fields(t),
-            "skip_ratio_per_block": [round(v, 4) for v in t.get("skip_ratio_per_block", [])],
-        }
-    return got
-
-
-def rows(rs: list[dict], out: Path) -> dict[str, dict]:
-    got = {}
-    for r in rs:
-        if not done(out, r["name"]):
-            continue
-        s = json.loads((out / r["name"] / "summary.json").read_text())
-        got[r["name"]] = {
-            "name": r["name"],
-            "stage": r["stage"],
-            "alpha": r.get("alpha"),
-            "distill": r.get("distill", False),
-            "command": portable(r["cmd"]),
-            **test_fields(s["test"]),
-            "skip_ratio_per_block": [round(v, 4) for v in s["test"].get("skip_ratio_per_block", [])],
-        }
-    base = got.get("base")
-    for r in got.values():  # the shallower plain networks' saving against the plain ResNet-38
-        if base and r is not base and r["stage"] == "base":
-            r["macs_reduction"] = round(100 * (1 - r["macs"] / base["macs"]), 2)
-    return got
 
 
 def headline(got: dict[str, dict]) -> dict:
-    """The pick: the largest saving within 0.5 points of the plain network at >= 30% fewer MACs; failing that,
-    the closest to it among those saving >= 30%; failing that, the one saving the most."""
+    """The pick among SP and HRL rows against the plain network (:func:`skipnet.results.pick_headline`)."""
     base = got.get("base")
-    cands = [r for r in got.values() if r["stage"] in ("sp", "hrl")]
-    if not base or not cands:
+    picked = pick_headline([(r, base) for r in got.values() if r["stage"] in ("sp", "hrl")] if base else [])
+    if not picked:
         return {}
-    gap = lambda r: base["accuracy"] - r["accuracy"]  # noqa: E731
-    ok = [r for r in cands if r["macs_reduction"] >= 30 and gap(r) <= 0.5]
-    cheap = [r for r in cands if r["macs_reduction"] >= 30]
-    best = (
-        max(ok, key=lambda r: r["macs_reduction"])
-        if ok
-        else (min(cheap, key=gap) if cheap else max(cands, key=lambda r: r["macs_reduction"]))
-    )
+    best, base, ok = picked
     return {
         "group": "30 epochs",
         "base_accuracy": base["accuracy"],
@@ -276,22 +169,9 @@ def headline(got: dict[str, dict]) -> dict:
         "alpha": best["alpha"],
         "run": best["name"],
         "base_run": "base",
-        "gap_points": round(gap(best), 2),
-        "reproduced": bool(ok),
+        "gap_points": round(base["accuracy"] - best["accuracy"], 2),
+        "reproduced": ok,
     }
-
-
-def table(got: dict[str, dict]) -> str:
-    lines = ["| run | stage | α | distill | threshold | test accuracy | MACs/img | MACs saved vs ResNet-38 | CP |"]
-    lines.append("|---|---|---|---|---|---|---|---|---|")
-    for r in got.values():
-        alpha = "" if r["alpha"] is None else f"{r['alpha']:g}"
-        lines.append(
-            f"| `{r['name']}` | {r['stage']} | {alpha} | {'yes' if r['distill'] else ''} | {r.get('threshold', 0.5):g} "
-            f"| {r['accuracy']:.2f}% | {r['macs'] / 1e6:.1f} M | {r['macs_reduction']:.1f}% "
-            f"| {r['computation_percentage']:.1f}% |"
-        )
-    return "\n".join(lines)
 
 
 # The static alternative without training: the plain ResNet-38 with the same blocks removed for every image
@@ -299,69 +179,46 @@ def table(got: dict[str, dict]) -> str:
 LESION_DROP = 10
 
 
-def write(got: dict[str, dict], head: dict, command: str, curve: dict | None) -> None:
+def write(results: Path, got: dict[str, dict], head: dict, command: str, curve: dict | None) -> None:
     stamp = dt.date.today().isoformat()
     payload = {"date": stamp, "command": command, "headline": head, "runs": list(got.values()), "lesion": curve}
-    (RESULTS / "headline30_cifar10_cpu.json").write_text(json.dumps(payload, indent=2) + "\n")
-    md = [f"Run on {stamp}: `{command}`", "", table(got), ""]
+    write_json(results / f"{FILE}.json", payload)
+    md = [f"Run on {stamp}: `{command}`", "", group_table(got), ""]
     if curve:
         md += ["Static lesion of `base` (the same blocks removed for every image; test split):", ""]
         md += [lesion_table([curve]), ""]
     md += [f"- `{r['name']}`: `{r['command']}`" for r in got.values()]
-    (RESULTS / "headline30_cifar10_cpu.md").write_text("\n".join(md) + "\n")
-    repro = RESULTS / "reproduce_cifar10_cpu.json"
-    if head and repro.exists():
-        d = json.loads(repro.read_text())
-        if d.get("headline", {}).get("group") != head["group"]:
-            d["headline_short"] = d.get("headline", {})
-        d["headline"] = head
-        repro.write_text(json.dumps(d, indent=2))
+    (results / f"{FILE}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     print(json.dumps(head))
 
 
-def with_earlier(got: dict[str, dict], results: Path) -> dict[str, dict]:
-    """``got`` plus the rows of ``results`` (the group's JSON as last written) whose runs did not finish here: the
-    run directories are not kept, so a session collecting new runs must not drop the rows of earlier ones. Rows
-    keep their earlier order; new ones follow."""
-    earlier = json.loads(results.read_text())["runs"] if results.exists() else []
-    merged = {r["name"]: got.get(r["name"], r) for r in earlier}
-    return merged | {k: v for k, v in got.items() if k not in merged}
+def relative_to_base(got: dict[str, dict], new: set[str]) -> None:
+    """The shallower plain networks' saving against the plain ResNet-38 (rows collected here)."""
+    base = got.get("base")
+    for r in got.values():
+        if base and r["name"] in new and r is not base and r["stage"] == "base":
+            r["macs_reduction"] = round(100 * (1 - r["macs"] / base["macs"]), 2)
 
 
-def run_group(
-    doc: str, default_out: str, make_runs, results: Path, **calibrate_options
-) -> tuple[argparse.Namespace, Path, dict]:
-    """The command line shared by this script and ``ablations.py``: parse it, train and calibrate what is pending
-    (unless ``--no-train``), and return ``(args, out, rows)`` of every finished run, calibrated rows included,
-    with the earlier rows of ``results`` whose runs are not here."""
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--data", default=str(DEFAULT_DATA))
-    p.add_argument("--out", default=default_out)
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--only", nargs="*", help="train and calibrate only these runs (names: see the runs' list)")
-    p.add_argument("--no-train", action="store_true", help="only collect the finished runs and write the results")
-    args = p.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rs = make_runs(out, args.data)
+def main(argv: list[str] | None = None) -> int:
+    args = group_parser(__doc__, "runs/h30", DEFAULT_DATA, RESULTS).parse_args(argv)
+    results = Path(args.results)
+    runner = Runner(Path(args.out), args.data, calibrate_args=("--grid", *GRID), min_saving=MIN_SKIP)
     if not args.no_train:
-        chosen = [r for r in rs if not args.only or r["name"] in args.only]
-        train(chosen, out, args.jobs)
-        calibrate(chosen, out, args.data, **calibrate_options)
-    return args, out, with_earlier(rows(rs, out) | calibrated_rows(rs, out), results)
-
-
-def main() -> int:
-    results = RESULTS / "headline30_cifar10_cpu.json"
-    args, out, got = run_group(__doc__, "runs/h30", runs, results)
-    if done(out, "base"):
-        curve = lesion("base", out, args.data, max_drop=LESION_DROP)
+        runner.train(RUNS if args.only is None else select(RUNS, args.only))
+    path = results / f"{FILE}.json"
+    got = collect(runner, RUNS, path, REPO)
+    relative_to_base(got, {r.name for r in RUNS if runner.finished(r)})
+    if runner.finished(RUNS[0]):  # the base
+        curve = lesion(runner.dir("base"), args.data, runner.out / "base.lesion.json", max_drop=LESION_DROP)
     else:  # the base trained in an earlier session: keep its curve
-        curve = json.loads(results.read_text()).get("lesion") if results.exists() else None
-    write(got, headline(got), portable(["python", *sys.argv]), curve)
+        curve = json.loads(path.read_text()).get("lesion") if path.exists() else None
+    write(results, got, headline(got), command_line(__file__, argv, REPO), curve)
     return 0
 
+
+RUNS = declare()
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -8,14 +8,22 @@ its own tables; ``--no-train`` rebuilds its committed results from the recorded 
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from skipnet.experiments import Result, Run, Runner
+
 Row = dict[str, Any]
+# calibration thresholds: calibrate's own spacing plus low ones (the gates of longer HRL runs are confident, so a
+# 30% budget is crossed between 0 and 0.1)
+GRID = ("0", "0.005", "0.01", "0.02", "0.03", "0.04", "0.05", "0.06", "0.08", "0.1", "0.15")
+GRID += ("0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9")
 
 
 def portable(cmd: Sequence[str] | str, root: Path) -> str:
@@ -102,6 +110,20 @@ def markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
 
 
+def group_table(got: dict[str, dict]) -> str:
+    """The table of :func:`run_row` rows."""
+    lines = ["| run | stage | α | distill | threshold | test accuracy | MACs/img | MACs saved vs ResNet-38 | CP |"]
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for r in got.values():
+        alpha = "" if r["alpha"] is None else f"{r['alpha']:g}"
+        lines.append(
+            f"| `{r['name']}` | {r['stage']} | {alpha} | {'yes' if r['distill'] else ''} | {r.get('threshold', 0.5):g} "
+            f"| {r['accuracy']:.2f}% | {r['macs'] / 1e6:.1f} M | {r['macs_reduction']:.1f}% "
+            f"| {r['computation_percentage']:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
 def lesion_table(curves: Sequence[Row]) -> str:
     """Static lesion curves side by side: test accuracy (MACs reduction) after each removed block."""
     head = "| blocks removed | " + " | ".join(f"{c['run']}: test acc % (MACs red. %)" for c in curves) + " |"
@@ -150,11 +172,55 @@ def write_json(path: Path, payload: Row, newline: bool = True) -> None:
     path.write_text(json.dumps(payload, indent=2) + ("\n" if newline else ""))
 
 
-def each(rows: dict[str, Row], keep: Callable[[Row], bool]) -> list[Row]:
-    return [r for r in rows.values() if keep(r)]
+def group_parser(doc: str, out: str, data: str, results: Path) -> argparse.ArgumentParser:
+    """The command line every benchmark script of declared runs shares (add its own options to it)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--data", default=data, help="the data set (an ImageFolder root or its .tar.gz)")
+    p.add_argument("--out", default=out, help="parent of the run directories")
+    p.add_argument("--only", nargs="+", default=None, help="train only these runs (and the runs they need)")
+    p.add_argument("--no-train", action="store_true", help="only collect: rows of the runs here, else recorded")
+    p.add_argument("--results", default=str(results), help="where the results files are read and written")
+    return p
+
+
+def command_line(script: str, argv: Sequence[str] | None, root: Path) -> str:
+    """How a benchmark script was invoked, as recorded in its results."""
+    path = Path(script).resolve()
+    shown = path.relative_to(root) if path.is_relative_to(root) else path
+    return portable(["python", str(shown), *(sys.argv[1:] if argv is None else argv)], root)
+
+
+def run_row(runner: Runner, res: Result, root: Path) -> Row:
+    """A results row of one evaluation: the run's stage, alpha and distillation (from its arguments), the
+    commands that made it and its test figures."""
+    args = res.run.args
+    alpha = option(args, "--alpha")
+    row: Row = {"name": res.name, "stage": option(args, "--stage"), "alpha": None if alpha is None else float(alpha)}
+    row["distill"] = "--distill" in args
+    if res.budget is None:
+        row["command"] = portable(runner.command(res.run), root)
+    else:
+        cal = runner.calibrate_command(res.run, res.budget)
+        ev = runner.eval_command(runner.calibrated_path(res.run, res.budget))
+        row["threshold"] = res.test["threshold"]
+        row["command"] = portable(cal, root) + " && " + portable(ev, root)
+    skips = [round(v, 4) for v in res.test.get("skip_ratio_per_block", [])]
+    return row | test_fields(res.test) | {"skip_ratio_per_block": skips}
+
+
+def collect(runner: Runner, runs: Sequence[Run], path: Path, root: Path) -> dict[str, Row]:
+    """The rows of every finished run here (and of its budgets), with the recorded rows of ``path`` for the
+    runs that are not."""
+    return with_recorded({r.name: run_row(runner, r, root) for r in runner.results(runs, finished_only=True)}, path)
 
 
 __all__ = [
+    "GRID",
+    "group_table",
+    "collect",
+    "command_line",
+    "group_parser",
+    "run_row",
     "fmt",
     "frontier",
     "lesion",

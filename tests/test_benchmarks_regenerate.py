@@ -1,0 +1,66 @@
+"""The committed benchmark results regenerate from their stored rows: each training benchmark's collect-only path
+(``--no-train``, no run directory present) rebuilds its ``benchmarks/results`` files from the committed JSON, equal
+byte for byte to the committed ones but for the date and the command line of the collecting run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+RESULTS = BENCH / "results"
+
+
+def script(name: str) -> ModuleType:
+    """A benchmark script imported by path (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def stamp_of(path: Path) -> tuple[str, str]:
+    """The date and command line recorded in a results JSON."""
+    d = json.loads(path.read_text())
+    return d["date"], d["command"]
+
+
+def same_but_stamp(new: Path, old: Path, stamp: tuple[tuple[str, str], tuple[str, str]]) -> None:
+    """``new`` equals ``old`` byte for byte once the collecting run's own date and command line (``stamp``: new,
+    committed) are replaced by the committed ones."""
+    text = new.read_text()
+    for now, then in zip(*stamp):
+        text = text.replace(now, then)
+    assert text == old.read_text(), f"{new.name} differs from the committed file"
+
+
+def regenerate(name: str, files: list[str], argv: list[str], tmp_path: Path, inputs: list[str] = ()) -> Path:
+    out = tmp_path / "results"
+    out.mkdir()
+    for f in [*files, *inputs]:
+        shutil.copy(RESULTS / f, out / f)
+    rc = script(name).main([*argv, "--no-train", "--out", str(tmp_path / "runs"), "--results", str(out)])
+    assert rc == 0
+    return out
+
+
+def check(out: Path, stem: str, suffixes: tuple[str, ...] = (".json", ".md")) -> None:
+    stamp = stamp_of(out / f"{stem}.json"), stamp_of(RESULTS / f"{stem}.json")
+    for suffix in suffixes:
+        same_but_stamp(out / f"{stem}{suffix}", RESULTS / f"{stem}{suffix}", stamp)
+
+
+GROUPS = [("headline30", "headline30_cifar10_cpu"), ("ablations", "ablations_cifar10_cpu")]
+
+
+@pytest.mark.parametrize("name, stem", GROUPS)
+def test_group_regenerates(name: str, stem: str, tmp_path: Path) -> None:
+    out = regenerate(name, [f"{stem}.json"], [], tmp_path)
+    check(out, stem)
