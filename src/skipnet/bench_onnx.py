@@ -30,6 +30,7 @@ from skipnet.config import ArchConfig
 from skipnet.cost import cost_model
 from skipnet.errors import SkipnetError
 from skipnet.export import onnx_session, read_onnx_meta, require_onnx
+from skipnet.predict import check_export_meta, check_onnx_structure, open_onnx_session
 
 
 def _prune(graph: Any) -> None:
@@ -134,7 +135,7 @@ def bench_onnx(
         s, name = sessions[key], names[key]
         return lambda: [s.run(None, {name: b}) for b in batches]
 
-    outs = {k: runner(k)() for k in sessions}
+    outs = _first_outputs(runner, sessions, meta)
     cpu: dict[str, list[float]] = {}
     times = time_interleaved({k: runner(k) for k in sessions}, repeats, warmup, cpu)
 
@@ -213,10 +214,32 @@ def _sessions(
                 "(skipnet export CKPT PLAIN.onnx --graph plain)"
             )
         plain_bytes = unfold_ifs(proto, "then").SerializeToString()
-    sessions = {"plain": onnx_session(plain_bytes, threads), "routed": onnx_session(skipnet_bytes, threads)}
+    sessions = {
+        "plain": open_onnx_session("the plain graph", plain_bytes, threads),
+        "routed": open_onnx_session("the exported graph", skipnet_bytes, threads),
+    }
     if conditional:
-        sessions["masked"] = onnx_session(unfold_ifs(proto, "where").SerializeToString(), threads)
+        masked = unfold_ifs(proto, "where").SerializeToString()
+        sessions["masked"] = open_onnx_session("the masked graph unfolded from it", masked, threads)
     return sessions
+
+
+def _first_outputs(runner: Callable[[str], Callable[[], Any]], sessions: dict[str, Any], meta: dict) -> dict:
+    """One untimed run of every variant over all the images, its outputs checked: an error of ONNX Runtime, a
+    non-finite logit or a decision other than 0/1 (a file altered after export) is a one-line error."""
+    outs = {}
+    for key in sessions:
+        try:
+            outs[key] = runner(key)()
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors have many types; one line each
+            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "no message")[:200]
+            raise SkipnetError(f"the {key} graph failed in ONNX Runtime ({type(exc).__name__}: {first})") from None
+        for batch in outs[key]:
+            if not np.isfinite(batch[0]).all():
+                raise SkipnetError(f"the {key} graph returned non-finite logits; was the file altered after export?")
+            if len(batch) == 3 and not np.isin(batch[2], (0.0, 1.0)).all():
+                raise SkipnetError(f"the {key} graph returned decisions other than 0 and 1; was the file altered?")
+    return outs
 
 
 def _masked_check(outs: dict[str, Any], logits_r: torch.Tensor, dec: torch.Tensor) -> dict[str, Any]:
@@ -228,9 +251,19 @@ def _masked_check(outs: dict[str, Any], logits_r: torch.Tensor, dec: torch.Tenso
     return {"max_abs_diff": float((logits_r - logits_m).abs().max()), "decisions_match": bool(torch.equal(dec, dec_m))}
 
 
-def load_onnx_subject(path: str) -> tuple[bytes, dict[str, Any]]:
-    """The bytes and skipnet metadata of an exported ONNX file."""
+def read_checked_onnx(path: str) -> tuple[Any, dict[str, Any]]:
+    """``(ModelProto, metadata)`` of an ONNX file written by ``skipnet export``, its metadata and structure checked
+    (:func:`skipnet.predict.check_export_meta`, :func:`skipnet.predict.check_onnx_structure`): an altered or
+    foreign file is a one-line error before any session runs it."""
     proto, meta = read_onnx_meta(path)
+    check_export_meta(path, meta)
+    check_onnx_structure(path, proto, meta)
+    return proto, meta
+
+
+def load_onnx_subject(path: str) -> tuple[bytes, dict[str, Any]]:
+    """The bytes and skipnet metadata of an exported ONNX file (checked, :func:`read_checked_onnx`)."""
+    proto, meta = read_checked_onnx(path)
     if meta.get("graph") == "plain":
         raise SkipnetError(f"{path} is a plain ResNet; bench the exported SkipNet (its plain twin is derived from it)")
     return proto.SerializeToString(), meta
@@ -277,3 +310,36 @@ def check_plain_twin(subject: str, meta: dict[str, Any], proto: Any, plain: str,
                 f"--plain {plain} computes other logits than the backbone of {subject}: it is not its plain twin; "
                 "export the plain graph from the same checkpoint (skipnet export CKPT PLAIN.onnx --graph plain)"
             )
+
+
+def data_images(subject: str, meta: dict[str, Any], spec: str, data_dir: str | None, n: int) -> torch.Tensor:
+    """The first ``n`` test images of ``spec`` as an exported graph takes them: float32 pixels in [0, 1] at the
+    graph's image size (the graph normalises them itself), loaded by the data module with an identity
+    normalisation; data of another channel count, image size or class list than the graph's is a one-line error."""
+    from skipnet.checkpoint import require_same_classes
+    from skipnet.data import load_data
+    from skipnet.gated import GatedResNet
+
+    config = ArchConfig.from_dict(meta["arch"])
+    c = config.in_channels
+    identity = ((0.0,) * c, (1.0,) * c)
+    data = load_data(
+        spec,
+        data_dir=data_dir,
+        batch_size=n,
+        eval_batch_size=n,
+        limit_test=None,
+        image_size=int(meta["image_size"]),
+        stats=identity,
+        augment=False,
+    )
+    require_same_classes(GatedResNet(config), data, subject, meta.get("classes"))
+    xs, have = [], 0
+    for x, _ in data.split("test"):
+        xs.append(x)
+        have += len(x)
+        if have >= n:
+            break
+    if have < n:
+        raise SkipnetError(f"--data {spec}: the test split has {have} images, fewer than the {n} asked for")
+    return torch.cat(xs)[:n].float().contiguous()

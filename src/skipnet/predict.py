@@ -309,16 +309,16 @@ def check_onnx_structure(spec: str, proto: Any, meta: dict[str, Any]) -> None:
     from skipnet.export import ONNX_OPSET
     from skipnet.gated import GatedResNet
 
-    try:
-        onnx.checker.check_model(proto)
-    except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError and others
-        raise _bad(spec, f"it fails ONNX's model check ({_first_line(exc)})") from None
     opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
     newest = onnx.defs.onnx_opset_version()
     if not ONNX_OPSET <= opsets.get("ai.onnx", 0) <= newest:
         raise _bad(
             spec, f"it imports opset {opsets.get('ai.onnx')} (skipnet writes {ONNX_OPSET}, onnx reads <= {newest})"
         )
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError and others
+        raise _bad(spec, f"it fails ONNX's model check ({_first_line(exc)})") from None
     config = ArchConfig.from_dict(meta["arch"])
     n_gates = GatedResNet(config).num_gates
     weights = {t.name for t in proto.graph.initializer}
@@ -471,12 +471,10 @@ class _Encoded:
 def load_image(data: bytes, channels: int, size: int) -> Tensor:
     """One encoded image as the data module prepares the checkpoint's images: float32 (C, S, S) in [0, 1] before
     normalisation. :class:`Unreadable` (with the reason) if it is not a readable image."""
-    from skipnet.data import SMALL_MAX, _bomb, _decode_file, _tv_decoder
+    from skipnet.data import SMALL_MAX, _decode_file, _tv_decoder
 
     if not data:
         raise Unreadable("empty file")
-    if _bomb(data):
-        raise Unreadable("declares more pixels than the decompression-bomb limit")
     if size > SMALL_MAX:
         large = _large_image(data, size)
         if large is not None:
@@ -504,18 +502,23 @@ def _large_image(data: bytes, size: int) -> Tensor | None:
     """A photo for a large network (S > 64): evaluation's resize to S * 256 / 224 and centre crop S, through PIL
     as the ImageFolder loader reads it; ``None`` for an image of at most 64 px (prepared as a small one)."""
     from PIL import Image
+    from torchvision import transforms as T
 
-    from skipnet.data import SMALL_MAX, _folder_transforms
+    from skipnet.data import SMALL_MAX
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if max(im.size) <= SMALL_MAX:
-                return None
-            rgb = im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+                    raise Unreadable("declares more pixels than the decompression-bomb limit")
+                if max(im.size) <= SMALL_MAX:
+                    return None
+                rgb = im.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise Unreadable(f"not a readable image ({type(exc).__name__})") from None
-    ident = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # pixels in [0, 1]: the graph or the predictor normalises
-    return _folder_transforms(size, False, *ident)(rgb)
+    # the evaluation transform of skipnet.data's large-image folders, without its Normalize (done by the model)
+    return T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), T.ToTensor()])(rgb)
 
 
 # ------------------------------------------------------------------------------------------- predictions

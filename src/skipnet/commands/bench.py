@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from skipnet.bench import bench_inference, calibrate_bn, load_subject, set_threads
+from skipnet.commands._common import MAX_THREADS, check_count
 from skipnet.device import pick_device
 from skipnet.errors import SkipnetError
 
@@ -90,6 +91,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+MAX_BATCH = 4096  # images per forward pass
+MAX_IMAGE_SIZE = 1024  # px (as skipnet flops)
+MAX_REPEATS = 10000
+MAX_IMAGES = 1024  # --images: distinct batches per ONNX round
+
+
+def check_bounds(args: argparse.Namespace) -> None:
+    """The options that size a benchmark, in range before anything is loaded (one line otherwise)."""
+    check_count("--batch-size", args.batch_size, 1, MAX_BATCH)
+    check_count("--image-size", args.image_size, 8, MAX_IMAGE_SIZE)
+    check_count("--repeats", args.repeats, 1, MAX_REPEATS)
+    check_count("--warmup", args.warmup, 0, MAX_REPEATS)
+    check_count("--threads", args.threads, 1, MAX_THREADS)
+
+
 def real_images(path: str, model, spec: str, data_dir: str | None, batch: int) -> torch.Tensor:
     """The first ``batch`` images of the test split, loaded as the checkpoint saw its data."""
     from skipnet.checkpoint import load_checkpoint, require_same_classes
@@ -120,12 +136,7 @@ def run(args: argparse.Namespace) -> int:
         args.batch_size = 64
     if args.plain is not None:
         raise SkipnetError("--plain applies to --runtime onnxruntime")
-    if args.image_size is not None and args.image_size < 8:
-        raise SkipnetError(f"--image-size must be >= 8, got {args.image_size}")
-    for name, least in (("batch_size", 1), ("repeats", 1), ("warmup", 0), ("threads", 1)):
-        value = getattr(args, name)
-        if value is not None and value < least:
-            raise SkipnetError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    check_bounds(args)
     if args.keep is not None and not 0.0 <= args.keep <= 1.0:
         raise SkipnetError(f"--keep must be in [0, 1], got {args.keep:g}")
     device = pick_device(args.device)
@@ -210,10 +221,12 @@ def run_onnx(args: argparse.Namespace) -> int:
     require_onnx()
     if args.batch_size is None:
         args.batch_size = 1 if args.subject.endswith(".onnx") or args.runtime == "onnxruntime" else 64
-    for name, least in (("batch_size", 1), ("repeats", 1), ("warmup", 0), ("threads", 1), ("images", 1)):
-        value = getattr(args, name)
-        if value is not None and value < least:
-            raise SkipnetError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    check_bounds(args)
+    check_count("--images", args.images, 1, MAX_IMAGES)
+    if args.images * args.batch_size > MAX_IMAGES * 16:
+        raise SkipnetError(
+            f"--images {args.images} x --batch-size {args.batch_size} images per round is over {MAX_IMAGES * 16}"
+        )
     if args.keep is not None:
         raise SkipnetError("--keep forces decisions in eager PyTorch only; an exported graph's gates decide")
     if args.device != "cpu":
@@ -252,21 +265,17 @@ def _onnx_subject(args: argparse.Namespace) -> tuple[bytes, dict, bytes | None, 
     given ``.onnx`` file, or the graph exported from the checkpoint (conditional at batch 1, else routed)."""
     from pathlib import Path
 
-    from skipnet.bench_onnx import load_onnx_subject
-    from skipnet.export import export_model, read_onnx_meta
+    from skipnet.bench_onnx import load_onnx_subject, read_checked_onnx
+    from skipnet.export import export_model
 
     plain_bytes, pmeta = None, None
     if args.plain is not None:
-        proto, pmeta = read_onnx_meta(args.plain)
+        proto, pmeta = read_checked_onnx(args.plain)
         if pmeta.get("graph") != "plain":
             raise SkipnetError(f"--plain {args.plain} is a {pmeta.get('graph')} graph; export one with --graph plain")
         plain_bytes = proto.SerializeToString()
     info: dict = {"source": "onnx", "path": args.subject}
     if args.subject.endswith(".onnx"):
-        if args.data is not None:
-            raise SkipnetError(
-                "--data needs the checkpoint (its data normalisation); give random images or a checkpoint"
-            )
         payload, meta = load_onnx_subject(args.subject)
         model = None
     else:
@@ -316,14 +325,15 @@ def _require_greedy(model: Any, subject: str) -> None:
 
 def _onnx_images(args: argparse.Namespace, meta: dict, model: Any) -> tuple[torch.Tensor, str]:
     """The images of an ONNX benchmark, as the graph takes them (pixels in [0, 1]), and how they were made."""
-    size = args.image_size or meta["image_size"]
+    from skipnet.bench_onnx import data_images
+
+    size = meta["image_size"]
+    if args.image_size is not None and args.image_size != size:
+        raise SkipnetError(f"{args.subject} takes {size}-px images (its exported graph); drop --image-size")
     n = args.images * args.batch_size
     channels = meta["arch"].get("in_channels", 3)
-    if args.data is not None:
-        images = real_images(args.subject, model, args.data, args.data_dir, n)
-        norm = meta.get("normalize")
-        if norm:  # back to the [0, 1] pixels the graph takes
-            images = images * torch.tensor(norm["std"]).view(1, -1, 1, 1) + torch.tensor(norm["mean"]).view(1, -1, 1, 1)
+    if args.data is not None:  # pixels in [0, 1]: the exported graph normalises them itself
+        images = data_images(args.subject, meta, args.data, args.data_dir, n)
         inputs = f"first {n} test images of {args.data}"
     else:
         gen = torch.Generator().manual_seed(args.seed)

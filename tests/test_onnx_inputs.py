@@ -1,0 +1,176 @@
+"""Exported graphs as inputs (issue 32): ``skipnet bench X.onnx --data D`` on real images, bench's size options
+bounded, and altered .onnx files refused by bench and predict in one line (never a traceback, never logits of an
+altered graph where that can be detected)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from skipnet.checkpoint import save_checkpoint
+from skipnet.cli import main
+from test_predict import CLASSES, DATA, _varied_model
+
+onnx = pytest.importorskip("onnx", reason="the export extra (pip install -e '.[export]') is part of CI's dev extra")
+pytest.importorskip("onnxruntime")
+
+BENCH = ["--repeats", "1", "--warmup", "0", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, Path]:
+    """A checkpoint, its conditional graph, and an ImageFolder of its ten classes (one 32 px image per class and
+    split)."""
+    root = tmp_path_factory.mktemp("onnx_inputs")
+    ckpt = root / "tiny.pt"
+    save_checkpoint(ckpt, _varied_model(), data=DATA)
+    graph = root / "tiny.onnx"
+    assert main(["export", str(ckpt), str(graph), "--probes", "1"]) == 0
+    rng = np.random.RandomState(0)
+    for split in ("train", "test"):
+        for c in CLASSES:
+            d = root / "folder" / split / c
+            d.mkdir(parents=True)
+            Image.fromarray(rng.randint(0, 256, (32, 32, 3)).astype(np.uint8)).save(d / "0.png")
+    (root / "img.png").write_bytes((root / "folder" / "test" / CLASSES[0] / "0.png").read_bytes())
+    return {"ckpt": ckpt, "onnx": graph, "folder": root / "folder", "img": root / "img.png"}
+
+
+def _error(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"skipnet {command}: error: "), err
+    return err[0]
+
+
+def test_bench_onnx_on_real_images_decides_as_the_checkpoint(exported, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SKIPNET_CACHE", str(tmp_path / "cache"))
+    argv = ["bench", str(exported["onnx"]), "--data", str(exported["folder"]), "--images", "4", *BENCH, "--json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    res = json.loads(capsys.readouterr().out)
+    assert res["inputs"] == f"first 4 test images of {exported['folder']}" and res["images"] == 4
+    # the decisions are the eager model's on the same pixels, normalised with the checkpoint's statistics
+    from skipnet.checkpoint import load_model
+    from skipnet.data import load_data
+    from skipnet.evaluate import checkpoint_stats
+
+    model, ckpt = load_model(exported["ckpt"])
+    data = load_data(str(exported["folder"]), eval_batch_size=4, stats=checkpoint_stats(ckpt))
+    x, _ = next(iter(data.test))
+    with torch.no_grad():
+        keep = float(model(x[:4], "greedy").trace.decisions.mean())
+    assert res["keep"] == pytest.approx(keep)
+
+
+def test_bench_onnx_data_of_other_classes_is_one_line(exported, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SKIPNET_CACHE", str(tmp_path / "cache"))
+    other = tmp_path / "other"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (other / split / c).mkdir(parents=True)
+            Image.new("RGB", (32, 32)).save(other / split / c / "0.png")
+    assert main(["bench", str(exported["onnx"]), "--data", str(other), "--images", "2", *BENCH]) == 2
+    assert "was trained for 10 classes" in _error(capsys, "bench")
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--image-size", "0"], "--image-size must be in [8, 1024]"),
+        (["--image-size", "100000"], "--image-size must be in [8, 1024]"),
+        (["--batch-size", "0"], "--batch-size must be in [1, 4096]"),
+        (["--batch-size", "-3"], "--batch-size must be in [1, 4096]"),
+        (["--batch-size", "1000000"], "--batch-size must be in [1, 4096]"),
+        (["--repeats", "0"], "--repeats must be in [1, 10000]"),
+        (["--threads", "100000"], "--threads must be in [1, 256]"),
+    ],
+)
+@pytest.mark.parametrize("subject", ["tiny_rnn_gate_14", "missing.onnx"])
+def test_bench_size_options_are_bounded(capsys, subject, extra, needle) -> None:
+    assert main(["bench", subject, *extra]) == 2
+    assert needle in _error(capsys, "bench")
+
+
+def test_bench_onnx_refuses_another_image_size(exported, capsys) -> None:
+    assert main(["bench", str(exported["onnx"]), "--image-size", "64", *BENCH]) == 2
+    assert "takes 32-px images" in _error(capsys, "bench")
+
+
+# ------------------------------------------------------------------------------------------ altered files
+def _meta_edit(key: str, value) -> callable:
+    def edit(proto) -> None:
+        (prop,) = [p for p in proto.metadata_props if p.key == "skipnet"]
+        meta = json.loads(prop.value)
+        if value is None:
+            del meta[key]
+        else:
+            meta[key] = value
+        prop.value = json.dumps(meta)
+
+    return edit
+
+
+def _input_size(proto) -> None:
+    proto.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 64
+
+
+def _opset(proto) -> None:
+    for o in proto.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = 7
+
+
+def _op_type(proto) -> None:
+    next(n for n in proto.graph.node if n.op_type not in ("If", "Constant")).op_type = "NoSuchOp"
+
+
+def _nan_head(proto) -> None:
+    """The classifier's bias set to NaN: the structure is intact, the logits are not."""
+    from onnx import numpy_helper
+
+    (bias,) = [t for t in proto.graph.initializer if list(t.dims) == [len(CLASSES)]]
+    bias.CopyFrom(numpy_helper.from_array(np.full(len(CLASSES), np.nan, np.float32), bias.name))
+
+
+def _drop_if(proto) -> None:
+    nodes = [n for n in proto.graph.node if n.op_type == "If"]
+    del nodes[-1].attribute[:]  # an If without branches
+
+
+ALTERED = [
+    ("truncated", None, "is not a readable ONNX file"),
+    ("no metadata", lambda p: p.metadata_props.pop(), "without skipnet metadata"),
+    ("metadata format", _meta_edit("format", "other"), "its metadata has format 'other'"),
+    ("no threshold", _meta_edit("threshold", None), "its threshold None is not in [0, 1]"),
+    ("classes", _meta_edit("classes", ["a", "b"]), "its class list is not 10 names"),
+    ("normalize", _meta_edit("normalize", {"mean": [0.5], "std": [0.2]}), "its normalisation"),
+    ("arch", _meta_edit("arch", {"name": "x"}), "its architecture record is malformed"),
+    ("graph", _meta_edit("graph", "plain"), "returns ['logits']"),
+    ("input size", _input_size, "its input is [1, 3, 64, 32]"),
+    ("opset", _opset, "it imports opset 7"),
+    ("op type", _op_type, "fails ONNX's model check"),
+    ("if branches", _drop_if, "fails ONNX's model check"),
+    ("nan head", _nan_head, "non-finite logits"),
+]
+
+
+@pytest.mark.parametrize(("name", "edit", "needle"), ALTERED, ids=[a[0] for a in ALTERED])
+def test_an_altered_onnx_file_is_one_line(exported, tmp_path, capsys, name, edit, needle) -> None:
+    path = tmp_path / "altered.onnx"
+    raw = exported["onnx"].read_bytes()
+    if edit is None:
+        path.write_bytes(raw[: len(raw) // 2])
+    else:
+        proto = onnx.load_from_string(raw)
+        edit(proto)
+        path.write_bytes(proto.SerializeToString())
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(path), str(exported["img"]), "--out", str(out), "--threads", "1"]) == 2
+    assert needle in _error(capsys, "predict")
+    assert not out.exists()
+    assert main(["bench", str(path), "--images", "1", *BENCH]) == 2
+    assert needle in _error(capsys, "bench")
