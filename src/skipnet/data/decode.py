@@ -133,17 +133,36 @@ def decode_folder(
     files, labels, classes = list_folder(split_dir, classes)
     key = _folder_key(split_dir, files, size, classes)
     cache = cache_dir() / "tensors" / f"{split_dir.parent.name}-{split_dir.name}-{key}.pt"
-    if cache.exists():
-        try:
-            data = torch.load(cache, weights_only=True)
-            if list(data["classes"]) != list(classes):  # labels index another class list: decode again
-                raise ValueError("stale class list")
-            _warn_skipped(split_dir, list(data.get("skipped", [])), len(files))
-            return data["images"], data["labels"], list(classes)
-        except Exception:  # noqa: BLE001 - a damaged or stale cache is rebuilt
-            log.warning("ignoring unreadable cache %s; decoding again", cache)
-
+    cached = _read_cache(cache, split_dir, classes, len(files))
+    if cached is not None:
+        return cached
     log.info("decoding %d images from %s (once; cached at %s)", len(files), split_dir, cache)
+    x, y, skipped = _decode_all(split_dir, files, labels, size)
+    _write_cache(cache, {"images": x, "labels": y, "classes": classes, "skipped": skipped})
+    return x, y, classes
+
+
+def _read_cache(
+    cache: Path, split_dir: Path, classes: list[str], total: int
+) -> tuple[Tensor, Tensor, list[str]] | None:
+    """The cached split, or ``None`` when there is none, or it is damaged or stale (it is then decoded again)."""
+    if not cache.exists():
+        return None
+    try:
+        data = torch.load(cache, weights_only=True)
+        if list(data["classes"]) != list(classes):  # labels index another class list: decode again
+            raise ValueError("stale class list")
+        _warn_skipped(split_dir, list(data.get("skipped", [])), total)
+        return data["images"], data["labels"], list(classes)
+    except Exception:  # noqa: BLE001 - a damaged or stale cache is rebuilt
+        log.warning("ignoring unreadable cache %s; decoding again", cache)
+        return None
+
+
+def _decode_all(
+    split_dir: Path, files: list[Path], labels: list[int], size: int | None
+) -> tuple[Tensor, Tensor, list[str]]:
+    """Images (resized to ``size``) and labels of the readable ``files``, and the paths of those skipped."""
     images, kept, skipped = [], [], []
     decode = _tv_decoder()
     with warnings.catch_warnings():  # torchvision warns of its decoders' deprecation on every call
@@ -168,11 +187,14 @@ def decode_folder(
         x = torch.stack(images)
     except RuntimeError:
         raise SkipnetError(f"images under {split_dir} differ in size; pass --image-size to resize them") from None
-    y = torch.tensor(kept)
+    return x, torch.tensor(kept), skipped
+
+
+def _write_cache(cache: Path, data: dict) -> None:
+    """Save the decoded split (``images``, ``labels``, ``classes``, ``skipped``); a failure only warns."""
     from skipnet.fileio import atomic_save
 
     try:
-        atomic_save({"images": x, "labels": y, "classes": classes, "skipped": skipped}, cache)
+        atomic_save(data, cache)
     except (OSError, SkipnetError) as exc:  # the cache is an optimisation: a full disk must not stop the run
         log.warning("could not write the decoded-image cache %s (%s); continuing without it", cache, exc)
-    return x, y, classes
