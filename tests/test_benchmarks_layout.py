@@ -12,7 +12,6 @@ SCRIPTS = sorted((REPO / "benchmarks").glob("*.py")) + sorted((REPO / "examples"
 MAX_LINES = 60
 # functions still over the limit, at their present size: an entry may only shrink or go (when the function is split)
 LONG = {
-    "benchmarks/hrl_batchnorm.py:main": 65,
     "benchmarks/inference_speed.py:main": 63,
     "benchmarks/make_pretrained.py:add_model": 67,
     "benchmarks/reproduce_cifar10.py:experiments": 188,

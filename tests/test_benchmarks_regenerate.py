@@ -64,3 +64,22 @@ GROUPS = [("headline30", "headline30_cifar10_cpu"), ("ablations", "ablations_cif
 def test_group_regenerates(name: str, stem: str, tmp_path: Path) -> None:
     out = regenerate(name, [f"{stem}.json"], [], tmp_path)
     check(out, stem)
+
+
+@pytest.mark.parametrize(
+    "argv", [["digits"], ["cifar10", "--sp", "runs/bn/sp3/best.pt", "--epochs", "0.5", "--out", "runs/bn"]]
+)
+def test_hrl_batchnorm_regenerates(argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stem = f"hrl_batchnorm_{argv[0]}"
+    out = tmp_path / "results"
+    out.mkdir()
+    shutil.copy(RESULTS / f"{stem}.json", out)
+    monkeypatch.chdir(tmp_path)  # no run directory here
+    assert script("hrl_batchnorm").main([*argv, "--no-train", "--results", str(out)]) == 0
+    date = (
+        json.loads((out / f"{stem}.json").read_text())["date"],
+        json.loads((RESULTS / f"{stem}.json").read_text())["date"],
+    )
+    same_but_stamp(out / f"{stem}.json", RESULTS / f"{stem}.json", ((date[0],), (date[1],)))
+    new, old = (out / f"{stem}.md").read_text(), (RESULTS / f"{stem}.md").read_text()
+    assert new.split("\n", 1)[1] == old.split("\n", 1)[1]  # the first line: the date and the command
