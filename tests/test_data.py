@@ -189,3 +189,43 @@ def test_large_image_folder_limit_test_limits_the_validation_split_as_the_tensor
     assert len(large.val.dataset) == 3
     assert [label for _, label in folder_names(large.val)] == small.val.labels.tolist()  # the same images
     assert [label for _, label in folder_names(large.test)] == small.test.labels.tolist()
+
+
+# ------------------------------------------------------------------------------------------------ the data spec
+def test_load_data_is_build_of_a_frozen_data_spec(tmp_path) -> None:
+    import dataclasses
+    import inspect
+
+    from skipnet.data import DataSpec, build
+
+    fields = [f.name for f in dataclasses.fields(DataSpec)]
+    assert ["source", *fields[1:]] == fields
+    assert list(inspect.signature(load_data).parameters)[1:] == fields[1:]  # load_data's keywords are its fields
+    spec = DataSpec(str(make_folder(tmp_path / "small", 8)), batch_size=4, val_split=0.25, limit_test=2, seed=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.seed = 4  # type: ignore[misc]
+    assert spec.eval_batch == 256 and DataSpec("digits", batch_size=512).eval_batch == 512
+    assert DataSpec("digits", eval_batch_size=8).eval_batch == 8
+    a, b = build(spec), load_data(spec.source, batch_size=4, val_split=0.25, limit_test=2, seed=3)
+    assert a.info == b.info and torch.equal(a.val.images, b.val.images) and torch.equal(a.test.labels, b.test.labels)
+
+
+def test_the_names_other_modules_import_from_skipnet_data() -> None:
+    import skipnet.data as data
+
+    for name in (
+        "load_data",
+        "DataBundle",
+        "TensorLoader",
+        "FolderLoader",
+        "SafeFolder",
+        "resolve_folder",
+        "_image_folder",
+        "_decode_file",
+        "_tv_decoder",
+        "cache_dir",
+        "STATS",
+        "BUILTIN",
+        "SPLIT_SEED",
+    ):
+        assert hasattr(data, name), name
