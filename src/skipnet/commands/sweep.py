@@ -1,8 +1,9 @@
 """``skipnet sweep --init SP_CKPT --data SPEC --alphas A ... --out DIR``: the accuracy/cost trade-off over alpha.
 
-Trains hybrid RL (Eq. 5-6) from one supervised-pre-trained checkpoint at each alpha in turn, each into its
-own run directory ``DIR/alpha_<a>/`` with the ordinary trainer (so a rerun resumes unfinished runs and skips
-finished ones), then tabulates the test numbers of each run's ``best.pt`` (chosen on validation) with the SP
+Trains hybrid RL (Eq. 5-6) from one supervised-pre-trained checkpoint at each alpha in turn, each a declared
+:class:`skipnet.experiments.Run` of ``skipnet train`` into its own run directory ``DIR/alpha_<a>/`` (run by
+:class:`skipnet.experiments.Runner`: a rerun resumes unfinished runs and skips finished ones; each run's log is
+``DIR/alpha_<a>.log``), then tabulates the test numbers of each run's ``best.pt`` (chosen on validation) with the SP
 starting point: ``DIR/sweep.json``, ``DIR/sweep.md`` and ``DIR/tradeoff.png`` (paper appendix Fig. 12).
 """
 
@@ -23,7 +24,8 @@ from skipnet.commands._common import add_data_args, add_optim_args
 from skipnet.cost import cost_model
 from skipnet.errors import SkipnetError
 from skipnet.evaluate import data_for_checkpoint, eval_loader, eval_mode_for, run_eval
-from skipnet.train import TrainConfig, train
+from skipnet.experiments import Run, Runner
+from skipnet.trainconfig import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,42 @@ def markdown_table(rows: list[dict[str, Any]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def train_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The data and optimisation options of ``args`` that differ from their defaults, as ``skipnet train``
+    arguments (both commands take the same options, :func:`add_data_args` and :func:`add_optim_args`)."""
+    p = argparse.ArgumentParser()
+    add_data_args(p)
+    add_optim_args(p)
+    out: list[str] = []
+    for action in p._actions:  # noqa: SLF001 - argparse's only list of an option's flag and default
+        value = getattr(args, action.dest, action.default)
+        if not action.option_strings or action.dest in ("help", "data") or value in (None, action.default):
+            continue
+        flag = action.option_strings[-1]
+        out += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]  # noqa: SLF001
+    return tuple(out)
+
+
+def declare(args: argparse.Namespace, arch: str, alphas: list[float], val_split: float) -> list[Run]:
+    """One HRL run per alpha from ``--init``, in ``alpha_<a>/``."""
+    common = (arch, "--stage", "hrl", "--init", args.init, "--val-split", f"{val_split!r}", *train_args(args))
+    return [Run(alpha_dir(Path(), a).name, (*common, "--alpha", f"{a!r}")) for a in alphas]
+
+
+def trained_rows(runner: Runner, runs: list[Run], alphas: list[float]) -> list[dict[str, Any]]:
+    """Each run's row from its ``summary.json``: the trainer's own test evaluation of ``best.pt`` (chosen on
+    validation)."""
+    rows = []
+    for run, a in zip(runs, alphas):
+        summary = json.loads((runner.dir(run.name) / "summary.json").read_text())
+        test = summary.get("test") or {}
+        if not test:
+            raise SkipnetError(f"{runner.dir(run.name)} finished without test metrics")
+        best = dict(best_step=summary.get("best_step"), best_val_accuracy=summary.get("best_val_accuracy"))
+        rows.append(_row(f"α={a:g}", a, run.name, test, **best, checkpoint=str(runner.dir(run.name) / "best.pt")))
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     from skipnet.device import pick_device
 
@@ -90,30 +128,14 @@ def run(args: argparse.Namespace) -> int:
     if val_split is None:
         val_split = float(sp_ckpt.get("data", {}).get("val_split", 0.1) or 0.0)
     out = Path(args.out)
-
     common = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     common |= {"arch": arch, "stage": "hrl", "init": args.init, "val_split": val_split, "resume": True}
-    rows: list[dict[str, Any]] = []
-    for a in alphas:
-        cfg = TrainConfig(**(common | {"alpha": a, "out": str(alpha_dir(out, a))}))
-        cfg.validate()
-        log.info("sweep: alpha %g -> %s", a, cfg.out)
-        summary = train(cfg, progress_bar=True)  # resumes an unfinished run; a finished one: its summary
-        test = summary.get("test") or {}
-        if not test:
-            raise SkipnetError(f"{cfg.out} finished without test metrics")
-        # summary["test"] is the trainer's own evaluation of best.pt (chosen on validation) on the test split.
-        rows.append(
-            _row(
-                f"α={a:g}",
-                a,
-                Path(cfg.out).name,
-                test,
-                best_step=summary.get("best_step"),
-                best_val_accuracy=summary.get("best_val_accuracy"),
-                checkpoint=str(Path(cfg.out) / "best.pt"),
-            )
-        )
+    for a in alphas:  # a bad option is refused here, in one line, before any run starts
+        TrainConfig(**(common | {"alpha": a, "out": str(alpha_dir(out, a))})).validate()
+    runs = declare(args, arch, alphas, val_split)
+    runner = Runner(out, args.data)
+    runner.train(runs)  # resumes an unfinished run, skips a finished one
+    rows = trained_rows(runner, runs, alphas)
 
     # The SP starting point on the same test images, as a reference.
     device = pick_device(args.device)
