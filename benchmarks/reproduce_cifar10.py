@@ -33,16 +33,17 @@ import sys
 import time
 from pathlib import Path
 
+from skipnet.results import command_line, fmt, lesion, lesion_table, test_fields, with_recorded, write_json
+from skipnet.results import portable as results_portable
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 RESULTS = REPO / "benchmarks" / "results"
 
 
 def portable(cmd: list[str] | str) -> str:
-    """A command line as recorded in results: paths inside the repository relative to it, the bundled data set
-    beside it as ``../shared/...`` (no absolute path of the machine that ran it)."""
-    text = cmd if isinstance(cmd, str) else shlex.join(cmd)
-    return text.replace(f"{REPO}/", "").replace(f"{REPO.parent}/", "../")
+    """A command line as recorded in results (:func:`skipnet.results.portable`)."""
+    return results_portable(cmd, REPO)
 
 
 # Per scale: the options of each kind of run. "cpu" fits a 2-core machine in about two hours of compute.
@@ -402,17 +403,6 @@ def bench(ckpt: Path, batch: int, out: Path, data: str, keep: float | None = Non
     return d
 
 
-def test_fields(t: dict) -> dict:
-    """The reported figures of one test evaluation (``summary.json``'s or ``skipnet eval --json``'s ``test``)."""
-    return {
-        "accuracy": round(t["accuracy"], 2),
-        "macs": t["macs_mean"],
-        "macs_all_on": t["macs_all_on"],
-        "macs_reduction": round(t["macs_reduction"], 2),
-        "computation_percentage": round(t["computation_percentage"], 2),
-    }
-
-
 def row(r: dict, summary: dict | None) -> dict:
     d = {
         "name": r["name"],
@@ -431,54 +421,6 @@ def row(r: dict, summary: dict | None) -> dict:
             "steps": summary.get("steps"),
         }
     return d
-
-
-def lesion(name: str, out: Path, data: str, max_drop: int = 6, select_images: int = 1000) -> dict | None:
-    """The static lesion curve of a trained run (``skipnet.analysis.static_lesion``), cached beside it: the best
-    blocks to remove for every image alike, chosen on the first ``select_images`` validation images, with the
-    test accuracy after each removal."""
-    cache = out / f"{name}.lesion.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
-    ckpt_path = out / name / "best.pt"
-    if not ckpt_path.exists():
-        return None
-    import torch
-
-    from skipnet.analysis import data_for_checkpoint, eval_loader, static_lesion
-    from skipnet.checkpoint import load_model
-    from skipnet.cost import cost_model
-
-    torch.set_num_threads(2)
-    model, ckpt = load_model(ckpt_path)
-    bundle = data_for_checkpoint(ckpt, model, data, batch_size=500)
-    select, seen = [], 0
-    for x, y in eval_loader(bundle, "val"):
-        select.append((x, y))
-        seen += len(y)
-        if seen >= select_images:
-            break
-    t0 = time.time()
-    points = static_lesion(model, select, cost_model(model), max_drop=max_drop, evaluate_on=eval_loader(bundle, "test"))
-    res = {"run": name, "select_images": seen, "points": points, "seconds": round(time.time() - t0, 1)}
-    cache.write_text(json.dumps(res, indent=1))
-    return res
-
-
-def lesion_table(curves: list[dict]) -> str:
-    head = "| blocks removed | " + " | ".join(f"{c['run']}: test acc % (MACs red. %)" for c in curves) + " |"
-    lines = [head, "|---|" + "---|" * len(curves)]
-    for k in range(max(len(c["points"]) for c in curves)):
-        cells = []
-        for c in curves:
-            p = c["points"][k] if k < len(c["points"]) else None
-            cells.append(f"{p['accuracy']:.2f} ({p['macs_reduction']:.1f})" if p else "–")
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def fmt(v, spec=".2f", none="–"):
-    return none if v is None else format(v, spec)
 
 
 def table(rows: list[dict], with_speed: bool = False) -> str:
@@ -713,40 +655,18 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", choices=list(SCALES), default="cpu")
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 ImageFolder root or its .tar.gz")
-    ap.add_argument(
-        "--out", default=None, help="parent of the run directories (default runs/reproduce_cifar10_<scale>)"
-    )
-    ap.add_argument("--only", nargs="*", default=None, help="run only these experiment names (others are reported)")
-    ap.add_argument("--no-train", action="store_true", help="only collect results of runs that exist")
-    ap.add_argument("--no-bench", action="store_true", help="skip the latency measurements")
-    ap.add_argument("--jobs", type=int, default=2, help="experiments run at once (1 thread each at cpu scale)")
-    args = ap.parse_args()
-    if not Path(args.data).exists():
-        print(f"reproduce_cifar10: error: data {args.data} not found", file=sys.stderr)
-        return 2
-    out = Path(args.out or REPO / "runs" / f"reproduce_cifar10_{args.scale}")
-    out.mkdir(parents=True, exist_ok=True)
-    runs = experiments(args.scale, args.data, out)
-    selected = [r for r in runs if args.only is None or r["name"] in args.only]
-    if not args.no_train:
-        run_all(selected, out, args.jobs)
-    results: dict[str, dict] = {}
-    for r in runs:
-        summary_path = out / r["name"] / "summary.json"
-        results[r["name"]] = row(r, json.loads(summary_path.read_text()) if summary_path.exists() else None)
+def add_calibrated(runs: list[dict], results: dict[str, dict], here: set[str], out: Path, args) -> None:
+    """The rows of the HRL runs here calibrated to the scale's budget (``NAME_calB``)."""
     target = SCALES[args.scale]["calibrate"]
     for r in runs:
         if r["stage"] != "hrl" or not r["name"].startswith("hrl_r38_rnn") or results[r["name"]].get("accuracy") is None:
             continue
-        if args.no_train and not (out / f"{r['name']}.cal{int(target)}.json").exists():
+        if r["name"] not in here or (args.no_train and not (out / f"{r['name']}.cal{int(target)}.json").exists()):
             continue
         cal = calibrate(r, args.data, target, out)
         if cal:
             name = f"{r['name']}_cal{int(target)}"
+            here.add(name)
             t = cal["test"]
             results[name] = {
                 "name": name,
@@ -759,42 +679,88 @@ def main() -> int:
                 "threshold": t.get("threshold"),
                 "train_time_s": results[r["name"]].get("train_time_s"),
             }
+
+
+def add_bench(results: dict[str, dict], here: set[str], out: Path, data: str) -> None:
+    """Latency (``skipnet bench``, batch 1 and 64) of the ResNet-38 rows collected here."""
+    for name, d in results.items():
+        if (
+            name not in here
+            or d.get("accuracy") is None
+            or d["stage"] not in ("hrl", "hrl+cal", "base")
+            or not d["arch"].endswith("38")
+        ):
+            continue
+        for b in (1, 64):
+            ckpt = out / name / "best.pt"
+            if d["stage"] == "hrl+cal":
+                ckpt = out / name.rsplit("_cal", 1)[0] / f"calibrated_{name.rsplit('_cal', 1)[1]}.pt"
+            res = bench(ckpt, b, out, data, keep=1.0 if d["stage"] == "base" else None)
+            if res:
+                d[f"speedup_b{b}"] = res["speedup"]
+                d[f"ideal_speedup_b{b}"] = res["ideal_speedup"]
+                d[f"latency_ms_routed_b{b}"] = res["latency_ms_routed"]
+                d[f"latency_ms_plain_b{b}"] = res["latency_ms_plain"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", choices=list(SCALES), default="cpu")
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 ImageFolder root or its .tar.gz")
+    ap.add_argument(
+        "--out", default=None, help="parent of the run directories (default runs/reproduce_cifar10_<scale>)"
+    )
+    ap.add_argument("--only", nargs="*", default=None, help="run only these experiment names (others are reported)")
+    ap.add_argument("--no-train", action="store_true", help="only collect results of runs that exist")
+    ap.add_argument("--no-bench", action="store_true", help="skip the latency measurements")
+    ap.add_argument("--jobs", type=int, default=2, help="experiments run at once (1 thread each at cpu scale)")
+    ap.add_argument("--results", default=str(RESULTS), help="where the results files are read and written")
+    args = ap.parse_args(argv)
+    results_dir = Path(args.results)
+    if not args.no_train and not Path(args.data).exists():
+        print(f"reproduce_cifar10: error: data {args.data} not found", file=sys.stderr)
+        return 2
+    out = Path(args.out or REPO / "runs" / f"reproduce_cifar10_{args.scale}")
+    out.mkdir(parents=True, exist_ok=True)
+    runs = experiments(args.scale, args.data, out)
+    selected = [r for r in runs if args.only is None or r["name"] in args.only]
+    if not args.no_train:
+        run_all(selected, out, args.jobs)
+    results: dict[str, dict] = {}
+    for r in runs:
+        summary_path = out / r["name"] / "summary.json"
+        if summary_path.exists():
+            results[r["name"]] = row(r, json.loads(summary_path.read_text()))
+    here = set(results)  # rows of runs not on this machine are the recorded ones
+    results = with_recorded(results, results_dir / f"reproduce_cifar10_{args.scale}.json")
+    results |= {r["name"]: row(r, None) for r in runs if r["name"] not in results}
+    add_calibrated(runs, results, here, out, args)
     if not args.no_bench:
-        for name, d in results.items():
-            if (
-                d.get("accuracy") is None
-                or d["stage"] not in ("hrl", "hrl+cal", "base")
-                or not d["arch"].endswith("38")
-            ):
-                continue
-            for b in (1, 64):
-                ckpt = out / name / "best.pt"
-                if d["stage"] == "hrl+cal":
-                    ckpt = out / name.rsplit("_cal", 1)[0] / f"calibrated_{name.rsplit('_cal', 1)[1]}.pt"
-                res = bench(ckpt, b, out, args.data, keep=1.0 if d["stage"] == "base" else None)
-                if res:
-                    d[f"speedup_b{b}"] = res["speedup"]
-                    d[f"ideal_speedup_b{b}"] = res["ideal_speedup"]
-                    d[f"latency_ms_routed_b{b}"] = res["latency_ms_routed"]
-                    d[f"latency_ms_plain_b{b}"] = res["latency_ms_plain"]
+        add_bench(results, here, out, args.data)
     rows = list(results.values())
     headline, claims = verdicts(results, args.scale)
     # How much a plain network can lose with no per-image choice: the static lesion curve of each plain ResNet-38.
     bases = [r["name"] for r in runs if r["stage"] == "base" and r["arch"].endswith("_38")]
-    curves = [c for c in (lesion(name, out, args.data) for name in bases) if c]
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    earlier = with_recorded({}, results_dir / f"reproduce_cifar10_{args.scale}.json", key="lesion", name="run")
+    curves = [c for c in (lesion(out / n, args.data, out / f"{n}.lesion.json") or earlier.get(n) for n in bases) if c]
     stamp = dt.date.today().isoformat()
     payload = {
         "scale": args.scale,
         "date": stamp,
-        "command": portable(["python", *sys.argv]),
+        "command": command_line(__file__, argv, REPO),
         "headline": headline,
         "claims": claims,
         "runs": rows,
         "lesion": curves,
     }
-    (RESULTS / f"reproduce_cifar10_{args.scale}.json").write_text(json.dumps(payload, indent=2))
-    plot(rows, RESULTS / f"reproduce_cifar10_{args.scale}.png")
+    # the headline of the longest schedule is the 30-epoch group's (headline30.py); this group's own pick is kept
+    # as the shorter schedules'
+    group = results_dir / "headline30_cifar10_cpu.json"
+    if args.scale == "cpu" and group.exists() and json.loads(group.read_text()).get("headline"):
+        payload["headline"] = json.loads(group.read_text())["headline"]
+        payload["headline_short"] = headline
+    write_json(results_dir / f"reproduce_cifar10_{args.scale}.json", payload, newline=False)
+    plot(rows, results_dir / f"reproduce_cifar10_{args.scale}.png")
     groups = {
         "1": "Plain ResNet-38",
         "2": "SkipNet-38: SP and SP + HRL",
@@ -819,7 +785,7 @@ def main() -> int:
         ]
     md += ["#### Claims", "", *claims, "", "Commands:", ""]
     md += [f"- `{r['name']}`: `{r['command']}`" for r in rows]
-    (RESULTS / f"reproduce_cifar10_{args.scale}.md").write_text("\n".join(md) + "\n")
+    (results_dir / f"reproduce_cifar10_{args.scale}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

@@ -17,7 +17,7 @@ LONG = {
     "benchmarks/reproduce_cifar10.py:experiments": 188,
     "benchmarks/reproduce_cifar10.py:verdicts": 100,
     "benchmarks/reproduce_cifar10.py:plot": 65,
-    "benchmarks/reproduce_cifar10.py:main": 109,
+    "benchmarks/reproduce_cifar10.py:main": 85,
     "benchmarks/reproduce_cifar10_gpu.py:main": 144,
 }
 

@@ -83,3 +83,12 @@ def test_hrl_batchnorm_regenerates(argv: list[str], tmp_path: Path, monkeypatch:
     same_but_stamp(out / f"{stem}.json", RESULTS / f"{stem}.json", ((date[0],), (date[1],)))
     new, old = (out / f"{stem}.md").read_text(), (RESULTS / f"{stem}.md").read_text()
     assert new.split("\n", 1)[1] == old.split("\n", 1)[1]  # the first line: the date and the command
+
+
+def test_reproduce_cifar10_regenerates(tmp_path: Path) -> None:
+    """The short schedules' group, its headline the 30-epoch group's (read from headline30's results)."""
+    stem = "reproduce_cifar10_cpu"
+    argv = ["--scale", "cpu", "--no-bench"]
+    out = regenerate("reproduce_cifar10", [f"{stem}.json"], argv, tmp_path, ["headline30_cifar10_cpu.json"])
+    check(out, stem)
+    assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

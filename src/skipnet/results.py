@@ -53,18 +53,18 @@ def test_fields(t: dict[str, Any]) -> Row:
     }
 
 
-def recorded(path: Path, key: str = "runs") -> dict[str, Row]:
-    """The rows of a results file as last written (by name, in their order); empty if there is none."""
+def recorded(path: Path, key: str = "runs", name: str = "name") -> dict[str, Row]:
+    """The rows of a results file as last written (by ``name``, in their order); empty if there is none."""
     if not path.exists():
         return {}
-    return {r["name"]: r for r in json.loads(path.read_text())[key]}
+    return {r[name]: r for r in json.loads(path.read_text()).get(key) or []}
 
 
-def with_recorded(got: dict[str, Row], path: Path, key: str = "runs") -> dict[str, Row]:
+def with_recorded(got: dict[str, Row], path: Path, key: str = "runs", name: str = "name") -> dict[str, Row]:
     """``got`` plus the rows of the results file ``path`` whose runs were not collected here: run directories are
     not kept, so collecting new runs must not drop the rows of earlier ones. Rows keep their recorded order; new
     ones follow."""
-    merged = {name: got.get(name, r) for name, r in recorded(path, key).items()}
+    merged = {n: got.get(n, r) for n, r in recorded(path, key, name).items()}
     return merged | {k: v for k, v in got.items() if k not in merged}
 
 
