@@ -25,7 +25,6 @@ LONG_FUNCTIONS = {
     "bench_onnx.bench_onnx",
     "commands.calibrate.run",
     "commands.export.run",
-    "commands.sweep.run",
     "export.export_model",
     "plots.plot_tradeoff",
     "plots.plot_per_class",
