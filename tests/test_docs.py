@@ -124,7 +124,10 @@ def test_results_shipped_models_table_is_the_index() -> None:
 # ------------------------------------------------------------------------------------ the pages
 def test_layout_lists_every_module() -> None:
     layout = (DOCS / "how-it-works.md").read_text().split("## Layout", 1)[1]
-    modules = {p.name for p in (ROOT / "src" / "skipnet").glob("*.py")} - {"__init__.py"}
+    package = ROOT / "src" / "skipnet"
+    modules = {p.name for p in package.glob("*.py")} - {"__init__.py"}
+    for sub in (p.parent for p in package.glob("*/__init__.py") if p.parent.name != "commands"):
+        modules |= {f"{sub.name}/"} | {p.name for p in sub.glob("*.py")} - {"__init__.py"}
     missing = sorted(m for m in modules if m not in layout)
     assert not missing, f"docs/how-it-works.md's Layout does not list {missing}"
 
