@@ -156,16 +156,19 @@ class Runner:
 
     def calibrated(self, run: Run, budget: float) -> Path:
         """``best.pt`` of ``run`` calibrated to ``budget`` % fewer MACs (written once, then reused)."""
-        path = self.dir(run.name) / f"budget{budget:g}.pt"
+        path = self.calibrated_path(run, budget)
         if not path.exists():
             self._call(self.calibrate_command(run, budget), self.out / f"{run.name}.log")
         return path
 
     def calibrate_command(self, run: Run, budget: float) -> list[str]:
-        """The ``skipnet calibrate`` command writing ``run``'s ``budget{B}.pt``."""
-        path = self.dir(run.name) / f"budget{budget:g}.pt"
+        """The ``skipnet calibrate`` command writing :meth:`calibrated_path`."""
         cmd = ["skipnet", "calibrate", str(self.dir(run.name) / "best.pt"), "--data", self.data]
-        return [*cmd, "--target-reduction", f"{budget:g}", "--out", str(path), *self.calibrate_args]
+        out = str(self.calibrated_path(run, budget))
+        return [*cmd, "--target-reduction", f"{budget:g}", "--out", out, *self.calibrate_args]
+
+    def calibrated_path(self, run: Run, budget: float) -> Path:
+        return self.dir(run.name) / f"budget{budget:g}.pt"
 
     def eval_command(self, checkpoint: Path) -> list[str]:
         return ["skipnet", "eval", str(checkpoint), "--data", self.data, "--json"]
