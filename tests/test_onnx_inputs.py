@@ -5,6 +5,7 @@ altered graph where that can be detected)."""
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +175,37 @@ def test_an_altered_onnx_file_is_one_line(exported, tmp_path, capsys, name, edit
     assert not out.exists()
     assert main(["bench", str(path), "--images", "1", *BENCH]) == 2
     assert needle in _error(capsys, "bench")
+
+
+def _pt2_with_meta(src: Path, dst: Path, text: str) -> None:
+    """A copy of the pt2 archive ``src`` with its skipnet metadata replaced by ``text``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            zout.writestr(info, text.encode() if info.filename.endswith("extra/skipnet") else data)
+
+
+def test_an_altered_pt2_file_is_one_line(exported, tmp_path, capsys) -> None:
+    pt2 = tmp_path / "tiny.pt2"
+    assert main(["export", str(exported["ckpt"]), str(pt2), "--graph", "routed", "--probes", "1"]) == 0
+    capsys.readouterr()
+    with zipfile.ZipFile(pt2) as z:
+        meta = json.loads(z.read(_meta_name(pt2)))
+    cases = {
+        "truncated": (None, "is not a readable torch.export program"),
+        "not json": ("{oops", "its skipnet metadata is not JSON"),
+        "classes": (json.dumps(meta | {"classes": ["x"]}), "its class list is not 10 names"),
+        "image size": (json.dumps(meta | {"image_size": 64}), "its image size 64 is not its architecture's 32"),
+    }
+    for name, (text, needle) in cases.items():
+        bad = tmp_path / f"{name.replace(' ', '_')}.pt2"
+        if text is None:
+            bad.write_bytes(pt2.read_bytes()[:5000])
+        else:
+            _pt2_with_meta(pt2, bad, text)
+        assert main(["predict", str(bad), str(exported["img"]), "--threads", "1"]) == 2, name
+        assert needle in _error(capsys, "predict"), name
+
+
+def _meta_name(pt2: Path) -> str:
+    return next(n for n in zipfile.ZipFile(pt2).namelist() if n.endswith("extra/skipnet"))

@@ -181,7 +181,12 @@ def _load_pt2(spec: str) -> Predictor:
 
     if not Path(spec).is_file():
         raise SkipnetError(f"{spec} does not exist")
-    program, meta = load_pt2(spec)
+    try:
+        program, meta = load_pt2(spec)
+    except ValueError:  # its metadata is not JSON
+        raise _bad(spec, "its skipnet metadata is not JSON") from None
+    if not isinstance(meta, dict):
+        raise _bad(spec, "its skipnet metadata is not a mapping")
     check_export_meta(spec, meta)
     module = program.module()
     gated = meta["graph"] != "plain"
