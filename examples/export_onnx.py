@@ -17,8 +17,9 @@ import argparse
 import torch
 
 import skipnet
-from skipnet.evaluate import checkpoint_stats
+from skipnet.evaluate import checkpoint_stats, eval_mode_for
 from skipnet.export import export_model, write_export
+from skipnet.gated import GateMode
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,6 +34,16 @@ def main(argv: list[str] | None = None) -> dict:
     import onnxruntime  # the export extra: pip install -e '.[export]'
 
     model, ckpt = skipnet.load_model(args.checkpoint)
+    mode = eval_mode_for(model)  # how it was trained and validated
+    if mode != GateMode.GREEDY:  # a gated graph decides with the gates: only for a SkipNet whose gates were trained
+        why = {
+            GateMode.ALL_ON: "runs every block (mode all_on: a plain ResNet, or gates never trained, as in stage base)",
+            GateMode.RANDOM: "decides at random (mode random, stochastic depth), which no exported graph does",
+        }[mode]
+        raise SystemExit(
+            f"export_onnx.py: {args.checkpoint} {why}, so a gated graph would not be the model it is; export it with "
+            f"every block on: skipnet export {args.checkpoint} OUT.onnx --graph plain"
+        )
     # Checked before it is returned: the exported graph, run in ONNX Runtime, must take every decision and class
     # of the eager model on probe images (logits within 1e-4), or export_model raises.
     exported = export_model(model, "onnx", graph=args.graph, stats=checkpoint_stats(ckpt), ckpt=ckpt)

@@ -214,3 +214,19 @@ def test_a_base_stage_checkpoint_runs_every_block(folder, tmp_path, capsys) -> N
     assert "mode all_on" in capsys.readouterr().err
     rows = _jsonl(out)
     assert {r["route"] for r in rows} == {"11111"} and {r["gated_blocks_executed"] for r in rows} == {5}
+
+
+def test_export_onnx_example_refuses_a_base_stage_checkpoint(tmp_path) -> None:
+    """examples/export_onnx.py exports a gated graph: a checkpoint whose gates were never trained (mode all_on) is
+    refused with a message naming the mode and the plain export, and nothing is written."""
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "export_onnx.py"
+    main_fn = runpy.run_path(str(script), run_name="example_export_onnx")["main"]
+    model = _varied_model()
+    model.mode = type(model.mode)("all_on")
+    path = tmp_path / "base.pt"
+    save_checkpoint(path, model, data=DATA)
+    with pytest.raises(SystemExit, match=r"mode all_on.*--graph plain"):
+        main_fn([str(path), "--out", str(tmp_path / "x.onnx")])
+    assert not (tmp_path / "x.onnx").exists()
