@@ -16,12 +16,12 @@ Writes ``benchmarks/results/dynamic_routing.{json,md}`` and ``docs/figures/dynam
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import logging
 from pathlib import Path
 
+from skipnet import results
 from skipnet.experiments import Run, Runner, select
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,33 +131,20 @@ PLAIN = {"base_r20": "ResNet-20", "base_r26": "ResNet-26", "base_r32": "ResNet-3
 
 
 NAMES = [r.name for r in RUNS]
+CURVE = "joint_h1_bs_more3"  # the run whose calibrated budgets the figure draws as a curve
 
 
-def recorded() -> dict[str, dict]:
-    """The rows of the results file as committed, for runs whose directories are not here (kept, not re-run)."""
-    path = RESULTS / "dynamic_routing.json"
-    if not path.exists():
-        return {}
-    runs = json.loads(path.read_text())["runs"]
-    return {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in runs if r["name"].split("@")[0] in NAMES}
-
-
-def plain_points() -> dict[str, dict]:
+def plain_points(results: Path) -> dict[str, dict]:
     """The plain networks' 30-epoch test rows (headline30)."""
-    runs = json.loads((RESULTS / "headline30_cifar10_cpu.json").read_text())["runs"]
+    runs = json.loads((results / "headline30_cifar10_cpu.json").read_text())["runs"]
     got = {r["name"]: r for r in runs if r["name"] in PLAIN}
     return {PLAIN[n]: {"accuracy": got[n]["accuracy"], "macs_reduction": got[n]["macs_reduction"]} for n in PLAIN}
 
 
 def frontier(plain: dict[str, dict], reduction: float) -> float:
-    """Accuracy of the straight line between the plain ResNet-20/26/32 (and 38) points at ``reduction``."""
-    pts = sorted((p["macs_reduction"], p["accuracy"]) for p in plain.values())
-    if reduction <= pts[0][0]:  # no saving (or a gate overhead): the plain ResNet-38 itself
-        return pts[0][1]
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if x0 <= reduction <= x1:
-            return y0 + (y1 - y0) * (reduction - x0) / (x1 - x0)
-    return float("nan")  # beyond ResNet-20's saving: no plain point to interpolate (shown as "nan%")
+    """The straight line between the plain ResNet-20/26/32/38 points at ``reduction`` (``nan`` beyond ResNet-20's
+    saving: no plain point to interpolate)."""
+    return results.frontier([(p["macs_reduction"], p["accuracy"]) for p in plain.values()], reduction)
 
 
 def table(rows: dict[str, dict], plain: dict[str, dict]) -> str:
@@ -185,9 +172,9 @@ def plot(rows: dict[str, dict], plain: dict[str, dict], path: Path) -> None:
     ax.plot(xs, [p["accuracy"] for p in plain.values()], "o--", color="gray", label="plain ResNet-20/26/32/38")
     for label, p in plain.items():
         ax.annotate(label, (p["macs_reduction"], p["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    curve = sorted((r["macs_reduction"], r["accuracy"]) for n, r in rows.items() if n.startswith("joint_h1_bs_more3"))
+    curve = sorted((r["macs_reduction"], r["accuracy"]) for n, r in rows.items() if n.split("@")[0] == CURVE)
     if curve:
-        ax.plot(*zip(*curve), "s-", color="C0", label="SkipNet-38 joint_h1_bs_more3, calibrated")
+        ax.plot(*zip(*curve), "s-", color="C0", label=f"SkipNet-38 {CURVE}, calibrated")
     ax.set_xlabel("MACs saved vs ResNet-38 (%)")
     ax.set_ylabel("CIFAR-10 test accuracy (%)")
     ax.grid(alpha=0.3)
@@ -197,21 +184,24 @@ def plot(rows: dict[str, dict], plain: dict[str, dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=DEFAULT_DATA)
-    p.add_argument("--out", default="runs/dyn")
-    p.add_argument("--only", nargs="+", default=None)
-    p.add_argument("--no-train", action="store_true")
-    args = p.parse_args()
+def collect(runner: Runner, path: Path) -> dict[str, dict]:
+    """Rows of every declared run here (and its budgets), the recorded rows of the others, in declaration order."""
+    rows = results.recorded(path) | {name: {"name": name} | row for name, row in runner.rows(RUNS).items()}
+    names = sorted((n for n in rows if n.split("@")[0] in NAMES), key=lambda n: NAMES.index(n.split("@")[0]))
+    return {n: {k: v for k, v in rows[n].items() if k != "name"} for n in names}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = results.group_parser(__doc__, "runs/dyn", DEFAULT_DATA, RESULTS)
+    p.add_argument("--figure", default=str(FIGURE), help="where the accuracy/MACs figure is written")
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    runs = RUNS if args.only is None else select(RUNS, args.only)
+    out_dir = Path(args.results)
     runner = Runner(Path(args.out), args.data)
     if not args.no_train:
-        runner.train(runs)
-    rows = recorded() | runner.rows(RUNS)
-    rows = {name: rows[name] for name in sorted(rows, key=lambda n: NAMES.index(n.split("@")[0]))}
-    plain = plain_points()
+        runner.train(RUNS if args.only is None else select(RUNS, args.only))
+    rows = collect(runner, out_dir / "dynamic_routing.json")
+    plain = plain_points(out_dir)
     out = {
         "date": dt.date.today().isoformat(),
         "command": "python benchmarks/dynamic_routing.py --data " + args.data,
@@ -219,9 +209,9 @@ def main() -> int:
         "commands": {r.name: " ".join(runner.command(r)) for r in RUNS},
         "runs": [{"name": name} | row for name, row in rows.items()],
     }
-    (RESULTS / "dynamic_routing.json").write_text(json.dumps(out, indent=1) + "\n")
-    (RESULTS / "dynamic_routing.md").write_text(table(rows, plain) + "\n")
-    plot(rows, plain, FIGURE)
+    (out_dir / "dynamic_routing.json").write_text(json.dumps(out, indent=1) + "\n")
+    (out_dir / "dynamic_routing.md").write_text(table(rows, plain) + "\n")
+    plot(rows, plain, Path(args.figure))
     print(table(rows, plain))
     return 0
 

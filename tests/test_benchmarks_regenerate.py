@@ -92,3 +92,16 @@ def test_reproduce_cifar10_regenerates(tmp_path: Path) -> None:
     out = regenerate("reproduce_cifar10", [f"{stem}.json"], argv, tmp_path, ["headline30_cifar10_cpu.json"])
     check(out, stem)
     assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dynamic_routing_regenerates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stem = "dynamic_routing"
+    out = tmp_path / "results"
+    out.mkdir()
+    for f in (f"{stem}.json", "headline30_cifar10_cpu.json"):
+        shutil.copy(RESULTS / f, out / f)
+    monkeypatch.chdir(tmp_path)  # runs/dyn is not here: every row is the recorded one
+    argv = ["--data", "../shared/data/cifar10-jpeg.tar.gz", "--figure", "routing.png", "--results", str(out)]
+    assert script(stem).main([*argv, "--no-train"]) == 0
+    check(out, stem)
+    assert (tmp_path / "routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
