@@ -65,6 +65,10 @@ def test_bench_onnx_on_real_images_decides_as_the_checkpoint(exported, tmp_path,
     with torch.no_grad():
         keep = float(model(x[:4], "greedy").trace.decisions.mean())
     assert res["keep"] == pytest.approx(keep)
+    # a checkpoint exported on the fly (--runtime onnxruntime) reads the same images and decides the same
+    argv = ["bench", str(exported["ckpt"]), "--runtime", "onnxruntime", "--data", str(exported["folder"])]
+    assert main([*argv, "--images", "4", *BENCH, "--json"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["keep"] == pytest.approx(keep)
 
 
 def test_bench_onnx_data_of_other_classes_is_one_line(exported, tmp_path, monkeypatch, capsys) -> None:

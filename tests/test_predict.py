@@ -230,3 +230,38 @@ def test_export_onnx_example_refuses_a_base_stage_checkpoint(tmp_path) -> None:
     with pytest.raises(SystemExit, match=r"mode all_on.*--graph plain"):
         main_fn([str(path), "--out", str(tmp_path / "x.onnx")])
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_large_and_grey_images_are_prepared_as_the_data_module_does() -> None:
+    """A network of more than 64 px: resize to S * 256 / 224 and centre crop (evaluation's transform, PIL); a
+    one-channel network: the luma of the 8-bit RGB decode."""
+    from torchvision import transforms as T
+
+    from skipnet.predict import Unreadable, load_image
+
+    rng = torch.Generator().manual_seed(0)
+    arr = (torch.rand(150, 200, 3, generator=rng) * 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    x = load_image(buf.getvalue(), 3, 96)
+    want = T.Compose([T.Resize(110), T.CenterCrop(96), T.ToTensor()])(Image.fromarray(arr))
+    assert x.shape == (3, 96, 96) and torch.equal(x, want)
+    grey = load_image(buf.getvalue(), 1, 32)
+    assert grey.shape == (1, 32, 32) and float(grey.min()) >= 0.0 and float(grey.max()) <= 1.0
+    assert torch.allclose(grey * 255, (grey * 255).round(), atol=1e-4)  # 8-bit values, as the data module's
+    with pytest.raises(Unreadable, match="empty file"):
+        load_image(b"", 3, 32)
+
+
+def test_a_stochastic_depth_checkpoint_runs_random_seeded(folder, tmp_path, capsys) -> None:
+    model = _varied_model()
+    model.mode, model.keep_ratio = type(model.mode)("random"), 0.5
+    path = tmp_path / "sdv.pt"
+    save_checkpoint(path, model, data=DATA)
+    routes = []
+    for seed in ("1", "1", "2"):
+        out = tmp_path / f"p{seed}.jsonl"
+        assert main(["predict", str(path), str(folder), "--out", str(out), "--threads", "1", "--seed", seed]) == 0
+        assert "mode random" in capsys.readouterr().err
+        routes.append([r["route"] for r in _jsonl(out)])
+    assert routes[0] == routes[1] and routes[0] != routes[2]
