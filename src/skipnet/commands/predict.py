@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from skipnet.predict import MAX_TOP_K, load_predictor, output_format, predict, write_predictions
+    from skipnet.predict import MAX_TOP_K, expand_inputs, load_predictor, output_format, predict, write_predictions
 
     check_count("--batch-size", args.batch_size, 1, MAX_BATCH)
     check_count("--top-k", args.top_k, 1, MAX_TOP_K)
@@ -58,18 +58,16 @@ def run(args: argparse.Namespace) -> int:
         check_out(args.out)
         output_format(args.out)
         _refuse_overwriting_an_input(args.out, [args.model, *args.images])
+    files, total = expand_inputs(args.images)  # a missing path or an empty folder: one line before any work
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
     predictor = load_predictor(args.model, threads=args.threads)
-    from skipnet.predict import expand_inputs
-
-    _, total = expand_inputs(args.images)  # a missing path or an empty folder: one line before any work
     with _Bar(total) as bar:
         preds = predict(
             predictor,
-            args.images,
+            files,
             batch_size=args.batch_size,
             top_k=args.top_k,
             seed=args.seed,
@@ -135,7 +133,8 @@ def _print_table(preds: Any) -> None:
     def short(text: str, n: int) -> str:
         return text if len(text) <= n else "..." + text[-(n - 3) :]
 
-    print(f"{'image':<{width}}  {'class':<{cls}}  {'prob':>6}  {'blocks':>7}  {'MMACs':>8}")
+    others = f"  next {preds.top_k - 1} classes" if preds.top_k > 1 else ""
+    print(f"{'image':<{width}}  {'class':<{cls}}  {'prob':>6}  {'blocks':>7}  {'MMACs':>8}{others}")
     for r in rows:
         blocks = f"{r['gated_blocks_executed']}/{r['gated_blocks']}"
         line = f"{short(r['image'], width):<{width}}  {short(r['class'], cls):<{cls}}  {r['probability']:>6.3f}  "
