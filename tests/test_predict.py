@@ -265,3 +265,15 @@ def test_a_stochastic_depth_checkpoint_runs_random_seeded(folder, tmp_path, caps
         assert "mode random" in capsys.readouterr().err
         routes.append([r["route"] for r in _jsonl(out)])
     assert routes[0] == routes[1] and routes[0] != routes[2]
+
+
+def test_a_progress_bar_on_a_terminal_only(models, folder, tmp_path, capsys, monkeypatch) -> None:
+    import sys
+
+    argv = ["predict", str(models["pt"]), str(folder), "--out", str(tmp_path / "p.csv"), "--threads", "1"]
+    assert main(argv) == 0
+    assert "img/s" not in capsys.readouterr().err  # not a terminal: no bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main([*argv, "--batch-size", "2"]) == 0
+    err = capsys.readouterr().err
+    assert f"0/{N_IMAGES} [" in err and "img/s" in err  # tqdm, its total known

@@ -10,6 +10,7 @@ predicted or for a user error. ``--out`` writes CSV or JSON lines atomically; wi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,19 @@ class _Bar:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="img", file=sys.stderr, desc="predict", leave=False)
+            try:  # a pseudo-terminal without a size (0 x 0) would hide the bar (as skipnet.runlog)
+                sized = min(os.get_terminal_size(sys.stderr.fileno())) > 0
+            except (OSError, ValueError):
+                sized = False
+            self.bar = tqdm(
+                total=total,
+                unit="img",
+                file=sys.stderr,
+                desc="predict",
+                leave=False,
+                ncols=None if sized else 100,
+                nrows=None if sized else 50,
+            )
 
     def __enter__(self) -> _Bar:
         return self
