@@ -182,9 +182,10 @@ def test_nothing_readable_is_an_error_and_nothing_is_written(models, tmp_path, c
     ("argv", "needle"),
     [
         (["{model}", "{tmp}/nowhere"], "does not exist"),
-        (["{model}", "{tmp}"], "holds no image files"),
+        (["{model}", "{tmp}/d.csv"], "holds no image files"),
         (["{model}", "{img}", "--out", "{tmp}/p.txt"], "must end in .csv or .jsonl"),
         (["{model}", "{img}", "--out", ""], "--out is empty"),
+        (["{model}", "{img}", "--out", "{tmp}/d.csv"], "is a directory"),
         (["{model}", "{img}", "--batch-size", "0"], "--batch-size must be in [1, 4096]"),
         (["{model}", "{img}", "--top-k", "11"], "--top-k must be in [1, 10]"),
         (["{model}", "{img}", "--threads", "-1"], "--threads must be in [1, 256]"),
@@ -197,6 +198,7 @@ def test_user_errors_are_one_line(models, folder, tmp_path, capsys, argv, needle
     subs = {"{model}": str(models["pt"]), "{tmp}": str(tmp_path), "{img}": str(img)}
     for k, v in subs.items():
         argv = [a.replace(k, v) for a in argv]
+    (tmp_path / "d.csv").mkdir()
     before = set(os.listdir(tmp_path))
     assert main(["predict", *argv]) == 2
     assert needle in _one_line_error(capsys)

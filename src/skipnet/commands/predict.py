@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         check_out(args.out)
         output_format(args.out)
+        if Path(args.out).expanduser().is_dir():
+            raise SkipnetError(f"--out {args.out} is a directory; give a .csv or .jsonl file name")
         _refuse_overwriting_an_input(args.out, [args.model, *args.images])
     files, total = expand_inputs(args.images)  # a missing path or an empty folder: one line before any work
     if args.threads is not None:
