@@ -49,6 +49,8 @@ FLOOR_JOINT += ("--batch-shape-weight", "20", "--reward", "hybrid", "--alpha", "
 # gates (the SP stage), the batch-shape term as each gate's target rate, distilled from the plain network
 AIG = ("--stage", "sp", "--init", BASE, "--distill", BASE, *SHAPE, "--lr", "0.02", "--schedule", "cosine")
 AIG += ("--eval-every", "176", "--epochs", "2", "--threads", "1")
+AIG_MORE = ("--stage", "sp", "--distill", BASE, *SHAPE, "--lr", "0.01", "--schedule", "cosine", "--eval-every", "351")
+AIG_MORE += ("--epochs", "3", "--threads", "1")
 BUDGETS = (20.0, 30.0, 40.0, 50.0)
 RUNS = [
     Run(
@@ -119,6 +121,13 @@ RUNS = [
         budgets=BUDGETS,
         note="ConvNet-AIG's gate (pool, linear, BatchNorm, ReLU, linear), SP stage (straight-through hard gates) "
         "from the plain ResNet-38 with --batch-shape 0.65 as the target rate, distilled, two epochs",
+    ),
+    Run(
+        "aig_sp_bs_more3",
+        ("cifar10_aig_gate_38", "--init", "{runs}/aig_sp_bs/best.pt", *AIG_MORE),
+        needs=("aig_sp_bs",),
+        budgets=BUDGETS,
+        note="aig_sp_bs given three more epochs at lr 0.01 (cosine), five in all",
     ),
     Run(
         "rnn_sp_bs",
