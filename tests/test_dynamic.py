@@ -160,6 +160,9 @@ def test_freeze_keeps_its_part_bit_identical_and_trains_the_other(plain_run, tmp
         ({"stage": "hrl", "batch_shape": 0.5, "batch_shape_floor": 0.1}, "alternatives"),
         ({"stage": "hrl", "batch_shape_floor": 0.5}, "--batch-shape-floor"),
         ({"stage": "base", "batch_shape_floor": 0.1}, "--batch-shape"),
+        ({"stage": "sp", "difficulty_spread": 0.2}, "--distill"),
+        ({"stage": "base", "difficulty_spread": 0.2, "distill": "t.pt"}, "trains no gate"),
+        ({"stage": "sp", "difficulty_spread": 0.6, "distill": "t.pt"}, "--difficulty-spread"),
     ],
 )
 def test_dynamic_options_are_checked(kw, message) -> None:
@@ -230,6 +233,49 @@ def test_stage_loss_adds_the_batch_shape_term() -> None:
     shaped, stats = STAGES["hrl"].loss(ce, trace, **kw, shape=(0.4, 3.0, None))
     torch.testing.assert_close(shaped - plain, 3.0 * batch_shape_loss(trace.probs, 0.4))
     assert stats["shape"].item() == pytest.approx(batch_shape_loss(trace.probs, 0.4).item())
+
+
+def test_difficulty_order_loss_by_hand() -> None:
+    from skipnet.losses import difficulty_order_loss
+
+    # 3 images, 2 gates: executed shares 0.5, 0.7, 0.3 (mean 0.5); hardness ranks 2, 0, 1 (image 0 hardest)
+    p = torch.tensor([[0.6, 0.4], [0.8, 0.6], [0.2, 0.4]], requires_grad=True)
+    hard = torch.tensor([3.0, 1.0, 2.0])
+    loss = difficulty_order_loss(p, hard, 0.25)
+    targets = [0.5 + 0.25, 0.5 - 0.25, 0.5]  # m + 2 S (r / (B - 1) - 1/2)
+    by_hand = sum((e - t) ** 2 for e, t in zip([0.5, 0.7, 0.3], targets)) / 3
+    assert loss.item() == pytest.approx(by_hand)
+    loss.backward()  # the hardest image pushed up, the easiest down, the middle one towards the mean
+    assert (p.grad[0] < 0).all() and (p.grad[1] > 0).all() and (p.grad[2] < 0).all()
+    # shares already ordered by hardness and spread as asked: nothing to pay; the level (mean) is never moved
+    ordered = torch.tensor([[0.75], [0.25], [0.5]])
+    assert difficulty_order_loss(ordered, hard, 0.25).item() == pytest.approx(0.0, abs=1e-12)
+    assert difficulty_order_loss(ordered + 0.1, hard, 0.25).item() == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError):
+        difficulty_order_loss(p, hard[:2], 0.25)
+
+
+def test_stage_loss_adds_the_difficulty_term() -> None:
+    from skipnet.losses import difficulty_order_loss
+
+    trace, _ = _trace(8, 3)
+    ce, hard = torch.rand(8), torch.rand(8)
+    kw = dict(alpha=0.1, beta=1.0, rl_weight=1.0, baseline=None)
+    plain, _ = STAGES["hrl"].loss(ce, trace, **kw)
+    ordered, stats = STAGES["hrl"].loss(ce, trace, **kw, difficulty=(hard, 0.2, 5.0))
+    torch.testing.assert_close(ordered - plain, 5.0 * difficulty_order_loss(trace.probs, hard, 0.2))
+    assert stats["order"].item() == pytest.approx(difficulty_order_loss(trace.probs, hard, 0.2).item())
+
+
+def test_training_orders_by_the_teachers_loss(plain_run, tmp_path) -> None:
+    import json
+
+    teacher = f"{plain_run}/best.pt"
+    extra = ("--init", teacher, "--distill", teacher, "--difficulty-spread", "0.2", "--eval-every", "12")
+    out = _train(tmp_path, "ordered", "tiny_rnn_gate_14", "--stage", "sp", *extra)
+    with open(f"{out}/metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert rows and all(math.isfinite(r["train_order"]) and r["train_order"] >= 0 for r in rows)
 
 
 def test_routing_page_figures_are_the_results_json() -> None:

@@ -116,6 +116,27 @@ def batch_shape_loss(probs: Tensor, rate: float | Tensor, low: float = 0.1, high
     return ((sorted_p - target) ** 2).mean()
 
 
+def difficulty_order_loss(probs: Tensor, difficulty: Tensor, spread: float) -> Tensor:
+    """Beyond the paper (``--difficulty-spread S``): each image's executed share ``e_b = mean_l p_bl`` is pulled
+    towards a target set by how hard the image is within its batch. With ``r_b`` the rank of ``difficulty`` (0 for
+    the easiest of B images) and ``m`` the batch mean of ``e`` (detached, so the term moves no compute level):
+
+        loss = mean_b (e_b - t_b)^2,   t_b = clip(m + 2 S (r_b / (B - 1) - 1/2), 0, 1)
+
+    so the hardest image is asked for ``m + S``, the easiest for ``m - S``. Which blocks an image executes is left
+    to the gates. ``difficulty`` (B,) is any per-image hardness, e.g. the teacher's cross-entropy (Fig. 1/7: hard
+    images should execute more). ``probs`` (B, N); returns a scalar."""
+    if probs.dim() != 2 or difficulty.shape != probs.shape[:1] or not 0.0 < spread <= 0.5:
+        got = f"{tuple(probs.shape)}, {tuple(difficulty.shape)}, {spread}"
+        raise ValueError(f"expected probs (B, N), difficulty (B,), 0 < spread <= 0.5; got {got}")
+    share = probs.float().mean(1)
+    b = share.shape[0]
+    rank = difficulty.detach().argsort().argsort().float()
+    u = rank / (b - 1) - 0.5 if b > 1 else torch.zeros_like(rank)
+    target = (share.detach().mean() + 2.0 * spread * u).clamp(0.0, 1.0)
+    return ((share - target) ** 2).mean()
+
+
 def adaptive_rate(probs: Tensor, floor: float) -> Tensor:
     """``--batch-shape-floor M``: each gate's own batch-mean probability, clipped to ``[M, 1 - M]`` (detached), as
     :func:`batch_shape_loss`'s per-gate rate. The reward keeps choosing how much each gate executes; the term only
@@ -241,6 +262,7 @@ __all__ = [
     "BASELINES",
     "Baseline",
     "SkipBudget",
+    "difficulty_order_loss",
     "distillation_loss",
     "distilled_task_loss",
     "adaptive_rate",

@@ -21,6 +21,7 @@ from skipnet.losses import (
     adaptive_rate,
     batch_shape_loss,
     blockdrop_returns,
+    difficulty_order_loss,
     gate_entropy,
     hybrid_returns,
     reinforce_loss,
@@ -79,6 +80,7 @@ class Stage:
         greedy: tuple[Tensor, Tensor, Tensor] | None = None,
         entropy: float = 0.0,
         shape: tuple[float | None, float, float | None] | None = None,
+        difficulty: tuple[Tensor, float, float] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss from per-sample cross-entropy ``ce`` (B,) and the gate ``trace`` (B, N). ``task`` (B,), when
         given (``--distill``), replaces ``ce`` in the supervised term only; the HRL return keeps the paper's CE.
@@ -90,7 +92,8 @@ class Stage:
         batch-mean entropy of the gate policies to the objective (``--entropy-bonus``). ``shape`` = (rate, weight,
         floor) adds ``weight * batch_shape_loss(probs, rate)`` (``--batch-shape``), the rate per gate
         ``adaptive_rate(probs, floor)`` when ``floor`` is given (``--batch-shape-floor``); any stage whose gates
-        have a gradient."""
+        have a gradient. ``difficulty`` = (per-image hardness (B,), spread, weight) adds ``weight *
+        difficulty_order_loss(probs, hardness, spread)`` (``--difficulty-spread``), likewise."""
         stats: dict[str, Tensor] = {"ce": ce.detach().mean()}
         supervised = ce if task is None else task
         loss = supervised.mean() if self.supervised else ce.new_zeros(())
@@ -113,6 +116,11 @@ class Stage:
             term = batch_shape_loss(trace.probs, adaptive_rate(trace.probs, floor) if floor is not None else rate)
             loss = loss + shape[1] * term
             stats["shape"] = term.detach()
+        if difficulty is not None and trace.num_gates and trace.probs.requires_grad:
+            hardness, spread, weight = difficulty
+            term = difficulty_order_loss(trace.probs, hardness, spread)
+            loss = loss + weight * term
+            stats["order"] = term.detach()
         return loss, stats
 
 

@@ -495,12 +495,15 @@ class Trainer:
                 explore=cfg.explore if self.stage.train_mode == GateMode.SAMPLE else 0.0,
             )
             ce = F.cross_entropy(out.logits.float(), y, reduction="none")  # (B,)
-            task, extra = None, {}
+            task, extra, order = None, {}, None
             if self.teacher is not None:
                 with torch.no_grad():
                     target = self.teacher(x).logits
                 kd = distillation_loss(out.logits, target, cfg.distill_temperature)
                 task, extra = distilled_task_loss(ce, kd, cfg.distill_weight), {"kd": kd.detach().mean()}
+                if cfg.difficulty_spread is not None:  # how hard the teacher finds each image
+                    hard = F.cross_entropy(target.float(), y, reduction="none")
+                    order = (hard, cfg.difficulty_spread, cfg.batch_shape_weight)
             loss, stats = self.stage.loss(
                 ce,
                 out.trace,
@@ -514,6 +517,7 @@ class Trainer:
                 greedy=self._greedy_outcome(x, y) if cfg.baseline == "self-critical" else None,
                 entropy=cfg.entropy_bonus,
                 shape=self._shape(),
+                difficulty=order,
             )
             stats |= extra
         if self.dist.any(not bool(torch.isfinite(loss.detach()))):  # before the update: weights stay good

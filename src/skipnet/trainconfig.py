@@ -60,6 +60,7 @@ class TrainConfig:
     batch_shape: float | None = None
     batch_shape_weight: float = 1.0
     batch_shape_floor: float | None = None
+    difficulty_spread: float | None = None
     zero_init_residual: bool = False
     gate_bias: float | None = None
     paper_gate_init: bool = False
@@ -157,6 +158,11 @@ class TrainConfig:
             raise SkipnetError(f"--batch-shape shapes the gates' probabilities; stage {self.stage} trains no gate")
         if shaped and self.freeze == "gates":
             raise SkipnetError("--batch-shape trains the gates; --freeze gates keeps them fixed")
+        if self.difficulty_spread is not None:
+            if self.stage not in ("hrl", "rl", "sp", "soft") or self.freeze == "gates":
+                raise SkipnetError("--difficulty-spread orders the gates' executed shares; this run trains no gate")
+            if self.distill is None:
+                raise SkipnetError("--difficulty-spread ranks images by the teacher's loss: pass --distill TEACHER")
         if self.freeze == "gates" and self.stage not in ("hrl", "rl", "sp", "soft"):
             raise SkipnetError(f"--freeze gates needs a stage that trains gates; stage {self.stage} trains none")
 
@@ -262,6 +268,7 @@ RULES: list[tuple[str, Any, str]] = [
     ("batch_shape", lambda v: 0.0 < v < 1.0, "in (0, 1)"),
     ("batch_shape_weight", lambda v: 0.0 <= v < float("inf"), ">= 0 and finite"),
     ("batch_shape_floor", lambda v: 0.0 < v < 0.5, "in (0, 0.5)"),
+    ("difficulty_spread", lambda v: 0.0 < v <= 0.5, "in (0, 0.5]"),
     ("gate_bias", lambda v: abs(v) < float("inf"), "finite"),
     ("checkpoint_minutes", _positive, "positive"),
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),

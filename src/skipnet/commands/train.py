@@ -154,7 +154,18 @@ def _add_routing_args(p: argparse.ArgumentParser) -> None:
         "gate executes, and at least the share M of the images go the other way (beyond the paper; default: off)",
     )
     p.add_argument(
-        "--batch-shape-weight", type=float, default=d["batch_shape_weight"], help="weight of --batch-shape's term"
+        "--difficulty-spread",
+        type=float,
+        default=d["difficulty_spread"],
+        metavar="S",
+        help="pull each image's share of executed blocks towards the batch mean +- S by how hard the --distill "
+        "teacher finds it (hardest +S, easiest -S; beyond the paper, docs/routing.md; default: off)",
+    )
+    p.add_argument(
+        "--batch-shape-weight",
+        type=float,
+        default=d["batch_shape_weight"],
+        help="weight of the --batch-shape and --difficulty-spread terms (default: %(default)s)",
     )
     p.add_argument(
         "--freeze",
