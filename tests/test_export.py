@@ -289,6 +289,25 @@ def test_bench_refuses_an_edited_onnx_file_in_one_line(conditional_onnx, capsys,
         assert rc == 2 and err.startswith("skipnet bench: error: ") and msg in err and err.count("\n") == 1, err
 
 
+def test_an_onnx_file_with_an_altered_weight_is_refused_in_one_line(conditional_onnx, capsys, tmp_path) -> None:
+    """The export records the SHA-256 of its graph; one weight changed to another finite value is refused."""
+    from onnx import numpy_helper
+
+    from skipnet.export import graph_digest, read_onnx_meta
+
+    proto, meta = read_onnx_meta(conditional_onnx[0])
+    assert meta["graph_sha256"] == graph_digest(proto)
+    sub = next(a.g for n in proto.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch")
+    weight = max(sub.initializer, key=lambda t: len(t.raw_data) + len(t.float_data))
+    w = numpy_helper.to_array(weight).copy()
+    w.flat[0] += 0.01
+    weight.CopyFrom(numpy_helper.from_array(w, weight.name))
+    path = tmp_path / "nudged.onnx"
+    path.write_bytes(proto.SerializeToString())
+    rc, _, err = _cli(capsys, ["bench", str(path), "--images", "1", "--repeats", "1"])
+    assert rc == 2 and "was altered after export" in err and err.count("\n") == 1, err
+
+
 def test_missing_onnx_is_one_clear_error(ckpt, capsys, tmp_path, monkeypatch) -> None:
     import builtins
 

@@ -613,6 +613,7 @@ def export_model(
         proto = localize_branch_weights(program.model_proto)
         proto.producer_name = "skipnet"
         proto.graph.name = f"skipnet_{graph}_{model.config.name}"
+        meta["graph_sha256"] = graph_digest(proto)
         entry = proto.metadata_props.add()
         entry.key, entry.value = META_KEY, json.dumps(meta)
         payload = proto.SerializeToString()
@@ -650,6 +651,12 @@ def write_export(ex: Exported, out: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- loading
+def graph_digest(proto: Any) -> str:
+    """SHA-256 of an ONNX model's serialised graph (nodes, ``If`` branches, weights, inputs, outputs): the
+    metadata entry that records it lies outside the graph, so the digest does not cover itself."""
+    return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
 def read_onnx_meta(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """``(onnx ModelProto, skipnet metadata)`` of an ONNX file written by :func:`export_model`."""
     onnx, _ = require_onnx()
@@ -670,6 +677,12 @@ def read_onnx_meta(path: str | Path) -> tuple[Any, dict[str, Any]]:
     if not isinstance(meta, dict):
         raise SkipnetError(f"{path} has malformed skipnet metadata")
     _check_interface(path, proto, meta)
+    recorded = meta.get("graph_sha256")
+    if recorded is not None and recorded != graph_digest(proto):
+        raise SkipnetError(
+            f"{path} was altered after export: its graph (nodes or weights) no longer has the SHA-256 its skipnet "
+            "metadata records; export it again"
+        )
     return proto, meta
 
 
