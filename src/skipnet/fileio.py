@@ -163,7 +163,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
         Path(tmp).unlink(missing_ok=True)
         cause = exc if isinstance(exc, OSError) else getattr(tracked, "error", None)
         if isinstance(cause, OSError) and cause.errno in _NO_SPACE:
-            kept = "previous checkpoint kept" if path.exists() else "nothing was written"
+            kept = "previous checkpoint kept" if path.exists() else f"{path.name} was not created"
             raise SkipnetError(f"no space left on device writing {path}; {kept} (free some space and retry)") from None
         raise
     _fsync_dir(path.parent)

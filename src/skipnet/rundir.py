@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +27,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from skipnet.errors import SkipnetError
 from skipnet.fileio import atomic_write, fault_point
@@ -221,3 +224,45 @@ def write_rows(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """Replace ``path`` with ``rows`` atomically."""
     text = "".join(json.dumps(r) + "\n" for r in rows)
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+# ------------------------------------------------------------------------------------------ the run's data
+def data_fingerprint(data: Any) -> dict[str, Any]:
+    """What a run records of its data (a :class:`~skipnet.data.DataBundle`) to recognise it on ``--resume``, where
+    ``--data`` may name another path of the same data set but never another data set: the image count of each
+    split and, for the splits held in memory, a SHA-256 of their labels in order."""
+    record: dict[str, Any] = {}
+    digest = hashlib.sha256()
+    for split in ("train", "val", "test"):
+        loader = getattr(data, split, None)
+        labels = getattr(loader, "labels", None)
+        if labels is not None:
+            record[f"{split}_images"] = int(len(labels))
+            digest.update(split.encode() + labels.detach().cpu().to(dtype=torch.int64).numpy().tobytes())
+        elif getattr(loader, "dataset", None) is not None:
+            record[f"{split}_images"] = len(loader.dataset)
+    if any(getattr(getattr(data, s, None), "labels", None) is not None for s in ("train", "val", "test")):
+        record["labels_sha256"] = digest.hexdigest()
+    return record
+
+
+def check_same_data(ckpt: dict[str, Any], meta: dict[str, Any], fingerprint: dict[str, Any], spec: str, out) -> None:
+    """``--resume`` with data (``meta``: its record, ``fingerprint``: :func:`data_fingerprint`) that is not what
+    the checkpoint ``ckpt`` trained on is refused in one line: its classes, image size and channels as recorded
+    (every checkpoint), its split sizes and labels (checkpoints that record a fingerprint)."""
+    recorded = ckpt.get("data") if isinstance(ckpt.get("data"), dict) else {}
+    pairs = [(k, recorded.get(k), meta.get(k)) for k in ("classes", "num_classes", "in_channels", "image_size")]
+    if isinstance(ckpt.get("data_fingerprint"), dict):
+        pairs += [(k, v, fingerprint.get(k)) for k, v in ckpt["data_fingerprint"].items()]
+    for key, before, now in pairs:
+        if before is not None and before != now:
+            what = key.replace("_", " ").replace("sha256", "(SHA-256)")
+            raise SkipnetError(
+                f"--resume: --data {spec} is not the data the run in {out} trained on ({what} {_short(now)}, "
+                f"recorded {_short(before)}); give that data set's path, or start a new run with another --out"
+            )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

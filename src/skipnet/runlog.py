@@ -383,10 +383,12 @@ def apply_config(
         data.pop("iters", None)
     elif data.get("epochs") is not None and data.get("iters") is not None:
         raise SkipnetError(f"--config {path}: gives both epochs and iters; keep one")
+    args.from_config = []  # the options the file gave (a resumed run applies or refuses them like given ones)
     for key, value in data.items():
         if key in NEVER_FROM_FILE or key in given:
             continue
         setattr(args, key, _config_value(path, key, value, actions[key]))
+        args.from_config.append(key)
     return args
 
 

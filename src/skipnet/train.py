@@ -42,10 +42,17 @@ from skipnet.gated import GatedResNet, GateMode
 from skipnet.gates import AIGGate
 from skipnet.losses import Baseline, SkipBudget, distillation_loss, distilled_task_loss, mean_first_return
 from skipnet.registry import get_config
-from skipnet.rundir import append_row, read_rows, run_lock, write_rows
+from skipnet.rundir import append_row, check_same_data, data_fingerprint, read_rows, run_lock, write_rows
 from skipnet.runlog import Progress, RunLog, environment
 from skipnet.stages import STAGES, Reward, Stage
-from skipnet.trainconfig import SCHEDULES, TrainConfig, resolve_defaults  # noqa: F401 (re-exported)
+from skipnet.trainconfig import (  # noqa: F401 (SCHEDULES re-exported)
+    SCHEDULES,
+    TrainConfig,
+    check_resumed_length,
+    options_set,
+    resolve_defaults,
+    resumed_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,47 +128,12 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int, imagenet: bool,
 
 
 # ------------------------------------------------------------------------------------------ trainer
-# options a resumed run may take from its new command line; the rest must be the saved run's (or left unset)
-RESUME_MAY_CHANGE = frozenset(
-    {
-        "epochs",
-        "iters",
-        "threads",
-        "resume",
-        "out",
-        "data",
-        "data_dir",
-        "download",
-        "device",
-        "workers",
-        "log_every",
-        "checkpoint_minutes",
-        "tensorboard",
-        "eval_batch_size",
-    }
-)
-
-
-def _check_resume_matches(cfg: TrainConfig, saved: TrainConfig, out: Path) -> None:
-    """``--resume`` continues the saved run as it was configured: a command line that sets an option to something
-    else (other than the defaults, and other than the options in ``RESUME_MAY_CHANGE``) is refused, not ignored."""
-    defaults = TrainConfig.defaults()
-    for name, value in cfg.to_dict().items():
-        if name in RESUME_MAY_CHANGE or value is None or getattr(saved, name) == value:
-            continue
-        if name in ("arch", "stage") or value != defaults.get(name):
-            raise SkipnetError(
-                f"--resume: the run in {out} has {name.replace('_', '-')} {getattr(saved, name)!r}, not {value!r}; "
-                "resume it with its own options (or choose another --out)"
-            )
-
-
 class Trainer:
     """One training run. ``Trainer(cfg).fit()`` returns the run summary. Progress goes to :mod:`logging`
     (``skipnet.runlog``); ``progress_bar=True`` (the CLI's choice) shows a tqdm bar instead when stderr is a
     terminal."""
 
-    def __init__(self, cfg: TrainConfig, progress_bar: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, progress_bar: bool = False, given: set[str] | None = None) -> None:
         self.progress_bar = progress_bar
         if cfg.stage not in STAGES:
             raise SkipnetError(f"unknown stage {cfg.stage!r}; expected one of {', '.join(STAGES)}")
@@ -172,9 +144,9 @@ class Trainer:
         self.dist = dist.setup(cfg)
         self.rank, self.world, self.device = self.dist.rank, self.dist.world, self.dist.device
         self.main = self.rank == 0
+        cfg, resume_ckpt = self._resumed_config(cfg, options_set(cfg) if given is None else given)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        cfg, resume_ckpt = self._resumed_config(cfg)
         init_ckpt = load_checkpoint(cfg.init) if cfg.init and resume_ckpt is None else None
         arch = get_config(cfg.arch)
         if cfg.gate_bias is not None and not arch.gated:
@@ -184,6 +156,9 @@ class Trainer:
             raise SkipnetError(f"--batch-size {global_batch} is not divisible by the {self.world} processes")
         saved = resume_ckpt if resume_ckpt is not None else init_ckpt  # the input normalisation to keep
         self.data: DataBundle = self._load_data(cfg, arch, global_batch, saved)
+        self.data_fingerprint = data_fingerprint(self.data)
+        if resume_ckpt is not None:  # another --data path must hold the same data set
+            check_same_data(resume_ckpt, self.data.meta(), self.data_fingerprint, cfg.data, cfg.out)
         arch = arch.replace(
             num_classes=self.data.num_classes, in_channels=self.data.in_channels, image_size=self.data.image_size
         )
@@ -195,6 +170,8 @@ class Trainer:
         self.cfg = resolve_defaults(cfg, arch.family, arch.dataset, self.model.num_gates, self.steps_per_epoch)
         self.cfg.batch_size = global_batch
         self.total = total_steps(self.cfg, self.steps_per_epoch)
+        if resume_ckpt is not None:
+            check_resumed_length(self.cfg, int(resume_ckpt.get("step", 0)), self.total, cfg.out)
         self._prepare_model(init_ckpt, resumed=resume_ckpt is not None)
         self.optimizer, self.scheduler = self._optimizer()
         self.baseline: Baseline = self.dist.baseline(self.cfg.baseline)  # global-batch mean under DDP
@@ -215,31 +192,50 @@ class Trainer:
         self.scaler = self.dist.grad_scaler(self.cfg.amp)
 
     # -- setup helpers
-    def _resumed_config(self, cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
-        """``(config, checkpoint)`` of the run to continue (``--resume`` with a last.pt: the saved config, which
-        may be extended or given more threads), or ``(cfg, None)`` for a new run."""
-        if cfg.resume and (self.out / "last.pt").exists():
-            ckpt = load_checkpoint(self.out / "last.pt")
-            try:
-                saved = TrainConfig.from_dict(ckpt["train_config"])
-            except (KeyError, TypeError, AttributeError):
-                raise SkipnetError(f"{self.out / 'last.pt'} has no usable run configuration to resume from") from None
-            for k in ("epochs", "iters", "threads"):  # a resumed run may be extended, or given more threads
-                if getattr(cfg, k) is not None:
-                    setattr(saved, k, getattr(cfg, k))
-            _check_resume_matches(cfg, saved, self.out)
-            saved.resume, saved.out = True, cfg.out
-            return saved, ckpt
-        if cfg.resume:
-            if (self.out / "best.pt").exists():
+    def _resumed_config(self, cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, dict[str, Any] | None]:
+        """``(config, checkpoint)`` of the run to continue (``--resume`` with a checkpoint: the saved config with the
+        options ``given`` that may change applied, :func:`~skipnet.trainconfig.resumed_config`), or ``(cfg, None)``
+        for a new run."""
+        self.resume_path = self._resume_source(cfg)
+        if self.resume_path is None:
+            return cfg, None
+        ckpt = load_checkpoint(self.resume_path)
+        try:
+            saved = TrainConfig.from_dict(ckpt["train_config"])
+        except (KeyError, TypeError, AttributeError):
+            raise SkipnetError(f"{self.resume_path} has no usable run configuration to resume from") from None
+        return resumed_config(cfg, saved, given, cfg.out), ckpt
+
+    def _resume_source(self, cfg: TrainConfig) -> Path | None:
+        """The checkpoint ``--resume`` continues from: ``last.pt``; or ``best.pt`` of a run stopped (killed, disk
+        full) during its first checkpoint, after ``best.pt`` was written and before ``last.pt``: the two hold the
+        same state. ``None``: a new run (a directory without a checkpoint yet is cleared first)."""
+        last, best = self.out / "last.pt", self.out / "best.pt"
+        if not cfg.resume:
+            if last.exists():
                 raise SkipnetError(
-                    f"--resume: {self.out} holds a best.pt but no last.pt to continue from; choose another --out "
-                    "(or remove what is there)"
+                    f"{self.out} already holds a run; pass --resume to continue it or choose another --out"
                 )
+            return None
+        if last.exists():
+            return last
+        if not best.exists():
             self._start_afresh()
-        elif (self.out / "last.pt").exists():
-            raise SkipnetError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
-        return cfg, None
+            return None
+        try:
+            step = load_checkpoint(best)["step"]
+        except SkipnetError as exc:
+            raise SkipnetError(
+                f"--resume: {self.out} holds a best.pt but no last.pt to continue from, and best.pt cannot be "
+                f"resumed ({_first_line(exc)}); choose another --out (or remove what is there)"
+            ) from None
+        log.warning(
+            "--resume: %s has no last.pt (stopped during its first checkpoint); continuing from best.pt (step %d), "
+            "the same state",
+            self.out,
+            step,
+        )
+        return best
 
     def _load_data(self, cfg: TrainConfig, arch: Any, global_batch: int, saved: dict[str, Any] | None) -> DataBundle:
         """This process's share of the data, normalised as ``saved`` (the resumed or --init checkpoint) was."""
@@ -381,10 +377,10 @@ class Trainer:
             self.n_running = int(running.get("n", 0))
             set_rng_state(ckpt.get("rng", {}))
         except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-            raise SkipnetError(f"{self.out / 'last.pt'} cannot be resumed by this run ({_first_line(exc)})") from None
+            raise SkipnetError(f"{self.resume_path} cannot be resumed by this run ({_first_line(exc)})") from None
         if not self._state_finite():
             raise SkipnetError(
-                f"{self.out / 'last.pt'} holds non-finite weights or statistics, so training cannot continue from it; "
+                f"{self.resume_path} holds non-finite weights or statistics, so training cannot continue from it; "
                 "start a new run (another --out) with a lower --lr"
             )
         self._drop_metrics_after(self.step)
@@ -403,6 +399,7 @@ class Trainer:
             train_config=self.cfg.to_dict(),
             data=self.data.meta() | {"spec": self.cfg.data, "val_split": self.cfg.val_split},
             extra={
+                "data_fingerprint": self.data_fingerprint,
                 "baseline": self.baseline.state_dict(),
                 "skip_budget": self.budget.state_dict() if self.budget is not None else None,
                 "stage": self.cfg.stage,
@@ -807,11 +804,12 @@ def hold_run_dir(out: str) -> Iterator[None]:
         yield
 
 
-def train(cfg: TrainConfig, progress_bar: bool = False) -> dict[str, Any]:
+def train(cfg: TrainConfig, progress_bar: bool = False, given: set[str] | None = None) -> dict[str, Any]:
     """Run (or resume) one training run, holding its directory's lock; returns its summary. Nothing is printed:
-    progress and notices go to :mod:`logging` (``progress_bar=True``: a tqdm bar on a terminal, for the CLI)."""
+    progress and notices go to :mod:`logging` (``progress_bar=True``: a tqdm bar on a terminal, for the CLI).
+    ``given``: the options the caller set (``--resume`` applies or refuses those; default: the non-default ones)."""
     with hold_run_dir(cfg.out):
-        trainer = Trainer(cfg, progress_bar)
+        trainer = Trainer(cfg, progress_bar, given)
         try:
             return trainer.fit()
         finally:

@@ -167,6 +167,69 @@ class TrainConfig:
             raise SkipnetError(f"--freeze gates needs a stage that trains gates; stage {self.stage} trains none")
 
 
+# Options a resumed run takes from its new command line (``--resume``): where the data is (the same data set: its
+# record in the checkpoint is checked), how often it logs and checkpoints, what it writes besides, the machine it uses,
+# and a new length (extending or shortening the schedule, never below the step reached). Any other option given with
+# another value than the saved run's changes what the run means and is refused, naming it; none is ignored.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "epochs",
+        "iters",
+        "threads",
+        "resume",
+        "out",
+        "data",
+        "data_dir",
+        "download",
+        "device",
+        "workers",
+        "log_every",
+        "checkpoint_minutes",
+        "tensorboard",
+        "eval_batch_size",
+    }
+)
+
+
+def options_set(cfg: TrainConfig) -> set[str]:
+    """The options of ``cfg`` a caller set, as far as the values tell: those that are not their defaults (the CLI
+    knows better, from its command line: :func:`skipnet.runlog.given_options`)."""
+    defaults = TrainConfig.defaults()
+    return {k for k, v in cfg.to_dict().items() if v is not None and (k not in defaults or v != defaults[k])}
+
+
+def resumed_config(cfg: TrainConfig, saved: TrainConfig, given: set[str], out: str) -> TrainConfig:
+    """The saved run's options with those of ``RESUME_MAY_CHANGE`` that the new command line gives (``given``)
+    applied; a length (``--epochs`` or ``--iters``) replaces the saved one, whichever it was. Any other option
+    given with a value other than the saved run's is refused in one line naming it."""
+    merged = TrainConfig(**asdict(saved))
+    for name in sorted(given & {f.name for f in fields(TrainConfig)}):
+        value, before = getattr(cfg, name), getattr(saved, name)
+        if value is None or name in ("epochs", "iters"):
+            continue
+        if name in RESUME_MAY_CHANGE:
+            setattr(merged, name, value)
+        elif value != before:
+            raise SkipnetError(
+                f"--resume: the run in {out} has {name.replace('_', '-')} {before!r}, not {value!r}, and changing "
+                "it would make it another run; resume it with its own options (or choose another --out)"
+            )
+    if cfg.epochs is not None or cfg.iters is not None:
+        merged.epochs, merged.iters = cfg.epochs, cfg.iters
+    merged.resume, merged.out = True, cfg.out
+    return merged
+
+
+def check_resumed_length(cfg: TrainConfig, step: int, total: int, out: str) -> None:
+    """A resumed run may be given a new length, but not one shorter than the step it has reached."""
+    if step > total:
+        length = f"--iters {cfg.iters}" if cfg.iters is not None else f"--epochs {cfg.epochs:g}"
+        raise SkipnetError(
+            f"--resume: {length} is {total} steps, but the run in {out} has already reached step {step}; give a "
+            "length of at least that (or leave it out)"
+        )
+
+
 def resolve_defaults(cfg: TrainConfig, family: str, dataset: str, num_gates: int, steps_per_epoch: int) -> TrainConfig:
     """Fill ``None`` options with the paper's settings (§4; the authors' scripts) for this stage and data."""
     c = TrainConfig(**asdict(cfg))

@@ -294,10 +294,13 @@ def check_out(cfg: TrainConfig) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if args.config:
-        from skipnet.runlog import apply_config
+    from skipnet.runlog import apply_config, explicit_options
 
-        apply_config(args, args.parser, getattr(args, "command_argv", []), args.config)
+    argv = getattr(args, "command_argv", [])
+    given = explicit_options(args.parser, argv)  # what --resume applies or refuses: never ignored
+    if args.config:
+        apply_config(args, args.parser, argv, args.config)
+        given |= set(getattr(args, "from_config", ()))
     missing = [name for name, dest in REQUIRED if getattr(args, dest, None) is None]
     if missing:
         raise SkipnetError(f"the following arguments are required: {', '.join(missing)} (or give them in --config)")
@@ -310,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
     cfg.validate()
     with hold_run_dir(cfg.out):  # no other run may check or write this directory until this one ends
         check_out(cfg)
-        summary = train(cfg, progress_bar=True)
+        summary = train(cfg, progress_bar=True, given=given)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
     if args.json:
