@@ -20,6 +20,7 @@ from skipnet.checkpoint import export_safetensors, load_checkpoint, load_model, 
 from skipnet.cli import main
 from skipnet.evaluate import eval_mode_for
 from skipnet.gated import GateMode
+from skipnet.pretrained import sha256_of
 from skipnet.registry import create_model
 
 ARCH = "tiny_rnn_gate_14"
@@ -175,7 +176,7 @@ def test_the_zoo_and_save_pretrained_keep_the_mode(base, tmp_path, monkeypatch, 
     zoo = tmp_path / "zoo"
     zoo.mkdir()
     (zoo / "b.safetensors").write_bytes(base["st"].read_bytes())
-    entry = {"file": "b.safetensors", "arch": ARCH, "mode": "all_on"}
+    entry = {"file": "b.safetensors", "arch": ARCH, "mode": "all_on", "sha256": sha256_of(zoo / "b.safetensors")}
     (zoo / "index.json").write_text(json.dumps({"format": 1, "models": {"b": entry}}))
     monkeypatch.setenv("SKIPNET_PRETRAINED_DIR", str(zoo))
     assert main(["eval", "pretrained:b", "--data", "digits", "--json"]) == 0

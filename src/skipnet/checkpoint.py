@@ -23,8 +23,10 @@ import json
 import logging
 import math
 import pickle
+import pickletools
 import random
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,46 @@ def save_checkpoint(path: str | Path, model: nn.Module, **kwargs: Any) -> None:
 
 
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+_UNSUPPORTED_RE = re.compile(r"Unsupported (operand|class) [^\n]{1,80}")
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+_MAX_PICKLE = 64 << 20  # a checkpoint's pickle (tensors live beside it) is kilobytes
+
+
+def _refused_object(path: Path, exc: BaseException) -> str | None:
+    """The Python object (``module.name``) whose import made safe loading refuse ``path``: named by torch's error,
+    else the first global the pickle imports beyond torch's own and ``collections`` (read, never run)."""
+    found = _GLOBAL_RE.search(str(exc))
+    if found:
+        return found.group(1)
+    try:
+        names = _pickle_globals(_pickle_bytes(path))
+    except Exception:  # noqa: BLE001 - a pickle too damaged to scan: torch's error stands
+        return None
+    return next((n for n in names if not n.startswith(("torch.", "collections.OrderedDict"))), None)
+
+
+def _pickle_bytes(path: Path) -> bytes:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            member = next(i for i in z.infolist() if i.filename.endswith("data.pkl"))
+            if member.file_size > _MAX_PICKLE:
+                raise ValueError("pickle too large to scan")
+            return z.read(member)
+    with open(path, "rb") as f:
+        return f.read(_MAX_PICKLE)
+
+
+def _pickle_globals(raw: bytes) -> list[str]:
+    """The ``module.name`` of every GLOBAL / STACK_GLOBAL in the pickle ``raw``, in order (opcodes only)."""
+    names, strings = [], []
+    for op, arg, _ in pickletools.genops(raw):
+        if op.name in _STRING_OPS:
+            strings.append(str(arg))
+        elif op.name == "GLOBAL":
+            names.append(str(arg).replace(" ", "."))
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(f"{strings[-2]}.{strings[-1]}")
+    return names
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -159,15 +201,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return ckpt
     _check_zip(path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says what matters
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a user-facing "not a checkpoint"
-        found = _GLOBAL_RE.search(str(exc))
-        if isinstance(exc, pickle.UnpicklingError) and found:
+        refused = _refused_object(path, exc) if isinstance(exc, pickle.UnpicklingError) else None
+        if refused:
             raise SkipnetError(
-                f"refused to load {path}: it contains the Python object {found.group(1)}, which safe loading "
+                f"refused to load {path}: it contains the Python object {refused}, which safe loading "
                 "(weights_only=True) never runs; use a checkpoint written by 'skipnet train' or 'skipnet export'"
             ) from None
-        raise SkipnetError(f"{path} is not a readable skipnet checkpoint ({type(exc).__name__})") from None
+        detail = _UNSUPPORTED_RE.search(str(exc))
+        what = f"{type(exc).__name__}: {detail.group(0)}" if detail else type(exc).__name__
+        raise SkipnetError(f"{path} is not a readable skipnet checkpoint ({what})") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "skipnet":
         raise SkipnetError(f"{path} is not a skipnet checkpoint")
     version = ckpt.get("format_version", 0)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import io
+import json
+import math
 import os
 import re
 import shutil
@@ -170,6 +172,24 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
     fault_point(f"fsync directory of {path.name}")
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, infinity) replaced by ``None``: JSON has no such numbers, and
+    ``json.dumps`` would write a bare ``NaN`` that strict parsers refuse. skipnet's JSON output (``metrics.jsonl``,
+    ``summary.json``, ``--json``) writes ``null`` for a number that is not finite, its key kept."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of :func:`json_safe` ``(obj)``: valid JSON whatever the numbers."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
 def checkpoint_bytes(obj: Any) -> bytes:
     """``obj`` serialised by ``torch.save``, to write it to several files identically."""
     buf = io.BytesIO()
@@ -283,5 +303,7 @@ __all__ = [
     "checkpoint_bytes",
     "fault_point",
     "foreign_files",
+    "json_safe",
+    "json_text",
     "remove_stale_temps",
 ]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,12 @@ def pretrained_path(name: str, root: str | Path | None = None) -> Path:
     if Path(entry["file"]).name != entry["file"] or not path.is_file():
         raise SkipnetError(f"pretrained model {key!r}: its file {entry['file']} is missing from {path.parent}")
     digest = entry.get("sha256")
-    if digest and sha256_of(path) != digest:
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise SkipnetError(
+            f"pretrained model {key!r}: its index entry has no valid SHA-256 ('sha256': {digest!r}), so {path.name} "
+            "cannot be checked and is not loaded; reinstall skipnet (or add the file's SHA-256 to the index)"[:300]
+        )
+    if sha256_of(path) != digest:
         raise SkipnetError(f"pretrained model {key!r}: {path} is damaged (SHA-256 differs from the index)")
     return path
 

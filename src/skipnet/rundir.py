@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from skipnet.errors import SkipnetError
-from skipnet.fileio import atomic_write, fault_point
+from skipnet.fileio import atomic_write, fault_point, json_text
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 def append_row(path: str | Path, row: dict[str, Any]) -> None:
     """Append ``row`` as one JSON line and fsync; on failure the file is cut back to its previous end."""
     path = Path(path)
-    data = (json.dumps(row) + "\n").encode()
+    data = (json_text(row) + "\n").encode()  # a non-finite number as null: every line stays valid JSON
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
     try:
         end = os.fstat(fd).st_size
@@ -222,7 +222,7 @@ def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
 
 def write_rows(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """Replace ``path`` with ``rows`` atomically."""
-    text = "".join(json.dumps(r) + "\n" for r in rows)
+    text = "".join(json_text(r) + "\n" for r in rows)
     atomic_write(path, lambda f: f.write(text.encode()))
 
 

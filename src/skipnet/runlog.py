@@ -331,14 +331,31 @@ def environment(device: Any = None, world: int = 1) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ --config FILE
 RECORD_ONLY = ("arch_config", "environment")  # what a run's config.json holds besides the options
 NEVER_FROM_FILE = ("resume", "json", "config")  # what only the command line decides
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """The options in a JSON or YAML file (keys as in ``config.json``; ``-`` and ``_`` alike)."""
     path = Path(path)
+    if path.is_dir():
+        raise SkipnetError(f"--config {path} is a directory; give a JSON or YAML file (e.g. a run's config.json)")
     if not path.is_file():
-        raise SkipnetError(f"--config {path} does not exist")
+        raise SkipnetError(f"--config {path} does not exist" if not path.exists() else f"--config {path} is not a file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise SkipnetError(f"--config {path} is {path.stat().st_size} bytes; an options file is at most 1 MiB")
     text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        data = _parse_config(path, text)
+    except RecursionError:  # e.g. [[[[...]]]] thousands deep: the parsers recurse
+        raise SkipnetError(
+            f"--config {path} is nested too deeply; options are one mapping of names to values"
+        ) from None
+    if not isinstance(data, dict):
+        raise SkipnetError(f"--config {path} must hold a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items() if k not in RECORD_ONLY}
+
+
+def _parse_config(path: Path, text: str) -> Any:
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
@@ -353,9 +370,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             data = json.loads(text)
         except ValueError as exc:
             raise SkipnetError(f"--config {path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise SkipnetError(f"--config {path} must hold a mapping of option names to values")
-    return {str(k).replace("-", "_"): v for k, v in data.items() if k not in RECORD_ONLY}
+    return data
 
 
 def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -392,6 +407,15 @@ def apply_config(
     return args
 
 
+def _brief(value: Any) -> str:
+    """``repr(value)`` cut to 60 characters (a nested value from a file can be long, or deep)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deeply"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _config_value(path: str | Path, key: str, value: Any, action: argparse.Action) -> Any:
     """A ``--config`` value as the command line would have given it: flags must be true/false, typed options
     convert from their text (so 64.7 is no count and ``true`` no learning rate), the rest must be text."""
@@ -399,18 +423,18 @@ def _config_value(path: str | Path, key: str, value: Any, action: argparse.Actio
         return None
     if action.nargs == 0:  # an on/off flag
         if not isinstance(value, bool):
-            raise SkipnetError(f"--config {path}: {key} = {value!r}; expected true or false")
+            raise SkipnetError(f"--config {path}: {key} = {_brief(value)}; expected true or false")
         return value
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise SkipnetError(f"--config {path}: {key} = {value!r} is not a valid value")
+        raise SkipnetError(f"--config {path}: {key} = {_brief(value)} is not a valid value")
     if action.type is not None:
         try:
             value = action.type(value if isinstance(value, str) else repr(value))
         except (TypeError, ValueError):
-            raise SkipnetError(f"--config {path}: {key} = {value!r} is not a valid value") from None
+            raise SkipnetError(f"--config {path}: {key} = {_brief(value)} is not a valid value") from None
     elif not isinstance(value, str):
-        raise SkipnetError(f"--config {path}: {key} = {value!r}; expected text")
+        raise SkipnetError(f"--config {path}: {key} = {_brief(value)}; expected text")
     if action.choices is not None and value not in action.choices:
         choices = ", ".join(map(str, action.choices))
-        raise SkipnetError(f"--config {path}: {key} = {value!r}; expected one of {choices}")
+        raise SkipnetError(f"--config {path}: {key} = {_brief(value)}; expected one of {choices}")
     return value

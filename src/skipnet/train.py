@@ -38,6 +38,7 @@ from skipnet.cost import cost_model, fewer_macs
 from skipnet.data import DataBundle, load_data
 from skipnet.errors import Interrupted, SkipnetError
 from skipnet.evaluate import evaluate
+from skipnet.fileio import json_text
 from skipnet.gated import GatedResNet, GateMode
 from skipnet.gates import AIGGate
 from skipnet.losses import Baseline, SkipBudget, distillation_loss, distilled_task_loss, mean_first_return
@@ -765,7 +766,7 @@ class Trainer:
                 "train_time_s": round(elapsed, 1),
                 "train_config": self.cfg.to_dict(),
             }
-            text = json.dumps(summary, indent=2)
+            text = json_text(summary, indent=2)  # a non-finite figure as null
             atomic_write(self.out / "summary.json", lambda f: f.write(text.encode()))
             log.info(
                 "finished: test accuracy %.2f%% at %.4g MACs (%s than the plain ResNet), CP %.1f%%",

@@ -19,6 +19,12 @@ REWARDS = ("hybrid", "blockdrop")  # --reward: Eq. 5-6, or BlockDrop's 1 - u^2 i
 FREEZE = ("none", "backbone", "gates")  # --freeze: which parameters do not train
 BASELINES = ("none", "batch", "ema", "self-critical")  # --baseline (losses.Baseline)
 OPEN_GATE_BIAS = 2.0  # sp/soft from scratch: gates start open, p = sigmoid(2) = 0.88 (beyond the paper)
+MAX_THREADS = 256  # --threads beyond this starts that many OpenMP threads per process (a crash under task limits)
+MAX_WORKERS = 64  # DataLoader worker processes
+MAX_IMAGE_SIZE = 1024  # px, as skipnet flops: a training input larger than this only fails in the allocator
+MAX_BATCH = 65536
+# The built-in data sets and their images' side: they are not resized, so --image-size must be that or unset.
+BUILTIN_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "svhn": 32, "digits": 8}
 
 
 @dataclass
@@ -136,6 +142,12 @@ class TrainConfig:
         from skipnet.registry import check_image_size, get_config
 
         check_image_size(get_config(self.arch), self.image_size)
+        native = BUILTIN_IMAGE_SIZE.get(self.data)
+        if self.image_size is not None and native is not None and self.image_size != native:
+            raise SkipnetError(
+                f"--image-size {self.image_size}: the built-in data set {self.data} has {native}x{native} images and "
+                f"is not resized; drop --image-size (or give an image folder, which is resized to it)"
+            )
 
     def _validate_freeze(self) -> None:
         if self.reward == "blockdrop" and (self.skip_target is not None or self.skip_reward != "all"):
@@ -301,13 +313,14 @@ def _unit_open(v) -> bool:
 RULES: list[tuple[str, Any, str]] = [
     ("epochs", _positive, "positive"),
     ("iters", _positive, "positive"),
-    ("batch_size", _positive, "positive"),
-    ("eval_batch_size", _positive, "positive"),
+    ("batch_size", lambda v: 0 < v <= MAX_BATCH, f"in [1, {MAX_BATCH}]"),
+    ("eval_batch_size", lambda v: 0 < v <= MAX_BATCH, f"in [1, {MAX_BATCH}]"),
     ("lr", _positive, "positive"),
     ("eval_every", _positive, "positive"),
     ("limit_train", _positive, "positive"),
     ("limit_test", _positive, "positive"),
-    ("threads", _positive, "positive"),
+    ("threads", lambda v: 0 < v <= MAX_THREADS, f"in [1, {MAX_THREADS}]"),
+    ("image_size", lambda v: 0 < v <= MAX_IMAGE_SIZE, f"in [1, {MAX_IMAGE_SIZE}]"),
     ("log_every", _positive, "positive"),
     ("gate_lr_mult", _positive, "positive"),
     ("alpha", _non_negative, ">= 0"),
@@ -315,7 +328,7 @@ RULES: list[tuple[str, Any, str]] = [
     ("weight_decay", _non_negative, ">= 0"),
     ("rl_weight", _non_negative, ">= 0"),
     ("warmup_iters", _non_negative, ">= 0"),
-    ("workers", _non_negative, ">= 0"),
+    ("workers", lambda v: 0 <= v <= MAX_WORKERS, f"in [0, {MAX_WORKERS}]"),
     ("threshold", _unit, "in [0, 1]"),
     ("distill_weight", _unit, "in [0, 1]"),
     ("distill_temperature", _positive, "positive"),

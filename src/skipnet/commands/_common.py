@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from skipnet.errors import SkipnetError, check_value  # noqa: F401 (the commands' value check)
+from skipnet.trainconfig import MAX_THREADS  # noqa: F401 (the commands' --threads bound, train's own)
 
 DATA_DIR_HELP = "where torchvision data sets live (default: ~/.cache/skipnet/datasets, or $SKIPNET_CACHE/datasets)"
 DATA_HELP = "cifar10, cifar100, svhn, digits, or an ImageFolder root / .tar.gz"
@@ -156,7 +157,6 @@ def require_learned_gates(model: Any, ckpt: dict[str, Any], source: str, what: s
         )
 
 
-MAX_THREADS = 256  # --threads beyond this starts that many OpenMP threads per process (a crash under task limits)
 
 
 def check_out(value: str, option: str = "--out") -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from skipnet.commands._common import add_source_args, check_value, open_for_eval
 from skipnet.cost import cost_model
 from skipnet.errors import SkipnetError
 from skipnet.evaluate import describe_mode, eval_loader, eval_mode_for, evaluate
+from skipnet.fileio import json_text
 from skipnet.gated import GateMode
 
 
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         "mode": mode.value,
     } | result
     if args.json:
-        print(json.dumps(result))
+        print(json_text(result))  # a non-finite number (e.g. the loss of overflowing logits) as null
         return 0
     print(f"{args.checkpoint} on {data.name} {args.split} ({result['images']} images), mode {describe_mode(mode)}")
     print(f"  top-1 accuracy          {result['accuracy']:.2f}%")

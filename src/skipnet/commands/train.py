@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from pathlib import Path
@@ -12,6 +11,7 @@ from skipnet.commands._common import add_data_args, add_optim_args
 from skipnet.commands._common import check_out as check_out_path
 from skipnet.cost import fewer_macs
 from skipnet.errors import SkipnetError
+from skipnet.fileio import json_text
 from skipnet.stages import STAGES
 from skipnet.train import TrainConfig, hold_run_dir, train
 from skipnet.trainconfig import BN_MODES, FREEZE, OPEN_GATE_BIAS, REWARDS, SELECT_RULES, SKIP_REWARDS
@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
     if args.json:
-        print(json.dumps(summary))
+        print(json_text(summary))
     elif summary.get("test"):
         t = summary["test"]
         print(
