@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from skipnet.checkpoint import load_model, save_checkpoint
     from skipnet.config import ArchConfig
     from skipnet.gated import GatedResNet, GateMode, GateTrace, LogitsOnly, SkipOutput
-    from skipnet.registry import create_model, get_config, list_models
+    from skipnet.pretrained import create_model
+    from skipnet.registry import get_config, list_models
 
 __version__ = "0.1.0"
 
@@ -35,7 +36,7 @@ _LAZY = {
     "SkipOutput": "skipnet.gated",
     "load_model": "skipnet.checkpoint",
     "save_checkpoint": "skipnet.checkpoint",
-    "create_model": "skipnet.registry",
+    "create_model": "skipnet.pretrained",  # the registry's, or with pretrained=True the shipped weights
     "get_config": "skipnet.registry",
     "list_models": "skipnet.registry",
 }

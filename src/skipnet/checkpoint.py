@@ -45,6 +45,7 @@ from skipnet.fileio import (  # noqa: F401 (re-exported: the model-free file I/O
 )
 from skipnet.gated import GatedResNet, GateMode
 from skipnet.policy import ALL_SKIP_THRESHOLD
+from skipnet.zoo import check_entry, resolve_checkpoint
 
 FORMAT_VERSION = 1
 
@@ -188,10 +189,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read a skipnet checkpoint safely (``weights_only=True``) with clear errors for user mistakes.
 
     Also reads a ``.safetensors`` export (:func:`export_safetensors`); it comes back as a checkpoint without
-    optimizer state. ``pretrained:NAME`` is the file shipped for NAME (:mod:`skipnet.pretrained`).
+    optimizer state. ``pretrained:NAME`` is the file shipped for NAME (:mod:`skipnet.zoo`).
     """
-    from skipnet.pretrained import check_entry, resolve_checkpoint
-
     spec, path = path, resolve_checkpoint(path)
     if not path.is_file():
         raise SkipnetError(f"checkpoint {str(path)!r} does not exist")

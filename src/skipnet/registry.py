@@ -98,17 +98,13 @@ def check_image_size(config: ArchConfig, size: int | None, option: str = "--imag
 
 
 def create_model(name: str | ArchConfig, pretrained: bool = False, **overrides: Any) -> GatedResNet:
-    """Build a :class:`GatedResNet` from a registered name (or a config) and optional overrides.
-
-    ``pretrained=True`` loads the weights shipped with skipnet (:mod:`skipnet.pretrained`; ``name`` is a shipped
-    model or its architecture) and returns the model in eval mode at its stored threshold; no overrides then."""
+    """Build a :class:`GatedResNet` from a registered name (or a config) and optional overrides, with fresh
+    weights. The shipped weights are ``skipnet.create_model(name, pretrained=True)``
+    (:func:`skipnet.pretrained.create_model`): loading them needs the checkpoint reader, above this module."""
     if pretrained:
-        from skipnet.pretrained import load_pretrained
-
-        changed = sorted(k for k, v in overrides.items() if v is not None)
-        if isinstance(name, ArchConfig) or changed:
-            what = f"overrides ({', '.join(changed)})" if changed else "an ArchConfig"
-            raise SkipnetError(f"pretrained=True takes a registered or shipped name without {what}")
-        return load_pretrained(name)[0]
+        raise SkipnetError(
+            "skipnet.registry.create_model builds an architecture with fresh weights; for the shipped weights call "
+            "skipnet.create_model(name, pretrained=True)"
+        )
     config = name.replace(**overrides) if isinstance(name, ArchConfig) else get_config(name, **overrides)
     return GatedResNet(config)

@@ -28,8 +28,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from skipnet.errors import SkipnetError
 from skipnet.fileio import atomic_write, fault_point, json_text
 
@@ -238,7 +236,7 @@ def data_fingerprint(data: Any) -> dict[str, Any]:
         labels = getattr(loader, "labels", None)
         if labels is not None:
             record[f"{split}_images"] = int(len(labels))
-            digest.update(split.encode() + labels.detach().cpu().to(dtype=torch.int64).numpy().tobytes())
+            digest.update(split.encode() + labels.detach().cpu().long().numpy().tobytes())
         elif getattr(loader, "dataset", None) is not None:
             record[f"{split}_images"] = len(loader.dataset)
     if any(getattr(getattr(data, s, None), "labels", None) is not None for s in ("train", "val", "test")):

@@ -137,6 +137,19 @@ def _add_routing_args(p: argparse.ArgumentParser) -> None:
         help="hrl/rl: weight of the gate policies' mean entropy added to the objective, keeping the gates from "
         "saturating (beyond the paper; 0 = off)",
     )
+    _add_shape_args(p)
+    p.add_argument(
+        "--freeze",
+        choices=FREEZE,
+        default=d["freeze"],
+        help="parameters that do not train: backbone (hrl/rl from --init: the policy learns on a fixed network, "
+        "BatchNorm frozen too; BlockDrop's first stage) or gates (the backbone adapts to a fixed policy)",
+    )
+
+
+def _add_shape_args(p: argparse.ArgumentParser) -> None:
+    """Beyond the paper: terms that shape the gates' probabilities across a batch."""
+    d = TrainConfig.defaults()
     p.add_argument(
         "--batch-shape",
         type=float,
@@ -166,13 +179,6 @@ def _add_routing_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=d["batch_shape_weight"],
         help="weight of the --batch-shape and --difficulty-spread terms (default: %(default)s)",
-    )
-    p.add_argument(
-        "--freeze",
-        choices=FREEZE,
-        default=d["freeze"],
-        help="parameters that do not train: backbone (hrl/rl from --init: the policy learns on a fixed network, "
-        "BatchNorm frozen too; BlockDrop's first stage) or gates (the backbone adapts to a fixed policy)",
     )
 
 
