@@ -17,8 +17,7 @@ from PIL import Image
 from skipnet.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from skipnet.cli import main
 from skipnet.errors import SkipnetError
-from skipnet.pretrained import ENV, from_pretrained, read_index, save_pretrained
-from skipnet.pretrained import create_model
+from skipnet.pretrained import ENV, create_model, from_pretrained, read_index, save_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "tiny.sp"  # not an architecture name: found by name, and by its architecture as the default

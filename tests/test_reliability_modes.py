@@ -20,8 +20,7 @@ from skipnet.checkpoint import export_safetensors, load_checkpoint, load_model, 
 from skipnet.cli import main
 from skipnet.evaluate import eval_mode_for
 from skipnet.gated import GateMode
-from skipnet.pretrained import sha256_of
-from skipnet.pretrained import create_model
+from skipnet.pretrained import create_model, sha256_of
 
 ARCH = "tiny_rnn_gate_14"
 TRAIN = ["--data", "digits", "--iters", "20", "--batch-size", "32", "--threads", "1", "--seed", "0"]
