@@ -31,12 +31,15 @@ import datetime as dt
 import io
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from skipnet.bench import time_interleaved
 from skipnet.bench_onnx import bench_onnx
 from skipnet.data import load_data
 from skipnet.export import build_graph, compare, eager_reference, export_model, onnx_session, run_onnx
@@ -267,9 +270,319 @@ def agreement(args) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------- deploy (issue 32)
+DEPLOY_MODELS = ("cifar10_rnn_gate_38", "cifar10_rnn_gate_110")
+
+
+def deploy_model(arch: str, data, stats):
+    """The shipped pretrained model for cifar10_rnn_gate_38 (its own normalisation), else the bias-set model."""
+    if arch == "cifar10_rnn_gate_38":
+        from skipnet.pretrained import load_pretrained
+
+        model, ckpt = load_pretrained(arch)
+        d = ckpt["data"]
+        return model.eval(), (tuple(d["mean"]), tuple(d["std"])), f"pretrained:{arch} (shipped)"
+    model, reached = bias_set_model(arch, data, stats, 0.5)
+    return model, stats, f"{arch}, BN calibrated on CIFAR-10, gate bias set ({reached:.2f} executed on 64 images)"
+
+
+def oracle_graph(cond: bytes) -> bytes:
+    """The blocked-layout conditional graph with its gates pruned: each ``If`` reads its decision from a graph
+    input ``d<k>`` (a gate that costs nothing; the floor under any gate)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from skipnet.bench_onnx import _prune
+    from skipnet.export import blocked_layout
+
+    proto = onnx.load_from_string(blocked_layout(cond, fuse_gates=False))
+    ifs = [n for n in proto.graph.node if n.op_type == "If"]
+    for k, node in enumerate(ifs):
+        node.input[0] = f"d{k}"
+        proto.graph.input.append(helper.make_tensor_value_info(f"d{k}", TensorProto.BOOL, []))
+    keep = [o for o in proto.graph.output if o.name == "logits"]
+    del proto.graph.output[:]
+    proto.graph.output.extend(keep)
+    _prune(proto.graph)
+    return proto.SerializeToString()
+
+
+def ort_runner(payload: bytes, batches: list, feeds=None, **opts):
+    """A callable running an ONNX Runtime session (one thread) over ``batches``; ``feeds`` adds inputs per batch."""
+    from skipnet.export import onnx_session
+
+    s = onnx_session(payload, 1, **opts)
+    name = s.get_inputs()[0].name
+    extra = feeds or [{} for _ in batches]
+    return lambda: [s.run(None, {name: b, **f}) for b, f in zip(batches, extra)]
+
+
+def aoti_runner(payload: bytes, batches: list, tag: str):
+    """AOTInductor: the pt2 program ``payload`` compiled to native code (``aoti_compile_and_package``), loaded with
+    its runner; ``(callable over batches, compile seconds)``."""
+    import tempfile
+
+    program = torch.export.load(io.BytesIO(payload))
+    t0 = time.time()
+    path = Path(tempfile.mkdtemp()) / f"{tag}.pt2"
+    with torch.no_grad():
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    runner = torch._inductor.aoti_load_package(str(path))
+    xs = [torch.from_numpy(b) for b in batches]
+
+    def run():
+        with torch.inference_mode():
+            return [runner(x) for x in xs]
+
+    return run, time.time() - t0
+
+
+def _deploy_exports(model, stats, pt2: bool) -> dict:
+    ex = {}
+    for key, fmt, graph, thr in (
+        ("cond", "onnx", "conditional", None),
+        ("cond_all", "onnx", "conditional", 0.0),
+        ("plain", "onnx", "plain", None),
+        ("routed", "onnx", "routed", None),
+        ("cond_pt2", "pt2", "conditional", None),
+        ("cond_all_pt2", "pt2", "conditional", 0.0),
+        ("plain_pt2", "pt2", "plain", None),
+        ("routed_pt2", "pt2", "routed", None),
+    ):
+        if fmt == "pt2" and not pt2:
+            continue
+        t0 = time.time()
+        ex[key] = export_model(model, fmt, graph=graph, stats=stats, threshold=thr, probes=1)
+        print(f"  exported {key} in {time.time() - t0:.0f} s", flush=True)
+    return ex
+
+
+# (label, SkipNet variant, its all-executed twin, the plain reference): one row of the lever table each
+LEVERS_B1 = (
+    ("ORT, conditional, ORT_ENABLE_ALL (the default before)", "cond", "cond_all", "plain"),
+    ("ORT, conditional, ORT_ENABLE_EXTENDED (no NCHWc)", "cond_ext", "cond_all_ext", "plain"),
+    ("ORT, conditional, ORT_ENABLE_BASIC", "cond_basic", "cond_all_basic", "plain"),
+    ("ORT, conditional, allow_spinning=0", "cond_nospin", "cond_all_nospin", "plain"),
+    ("ORT, gate as one LSTM node (NCHW across If)", "lstm", "all_lstm", "plain"),
+    ("ORT, NCHWc kept across If", "nchwc", "all_nchwc", "plain"),
+    ("ORT, NCHWc across If + LSTM gate (layout=nchwc)", "fused", "all_fused", "plain"),
+    ("ORT, floor: NCHWc across If, decisions fed (gate free)", "oracle", "oracle_all", "plain"),
+    ("AOTInductor (torch.cond compiled), vs its own plain", "aoti_cond", "aoti_cond_all", "aoti_plain"),
+    ("AOTInductor, vs ONNX Runtime's plain", "aoti_cond", "aoti_cond_all", "plain"),
+)
+
+
+def _b1_variants(ex: dict, batches: list, decisions: torch.Tensor | None) -> dict:
+    from skipnet.export import blocked_layout, lstm_gates, ort_optimized
+
+    cond, cond_all, plain = ex["cond"].payload, ex["cond_all"].payload, ex["plain"].payload
+    v = {"plain": ort_runner(plain, batches), "plain_ext": ort_runner(plain, batches, level="extended")}
+    for key, payload in (("cond", cond), ("cond_all", cond_all)):
+        v[key] = ort_runner(payload, batches)
+        v[f"{key}_ext"] = ort_runner(payload, batches, level="extended")
+        v[f"{key}_basic"] = ort_runner(payload, batches, level="basic")
+        v[f"{key}_nospin"] = ort_runner(payload, batches, spinning=False)
+    for key, payload in (("", cond), ("all_", cond_all)):
+        v[f"{key}lstm"] = ort_runner(lstm_gates(ort_optimized(payload)).SerializeToString(), batches)
+        v[f"{key}nchwc"] = ort_runner(blocked_layout(payload, fuse_gates=False), batches)
+        v[f"{key}fused"] = ort_runner(payload, batches, layout="nchwc")
+    if decisions is not None:
+        oracle = oracle_graph(cond)
+        n = decisions.shape[1]
+        fed = [{f"d{k}": np.array(bool(d[k])) for k in range(n)} for d in decisions]
+        v["oracle"] = ort_runner(oracle, batches, feeds=fed)
+        v["oracle_all"] = ort_runner(oracle, batches, feeds=[{f"d{k}": np.array(True) for k in range(n)}] * len(fed))
+    return v
+
+
+def _agreement(outs: dict) -> dict:
+    """Every variant's logits and decisions against ONNX Runtime's default session of the same graph."""
+    res = {}
+    for key, out in outs.items():
+        ref = outs["cond_all" if "all" in key else ("plain" if "plain" in key else "cond")]
+        la = np.concatenate([np.asarray(o[0]) for o in out])
+        lb = np.concatenate([np.asarray(o[0]) for o in ref])
+        r = {"max_abs_logit_diff": float(np.abs(la - lb).max())}
+        r["same_classes"] = bool((la.argmax(1) == lb.argmax(1)).all())
+        if len(out[0]) == 3 and len(ref[0]) == 3:
+            da = np.concatenate([np.asarray(o[2]) for o in out])
+            r["decision_mismatches"] = int((da != np.concatenate([np.asarray(o[2]) for o in ref])).sum())
+        res[key] = r
+    return res
+
+
+def _time(variants: dict, rounds: int, n: int) -> dict:
+    cpu: dict = {}
+    wall = time_interleaved(variants, rounds, 2, cpu)
+    return {
+        k: {"cpu_ms": 1e3 * statistics.median(cpu[k]) / n, "wall_ms": 1e3 * statistics.median(wall[k]) / n}
+        for k in variants
+    }
+
+
+def _lever_rows(levers, times: dict, ideal: float, gated: int) -> list[dict]:
+    rows = []
+    for label, half, full, ref in levers:
+        if half not in times:
+            continue
+        t, p = times[half]["cpu_ms"], times[ref]["cpu_ms"]
+        row = {"lever": label, "ms": t, "plain_ms": p, "speedup": p / t, "ideal": ideal, "efficiency": p / t / ideal}
+        row["wall_efficiency"] = times[ref]["wall_ms"] / times[half]["wall_ms"] / ideal
+        if full in times:
+            ta = times[full]["cpu_ms"]
+            row |= {"all_ms": ta, "overhead_all": ta / p - 1, "us_per_block": 1e3 * (ta - p) / gated}
+        rows.append(row)
+    return rows
+
+
+def _aoti_variants(ex: dict, batches: list, keys: tuple, tag: str) -> tuple[dict, dict]:
+    variants, seconds = {}, {}
+    for key, pt2 in keys:
+        variants[key], seconds[key] = aoti_runner(ex[pt2].payload, batches, f"{tag}_{key}")
+        print(f"  AOTInductor {key}: compiled in {seconds[key]:.0f} s", flush=True)
+    return variants, seconds
+
+
+def _aoti_agreement(variants: dict, model, graph_name: str, stats, batches: list) -> dict:
+    """AOTInductor's outputs against the eager greedy model (decisions, classes, logits), per variant."""
+    res = {}
+    for key, run in variants.items():
+        thr = 0.0 if "all" in key else None
+        graph = build_graph(model, "plain" if "plain" in key else graph_name, stats, thr)
+        outs = run()
+        tot = {"max_abs_logit_diff": 0.0, "decision_mismatches": 0, "same_classes": True}
+        for x, out in zip(batches, outs):
+            r = compare(
+                *eager_reference(model, graph, torch.from_numpy(x)),
+                *((out, None) if "plain" in key else (out[0], out[2])),
+            )
+            tot["max_abs_logit_diff"] = max(tot["max_abs_logit_diff"], r["max_abs_logit_diff"])
+            tot["decision_mismatches"] += r.get("decision_mismatches", 0)
+            tot["same_classes"] &= r["same_classes"]
+        res[key] = tot
+    return res
+
+
+def deploy_batch1(model, arch: str, ex: dict, stats, images: torch.Tensor, args) -> dict:
+    from skipnet.cost import cost_model
+
+    batches = [images[i : i + 1].contiguous().numpy() for i in range(len(images))]
+    first = ort_runner(ex["cond"].payload, batches)()
+    dec = torch.from_numpy(np.concatenate([o[2] for o in first]))
+    cm = cost_model(model, int(images.shape[-1]))
+    ideal = float(cm.total_macs_all_on) / float(cm.macs_per_image(dec).mean())
+    variants = _b1_variants(ex, batches, dec)
+    aoti_s, aoti_agree = {}, {}
+    if args.aoti and arch in args.aoti_models:
+        keys = (("aoti_plain", "plain_pt2"), ("aoti_cond", "cond_pt2"), ("aoti_cond_all", "cond_all_pt2"))
+        aoti, aoti_s = _aoti_variants(ex, batches, keys, "b1")
+        aoti_agree = _aoti_agreement(aoti, model, "conditional", stats, batches)
+        variants |= aoti
+    outs = {k: f() for k, f in variants.items() if not k.startswith(("aoti", "oracle"))}
+    times = _time(variants, args.rounds, len(batches))
+    return {
+        "batch": 1,
+        "images": len(images),
+        "executed": float(dec.mean()),
+        "ideal": ideal,
+        "times": times,
+        "agreement": _agreement(outs) | aoti_agree,
+        "aoti_compile_s": aoti_s,
+        "rows": _lever_rows(LEVERS_B1, times, ideal, int(dec.shape[1])),
+    }
+
+
+LEVERS_B32 = (
+    ("ORT, routed, ORT_ENABLE_ALL", "routed", None, "plain"),
+    ("ORT, routed, ORT_ENABLE_EXTENDED (no NCHWc)", "routed_ext", None, "plain"),
+    ("ORT, masked (every block; no saving)", "masked", None, "plain"),
+    ("AOTInductor, routed, vs its own plain", "aoti_routed", None, "aoti_plain"),
+)
+
+
+def deploy_batch32(model, arch: str, ex: dict, stats, images: torch.Tensor, args) -> dict:
+    from skipnet.cost import cost_model
+
+    batches = [images[i : i + 32].contiguous().numpy() for i in range(0, len(images), 32)]
+    routed, plain = ex["routed"].payload, ex["plain"].payload
+    v = {"plain": ort_runner(plain, batches), "routed": ort_runner(routed, batches)}
+    v["routed_ext"] = ort_runner(routed, batches, level="extended")
+    if ex.get("masked") is not None:
+        v["masked"] = ort_runner(ex["masked"].payload, batches)
+    dec = torch.from_numpy(np.concatenate([o[2] for o in v["routed"]()]))
+    cm = cost_model(model, int(images.shape[-1]))
+    ideal = float(cm.total_macs_all_on) / float(cm.macs_per_image(dec).mean())
+    aoti_s, aoti_agree = {}, {}
+    if args.aoti and arch in args.aoti_models:
+        keys = (("aoti_plain", "plain_pt2"), ("aoti_routed", "routed_pt2"))
+        aoti, aoti_s = _aoti_variants(ex, batches, keys, "b32")
+        aoti_agree = _aoti_agreement(aoti, model, "routed", stats, batches)
+        v |= aoti
+    times = _time(v, max(3, args.rounds // 2), len(images))
+    return {
+        "batch": 32,
+        "images": len(images),
+        "executed": float(dec.mean()),
+        "ideal": ideal,
+        "times": times,
+        "agreement": aoti_agree,
+        "aoti_compile_s": aoti_s,
+        "rows": _lever_rows(LEVERS_B32, times, ideal, int(dec.shape[1])),
+    }
+
+
+def deploy(args) -> dict:
+    torch.set_num_threads(1)
+    data, cifar_stats = cifar()
+    out = {"env": env(), "rounds": args.rounds, "models": []}
+    for arch in args.models:
+        model, stats, what = deploy_model(arch, data, cifar_stats)
+        print(f"{what}", flush=True)
+        ex = _deploy_exports(model, stats, args.aoti and arch in args.aoti_models)
+        ex["masked"] = export_model(model, "onnx", graph="masked", stats=stats, probes=1)
+        entry = {"arch": arch, "model": what, "gated_blocks": len(model.gated_blocks)}
+        entry["batch1"] = deploy_batch1(model, arch, ex, stats, pixels(data, "test", args.images), args)
+        _print_rows(arch, entry["batch1"])
+        entry["batch32"] = deploy_batch32(model, arch, ex, stats, pixels(data, "test", 64), args)
+        _print_rows(arch, entry["batch32"])
+        out["models"].append(entry)
+    return out
+
+
+def _print_rows(arch: str, res: dict) -> None:
+    print(f"{arch}, batch {res['batch']}: {res['executed']:.3f} executed, ideal {res['ideal']:.2f}x", flush=True)
+    for r in res["rows"]:
+        extra = f"  all executed {r['overhead_all']:+.1%} ({r['us_per_block']:.1f} us/block)" if "all_ms" in r else ""
+        print(f"  {r['lever']:<58} {r['ms']:7.3f} ms  eff {r['efficiency']:.3f}{extra}", flush=True)
+
+
+def deploy_markdown(result: dict) -> str:
+    """The lever table of :func:`deploy` as markdown (written beside the JSON)."""
+    lines = [f"# Deploy speed (issue 32): `{result['env']['command']}`", "", f"{result['env']}", ""]
+    for m in result["models"]:
+        for key in ("batch1", "batch32"):
+            r = m[key]
+            lines += [
+                f"## {m['model']}, batch {r['batch']} ({r['executed']:.3f} of {m['gated_blocks']} gated blocks "
+                f"executed, ideal {r['ideal']:.2f}x, median of {result['rounds']} interleaved rounds, CPU time)",
+                "",
+                "| lever | SkipNet ms/img | plain ms/img | speed-up | efficiency | (wall) | all executed: overhead | "
+                "per block |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for row in r["rows"]:
+                over = f"{row['overhead_all']:+.1%} | {row['us_per_block']:.1f} µs" if "all_ms" in row else "— | —"
+                lines.append(
+                    f"| {row['lever']} | {row['ms']:.3f} | {row['plain_ms']:.3f} | {row['speedup']:.2f}x | "
+                    f"{row['efficiency']:.3f} | {row['wall_efficiency']:.3f} | {over} |"
+                )
+            lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("speed", "agreement"))
+    p.add_argument("what", choices=("speed", "agreement", "deploy"))
     p.add_argument("--arch", default="cifar10_rnn_gate_110", help="speed: the architecture")
     p.add_argument("--images", type=int, default=16, help="speed: test images per round (batch 1)")
     p.add_argument("--no-batched", action="store_true", help="speed: skip the routed batched graph")
@@ -277,7 +590,21 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="agreement: first N test images (default: all)")
     p.add_argument("--imagenet-images", type=int, default=4)
     p.add_argument("--out", default=None)
+    p.add_argument("--models", nargs="+", default=list(DEPLOY_MODELS), help="deploy: the architectures")
+    p.add_argument("--rounds", type=int, default=15, help="deploy: interleaved rounds (batch 32: half)")
+    p.add_argument("--no-aoti", dest="aoti", action="store_false", help="deploy: leave AOTInductor out")
+    p.add_argument(
+        "--aoti-models", nargs="+", default=["cifar10_rnn_gate_38"], help="deploy: models also compiled by AOTInductor"
+    )
     args = p.parse_args()
+    if args.what == "deploy":
+        result = deploy(args)
+        out = Path(args.out or HERE / "results" / "deploy_speed.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        out.with_suffix(".md").write_text(deploy_markdown(result))
+        print(f"wrote {out} and {out.with_suffix('.md')}")
+        return
     result = speed(args) if args.what == "speed" else agreement(args)
     tag = "" if args.what == "agreement" or args.arch == "cifar10_rnn_gate_110" else f"_{args.arch}"
     out = Path(args.out or HERE / "results" / f"export_{args.what}{tag}.json")

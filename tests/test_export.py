@@ -289,6 +289,30 @@ def test_bench_refuses_an_edited_onnx_file_in_one_line(conditional_onnx, capsys,
         assert rc == 2 and err.startswith("skipnet bench: error: ") and msg in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["nchwc", "nchwc_lstm_gate"])
+def test_blocked_layout_graph_matches_eager(model, conditional_onnx, fuse) -> None:
+    """Issue 32: the conditional graph with ONNX Runtime's blocked layout kept across its If nodes (and the
+    recurrent gate as one LSTM node) takes every eager decision and class; no reorder is left in a branch."""
+    from skipnet.export import blocked_layout
+
+    rewritten = blocked_layout(conditional_onnx[0].read_bytes(), fuse_gates=fuse)
+    proto = onnx.load_from_string(rewritten)
+    branches = [a.g for n in proto.graph.node if n.op_type == "If" for a in n.attribute]
+    assert len(branches) == 2 * 5
+    assert not any(m.op_type in ("ReorderInput", "ReorderOutput") for b in branches for m in b.node)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("LSTM") == (5 if fuse else 0) and ("Tanh" in ops) != fuse
+    session = onnx_session(rewritten)
+    _varies(_agree(model, "conditional", lambda x: run_onnx(session, x), _fresh(16, 1, seed=11)))
+
+
+def test_nchwc_session_runs_other_graphs_as_they_are(model) -> None:
+    """``layout="nchwc"`` on a graph without If (plain, routed) runs it unchanged, with the same outputs."""
+    ex = export_model(model, "onnx", graph="routed", stats=STATS, probes=1)
+    session = onnx_session(ex.payload, layout="nchwc")
+    _agree(model, "routed", lambda x: run_onnx(session, x), _fresh(2, 3, seed=5))
+
+
 def test_an_onnx_file_with_an_altered_weight_is_refused_in_one_line(conditional_onnx, capsys, tmp_path) -> None:
     """The export records the SHA-256 of its graph; one weight changed to another finite value is refused."""
     from onnx import numpy_helper

@@ -30,26 +30,8 @@ from skipnet.config import ArchConfig
 from skipnet.cost import cost_model
 from skipnet.errors import SkipnetError
 from skipnet.export import onnx_session, read_onnx_meta, require_onnx
+from skipnet.export import prune_graph as _prune
 from skipnet.predict import check_export_meta, check_onnx_structure, open_onnx_session
-
-
-def _prune(graph: Any) -> None:
-    """Drop nodes whose outputs nothing uses (graph outputs included), and unused initializers."""
-    needed = {o.name for o in graph.output}
-    keep = []
-    for node in reversed(list(graph.node)):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(node.input)
-            for attr in node.attribute:
-                if attr.type == attr.GRAPH:
-                    needed.update(i for n in attr.g.node for i in n.input)
-    keep.reverse()
-    del graph.node[:]
-    graph.node.extend(keep)
-    inits = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
 
 
 def inline_branch(graph: Any, sub: Any, prefix: str, reads: dict[str, str] | None = None) -> tuple[list, list[str]]:

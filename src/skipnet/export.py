@@ -515,17 +515,336 @@ def localize_branch_weights(proto: Any) -> Any:
     return proto
 
 
-def onnx_session(model_bytes: bytes, threads: int | None = 1) -> Any:
-    """An ONNX Runtime CPU session (sequential executor, ``threads`` intra-op threads)."""
+NCHWC = "com.microsoft.nchwc"  # ONNX Runtime's blocked-layout operators (CPU execution provider)
+
+
+def ort_optimized(model_bytes: bytes, level: str = "all") -> Any:
+    """The model ONNX Runtime runs after its graph optimisations at ``level`` (``all``: with the NCHWc layout
+    rewrite; the result is for this CPU and runtime version only), as a ModelProto."""
+    import tempfile
+
+    onnx, ort = require_onnx()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = _LEVELS[level](ort)
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+        return onnx.load(opts.optimized_model_filepath)
+
+
+_LEVELS = {
+    "disable": lambda ort: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": lambda ort: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": lambda ort: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": lambda ort: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def _attr(node: Any, name: str) -> Any:
+    import onnx
+
+    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
+def _blocked_branch(sub: Any, outer: str, blocked: str) -> int:
+    """Rewrite an ``If`` branch of an NCHWc-optimised graph to take the block input in the blocked layout
+    (``blocked``, instead of reordering ``outer`` in) and return its output blocked: the final reorder, residual
+    ``Add`` and ``Relu`` fold into the last convolution (its ``Sum`` input and ``Relu`` activation), as in the
+    plain network. Returns the output's channel count (0 for an identity branch)."""
+    ren, nodes = {}, []
+    for n in sub.node:
+        if n.domain == NCHWC and n.op_type == "ReorderInput" and n.input[0] == outer:
+            ren[n.output[0]] = blocked
+        else:
+            nodes.append(n)
+    made = {}
+    for n in nodes:
+        n.input[:] = [blocked if i == outer and n.op_type == "Identity" else ren.get(i, i) for i in n.input]
+        made.update({o: n for o in n.output})
+    want = sub.output[0].name  # unique in the model (branch-local names such as reorder_token_5 are not)
+    last, drop, channels, value = made[want], set(), 0, want
+    if last.op_type == "ReorderOutput":
+        drop.add(id(last))
+        channels, value = _attr(last, "channels"), last.input[0]
+    elif last.op_type == "Relu" and made.get(last.input[0]) is not None and made[last.input[0]].op_type == "Add":
+        channels, value = _fold_residual(made, last, outer, blocked, drop)
+    elif last.op_type != "Identity":
+        raise ValueError(f"a branch ending in {last.op_type}")
+    kept = [n for n in nodes if id(n) not in drop]
+    for n in kept:
+        n.input[:] = [want if i == value else i for i in n.input]
+        n.output[:] = [want if o == value else o for o in n.output]
+    if any(outer in n.input for n in kept):
+        raise ValueError("a branch reads the block input in NCHW")
+    del sub.node[:]
+    sub.node.extend(kept)
+    sub.output[0].type.tensor_type.ClearField("shape")
+    return channels
+
+
+def _fold_residual(made: dict[str, Any], relu: Any, outer: str, blocked: str, drop: set[int]) -> tuple[int, str]:
+    """``Relu(Add(ReorderOutput(conv), residual))`` ending a branch -> the NCHWc ``conv`` with the (blocked)
+    residual as its ``Sum`` input and a ``Relu`` activation; the folded nodes' ids added to ``drop``.
+    Returns ``(channels, the conv's output)``."""
+    add = made[relu.input[0]]
+    a, b = add.input
+    reorder, other = (made[a], b) if a in made and made[a].op_type == "ReorderOutput" else (made[b], a)
+    conv = made[reorder.input[0]]
+    if other == outer:
+        total = blocked
+    elif made[other].op_type == "ReorderOutput":  # the downsample's output, reordered back: take it blocked
+        total = made[other].input[0]
+        drop.add(id(made[other]))
+    else:
+        raise ValueError(f"a residual from {made[other].op_type}")
+    plain_conv = conv.domain == NCHWC and conv.op_type == "Conv" and len(conv.input) <= 3
+    if not plain_conv or any(a.name == "activation" for a in conv.attribute):
+        raise ValueError("the block's last convolution is not a plain NCHWc Conv")
+    conv.input.extend([""] * (3 - len(conv.input)) + [total])
+    conv.attribute.append(_make_attr("activation", "Relu"))
+    drop.update({id(reorder), id(add), id(relu)})
+    return _attr(reorder, "channels"), conv.output[0]
+
+
+def _pool_blocked(graph: Any, node: Any, value: str) -> list[Any]:
+    """The gate's ``ReduceMean`` over H, W as NCHWc ``GlobalAveragePool`` of the blocked ``value`` (at 1x1 the
+    blocked and plain layouts are one), reshaped as the ``ReduceMean`` returned it."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    pooled = node.output[0] + "_pooled"
+    nodes = [helper.make_node("GlobalAveragePool", [value], [pooled], domain=NCHWC)]
+    if _attr(node, "keepdims"):
+        return [*nodes, helper.make_node("Identity", [pooled], [node.output[0]])]
+    shape = node.output[0] + "_shape"
+    graph.initializer.append(numpy_helper.from_array(np.array([0, -1], np.int64), shape))
+    return [*nodes, helper.make_node("Reshape", [pooled, shape], [node.output[0]])]
+
+
+def _reorder_out(blocked: str, plain: str, channels: int) -> Any:
+    from onnx import helper
+
+    return helper.make_node("ReorderOutput", [blocked], [plain], domain=NCHWC, channels_last=0, channels=channels)
+
+
+def blocked_layout(model_bytes: bytes, fuse_gates: bool = True) -> bytes:
+    """A conditional graph rewritten to keep ONNX Runtime's blocked NCHWc layout across its ``If`` nodes (issue 32).
+
+    ONNX Runtime optimises each ``If`` branch by itself: a value that crosses the boundary is plain NCHW, so every
+    executed block reorders its input in and its output out, and leaves its residual ``Add`` + ``Relu`` unfused.
+    This takes the graph as ONNX Runtime optimises it *on this CPU* (its NCHWc operators and pre-reordered weights)
+    and passes the blocked values through the ``If`` nodes instead: each branch reads the blocked block input and
+    returns its blocked output (the residual and ReLU fused into the last convolution, as in the plain network),
+    the gates pool the blocked value (NCHWc ``GlobalAveragePool``: at 1x1 the blocked and plain layouts are one),
+    and anything else reads a reordered copy. Same function (the same kernels as the plain network; the gates'
+    means summed in another order, ~1e-7). The result is for this CPU and ONNX Runtime version only: build it
+    where it runs (:func:`onnx_session` does with ``layout="nchwc"``). Raises ``ValueError`` for a graph it does
+    not recognise (no ``If``, a branch that is not a convolution chain); :func:`onnx_session` also checks the
+    result against the graph as written on probe images before it uses it.
+    ``fuse_gates`` also rewrites the recurrent gates into one ``LSTM`` node each (:func:`lstm_gates`)."""
+    proto = ort_optimized(model_bytes)
+    graph, blocked, channels, nodes, restored = proto.graph, {}, {}, [], set()
+    if not any(n.op_type == "If" for n in graph.node):
+        raise ValueError("no If node")
+    inits = {t.name: t for t in graph.initializer}
+    for n in graph.node:
+        if n.domain == NCHWC and n.op_type == "ReorderOutput":
+            blocked[n.output[0]], channels[n.input[0]] = n.input[0], _attr(n, "channels")
+    for n in graph.node:
+        if n.op_type == "If":
+            branches = [a.g for a in n.attribute]
+            made = {o for b in branches for m in b.node for o in m.output}
+            (outer,) = {i for b in branches for m in b.node for i in m.input if i in blocked and i not in made}
+            outs = {_blocked_branch(b, outer, blocked[outer]) for b in branches} - {0}
+            name = n.output[0] + "_nchwc"
+            blocked[n.output[0]], channels[name], n.output[0] = name, (outs or {channels[blocked[outer]]}).pop(), name
+        elif n.op_type == "ReduceMean" and n.input[0] in blocked and _spatial(inits, n):
+            nodes += _pool_blocked(graph, n, blocked[n.input[0]])
+            continue
+        elif n.domain == NCHWC and n.op_type == "ReorderOutput":
+            continue  # put back below, where a plain consumer needs it
+        for i in n.input:
+            if i in blocked and i not in restored and blocked[i] != i:
+                restored.add(i)
+                nodes.append(_reorder_out(blocked[i], i, channels[blocked[i]]))
+        nodes.append(n)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]
+    return (lstm_gates(proto) if fuse_gates else proto).SerializeToString()
+
+
+def lstm_gates(proto: Any) -> Any:
+    """Rewrite the recurrent gate of a (batch-1, ONNX Runtime-optimised) conditional graph into one ONNX ``LSTM``
+    node per block (issue 32): the ~10 nodes of the cell (matrix product on ``[mean(x), h]``, split, sigmoid,
+    tanh, the products and sum) become ``Unsqueeze`` + ``LSTM`` + ``Reshape``; the output layer and the comparison
+    stay. Same function up to float rounding (the input and recurrent products summed apart, ~1e-7). Finds the
+    gates by the weights :class:`_Gates` writes (``gates.w<i>``, ``gates.b<i>``, ``gates.fc_w``); a graph without
+    them is returned unchanged."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    made = {o: n for n in graph.node for o in n.output}
+    users: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    new_nodes: dict[int, list[Any]] = {}
+    state: tuple[str, str] | None = None
+    k = 0
+    while f"gates.w{k}" in inits:
+        gemm = next(u for u in users[f"gates.w{k}"] if u.op_type == "Gemm")
+        cat = made[gemm.input[0]]
+        w = numpy_helper.to_array(inits[f"gates.w{k}"])
+        b = numpy_helper.to_array(inits[f"gates.b{k}"])
+        hd = w.shape[0] // 4
+        order = np.r_[0:hd, 2 * hd : 3 * hd, hd : 2 * hd, 3 * hd : 4 * hd]  # (i, f, o, g) -> ONNX's (i, o, f, c)
+        c = w.shape[1] - hd
+        names = [f"lstm{k}_{x}" for x in ("W", "R", "B", "x", "Y_h", "Y_c", "h", "hshape")]
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(w[order, :c][None].copy(), names[0]),
+                numpy_helper.from_array(w[order, c:][None].copy(), names[1]),
+                numpy_helper.from_array(np.concatenate([b[order], np.zeros_like(b)])[None], names[2]),
+                numpy_helper.from_array(np.array([-1, hd], np.int64), names[7]),
+            ]
+        )
+        fc = _lstm_fc(users, made, gemm)
+        ins = [names[3], names[0], names[1], names[2]] + (["", state[0], state[1]] if state else [])
+        src = made.get(cat.input[0])
+        x_in = src.input[0] if src is not None and src.op_type in ("Reshape", "Identity") else cat.input[0]
+        new_nodes[id(cat)] = [
+            helper.make_node("Reshape", [x_in, _const(graph, f"lstm_x{c}", np.array([1, 1, c], np.int64))], [names[3]]),
+            helper.make_node("LSTM", ins, ["", names[4], names[5]], hidden_size=hd),
+            helper.make_node("Reshape", [names[4], names[7]], [names[6]]),
+        ]
+        fc.input[0] = names[6]
+        state, k = (names[4], names[5]), k + 1
+    if not k:
+        return proto
+    nodes = [m for n in graph.node for m in new_nodes.get(id(n), [n])]
+    for n in nodes:  # an If takes any one-element condition: no Reshape of the (1, 1) comparison to a scalar
+        if n.op_type == "If" and made.get(n.input[0]) is not None and made[n.input[0]].op_type == "Reshape":
+            n.input[0] = made[n.input[0]].input[0]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    prune_graph(graph)
+    return proto
+
+
+def prune_graph(graph: Any) -> None:
+    """Drop nodes whose outputs nothing uses (graph outputs included), and unused initializers."""
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(list(graph.node)):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+            for attr in node.attribute:
+                if attr.type == attr.GRAPH:
+                    needed.update(i for n in attr.g.node for i in n.input)
+    keep.reverse()
+    del graph.node[:]
+    graph.node.extend(keep)
+    inits = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
+def _lstm_fc(users: dict[str, list[Any]], made: dict[str, Any], gemm: Any) -> Any:
+    """The gate's output layer (the ``Gemm`` on ``gates.fc_w``) nearest its cell's matrix product (breadth first:
+    the next gates' output layers are further on)."""
+    from collections import deque
+
+    seen, todo = set(), deque([gemm])
+    while todo:
+        n = todo.popleft()
+        if n.op_type == "Gemm" and len(n.input) > 1 and n.input[1] == "gates.fc_w":
+            return n
+        for o in n.output:
+            for u in users.get(o, []):
+                if id(u) not in seen and u.op_type not in ("Concat", "If"):
+                    seen.add(id(u))
+                    todo.append(u)
+    raise ValueError("no gate output layer")
+
+
+def _const(graph: Any, name: str, value: Any) -> str:
+    from onnx import numpy_helper
+
+    if not any(t.name == name for t in graph.initializer):
+        graph.initializer.append(numpy_helper.from_array(value, name))
+    return name
+
+
+def _spatial(inits: dict[str, Any], node: Any) -> bool:
+    """Whether a ``ReduceMean`` averages over the two spatial axes of a 4-d value (axes [2, 3] or [-2, -1])."""
+    from onnx import numpy_helper
+
+    if len(node.input) < 2 or node.input[1] not in inits:
+        return False
+    return sorted(int(a) % 4 for a in numpy_helper.to_array(inits[node.input[1]]).ravel()) == [2, 3]
+
+
+def _make_attr(name: str, value: Any) -> Any:
+    import onnx
+
+    return onnx.helper.make_attribute(name, value)
+
+
+LAYOUTS = ("nchw", "nchwc")
+
+
+def onnx_session(
+    model_bytes: bytes, threads: int | None = 1, *, layout: str = "nchw", level: str = "all", spinning: bool = True
+) -> Any:
+    """An ONNX Runtime CPU session (sequential executor, ``threads`` intra-op threads, graph optimisations at
+    ``level``). ``layout="nchwc"`` runs a conditional graph rewritten by :func:`blocked_layout` for this CPU (a
+    graph it does not apply to runs as it is); ``spinning=False`` stops idle intra-op threads spinning."""
     _, ort = require_onnx()
+    if layout not in LAYOUTS:
+        raise SkipnetError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if layout == "nchwc":
+        plain = onnx_session(model_bytes, threads, level=level, spinning=spinning)
+        try:
+            blocked = onnx_session(blocked_layout(model_bytes), threads, level=level, spinning=spinning)
+            _same_outputs(plain, blocked)
+            return blocked
+        except Exception as exc:  # noqa: BLE001 - not a graph the rewrite knows here: run it as it is
+            log.debug("the blocked-layout rewrite does not apply (%s); running the graph as it is", exc)
+            return plain
     opts = ort.SessionOptions()
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = _LEVELS[level](ort)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def _same_outputs(reference: Any, rewritten: Any, probes: int = 2) -> None:
+    """Raise ``ValueError`` unless ``rewritten`` gives ``reference``'s decisions and logits (within
+    :data:`LOGIT_TOL`) on ``probes`` seeded random images of its input shape (batch 1 where the batch is free)."""
+    import numpy as np
+
+    inp = reference.get_inputs()[0]
+    shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+    gen = np.random.default_rng(0)
+    for _ in range(probes):
+        x = gen.random(shape, dtype=np.float32)
+        a, b = reference.run(None, {inp.name: x}), rewritten.run(None, {inp.name: x})
+        if (
+            len(a) != len(b)
+            or float(np.abs(a[0] - b[0]).max()) > LOGIT_TOL
+            or any(not np.array_equal(u, v) for u, v in zip(a[2:], b[2:]))
+        ):
+            raise ValueError("the rewritten graph computes other outputs")
 
 
 def run_onnx(session: Any, images: Tensor) -> tuple[Tensor, ...]:
