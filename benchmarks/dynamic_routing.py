@@ -51,6 +51,7 @@ AIG = ("--stage", "sp", "--init", BASE, "--distill", BASE, *SHAPE, "--lr", "0.02
 AIG += ("--eval-every", "176", "--epochs", "2", "--threads", "1")
 AIG_MORE = ("--stage", "sp", "--distill", BASE, *SHAPE, "--lr", "0.01", "--schedule", "cosine", "--eval-every", "351")
 AIG_MORE += ("--epochs", "3", "--threads", "1")
+ORDER_MORE = ("--epochs", "2", "--threads", "1", "--difficulty-spread", "0.3")
 BUDGETS = (20.0, 30.0, 40.0, 50.0)
 RUNS = [
     Run(
@@ -133,6 +134,12 @@ RUNS = [
         ("cifar10_aig_gate_38", *AIG, "--difficulty-spread", "0.2"),
         note="as aig_sp_bs with --difficulty-spread 0.2: each image's executed share pulled to the batch mean "
         "+- 0.2 by the rank of the plain ResNet-38's loss on it (hard images execute more)",
+    ),
+    Run(
+        "aig_sp_order_more2",
+        ("cifar10_aig_gate_38", "--init", "{runs}/aig_sp_order/best.pt", *AIG_MORE[:-4], *ORDER_MORE),
+        needs=("aig_sp_order",),
+        note="aig_sp_order given two more epochs at lr 0.01 with a wider spread (--difficulty-spread 0.3)",
     ),
     Run(
         "rnn_sp_bs",
