@@ -151,7 +151,7 @@ PLAIN = {"base_r20": "ResNet-20", "base_r26": "ResNet-26", "base_r32": "ResNet-3
 
 
 NAMES = [r.name for r in RUNS]
-CURVE = "joint_h1_bs_more3"  # the run whose calibrated budgets the figure draws as a curve
+CURVE = "aig_sp_bs_more3"  # the run whose calibrated budgets the figure draws as a curve
 
 
 def plain_points(results: Path) -> dict[str, dict]:

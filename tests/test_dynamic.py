@@ -336,6 +336,43 @@ def test_routing_page_states_the_floor_run() -> None:
     assert ro["executed_mean_wrong"] < ro["executed_mean_correct"]  # "wrong predictions still execute fewer"
 
 
+def test_routing_page_states_the_aig_and_difficulty_runs() -> None:
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "routing.md").read_text()
+    rows = {r["name"]: r for r in json.loads((root / "benchmarks/results/dynamic_routing.json").read_text())["runs"]}
+
+    def acc(name: str) -> str:
+        return f"{rows[name]['accuracy']:.2f}% at {rows[name]['macs_reduction']:.1f}% fewer"
+
+    more, order, sc = rows["aig_sp_bs_more3"], rows["aig_sp_order"], rows["pol_hrl38_floor0.1_sc"]
+    b30 = rows["aig_sp_bs_more3@30%"]
+    gap = order["routes"]["executed_mean_wrong"] - order["routes"]["executed_mean_correct"]
+    sc_gap = sc["routes"]["executed_mean_correct"] - sc["routes"]["executed_mean_wrong"]
+    stated = [
+        acc("aig_sp_bs"),
+        acc("aig_sp_bs_more3"),
+        acc("aig_sp_order"),
+        acc("rnn_sp_bs"),
+        f"{more['routes']['distinct_routes']} routes",
+        f"std {more['routes']['executed_std']:.2f}",
+        f"{100 * more['routes']['top_route_share']:.1f}% on the most",
+        f"std {order['routes']['executed_std']:.2f}",
+        f"+{gap:.2f} blocks",
+        f"{gap:.2f} blocks more",
+        f"Spearman −{-order['routes']['class_spearman_median']:.2f}",
+        f"{sc_gap:.2f} blocks fewer",
+        f"{rows['aig_sp_bs_more3@40%']['accuracy']:.2f}% at {rows['aig_sp_bs_more3@40%']['macs_reduction']:.1f}%",
+        f"collapses to {rows['aig_sp_bs_more3@50%']['accuracy']:.2f}%",
+        f"both land on {b30['macs_reduction']:.1f}% ({b30['accuracy']:.2f}%)",
+    ]
+    missing = [s for s in stated if s not in page]
+    assert not missing, f"docs/routing.md does not state {missing}"
+    assert gap > 0 and sc_gap > 0 and order["routes"]["class_spearman_median"] < -0.5
+
+
 def test_train_refuses_an_empty_out(capsys) -> None:
     assert main(["train", "tiny_resnet_14", "--stage", "base", "--data", "digits", "--out", ""]) == 2
     err = capsys.readouterr().err
