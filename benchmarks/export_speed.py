@@ -307,11 +307,11 @@ def oracle_graph(cond: bytes) -> bytes:
     return proto.SerializeToString()
 
 
-def ort_runner(payload: bytes, batches: list, feeds=None, **opts):
+def ort_runner(payload: bytes, batches: list, feeds=None, layout: str = "nchw", **opts):
     """A callable running an ONNX Runtime session (one thread) over ``batches``; ``feeds`` adds inputs per batch."""
     from skipnet.export import onnx_session
 
-    s = onnx_session(payload, 1, **opts)
+    s = onnx_session(payload, 1, layout=layout, **opts)
     name = s.get_inputs()[0].name
     extra = feeds or [{} for _ in batches]
     return lambda: [s.run(None, {name: b, **f}) for b, f in zip(batches, extra)]
@@ -463,6 +463,28 @@ def _aoti_agreement(variants: dict, model, graph_name: str, stats, batches: list
     return res
 
 
+def load_seconds(payload: bytes) -> dict:
+    """Seconds to open a session on the conditional graph: as written (ORT_ENABLE_ALL), precompiled (the model
+    ONNX Runtime optimised, saved via ``optimized_model_filepath``, opened without optimisation), and
+    ``layout="nchwc"`` (the rewrite, its probe check against the graph as written, and both sessions)."""
+    from skipnet.export import blocked_layout, onnx_session, ort_optimized
+
+    pre = ort_optimized(payload).SerializeToString()
+    blocked = blocked_layout(payload)
+    res = {}
+    for key, fn in (
+        ("as_written", lambda: onnx_session(payload, layout="nchw")),
+        ("precompiled", lambda: onnx_session(pre, layout="nchw", level="disable")),
+        ("precompiled_nchwc", lambda: onnx_session(blocked, layout="nchw", level="disable")),
+        ("layout_nchwc", lambda: onnx_session(payload, layout="nchwc")),
+    ):
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fn()
+        res[key] = (time.perf_counter() - t0) / 3
+    return res
+
+
 def deploy_batch1(model, arch: str, ex: dict, stats, images: torch.Tensor, args) -> dict:
     from skipnet.cost import cost_model
 
@@ -488,6 +510,7 @@ def deploy_batch1(model, arch: str, ex: dict, stats, images: torch.Tensor, args)
         "times": times,
         "agreement": _agreement(outs) | aoti_agree,
         "aoti_compile_s": aoti_s,
+        "load_s": load_seconds(ex["cond"].payload),
         "rows": _lever_rows(LEVERS_B1, times, ideal, int(dec.shape[1])),
     }
 
@@ -516,8 +539,12 @@ def deploy_batch32(model, arch: str, ex: dict, stats, images: torch.Tensor, args
     if args.aoti and arch in args.aoti_models:
         keys = (("aoti_plain", "plain_pt2"), ("aoti_routed", "routed_pt2"))
         aoti, aoti_s = _aoti_variants(ex, batches, keys, "b32")
-        aoti_agree = _aoti_agreement(aoti, model, "routed", stats, batches)
-        v |= aoti
+        try:
+            aoti_agree = _aoti_agreement(aoti, model, "routed", stats, batches)
+            v |= aoti
+        except RuntimeError as exc:  # the routed program's data-dependent sizes (recorded, not timed)
+            aoti_agree = {"aoti_routed": {"error": str(exc).strip().splitlines()[0][:200]}}
+            print(f"  AOTInductor routed fails at batch 32: {aoti_agree['aoti_routed']['error']}", flush=True)
     times = _time(v, max(3, args.rounds // 2), len(images))
     return {
         "batch": 32,

@@ -800,18 +800,20 @@ LAYOUTS = ("nchw", "nchwc")
 
 
 def onnx_session(
-    model_bytes: bytes, threads: int | None = 1, *, layout: str = "nchw", level: str = "all", spinning: bool = True
+    model_bytes: bytes, threads: int | None = 1, *, layout: str = "nchwc", level: str = "all", spinning: bool = True
 ) -> Any:
     """An ONNX Runtime CPU session (sequential executor, ``threads`` intra-op threads, graph optimisations at
-    ``level``). ``layout="nchwc"`` runs a conditional graph rewritten by :func:`blocked_layout` for this CPU (a
-    graph it does not apply to runs as it is); ``spinning=False`` stops idle intra-op threads spinning."""
+    ``level``). ``layout="nchwc"`` (the default; issue 32, measured in ``benchmarks/export_speed.py deploy``) runs
+    a conditional graph rewritten by :func:`blocked_layout` for this CPU, once the rewrite gives the graph's own
+    outputs on probe images; any other graph, or one the rewrite does not apply to, runs as written (``"nchw"``).
+    ``spinning=False`` stops idle intra-op threads spinning."""
     _, ort = require_onnx()
     if layout not in LAYOUTS:
         raise SkipnetError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
-    if layout == "nchwc":
-        plain = onnx_session(model_bytes, threads, level=level, spinning=spinning)
+    if layout == "nchwc" and b"If" in model_bytes and _has_if(model_bytes):
+        plain = onnx_session(model_bytes, threads, layout="nchw", level=level, spinning=spinning)
         try:
-            blocked = onnx_session(blocked_layout(model_bytes), threads, level=level, spinning=spinning)
+            blocked = onnx_session(blocked_layout(model_bytes), threads, layout="nchw", level=level, spinning=spinning)
             _same_outputs(plain, blocked)
             return blocked
         except Exception as exc:  # noqa: BLE001 - not a graph the rewrite knows here: run it as it is
@@ -826,6 +828,11 @@ def onnx_session(
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def _has_if(model_bytes: bytes) -> bool:
+    onnx, _ = require_onnx()
+    return any(n.op_type == "If" for n in onnx.load_from_string(model_bytes).graph.node)
 
 
 def _same_outputs(reference: Any, rewritten: Any, probes: int = 2) -> None:
@@ -937,7 +944,7 @@ def export_model(
         entry.key, entry.value = META_KEY, json.dumps(meta)
         payload = proto.SerializeToString()
         onnx.checker.check_model(onnx.load_from_string(payload))  # structural check
-        session = onnx_session(payload)
+        session = onnx_session(payload, layout="nchw")  # the graph as written, as any ONNX Runtime user runs it
         check = check_program(lambda x: run_onnx(session, x), model, g, images)
         check["runtime"] = "onnxruntime " + _ort_version()
     else:
