@@ -137,7 +137,7 @@ def time_all(
     """CPU ms per image of each graph (batch 1), interleaved rounds; checks that every graph's logits agree with
     those of graph ``ref`` (``plain`` only where all blocks execute). A graph's ``decision_J`` inputs are fed
     ``decisions[image, J]`` (all ``True`` without ``decisions``)."""
-    sessions = {k: onnx_session(b, threads=1) for k, b in graphs.items()}
+    sessions = {k: onnx_session(b, threads=1, layout="nchw") for k, b in graphs.items()}
 
     def runner(s):
         def feed(i: int) -> dict[str, np.ndarray]:
@@ -180,7 +180,7 @@ def main() -> None:
         "slice": sliced(full),
     }
     ms = time_all({k: m.SerializeToString() for k, m in all_on.items()}, images, args.repeats, "plain")
-    session = onnx_session(half.SerializeToString(), threads=1)
+    session = onnx_session(half.SerializeToString(), threads=1, layout="nchw")
     decisions = np.concatenate([session.run(None, {"images": images[i : i + 1]})[2] for i in range(len(images))])
     cm = cost_model(model, images.shape[-1])
     ideal = float(cm.total_macs_all_on / cm.macs_per_image(torch.from_numpy(decisions)).mean())

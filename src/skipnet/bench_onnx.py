@@ -7,7 +7,9 @@ file itself so that they use the very same (BN-folded) weights and kernels:
   ResNet of the same backbone, as ``skipnet export --graph plain`` would write it;
 - ``masked``: every ``If`` replaced by both branches and a ``Where`` on the decision (every block computed, as
   the masked graph does);
-- ``routed``: the file as written.
+- ``routed``: the file, as skipnet runs it (:func:`skipnet.export.onnx_session`: a conditional graph with ONNX
+  Runtime's blocked layout kept across its ``If`` nodes and the gate as one ``LSTM`` node, checked against the
+  file as written; issue 32).
 
 A routed or masked graph (any batch) has no ``If`` to unfold: give the plain ResNet with ``--plain`` (or bench
 a checkpoint with ``--runtime onnxruntime``, which exports both). The three are timed interleaved, as

@@ -23,6 +23,11 @@ Every graph takes images as ``skipnet eval`` reads them before normalisation: fl
 the graph, and also written to its metadata. Gated graphs return ``(logits, probs, decisions)`` with probs and
 decisions (B, N) float32 (decisions 0/1); ``plain`` returns ``logits`` only.
 
+Running (issue 32): :func:`onnx_session` opens a conditional graph in ONNX Runtime with its blocked NCHWc layout
+kept across the ``If`` nodes and the recurrent gate as one ``LSTM`` node (:func:`blocked_layout`, made for the CPU
+it runs on and checked against the graph as written); the file itself stays standard, portable ONNX, with the
+SHA-256 of its graph in its metadata (checked by :func:`read_onnx_meta`).
+
 Nothing is written that does not reproduce the eager model: :func:`export_model` runs the exported program on
 probe images and compares decisions and logits with the eager greedy model before writing (atomically).
 """
