@@ -368,6 +368,13 @@ def test_routing_page_states_the_aig_and_difficulty_runs() -> None:
         f"collapses to {rows['aig_sp_bs_more3@50%']['accuracy']:.2f}%",
         f"both land on {b30['macs_reduction']:.1f}% ({b30['accuracy']:.2f}%)",
     ]
+    more2 = rows["aig_sp_order_more2"]["routes"]
+    stated += [
+        acc("aig_sp_order_more2"),
+        f"{more2['executed_mean_wrong'] - more2['executed_mean_correct']:.2f} blocks above",
+        f"Spearman −{-more2['class_spearman_median']:.2f}",
+        f"stays at {more2['executed_std']:.2f}",
+    ]
     missing = [s for s in stated if s not in page]
     assert not missing, f"docs/routing.md does not state {missing}"
     assert gap > 0 and sc_gap > 0 and order["routes"]["class_spearman_median"] < -0.5
