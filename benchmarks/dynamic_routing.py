@@ -52,6 +52,9 @@ AIG += ("--eval-every", "176", "--epochs", "2", "--threads", "1")
 AIG_MORE = ("--stage", "sp", "--distill", BASE, *SHAPE, "--lr", "0.01", "--schedule", "cosine", "--eval-every", "351")
 AIG_MORE += ("--epochs", "3", "--threads", "1")
 ORDER_MORE = ("--epochs", "2", "--threads", "1", "--difficulty-spread", "0.3")
+FLOOR_ORDER = ("--stage", "sp", "--distill", BASE, "--batch-shape-floor", "0.1", "--batch-shape-weight", "20")
+FLOOR_ORDER += ("--difficulty-spread", "0.3", "--lr", "0.005", "--schedule", "cosine", "--eval-every", "176")
+FLOOR_ORDER += ("--epochs", "1", "--threads", "2")
 BUDGETS = (20.0, 30.0, 40.0, 50.0)
 RUNS = [
     Run(
@@ -140,6 +143,13 @@ RUNS = [
         ("cifar10_aig_gate_38", "--init", "{runs}/aig_sp_order/best.pt", *AIG_MORE[:-4], *ORDER_MORE),
         needs=("aig_sp_order",),
         note="aig_sp_order given two more epochs at lr 0.01 with a wider spread (--difficulty-spread 0.3)",
+    ),
+    Run(
+        "aig_sp_floor_order",
+        ("cifar10_aig_gate_38", "--init", "{runs}/aig_sp_order_more2/best.pt", *FLOOR_ORDER),
+        needs=("aig_sp_order_more2",),
+        note="aig_sp_order_more2 given one epoch with each gate's own rate (--batch-shape-floor 0.1) instead of the "
+        "fixed 0.65, --difficulty-spread 0.3, lr 0.005",
     ),
     Run(
         "rnn_sp_bs",
