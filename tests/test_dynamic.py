@@ -360,7 +360,6 @@ def test_routing_page_states_the_aig_and_difficulty_runs() -> None:
         f"std {more['routes']['executed_std']:.2f}",
         f"{100 * more['routes']['top_route_share']:.1f}% on the most",
         f"std {order['routes']['executed_std']:.2f}",
-        f"+{gap:.2f} blocks",
         f"{gap:.2f} blocks more",
         f"Spearman −{-order['routes']['class_spearman_median']:.2f}",
         f"{sc_gap:.2f} blocks fewer",
@@ -375,8 +374,17 @@ def test_routing_page_states_the_aig_and_difficulty_runs() -> None:
         f"Spearman −{-more2['class_spearman_median']:.2f}",
         f"stays at {more2['executed_std']:.2f}",
     ]
+    fo = rows["aig_sp_floor_order"]["routes"]
+    fo_gap = fo["executed_mean_wrong"] - fo["executed_mean_correct"]
+    stated += [
+        acc("aig_sp_floor_order"),
+        f"{fo['distinct_routes']} routes, {100 * fo['top_route_share']:.1f}% on the",
+        f"std {fo['executed_std']:.2f}, wrong predictions {fo_gap:.2f}",
+        f"Spearman −{-fo['class_spearman_median']:.2f}",
+    ]
     missing = [s for s in stated if s not in page]
     assert not missing, f"docs/routing.md does not state {missing}"
+    assert fo["executed_std"] >= 1.2 and fo["distinct_routes"] >= 100 and fo["top_route_share"] <= 0.2
     assert gap > 0 and sc_gap > 0 and order["routes"]["class_spearman_median"] < -0.5
 
 
