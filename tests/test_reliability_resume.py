@@ -96,45 +96,14 @@ def test_options_that_change_the_run_are_refused_even_at_their_default(tmp_path,
     """An option given on the command line is compared with the run's even when it is the default value (--momentum
     0.9 on a --momentum 0.8 run used to be ignored); the error names the option."""
     out = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                *FOLDER_ARGS,
-                "--data",
-                "digits",
-                "--limit-train",
-                "64",
-                "--limit-test",
-                "16",
-                "--iters",
-                "2",
-                "--momentum",
-                "0.8",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    argv = ["train", *FOLDER_ARGS, "--data", "digits", "--limit-train", "64", "--limit-test", "16", "--out", str(out)]
+    assert main([*argv, "--iters", "2", "--momentum", "0.8"]) == 0
     before = files(out)
     capsys.readouterr()
     for extra, needle in (
         (["--momentum", "0.9"], "has momentum 0.8, not 0.9"),
         (["--seed", "0", "--val-split", "0.2"], "has val-split 0.1, not 0.2"),
     ):
-        argv = [
-            "train",
-            *FOLDER_ARGS,
-            "--data",
-            "digits",
-            "--limit-train",
-            "64",
-            "--limit-test",
-            "16",
-            "--out",
-            str(out),
-        ]
         assert main([*argv, *extra, "--resume"]) == 2
         assert needle in one_line_error(capsys)
     assert files(out) == before

@@ -236,8 +236,13 @@ def _tensor_bundle(spec: DataSpec, name: str, arrays: Arrays, pad: int, flip: bo
         train,
         val,
         test,
-        {"train_images": len(tr_idx), "val_images": len(va_idx), "test_images": len(te_idx)},
+        _counts(tr_idx, va_idx, te_idx),
     )
+
+
+def _counts(tr_idx, va_idx, te_idx) -> dict[str, int]:
+    """The images in each split, as a bundle records them."""
+    return {"train_images": len(tr_idx), "val_images": len(va_idx), "test_images": len(te_idx)}
 
 
 def _folder_bundle(spec: DataSpec, root: Path, test_dir: Path, classes: list[str]) -> DataBundle:
@@ -270,5 +275,5 @@ def _folder_bundle(spec: DataSpec, root: Path, test_dir: Path, classes: list[str
         train,
         val,
         test,
-        {"train_images": len(tr_idx), "val_images": len(va_idx), "test_images": len(te_idx)},
+        _counts(tr_idx, va_idx, te_idx),
     )
