@@ -29,7 +29,6 @@ RESULTS = REPO / "benchmarks" / "results"
 FIGURE = REPO / "docs" / "figures" / "dynamic_routing.png"
 DEFAULT_DATA = "../shared/data/cifar10-jpeg.tar.gz"
 BASE = "pretrained:cifar10_resnet_38"
-COMMON = ("--batch-size", "128", "--val-split", "0.1", "--log-every", "10")
 # the policy on the frozen plain network: gates start open (p = 0.88), sampled with a 5% floor, self-critical
 POLICY = ("cifar10_rnn_gate_38", "--stage", "hrl", "--init", BASE, "--freeze", "backbone", "--gate-bias", "2")
 POLICY += ("--baseline", "self-critical", "--explore", "0.05", "--lr", "0.05", "--schedule", "cosine", "--threads", "1")
@@ -56,6 +55,13 @@ FLOOR_ORDER = ("--stage", "sp", "--distill", BASE, "--batch-shape-floor", "0.1",
 FLOOR_ORDER += ("--difficulty-spread", "0.3", "--lr", "0.005", "--schedule", "cosine", "--eval-every", "176")
 FLOOR_ORDER += ("--epochs", "1", "--threads", "2")
 BUDGETS = (20.0, 30.0, 40.0, 50.0)
+# The matched control (criterion 2): plain ResNet-26, the plain network nearest the SkipNets' cost, on the
+# headline's 30-epoch schedule (headline30's base_r26, here in float32: this CPU has no AVX-512 for bf16), then
+# the same five extra epochs and teacher as aig_sp_floor_order's chain (2 at lr 0.02, 2 at 0.01, 1 at 0.005,
+# cosine, distilled from the plain ResNet-38)
+PLAIN26 = ("cifar10_resnet_26", "--stage", "base", "--threads", "1")
+PLAIN_SCHEDULE = ("--epochs", "30", "--schedule", "onecycle", "--nesterov", "--weight-decay", "5e-4")
+PLAIN_MORE = ("--distill", BASE, "--schedule", "cosine", "--threads", "1")
 RUNS = [
     Run(
         "pol_bd1_static",
@@ -151,6 +157,26 @@ RUNS = [
         note="aig_sp_order_more2 given one epoch with each gate's own rate (--batch-shape-floor 0.1) instead of the "
         "fixed 0.65, --difficulty-spread 0.3, lr 0.005",
     ),
+    Run("plain_r26", (*PLAIN26, *PLAIN_SCHEDULE), note="plain ResNet-26, the headline's 30-epoch schedule (float32)"),
+    Run(
+        "plain_r26_kd2",
+        (*PLAIN26, "--init", "{runs}/plain_r26/best.pt", *PLAIN_MORE, "--lr", "0.02", "--epochs", "2"),
+        needs=("plain_r26",),
+        note="plain_r26 given aig_sp_order's two distilled epochs (lr 0.02, cosine)",
+    ),
+    Run(
+        "plain_r26_kd4",
+        (*PLAIN26, "--init", "{runs}/plain_r26_kd2/best.pt", *PLAIN_MORE, "--lr", "0.01", "--epochs", "2"),
+        needs=("plain_r26_kd2",),
+        note="plain_r26_kd2 given aig_sp_order_more2's two distilled epochs (lr 0.01)",
+    ),
+    Run(
+        "plain_r26_kd5",
+        (*PLAIN26, "--init", "{runs}/plain_r26_kd4/best.pt", *PLAIN_MORE, "--lr", "0.005", "--epochs", "1"),
+        needs=("plain_r26_kd4",),
+        note="plain_r26_kd4 given aig_sp_floor_order's distilled epoch (lr 0.005): the matched control of "
+        "aig_sp_floor_order (30 + 5 epochs, the same teacher)",
+    ),
     Run(
         "rnn_sp_bs",
         ("cifar10_rnn_gate_38", *AIG),
@@ -161,6 +187,7 @@ PLAIN = {"base_r20": "ResNet-20", "base_r26": "ResNet-26", "base_r32": "ResNet-3
 
 
 NAMES = [r.name for r in RUNS]
+MATCHED = "plain_r26_kd5"  # the plain ResNet-26 at aig_sp_floor_order's training (30 + 5 distilled epochs)
 CURVE = "aig_sp_bs_more3"  # the run whose calibrated budgets the figure draws as a curve
 
 
@@ -168,7 +195,7 @@ def plain_points(results: Path) -> dict[str, dict]:
     """The plain networks' 30-epoch test rows (headline30)."""
     runs = json.loads((results / "headline30_cifar10_cpu.json").read_text())["runs"]
     got = {r["name"]: r for r in runs if r["name"] in PLAIN}
-    return {PLAIN[n]: {"accuracy": got[n]["accuracy"], "macs_reduction": got[n]["macs_reduction"]} for n in PLAIN}
+    return {PLAIN[n]: {k: got[n][k] for k in ("accuracy", "macs_reduction", "macs")} for n in PLAIN}
 
 
 def frontier(plain: dict[str, dict], reduction: float) -> float:
@@ -202,6 +229,9 @@ def plot(rows: dict[str, dict], plain: dict[str, dict], path: Path) -> None:
     ax.plot(xs, [p["accuracy"] for p in plain.values()], "o--", color="gray", label="plain ResNet-20/26/32/38")
     for label, p in plain.items():
         ax.annotate(label, (p["macs_reduction"], p["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for name, r in rows.items():
+        if name == MATCHED:
+            ax.plot(r["macs_reduction"], r["accuracy"], "D", color="black", label="ResNet-26, matched training")
     curve = sorted((r["macs_reduction"], r["accuracy"]) for n, r in rows.items() if n.split("@")[0] == CURVE)
     if curve:
         ax.plot(*zip(*curve), "s-", color="C0", label=f"SkipNet-38 {CURVE}, calibrated")
@@ -214,9 +244,15 @@ def plot(rows: dict[str, dict], plain: dict[str, dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def collect(runner: Runner, path: Path) -> dict[str, dict]:
-    """Rows of every declared run here (and its budgets), the recorded rows of the others, in declaration order."""
-    rows = results.recorded(path) | {name: {"name": name} | row for name, row in runner.rows(RUNS).items()}
+def collect(runner: Runner, path: Path, plain_macs: float) -> dict[str, dict]:
+    """Rows of every declared run here (and its budgets), the recorded rows of the others, in declaration order.
+    A plain control is a row once finished, its saving counted against the plain ResNet-38's ``plain_macs``."""
+    here = {name: {"name": name} | row for name, row in runner.rows(RUNS).items()}
+    here = {n: r for n, r in here.items() if not (n.startswith("plain_") and not r["finished"])}
+    for r in here.values():
+        if r["name"].startswith("plain_"):
+            r["macs_reduction"] = round(100 * (1 - r["macs_mean"] / plain_macs), 2)
+    rows = results.recorded(path) | here
     names = sorted((n for n in rows if n.split("@")[0] in NAMES), key=lambda n: NAMES.index(n.split("@")[0]))
     return {n: {k: v for k, v in rows[n].items() if k != "name"} for n in names}
 
@@ -230,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(Path(args.out), args.data)
     if not args.no_train:
         runner.train(RUNS if args.only is None else select(RUNS, args.only))
-    rows = collect(runner, out_dir / "dynamic_routing.json")
     plain = plain_points(out_dir)
+    rows = collect(runner, out_dir / "dynamic_routing.json", plain["ResNet-38"]["macs"])
     out = {
         "date": dt.date.today().isoformat(),
         "command": "python benchmarks/dynamic_routing.py --data " + args.data,

@@ -163,6 +163,9 @@ def test_freeze_keeps_its_part_bit_identical_and_trains_the_other(plain_run, tmp
         ({"stage": "sp", "difficulty_spread": 0.2}, "--distill"),
         ({"stage": "base", "difficulty_spread": 0.2, "distill": "t.pt"}, "trains no gate"),
         ({"stage": "sp", "difficulty_spread": 0.6, "distill": "t.pt"}, "--difficulty-spread"),
+        ({"stage": "hrl", "threshold_jitter": 0.2}, "only stage sp"),
+        ({"stage": "sp", "threshold_jitter": 0.5}, "--threshold-jitter"),
+        ({"stage": "sp", "threshold_jitter": 0.3, "threshold": 0.8}, r"within \(J, 1 - J\)"),
     ],
 )
 def test_dynamic_options_are_checked(kw, message) -> None:
@@ -276,6 +279,29 @@ def test_training_orders_by_the_teachers_loss(plain_run, tmp_path) -> None:
     with open(f"{out}/metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert rows and all(math.isfinite(r["train_order"]) and r["train_order"] >= 0 for r in rows)
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.3])
+def test_threshold_jitter_moves_the_sp_threshold_each_step(plain_run, tmp_path, monkeypatch, jitter) -> None:
+    """--threshold-jitter J: each SP training forward thresholds its hard gates at 0.5 + U(-J, J) (and a step's
+    hard decisions are 1[p >= that], Eq. 7); without it, at --threshold."""
+    import skipnet.policy as policy
+    from skipnet.gated import GateMode
+
+    seen: list[float] = []  # the threshold of each hard (training) forward
+    real = policy.Drawn.__init__
+
+    def spy(self, model, mode, threshold, *a, **k) -> None:
+        real(self, model, mode, threshold, *a, **k)
+        if mode == GateMode.HARD:
+            seen.append(threshold)
+
+    monkeypatch.setattr(policy.Drawn, "__init__", spy)
+    extra = ("--init", f"{plain_run}/best.pt", "--threshold-jitter", str(jitter), "--eval-every", "12")
+    _train(tmp_path, "jitter", "tiny_rnn_gate_14", "--stage", "sp", *extra)
+    assert len(seen) == 12
+    assert all(0.5 - jitter <= t <= 0.5 + jitter for t in seen)
+    assert (len(set(seen)) == 12) if jitter else set(seen) == {0.5}
 
 
 def test_routing_page_figures_are_the_results_json() -> None:

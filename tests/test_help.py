@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import pkgutil
+import re
 import tomllib
 from pathlib import Path
 
@@ -103,3 +104,21 @@ def test_help_items_of_issue_20(wide) -> None:
         assert ".safetensors" in positional and "pretrained:NAME" in positional, name
     for name, text in helps.items():
         assert "--no-channels-last" not in text or "(default: True)" not in text, name
+
+
+def test_every_train_option_names_the_docs_page_that_explains_it(wide) -> None:
+    """Issue 35: each option of ``skipnet train`` sits in a help group titled with a docs page, and that page
+    mentions the option."""
+    parser = commands()["train"]
+    pages: dict[str, str] = {}
+    for group in parser._action_groups:
+        found = re.search(r"\(explained in (docs/[\w-]+\.md)\)", group.title or "")
+        for action in group._group_actions:
+            if action.option_strings and action.dest != "help":
+                assert found, (group.title, action.option_strings)
+                pages[action.option_strings[-1]] = found.group(1)
+    every = {a.option_strings[-1] for a in parser._actions if a.option_strings and a.dest != "help"}
+    assert set(pages) == every
+    for flag, page in sorted(pages.items()):
+        text = (REPO / page).read_text(encoding="utf-8")
+        assert re.search(re.escape(flag) + r"(?![\w-])", text), f"{page} does not explain {flag}"

@@ -12,7 +12,8 @@ from skipnet.checkpoint import load_model
 from skipnet.cli import main
 from skipnet.losses import distillation_loss, distilled_task_loss, hybrid_returns, mean_first_return
 from skipnet.registry import create_model
-from skipnet.train import TrainConfig, resolve_defaults, selection_score
+from skipnet.runstate import selection_score
+from skipnet.trainconfig import TrainConfig, resolve_defaults
 
 COMMON = ["--limit-train", "256", "--limit-test", "64", "--batch-size", "32", "--threads", "1", "--val-split", "0.2"]
 

@@ -17,7 +17,7 @@ import torch
 
 from skipnet import get_config
 from skipnet.cli import main
-from skipnet.train import TrainConfig, resolve_defaults
+from skipnet.trainconfig import TrainConfig, resolve_defaults
 
 BUNDLED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CLASSES = ("cat", "ship")

@@ -74,6 +74,7 @@ class TrainConfig:
     select: str | None = None
     keep: float = 0.5
     threshold: float = 0.5
+    threshold_jitter: float = 0.0
     val_split: float = 0.1
     seed: int = 0
     eval_every: int | None = None
@@ -175,6 +176,10 @@ class TrainConfig:
                 raise SkipnetError("--difficulty-spread orders the gates' executed shares; this run trains no gate")
             if self.distill is None:
                 raise SkipnetError("--difficulty-spread ranks images by the teacher's loss: pass --distill TEACHER")
+        if self.threshold_jitter and self.stage != "sp":
+            raise SkipnetError("--threshold-jitter moves the hard gates' threshold; only stage sp thresholds them")
+        if self.threshold_jitter and not self.threshold_jitter < self.threshold < 1 - self.threshold_jitter:
+            raise SkipnetError("--threshold-jitter J needs --threshold within (J, 1 - J)")
         if self.freeze == "gates" and self.stage not in ("hrl", "rl", "sp", "soft"):
             raise SkipnetError(f"--freeze gates needs a stage that trains gates; stage {self.stage} trains none")
 
@@ -242,13 +247,18 @@ def check_resumed_length(cfg: TrainConfig, step: int, total: int, out: str) -> N
         )
 
 
+def default_batch_size(family: str) -> int:
+    """The global batch when ``--batch-size`` is not given: 256 on ImageNet, 128 otherwise (§4)."""
+    return 256 if family == "imagenet" else 128
+
+
 def resolve_defaults(cfg: TrainConfig, family: str, dataset: str, num_gates: int, steps_per_epoch: int) -> TrainConfig:
     """Fill ``None`` options with the paper's settings (§4; the authors' scripts) for this stage and data."""
     c = TrainConfig(**asdict(cfg))
     imagenet = family == "imagenet"
     finetune = c.stage == "hrl" and (c.init is not None or c.init_torchvision is not None)
     if c.batch_size is None:
-        c.batch_size = 256 if imagenet else 128
+        c.batch_size = default_batch_size(family)
     if c.weight_decay is None:
         c.weight_decay = 1e-4
     if c.alpha is None:
@@ -345,6 +355,7 @@ RULES: list[tuple[str, Any, str]] = [
     ("batch_shape_weight", lambda v: 0.0 <= v < float("inf"), ">= 0 and finite"),
     ("batch_shape_floor", lambda v: 0.0 < v < 0.5, "in (0, 0.5)"),
     ("difficulty_spread", lambda v: 0.0 < v <= 0.5, "in (0, 0.5]"),
+    ("threshold_jitter", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)"),
     ("gate_bias", lambda v: abs(v) < float("inf"), "finite"),
     ("checkpoint_minutes", _positive, "positive"),
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),

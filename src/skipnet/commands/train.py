@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from pathlib import Path
 
 from skipnet.commands._common import add_data_args, add_optim_args
 from skipnet.commands._common import check_out as check_out_path
@@ -13,7 +12,7 @@ from skipnet.cost import fewer_macs
 from skipnet.errors import SkipnetError
 from skipnet.fileio import json_text
 from skipnet.stages import STAGES
-from skipnet.train import TrainConfig, hold_run_dir, train
+from skipnet.train import TrainConfig, train
 from skipnet.trainconfig import BN_MODES, FREEZE, OPEN_GATE_BIAS, REWARDS, SELECT_RULES, SKIP_REWARDS
 
 
@@ -27,21 +26,34 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("arch", nargs="?", help="architecture name (see 'skipnet models')")
-    p.add_argument("--stage", choices=list(STAGES), help="; ".join(f"{k}: {s.help}" for k, s in STAGES.items()))
-    add_data_args(p)
-    p.add_argument("--out", help="run directory (config.json, metrics.jsonl, last.pt, best.pt)")
-    _add_start_args(p)
-    add_optim_args(p)
-    _add_reward_args(p)
-    _add_model_args(p)
-    _add_runtime_args(p)
+    run_group = _group(p, "the run", "docs/training.md")
+    run_group.add_argument("--stage", choices=list(STAGES), help="; ".join(f"{k}: {s.help}" for k, s in STAGES.items()))
+    run_group.add_argument("--out", help="run directory (config.json, metrics.jsonl, last.pt, best.pt)")
+    _add_start_args(run_group)
+    run_group.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    data = _group(p, "data", "docs/training.md")
+    add_data_args(data)
+    d = TrainConfig.defaults()
+    data.add_argument(
+        "--val-split", type=float, default=d["val_split"], help="fraction of train held out for model selection"
+    )
+    add_optim_args(_group(p, "optimisation", "docs/training.md"))
+    _add_reward_args(_group(p, "SkipNet's reward and gates", "docs/options.md"))
+    _add_routing_args(_group(p, "per-image routing, beyond the paper", "docs/routing.md"))
+    _add_model_args(_group(p, "the network and its selection", "docs/options.md"))
+    _add_runtime_args(_group(p, "the machine and the logs", "docs/scale.md"))
     p.set_defaults(func=run, parser=p)
     for action in p._actions:  # ARCH, --stage, --data and --out may come from --config (checked in run)
         if action.dest == "data":
             action.required = False
 
 
-def _add_start_args(p: argparse.ArgumentParser) -> None:
+# The train options come in groups, each titled with the docs page that explains its options (tests/test_help.py).
+def _group(p: argparse.ArgumentParser, title: str, page: str) -> argparse._ArgumentGroup:
+    return p.add_argument_group(f"{title} (explained in {page})")
+
+
+def _add_start_args(p: argparse._ArgumentGroup) -> None:
     """Where a run starts: a config file, another stage's checkpoint, torchvision weights, or its own last.pt."""
     p.add_argument(
         "--config",
@@ -64,7 +76,7 @@ def _add_start_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_reward_args(p: argparse.ArgumentParser) -> None:
+def _add_reward_args(p: argparse._ArgumentGroup) -> None:
     """What is particular to SkipNet's training: the cost weight, how the gates learn and what they are paid."""
     d = TrainConfig.defaults()
     p.add_argument("--alpha", type=float, default=None, help="HRL cost weight alpha (paper: 0.1 CIFAR, 0.01 ImageNet)")
@@ -110,10 +122,9 @@ def _add_reward_args(p: argparse.ArgumentParser) -> None:
         default=d["alpha_lr"],
         help="step size of --skip-budget's alpha update, per step and unit of budget missed (default: 0.01)",
     )
-    _add_routing_args(p)
 
 
-def _add_routing_args(p: argparse.ArgumentParser) -> None:
+def _add_routing_args(p: argparse._ArgumentGroup) -> None:
     """Beyond the paper, for a policy that depends on the image: the reward, the estimator, which part trains."""
     d = TrainConfig.defaults()
     p.add_argument(
@@ -147,7 +158,7 @@ def _add_routing_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_shape_args(p: argparse.ArgumentParser) -> None:
+def _add_shape_args(p: argparse._ArgumentGroup) -> None:
     """Beyond the paper: terms that shape the gates' probabilities across a batch."""
     d = TrainConfig.defaults()
     p.add_argument(
@@ -175,6 +186,15 @@ def _add_shape_args(p: argparse.ArgumentParser) -> None:
         "teacher finds it (hardest +S, easiest -S; beyond the paper, docs/routing.md; default: off)",
     )
     p.add_argument(
+        "--threshold-jitter",
+        type=float,
+        default=d["threshold_jitter"],
+        metavar="J",
+        help="sp: each step thresholds the hard gates at --threshold + U(-J, J) instead of --threshold, so the "
+        "network learns the routes of nearby thresholds and one checkpoint serves several budgets (skipnet "
+        "calibrate; beyond the paper, docs/routing.md; default: 0, off)",
+    )
+    p.add_argument(
         "--batch-shape-weight",
         type=float,
         default=d["batch_shape_weight"],
@@ -182,7 +202,7 @@ def _add_shape_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse._ArgumentGroup) -> None:
     """How the network starts and is kept: initialisation, BatchNorm under routing, model selection, distillation."""
     d = TrainConfig.defaults()
     p.add_argument(
@@ -234,12 +254,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=d["threshold"], help="gate threshold for greedy decisions")
 
 
-def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+def _add_runtime_args(p: argparse._ArgumentGroup) -> None:
     """How the run uses the machine, and what it writes besides its checkpoints."""
     d = TrainConfig.defaults()
-    p.add_argument(
-        "--val-split", type=float, default=d["val_split"], help="fraction of train held out for model selection"
-    )
     p.add_argument(
         "--amp", choices=["none", "bf16", "fp16"], default=d["amp"], help="mixed precision: bf16 (CPU or CUDA), fp16"
     )
@@ -267,7 +284,6 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
         help="also write TensorBoard event files to OUT/tensorboard (needs the tensorboard package); per-step "
         "scalars go to OUT/steps.csv every --log-every steps in any case",
     )
-    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -277,25 +293,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 # What a run needs, from the command line or --config: (as named in messages, destination)
 REQUIRED = (("ARCH", "arch"), ("--stage", "stage"), ("--data", "data"), ("--out", "out"))
-
-# Files whose presence means --out already holds a run (config.json alone: a run that never got to a checkpoint).
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json")
-
-
-def check_out(cfg: TrainConfig) -> None:
-    """Without ``--resume``, ``--out`` must not hold a run (it would be overwritten). With it, a directory without a
-    checkpoint yet (a job killed before its first one and started again with the same command) gets a new run."""
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise SkipnetError(f"--out {out} is a file, not a run directory; choose another --out")
-    if cfg.resume:
-        return
-    held = [f for f in RUN_FILES if (out / f).exists()]
-    if held:
-        raise SkipnetError(
-            f"--out {out} already holds a run ({', '.join(held)}); pass --resume to continue it, "
-            "or choose another --out"
-        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -317,9 +314,7 @@ def run(args: argparse.Namespace) -> int:
     check_out_path(args.out)
     cfg = config_from_args(args)
     cfg.validate()
-    with hold_run_dir(cfg.out):  # no other run may check or write this directory until this one ends
-        check_out(cfg)
-        summary = train(cfg, progress_bar=True, given=given)
+    summary = train(cfg, progress_bar=True, given=given)  # holding the directory's lock
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
     if args.json:

@@ -1,0 +1,343 @@
+"""Assembling a training run in one downward pass: config → data → model → optimizer (issue 34).
+
+:func:`assemble` is the pass; each step is a function a reader can call on its own:
+
+1. :func:`resolve_config` -- the run to start or continue (``--resume``: the saved config, the options given
+   applied or refused) and the checkpoint it continues from;
+2. :func:`load_run_data` -- this process's share of the data, normalised as the resumed or ``--init`` checkpoint was;
+3. :func:`build_model` -- the network for that data, initialised (zero residuals, gate bias, ``--init``,
+   ``--init-torchvision``) and set to the stage's gate mode; :func:`load_teacher` for ``--distill``;
+4. :func:`make_optimizer` -- SGD over the trainable parameter groups and its learning-rate schedule
+   (:func:`lr_factor`).
+
+What a run keeps while it trains (step, best checkpoint, checkpoints on disk) is :mod:`skipnet.runstate`; the loop
+is :mod:`skipnet.train`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from skipnet.checkpoint import load_checkpoint, load_model, load_weights_into
+from skipnet.config import ArchConfig
+from skipnet.cost import CostModel, cost_model
+from skipnet.data import DataBundle, load_data
+from skipnet.distributed import DistContext
+from skipnet.errors import SkipnetError
+from skipnet.gated import GatedResNet, GateMode
+from skipnet.registry import get_config
+from skipnet.rundir import check_same_data, data_fingerprint
+from skipnet.stages import STAGES, Stage
+from skipnet.trainconfig import (
+    TrainConfig,
+    check_resumed_length,
+    default_batch_size,
+    resolve_defaults,
+    resumed_config,
+)
+
+log = logging.getLogger(__name__)
+
+# Files whose presence means a directory already holds a run (config.json alone: a run that never got to a
+# checkpoint, which a new run may replace).
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json")
+
+
+@dataclass
+class RunSetup:
+    """Everything :func:`assemble` builds, in the order it builds it."""
+
+    cfg: TrainConfig  # resolved: every default filled
+    stage: Stage
+    dist: DistContext
+    resume: dict[str, Any] | None  # the checkpoint --resume continues from
+    resume_path: Path | None
+    data: DataBundle
+    data_fingerprint: str
+    model: GatedResNet
+    cost: CostModel
+    teacher: GatedResNet | None
+    steps_per_epoch: int
+    total: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+
+def assemble(cfg: TrainConfig, dist: DistContext, given: set[str]) -> RunSetup:
+    """The run of ``cfg`` (``given``: the options the user set, which ``--resume`` applies or refuses), assembled."""
+    if cfg.stage not in STAGES:
+        raise SkipnetError(f"unknown stage {cfg.stage!r}; expected one of {', '.join(STAGES)}")
+    stage = STAGES[cfg.stage]
+    cfg, resume, resume_path = resolve_config(cfg, given, dist.rank == 0)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    init = load_checkpoint(cfg.init) if cfg.init and resume is None else None
+    arch = get_config(cfg.arch)
+    if cfg.gate_bias is not None and not arch.gated:
+        raise SkipnetError(f"--gate-bias needs a gated architecture; {arch.name} has no gates")
+    cfg = replace(cfg, batch_size=cfg.batch_size or default_batch_size(arch.family))
+    if cfg.batch_size % dist.world:
+        raise SkipnetError(f"--batch-size {cfg.batch_size} is not divisible by the {dist.world} processes")
+    data = load_run_data(cfg, arch, dist, resume if resume is not None else init)
+    fingerprint = data_fingerprint(data)
+    if resume is not None:  # another --data path must hold the same data set
+        check_same_data(resume, data.meta(), fingerprint, cfg.data, cfg.out)
+    arch = arch.replace(num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size)
+    if stage.needs_gates and not arch.gated:
+        raise SkipnetError(f"stage {cfg.stage!r} needs a gated architecture (e.g. an *_rnn_gate_* name)")
+    torch.manual_seed(cfg.seed)
+    model = GatedResNet(arch)
+    steps_per_epoch = len(data.train)
+    cfg = resolve_defaults(cfg, arch.family, arch.dataset, model.num_gates, steps_per_epoch)
+    total = total_steps(cfg, steps_per_epoch)
+    if resume is not None:
+        check_resumed_length(cfg, int(resume.get("step", 0)), total, cfg.out)
+    build_model(model, cfg, stage, init, resumed=resume is not None)
+    teacher = load_teacher(cfg.distill, data, cfg.channels_last, dist.device) if cfg.distill else None
+    cost = cost_model(model)
+    model.to(dist.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer, scheduler = make_optimizer(model, cfg, total, steps_per_epoch)
+    return RunSetup(
+        cfg=cfg,
+        stage=stage,
+        dist=dist,
+        resume=resume,
+        resume_path=resume_path,
+        data=data,
+        data_fingerprint=fingerprint,
+        model=model,
+        cost=cost,
+        teacher=teacher,
+        steps_per_epoch=steps_per_epoch,
+        total=total,
+        optimizer=optimizer,
+        scheduler=scheduler,
+    )
+
+
+# ------------------------------------------------------------------------------------------ 1. config
+def resolve_config(
+    cfg: TrainConfig, given: set[str], main: bool = True
+) -> tuple[TrainConfig, dict[str, Any] | None, Path | None]:
+    """``(config, checkpoint, its path)`` of the run to continue (``--resume`` with a checkpoint: the saved config
+    with the options ``given`` that may change applied, :func:`~skipnet.trainconfig.resumed_config`), or
+    ``(cfg, None, None)`` for a new run."""
+    path = resume_source(cfg, main)
+    if path is None:
+        return cfg, None, None
+    ckpt = load_checkpoint(path)
+    try:
+        saved = TrainConfig.from_dict(ckpt["train_config"])
+    except (KeyError, TypeError, AttributeError):
+        raise SkipnetError(f"{path} has no usable run configuration to resume from") from None
+    return resumed_config(cfg, saved, given, cfg.out), ckpt, path
+
+
+def check_no_run(out: Path) -> None:
+    """A new run may not start in a directory that holds one (it would be overwritten)."""
+    if out.exists() and not out.is_dir():
+        raise SkipnetError(f"--out {out} is a file, not a run directory; choose another --out")
+    held = [f for f in RUN_FILES if (out / f).exists()]
+    if held:
+        raise SkipnetError(
+            f"--out {out} already holds a run ({', '.join(held)}); pass --resume to continue it, "
+            "or choose another --out"
+        )
+
+
+def resume_source(cfg: TrainConfig, main: bool = True) -> Path | None:
+    """The checkpoint ``--resume`` continues from: ``last.pt``; or ``best.pt`` of a run stopped (killed, disk
+    full) during its first checkpoint, after ``best.pt`` was written and before ``last.pt``: the two hold the
+    same state. ``None``: a new run (``--resume`` on a directory without a checkpoint yet clears it first)."""
+    out = Path(cfg.out)
+    if not cfg.resume:
+        check_no_run(out)
+        return None
+    last, best = out / "last.pt", out / "best.pt"
+    if last.exists():
+        return last
+    if not best.exists():
+        start_afresh(out, main)
+        return None
+    try:
+        step = load_checkpoint(best)["step"]
+    except SkipnetError as exc:
+        raise SkipnetError(
+            f"--resume: {out} holds a best.pt but no last.pt to continue from, and best.pt cannot be "
+            f"resumed ({first_line(exc)}); choose another --out (or remove what is there)"
+        ) from None
+    log.warning(
+        "--resume: %s has no last.pt (stopped during its first checkpoint); continuing from best.pt (step %d), "
+        "the same state",
+        out,
+        step,
+    )
+    return best
+
+
+def start_afresh(out: Path, main: bool) -> None:
+    """``--resume`` on a directory without a checkpoint (a job preempted before its first one, re-queued with the
+    same command line): start a new run there, dropping what the first attempt left."""
+    leftovers = [n for n in ("metrics.jsonl", "summary.json") if (out / n).exists()]  # best.pt: refused
+    log.warning("--resume: %s holds no checkpoint yet; starting a new run", out)
+    if main:
+        for name in leftovers:
+            (out / name).unlink()
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message that says something (not a header ending in a colon)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return next((ln for ln in lines if not ln.endswith(":")), lines[0] if lines else type(exc).__name__)[:200]
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    if cfg.iters is not None:
+        return int(cfg.iters)
+    return max(1, int(round(cfg.epochs * steps_per_epoch)))
+
+
+# ------------------------------------------------------------------------------------------ 2. data
+def load_run_data(cfg: TrainConfig, arch: ArchConfig, dist: DistContext, saved: dict[str, Any] | None) -> DataBundle:
+    """This process's share of the data (``cfg.batch_size`` is the global batch), normalised as ``saved`` (the
+    resumed or ``--init`` checkpoint) was."""
+    stats = None
+    if saved is not None and saved.get("data", {}).get("mean"):
+        stats = (tuple(saved["data"]["mean"]), tuple(saved["data"]["std"]))
+    with dist.main_first():  # one process per machine extracts and caches the data first
+        return load_data(
+            cfg.data,
+            data_dir=cfg.data_dir,
+            download=cfg.download,
+            batch_size=cfg.batch_size // dist.world,
+            eval_batch_size=cfg.eval_batch_size,
+            val_split=cfg.val_split,
+            seed=cfg.seed,
+            workers=cfg.workers,
+            rank=dist.rank,
+            world=dist.world,
+            limit_train=cfg.limit_train,
+            limit_test=cfg.limit_test,
+            image_size=cfg.image_size or (arch.image_size if arch.family == "imagenet" else None),
+            stats=stats,
+        )
+
+
+# ------------------------------------------------------------------------------------------ 3. model
+def build_model(model: GatedResNet, cfg: TrainConfig, stage: Stage, init: dict[str, Any] | None, resumed: bool) -> None:
+    """Initialise the new ``model`` (zero residuals, gate bias, ``--init`` weights, ``--init-torchvision``) and set
+    its threshold, keep ratio and the stage's gate mode."""
+    arch = model.config
+    if cfg.zero_init_residual:  # before --init, whose tensors replace these
+        model.zero_init_residual()
+        if stage.train_mode == GateMode.HARD and not cfg.init and not (cfg.gate_bias or 0) > 0:
+            log.warning(
+                "--zero-init-residual with gates that may start closed: in SP a closed gate's zero branch gets "
+                "no gradient and the gate none either; pass --gate-bias 2 so that the gates start open"
+            )
+    if cfg.gate_bias is not None and arch.gated:
+        model.set_gate_bias(cfg.gate_bias)
+    if init is not None:
+        left = load_weights_into(model, init, cfg.init)
+        log.info("initialised from %s (%d tensors left at their initial values)", cfg.init, len(left))
+    if cfg.init_torchvision and not resumed:
+        init_torchvision(model, cfg.init_torchvision)
+    model.threshold = cfg.threshold
+    model.keep_ratio = cfg.keep
+    model.mode = stage.eval_mode if arch.gated or stage.eval_mode == GateMode.RANDOM else GateMode.ALL_ON
+
+
+def load_teacher(spec: str, data: DataBundle, channels_last: bool, device: torch.device) -> GatedResNet:
+    """The frozen network whose predictions ``--distill`` matches (eval mode, its own gate mode): it must see the
+    same classes and the same input normalisation as the student, or the targets would be wrong."""
+    teacher, ckpt = load_model(spec)
+    if teacher.config.num_classes != data.num_classes:
+        raise SkipnetError(
+            f"--distill {spec} predicts {teacher.config.num_classes} classes; the data has {data.num_classes}"
+        )
+    stats = ckpt.get("data", {})
+    if stats.get("mean") is not None and not _same_stats(stats, data):
+        raise SkipnetError(
+            f"--distill {spec} was trained on inputs normalised with mean {stats['mean']} and std {stats['std']}; "
+            f"this run normalises with {list(data.mean)} and {list(data.std)}"
+        )
+    teacher.requires_grad_(False)
+    teacher.to(device)
+    if channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    return teacher.eval()
+
+
+def _same_stats(saved: dict[str, Any], data: DataBundle) -> bool:
+    pairs = list(zip(saved["mean"], data.mean)) + list(zip(saved["std"], data.std))
+    return len(saved["mean"]) == len(data.mean) and all(abs(a - b) <= 1e-4 for a, b in pairs)
+
+
+def init_torchvision(model: GatedResNet, path: str) -> None:
+    """``--init-torchvision``: a torchvision ResNet's state dict into an ImageNet backbone (the classifier only
+    when its classes match)."""
+    if model.config.family != "imagenet":
+        raise SkipnetError("--init-torchvision needs an imagenet_* architecture")
+    if not Path(path).is_file():
+        raise SkipnetError(f"--init-torchvision: {path!r} does not exist")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise SkipnetError(f"--init-torchvision: cannot read {path} ({type(exc).__name__})") from None
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    if sd.get("fc.weight") is not None and sd["fc.weight"].shape[0] != model.config.num_classes:
+        sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+        log.info("--init-torchvision: classifier has a different number of classes; fc left at random init")
+    missing, unexpected = model.backbone.load_state_dict(sd, strict=False)
+    bad = [k for k in missing if not k.startswith("fc.")] + list(unexpected)
+    if bad:
+        raise SkipnetError(f"--init-torchvision: {path} is not a matching torchvision ResNet state dict ({bad[0]})")
+
+
+# ------------------------------------------------------------------------------------------ 4. optimizer
+def make_optimizer(
+    model: GatedResNet, cfg: TrainConfig, total: int, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD over two parameter groups (the gates at ``--gate-lr-mult`` times the lr; ``--freeze`` leaves one out)
+    and its lr schedule over ``total`` steps."""
+    gate_params = list(model.gates.parameters()) if model.gates is not None else []
+    gate_ids = {id(q) for q in gate_params}
+    backbone = [q for q in model.parameters() if id(q) not in gate_ids]
+    frozen = {"backbone": backbone, "gates": gate_params}.get(cfg.freeze, [])
+    for q in frozen:  # --freeze: no gradient, no update, no weight decay
+        q.requires_grad_(False)
+    groups = [] if cfg.freeze == "backbone" else [{"params": backbone}]
+    if gate_params and cfg.freeze != "gates":  # the policy may learn faster than the features (--gate-lr-mult)
+        groups.append({"params": gate_params, "lr": cfg.lr * cfg.gate_lr_mult})
+    nesterov = cfg.nesterov and cfg.momentum > 0
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, weight_decay=cfg.weight_decay)
+    imagenet = model.config.family == "imagenet"
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(cfg.schedule, s, total, cfg.warmup_iters, imagenet, steps_per_epoch)
+    )
+    return opt, schedule
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int, imagenet: bool, steps_per_epoch: int) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based)."""
+    if warmup and step < warmup:
+        return 0.1  # the authors' warm-up: lr 0.01 for the first iterations of deep CIFAR nets
+    t = step / max(1, total)
+    if schedule == "constant":
+        return 1.0
+    if schedule in ("paper", "step"):
+        if imagenet and schedule == "paper":
+            return 0.1 ** (step // (30 * steps_per_epoch))
+        return 1.0 if t < 0.5 else (0.1 if t < 0.75 else 0.01)  # 32k / 48k of 64k
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    # one-cycle: linear warm-up over the first 25% to the peak, then linear decay to zero
+    return t / 0.25 if t < 0.25 else max(0.0, (1.0 - t) / 0.75)
