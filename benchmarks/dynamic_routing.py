@@ -55,6 +55,7 @@ FLOOR_ORDER = ("--stage", "sp", "--distill", BASE, "--batch-shape-floor", "0.1",
 FLOOR_ORDER += ("--difficulty-spread", "0.3", "--lr", "0.005", "--schedule", "cosine", "--eval-every", "176")
 FLOOR_ORDER += ("--epochs", "1", "--threads", "2")
 BUDGETS = (20.0, 30.0, 40.0, 50.0)
+JITTER = ("--epochs", "2", "--threads", "1", "--threshold-jitter", "0.4")
 # The matched control (criterion 2): plain ResNet-26, the plain network nearest the SkipNets' cost, on the
 # headline's 30-epoch schedule (headline30's base_r26, here in float32: this CPU has no AVX-512 for bf16), then
 # the same five extra epochs and teacher as aig_sp_floor_order's chain (2 at lr 0.02, 2 at 0.01, 1 at 0.005,
@@ -156,6 +157,14 @@ RUNS = [
         needs=("aig_sp_order_more2",),
         note="aig_sp_order_more2 given one epoch with each gate's own rate (--batch-shape-floor 0.1) instead of the "
         "fixed 0.65, --difficulty-spread 0.3, lr 0.005",
+    ),
+    Run(
+        "aig_sp_jitter",
+        ("cifar10_aig_gate_38", "--init", "{runs}/aig_sp_bs_more3/best.pt", *AIG_MORE[:-4], *JITTER),
+        needs=("aig_sp_bs_more3",),
+        budgets=BUDGETS,
+        note="aig_sp_bs_more3 given two more epochs at lr 0.01 with --threshold-jitter 0.4: each step's hard gates "
+        "thresholded at 0.5 + U(-0.4, 0.4), the range its calibrations to 20-50% chose (0.35-0.91)",
     ),
     Run("plain_r26", (*PLAIN26, *PLAIN_SCHEDULE), note="plain ResNet-26, the headline's 30-epoch schedule (float32)"),
     Run(
