@@ -222,6 +222,26 @@ def test_checkpoint_minutes_is_checked(tmp_path, capsys) -> None:
 
 
 # ------------------------------------------------------------------------------------------ divergence (defect 6)
+def test_an_exploded_but_finite_loss_stops_the_run(tmp_path, monkeypatch, capsys) -> None:
+    """A cross-entropy far above a uniform guess's (finite: 6e8 was seen in a diverged HRL run) for ten steps in a
+    row stops the run in one line naming the kept checkpoint; one such step alone does not."""
+    real = Trainer.train_step
+
+    def exploding(self, x, y):
+        stats = real(self, x, y)
+        if self.step == 1 or self.step >= 3:  # the 2nd update alone, then from the 4th on
+            stats["ce"] = 6e8
+        return stats
+
+    monkeypatch.setattr(Trainer, "train_step", exploding)
+    out = tmp_path / "run"
+    assert main(run_args(out, "--iters", "30", "--eval-every", "4")) == 2
+    line = one_line_error(capsys)
+    assert "cross-entropy stayed above" in line and "for 10 steps, to step 13" in line, line
+    assert f"{out / 'last.pt'} (step 12) is kept" in line, line
+    assert load_checkpoint(out / "last.pt")["step"] == 12
+
+
 def test_non_finite_state_is_never_checkpointed(tmp_path, monkeypatch, capsys) -> None:
     """BatchNorm statistics gone infinite at step 5 (loss still finite): the round at step 6 refuses to write,
     the step-4 checkpoints stay, and --resume (diverging again) says so in one line too."""

@@ -26,6 +26,10 @@ from skipnet.trainconfig import TrainConfig
 log = logging.getLogger(__name__)
 
 BUDGET_TOLERANCE = 0.02  # --skip-budget: an evaluation skipping this little below the budget still meets it
+# A run whose training cross-entropy stays above EXPLODED_CE_FACTOR x ln(classes) (a uniform guess's) for
+# EXPLODED_STEPS steps in a row has diverged although every number is finite (a loss of 6e8 was seen): stopped.
+EXPLODED_CE_FACTOR = 100.0
+EXPLODED_STEPS = 10
 
 
 def selection_score(
@@ -110,6 +114,7 @@ class RunState:
         self.running: dict[str, float] = {}  # sums of the training statistics since the last evaluation
         self.n_running = 0
         self.last_saved = time.monotonic()  # for the wall-clock checkpoints (--checkpoint-minutes)
+        self.exploded_steps = 0  # consecutive steps with the cross-entropy over the exploded level
 
     # -- the statistics between evaluations
     def accumulate(self, stats: dict[str, float]) -> dict[str, float]:
@@ -119,6 +124,18 @@ class RunState:
         for k, v in stats.items():
             self.running[k] = self.running.get(k, 0.0) + v
         return {k: self.running[k] / self.n_running for k in ("loss", "acc", "exec") if k in self.running}
+
+    def check_exploded(self, ce: float | None) -> None:
+        """Stop a run whose training cross-entropy ``ce`` (this step's batch mean, the same on every rank) has
+        stayed far above a uniform guess's for :data:`EXPLODED_STEPS` steps: it diverged while staying finite."""
+        limit = EXPLODED_CE_FACTOR * math.log(max(2, self.setup.data.num_classes))
+        self.exploded_steps = self.exploded_steps + 1 if ce is not None and ce > limit else 0
+        if self.exploded_steps >= EXPLODED_STEPS:
+            raise SkipnetError(
+                f"the training cross-entropy stayed above {limit:.3g} ({EXPLODED_CE_FACTOR:g}x a uniform guess's) "
+                f"for {EXPLODED_STEPS} steps, to step {self.step} (stage {self.setup.cfg.stage}): the run diverged; "
+                f"{self.kept()}. Lower --lr (or --alpha / --rl-weight) and start again"
+            )
 
     def take_means(self) -> dict[str, float]:
         """The means since the last evaluation, and a fresh start for the next."""

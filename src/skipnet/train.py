@@ -263,6 +263,7 @@ class Trainer:
                     raise
                 raise state.diverged() from None
             shown = state.accumulate(stats)  # the step counted
+            state.check_exploded(stats.get("ce"))
             progress.update(self.step, shown)
             lr, spent = self.optimizer.param_groups[0]["lr"], time.time() - run_start
             self.runlog.step(self.step, stats, lr=lr, epoch=self.step / self.steps_per_epoch, time_s=spent)
