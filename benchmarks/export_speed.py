@@ -271,12 +271,13 @@ def agreement(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- deploy (issue 32)
-DEPLOY_MODELS = ("cifar10_rnn_gate_38", "cifar10_rnn_gate_110")
+DEPLOY_MODELS = ("cifar10_rnn_gate_38", "cifar10_aig_gate_38", "cifar10_rnn_gate_110")
+SHIPPED = ("cifar10_rnn_gate_38", "cifar10_aig_gate_38")  # the per-image routing issue's model is the AIG one
 
 
 def deploy_model(arch: str, data, stats):
-    """The shipped pretrained model for cifar10_rnn_gate_38 (its own normalisation), else the bias-set model."""
-    if arch == "cifar10_rnn_gate_38":
+    """The shipped pretrained model of that name (its own normalisation), else the bias-set model."""
+    if arch in SHIPPED:
         from skipnet.pretrained import load_pretrained
 
         model, ckpt = load_pretrained(arch)
@@ -511,8 +512,18 @@ def deploy_batch1(model, arch: str, ex: dict, stats, images: torch.Tensor, args)
         "agreement": _agreement(outs) | aoti_agree,
         "aoti_compile_s": aoti_s,
         "load_s": load_seconds(ex["cond"].payload),
-        "rows": _lever_rows(LEVERS_B1, times, ideal, int(dec.shape[1])),
+        "rows": _lever_rows(_levers_b1(model), times, ideal, int(dec.shape[1])),
     }
+
+
+def _levers_b1(model) -> tuple:
+    """The batch-1 levers that apply to ``model``: the LSTM rewrite only to a recurrent gate (for the others it
+    leaves the graph as it is, so its rows would repeat the unfused ones under another name)."""
+    if model.config.gate == "rnn":
+        return LEVERS_B1
+    rename = {"ORT, NCHWc across If + LSTM gate (layout=nchwc)": "ORT, NCHWc across If (layout=nchwc)"}
+    kept = [lv for lv in LEVERS_B1 if "LSTM" not in lv[0] or lv[0] in rename and lv[1] == "fused"]
+    return tuple((rename.get(lv[0], lv[0]), *lv[1:]) for lv in kept if lv[1] != "nchwc")
 
 
 LEVERS_B32 = (

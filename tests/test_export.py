@@ -306,6 +306,33 @@ def test_blocked_layout_graph_matches_eager(model, conditional_onnx, fuse) -> No
     _varies(_agree(model, "conditional", lambda x: run_onnx(session, x), _fresh(16, 1, seed=11)))
 
 
+@pytest.mark.parametrize("arch", ["tiny_aig_gate_14", "tiny_feedforward_14"])
+def test_blocked_layout_applies_to_the_feed_forward_gates(arch, tmp_path) -> None:
+    """Issue 32: the blocked-layout rewrite also takes the AIG and feed-forward gates (it fell back to the graph as
+    written: ONNX Runtime names values in each branch from one, and they clashed with the outer graph's once
+    blocked values crossed the If); every eager decision and class, no reorder left in a branch."""
+    from skipnet.export import blocked_layout
+
+    torch.manual_seed(0)
+    m = create_model(arch)
+    calibrate_bn(m, 32)
+    m.eval()
+    with torch.no_grad():  # each gate's bias at its median logit: about half the images take each block
+        m.set_gate_bias(0.0)
+        z = m(torch.rand(64, 3, 32, 32), "soft").trace.logits  # every block run: each gate sees its input
+        for fc, median in zip(m.gates.heads(), z.median(0).values):
+            fc.bias.fill_(-float(median))
+    ex = export_model(m, "onnx", graph="conditional", stats=STATS, probes=1)
+    rewritten = blocked_layout(ex.payload)
+    proto = onnx.load_from_string(rewritten)
+    branches = [a.g for n in proto.graph.node if n.op_type == "If" for a in n.attribute]
+    assert len(branches) == 2 * 5
+    assert not any(m_.op_type in ("ReorderInput", "ReorderOutput") for b in branches for m_ in b.node)
+    session = onnx_session(rewritten, layout="nchw")
+    d = torch.cat(_agree(m, "conditional", lambda x: run_onnx(session, x), _fresh(16, 1, seed=11)))
+    assert (d.min(0).values != d.max(0).values).any(), "some block taken by some images and skipped by others"
+
+
 def test_nchwc_session_runs_other_graphs_as_they_are(model) -> None:
     """``layout="nchwc"`` on a graph without If (plain, routed) runs it unchanged, with the same outputs."""
     ex = export_model(model, "onnx", graph="routed", stats=STATS, probes=1)

@@ -653,6 +653,7 @@ def blocked_layout(model_bytes: bytes, fuse_gates: bool = True) -> bytes:
     graph, blocked, channels, nodes, restored = proto.graph, {}, {}, [], set()
     if not any(n.op_type == "If" for n in graph.node):
         raise ValueError("no If node")
+    _unique_branch_names(graph)
     inits = {t.name: t for t in graph.initializer}
     for n in graph.node:
         if n.domain == NCHWC and n.op_type == "ReorderOutput":
@@ -679,6 +680,26 @@ def blocked_layout(model_bytes: bytes, fuse_gates: bool = True) -> bytes:
     graph.node.extend(nodes)
     del graph.value_info[:]
     return (lstm_gates(proto) if fuse_gates else proto).SerializeToString()
+
+
+def _unique_branch_names(graph: Any) -> None:
+    """Rename the values made inside ``If`` branches that a name of the outer graph, or of another branch, also
+    makes: ONNX Runtime's optimiser numbers each (sub)graph's new values from one (``reorder_token_1``), and once
+    values cross the branch boundary (:func:`blocked_layout`) the names must be unique across the model (SSA)."""
+    taken = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    taken |= {t.name for t in graph.initializer}
+    for n in graph.node:
+        for sub in (a.g for a in n.attribute if a.type == a.GRAPH):
+            ren = {}
+            for m in sub.node:
+                for k, o in enumerate(m.output):
+                    if o and o in taken:
+                        ren[o] = m.output[k] = f"{n.name}_{sub.name}_{o}"
+                    taken.add(m.output[k])
+            for m in sub.node:
+                m.input[:] = [ren.get(i, i) for i in m.input]
+            for out in sub.output:
+                out.name = ren.get(out.name, out.name)
 
 
 def lstm_gates(proto: Any) -> Any:
