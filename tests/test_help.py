@@ -122,3 +122,12 @@ def test_every_train_option_names_the_docs_page_that_explains_it(wide) -> None:
     for flag, page in sorted(pages.items()):
         text = (REPO / page).read_text(encoding="utf-8")
         assert re.search(re.escape(flag) + r"(?![\w-])", text), f"{page} does not explain {flag}"
+
+
+def test_every_command_names_the_docs_page_that_explains_it(wide) -> None:
+    """Issue 35: each command's --help ends by naming its docs page, which exists and shows the command."""
+    for name, parser in commands().items():
+        found = re.findall(r"docs/[\w-]+\.md", parser.format_help())
+        assert found, name
+        page = REPO / found[-1]
+        assert f"skipnet {name}" in page.read_text(encoding="utf-8"), (name, found[-1])

@@ -57,9 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(f"skipnet.commands.{info.name}")
         module.register(sub)
+        _name_docs(sub, info.name, getattr(module, "DOCS", None))
     for command in sub.choices.values():  # one help style for every command
         command.formatter_class = HelpFormatter
     return parser
+
+
+def _name_docs(sub: argparse._SubParsersAction, name: str, page: str | None) -> None:
+    """End the command's description with the docs page that explains it."""
+    command = sub.choices[name]
+    if page is None or page in (command.description or ""):
+        return
+    short = next((a.help for a in sub._choices_actions if a.dest == name), "") or ""
+    text = (command.description or short[:1].upper() + short[1:]).rstrip(".")
+    command.description = f"{text}. Explained in {page}."
 
 
 # OSErrors that are the user's to fix, reported like a SkipnetError (one line, exit 2): a full or read-only disk,

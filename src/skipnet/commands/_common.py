@@ -157,8 +157,6 @@ def require_learned_gates(model: Any, ckpt: dict[str, Any], source: str, what: s
         )
 
 
-
-
 def check_out(value: str, option: str = "--out") -> None:
     """Refuse an empty output path: ``Path("")`` is the current directory, which would receive the files."""
     if not str(value).strip():

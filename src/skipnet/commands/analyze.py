@@ -60,6 +60,9 @@ FIGURES = {
 OWNED = (*FIGURES, "analysis.json", "report.md")  # all that --out holds: it is written whole or not at all
 
 
+DOCS = "docs/routing.md"  # the page that explains this command (its --help says so)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "analyze",

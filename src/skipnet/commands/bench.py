@@ -33,6 +33,8 @@ from skipnet.commands._common import MAX_THREADS, check_count
 from skipnet.device import pick_device
 from skipnet.errors import SkipnetError
 
+DOCS = "docs/deploy.md"  # the page that explains this command (its --help says so)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(

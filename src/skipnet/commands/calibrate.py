@@ -34,6 +34,9 @@ MAX_GRID = 1000  # thresholds: one evaluation pass each
 OUT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 
 
+DOCS = "docs/training.md"  # the page that explains this command (its --help says so)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "calibrate",

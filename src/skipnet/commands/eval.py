@@ -11,6 +11,8 @@ from skipnet.evaluate import describe_mode, eval_loader, eval_mode_for, evaluate
 from skipnet.fileio import json_text
 from skipnet.gated import GateMode
 
+DOCS = "docs/training.md"  # the page that explains this command (its --help says so)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint: accuracy, MACs, computation percentage")

@@ -31,6 +31,9 @@ from skipnet.export import FORMATS, GRAPHS, export_model, format_for, write_expo
 MAX_PROBES = 64  # probe batches: each is a run of the exported program and of the eager model
 
 
+DOCS = "docs/deploy.md"  # the page that explains this command (its --help says so)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",

@@ -13,6 +13,9 @@ from skipnet.registry import check_image_size, create_model, get_config
 MAX_IMAGE_SIZE = 1024  # px; cifar10_rnn_gate_110 at 4096 px took 5 minutes and 6 GB
 
 
+DOCS = "docs/getting-started.md"  # the page that explains this command (its --help says so)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("flops", help="multiply-adds per image of an architecture (gates included)")
     p.add_argument("arch", help="registered architecture name (see 'skipnet models')")

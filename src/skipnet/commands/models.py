@@ -7,6 +7,8 @@ import json
 
 from skipnet.registry import get_config, list_models
 
+DOCS = "docs/pretrained.md"  # the page that explains this command (its --help says so)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered architectures or the pretrained models")

@@ -22,6 +22,9 @@ MAX_BATCH = 4096
 SHOWN_SKIPS = 10  # the end-of-run list names this many skipped inputs, then counts the rest
 
 
+DOCS = "docs/deploy.md"  # the page that explains this command (its --help says so)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",

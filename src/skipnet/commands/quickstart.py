@@ -34,6 +34,9 @@ NO_CHECKPOINT_NOTICE = "holds no checkpoint yet; starting a new run"
 MAX_EPOCHS = 100.0  # x (30 + 15 + 15) epochs: 6,000 epochs of digits, days on a CPU
 
 
+DOCS = "docs/getting-started.md"  # the page that explains this command (its --help says so)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quickstart",

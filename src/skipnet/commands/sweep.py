@@ -30,6 +30,9 @@ from skipnet.trainconfig import TrainConfig
 log = logging.getLogger(__name__)
 
 
+DOCS = "docs/training.md"  # the page that explains this command (its --help says so)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep",

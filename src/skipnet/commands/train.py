@@ -15,6 +15,8 @@ from skipnet.stages import STAGES
 from skipnet.train import TrainConfig, train
 from skipnet.trainconfig import BN_MODES, FREEZE, OPEN_GATE_BIAS, REWARDS, SELECT_RULES, SKIP_REWARDS
 
+DOCS = "docs/training.md"  # the page that explains this command (its --help says so)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
