@@ -1,11 +1,17 @@
 """Reproduce the paper's CIFAR-10 claims at CPU scale (or on the paper's schedule), resumably.
 
-    python benchmarks/reproduce_cifar10.py --scale cpu [--data PATH] [--out DIR] [--only NAME ...]
+    python benchmarks/reproduce_cifar10.py --scale cpu [--data PATH] [--out DIR] [--only NAME ...] [--no-train]
 
-Every experiment is a normal ``skipnet train`` run in its own run directory under ``--out``; running the
-command again resumes a killed run from its ``last.pt`` and skips finished ones. Test accuracy is read from
-each run's ``summary.json``: the test split evaluated once, on the checkpoint chosen on the validation split.
-Writes ``benchmarks/results/reproduce_cifar10_<scale>.{json,md,png}`` and prints the tables.
+Every experiment is a normal ``skipnet train`` run in its own run directory under ``--out``, declared as a
+:class:`skipnet.experiments.Run` and run by :class:`skipnet.experiments.Runner`: one at a time, each after the run
+it starts from (``--init``), resuming a killed run from its ``last.pt`` and skipping finished ones (there is no
+``--jobs`` option any more: the runner trains sequentially). ``--only`` trains the named runs and the runs they
+need. Test accuracy is read from each run's ``summary.json``: the test split evaluated once, on the checkpoint
+chosen on the validation split. Each SkipNet-38 HRL run is also calibrated by the runner to the scale's budget
+(``best.pt`` -> ``budget30.pt``, on the validation split; its test evaluation cached): the row ``NAME_cal30``.
+What a row's tables, verdicts and figure need to know of its run (group, schedule length, starting point, gates
+starting open, ...) is declared beside the run as a :class:`Setting`, never read back from its name. Writes
+``benchmarks/results/reproduce_cifar10_<scale>.{json,md,png}`` and prints the tables.
 
 Experiments (SkipNet-38, recurrent gate, unless stated):
   1. plain ResNet-38                         4. ablation (ResNet-20 at CPU scale): HRL+SP vs HRL from
@@ -26,19 +32,32 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import re
-import shlex
+import logging
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
-from skipnet.results import command_line, fmt, lesion, lesion_table, test_fields, with_recorded, write_json
+from skipnet.experiments import Run, RunFailed, Runner, select
+from skipnet.results import (
+    command_line,
+    fmt,
+    group_parser,
+    lesion,
+    lesion_table,
+    option,
+    pick_headline,
+    test_fields,
+    with_recorded,
+    write_json,
+)
 from skipnet.results import portable as results_portable
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 RESULTS = REPO / "benchmarks" / "results"
+R38, RNN38, FF38 = "cifar10_resnet_38", "cifar10_rnn_gate_38", "cifar10_feedforward_38"
 
 
 def portable(cmd: list[str] | str) -> str:
@@ -122,265 +141,156 @@ SCALES = {
 }
 
 
-def rnn38(name: str, group: str, stage: str, args: list[str], init: str | None = None, **extra) -> dict:
-    """One SkipNet-38 (recurrent gate) experiment."""
-    r = {"name": name, "group": group, "arch": "cifar10_rnn_gate_38", "stage": stage, "args": args}
-    return r | ({"init": init} if init else {}) | extra
+class Setting(NamedTuple):
+    """What the tables, verdicts and figure need to know of a row, declared with its run (never parsed back out
+    of its name). (Not a dataclass: the tests load this script without registering it as a module.)"""
+
+    group: str
+    arch: str
+    stage: str
+    alpha: float | None = None
+    keep: float | None = None
+    base: str = "base_r38"  # the plain network trained on the same schedule, which the row is held against
+    epochs: str | None = None  # the schedule's length in epochs, where it is not the base schedule (group 7)
+    scratch: bool = False  # trained from scratch, not from the plain network's weights (for HRL: its SP was)
+    open_gates: bool = False  # SP from scratch with the gates starting open (--gate-bias), or HRL from it
+    explore: bool = False  # HRL with an exploration floor (--explore)
+    ff: bool = False  # the feed-forward gate (FFGate-I)
+    candidate: bool = False  # a SkipNet-38 (recurrent gate) HRL run: calibrated, and a headline candidate
+    of: str | None = None  # a calibrated row: the run it calibrates, to ``budget`` % fewer MACs
+    budget: float | None = None
 
 
-def experiments(scale: str, data: str, out: Path) -> list[dict]:
-    s = SCALES[scale]
-    c = ["--data", data, *s["common"]]
-    d = s["abl_arch"]
-    runs = [
-        {"name": "base_r38", "group": "1", "arch": "cifar10_resnet_38", "stage": "base", "args": s["base"]},
-        {
-            "name": "sp_r38_rnn",
-            "group": "2",
-            "arch": "cifar10_rnn_gate_38",
-            "stage": "sp",
-            "args": s["sp"],
-            "init": "base_r38",
-        },
-    ]
+def cal_name(name: str, budget: float) -> str:
+    """The row of run ``name`` calibrated to ``budget`` % fewer MACs."""
+    return f"{name}_cal{int(budget)}"
+
+
+class Plan:
+    """The runs of one scale and the :class:`Setting` of each row they make (their calibrated rows included)."""
+
+    def __init__(self, s: dict) -> None:
+        self.s = s
+        self.runs: list[Run] = []
+        self.settings: dict[str, Setting] = {}
+
+    def add(self, name: str, setting: Setting, args: list[str], init: str | None = None) -> None:
+        """Run ``name``: ``skipnet train`` of the setting's arch and stage with ``args``, from ``init``'s
+        ``best.pt`` if given; a candidate is calibrated to the scale's budget."""
+        start = ["--init", f"{{runs}}/{init}/best.pt"] if init else []
+        cmd = (setting.arch, "--stage", setting.stage, *self.s["common"], *args, *start)
+        budgets = (float(self.s["calibrate"]),) if setting.candidate else ()
+        self.runs.append(Run(name, cmd, needs=(init,) if init else (), budgets=budgets))
+        self.settings[name] = setting
+        for b in budgets:
+            self.settings[cal_name(name, b)] = setting._replace(stage="hrl+cal", of=name, budget=b)
+
+    def run(self, name: str) -> Run:
+        return next(r for r in self.runs if r.name == name)
+
+    def of(self, r: dict) -> Setting:
+        """The setting of row ``r`` (a recorded row of a run no longer declared: its recorded fields only)."""
+        found = self.settings.get(r["name"])
+        return found or Setting(r["group"], r["arch"], r["stage"], alpha=r.get("alpha"), keep=r.get("keep"))
+
+
+def hrl38(group: str, alpha: float, **fields) -> Setting:
+    """A SkipNet-38 (recurrent gate) HRL run."""
+    return Setting(group, RNN38, "hrl", alpha=alpha, candidate=True, **fields)
+
+
+def declare_from_base(p: Plan) -> None:
+    """Group 1 and group 2's SP and HRL from the plain network's weights."""
+    s = p.s
+    p.add("base_r38", Setting("1", R38, "base"), s["base"])
+    p.add("sp_r38_rnn", Setting("2", RNN38, "sp"), s["sp"], "base_r38")
     for a in s["alphas"]:
-        runs.append(rnn38(f"hrl_r38_rnn_a{a}", "2", "hrl", [*s["hrl"], "--alpha", str(a)], "sp_r38_rnn", alpha=a))
+        p.add(f"hrl_r38_rnn_a{a}", hrl38("2", a), [*s["hrl"], "--alpha", str(a)], "sp_r38_rnn")
     # Beyond the paper: the same HRL with an exploration floor, gates drawn from eps + (1 - 2 eps) p, so that every
     # block keeps being skipped in training (the backbone learns to do without it) and REINFORCE keeps seeing skips.
     eps = s["explore"]
     for a in s["explore_alphas"]:
-        runs.append(
-            rnn38(
-                f"hrl_r38_rnn_x{eps}_a{a}",
-                "2",
-                "hrl",
-                [*s["hrl_explore"], "--alpha", str(a), "--explore", str(eps)],
-                "sp_r38_rnn",
-                alpha=a,
-            )
-        )
+        args = [*s["hrl_explore"], "--alpha", str(a), "--explore", str(eps)]
+        p.add(f"hrl_r38_rnn_x{eps}_a{a}", hrl38("2", a, explore=True), args, "sp_r38_rnn")
+
+
+def declare_scratch(p: Plan) -> None:
+    """Group 2's SP from scratch and HRL from it."""
+    s = p.s
     # The authors' recipe: SP from scratch on the base schedule (the backbone learns with blocks skipped and the
     # gates become block-specific), then HRL. SP from the base weights (above) leaves one undiscriminating gate
     # probability above 0.5, and HRL then pushes every gate to "execute": skips cost more CE than alpha repays.
-    runs.append(
-        {"name": "sp_r38_rnn_scratch", "group": "2", "arch": "cifar10_rnn_gate_38", "stage": "sp", "args": s["base"]}
-    )
+    p.add("sp_r38_rnn_scratch", Setting("2", RNN38, "sp", scratch=True), s["base"])
     for a in s["scratch_alphas"]:
-        runs.append(
-            rnn38(
-                f"hrl_r38_rnn_scratch_a{a}", "2", "hrl", [*s["hrl"], "--alpha", str(a)], "sp_r38_rnn_scratch", alpha=a
-            )
-        )
+        hrl = [*s["hrl"], "--alpha", str(a)]
+        p.add(f"hrl_r38_rnn_scratch_a{a}", hrl38("2", a, scratch=True), hrl, "sp_r38_rnn_scratch")
     # Beyond the paper: the same SP from scratch with every gate starting open (p = sigmoid(2) = 0.88), so the
     # blocks train from the first step instead of waiting for their gates to reopen (SP from scratch with the
     # default init skips ~93% of the blocks after its first epoch), then HRL at larger alphas.
-    if s["gate_bias"] is not None:
-        gb = f"gb{s['gate_bias']:g}"
-        runs.append(rnn38(f"sp_r38_rnn_scratch_{gb}", "2", "sp", [*s["base"], "--gate-bias", str(s["gate_bias"])]))
-        for a in s["gate_bias_alphas"]:
-            runs.append(
-                rnn38(
-                    f"hrl_r38_rnn_scratch_{gb}_a{a}",
-                    "2",
-                    "hrl",
-                    [*s["hrl"], "--alpha", str(a)],
-                    f"sp_r38_rnn_scratch_{gb}",
-                    alpha=a,
-                )
-            )
-        for a in s["hrl_long_alphas"]:
-            runs.append(
-                rnn38(
-                    f"hrl_r38_rnn_scratch_{gb}_long_a{a}",
-                    "2",
-                    "hrl",
-                    [*s["hrl_long"], "--alpha", str(a)],
-                    f"sp_r38_rnn_scratch_{gb}",
-                    alpha=a,
-                )
-            )
-    runs += [
-        {
-            "name": "sp_r38_ff",
-            "group": "2",
-            "arch": "cifar10_feedforward_38",
-            "stage": "sp",
-            "args": s["sp"],
-            "init": "base_r38",
-        },
-        {
-            "name": f"hrl_r38_ff_a{s['ff_alpha']}",
-            "group": "2",
-            "arch": "cifar10_feedforward_38",
-            "stage": "hrl",
-            "args": [*s["hrl"], "--alpha", str(s["ff_alpha"])],
-            "init": "sp_r38_ff",
-            "alpha": s["ff_alpha"],
-        },
-        {
-            "name": "soft_r38_rnn",
-            "group": "3",
-            "arch": "cifar10_rnn_gate_38",
-            "stage": "soft",
-            "args": s["sp"],
-            "init": "base_r38",
-        },
-        {
-            "name": f"abl_base_r{d}",
-            "group": "4",
-            "arch": f"cifar10_resnet_{d}",
-            "stage": "base",
-            "args": [*s["abl_base"], *s["abl_limit"]],
-        },
-        {
-            "name": f"abl_sp_r{d}",
-            "group": "4",
-            "arch": f"cifar10_rnn_gate_{d}",
-            "stage": "sp",
-            "args": [*s["abl_sp"], *s["abl_limit"]],
-            "init": f"abl_base_r{d}",
-        },
-        {
-            "name": f"abl_hrl_sp_r{d}",
-            "group": "4",
-            "arch": f"cifar10_rnn_gate_{d}",
-            "stage": "hrl",
-            "args": [*s["abl_hrl"], *s["abl_limit"], "--alpha", "0.1"],
-            "init": f"abl_sp_r{d}",
-            "alpha": 0.1,
-        },
-        {
-            "name": f"abl_hrl_scratch_r{d}",
-            "group": "4",
-            "arch": f"cifar10_rnn_gate_{d}",
-            "stage": "hrl",
-            "args": [*s["abl_scratch"], *s["abl_limit"], "--alpha", "0.1"],
-            "alpha": 0.1,
-        },
-        {
-            "name": f"abl_rl_scratch_r{d}",
-            "group": "4",
-            "arch": f"cifar10_rnn_gate_{d}",
-            "stage": "rl",
-            "args": [*s["abl_scratch"], *s["abl_limit"], "--alpha", "0.1"],
-            "alpha": 0.1,
-        },
-    ]
+    if s["gate_bias"] is None:
+        return
+    gb = f"gb{s['gate_bias']:g}"
+    sp = f"sp_r38_rnn_scratch_{gb}"
+    opened = Setting("2", RNN38, "sp", scratch=True, open_gates=True)
+    p.add(sp, opened, [*s["base"], "--gate-bias", str(s["gate_bias"])])
+    for a in s["gate_bias_alphas"]:
+        hrl = [*s["hrl"], "--alpha", str(a)]
+        p.add(f"hrl_r38_rnn_scratch_{gb}_a{a}", hrl38("2", a, scratch=True, open_gates=True), hrl, sp)
+    for a in s["hrl_long_alphas"]:
+        hrl = [*s["hrl_long"], "--alpha", str(a)]
+        p.add(f"hrl_r38_rnn_scratch_{gb}_long_a{a}", hrl38("2", a, scratch=True, open_gates=True), hrl, sp)
+
+
+def declare_others(p: Plan) -> None:
+    """Group 2's FFGate-I runs, group 3 (soft gating) and group 4 (the algorithm ablation)."""
+    s, d = p.s, p.s["abl_arch"]
+    a = s["ff_alpha"]
+    p.add("sp_r38_ff", Setting("2", FF38, "sp", ff=True), s["sp"], "base_r38")
+    p.add(f"hrl_r38_ff_a{a}", Setting("2", FF38, "hrl", alpha=a, ff=True), [*s["hrl"], "--alpha", str(a)], "sp_r38_ff")
+    p.add("soft_r38_rnn", Setting("3", RNN38, "soft"), s["sp"], "base_r38")
+    gated, lim = f"cifar10_rnn_gate_{d}", s["abl_limit"]
+    p.add(f"abl_base_r{d}", Setting("4", f"cifar10_resnet_{d}", "base"), [*s["abl_base"], *lim])
+    p.add(f"abl_sp_r{d}", Setting("4", gated, "sp"), [*s["abl_sp"], *lim], f"abl_base_r{d}")
+    hrl = [*s["abl_hrl"], *lim, "--alpha", "0.1"]
+    p.add(f"abl_hrl_sp_r{d}", Setting("4", gated, "hrl", alpha=0.1), hrl, f"abl_sp_r{d}")
+    scratch = [*s["abl_scratch"], *lim, "--alpha", "0.1"]
+    p.add(f"abl_hrl_scratch_r{d}", Setting("4", gated, "hrl", alpha=0.1, scratch=True), scratch)
+    p.add(f"abl_rl_scratch_r{d}", Setting("4", gated, "rl", alpha=0.1, scratch=True), scratch)
+
+
+def declare_sdv(p: Plan) -> None:
+    """Group 5: SDV from scratch, and fine-tuned from the plain network."""
+    s = p.s
     # SDV from scratch on the base schedule, at the keep ratio of the SP-from-scratch HRL models: the same starting
-    # point as SkipNet's authors' recipe (the SDV runs above fine-tune the trained plain network instead).
-    runs.append(
-        {
-            "name": f"sdv_r38_scratch_k{s['sdv_scratch_keep']}",
-            "group": "5",
-            "arch": "cifar10_resnet_38",
-            "stage": "sdv",
-            "args": [*s["base"], "--keep", str(s["sdv_scratch_keep"])],
-            "keep": s["sdv_scratch_keep"],
-        }
-    )
+    # point as SkipNet's authors' recipe (the SDV runs below fine-tune the trained plain network instead).
+    k = s["sdv_scratch_keep"]
+    p.add(f"sdv_r38_scratch_k{k}", Setting("5", R38, "sdv", keep=k, scratch=True), [*s["base"], "--keep", str(k)])
     for k in s["sdv_keeps"]:
-        runs.append(
-            {
-                "name": f"sdv_r38_k{k}",
-                "group": "5",
-                "arch": "cifar10_resnet_38",
-                "stage": "sdv",
-                "args": [*s["sdv"], "--keep", str(k)],
-                "init": "base_r38",
-                "keep": k,
-            }
-        )
-    # The headline's gap against schedule length: the plain network and the best recipe above (SP from scratch with
-    # the gates starting open, then HRL) on a schedule twice the base one, each held against the other.
-    if s["long"]:
-        e = s["long"][s["long"].index("--epochs") + 1]
-        gb = f"gb{s['gate_bias']:g}"
-        runs += [
-            {"name": f"base_r38_e{e}", "group": "7", "arch": "cifar10_resnet_38", "stage": "base", "args": s["long"]},
-            rnn38(f"sp_r38_rnn_scratch_{gb}_e{e}", "7", "sp", [*s["long"], "--gate-bias", str(s["gate_bias"])]),
-        ]
-        for a in s["long_alphas"]:
-            runs.append(
-                rnn38(
-                    f"hrl_r38_rnn_scratch_{gb}_e{e}_a{a}",
-                    "7",
-                    "hrl",
-                    [*s["hrl"], "--alpha", str(a)],
-                    f"sp_r38_rnn_scratch_{gb}_e{e}",
-                    alpha=a,
-                )
-            )
-    for r in runs:
-        cmd = ["skipnet", "train", r["arch"], "--stage", r["stage"], *c, *r["args"], "--out", str(out / r["name"])]
-        if r.get("init"):
-            cmd += ["--init", str(out / r["init"] / "best.pt")]
-        r["cmd"] = cmd
-    return runs
+        p.add(f"sdv_r38_k{k}", Setting("5", R38, "sdv", keep=k), [*s["sdv"], "--keep", str(k)], "base_r38")
 
 
-def run_all(runs: list[dict], out: Path, jobs: int) -> None:
-    """Run every pending experiment, ``jobs`` at a time, each after the run it starts from has finished."""
-    done = lambda name: (out / name / "summary.json").exists()  # noqa: E731
-    pending = [r for r in runs if not done(r["name"])]
-    running: dict[str, subprocess.Popen] = {}
-    failed: set[str] = set()
-    while pending or running:
-        for r in list(pending):
-            if len(running) >= jobs:
-                break
-            dep = r.get("init")
-            if dep and not done(dep):
-                if dep in failed or (dep not in running and all(p["name"] != dep for p in pending)):
-                    print(f"[skip] {r['name']}: {dep} did not finish", flush=True)
-                    pending.remove(r)
-                    failed.add(r["name"])
-                continue
-            if (out / r["name"] / "last.pt").exists():  # killed earlier: continue it
-                r["cmd"] = [*r["cmd"], "--resume"]
-            print(f"[run ] {shlex.join(r['cmd'])}", flush=True)
-            log = open(out / f"{r['name']}.log", "a")  # noqa: SIM115 - closed with the process
-            running[r["name"]] = subprocess.Popen(r["cmd"], stdout=log, stderr=subprocess.STDOUT)
-            pending.remove(r)
-        for name, proc in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[name]
-            if proc.returncode != 0 or not done(name):
-                failed.add(name)
-                print(f"[fail] {name} (exit {proc.returncode}); see {out / (name + '.log')}", flush=True)
-            else:
-                print(f"[done] {name}", flush=True)
-        time.sleep(2)
+def declare_long(p: Plan) -> None:
+    """Group 7, the headline's gap against schedule length: the plain network and the best recipe above (SP from
+    scratch with the gates starting open, then HRL) on a schedule twice the base one, each held against the
+    other."""
+    s = p.s
+    if not s["long"]:
+        return
+    e, gb = option(s["long"], "--epochs"), f"gb{s['gate_bias']:g}"
+    sched = {"base": f"base_r38_e{e}", "epochs": e}
+    p.add(f"base_r38_e{e}", Setting("7", R38, "base", **sched), s["long"])
+    sp, opened = f"sp_r38_rnn_scratch_{gb}_e{e}", {"scratch": True, "open_gates": True, **sched}
+    p.add(sp, Setting("7", RNN38, "sp", **opened), [*s["long"], "--gate-bias", str(s["gate_bias"])])
+    for a in s["long_alphas"]:
+        p.add(f"hrl_r38_rnn_scratch_{gb}_e{e}_a{a}", hrl38("7", a, **opened), [*s["hrl"], "--alpha", str(a)], sp)
 
 
-def calibrate(r: dict, data: str, target: float, out: Path) -> dict | None:
-    """SkipNet's compute knob on a trained model: the threshold meeting ``target``% fewer MACs on val."""
-    src = out / r["name"] / "best.pt"
-    dst = out / r["name"] / f"calibrated_{int(target)}.pt"
-    cache = out / f"{r['name']}.cal{int(target)}.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
-    cal = [
-        "skipnet",
-        "calibrate",
-        str(src),
-        "--data",
-        data,
-        "--target-reduction",
-        str(target),
-        "--out",
-        str(dst),
-        "--json",
-    ]
-    ev = ["skipnet", "eval", str(dst), "--data", data, "--json"]
-    for cmd in (cal, ev):
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            print(f"[fail] {shlex.join(cmd)}: {res.stderr.strip()[-300:]}", flush=True)
-            return None
-    d = {"test": json.loads(res.stdout.strip().splitlines()[-1]), "commands": [portable(cal), portable(ev)]}
-    cache.write_text(json.dumps(d))
-    return d
+def declare(scale: str) -> Plan:
+    """Every run of ``scale``, in the order of the results."""
+    p = Plan(SCALES[scale])
+    for group in (declare_from_base, declare_scratch, declare_others, declare_sdv, declare_long):
+        group(p)
+    return p
 
 
 def bench(ckpt: Path, batch: int, out: Path, data: str, keep: float | None = None) -> dict | None:
@@ -403,17 +313,10 @@ def bench(ckpt: Path, batch: int, out: Path, data: str, keep: float | None = Non
     return d
 
 
-def row(r: dict, summary: dict | None) -> dict:
-    d = {
-        "name": r["name"],
-        "group": r["group"],
-        "arch": r["arch"],
-        "stage": r["stage"],
-        "command": portable(r["cmd"]),
-    }
-    for k in ("alpha", "keep"):
-        if k in r:
-            d[k] = r[k]
+def row(name: str, st: Setting, command: str, summary: dict | None) -> dict:
+    """The results row of run ``name`` (its test figures from the run's ``summary.json``, if finished)."""
+    d = {"name": name, "group": st.group, "arch": st.arch, "stage": st.stage, "command": command}
+    d |= {k: v for k, v in (("alpha", st.alpha), ("keep", st.keep)) if v is not None}
     if summary:
         d |= test_fields(summary["test"]) | {
             "train_time_s": summary.get("train_time_s"),
@@ -445,41 +348,22 @@ def table(rows: list[dict], with_speed: bool = False) -> str:
     return "\n".join(lines)
 
 
-def base_of(name: str) -> str:
-    """The plain network trained on the same schedule as run ``name`` (``..._e12_...`` -> ``base_r38_e12``)."""
-    m = re.search(r"_e(\d+)(?:_|$)", name)
-    return f"base_r38_e{m.group(1)}" if m else "base_r38"
+def pairs(rows: dict[str, dict], picks: list[dict], plan: Plan) -> list[tuple[dict, dict]]:
+    """Each of ``picks`` with the row of the plain network trained on its own schedule (where there is one)."""
+    bases = [rows.get(plan.of(r).base, {}) for r in picks]
+    return [(r, b) for r, b in zip(picks, bases) if b.get("accuracy")]
 
 
-def best_pair(rows: dict[str, dict], runs: list[dict]) -> tuple[dict, dict, bool] | None:
-    """The headline's pick among ``runs``, each against the plain network on its own schedule: the largest saving
-    among those within 0.5 points of it at >= 30% fewer MACs; failing that, the one closest to its plain network
-    among those saving >= 30%; failing that, the one saving the most. Returns (run, its base, reproduced)."""
-    paired = [(r, rows[base_of(r["name"])]) for r in runs if rows.get(base_of(r["name"]), {}).get("accuracy")]
-    if not paired:
-        return None
-    gap = lambda rb: rb[1]["accuracy"] - rb[0]["accuracy"]  # noqa: E731
-    ok = [rb for rb in paired if rb[0]["macs_reduction"] >= 30 and gap(rb) <= 0.5]
-    cheap = [rb for rb in paired if rb[0]["macs_reduction"] >= 30]
-    if ok:
-        return (*max(ok, key=lambda rb: rb[0]["macs_reduction"]), True)
-    if cheap:
-        return (*min(cheap, key=gap), False)
-    return (*max(paired, key=lambda rb: rb[0]["macs_reduction"]), False)
+def hrl_rows(rows: dict[str, dict], plan: Plan) -> list[dict]:
+    """The SkipNet-38 (recurrent gate) HRL rows with a test accuracy: the headline's candidates."""
+    return [r for r in rows.values() if plan.of(r).candidate and r["stage"] == "hrl" and r.get("accuracy") is not None]
 
 
-def verdicts(rows: dict[str, dict], scale: str) -> tuple[dict, list[str]]:
-    out = []
-    hrl_all = [
-        r
-        for n, r in rows.items()
-        if n.startswith("hrl_r38_rnn") and r["stage"] == "hrl" and r.get("accuracy") is not None
-    ]
-    hrl = [r for r in hrl_all if base_of(r["name"]) == "base_r38"]  # the base schedule's runs (the other claims)
-    cal_all = [r for r in rows.values() if r["stage"] == "hrl+cal"]
-    headline: dict = {}
-    # Each SkipNet is held against the plain network trained on its own schedule.
-    h = best_pair(rows, hrl_all)
+def headline_claims(rows: dict[str, dict], plan: Plan) -> tuple[dict, list[str]]:
+    """The headline (each SkipNet against the plain network on its own schedule), without and with the compute
+    knob."""
+    out, headline = [], {}
+    h = pick_headline(pairs(rows, hrl_rows(rows, plan), plan))
     if h:
         best, b, ok = h
         headline = {
@@ -497,7 +381,7 @@ def verdicts(rows: dict[str, dict], scale: str) -> tuple[dict, list[str]]:
             f"fewer MACs vs the plain ResNet-38 on the same schedule (`{b['name']}`) {b['accuracy']:.2f}% (target: "
             "≥ 30% fewer MACs within 0.5 points)."
         )
-    h = best_pair(rows, cal_all)
+    h = pick_headline(pairs(rows, [r for r in rows.values() if r["stage"] == "hrl+cal"], plan))
     if h:
         best, b, ok = h
         out.append(
@@ -506,6 +390,12 @@ def verdicts(rows: dict[str, dict], scale: str) -> tuple[dict, list[str]]:
             f"split to a 30% budget: {best['accuracy']:.2f}% at {best['macs_reduction']:.1f}% fewer MACs on the test "
             f"split (threshold {best.get('threshold'):.3g}) vs `{b['name']}` {b['accuracy']:.2f}%."
         )
+    return headline, out
+
+
+def gating_claims(rows: dict[str, dict], plan: Plan) -> list[str]:
+    """Hard vs soft gating (Table 3) and the algorithm ablation (Fig. 10b)."""
+    out = []
     sp, soft = rows.get("sp_r38_rnn", {}), rows.get("soft_r38_rnn", {})
     if sp.get("accuracy") is not None and soft.get("accuracy") is not None:
         gap = sp["accuracy"] - soft["accuracy"]
@@ -514,10 +404,10 @@ def verdicts(rows: dict[str, dict], scale: str) -> tuple[dict, list[str]]:
             f"- **Hard vs soft gating** ({word}): hard (SP) {sp['accuracy']:.2f}% at {sp['macs']:.3g} MACs vs "
             f"soft {soft['accuracy']:.2f}% at {soft['macs']:.3g} MACs, both with 0.5-threshold decisions."
         )
-    abl = {k: r for k, r in rows.items() if k.startswith("abl_") and r.get("accuracy") is not None}
-    hsp = next((r for k, r in abl.items() if k.startswith("abl_hrl_sp")), None)
-    hsc = next((r for k, r in abl.items() if k.startswith("abl_hrl_scratch")), None)
-    rl = next((r for k, r in abl.items() if k.startswith("abl_rl_scratch")), None)
+    abl = [r for r in rows.values() if plan.of(r).group == "4" and r.get("accuracy") is not None]
+    hsp = next((r for r in abl if r["stage"] == "hrl" and not plan.of(r).scratch), None)
+    hsc = next((r for r in abl if r["stage"] == "hrl" and plan.of(r).scratch), None)
+    rl = next((r for r in abl if r["stage"] == "rl"), None)
     if rl:
         word = "Reproduced" if rl["accuracy"] < 20 else "Not reproduced"
         out.append(f"- **Pure RL stays near chance** ({word}): {rl['accuracy']:.2f}% (chance 10%).")
@@ -527,100 +417,119 @@ def verdicts(rows: dict[str, dict], scale: str) -> tuple[dict, list[str]]:
             f"- **HRL + SP beats HRL from scratch** ({word}): {hsp['accuracy']:.2f}% at "
             f"{hsp['macs_reduction']:.1f}% fewer MACs vs {hsc['accuracy']:.2f}% at {hsc['macs_reduction']:.1f}%."
         )
-    sdv = [r for k, r in rows.items() if k.startswith("sdv_") and r.get("accuracy") is not None]
-    if sdv and hrl:
-        pairs = []
-        for s_ in sdv:  # SDV from scratch is matched with SkipNet from scratch (SP from scratch + HRL) only
-            pool = [h for h in hrl if "scratch" in h["name"]] if "scratch" in s_["name"] else hrl
-            closest = min(pool or hrl, key=lambda h: abs(h["macs"] - s_["macs"]))
-            pairs.append((s_, closest))
-        wins = sum(h["accuracy"] > s_["accuracy"] for s_, h in pairs)
-        word = "Reproduced" if wins == len(pairs) else ("Partly" if wins else "Not reproduced")
-        detail = "; ".join(
-            f"SDV{' from scratch' if 'scratch' in s_['name'] else ''} keep {s_.get('keep')} {s_['accuracy']:.2f}% "
-            f"at {s_['macs']:.3g} MACs vs "
-            f"{h['name']} {h['accuracy']:.2f}% at {h['macs']:.3g}"
-            for s_, h in pairs
-        )
-        out.append(f"- **SkipNet beats SDV at matched MACs** ({word}): {detail}.")
-    # every skipping model counts, whatever its gate; those the bench did not time are named, not dropped
+    return out
+
+
+def sdv_claims(rows: dict[str, dict], plan: Plan) -> list[str]:
+    """SkipNet against SDV at matched MACs (Fig. 6): each SDV row with the base schedule's SkipNet-38 HRL row
+    closest in MACs (SDV from scratch only with SkipNet from scratch: SP from scratch + HRL)."""
+    hrl = [r for r in hrl_rows(rows, plan) if plan.of(r).base == "base_r38"]  # the base schedule's
+    sdv = [r for r in rows.values() if r["stage"] == "sdv" and r.get("accuracy") is not None]
+    if not (sdv and hrl):
+        return []
+    found = []
+    for s_ in sdv:
+        pool = [h for h in hrl if plan.of(h).scratch] if plan.of(s_).scratch else hrl
+        found.append((s_, min(pool or hrl, key=lambda h: abs(h["macs"] - s_["macs"]))))
+    wins = sum(h["accuracy"] > s_["accuracy"] for s_, h in found)
+    word = "Reproduced" if wins == len(found) else ("Partly" if wins else "Not reproduced")
+    detail = "; ".join(
+        f"SDV{' from scratch' if plan.of(s_).scratch else ''} keep {s_.get('keep')} {s_['accuracy']:.2f}% "
+        f"at {s_['macs']:.3g} MACs vs "
+        f"{h['name']} {h['accuracy']:.2f}% at {h['macs']:.3g}"
+        for s_, h in found
+    )
+    return [f"- **SkipNet beats SDV at matched MACs** ({word}): {detail}."]
+
+
+def speed_claims(rows: dict[str, dict]) -> list[str]:
+    """Measured speed-up against the MACs reduction, for every skipping model (those the bench did not time are
+    named, not dropped)."""
     skipping = [
         r for r in rows.values() if r["stage"] in ("hrl", "hrl+cal", "rl") and (r.get("macs_reduction") or 0) > 5
     ]
     sp_rows = [r for r in skipping if r.get("speedup_b64")]
     untimed = [r["name"] for r in skipping if not r.get("speedup_b64")]
-    if sp_rows:
-        parts, passed = [], 0
-        for r in sp_rows:
-            # the bench's own MACs ratio, on the images it timed (the first 64 test images)
-            ideal = r.get("ideal_speedup_b64") or 100.0 / (100.0 - r["macs_reduction"])
-            good = r["speedup_b64"] >= 0.85 * ideal
-            passed += good
-            parts.append(
-                f"{r['name']}: {r['speedup_b64']:.2f}x measured (batch 64) vs {ideal:.2f}x from its MACs "
-                f"({'within' if good else 'not within'} 15%)"
-            )
-        word = "Reproduced" if passed == len(sp_rows) else ("Partly" if passed else "Not reproduced")
-        out.append(
-            f"- **Speed-up within 15% of the MACs reduction** ({word}, {passed} of {len(sp_rows)} models): "
-            + "; ".join(parts)
-            + "."
-            + (f" Skipping but not timed (no latency measured): {', '.join(untimed)}." if untimed else "")
+    if not sp_rows:
+        return []
+    parts, passed = [], 0
+    for r in sp_rows:
+        # the bench's own MACs ratio, on the images it timed (the first 64 test images)
+        ideal = r.get("ideal_speedup_b64") or 100.0 / (100.0 - r["macs_reduction"])
+        good = r["speedup_b64"] >= 0.85 * ideal
+        passed += good
+        parts.append(
+            f"{r['name']}: {r['speedup_b64']:.2f}x measured (batch 64) vs {ideal:.2f}x from its MACs "
+            f"({'within' if good else 'not within'} 15%)"
         )
-    return headline, out
+    word = "Reproduced" if passed == len(sp_rows) else ("Partly" if passed else "Not reproduced")
+    return [
+        f"- **Speed-up within 15% of the MACs reduction** ({word}, {passed} of {len(sp_rows)} models): "
+        + "; ".join(parts)
+        + "."
+        + (f" Skipping but not timed (no latency measured): {', '.join(untimed)}." if untimed else "")
+    ]
 
 
-def _category(r: dict) -> str:
-    if base_of(r["name"]) != "base_r38" and r["stage"] in ("base", "sp", "hrl"):
-        epochs = base_of(r["name"]).rsplit("_e", 1)[1]
-        return {"base": "plain ResNet-38", "sp": "SP from scratch", "hrl": "HRL"}[r["stage"]] + f", {epochs} epochs"
+def verdicts(rows: dict[str, dict], plan: Plan) -> tuple[dict, list[str]]:
+    """The headline and the claims' verdicts."""
+    headline, out = headline_claims(rows, plan)
+    return headline, out + gating_claims(rows, plan) + sdv_claims(rows, plan) + speed_claims(rows)
+
+
+def _category(r: dict, st: Setting) -> str:
+    if st.epochs and r["stage"] in ("base", "sp", "hrl"):
+        return {"base": "plain ResNet-38", "sp": "SP from scratch", "hrl": "HRL"}[r["stage"]] + f", {st.epochs} epochs"
     if r["stage"] == "hrl+cal":
         return "HRL, threshold calibrated to 30%"
-    if r["stage"] in ("sp", "hrl") and "_gb" in r["name"]:
+    if r["stage"] in ("sp", "hrl") and st.open_gates:
         return f"{r['stage'].upper()} (SP from scratch, gates start open)"
-    if r["stage"] in ("sp", "hrl") and "scratch" in r["name"]:
+    if r["stage"] in ("sp", "hrl") and st.scratch:
         return f"{r['stage'].upper()} (SP from scratch)"
-    if r["stage"] == "hrl" and "_x" in r["name"]:
+    if r["stage"] == "hrl" and st.explore:
         return "HRL (SP from base), exploration floor"
     if r["stage"] in ("sp", "hrl"):
-        return f"{r['stage'].upper()} (SP from base)" + (", FFGate-I" if "_ff" in r["name"] else "")
+        return f"{r['stage'].upper()} (SP from base)" + (", FFGate-I" if st.ff else "")
     names = {"base": "plain ResNet-38", "soft": "soft gating", "sdv": "SDV (random skipping)"}
     return names.get(r["stage"], r["stage"])
 
 
-def plot(rows: list[dict], path: Path) -> None:
+# the figure's marker of each row's category: (colour, marker, filled)
+STYLES = {
+    "plain ResNet-38": ("k", "s", True),
+    "SP (SP from base)": ("tab:blue", "o", True),
+    "HRL (SP from base)": ("tab:red", "^", True),
+    "SP (SP from base), FFGate-I": ("tab:cyan", "o", True),
+    "HRL (SP from base), FFGate-I": ("tab:pink", "^", True),
+    "HRL (SP from base), exploration floor": ("tab:purple", "^", False),
+    "SP (SP from scratch)": ("tab:blue", "o", False),
+    "HRL (SP from scratch)": ("tab:orange", "^", True),
+    "SP (SP from scratch, gates start open)": ("tab:red", "o", False),
+    "HRL (SP from scratch, gates start open)": ("darkred", "^", True),
+    "HRL, threshold calibrated to 30%": ("tab:brown", "P", False),
+    "soft gating": ("tab:gray", "v", True),
+    "SDV (random skipping)": ("tab:green", "D", True),
+    "plain ResNet-38, 12 epochs": ("dimgray", "s", False),
+    "SP from scratch, 12 epochs": ("tab:olive", "o", False),
+    "HRL, 12 epochs": ("tab:olive", "^", True),
+}
+
+
+def plot(rows: list[dict], path: Path, plan: Plan) -> None:
     """Accuracy vs MACs of every ResNet-38 run: the whole range, and a zoom on the region near the plain network."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {
-        "plain ResNet-38": ("k", "s", True),
-        "SP (SP from base)": ("tab:blue", "o", True),
-        "HRL (SP from base)": ("tab:red", "^", True),
-        "SP (SP from base), FFGate-I": ("tab:cyan", "o", True),
-        "HRL (SP from base), FFGate-I": ("tab:pink", "^", True),
-        "HRL (SP from base), exploration floor": ("tab:purple", "^", False),
-        "SP (SP from scratch)": ("tab:blue", "o", False),
-        "HRL (SP from scratch)": ("tab:orange", "^", True),
-        "SP (SP from scratch, gates start open)": ("tab:red", "o", False),
-        "HRL (SP from scratch, gates start open)": ("darkred", "^", True),
-        "HRL, threshold calibrated to 30%": ("tab:brown", "P", False),
-        "soft gating": ("tab:gray", "v", True),
-        "SDV (random skipping)": ("tab:green", "D", True),
-        "plain ResNet-38, 12 epochs": ("dimgray", "s", False),
-        "SP from scratch, 12 epochs": ("tab:olive", "o", False),
-        "HRL, 12 epochs": ("tab:olive", "^", True),
-    }
     pts = [r for r in rows if r.get("accuracy") is not None and r["arch"].endswith("38")]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1, 1.3]})
     seen: set[str] = set()
     for k, ax in enumerate(axes):
         placed: list[tuple[float, float]] = []
         for r in sorted(pts, key=lambda r: -r["accuracy"]):
-            cat = _category(r)
-            color, marker, filled = styles.get(cat, ("k", "o", True))
+            cat = _category(r, plan.of(r))
+            color, marker, filled = STYLES.get(cat, ("k", "o", True))
             x, y = r["macs"] / 1e6, r["accuracy"]
             label = cat if k == 0 and cat not in seen else None
             seen.add(cat)
@@ -647,7 +556,7 @@ def plot(rows: list[dict], path: Path) -> None:
         longer = [r for r in pts if r["stage"] == "base" and r is not base]  # other schedules' plain networks
         for r in longer:
             axes[1].axhline(r["accuracy"] - 0.5, color="dimgray", lw=0.8, ls="--")
-        dashed = "".join(f"; dashed: {_category(r)} - 0.5" for r in longer)
+        dashed = "".join(f"; dashed: {_category(r, plan.of(r))} - 0.5" for r in longer)
         corner = "headline corner, >= 30% fewer MACs within 0.5 pts"
         axes[1].set_title(f"Zoom (dotted: {corner}{dashed})", fontsize=8)
     fig.tight_layout()
@@ -655,33 +564,36 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def add_calibrated(runs: list[dict], results: dict[str, dict], here: set[str], out: Path, args) -> None:
-    """The rows of the HRL runs here calibrated to the scale's budget (``NAME_calB``)."""
-    target = SCALES[args.scale]["calibrate"]
-    for r in runs:
-        if r["stage"] != "hrl" or not r["name"].startswith("hrl_r38_rnn") or results[r["name"]].get("accuracy") is None:
-            continue
-        if r["name"] not in here or (args.no_train and not (out / f"{r['name']}.cal{int(target)}.json").exists()):
-            continue
-        cal = calibrate(r, args.data, target, out)
-        if cal:
-            name = f"{r['name']}_cal{int(target)}"
+def add_calibrated(runner: Runner, plan: Plan, results: dict[str, dict], here: set[str], no_train: bool) -> None:
+    """The rows of the runs here calibrated to their budgets (``NAME_calB``): ``skipnet calibrate`` on the
+    validation split, then the test split evaluated once at the threshold found (both kept by the runner); when
+    only collecting, only the runs already calibrated."""
+    for run in plan.runs:
+        for b in run.budgets:
+            ckpt = runner.calibrated_path(run, b)
+            if run.name not in here or results[run.name].get("accuracy") is None or (no_train and not ckpt.exists()):
+                continue
+            try:
+                t = runner.evaluate(runner.calibrated(run, b))
+            except RunFailed as e:
+                print(f"[fail] {e}", flush=True)
+                continue
+            name, st = cal_name(run.name, b), plan.settings[cal_name(run.name, b)]
             here.add(name)
-            t = cal["test"]
             results[name] = {
                 "name": name,
-                "group": r["group"],
-                "arch": r["arch"],
-                "stage": "hrl+cal",
-                "alpha": r.get("alpha"),
-                "command": " && ".join(cal["commands"]),
+                "group": st.group,
+                "arch": st.arch,
+                "stage": st.stage,
+                "alpha": st.alpha,
+                "command": portable(runner.calibrate_command(run, b)) + " && " + portable(runner.eval_command(ckpt)),
                 **test_fields(t),
                 "threshold": t.get("threshold"),
-                "train_time_s": results[r["name"]].get("train_time_s"),
+                "train_time_s": results[run.name].get("train_time_s"),
             }
 
 
-def add_bench(results: dict[str, dict], here: set[str], out: Path, data: str) -> None:
+def add_bench(runner: Runner, plan: Plan, results: dict[str, dict], here: set[str], data: str) -> None:
     """Latency (``skipnet bench``, batch 1 and 64) of the ResNet-38 rows collected here."""
     for name, d in results.items():
         if (
@@ -691,11 +603,10 @@ def add_bench(results: dict[str, dict], here: set[str], out: Path, data: str) ->
             or not d["arch"].endswith("38")
         ):
             continue
+        st = plan.of(d)
+        ckpt = runner.dir(name) / "best.pt" if st.of is None else runner.calibrated_path(plan.run(st.of), st.budget)
         for b in (1, 64):
-            ckpt = out / name / "best.pt"
-            if d["stage"] == "hrl+cal":
-                ckpt = out / name.rsplit("_cal", 1)[0] / f"calibrated_{name.rsplit('_cal', 1)[1]}.pt"
-            res = bench(ckpt, b, out, data, keep=1.0 if d["stage"] == "base" else None)
+            res = bench(ckpt, b, runner.out, data, keep=1.0 if d["stage"] == "base" else None)
             if res:
                 d[f"speedup_b{b}"] = res["speedup"]
                 d[f"ideal_speedup_b{b}"] = res["ideal_speedup"]
@@ -703,74 +614,41 @@ def add_bench(results: dict[str, dict], here: set[str], out: Path, data: str) ->
                 d[f"latency_ms_plain_b{b}"] = res["latency_ms_plain"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", choices=list(SCALES), default="cpu")
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 ImageFolder root or its .tar.gz")
-    ap.add_argument(
-        "--out", default=None, help="parent of the run directories (default runs/reproduce_cifar10_<scale>)"
-    )
-    ap.add_argument("--only", nargs="*", default=None, help="run only these experiment names (others are reported)")
-    ap.add_argument("--no-train", action="store_true", help="only collect results of runs that exist")
-    ap.add_argument("--no-bench", action="store_true", help="skip the latency measurements")
-    ap.add_argument("--jobs", type=int, default=2, help="experiments run at once (1 thread each at cpu scale)")
-    ap.add_argument("--results", default=str(RESULTS), help="where the results files are read and written")
-    args = ap.parse_args(argv)
-    results_dir = Path(args.results)
-    if not args.no_train and not Path(args.data).exists():
-        print(f"reproduce_cifar10: error: data {args.data} not found", file=sys.stderr)
-        return 2
-    out = Path(args.out or REPO / "runs" / f"reproduce_cifar10_{args.scale}")
-    out.mkdir(parents=True, exist_ok=True)
-    runs = experiments(args.scale, args.data, out)
-    selected = [r for r in runs if args.only is None or r["name"] in args.only]
-    if not args.no_train:
-        run_all(selected, out, args.jobs)
+def collect(runner: Runner, plan: Plan, path: Path, args) -> dict[str, dict]:
+    """The rows of the runs here (from their ``summary.json``), calibrated and timed, with the recorded rows of
+    ``path`` for the runs that are not (and an empty row for a run never recorded)."""
     results: dict[str, dict] = {}
-    for r in runs:
-        summary_path = out / r["name"] / "summary.json"
-        if summary_path.exists():
-            results[r["name"]] = row(r, json.loads(summary_path.read_text()))
+    for run in plan.runs:
+        summary = runner.dir(run.name) / "summary.json"
+        if summary.exists():
+            command = portable(runner.command(run))
+            results[run.name] = row(run.name, plan.settings[run.name], command, json.loads(summary.read_text()))
     here = set(results)  # rows of runs not on this machine are the recorded ones
-    results = with_recorded(results, results_dir / f"reproduce_cifar10_{args.scale}.json")
-    results |= {r["name"]: row(r, None) for r in runs if r["name"] not in results}
-    add_calibrated(runs, results, here, out, args)
+    results = with_recorded(results, path)
+    for run in plan.runs:
+        if run.name not in results:
+            results[run.name] = row(run.name, plan.settings[run.name], portable(runner.command(run)), None)
+    add_calibrated(runner, plan, results, here, args.no_train)
     if not args.no_bench:
-        add_bench(results, here, out, args.data)
-    rows = list(results.values())
-    headline, claims = verdicts(results, args.scale)
-    # How much a plain network can lose with no per-image choice: the static lesion curve of each plain ResNet-38.
-    bases = [r["name"] for r in runs if r["stage"] == "base" and r["arch"].endswith("_38")]
-    earlier = with_recorded({}, results_dir / f"reproduce_cifar10_{args.scale}.json", key="lesion", name="run")
-    curves = [c for c in (lesion(out / n, args.data, out / f"{n}.lesion.json") or earlier.get(n) for n in bases) if c]
-    stamp = dt.date.today().isoformat()
-    payload = {
-        "scale": args.scale,
-        "date": stamp,
-        "command": command_line(__file__, argv, REPO),
-        "headline": headline,
-        "claims": claims,
-        "runs": rows,
-        "lesion": curves,
-    }
-    # the headline of the longest schedule is the 30-epoch group's (headline30.py); this group's own pick is kept
-    # as the shorter schedules'
-    group = results_dir / "headline30_cifar10_cpu.json"
-    if args.scale == "cpu" and group.exists() and json.loads(group.read_text()).get("headline"):
-        payload["headline"] = json.loads(group.read_text())["headline"]
-        payload["headline_short"] = headline
-    write_json(results_dir / f"reproduce_cifar10_{args.scale}.json", payload, newline=False)
-    plot(rows, results_dir / f"reproduce_cifar10_{args.scale}.png")
-    groups = {
-        "1": "Plain ResNet-38",
-        "2": "SkipNet-38: SP and SP + HRL",
-        "3": "Hard vs soft gating (Table 3)",
-        "4": "Algorithm ablation (Fig. 10b)",
-        "5": "SDV (Fig. 6)",
-        "7": "Schedule length: the headline's gap at twice the base schedule",
-    }
-    md = [f"Run on {stamp}: `{payload['command']}`", ""]
-    for g, title in groups.items():
+        add_bench(runner, plan, results, here, args.data)
+    return results
+
+
+GROUPS = {
+    "1": "Plain ResNet-38",
+    "2": "SkipNet-38: SP and SP + HRL",
+    "3": "Hard vs soft gating (Table 3)",
+    "4": "Algorithm ablation (Fig. 10b)",
+    "5": "SDV (Fig. 6)",
+    "7": "Schedule length: the headline's gap at twice the base schedule",
+}
+
+
+def write_md(path: Path, payload: dict) -> None:
+    """The markdown tables of ``payload`` (the results JSON's content), printed too."""
+    rows, curves = payload["runs"], payload["lesion"]
+    md = [f"Run on {payload['date']}: `{payload['command']}`", ""]
+    for g, title in GROUPS.items():
         if any(r["group"] == g for r in rows):
             md += [f"#### {g}. {title}", "", table([r for r in rows if r["group"] == g], with_speed=g in "127"), ""]
     if curves:
@@ -783,11 +661,62 @@ def main(argv: list[str] | None = None) -> int:
             lesion_table(curves),
             "",
         ]
-    md += ["#### Claims", "", *claims, "", "Commands:", ""]
+    md += ["#### Claims", "", *payload["claims"], "", "Commands:", ""]
     md += [f"- `{r['name']}`: `{r['command']}`" for r in rows]
-    (results_dir / f"reproduce_cifar10_{args.scale}.md").write_text("\n".join(md) + "\n")
+    path.write_text("\n".join(md) + "\n")
     print("\n".join(md))
-    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = group_parser(__doc__, None, str(DEFAULT_DATA), RESULTS)  # --out: runs/reproduce_cifar10_<scale> if not given
+    p.add_argument("--scale", choices=list(SCALES), default="cpu", help="runs under runs/reproduce_cifar10_<scale>")
+    p.add_argument("--no-bench", action="store_true", help="skip the latency measurements")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    results_dir = Path(args.results)
+    if not args.no_train and not Path(args.data).exists():
+        print(f"reproduce_cifar10: error: data {args.data} not found", file=sys.stderr)
+        return 2
+    out = Path(args.out or REPO / "runs" / f"reproduce_cifar10_{args.scale}")
+    out.mkdir(parents=True, exist_ok=True)
+    plan, runner, rc = declare(args.scale), Runner(out, args.data), 0
+    if not args.no_train:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        try:
+            runner.train(plan.runs if args.only is None else select(plan.runs, args.only))
+        except RunFailed as e:  # collect what finished
+            print(f"[fail] {e}", file=sys.stderr, flush=True)
+            rc = 1
+    path = results_dir / f"reproduce_cifar10_{args.scale}.json"
+    results = collect(runner, plan, path, args)
+    rows = list(results.values())
+    headline, claims = verdicts(results, plan)
+    # How much a plain network can lose with no per-image choice: the static lesion curve of each plain ResNet-38.
+    bases = [r.name for r in plan.runs if plan.settings[r.name].stage == "base" and plan.settings[r.name].arch == R38]
+    earlier = with_recorded({}, path, key="lesion", name="run")
+    curves = [c for c in (lesion(out / n, args.data, out / f"{n}.lesion.json") or earlier.get(n) for n in bases) if c]
+    payload = {
+        "scale": args.scale,
+        "date": dt.date.today().isoformat(),
+        "command": command_line(__file__, argv, REPO),
+        "headline": headline,
+        "claims": claims,
+        "runs": rows,
+        "lesion": curves,
+    }
+    # the headline of the longest schedule is the 30-epoch group's (headline30.py); this group's own pick is kept
+    # as the shorter schedules'
+    group = results_dir / "headline30_cifar10_cpu.json"
+    if args.scale == "cpu" and group.exists() and json.loads(group.read_text()).get("headline"):
+        payload["headline"] = json.loads(group.read_text())["headline"]
+        payload["headline_short"] = headline
+    write_json(path, payload, newline=False)
+    plot(rows, results_dir / f"reproduce_cifar10_{args.scale}.png", plan)
+    write_md(results_dir / f"reproduce_cifar10_{args.scale}.md", payload)
+    return rc
 
 
 if __name__ == "__main__":
