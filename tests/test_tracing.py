@@ -164,3 +164,20 @@ def test_onnx_dynamo_exporter_answers_fresh_inputs(model, monkeypatch, tmp_path)
         warnings.simplefilter("ignore")
         torch.onnx.export(_Deployed(model).eval(), (_inputs(0),), str(path), dynamo=True)
     _check_fresh(model, _onnx_run(path))
+
+
+@pytest.mark.parametrize("arch", ["tiny_rnn_gate_14", "tiny_aig_gate_14"])
+@pytest.mark.parametrize("execution", ["routed", "masked"])
+def test_the_fast_paths_are_decided_once_per_forward(monkeypatch, arch, execution) -> None:
+    """Issue 34: whether a tracer is capturing (and so whether the compiled kernels and custom autograd functions
+    may run) is asked once per inference forward, not again per gate and block."""
+    from skipnet import capture, create_model
+
+    model = create_model(arch).eval()
+    x = torch.rand(4, 3, 32, 32)
+    calls = []
+    real = capture.tool
+    monkeypatch.setattr(capture, "tool", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        model(x, "greedy", execution=execution)
+    assert len(calls) == 1

@@ -17,11 +17,15 @@ inputs without an error. So the network asks :func:`tool` before taking a fast p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
 import torch.fx
 from torch.fx import _symbolic_trace
+
+from skipnet.errors import SkipnetError
 
 # torch >= 2.6 tells FX symbolic tracing apart from export (``is_fx_tracing`` is true for both, with a warning).
 _fx_symbolic = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
@@ -57,9 +61,60 @@ def tool(x: Any = None) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Paths:
+    """The fast paths one forward may take, decided once from its input (:func:`paths`) and handed to the
+    executor, the policy and the gates (issue 34; as timm decides its fused attention once, not per call).
+
+    ``tool``: the capturing tool tracing the forward (``None``: eager). ``kernels``: whether the compiled CPU
+    kernels (:mod:`skipnet.fastgate`) may run -- eager float32 4-D CPU input and the kernels built; each kernel
+    still checks its own tensors' dtype and layout."""
+
+    tool: str | None
+    eligible: bool  # eager float32 4-D CPU input
+
+    @cached_property
+    def kernels(self) -> bool:
+        """Whether the compiled kernels may run (built on first need, not for a forward that never asks)."""
+        from skipnet import fastgate
+
+        return self.eligible and fastgate.load() is not None
+
+    @property
+    def captured(self) -> bool:
+        """A tracer records this forward: plain tensor ops only (no compiled kernel, no custom autograd function)."""
+        return self.tool is not None
+
+    @property
+    def masked_only(self) -> bool:
+        """The tracer freezes host reads: every decision must stay a tensor op (masked execution)."""
+        return self.tool in MASKED_ONLY
+
+
+def paths(x: Any) -> Paths:
+    """The :class:`Paths` of a forward on input ``x``; ``torch.fx.symbolic_trace`` is refused (:data:`REFUSE_FX`)."""
+    found = tool(x)
+    if found == FX:
+        raise SkipnetError(REFUSE_FX)
+    eligible = found is None and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+    return Paths(found, eligible)
+
+
 def active() -> bool:
     """Whether any capturing tool is tracing this call (then no compiled kernel or custom autograd function)."""
     return tool() is not None
 
 
-__all__ = ["COMPILE", "EXPORT", "FX", "JIT_TRACE", "MASKED_ONLY", "REFUSE_FX", "REFUSE_SCRIPT", "active", "tool"]
+__all__ = [
+    "COMPILE",
+    "EXPORT",
+    "FX",
+    "JIT_TRACE",
+    "MASKED_ONLY",
+    "REFUSE_FX",
+    "REFUSE_SCRIPT",
+    "Paths",
+    "active",
+    "paths",
+    "tool",
+]

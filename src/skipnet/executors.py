@@ -95,10 +95,11 @@ class _MaskedTail(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, g: Tensor, residual: Tensor, shortcut: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, g: Tensor, residual: Tensor, shortcut: Tensor, use: bool) -> tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)  # the second output is normally unused: no zero gradient for it
         w = g.view(-1, 1, 1, 1).to(residual.dtype)
-        kernels = _tail_kernels(residual, shortcut)
+        ctx.use_kernels = use  # the forward's Paths.kernels
+        kernels = _tail_kernels(use, residual, shortcut)
         if kernels is not None:  # the same in one pass (skipnet.fastgate)
             out = torch.empty_like(shortcut)
             kernels.masked_tail_forward(residual, shortcut, w.reshape(-1).contiguous(), out)
@@ -114,19 +115,20 @@ class _MaskedTail(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad: Tensor | None, grad_executed: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         w, executed, shortcut = ctx.saved_tensors
         if grad is None:  # only the second output was used (nobody does): relu(r + s) alone
             grad = torch.zeros_like(executed)
-        need_g, need_r, need_s = ctx.needs_input_grad
-        kernels = _tail_kernels(executed, grad, grad_executed, shortcut) if (need_r or need_s) else None
+        need_g, need_r, need_s, _ = ctx.needs_input_grad
+        use = ctx.use_kernels and (need_r or need_s)
+        kernels = _tail_kernels(use, executed, grad, grad_executed, shortcut)
         if kernels is not None:  # the same formulas in one pass (skipnet.fastgate)
             g_r, g_s = torch.empty_like(executed), torch.empty_like(shortcut)
             g_g = executed.new_empty(executed.shape[0] if need_g else 0)
             ge = grad_executed if grad_executed is not None else executed.new_empty(0)
             w1 = w.reshape(-1).contiguous()
             kernels.masked_tail_backward(grad, ge, executed, shortcut, w1, g_r, g_s, g_g, need_g)
-            return g_g.to(ctx.g_dtype) if need_g else None, g_r if need_r else None, g_s if need_s else None
+            return g_g.to(ctx.g_dtype) if need_g else None, g_r if need_r else None, g_s if need_s else None, None
         g_g = g_r = g_s = None
         if need_g:
             g_g = (executed - shortcut).mul_(grad).sum(dim=(1, 2, 3)).to(ctx.g_dtype)
@@ -137,18 +139,19 @@ class _MaskedTail(torch.autograd.Function):
             g_r = torch.ops.aten.threshold_backward(g_e, executed, 0)
         if need_s:
             g_s = torch.addcmul(g_r, grad, 1.0 - w, out=torch.empty_like(shortcut))
-        return g_g, g_r if need_r else None, g_s
+        return g_g, g_r if need_r else None, g_s, None
 
 
-def _tail_kernels(*tensors: Tensor | None) -> Any:
-    """The compiled masked-tail kernels (skipnet.fastgate) when they apply to ``tensors`` (``None`` entries are
-    ignored): float32 CPU, 4-D, one memory layout (NCHW or channels_last, so each sample is one dense run, with
-    the same strides for all), outside any graph capture (:mod:`skipnet.capture`); else ``None``."""
+def _tail_kernels(use: bool, *tensors: Tensor | None) -> Any:
+    """The compiled masked-tail kernels (skipnet.fastgate) when the forward may use them (``use``: its
+    :attr:`~skipnet.capture.Paths.kernels`) and they apply to ``tensors`` (``None`` entries are ignored): float32
+    CPU, 4-D, one memory layout (NCHW or channels_last, so each sample is one dense run, with the same strides for
+    all); else ``None``."""
     first = tensors[0]
     if (
-        first.device.type != "cpu"
+        not use
+        or first.device.type != "cpu"
         or first.dim() != 4
-        or capture.active()
         or not (first.is_contiguous() or first.is_contiguous(memory_format=torch.channels_last))
     ):
         return None
@@ -167,21 +170,25 @@ def _mix(g: Tensor, executed: Tensor, skipped: Tensor) -> Tensor:
     return torch.lerp(skipped, executed, g.view(-1, 1, 1, 1).to(executed.dtype))
 
 
-def _masked_tail(g: Tensor, residual: Tensor, shortcut: Tensor) -> Tensor:
+def _masked_tail(g: Tensor, residual: Tensor, shortcut: Tensor, paths: capture.Paths | None = None) -> Tensor:
     """``lerp(shortcut, relu(residual + shortcut), g)``: Eq. 1 for the block whose residual branch gave
-    ``residual``. May write into ``residual`` (a fresh tensor of the caller's)."""
-    if capture.active():  # plain, out-of-place ops that every tracer and exporter records
+    ``residual``, on the forward's fast ``paths`` (default: decided from ``residual``). May write into
+    ``residual`` (a fresh tensor of the caller's)."""
+    paths = capture.paths(residual) if paths is None else paths
+    if paths.captured:  # plain, out-of-place ops that every tracer and exporter records
         return torch.lerp(shortcut, F.relu(residual + shortcut), g.view(-1, 1, 1, 1).to(residual.dtype))
     if torch.is_grad_enabled() and (g.requires_grad or residual.requires_grad or shortcut.requires_grad):
-        return _MaskedTail.apply(g, residual, shortcut)[0]
+        return _MaskedTail.apply(g, residual, shortcut, paths.kernels)[0]
     residual += shortcut
     return _mix(g, F.relu_(residual), shortcut)
 
 
-def masked_block(block: nn.Module, x: Tensor, g: Tensor) -> Tensor:
-    """Eq. 1 for every sample: the whole block and its shortcut (computed once), mixed by ``g`` (B,)."""
+def masked_block(block: nn.Module, x: Tensor, g: Tensor, paths: capture.Paths | None = None) -> Tensor:
+    """Eq. 1 for every sample: the whole block and its shortcut (computed once), mixed by ``g`` (B,). ``paths``:
+    the forward's (:func:`skipnet.capture.paths` of ``x`` when called on its own)."""
+    paths = capture.paths(x) if paths is None else paths
     shortcut = blocks.shortcut_branch(block, x)
-    return _masked_tail(g, blocks.residual_branch(block, x), shortcut)
+    return _masked_tail(g, blocks.residual_branch(block, x), shortcut, paths)
 
 
 def routed_block(block: nn.Module, x: Tensor, decision: Tensor) -> Tensor:
@@ -318,8 +325,11 @@ class MaskedExecutor:
 
     routed = False
 
+    def __init__(self, paths: capture.Paths) -> None:
+        self.paths = paths
+
     def __call__(self, block: nn.Module, x: Tensor, decision: Tensor | bool) -> Tensor:
-        return blocks.run_block(block, x) if decision is True else masked_block(block, x, decision)
+        return blocks.run_block(block, x) if decision is True else masked_block(block, x, decision, self.paths)
 
 
 class RoutedExecutor:
@@ -343,13 +353,10 @@ class RoutedExecutor:
 EXECUTIONS = ("auto", "routed", "masked")
 
 
-def choose(x: Any, execution: str, mode: GateMode, forced: bool) -> MaskedExecutor | RoutedExecutor:
-    """The executor of one forward on input ``x``: ``execution`` (``auto``: routed for the modes that need no
+def choose(paths: capture.Paths, execution: str, mode: GateMode, forced: bool) -> MaskedExecutor | RoutedExecutor:
+    """The executor of one forward with fast ``paths``: ``execution`` (``auto``: routed for the modes that need no
     skipped branch and for ``forced`` decisions), masked under a graph capture (see :mod:`skipnet.capture`)."""
-    tool = capture.tool(x)
-    if tool == capture.FX:
-        raise SkipnetError(capture.REFUSE_FX)
-    traced = tool in capture.MASKED_ONLY
+    tool, traced = paths.tool, paths.masked_only
     if traced and execution == "routed":
         raise SkipnetError(
             f"routed execution cannot be captured by {tool} (which samples run a block depends on the input); "
@@ -368,4 +375,4 @@ def choose(x: Any, execution: str, mode: GateMode, forced: bool) -> MaskedExecut
             "that skip",
             stacklevel=3,
         )
-    return RoutedExecutor(not torch.is_grad_enabled()) if routed else MaskedExecutor()
+    return RoutedExecutor(not torch.is_grad_enabled()) if routed else MaskedExecutor(paths)

@@ -151,15 +151,14 @@ class GatedResNet(nn.Module):
         Under ``torch.jit.trace`` and ``torch.export`` the forward runs masked, with every decision a tensor op
         (see :mod:`skipnet.capture`); ``torch.jit.script`` and FX symbolic tracing are refused.
         """
-        if capture.tool(x) == capture.FX:  # before anything branches on an argument FX has made a proxy
-            raise SkipnetError(capture.REFUSE_FX)
+        paths = capture.paths(x)  # the fast paths, decided once (FX refused before anything branches on a proxy)
         if mode is None:
             self._check_default_mode()
         mode = GateMode(self.mode if mode is None else mode)
-        executor = executors.choose(x, execution, mode, decisions is not None)
+        executor = executors.choose(paths, execution, mode, decisions is not None)
         threshold = self.threshold if threshold is None else threshold
         keep = self.keep_ratio if keep is None else keep
-        gate = policy.choose(self, mode, executor.routed, x.shape[0], decisions, threshold, keep, explore)
+        gate = policy.choose(self, mode, executor.routed, x.shape[0], decisions, threshold, keep, explore, paths)
         x = self.first_block(self.stem(x))
         gate.start(x)  # from here on ``x`` is a tensor this forward made (routing may write into it)
         for i, block in enumerate(self.gated_blocks):

@@ -125,13 +125,16 @@ class GateBank(nn.Module):
 
     num_gates: int
 
-    def init_state(self, x: Tensor) -> Any:
+    def init_state(self, x: Tensor, paths: capture.Paths | None = None) -> Any:
+        """The state before the first gate of a forward on ``x`` with fast ``paths`` (default: decided from ``x``)."""
         return None
 
     def step(self, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
         raise NotImplementedError
 
-    def kernel_run(self, x: Tensor, state: Any, threshold: float) -> KernelRun | None:
+    def kernel_run(
+        self, x: Tensor, state: Any, threshold: float, paths: capture.Paths | None = None
+    ) -> KernelRun | None:
         """A compiled inference path for this forward (see :class:`KernelRun`), or ``None``."""
         return None
 
@@ -279,22 +282,27 @@ class RNNGate(GateBank):
     def heads(self) -> list[nn.Linear]:
         return [self.fc]
 
-    def init_state(self, x: Tensor) -> tuple[Tensor, ...]:
-        """``(h, c)`` at zero, plus the folded parameters when the fast inference path applies."""
+    def init_state(self, x: Tensor, paths: capture.Paths | None = None) -> tuple[Tensor, ...]:
+        """``(h, c)`` at zero, plus the folded parameters when the fast inference path applies (eager, no
+        autograd, no autocast, no hook on the gate's modules)."""
         zeros = x.new_zeros(x.shape[0], self.hidden)
         projs, lstm, fc = self._hot
+        captured = (capture.paths(x) if paths is None else paths).captured
         if (
             torch.is_grad_enabled()
             or torch.is_autocast_enabled(x.device.type)
-            or capture.active()
+            or captured
             or self._watched(lstm, fc, *projs)
         ):
             return zeros, zeros
         return zeros, zeros, self._folded()
 
-    def kernel_run(self, x: Tensor, state: tuple[Tensor, ...], threshold: float) -> KernelRun | None:
-        """The compiled step for this forward when the fast inference path applies to float32 CPU input ``x``."""
-        if len(state) != 3 or not fastgate.applies(x):
+    def kernel_run(
+        self, x: Tensor, state: tuple[Tensor, ...], threshold: float, paths: capture.Paths | None = None
+    ) -> KernelRun | None:
+        """The compiled step for this forward when the fast inference path applies and ``paths`` (default:
+        decided from ``x``) allow the compiled kernels (float32 CPU input ``x``)."""
+        if len(state) != 3 or not (capture.paths(x) if paths is None else paths).kernels:
             return None
         return KernelRun(fastgate.load().gate_step, state[2], x.shape[0], self.hidden, self.num_gates, threshold)
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from skipnet import capture
 from skipnet.errors import SkipnetError
 from skipnet.outputs import GateTrace
 
@@ -71,13 +72,16 @@ class GatePolicy:
         self.gate_step: Callable[..., tuple[Tensor, Any]] = model.gate_step
         self.computes = self.gates is not None and mode not in (GateMode.ALL_ON, GateMode.RANDOM)
 
+    paths: capture.Paths  # the forward's fast paths (set by :func:`choose`)
+
     def start(self, x: Tensor) -> None:
         """Begin on the input ``x`` of the first gated block (a tensor the forward made)."""
         self.batch, self.dtype = x.shape[0], x.dtype
-        self.state = self.gates.init_state(x) if self.computes else None
+        self.state = self.gates.init_state(x, self.paths) if self.computes else None
         # CPU float32 inference with the recurrent gate: each gate step is one compiled call that also takes the
         # decision and lists the executed samples (skipnet.fastgate); ``kern.z`` / ``kern.p`` hold the trace.
-        self.kern = self.gates.kernel_run(x, self.state, self.threshold) if self.computes and self.n else None
+        run = self.computes and self.n
+        self.kern = self.gates.kernel_run(x, self.state, self.threshold, self.paths) if run else None
         self.z_l: list[Tensor] = []
         self.p_l: list[Tensor] = []
         self.dec_l: list[Any] = []
@@ -238,8 +242,24 @@ def choose(
     threshold: float,
     keep: float,
     explore: float,
+    paths: capture.Paths,
 ) -> GatePolicy:
-    """The policy of one forward of ``model`` (checks the arguments)."""
+    """The policy of one forward of ``model`` with fast ``paths`` (checks the arguments)."""
+    policy = _policy(model, mode, routed, batch, decisions, threshold, keep, explore)
+    policy.paths = paths
+    return policy
+
+
+def _policy(
+    model: Any,
+    mode: GateMode,
+    routed: bool,
+    batch: int,
+    decisions: Tensor | None,
+    threshold: float,
+    keep: float,
+    explore: float,
+) -> GatePolicy:
     if mode in (GateMode.HARD, GateMode.SOFT, GateMode.SAMPLE) and model.gates is None:
         raise SkipnetError(f"mode {mode.value!r} needs a gated architecture; this one has no gates")
     if not 0.0 <= explore < 0.5:
