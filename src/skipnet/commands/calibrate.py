@@ -149,6 +149,25 @@ def run(args: argparse.Namespace) -> int:
     split_limit = {"limit": args.limit} if args.split == "val" else {"limit_train": args.limit}
     _, model, ckpt, data = open_for_eval(args, check=check, **split_limit)
     cost = cost_model(model)
+    target, effective = _budget(args, cost)
+    result = calibrate_threshold(
+        model, eval_loader(data, args.split), cost, effective, grid=args.grid, refine=args.refine
+    )
+    record = _record(args, result, target, float(cost.total_macs_all_on), effective, src, ckpt)
+    new = dict(ckpt)
+    new["threshold"] = float(result.threshold)
+    new["calibration"] = record
+    if dst.suffix == ".safetensors":
+        export_safetensors(new, dst, source=str(src))
+    else:
+        atomic_save(new, dst)
+    _report(args, result, record, target, dst)
+    return 0
+
+
+def _budget(args: argparse.Namespace, cost: Any) -> tuple[float, float]:
+    """``(target, effective target)`` MACs per image: the budget asked for, and less its margin; one line if that
+    is below the least the network can spend."""
     all_on = float(cost.total_macs_all_on)
     if args.target_macs is not None:
         target = float(args.target_macs)
@@ -162,23 +181,14 @@ def run(args: argparse.Namespace) -> int:
             f"margin is below the least this network spends, {floor:.4g} ({100 * (1 - floor / all_on):.1f}% fewer: "
             "stem, first block, shortcuts, head, gates)"
         )
-    result = calibrate_threshold(
-        model, eval_loader(data, args.split), cost, effective, grid=args.grid, refine=args.refine
-    )
+    return target, effective
 
-    record = _record(args, result, target, all_on, effective, src, ckpt)
-    new = dict(ckpt)
-    new["threshold"] = float(result.threshold)
-    new["calibration"] = record
-    if dst.suffix == ".safetensors":
-        export_safetensors(new, dst, source=str(src))
-    else:
-        atomic_save(new, dst)
 
+def _report(args: argparse.Namespace, result: Any, record: dict, target: float, dst: Path) -> None:
     if args.json:
         extra = {"all_skip": result.threshold == ALL_SKIP_THRESHOLD}
         print(json.dumps({"checkpoint": str(dst)} | {k: v for k, v in record.items() if k != "points"} | extra))
-        return 0
+        return
     print(
         f"threshold {result.threshold:.4g} (was {record['source_threshold']:.4g}): {args.split} accuracy "
         f"{result.accuracy:.2f}%, {result.macs_mean:.4g} MACs/image, {fewer_macs(result.macs_reduction)} than the "
@@ -194,4 +204,3 @@ def run(args: argparse.Namespace) -> int:
     if not result.monotone_on_grid:
         print("note: MACs were not monotone in the threshold on the grid; the most accurate point within budget won")
     print(f"wrote {dst}")
-    return 0
