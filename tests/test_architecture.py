@@ -23,7 +23,6 @@ LONG_FUNCTIONS = {
     "analysis.report_markdown",
     "bench.bench_inference",
     "bench_onnx.bench_onnx",
-    "commands.export.run",
     "export.export_model",
     "plots.plot_tradeoff",
     "plots.plot_per_class",

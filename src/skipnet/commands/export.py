@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from skipnet.checkpoint import export_safetensors, load_checkpoint, model_from_checkpoint
 from skipnet.commands._common import check_count, check_out
@@ -70,17 +71,7 @@ def run(args: argparse.Namespace) -> int:
     check_out(args.out, "OUT")
     src, dst = Path(args.checkpoint), Path(args.out)
     fmt = format_for(dst, args.format)
-    if dst.is_dir():
-        raise SkipnetError(f"{dst} is a directory; give a file name ending in .{fmt}")
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise SkipnetError("OUT must differ from the input checkpoint")
-    if dst.exists() and not args.force:
-        raise SkipnetError(f"{dst} already exists; pass --force to overwrite it")
-    if fmt == "safetensors" and (args.graph is not None or args.threshold is not None):
-        raise SkipnetError("--graph and --threshold apply to pt2 and onnx exports; a .safetensors file holds weights")
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        raise SkipnetError(f"--threshold must be in [0, 1], got {args.threshold:g}")
-    check_count("--probes", args.probes, 1, MAX_PROBES)
+    _check_options(args, src, dst, fmt)
     ckpt = load_checkpoint(src)
     model = model_from_checkpoint(ckpt)  # the weights must rebuild the network before they are exported
     if fmt == "safetensors":
@@ -101,6 +92,26 @@ def run(args: argparse.Namespace) -> int:
     for note in ex.warnings:
         print(f"skipnet export: warning: {note}", file=sys.stderr)
     write_export(ex, dst)
+    _report(args, ex, model, src, dst, fmt)
+    return 0
+
+
+def _check_options(args: argparse.Namespace, src: Path, dst: Path, fmt: str) -> None:
+    """One-line errors for the options and the output path, before anything is loaded."""
+    if dst.is_dir():
+        raise SkipnetError(f"{dst} is a directory; give a file name ending in .{fmt}")
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise SkipnetError("OUT must differ from the input checkpoint")
+    if dst.exists() and not args.force:
+        raise SkipnetError(f"{dst} already exists; pass --force to overwrite it")
+    if fmt == "safetensors" and (args.graph is not None or args.threshold is not None):
+        raise SkipnetError("--graph and --threshold apply to pt2 and onnx exports; a .safetensors file holds weights")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise SkipnetError(f"--threshold must be in [0, 1], got {args.threshold:g}")
+    check_count("--probes", args.probes, 1, MAX_PROBES)
+
+
+def _report(args: argparse.Namespace, ex: Any, model: Any, src: Path, dst: Path, fmt: str) -> None:
     info = {
         "checkpoint": str(src),
         "out": str(dst),
@@ -118,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.json:
         print(json.dumps(info))
-        return 0
+        return
     batch = "batch 1" if ex.meta["batch"] == 1 else "any batch"
     chk = ex.check
     dec = f", {chk['decision_mismatches']} decisions differ" if "decision_mismatches" in chk else ""
@@ -131,7 +142,6 @@ def run(args: argparse.Namespace) -> int:
         f"difference {chk['max_abs_logit_diff']:.1e}{dec}"
     )
     print("input: float32 RGB images in [0, 1], (B, C, H, W); normalised inside the graph")
-    return 0
 
 
 def _graph_for(model, graph: str | None, source: str) -> str:
