@@ -24,8 +24,6 @@ LONG_FUNCTIONS = {
     "bench.bench_inference",
     "bench_onnx.bench_onnx",
     "export.export_model",
-    "plots.plot_tradeoff",
-    "plots.plot_per_class",
 }
 LONG_FUNCTION_CAP = 80
 

@@ -37,6 +37,17 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+def _other_points(ax: Any, others: Sequence[tuple[str, dict[str, Any]]], div: float, connect: bool) -> None:
+    """Labelled diamonds (``others``), joined by a line in their order when ``connect``."""
+    if connect:
+        ax.plot([p["macs_mean"] / div for _, p in others], [p["accuracy"] for _, p in others], "-", color="0.6")
+    for i, (label, p) in enumerate(others):
+        color = OTHER_COLORS[i % len(OTHER_COLORS)]
+        x, y = p["macs_mean"] / div, p["accuracy"]
+        ax.plot(x, y, "D", color=color, ms=7, label=label, zorder=3)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7, color=color)
+
+
 def plot_tradeoff(
     path: str | Path,
     *,
@@ -67,28 +78,14 @@ def plot_tradeoff(
     if sweep:
         _sweep_line(ax, sweep, div, sweep_label)
     if others:
-        if connect_others:
-            ax.plot([p["macs_mean"] / div for _, p in others], [p["accuracy"] for _, p in others], "-", color="0.6")
-        for i, (label, p) in enumerate(others):
-            color = OTHER_COLORS[i % len(OTHER_COLORS)]
-            x, y = p["macs_mean"] / div, p["accuracy"]
-            ax.plot(x, y, "D", color=color, ms=7, label=label, zorder=3)
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7, color=color)
+        _other_points(ax, others, div, connect_others)
     if own:
         ax.plot(own["macs_mean"] / div, own["accuracy"], "*", color="#d62728", ms=15, label=own_label, zorder=4)
     if base:
         ax.plot(base["macs_mean"] / div, base["accuracy"], "s", color="black", ms=8, label=base_label, zorder=4)
     ax.axvline(macs_all_on / div, color="0.5", ls=":", lw=1)
-    ax.text(
-        macs_all_on / div,
-        0.98,
-        "all blocks ",
-        transform=ax.get_xaxis_transform(),
-        fontsize=8,
-        color="0.4",
-        ha="right",
-        va="top",
-    )
+    ax.text(macs_all_on / div, 0.98, "all blocks ", transform=ax.get_xaxis_transform(), fontsize=8, color="0.4")
+    ax.texts[-1].set(ha="right", va="top")
     ax.set_xlabel(f"mean computation per image ({unit}, gates included)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title)
@@ -226,7 +223,16 @@ def plot_per_class(
     hardest class (paper Fig. 9). ``*_counts[j]`` is the number of images executing ``j + 1`` blocks."""
     fig = Figure(figsize=(13, 4.8))
     ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.1, 1]})
-    shown = [s for s in stats if s["images"]]
+    _class_scatter(ax, [s for s in stats if s["images"]], (easy_name, hard_name))
+    _easy_hard_bars(bx, (easy_name, easy_counts), (hard_name, hard_counts))
+    fig.suptitle(title, fontsize=12)
+    fig.subplots_adjust(wspace=0.25, top=0.85)
+    return _save(fig, path)
+
+
+def _class_scatter(ax: Any, shown: Sequence[dict[str, Any]], named: tuple[str, str]) -> None:
+    """Fig. 9a: each class's median skipped blocks against its accuracy (all labelled up to 20 classes, else
+    the easiest and hardest only)."""
     xs = [s["median_skipped"] for s in shown]
     ys = [s["accuracy"] for s in shown]
     ax.scatter(xs, ys, s=28, color="#1f77b4", zorder=3)
@@ -234,7 +240,7 @@ def plot_per_class(
     y_span = (max(ys) - min(ys)) or 1.0
     placed: list[tuple[float, float]] = []
     for s in sorted(shown, key=lambda s: (s["median_skipped"], s["accuracy"])):
-        if many and s["name"] not in (easy_name, hard_name):
+        if many and s["name"] not in named:
             continue
         x, y = s["median_skipped"], s["accuracy"]
         # A label close above another one at the same median goes to the left of its point.
@@ -257,6 +263,10 @@ def plot_per_class(
         ax.set_xlim(mid - 1.25, mid + 1.25)
     ax.xaxis.set_major_locator(MaxNLocator(nbins=10, steps=[1, 2, 5, 10]))  # medians are multiples of 0.5
 
+
+def _easy_hard_bars(bx: Any, easy: tuple[str, Sequence[int]], hard: tuple[str, Sequence[int]]) -> None:
+    """Fig. 9b: the executed-block distributions of the easiest and the hardest class, side by side."""
+    easy_counts, hard_counts = easy[1], hard[1]
     total = len(easy_counts)
     blocks = list(range(1, total + 1))
 
@@ -265,20 +275,10 @@ def plot_per_class(
         return [100.0 * v / n for v in c]
 
     w = 0.4
-    bx.bar(
-        [b - w / 2 for b in blocks],
-        frac(easy_counts),
-        width=w,
-        color="#2ca02c",
-        label=f"easiest: {easy_name} ({sum(easy_counts)} images)",
-    )
-    bx.bar(
-        [b + w / 2 for b in blocks],
-        frac(hard_counts),
-        width=w,
-        color="#d62728",
-        label=f"hardest: {hard_name} ({sum(hard_counts)} images)",
-    )
+    sides = ((-w / 2, easy, "#2ca02c", "easiest"), (w / 2, hard, "#d62728", "hardest"))
+    for shift, (name, counts), color, kind in sides:
+        label = f"{kind}: {name} ({sum(counts)} images)"
+        bx.bar([b + shift for b in blocks], frac(counts), width=w, color=color, label=label)
     used = [b for b, e, h in zip(blocks, easy_counts, hard_counts) if e or h]
     if used:
         bx.set_xlim(min(used) - 1, max(used) + 1)
@@ -288,9 +288,6 @@ def plot_per_class(
     bx.set_title("(b) executed blocks: easiest vs hardest class")
     bx.grid(axis="y", alpha=0.3)
     bx.legend(fontsize=8)
-    fig.suptitle(title, fontsize=12)
-    fig.subplots_adjust(wspace=0.25, top=0.85)
-    return _save(fig, path)
 
 
 def plot_multiscale(path: str | Path, rows: Sequence[dict[str, Any]], title: str = "Multi-scale inputs") -> Path:
