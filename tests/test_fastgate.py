@@ -174,6 +174,21 @@ def test_training_and_other_dtypes_use_eager_gates() -> None:
     assert out.trace.probs.dtype == torch.float64
 
 
+def test_bf16_autocast_training_never_asks_for_the_kernels(monkeypatch) -> None:
+    """SP training under CPU bf16 autocast: the block tails are bfloat16, which no kernel takes, so the kernels are
+    not loaded (built, or warned about where they cannot be) for it; a float32 step still asks (the control)."""
+    asked = []
+    monkeypatch.setattr(fastgate, "load", lambda: asked.append(1))  # None: the eager tail runs
+    model = create_model("tiny_rnn_gate_14").train()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, "hard", execution="masked")
+    out.logits.float().sum().backward()
+    assert not asked
+    model(x, "hard", execution="masked").logits.sum().backward()
+    assert asked
+
+
 def test_build_failure_falls_back_with_one_warning(monkeypatch) -> None:
     import torch.utils.cpp_extension as ext
 

@@ -95,11 +95,11 @@ class _MaskedTail(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, g: Tensor, residual: Tensor, shortcut: Tensor, use: bool) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, g: Tensor, residual: Tensor, shortcut: Tensor, paths: capture.Paths) -> tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)  # the second output is normally unused: no zero gradient for it
         w = g.view(-1, 1, 1, 1).to(residual.dtype)
-        ctx.use_kernels = use  # the forward's Paths.kernels
-        kernels = _tail_kernels(use, residual, shortcut)
+        ctx.paths = paths  # the forward's: its kernels asked only for tensors they take
+        kernels = _tail_kernels(paths, residual, shortcut)
         if kernels is not None:  # the same in one pass (skipnet.fastgate)
             out = torch.empty_like(shortcut)
             kernels.masked_tail_forward(residual, shortcut, w.reshape(-1).contiguous(), out)
@@ -120,7 +120,7 @@ class _MaskedTail(torch.autograd.Function):
         if grad is None:  # only the second output was used (nobody does): relu(r + s) alone
             grad = torch.zeros_like(executed)
         need_g, need_r, need_s, _ = ctx.needs_input_grad
-        use = ctx.use_kernels and (need_r or need_s)
+        use = ctx.paths if (need_r or need_s) else False
         kernels = _tail_kernels(use, executed, grad, grad_executed, shortcut)
         if kernels is not None:  # the same formulas in one pass (skipnet.fastgate)
             g_r, g_s = torch.empty_like(executed), torch.empty_like(shortcut)
@@ -142,14 +142,15 @@ class _MaskedTail(torch.autograd.Function):
         return g_g, g_r if need_r else None, g_s, None
 
 
-def _tail_kernels(use: bool, *tensors: Tensor | None) -> Any:
+def _tail_kernels(use: bool | capture.Paths, *tensors: Tensor | None) -> Any:
     """The compiled masked-tail kernels (skipnet.fastgate) when the forward may use them (``use``: its
-    :attr:`~skipnet.capture.Paths.kernels`) and they apply to ``tensors`` (``None`` entries are ignored): float32
-    CPU, 4-D, one memory layout (NCHW or channels_last, so each sample is one dense run, with the same strides for
-    all); else ``None``."""
+    :class:`~skipnet.capture.Paths`, whose :attr:`~skipnet.capture.Paths.kernels` is asked last, so that tensors
+    no kernel takes, e.g. bfloat16 under autocast, never load them; or a bool) and they apply to ``tensors``
+    (``None`` entries are ignored): float32 CPU, 4-D, one memory layout (NCHW or channels_last, so each sample is
+    one dense run, with the same strides for all); else ``None``."""
     first = tensors[0]
     if (
-        not use
+        use is False
         or first.device.type != "cpu"
         or first.dim() != 4
         or not (first.is_contiguous() or first.is_contiguous(memory_format=torch.channels_last))
@@ -159,7 +160,7 @@ def _tail_kernels(use: bool, *tensors: Tensor | None) -> Any:
     for t in tensors:
         if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or t.stride() != strides):
             return None
-    return fastgate.load()
+    return fastgate.load() if use is True or use.kernels else None
 
 
 def _mix(g: Tensor, executed: Tensor, skipped: Tensor) -> Tensor:
@@ -178,7 +179,7 @@ def _masked_tail(g: Tensor, residual: Tensor, shortcut: Tensor, paths: capture.P
     if paths.captured:  # plain, out-of-place ops that every tracer and exporter records
         return torch.lerp(shortcut, F.relu(residual + shortcut), g.view(-1, 1, 1, 1).to(residual.dtype))
     if torch.is_grad_enabled() and (g.requires_grad or residual.requires_grad or shortcut.requires_grad):
-        return _MaskedTail.apply(g, residual, shortcut, paths.kernels)[0]
+        return _MaskedTail.apply(g, residual, shortcut, paths)[0]
     residual += shortcut
     return _mix(g, F.relu_(residual), shortcut)
 
