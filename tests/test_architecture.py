@@ -20,7 +20,6 @@ MAX_FUNCTION_LINES = 60
 LONG_FUNCTIONS = {
     "analysis.analyze",
     "analysis.static_lesion",
-    "analysis.report_markdown",
     "bench.bench_inference",
     "bench_onnx.bench_onnx",
     "export.export_model",

@@ -512,10 +512,8 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
 
 def report_markdown(numbers: dict[str, Any], figures: dict[str, str], title: str) -> str:
     """``report.md`` of ``skipnet analyze``: the key numbers and the figures (``figures``: file -> caption)."""
-    m = numbers["main"]
-    c = numbers["cost"]
     lines = [f"# {title}", ""]
-    meta = numbers.get("checkpoint", {})
+    meta, m = numbers.get("checkpoint", {}), numbers["main"]
     if meta:
         lines += [
             f"Checkpoint `{meta.get('path')}` ({numbers['arch']}, stage {meta.get('stage') or '?'}"
@@ -524,21 +522,36 @@ def report_markdown(numbers: dict[str, Any], figures: dict[str, str], title: str
             f"greedy gates at threshold {numbers['threshold']:.3g}.",
             "",
         ]
-    stages = ", ".join(f"stage {i + 1}: {100 * r:.1f}%" for i, r in enumerate(numbers["skip_ratio_per_stage"]))
-    per_class, r = {s["name"]: s for s in numbers["per_class"]}, numbers["routes"]
+    lines += _key_numbers(numbers)
+    others = numbers.get("others", [])
+    if others:
+        lines += ["## Other checkpoints on the same split", "", "| checkpoint | accuracy | MACs/image | reduction |"]
+        lines += ["|---|---|---|---|"]
+        for o in others:
+            lines.append(f"| {o['label']} | {o['accuracy']:.2f}% | {o['macs_mean']:.4g} | {o['macs_reduction']:.1f}% |")
+        lines.append("")
+    lines += _sweep_and_scales(numbers)
+    lines += ["", "## Figures", ""]
+    for name, caption in figures.items():
+        lines += [f"### {caption}", "", f"![{caption}]({name})", ""]
+    return "\n".join(lines)
+
+
+def _key_numbers(numbers: dict[str, Any]) -> list[str]:
+    """The report's first table: accuracy, cost, routes and the easiest and hardest class."""
+    m, c, r = numbers["main"], numbers["cost"], numbers["routes"]
+    stages = ", ".join(f"stage {i + 1}: {100 * q:.1f}%" for i, q in enumerate(numbers["skip_ratio_per_stage"]))
+    per_class = {s["name"]: s for s in numbers["per_class"]}
     easy, hard = per_class[numbers["easiest_class"]], per_class[numbers["hardest_class"]]
-    lines += [
+    base = numbers.get("base")
+    return [
         "| quantity | value |",
         "|---|---|",
         f"| top-1 accuracy | {m['accuracy']:.2f}% |",
         f"| MACs per image (gates included) | {m['macs_mean']:.4g} |",
         f"| plain ResNet MACs per image | {c['macs_all_on']:.4g} |",
         f"| MACs reduction vs plain ResNet | {m['macs_reduction']:.1f}% |",
-        *(
-            [f"| accuracy vs --base ({numbers['base']['label']}) | {m['accuracy_vs_base']:+.2f} points |"]
-            if numbers.get("base")
-            else []
-        ),
+        *([f"| accuracy vs --base ({base['label']}) | {m['accuracy_vs_base']:+.2f} points |"] if base else []),
         f"| computation percentage (authors' CP) | {m['computation_percentage']:.1f}% |",
         f"| gate MACs per image | {c['gate_macs']:.4g} |",
         f"| executed blocks per image (mean, of {numbers['num_gates'] + 1}) | {m['executed_blocks_mean']:.2f} |",
@@ -551,15 +564,12 @@ def report_markdown(numbers: dict[str, Any], figures: dict[str, str], title: str
         f"median {_fmt(hard['median_skipped'], '.1f')} blocks skipped |",
         "",
     ]
-    others = numbers.get("others", [])
-    if others:
-        lines += ["## Other checkpoints on the same split", "", "| checkpoint | accuracy | MACs/image | reduction |"]
-        lines += ["|---|---|---|---|"]
-        for o in others:
-            lines.append(f"| {o['label']} | {o['accuracy']:.2f}% | {o['macs_mean']:.4g} | {o['macs_reduction']:.1f}% |")
-        lines.append("")
+
+
+def _sweep_and_scales(numbers: dict[str, Any]) -> list[str]:
+    """The threshold sweep's and the multi-scale inputs' tables."""
     mono = "monotone" if numbers["threshold_sweep_monotone"] else "**not** monotone"
-    lines += [
+    lines = [
         "## Threshold sweep",
         "",
         f"One greedy forward pass per threshold; MACs were {mono} non-increasing in the threshold on this grid.",
@@ -582,7 +592,4 @@ def report_markdown(numbers: dict[str, Any], figures: dict[str, str], title: str
                 f"| {r['scale']:g} | {r['image_size']} | {r['accuracy']:.2f}% | {r['executed_blocks_mean']:.2f} "
                 f"| {r['delta_mean']:+.2f} (more: {r['delta_more']}, fewer: {r['delta_fewer']}) |"
             )
-    lines += ["", "## Figures", ""]
-    for name, caption in figures.items():
-        lines += [f"### {caption}", "", f"![{caption}]({name})", ""]
-    return "\n".join(lines)
+    return lines
