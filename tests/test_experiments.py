@@ -65,6 +65,13 @@ def test_runner_trains_in_order_resumes_collects_and_fails_one_way(tmp_path) -> 
     runner.commands.clear()
     runner.train([base])
     assert runner.commands[0].endswith("--resume")
+    # a run killed after its first metrics row but before any last.pt is started again, not refused
+    early = Run("early", ("tiny_resnet_14", "--stage", "base", *FAST))
+    (tmp_path / "runs" / "early").mkdir()
+    (tmp_path / "runs" / "early" / "metrics.jsonl").write_text('{"step": 2, "val_accuracy": 9.0}\n')
+    runner.commands.clear()
+    runner.train([early])
+    assert runner.commands[0].endswith("--resume") and runner.finished(early)
     bad = Run("bad", ("tiny_resnet_14", "--stage", "base", "--lr", "-1", *FAST))
     with pytest.raises(RunFailed, match="bad.log"):
         runner.train([bad])

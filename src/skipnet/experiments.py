@@ -144,12 +144,14 @@ class Runner:
         return done.stdout
 
     def train(self, runs: Sequence[Run]) -> None:
-        """Train every unfinished run, dependencies first; a started run resumes from its ``last.pt``."""
+        """Train every unfinished run, dependencies first; a started run (its directory exists) is given
+        ``--resume``: it continues from its ``last.pt`` (or from ``best.pt`` when killed during its first
+        checkpoint), or starts afresh when killed before any checkpoint."""
         for run in order(runs):
             if self.finished(run):
                 continue
             cmd = self.command(run)
-            if (self.dir(run.name) / "last.pt").exists():
+            if self.dir(run.name).exists():
                 cmd.append("--resume")
             log.info("training %s", run.name)
             self._call(cmd, self.out / f"{run.name}.log")
