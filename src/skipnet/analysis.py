@@ -389,21 +389,7 @@ def static_lesion(
         raise SkipnetError(f"max_drop must be in [0, {model.num_gates}], got {max_drop}")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    n = model.num_gates
-
-    def run(batches, keep: Tensor) -> tuple[float, float]:
-        loss = correct = seen = 0.0
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            decisions = keep.to(device).expand(x.shape[0], n)
-            logits = model(x, GateMode.RANDOM, decisions=decisions).logits.float()
-            loss += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += y.shape[0]
-        return loss / max(seen, 1), 100.0 * correct / max(seen, 1)
-
-    keep = torch.ones(1, n)
+    keep = torch.ones(1, model.num_gates)
     points: list[dict[str, Any]] = []
     try:
         for step in range(max_drop + 1):
@@ -412,11 +398,11 @@ def static_lesion(
                 for i in torch.nonzero(keep[0]).flatten().tolist():
                     trial = keep.clone()
                     trial[0, i] = 0.0
-                    trials.append((*run(select, trial), i))
+                    trials.append((*_forced_run(model, select, trial), i))
                 loss, acc, i = min(trials)
                 keep[0, i] = 0.0
             else:
-                loss, acc = run(select, keep)
+                loss, acc = _forced_run(model, select, keep)
             macs = cost.macs_per_image(keep, include_gates=False).item()
             point = {
                 "dropped": torch.nonzero(keep[0] == 0).flatten().tolist(),
@@ -426,11 +412,26 @@ def static_lesion(
                 "macs_reduction": 100.0 * (1.0 - macs / cost.total_macs_all_on),
             }
             if evaluate_on is not None:
-                point["accuracy"] = run(evaluate_on, keep)[1]
+                point["accuracy"] = _forced_run(model, evaluate_on, keep)[1]
             points.append(point)
     finally:
         model.train(was_training)
     return points
+
+
+def _forced_run(model: GatedResNet, batches: Any, keep: Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (%) over ``batches`` with the blocks of ``keep`` (1, N) executed for every
+    image (forced decisions, no gate computed)."""
+    device = next(model.parameters()).device
+    loss = correct = seen = 0.0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        decisions = keep.to(device).expand(x.shape[0], model.num_gates)
+        logits = model(x, GateMode.RANDOM, decisions=decisions).logits.float()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += y.shape[0]
+    return loss / max(seen, 1), 100.0 * correct / max(seen, 1)
 
 
 def _best_feasible(points: Sequence[dict[str, Any]], target: float) -> dict[str, Any] | None:
