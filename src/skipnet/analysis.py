@@ -291,13 +291,7 @@ def analyze(
         "threshold": float(model.threshold),
         "num_gates": n,
         "block_stage": block_stage,
-        "cost": {
-            "macs_all_on": cost.total_macs_all_on,
-            "fixed_macs": cost.fixed_macs,
-            "gate_macs": float(sum(cost.gate_macs)),
-            "min_macs": cost.fixed_macs + float(sum(cost.gate_macs)),
-            "image_size": cost.image_size,
-        },
+        "cost": _cost_numbers(cost),
         "main": main,
         "skip_ratio_per_block": skip_ratio_per_block(record.decisions),
         "skip_ratio_per_stage": skip_ratio_per_stage(record.decisions, block_stage),
@@ -308,12 +302,8 @@ def analyze(
         "hardest_class": stats[hard_c]["name"],
         "easiest_class_executed_counts": value_counts(executed[record.labels == easy_c], 1, n + 1),
         "hardest_class_executed_counts": value_counts(executed[record.labels == hard_c], 1, n + 1),
-        "easy_images": [
-            {"index": i, "executed": int(executed[i]), "label": classes[int(record.labels[i])]} for i in easy
-        ],
-        "hard_images": [
-            {"index": i, "executed": int(executed[i]), "label": classes[int(record.labels[i])]} for i in hard
-        ],
+        "easy_images": _image_rows(easy, executed, record.labels, classes),
+        "hard_images": _image_rows(hard, executed, record.labels, classes),
         "threshold_sweep": sweep,
         "threshold_sweep_monotone": is_non_increasing([p["macs_mean"] for p in sweep]),
         "multiscale": ms_rows,
@@ -325,6 +315,21 @@ def analyze(
         easy_images=gather_images(data, loader, easy),
         hard_images=gather_images(data, loader, hard),
     )
+
+
+def _cost_numbers(cost: CostModel) -> dict[str, Any]:
+    return {
+        "macs_all_on": cost.total_macs_all_on,
+        "fixed_macs": cost.fixed_macs,
+        "gate_macs": float(sum(cost.gate_macs)),
+        "min_macs": cost.fixed_macs + float(sum(cost.gate_macs)),
+        "image_size": cost.image_size,
+    }
+
+
+def _image_rows(indices: Sequence[int], executed: Tensor, labels: Tensor, classes: list[str]) -> list[dict]:
+    """The shown images: index in the split, executed blocks, class name."""
+    return [{"index": i, "executed": int(executed[i]), "label": classes[int(labels[i])]} for i in indices]
 
 
 def checkpoint_label(path: str | Path, ckpt: dict[str, Any]) -> str:
