@@ -152,3 +152,19 @@ def test_figure_script_draws(tmp_path) -> None:
     out = module.draw(tmp_path / "figure.png")
     assert out.stat().st_size > 10_000
     assert (DOCS / "figures" / "accuracy_macs.png").is_file()
+
+
+def test_deploy_page_speed_figures_are_the_json() -> None:
+    """docs/deploy.md's efficiencies of skipnet's default (layout="nchwc", batch 1) and of the routed graph
+    (batch 32), and the all-executed overheads, are the rows of benchmarks/results/deploy_speed*.json."""
+    text = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
+    models = 0
+    for path in sorted(RESULTS_DIR.glob("deploy_speed*.json")):
+        for m in json.loads(path.read_text())["models"]:
+            default = next(r for r in m["batch1"]["rows"] if "layout=nchwc" in r["lever"])
+            routed = next(r for r in m["batch32"]["rows"] if r["lever"] == "ORT, routed, ORT_ENABLE_ALL")
+            assert f"{default['efficiency']:.3f}" in text, (path.name, m["arch"])
+            assert f"{100 * default['overhead_all']:+.1f}%" in text, (path.name, m["arch"])
+            assert f"{routed['efficiency']:.3f}" in text, (path.name, m["arch"])
+            models += 1
+    assert models >= 3
