@@ -20,7 +20,6 @@ MAX_FUNCTION_LINES = 60
 LONG_FUNCTIONS = {
     "bench.bench_inference",
     "bench_onnx.bench_onnx",
-    "export.export_model",
 }
 LONG_FUNCTION_CAP = 80
 

@@ -959,28 +959,8 @@ def export_model(
     meta = metadata(model, g, ckpt, batch)
     pbatch = 1 if batch == 1 else 3
     images = probe_images(model, probes if batch == 1 else max(1, probes // 2), pbatch, seed=99)
-    if fmt == "onnx":
-        import onnx
-
-        proto = localize_branch_weights(program.model_proto)
-        proto.producer_name = "skipnet"
-        proto.graph.name = f"skipnet_{graph}_{model.config.name}"
-        meta["graph_sha256"] = graph_digest(proto)
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = META_KEY, json.dumps(meta)
-        payload = proto.SerializeToString()
-        onnx.checker.check_model(onnx.load_from_string(payload))  # structural check
-        session = onnx_session(payload, layout="nchw")  # the graph as written, as any ONNX Runtime user runs it
-        check = check_program(lambda x: run_onnx(session, x), model, g, images)
-        check["runtime"] = "onnxruntime " + _ort_version()
-    else:
-        module = program.module()
-        with torch.no_grad():
-            check = check_program(lambda x: module(x), model, g, images)
-        check["runtime"] = "torch.export " + torch.__version__
-        buf = io.BytesIO()
-        torch.export.save(program, buf, extra_files={META_KEY: json.dumps(meta)})
-        payload = buf.getvalue()
+    pack = _onnx_payload if fmt == "onnx" else _pt2_payload
+    payload, check = pack(program, model, g, meta, images)
     if not check["ok"]:
         raise SkipnetError(
             f"the exported {graph} {fmt} graph disagrees with the eager model on probe images "
@@ -988,6 +968,40 @@ def export_model(
             f"{check['max_abs_logit_diff']:.2e}, same classes: {check['same_classes']}); nothing was written"
         )
     return Exported(fmt, g.graph, payload, meta, check, notes)
+
+
+def _onnx_payload(
+    program: Any, model: GatedResNet, g: ExportGraph, meta: dict, images: list[Tensor]
+) -> tuple[bytes, dict[str, Any]]:
+    """The ONNX file's bytes (metadata and graph digest inside, ONNX's model check passed) and its check in ONNX
+    Runtime against the eager model on ``images``."""
+    import onnx
+
+    proto = localize_branch_weights(program.model_proto)
+    proto.producer_name = "skipnet"
+    proto.graph.name = f"skipnet_{g.graph}_{model.config.name}"
+    meta["graph_sha256"] = graph_digest(proto)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps(meta)
+    payload = proto.SerializeToString()
+    onnx.checker.check_model(onnx.load_from_string(payload))  # structural check
+    session = onnx_session(payload, layout="nchw")  # the graph as written, as any ONNX Runtime user runs it
+    check = check_program(lambda x: run_onnx(session, x), model, g, images)
+    check["runtime"] = "onnxruntime " + _ort_version()
+    return payload, check
+
+
+def _pt2_payload(
+    program: Any, model: GatedResNet, g: ExportGraph, meta: dict, images: list[Tensor]
+) -> tuple[bytes, dict[str, Any]]:
+    """The ``.pt2`` file's bytes (metadata as an extra file) and the program's check against the eager model."""
+    module = program.module()
+    with torch.no_grad():
+        check = check_program(lambda x: module(x), model, g, images)
+    check["runtime"] = "torch.export " + torch.__version__
+    buf = io.BytesIO()
+    torch.export.save(program, buf, extra_files={META_KEY: json.dumps(meta)})
+    return buf.getvalue(), check
 
 
 def _ort_version() -> str:
