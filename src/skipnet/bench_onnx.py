@@ -113,24 +113,15 @@ def bench_onnx(
     graph = meta.get("graph")
     sessions = _sessions(skipnet_bytes, meta, plain_bytes, len(images), batch_size, threads)
     batches = [images[i : i + batch_size].contiguous().numpy() for i in range(0, len(images), batch_size)]
-    names = {k: s.get_inputs()[0].name for k, s in sessions.items()}
-
-    def runner(key: str) -> Callable[[], Any]:
-        s, name = sessions[key], names[key]
-        return lambda: [s.run(None, {name: b}) for b in batches]
-
-    outs = _first_outputs(runner, sessions, meta)
+    runners = {k: _runner(s, batches) for k, s in sessions.items()}
+    outs = _first_outputs(runners.__getitem__, sessions, meta)
     cpu: dict[str, list[float]] = {}
-    times = time_interleaved({k: runner(k) for k in sessions}, repeats, warmup, cpu)
+    times = time_interleaved(runners, repeats, warmup, cpu)
 
     dec = torch.from_numpy(np.concatenate([o[2] for o in outs["routed"]]))
     logits_r = torch.from_numpy(np.concatenate([o[0] for o in outs["routed"]]))
     config = ArchConfig.from_dict(meta["arch"])
-    from skipnet.gated import GatedResNet
-
-    cm = cost_model(GatedResNet(config), int(images.shape[-1]))
-    macs_plain = float(cm.total_macs_all_on)
-    macs_routed = float(cm.macs_per_image(dec).mean())
+    macs_plain, macs_routed = _macs(config, int(images.shape[-1]), dec)
     n = len(batches)
     plain_ms, routed_ms = _ms(times["plain"], n), _ms(times["routed"], n)
     masked_ms = _ms(times["masked"], n) if "masked" in times else None  # a routed graph has no masked twin
@@ -150,12 +141,7 @@ def bench_onnx(
         "repeats": repeats,
         "warmup": warmup,
         "threshold": meta.get("threshold"),
-        "latency_ms_plain": plain_ms,
-        "latency_ms_masked": masked_ms,
-        "latency_ms_routed": routed_ms,
-        "latency_ms_min_plain": 1e3 * min(times["plain"]) / n,
-        "latency_ms_min_masked": 1e3 * min(times["masked"]) / n if "masked" in times else None,
-        "latency_ms_min_routed": 1e3 * min(times["routed"]) / n,
+        **_latency_fields(times, n),
         "speedup": plain_ms / routed_ms,
         "speedup_masked": plain_ms / masked_ms if masked_ms else None,
         "macs_plain": macs_plain,
@@ -165,17 +151,44 @@ def bench_onnx(
     }
     res |= _masked_check(outs, logits_r, dec)
     if threads == 1:  # CPU time of the only compute thread: robust to other jobs on a shared machine
-        cp, cr = _ms(cpu["plain"], n), _ms(cpu["routed"], n)
-        res.update(
-            {
-                "cpu_ms_plain": cp,
-                "cpu_ms_masked": _ms(cpu["masked"], n) if "masked" in cpu else None,
-                "cpu_ms_routed": cr,
-                "speedup_cpu": cp / cr,
-                "efficiency_cpu": cp / cr / (macs_plain / macs_routed),
-            }
-        )
+        res |= _cpu_fields(cpu, n, macs_plain / macs_routed)
     return res
+
+
+def _runner(session: Any, batches: list[Any]) -> Callable[[], Any]:
+    """One pass of ``session`` over ``batches``."""
+    name = session.get_inputs()[0].name
+    return lambda: [session.run(None, {name: b}) for b in batches]
+
+
+def _latency_fields(times: dict[str, list[float]], n: int) -> dict[str, float | None]:
+    """Median and best wall-clock latency per batch of each variant (``None``: a variant the graph has not)."""
+    out: dict[str, float | None] = {}
+    for key in ("plain", "masked", "routed"):
+        out[f"latency_ms_{key}"] = _ms(times[key], n) if key in times else None
+    for key in ("plain", "masked", "routed"):
+        out[f"latency_ms_min_{key}"] = 1e3 * min(times[key]) / n if key in times else None
+    return out
+
+
+def _macs(config: ArchConfig, size: int, decisions: torch.Tensor) -> tuple[float, float]:
+    """MACs per image of the plain network and, mean over the images, of the routes ``decisions`` took."""
+    from skipnet.gated import GatedResNet
+
+    cm = cost_model(GatedResNet(config), size)
+    return float(cm.total_macs_all_on), float(cm.macs_per_image(decisions).mean())
+
+
+def _cpu_fields(cpu: dict[str, list[float]], n: int, ideal: float) -> dict[str, Any]:
+    """The thread-CPU-time latencies per batch and the speed-up and efficiency they give."""
+    cp, cr = _ms(cpu["plain"], n), _ms(cpu["routed"], n)
+    return {
+        "cpu_ms_plain": cp,
+        "cpu_ms_masked": _ms(cpu["masked"], n) if "masked" in cpu else None,
+        "cpu_ms_routed": cr,
+        "speedup_cpu": cp / cr,
+        "efficiency_cpu": cp / cr / ideal,
+    }
 
 
 def _sessions(
