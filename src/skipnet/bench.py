@@ -207,27 +207,14 @@ def bench_inference(
     x = x.to(dev).contiguous(memory_format=CHANNELS_LAST)
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
 
-    fns: dict[str, Callable[[], Any]] = {"plain": lambda: model(x, "all_on")}
-    runs: list[dict[str, Any]] = []
-    for j, keep in enumerate(keeps):
-        d = None if keep is None else random_decisions(batch_size, model.num_gates, keep, seed + 1 + j).to(dev)
-        masked = _bind(model, x, d, "masked")
-        routed = _bind(model, x, d, "routed")
-        fns[f"masked{j}"], fns[f"routed{j}"] = masked, routed
-        runs.append({"keep_requested": keep, "masked": masked, "routed": routed})
-
+    fns, runs = _variants(model, x, keeps, seed)
     with torch.inference_mode():
         checks = [(run["masked"](), run["routed"]()) for run in runs]
         cpu: dict[str, list[float]] = {}
         times = time_interleaved(fns, repeats, warmup, cpu, sync)
 
-    common = {
-        **(info or {}),
-        "arch": model.config.name,
-        "image_size": size,
-        "batch_size": batch_size,
-        "inputs": "random N(0, 1)" if images is None else "real images",
-    }
+    inputs = "random N(0, 1)" if images is None else "real images"
+    common = (info or {}) | {"arch": model.config.name, "image_size": size, "batch_size": batch_size, "inputs": inputs}
     one_thread = torch.get_num_threads() == 1 and dev.type == "cpu"
     results = []
     for j, (run, (out_m, out_r)) in enumerate(zip(runs, checks)):
@@ -242,6 +229,22 @@ def bench_inference(
             row |= _cpu_times(cpu, row, j)
         results.append(row)
     return results
+
+
+def _variants(
+    model: GatedResNet, x: Tensor, keeps: Sequence[float | None], seed: int
+) -> tuple[dict[str, Callable[[], Any]], list[dict[str, Any]]]:
+    """The timed calls (plain once; masked and routed per keep ratio, on the same forced decisions) and, per
+    keep ratio, its masked and routed calls."""
+    fns: dict[str, Callable[[], Any]] = {"plain": lambda: model(x, "all_on")}
+    runs: list[dict[str, Any]] = []
+    for j, keep in enumerate(keeps):
+        d = None if keep is None else random_decisions(x.shape[0], model.num_gates, keep, seed + 1 + j).to(x.device)
+        masked = _bind(model, x, d, "masked")
+        routed = _bind(model, x, d, "routed")
+        fns[f"masked{j}"], fns[f"routed{j}"] = masked, routed
+        runs.append({"keep_requested": keep, "masked": masked, "routed": routed})
+    return fns, runs
 
 
 def _check(model: GatedResNet, batch_size: int, keeps: Sequence[float | None], image_size: int | None) -> int:
