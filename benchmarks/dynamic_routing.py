@@ -166,6 +166,14 @@ RUNS = [
         note="aig_sp_bs_more3 given two more epochs at lr 0.01 with --threshold-jitter 0.4: each step's hard gates "
         "thresholded at 0.5 + U(-0.4, 0.4), the range its calibrations to 20-50% chose (0.35-0.91)",
     ),
+    Run(
+        "aig_sp_bs_more5",
+        ("cifar10_aig_gate_38", "--init", "{runs}/aig_sp_bs_more3/best.pt", *AIG_MORE[:-4], *JITTER[:-2]),
+        needs=("aig_sp_bs_more3",),
+        budgets=BUDGETS[2:],
+        note="aig_sp_jitter's control: the same two epochs without --threshold-jitter (calibrated to 40 and 50%, "
+        "where the two differ)",
+    ),
     Run("plain_r26", (*PLAIN26, *PLAIN_SCHEDULE), note="plain ResNet-26, the headline's 30-epoch schedule (float32)"),
     Run(
         "plain_r26_kd2",
@@ -197,7 +205,8 @@ PLAIN = {"base_r20": "ResNet-20", "base_r26": "ResNet-26", "base_r32": "ResNet-3
 
 NAMES = [r.name for r in RUNS]
 MATCHED = "plain_r26_kd5"  # the plain ResNet-26 at aig_sp_floor_order's training (30 + 5 distilled epochs)
-CURVE = "aig_sp_bs_more3"  # the run whose calibrated budgets the figure draws as a curve
+# the runs whose calibrated budgets the figure draws as curves: threshold jitter, its control, and where both began
+CURVES = ("aig_sp_bs_more3", "aig_sp_bs_more5", "aig_sp_jitter")
 
 
 def plain_points(results: Path) -> dict[str, dict]:
@@ -241,9 +250,10 @@ def plot(rows: dict[str, dict], plain: dict[str, dict], path: Path) -> None:
     for name, r in rows.items():
         if name == MATCHED:
             ax.plot(r["macs_reduction"], r["accuracy"], "D", color="black", label="ResNet-26, matched training")
-    curve = sorted((r["macs_reduction"], r["accuracy"]) for n, r in rows.items() if n.split("@")[0] == CURVE)
-    if curve:
-        ax.plot(*zip(*curve), "s-", color="C0", label=f"SkipNet-38 {CURVE}, calibrated")
+    for k, run in enumerate(CURVES):
+        curve = sorted((r["macs_reduction"], r["accuracy"]) for n, r in rows.items() if n.split("@")[0] == run)
+        if curve:
+            ax.plot(*zip(*curve), "s-", color=f"C{k}", label=f"SkipNet-38 {run}, calibrated")
     ax.set_xlabel("MACs saved vs ResNet-38 (%)")
     ax.set_ylabel("CIFAR-10 test accuracy (%)")
     ax.grid(alpha=0.3)

@@ -414,6 +414,36 @@ def test_routing_page_states_the_aig_and_difficulty_runs() -> None:
     assert gap > 0 and sc_gap > 0 and order["routes"]["class_spearman_median"] < -0.5
 
 
+def test_routing_page_states_the_threshold_jitter_runs() -> None:
+    """Item 11 of docs/routing.md (and RESULTS.md's bullet): aig_sp_jitter, its budgets and its control are the
+    JSON's rows, and the differences it states are theirs."""
+    import json
+    from pathlib import Path
+
+    from skipnet.results import frontier
+
+    root = Path(__file__).resolve().parents[1]
+    page = " ".join((root / "docs" / "routing.md").read_text().split())
+    results = " ".join((root / "benchmarks" / "RESULTS.md").read_text().split())
+    data = json.loads((root / "benchmarks/results/dynamic_routing.json").read_text())
+    rows = {r["name"]: r for r in data["runs"]}
+    line = [(p["macs_reduction"], p["accuracy"]) for p in data["plain"].values()]
+
+    def at(name: str) -> str:
+        return f"{rows[name]['accuracy']:.2f}% at {rows[name]['macs_reduction']:.1f}%"
+
+    budgets = [at(f"aig_sp_jitter@{b}%") for b in (20, 30, 40, 50)] + [at(f"aig_sp_bs_more5@{b}%") for b in (40, 50)]
+    gains = [rows[f"aig_sp_jitter@{b}%"]["accuracy"] - rows[f"aig_sp_bs_more5@{b}%"]["accuracy"] for b in (40, 50)]
+    on_page = [at("aig_sp_jitter"), at("aig_sp_bs_more5"), *budgets, *(f"{g:.1f} points" for g in gains)]
+    for b in (40, 50):  # "about 87.0% at 41%": the frontier at the calibrated point's saving
+        saved = rows[f"aig_sp_jitter@{b}%"]["macs_reduction"]
+        on_page.append(f"{frontier(line, saved):.1f}% at {round(saved)}%")
+    in_results = [*budgets, f"+{gains[0]:.1f} points at 40%", f"+{gains[1]:.1f} at 50%"]
+    for text, name, stated in ((page, "docs/routing.md", on_page), (results, "RESULTS.md", in_results)):
+        missing = [s for s in stated if s not in text]
+        assert not missing, f"{name} does not state {missing}"
+
+
 def test_train_refuses_an_empty_out(capsys) -> None:
     assert main(["train", "tiny_resnet_14", "--stage", "base", "--data", "digits", "--out", ""]) == 2
     err = capsys.readouterr().err
