@@ -269,6 +269,7 @@ def collect(runner: Runner, path: Path, plain_macs: float) -> dict[str, dict]:
     here = {name: {"name": name} | row for name, row in runner.rows(RUNS).items()}
     here = {n: r for n, r in here.items() if not (n.startswith("plain_") and not r["finished"])}
     for r in here.values():
+        r["checkpoint"] = results.portable(r["checkpoint"], REPO)  # a run started elsewhere records its full path
         if r["name"].startswith("plain_"):
             r["macs_reduction"] = round(100 * (1 - r["macs_mean"] / plain_macs), 2)
     rows = results.recorded(path) | here
