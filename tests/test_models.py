@@ -705,3 +705,12 @@ def test_timm_style_overrides() -> None:
     assert model(torch.randn(2, 1, 16, 16)).logits.shape == (2, 5)
     with pytest.raises(SkipnetError, match="unknown model option 'in_chan'.*in_chans"):
         create_model("tiny_rnn_gate_14", in_chan=1)
+
+
+def test_which_modes_compute_gates_is_the_mode_s_own() -> None:
+    """Issue 34: a mode says itself whether it runs the gates (evaluation, the policy and `skipnet eval` ask it)."""
+    from skipnet.evaluate import describe_mode
+    from skipnet.policy import GateMode
+
+    assert {m for m in GateMode if not m.computes_gates} == {GateMode.ALL_ON, GateMode.RANDOM}
+    assert describe_mode("greedy") == "greedy: the learned gates decide" and describe_mode("hard") == "hard"

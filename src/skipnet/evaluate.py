@@ -36,18 +36,14 @@ def eval_mode_for(model: GatedResNet) -> GateMode:
     ``all_on`` and its gates were never trained, so it runs every block. A training mode (``hard``, ``soft``,
     ``sample``) is validated greedily, as is any gated model; a model without gates runs every block."""
     mode = GateMode(model.mode)
-    if mode in (GateMode.RANDOM, GateMode.ALL_ON):
+    if not mode.computes_gates:  # all_on, random: kept as stored
         return mode
     return GateMode.GREEDY if model.gates is not None else GateMode.ALL_ON
 
 
 def describe_mode(mode: GateMode | str) -> str:
-    """A few words naming how a mode decides, for reports."""
-    return {
-        GateMode.ALL_ON: "all_on: every block runs, no gate computed",
-        GateMode.RANDOM: "random: blocks kept at random (stochastic depth)",
-        GateMode.GREEDY: "greedy: the learned gates decide",
-    }.get(GateMode(mode), str(GateMode(mode).value))
+    """A few words naming how a mode decides, for reports (:attr:`GateMode.description`)."""
+    return GateMode(mode).description
 
 
 @torch.no_grad()
@@ -89,7 +85,7 @@ def run_eval(
         torch.set_rng_state(gen_state)
         net.train(was_training)
     decisions = torch.cat(decs) if decs else torch.zeros(0, net.num_gates)
-    gates_spent = net.gates is not None and mode not in (GateMode.ALL_ON, GateMode.RANDOM)
+    gates_spent = net.gates is not None and mode.computes_gates
     return EvalRecord(
         labels=torch.cat(labels),
         preds=torch.cat(preds),
@@ -132,7 +128,7 @@ def evaluate(model: nn.Module, loader, cost: CostModel, **kwargs: Any) -> dict[s
     net = getattr(model, "module", model)
     record = run_eval(model, loader, cost, **kwargs)
     mode = GateMode(kwargs.get("mode") or eval_mode_for(net))
-    gated = net.gates is not None and mode not in (GateMode.ALL_ON, GateMode.RANDOM)
+    gated = net.gates is not None and mode.computes_gates
     return summarize(record, cost, net.config.num_classes, gated)
 
 

@@ -60,6 +60,23 @@ class GateMode(StrEnum):
         """Whether training in this mode gives the gates a gradient (straight-through, soft or REINFORCE)."""
         return self in (GateMode.HARD, GateMode.SOFT, GateMode.SAMPLE)
 
+    @property
+    def computes_gates(self) -> bool:
+        """Whether a forward in this mode runs the gates (their cost is spent): all but ``all_on`` and ``random``."""
+        return self not in (GateMode.ALL_ON, GateMode.RANDOM)
+
+    @property
+    def description(self) -> str:
+        """A few words naming how the mode decides, for reports."""
+        return _DESCRIPTIONS.get(self, self.value)
+
+
+_DESCRIPTIONS = {
+    GateMode.ALL_ON: "all_on: every block runs, no gate computed",
+    GateMode.RANDOM: "random: blocks kept at random (stochastic depth)",
+    GateMode.GREEDY: "greedy: the learned gates decide",
+}
+
 
 class GatePolicy:
     """One forward's decisions. The base runs the gates (or the compiled gate step) and builds the trace;
@@ -70,7 +87,7 @@ class GatePolicy:
         self.mode, self.threshold, self.explore, self.routed = mode, threshold, explore, routed
         self.gates, self.n = model.gates, model.num_gates
         self.gate_step: Callable[..., tuple[Tensor, Any]] = model.gate_step
-        self.computes = self.gates is not None and mode not in (GateMode.ALL_ON, GateMode.RANDOM)
+        self.computes = self.gates is not None and mode.computes_gates
 
     paths: capture.Paths  # the forward's fast paths (set by :func:`choose`)
 

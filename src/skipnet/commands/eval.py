@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     def check(model, ckpt) -> None:
         mode = GateMode(args.mode or eval_mode_for(model))
-        if args.threshold is not None and mode in (GateMode.ALL_ON, GateMode.RANDOM):
+        if args.threshold is not None and not mode.computes_gates:
             why = "" if args.mode else f" (the mode {args.checkpoint} was trained and validated in)"
             raise SkipnetError(
                 f"--threshold sets the gates' threshold, but this evaluation runs in mode {mode.value}{why}, which "
