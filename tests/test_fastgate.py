@@ -12,7 +12,7 @@ import torch
 from torch.testing import assert_close
 
 from conftest import trained_like
-from skipnet import create_model, fastgate
+from skipnet import capture, create_model, fastgate
 from skipnet.errors import SkipnetError
 from skipnet.gates import KernelRun
 
@@ -74,7 +74,7 @@ def _kernel_outputs(model, x):
     for layout in (torch.channels_last, torch.contiguous_format):
         r, s, grad = (torch.randn(5, 19, 7, 9).contiguous(memory_format=layout) for _ in range(3))
         out += _tail_run(g, r, s, grad)
-        assert executors._tail_kernels(True, r, s) is not None
+        assert executors._tail_kernels(capture.paths(r), r, s) is not None
     return out
 
 
@@ -240,7 +240,8 @@ def test_masked_tail_kernels_equal_eager(layout, monkeypatch, variant: str) -> N
     values (0, 1), within the stated rounding bound (:func:`_lerp_bound`) for soft ones, in every variant."""
     import skipnet.executors as executors
 
-    assert executors._tail_kernels(True, torch.zeros(2, 3, 4, 4)) is not None  # the kernels are there to compare
+    z = torch.zeros(2, 3, 4, 4)
+    assert executors._tail_kernels(capture.paths(z), z) is not None  # the kernels are there to compare
     r, s, grad = (torch.randn(7, 16, 9, 9).contiguous(memory_format=layout) for _ in range(3))
     g = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.3, 0.7, 0.5])  # exact skips and executions, and soft values
     fast = _tail_run(g, r, s, grad)

@@ -120,8 +120,7 @@ class _MaskedTail(torch.autograd.Function):
         if grad is None:  # only the second output was used (nobody does): relu(r + s) alone
             grad = torch.zeros_like(executed)
         need_g, need_r, need_s, _ = ctx.needs_input_grad
-        use = ctx.paths if (need_r or need_s) else False
-        kernels = _tail_kernels(use, executed, grad, grad_executed, shortcut)
+        kernels = _tail_kernels(ctx.paths if (need_r or need_s) else None, executed, grad, grad_executed, shortcut)
         if kernels is not None:  # the same formulas in one pass (skipnet.fastgate)
             g_r, g_s = torch.empty_like(executed), torch.empty_like(shortcut)
             g_g = executed.new_empty(executed.shape[0] if need_g else 0)
@@ -142,15 +141,15 @@ class _MaskedTail(torch.autograd.Function):
         return g_g, g_r if need_r else None, g_s, None
 
 
-def _tail_kernels(use: bool | capture.Paths, *tensors: Tensor | None) -> Any:
-    """The compiled masked-tail kernels (skipnet.fastgate) when the forward may use them (``use``: its
-    :class:`~skipnet.capture.Paths`, whose :attr:`~skipnet.capture.Paths.kernels` is asked last, so that tensors
-    no kernel takes, e.g. bfloat16 under autocast, never load them; or a bool) and they apply to ``tensors``
-    (``None`` entries are ignored): float32 CPU, 4-D, one memory layout (NCHW or channels_last, so each sample is
-    one dense run, with the same strides for all); else ``None``."""
+def _tail_kernels(paths: capture.Paths | None, *tensors: Tensor | None) -> Any:
+    """The compiled masked-tail kernels (skipnet.fastgate) when the forward may use them (its ``paths``; ``None``:
+    not here) and they apply to ``tensors`` (``None`` entries are ignored): float32 CPU, 4-D, one memory layout
+    (NCHW or channels_last, so each sample is one dense run, with the same strides for all); else ``None``.
+    :attr:`~skipnet.capture.Paths.kernels` is asked last, so that tensors no kernel takes (bfloat16 under
+    autocast) never load the kernels."""
     first = tensors[0]
     if (
-        use is False
+        paths is None
         or first.device.type != "cpu"
         or first.dim() != 4
         or not (first.is_contiguous() or first.is_contiguous(memory_format=torch.channels_last))
@@ -160,7 +159,7 @@ def _tail_kernels(use: bool | capture.Paths, *tensors: Tensor | None) -> Any:
     for t in tensors:
         if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or t.stride() != strides):
             return None
-    return fastgate.load() if use is True or use.kernels else None
+    return fastgate.load() if paths.kernels else None
 
 
 def _mix(g: Tensor, executed: Tensor, skipped: Tensor) -> Tensor:

@@ -262,34 +262,23 @@ def choose(
     paths: capture.Paths,
 ) -> GatePolicy:
     """The policy of one forward of ``model`` with fast ``paths`` (checks the arguments)."""
-    policy = _policy(model, mode, routed, batch, decisions, threshold, keep, explore)
-    policy.paths = paths
-    return policy
-
-
-def _policy(
-    model: Any,
-    mode: GateMode,
-    routed: bool,
-    batch: int,
-    decisions: Tensor | None,
-    threshold: float,
-    keep: float,
-    explore: float,
-) -> GatePolicy:
     if mode in (GateMode.HARD, GateMode.SOFT, GateMode.SAMPLE) and model.gates is None:
         raise SkipnetError(f"mode {mode.value!r} needs a gated architecture; this one has no gates")
     if not 0.0 <= explore < 0.5:
         raise SkipnetError(f"explore must be in [0, 0.5), got {explore}")
     if decisions is not None and tuple(decisions.shape) != (batch, model.num_gates):
         raise SkipnetError(f"decisions must have shape (B, N) = ({batch}, {model.num_gates})")
+    policy: GatePolicy
     if decisions is not None or mode == GateMode.RANDOM:
-        return Forced(model, mode, threshold, explore, routed, decisions=decisions, keep=keep)
-    if mode == GateMode.ALL_ON:
-        return AllOn(model, mode, threshold, explore, routed)
-    if routed and mode == GateMode.GREEDY:
-        return Greedy(model, mode, threshold, explore, routed)
-    return Drawn(model, mode, threshold, explore, routed)
+        policy = Forced(model, mode, threshold, explore, routed, decisions=decisions, keep=keep)
+    elif mode == GateMode.ALL_ON:
+        policy = AllOn(model, mode, threshold, explore, routed)
+    elif routed and mode == GateMode.GREEDY:
+        policy = Greedy(model, mode, threshold, explore, routed)
+    else:
+        policy = Drawn(model, mode, threshold, explore, routed)
+    policy.paths = paths
+    return policy
 
 
 __all__ = ["AllOn", "Drawn", "Forced", "GateMode", "GatePolicy", "Greedy", "choose"]

@@ -40,7 +40,7 @@ from skipnet.runlog import Progress, RunLog, environment
 from skipnet.runsetup import assemble
 from skipnet.runstate import RunState, run_score, validation_row
 from skipnet.stages import Reward
-from skipnet.trainconfig import SCHEDULES, TrainConfig, options_set  # noqa: F401 (re-exported)
+from skipnet.trainconfig import TrainConfig, options_set
 
 log = logging.getLogger(__name__)
 
