@@ -60,9 +60,9 @@ JITTER = ("--epochs", "2", "--threads", "1", "--threshold-jitter", "0.4")
 # headline's 30-epoch schedule (headline30's base_r26, here in float32: this CPU has no AVX-512 for bf16), then
 # the same five extra epochs and teacher as aig_sp_floor_order's chain (2 at lr 0.02, 2 at 0.01, 1 at 0.005,
 # cosine, distilled from the plain ResNet-38)
-PLAIN26 = ("cifar10_resnet_26", "--stage", "base", "--threads", "1")
+PLAIN26 = ("cifar10_resnet_26", "--stage", "base", "--threads", "2")
 PLAIN_SCHEDULE = ("--epochs", "30", "--schedule", "onecycle", "--nesterov", "--weight-decay", "5e-4")
-PLAIN_MORE = ("--distill", BASE, "--schedule", "cosine", "--threads", "1")
+PLAIN_MORE = ("--distill", BASE, "--schedule", "cosine", "--threads", "2")
 RUNS = [
     Run(
         "pol_bd1_static",
