@@ -12,18 +12,22 @@ that the whole run ends inside ``--budget`` seconds:
   phase B (in parallel): HRL from the SP checkpoint at each alpha, constant lr, EMA baseline;
   phase C: latency of the plain, masked and routed networks on the device (CUDA-synchronised).
 
-Every run is a normal ``skipnet train`` run in its own directory under ``--out`` (test accuracy is that of the
-checkpoint chosen on the validation split). Writes ``reproduce_cifar10_gpu.json`` to ``--results`` and
-``models.tar`` (weights only, no optimizer state) beside it, so the models can be examined elsewhere.
+Phases A and B are declared :class:`skipnet.experiments.Run` s, run side by side by
+:class:`skipnet.experiments.Runner` (each a normal ``skipnet train`` run in its own directory under ``--out``,
+its log beside it): a run still going at its phase's deadline is stopped (SIGTERM: it writes a resumable
+checkpoint) and reported in ``stopped_a``/``stopped_b``; a failed run is reported in ``failed_a``/``failed_b``
+and the script goes on with what there is. Run again on the same ``--out``, finished runs are skipped and
+stopped ones resume. Test accuracy is that of the checkpoint chosen on the validation split. Writes
+``reproduce_cifar10_gpu.json`` to ``--results`` and ``models0.tar``, ``models1.tar`` (weights only, no
+optimizer state) beside it, so the models can be examined elsewhere.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
-import signal
-import subprocess
 import sys
 import tarfile
 import time
@@ -32,13 +36,39 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from skipnet.experiments import Run, RunFailed, Runner
 from skipnet.results import test_fields
 
 START = time.time()
+THREADS = "2"  # CPU threads of each training process
+OPT = ["--schedule", "onecycle", "--nesterov", "--weight-decay", "5e-4"]
+BASE, SP = "base_r38", "sp_r38_rnn"
+
+log = logging.getLogger("reproduce_cifar10_gpu")
 
 
-def log(msg: str) -> None:
-    print(f"[{time.time() - START:6.1f}s] {msg}", flush=True)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="cifar10-jpeg.tar.gz or its ImageFolder root")
+    ap.add_argument("--out", required=True, help="run directories")
+    ap.add_argument("--results", default=None, help="where the json and models.tar go (default: --out)")
+    ap.add_argument("--budget", type=float, default=480, help="seconds for the whole script")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--alphas", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5, 1.0])
+    ap.add_argument("--hrl-lr", type=float, default=0.003)
+    ap.add_argument("--max-epochs", type=float, default=40)
+    ap.add_argument("--hrl-schedule", default="constant", help="HRL lr schedule (constant as the paper, or cosine)")
+    ap.add_argument(
+        "--sp-from-base",
+        type=float,
+        default=None,
+        metavar="E",
+        help="instead of SP from scratch beside the base run: SP for E epochs from the base checkpoint after it",
+    )
+    ap.add_argument("--base-epochs", type=float, default=None, help="fix the base (and SP) epochs instead of sizing")
+    ap.add_argument("--no-arch-bench", action="store_true", help="bench only the trained HRL models")
+    ap.add_argument("--smoke", action="store_true", help="a tiny CPU-sized run to check the script itself")
+    return ap.parse_args(argv)
 
 
 def probe(arch: str, mode: str, device: torch.device, steps: int, batch: int = 128) -> float:
@@ -73,37 +103,6 @@ def probe(arch: str, mode: str, device: torch.device, steps: int, batch: int = 1
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def launch(name: str, args: list[str], out: Path, threads: int) -> tuple[str, subprocess.Popen]:
-    cmd = [sys.executable, "-m", "skipnet", "train", *args, "--out", str(out / name), "--threads", str(threads)]
-    log(f"start {name}: {' '.join(cmd[2:])}")
-    f = open(out / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-    return name, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_all(procs: list[tuple[str, subprocess.Popen]], deadline: float) -> dict[str, int | None]:
-    """Wait for every process until ``deadline``; then SIGTERM the rest (their checkpoints stay)."""
-    rcs: dict[str, int | None] = {}
-    while len(rcs) < len(procs):
-        for name, p in procs:
-            if name not in rcs and p.poll() is not None:
-                rcs[name] = p.returncode
-                log(f"{name} finished rc={p.returncode}")
-        if time.time() > deadline:
-            for name, p in procs:
-                if name not in rcs:
-                    log(f"{name}: over the budget, stopping it")
-                    os.killpg(p.pid, signal.SIGTERM)
-                    try:
-                        p.wait(20)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(p.pid, signal.SIGKILL)
-                        p.wait()
-                    rcs[name] = None
-            break
-        time.sleep(1)
-    return rcs
 
 
 def summary_row(out: Path, name: str) -> dict:
@@ -177,7 +176,7 @@ def bench_device(device: torch.device, specs: list[tuple[str, object]], batches:
                     "max_abs_diff": float((om.logits - orr.logits).abs().max()),
                 }
             )
-            log(f"bench {rows[-1]}")
+            log.info("bench %s", rows[-1])
     return rows
 
 
@@ -191,119 +190,113 @@ def _portable(arg: str) -> str:
     return str(path.relative_to(repo)) if path.is_relative_to(repo) else f"$DIR/{path.name}"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True, help="cifar10-jpeg.tar.gz or its ImageFolder root")
-    ap.add_argument("--out", required=True, help="run directories")
-    ap.add_argument("--results", default=None, help="where the json and models.tar go (default: --out)")
-    ap.add_argument("--budget", type=float, default=480, help="seconds for the whole script")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--alphas", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5, 1.0])
-    ap.add_argument("--hrl-lr", type=float, default=0.003)
-    ap.add_argument("--max-epochs", type=float, default=40)
-    ap.add_argument("--hrl-schedule", default="constant", help="HRL lr schedule (constant as the paper, or cosine)")
-    ap.add_argument(
-        "--sp-from-base",
-        type=float,
-        default=None,
-        metavar="E",
-        help="instead of SP from scratch beside the base run: SP for E epochs from the base checkpoint after it",
-    )
-    ap.add_argument("--base-epochs", type=float, default=None, help="fix the base (and SP) epochs instead of sizing")
-    ap.add_argument("--no-arch-bench", action="store_true", help="bench only the trained HRL models")
-    ap.add_argument("--smoke", action="store_true", help="a tiny CPU-sized run to check the script itself")
-    args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = Path(args.results or out)
-    results.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
-    deadline = START + args.budget
+def _portable_command(runner: Runner, run: Run) -> str:
+    """The ``skipnet train`` command of ``run`` as recorded: ``--out`` as ``$OUT``, other paths as in ``argv``."""
+    out = str(runner.out)
+    return " ".join(a.replace(out, "$OUT") if out in a else _portable(a) for a in runner.command(run))
+
+
+def header(args: argparse.Namespace, device: torch.device) -> dict:
+    """The report's start: the budget, the command line, the device and torch."""
     report: dict = {"budget_s": args.budget, "argv": [_portable(a) for a in sys.argv]}
     if device.type == "cuda":
         report["device"] = torch.cuda.get_device_name(device)
     report["torch"] = torch.__version__
-    log(f"device {report.get('device', device)}, torch {torch.__version__}")
+    log.info("device %s, torch %s", report.get("device", device), torch.__version__)
+    return report
 
-    # The data cache is built once here, before several runs would race to build it.
+
+def prepare_data(args: argparse.Namespace) -> tuple[list[str], int]:
+    """The options every run shares and the training steps per epoch. The data cache is built once here, before
+    several runs would race to build it."""
     from skipnet.data import load_data
 
     bundle = load_data(args.data, batch_size=128, val_split=0.1, seed=0)
     spe = len(bundle.train)
-    log(f"data ready: {bundle.train.num_samples} train images, {spe} steps per epoch")
-    common = ["--data", args.data, "--device", args.device, "--batch-size", "128", "--val-split", "0.1"]
-    threads = 2
+    log.info("data ready: %d train images, %d steps per epoch", bundle.train.num_samples, spe)
+    common = ["--device", args.device, "--batch-size", "128", "--val-split", "0.1", "--threads", THREADS]
     if args.smoke:
         common += ["--limit-train", "1024", "--limit-test", "512"]
         spe = 1024 * 9 // 10 // 128
+    return common, spe
 
-    n_probe = 5 if args.smoke else 30
-    t_base = probe("cifar10_resnet_38", "all_on", device, n_probe)
-    t_sp = probe("cifar10_rnn_gate_38", "hard", device, n_probe)
-    t_hrl = probe("cifar10_rnn_gate_38", "sample", device, n_probe)
-    report["probe_s_per_step"] = {"base": t_base, "sp": t_sp, "hrl": t_hrl}
-    log(f"probe: s/step base {t_base:.4f}, sp {t_sp:.4f}, hrl {t_hrl:.4f}")
 
-    # Phase A: base and SP side by side. Two processes share the device (launch-bound work interleaves):
-    # assume each runs ~1.4x slower than alone, plus ~8% for evaluation and start-up.
-    left = deadline - time.time()
-    t_a = 0.55 * left
-    epochs = min(args.max_epochs, max(1, int(t_a / (1.4 * 1.08 * spe * max(t_base, t_sp)))))
+def probe_all(device: torch.device, smoke: bool) -> dict[str, float]:
+    """Seconds per training step of the base, SP and HRL networks on the device."""
+    n = 5 if smoke else 30
+    t = {
+        "base": probe("cifar10_resnet_38", "all_on", device, n),
+        "sp": probe("cifar10_rnn_gate_38", "hard", device, n),
+        "hrl": probe("cifar10_rnn_gate_38", "sample", device, n),
+    }
+    log.info("probe: s/step base %.4f, sp %.4f, hrl %.4f", t["base"], t["sp"], t["hrl"])
+    return t
+
+
+def train_group(runner: Runner, runs: list[Run], deadline: float, report: dict, phase: str) -> None:
+    """Train ``runs`` side by side until ``deadline``; the runs stopped there, or the failure, go in ``report``
+    (a failed run ends the phase, not the script: the other runs' results are still reported)."""
+    report.setdefault("commands", {}).update({r.name: _portable_command(runner, r) for r in runs})
+    try:
+        stopped = runner.train(runs, parallel=len(runs), deadline=deadline)
+    except RunFailed as exc:
+        log.error("phase %s: %s", phase, exc)
+        report.setdefault(f"failed_{phase}", []).append(str(exc))
+        return
+    report.setdefault(f"stopped_{phase}", []).extend(stopped)
+
+
+def phase_a(runner: Runner, args: argparse.Namespace, common: list[str], spe: int, probes: dict, report: dict) -> None:
+    """Base and SP side by side (or SP from the base after it, ``--sp-from-base``), sized to about 55% of the
+    time left. Two processes share the device (launch-bound work interleaves): each is assumed ~1.4x slower
+    than alone, plus ~8% for evaluation and start-up."""
+    t_a = 0.55 * (START + args.budget - time.time())
+    epochs = min(args.max_epochs, max(1, int(t_a / (1.4 * 1.08 * spe * max(probes["base"], probes["sp"])))))
     if args.base_epochs:
         epochs = args.base_epochs
     if args.smoke:
         epochs = 1
     report["epochs"] = epochs
-    opt = ["--schedule", "onecycle", "--nesterov", "--weight-decay", "5e-4"]
-    sched = [*opt, "--lr", "0.1", "--epochs", str(epochs)]
+    sched = [*OPT, "--lr", "0.1", "--epochs", str(epochs)]
+    base = Run(BASE, ("cifar10_resnet_38", "--stage", "base", *common, *sched))
     a_start = time.time()
     if args.sp_from_base is None:  # the authors' recipe: SP from scratch, the same schedule as the base
-        procs = [
-            launch("base_r38", ["cifar10_resnet_38", "--stage", "base", *common, *sched], out, threads),
-            launch("sp_r38_rnn", ["cifar10_rnn_gate_38", "--stage", "sp", *common, *sched], out, threads),
-        ]
-        report["rc_a"] = wait_all(procs, a_start + t_a * 1.25)
+        sp = Run(SP, ("cifar10_rnn_gate_38", "--stage", "sp", *common, *sched))
+        train_group(runner, [base, sp], a_start + t_a * 1.25, report, "a")
     else:  # SP as a short fine-tune of the base weights
-        procs = [launch("base_r38", ["cifar10_resnet_38", "--stage", "base", *common, *sched], out, threads)]
-        report["rc_a"] = wait_all(procs, a_start + t_a * 1.25)
-        sp = [*opt, "--lr", "0.05", "--epochs", str(args.sp_from_base), "--init", str(out / "base_r38" / "best.pt")]
-        procs = [launch("sp_r38_rnn", ["cifar10_rnn_gate_38", "--stage", "sp", *common, *sp], out, threads)]
-        report["rc_a"] |= wait_all(procs, a_start + t_a * 1.6)
+        train_group(runner, [base], a_start + t_a * 1.25, report, "a")
+        init = ["--init", f"{{runs}}/{BASE}/best.pt"]
+        sp_opt = [*OPT, "--lr", "0.05", "--epochs", str(args.sp_from_base), *init]
+        sp = Run(SP, ("cifar10_rnn_gate_38", "--stage", "sp", *common, *sp_opt))
+        if (runner.dir(BASE) / "best.pt").exists():
+            train_group(runner, [sp], a_start + t_a * 1.6, report, "a")
     report["phase_a_s"] = round(time.time() - a_start, 1)
 
-    # Phase B: HRL at each alpha from the SP checkpoint, side by side.
-    sp_best = out / "sp_r38_rnn" / "best.pt"
-    hrl_names = []
-    if sp_best.exists():
-        left = deadline - time.time()
-        t_b = left - (40 if not args.smoke else 20)  # keep time for the bench and the packing
-        k = len(args.alphas)
-        iters = int(t_b * 0.85 / (max(1.0, 0.35 * k) * t_hrl * 1.1))
-        if args.smoke:
-            iters = 4
-        report["hrl_iters"] = iters
-        hrl = ["--schedule", args.hrl_schedule, "--lr", str(args.hrl_lr), "--baseline", "ema", "--iters", str(iters)]
-        hrl += ["--eval-every", str(max(1, iters // 6))]
-        procs = []
-        for a in args.alphas:
-            name = f"hrl_r38_rnn_a{a:g}"
-            hrl_names.append(name)
-            procs.append(
-                launch(
-                    name,
-                    ["cifar10_rnn_gate_38", "--stage", "hrl", *common, *hrl, "--alpha", str(a), "--init", str(sp_best)],
-                    out,
-                    threads,
-                )
-            )
-        b_start = time.time()
-        report["rc_b"] = wait_all(procs, b_start + t_b)
-        report["phase_b_s"] = round(time.time() - b_start, 1)
 
-    report["runs"] = [summary_row(out, n) for n in ["base_r38", "sp_r38_rnn", *hrl_names]]
-    (results / "reproduce_cifar10_gpu.json").write_text(json.dumps(report, indent=2))
+def phase_b(runner: Runner, args: argparse.Namespace, common: list[str], t_hrl: float, report: dict) -> list[str]:
+    """HRL at each alpha from the SP checkpoint, side by side, until the time left less some for the bench and
+    the packing; the names of the HRL runs (none without an SP checkpoint)."""
+    if not (runner.dir(SP) / "best.pt").exists():
+        return []
+    t_b = START + args.budget - time.time() - (40 if not args.smoke else 20)
+    iters = int(t_b * 0.85 / (max(1.0, 0.35 * len(args.alphas)) * t_hrl * 1.1))
+    if args.smoke:
+        iters = 4
+    report["hrl_iters"] = iters
+    hrl = ["--schedule", args.hrl_schedule, "--lr", str(args.hrl_lr), "--baseline", "ema", "--iters", str(iters)]
+    hrl += ["--eval-every", str(max(1, iters // 6)), "--init", f"{{runs}}/{SP}/best.pt"]
+    runs = [
+        Run(f"hrl_r38_rnn_a{a:g}", ("cifar10_rnn_gate_38", "--stage", "hrl", *common, *hrl, "--alpha", str(a)))
+        for a in args.alphas
+    ]
+    b_start = time.time()
+    train_group(runner, runs, b_start + t_b, report, "b")
+    report["phase_b_s"] = round(time.time() - b_start, 1)
+    return [r.name for r in runs]
 
-    # Phase C: real time on the device.
+
+def phase_c(device: torch.device, args: argparse.Namespace, out: Path, hrl_names: list[str], report: dict) -> None:
+    """Real time on the device: the routed SkipNet-110 at half and full keep and each trained HRL model."""
     try:
         specs: list[tuple[str, object]] = []
         if not args.no_arch_bench:
@@ -312,15 +305,15 @@ def main() -> int:
         report["bench"] = bench_device(device, specs, [1, 64, 256] if not args.smoke else [1, 8], 20)
     except Exception as exc:  # noqa: BLE001 - the training results matter more; keep them
         report["bench_error"] = f"{type(exc).__name__}: {exc}"
-        log(report["bench_error"])
-    (results / "reproduce_cifar10_gpu.json").write_text(json.dumps(report, indent=2))
+        log.error("%s", report["bench_error"])
 
-    # Weights only (no optimizer state), so the models fit through a small pipe.
+
+def pack(out: Path, results: Path, names: list[str]) -> None:
+    """Weights only (no optimizer state), so the models fit through a small pipe: two files, each under 16 MB."""
     from skipnet.checkpoint import load_checkpoint
 
-    names = ["base_r38", "sp_r38_rnn", *hrl_names]
     for part, group in enumerate((names[:3], names[3:])):
-        with tarfile.open(results / f"models{part}.tar", "w") as tar:  # two files: each stays under 16 MB
+        with tarfile.open(results / f"models{part}.tar", "w") as tar:
             for n in group:
                 p = out / n / "best.pt"
                 if not p.exists():
@@ -333,7 +326,29 @@ def main() -> int:
                 for extra in ("summary.json", "metrics.jsonl", "config.json"):
                     if (out / n / extra).exists():
                         tar.add(out / n / extra, arcname=f"{n}/{extra}")
-    log("done")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = Path(args.results or out)
+    results.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    report = header(args, device)
+    common, spe = prepare_data(args)
+    probes = report["probe_s_per_step"] = probe_all(device, args.smoke)
+    runner = Runner(out, args.data)
+    phase_a(runner, args, common, spe, probes, report)
+    hrl_names = phase_b(runner, args, common, probes["hrl"], report)
+    names = [BASE, SP, *hrl_names]
+    report["runs"] = [summary_row(out, n) for n in names]
+    (results / "reproduce_cifar10_gpu.json").write_text(json.dumps(report, indent=2))
+    phase_c(device, args, out, hrl_names, report)
+    (results / "reproduce_cifar10_gpu.json").write_text(json.dumps(report, indent=2))
+    pack(out, results, names)
+    log.info("done in %.0f s", time.time() - START)
     return 0
 
 

@@ -14,7 +14,6 @@ MAX_LINES = 60
 LONG = {
     "benchmarks/inference_speed.py:main": 63,
     "benchmarks/make_pretrained.py:add_model": 67,
-    "benchmarks/reproduce_cifar10_gpu.py:main": 144,
 }
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 
 import pytest
 
@@ -75,3 +77,99 @@ def test_runner_trains_in_order_resumes_collects_and_fails_one_way(tmp_path) -> 
     bad = Run("bad", ("tiny_resnet_14", "--stage", "base", "--lr", "-1", *FAST))
     with pytest.raises(RunFailed, match="bad.log"):
         runner.train([bad])
+
+
+# A stand-in for ``python -m skipnet train KIND:SECONDS ... --out DIR [--resume]``: records its pid and the times
+# it started and ended, sleeps (not on --resume), then writes summary.json. KIND "fail" exits 3 instead; "stop"
+# answers SIGTERM as training does (a checkpoint, exit 143); "stubborn" ignores SIGTERM.
+FAKE = """
+import os, signal, sys, time
+from pathlib import Path
+
+args = sys.argv[3:]
+out = Path(args[args.index("--out") + 1])
+out.mkdir(parents=True, exist_ok=True)
+kind, seconds = args[1].split(":")
+(out / "pid").write_text(str(os.getpid()))
+(out / "started").write_text(repr(time.time()))
+if kind == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if kind == "stop":
+    signal.signal(signal.SIGTERM, lambda *_: ((out / "checkpoint").write_text(""), sys.exit(143)))
+if "--resume" not in args:
+    time.sleep(float(seconds))
+if kind == "fail":
+    sys.exit(3)
+(out / "ended").write_text(repr(time.time()))
+(out / "summary.json").write_text("{}")
+"""
+
+
+def fake_runner(tmp_path) -> Runner:
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!{sys.executable}\n{FAKE}")
+    fake.chmod(0o755)
+    return Runner(tmp_path / "runs", "digits", python=str(fake), grace=0.5, poll=0.05)
+
+
+def span(runner: Runner, name: str) -> tuple[float, float]:
+    d = runner.dir(name)
+    return float((d / "started").read_text()), float((d / "ended").read_text())
+
+
+def gone(runner: Runner, name: str) -> bool:
+    try:
+        os.kill(int((runner.dir(name) / "pid").read_text()), 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_runner_trains_side_by_side_up_to_parallel_after_needs(tmp_path) -> None:
+    runner = fake_runner(tmp_path)
+    a, b = Run("a", ("run:0.8",)), Run("b", ("run:0.8",))
+    runs = [a, b, Run("c", ("run:0.3",), needs=("a",)), Run("d", ("run:0.3",))]
+    t = time.time()
+    assert runner.train(runs, parallel=2) == []
+    assert all(runner.finished(r) for r in runs)
+    spans = {r.name: span(runner, r.name) for r in runs}
+    assert spans["a"][0] < spans["b"][1] and spans["b"][0] < spans["a"][1]  # a and b overlap
+    assert spans["c"][0] >= spans["a"][1]  # c after the run it needs
+    assert all(sum(s <= start < e for s, e in spans.values()) <= 2 for start, _ in spans.values())
+    assert time.time() - t < 2 * (0.8 + 0.3)  # not one after the other
+    runner.commands.clear()
+    assert runner.train(runs, parallel=2) == [] and runner.commands == []  # finished: nothing runs again
+
+
+def test_runner_stops_runs_at_the_deadline_and_resumes_them(tmp_path) -> None:
+    runner = fake_runner(tmp_path)
+    runs = [
+        Run("long", ("stop:30",)),
+        Run("quick", ("run:0.1",)),
+        Run("stubborn", ("stubborn:30",)),
+        Run("later", ("run:0.1",), needs=("long",)),
+    ]
+    t = time.time()
+    assert runner.train(runs, parallel=3, deadline=t + 1.5) == ["long", "stubborn", "later"]
+    assert time.time() - t < 1.5 + 0.5 + 1.5  # the deadline, the grace, some slack
+    assert runner.finished(runs[1]) and not runner.finished(runs[0]) and not runner.dir("later").exists()
+    assert (runner.dir("long") / "checkpoint").exists()  # stopped by SIGTERM; "stubborn" by SIGKILL
+    assert gone(runner, "long") and gone(runner, "stubborn")
+    runner.commands.clear()
+    assert runner.train(runs, parallel=3) == []
+    assert [c.split()[2] for c in runner.commands] == ["stop:30", "stubborn:30", "run:0.1"]
+    assert all(c.endswith("--resume") for c in runner.commands[:2]) and not runner.commands[2].endswith("--resume")
+
+
+def test_runner_failure_in_a_group_waits_for_the_others_and_raises(tmp_path) -> None:
+    runner = fake_runner(tmp_path)
+    runs = [Run("bad", ("fail:0.1",)), Run("slow", ("run:0.8",)), Run("next", ("run:0.1",))]
+    with pytest.raises(RunFailed, match="exited 3; see .*bad.log"):
+        runner.train(runs, parallel=2)
+    assert runner.finished(runs[1]) and gone(runner, "slow")  # the run going finished first
+    assert not runner.dir("next").exists()  # nothing started after the failure
+    # a run going at the deadline is stopped before the failure is raised
+    runs = [Run("bad2", ("fail:0.1",)), Run("long", ("stop:30",))]
+    with pytest.raises(RunFailed, match="bad2.log"):
+        runner.train(runs, parallel=2, deadline=time.time() + 1.0)
+    assert (runner.dir("long") / "checkpoint").exists() and gone(runner, "long")

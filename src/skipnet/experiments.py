@@ -6,16 +6,24 @@ run (``--resume``), skips finished ones (``summary.json`` present) and reuses ev
 evaluation (a JSON file beside the checkpoint). A failed command raises :class:`RunFailed` naming its log;
 nothing else is retried or skipped. Progress goes to :mod:`logging`; this module prints nothing.
 
+:meth:`Runner.train` runs one run at a time by default; ``parallel=k`` runs up to ``k`` side by side (each a
+process of its own with the ``--threads`` of its arguments), and ``deadline`` stops the runs still going at that
+time (SIGTERM, then SIGKILL after ``Runner.grace`` seconds): a stopped run is no failure, it keeps its
+checkpoint and resumes with ``--resume`` the next time.
+
 Placeholders in a run's arguments: ``{data}`` (the data set) and ``{runs}`` (the directory holding every run, so
 ``--init {runs}/policy/best.pt`` names another run's checkpoint; list that run in ``needs``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +95,38 @@ def order(runs: Sequence[Run]) -> list[Run]:
     return done
 
 
+@dataclass
+class _Going:
+    """A training process started by :meth:`Runner.train` and the log it writes to. It stays in the caller's
+    process group, so Ctrl-C reaches it as it reaches the caller (it stops at a checkpoint)."""
+
+    run: Run
+    proc: subprocess.Popen[bytes]
+    logfile: Path
+    stopped: bool = False
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):  # already gone
+            self.proc.send_signal(signum)
+
+
+def _stop(going: Sequence[_Going], grace: float) -> None:
+    """SIGTERM every process of ``going`` (a training run writes a resumable checkpoint and exits); SIGKILL those
+    still there after ``grace`` seconds. Returns once every one has exited."""
+    for g in going:
+        if g.proc.poll() is None:
+            g.stopped = True
+            g.signal(signal.SIGTERM)
+    until = time.monotonic() + grace
+    for g in going:
+        try:
+            g.proc.wait(max(0.0, until - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %gs of SIGTERM: killing it", g.run.name, grace)
+            g.signal(signal.SIGKILL)
+            g.proc.wait()
+
+
 def _stamp(path: Path) -> list[int]:
     st = path.stat()
     return [st.st_size, st.st_mtime_ns]
@@ -120,6 +160,8 @@ class Runner:
     commands: list[str] = field(default_factory=list)  # every command this runner issued, in order
     calibrate_args: tuple[str, ...] = ()  # more ``skipnet calibrate`` options (e.g. ``--grid ...``)
     min_saving: float | None = None  # calibrate only runs whose best.pt saves at least this many % of MACs
+    grace: float = 20.0  # seconds a run stopped at a deadline has to write its checkpoint before SIGKILL
+    poll: float = 0.2  # seconds between two looks at the runs going side by side
 
     def dir(self, name: str) -> Path:
         return self.out / name
@@ -143,18 +185,73 @@ class Runner:
             raise RunFailed(f"{' '.join(cmd)} exited {done.returncode}; see {logfile}")
         return done.stdout
 
-    def train(self, runs: Sequence[Run]) -> None:
-        """Train every unfinished run, dependencies first; a started run (its directory exists) is given
-        ``--resume``: it continues from its ``last.pt`` (or from ``best.pt`` when killed during its first
-        checkpoint), or starts afresh when killed before any checkpoint."""
-        for run in order(runs):
-            if self.finished(run):
-                continue
-            cmd = self.command(run)
-            if self.dir(run.name).exists():
-                cmd.append("--resume")
-            log.info("training %s", run.name)
-            self._call(cmd, self.out / f"{run.name}.log")
+    def train(self, runs: Sequence[Run], parallel: int = 1, deadline: float | None = None) -> list[str]:
+        """Train every unfinished run, a run once the runs it needs have finished, up to ``parallel`` at a time;
+        a started run (its directory exists) is given ``--resume``: it continues from its ``last.pt`` (or from
+        ``best.pt`` when killed during its first checkpoint), or starts afresh when killed before any checkpoint.
+
+        At ``deadline`` (a :func:`time.time`) the runs still going are stopped (SIGTERM, SIGKILL after
+        :attr:`grace` s) and no other starts. Returns the names of the runs so left unfinished, stopped or not
+        started; they resume the next time. A run that fails stops the starting of others; once those going
+        have finished (or been stopped at the deadline), :class:`RunFailed` names its log."""
+        if parallel < 1:
+            raise SkipnetError(f"parallel must be at least 1, not {parallel}")
+        todo = [r for r in order(runs) if not self.finished(r)]
+        done = {r.name for r in runs if self.finished(r)}
+        going: list[_Going] = []
+        ended: list[_Going] = []
+        failing = False  # a run failed: start no other
+        try:
+            while going or (todo and not failing):
+                if deadline is not None and time.time() >= deadline:
+                    break
+                while not failing and len(going) < parallel:
+                    ready = next((r for r in todo if all(n in done for n in r.needs)), None)
+                    if ready is None:
+                        break
+                    todo.remove(ready)
+                    going.append(self._start(ready))
+                if not going:  # nothing can start: only runs needing a run that did not finish are left
+                    break
+                time.sleep(self.poll)
+                for g in [g for g in going if g.proc.poll() is not None]:
+                    going.remove(g)
+                    ended.append(g)
+                    if g.proc.returncode == 0:
+                        done.add(g.run.name)
+                    else:
+                        failing = True
+        finally:
+            _stop(going, self.grace)
+        return self._unfinished([*ended, *going], todo)
+
+    def _start(self, run: Run) -> _Going:
+        """Start training ``run`` (``--resume`` when its directory exists), its output appended to its log."""
+        cmd = self.command(run)
+        if self.dir(run.name).exists():
+            cmd.append("--resume")
+        log.info("training %s", run.name)
+        self.commands.append(" ".join(cmd))
+        logfile = self.out / f"{run.name}.log"
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        with open(logfile, "ab") as f:  # the child holds its own copy of the descriptor
+            argv = [self.python, "-m", "skipnet", *cmd[1:]]
+            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=self.env)
+        return _Going(run, proc, logfile)
+
+    def _unfinished(self, started: list[_Going], todo: list[Run]) -> list[str]:
+        """The names of the runs stopped at the deadline or never started, logged; raises :class:`RunFailed` for
+        a run of ``started`` that exited non-zero by itself (not stopped)."""
+        stopped = [g for g in started if g.stopped and not self.finished(g.run)]  # not those done in time
+        for g in stopped:
+            log.warning("%s stopped at the deadline (it resumes next time); see %s", g.run.name, g.logfile)
+        failed = [g for g in started if not g.stopped and g.proc.returncode]
+        if failed:
+            cmds = (f"{' '.join(self.command(g.run))} exited {g.proc.returncode}; see {g.logfile}" for g in failed)
+            raise RunFailed("; ".join(cmds))
+        if todo:
+            log.warning("not started: %s", ", ".join(r.name for r in todo))
+        return [g.run.name for g in stopped] + [r.name for r in todo]
 
     def calibrated(self, run: Run, budget: float) -> Path:
         """``best.pt`` of ``run`` calibrated to ``budget`` % fewer MACs (written once, then reused)."""
