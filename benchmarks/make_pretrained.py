@@ -29,6 +29,7 @@ import re
 import shlex
 import sys
 import tempfile
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ BENCH_KEYS = (
     "latency_ms_routed",
     "ideal_speedup",
 )
+REPO = Path(__file__).resolve().parents[1]
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -95,6 +97,19 @@ def _cli_json(argv: list[str]) -> dict[str, Any]:
     return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
+def portable(words: Iterable[str]) -> list[str]:
+    """A recorded command as a user repeats it: the program as ``skipnet`` (a run started by ``python -m skipnet``
+    records ``__main__.py``) and a path inside this repository relative to it (no path of the machine that ran it)."""
+    out = []
+    for k, w in enumerate(words):
+        if k == 0 and Path(w).name in ("__main__.py", "skipnet"):
+            w = "skipnet"
+        elif Path(w).is_absolute() and Path(w).is_relative_to(REPO):
+            w = str(Path(w).relative_to(REPO))
+        out.append(w)
+    return out
+
+
 def command_of_run(directory: str | Path) -> str:
     """The ``skipnet train`` command of a run directory: as recorded in its ``config.json`` (``environment``), or for
     a run recorded before that, rebuilt from its resolved options (every option that differs from the command's
@@ -106,7 +121,7 @@ def command_of_run(directory: str | Path) -> str:
         raise SkipnetError(f"{path} is not a readable run configuration ({type(exc).__name__})") from None
     recorded = (config.get("environment") or {}).get("command_line")
     if recorded:  # as run, less --resume (a resumed run repeats as the command that started it)
-        return shlex.join(w for w in shlex.split(str(recorded)) if w != "--resume")
+        return shlex.join(portable(w for w in shlex.split(str(recorded)) if w != "--resume"))
     (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     words = ["skipnet", "train", str(config.get("arch"))]
     for action in sub.choices["train"]._actions:

@@ -280,3 +280,8 @@ def test_command_of_run_repeats_the_run(tmp_path) -> None:
     recorded = {"command_line": "skipnet train tiny_rnn_gate_14 --stage sp --data 'a b' --out r --resume"}
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict() | {"environment": recorded}))
     assert command_of_run(tmp_path) == "skipnet train tiny_rnn_gate_14 --stage sp --data 'a b' --out r"
+    # as recorded by ``python -m skipnet`` with an absolute --out inside the repository: repeated as a user would
+    repo = Path(__file__).resolve().parents[1]
+    recorded = {"command_line": f"/usr/lib/skipnet/__main__.py train tiny_14 --out {repo}/runs/x --data /d/c.tar"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict() | {"environment": recorded}))
+    assert command_of_run(tmp_path) == "skipnet train tiny_14 --out runs/x --data /d/c.tar"
