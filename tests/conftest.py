@@ -32,6 +32,14 @@ def _fast_gate_kernel() -> None:
     fastgate.load()
 
 
+def patience(seconds: float) -> float:
+    """A hang guard's wall-clock limit: ``seconds`` on an idle machine, stretched by how busy the machine is now
+    (the load per core, doubled), so that a test waiting on a subprocess fails for a hang, not for a CPU hog
+    beside the suite (issue 33: a run of the suite beside two training jobs, load 7 on 2 cores, timed out)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return seconds * max(1.0, 2.0 * load / (os.cpu_count() or 1))
+
+
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import patience
 from skipnet import ArchConfig, SkipnetError, create_model, get_config
 from skipnet.cli import main
 
@@ -112,7 +113,7 @@ def test_console_script_entry_point() -> None:
         [_console_script(), "flops", "tiny_rnn_gate_14", "--json"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=patience(120),
         check=False,
     )
     assert proc.returncode == 0, proc.stderr

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import patience
 from skipnet import SkipnetError, create_model
 from skipnet.distributed import (
     DistContext,
@@ -77,9 +78,9 @@ def torchrun(args: list[str], tmp: Path, nproc: int = 2) -> subprocess.Completed
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     try:
-        proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=patience(TIMEOUT))
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"torchrun did not finish in {TIMEOUT}s (a hang?): {' '.join(args)}\n{exc.stderr}")
+        pytest.fail(f"torchrun did not finish in {patience(TIMEOUT):.0f}s (a hang?): {' '.join(args)}\n{exc.stderr}")
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from conftest import patience
 from test_readme import section, shipped_model_rows, table_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def test_site_builds_strict(tmp_path) -> None:
         capture_output=True,
         text=True,
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
-        timeout=300,
+        timeout=patience(300),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     api = (tmp_path / "site" / "api" / "skipnet" / "index.html").read_text()

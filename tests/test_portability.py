@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import patience
 from skipnet import fastgate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def test_fast_paths_equal_eager_with_torch_at_a_lesser_isa(isa: str) -> None:
     got = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert got.stdout.split() == [EMULATE[isa]["ATEN_CPU_CAPABILITY"].upper(), isa]  # torch really runs there
     cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *FAST_PATH_TESTS]
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=patience(900))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout.splitlines()[-1]
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import patience
 from skipnet import SkipnetError
 from skipnet.data import SafeFolder, _image_folder, load_data
 
@@ -115,7 +116,7 @@ def test_two_processes_extract_one_archive_at_once(tmp_path) -> None:
     procs = [ctx.Process(target=_resolve_in_child, args=(str(archive), str(tmp_path / "c"), queue)) for _ in range(2)]
     for p in procs:
         p.start()
-    got = [queue.get(timeout=120) for _ in procs]
+    got = [queue.get(timeout=patience(120)) for _ in procs]
     for p in procs:
         p.join(60)
         assert p.exitcode == 0

@@ -21,6 +21,7 @@ from PIL import Image
 
 import skipnet.checkpoint as ckpt_mod
 import skipnet.fileio as fileio
+from conftest import patience
 from skipnet import SkipnetError
 from skipnet.checkpoint import (
     load_checkpoint,
@@ -224,7 +225,7 @@ def test_code_in_checkpoint_refused_in_a_real_process(evil, run) -> None:
         [sys.executable, "-m", "skipnet", "eval", str(path), "--data", run["data"]],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=patience(120),
         env=os.environ | {"OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 2
@@ -431,7 +432,7 @@ def test_sigkill_mid_write_keeps_previous_and_leftover_is_cleaned(tmp_path) -> N
         leftover = temps(tmp_path)
         assert len(leftover) == 1 and (tmp_path / leftover[0]).stat().st_size > 0  # killed mid-write
         os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
+        assert proc.wait(timeout=patience(30)) == -signal.SIGKILL
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -669,7 +670,7 @@ def test_invalid_option_in_a_real_process(run, tmp_path) -> None:
         [sys.executable, "-m", "skipnet", *run["argv"], "--alpha", "-1", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=patience(120),
         env=os.environ | {"OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 2 and proc.stdout == ""

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import patience
 from skipnet.checkpoint import load_checkpoint
 from skipnet.cli import main
 from skipnet.stages import STAGES, Stage
@@ -77,7 +78,7 @@ def assert_same_state(a: Path, b: Path) -> None:
 
 
 def wait_for(pred, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    end = time.time() + timeout
+    end = time.time() + patience(timeout)
     while not pred():
         if proc is not None and proc.poll() is not None:
             pytest.fail(f"the run ended early (rc {proc.returncode}): {proc.stderr.read()[-2000:]}")
@@ -124,7 +125,7 @@ def test_signal_writes_resumable_checkpoint_and_exits_cleanly(tmp_path, sig) -> 
 
     wait_for(progressed, 120, proc)
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=patience(60))
     err_lines = [ln for ln in err.splitlines() if ln.strip()]
     assert proc.returncode == 128 + sig, err[-2000:]
     assert "Traceback" not in err

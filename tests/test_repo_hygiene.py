@@ -35,3 +35,24 @@ def test_no_absolute_machine_paths_in_tracked_files() -> None:
             if any(p in line for p in own) or MACHINE_PATH.search(line):
                 bad.append(f"{path.relative_to(REPO)}:{n}: {line.strip()[:100]}")
     assert not bad, "absolute paths in tracked files:\n" + "\n".join(bad[:20])
+
+
+def test_hang_guards_stretch_with_the_load(monkeypatch) -> None:
+    """Issue 33: a test's wall-clock limit on a subprocess (a hang guard) scales with the machine's load, so a CPU
+    hog beside the suite does not fail it; and no test gives a subprocess a bare number of seconds."""
+    import os
+
+    from conftest import patience
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.0, 0.0))
+    assert patience(120) == 120
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 0.0, 0.0))
+    assert patience(120) == 840
+    bare = [
+        f"{p.name}:{n}"
+        for p in sorted(Path(__file__).parent.glob("test_*.py"))
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if re.search(r"timeout=\d|TimeoutExpired.*\d{2,}", line)
+    ]
+    assert not bare, f"bare timeouts (use conftest.patience): {bare}"
