@@ -393,30 +393,3 @@ def test_feedforward_gates_export_conditionally(name: str) -> None:
     module = torch.export.load(__import__("io").BytesIO(ex.payload)).module()
     with torch.no_grad():
         _varies(_agree(model, "conditional", module, _fresh(12, 1, seed=8)))
-
-
-def test_aig_gate_exports_with_its_batchnorm_folded() -> None:
-    """Issue 32: ConvNet-AIG's gate is exported as mean, one projection with its eval-mode BatchNorm folded in,
-    ReLU and output layer (no BatchNormalization operator of its own) and gives the module's logits."""
-    import onnx
-
-    from skipnet.export import _Gates
-
-    torch.manual_seed(0)
-    m = create_model("tiny_aig_gate_14").eval()
-    with torch.no_grad():  # statistics and affine far from the identity, so a wrong fold shows
-        for g in m.gates.gates:
-            g.bn.running_mean.uniform_(-2, 2)
-            g.bn.running_var.uniform_(0.1, 4)
-            g.bn.weight.uniform_(0.5, 2)
-            g.bn.bias.uniform_(-1, 1)
-    gates = _Gates(m.gates)
-    x = torch.randn(6, 16, 8, 8)
-    with torch.no_grad():
-        for i, g in enumerate(m.gates.gates[:1]):
-            want = g(x[:, : g.proj.in_features])
-            got, _ = gates.logit(i, x[:, : g.proj.in_features], None)
-            torch.testing.assert_close(got[:, 0], want, rtol=1e-5, atol=1e-5)
-    ex = export_model(m, "onnx", graph="conditional", stats=STATS, probes=1)
-    outer = [n.op_type for n in onnx.load_from_string(ex.payload).graph.node]
-    assert "BatchNormalization" not in outer and outer.count("If") == 5

@@ -154,9 +154,7 @@ class _Gates(nn.Module):
     cost per operator, not the gate's few multiply-adds, is what a gate costs): the projection folded into the
     LSTM's input weights and the recurrent weights stacked beside them (one matrix product per step on
     ``[mean(x), h]``), the gate rows ordered (input, forget, output, cell) so one sigmoid covers three of them.
-    Same function up to float rounding (~1e-7). ConvNet-AIG's gate runs mean, projection, ReLU, output layer, its
-    eval-mode BatchNorm folded into the projection (one operator fewer a gate); the other feed-forward gates run
-    their modules' layers.
+    Same function up to float rounding (~1e-7). The feed-forward gates run their modules' layers.
     """
 
     def __init__(self, bank: nn.Module) -> None:
@@ -179,13 +177,6 @@ class _Gates(nn.Module):
                 self.register_buffer("fc_w", bank.fc.weight.detach().clone())
                 self.register_buffer("fc_b", bank.fc.bias.detach().clone())
             self.hidden = hd
-        else:
-            with torch.no_grad():  # ConvNet-AIG's gate: its eval-mode BatchNorm folded into the projection
-                for i, g in enumerate(bank.gates):
-                    if isinstance(g, AIGGate):
-                        scale = g.bn.weight / torch.sqrt(g.bn.running_var + g.bn.eps)
-                        self.register_buffer(f"w{i}", (scale[:, None] * g.proj.weight).contiguous())
-                        self.register_buffer(f"b{i}", (g.bn.bias - scale * g.bn.running_mean).contiguous())
 
     def init(self, x: Tensor) -> Any:
         if not self.recurrent:
@@ -197,9 +188,8 @@ class _Gates(nn.Module):
         bank = self.bank
         if not self.recurrent:
             g = bank.gates[i]
-            if isinstance(g, AIGGate):  # mean, projection with the BatchNorm folded in, ReLU, output layer
-                h = F.relu(F.linear(x.mean(dim=(2, 3)), getattr(self, f"w{i}"), getattr(self, f"b{i}")))
-                return F.linear(h, g.fc.weight, g.fc.bias), None
+            if isinstance(g, AIGGate):  # BatchNorm in eval mode: its running statistics, an affine map
+                return F.linear(F.relu(g.bn(g.proj(x.mean(dim=(2, 3))))), g.fc.weight, g.fc.bias), None
             y = g.pool(x) if hasattr(g, "pool") else x
             if hasattr(g, "conv1"):
                 y = F.relu(g.bn1(g.conv1(y)))
