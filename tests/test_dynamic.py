@@ -448,3 +448,33 @@ def test_train_refuses_an_empty_out(capsys) -> None:
     assert main(["train", "tiny_resnet_14", "--stage", "base", "--data", "digits", "--out", ""]) == 2
     err = capsys.readouterr().err
     assert "--out is empty" in err and len(err.strip().splitlines()) == 1
+
+
+def test_routing_page_states_the_analysis_of_the_per_image_model() -> None:
+    """Issue 31, item 5: the findings table of docs/routing.md is `skipnet analyze`'s analysis.json of the shipped
+    per-image model (committed beside it), and its verdicts follow from those numbers."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    page = " ".join((root / "docs" / "routing.md").read_text().split())
+    a = json.loads((root / "docs/analysis/cifar10_aig_gate_38_ordered/analysis.json").read_text())
+    classes = {c["name"]: c for c in a["per_class"]}
+    easy, hard = classes[a["easiest_class"]], classes[a["hardest_class"]]
+    big, small = sorted(a["multiscale"], key=lambda m: m["scale"], reverse=True)
+    stages = [f"{100 * r:.1f}%" for r in a["skip_ratio_per_stage"]]
+    stated = [
+        f"{a['main']['accuracy']:.2f}%, {a['main']['macs_reduction']:.1f}% fewer MACs",
+        f"{easy['name']} ({easy['accuracy']:.1f}%) skips a median {easy['median_skipped']:.1f} blocks",
+        f"{hard['name']} ({hard['accuracy']:.1f}%) {hard['median_skipped']:.1f}",
+        f"+{big['delta_mean']:.2f} blocks on average, more for {big['delta_more']} images, "
+        f"fewer for {big['delta_fewer']}",
+        f"+{small['delta_mean']:.2f} (more {small['delta_more']}, fewer {small['delta_fewer']})",
+        "stage skip ratios " + ", ".join(stages),
+    ]
+    missing = [s for s in stated if s not in page]
+    assert not missing, f"docs/routing.md does not state {missing}"
+    assert easy["median_skipped"] > hard["median_skipped"]  # Fig. 9a holds
+    assert big["delta_mean"] > 0 and big["delta_more"] > big["delta_fewer"]  # Fig. 8 at the larger scale
+    assert small["delta_mean"] > 0  # ... and not at the smaller one (the paper: fewer blocks)
+    assert min(a["skip_ratio_per_stage"]) != a["skip_ratio_per_stage"][1]  # Fig. 10a does not hold
