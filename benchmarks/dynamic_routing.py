@@ -212,7 +212,6 @@ PLAIN = {"base_r20": "ResNet-20", "base_r26": "ResNet-26", "base_r32": "ResNet-3
 
 
 NAMES = [r.name for r in RUNS]
-MATCHED = "plain_r26_kd5"  # the plain ResNet-26 at aig_sp_floor_order's training (30 + 5 distilled epochs)
 # the runs whose calibrated budgets the figure draws as curves: threshold jitter, its control, and where both began
 CURVES = ("aig_sp_bs_more3", "aig_sp_bs_more5", "aig_sp_jitter", "aig_sp_jitter_wide")
 
@@ -255,9 +254,16 @@ def plot(rows: dict[str, dict], plain: dict[str, dict], path: Path) -> None:
     ax.plot(xs, [p["accuracy"] for p in plain.values()], "o--", color="gray", label="plain ResNet-20/26/32/38")
     for label, p in plain.items():
         ax.annotate(label, (p["macs_reduction"], p["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    for name, r in rows.items():
-        if name == MATCHED:
-            ax.plot(r["macs_reduction"], r["accuracy"], "D", color="black", label="ResNet-26, matched training")
+    matched = [(n, r) for n, r in rows.items() if n.startswith("plain_r26_kd")]  # the extra epochs so far
+    for k, (name, r) in enumerate(matched):
+        ax.plot(r["macs_reduction"], r["accuracy"], "D", color="black", label="ResNet-26, matched training" * (k == 0))
+        ax.annotate(
+            name[len("plain_r26_") :],
+            (r["macs_reduction"], r["accuracy"]),
+            fontsize=7,
+            xytext=(3, -9),
+            textcoords="offset points",
+        )
     for k, run in enumerate(CURVES):
         curve = sorted((r["macs_reduction"], r["accuracy"]) for n, r in rows.items() if n.split("@")[0] == run)
         if curve:

@@ -478,3 +478,27 @@ def test_routing_page_states_the_analysis_of_the_per_image_model() -> None:
     assert big["delta_mean"] > 0 and big["delta_more"] > big["delta_fewer"]  # Fig. 8 at the larger scale
     assert small["delta_mean"] > 0  # ... and not at the smaller one (the paper: fewer blocks)
     assert min(a["skip_ratio_per_stage"]) != a["skip_ratio_per_stage"][1]  # Fig. 10a does not hold
+
+
+def test_routing_page_states_the_matched_control_and_the_wide_jitter() -> None:
+    """Items 12 and 13 of docs/routing.md: the matched plain ResNet-26 and aig_sp_jitter_wide are the JSON's rows,
+    and the gaps the page states are theirs."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    page = " ".join((root / "docs" / "routing.md").read_text().split())
+    rows = {r["name"]: r for r in json.loads((root / "benchmarks/results/dynamic_routing.json").read_text())["runs"]}
+
+    def at(name: str) -> str:
+        return f"{rows[name]['accuracy']:.2f}% at {rows[name]['macs_reduction']:.1f}%"
+
+    kd2 = rows["plain_r26_kd2"]["accuracy"]
+    gaps = [kd2 - rows[n]["accuracy"] for n in ("aig_sp_bs", "aig_sp_order")]
+    stated = [at("plain_r26"), at("plain_r26_kd2"), f"{gaps[0]:.2f} and {gaps[1]:.2f} points above"]
+    stated += [at("aig_sp_jitter_wide"), at("aig_sp_jitter_wide@20%"), at("aig_sp_jitter_wide@30%")]
+    missing = [s for s in stated if s not in page]
+    assert not missing, f"docs/routing.md does not state {missing}"
+    assert min(gaps) > 0.5  # "criterion 2 is not met": the SkipNets are under the matched plain network
+    for b in (20, 30):  # "below aig_sp_jitter's"
+        assert rows[f"aig_sp_jitter_wide@{b}%"]["accuracy"] < rows[f"aig_sp_jitter@{b}%"]["accuracy"]
