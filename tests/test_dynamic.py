@@ -496,7 +496,11 @@ def test_routing_page_states_the_matched_control_and_the_wide_jitter() -> None:
     kd2 = rows["plain_r26_kd2"]["accuracy"]
     gaps = [kd2 - rows[n]["accuracy"] for n in ("aig_sp_bs", "aig_sp_order")]
     stated = [at("plain_r26"), at("plain_r26_kd2"), f"{gaps[0]:.2f} and {gaps[1]:.2f} points above"]
-    stated += [at("aig_sp_jitter_wide"), at("aig_sp_jitter_wide@20%"), at("aig_sp_jitter_wide@30%")]
+    stated += [at(f"aig_sp_jitter_wide{b}") for b in ("", "@20%", "@30%")] + [
+        f"{rows[n]['accuracy']:.2f}%" for n in ("aig_sp_jitter_wide@50%", "aig_sp_jitter@50%")
+    ]
+    gain50 = rows["aig_sp_jitter_wide@50%"]["accuracy"] - rows["aig_sp_jitter@50%"]["accuracy"]
+    stated += [f"{rows['aig_sp_jitter_wide@50%']['macs_reduction']:.1f}%, {gain50:.2f} points above"]
     missing = [s for s in stated if s not in page]
     assert not missing, f"docs/routing.md does not state {missing}"
     assert min(gaps) > 0.5  # "criterion 2 is not met": the SkipNets are under the matched plain network
