@@ -256,7 +256,13 @@ def plot(rows: dict[str, dict], plain: dict[str, dict], path: Path) -> None:
         ax.annotate(label, (p["macs_reduction"], p["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     matched = [(n, r) for n, r in rows.items() if n.startswith("plain_r26_kd")]  # the extra epochs so far
     for k, (name, r) in enumerate(matched):
-        ax.plot(r["macs_reduction"], r["accuracy"], "D", color="black", label="ResNet-26, matched training" * (k == 0))
+        ax.plot(
+            r["macs_reduction"],
+            r["accuracy"],
+            "D",
+            color="black",
+            label="ResNet-26, matched training" if k == 0 else "_nolegend_",
+        )
         ax.annotate(
             name[len("plain_r26_") :],
             (r["macs_reduction"], r["accuracy"]),

@@ -29,7 +29,6 @@ import re
 import shlex
 import sys
 import tempfile
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 
 import skipnet
+from skipnet import results
 from skipnet.checkpoint import atomic_write, export_safetensors, load_checkpoint, model_from_checkpoint
 from skipnet.cli import build_parser
 from skipnet.cli import main as cli_main
@@ -97,19 +97,6 @@ def _cli_json(argv: list[str]) -> dict[str, Any]:
     return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
-def portable(words: Iterable[str]) -> list[str]:
-    """A recorded command as a user repeats it: the program as ``skipnet`` (a run started by ``python -m skipnet``
-    records ``__main__.py``) and a path inside this repository relative to it (no path of the machine that ran it)."""
-    out = []
-    for k, w in enumerate(words):
-        if k == 0 and Path(w).name in ("__main__.py", "skipnet"):
-            w = "skipnet"
-        elif Path(w).is_absolute() and Path(w).is_relative_to(REPO):
-            w = str(Path(w).relative_to(REPO))
-        out.append(w)
-    return out
-
-
 def command_of_run(directory: str | Path) -> str:
     """The ``skipnet train`` command of a run directory: as recorded in its ``config.json`` (``environment``), or for
     a run recorded before that, rebuilt from its resolved options (every option that differs from the command's
@@ -121,7 +108,10 @@ def command_of_run(directory: str | Path) -> str:
         raise SkipnetError(f"{path} is not a readable run configuration ({type(exc).__name__})") from None
     recorded = (config.get("environment") or {}).get("command_line")
     if recorded:  # as run, less --resume (a resumed run repeats as the command that started it)
-        return shlex.join(portable(w for w in shlex.split(str(recorded)) if w != "--resume"))
+        words = [w for w in shlex.split(str(recorded)) if w != "--resume"]
+        if words and Path(words[0]).name in ("__main__.py", "skipnet"):  # ``python -m skipnet`` records __main__.py
+            words[0] = "skipnet"
+        return results.portable(words, REPO)  # no absolute path of the machine that ran it
     (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     words = ["skipnet", "train", str(config.get("arch"))]
     for action in sub.choices["train"]._actions:

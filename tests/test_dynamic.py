@@ -4,7 +4,9 @@ policy)."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -304,6 +306,23 @@ def test_threshold_jitter_moves_the_sp_threshold_each_step(plain_run, tmp_path, 
     assert (len(set(seen)) == 12) if jitter else set(seen) == {0.5}
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _words(path: str) -> str:
+    """A committed text file with its whitespace collapsed (a stated figure may be wrapped across lines)."""
+    return " ".join((ROOT / path).read_text().split())
+
+
+def _routing_rows() -> dict[str, dict]:
+    return {r["name"]: r for r in json.loads((ROOT / "benchmarks/results/dynamic_routing.json").read_text())["runs"]}
+
+
+def _at(row: dict) -> str:
+    """How the pages state a row: ``ACC% at SAVED%``."""
+    return f"{row['accuracy']:.2f}% at {row['macs_reduction']:.1f}%"
+
+
 def test_routing_page_figures_are_the_results_json() -> None:
     """Every figure docs/routing.md states about a run is that run's row in benchmarks/results/dynamic_routing.json
     (the page's table is that file's Markdown twin, included as it is)."""
@@ -417,20 +436,15 @@ def test_routing_page_states_the_aig_and_difficulty_runs() -> None:
 def test_routing_page_states_the_threshold_jitter_runs() -> None:
     """Item 11 of docs/routing.md (and RESULTS.md's bullet): aig_sp_jitter, its budgets and its control are the
     JSON's rows, and the differences it states are theirs."""
-    import json
-    from pathlib import Path
-
     from skipnet.results import frontier
 
-    root = Path(__file__).resolve().parents[1]
-    page = " ".join((root / "docs" / "routing.md").read_text().split())
-    results = " ".join((root / "benchmarks" / "RESULTS.md").read_text().split())
-    data = json.loads((root / "benchmarks/results/dynamic_routing.json").read_text())
+    page, results = _words("docs/routing.md"), _words("benchmarks/RESULTS.md")
+    data = json.loads((ROOT / "benchmarks/results/dynamic_routing.json").read_text())
     rows = {r["name"]: r for r in data["runs"]}
     line = [(p["macs_reduction"], p["accuracy"]) for p in data["plain"].values()]
 
     def at(name: str) -> str:
-        return f"{rows[name]['accuracy']:.2f}% at {rows[name]['macs_reduction']:.1f}%"
+        return _at(rows[name])
 
     budgets = [at(f"aig_sp_jitter@{b}%") for b in (20, 30, 40, 50)] + [at(f"aig_sp_bs_more5@{b}%") for b in (40, 50)]
     gains = [rows[f"aig_sp_jitter@{b}%"]["accuracy"] - rows[f"aig_sp_bs_more5@{b}%"]["accuracy"] for b in (40, 50)]
@@ -453,12 +467,8 @@ def test_train_refuses_an_empty_out(capsys) -> None:
 def test_routing_page_states_the_analysis_of_the_per_image_model() -> None:
     """Issue 31, item 5: the findings table of docs/routing.md is `skipnet analyze`'s analysis.json of the shipped
     per-image model (committed beside it), and its verdicts follow from those numbers."""
-    import json
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    page = " ".join((root / "docs" / "routing.md").read_text().split())
-    a = json.loads((root / "docs/analysis/cifar10_aig_gate_38_ordered/analysis.json").read_text())
+    page = _words("docs/routing.md")
+    a = json.loads((ROOT / "docs/analysis/cifar10_aig_gate_38_ordered/analysis.json").read_text())
     classes = {c["name"]: c for c in a["per_class"]}
     easy, hard = classes[a["easiest_class"]], classes[a["hardest_class"]]
     big, small = sorted(a["multiscale"], key=lambda m: m["scale"], reverse=True)
@@ -483,15 +493,10 @@ def test_routing_page_states_the_analysis_of_the_per_image_model() -> None:
 def test_routing_page_states_the_matched_control_and_the_wide_jitter() -> None:
     """Items 12 and 13 of docs/routing.md: the matched plain ResNet-26 and aig_sp_jitter_wide are the JSON's rows,
     and the gaps the page states are theirs."""
-    import json
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    page = " ".join((root / "docs" / "routing.md").read_text().split())
-    rows = {r["name"]: r for r in json.loads((root / "benchmarks/results/dynamic_routing.json").read_text())["runs"]}
+    page, rows = _words("docs/routing.md"), _routing_rows()
 
     def at(name: str) -> str:
-        return f"{rows[name]['accuracy']:.2f}% at {rows[name]['macs_reduction']:.1f}%"
+        return _at(rows[name])
 
     kd2 = rows["plain_r26_kd2"]["accuracy"]
     gaps = [kd2 - rows[n]["accuracy"] for n in ("aig_sp_bs", "aig_sp_order")]

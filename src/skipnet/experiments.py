@@ -174,13 +174,17 @@ class Runner:
         args = [a.format(data=self.data, runs=self.out) for a in run.args]
         return ["skipnet", "train", *args, "--data", self.data, "--out", str(self.dir(run.name))]
 
-    def _call(self, cmd: list[str], logfile: Path) -> str:
+    def _argv(self, cmd: list[str], logfile: Path) -> list[str]:
+        """The process to run for ``cmd`` (a ``skipnet ...`` command), recorded in :attr:`commands`, its log's
+        directory made."""
         self.commands.append(" ".join(cmd))
         logfile.parent.mkdir(parents=True, exist_ok=True)
+        return [self.python, "-m", "skipnet", *cmd[1:]]
+
+    def _call(self, cmd: list[str], logfile: Path) -> str:
+        argv = self._argv(cmd, logfile)
         with open(logfile, "a") as f:
-            done = subprocess.run(
-                [self.python, "-m", "skipnet", *cmd[1:]], stdout=subprocess.PIPE, stderr=f, text=True, env=self.env
-            )
+            done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=f, text=True, env=self.env)
         if done.returncode != 0:
             raise RunFailed(f"{' '.join(cmd)} exited {done.returncode}; see {logfile}")
         return done.stdout
@@ -231,11 +235,9 @@ class Runner:
         if self.dir(run.name).exists():
             cmd.append("--resume")
         log.info("training %s", run.name)
-        self.commands.append(" ".join(cmd))
         logfile = self.out / f"{run.name}.log"
-        logfile.parent.mkdir(parents=True, exist_ok=True)
+        argv = self._argv(cmd, logfile)
         with open(logfile, "ab") as f:  # the child holds its own copy of the descriptor
-            argv = [self.python, "-m", "skipnet", *cmd[1:]]
             proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=self.env)
         return _Going(run, proc, logfile)
 
