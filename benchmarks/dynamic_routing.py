@@ -54,6 +54,7 @@ ORDER_MORE = ("--epochs", "2", "--threads", "1", "--difficulty-spread", "0.3")
 FLOOR_ORDER = ("--stage", "sp", "--distill", BASE, "--batch-shape-floor", "0.1", "--batch-shape-weight", "20")
 FLOOR_ORDER += ("--difficulty-spread", "0.3", "--lr", "0.005", "--schedule", "cosine", "--eval-every", "176")
 FLOOR_ORDER += ("--epochs", "1", "--threads", "2")
+FLOOR_ORDER_WIDE = tuple("0.5" if a == "0.3" else a for a in FLOOR_ORDER)  # the widest --difficulty-spread
 BUDGETS = (20.0, 30.0, 40.0, 50.0)
 JITTER = ("--epochs", "2", "--threads", "1", "--threshold-jitter", "0.4")
 # The matched control (criterion 2): plain ResNet-26, the plain network nearest the SkipNets' cost, on the
@@ -157,6 +158,14 @@ RUNS = [
         needs=("aig_sp_order_more2",),
         note="aig_sp_order_more2 given one epoch with each gate's own rate (--batch-shape-floor 0.1) instead of the "
         "fixed 0.65, --difficulty-spread 0.3, lr 0.005",
+    ),
+    Run(
+        "aig_sp_floor_order_wide",
+        ("cifar10_aig_gate_38", "--init", "{runs}/aig_sp_floor_order/best.pt", *FLOOR_ORDER_WIDE),
+        needs=("aig_sp_floor_order",),
+        note="aig_sp_floor_order given one more epoch with the widest spread, --difficulty-spread 0.5 (the "
+        "hardest image of a batch pulled to execute every block, the easiest none), lr 0.005: does the "
+        "wrong-minus-right gap (+0.80 blocks) grow past one block?",
     ),
     Run(
         "aig_sp_jitter",
