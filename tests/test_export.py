@@ -4,6 +4,7 @@ inputs, skipped blocks' convolutions sit inside conditionals, and the CLI refuse
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -302,7 +303,9 @@ def test_blocked_layout_graph_matches_eager(model, conditional_onnx, fuse) -> No
     assert not any(m.op_type in ("ReorderInput", "ReorderOutput") for b in branches for m in b.node)
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("LSTM") == (5 if fuse else 0) and ("Tanh" in ops) != fuse
-    session = onnx_session(rewritten)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # already blocked: runs as it is, not rewritten again (nor warned about)
+        session = onnx_session(rewritten)
     _varies(_agree(model, "conditional", lambda x: run_onnx(session, x), _fresh(16, 1, seed=11)))
 
 
@@ -331,6 +334,27 @@ def test_blocked_layout_applies_to_the_feed_forward_gates(arch, tmp_path) -> Non
     session = onnx_session(rewritten, layout="nchw")
     d = torch.cat(_agree(m, "conditional", lambda x: run_onnx(session, x), _fresh(16, 1, seed=11)))
     assert (d.min(0).values != d.max(0).values).any(), "some block taken by some images and skipped by others"
+
+
+@pytest.mark.parametrize("fault", ["raises", "differs"])
+def test_nchwc_session_says_when_the_rewrite_falls_back(model, conditional_onnx, fault, monkeypatch) -> None:
+    """A conditional graph the blocked-layout rewrite cannot take (it raises, or its outputs differ on the probes)
+    runs as written, with the same outputs, and a warning says so: a regression in the rewrite costs speed, never
+    silently (issue 32: a gate's renamed weights once broke the rewrite with only a debug line)."""
+    import skipnet.export as export
+
+    graph = conditional_onnx[0].read_bytes()
+    other = export_model(create_model("tiny_resnet_14").eval(), "onnx", graph="plain", stats=STATS, probes=1)
+
+    def broken(_: bytes) -> bytes:
+        if fault == "raises":
+            raise ValueError("an unknown node")
+        return other.payload  # a graph with other outputs: _same_outputs must refuse it
+
+    monkeypatch.setattr(export, "blocked_layout", broken)
+    with pytest.warns(UserWarning, match="blocked-layout rewrite does not apply"):
+        session = onnx_session(graph)
+    _agree(model, "conditional", lambda x: run_onnx(session, x), _fresh(4, 1, seed=3))
 
 
 def test_nchwc_session_runs_other_graphs_as_they_are(model) -> None:

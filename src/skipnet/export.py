@@ -64,8 +64,6 @@ META_KEY = "skipnet"  # ONNX metadata_props key / pt2 extra file name holding th
 ONNX_OPSET = 18
 LOGIT_TOL = 1e-4  # max |exported - eager| logit difference accepted by the export's own check
 
-log = logging.getLogger(__name__)
-
 
 def format_for(path: str | Path, fmt: str | None = None) -> str:
     """The export format: ``fmt`` if given, else from the file extension; a one-line error otherwise."""
@@ -831,19 +829,25 @@ def onnx_session(
     """An ONNX Runtime CPU session (sequential executor, ``threads`` intra-op threads, graph optimisations at
     ``level``). ``layout="nchwc"`` (the default; issue 32, measured in ``benchmarks/export_speed.py deploy``) runs
     a conditional graph rewritten by :func:`blocked_layout` for this CPU, once the rewrite gives the graph's own
-    outputs on probe images; any other graph, or one the rewrite does not apply to, runs as written (``"nchw"``).
+    outputs on probe images; any other graph, or one already in the blocked layout, runs as written (``"nchw"``), and
+    so, with a warning, does a conditional graph the rewrite does not apply to.
     ``spinning=False`` stops idle intra-op threads spinning."""
     _, ort = require_onnx()
     if layout not in LAYOUTS:
         raise SkipnetError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
-    if layout == "nchwc" and b"If" in model_bytes and _has_if(model_bytes):
+    if layout == "nchwc" and b"If" in model_bytes and _unblocked_conditional(model_bytes):
         plain = onnx_session(model_bytes, threads, layout="nchw", level=level, spinning=spinning)
         try:
             blocked = onnx_session(blocked_layout(model_bytes), threads, layout="nchw", level=level, spinning=spinning)
             _same_outputs(plain, blocked)
             return blocked
-        except Exception as exc:  # noqa: BLE001 - not a graph the rewrite knows here: run it as it is
-            log.debug("the blocked-layout rewrite does not apply (%s); running the graph as it is", exc)
+        except Exception as exc:  # noqa: BLE001 - not a graph the rewrite knows here: run it as it is, and say so
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+            warnings.warn(
+                f"the blocked-layout rewrite does not apply to this graph ({reason}); running it as written, "
+                "with the same outputs but slower (layout='nchw' runs it so without this warning)",
+                stacklevel=2,
+            )
             return plain
     opts = ort.SessionOptions()
     if threads is not None:
@@ -856,9 +860,12 @@ def onnx_session(
     return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
 
-def _has_if(model_bytes: bytes) -> bool:
+def _unblocked_conditional(model_bytes: bytes) -> bool:
+    """Whether a graph has ``If`` nodes and is not already in the blocked layout (:func:`blocked_layout`'s output,
+    or ONNX Runtime's own NCHWc-optimised file, runs as it is)."""
     onnx, _ = require_onnx()
-    return any(n.op_type == "If" for n in onnx.load_from_string(model_bytes).graph.node)
+    nodes = onnx.load_from_string(model_bytes).graph.node
+    return any(n.op_type == "If" for n in nodes) and not any(n.domain == NCHWC for n in nodes)
 
 
 def _same_outputs(reference: Any, rewritten: Any, probes: int = 2) -> None:
