@@ -295,8 +295,14 @@ def collect(runner: Runner, path: Path, plain_macs: float) -> dict[str, dict]:
         if r["name"].startswith("plain_"):
             r["macs_reduction"] = round(100 * (1 - r["macs_mean"] / plain_macs), 2)
     rows = results.recorded(path) | here
-    names = sorted((n for n in rows if n.split("@")[0] in NAMES), key=lambda n: NAMES.index(n.split("@")[0]))
+    names = sorted((n for n in rows if n.split("@")[0] in NAMES), key=_declared)
     return {n: {k: v for k, v in rows[n].items() if k != "name"} for n in names}
+
+
+def _declared(name: str) -> tuple[int, float]:
+    """Rows in declaration order, a run's own row before its budgets, the budgets from the smallest."""
+    run, _, budget = name.partition("@")
+    return NAMES.index(run), float(budget.rstrip("%")) if budget else -1.0
 
 
 def main(argv: list[str] | None = None) -> int:

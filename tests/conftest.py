@@ -23,6 +23,17 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _threads():
+    """Every test leaves torch's intra-op thread count as it found it: a command run in-process with
+    ``--threads N`` sets it for the process, and the tests after it on that worker (which ones depends on the
+    run) would otherwise compute with N threads, in another summation order and beside the other worker."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _fast_gate_kernel() -> None:
     """Build the compiled gate kernel (skipnet.fastgate) once, up front, instead of inside the first test that

@@ -503,7 +503,9 @@ def test_routing_page_states_the_matched_control_and_the_wide_jitter() -> None:
     stated = [at("plain_r26"), at("plain_r26_kd2"), f"{gaps[0]:.2f} and {gaps[1]:.2f} points above"]
     gap4 = rows["plain_r26_kd4"]["accuracy"] - rows["aig_sp_order_more2"]["accuracy"]
     stated += [at("plain_r26_kd4"), f"{gap4:.2f} points above `aig_sp_order_more2`"]
-    stated += [at(f"aig_sp_jitter_wide{b}") for b in ("", "@20%", "@30%")] + [
+    gap5 = rows["plain_r26_kd5"]["accuracy"] - rows["aig_sp_floor_order"]["accuracy"]
+    stated += [at("plain_r26_kd5"), f"{gap5:.2f} points above `aig_sp_floor_order`"]
+    stated += [at(f"aig_sp_jitter_wide{b}") for b in ("", "@20%", "@30%", "@40%")] + [
         f"{rows[n]['accuracy']:.2f}%" for n in ("aig_sp_jitter_wide@50%", "aig_sp_jitter@50%")
     ]
     gain50 = rows["aig_sp_jitter_wide@50%"]["accuracy"] - rows["aig_sp_jitter@50%"]["accuracy"]
@@ -513,3 +515,27 @@ def test_routing_page_states_the_matched_control_and_the_wide_jitter() -> None:
     assert min(gaps) > 0.5  # "criterion 2 is not met": the SkipNets are under the matched plain network
     for b in (20, 30):  # "below aig_sp_jitter's"
         assert rows[f"aig_sp_jitter_wide@{b}%"]["accuracy"] < rows[f"aig_sp_jitter@{b}%"]["accuracy"]
+    wide40 = rows["aig_sp_jitter_wide@40%"]
+    assert f"(threshold {wide40['threshold']:.2f}) it gives {_at(wide40)}" in page
+    assert f"{rows['aig_sp_jitter@40%']['accuracy']:.2f}" == f"{wide40['accuracy']:.2f}"  # "the accuracy of ..."
+
+
+def test_readme_states_the_routing_rows() -> None:
+    """The README's per-image routing figures are the rows of benchmarks/results/dynamic_routing.json, and its
+    claim "every budget under the plain networks" holds for every calibrated row."""
+    readme, rows = _words("README.md"), _routing_rows()
+    gap = rows["plain_r26_kd5"]["accuracy"] - rows["aig_sp_floor_order"]["accuracy"]
+    stated = [_at(rows["aig_sp_jitter@20%"]), _at(rows["aig_sp_jitter@50%"]), _at(rows["aig_sp_jitter_wide@50%"])]
+    stated += [f"{rows['aig_sp_bs_more3']['accuracy']:.2f}% and {rows['aig_sp_bs_more3']['macs_reduction']:.1f}%"]
+    stated += [f"{gap:.2f} points above", f"({rows['plain_r26_kd5']['accuracy']:.2f}% against "]
+    missing = [s for s in stated if s not in readme]
+    assert not missing, f"README.md does not state {missing}"
+    from skipnet.results import frontier
+
+    plain = json.loads((ROOT / "benchmarks/results/dynamic_routing.json").read_text())["plain"].values()
+    line = [(p["macs_reduction"], p["accuracy"]) for p in plain]
+    budgets = [r for n, r in rows.items() if "@" in n]
+    under = [
+        r["accuracy"] < frontier(line, r["macs_reduction"]) or r["accuracy"] < min(a for _, a in line) for r in budgets
+    ]
+    assert len(budgets) >= 4 * 4 and all(under)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from conftest import patience
 from skipnet.errors import SkipnetError
 from skipnet.experiments import Run, RunFailed, Runner, order, select
 
@@ -81,7 +82,9 @@ def test_runner_trains_in_order_resumes_collects_and_fails_one_way(tmp_path) -> 
 
 # A stand-in for ``python -m skipnet train KIND:SECONDS ... --out DIR [--resume]``: records its pid and the times
 # it started and ended, sleeps (not on --resume), then writes summary.json. KIND "fail" exits 3 instead; "stop"
-# answers SIGTERM as training does (a checkpoint, exit 143); "stubborn" ignores SIGTERM.
+# answers SIGTERM as training does (a checkpoint, exit 143); "stubborn" ignores SIGTERM. The tests' durations are
+# in units of TICK, a second on an idle machine stretched by the load (conftest.patience): an interpreter's start
+# under a CPU hog takes a good part of a second, and the runs must keep their order.
 FAKE = """
 import os, signal, sys, time
 from pathlib import Path
@@ -90,12 +93,12 @@ args = sys.argv[3:]
 out = Path(args[args.index("--out") + 1])
 out.mkdir(parents=True, exist_ok=True)
 kind, seconds = args[1].split(":")
-(out / "pid").write_text(str(os.getpid()))
-(out / "started").write_text(repr(time.time()))
 if kind == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 if kind == "stop":
     signal.signal(signal.SIGTERM, lambda *_: ((out / "checkpoint").write_text(""), sys.exit(143)))
+(out / "pid").write_text(str(os.getpid()))
+(out / "started").write_text(repr(time.time()))
 if "--resume" not in args:
     time.sleep(float(seconds))
 if kind == "fail":
@@ -105,11 +108,13 @@ if kind == "fail":
 """
 
 
-def fake_runner(tmp_path) -> Runner:
+def fake_runner(tmp_path) -> tuple[Runner, float]:
+    """The runner on the stand-in interpreter, and TICK."""
     fake = tmp_path / "fake-python"
     fake.write_text(f"#!{sys.executable}\n{FAKE}")
     fake.chmod(0o755)
-    return Runner(tmp_path / "runs", "digits", python=str(fake), grace=0.5, poll=0.05)
+    tick = patience(1.0)
+    return Runner(tmp_path / "runs", "digits", python=str(fake), grace=tick / 2, poll=0.05), tick
 
 
 def span(runner: Runner, name: str) -> tuple[float, float]:
@@ -126,9 +131,9 @@ def gone(runner: Runner, name: str) -> bool:
 
 
 def test_runner_trains_side_by_side_up_to_parallel_after_needs(tmp_path) -> None:
-    runner = fake_runner(tmp_path)
-    a, b = Run("a", ("run:0.8",)), Run("b", ("run:0.8",))
-    runs = [a, b, Run("c", ("run:0.3",), needs=("a",)), Run("d", ("run:0.3",))]
+    runner, tick = fake_runner(tmp_path)
+    a, b = Run("a", (f"run:{0.8 * tick}",)), Run("b", (f"run:{0.8 * tick}",))
+    runs = [a, b, Run("c", (f"run:{0.3 * tick}",), needs=("a",)), Run("d", (f"run:{0.3 * tick}",))]
     t = time.time()
     assert runner.train(runs, parallel=2) == []
     assert all(runner.finished(r) for r in runs)
@@ -136,40 +141,42 @@ def test_runner_trains_side_by_side_up_to_parallel_after_needs(tmp_path) -> None
     assert spans["a"][0] < spans["b"][1] and spans["b"][0] < spans["a"][1]  # a and b overlap
     assert spans["c"][0] >= spans["a"][1]  # c after the run it needs
     assert all(sum(s <= start < e for s, e in spans.values()) <= 2 for start, _ in spans.values())
-    assert time.time() - t < 2 * (0.8 + 0.3)  # not one after the other
+    assert time.time() - t < 2 * (0.8 + 0.3) * tick  # not one after the other
     runner.commands.clear()
     assert runner.train(runs, parallel=2) == [] and runner.commands == []  # finished: nothing runs again
 
 
 def test_runner_stops_runs_at_the_deadline_and_resumes_them(tmp_path) -> None:
-    runner = fake_runner(tmp_path)
+    runner, tick = fake_runner(tmp_path)
     runs = [
-        Run("long", ("stop:30",)),
+        Run("long", ("stop:300",)),
         Run("quick", ("run:0.1",)),
-        Run("stubborn", ("stubborn:30",)),
+        Run("stubborn", ("stubborn:300",)),
         Run("later", ("run:0.1",), needs=("long",)),
     ]
     t = time.time()
-    assert runner.train(runs, parallel=3, deadline=t + 1.5) == ["long", "stubborn", "later"]
-    assert time.time() - t < 1.5 + 0.5 + 1.5  # the deadline, the grace, some slack
+    stop_at = t + 1.5 * tick
+    assert runner.train(runs, parallel=3, deadline=stop_at) == ["long", "stubborn", "later"]
+    assert time.time() - t < (1.5 + 0.5 + 1.5) * tick  # the deadline, the grace, some slack
     assert runner.finished(runs[1]) and not runner.finished(runs[0]) and not runner.dir("later").exists()
     assert (runner.dir("long") / "checkpoint").exists()  # stopped by SIGTERM; "stubborn" by SIGKILL
     assert gone(runner, "long") and gone(runner, "stubborn")
     runner.commands.clear()
     assert runner.train(runs, parallel=3) == []
-    assert [c.split()[2] for c in runner.commands] == ["stop:30", "stubborn:30", "run:0.1"]
+    assert [c.split()[2] for c in runner.commands] == ["stop:300", "stubborn:300", "run:0.1"]
     assert all(c.endswith("--resume") for c in runner.commands[:2]) and not runner.commands[2].endswith("--resume")
 
 
 def test_runner_failure_in_a_group_waits_for_the_others_and_raises(tmp_path) -> None:
-    runner = fake_runner(tmp_path)
-    runs = [Run("bad", ("fail:0.1",)), Run("slow", ("run:0.8",)), Run("next", ("run:0.1",))]
+    runner, tick = fake_runner(tmp_path)
+    runs = [Run("bad", ("fail:0.1",)), Run("slow", (f"run:{tick}",)), Run("next", ("run:0.1",))]
     with pytest.raises(RunFailed, match="exited 3; see .*bad.log"):
         runner.train(runs, parallel=2)
     assert runner.finished(runs[1]) and gone(runner, "slow")  # the run going finished first
     assert not runner.dir("next").exists()  # nothing started after the failure
     # a run going at the deadline is stopped before the failure is raised
-    runs = [Run("bad2", ("fail:0.1",)), Run("long", ("stop:30",))]
+    runs = [Run("bad2", ("fail:0.1",)), Run("long", ("stop:300",))]
+    stop_at = time.time() + 1.5 * tick
     with pytest.raises(RunFailed, match="bad2.log"):
-        runner.train(runs, parallel=2, deadline=time.time() + 1.0)
+        runner.train(runs, parallel=2, deadline=stop_at)
     assert (runner.dir("long") / "checkpoint").exists() and gone(runner, "long")

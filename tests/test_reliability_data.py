@@ -118,7 +118,7 @@ def test_two_processes_extract_one_archive_at_once(tmp_path) -> None:
         p.start()
     got = [queue.get(timeout=patience(120)) for _ in procs]
     for p in procs:
-        p.join(60)
+        p.join(patience(60))
         assert p.exitcode == 0
     assert all(g == got[0] for g in got) and len(got[0]) == 2 * 2 * 60
     left = list((tmp_path / "c" / "extracted").iterdir())
