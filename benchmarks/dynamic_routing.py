@@ -218,6 +218,19 @@ RUNS = [
         "aig_sp_floor_order (30 + 5 epochs, the same teacher)",
     ),
     Run(
+        "plain_r26_kd6",
+        (*PLAIN26, "--init", "{runs}/plain_r26_kd5/best.pt", *PLAIN_MORE, "--lr", "0.005", "--epochs", "1"),
+        needs=("plain_r26_kd5",),
+        note="plain_r26_kd5 given aig_sp_floor_order_wide's distilled epoch (lr 0.005)",
+    ),
+    Run(
+        "plain_r26_kd7",
+        (*PLAIN26, "--init", "{runs}/plain_r26_kd6/best.pt", *PLAIN_MORE, "--lr", "0.005", "--epochs", "1"),
+        needs=("plain_r26_kd6",),
+        note="plain_r26_kd6 given aig_sp_floor_order_wide2's distilled epoch (lr 0.005): the matched control of "
+        "aig_sp_floor_order_wide2 (30 + 7 epochs, the same teacher)",
+    ),
+    Run(
         "rnn_sp_bs",
         ("cifar10_rnn_gate_38", *AIG),
         note="as aig_sp_bs with the paper's recurrent gate (the gate design's control)",
