@@ -526,8 +526,12 @@ def test_readme_states_the_routing_rows() -> None:
     readme, rows = _words("README.md"), _routing_rows()
     gap = rows["plain_r26_kd5"]["accuracy"] - rows["aig_sp_floor_order"]["accuracy"]
     stated = [_at(rows["aig_sp_jitter@20%"]), _at(rows["aig_sp_jitter@50%"]), _at(rows["aig_sp_jitter_wide@50%"])]
-    stated += [f"{rows['aig_sp_bs_more3']['accuracy']:.2f}% and {rows['aig_sp_bs_more3']['macs_reduction']:.1f}%"]
     stated += [f"{gap:.2f} points above", f"({rows['plain_r26_kd5']['accuracy']:.2f}% against "]
+    ordered = rows["aig_sp_floor_order_wide2"]  # shipped as cifar10_aig_gate_38_ordered
+    routes = ordered["routes"]
+    stated += [f"{_at(ordered)} fewer MACs, {routes['distinct_routes']} routes, wrong predictions execute "]
+    stated += [f"{routes['executed_mean_wrong'] - routes['executed_mean_correct']:.2f} blocks"]
+    stated += [f"(Spearman −{-routes['class_spearman_median']:.2f})"]
     missing = [s for s in stated if s not in readme]
     assert not missing, f"README.md does not state {missing}"
     from skipnet.results import frontier
@@ -539,3 +543,31 @@ def test_readme_states_the_routing_rows() -> None:
         r["accuracy"] < frontier(line, r["macs_reduction"]) or r["accuracy"] < min(a for _, a in line) for r in budgets
     ]
     assert len(budgets) >= 4 * 4 and all(under)
+
+
+def test_the_shipped_ordered_model_meets_the_per_input_criteria() -> None:
+    """Criterion 1 of issue 31 on aig_sp_floor_order_wide2's row (shipped as cifar10_aig_gate_38_ordered: the same
+    accuracy and MACs in the zoo's index), and docs/routing.md and RESULTS.md state that row."""
+    rows = _routing_rows()
+    row, routes = rows["aig_sp_floor_order_wide2"], rows["aig_sp_floor_order_wide2"]["routes"]
+    assert row["macs_reduction"] >= 30 and routes["executed_std"] >= 1.2 and routes["distinct_routes"] >= 100
+    assert routes["top_route_share"] <= 0.2 and routes["class_spearman_median"] <= -0.5
+    gap = routes["executed_mean_wrong"] - routes["executed_mean_correct"]
+    assert gap >= 1.0
+    shipped = json.loads((ROOT / "src/skipnet/pretrained/index.json").read_text())["models"]
+    ordered = shipped["cifar10_aig_gate_38_ordered"]
+    assert abs(ordered["accuracy"] - row["accuracy"]) < 1e-6 and abs(ordered["macs_mean"] - row["macs_mean"]) < 1
+    stated = [
+        f"{_at(row)} fewer MACs, {routes['distinct_routes']} routes",
+        f"{100 * routes['top_route_share']:.1f}%",
+        f"std {routes['executed_std']:.2f}",
+        f"{gap:.2f} blocks above right ones",
+        f"Spearman −{-routes['class_spearman_median']:.2f}",
+    ]
+    wide = rows["aig_sp_floor_order_wide"]
+    wgap = wide["routes"]["executed_mean_wrong"] - wide["routes"]["executed_mean_correct"]
+    on_page = [*stated, f"{_at(wide)} fewer MACs", f"{wgap:.2f} blocks above right ones"]
+    page, results = _words("docs/routing.md"), _words("benchmarks/RESULTS.md")
+    assert not [s for s in on_page if s not in page], [s for s in on_page if s not in page]
+    in_results = [f"{row['accuracy']:.2f}% at {row['macs_reduction']:.1f}% fewer", f"+{gap:.2f} blocks"]
+    assert not [s for s in in_results if s not in results], [s for s in in_results if s not in results]
