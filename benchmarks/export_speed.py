@@ -272,12 +272,12 @@ def agreement(args) -> dict:
 
 # ------------------------------------------------------------------------------------------- deploy (issue 32)
 DEPLOY_MODELS = ("cifar10_rnn_gate_38", "cifar10_aig_gate_38", "cifar10_rnn_gate_110")
-SHIPPED = ("cifar10_rnn_gate_38", "cifar10_aig_gate_38")  # the per-image routing issue's model is the AIG one
-
-
 def deploy_model(arch: str, data, stats):
-    """The shipped pretrained model of that name (its own normalisation), else the bias-set model."""
-    if arch in SHIPPED:
+    """The shipped pretrained model of that name (its own normalisation; any zoo name, e.g. the per-image routing
+    issue's cifar10_aig_gate_38_ordered), else the bias-set model of that architecture."""
+    from skipnet.zoo import read_index
+
+    if arch in read_index():
         from skipnet.pretrained import load_pretrained
 
         model, ckpt = load_pretrained(arch)
