@@ -505,6 +505,9 @@ def test_routing_page_states_the_matched_control_and_the_wide_jitter() -> None:
     stated += [at("plain_r26_kd4"), f"{gap4:.2f} points above `aig_sp_order_more2`"]
     gap5 = rows["plain_r26_kd5"]["accuracy"] - rows["aig_sp_floor_order"]["accuracy"]
     stated += [at("plain_r26_kd5"), f"{gap5:.2f} points above `aig_sp_floor_order`"]
+    wide2, kd7 = rows["aig_sp_floor_order_wide2"], rows["plain_r26_kd7"]
+    gap7, more = kd7["accuracy"] - wide2["accuracy"], wide2["macs_reduction"] - kd7["macs_reduction"]
+    stated += [at("plain_r26_kd6"), at("plain_r26_kd7"), f"{gap7:.2f} points under `plain_r26_kd7`, at {more:.1f}"]
     stated += [at(f"aig_sp_jitter_wide{b}") for b in ("", "@20%", "@30%", "@40%")] + [
         f"{rows[n]['accuracy']:.2f}%" for n in ("aig_sp_jitter_wide@50%", "aig_sp_jitter@50%")
     ]
