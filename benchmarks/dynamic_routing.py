@@ -174,6 +174,12 @@ RUNS = [
         note="aig_sp_floor_order_wide given one more epoch the same way (its gap, +0.98 blocks, was still growing)",
     ),
     Run(
+        "aig_sp_floor_order_wide3",
+        ("cifar10_aig_gate_38", "--init", "{runs}/aig_sp_floor_order_wide2/best.pt", *FLOOR_ORDER_WIDE),
+        needs=("aig_sp_floor_order_wide2",),
+        note="aig_sp_floor_order_wide2 given one more epoch the same way (does the saving keep growing at no cost?)",
+    ),
+    Run(
         "aig_sp_jitter",
         ("cifar10_aig_gate_38", "--init", "{runs}/aig_sp_bs_more3/best.pt", *AIG_MORE[:-4], *JITTER),
         needs=("aig_sp_bs_more3",),
