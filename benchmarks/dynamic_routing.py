@@ -64,6 +64,14 @@ JITTER = ("--epochs", "2", "--threads", "1", "--threshold-jitter", "0.4")
 PLAIN26 = ("cifar10_resnet_26", "--stage", "base", "--threads", "2")
 PLAIN_SCHEDULE = ("--epochs", "30", "--schedule", "onecycle", "--nesterov", "--weight-decay", "5e-4")
 PLAIN_MORE = ("--distill", BASE, "--schedule", "cosine", "--threads", "2")
+
+
+def plain_more(name: str, after: str, lr: str, epochs: str, what: str) -> Run:
+    """A step of the matched plain control: the plain ResNet-26 run ``after`` given the SkipNets' distilled epochs."""
+    args = (*PLAIN26, "--init", f"{{runs}}/{after}/best.pt", *PLAIN_MORE, "--lr", lr, "--epochs", epochs)
+    return Run(name, args, needs=(after,), note=f"{after} given {what}")
+
+
 RUNS = [
     Run(
         "pol_bd1_static",
@@ -204,37 +212,24 @@ RUNS = [
         "curve falls off past its range's end, 0.9, and the 50% budget needs a threshold of about 0.94",
     ),
     Run("plain_r26", (*PLAIN26, *PLAIN_SCHEDULE), note="plain ResNet-26, the headline's 30-epoch schedule (float32)"),
-    Run(
-        "plain_r26_kd2",
-        (*PLAIN26, "--init", "{runs}/plain_r26/best.pt", *PLAIN_MORE, "--lr", "0.02", "--epochs", "2"),
-        needs=("plain_r26",),
-        note="plain_r26 given aig_sp_order's two distilled epochs (lr 0.02, cosine)",
-    ),
-    Run(
-        "plain_r26_kd4",
-        (*PLAIN26, "--init", "{runs}/plain_r26_kd2/best.pt", *PLAIN_MORE, "--lr", "0.01", "--epochs", "2"),
-        needs=("plain_r26_kd2",),
-        note="plain_r26_kd2 given aig_sp_order_more2's two distilled epochs (lr 0.01)",
-    ),
-    Run(
+    plain_more("plain_r26_kd2", "plain_r26", "0.02", "2", "aig_sp_order's two distilled epochs (lr 0.02, cosine)"),
+    plain_more("plain_r26_kd4", "plain_r26_kd2", "0.01", "2", "aig_sp_order_more2's two distilled epochs (lr 0.01)"),
+    plain_more(
         "plain_r26_kd5",
-        (*PLAIN26, "--init", "{runs}/plain_r26_kd4/best.pt", *PLAIN_MORE, "--lr", "0.005", "--epochs", "1"),
-        needs=("plain_r26_kd4",),
-        note="plain_r26_kd4 given aig_sp_floor_order's distilled epoch (lr 0.005): the matched control of "
-        "aig_sp_floor_order (30 + 5 epochs, the same teacher)",
+        "plain_r26_kd4",
+        "0.005",
+        "1",
+        "aig_sp_floor_order's distilled epoch (lr 0.005): the matched control of aig_sp_floor_order (30 + 5 epochs, "
+        "the same teacher)",
     ),
-    Run(
-        "plain_r26_kd6",
-        (*PLAIN26, "--init", "{runs}/plain_r26_kd5/best.pt", *PLAIN_MORE, "--lr", "0.005", "--epochs", "1"),
-        needs=("plain_r26_kd5",),
-        note="plain_r26_kd5 given aig_sp_floor_order_wide's distilled epoch (lr 0.005)",
-    ),
-    Run(
+    plain_more("plain_r26_kd6", "plain_r26_kd5", "0.005", "1", "aig_sp_floor_order_wide's distilled epoch (lr 0.005)"),
+    plain_more(
         "plain_r26_kd7",
-        (*PLAIN26, "--init", "{runs}/plain_r26_kd6/best.pt", *PLAIN_MORE, "--lr", "0.005", "--epochs", "1"),
-        needs=("plain_r26_kd6",),
-        note="plain_r26_kd6 given aig_sp_floor_order_wide2's distilled epoch (lr 0.005): the matched control of "
-        "aig_sp_floor_order_wide2 (30 + 7 epochs, the same teacher)",
+        "plain_r26_kd6",
+        "0.005",
+        "1",
+        "aig_sp_floor_order_wide2's distilled epoch (lr 0.005): the matched control of aig_sp_floor_order_wide2 "
+        "(30 + 7 epochs, the same teacher)",
     ),
     Run(
         "rnn_sp_bs",
