@@ -105,3 +105,17 @@ def test_dynamic_routing_regenerates(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert script(stem).main([*argv, "--no-train"]) == 0
     check(out, stem)
     assert (tmp_path / "routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_suite_repeat_streak_counts_unbroken_passes_of_one_commit() -> None:
+    """suite_repeat's summary: a failure or another commit starts the count again; loaded runs are counted."""
+    streak = script("suite_repeat").streak
+
+    def run(commit: str, rc: int = 0, hog: int = 0, parallel: int = 1) -> dict:
+        return {"commit": commit, "rc": rc, "hog": hog, "parallel": parallel}
+
+    records = [run("a"), run("a", hog=2), run("a", rc=1), run("a"), run("a", parallel=2), run("a", hog=1)]
+    assert streak(records) == {"commit": "a", "passes": 3, "beside_load": 2}
+    records += [run("b"), run("b"), run("b"), run("b", parallel=2)]
+    assert streak(records) == {"commit": "b", "passes": 4, "beside_load": 1}
+    assert streak([run("a", rc=1)])["passes"] == 0 and streak([])["commit"] is None

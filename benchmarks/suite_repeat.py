@@ -1,0 +1,129 @@
+"""Run the full test suite again and again on clean clones of HEAD, to catch the tests that fail at a low rate.
+
+    python benchmarks/suite_repeat.py --runs 10                   # one clone at a time, nothing beside it
+    python benchmarks/suite_repeat.py --runs 10 --hog 2           # two spinning processes beside each run
+    python benchmarks/suite_repeat.py --runs 10 --parallel 2      # two clones at once: each is the other's hog
+
+Each run clones the commit that HEAD was at the start (uncommitted edits are not tested) beside the repository, so
+that ../shared is found as CI finds it, runs the README's test command there with the clone's own sources first on
+the path, and appends one JSON line to benchmarks/results/suite_repeat.jsonl: the commit, the exit status, pytest's
+summary line, the failed test ids, the seconds and the load average before and after. ``--summary`` prints the
+longest unbroken run of passes of one commit, and how many of them ran beside a hog or a second clone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "suite_repeat.jsonl"
+_write = threading.Lock()
+
+
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def _git(*args: str, cwd: Path = REPO) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def one_run(commit: str, lane: int, hog: int, parallel: int, pytest_args: list[str]) -> dict:
+    """Clone ``commit`` beside the repository, run the suite there, and return its record (the clone is removed)."""
+    clone = REPO.parent / f".{REPO.name}-suite-repeat-{lane}"
+    shutil.rmtree(clone, ignore_errors=True)
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    _git("checkout", "-q", commit, cwd=clone)
+    env = {**os.environ, "PYTHONPATH": str(clone / "src")}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(clone / ".tmp")]
+    start, load0 = time.monotonic(), _load()
+    done = subprocess.run([*command, *pytest_args], cwd=clone, env=env, capture_output=True, text=True)
+    seconds, lines = time.monotonic() - start, done.stdout.strip().splitlines()
+    record = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
+        "commit": _git("rev-parse", "--short", "HEAD", cwd=clone),
+        "rc": done.returncode,
+        "summary": lines[-1].strip("= ") if lines else done.stderr.strip()[-200:],
+        "failed": re.findall(r"^FAILED (\S+)", done.stdout, re.M) + re.findall(r"^ERROR (\S+)", done.stdout, re.M),
+        "seconds": round(seconds),
+        "load": [round(load0, 2), round(_load(), 2)],
+        "hog": hog,
+        "parallel": parallel,
+    }
+    shutil.rmtree(clone, ignore_errors=True)
+    return record
+
+
+def _lane(commit: str, lane: int, runs: int, hog: int, parallel: int, pytest_args: list[str], out: Path) -> None:
+    for _ in range(runs):
+        record = one_run(commit, lane, hog, parallel, pytest_args)
+        with _write, out.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"{record['date']} lane {lane} {record['commit']} rc {record['rc']} {record['summary']}", flush=True)
+
+
+def streak(records: list[dict]) -> dict:
+    """The longest unbroken run of passes of one commit, in the order the runs finished."""
+    best: dict = {"commit": None, "passes": 0, "beside_load": 0}
+    commit, passes, loaded = None, 0, 0
+    for r in records:
+        if r["commit"] != commit:
+            commit, passes, loaded = r["commit"], 0, 0
+        if r["rc"] != 0:
+            passes, loaded = 0, 0
+            continue
+        passes, loaded = passes + 1, loaded + (r["hog"] > 0 or r["parallel"] > 1)
+        if passes > best["passes"]:
+            best = {"commit": commit, "passes": passes, "beside_load": loaded}
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=10, help="runs in all (spread over the parallel clones)")
+    ap.add_argument("--hog", type=int, default=0, help="spinning processes beside the suite")
+    ap.add_argument("--parallel", type=int, default=1, help="clones tested at once")
+    ap.add_argument("--commit", default="HEAD", help="the commit to test (resolved once, at the start)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--summary", action="store_true", help="print the longest streak in --out and stop")
+    ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    args = ap.parse_args(argv)
+    if args.summary:
+        records = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+        print(json.dumps(streak(records)))
+        return 0
+    if not (1 <= args.runs <= 1000 and 0 <= args.hog <= 64 and 1 <= args.parallel <= 8):
+        ap.error("--runs must be 1..1000, --hog 0..64, --parallel 1..8")
+    commit = _git("rev-parse", "--short", args.commit)  # every run tests this commit, whatever lands meanwhile
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.hog)]
+    try:
+        lanes = [
+            threading.Thread(
+                target=_lane,
+                args=(commit, k, len(range(k, args.runs, args.parallel)), args.hog, args.parallel, args.pytest_args),
+                kwargs={"out": args.out},
+            )
+            for k in range(args.parallel)
+        ]
+        for t in lanes:
+            t.start()
+        for t in lanes:
+            t.join()
+    finally:
+        for h in hogs:
+            h.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
