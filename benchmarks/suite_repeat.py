@@ -72,20 +72,46 @@ def _lane(commit: str, lane: int, runs: int, hog: int, parallel: int, pytest_arg
         print(f"{record['date']} lane {lane} {record['commit']} rc {record['rc']} {record['summary']}", flush=True)
 
 
+KINDS = {"alone": False, "loaded": True}
+
+
+def loaded(record: dict) -> bool:
+    """Whether the run had a hog or a second clone beside it."""
+    return record["hog"] > 0 or record["parallel"] > 1
+
+
 def streak(records: list[dict]) -> dict:
-    """The longest unbroken run of passes of one commit, in the order the runs finished."""
-    best: dict = {"commit": None, "passes": 0, "beside_load": 0}
-    commit, passes, loaded = None, 0, 0
+    """The longest unbroken run of passes of one commit, in the order the runs finished: its commit, its length,
+    how many of its runs were :func:`loaded`, and the least and most minutes a run took, alone and loaded."""
+    best: list[dict] = []
+    commit, now = None, []
     for r in records:
         if r["commit"] != commit:
-            commit, passes, loaded = r["commit"], 0, 0
-        if r["rc"] != 0:
-            passes, loaded = 0, 0
-            continue
-        passes, loaded = passes + 1, loaded + (r["hog"] > 0 or r["parallel"] > 1)
-        if passes > best["passes"]:
-            best = {"commit": commit, "passes": passes, "beside_load": loaded}
-    return best
+            commit, now = r["commit"], []
+        now = [*now, r] if r["rc"] == 0 else []
+        if len(now) > len(best):
+            best = now
+    minutes = {kind: [round(r["seconds"] / 60) for r in best if loaded(r) == on] for kind, on in KINDS.items()}
+    return {
+        "commit": best[0]["commit"] if best else None,
+        "passes": len(best),
+        "beside_load": sum(map(loaded, best)),
+        "minutes": {k: [min(v), max(v)] if v else None for k, v in minutes.items()},
+    }
+
+
+def sentence(best: dict) -> str:
+    """How docs/reliability.md states a :func:`streak` (a test holds the page to it)."""
+
+    def took(kind: str) -> str:
+        lo_hi = best["minutes"][kind]
+        return "" if lo_hi is None else f" ({lo_hi[0]}–{lo_hi[1]} min a run)"
+
+    alone = best["passes"] - best["beside_load"]
+    return (
+        f"**{best['passes']} runs of commit `{best['commit']}` in a row passed**: {best['beside_load']} beside load"
+        f"{took('loaded')} and {alone} alone{took('alone')}."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary:
         records = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
         print(json.dumps(streak(records)))
+        print(sentence(streak(records)))
         return 0
     if not (1 <= args.runs <= 1000 and 0 <= args.hog <= 64 and 1 <= args.parallel <= 8):
         ap.error("--runs must be 1..1000, --hog 0..64, --parallel 1..8")

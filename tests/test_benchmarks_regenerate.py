@@ -111,11 +111,23 @@ def test_suite_repeat_streak_counts_unbroken_passes_of_one_commit() -> None:
     """suite_repeat's summary: a failure or another commit starts the count again; loaded runs are counted."""
     streak = script("suite_repeat").streak
 
-    def run(commit: str, rc: int = 0, hog: int = 0, parallel: int = 1) -> dict:
-        return {"commit": commit, "rc": rc, "hog": hog, "parallel": parallel}
+    def run(commit: str, rc: int = 0, hog: int = 0, parallel: int = 1, seconds: int = 360) -> dict:
+        return {"commit": commit, "rc": rc, "hog": hog, "parallel": parallel, "seconds": seconds}
 
-    records = [run("a"), run("a", hog=2), run("a", rc=1), run("a"), run("a", parallel=2), run("a", hog=1)]
-    assert streak(records) == {"commit": "a", "passes": 3, "beside_load": 2}
-    records += [run("b"), run("b"), run("b"), run("b", parallel=2)]
-    assert streak(records) == {"commit": "b", "passes": 4, "beside_load": 1}
+    records = [run("a"), run("a", hog=2), run("a", rc=1), run("a"), run("a", parallel=2, seconds=1400), run("a", hog=1)]
+    got = streak(records)
+    assert (got["commit"], got["passes"], got["beside_load"]) == ("a", 3, 2)
+    assert got["minutes"] == {"alone": [6, 6], "loaded": [6, 23]}
+    records += [run("b", seconds=300), run("b"), run("b"), run("b", parallel=2)]
+    got = streak(records)
+    assert (got["commit"], got["passes"], got["beside_load"]) == ("b", 4, 1)
+    assert got["minutes"]["alone"] == [5, 6]
     assert streak([run("a", rc=1)])["passes"] == 0 and streak([])["commit"] is None
+
+
+def test_reliability_page_states_the_suite_repetitions() -> None:
+    """docs/reliability.md states the longest streak in the committed suite_repeat.jsonl, as --summary does."""
+    bench = script("suite_repeat")
+    records = [json.loads(line) for line in (RESULTS / "suite_repeat.jsonl").read_text().splitlines() if line]
+    page = " ".join((REPO / "docs" / "reliability.md").read_text().split())
+    assert bench.sentence(bench.streak(records)) in page
