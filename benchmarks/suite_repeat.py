@@ -3,6 +3,7 @@
     python benchmarks/suite_repeat.py --runs 10                   # one clone at a time, nothing beside it
     python benchmarks/suite_repeat.py --runs 10 --hog 2           # two spinning processes beside each run
     python benchmarks/suite_repeat.py --runs 10 --parallel 2      # two clones at once: each is the other's hog
+    python benchmarks/suite_repeat.py --runs 1 -- --durations=10  # pytest's options after --: the slowest recorded
 
 Each run clones the commit that HEAD was at the start (uncommitted edits are not tested) beside the repository, so
 that ../shared is found as CI finds it, runs the README's test command there with the clone's own sources first on
@@ -56,6 +57,7 @@ def one_run(commit: str, lane: int, hog: int, parallel: int, pytest_args: list[s
         "summary": lines[-1].strip("= ") if lines else done.stderr.strip()[-200:],
         "failed": re.findall(r"^FAILED (\S+)", done.stdout, re.M) + re.findall(r"^ERROR (\S+)", done.stdout, re.M),
         "seconds": round(seconds),
+        "slowest": re.findall(r"^([\d.]+)s (?:call|setup|teardown) +(\S+)", done.stdout, re.M)[:10],  # --durations
         "load": [round(load0, 2), round(_load(), 2)],
         "hog": hog,
         "parallel": parallel,
