@@ -212,6 +212,16 @@ RUNS = [
         "curve falls off past its range's end, 0.9, and the 50% budget needs a threshold of about 0.94",
     ),
     Run("plain_r26", (*PLAIN26, *PLAIN_SCHEDULE), note="plain ResNet-26, the headline's 30-epoch schedule (float32)"),
+    Run(
+        "plain_r20",
+        ("cifar10_resnet_20", "--stage", "base", "--threads", "1", *PLAIN_SCHEDULE),
+        note="plain ResNet-20, the same 30 epochs: the static line's low end, to be shipped for continuations",
+    ),
+    Run(
+        "plain_r32",
+        ("cifar10_resnet_32", "--stage", "base", "--threads", "1", *PLAIN_SCHEDULE),
+        note="plain ResNet-32, the same 30 epochs: the static line between ResNet-26 and -38, to be shipped",
+    ),
     plain_more("plain_r26_kd2", "plain_r26", "0.02", "2", "aig_sp_order's two distilled epochs (lr 0.02, cosine)"),
     plain_more("plain_r26_kd4", "plain_r26_kd2", "0.01", "2", "aig_sp_order_more2's two distilled epochs (lr 0.01)"),
     plain_more(
