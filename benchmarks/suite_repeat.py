@@ -21,10 +21,12 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "suite_repeat.jsonl"
@@ -39,10 +41,10 @@ def _git(*args: str, cwd: Path = REPO) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def one_run(commit: str, lane: int, hog: int, parallel: int, pytest_args: list[str]) -> dict:
+def one_run(commit: str, lane: int, hog: int, parallel: int, pytest_args: list[str], beside: str = "") -> dict:
     """Clone ``commit`` beside the repository, run the suite there, and return its record (the clone is removed)."""
-    clone = REPO.parent / f".{REPO.name}-suite-repeat-{lane}"
-    shutil.rmtree(clone, ignore_errors=True)
+    # a directory of its own (two suite_repeat processes at once must not share a clone), beside ../shared
+    clone = Path(tempfile.mkdtemp(prefix=f".{REPO.name}-suite-repeat-{lane}-", dir=REPO.parent))
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     _git("checkout", "-q", commit, cwd=clone)
     env = {**os.environ, "PYTHONPATH": str(clone / "src")}
@@ -61,15 +63,16 @@ def one_run(commit: str, lane: int, hog: int, parallel: int, pytest_args: list[s
         "load": [round(load0, 2), round(_load(), 2)],
         "hog": hog,
         "parallel": parallel,
+        "beside": beside,
     }
     shutil.rmtree(clone, ignore_errors=True)
     return record
 
 
-def _lane(commit: str, lane: int, runs: int, hog: int, parallel: int, pytest_args: list[str], out: Path) -> None:
+def _lane(commit: str, lane: int, runs: int, hog: int, parallel: int, pytest_args: list[str], **kw: Any) -> None:
     for _ in range(runs):
-        record = one_run(commit, lane, hog, parallel, pytest_args)
-        with _write, out.open("a") as f:
+        record = one_run(commit, lane, hog, parallel, pytest_args, kw["beside"])
+        with _write, kw["out"].open("a") as f:
             f.write(json.dumps(record) + "\n")
         print(f"{record['date']} lane {lane} {record['commit']} rc {record['rc']} {record['summary']}", flush=True)
 
@@ -78,8 +81,8 @@ KINDS = {"alone": False, "loaded": True}
 
 
 def loaded(record: dict) -> bool:
-    """Whether the run had a hog or a second clone beside it."""
-    return record["hog"] > 0 or record["parallel"] > 1
+    """Whether the run had a hog, a second clone or another named job (``--beside``) beside it."""
+    return record["hog"] > 0 or record["parallel"] > 1 or bool(record.get("beside"))
 
 
 def streak(records: list[dict]) -> dict:
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=10, help="runs in all (spread over the parallel clones)")
     ap.add_argument("--hog", type=int, default=0, help="spinning processes beside the suite")
     ap.add_argument("--parallel", type=int, default=1, help="clones tested at once")
+    ap.add_argument("--beside", default="", help="another job running beside the suite, to record (e.g. a training)")
     ap.add_argument("--commit", default="HEAD", help="the commit to test (resolved once, at the start)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--summary", action="store_true", help="print the longest streak in --out and stop")
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             threading.Thread(
                 target=_lane,
                 args=(commit, k, len(range(k, args.runs, args.parallel)), args.hog, args.parallel, args.pytest_args),
-                kwargs={"out": args.out},
+                kwargs={"out": args.out, "beside": args.beside},
             )
             for k in range(args.parallel)
         ]

@@ -123,6 +123,7 @@ def test_suite_repeat_streak_counts_unbroken_passes_of_one_commit() -> None:
     assert (got["commit"], got["passes"], got["beside_load"]) == ("b", 4, 1)
     assert got["minutes"]["alone"] == [5, 6]
     assert streak([run("a", rc=1)])["passes"] == 0 and streak([])["commit"] is None
+    assert streak([run("c"), {**run("c"), "beside": "a training job"}])["beside_load"] == 1
 
 
 def test_reliability_page_states_the_suite_repetitions() -> None:
