@@ -91,6 +91,8 @@ def streak(records: list[dict]) -> dict:
     best: list[dict] = []
     commit, now = None, []
     for r in records:
+        if r.get("void"):  # a run spoilt from outside, its reason recorded: neither a pass nor a failure
+            continue
         if r["commit"] != commit:
             commit, now = r["commit"], []
         now = [*now, r] if r["rc"] == 0 else []

@@ -124,6 +124,7 @@ def test_suite_repeat_streak_counts_unbroken_passes_of_one_commit() -> None:
     assert got["minutes"]["alone"] == [5, 6]
     assert streak([run("a", rc=1)])["passes"] == 0 and streak([])["commit"] is None
     assert streak([run("c"), {**run("c"), "beside": "a training job"}])["beside_load"] == 1
+    assert streak([run("d"), {**run("d", rc=1), "void": "its clone was removed"}, run("d")])["passes"] == 2
 
 
 def test_reliability_page_states_the_suite_repetitions() -> None:
