@@ -66,10 +66,34 @@ PLAIN_SCHEDULE = ("--epochs", "30", "--schedule", "onecycle", "--nesterov", "--w
 PLAIN_MORE = ("--distill", BASE, "--schedule", "cosine", "--threads", "2")
 
 
-def plain_more(name: str, after: str, lr: str, epochs: str, what: str) -> Run:
-    """A step of the matched plain control: the plain ResNet-26 run ``after`` given the SkipNets' distilled epochs."""
-    args = (*PLAIN26, "--init", f"{{runs}}/{after}/best.pt", *PLAIN_MORE, "--lr", lr, "--epochs", epochs)
+# the plain ResNet-20 and -32 beside it (one thread each while the suite or another run shares the CPU), for the
+# static line between ResNet-20, -26 and -32 at matched training: the same 30 epochs, then the same chain
+PLAIN20 = ("cifar10_resnet_20", "--stage", "base")
+PLAIN32 = ("cifar10_resnet_32", "--stage", "base")
+# the ResNet-26 chain's steps (name suffix, lr, epochs), given to ResNet-20 and -32 too
+KD_CHAIN = (
+    ("kd2", "0.02", "2"),
+    ("kd4", "0.01", "2"),
+    ("kd5", "0.005", "1"),
+    ("kd6", "0.005", "1"),
+    ("kd7", "0.005", "1"),
+)
+
+
+def plain_more(name: str, after: str, lr: str, epochs: str, what: str, net: tuple[str, ...] = PLAIN26) -> Run:
+    """A step of the matched plain control: the plain run ``after`` given the SkipNets' distilled epochs."""
+    args = (*net, "--init", f"{{runs}}/{after}/best.pt", *PLAIN_MORE, "--lr", lr, "--epochs", epochs)
     return Run(name, args, needs=(after,), note=f"{after} given {what}")
+
+
+def plain_chain(first: str, net: tuple[str, ...]) -> list[Run]:
+    """``first`` (a finished 30-epoch plain run) given plain_r26's chain of distilled epochs, step by step."""
+    names = [first] + [f"{first}_{step}" for step, _, _ in KD_CHAIN]
+    what = "plain_r26's distilled step {} (--lr {}, --epochs {})"
+    return [
+        plain_more(n, after, lr, e, what.format(s, lr, e), net)
+        for n, after, (s, lr, e) in zip(names[1:], names, KD_CHAIN)
+    ]
 
 
 RUNS = [
@@ -214,12 +238,12 @@ RUNS = [
     Run("plain_r26", (*PLAIN26, *PLAIN_SCHEDULE), note="plain ResNet-26, the headline's 30-epoch schedule (float32)"),
     Run(
         "plain_r20",
-        ("cifar10_resnet_20", "--stage", "base", "--threads", "1", *PLAIN_SCHEDULE),
+        (*PLAIN20, "--threads", "1", *PLAIN_SCHEDULE),
         note="plain ResNet-20, the same 30 epochs: the static line's low end, to be shipped for continuations",
     ),
     Run(
         "plain_r32",
-        ("cifar10_resnet_32", "--stage", "base", "--threads", "1", *PLAIN_SCHEDULE),
+        (*PLAIN32, "--threads", "1", *PLAIN_SCHEDULE),
         note="plain ResNet-32, the same 30 epochs: the static line between ResNet-26 and -38, to be shipped",
     ),
     plain_more("plain_r26_kd2", "plain_r26", "0.02", "2", "aig_sp_order's two distilled epochs (lr 0.02, cosine)"),
@@ -241,6 +265,8 @@ RUNS = [
         "aig_sp_floor_order_wide2's distilled epoch (lr 0.005): the matched control of aig_sp_floor_order_wide2 "
         "(30 + 7 epochs, the same teacher)",
     ),
+    *plain_chain("plain_r20", PLAIN20),
+    *plain_chain("plain_r32", PLAIN32),
     Run(
         "rnn_sp_bs",
         ("cifar10_rnn_gate_38", *AIG),
