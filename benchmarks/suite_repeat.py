@@ -112,7 +112,9 @@ def sentence(best: dict) -> str:
 
     def took(kind: str) -> str:
         lo_hi = best["minutes"][kind]
-        return "" if lo_hi is None else f" ({lo_hi[0]}–{lo_hi[1]} min a run)"
+        if lo_hi is None:
+            return ""
+        return f" ({lo_hi[0]} min a run)" if lo_hi[0] == lo_hi[1] else f" ({lo_hi[0]}–{lo_hi[1]} min a run)"
 
     alone = best["passes"] - best["beside_load"]
     return (
