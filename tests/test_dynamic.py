@@ -508,6 +508,7 @@ def test_routing_page_states_the_matched_control_and_the_wide_jitter() -> None:
     wide2, kd7 = rows["aig_sp_floor_order_wide2"], rows["plain_r26_kd7"]
     gap7, more = kd7["accuracy"] - wide2["accuracy"], wide2["macs_reduction"] - kd7["macs_reduction"]
     stated += [at("plain_r26_kd6"), at("plain_r26_kd7"), f"{gap7:.2f} points under `plain_r26_kd7`, at {more:.1f}"]
+    stated += [f"model is {gap7:.2f} points under the plain ResNet-26 given the same seven extra epochs"]
     stated += [at(f"aig_sp_jitter_wide{b}") for b in ("", "@20%", "@30%", "@40%")] + [
         f"{rows[n]['accuracy']:.2f}%" for n in ("aig_sp_jitter_wide@50%", "aig_sp_jitter@50%")
     ]
