@@ -169,3 +169,19 @@ def test_deploy_page_speed_figures_are_the_json() -> None:
             assert f"{routed['efficiency']:.3f}" in text, (path.name, m["arch"])
             models += 1
     assert models >= 3
+
+
+def test_reliability_table_names_tests_that_exist() -> None:
+    """Every test the fault-class table of docs/reliability.md names (`test_x.py` or `test_x.py::test_name`) is a
+    file of tests/ defining that test: a renamed or deleted test cannot leave the table pointing at nothing."""
+    page = (DOCS / "reliability.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| ") and "`test_" in line]
+    named = [m for line in rows for m in re.findall(r"`(test_\w+\.py)(?:::(test_\w+))?`", line)]
+    assert len(rows) >= 15 and len(named) >= len(rows)
+    tests = Path(__file__).parent
+
+    def defines(file: str, test: str) -> bool:
+        return (tests / file).is_file() and f"def {test}(" in (tests / file).read_text() if test else True
+
+    missing = [f"{f}::{t}" for f, t in named if not (tests / f).is_file() or not defines(f, t)]
+    assert not missing, f"docs/reliability.md names tests that do not exist: {missing}"
