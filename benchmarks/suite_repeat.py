@@ -135,13 +135,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = ap.parse_args(argv)
     if args.summary:
-        records = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
-        print(json.dumps(streak(records)))
-        print(sentence(streak(records)))
+        try:
+            records = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+            best = streak(records)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            ap.error(f"cannot read the records {args.out}: {e!r}")
+        print(json.dumps(best))
+        print(sentence(best))
         return 0
     if not (1 <= args.runs <= 1000 and 0 <= args.hog <= 64 and 1 <= args.parallel <= 8):
         ap.error("--runs must be 1..1000, --hog 0..64, --parallel 1..8")
-    commit = _git("rev-parse", "--short", args.commit)  # every run tests this commit, whatever lands meanwhile
+    try:  # every run tests this commit, whatever lands meanwhile
+        commit = _git("rev-parse", "--short", "--verify", f"{args.commit}^{{commit}}")
+    except subprocess.CalledProcessError:
+        ap.error(f"--commit {args.commit} is not a commit of {REPO}")
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.hog)]
     try:
         lanes = [
