@@ -272,14 +272,14 @@ def agreement(args) -> dict:
 
 # ------------------------------------------------------------------------------------------- deploy (issue 32)
 DEPLOY_MODELS = ("cifar10_rnn_gate_38", "cifar10_aig_gate_38", "cifar10_rnn_gate_110")
+
+
 def deploy_model(arch: str, data, stats):
     """The shipped pretrained model of that name (its own normalisation; any zoo name, e.g. the per-image routing
     issue's cifar10_aig_gate_38_ordered), else the bias-set model of that architecture."""
-    from skipnet.zoo import read_index
+    from skipnet.pretrained import load_pretrained, read_index
 
     if arch in read_index():
-        from skipnet.pretrained import load_pretrained
-
         model, ckpt = load_pretrained(arch)
         d = ckpt["data"]
         return model.eval(), (tuple(d["mean"]), tuple(d["std"])), f"pretrained:{arch} (shipped)"
