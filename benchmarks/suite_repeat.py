@@ -26,7 +26,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "suite_repeat.jsonl"
@@ -41,40 +41,58 @@ def _git(*args: str, cwd: Path = REPO) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def one_run(commit: str, lane: int, hog: int, parallel: int, pytest_args: list[str], beside: str = "") -> dict:
-    """Clone ``commit`` beside the repository, run the suite there, and return its record (the clone is removed)."""
+class Plan(NamedTuple):
+    """What every run of one invocation shares: the commit, what runs beside it, pytest's extra options."""
+
+    commit: str
+    out: Path
+    hog: int = 0
+    parallel: int = 1
+    beside: str = ""
+    pytest_args: tuple[str, ...] = ()
+
+
+def one_run(plan: Plan, lane: int) -> dict:
+    """Clone ``plan.commit`` beside the repository, run the suite there, and return its record (the clone is
+    removed, whatever happens)."""
     # a directory of its own (two suite_repeat processes at once must not share a clone), beside ../shared
     clone = Path(tempfile.mkdtemp(prefix=f".{REPO.name}-suite-repeat-{lane}-", dir=REPO.parent))
-    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
-    _git("checkout", "-q", commit, cwd=clone)
-    env = {**os.environ, "PYTHONPATH": str(clone / "src")}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(clone / ".tmp")]
-    start, load0 = time.monotonic(), _load()
-    done = subprocess.run([*command, *pytest_args], cwd=clone, env=env, capture_output=True, text=True)
-    seconds, lines = time.monotonic() - start, done.stdout.strip().splitlines()
-    record = {
+    try:
+        subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+        _git("checkout", "-q", plan.commit, cwd=clone)
+        env = {**os.environ, "PYTHONPATH": str(clone / "src")}
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(clone / ".tmp")]
+        start, load0 = time.monotonic(), _load()
+        done = subprocess.run([*command, *plan.pytest_args], cwd=clone, env=env, capture_output=True, text=True)
+        seconds, lines = time.monotonic() - start, done.stdout.strip().splitlines()
+    finally:
+        shutil.rmtree(clone, ignore_errors=True)
+    return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
-        "commit": _git("rev-parse", "--short", "HEAD", cwd=clone),
+        "commit": plan.commit,
         "rc": done.returncode,
         "summary": lines[-1].strip("= ") if lines else done.stderr.strip()[-200:],
-        "failed": re.findall(r"^FAILED (\S+)", done.stdout, re.M) + re.findall(r"^ERROR (\S+)", done.stdout, re.M),
+        "failed": re.findall(r"^(?:FAILED|ERROR) (\S+)", done.stdout, re.M),
         "seconds": round(seconds),
         "slowest": re.findall(r"^([\d.]+)s (?:call|setup|teardown) +(\S+)", done.stdout, re.M)[:10],  # --durations
         "load": [round(load0, 2), round(_load(), 2)],
-        "hog": hog,
-        "parallel": parallel,
-        "beside": beside,
+        "hog": plan.hog,
+        "parallel": plan.parallel,
+        "beside": plan.beside,
     }
-    shutil.rmtree(clone, ignore_errors=True)
-    return record
 
 
-def _lane(commit: str, lane: int, runs: int, hog: int, parallel: int, pytest_args: list[str], **kw: Any) -> None:
+def _lane(plan: Plan, lane: int, runs: int) -> None:
     for _ in range(runs):
-        record = one_run(commit, lane, hog, parallel, pytest_args, kw["beside"])
-        with _write, kw["out"].open("a") as f:
+        record = one_run(plan, lane)
+        with _write, plan.out.open("a") as f:
             f.write(json.dumps(record) + "\n")
         print(f"{record['date']} lane {lane} {record['commit']} rc {record['rc']} {record['summary']}", flush=True)
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of ``path``, one JSON object a line."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 KINDS = {"alone": False, "loaded": True}
@@ -136,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.summary:
         try:
-            records = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
-            best = streak(records)
+            best = streak(read_records(args.out))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             ap.error(f"cannot read the records {args.out}: {e!r}")
         print(json.dumps(best))
@@ -149,14 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         commit = _git("rev-parse", "--short", "--verify", f"{args.commit}^{{commit}}")
     except subprocess.CalledProcessError:
         ap.error(f"--commit {args.commit} is not a commit of {REPO}")
+    plan = Plan(commit, args.out, args.hog, args.parallel, args.beside, tuple(args.pytest_args))
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.hog)]
     try:
         lanes = [
-            threading.Thread(
-                target=_lane,
-                args=(commit, k, len(range(k, args.runs, args.parallel)), args.hog, args.parallel, args.pytest_args),
-                kwargs={"out": args.out, "beside": args.beside},
-            )
+            threading.Thread(target=_lane, args=(plan, k, len(range(k, args.runs, args.parallel))))
             for k in range(args.parallel)
         ]
         for t in lanes:

@@ -130,6 +130,5 @@ def test_suite_repeat_streak_counts_unbroken_passes_of_one_commit() -> None:
 def test_reliability_page_states_the_suite_repetitions() -> None:
     """docs/reliability.md states the longest streak in the committed suite_repeat.jsonl, as --summary does."""
     bench = script("suite_repeat")
-    records = [json.loads(line) for line in (RESULTS / "suite_repeat.jsonl").read_text().splitlines() if line]
     page = " ".join((REPO / "docs" / "reliability.md").read_text().split())
-    assert bench.sentence(bench.streak(records)) in page
+    assert bench.sentence(bench.streak(bench.read_records(RESULTS / "suite_repeat.jsonl"))) in page
