@@ -86,12 +86,13 @@ def plain_more(name: str, after: str, lr: str, epochs: str, what: str, net: tupl
     return Run(name, args, needs=(after,), note=f"{after} given {what}")
 
 
-def plain_chain(first: str, net: tuple[str, ...]) -> list[Run]:
-    """``first`` (a finished 30-epoch plain run) given plain_r26's chain of distilled epochs, step by step."""
+def plain_chain(first: str, net: tuple[str, ...], what: dict[str, str] | None = None) -> list[Run]:
+    """``first`` (a finished 30-epoch plain run) given the chain of distilled epochs, step by step; ``what`` says
+    which SkipNet epochs a step matches (by default, plain_r26's step of that name)."""
     names = [first] + [f"{first}_{step}" for step, _, _ in KD_CHAIN]
-    what = "plain_r26's distilled step {} (--lr {}, --epochs {})"
+    said = "plain_r26's distilled step {} (--lr {}, --epochs {})"
     return [
-        plain_more(n, after, lr, e, what.format(s, lr, e), net)
+        plain_more(n, after, lr, e, (what or {}).get(s) or said.format(s, lr, e), net)
         for n, after, (s, lr, e) in zip(names[1:], names, KD_CHAIN)
     ]
 
@@ -246,24 +247,18 @@ RUNS = [
         (*PLAIN32, "--threads", "1", *PLAIN_SCHEDULE),
         note="plain ResNet-32, the same 30 epochs: the static line between ResNet-26 and -38, to be shipped",
     ),
-    plain_more("plain_r26_kd2", "plain_r26", "0.02", "2", "aig_sp_order's two distilled epochs (lr 0.02, cosine)"),
-    plain_more("plain_r26_kd4", "plain_r26_kd2", "0.01", "2", "aig_sp_order_more2's two distilled epochs (lr 0.01)"),
-    plain_more(
-        "plain_r26_kd5",
-        "plain_r26_kd4",
-        "0.005",
-        "1",
-        "aig_sp_floor_order's distilled epoch (lr 0.005): the matched control of aig_sp_floor_order (30 + 5 epochs, "
-        "the same teacher)",
-    ),
-    plain_more("plain_r26_kd6", "plain_r26_kd5", "0.005", "1", "aig_sp_floor_order_wide's distilled epoch (lr 0.005)"),
-    plain_more(
-        "plain_r26_kd7",
-        "plain_r26_kd6",
-        "0.005",
-        "1",
-        "aig_sp_floor_order_wide2's distilled epoch (lr 0.005): the matched control of aig_sp_floor_order_wide2 "
-        "(30 + 7 epochs, the same teacher)",
+    *plain_chain(
+        "plain_r26",
+        PLAIN26,
+        {
+            "kd2": "aig_sp_order's two distilled epochs (lr 0.02, cosine)",
+            "kd4": "aig_sp_order_more2's two distilled epochs (lr 0.01)",
+            "kd5": "aig_sp_floor_order's distilled epoch (lr 0.005): the matched control of aig_sp_floor_order "
+            "(30 + 5 epochs, the same teacher)",
+            "kd6": "aig_sp_floor_order_wide's distilled epoch (lr 0.005)",
+            "kd7": "aig_sp_floor_order_wide2's distilled epoch (lr 0.005): the matched control of "
+            "aig_sp_floor_order_wide2 (30 + 7 epochs, the same teacher)",
+        },
     ),
     *plain_chain("plain_r20", PLAIN20),
     *plain_chain("plain_r32", PLAIN32),
