@@ -10,15 +10,19 @@ that ../shared is found as CI finds it, runs the README's test command there wit
 the path, and appends one JSON line to benchmarks/results/suite_repeat.jsonl: the commit, the exit status, pytest's
 summary line, the failed test ids, the seconds and the load average before and after. ``--summary`` prints the
 longest unbroken run of passes of one commit, and how many of them ran beside a hog or a second clone.
+Stopping it (Ctrl-C or SIGTERM) ends the running suites and their workers, removes their clones and records nothing
+for the interrupted runs; it exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +35,9 @@ from typing import NamedTuple
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "suite_repeat.jsonl"
 _write = threading.Lock()
+_stop = threading.Event()  # set by SIGTERM or Ctrl-C: the running suites are ended and nothing more is started
+_suites: set[subprocess.Popen] = set()
+_registry = threading.Lock()
 
 
 def _load() -> float:
@@ -52,9 +59,35 @@ class Plan(NamedTuple):
     pytest_args: tuple[str, ...] = ()
 
 
-def one_run(plan: Plan, lane: int) -> dict:
-    """Clone ``plan.commit`` beside the repository, run the suite there, and return its record (the clone is
-    removed, whatever happens)."""
+def _suite(command: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run ``command`` in a session of its own, registered so that :func:`_interrupt` can end it and its workers."""
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw
+    ) as p:
+        with _registry:
+            _suites.add(p)
+        try:
+            if _stop.is_set():
+                os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+        finally:
+            with _registry:
+                _suites.discard(p)
+    return subprocess.CompletedProcess(command, p.returncode, out, err)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM or Ctrl-C: end every running suite's process group; their lanes then remove the clones and stop."""
+    _stop.set()
+    with _registry:
+        for p in _suites:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def one_run(plan: Plan, lane: int) -> dict | None:
+    """Clone ``plan.commit`` beside the repository, run the suite there, and return its record, or None when the run
+    was interrupted (the clone is removed, whatever happens)."""
     # a directory of its own (two suite_repeat processes at once must not share a clone), beside ../shared
     clone = Path(tempfile.mkdtemp(prefix=f".{REPO.name}-suite-repeat-{lane}-", dir=REPO.parent))
     try:
@@ -63,10 +96,12 @@ def one_run(plan: Plan, lane: int) -> dict:
         env = {**os.environ, "PYTHONPATH": str(clone / "src")}
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(clone / ".tmp")]
         start, load0 = time.monotonic(), _load()
-        done = subprocess.run([*command, *plan.pytest_args], cwd=clone, env=env, capture_output=True, text=True)
+        done = _suite([*command, *plan.pytest_args], cwd=clone, env=env)
         seconds, lines = time.monotonic() - start, done.stdout.strip().splitlines()
     finally:
         shutil.rmtree(clone, ignore_errors=True)
+    if _stop.is_set():  # an interrupted run is no record either way
+        return None
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
         "commit": plan.commit,
@@ -84,7 +119,9 @@ def one_run(plan: Plan, lane: int) -> dict:
 
 def _lane(plan: Plan, lane: int, runs: int) -> None:
     for _ in range(runs):
-        record = one_run(plan, lane)
+        record = None if _stop.is_set() else one_run(plan, lane)
+        if record is None:
+            return
         with _write, plan.out.open("a") as f:
             f.write(json.dumps(record) + "\n")
         print(f"{record['date']} lane {lane} {record['commit']} rc {record['rc']} {record['summary']}", flush=True)
@@ -168,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--commit {args.commit} is not a commit of {REPO}")
     plan = Plan(commit, args.out, args.hog, args.parallel, args.beside, tuple(args.pytest_args))
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.hog)]
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         lanes = [
             threading.Thread(target=_lane, args=(plan, k, len(range(k, args.runs, args.parallel))))
@@ -180,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for h in hogs:
             h.kill()
-    return 0
+    return 130 if _stop.is_set() else 0
 
 
 if __name__ == "__main__":

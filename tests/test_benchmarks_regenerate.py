@@ -6,11 +6,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from conftest import patience
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -132,3 +139,40 @@ def test_reliability_page_states_the_suite_repetitions() -> None:
     bench = script("suite_repeat")
     page = " ".join((REPO / "docs" / "reliability.md").read_text().split())
     assert bench.sentence(bench.streak(bench.read_records(RESULTS / "suite_repeat.jsonl"))) in page
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The command lines of ``pid``'s child processes (Linux /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            pass  # a process that ended meanwhile
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
+def test_suite_repeat_stopped_ends_its_suite_removes_its_clone_and_records_nothing(tmp_path) -> None:
+    """SIGTERM to suite_repeat mid-run: the suite's pytest (in a session of its own) is ended, the clone beside the
+    repository removed, no record written, exit 130. (It once left the suite running and the clone behind.)"""
+    records = tmp_path / "records.jsonl"
+    argv = [sys.executable, str(BENCH / "suite_repeat.py"), "--runs", "3", "--out", str(records), "--", "-x"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline, suite = time.monotonic() + patience(60), None
+    while suite is None and time.monotonic() < deadline and proc.poll() is None:
+        suite = next(((k, c) for k, c in _children(proc.pid).items() if " pytest " in c), None)
+        time.sleep(0.1)
+    try:
+        assert suite is not None, "suite_repeat started no suite"
+        pid, cmdline = suite
+        clone = Path(cmdline.split("--basetemp ")[1].split()[0]).parent
+        assert clone.parent == REPO.parent and clone.is_dir()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=patience(30)) == 130
+    finally:
+        proc.kill()
+    assert not clone.exists() and not records.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
