@@ -387,7 +387,7 @@ def _b1_variants(ex: dict, batches: list, decisions: torch.Tensor | None, rnn: b
         if rnn:  # the LSTM rewrite is the recurrent gate's (ONNX Runtime's own optimised file of a feed-forward
             # gate does not even reload: its branch values reuse the outer graph's names, fixed by blocked_layout)
             v[f"{key}lstm"] = ort_runner(lstm_gates(ort_optimized(payload)).SerializeToString(), batches)
-            v[f"{key}nchwc"] = ort_runner(blocked_layout(payload, fuse_gates=False), batches)
+        v[f"{key}nchwc"] = ort_runner(blocked_layout(payload, fuse_gates=False), batches)
         v[f"{key}fused"] = ort_runner(payload, batches, layout="nchwc")
     if decisions is not None:
         oracle = oracle_graph(cond)
@@ -523,13 +523,14 @@ def deploy_batch1(model, arch: str, ex: dict, stats, images: torch.Tensor, args)
 
 
 def _levers_b1(model) -> tuple:
-    """The batch-1 levers that apply to ``model``: the LSTM rewrite only to a recurrent gate (for the others it
-    leaves the graph as it is, so its rows would repeat the unfused ones under another name)."""
+    """The batch-1 levers that apply to ``model``: the LSTM rewrite to a recurrent gate; to a feed-forward gate
+    the rewrite of its head into 1x1 convolutions on the pooled blocked value (:func:`skipnet.export.conv_gates`)."""
     if model.config.gate == "rnn":
         return LEVERS_B1
-    rename = {"ORT, NCHWc across If + LSTM gate (layout=nchwc)": "ORT, NCHWc across If (layout=nchwc)"}
-    kept = [lv for lv in LEVERS_B1 if "LSTM" not in lv[0] or lv[0] in rename and lv[1] == "fused"]
-    return tuple((rename.get(lv[0], lv[0]), *lv[1:]) for lv in kept if lv[1] != "nchwc")
+    lstm = "ORT, NCHWc across If + LSTM gate (layout=nchwc)"
+    rename = {lstm: "ORT, NCHWc across If + gate head as 1x1 convs (layout=nchwc)"}
+    kept = [lv for lv in LEVERS_B1 if "LSTM" not in lv[0] or lv[0] in rename]
+    return tuple((rename.get(lv[0], lv[0]), *lv[1:]) for lv in kept)
 
 
 LEVERS_B32 = (
