@@ -2,6 +2,7 @@
 
     python benchmarks/export_speed.py speed       # cifar10_rnn_gate_110, batch 1, ONNX Runtime CPU (~10 min)
     python benchmarks/export_speed.py agreement   # the whole CIFAR-10 test split + ImageNet ResNet-50 (~15 min)
+    python benchmarks/export_speed.py shipped --models NAME ...  # shipped models, as skipnet runs them (~5 min each)
 
 Models. No trained ResNet-110 is at hand, so the networks are *bias-set*: BatchNorm statistics calibrated on
 real CIFAR-10 training images (train-mode ``all_on`` passes, cumulative averages), then the recurrent gate's
@@ -267,6 +268,28 @@ def agreement(args) -> dict:
         res.update({"seconds": round(time.time() - t0, 1), "bias_set_keep_on_calibration_images": reached})
         out["imagenet"][name] = res
         print("imagenet", name, res, flush=True)
+    return out
+
+
+def shipped(args) -> dict:
+    """The shipped models' conditional ONNX graphs, as skipnet runs them (``onnx_session``: the blocked layout and
+    the fused gates for this CPU), against the eager greedy model at batch 1 on the whole test split."""
+    from skipnet.pretrained import load_pretrained
+
+    torch.set_num_threads(1)
+    data, _ = cifar(limit_train=256)
+    images = pixels(data, "test", args.limit)
+    out = {"env": env(), "images": len(images), "models": {}}
+    for name in args.models:
+        t0 = time.time()
+        model, ckpt = load_pretrained(name)
+        stats = (tuple(ckpt["data"]["mean"]), tuple(ckpt["data"]["std"]))
+        session = onnx_session(export_model(model.eval(), "onnx", stats=stats, probes=1).payload)
+        graph = build_graph(model, "conditional", stats)
+        with torch.no_grad():
+            res, _ = _agree_all(lambda x, s=session: run_onnx(s, x), model, graph, images, 1)
+        out["models"][name] = res | {"seconds": round(time.time() - t0, 1)}
+        print(name, out["models"][name], flush=True)
     return out
 
 
@@ -627,7 +650,7 @@ def deploy_markdown(result: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("speed", "agreement", "deploy"))
+    p.add_argument("what", choices=("speed", "agreement", "deploy", "shipped"))
     p.add_argument("--arch", default="cifar10_rnn_gate_110", help="speed: the architecture")
     p.add_argument("--images", type=int, default=16, help="speed: test images per round (batch 1)")
     p.add_argument("--no-batched", action="store_true", help="speed: skip the routed batched graph")
@@ -650,8 +673,11 @@ def main() -> None:
         out.with_suffix(".md").write_text(deploy_markdown(result))
         print(f"wrote {out} and {out.with_suffix('.md')}")
         return
-    result = speed(args) if args.what == "speed" else agreement(args)
-    tag = "" if args.what == "agreement" or args.arch == "cifar10_rnn_gate_110" else f"_{args.arch}"
+    if args.what == "shipped":
+        result, tag, args.what = shipped(args), "_shipped", "agreement"
+    else:
+        result = speed(args) if args.what == "speed" else agreement(args)
+        tag = "" if args.what == "agreement" or args.arch == "cifar10_rnn_gate_110" else f"_{args.arch}"
     out = Path(args.out or HERE / "results" / f"export_{args.what}{tag}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
