@@ -674,11 +674,12 @@ def main() -> None:
         print(f"wrote {out} and {out.with_suffix('.md')}")
         return
     if args.what == "shipped":
-        result, tag, args.what = shipped(args), "_shipped", "agreement"
+        result, name = shipped(args), "export_agreement_shipped.json"
     else:
         result = speed(args) if args.what == "speed" else agreement(args)
         tag = "" if args.what == "agreement" or args.arch == "cifar10_rnn_gate_110" else f"_{args.arch}"
-    out = Path(args.out or HERE / "results" / f"export_{args.what}{tag}.json")
+        name = f"export_{args.what}{tag}.json"
+    out = Path(args.out or HERE / "results" / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")

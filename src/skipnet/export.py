@@ -714,10 +714,7 @@ def lstm_gates(proto: Any) -> Any:
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     made = {o: n for n in graph.node for o in n.output}
-    users: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    users = _users(graph)
     new_nodes: dict[int, list[Any]] = {}
     state: tuple[str, str] | None = None
     k = 0
@@ -752,9 +749,7 @@ def lstm_gates(proto: Any) -> Any:
     if not k:
         return proto
     nodes = [m for n in graph.node for m in new_nodes.get(id(n), [n])]
-    for n in nodes:  # an If takes any one-element condition: no Reshape of the (1, 1) comparison to a scalar
-        if n.op_type == "If" and made.get(n.input[0]) is not None and made[n.input[0]].op_type == "Reshape":
-            n.input[0] = made[n.input[0]].input[0]
+    _direct_conditions(nodes)
     del graph.node[:]
     graph.node.extend(nodes)
     prune_graph(graph)
@@ -769,26 +764,22 @@ def conv_gates(proto: Any) -> Any:
     4-d value (issue 32): each gate's NCHWc ``GlobalAveragePool`` output (N, C, 1, 1) is no longer reshaped to
     (N, C); its ``Gemm`` layers become 1x1 convolutions (``FusedConv`` where the ``Gemm`` had a fused activation),
     the comparison and the ``If`` take the (N, K, 1, 1) result directly (an ``If`` takes any one-element
-    condition), and each ``Concat`` of gate values is reshaped to 2-d once, after it. Two nodes fewer per gate, at
-    ~3 µs a node in ONNX Runtime. At 1x1 the blocked and plain layouts are one (the pooled value's channels are a
-    whole number of blocks); the same function up to float rounding (a convolution sums in its own order, ~1e-7).
-    A graph with any gate or consumer it does not recognise is returned unchanged, as is one without such gates."""
+    condition), and each ``Concat`` of gate values is reshaped to 2-d once, after it: two nodes fewer per gate.
+    At 1x1 the blocked and plain layouts are one (the pooled value's channels are a whole number of blocks); the
+    same function up to float rounding (a convolution sums in its own order, ~1e-7). A graph with any gate or
+    reader it does not recognise is returned unchanged, as is one without such gates."""
     import numpy as np
     from onnx import helper, numpy_helper
 
     graph = proto.graph
-    inits = {t.name: t for t in graph.initializer}
-    users: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    inits, users, outputs = {t.name: t for t in graph.initializer}, _users(graph), {o.name for o in graph.output}
     pools = [n for n in graph.node if n.domain == NCHWC and n.op_type == "GlobalAveragePool"]
-    heads = [_pooled_head(inits, users, n) for n in pools if n.output[0] not in _graph_outputs(graph)]
+    heads = [_pooled_head(inits, users, n) for n in pools if n.output[0] not in outputs]
     heads = [h for h in heads if h is not None]
     if not heads:
         return proto
-    tails = _wide_consumers(graph, inits, users, {chain[-1].output[0] for _, chain in heads})
-    if tails is None:
+    joins = _wide_consumers(outputs, inits, users, {chain[-1].output[0] for _, chain in heads})
+    if joins is None:
         return proto
     replace: dict[int, list[Any]] = {}  # nothing is changed before here: an unrecognised graph is left as it was
     for reshape, chain in heads:
@@ -807,16 +798,12 @@ def conv_gates(proto: Any) -> Any:
             ]
             source = gemm.output[0]
     flat = _const(graph, "conv_gates_flat", np.array([0, -1], np.int64))
-    for node in tails:
-        if node.op_type == "Concat":  # (N, sum K, 1, 1): back to (N, sum K) for whatever reads it
-            out = node.output[0]
-            node.output[0] = out + "_4d"
-            replace[id(node)] = [node, helper.make_node("Reshape", [out + "_4d", flat], [out])]
-        else:  # a Reshape feeding only If nodes: the If takes the one-element value as it is
-            for u in users[node.output[0]]:
-                u.input[0] = node.input[0]
-            replace[id(node)] = []
+    for node in joins:  # (N, sum K, 1, 1): back to (N, sum K) for whatever reads it
+        out = node.output[0]
+        node.output[0] = out + "_4d"
+        replace[id(node)] = [node, helper.make_node("Reshape", [out + "_4d", flat], [out])]
     nodes = [m for n in graph.node for m in replace.get(id(n), [n])]
+    _direct_conditions(nodes)
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.value_info[:]
@@ -824,8 +811,22 @@ def conv_gates(proto: Any) -> Any:
     return proto
 
 
-def _graph_outputs(graph: Any) -> set[str]:
-    return {o.name for o in graph.output}
+def _users(graph: Any) -> dict[str, list[Any]]:
+    """The nodes that read each value of ``graph`` (its own nodes, not its branches')."""
+    users: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    return users
+
+
+def _direct_conditions(nodes: list[Any]) -> None:
+    """An ``If`` takes any one-element condition: each ``If`` whose condition a ``Reshape`` makes (of the (1, 1)
+    or (1, 1, 1, 1) comparison to a scalar) reads the comparison itself; the unused ``Reshape`` is pruned later."""
+    made = {o: n for n in nodes for o in n.output}
+    for n in nodes:
+        if n.op_type == "If" and made.get(n.input[0]) is not None and made[n.input[0]].op_type == "Reshape":
+            n.input[0] = made[n.input[0]].input[0]
 
 
 def _pooled_head(inits: dict[str, Any], users: dict[str, list[Any]], pool: Any) -> tuple[Any, list[Any]] | None:
@@ -854,14 +855,16 @@ def _pooled_head(inits: dict[str, Any], users: dict[str, list[Any]], pool: Any) 
         value = gemm.output[0]
 
 
-def _wide_consumers(graph: Any, inits: dict[str, Any], users: dict[str, list[Any]], wide: set[str]) -> list | None:
-    """What must change once the values ``wide`` are (N, K, 1, 1): the ``Concat`` nodes (axis 1) that join them and
-    the ``Reshape`` nodes that feed only ``If`` conditions. ``wide`` grows through element-wise nodes whose other
-    inputs are one-element constants. ``None`` when a consumer is anything else (or joins them with 2-d values,
-    or a wide value is a graph output)."""
+def _wide_consumers(
+    outputs: set[str], inits: dict[str, Any], users: dict[str, list[Any]], wide: set[str]
+) -> list | None:
+    """The ``Concat`` nodes (axis 1) that join the values ``wide`` once they are (N, K, 1, 1). ``wide`` grows through
+    element-wise nodes whose other inputs are one-element constants; a ``Reshape`` feeding only ``If`` conditions
+    takes them as it is. ``None`` when a reader is anything else, a ``Concat`` joins them with 2-d values, or a wide
+    value is a graph output."""
     from onnx import helper, numpy_helper
 
-    outputs, tails, todo, seen = _graph_outputs(graph), [], list(wide), set()
+    joins, todo, seen = [], list(wide), set()
     while todo:
         value = todo.pop()
         if value in outputs:
@@ -871,22 +874,20 @@ def _wide_consumers(graph: Any, inits: dict[str, Any], users: dict[str, list[Any
                 continue
             seen.add(id(u))
             others = [i for i in u.input if i != value]
-            attrs = {a.name: helper.get_attribute_value(a) for a in u.attribute}
             if u.op_type in _POINTWISE and all(
                 i in inits and numpy_helper.to_array(inits[i]).size == 1 for i in others
             ):
                 wide.update(u.output)
                 todo.extend(u.output)
-            else:
-                conditions = users.get(u.output[0], [])
-                joins = u.op_type == "Concat" and attrs.get("axis") == 1
-                cond = u.op_type == "Reshape" and u.input[0] == value and bool(conditions)
-                if not joins and not (cond and {c.op_type for c in conditions} == {"If"}):
-                    return None
-                tails.append(u)
-    if any(u.op_type == "Concat" and not set(u.input) <= wide for u in tails):
+            elif (
+                u.op_type == "Concat" and {a.name: helper.get_attribute_value(a) for a in u.attribute}.get("axis") == 1
+            ):
+                joins.append(u)
+            elif not (u.op_type == "Reshape" and {c.op_type for c in users.get(u.output[0], [])} == {"If"}):
+                return None
+    if any(not set(u.input) <= wide for u in joins):
         return None  # a Concat that would join (N, K, 1, 1) and 2-d values
-    return tails
+    return joins
 
 
 def prune_graph(graph: Any) -> None:
