@@ -411,7 +411,8 @@ def _b1_variants(ex: dict, batches: list, decisions: torch.Tensor | None, rnn: b
             # gate does not even reload: its branch values reuse the outer graph's names, fixed by blocked_layout)
             v[f"{key}lstm"] = ort_runner(lstm_gates(ort_optimized(payload)).SerializeToString(), batches)
         v[f"{key}nchwc"] = ort_runner(blocked_layout(payload, fuse_gates=False), batches)
-        v[f"{key}fused"] = ort_runner(payload, batches, layout="nchwc")
+        if rnn:
+            v[f"{key}fused"] = ort_runner(payload, batches, layout="nchwc")
     if decisions is not None:
         oracle = oracle_graph(cond)
         n = decisions.shape[1]
@@ -546,14 +547,13 @@ def deploy_batch1(model, arch: str, ex: dict, stats, images: torch.Tensor, args)
 
 
 def _levers_b1(model) -> tuple:
-    """The batch-1 levers that apply to ``model``: the LSTM rewrite to a recurrent gate; to a feed-forward gate
-    the rewrite of its head into 1x1 convolutions on the pooled blocked value (:func:`skipnet.export.conv_gates`)."""
+    """The batch-1 levers that apply to ``model``: the LSTM rewrite is the recurrent gate's; a feed-forward gate's
+    ``layout="nchwc"`` is the blocked layout alone (its head as 1x1 convolutions measured no faster: issue 32)."""
     if model.config.gate == "rnn":
         return LEVERS_B1
-    lstm = "ORT, NCHWc across If + LSTM gate (layout=nchwc)"
-    rename = {lstm: "ORT, NCHWc across If + gate head as 1x1 convs (layout=nchwc)"}
-    kept = [lv for lv in LEVERS_B1 if "LSTM" not in lv[0] or lv[0] in rename]
-    return tuple((rename.get(lv[0], lv[0]), *lv[1:]) for lv in kept)
+    nchwc = "ORT, NCHWc kept across If"
+    kept = [lv for lv in LEVERS_B1 if "LSTM" not in lv[0]]
+    return tuple((f"{nchwc} (layout=nchwc)" if lv[0] == nchwc else lv[0], *lv[1:]) for lv in kept)
 
 
 LEVERS_B32 = (

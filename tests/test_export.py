@@ -331,41 +331,11 @@ def test_blocked_layout_applies_to_the_feed_forward_gates(arch, tmp_path) -> Non
     branches = [a.g for n in proto.graph.node if n.op_type == "If" for a in n.attribute]
     assert len(branches) == 2 * 5
     assert not any(m_.op_type in ("ReorderInput", "ReorderOutput") for b in branches for m_ in b.node)
-    # the gates' heads as 1x1 convolutions on the pooled blocked value, the If on their comparison: two nodes
-    # (the pooled value's Reshape and the condition's) fewer per gate than the heads as written (fuse_gates=False)
-    made = {o: n for n in proto.graph.node for o in n.output}
-    assert {made[n.input[0]].op_type for n in proto.graph.node if n.op_type == "If"} == {"GreaterOrEqual"}
-    assert "Gemm" not in {n.op_type for n in proto.graph.node if n.output[0] != "logits"}
-    unfused = onnx.load_from_string(blocked_layout(ex.payload, fuse_gates=False))
-    assert len(unfused.graph.node) - len(proto.graph.node) == 2 * 5 - 2  # a Reshape after each Concat of gate values
+    # a feed-forward gate has no rewrite of its own (its head as 1x1 convolutions measured no faster, issue 32)
+    assert rewritten == blocked_layout(ex.payload, fuse_gates=False)
     session = onnx_session(rewritten, layout="nchw")
     d = torch.cat(_agree(m, "conditional", lambda x: run_onnx(session, x), _fresh(16, 1, seed=11)))
     assert (d.min(0).values != d.max(0).values).any(), "some block taken by some images and skipped by others"
-
-
-def test_conv_gates_leaves_a_graph_it_does_not_recognise_as_it_is(tmp_path) -> None:
-    """Issue 32: the gate-head rewrite changes the rank of the gate values, so any reader of them it does not
-    know (here a gate logit made a graph output, and an Add joining one to a 2-d value) keeps the graph as it is."""
-    from onnx import helper
-
-    from skipnet.export import blocked_layout, conv_gates
-
-    torch.manual_seed(0)
-    m = create_model("tiny_aig_gate_14")
-    calibrate_bn(m, 8)
-    ex = export_model(m.eval(), "onnx", graph="conditional", stats=STATS, probes=1)
-    unfused = onnx.load_from_string(blocked_layout(ex.payload, fuse_gates=False))
-    gemms = [n for n in unfused.graph.node if n.op_type == "Gemm" and n.output[0] != "logits"]
-    assert len(gemms) == 5
-    as_output, joined = onnx.ModelProto(), onnx.ModelProto()
-    as_output.CopyFrom(unfused)
-    as_output.graph.output.append(helper.make_tensor_value_info(gemms[0].output[0], onnx.TensorProto.FLOAT, None))
-    joined.CopyFrom(unfused)
-    joined.graph.node.append(helper.make_node("Add", [gemms[0].output[0], "logits"], ["sum"]))
-    joined.graph.output.append(helper.make_tensor_value_info("sum", onnx.TensorProto.FLOAT, None))
-    for proto in (as_output, joined):
-        before = proto.SerializeToString()
-        assert conv_gates(proto).SerializeToString() == before
 
 
 @pytest.mark.parametrize("fault", ["raises", "differs"])

@@ -646,8 +646,7 @@ def blocked_layout(model_bytes: bytes, fuse_gates: bool = True) -> bytes:
     where it runs (:func:`onnx_session` does with ``layout="nchwc"``). Raises ``ValueError`` for a graph it does
     not recognise (no ``If``, a branch that is not a convolution chain); :func:`onnx_session` also checks the
     result against the graph as written on probe images before it uses it.
-    ``fuse_gates`` also rewrites the recurrent gates into one ``LSTM`` node each (:func:`lstm_gates`) and the
-    feed-forward gates' heads into 1x1 convolutions on the pooled blocked value (:func:`conv_gates`)."""
+    ``fuse_gates`` also rewrites the recurrent gates into one ``LSTM`` node each (:func:`lstm_gates`)."""
     proto = ort_optimized(model_bytes)
     graph, blocked, channels, nodes, restored = proto.graph, {}, {}, [], set()
     if not any(n.op_type == "If" for n in graph.node):
@@ -678,7 +677,7 @@ def blocked_layout(model_bytes: bytes, fuse_gates: bool = True) -> bytes:
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.value_info[:]
-    return (conv_gates(lstm_gates(proto)) if fuse_gates else proto).SerializeToString()
+    return (lstm_gates(proto) if fuse_gates else proto).SerializeToString()
 
 
 def _unique_branch_names(graph: Any) -> None:
@@ -756,61 +755,6 @@ def lstm_gates(proto: Any) -> Any:
     return proto
 
 
-_POINTWISE = ("GreaterOrEqual", "Greater", "Less", "LessOrEqual", "Sigmoid", "Cast", "Identity", "Not")
-
-
-def conv_gates(proto: Any) -> Any:
-    """Rewrite the feed-forward gates' heads of a blocked-layout graph (:func:`blocked_layout`) to act on the pooled
-    4-d value (issue 32): each gate's NCHWc ``GlobalAveragePool`` output (N, C, 1, 1) is no longer reshaped to
-    (N, C); its ``Gemm`` layers become 1x1 convolutions (``FusedConv`` where the ``Gemm`` had a fused activation),
-    the comparison and the ``If`` take the (N, K, 1, 1) result directly (an ``If`` takes any one-element
-    condition), and each ``Concat`` of gate values is reshaped to 2-d once, after it: two nodes fewer per gate.
-    At 1x1 the blocked and plain layouts are one (the pooled value's channels are a whole number of blocks); the
-    same function up to float rounding (a convolution sums in its own order, ~1e-7). A graph with any gate or
-    reader it does not recognise is returned unchanged, as is one without such gates."""
-    import numpy as np
-    from onnx import helper, numpy_helper
-
-    graph = proto.graph
-    inits, users, outputs = {t.name: t for t in graph.initializer}, _users(graph), {o.name for o in graph.output}
-    pools = [n for n in graph.node if n.domain == NCHWC and n.op_type == "GlobalAveragePool"]
-    heads = [_pooled_head(inits, users, n) for n in pools if n.output[0] not in outputs]
-    heads = [h for h in heads if h is not None]
-    if not heads:
-        return proto
-    joins = _wide_consumers(outputs, inits, users, {chain[-1].output[0] for _, chain in heads})
-    if joins is None:
-        return proto
-    replace: dict[int, list[Any]] = {}  # nothing is changed before here: an unrecognised graph is left as it was
-    for reshape, chain in heads:
-        replace[id(reshape)] = []
-        source = reshape.input[0]
-        for gemm in chain:
-            w = numpy_helper.to_array(inits[gemm.input[1]])
-            name = _const(graph, gemm.input[1] + "_1x1", w.reshape(*w.shape, 1, 1).copy())
-            ins = [source, name]
-            if len(gemm.input) > 2 and gemm.input[2]:
-                ins.append(_const(graph, gemm.input[2] + "_1x1", numpy_helper.to_array(inits[gemm.input[2]]).ravel()))
-            extra = {a.name: helper.get_attribute_value(a) for a in gemm.attribute if a.name.startswith("activation")}
-            op, domain = ("FusedConv", "com.microsoft") if gemm.op_type == "FusedGemm" else ("Conv", "")
-            replace[id(gemm)] = [
-                helper.make_node(op, ins, list(gemm.output), domain=domain, kernel_shape=[1, 1], **extra)
-            ]
-            source = gemm.output[0]
-    flat = _const(graph, "conv_gates_flat", np.array([0, -1], np.int64))
-    for node in joins:  # (N, sum K, 1, 1): back to (N, sum K) for whatever reads it
-        out = node.output[0]
-        node.output[0] = out + "_4d"
-        replace[id(node)] = [node, helper.make_node("Reshape", [out + "_4d", flat], [out])]
-    nodes = [m for n in graph.node for m in replace.get(id(n), [n])]
-    _direct_conditions(nodes)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.value_info[:]
-    prune_graph(graph)
-    return proto
-
-
 def _users(graph: Any) -> dict[str, list[Any]]:
     """The nodes that read each value of ``graph`` (its own nodes, not its branches')."""
     users: dict[str, list[Any]] = {}
@@ -827,67 +771,6 @@ def _direct_conditions(nodes: list[Any]) -> None:
     for n in nodes:
         if n.op_type == "If" and made.get(n.input[0]) is not None and made[n.input[0]].op_type == "Reshape":
             n.input[0] = made[n.input[0]].input[0]
-
-
-def _pooled_head(inits: dict[str, Any], users: dict[str, list[Any]], pool: Any) -> tuple[Any, list[Any]] | None:
-    """``pool``'s ``Reshape`` to (N, C) and the chain of plain ``Gemm`` layers that reads it (B transposed, no
-    scaling, initializer weights), or ``None`` when the pooled value goes anywhere else."""
-    from onnx import helper, numpy_helper
-
-    (reshape, *more) = users.get(pool.output[0], [None])
-    if more or reshape is None or reshape.op_type != "Reshape" or reshape.input[1] not in inits:
-        return None
-    if numpy_helper.to_array(inits[reshape.input[1]]).tolist() != [0, -1]:
-        return None
-    chain, value = [], reshape.output[0]
-    while True:
-        nxt = users.get(value, [])
-        gemms = [u for u in nxt if u.op_type in ("Gemm", "FusedGemm") and u.input[0] == value]
-        if len(nxt) != 1 or len(gemms) != 1:
-            return (reshape, chain) if chain and not any(u.op_type in ("Gemm", "FusedGemm") for u in nxt) else None
-        (gemm,) = gemms
-        attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
-        if attrs.get("transA", 0) or attrs.get("transB", 0) != 1 or attrs.get("alpha", 1.0) != 1.0:
-            return None
-        if attrs.get("beta", 1.0) != 1.0 or any(i and i not in inits for i in gemm.input[1:]):
-            return None
-        chain.append(gemm)
-        value = gemm.output[0]
-
-
-def _wide_consumers(
-    outputs: set[str], inits: dict[str, Any], users: dict[str, list[Any]], wide: set[str]
-) -> list | None:
-    """The ``Concat`` nodes (axis 1) that join the values ``wide`` once they are (N, K, 1, 1). ``wide`` grows through
-    element-wise nodes whose other inputs are one-element constants; a ``Reshape`` feeding only ``If`` conditions
-    takes them as it is. ``None`` when a reader is anything else, a ``Concat`` joins them with 2-d values, or a wide
-    value is a graph output."""
-    from onnx import helper, numpy_helper
-
-    joins, todo, seen = [], list(wide), set()
-    while todo:
-        value = todo.pop()
-        if value in outputs:
-            return None
-        for u in users.get(value, []):
-            if id(u) in seen:
-                continue
-            seen.add(id(u))
-            others = [i for i in u.input if i != value]
-            if u.op_type in _POINTWISE and all(
-                i in inits and numpy_helper.to_array(inits[i]).size == 1 for i in others
-            ):
-                wide.update(u.output)
-                todo.extend(u.output)
-            elif (
-                u.op_type == "Concat" and {a.name: helper.get_attribute_value(a) for a in u.attribute}.get("axis") == 1
-            ):
-                joins.append(u)
-            elif not (u.op_type == "Reshape" and {c.op_type for c in users.get(u.output[0], [])} == {"If"}):
-                return None
-    if any(not set(u.input) <= wide for u in joins):
-        return None  # a Concat that would join (N, K, 1, 1) and 2-d values
-    return joins
 
 
 def prune_graph(graph: Any) -> None:
