@@ -56,6 +56,9 @@ FLOOR_ORDER += ("--difficulty-spread", "0.3", "--lr", "0.005", "--schedule", "co
 FLOOR_ORDER += ("--epochs", "1", "--threads", "2")
 FLOOR_ORDER_WIDE = tuple("0.5" if a == "0.3" else a for a in FLOOR_ORDER)  # the widest --difficulty-spread
 BUDGETS = (20.0, 30.0, 40.0, 50.0)
+# the backbone adapting to a fixed policy (BlockDrop's decoupling reversed): gates frozen, distilled
+BACKBONE_ONLY = ("--stage", "sp", "--freeze", "gates", "--distill", BASE, "--lr", "0.01", "--schedule", "cosine")
+BACKBONE_ONLY += ("--eval-every", "176", "--epochs", "2", "--threads", "1")
 JITTER = ("--epochs", "2", "--threads", "1", "--threshold-jitter", "0.4")
 # The matched control (criterion 2): plain ResNet-26, the plain network nearest the SkipNets' cost, on the
 # headline's 30-epoch schedule (headline30's base_r26, here in float32: this CPU has no AVX-512 for bf16), then
@@ -213,6 +216,28 @@ RUNS = [
         note="aig_sp_floor_order_wide2 given one more epoch the same way (does the saving keep growing at no cost?)",
     ),
     Run(
+        "aig_ordered_backbone",
+        ("cifar10_aig_gate_38", "--init", "{runs}/aig_sp_floor_order_wide2/best.pt", *BACKBONE_ONLY),
+        needs=("aig_sp_floor_order_wide2",),
+        budgets=BUDGETS,
+        note="decoupling, the other way round: aig_sp_floor_order_wide2 (the shipped per-input model) with its "
+        "gates frozen (--freeze gates) and the backbone given two distilled epochs at lr 0.01 to adapt to the "
+        "routes: does the 2-3 points the routing costs come back?",
+    ),
+    Run(
+        "aig_alt_order",
+        ("cifar10_aig_gate_38", "--init", "{runs}/aig_ordered_backbone/best.pt", *FLOOR_ORDER_WIDE[:-1], "1"),
+        needs=("aig_ordered_backbone",),
+        note="alternation: aig_ordered_backbone's gates and backbone given one more epoch of "
+        "aig_sp_floor_order_wide2's recipe (--difficulty-spread 0.5, each gate's own rate, lr 0.005), one thread",
+    ),
+    Run(
+        "aig_alt_backbone",
+        ("cifar10_aig_gate_38", "--init", "{runs}/aig_alt_order/best.pt", *BACKBONE_ONLY),
+        needs=("aig_alt_order",),
+        note="alternation: aig_alt_order with its gates frozen again and the backbone given two distilled epochs",
+    ),
+    Run(
         "aig_sp_jitter",
         ("cifar10_aig_gate_38", "--init", "{runs}/aig_sp_bs_more3/best.pt", *AIG_MORE[:-4], *JITTER),
         needs=("aig_sp_bs_more3",),
@@ -272,8 +297,9 @@ PLAIN = {"base_r20": "ResNet-20", "base_r26": "ResNet-26", "base_r32": "ResNet-3
 
 
 NAMES = [r.name for r in RUNS]
-# the runs whose calibrated budgets the figure draws as curves: threshold jitter, its control, and where both began
-CURVES = ("aig_sp_bs_more3", "aig_sp_bs_more5", "aig_sp_jitter", "aig_sp_jitter_wide")
+# the runs whose calibrated budgets the figure draws as curves: threshold jitter, its control, where both began,
+# and the per-input model whose backbone adapted to its frozen gates
+CURVES = ("aig_sp_bs_more3", "aig_sp_bs_more5", "aig_sp_jitter", "aig_sp_jitter_wide", "aig_ordered_backbone")
 
 
 def plain_points(results: Path) -> dict[str, dict]:
