@@ -59,7 +59,7 @@ def run_train(out_json: str, runs: list[list[str]]) -> None:
         cfg.validate()
         trainer = Trainer(cfg)
         summary = trainer.fit()
-        ctx = trainer.dist
+        ctx = ctx or trainer.dist  # the first trainer's context created the process group: it alone destroys it
         entry = {
             "argv": argv,
             "world": trainer.world,
@@ -75,7 +75,9 @@ def run_train(out_json: str, runs: list[list[str]]) -> None:
         with open(out_json, "w") as f:
             json.dump(report, f)
     dist.barrier()
+    del trainer
     ctx.cleanup()
+    assert not dist.is_initialized(), "the process group outlived the worker's runs (gloo aborts at exit)"
 
 
 # ------------------------------------------------------------------------------------------ k-invariance
