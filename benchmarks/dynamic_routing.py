@@ -89,6 +89,12 @@ def plain_more(name: str, after: str, lr: str, epochs: str, what: str, net: tupl
     return Run(name, args, needs=(after,), note=f"{after} given {what}")
 
 
+def aig_after(name: str, after: str, recipe: tuple[str, ...], note: str, budgets: tuple[float, ...] = ()) -> Run:
+    """A SkipNet-38 (ConvNet-AIG gate) run that continues the run ``after`` from its ``best.pt`` with ``recipe``."""
+    args = ("cifar10_aig_gate_38", "--init", f"{{runs}}/{after}/best.pt", *recipe)
+    return Run(name, args, needs=(after,), budgets=budgets, note=note)
+
+
 def plain_chain(first: str, net: tuple[str, ...], what: dict[str, str] | None = None) -> list[Run]:
     """``first`` (a finished 30-epoch plain run) given the chain of distilled epochs, step by step; ``what`` says
     which SkipNet epochs a step matches (by default, plain_r26's step of that name)."""
@@ -169,10 +175,10 @@ RUNS = [
         note="ConvNet-AIG's gate (pool, linear, BatchNorm, ReLU, linear), SP stage (straight-through hard gates) "
         "from the plain ResNet-38 with --batch-shape 0.65 as the target rate, distilled, two epochs",
     ),
-    Run(
+    aig_after(
         "aig_sp_bs_more3",
-        ("cifar10_aig_gate_38", "--init", "{runs}/aig_sp_bs/best.pt", *AIG_MORE),
-        needs=("aig_sp_bs",),
+        "aig_sp_bs",
+        (*AIG_MORE,),
         budgets=BUDGETS,
         note="aig_sp_bs given three more epochs at lr 0.01 (cosine), five in all",
     ),
@@ -182,65 +188,65 @@ RUNS = [
         note="as aig_sp_bs with --difficulty-spread 0.2: each image's executed share pulled to the batch mean "
         "+- 0.2 by the rank of the plain ResNet-38's loss on it (hard images execute more)",
     ),
-    Run(
+    aig_after(
         "aig_sp_order_more2",
-        ("cifar10_aig_gate_38", "--init", "{runs}/aig_sp_order/best.pt", *AIG_MORE[:-4], *ORDER_MORE),
-        needs=("aig_sp_order",),
+        "aig_sp_order",
+        (*AIG_MORE[:-4], *ORDER_MORE),
         note="aig_sp_order given two more epochs at lr 0.01 with a wider spread (--difficulty-spread 0.3)",
     ),
-    Run(
+    aig_after(
         "aig_sp_floor_order",
-        ("cifar10_aig_gate_38", "--init", "{runs}/aig_sp_order_more2/best.pt", *FLOOR_ORDER),
-        needs=("aig_sp_order_more2",),
+        "aig_sp_order_more2",
+        (*FLOOR_ORDER,),
         note="aig_sp_order_more2 given one epoch with each gate's own rate (--batch-shape-floor 0.1) instead of the "
         "fixed 0.65, --difficulty-spread 0.3, lr 0.005",
     ),
-    Run(
+    aig_after(
         "aig_sp_floor_order_wide",
-        ("cifar10_aig_gate_38", "--init", "{runs}/aig_sp_floor_order/best.pt", *FLOOR_ORDER_WIDE),
-        needs=("aig_sp_floor_order",),
+        "aig_sp_floor_order",
+        (*FLOOR_ORDER_WIDE,),
         note="aig_sp_floor_order given one more epoch with the widest spread, --difficulty-spread 0.5 (the "
         "hardest image of a batch pulled to execute every block, the easiest none), lr 0.005: does the "
         "wrong-minus-right gap (+0.80 blocks) grow past one block?",
     ),
-    Run(
+    aig_after(
         "aig_sp_floor_order_wide2",
-        ("cifar10_aig_gate_38", "--init", "{runs}/aig_sp_floor_order_wide/best.pt", *FLOOR_ORDER_WIDE),
-        needs=("aig_sp_floor_order_wide",),
+        "aig_sp_floor_order_wide",
+        (*FLOOR_ORDER_WIDE,),
         note="aig_sp_floor_order_wide given one more epoch the same way (its gap, +0.98 blocks, was still growing)",
     ),
-    Run(
+    aig_after(
         "aig_sp_floor_order_wide3",
-        ("cifar10_aig_gate_38", "--init", "{runs}/aig_sp_floor_order_wide2/best.pt", *FLOOR_ORDER_WIDE),
-        needs=("aig_sp_floor_order_wide2",),
+        "aig_sp_floor_order_wide2",
+        (*FLOOR_ORDER_WIDE,),
         note="aig_sp_floor_order_wide2 given one more epoch the same way (does the saving keep growing at no cost?)",
     ),
-    Run(
+    aig_after(
         "aig_ordered_backbone",
-        ("cifar10_aig_gate_38", "--init", "{runs}/aig_sp_floor_order_wide2/best.pt", *BACKBONE_ONLY),
-        needs=("aig_sp_floor_order_wide2",),
+        "aig_sp_floor_order_wide2",
+        (*BACKBONE_ONLY,),
         budgets=BUDGETS,
         note="decoupling, the other way round: aig_sp_floor_order_wide2 (the shipped per-input model) with its "
         "gates frozen (--freeze gates) and the backbone given two distilled epochs at lr 0.01 to adapt to the "
         "routes: does the 2-3 points the routing costs come back?",
     ),
-    Run(
+    aig_after(
         "aig_alt_order",
-        ("cifar10_aig_gate_38", "--init", "{runs}/aig_ordered_backbone/best.pt", *FLOOR_ORDER_WIDE[:-1], "1"),
-        needs=("aig_ordered_backbone",),
+        "aig_ordered_backbone",
+        (*FLOOR_ORDER_WIDE[:-1], "1"),
         note="alternation: aig_ordered_backbone's gates and backbone given one more epoch of "
         "aig_sp_floor_order_wide2's recipe (--difficulty-spread 0.5, each gate's own rate, lr 0.005), one thread",
     ),
-    Run(
+    aig_after(
         "aig_alt_backbone",
-        ("cifar10_aig_gate_38", "--init", "{runs}/aig_alt_order/best.pt", *BACKBONE_ONLY),
-        needs=("aig_alt_order",),
+        "aig_alt_order",
+        (*BACKBONE_ONLY,),
         note="alternation: aig_alt_order with its gates frozen again and the backbone given two distilled epochs",
     ),
-    Run(
+    aig_after(
         "aig_sp_jitter",
-        ("cifar10_aig_gate_38", "--init", "{runs}/aig_sp_bs_more3/best.pt", *AIG_MORE[:-4], *JITTER),
-        needs=("aig_sp_bs_more3",),
+        "aig_sp_bs_more3",
+        (*AIG_MORE[:-4], *JITTER),
         budgets=BUDGETS,
         note="aig_sp_bs_more3 given two more epochs at lr 0.01 with --threshold-jitter 0.4: each step's hard gates "
         "thresholded at 0.5 + U(-0.4, 0.4), the range its calibrations to 20-50% chose (0.35-0.91)",
@@ -253,10 +259,10 @@ RUNS = [
         note="aig_sp_jitter's control: the same two epochs without --threshold-jitter (calibrated to 40 and 50%, "
         "where the two differ)",
     ),
-    Run(
+    aig_after(
         "aig_sp_jitter_wide",
-        ("cifar10_aig_gate_38", "--init", "{runs}/aig_sp_bs_more3/best.pt", *AIG_MORE[:-4], *JITTER[:-1], "0.45"),
-        needs=("aig_sp_bs_more3",),
+        "aig_sp_bs_more3",
+        (*AIG_MORE[:-4], *JITTER[:-1], "0.45"),
         budgets=BUDGETS,
         note="aig_sp_jitter with a wider range, --threshold-jitter 0.45 (0.05-0.95): aig_sp_jitter's calibration "
         "curve falls off past its range's end, 0.9, and the 50% budget needs a threshold of about 0.94",
