@@ -294,6 +294,14 @@ RUNS = [
     *plain_chain("plain_r20", PLAIN20),
     *plain_chain("plain_r32", PLAIN32),
     Run(
+        "aig_scratch",
+        ("cifar10_aig_gate_38", "--stage", "sp", *SHAPE, "--threads", "2", *PLAIN_SCHEDULE),
+        budgets=BUDGETS,
+        note="ConvNet-AIG's own recipe: gates and backbone trained together from scratch by straight-through hard "
+        "gates, --batch-shape 0.65 as the target rate, no teacher, on the plain networks' 30-epoch schedule "
+        "(matched training against plain_r20/26/32 as they are)",
+    ),
+    Run(
         "rnn_sp_bs",
         ("cifar10_rnn_gate_38", *AIG),
         note="as aig_sp_bs with the paper's recurrent gate (the gate design's control)",
