@@ -19,6 +19,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 from skipnet import results
@@ -84,9 +86,13 @@ KD_CHAIN = (
 
 
 def plain_more(name: str, after: str, lr: str, epochs: str, what: str, net: tuple[str, ...] = PLAIN26) -> Run:
-    """A step of the matched plain control: the plain run ``after`` given the SkipNets' distilled epochs."""
-    args = (*net, "--init", f"{{runs}}/{after}/best.pt", *PLAIN_MORE, "--lr", lr, "--epochs", epochs)
-    return Run(name, args, needs=(after,), note=f"{after} given {what}")
+    """A step of the matched plain control: the plain run ``after`` given the SkipNets' distilled epochs. ``after``
+    may be a shipped model (``pretrained:NAME``, the run's ``best.pt`` as the zoo holds it): the step then needs no
+    run of this machine."""
+    shipped = after.startswith("pretrained:")
+    init = after if shipped else f"{{runs}}/{after}/best.pt"
+    args = (*net, "--init", init, *PLAIN_MORE, "--lr", lr, "--epochs", epochs)
+    return Run(name, args, needs=() if shipped else (after,), note=f"{after} given {what}")
 
 
 def aig_after(name: str, after: str, recipe: tuple[str, ...], note: str, budgets: tuple[float, ...] = ()) -> Run:
@@ -95,14 +101,16 @@ def aig_after(name: str, after: str, recipe: tuple[str, ...], note: str, budgets
     return Run(name, args, needs=(after,), budgets=budgets, note=note)
 
 
-def plain_chain(first: str, net: tuple[str, ...], what: dict[str, str] | None = None) -> list[Run]:
+def plain_chain(first: str, net: tuple[str, ...], what: dict[str, str] | None = None, shipped: str = "") -> list[Run]:
     """``first`` (a finished 30-epoch plain run) given the chain of distilled epochs, step by step; ``what`` says
-    which SkipNet epochs a step matches (by default, plain_r26's step of that name)."""
+    which SkipNet epochs a step matches (by default, plain_r26's step of that name). With ``shipped`` (the zoo's
+    copy of ``first``'s ``best.pt``) the chain starts from it, so it runs where ``first``'s directory is gone."""
     names = [first] + [f"{first}_{step}" for step, _, _ in KD_CHAIN]
+    afters = [shipped or first, *names[1:]]
     said = "plain_r26's distilled step {} (--lr {}, --epochs {})"
     return [
         plain_more(n, after, lr, e, (what or {}).get(s) or said.format(s, lr, e), net)
-        for n, after, (s, lr, e) in zip(names[1:], names, KD_CHAIN)
+        for n, after, (s, lr, e) in zip(names[1:], afters, KD_CHAIN)
     ]
 
 
@@ -292,7 +300,7 @@ RUNS = [
         },
     ),
     *plain_chain("plain_r20", PLAIN20),
-    *plain_chain("plain_r32", PLAIN32),
+    *plain_chain("plain_r32", PLAIN32, shipped="pretrained:cifar10_resnet_32"),
     Run(
         "aig_scratch",
         ("cifar10_aig_gate_38", "--stage", "sp", *SHAPE, "--threads", "2", *PLAIN_SCHEDULE),
@@ -311,6 +319,8 @@ PLAIN = {"base_r20": "ResNet-20", "base_r26": "ResNet-26", "base_r32": "ResNet-3
 
 
 NAMES = [r.name for r in RUNS]
+# finished runs whose best.pt the zoo holds: their row is the zoo copy's where the run's directory is gone
+SHIPPED = {"plain_r32": "pretrained:cifar10_resnet_32"}
 # the runs whose calibrated budgets the figure draws as curves: threshold jitter, its control, where both began,
 # and the per-input model whose backbone adapted to its frozen gates
 CURVES = ("aig_sp_bs_more3", "aig_sp_bs_more5", "aig_sp_jitter", "aig_sp_jitter_wide", "aig_ordered_backbone")
@@ -386,6 +396,13 @@ def collect(runner: Runner, path: Path, plain_macs: float) -> dict[str, dict]:
         if r["name"].startswith("plain_"):
             r["macs_reduction"] = round(100 * (1 - r["macs_mean"] / plain_macs), 2)
     rows = results.recorded(path) | here
+    for name, model in SHIPPED.items():  # a finished run whose directory is gone: its zoo copy, evaluated once
+        if name not in rows:
+            run = next(r for r in RUNS if r.name == name)
+            argv = [sys.executable, "-m", "skipnet", *runner.eval_command(model)[1:]]
+            test = json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
+            reduction = round(100 * (1 - test["macs_mean"] / plain_macs), 2)
+            rows[name] = test | {"macs_reduction": reduction, "note": run.note, "finished": True}
     names = sorted((n for n in rows if n.split("@")[0] in NAMES), key=_declared)
     return {n: {k: v for k, v in rows[n].items() if k != "name"} for n in names}
 
