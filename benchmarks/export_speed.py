@@ -331,11 +331,16 @@ def oracle_graph(cond: bytes) -> bytes:
     return proto.SerializeToString()
 
 
+# intra-op threads of every session and of PyTorch in ``deploy`` (``--threads``; 1 unless told)
+THREADS = {"intra_op": 1}
+
+
 def ort_runner(payload: bytes, batches: list, feeds=None, layout: str = "nchw", **opts):
-    """A callable running an ONNX Runtime session (one thread) over ``batches``; ``feeds`` adds inputs per batch."""
+    """A callable running an ONNX Runtime session (``THREADS`` intra-op threads) over ``batches``; ``feeds`` adds
+    inputs per batch."""
     from skipnet.export import onnx_session
 
-    s = onnx_session(payload, 1, layout=layout, **opts)
+    s = onnx_session(payload, THREADS["intra_op"], layout=layout, **opts)
     name = s.get_inputs()[0].name
     extra = feeds or [{} for _ in batches]
     return lambda: [s.run(None, {name: b, **f}) for b, f in zip(batches, extra)]
@@ -600,9 +605,10 @@ def deploy_batch32(model, arch: str, ex: dict, stats, images: torch.Tensor, args
 
 
 def deploy(args) -> dict:
-    torch.set_num_threads(1)
+    THREADS["intra_op"] = args.threads
+    torch.set_num_threads(args.threads)
     data, cifar_stats = cifar()
-    out = {"env": env(), "rounds": args.rounds, "models": []}
+    out = {"env": env(), "rounds": args.rounds, "threads": args.threads, "models": []}
     for arch in args.models:
         model, stats, what = deploy_model(arch, data, cifar_stats)
         print(f"{what}", flush=True)
@@ -632,7 +638,8 @@ def deploy_markdown(result: dict) -> str:
             r = m[key]
             lines += [
                 f"## {m['model']}, batch {r['batch']} ({r['executed']:.3f} of {m['gated_blocks']} gated blocks "
-                f"executed, ideal {r['ideal']:.2f}x, median of {result['rounds']} interleaved rounds, CPU time)",
+                f"executed, ideal {r['ideal']:.2f}x, median of {result['rounds']} interleaved rounds, "
+                f"{result.get('threads', 1)} intra-op thread(s), CPU time; wall time in its column)",
                 "",
                 "| lever | SkipNet ms/img | plain ms/img | speed-up | efficiency | (wall) | all executed: overhead | "
                 "per block |",
@@ -661,6 +668,9 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(DEPLOY_MODELS), help="deploy: the architectures")
     p.add_argument("--rounds", type=int, default=15, help="deploy: interleaved rounds (batch 32: half)")
     p.add_argument("--no-aoti", dest="aoti", action="store_false", help="deploy: leave AOTInductor out")
+    p.add_argument(
+        "--threads", type=int, default=1, help="deploy: intra-op threads (all cores: the wall-time column counts)"
+    )
     p.add_argument(
         "--aoti-models", nargs="+", default=["cifar10_rnn_gate_38"], help="deploy: models also compiled by AOTInductor"
     )
