@@ -453,15 +453,19 @@ def _time(variants: dict, rounds: int, n: int) -> dict:
 
 
 def _lever_rows(levers, times: dict, ideal: float, gated: int) -> list[dict]:
+    """One row per lever: times, efficiency and all-executed overhead in the calling thread's CPU time at one
+    intra-op thread (all the work runs there, and the machine may be shared), in wall time at several (the other
+    threads' work is not the caller's CPU time); ``wall_efficiency`` always in wall time."""
+    clock = "cpu_ms" if THREADS["intra_op"] == 1 else "wall_ms"
     rows = []
     for label, half, full, ref in levers:
         if half not in times:
             continue
-        t, p = times[half]["cpu_ms"], times[ref]["cpu_ms"]
+        t, p = times[half][clock], times[ref][clock]
         row = {"lever": label, "ms": t, "plain_ms": p, "speedup": p / t, "ideal": ideal, "efficiency": p / t / ideal}
         row["wall_efficiency"] = times[ref]["wall_ms"] / times[half]["wall_ms"] / ideal
         if full in times:
-            ta = times[full]["cpu_ms"]
+            ta = times[full][clock]
             row |= {"all_ms": ta, "overhead_all": ta / p - 1, "us_per_block": 1e3 * (ta - p) / gated}
         rows.append(row)
     return rows
@@ -633,13 +637,14 @@ def _print_rows(arch: str, res: dict) -> None:
 def deploy_markdown(result: dict) -> str:
     """The lever table of :func:`deploy` as markdown (written beside the JSON)."""
     lines = [f"# Deploy speed (issue 32): `{result['env']['command']}`", "", f"{result['env']}", ""]
+    threads = result.get("threads", 1)
     for m in result["models"]:
         for key in ("batch1", "batch32"):
             r = m[key]
             lines += [
                 f"## {m['model']}, batch {r['batch']} ({r['executed']:.3f} of {m['gated_blocks']} gated blocks "
                 f"executed, ideal {r['ideal']:.2f}x, median of {result['rounds']} interleaved rounds, "
-                f"{result.get('threads', 1)} intra-op thread(s), CPU time; wall time in its column)",
+                f"{threads} intra-op thread(s), {'CPU' if threads == 1 else 'wall'} time; wall time in its column)",
                 "",
                 "| lever | SkipNet ms/img | plain ms/img | speed-up | efficiency | (wall) | all executed: overhead | "
                 "per block |",
