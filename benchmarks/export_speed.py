@@ -89,9 +89,10 @@ def calibrate(model, batches: list[torch.Tensor]) -> None:
 
 @torch.no_grad()
 def set_keep(model, x: torch.Tensor, keep: float, scale: float = 20.0) -> float:
-    """Scale the gate output layer by ``scale`` and bisect its bias until greedy decisions on ``x`` (normalised)
-    execute about ``keep`` of the gated blocks; returns the fraction reached."""
-    model.gates.fc.weight.mul_(scale)
+    """Scale the gates' output layers by ``scale`` and bisect their bias until greedy decisions on ``x``
+    (normalised) execute about ``keep`` of the gated blocks; returns the fraction reached."""
+    for fc in model.gates.heads():  # the recurrent gate's one layer, or each feed-forward gate's
+        fc.weight.mul_(scale)
     lo, hi = -200.0, 200.0
     frac = 0.0
     for _ in range(30):
