@@ -31,11 +31,11 @@ pytest.importorskip("onnxruntime")
 STATS = ((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
 
 
-def _varied_model():
-    """tiny_rnn_gate_14 (5 gated blocks) with calibrated BN, a steep gate and its bias at the median logit: decisions
-    vary by input, block by block (checked below)."""
+def _varied_model(arch: str = "tiny_rnn_gate_14"):
+    """``arch`` (5 gated blocks) with calibrated BN, a steep gate and its bias at the median logit: decisions vary by
+    input, block by block (checked below)."""
     torch.manual_seed(0)
-    model = create_model("tiny_rnn_gate_14")
+    model = create_model(arch)
     calibrate_bn(model, 32)
     with torch.no_grad():
         model.gates.fc.weight.mul_(20.0)
@@ -290,13 +290,24 @@ def test_bench_refuses_an_edited_onnx_file_in_one_line(conditional_onnx, capsys,
         assert rc == 2 and err.startswith("skipnet bench: error: ") and msg in err and err.count("\n") == 1, err
 
 
+# The blocked-layout rewrite needs every block's channels to fill ONNX Runtime's NCHWc blocks (8 floats with AVX2,
+# 16 with AVX-512): with fewer, ONNX Runtime's convolution reads the block input in NCHW, and the rewrite refuses
+# (skipnet then runs the graph as written, test_nchwc_session_says_when_the_rewrite_falls_back). The tiny networks'
+# 8 channels fill AVX2's blocks only, so these tests take the CIFAR widths (16, 32, 64) at depth 14.
+@pytest.fixture(scope="module")
+def wide_model():
+    return _varied_model("cifar10_rnn_gate_14")
+
+
 @pytest.mark.parametrize("fuse", [False, True], ids=["nchwc", "nchwc_lstm_gate"])
-def test_blocked_layout_graph_matches_eager(model, conditional_onnx, fuse) -> None:
+def test_blocked_layout_graph_matches_eager(wide_model, fuse) -> None:
     """Issue 32: the conditional graph with ONNX Runtime's blocked layout kept across its If nodes (and the
     recurrent gate as one LSTM node) takes every eager decision and class; no reorder is left in a branch."""
     from skipnet.export import blocked_layout
 
-    rewritten = blocked_layout(conditional_onnx[0].read_bytes(), fuse_gates=fuse)
+    model = wide_model
+    payload = export_model(model, "onnx", graph="conditional", stats=STATS, probes=1).payload
+    rewritten = blocked_layout(payload, fuse_gates=fuse)
     proto = onnx.load_from_string(rewritten)
     branches = [a.g for n in proto.graph.node if n.op_type == "If" for a in n.attribute]
     assert len(branches) == 2 * 5
@@ -309,7 +320,7 @@ def test_blocked_layout_graph_matches_eager(model, conditional_onnx, fuse) -> No
     _varies(_agree(model, "conditional", lambda x: run_onnx(session, x), _fresh(16, 1, seed=11)))
 
 
-@pytest.mark.parametrize("arch", ["tiny_aig_gate_14", "tiny_feedforward_14"])
+@pytest.mark.parametrize("arch", ["cifar10_aig_gate_14", "cifar10_feedforward_14"])
 def test_blocked_layout_applies_to_the_feed_forward_gates(arch, tmp_path) -> None:
     """Issue 32: the blocked-layout rewrite also takes the AIG and feed-forward gates (it fell back to the graph as
     written: ONNX Runtime names values in each branch from one, and they clashed with the outer graph's once
@@ -320,8 +331,10 @@ def test_blocked_layout_applies_to_the_feed_forward_gates(arch, tmp_path) -> Non
     m = create_model(arch)
     calibrate_bn(m, 32)
     m.eval()
-    with torch.no_grad():  # each gate's bias at its median logit: about half the images take each block
+    with torch.no_grad():  # steep gates, each bias at its median logit: about half the images take each block
         m.set_gate_bias(0.0)
+        for fc in m.gates.heads():
+            fc.weight.mul_(20.0)
         z = m(torch.rand(64, 3, 32, 32), "soft").trace.logits  # every block run: each gate sees its input
         for fc, median in zip(m.gates.heads(), z.median(0).values):
             fc.bias.fill_(-float(median))
