@@ -646,3 +646,24 @@ def test_the_adapted_model_meets_the_per_input_criteria_and_the_pages_state_it()
     for path in ("README.md", "benchmarks/RESULTS.md"):
         text = _words(path)
         assert f"{_at(adapted)} fewer MACs" in text and f"{line - adapted['accuracy']:.2f} points under" in text, path
+
+
+def test_the_from_scratch_aig_row_and_its_matched_gap_are_the_json() -> None:
+    """Item 15 of docs/routing.md: aig_scratch (ConvNet-AIG's recipe from scratch, the plain networks' 30 epochs)
+    and its budgets are the JSON's rows, its matched line is the one between plain_r32 and plain_r26 (trained as
+    it was, no extra epochs), and the stated gap is that line minus its accuracy."""
+    from skipnet.results import frontier
+
+    rows = _routing_rows()
+    run, ro = rows["aig_scratch"], rows["aig_scratch"]["routes"]
+    matched = [(rows[n]["macs_reduction"], rows[n]["accuracy"]) for n in ("plain_r32", "plain_r26")]
+    line = frontier(matched, run["macs_reduction"])
+    assert line - run["accuracy"] > 0.5  # a negative row: under its matched line
+    gap = ro["executed_mean_wrong"] - ro["executed_mean_correct"]
+    stated = [f"{_at(run)} fewer MACs", f"{ro['distinct_routes']} routes", f"{100 * ro['top_route_share']:.1f}%"]
+    stated += [f"std {ro['executed_std']:.2f}", f"{gap:+.2f} blocks", f"Spearman {ro['class_spearman_median']:+.2f}"]
+    stated += [f"**{line - run['accuracy']:.2f} points under the matched line** ({line:.2f}%"]
+    stated += [_at(rows[f"aig_scratch@{b}%"]) for b in (20, 40, 50)]
+    page = _words("docs/routing.md")
+    assert not [s for s in stated if s not in page], [s for s in stated if s not in page]
+    assert f"(`aig_scratch`, item 15) is {line - run['accuracy']:.2f} points under" in page
