@@ -163,7 +163,7 @@ def test_deploy_page_speed_figures_are_the_json() -> None:
     for path in sorted(RESULTS_DIR.glob("deploy_speed*.json")):
         got = json.loads(path.read_text())
         if got.get("threads", 1) > 1:  # several intra-op threads: in wall time, and so stated on the page
-            assert f"`{path.name}`" in text, path.name
+            assert path.name in text, path.name
         for m in got["models"]:
             default = next(r for r in m["batch1"]["rows"] if "layout=nchwc" in r["lever"])
             routed = next(r for r in m["batch32"]["rows"] if r["lever"] == "ORT, routed, ORT_ENABLE_ALL")
