@@ -667,3 +667,21 @@ def test_the_from_scratch_aig_row_and_its_matched_gap_are_the_json() -> None:
     page = _words("docs/routing.md")
     assert not [s for s in stated if s not in page], [s for s in stated if s not in page]
     assert f"(`aig_scratch`, item 15) is {line - run['accuracy']:.2f} points under" in page
+
+
+def test_the_matched_line_under_34_percent_is_the_resnet_32_chain() -> None:
+    """docs/routing.md's next steps: plain_r32_kd7 (ResNet-32 given the SkipNets' seven distilled epochs) and the
+    matched line between it and plain_r26_kd7 at aig_ordered_backbone's 20% and 30% budgets, with the gaps."""
+    from skipnet.results import frontier
+
+    rows = _routing_rows()
+    kd7 = rows["plain_r32_kd7"]
+    matched = [(rows[n]["macs_reduction"], rows[n]["accuracy"]) for n in ("plain_r32_kd7", "plain_r26_kd7")]
+    stated = [f"`plain_r32_kd7` gives {_at(kd7)}"]
+    for b in (20, 30):
+        r = rows[f"aig_ordered_backbone@{b}%"]
+        line = frontier(matched, r["macs_reduction"])
+        stated += [f"{line:.2f}% at {r['macs_reduction']:.1f}%", f"{r['accuracy']:.2f}%", f"{line - r['accuracy']:.2f}"]
+        assert line - r["accuracy"] >= 1.2
+    page = _words("docs/routing.md")
+    assert not [s for s in stated if s not in page], [s for s in stated if s not in page]
