@@ -19,8 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 from skipnet import results
@@ -113,6 +111,9 @@ def plain_chain(first: str, net: tuple[str, ...], what: dict[str, str] | None = 
         for n, after, (s, lr, e) in zip(names[1:], afters, KD_CHAIN)
     ]
 
+
+# finished runs whose best.pt the zoo holds: their row is the zoo copy's where the run's directory is gone
+SHIPPED = {"plain_r32": "pretrained:cifar10_resnet_32"}
 
 RUNS = [
     Run(
@@ -300,7 +301,7 @@ RUNS = [
         },
     ),
     *plain_chain("plain_r20", PLAIN20),
-    *plain_chain("plain_r32", PLAIN32, shipped="pretrained:cifar10_resnet_32"),
+    *plain_chain("plain_r32", PLAIN32, shipped=SHIPPED["plain_r32"]),
     Run(
         "aig_scratch",
         ("cifar10_aig_gate_38", "--stage", "sp", *SHAPE, "--threads", "2", *PLAIN_SCHEDULE),
@@ -319,8 +320,6 @@ PLAIN = {"base_r20": "ResNet-20", "base_r26": "ResNet-26", "base_r32": "ResNet-3
 
 
 NAMES = [r.name for r in RUNS]
-# finished runs whose best.pt the zoo holds: their row is the zoo copy's where the run's directory is gone
-SHIPPED = {"plain_r32": "pretrained:cifar10_resnet_32"}
 # the runs whose calibrated budgets the figure draws as curves: threshold jitter, its control, where both began,
 # and the per-input model whose backbone adapted to its frozen gates
 CURVES = ("aig_sp_bs_more3", "aig_sp_bs_more5", "aig_sp_jitter", "aig_sp_jitter_wide", "aig_ordered_backbone")
@@ -391,18 +390,16 @@ def collect(runner: Runner, path: Path, plain_macs: float) -> dict[str, dict]:
     A plain control is a row once finished, its saving counted against the plain ResNet-38's ``plain_macs``."""
     here = {name: {"name": name} | row for name, row in runner.rows(RUNS).items()}
     here = {n: r for n, r in here.items() if not (n.startswith("plain_") and not r["finished"])}
+    rows = results.recorded(path)
+    for name, model in SHIPPED.items():  # a finished run whose directory is gone: its zoo copy, evaluated once
+        if name not in rows and name not in here:
+            note = next(r.note for r in RUNS if r.name == name)
+            here[name] = {"name": name} | runner.evaluate_once(model) | {"note": note, "finished": True}
     for r in here.values():
         r["checkpoint"] = results.portable(r["checkpoint"], REPO)  # a run started elsewhere records its full path
         if r["name"].startswith("plain_"):
             r["macs_reduction"] = round(100 * (1 - r["macs_mean"] / plain_macs), 2)
-    rows = results.recorded(path) | here
-    for name, model in SHIPPED.items():  # a finished run whose directory is gone: its zoo copy, evaluated once
-        if name not in rows:
-            run = next(r for r in RUNS if r.name == name)
-            argv = [sys.executable, "-m", "skipnet", *runner.eval_command(model)[1:]]
-            test = json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
-            reduction = round(100 * (1 - test["macs_mean"] / plain_macs), 2)
-            rows[name] = test | {"macs_reduction": reduction, "note": run.note, "finished": True}
+    rows |= here
     names = sorted((n for n in rows if n.split("@")[0] in NAMES), key=_declared)
     return {n: {k: v for k, v in rows[n].items() if k != "name"} for n in names}
 

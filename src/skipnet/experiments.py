@@ -271,8 +271,13 @@ class Runner:
     def calibrated_path(self, run: Run, budget: float) -> Path:
         return self.dir(run.name) / f"budget{budget:g}.pt"
 
-    def eval_command(self, checkpoint: Path) -> list[str]:
+    def eval_command(self, checkpoint: Path | str) -> list[str]:
         return ["skipnet", "eval", str(checkpoint), "--data", self.data, "--json"]
+
+    def evaluate_once(self, checkpoint: Path | str) -> dict[str, Any]:
+        """``skipnet eval --json`` of ``checkpoint`` (a path or any model ``skipnet eval`` takes, e.g.
+        ``pretrained:NAME``) on the test split, not cached."""
+        return json.loads(self._call(self.eval_command(checkpoint), self.out / "eval.log"))
 
     def evaluate(self, checkpoint: Path) -> dict[str, Any]:
         """``skipnet eval --json`` of ``checkpoint`` on the test split, cached beside it for the checkpoint's
@@ -284,7 +289,7 @@ class Runner:
             cached = json.loads(cache.read_text())
             if cached.pop("checkpoint_stamp", None) == stamp:
                 return cached
-        result = json.loads(self._call(self.eval_command(checkpoint), self.out / "eval.log"))
+        result = self.evaluate_once(checkpoint)
         if _stamp(checkpoint) == stamp:  # not replaced while it was evaluated
             atomic_write(cache, lambda f: f.write(json.dumps(result | {"checkpoint_stamp": stamp}).encode()))
         return result
