@@ -60,6 +60,13 @@ BUDGETS = (20.0, 30.0, 40.0, 50.0)
 BACKBONE_ONLY = ("--stage", "sp", "--freeze", "gates", "--distill", BASE, "--lr", "0.01", "--schedule", "cosine")
 BACKBONE_ONLY += ("--eval-every", "176", "--epochs", "2", "--threads", "1")
 JITTER = ("--epochs", "2", "--threads", "1", "--threshold-jitter", "0.4")
+# a backbone made robust to skipping before any gate is trained (stochastic depth, the SDV stage): each gated
+# block dropped per image with probability 0.35 (the rate the gates will be given), distilled from the plain network
+SDV_BACKBONE = ("--stage", "sdv", "--keep", "0.65", "--init", BASE, "--distill", BASE, "--lr", "0.02")
+SDV_BACKBONE += ("--schedule", "cosine", "--eval-every", "176", "--epochs", "2", "--threads", "1")
+# then the gates alone on that frozen backbone: the target rate and the difficulty ordering of the ordered model
+GATES_ONLY = ("--stage", "sp", "--freeze", "backbone", "--distill", BASE, *SHAPE, "--difficulty-spread", "0.5")
+GATES_ONLY += ("--lr", "0.02", "--schedule", "cosine", "--eval-every", "176", "--epochs", "2", "--threads", "1")
 # The matched control (criterion 2): plain ResNet-26, the plain network nearest the SkipNets' cost, on the
 # headline's 30-epoch schedule (headline30's base_r26, here in float32: this CPU has no AVX-512 for bf16), then
 # the same five extra epochs and teacher as aig_sp_floor_order's chain (2 at lr 0.02, 2 at 0.01, 1 at 0.005,
@@ -309,6 +316,28 @@ RUNS = [
         note="ConvNet-AIG's own recipe: gates and backbone trained together from scratch by straight-through hard "
         "gates, --batch-shape 0.65 as the target rate, no teacher, on the plain networks' 30-epoch schedule "
         "(matched training against plain_r20/26/32 as they are)",
+    ),
+    Run(
+        "sdv_backbone",
+        ("cifar10_aig_gate_38", *SDV_BACKBONE),
+        note="decoupling, backbone first: the plain ResNet-38 given two distilled epochs of stochastic depth (each "
+        "gated block dropped per image with probability 0.35, --stage sdv --keep 0.65), so that it tolerates "
+        "skipping before any gate is trained (row: random routes at keep 0.65)",
+    ),
+    aig_after(
+        "sdv_gates",
+        "sdv_backbone",
+        (*GATES_ONLY,),
+        note="sdv_backbone's backbone frozen, the ConvNet-AIG gates trained alone for two epochs (SP stage, "
+        "--batch-shape 0.65, --difficulty-spread 0.5, distilled)",
+    ),
+    aig_after(
+        "sdv_alt_backbone",
+        "sdv_gates",
+        (*BACKBONE_ONLY,),
+        budgets=BUDGETS,
+        note="sdv_gates with its gates frozen and the backbone given two distilled epochs to adapt to the routes "
+        "(30 + 6 epochs: matched by the plain networks' kd6)",
     ),
     Run(
         "rnn_sp_bs",

@@ -142,10 +142,26 @@ def test_freeze_keeps_its_part_bit_identical_and_trains_the_other(plain_run, tmp
             assert torch.equal(after[k], _state(f"{gate_init}/last.pt")[k]), k
 
 
+def test_freeze_backbone_in_sp_trains_the_gates_by_straight_through_alone(plain_run, tmp_path) -> None:
+    """Stage sp with --freeze backbone: every backbone tensor (BatchNorm statistics included) stays the plain
+    network's, and the ConvNet-AIG gates learn from the straight-through gradient through the fixed network."""
+    init = f"{plain_run}/best.pt"
+    args = ["tiny_aig_gate_14", "--stage", "sp", "--init", init, "--freeze", "backbone", "--batch-shape", "0.6"]
+    out = _train(tmp_path, "sp_frozen", *args, "--lr", "0.5")
+    start = _train(tmp_path, "sp_start", *args, "--lr", "1e-30")
+    before, after, first = _state(init), _state(f"{out}/last.pt"), _state(f"{start}/last.pt")
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    gate_weights = [k for k in after if k.startswith("gates.") and after[k].is_floating_point()]
+    assert any(not torch.equal(after[k], first[k]) for k in gate_weights)
+
+
 @pytest.mark.parametrize(
     "kw, message",
     [
-        ({"stage": "sp", "freeze": "backbone"}, "--freeze backbone"),
+        ({"stage": "base", "freeze": "backbone"}, "--freeze backbone"),
+        ({"stage": "sdv", "freeze": "backbone"}, "--freeze backbone"),
+        ({"stage": "sp", "freeze": "backbone"}, "needs a trained backbone"),
         ({"stage": "hrl", "freeze": "backbone"}, "needs a trained backbone"),
         ({"stage": "hrl", "freeze": "backbone", "init": "x.pt", "bn": "update"}, "--bn update"),
         ({"stage": "base", "freeze": "gates"}, "--freeze gates"),

@@ -156,8 +156,8 @@ class TrainConfig:
         if self.reward == "blockdrop" and self.skip_budget is not None:
             raise SkipnetError("--skip-budget adapts the hybrid reward's alpha; --reward blockdrop has no alpha")
         if self.freeze == "backbone":
-            if self.stage not in ("hrl", "rl"):
-                raise SkipnetError(f"--freeze backbone trains the gates alone (REINFORCE); stage {self.stage} has none")
+            if self.stage not in ("hrl", "rl", "sp", "soft"):
+                raise SkipnetError(f"--freeze backbone trains the gates alone; stage {self.stage} trains none")
             if self.init is None and self.init_torchvision is None:
                 raise SkipnetError("--freeze backbone needs a trained backbone: pass --init (e.g. the plain network)")
             if self.bn == "update":
