@@ -430,18 +430,24 @@ def _b1_variants(ex: dict, batches: list, decisions: torch.Tensor | None, rnn: b
 
 def _agreement(outs: dict) -> dict:
     """Every variant's logits and decisions against ONNX Runtime's default session of the same graph."""
-    res = {}
-    for key, out in outs.items():
-        ref = outs["cond_all" if "all" in key else ("plain" if "plain" in key else "cond")]
-        la = np.concatenate([np.asarray(o[0]) for o in out])
-        lb = np.concatenate([np.asarray(o[0]) for o in ref])
-        r = {"max_abs_logit_diff": float(np.abs(la - lb).max())}
-        r["same_classes"] = bool((la.argmax(1) == lb.argmax(1)).all())
-        if len(out[0]) == 3 and len(ref[0]) == 3:
-            da = np.concatenate([np.asarray(o[2]) for o in out])
-            r["decision_mismatches"] = int((da != np.concatenate([np.asarray(o[2]) for o in ref])).sum())
-        res[key] = r
-    return res
+    ref = {k: outs["cond_all" if "all" in k else ("plain" if "plain" in k else "cond")] for k in outs}
+    return {key: _agree_outputs(out, ref[key]) for key, out in outs.items()}
+
+
+def _against(out: list, ref: list, key: str) -> dict:
+    """``{key: agreement}`` of one variant's outputs with a reference's."""
+    return {key: _agree_outputs(out, ref)}
+
+
+def _agree_outputs(out: list, ref: list) -> dict:
+    """One variant's logits, classes and decisions against a reference's, over the same batches."""
+    la = np.concatenate([np.asarray(o[0]) for o in out])
+    lb = np.concatenate([np.asarray(o[0]) for o in ref])
+    r = {"max_abs_logit_diff": float(np.abs(la - lb).max()), "same_classes": bool((la.argmax(1) == lb.argmax(1)).all())}
+    if len(out[0]) == 3 and len(ref[0]) == 3:
+        da = np.concatenate([np.asarray(o[2]) for o in out])
+        r["decision_mismatches"] = int((da != np.concatenate([np.asarray(o[2]) for o in ref])).sum())
+    return r
 
 
 def _time(variants: dict, rounds: int, n: int) -> dict:
@@ -568,6 +574,7 @@ def _levers_b1(model) -> tuple:
 
 LEVERS_B32 = (
     ("ORT, routed, ORT_ENABLE_ALL", "routed", None, "plain"),
+    ("ORT, routed, NCHWc kept through Gather/ScatterND (layout=nchwc)", "routed_nchwc", None, "plain"),
     ("ORT, routed, ORT_ENABLE_EXTENDED (no NCHWc)", "routed_ext", None, "plain"),
     ("ORT, masked (every block; no saving)", "masked", None, "plain"),
     ("AOTInductor, routed, vs its own plain", "aoti_routed", None, "aoti_plain"),
@@ -580,6 +587,7 @@ def deploy_batch32(model, arch: str, ex: dict, stats, images: torch.Tensor, args
     batches = [images[i : i + 32].contiguous().numpy() for i in range(0, len(images), 32)]
     routed, plain = ex["routed"].payload, ex["plain"].payload
     v = {"plain": ort_runner(plain, batches), "routed": ort_runner(routed, batches)}
+    v["routed_nchwc"] = ort_runner(routed, batches, layout="nchwc")
     v["routed_ext"] = ort_runner(routed, batches, level="extended")
     if ex.get("masked") is not None:
         v["masked"] = ort_runner(ex["masked"].payload, batches)
@@ -596,6 +604,7 @@ def deploy_batch32(model, arch: str, ex: dict, stats, images: torch.Tensor, args
         except RuntimeError as exc:  # the routed program's data-dependent sizes (recorded, not timed)
             aoti_agree = {"aoti_routed": {"error": str(exc).strip().splitlines()[0][:200]}}
             print(f"  AOTInductor routed fails at batch 32: {aoti_agree['aoti_routed']['error']}", flush=True)
+    aoti_agree |= _against(v["routed_nchwc"](), v["routed"](), "routed_nchwc")
     times = _time(v, max(3, args.rounds // 2), len(images))
     return {
         "batch": 32,

@@ -327,17 +327,7 @@ def test_blocked_layout_applies_to_the_feed_forward_gates(arch, tmp_path) -> Non
     blocked values crossed the If); every eager decision and class, no reorder left in a branch."""
     from skipnet.export import blocked_layout
 
-    torch.manual_seed(0)
-    m = create_model(arch)
-    calibrate_bn(m, 32)
-    m.eval()
-    with torch.no_grad():  # steep gates, each bias at its median logit: about half the images take each block
-        m.set_gate_bias(0.0)
-        for fc in m.gates.heads():
-            fc.weight.mul_(20.0)
-        z = m(torch.rand(64, 3, 32, 32), "soft").trace.logits  # every block run: each gate sees its input
-        for fc, median in zip(m.gates.heads(), z.median(0).values):
-            fc.bias.fill_(-float(median))
+    m = _half_open(arch)
     ex = export_model(m, "onnx", graph="conditional", stats=STATS, probes=1)
     rewritten = blocked_layout(ex.payload)
     proto = onnx.load_from_string(rewritten)
@@ -351,14 +341,15 @@ def test_blocked_layout_applies_to_the_feed_forward_gates(arch, tmp_path) -> Non
     assert (d.min(0).values != d.max(0).values).any(), "some block taken by some images and skipped by others"
 
 
+@pytest.mark.parametrize("graph_name", ["conditional", "routed"])
 @pytest.mark.parametrize("fault", ["raises", "differs"])
-def test_nchwc_session_says_when_the_rewrite_falls_back(model, conditional_onnx, fault, monkeypatch) -> None:
+def test_nchwc_session_says_when_the_rewrite_falls_back(model, graph_name, fault, monkeypatch) -> None:
     """A conditional graph the blocked-layout rewrite cannot take (it raises, or its outputs differ on the probes)
     runs as written, with the same outputs, and a warning says so: a regression in the rewrite costs speed, never
     silently (issue 32: a gate's renamed weights once broke the rewrite with only a debug line)."""
     import skipnet.export as export
 
-    graph = conditional_onnx[0].read_bytes()
+    graph = export_model(model, "onnx", graph=graph_name, stats=STATS, probes=1).payload
     other = export_model(create_model("tiny_resnet_14").eval(), "onnx", graph="plain", stats=STATS, probes=1)
 
     def broken(_: bytes) -> bytes:
@@ -366,17 +357,75 @@ def test_nchwc_session_says_when_the_rewrite_falls_back(model, conditional_onnx,
             raise ValueError("an unknown node")
         return other.payload  # a graph with other outputs: _same_outputs must refuse it
 
-    monkeypatch.setattr(export, "blocked_layout", broken)
+    monkeypatch.setattr(export, "blocked_layout" if graph_name == "conditional" else "blocked_routed", broken)
     with pytest.warns(UserWarning, match="blocked-layout rewrite does not apply"):
         session = onnx_session(graph)
-    _agree(model, "conditional", lambda x: run_onnx(session, x), _fresh(4, 1, seed=3))
+    _agree(model, graph_name, lambda x: run_onnx(session, x), _fresh(4, 1, seed=3))
 
 
-def test_nchwc_session_runs_other_graphs_as_they_are(model) -> None:
-    """``layout="nchwc"`` on a graph without If (plain, routed) runs it unchanged, with the same outputs."""
-    ex = export_model(model, "onnx", graph="routed", stats=STATS, probes=1)
-    session = onnx_session(ex.payload, layout="nchwc")
-    _agree(model, "routed", lambda x: run_onnx(session, x), _fresh(2, 3, seed=5))
+def test_nchwc_session_runs_other_graphs_as_they_are(model, monkeypatch) -> None:
+    """``layout="nchwc"`` on a graph without If or ScatterND (plain, masked) runs it unchanged, with the same
+    outputs: no rewrite is even tried."""
+    import skipnet.export as export
+
+    def never(_: bytes) -> bytes:
+        raise AssertionError("a rewrite was tried")
+
+    monkeypatch.setattr(export, "blocked_layout", never)
+    monkeypatch.setattr(export, "blocked_routed", never)
+    for graph in ("masked", "plain"):
+        ex = export_model(model, "onnx", graph=graph, stats=STATS, probes=1)
+        session = onnx_session(ex.payload, layout="nchwc")
+        first = 1 if graph == "plain" else 3  # the plain graph returns the logits alone
+
+        def run(x, s=session, k=first):
+            return run_onnx(s, x)[0] if k == 1 else run_onnx(s, x)
+
+        _agree(model, graph, run, _fresh(2, 3, seed=5))
+
+
+def _half_open(arch: str):
+    """``arch`` with calibrated BN and steep gates, each bias at its median logit: about half the images take each
+    block, so that a batch's blocks gather some of its images."""
+    torch.manual_seed(0)
+    m = create_model(arch)
+    calibrate_bn(m, 32)
+    m.eval()
+    with torch.no_grad():
+        m.set_gate_bias(0.0)
+        for fc in m.gates.heads():
+            fc.weight.mul_(20.0)
+        z = m(torch.rand(64, 3, 32, 32), "soft").trace.logits  # every block run: each gate sees its input
+        for fc, median in zip(m.gates.heads(), z.median(0).values):
+            fc.bias.fill_(-float(median))
+    return m
+
+
+@pytest.mark.parametrize("arch", ["cifar10_aig_gate_14", "cifar10_rnn_gate_14"])
+def test_blocked_routed_graph_matches_eager_at_any_batch(arch, monkeypatch) -> None:
+    """Issue 32 (batches): the routed graph with the blocked layout kept through each block's Gather and ScatterND
+    takes every eager decision and class at batches of 1, 5 and 16 (blocks that all, none and some images run);
+    no value is reordered into the blocked layout after the stem, the residuals and ReLUs fold into the
+    convolutions, and the gates pool the blocked value. ``onnx_session`` runs it by default."""
+    import skipnet.export as export
+
+    m = _half_open(arch) if "aig" in arch else _varied_model(arch)  # one recurrent gate: one bias for all blocks
+    payload = export_model(m, "onnx", graph="routed", stats=STATS, probes=1).payload
+    rewritten = export.blocked_routed(payload)
+    ops = [(n.domain, n.op_type) for n in onnx.load_from_string(rewritten).graph.node]
+    assert ("com.microsoft.nchwc", "ReorderInput") not in ops and ("", "Relu") not in ops
+    assert ops.count(("com.microsoft.nchwc", "GlobalAveragePool")) >= 5
+    assert ops.count(("", "ScatterND")) == 5 and ops.count(("", "Gather")) >= 5
+    session = onnx_session(rewritten, layout="nchw")
+    batches = _fresh(2, 5) + _fresh(1, 16, seed=3) + _fresh(2, 1, seed=5)
+    d = torch.cat(_agree(m, "routed", lambda x: run_onnx(session, x), batches))
+    assert (d.min(0).values != d.max(0).values).any(), "some block taken by some images and skipped by others"
+    calls = []
+    real = export.blocked_routed
+    monkeypatch.setattr(export, "blocked_routed", lambda b: calls.append(1) or real(b))
+    default = onnx_session(payload)
+    _agree(m, "routed", lambda x: run_onnx(default, x), _fresh(1, 16, seed=3))
+    assert calls == [1]
 
 
 def test_an_onnx_file_with_an_altered_weight_is_refused_in_one_line(conditional_onnx, capsys, tmp_path) -> None:
