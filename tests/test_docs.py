@@ -176,15 +176,17 @@ def test_deploy_page_speed_figures_are_the_json() -> None:
 
 def test_deploy_page_states_the_shipped_agreement() -> None:
     """docs/deploy.md's agreement of the shipped models' graphs, as skipnet runs them, with the eager model is the
-    committed export_agreement_shipped.json: every shipped gated model, the whole test split, nothing differing."""
+    committed export_agreement_shipped.json: every shipped gated model, its conditional graph at batch 1 and its
+    routed graph at batch 100, the whole test split, nothing differing."""
     text = " ".join((ROOT / "docs" / "deploy.md").read_text(encoding="utf-8").split())
     got = json.loads((RESULTS_DIR / "export_agreement_shipped.json").read_text())
     index = json.loads((ROOT / "src" / "skipnet" / "pretrained" / "index.json").read_text())["models"]
     gated = {name: len(m["skip_ratio_per_block"]) for name, m in index.items() if m["gate"] != "none"}
     assert set(got["models"]) == set(gated) and got["images"] == 10000
-    assert all(r["ok"] and r["decision_mismatches"] == 0 and r["images"] == 10000 for r in got["models"].values())
+    runs = [g for r in got["models"].values() for g in (r, r["routed"])]  # conditional (batch 1), routed (100)
+    assert all(r["ok"] and r["decision_mismatches"] == 0 and r["images"] == 10000 for r in runs)
     (blocks,) = set(gated.values())
-    worst = max(r["max_abs_logit_diff"] for r in got["models"].values())
+    worst = max(r["max_abs_logit_diff"] for r in runs)
     assert f"0 of {10000 * blocks:,} decisions and 0 classes differ for each of the {len(gated)}" in text
     shown = f"{worst:.1e}".replace("e-0", "e-")  # 8.6e-6, as the page writes it
     assert f"(max logit difference {shown})" in text and " ".join(got["env"]["command"].split()[1:]) in text

@@ -701,3 +701,27 @@ def test_the_matched_line_under_34_percent_is_the_resnet_32_chain() -> None:
         assert line - r["accuracy"] >= 1.2
     page = _words("docs/routing.md")
     assert not [s for s in stated if s not in page], [s for s in stated if s not in page]
+
+
+def test_the_decoupled_sdv_chain_rows_and_their_matched_gap_are_the_json() -> None:
+    """Item 16 of docs/routing.md: sdv_backbone, sdv_gates, sdv_alt_backbone and its budgets are the JSON's rows;
+    the matched line is plain_r32_kd6 - plain_r26_kd6 (the same 30 + 6 epochs and teacher) and the stated gap is
+    that line minus its accuracy; the comparisons stated (under aig_ordered_backbone's 20% budget, under
+    aig_sp_jitter_wide's 50%) hold."""
+    from skipnet.results import frontier
+
+    rows = _routing_rows()
+    run, ro = rows["sdv_alt_backbone"], rows["sdv_alt_backbone"]["routes"]
+    matched = [(rows[n]["macs_reduction"], rows[n]["accuracy"]) for n in ("plain_r32_kd6", "plain_r26_kd6")]
+    line = frontier(matched, run["macs_reduction"])
+    assert line - run["accuracy"] > 0.5  # a negative row
+    assert run["accuracy"] < rows["aig_ordered_backbone@20%"]["accuracy"]
+    assert rows["sdv_alt_backbone@50%"]["accuracy"] < rows["aig_sp_jitter_wide@50%"]["accuracy"]
+    assert rows["sdv_gates"]["accuracy"] < rows["aig_sp_bs"]["accuracy"]
+    gap = ro["executed_mean_wrong"] - ro["executed_mean_correct"]
+    stated = [_at(rows["sdv_backbone"]), _at(rows["sdv_gates"]), f"{_at(run)}, {ro['distinct_routes']} routes"]
+    stated += [f"std {ro['executed_std']:.2f}", f"{gap:+.2f} blocks", f"Spearman −{-ro['class_spearman_median']:.2f}"]
+    stated += [f"{line:.2f}% there: **{line - run['accuracy']:.2f} points under**"]
+    stated += [_at(rows[f"sdv_alt_backbone@{b}%"]) for b in (20, 30, 40, 50)]
+    page = _words("docs/routing.md")
+    assert not [x for x in stated if x not in page], [x for x in stated if x not in page]
