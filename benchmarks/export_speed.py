@@ -273,8 +273,9 @@ def agreement(args) -> dict:
 
 
 def shipped(args) -> dict:
-    """The shipped models' conditional ONNX graphs, as skipnet runs them (``onnx_session``: the blocked layout and
-    the fused gates for this CPU), against the eager greedy model at batch 1 on the whole test split."""
+    """The shipped models' conditional ONNX graphs (batch 1) and routed ones (batches of 100), as skipnet runs them
+    (``onnx_session``: the blocked layouts and the fused gates for this CPU), against the eager greedy model at
+    batch 1 on the whole test split."""
     from skipnet.pretrained import load_pretrained
 
     torch.set_num_threads(1)
@@ -287,8 +288,10 @@ def shipped(args) -> dict:
         stats = (tuple(ckpt["data"]["mean"]), tuple(ckpt["data"]["std"]))
         session = onnx_session(export_model(model.eval(), "onnx", stats=stats, probes=1).payload)
         graph = build_graph(model, "conditional", stats)
+        routed = onnx_session(export_model(model.eval(), "onnx", graph="routed", stats=stats, probes=1).payload)
         with torch.no_grad():
-            res, _ = _agree_all(lambda x, s=session: run_onnx(s, x), model, graph, images, 1)
+            res, ref = _agree_all(lambda x, s=session: run_onnx(s, x), model, graph, images, 1)
+            res["routed"], _ = _agree_all(lambda x, s=routed: run_onnx(s, x), model, graph, images, 100, ref)
         out["models"][name] = res | {"seconds": round(time.time() - t0, 1)}
         print(name, out["models"][name], flush=True)
     return out
