@@ -693,75 +693,94 @@ def blocked_routed(model_bytes: bytes) -> bytes:
     value (NCHWc ``GlobalAveragePool``); anything else reads a reordered copy. Same function (the gates' means
     summed in another order, ~1e-7). For this CPU and ONNX Runtime version only, like :func:`blocked_layout`;
     raises ``ValueError`` for a graph that is not a routed one."""
-    from onnx import helper
-
     proto = ort_optimized(model_bytes)
     graph = proto.graph
     if any(n.op_type == "If" for n in graph.node) or not any(n.op_type == "ScatterND" for n in graph.node):
         raise ValueError("not a routed graph (ScatterND per block, no If)")
-    inits, users = {t.name: t for t in graph.initializer}, _users(graph)
-    made = {o: n for n in graph.node for o in n.output}
-    blocked: dict[str, str] = {}  # plain value -> its blocked twin
-    channels: dict[str, int] = {}  # blocked value -> its (unpadded) channels
-    alive = {i.name for i in graph.input} | set(inits)  # plain values that exist in the rewritten graph
-    ren: dict[str, str] = {}  # a ReorderInput's output -> the blocked twin it duplicates
-    pending: dict[str, tuple[Any, str]] = {}  # a foldable Add's output -> (its convolution, the blocked residual)
-    nodes: list[Any] = []
-
-    def twin(node: Any, out: str, value: str, like: str) -> None:
-        node.output[0] = out
-        nodes.append(node)
-        blocked[value], channels[out] = out, channels[like]
-
+    rewrite = _RoutedLayout(graph)
     for n in graph.node:
-        n.input[:] = [ren.get(i, i) for i in n.input]
-        if n.domain == NCHWC and n.op_type == "ReorderOutput":
-            blocked[n.output[0]], channels[n.input[0]] = n.input[0], _attr(n, "channels")
-            continue  # put back below, where a plain consumer needs it
-        if n.domain == NCHWC and n.op_type == "ReorderInput" and n.input[0] in blocked:
-            ren[n.output[0]] = blocked[n.input[0]]
-            continue
-        if n.op_type == "Gather" and _attr(n, "axis") == 0 and n.input[0] in blocked:
-            value, b = n.output[0], blocked[n.input[0]]
-            twin(helper.make_node("Gather", [b, n.input[1]], [""], axis=0), value + "_nchwc", value, b)
-            continue
-        if n.op_type == "ScatterND" and n.input[0] in blocked and n.input[2] in blocked:
-            value, (d, idx, u) = n.output[0], n.input
-            node = helper.make_node("ScatterND", [blocked[d], idx, blocked[u]], [""])
-            twin(node, value + "_nchwc", value, blocked[d])
-            continue
-        if n.op_type == "ReduceMean" and n.input[0] in blocked and _spatial(inits, n):
-            nodes += _pool_blocked_sliced(graph, n, blocked[n.input[0]], channels[blocked[n.input[0]]])
-            alive.add(n.output[0])
-            continue
-        fold = _routed_fold(n, made, users, blocked) if n.op_type == "Add" else None
-        if fold is not None:
-            pending[n.output[0]] = fold
-            continue
-        if n.op_type == "Relu" and n.input[0] in pending:
-            conv, residual = pending.pop(n.input[0])
-            conv.input.extend([""] * (3 - len(conv.input)) + [residual])
-            conv.attribute.append(_make_attr("activation", "Relu"))
-            nodes.remove(conv)  # now after the residual (a downsampling block gathers it after its convolutions)
-            nodes.append(conv)
-            blocked[n.output[0]], channels[conv.output[0]] = conv.output[0], channels[residual]
-            continue
-        for i in n.input:
-            if i in blocked and i not in alive:
-                alive.add(i)
-                nodes.append(_reorder_out(blocked[i], i, channels[blocked[i]]))
-        nodes.append(n)
-        alive.update(n.output)
-    if pending:
-        raise ValueError("a residual Add without its ReLU")
-    for out in graph.output:
-        if out.name in blocked and out.name not in alive:
-            nodes.append(_reorder_out(blocked[out.name], out.name, channels[blocked[out.name]]))
+        rewrite.take(n)
+    nodes = rewrite.finish()
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.value_info[:]
     prune_graph(graph)
     return proto.SerializeToString()
+
+
+class _RoutedLayout:
+    """:func:`blocked_routed`'s walk over the optimised routed graph, node by node (:meth:`take`): which plain
+    values have a blocked twin, and the nodes of the rewritten graph."""
+
+    def __init__(self, graph: Any) -> None:
+        self.graph, self.inits, self.users = graph, {t.name: t for t in graph.initializer}, _users(graph)
+        self.made = {o: n for n in graph.node for o in n.output}
+        self.blocked: dict[str, str] = {}  # plain value -> its blocked twin
+        self.channels: dict[str, int] = {}  # blocked value -> its (unpadded) channels
+        self.alive = {i.name for i in graph.input} | set(self.inits)  # plain values the rewritten graph has
+        self.ren: dict[str, str] = {}  # a ReorderInput's output -> the blocked twin it duplicates
+        self.pending: dict[str, tuple[Any, str]] = {}  # a foldable Add's output -> (its convolution, residual)
+        self.nodes: list[Any] = []
+
+    def take(self, n: Any) -> None:
+        from onnx import helper
+
+        blocked = self.blocked
+        n.input[:] = [self.ren.get(i, i) for i in n.input]
+        if n.domain == NCHWC and n.op_type == "ReorderOutput":
+            blocked[n.output[0]], self.channels[n.input[0]] = n.input[0], _attr(n, "channels")
+        elif n.domain == NCHWC and n.op_type == "ReorderInput" and n.input[0] in blocked:
+            self.ren[n.output[0]] = blocked[n.input[0]]
+        elif n.op_type == "Gather" and _attr(n, "axis") == 0 and n.input[0] in blocked:
+            b = blocked[n.input[0]]
+            self._twin(helper.make_node("Gather", [b, n.input[1]], [""], axis=0), n.output[0], b)
+        elif n.op_type == "ScatterND" and n.input[0] in blocked and n.input[2] in blocked:
+            d, idx, u = n.input
+            self._twin(helper.make_node("ScatterND", [blocked[d], idx, blocked[u]], [""]), n.output[0], blocked[d])
+        elif n.op_type == "ReduceMean" and n.input[0] in blocked and _spatial(self.inits, n):
+            b = blocked[n.input[0]]
+            self.nodes += _pool_blocked_sliced(self.graph, n, b, self.channels[b])
+            self.alive.add(n.output[0])
+        elif n.op_type == "Add" and (fold := _routed_fold(n, self.made, self.users, blocked)) is not None:
+            self.pending[n.output[0]] = fold
+        elif n.op_type == "Relu" and n.input[0] in self.pending:
+            self._fold(n)
+        else:
+            self._plain(n)
+
+    def _twin(self, node: Any, value: str, like: str) -> None:
+        """``node`` makes the blocked twin of ``value``, with the channels of the blocked value ``like``."""
+        node.output[0] = value + "_nchwc"
+        self.nodes.append(node)
+        self.blocked[value], self.channels[node.output[0]] = node.output[0], self.channels[like]
+
+    def _fold(self, relu: Any) -> None:
+        """``Relu(Add(ReorderOutput(conv), residual))`` -> ``conv`` with the blocked residual as its ``Sum`` input
+        and a ``Relu`` activation, moved after the residual (a downsampling block gathers it after its
+        convolutions)."""
+        conv, residual = self.pending.pop(relu.input[0])
+        conv.input.extend([""] * (3 - len(conv.input)) + [residual])
+        conv.attribute.append(_make_attr("activation", "Relu"))
+        self.nodes.remove(conv)
+        self.nodes.append(conv)
+        self.blocked[relu.output[0]], self.channels[conv.output[0]] = conv.output[0], self.channels[residual]
+
+    def _plain(self, n: Any, inputs: Any = None) -> None:
+        """``n`` as it is, after a reorder out of each blocked value it reads that the graph has no plain copy of."""
+        for i in n.input if inputs is None else inputs:
+            if i in self.blocked and i not in self.alive:
+                self.alive.add(i)
+                self.nodes.append(_reorder_out(self.blocked[i], i, self.channels[self.blocked[i]]))
+        if n is not None:
+            self.nodes.append(n)
+            self.alive.update(n.output)
+
+    def finish(self) -> list[Any]:
+        """The rewritten nodes, with a plain copy of each graph output that only a blocked value holds."""
+        if self.pending:
+            raise ValueError("a residual Add without its ReLU")
+        self._plain(None, [o.name for o in self.graph.output])
+        return self.nodes
 
 
 def _pool_blocked_sliced(graph: Any, node: Any, value: str, channels: int) -> list[Any]:
