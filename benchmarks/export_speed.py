@@ -437,11 +437,6 @@ def _agreement(outs: dict) -> dict:
     return {key: _agree_outputs(out, ref[key]) for key, out in outs.items()}
 
 
-def _against(out: list, ref: list, key: str) -> dict:
-    """``{key: agreement}`` of one variant's outputs with a reference's."""
-    return {key: _agree_outputs(out, ref)}
-
-
 def _agree_outputs(out: list, ref: list) -> dict:
     """One variant's logits, classes and decisions against a reference's, over the same batches."""
     la = np.concatenate([np.asarray(o[0]) for o in out])
@@ -594,7 +589,8 @@ def deploy_batch32(model, arch: str, ex: dict, stats, images: torch.Tensor, args
     v["routed_ext"] = ort_runner(routed, batches, level="extended")
     if ex.get("masked") is not None:
         v["masked"] = ort_runner(ex["masked"].payload, batches)
-    dec = torch.from_numpy(np.concatenate([o[2] for o in v["routed"]()]))
+    routed_out = v["routed"]()  # the decisions, and the reference of the blocked layout's agreement below
+    dec = torch.from_numpy(np.concatenate([o[2] for o in routed_out]))
     cm = cost_model(model, int(images.shape[-1]))
     ideal = float(cm.total_macs_all_on) / float(cm.macs_per_image(dec).mean())
     aoti_s, aoti_agree = {}, {}
@@ -607,7 +603,7 @@ def deploy_batch32(model, arch: str, ex: dict, stats, images: torch.Tensor, args
         except RuntimeError as exc:  # the routed program's data-dependent sizes (recorded, not timed)
             aoti_agree = {"aoti_routed": {"error": str(exc).strip().splitlines()[0][:200]}}
             print(f"  AOTInductor routed fails at batch 32: {aoti_agree['aoti_routed']['error']}", flush=True)
-    aoti_agree |= _against(v["routed_nchwc"](), v["routed"](), "routed_nchwc")
+    aoti_agree["routed_nchwc"] = _agree_outputs(v["routed_nchwc"](), routed_out)
     times = _time(v, max(3, args.rounds // 2), len(images))
     return {
         "batch": 32,

@@ -746,7 +746,9 @@ class _RoutedLayout:
         elif n.op_type == "Relu" and n.input[0] in self.pending:
             self._fold(n)
         else:
-            self._plain(n)
+            self._restore(n.input)
+            self.nodes.append(n)
+            self.alive.update(n.output)
 
     def _twin(self, node: Any, value: str, like: str) -> None:
         """``node`` makes the blocked twin of ``value``, with the channels of the blocked value ``like``."""
@@ -765,21 +767,18 @@ class _RoutedLayout:
         self.nodes.append(conv)
         self.blocked[relu.output[0]], self.channels[conv.output[0]] = conv.output[0], self.channels[residual]
 
-    def _plain(self, n: Any, inputs: Any = None) -> None:
-        """``n`` as it is, after a reorder out of each blocked value it reads that the graph has no plain copy of."""
-        for i in n.input if inputs is None else inputs:
+    def _restore(self, names: Any) -> None:
+        """A reorder out of each of ``names`` that only a blocked value holds (for a plain reader)."""
+        for i in names:
             if i in self.blocked and i not in self.alive:
                 self.alive.add(i)
                 self.nodes.append(_reorder_out(self.blocked[i], i, self.channels[self.blocked[i]]))
-        if n is not None:
-            self.nodes.append(n)
-            self.alive.update(n.output)
 
     def finish(self) -> list[Any]:
         """The rewritten nodes, with a plain copy of each graph output that only a blocked value holds."""
         if self.pending:
             raise ValueError("a residual Add without its ReLU")
-        self._plain(None, [o.name for o in self.graph.output])
+        self._restore([o.name for o in self.graph.output])
         return self.nodes
 
 
