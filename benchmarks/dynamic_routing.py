@@ -59,6 +59,8 @@ BUDGETS = (20.0, 30.0, 40.0, 50.0)
 # the backbone adapting to a fixed policy (BlockDrop's decoupling reversed): gates frozen, distilled
 BACKBONE_ONLY = ("--stage", "sp", "--freeze", "gates", "--distill", BASE, "--lr", "0.01", "--schedule", "cosine")
 BACKBONE_ONLY += ("--eval-every", "176", "--epochs", "2", "--threads", "1")
+# the same with the policy exactly as inference runs it (a ConvNet-AIG gate's BatchNorm on its running statistics)
+POLICY_FIXED = tuple("policy" if a == "gates" else a for a in BACKBONE_ONLY)
 JITTER = ("--epochs", "2", "--threads", "1", "--threshold-jitter", "0.4")
 # a backbone made robust to skipping before any gate is trained (stochastic depth, the SDV stage): each gated
 # block dropped per image with probability 0.35 (the rate the gates will be given), distilled from the plain network
@@ -338,6 +340,14 @@ RUNS = [
         budgets=BUDGETS,
         note="sdv_gates with its gates frozen and the backbone given two distilled epochs to adapt to the routes "
         "(30 + 6 epochs: matched by the plain networks' kd6)",
+    ),
+    Run(
+        "aig_policy_backbone",
+        ("cifar10_aig_gate_38", "--init", "pretrained:cifar10_aig_gate_38_ordered", *POLICY_FIXED),
+        budgets=BUDGETS,
+        note="aig_ordered_backbone with the policy fixed as inference runs it (--freeze policy: the gates' "
+        "BatchNorm on its running statistics too), so the saving cannot drift: does the accuracy come back at "
+        "the ordered model's 38.7%?",
     ),
     Run(
         "rnn_sp_bs",

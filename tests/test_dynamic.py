@@ -156,6 +156,24 @@ def test_freeze_backbone_in_sp_trains_the_gates_by_straight_through_alone(plain_
     assert any(not torch.equal(after[k], first[k]) for k in gate_weights)
 
 
+def test_freeze_policy_keeps_the_gates_batchnorm_statistics_where_freeze_gates_moves_them(plain_run, tmp_path) -> None:
+    """--freeze policy: every gate tensor, a ConvNet-AIG gate's BatchNorm running statistics included, stays as it
+    started (the backbone trains on the routes inference takes); --freeze gates fixes the gate weights only, so
+    the gate's batch statistics follow the changing features."""
+    init = f"{plain_run}/best.pt"
+    args = ["tiny_aig_gate_14", "--stage", "sp", "--init", init, "--distill", init]
+    start = _state(f"{_train(tmp_path, 'p0', *args, '--freeze', 'policy', '--lr', '1e-30', '--iters', '1')}/last.pt")
+    runs = {f: _state(f"{_train(tmp_path, f, *args, '--freeze', f, '--lr', '0.1')}/last.pt") for f in ("policy", "gates")}
+    gate_keys = [k for k in start if k.startswith("gates.")]
+    stats = [k for k in gate_keys if "running_" in k]
+    assert stats
+    for k in gate_keys:
+        assert torch.equal(runs["policy"][k], start[k]), k
+    assert any(not torch.equal(runs["gates"][k], start[k]) for k in stats)
+    backbone = [k for k in start if not k.startswith("gates.") and start[k].is_floating_point()]
+    assert any(not torch.equal(runs["policy"][k], start[k]) for k in backbone)
+
+
 @pytest.mark.parametrize(
     "kw, message",
     [
@@ -175,6 +193,8 @@ def test_freeze_backbone_in_sp_trains_the_gates_by_straight_through_alone(plain_
         ({"stage": "base", "batch_shape": 0.5}, "--batch-shape"),
         ({"stage": "hrl", "batch_shape": 1.0}, "--batch-shape"),
         ({"stage": "sp", "batch_shape": 0.5, "freeze": "gates"}, "--freeze gates"),
+        ({"stage": "sp", "batch_shape": 0.5, "freeze": "policy"}, "--freeze policy"),
+        ({"stage": "base", "freeze": "policy"}, "--freeze policy"),
         ({"stage": "hrl", "batch_shape": 0.5, "batch_shape_floor": 0.1}, "alternatives"),
         ({"stage": "hrl", "batch_shape_floor": 0.5}, "--batch-shape-floor"),
         ({"stage": "base", "batch_shape_floor": 0.1}, "--batch-shape"),

@@ -311,11 +311,11 @@ def make_optimizer(
     gate_params = list(model.gates.parameters()) if model.gates is not None else []
     gate_ids = {id(q) for q in gate_params}
     backbone = [q for q in model.parameters() if id(q) not in gate_ids]
-    frozen = {"backbone": backbone, "gates": gate_params}.get(cfg.freeze, [])
+    frozen = {"backbone": backbone, "gates": gate_params, "policy": gate_params}.get(cfg.freeze, [])
     for q in frozen:  # --freeze: no gradient, no update, no weight decay
         q.requires_grad_(False)
     groups = [] if cfg.freeze == "backbone" else [{"params": backbone}]
-    if gate_params and cfg.freeze != "gates":  # the policy may learn faster than the features (--gate-lr-mult)
+    if gate_params and not cfg.freezes_gates:  # the policy may learn faster than the features (--gate-lr-mult)
         groups.append({"params": gate_params, "lr": cfg.lr * cfg.gate_lr_mult})
     nesterov = cfg.nesterov and cfg.momentum > 0
     opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, weight_decay=cfg.weight_decay)

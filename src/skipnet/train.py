@@ -87,10 +87,12 @@ class Trainer:
     def _train_mode(self) -> None:
         """Training mode; with ``--bn frozen`` every BatchNorm stays in eval mode (running statistics used and
         kept, as greedy inference uses them; its scale and shift still learn), except a ConvNet-AIG gate's, whose
-        batch normalisation is the gate's design."""
+        batch normalisation is the gate's design; with ``--freeze policy`` the gates stay in eval mode."""
         self.train_model.train()
         if self.cfg.bn == "frozen":
             freeze_batchnorm(self.model)
+        if self.cfg.freeze == "policy" and self.model.gates is not None:
+            self.model.gates.eval()  # the routes greedy inference takes: a gate's BatchNorm on its running statistics
 
     # -- evaluation
     def evaluate_split(self, split: str) -> dict[str, Any]:

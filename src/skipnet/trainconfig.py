@@ -16,7 +16,8 @@ BN_FREEZE_MAX_LR = 1e-3
 SELECT_RULES = ("accuracy", "reward", "last")
 SKIP_REWARDS = ("all", "correct")  # --skip-reward: who earns Eq. 5's skip reward
 REWARDS = ("hybrid", "blockdrop")  # --reward: Eq. 5-6, or BlockDrop's 1 - u^2 if right else -penalty
-FREEZE = ("none", "backbone", "gates")  # --freeze: which parameters do not train
+FREEZE = ("none", "backbone", "gates", "policy")  # --freeze: which parameters do not train (policy: the gates
+# as inference routes, a ConvNet-AIG gate's BatchNorm statistics included)
 BASELINES = ("none", "batch", "ema", "self-critical")  # --baseline (losses.Baseline)
 OPEN_GATE_BIAS = 2.0  # sp/soft from scratch: gates start open, p = sigmoid(2) = 0.88 (beyond the paper)
 MAX_THREADS = 256  # --threads beyond this starts that many OpenMP threads per process (a crash under task limits)
@@ -150,6 +151,11 @@ class TrainConfig:
                 f"is not resized; drop --image-size (or give an image folder, which is resized to it)"
             )
 
+    @property
+    def freezes_gates(self) -> bool:
+        """``--freeze gates`` or ``policy``: the gates' parameters do not train."""
+        return self.freeze in ("gates", "policy")
+
     def _validate_freeze(self) -> None:
         if self.reward == "blockdrop" and (self.skip_target is not None or self.skip_reward != "all"):
             raise SkipnetError("--skip-target and --skip-reward shape the hybrid reward; --reward blockdrop is another")
@@ -169,10 +175,10 @@ class TrainConfig:
         shaped = self.batch_shape is not None or self.batch_shape_floor is not None
         if shaped and self.stage not in ("hrl", "rl", "sp", "soft"):
             raise SkipnetError(f"--batch-shape shapes the gates' probabilities; stage {self.stage} trains no gate")
-        if shaped and self.freeze == "gates":
-            raise SkipnetError("--batch-shape trains the gates; --freeze gates keeps them fixed")
+        if shaped and self.freezes_gates:
+            raise SkipnetError(f"--batch-shape trains the gates; --freeze {self.freeze} keeps them fixed")
         if self.difficulty_spread is not None:
-            if self.stage not in ("hrl", "rl", "sp", "soft") or self.freeze == "gates":
+            if self.stage not in ("hrl", "rl", "sp", "soft") or self.freezes_gates:
                 raise SkipnetError("--difficulty-spread orders the gates' executed shares; this run trains no gate")
             if self.distill is None:
                 raise SkipnetError("--difficulty-spread ranks images by the teacher's loss: pass --distill TEACHER")
@@ -180,8 +186,8 @@ class TrainConfig:
             raise SkipnetError("--threshold-jitter moves the hard gates' threshold; only stage sp thresholds them")
         if self.threshold_jitter and not self.threshold_jitter < self.threshold < 1 - self.threshold_jitter:
             raise SkipnetError("--threshold-jitter J needs --threshold within (J, 1 - J)")
-        if self.freeze == "gates" and self.stage not in ("hrl", "rl", "sp", "soft"):
-            raise SkipnetError(f"--freeze gates needs a stage that trains gates; stage {self.stage} trains none")
+        if self.freezes_gates and self.stage not in ("hrl", "rl", "sp", "soft"):
+            raise SkipnetError(f"--freeze {self.freeze} needs a stage that trains gates; stage {self.stage} trains none")
 
 
 # Options a resumed run takes from its new command line (``--resume``): where the data is (the same data set: its

@@ -156,7 +156,9 @@ def _add_routing_args(p: argparse._ArgumentGroup) -> None:
         choices=FREEZE,
         default=d["freeze"],
         help="parameters that do not train: backbone (hrl/rl from --init: the policy learns on a fixed network, "
-        "BatchNorm frozen too; BlockDrop's first stage) or gates (the backbone adapts to a fixed policy)",
+        "BatchNorm frozen too; BlockDrop's first stage), gates (the backbone adapts to fixed gate weights) or policy "
+        "(the gates in eval mode: the backbone trains on the routes inference takes, a ConvNet-AIG gate's "
+        "BatchNorm statistics fixed too)",
     )
 
 
