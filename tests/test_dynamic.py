@@ -163,7 +163,9 @@ def test_freeze_policy_keeps_the_gates_batchnorm_statistics_where_freeze_gates_m
     init = f"{plain_run}/best.pt"
     args = ["tiny_aig_gate_14", "--stage", "sp", "--init", init, "--distill", init]
     start = _state(f"{_train(tmp_path, 'p0', *args, '--freeze', 'policy', '--lr', '1e-30', '--iters', '1')}/last.pt")
-    runs = {f: _state(f"{_train(tmp_path, f, *args, '--freeze', f, '--lr', '0.1')}/last.pt") for f in ("policy", "gates")}
+    runs = {}
+    for f in ("policy", "gates"):
+        runs[f] = _state(f"{_train(tmp_path, f, *args, '--freeze', f, '--lr', '0.1')}/last.pt")
     gate_keys = [k for k in start if k.startswith("gates.")]
     stats = [k for k in gate_keys if "running_" in k]
     assert stats

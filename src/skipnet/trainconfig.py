@@ -187,7 +187,8 @@ class TrainConfig:
         if self.threshold_jitter and not self.threshold_jitter < self.threshold < 1 - self.threshold_jitter:
             raise SkipnetError("--threshold-jitter J needs --threshold within (J, 1 - J)")
         if self.freezes_gates and self.stage not in ("hrl", "rl", "sp", "soft"):
-            raise SkipnetError(f"--freeze {self.freeze} needs a stage that trains gates; stage {self.stage} trains none")
+            stage = self.stage
+            raise SkipnetError(f"--freeze {self.freeze} needs a stage that trains gates; stage {stage} trains none")
 
 
 # Options a resumed run takes from its new command line (``--resume``): where the data is (the same data set: its
