@@ -573,6 +573,7 @@ def _levers_b1(model) -> tuple:
 LEVERS_B32 = (
     ("ORT, routed, ORT_ENABLE_ALL", "routed", None, "plain"),
     ("ORT, routed, NCHWc kept through Gather/ScatterND (layout=nchwc)", "routed_nchwc", None, "plain"),
+    ("ORT, routed, NCHWc kept, no whole-batch If (the rewrite before)", "routed_unguarded", None, "plain"),
     ("ORT, routed, ORT_ENABLE_EXTENDED (no NCHWc)", "routed_ext", None, "plain"),
     ("ORT, masked (every block; no saving)", "masked", None, "plain"),
     ("AOTInductor, routed, vs its own plain", "aoti_routed", None, "aoti_plain"),
@@ -581,11 +582,13 @@ LEVERS_B32 = (
 
 def deploy_batch32(model, arch: str, ex: dict, stats, images: torch.Tensor, args) -> dict:
     from skipnet.cost import cost_model
+    from skipnet.export import blocked_routed
 
     batches = [images[i : i + 32].contiguous().numpy() for i in range(0, len(images), 32)]
     routed, plain = ex["routed"].payload, ex["plain"].payload
     v = {"plain": ort_runner(plain, batches), "routed": ort_runner(routed, batches)}
     v["routed_nchwc"] = ort_runner(routed, batches, layout="nchwc")
+    v["routed_unguarded"] = ort_runner(blocked_routed(routed, guards=False), batches)
     v["routed_ext"] = ort_runner(routed, batches, level="extended")
     if ex.get("masked") is not None:
         v["masked"] = ort_runner(ex["masked"].payload, batches)
@@ -604,6 +607,7 @@ def deploy_batch32(model, arch: str, ex: dict, stats, images: torch.Tensor, args
             aoti_agree = {"aoti_routed": {"error": str(exc).strip().splitlines()[0][:200]}}
             print(f"  AOTInductor routed fails at batch 32: {aoti_agree['aoti_routed']['error']}", flush=True)
     aoti_agree["routed_nchwc"] = _agree_outputs(v["routed_nchwc"](), routed_out)
+    aoti_agree["routed_unguarded"] = _agree_outputs(v["routed_unguarded"](), routed_out)
     times = _time(v, max(3, args.rounds // 2), len(images))
     return {
         "batch": 32,

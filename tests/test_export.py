@@ -401,6 +401,11 @@ def _half_open(arch: str):
     return m
 
 
+def _all_nodes(graph) -> list:
+    """The nodes of ``graph`` and of its ``If`` branches."""
+    return [m for n in graph.node for m in [n, *(x for a in n.attribute if a.type == a.GRAPH for x in _all_nodes(a.g))]]
+
+
 @pytest.mark.parametrize("arch", ["cifar10_aig_gate_14", "cifar10_rnn_gate_14"])
 def test_blocked_routed_graph_matches_eager_at_any_batch(arch, monkeypatch) -> None:
     """Issue 32 (batches): the routed graph with the blocked layout kept through each block's Gather and ScatterND
@@ -412,10 +417,17 @@ def test_blocked_routed_graph_matches_eager_at_any_batch(arch, monkeypatch) -> N
     m = _half_open(arch) if "aig" in arch else _varied_model(arch)  # one recurrent gate: one bias for all blocks
     payload = export_model(m, "onnx", graph="routed", stats=STATS, probes=1).payload
     rewritten = export.blocked_routed(payload)
-    ops = [(n.domain, n.op_type) for n in onnx.load_from_string(rewritten).graph.node]
+    graph = onnx.load_from_string(rewritten).graph
+    ops = [(n.domain, n.op_type) for n in _all_nodes(graph)]
     assert ("com.microsoft.nchwc", "ReorderInput") not in ops and ("", "Relu") not in ops
     assert ops.count(("com.microsoft.nchwc", "GlobalAveragePool")) >= 5
     assert ops.count(("", "ScatterND")) == 5 and ops.count(("", "Gather")) >= 5
+    # every block that scatters back into its own input runs on the whole batch, unscattered, when all images take it
+    guards = [n for n in graph.node if n.op_type == "If"]
+    assert len(guards) == 5  # every gated block
+    for n in guards:
+        whole, some = (next(a.g for a in n.attribute if a.name == b) for b in ("then_branch", "else_branch"))
+        assert {m.op_type for m in whole.node} == {"Conv"} and [m.op_type for m in some.node][-1] == "ScatterND"
     session = onnx_session(rewritten, layout="nchw")
     batches = _fresh(2, 5) + _fresh(1, 16, seed=3) + _fresh(2, 1, seed=5)
     d = torch.cat(_agree(m, "routed", lambda x: run_onnx(session, x), batches))

@@ -680,7 +680,7 @@ def blocked_layout(model_bytes: bytes, fuse_gates: bool = True) -> bytes:
     return (lstm_gates(proto) if fuse_gates else proto).SerializeToString()
 
 
-def blocked_routed(model_bytes: bytes) -> bytes:
+def blocked_routed(model_bytes: bytes, guards: bool = True) -> bytes:
     """A routed graph rewritten to keep ONNX Runtime's blocked NCHWc layout through its per-block ``Gather`` and
     ``ScatterND`` (issue 32, batches).
 
@@ -691,8 +691,9 @@ def blocked_routed(model_bytes: bytes) -> bytes:
     so here each block gathers and scatters the blocked values, its residual and ReLU fold into its last
     convolution (its ``Sum`` input and ``Relu`` activation, as in the plain network), and the gate pools the blocked
     value (NCHWc ``GlobalAveragePool``); anything else reads a reordered copy. Same function (the gates' means
-    summed in another order, ~1e-7). For this CPU and ONNX Runtime version only, like :func:`blocked_layout`;
-    raises ``ValueError`` for a graph that is not a routed one."""
+    summed in another order, ~1e-7). ``guards`` also runs each block on the whole batch, ungathered, when every
+    image takes it (:func:`_whole_batch_guards`). For this CPU and ONNX Runtime version only, like
+    :func:`blocked_layout`; raises ``ValueError`` for a graph that is not a routed one."""
     proto = ort_optimized(model_bytes)
     graph = proto.graph
     if any(n.op_type == "If" for n in graph.node) or not any(n.op_type == "ScatterND" for n in graph.node):
@@ -701,11 +702,103 @@ def blocked_routed(model_bytes: bytes) -> bytes:
     for n in graph.node:
         rewrite.take(n)
     nodes = rewrite.finish()
+    nodes = _whole_batch_guards(nodes) if guards else nodes
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.value_info[:]
     prune_graph(graph)
     return proto.SerializeToString()
+
+
+def _whole_batch_guards(nodes: list[Any]) -> list[Any]:
+    """Each block that gathers its images from a blocked value and scatters them back into it, as an ``If`` on
+    whether every image of the batch executes it: then the block runs on the whole batch, with neither gather nor
+    scatter; else it gathers, runs and scatters as before. ONNX Runtime's ``ScatterND`` copies its whole input
+    before it writes the updates, so a block that every image executes paid a gather and two copies of the batch
+    for nothing (issue 32: batch 32, 0.781 -> 0.823 of the ideal on the bias-set SkipNet-110, where a third of the
+    blocks run for the whole batch; ``benchmarks/export_speed.py deploy``). A block whose values are read outside
+    it (a downsampling block's shortcut) stays as it is."""
+    made = {o: n for n in nodes for o in n.output}
+    users = {}
+    for n in nodes:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    out, taken = [], set()
+    for k, n in enumerate(nodes):
+        if id(n) in taken:
+            continue
+        block = _scattered_block(n, nodes[k + 1 :], users, made)
+        if block is None:
+            out.append(n)
+            continue
+        seg, before, decisions = block
+        taken.update(id(m) for m in (*seg, *before))
+        out += [*before, *_guarded(seg, decisions, f"_whole{k}")]
+    return out
+
+
+def _scattered_block(gather: Any, rest: list[Any], users: dict, made: dict) -> Any:
+    """For a ``Gather`` of a blocked value along the batch: ``(the block's nodes from it to the ScatterND back into
+    that value, the other nodes before that ScatterND, the decision vector)``; ``None`` where it is not such a
+    block."""
+    if gather.op_type != "Gather" or not gather.output[0].endswith("_nchwc"):
+        return None
+    x = gather.input[0]
+    end = next((j for j, m in enumerate(rest) if m.op_type == "ScatterND" and m.input[0] == x), None)
+    decisions, v = None, gather.input[1]
+    while v in made and decisions is None:  # the index is NonZero(decisions), reshaped
+        decisions = made[v].input[0] if made[v].op_type == "NonZero" else None
+        v = made[v].input[0] if made[v].input else ""
+    if end is None or decisions is None:
+        return None
+    seg, inside = [gather], set(gather.output)
+    for m in rest[:end]:
+        if inside.intersection(m.input):
+            seg.append(m)
+            inside.update(m.output)
+    seg.append(rest[end])
+    ids = {id(m) for m in seg}
+    if any(id(u) not in ids for m in seg[:-1] for o in m.output for u in users.get(o, [])):
+        return None
+    return seg, [m for m in rest[:end] if id(m) not in ids], decisions
+
+
+def _guarded(seg: list[Any], decisions: str, tag: str) -> list[Any]:
+    """:func:`_whole_batch_guards`' nodes for one block ``seg`` (its ``Gather`` ... ``ScatterND``)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    gather, scatter = seg[0], seg[-1]
+    ren = {gather.output[0]: gather.input[0]}
+    whole = []
+    for m in seg[1:-1]:  # the block on the whole batch: its convolutions read the block input itself
+        c = onnx.NodeProto()
+        c.CopyFrom(m)
+        c.input[:] = [ren.get(i, i) for i in c.input]
+        for q, o in enumerate(c.output):
+            ren[o] = c.output[q] = o + tag
+        whole.append(c)
+    some = [onnx.NodeProto() for _ in seg]
+    for c, m in zip(some, seg):
+        c.CopyFrom(m)
+    some[-1].output[0] = scatter.output[0] + tag
+
+    def branch(name: str, body: list[Any], value: str) -> Any:
+        return helper.make_graph(body, name + tag, [], [helper.make_tensor_value_info(value, TensorProto.FLOAT, None)])
+
+    as_int, least, every = decisions + tag + "_int", decisions + tag + "_min", decisions + tag + "_all"
+    return [
+        helper.make_node("Cast", [decisions], [as_int], to=TensorProto.INT32),
+        helper.make_node("ReduceMin", [as_int], [least], keepdims=0),
+        helper.make_node("Cast", [least], [every], to=TensorProto.BOOL),
+        helper.make_node(
+            "If",
+            [every],
+            [scatter.output[0]],
+            then_branch=branch("whole", whole, ren[scatter.input[2]]),
+            else_branch=branch("some", some, some[-1].output[0]),
+        ),
+    ]
 
 
 class _RoutedLayout:
