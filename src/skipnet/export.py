@@ -702,7 +702,7 @@ def blocked_routed(model_bytes: bytes, guards: bool = True) -> bytes:
     for n in graph.node:
         rewrite.take(n)
     nodes = rewrite.finish()
-    nodes = _whole_batch_guards(nodes) if guards else nodes
+    nodes = _whole_batch_guards(nodes, set(rewrite.blocked.values())) if guards else nodes
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.value_info[:]
@@ -710,14 +710,15 @@ def blocked_routed(model_bytes: bytes, guards: bool = True) -> bytes:
     return proto.SerializeToString()
 
 
-def _whole_batch_guards(nodes: list[Any]) -> list[Any]:
+def _whole_batch_guards(nodes: list[Any], blocked: set[str]) -> list[Any]:
     """Each block that gathers its images from a blocked value and scatters them back into it, as an ``If`` on
     whether every image of the batch executes it: then the block runs on the whole batch, with neither gather nor
     scatter; else it gathers, runs and scatters as before. ONNX Runtime's ``ScatterND`` copies its whole input
     before it writes the updates, so a block that every image executes paid a gather and two copies of the batch
-    for nothing (issue 32: batch 32, 0.781 -> 0.823 of the ideal on the bias-set SkipNet-110, where a third of the
-    blocks run for the whole batch; ``benchmarks/export_speed.py deploy``). A block whose values are read outside
-    it (a downsampling block's shortcut) stays as it is."""
+    for nothing (issue 32, batch 32: 0.827 -> 0.877 of the ideal on the bias-set SkipNet-110, where a third of the
+    blocks run for the whole batch; 0.844 -> 0.826 on a per-image SkipNet-38, a tenth; ``export_speed.py
+    deploy``). PyTorch's routed execution skips the gather in the same case. ``blocked`` names the blocked values.
+    A block whose values are read outside it stays as it is."""
     made = {o: n for n in nodes for o in n.output}
     users = {}
     for n in nodes:
@@ -727,7 +728,7 @@ def _whole_batch_guards(nodes: list[Any]) -> list[Any]:
     for k, n in enumerate(nodes):
         if id(n) in taken:
             continue
-        block = _scattered_block(n, nodes[k + 1 :], users, made)
+        block = _scattered_block(n, nodes[k + 1 :], users, made) if n.output[0] in blocked else None
         if block is None:
             out.append(n)
             continue
@@ -738,10 +739,10 @@ def _whole_batch_guards(nodes: list[Any]) -> list[Any]:
 
 
 def _scattered_block(gather: Any, rest: list[Any], users: dict, made: dict) -> Any:
-    """For a ``Gather`` of a blocked value along the batch: ``(the block's nodes from it to the ScatterND back into
-    that value, the other nodes before that ScatterND, the decision vector)``; ``None`` where it is not such a
+    """For a ``Gather`` along the batch: ``(the block's nodes from it to the ScatterND back into the value it
+    gathers from, the other nodes before that ScatterND, the decision vector)``; ``None`` where it is not such a
     block."""
-    if gather.op_type != "Gather" or not gather.output[0].endswith("_nchwc"):
+    if gather.op_type != "Gather":
         return None
     x = gather.input[0]
     end = next((j for j, m in enumerate(rest) if m.op_type == "ScatterND" and m.input[0] == x), None)
