@@ -747,3 +747,27 @@ def test_the_decoupled_sdv_chain_rows_and_their_matched_gap_are_the_json() -> No
     stated += [_at(rows[f"sdv_alt_backbone@{b}%"]) for b in (20, 30, 40, 50)]
     page = _words("docs/routing.md")
     assert not [x for x in stated if x not in page], [x for x in stated if x not in page]
+
+
+def test_the_fixed_policy_row_and_its_matched_gap_are_the_json() -> None:
+    """Item 17 of docs/routing.md: aig_policy_backbone and its budgets are the JSON's rows; the matched line is
+    plain_r32_kd7 - plain_r26_kd7 and the stated gap is that line minus its accuracy; the comparisons stated (its
+    saving under aig_ordered_backbone's, its 30% and 40% budgets under aig_ordered_backbone's) hold."""
+    from skipnet.results import frontier
+
+    rows = _routing_rows()
+    run, ro = rows["aig_policy_backbone"], rows["aig_policy_backbone"]["routes"]
+    matched = [(rows[n]["macs_reduction"], rows[n]["accuracy"]) for n in ("plain_r32_kd7", "plain_r26_kd7")]
+    line = frontier(matched, run["macs_reduction"])
+    assert line - run["accuracy"] > 0.5 and run["macs_reduction"] < 30  # a negative row
+    assert run["macs_reduction"] < rows["aig_ordered_backbone"]["macs_reduction"]
+    for ours, theirs in ((30, 30), (40, 40)):
+        assert rows[f"aig_policy_backbone@{ours}%"]["accuracy"] < rows[f"aig_ordered_backbone@{theirs}%"]["accuracy"]
+    gap = ro["executed_mean_wrong"] - ro["executed_mean_correct"]
+    stated = [f"{_at(run)} fewer MACs, {ro['distinct_routes']} routes", f"std {ro['executed_std']:.2f}"]
+    stated += [f"{gap:+.2f} blocks", f"Spearman −{-ro['class_spearman_median']:.2f}"]
+    stated += [f"is {line:.2f}% there: {line - run['accuracy']:.2f} points under"]
+    stated += [_at(rows[f"aig_policy_backbone@{b}%"]) for b in (20, 30, 40, 50)]
+    stated += [_at(rows[f"aig_ordered_backbone@{b}%"]) for b in (30, 40)]
+    page = _words("docs/routing.md")
+    assert not [x for x in stated if x not in page], [x for x in stated if x not in page]
