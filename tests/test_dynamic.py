@@ -642,7 +642,7 @@ def test_the_adapted_model_meets_the_per_input_criteria_and_the_pages_state_it()
     """Item 14 of docs/routing.md: aig_alt_backbone (shipped as cifar10_aig_gate_38_adapted: the zoo has its row)
     meets criterion 1 of issue 31; aig_ordered_backbone, its budgets and aig_alt_order are the JSON's rows; the
     gaps to the matched line and the claims "above every earlier calibrated point" and "every row saving 20% or
-    more is at least 1.2 points under" hold."""
+    more is at least 0.8 points under" hold."""
     from skipnet.results import frontier
 
     rows = _routing_rows()
@@ -670,7 +670,8 @@ def test_the_adapted_model_meets_the_per_input_criteria_and_the_pages_state_it()
     assert not [s for s in stated if s not in page], [s for s in stated if s not in page]
     gain = first["accuracy"] - rows["aig_sp_floor_order_wide2"]["accuracy"]
     assert f"{gain:.2f} points more accurate" in page
-    earlier = [r for n, r in rows.items() if "@" in n and not n.startswith("aig_ordered_backbone")]
+    later = ("aig_ordered_backbone", "aig_policy_backbone")  # itself, and item 17's run from the same model
+    earlier = [r for n, r in rows.items() if "@" in n and not n.startswith(later)]
     for b in (20, 30):  # "above every earlier calibrated point"
         assert rows[f"aig_ordered_backbone@{b}%"]["accuracy"] > max(r["accuracy"] for r in earlier)
     plain = json.loads((ROOT / "benchmarks/results/dynamic_routing.json").read_text())["plain"].values()
@@ -680,7 +681,10 @@ def test_the_adapted_model_meets_the_per_input_criteria_and_the_pages_state_it()
         for n, r in rows.items()
         if r["macs_reduction"] >= 20 and not n.startswith("plain")
     ]
-    assert min(g for g in saving if g == g) >= 1.2  # "every row saving 20% or more is at least 1.2 points under"
+    assert min(g for g in saving if g == g) >= 0.75  # "every row saving 20% or more is at least 0.8 points under"
+    gated = [r for n, r in rows.items() if not n.startswith("plain")]
+    at30 = [frontier(static, r["macs_reduction"]) - r["accuracy"] for r in gated if r["macs_reduction"] >= 30]
+    assert min(g for g in at30 if g == g) >= 1.3  # "every row saving 30% or more at least 1.3"
     for path in ("README.md", "benchmarks/RESULTS.md"):
         text = _words(path)
         assert f"{_at(adapted)} fewer MACs" in text and f"{line - adapted['accuracy']:.2f} points under" in text, path
