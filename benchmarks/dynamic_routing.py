@@ -350,6 +350,20 @@ RUNS = [
         "the ordered model's 38.7%?",
     ),
     Run(
+        "aig_alt2_order",
+        ("cifar10_aig_gate_38", "--init", "pretrained:cifar10_aig_gate_38_adapted", *FLOOR_ORDER_WIDE[:-1], "1"),
+        note="a second alternation from the shipped adapted model (aig_alt_backbone): one more epoch of the ordering "
+        "recipe on gates and backbone, as aig_alt_order",
+    ),
+    aig_after(
+        "aig_alt2_backbone",
+        "aig_alt2_order",
+        (*BACKBONE_ONLY,),
+        budgets=BUDGETS,
+        note="aig_alt2_order with its gates frozen and the backbone given two distilled epochs, as aig_alt_backbone "
+        "(30 + 15 epochs): does each alternation close more of the gap?",
+    ),
+    Run(
         "rnn_sp_bs",
         ("cifar10_rnn_gate_38", *AIG),
         note="as aig_sp_bs with the paper's recurrent gate (the gate design's control)",
