@@ -7,6 +7,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -432,6 +433,8 @@ def test_blocked_routed_graph_matches_eager_at_any_batch(arch, monkeypatch) -> N
     batches = _fresh(2, 5) + _fresh(1, 16, seed=3) + _fresh(2, 1, seed=5)
     d = torch.cat(_agree(m, "routed", lambda x: run_onnx(session, x), batches))
     assert (d.min(0).values != d.max(0).values).any(), "some block taken by some images and skipped by others"
+    empty = session.run(None, {"images": np.zeros((0, 3, 32, 32), np.float32)})  # an empty batch, as written
+    assert empty[0].shape == (0, 10) and empty[2].shape == (0, 5)
     calls = []
     real = export.blocked_routed
     monkeypatch.setattr(export, "blocked_routed", lambda b: calls.append(1) or real(b))

@@ -611,19 +611,16 @@ def _fold_residual(made: dict[str, Any], relu: Any, outer: str, blocked: str, dr
     return _attr(reorder, "channels"), conv.output[0]
 
 
-def _pool_blocked(graph: Any, node: Any, value: str) -> list[Any]:
+def _pool_blocked(node: Any, value: str) -> list[Any]:
     """The gate's ``ReduceMean`` over H, W as NCHWc ``GlobalAveragePool`` of the blocked ``value`` (at 1x1 the
     blocked and plain layouts are one), reshaped as the ``ReduceMean`` returned it."""
-    import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     pooled = node.output[0] + "_pooled"
     nodes = [helper.make_node("GlobalAveragePool", [value], [pooled], domain=NCHWC)]
     if _attr(node, "keepdims"):
         return [*nodes, helper.make_node("Identity", [pooled], [node.output[0]])]
-    shape = node.output[0] + "_shape"
-    graph.initializer.append(numpy_helper.from_array(np.array([0, -1], np.int64), shape))
-    return [*nodes, helper.make_node("Reshape", [pooled, shape], [node.output[0]])]
+    return [*nodes, helper.make_node("Flatten", [pooled], [node.output[0]], axis=1)]  # (B, C), an empty batch too
 
 
 def _reorder_out(blocked: str, plain: str, channels: int) -> Any:
@@ -665,7 +662,7 @@ def blocked_layout(model_bytes: bytes, fuse_gates: bool = True) -> bytes:
             name = n.output[0] + "_nchwc"
             blocked[n.output[0]], channels[name], n.output[0] = name, (outs or {channels[blocked[outer]]}).pop(), name
         elif n.op_type == "ReduceMean" and n.input[0] in blocked and _spatial(inits, n):
-            nodes += _pool_blocked(graph, n, blocked[n.input[0]])
+            nodes += _pool_blocked(n, blocked[n.input[0]])
             continue
         elif n.domain == NCHWC and n.op_type == "ReorderOutput":
             continue  # put back below, where a plain consumer needs it
@@ -882,7 +879,7 @@ def _pool_blocked_sliced(graph: Any, node: Any, value: str, channels: int) -> li
     import numpy as np
     from onnx import helper
 
-    nodes = _pool_blocked(graph, node, value)
+    nodes = _pool_blocked(node, value)
     out, padded = node.output[0], node.output[0] + "_padded"
     nodes[-1].output[0] = padded
     ends = _const(graph, f"pool_slice_{channels}", np.array([channels], np.int64))
