@@ -175,6 +175,8 @@ def test_deploy_page_speed_figures_are_the_json() -> None:
             for tag in ("layout=nchwc", "no whole-batch If"):  # the blocked layout, and before its whole-batch If
                 blocked = next((r for r in m["batch32"]["rows"] if tag in r["lever"]), None)
                 assert blocked is None or f"{blocked['efficiency']:.3f}" in text, (path.name, m["arch"], tag)
+            share = m["batch32"].get("whole_batch_share")  # the blocks the whole-batch If runs ungathered
+            assert share is None or f"{100 * share:.1f}%" in text, (path.name, m["arch"])
             models += 1
     assert models >= 3
 

@@ -712,8 +712,8 @@ def _whole_batch_guards(nodes: list[Any], blocked: set[str]) -> list[Any]:
     whether every image of the batch executes it: then the block runs on the whole batch, with neither gather nor
     scatter; else it gathers, runs and scatters as before. ONNX Runtime's ``ScatterND`` copies its whole input
     before it writes the updates, so a block that every image executes paid a gather and two copies of the batch
-    for nothing (issue 32, batch 32: 0.827 -> 0.877 of the ideal on the bias-set SkipNet-110, where a third of the
-    blocks run for the whole batch; 0.844 -> 0.826 on a per-image SkipNet-38, a tenth; ``export_speed.py
+    for nothing (issue 32, batch 32: 0.786 -> 0.816 of the ideal on the bias-set SkipNet-110, where a third of the
+    blocks run for the whole batch; 0.840 -> 0.828 on a per-image SkipNet-38, a tenth; ``export_speed.py
     deploy``). PyTorch's routed execution skips the gather in the same case. ``blocked`` names the blocked values.
     A block whose values are read outside it stays as it is."""
     made = {o: n for n in nodes for o in n.output}
