@@ -775,3 +775,39 @@ def test_the_fixed_policy_row_and_its_matched_gap_are_the_json() -> None:
     stated += [_at(rows[f"aig_ordered_backbone@{b}%"]) for b in (30, 40)]
     page = _words("docs/routing.md")
     assert not [x for x in stated if x not in page], [x for x in stated if x not in page]
+
+
+def test_the_second_alternation_rows_and_their_gains_are_the_json() -> None:
+    """Item 18 of docs/routing.md: aig_alt2_order, aig_alt2_backbone and its budgets are the JSON's rows; the
+    matched gaps (the ordered model's, the first and the second alternation's), the standard error, and "the most
+    accurate 40% point of any run" hold."""
+    from skipnet.results import frontier
+
+    rows = _routing_rows()
+    matched = [(rows[n]["macs_reduction"], rows[n]["accuracy"]) for n in ("plain_r20_kd7", "plain_r26_kd7")]
+
+    def gap(name: str) -> float:
+        return frontier(matched, rows[name]["macs_reduction"]) - rows[name]["accuracy"]
+
+    run, ro, order = rows["aig_alt2_backbone"], rows["aig_alt2_backbone"]["routes"], rows["aig_alt2_order"]
+    assert run["macs_reduction"] >= 30 and ro["executed_std"] >= 1.2 and ro["distinct_routes"] >= 100
+    assert ro["top_route_share"] <= 0.2 and ro["class_spearman_median"] <= -0.5
+    wrong = ro["executed_mean_wrong"] - ro["executed_mean_correct"]
+    assert wrong >= 1.0
+    stderr = 100 * (run["accuracy"] / 100 * (1 - run["accuracy"] / 100) / 10000) ** 0.5
+    second = gap("aig_alt_backbone") - gap("aig_alt2_backbone")
+    assert 0 < second < stderr
+    fortys = {n: r["accuracy"] for n, r in rows.items() if n.endswith("@40%")}
+    assert max(fortys, key=fortys.get) == "aig_alt2_backbone@40%"
+    o = order["routes"]
+    o_wrong = o["executed_mean_wrong"] - o["executed_mean_correct"]
+    stated = [f"{_at(order)} fewer MACs, wrong predictions {o_wrong:+.2f}"]
+    stated += [f"{_at(run)} fewer MACs, {ro['distinct_routes']} routes, none above {100 * ro['top_route_share']:.1f}%"]
+    stated += [f"std {ro['executed_std']:.2f}, wrong predictions {wrong:+.2f} blocks"]
+    stated += [f"Spearman −{-ro['class_spearman_median']:.2f}", f"{gap('aig_alt2_backbone'):.2f} points under"]
+    stated += [f"the matched line ({frontier(matched, run['macs_reduction']):.2f}% there)"]
+    stated += [f"from {gap('aig_sp_floor_order_wide2'):.2f} to {gap('aig_alt_backbone'):.2f} points"]
+    stated += [f"gains {second:.2f}", f"({stderr:.2f} points)"]
+    stated += [_at(rows[f"aig_alt2_backbone@{b}%"]) for b in (20, 40, 50)]
+    page = _words("docs/routing.md")
+    assert not [x for x in stated if x not in page], [x for x in stated if x not in page]
