@@ -363,6 +363,14 @@ RUNS = [
         note="aig_alt2_order with its gates frozen and the backbone given two distilled epochs, as aig_alt_backbone "
         "(30 + 15 epochs): does each alternation close more of the gap?",
     ),
+    aig_after(
+        "aig_alt2_jitter",
+        "aig_alt2_backbone",
+        (*BACKBONE_ONLY, "--threshold-jitter", "0.45"),
+        budgets=BUDGETS,
+        note="aig_alt2_backbone's backbone given two more distilled epochs on its frozen gates thresholded at 0.5 + "
+        "U(-0.45, 0.45) each step: the routes of every budget's threshold trained, for one checkpoint at 20-50%",
+    ),
     Run(
         "rnn_sp_bs",
         ("cifar10_rnn_gate_38", *AIG),
