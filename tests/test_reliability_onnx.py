@@ -87,3 +87,24 @@ def test_a_checkpoint_benched_in_onnxruntime_checks_its_plain_graph_too(graphs, 
     argv = ["bench", str(ckpt), "--runtime", "onnxruntime", "--batch-size", "2", "--plain", str(graphs["plain_b"])]
     assert main([*argv, *BENCH]) == 2
     assert "holds other backbone weights" in one_line_error(capsys)
+
+
+def test_a_routed_graph_is_benched_against_the_plain_resnet_unfolded_from_itself(graphs, capsys) -> None:
+    """``skipnet bench R.onnx`` needs no --plain for a routed graph: with every per-block gather and scatter of the
+    executing images made the identity, the file is the plain ResNet of its own weights (the logits of ``skipnet
+    export --graph plain``, no NonZero, gather or scatter left)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from skipnet.bench_onnx import unfold_routes
+
+    plain = unfold_routes(onnx.load(str(graphs["routed_a"])))
+    assert not {n.op_type for n in plain.graph.node} & {"NonZero", "ScatterND", "Gather"}
+    reference = ort.InferenceSession(str(graphs["plain_a"]), providers=["CPUExecutionProvider"])
+    shape = [3 if isinstance(d, str) else d for d in reference.get_inputs()[0].shape]
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    unfolded = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(unfolded.run(None, {"images": x})[0], reference.run(None, {"images": x})[0], atol=1e-5)
+    assert main(["bench", str(graphs["routed_a"]), "--batch-size", "2", *BENCH]) == 0, capsys.readouterr().err
+    got = json.loads(capsys.readouterr().out)
+    assert got["graph"] == "routed" and got["macs_plain"] >= got["macs_routed"] > 0

@@ -11,10 +11,11 @@ file itself so that they use the very same (BN-folded) weights and kernels:
   Runtime's blocked layout kept across its ``If`` nodes and the gate as one ``LSTM`` node, checked against the
   file as written; issue 32).
 
-A routed or masked graph (any batch) has no ``If`` to unfold: give the plain ResNet with ``--plain`` (or bench
-a checkpoint with ``--runtime onnxruntime``, which exports both). The three are timed interleaved, as
-:func:`skipnet.bench.time_interleaved` does, in sessions with ``threads`` intra-op threads and the sequential
-executor; the JSON keys are those of ``skipnet bench`` (see :mod:`skipnet.commands.bench`), plus ``runtime``,
+A routed graph (any batch) gives its plain ResNet by :func:`unfold_routes` (each per-block gather and scatter of
+the executing images made the identity) and has no masked twin; a masked graph has neither: give the plain ResNet
+with ``--plain`` (or bench a checkpoint with ``--runtime onnxruntime``, which exports both). They are timed
+interleaved, as :func:`skipnet.bench.time_interleaved` does, in sessions with ``threads`` intra-op threads and the
+sequential executor; the JSON keys are those of ``skipnet bench`` (see :mod:`skipnet.commands.bench`), plus ``runtime``,
 ``graph`` and ``images``.
 """
 
@@ -87,6 +88,42 @@ def unfold_ifs(proto: Any, how: str) -> Any:
         keep = [o for o in graph.output if o.name == "logits"] or [graph.output[0]]
         del graph.output[:]
         graph.output.extend(keep)
+    _prune(graph)
+    onnx.checker.check_model(model)
+    return model
+
+
+def unfold_routes(proto: Any) -> Any:
+    """A copy of a routed graph as the plain ResNet: every image executes every block, so each per-block gather of
+    the executing images (``Gather`` along the batch by an index made from ``NonZero``) is its input itself and
+    each scatter back (``ScatterND`` by such an index) is its updates. The gates, which nothing then reads, are
+    pruned with every output but the logits."""
+    onnx, _ = require_onnx()
+    from onnx import helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    graph = model.graph
+    routed = {o for n in graph.node if n.op_type == "NonZero" for o in n.output}
+    for n in graph.node:  # the values computed from a NonZero: the routes' indices (graph order is topological)
+        if n.op_type != "NonZero" and routed.intersection(n.input):
+            routed.update(n.output)
+    nodes, unfolded = [], 0
+    for n in graph.node:
+        if n.op_type == "Gather" and len(n.input) == 2 and n.input[1] in routed:
+            n = helper.make_node("Identity", [n.input[0]], list(n.output))
+            unfolded += 1
+        elif n.op_type == "ScatterND" and n.input[1] in routed:
+            n = helper.make_node("Identity", [n.input[2]], list(n.output))
+        nodes.append(n)
+    if not unfolded:
+        raise SkipnetError("the graph has no routed gathers to unfold into the plain ResNet: pass --plain PLAIN.onnx")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    keep = [o for o in graph.output if o.name == "logits"] or [graph.output[0]]
+    del graph.output[:]
+    graph.output.extend(keep)
+    del graph.value_info[:]
     _prune(graph)
     onnx.checker.check_model(model)
     return model
@@ -205,12 +242,12 @@ def _sessions(
         raise SkipnetError(f"{n_images} images do not split into batches of {batch_size}")
     conditional = any(n.op_type == "If" for n in proto.graph.node)
     if plain_bytes is None:
-        if not conditional:
+        if not conditional and graph != "routed":
             raise SkipnetError(
                 f"a {graph} graph has no If nodes to unfold into the plain ResNet: pass --plain PLAIN.onnx "
                 "(skipnet export CKPT PLAIN.onnx --graph plain)"
             )
-        plain_bytes = unfold_ifs(proto, "then").SerializeToString()
+        plain_bytes = (unfold_ifs(proto, "then") if conditional else unfold_routes(proto)).SerializeToString()
     sessions = {
         "plain": open_onnx_session("the plain graph", plain_bytes, threads),
         "routed": open_onnx_session("the exported graph", skipnet_bytes, threads),

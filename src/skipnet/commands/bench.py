@@ -84,7 +84,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(default: onnxruntime for a .onnx file, else torch)",
     )
     p.add_argument(
-        "--plain", default=None, help="onnxruntime: the exported plain ResNet to compare a routed graph with"
+        "--plain",
+        default=None,
+        help="onnxruntime: the exported plain ResNet to compare a masked graph with (a conditional or routed graph "
+        "gives its own; one given is checked to be of the same backbone)",
     )
     p.add_argument(
         "--images", type=int, default=8, help="onnxruntime: distinct images (batches of --batch-size) per round"
