@@ -46,6 +46,7 @@ LAYERS: dict[str, tuple[set[str], set[str]]] = {
             "analysis",
             "results",
             "plots",
+            "ortgraph",
             "export",
             "predict",
             "bench",

@@ -348,7 +348,7 @@ def test_nchwc_session_says_when_the_rewrite_falls_back(model, graph_name, fault
     """A conditional graph the blocked-layout rewrite cannot take (it raises, or its outputs differ on the probes)
     runs as written, with the same outputs, and a warning says so: a regression in the rewrite costs speed, never
     silently (issue 32: a gate's renamed weights once broke the rewrite with only a debug line)."""
-    import skipnet.export as export
+    import skipnet.ortgraph as ortgraph
 
     graph = export_model(model, "onnx", graph=graph_name, stats=STATS, probes=1).payload
     other = export_model(create_model("tiny_resnet_14").eval(), "onnx", graph="plain", stats=STATS, probes=1)
@@ -358,7 +358,7 @@ def test_nchwc_session_says_when_the_rewrite_falls_back(model, graph_name, fault
             raise ValueError("an unknown node")
         return other.payload  # a graph with other outputs: _same_outputs must refuse it
 
-    monkeypatch.setattr(export, "blocked_layout" if graph_name == "conditional" else "blocked_routed", broken)
+    monkeypatch.setattr(ortgraph, "blocked_layout" if graph_name == "conditional" else "blocked_routed", broken)
     with pytest.warns(UserWarning, match="blocked-layout rewrite does not apply"):
         session = onnx_session(graph)
     _agree(model, graph_name, lambda x: run_onnx(session, x), _fresh(4, 1, seed=3))
@@ -367,13 +367,13 @@ def test_nchwc_session_says_when_the_rewrite_falls_back(model, graph_name, fault
 def test_nchwc_session_runs_other_graphs_as_they_are(model, monkeypatch) -> None:
     """``layout="nchwc"`` on a graph without If or ScatterND (plain, masked) runs it unchanged, with the same
     outputs: no rewrite is even tried."""
-    import skipnet.export as export
+    import skipnet.ortgraph as ortgraph
 
     def never(_: bytes) -> bytes:
         raise AssertionError("a rewrite was tried")
 
-    monkeypatch.setattr(export, "blocked_layout", never)
-    monkeypatch.setattr(export, "blocked_routed", never)
+    monkeypatch.setattr(ortgraph, "blocked_layout", never)
+    monkeypatch.setattr(ortgraph, "blocked_routed", never)
     for graph in ("masked", "plain"):
         ex = export_model(model, "onnx", graph=graph, stats=STATS, probes=1)
         session = onnx_session(ex.payload, layout="nchwc")
@@ -413,11 +413,11 @@ def test_blocked_routed_graph_matches_eager_at_any_batch(arch, monkeypatch) -> N
     takes every eager decision and class at batches of 1, 5 and 16 (blocks that all, none and some images run);
     no value is reordered into the blocked layout after the stem, the residuals and ReLUs fold into the
     convolutions, and the gates pool the blocked value. ``onnx_session`` runs it by default."""
-    import skipnet.export as export
+    import skipnet.ortgraph as ortgraph
 
     m = _half_open(arch) if "aig" in arch else _varied_model(arch)  # one recurrent gate: one bias for all blocks
     payload = export_model(m, "onnx", graph="routed", stats=STATS, probes=1).payload
-    rewritten = export.blocked_routed(payload)
+    rewritten = ortgraph.blocked_routed(payload)
     graph = onnx.load_from_string(rewritten).graph
     ops = [(n.domain, n.op_type) for n in _all_nodes(graph)]
     assert ("com.microsoft.nchwc", "ReorderInput") not in ops and ("", "Relu") not in ops
@@ -436,8 +436,8 @@ def test_blocked_routed_graph_matches_eager_at_any_batch(arch, monkeypatch) -> N
     empty = session.run(None, {"images": np.zeros((0, 3, 32, 32), np.float32)})  # an empty batch, as written
     assert empty[0].shape == (0, 10) and empty[2].shape == (0, 5)
     calls = []
-    real = export.blocked_routed
-    monkeypatch.setattr(export, "blocked_routed", lambda b: calls.append(1) or real(b))
+    real = ortgraph.blocked_routed
+    monkeypatch.setattr(ortgraph, "blocked_routed", lambda b: calls.append(1) or real(b))
     default = onnx_session(payload)
     _agree(m, "routed", lambda x: run_onnx(default, x), _fresh(1, 16, seed=3))
     assert calls == [1]

@@ -7,7 +7,7 @@ file itself so that they use the very same (BN-folded) weights and kernels:
   ResNet of the same backbone, as ``skipnet export --graph plain`` would write it;
 - ``masked``: every ``If`` replaced by both branches and a ``Where`` on the decision (every block computed, as
   the masked graph does);
-- ``routed``: the file, as skipnet runs it (:func:`skipnet.export.onnx_session`: a conditional graph with ONNX
+- ``routed``: the file, as skipnet runs it (:func:`skipnet.ortgraph.onnx_session`: a conditional graph with ONNX
   Runtime's blocked layout kept across its ``If`` nodes and the gate as one ``LSTM`` node, checked against the
   file as written; issue 32).
 
@@ -32,8 +32,9 @@ from skipnet.bench import time_interleaved
 from skipnet.config import ArchConfig
 from skipnet.cost import cost_model
 from skipnet.errors import SkipnetError
-from skipnet.export import onnx_session, read_onnx_meta, require_onnx
-from skipnet.export import prune_graph as _prune
+from skipnet.export import read_onnx_meta
+from skipnet.ortgraph import onnx_session, require_onnx
+from skipnet.ortgraph import prune_graph as _prune
 from skipnet.predict import check_export_meta, check_onnx_structure, open_onnx_session
 
 

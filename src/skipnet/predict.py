@@ -207,7 +207,8 @@ def _load_pt2(spec: str) -> Predictor:
 
 
 def _load_onnx(spec: str, threads: int | None) -> Predictor:
-    from skipnet.export import read_onnx_meta, require_onnx
+    from skipnet.export import read_onnx_meta
+    from skipnet.ortgraph import require_onnx
 
     _, ort = require_onnx()
     proto, meta = read_onnx_meta(spec)
@@ -229,7 +230,7 @@ def _load_onnx(spec: str, threads: int | None) -> Predictor:
 
 def open_onnx_session(spec: str, payload: bytes, threads: int | None) -> Any:
     """An ONNX Runtime CPU session of ``payload``; a graph the runtime refuses is a one-line error."""
-    from skipnet.export import onnx_session
+    from skipnet.ortgraph import onnx_session
 
     try:
         return onnx_session(payload, threads)

@@ -221,7 +221,7 @@ def run_onnx(args: argparse.Namespace) -> int:
     """``skipnet bench OUT.onnx`` / ``--runtime onnxruntime``: see :mod:`skipnet.bench_onnx`."""
 
     from skipnet.bench_onnx import bench_onnx
-    from skipnet.export import require_onnx
+    from skipnet.ortgraph import require_onnx
 
     require_onnx()
     if args.batch_size is None:
