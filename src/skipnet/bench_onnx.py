@@ -86,9 +86,7 @@ def unfold_ifs(proto: Any, how: str) -> Any:
     del graph.node[:]
     graph.node.extend(nodes)
     if how == "then":
-        keep = [o for o in graph.output if o.name == "logits"] or [graph.output[0]]
-        del graph.output[:]
-        graph.output.extend(keep)
+        _logits_only(graph)
     _prune(graph)
     onnx.checker.check_model(model)
     return model
@@ -121,13 +119,18 @@ def unfold_routes(proto: Any) -> Any:
         raise SkipnetError("the graph has no routed gathers to unfold into the plain ResNet: pass --plain PLAIN.onnx")
     del graph.node[:]
     graph.node.extend(nodes)
-    keep = [o for o in graph.output if o.name == "logits"] or [graph.output[0]]
-    del graph.output[:]
-    graph.output.extend(keep)
+    _logits_only(graph)
     del graph.value_info[:]
     _prune(graph)
     onnx.checker.check_model(model)
     return model
+
+
+def _logits_only(graph: Any) -> None:
+    """Drop every output of ``graph`` but the logits (the plain ResNet's one output); its gates then prune away."""
+    keep = [o for o in graph.output if o.name == "logits"] or [graph.output[0]]
+    del graph.output[:]
+    graph.output.extend(keep)
 
 
 def _ms(samples: list[float], per: int) -> float:

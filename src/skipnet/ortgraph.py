@@ -234,11 +234,7 @@ def _whole_batch_guards(nodes: list[Any], blocked: set[str]) -> list[Any]:
     blocks run for the whole batch; 0.840 -> 0.828 on a per-image SkipNet-38, a tenth; ``export_speed.py
     deploy``). PyTorch's routed execution skips the gather in the same case. ``blocked`` names the blocked values.
     A block whose values are read outside it stays as it is."""
-    made = {o: n for n in nodes for o in n.output}
-    users = {}
-    for n in nodes:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    made, users = {o: n for n in nodes for o in n.output}, _users(nodes)
     out, taken = [], set()
     for k, n in enumerate(nodes):
         if id(n) in taken:
@@ -285,7 +281,7 @@ def _guarded(seg: list[Any], decisions: str, tag: str) -> list[Any]:
     from onnx import TensorProto, helper
 
     gather, scatter = seg[0], seg[-1]
-    ren = {gather.output[0]: gather.input[0]}
+    result, ren = scatter.output[0], {gather.output[0]: gather.input[0]}
     whole = []
     for m in seg[1:-1]:  # the block on the whole batch: its convolutions read the block input itself
         c = onnx.NodeProto()
@@ -294,10 +290,7 @@ def _guarded(seg: list[Any], decisions: str, tag: str) -> list[Any]:
         for q, o in enumerate(c.output):
             ren[o] = c.output[q] = o + tag
         whole.append(c)
-    some = [onnx.NodeProto() for _ in seg]
-    for c, m in zip(some, seg):
-        c.CopyFrom(m)
-    some[-1].output[0] = scatter.output[0] + tag
+    scatter.output[0] = result + tag  # the block's own nodes, as they were, are the other branch
 
     def branch(name: str, body: list[Any], value: str) -> Any:
         return helper.make_graph(body, name + tag, [], [helper.make_tensor_value_info(value, TensorProto.FLOAT, None)])
@@ -310,9 +303,9 @@ def _guarded(seg: list[Any], decisions: str, tag: str) -> list[Any]:
         helper.make_node(
             "If",
             [every],
-            [scatter.output[0]],
+            [result],
             then_branch=branch("whole", whole, ren[scatter.input[2]]),
-            else_branch=branch("some", some, some[-1].output[0]),
+            else_branch=branch("some", seg, scatter.output[0]),
         ),
     ]
 
@@ -322,7 +315,7 @@ class _RoutedLayout:
     values have a blocked twin, and the nodes of the rewritten graph."""
 
     def __init__(self, graph: Any) -> None:
-        self.graph, self.inits, self.users = graph, {t.name: t for t in graph.initializer}, _users(graph)
+        self.graph, self.inits, self.users = graph, {t.name: t for t in graph.initializer}, _users(graph.node)
         self.made = {o: n for n in graph.node for o in n.output}
         self.blocked: dict[str, str] = {}  # plain value -> its blocked twin
         self.channels: dict[str, int] = {}  # blocked value -> its (unpadded) channels
@@ -456,7 +449,7 @@ def lstm_gates(proto: Any) -> Any:
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     made = {o: n for n in graph.node for o in n.output}
-    users = _users(graph)
+    users = _users(graph.node)
     new_nodes: dict[int, list[Any]] = {}
     state: tuple[str, str] | None = None
     k = 0
@@ -498,10 +491,10 @@ def lstm_gates(proto: Any) -> Any:
     return proto
 
 
-def _users(graph: Any) -> dict[str, list[Any]]:
-    """The nodes that read each value of ``graph`` (its own nodes, not its branches')."""
+def _users(nodes: Any) -> dict[str, list[Any]]:
+    """The nodes of ``nodes`` (a graph's own, not its branches') that read each value."""
     users: dict[str, list[Any]] = {}
-    for n in graph.node:
+    for n in nodes:
         for i in n.input:
             users.setdefault(i, []).append(n)
     return users
