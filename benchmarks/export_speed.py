@@ -588,10 +588,12 @@ def whole_batch_share(routed: bytes, images: torch.Tensor, batch: int = 32) -> f
     return float(dec.min(axis=1).mean())
 
 
-def deploy_batch32(model, arch: str, ex: dict, stats, images: torch.Tensor, args, share_images: torch.Tensor) -> dict:
+def deploy_batch32(model, arch: str, ex: dict, stats, test: torch.Tensor, args) -> dict:
+    """Batch 32 on the first 64 of the ``test`` images (timed); the whole-batch share over all of them."""
     from skipnet.cost import cost_model
     from skipnet.export import blocked_routed
 
+    images = test[:64]
     batches = [images[i : i + 32].contiguous().numpy() for i in range(0, len(images), 32)]
     routed, plain = ex["routed"].payload, ex["plain"].payload
     v = {"plain": ort_runner(plain, batches), "routed": ort_runner(routed, batches)}
@@ -614,9 +616,9 @@ def deploy_batch32(model, arch: str, ex: dict, stats, images: torch.Tensor, args
         except RuntimeError as exc:  # the routed program's data-dependent sizes (recorded, not timed)
             aoti_agree = {"aoti_routed": {"error": str(exc).strip().splitlines()[0][:200]}}
             print(f"  AOTInductor routed fails at batch 32: {aoti_agree['aoti_routed']['error']}", flush=True)
-    aoti_agree["routed_nchwc"] = _agree_outputs(v["routed_nchwc"](), routed_out)
-    whole = whole_batch_share(routed, share_images)
-    aoti_agree["routed_unguarded"] = _agree_outputs(v["routed_unguarded"](), routed_out)
+    for key in ("routed_nchwc", "routed_unguarded"):
+        aoti_agree[key] = _agree_outputs(v[key](), routed_out)
+    whole = whole_batch_share(routed, test)
     times = _time(v, max(3, args.rounds // 2), len(images))
     return {
         "batch": 32,
@@ -644,8 +646,7 @@ def deploy(args) -> dict:
         entry = {"arch": arch, "model": what, "gated_blocks": len(model.gated_blocks)}
         entry["batch1"] = deploy_batch1(model, arch, ex, stats, pixels(data, "test", args.images), args)
         _print_rows(arch, entry["batch1"])
-        test = pixels(data, "test", 1024)  # the first 64 timed, all 1024 for the share of whole-batch blocks
-        entry["batch32"] = deploy_batch32(model, arch, ex, stats, test[:64], args, test)
+        entry["batch32"] = deploy_batch32(model, arch, ex, stats, pixels(data, "test", 1024), args)
         _print_rows(arch, entry["batch32"])
         out["models"].append(entry)
     return out
