@@ -61,6 +61,11 @@ BACKBONE_ONLY = ("--stage", "sp", "--freeze", "gates", "--distill", BASE, "--lr"
 BACKBONE_ONLY += ("--eval-every", "176", "--epochs", "2", "--threads", "1")
 # the same with the policy exactly as inference runs it (a ConvNet-AIG gate's BatchNorm on its running statistics)
 POLICY_FIXED = tuple("policy" if a == "gates" else a for a in BACKBONE_ONLY)
+# a longer schedule: the backbone on its frozen gates for eight epochs at the joint stages' lr (and the plain
+# networks given the same eight, one thread each)
+BACKBONE_LONG = ("--stage", "sp", "--freeze", "gates", "--distill", BASE, "--lr", "0.02", "--schedule", "cosine")
+BACKBONE_LONG += ("--eval-every", "351", "--epochs", "8", "--threads", "1")
+PLAIN_LONG = ("--distill", BASE, "--schedule", "cosine", "--threads", "1", "--lr", "0.02", "--epochs", "8")
 JITTER = ("--epochs", "2", "--threads", "1", "--threshold-jitter", "0.4")
 # a backbone made robust to skipping before any gate is trained (stochastic depth, the SDV stage): each gated
 # block dropped per image with probability 0.35 (the rate the gates will be given), distilled from the plain network
@@ -370,6 +375,26 @@ RUNS = [
         budgets=BUDGETS,
         note="aig_alt2_backbone's backbone given two more distilled epochs on its frozen gates thresholded at 0.5 + "
         "U(-0.45, 0.45) each step: the routes of every budget's threshold trained, for one checkpoint at 20-50%",
+    ),
+    aig_after(
+        "aig_alt2_long",
+        "aig_alt2_backbone",
+        (*BACKBONE_LONG,),
+        budgets=BUDGETS,
+        note="aig_alt2_backbone's backbone given eight more distilled epochs at lr 0.02 on its frozen gates (30 + 23 "
+        "epochs): a longer schedule, the lever the two-epoch steps left untried; matched by plain_r32_long",
+    ),
+    Run(
+        "plain_r32_long",
+        (*PLAIN32, "--init", "{runs}/plain_r32_kd7/best.pt", *PLAIN_LONG),
+        needs=("plain_r32_kd7",),
+        note="plain_r32_kd7 given aig_alt2_long's eight distilled epochs (lr 0.02, cosine, the same teacher)",
+    ),
+    Run(
+        "plain_r26_long",
+        (*PLAIN26[:-2], "--init", "pretrained:cifar10_resnet_26", *PLAIN_LONG),
+        note="the shipped 30-epoch plain ResNet-26 given the same eight distilled epochs (its kd chain's directories "
+        "are gone: 30 + 8 epochs against the SkipNet's 30 + 23)",
     ),
     Run(
         "rnn_sp_bs",

@@ -147,12 +147,14 @@ def bench_onnx(
     repeats: int = 10,
     warmup: int = 2,
     threads: int = 1,
+    workers: int = 1,
     info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Time plain / masked / routed (the exported SkipNet) in ONNX Runtime on ``images`` (N, C, H, W) in [0, 1],
-    fed ``batch_size`` at a time; one round runs every variant over all the images. Latencies are per batch."""
+    fed ``batch_size`` at a time; one round runs every variant over all the images. Latencies are per batch.
+    ``workers`` > 1: every variant as that many sessions on shards of each batch (:class:`skipnet.ortgraph.ShardedSession`)."""
     graph = meta.get("graph")
-    sessions = _sessions(skipnet_bytes, meta, plain_bytes, len(images), batch_size, threads)
+    sessions = _sessions(skipnet_bytes, meta, plain_bytes, len(images), batch_size, threads, workers)
     batches = [images[i : i + batch_size].contiguous().numpy() for i in range(0, len(images), batch_size)]
     runners = {k: _runner(s, batches) for k, s in sessions.items()}
     outs = _first_outputs(runners.__getitem__, sessions, meta)
@@ -179,6 +181,7 @@ def bench_onnx(
         "keep": float(dec.mean()) if dec.numel() else 1.0,
         "device": "cpu",
         "threads": threads,
+        "workers": workers,
         "repeats": repeats,
         "warmup": warmup,
         "threshold": meta.get("threshold"),
@@ -191,7 +194,7 @@ def bench_onnx(
         "efficiency": plain_ms / routed_ms / (macs_plain / macs_routed),
     }
     res |= _masked_check(outs, logits_r, dec)
-    if threads == 1:  # CPU time of the only compute thread: robust to other jobs on a shared machine
+    if threads == 1 and workers == 1:  # CPU time of the only compute thread: robust to other jobs on a shared machine
         res |= _cpu_fields(cpu, n, macs_plain / macs_routed)
     return res
 
@@ -233,15 +236,26 @@ def _cpu_fields(cpu: dict[str, list[float]], n: int, ideal: float) -> dict[str, 
 
 
 def _sessions(
-    skipnet_bytes: bytes, meta: dict[str, Any], plain_bytes: bytes | None, n_images: int, batch_size: int, threads: int
+    skipnet_bytes: bytes,
+    meta: dict[str, Any],
+    plain_bytes: bytes | None,
+    n_images: int,
+    batch_size: int,
+    threads: int,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """ONNX Runtime sessions ``plain``, ``routed`` (the exported graph) and, for a conditional graph, ``masked``
-    (its ``If`` nodes unfolded into ``Where``); the plain graph is unfolded from the conditional one if not given."""
+    (its ``If`` nodes unfolded into ``Where``); the plain graph is unfolded from the conditional one if not given.
+    With ``workers`` > 1 each is a :class:`skipnet.ortgraph.ShardedSession` (a conditional graph's workers then
+    take a batch's images one at a time)."""
     onnx, _ = require_onnx()
     proto = onnx.load_from_string(skipnet_bytes)
     graph = meta.get("graph")
-    if meta.get("batch") == 1 and batch_size != 1:
-        raise SkipnetError(f"the {graph} graph takes one image at a time; use --batch-size 1")
+    if meta.get("batch") == 1 and batch_size != 1 and workers == 1:
+        raise SkipnetError(
+            f"the {graph} graph takes one image at a time; use --batch-size 1 (or --workers N, which deals a batch's "
+            "images out to N sessions)"
+        )
     if n_images % batch_size:
         raise SkipnetError(f"{n_images} images do not split into batches of {batch_size}")
     conditional = any(n.op_type == "If" for n in proto.graph.node)
@@ -253,12 +267,12 @@ def _sessions(
             )
         plain_bytes = (unfold_ifs(proto, "then") if conditional else unfold_routes(proto)).SerializeToString()
     sessions = {
-        "plain": open_onnx_session("the plain graph", plain_bytes, threads),
-        "routed": open_onnx_session("the exported graph", skipnet_bytes, threads),
+        "plain": open_onnx_session("the plain graph", plain_bytes, threads, workers),
+        "routed": open_onnx_session("the exported graph", skipnet_bytes, threads, workers),
     }
     if conditional:
         masked = unfold_ifs(proto, "where").SerializeToString()
-        sessions["masked"] = open_onnx_session("the masked graph unfolded from it", masked, threads)
+        sessions["masked"] = open_onnx_session("the masked graph unfolded from it", masked, threads, workers)
     return sessions
 
 

@@ -573,32 +573,55 @@ LAYOUTS = ("nchw", "nchwc")
 
 
 def onnx_session(
-    model_bytes: bytes, threads: int | None = 1, *, layout: str = "nchwc", level: str = "all", spinning: bool = True
+    model_bytes: bytes,
+    threads: int | None = 1,
+    *,
+    layout: str = "nchwc",
+    level: str = "all",
+    spinning: bool = True,
+    workers: int = 1,
 ) -> Any:
     """An ONNX Runtime CPU session (sequential executor, ``threads`` intra-op threads, graph optimisations at
     ``level``). ``layout="nchwc"`` (the default; issue 32, measured in ``benchmarks/export_speed.py deploy``) runs
     a conditional graph rewritten by :func:`blocked_layout` and a routed one by :func:`blocked_routed` for this
     CPU, once the rewrite gives the graph's own outputs on probe images; any other graph, or one already in the
     blocked layout, runs as written (``"nchw"``), and so, with a warning, does a graph the rewrite does not apply to.
-    ``spinning=False`` stops idle intra-op threads spinning."""
-    _, ort = require_onnx()
+    ``spinning=False`` stops idle intra-op threads spinning. ``workers`` > 1 returns a :class:`ShardedSession` of
+    that many such sessions (each with ``threads`` intra-op threads), which runs a batch's shards at once."""
     if layout not in LAYOUTS:
         raise SkipnetError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if workers < 1:
+        raise SkipnetError(f"workers must be at least 1, not {workers}")
+    payload, first = _chosen(model_bytes, threads, layout, level, spinning)
+    if workers == 1:
+        return first
+    return ShardedSession([first] + [_session(payload, threads, level, spinning) for _ in range(workers - 1)])
+
+
+def _chosen(model_bytes: bytes, threads: int | None, layout: str, level: str, spinning: bool) -> tuple[bytes, Any]:
+    """The graph :func:`onnx_session` runs (the rewrite for this CPU where it applies and agrees, else the graph as
+    written) and a session of it."""
     rewrite = _layout_rewrite(model_bytes) if layout == "nchwc" else None
-    if rewrite is not None:
-        plain = onnx_session(model_bytes, threads, layout="nchw", level=level, spinning=spinning)
-        try:
-            blocked = onnx_session(rewrite(model_bytes), threads, layout="nchw", level=level, spinning=spinning)
-            _same_outputs(plain, blocked)
-            return blocked
-        except Exception as exc:  # noqa: BLE001 - not a graph the rewrite knows here: run it as it is, and say so
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
-            warnings.warn(
-                f"the blocked-layout rewrite does not apply to this graph ({reason}); running it as written, "
-                "with the same outputs but slower (layout='nchw' runs it so without this warning)",
-                stacklevel=2,
-            )
-            return plain
+    plain = _session(model_bytes, threads, level, spinning)
+    if rewrite is None:
+        return model_bytes, plain
+    try:
+        payload = rewrite(model_bytes)
+        blocked = _session(payload, threads, level, spinning)
+        _same_outputs(plain, blocked)
+        return payload, blocked
+    except Exception as exc:  # noqa: BLE001 - not a graph the rewrite knows here: run it as it is, and say so
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+        warnings.warn(
+            f"the blocked-layout rewrite does not apply to this graph ({reason}); running it as written, "
+            "with the same outputs but slower (layout='nchw' runs it so without this warning)",
+            stacklevel=3,
+        )
+        return model_bytes, plain
+
+
+def _session(model_bytes: bytes, threads: int | None, level: str, spinning: bool) -> Any:
+    _, ort = require_onnx()
     opts = ort.SessionOptions()
     if threads is not None:
         opts.intra_op_num_threads = threads
@@ -608,6 +631,52 @@ def onnx_session(
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+class ShardedSession:
+    """Several ONNX Runtime sessions of one graph that run the shards of a batch at once, one Python thread each
+    (ONNX Runtime releases the GIL while it runs). Throughput on several cores without splitting each operator
+    across them: a routed graph's per-block gathers, scatters and sub-batch convolutions are serial work that
+    intra-op threads do not share. A graph of free batch size gets ``len(sessions)`` contiguous shards (fewer
+    for a smaller batch); one of fixed batch ``b`` gets the batch's ``b``-image slices, dealt out in turn. The
+    outputs are each session's, concatenated in batch order: the same as one session's run of the whole batch."""
+
+    def __init__(self, sessions: list[Any]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.sessions = list(sessions)
+        size = self.sessions[0].get_inputs()[0].shape[0]
+        self._fixed = size if isinstance(size, int) else None
+        self._pool = ThreadPoolExecutor(len(self.sessions), thread_name_prefix="skipnet-ort")
+
+    def get_inputs(self) -> Any:
+        return self.sessions[0].get_inputs()
+
+    def get_outputs(self) -> Any:
+        return self.sessions[0].get_outputs()
+
+    def get_modelmeta(self) -> Any:
+        return self.sessions[0].get_modelmeta()
+
+    def run(self, output_names: Any, feeds: dict[str, Any]) -> list[Any]:
+        import numpy as np
+
+        if len(feeds) != 1:
+            raise ValueError(f"a sharded session takes one input, not {len(feeds)}")
+        ((name, x),) = feeds.items()
+        n, k = len(x), len(self.sessions)
+        step = self._fixed or -(-n // k)
+        shards = [x[i : i + step] for i in range(0, n, step)] if n > (self._fixed or 1) else [x]
+        if len(shards) == 1:
+            return self.sessions[0].run(output_names, {name: x})
+        turns = [shards[w::k] for w in range(k)]
+
+        def work(w: int) -> list[Any]:
+            return [self.sessions[w].run(output_names, {name: s}) for s in turns[w]]
+
+        done = list(self._pool.map(work, range(k)))
+        ordered = [done[j % k][j // k] for j in range(len(shards))]
+        return [np.concatenate([o[i] for o in ordered]) for i in range(len(ordered[0]))]
 
 
 def _layout_rewrite(model_bytes: bytes) -> Any:

@@ -34,7 +34,7 @@ import time
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,12 +108,15 @@ def _class_names(classes: Any, n: int) -> list[str]:
     return [str(i) for i in range(n)]
 
 
-def load_predictor(spec: str, *, threads: int | None = None) -> Predictor:
-    """The model named by ``spec``: an ``.onnx`` graph (ONNX Runtime, ``threads`` intra-op threads), a ``.pt2``
-    program (torch.export), or any checkpoint ``skipnet eval`` takes (the eager network)."""
+def load_predictor(spec: str, *, threads: int | None = None, workers: int = 1) -> Predictor:
+    """The model named by ``spec``: an ``.onnx`` graph (ONNX Runtime, ``threads`` intra-op threads; ``workers``
+    sessions running a batch's shards at once, :class:`skipnet.ortgraph.ShardedSession`), a ``.pt2`` program
+    (torch.export), or any checkpoint ``skipnet eval`` takes (the eager network)."""
     text = str(spec)
     if text.endswith(".onnx"):
-        return _load_onnx(text, threads)
+        return _load_onnx(text, threads, workers)
+    if workers != 1:
+        raise SkipnetError(f"workers run several ONNX Runtime sessions: they apply to an .onnx model, not {spec}")
     if text.endswith(".pt2"):
         return _load_pt2(text)
     return _load_checkpoint(text)
@@ -206,7 +209,7 @@ def _load_pt2(spec: str) -> Predictor:
     return _exported(spec, meta, "torch.export " + torch.__version__.split("+")[0], run)
 
 
-def _load_onnx(spec: str, threads: int | None) -> Predictor:
+def _load_onnx(spec: str, threads: int | None, workers: int = 1) -> Predictor:
     from skipnet.export import read_onnx_meta
     from skipnet.ortgraph import require_onnx
 
@@ -214,7 +217,7 @@ def _load_onnx(spec: str, threads: int | None) -> Predictor:
     proto, meta = read_onnx_meta(spec)
     check_export_meta(spec, meta)
     check_onnx_structure(spec, proto, meta)
-    session = open_onnx_session(spec, proto.SerializeToString(), threads)
+    session = open_onnx_session(spec, proto.SerializeToString(), threads, workers)
     name = session.get_inputs()[0].name
 
     def run(x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -225,15 +228,17 @@ def _load_onnx(spec: str, threads: int | None) -> Predictor:
         logits = torch.from_numpy(outs[0])
         return logits, (torch.from_numpy(outs[2]) if len(outs) == 3 else None)
 
-    return _exported(spec, meta, "onnxruntime " + ort.__version__, run)
+    predictor = _exported(spec, meta, "onnxruntime " + ort.__version__, run)
+    return replace(predictor, batch=None) if workers > 1 else predictor  # the workers deal out a graph's batches
 
 
-def open_onnx_session(spec: str, payload: bytes, threads: int | None) -> Any:
-    """An ONNX Runtime CPU session of ``payload``; a graph the runtime refuses is a one-line error."""
+def open_onnx_session(spec: str, payload: bytes, threads: int | None, workers: int = 1) -> Any:
+    """An ONNX Runtime CPU session of ``payload`` (``workers`` > 1: a :class:`skipnet.ortgraph.ShardedSession`);
+    a graph the runtime refuses is a one-line error."""
     from skipnet.ortgraph import onnx_session
 
     try:
-        return onnx_session(payload, threads)
+        return onnx_session(payload, threads, workers=workers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise SkipnetError(
             f"ONNX Runtime cannot load {spec} ({type(exc).__name__}: {_first_line(exc)}); export it again"

@@ -76,6 +76,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="where torchvision data sets live, with --data (default: $SKIPNET_CACHE/datasets, ~/.cache/skipnet)",
     )
+    _onnx_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def _onnx_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``--runtime onnxruntime`` (an exported graph)."""
     p.add_argument(
         "--runtime",
         choices=("torch", "onnxruntime"),
@@ -92,8 +99,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--images", type=int, default=8, help="onnxruntime: distinct images (batches of --batch-size) per round"
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="onnxruntime: run every graph as this many sessions at once, each on a shard of every batch "
+        "(throughput on several cores, each session --threads threads; wall time)",
+    )
 
 
 MAX_BATCH = 4096  # images per forward pass
@@ -109,6 +121,7 @@ def check_bounds(args: argparse.Namespace) -> None:
     check_count("--repeats", args.repeats, 1, MAX_REPEATS)
     check_count("--warmup", args.warmup, 0, MAX_REPEATS)
     check_count("--threads", args.threads, 1, MAX_THREADS)
+    check_count("--workers", args.workers, 1, MAX_THREADS)
 
 
 def real_images(path: str, model, spec: str, data_dir: str | None, batch: int) -> torch.Tensor:
@@ -134,13 +147,20 @@ def real_images(path: str, model, spec: str, data_dir: str | None, batch: int) -
     return x
 
 
+def _refuse_onnx_options(args: argparse.Namespace) -> None:
+    """The options of an ONNX Runtime benchmark, given to an eager one: one line."""
+    if args.plain is not None:
+        raise SkipnetError("--plain applies to --runtime onnxruntime")
+    if args.workers != 1:
+        raise SkipnetError("--workers applies to --runtime onnxruntime (several sessions of an exported graph)")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.runtime == "onnxruntime" or (args.runtime is None and args.subject.endswith(".onnx")):
         return run_onnx(args)
     if args.batch_size is None:
         args.batch_size = 64
-    if args.plain is not None:
-        raise SkipnetError("--plain applies to --runtime onnxruntime")
+    _refuse_onnx_options(args)
     check_bounds(args)
     if args.keep is not None and not 0.0 <= args.keep <= 1.0:
         raise SkipnetError(f"--keep must be in [0, 1], got {args.keep:g}")
@@ -250,13 +270,16 @@ def run_onnx(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         warmup=args.warmup,
         threads=threads,
+        workers=args.workers,
         info=info,
     )
     if args.json:
         print(json.dumps(res))
         return 0
     print(
-        f"{res['arch']} ({res['graph']} graph) in {res['runtime']}, CPU, {threads} thread(s), batch {args.batch_size}, "
+        f"{res['arch']} ({res['graph']} graph) in {res['runtime']}, CPU, {threads} thread(s)"
+        + (f" x {args.workers} workers" if args.workers > 1 else "")
+        + f", batch {args.batch_size}, "
         f"{res['images']} images per round; executed fraction {res['keep']:.3f} (learned gates, threshold "
         f"{res['threshold']:g})"
     )

@@ -47,6 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="CPU threads (default: torch's and ONNX Runtime's own, all cores)"
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="an .onnx MODEL: run this many ONNX Runtime sessions at once, each on a shard of every batch (throughput "
+        "on several cores; give each --threads 1)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random decisions of a stochastic-depth network")
     p.set_defaults(func=run)
 
@@ -57,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     check_count("--batch-size", args.batch_size, 1, MAX_BATCH)
     check_count("--top-k", args.top_k, 1, MAX_TOP_K)
     check_count("--threads", args.threads, 1, MAX_THREADS)
+    check_count("--workers", args.workers, 1, MAX_THREADS)
+    if args.workers > 1 and not str(args.model).endswith(".onnx"):
+        raise SkipnetError("--workers runs several ONNX Runtime sessions: it applies to an .onnx MODEL only")
     check_count("--seed", args.seed, 0, 2**32 - 1)
     if args.out is not None:
         check_out(args.out)
@@ -69,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    predictor = load_predictor(args.model, threads=args.threads)
+    predictor = load_predictor(args.model, threads=args.threads, workers=args.workers)
     with _Bar(total) as bar:
         preds = predict(
             predictor,
