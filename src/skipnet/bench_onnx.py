@@ -151,8 +151,8 @@ def bench_onnx(
     info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Time plain / masked / routed (the exported SkipNet) in ONNX Runtime on ``images`` (N, C, H, W) in [0, 1],
-    fed ``batch_size`` at a time; one round runs every variant over all the images. Latencies are per batch.
-    ``workers`` > 1: every variant as that many sessions on shards of each batch (:class:`skipnet.ortgraph.ShardedSession`)."""
+    fed ``batch_size`` at a time; one round runs every variant over all the images. Latencies are per batch;
+    ``workers`` > 1: each variant as that many sessions on shards of each batch (``ortgraph.ShardedSession``)."""
     graph = meta.get("graph")
     sessions = _sessions(skipnet_bytes, meta, plain_bytes, len(images), batch_size, threads, workers)
     batches = [images[i : i + batch_size].contiguous().numpy() for i in range(0, len(images), batch_size)]
