@@ -3,6 +3,7 @@
     python benchmarks/export_speed.py speed       # cifar10_rnn_gate_110, batch 1, ONNX Runtime CPU (~10 min)
     python benchmarks/export_speed.py agreement   # the whole CIFAR-10 test split + ImageNet ResNet-50 (~15 min)
     python benchmarks/export_speed.py shipped --models NAME ...  # shipped models, as skipnet runs them (~5 min each)
+    python benchmarks/export_speed.py workers --models NAME ... --threads 2 --workers 2  # batch 32 on all cores
 
 Models. No trained ResNet-110 is at hand, so the networks are *bias-set*: BatchNorm statistics calibrated on
 real CIFAR-10 training images (train-mode ``all_on`` passes, cumulative averages), then the recurrent gate's
@@ -652,6 +653,66 @@ def deploy(args) -> dict:
     return out
 
 
+def workers(args) -> dict:
+    """Batch 32 on all cores (issue 32): each model's routed graph and its plain ResNet, as skipnet runs them
+    (``onnx_session``), at one intra-op thread, at ``--threads`` intra-op threads, and as ``--workers`` one-thread
+    sessions on shards of each batch (``ShardedSession``); wall time, interleaved, on the first 64 test images."""
+    from skipnet.cost import cost_model
+
+    torch.set_num_threads(1)
+    data, cifar_stats = cifar()
+    images = pixels(data, "test", 64)
+    batches = [images[i : i + 32].contiguous().numpy() for i in range(0, len(images), 32)]
+    n, w = args.threads, args.workers
+    out = {"env": env(), "rounds": args.rounds, "threads": n, "workers": w, "images": len(images), "models": []}
+    for arch in args.models:
+        model, stats, what = deploy_model(arch, data, cifar_stats)
+        print(what, flush=True)
+        v = {}
+        for key in ("plain", "routed"):
+            payload = export_model(model, "onnx", graph=key, stats=stats, probes=1).payload
+            for tag, threads, k in (("t1", 1, 1), (f"t{n}", n, 1), (f"w{w}", 1, w)):
+                s = onnx_session(payload, threads, workers=k)
+                v[f"{key}_{tag}"] = lambda s=s: [s.run(None, {"images": b}) for b in batches]
+        ref, sharded = v["routed_t1"](), v[f"routed_w{w}"]()
+        same = all(np.array_equal(a, b) for x, y in zip(ref, sharded) for a, b in zip(x, y))
+        dec = torch.from_numpy(np.concatenate([o[2] for o in ref]))
+        cm = cost_model(model, int(images.shape[-1]))
+        ideal = float(cm.total_macs_all_on) / float(cm.macs_per_image(dec).mean())
+        times = _time(v, args.rounds, len(images))
+        wall = {k: t["wall_ms"] for k, t in times.items()}
+        rows = {tag: wall[f"plain_{tag}"] / wall[f"routed_{tag}"] / ideal for tag in ("t1", f"t{n}", f"w{w}")}
+        rows[f"w{w}_vs_best_plain"] = min(wall[f"plain_t{n}"], wall[f"plain_w{w}"]) / wall[f"routed_w{w}"] / ideal
+        entry = {"arch": arch, "model": what, "executed": float(dec.mean()), "ideal": ideal, "wall_ms": wall}
+        out["models"].append(entry | {"efficiency": rows, "sharded_equal_one_session": same})
+        print(f"  ideal {ideal:.2f}x, efficiency {rows}, sharded outputs equal: {same}", flush=True)
+    return out
+
+
+def workers_markdown(result: dict) -> str:
+    """The table of :func:`workers` as markdown (written beside the JSON)."""
+    n, w = result["threads"], result["workers"]
+    lines = [f"# Batch 32 on all cores (issue 32): `{result['env']['command']}`", "", f"{result['env']}", ""]
+    lines += [
+        f"Wall time per image, median of {result['rounds']} interleaved rounds over {result['images']} test images; "
+        f"efficiency = (plain / SkipNet) / the MACs ideal, each run the same way; the last column against the "
+        f"faster plain way at {n} cores.",
+        "",
+        f"| model | ideal | 1 thread | {n} intra-op threads | {w} one-thread workers | workers vs best plain | "
+        f"plain ms: 1 / {n} threads / {w} workers | routed ms: the same | sharded = one session |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in result["models"]:
+        e, t = m["efficiency"], m["wall_ms"]
+        lines.append(
+            f"| {m['model']} | {m['ideal']:.2f}x | {e['t1']:.3f} | {e[f't{n}']:.3f} | {e[f'w{w}']:.3f} | "
+            f"{e[f'w{w}_vs_best_plain']:.3f} | {t['plain_t1']:.3f} / {t[f'plain_t{n}']:.3f} / {t[f'plain_w{w}']:.3f} "
+            f"| {t['routed_t1']:.3f} / {t[f'routed_t{n}']:.3f} / {t[f'routed_w{w}']:.3f} | "
+            f"{m['sharded_equal_one_session']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _print_rows(arch: str, res: dict) -> None:
     print(f"{arch}, batch {res['batch']}: {res['executed']:.3f} executed, ideal {res['ideal']:.2f}x", flush=True)
     for r in res["rows"]:
@@ -689,7 +750,7 @@ def deploy_markdown(result: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("speed", "agreement", "deploy", "shipped"))
+    p.add_argument("what", choices=("speed", "agreement", "deploy", "shipped", "workers"))
     p.add_argument("--arch", default="cifar10_rnn_gate_110", help="speed: the architecture")
     p.add_argument("--images", type=int, default=16, help="speed: test images per round (batch 1)")
     p.add_argument("--no-batched", action="store_true", help="speed: skip the routed batched graph")
@@ -706,13 +767,16 @@ def main() -> None:
     p.add_argument(
         "--aoti-models", nargs="+", default=["cifar10_rnn_gate_38"], help="deploy: models also compiled by AOTInductor"
     )
+    p.add_argument("--workers", type=int, default=2, help="workers: one-thread sessions on shards of each batch")
     args = p.parse_args()
-    if args.what == "deploy":
-        result = deploy(args)
-        out = Path(args.out or HERE / "results" / "deploy_speed.json")
+    if args.what in ("deploy", "workers"):
+        result = deploy(args) if args.what == "deploy" else workers(args)
+        name = "deploy_speed.json" if args.what == "deploy" else "workers_speed.json"
+        out = Path(args.out or HERE / "results" / name)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
-        out.with_suffix(".md").write_text(deploy_markdown(result))
+        md = deploy_markdown(result) if args.what == "deploy" else workers_markdown(result)
+        out.with_suffix(".md").write_text(md)
         print(f"wrote {out} and {out.with_suffix('.md')}")
         return
     if args.what == "shipped":

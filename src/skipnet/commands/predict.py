@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=1,
         help="an .onnx MODEL: run this many ONNX Runtime sessions at once, each on a shard of every batch (throughput "
-        "on several cores; give each --threads 1)",
+        "on several cores; each with --threads threads, 1 unless given)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random decisions of a stochastic-depth network")
     p.set_defaults(func=run)
@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    predictor = load_predictor(args.model, threads=args.threads, workers=args.workers)
+    threads = 1 if args.workers > 1 and args.threads is None else args.threads  # a core per worker
+    predictor = load_predictor(args.model, threads=threads, workers=args.workers)
     with _Bar(total) as bar:
         preds = predict(
             predictor,
