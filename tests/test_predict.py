@@ -279,3 +279,34 @@ def test_a_progress_bar_on_a_terminal_only(models, folder, tmp_path, capsys, mon
     assert main([*argv, "--batch-size", "2"]) == 0
     err = capsys.readouterr().err
     assert f"0/{N_IMAGES} [" in err and "img/s" in err  # tqdm, its total known
+
+
+def test_inputs_with_no_image_and_oversized_files_are_one_line(models, folder, tmp_path, capsys) -> None:
+    """An archive of no image members (a tar's members are counted only when read), an empty zip and a FIFO are
+    one-line errors; a file over MAX_IMAGE_BYTES given directly is skipped unread, as an archive member is."""
+    import skipnet.predict as predict_mod
+
+    with tarfile.open(tmp_path / "noimg.tar", "w") as t:
+        info = tarfile.TarInfo("a.txt")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"x"))
+    zipfile.ZipFile(tmp_path / "empty.zip", "w").close()
+    os.mkfifo(tmp_path / "fifo.png")
+    for name, needle in (
+        ("noimg.tar", "held no image files"),
+        ("empty.zip", "holds no image files"),
+        ("fifo.png", "is not a regular file"),
+    ):
+        assert main(["predict", str(models["pt"]), str(tmp_path / name)]) == 2
+        assert needle in _one_line_error(capsys)
+    img = next(folder.rglob("*.png"))
+    big = tmp_path / "big.png"
+    big.write_bytes(img.read_bytes() + b"\0" * 64)
+    limit = predict_mod.MAX_IMAGE_BYTES
+    try:
+        predict_mod.MAX_IMAGE_BYTES = big.stat().st_size - 1
+        assert main(["predict", str(models["pt"]), str(big), str(img), "--out", str(tmp_path / "p.jsonl")]) == 0
+    finally:
+        predict_mod.MAX_IMAGE_BYTES = limit
+    assert [r["image"] for r in _jsonl(tmp_path / "p.jsonl")] == [str(img)]
+    assert "over the" in capsys.readouterr().err

@@ -721,3 +721,47 @@ def test_cli_lets_unexpected_os_errors_through(monkeypatch) -> None:
     monkeypatch.setattr("skipnet.commands.models.run", fail)
     with pytest.raises(OSError, match="Input/output error"):
         main(["models"])
+
+
+def test_an_export_never_replaces_a_file_made_while_it_ran_without_force(run, capsys, tmp_path, monkeypatch) -> None:
+    """Two exports to one OUT at once: the existence check comes first, the write last; the second must not
+    replace the first's file without --force (the final rename is a no-replace link)."""
+    from skipnet.fileio import atomic_write
+
+    out = tmp_path / "model.safetensors"
+    real = fileio.fault_point
+
+    def another_export_finishes(label: str) -> None:  # the other process's file appears before ours is renamed
+        if label == "fsync model.safetensors" and not out.exists():
+            out.write_bytes(b"the other export")
+        real(label)
+
+    monkeypatch.setattr(fileio, "fault_point", another_export_finishes)
+    rc, _, err = run_cli(capsys, ["export", str(run["ckpt"]), str(out)])
+    assert_one_line_error(rc, err, "export", "was written by another process meanwhile")
+    assert out.read_bytes() == b"the other export" and temps(tmp_path) == []
+    assert run_cli(capsys, ["export", str(run["ckpt"]), str(out), "--force"])[0] == 0  # --force replaces
+    assert load_checkpoint(out)["arch"]["name"] == "tiny_rnn_gate_14"
+    monkeypatch.setattr(fileio, "fault_point", real)
+    with pytest.raises(FileExistsError):
+        atomic_write(out, lambda f: f.write(b"x"), replace=False)
+    atomic_write(tmp_path / "new.bin", lambda f: f.write(b"x"), replace=False)
+    assert (tmp_path / "new.bin").read_bytes() == b"x" and temps(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("out", "needle"),
+    [("a.png/p.csv", "a.png is not a folder"), ("/proc/p.csv", "cannot write in /proc")],
+)
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(capsys, tmp_path, out, needle) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    target = out if out.startswith("/") else str(tmp_path / out)
+    for argv in (
+        ["predict", "pretrained:cifar10_resnet_20", str(tmp_path / "a.png"), "--out", target],
+        ["export", "pretrained:cifar10_resnet_20", target.replace(".csv", ".onnx")],
+    ):
+        rc, _, err = run_cli(capsys, argv)
+        assert_one_line_error(rc, err, argv[0], needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]

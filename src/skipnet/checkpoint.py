@@ -305,8 +305,11 @@ def check_data_record(data: Any, arch: dict[str, Any], path: str | Path) -> None
 
 
 # ------------------------------------------------------------------------------------------ safetensors
-def export_safetensors(ckpt: dict[str, Any], out: str | Path, *, source: str | None = None) -> None:
-    """Write the weights of ``ckpt`` to ``out`` as safetensors, atomically.
+def export_safetensors(
+    ckpt: dict[str, Any], out: str | Path, *, source: str | None = None, replace: bool = True
+) -> None:
+    """Write the weights of ``ckpt`` to ``out`` as safetensors, atomically (``replace=False``: never over a file,
+    :class:`FileExistsError`).
 
     The string metadata holds everything needed to rebuild and run the model: ``format`` ("skipnet"),
     ``format_version``, ``arch`` (JSON ArchConfig), ``threshold``, ``keep_ratio``, ``mode``, ``data`` (JSON:
@@ -337,7 +340,7 @@ def export_safetensors(ckpt: dict[str, Any], out: str | Path, *, source: str | N
     payload = save(tensors, metadata=meta)
     if _file_digest(payload) != meta[HEADER_DIGEST]:  # the digest excludes itself, so adding it changes nothing
         raise SkipnetError(f"cannot write {out}: its checksum does not reproduce")
-    atomic_write(out, lambda f: f.write(payload))
+    atomic_write(out, lambda f: f.write(payload), replace=replace)
 
 
 HEADER_DIGEST = "sha256"  # metadata key: SHA-256 of the header (every entry but this one) and the data section

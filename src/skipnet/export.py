@@ -643,11 +643,15 @@ def _ort_version() -> str:
     return ort.__version__
 
 
-def write_export(ex: Exported, out: str | Path) -> None:
-    """Write an export's bytes to ``out`` atomically (see :func:`skipnet.checkpoint.atomic_write`)."""
+def write_export(ex: Exported, out: str | Path, *, replace: bool = True) -> None:
+    """Write an export's bytes to ``out`` atomically (see :func:`skipnet.checkpoint.atomic_write`); with
+    ``replace=False`` a file at ``out``, even one another process wrote meanwhile, is an error and stays."""
     from skipnet.checkpoint import atomic_write
 
-    atomic_write(out, lambda f: f.write(ex.payload))
+    try:
+        atomic_write(out, lambda f: f.write(ex.payload), replace=replace)
+    except FileExistsError:
+        raise SkipnetError(f"{out} was written by another process meanwhile; kept (pass --force to replace)") from None
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -138,11 +138,13 @@ class _TrackedFile:
         return getattr(self.f, name)
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], *, replace: bool = True) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the directory.
 
     On any failure (exception, signal, full disk) ``path`` keeps its previous content and the temporary file is
-    removed; a full disk raises :class:`SkipnetError` naming the file.
+    removed; a full disk raises :class:`SkipnetError` naming the file. ``replace=False`` never replaces a file:
+    the temporary file is linked to ``path`` (which fails if ``path`` exists, even one made meanwhile by another
+    process), then removed; :class:`FileExistsError` if it exists.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +161,10 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
             fault_point(f"write {path.name}")
             os.fsync(f.fileno())
         fault_point(f"fsync {path.name}")
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
         fault_point(f"rename {path.name}")
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -170,6 +175,20 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
         raise
     _fsync_dir(path.parent)
     fault_point(f"fsync directory of {path.name}")
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    """Give the finished temporary file the name ``path`` only if no file has it (:class:`FileExistsError`)."""
+    try:
+        os.link(tmp, path)  # atomic: fails if path exists
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: check, then rename (a race window, as before)
+        if path.exists():
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
+        return
+    Path(tmp).unlink()
 
 
 def json_safe(obj: Any) -> Any:

@@ -48,7 +48,7 @@ from skipnet.errors import SkipnetError
 
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
-MAX_IMAGE_BYTES = 256 << 20  # a member of an archive larger than this is skipped (a decompression bomb)
+MAX_IMAGE_BYTES = 256 << 20  # a file or archive member larger than this is skipped (a decompression bomb)
 MAX_TOP_K = 100
 
 
@@ -393,7 +393,11 @@ def expand_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], int | None]:
         elif path.is_file():
             out.append(path)
             k = _count(path)
+            if k == 0:
+                raise SkipnetError(f"{path} holds no image files (ending in .jpg, .png, ...)")
             total = None if total is None or k is None else total + k
+        elif path.exists():
+            raise SkipnetError(f"{raw} is not a regular file or folder")
         else:
             raise SkipnetError(f"{raw} does not exist")
     return out, total
@@ -418,6 +422,10 @@ def iter_inputs(files: Sequence[Path]) -> Iterator[tuple[str, bytes | Unreadable
     for path in files:
         if not is_archive(path):
             try:
+                size = path.stat().st_size
+                if size > MAX_IMAGE_BYTES:
+                    yield str(path), Unreadable(f"{size:,} bytes, over the {MAX_IMAGE_BYTES:,} limit")
+                    continue
                 yield str(path), path.read_bytes()
             except OSError as exc:
                 yield str(path), Unreadable(exc.strerror or type(exc).__name__)
@@ -446,7 +454,7 @@ def _zip_members(path: Path) -> Iterator[tuple[str, bytes | Unreadable]]:
             except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError) as exc:
                 yield name, Unreadable(f"damaged or unsupported zip member ({type(exc).__name__}: {_first_line(exc)})")
             except Exception as exc:  # noqa: BLE001 - zlib.error and other decompressor errors
-                yield name, Unreadable(f"damaged zip member ({type(exc).__name__})")
+                yield name, Unreadable(f"damaged zip member ({type(exc).__name__}: {_first_line(exc)})")
 
 
 def _tar_members(path: Path) -> Iterator[tuple[str, bytes | Unreadable]]:

@@ -7,7 +7,10 @@ module of this package). Commands import from here, never from a sibling command
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from skipnet.errors import SkipnetError, check_value  # noqa: F401 (the commands' value check)
@@ -158,9 +161,27 @@ def require_learned_gates(model: Any, ckpt: dict[str, Any], source: str, what: s
 
 
 def check_out(value: str, option: str = "--out") -> None:
-    """Refuse an empty output path: ``Path("")`` is the current directory, which would receive the files."""
+    """Refuse, before any work, an output path that cannot be written: an empty one (``Path("")`` is the current
+    directory, which would receive the files), one under a file, or one in a folder where no file can be made."""
     if not str(value).strip():
         raise SkipnetError(f"{option} is empty; give a path (the current directory is never written into)")
+    folder = Path(value).expanduser().absolute().parent  # where the output (and its temporary file) will be made
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SkipnetError(f"{option} {value}: {existing} is not a folder")
+    if existing != folder:  # the missing folders will be made: the nearest existing one must take them
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise SkipnetError(f"{option} {value}: cannot make folders in {existing} (permission denied)")
+        return
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".skipnet-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise SkipnetError(f"{option} {value}: cannot write in {folder} ({why})") from None
 
 
 def check_count(option: str, value: int | None, least: int, most: int, why: str = "") -> None:

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(src)
     model = model_from_checkpoint(ckpt)  # the weights must rebuild the network before they are exported
     if fmt == "safetensors":
-        return _write_safetensors(ckpt, src, dst, args.json)
+        return _write_safetensors(ckpt, src, dst, args)
 
     from skipnet.evaluate import checkpoint_stats
 
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     )
     for note in ex.warnings:
         print(f"skipnet export: warning: {note}", file=sys.stderr)
-    write_export(ex, dst)
+    write_export(ex, dst, replace=args.force)
     _report(args, ex, model, src, dst, fmt)
     return 0
 
@@ -168,9 +168,12 @@ def _graph_for(model, graph: str | None, source: str) -> str:
     return "conditional" if mode == GateMode.GREEDY else "plain"
 
 
-def _write_safetensors(ckpt: dict, src: Path, dst: Path, as_json: bool) -> int:
+def _write_safetensors(ckpt: dict, src: Path, dst: Path, args: argparse.Namespace) -> int:
     """The weights as safetensors, with the architecture, threshold, gate mode and normalisation in the metadata."""
-    export_safetensors(ckpt, dst, source=src.name)
+    try:
+        export_safetensors(ckpt, dst, source=src.name, replace=args.force)
+    except FileExistsError:
+        raise SkipnetError(f"{dst} was written by another process meanwhile; kept (pass --force to replace)") from None
     info = {
         "checkpoint": str(src),
         "out": str(dst),
@@ -181,7 +184,7 @@ def _write_safetensors(ckpt: dict, src: Path, dst: Path, as_json: bool) -> int:
         "threshold": float(ckpt.get("threshold", 0.5)),
         "mode": str(ckpt.get("mode", "greedy")),
     }
-    if as_json:
+    if args.json:
         print(json.dumps(info))
     else:
         print(f"wrote {dst} ({info['arch']}, mode {info['mode']}, {info['tensors']} tensors, {info['bytes']:,} bytes)")

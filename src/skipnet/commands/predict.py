@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
             on_skip=bar.skip,
             on_progress=bar.update,
         )
+    if not preds.rows and not preds.skipped:  # e.g. a tar archive of no image members (counted only when read)
+        raise SkipnetError(f"{', '.join(args.images)} held no image files (ending in .jpg, .png, ...)")
     if not preds.rows:
         raise SkipnetError(
             f"none of the {len(preds.skipped)} inputs could be read as an image (e.g. {preds.skipped[0][0]}: "
