@@ -213,3 +213,22 @@ def test_reliability_table_names_tests_that_exist() -> None:
 
     missing = [f"{f}::{t}" for f, t in named if not defines(f, t)]
     assert not missing, f"docs/reliability.md names tests that do not exist: {missing}"
+
+
+def test_workers_figures_are_the_json() -> None:
+    """docs/deploy.md's and the README's batch-32 efficiencies with one-thread workers and with intra-op threads are
+    benchmarks/results/workers_speed.json's: every model's on the page, their range in the README."""
+    got = json.loads((RESULTS_DIR / "workers_speed.json").read_text())
+    page = " ".join((ROOT / "docs" / "deploy.md").read_text(encoding="utf-8").split())
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    n, w = got["threads"], got["workers"]
+    assert " ".join(got["env"]["command"].split()[1:-2]) in page  # the command, less its --out
+    by_way: dict[str, list[float]] = {}
+    for m in got["models"]:
+        assert m["sharded_equal_one_session"]
+        for way in ("t1", f"t{n}", f"w{w}", f"w{w}_vs_best_plain"):
+            by_way.setdefault(way, []).append(m["efficiency"][way])
+            assert f"{m['efficiency'][way]:.3f}" in page, (m["arch"], way)
+    assert all(e >= 0.8 for e in by_way[f"w{w}_vs_best_plain"])  # "all three are above 0.8 at all threads"
+    for way in (f"w{w}", f"t{n}"):
+        assert f"{min(by_way[way]):.3f}-{max(by_way[way]):.3f}" in readme, way
