@@ -106,7 +106,10 @@ def test_bench_onnx_refuses_another_image_size(exported, capsys) -> None:
 
 
 # ------------------------------------------------------------------------------------------ altered files
-def _meta_edit(key: str, value) -> callable:
+def _meta_edit(key: str, value, digested: bool = False) -> callable:
+    """An edit of the metadata entry ``key`` (``None``: removed). Unless ``digested``, the whole-file digest goes
+    too (as in a file exported before it was recorded), so that the check behind it is what refuses the file."""
+
     def edit(proto) -> None:
         (prop,) = [p for p in proto.metadata_props if p.key == "skipnet"]
         meta = json.loads(prop.value)
@@ -114,6 +117,8 @@ def _meta_edit(key: str, value) -> callable:
             del meta[key]
         else:
             meta[key] = value
+        if not digested:
+            meta.pop("sha256", None)
         prop.value = json.dumps(meta)
 
     return edit
@@ -170,7 +175,9 @@ ALTERED = [
     ("op type", _undigested(_op_type), "fails ONNX's model check"),
     ("if branches", _undigested(_drop_if), "fails ONNX's model check"),
     ("nan head", _undigested(_nan_head), "non-finite logits"),
-    ("digest", _nan_head, "was altered after export"),
+    ("digest", _nan_head, "its graph (nodes or weights) no longer has the SHA-256"),
+    ("classes renamed", _meta_edit("classes", [f"c{i}" for i in range(10)], True), "its skipnet metadata no longer"),
+    ("threshold", _meta_edit("threshold", 0.9, True), "its skipnet metadata no longer has the SHA-256"),
 ]
 
 

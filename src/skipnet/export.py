@@ -615,6 +615,7 @@ def _onnx_payload(
     proto.producer_name = "skipnet"
     proto.graph.name = f"skipnet_{g.graph}_{model.config.name}"
     meta["graph_sha256"] = graph_digest(proto)
+    meta["sha256"] = file_digest(proto, meta)
     entry = proto.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(meta)
     payload = proto.SerializeToString()
@@ -661,6 +662,13 @@ def graph_digest(proto: Any) -> str:
     return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
 
 
+def file_digest(proto: Any, meta: dict[str, Any]) -> str:
+    """SHA-256 of the graph (as :func:`graph_digest`) and of the skipnet metadata (canonical JSON) but its own
+    ``sha256`` entry: an edit of either (a weight, the class list, the threshold) changes it."""
+    rest = json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode()
+    return hashlib.sha256(graph_digest(proto).encode() + b"\0" + rest).hexdigest()
+
+
 def read_onnx_meta(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """``(onnx ModelProto, skipnet metadata)`` of an ONNX file written by :func:`export_model`."""
     onnx, _ = require_onnx()
@@ -672,6 +680,8 @@ def read_onnx_meta(path: str | Path) -> tuple[Any, dict[str, Any]]:
     except Exception as exc:  # noqa: BLE001 - protobuf decode errors have many types
         raise SkipnetError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
     props = {p.key: p.value for p in proto.metadata_props}
+    if META_KEY not in props and not proto.graph.node:
+        raise SkipnetError(f"{path} is empty or not an ONNX model (no graph); write it with 'skipnet export'")
     if META_KEY not in props:
         raise SkipnetError(f"{path} is an ONNX file without skipnet metadata; write it with 'skipnet export'")
     try:
@@ -681,11 +691,14 @@ def read_onnx_meta(path: str | Path) -> tuple[Any, dict[str, Any]]:
     if not isinstance(meta, dict):
         raise SkipnetError(f"{path} has malformed skipnet metadata")
     _check_interface(path, proto, meta)
-    recorded = meta.get("graph_sha256")
-    if recorded is not None and recorded != graph_digest(proto):
+    recorded, whole = meta.get("graph_sha256"), meta.get("sha256")  # files of older exports: the graph's only
+    if (recorded is not None and recorded != graph_digest(proto)) or (
+        whole is not None and whole != file_digest(proto, meta)
+    ):
+        what = "graph (nodes or weights)" if recorded != graph_digest(proto) else "skipnet metadata"
         raise SkipnetError(
-            f"{path} was altered after export: its graph (nodes or weights) no longer has the SHA-256 its skipnet "
-            "metadata records; export it again"
+            f"{path} was altered after export: its {what} no longer has the SHA-256 its skipnet metadata records; "
+            "export it again"
         )
     return proto, meta
 
