@@ -7,7 +7,8 @@ ONNX Runtime's layout pass (its blocked NCHWc convolutions, ~1.7x faster) stops 
 graph's gathers and scatters (and runs a block that the whole batch takes ungathered). Each starts from the graph
 as ONNX Runtime optimises it on this CPU (:func:`ort_optimized`), so its result is for this CPU and runtime version
 only. :func:`onnx_session` applies the rewrite that fits a graph, checks it against the graph as written on probe
-images and falls back, with a warning, where it does not apply. The exported files themselves
+images and falls back, with a warning, where it does not apply; with ``workers`` it returns a
+:class:`ShardedSession`, several sessions that run a batch's shards at once (throughput on several cores). The exported files themselves
 (:mod:`skipnet.export`) stay standard, portable ONNX.
 """
 
