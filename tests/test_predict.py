@@ -310,3 +310,28 @@ def test_inputs_with_no_image_and_oversized_files_are_one_line(models, folder, t
         predict_mod.MAX_IMAGE_BYTES = limit
     assert [r["image"] for r in _jsonl(tmp_path / "p.jsonl")] == [str(img)]
     assert "over the" in capsys.readouterr().err
+
+
+def test_a_masked_graph_reports_the_macs_it_computes(models, folder, tmp_path, capsys) -> None:
+    """A masked graph runs every block for every image (mixing by the decision): its MACs are every block's and
+    the gates', not the route's, in predict and in bench (no saving, an ideal speed-up under 1)."""
+    masked = tmp_path / "masked.onnx"
+    assert main(["export", str(models["pt"]), str(masked), "--graph", "masked", "--probes", "1"]) == 0
+    capsys.readouterr()
+    rows = {}
+    for kind, model in (("pt", models["pt"]), ("masked", masked)):
+        out = tmp_path / f"{kind}.jsonl"
+        assert main(["predict", str(model), str(folder), "--out", str(out), "--threads", "1"]) == 0
+        rows[kind] = _jsonl(out)
+    assert [r["route"] for r in rows["masked"]] == [r["route"] for r in rows["pt"]]
+    assert len({r["route"] for r in rows["pt"]}) > 1 and len({r["macs"] for r in rows["masked"]}) == 1
+    assert rows["masked"][0]["macs"] >= max(r["macs"] for r in rows["pt"])
+    plain = tmp_path / "plain.onnx"
+    assert main(["export", str(models["pt"]), str(plain), "--graph", "plain", "--probes", "1"]) == 0
+    capsys.readouterr()
+    bench = ["bench", str(masked), "--plain", str(plain), "--batch-size", "2", "--images", "2", "--repeats", "1"]
+    assert main([*bench, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["macs_routed"] > got["macs_plain"] and got["ideal_speedup"] < 1
+    assert main(bench) == 0
+    assert "\nmasked " in capsys.readouterr().out

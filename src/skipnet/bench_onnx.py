@@ -164,7 +164,8 @@ def bench_onnx(
     dec = torch.from_numpy(np.concatenate([o[2] for o in outs["routed"]]))
     logits_r = torch.from_numpy(np.concatenate([o[0] for o in outs["routed"]]))
     config = ArchConfig.from_dict(meta["arch"])
-    macs_plain, macs_routed = _macs(config, int(images.shape[-1]), dec)
+    computed = torch.ones_like(dec) if graph == "masked" else dec  # a masked graph runs every block: no saving
+    macs_plain, macs_routed = _macs(config, int(images.shape[-1]), computed)
     n = len(batches)
     plain_ms, routed_ms = _ms(times["plain"], n), _ms(times["routed"], n)
     masked_ms = _ms(times["masked"], n) if "masked" in times else None  # a routed graph has no masked twin

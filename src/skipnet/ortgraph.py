@@ -8,8 +8,8 @@ graph's gathers and scatters (and runs a block that the whole batch takes ungath
 as ONNX Runtime optimises it on this CPU (:func:`ort_optimized`), so its result is for this CPU and runtime version
 only. :func:`onnx_session` applies the rewrite that fits a graph, checks it against the graph as written on probe
 images and falls back, with a warning, where it does not apply; with ``workers`` it returns a
-:class:`ShardedSession`, several sessions that run a batch's shards at once (throughput on several cores). The exported files themselves
-(:mod:`skipnet.export`) stay standard, portable ONNX.
+:class:`ShardedSession`, several sessions that run a batch's shards at once (throughput on several cores). The
+exported files themselves (:mod:`skipnet.export`) stay standard, portable ONNX.
 """
 
 from __future__ import annotations
