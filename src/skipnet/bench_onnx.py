@@ -164,8 +164,7 @@ def bench_onnx(
     dec = torch.from_numpy(np.concatenate([o[2] for o in outs["routed"]]))
     logits_r = torch.from_numpy(np.concatenate([o[0] for o in outs["routed"]]))
     config = ArchConfig.from_dict(meta["arch"])
-    computed = torch.ones_like(dec) if graph == "masked" else dec  # a masked graph runs every block: no saving
-    macs_plain, macs_routed = _macs(config, int(images.shape[-1]), computed)
+    macs_plain, macs_routed = _macs(config, int(images.shape[-1]), dec, graph)
     n = len(batches)
     plain_ms, routed_ms = _ms(times["plain"], n), _ms(times["routed"], n)
     masked_ms = _ms(times["masked"], n) if "masked" in times else None  # a routed graph has no masked twin
@@ -216,11 +215,13 @@ def _latency_fields(times: dict[str, list[float]], n: int) -> dict[str, float | 
     return out
 
 
-def _macs(config: ArchConfig, size: int, decisions: torch.Tensor) -> tuple[float, float]:
-    """MACs per image of the plain network and, mean over the images, of the routes ``decisions`` took."""
+def _macs(config: ArchConfig, size: int, decisions: torch.Tensor, graph: str | None) -> tuple[float, float]:
+    """MACs per image of the plain network and, mean over the images, of the routes ``decisions`` took (a masked
+    graph: of every block, which it runs for every image)."""
     from skipnet.gated import GatedResNet
 
     cm = cost_model(GatedResNet(config), size)
+    decisions = torch.ones_like(decisions) if graph == "masked" else decisions
     return float(cm.total_macs_all_on), float(cm.macs_per_image(decisions).mean())
 
 
