@@ -29,6 +29,8 @@ CASES = [
     ([*ANALYZE, "--out", " "], "--out is empty"),
     (["export", CKPT, "{tmp}/x.onnx", "--probes", "100000"], "--probes must be in [1, 64]"),
     (["export", CKPT, ""], "OUT is empty"),
+    (["export", "{tmp}/../given.onnx", "{tmp}/x.onnx"], "is an export already"),
+    (["export", CKPT, "/proc/x.onnx"], "OUT /proc/x.onnx: cannot write in /proc"),
     ([*CAL, "--target-macs", "inf", "--out", "{tmp}/c.pt"], "--target-macs must be finite"),
     ([*CAL, "--target-macs", "nan", "--out", "{tmp}/c.pt"], "--target-macs must be positive"),
     ([*CAL, "--target-reduction", "nan", "--out", "{tmp}/c.pt"], "--target-reduction must be a percentage"),

@@ -98,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_options(args: argparse.Namespace, src: Path, dst: Path, fmt: str) -> None:
     """One-line errors for the options and the output path, before anything is loaded."""
+    if src.suffix in (".onnx", ".pt2"):
+        raise SkipnetError(f"{src} is an export already; give the checkpoint it was exported from (.pt, pretrained:)")
     if dst.is_dir():
         raise SkipnetError(f"{dst} is a directory; give a file name ending in .{fmt}")
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
