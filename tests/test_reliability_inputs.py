@@ -751,7 +751,7 @@ def test_an_export_never_replaces_a_file_made_while_it_ran_without_force(run, ca
 
 @pytest.mark.parametrize(
     ("out", "needle"),
-    [("a.png/p.csv", "a.png is not a folder"), ("/proc/p.csv", "cannot write in /proc")],
+    [("a.png/p.csv", "a parent of it is a file"), ("/proc/p.csv", "cannot write in /proc")],
 )
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(capsys, tmp_path, out, needle) -> None:
     from PIL import Image

@@ -170,7 +170,7 @@ def check_out(value: str, option: str = "--out") -> None:
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent
     if not existing.is_dir():
-        raise SkipnetError(f"{option} {value}: {existing} is not a folder")
+        raise SkipnetError(f"{option} {value}: a parent of it is a file ({existing})")
     if existing != folder:  # the missing folders will be made: the nearest existing one must take them
         if not os.access(existing, os.W_OK | os.X_OK):
             raise SkipnetError(f"{option} {value}: cannot make folders in {existing} (permission denied)")
