@@ -391,6 +391,12 @@ RUNS = [
         note="plain_r32_kd7 given aig_alt2_long's eight distilled epochs (lr 0.02, cosine, the same teacher)",
     ),
     Run(
+        "plain_r26_long",
+        (*PLAIN26[:-2], "--init", "pretrained:cifar10_resnet_26", *PLAIN_LONG),
+        note="the shipped 30-epoch plain ResNet-26 (its kd chain's directories are gone) given aig_alt2_long's eight "
+        "distilled epochs: 30 + 8 epochs against the SkipNet's 30 + 23, at the SkipNets' cost",
+    ),
+    Run(
         "rnn_sp_bs",
         ("cifar10_rnn_gate_38", *AIG),
         note="as aig_sp_bs with the paper's recurrent gate (the gate design's control)",
