@@ -407,8 +407,9 @@ PLAIN = {"base_r20": "ResNet-20", "base_r26": "ResNet-26", "base_r32": "ResNet-3
 
 NAMES = [r.name for r in RUNS]
 # the runs whose calibrated budgets the figure draws as curves: threshold jitter, its control, where both began,
-# and the per-input model whose backbone adapted to its frozen gates
+# the per-input model whose backbone adapted to its frozen gates, and the same after the longer schedule
 CURVES = ("aig_sp_bs_more3", "aig_sp_bs_more5", "aig_sp_jitter", "aig_sp_jitter_wide", "aig_ordered_backbone")
+CURVES += ("aig_alt2_long",)
 
 
 def plain_points(results: Path) -> dict[str, dict]:
