@@ -642,7 +642,7 @@ def test_the_adapted_model_meets_the_per_input_criteria_and_the_pages_state_it()
     """Item 14 of docs/routing.md: aig_alt_backbone (shipped as cifar10_aig_gate_38_adapted: the zoo has its row)
     meets criterion 1 of issue 31; aig_ordered_backbone, its budgets and aig_alt_order are the JSON's rows; the
     gaps to the matched line and the claims "above every earlier calibrated point" and "every row saving 20% or
-    more is at least 0.8 points under" hold."""
+    more is under it" hold (the closest: aig_alt2_long's 20% budget, 0.18 points; 30% or more: 0.7)."""
     from skipnet.results import frontier
 
     rows = _routing_rows()
@@ -670,7 +670,7 @@ def test_the_adapted_model_meets_the_per_input_criteria_and_the_pages_state_it()
     assert not [s for s in stated if s not in page], [s for s in stated if s not in page]
     gain = first["accuracy"] - rows["aig_sp_floor_order_wide2"]["accuracy"]
     assert f"{gain:.2f} points more accurate" in page
-    later = ("aig_ordered_backbone", "aig_policy_backbone")  # itself, and item 17's run from the same model
+    later = ("aig_ordered_backbone", "aig_policy_backbone", "aig_alt2_long")  # itself, item 17's, item 20's
     earlier = [r for n, r in rows.items() if "@" in n and not n.startswith(later)]
     for b in (20, 30):  # "above every earlier calibrated point"
         assert rows[f"aig_ordered_backbone@{b}%"]["accuracy"] > max(r["accuracy"] for r in earlier)
@@ -681,10 +681,10 @@ def test_the_adapted_model_meets_the_per_input_criteria_and_the_pages_state_it()
         for n, r in rows.items()
         if r["macs_reduction"] >= 20 and not n.startswith("plain")
     ]
-    assert min(g for g in saving if g == g) >= 0.75  # "every row saving 20% or more is at least 0.8 points under"
+    assert min(g for g in saving if g == g) > 0.15  # "every row saving 20% or more is under it, the closest 0.18"
     gated = [r for n, r in rows.items() if not n.startswith("plain")]
     at30 = [frontier(static, r["macs_reduction"]) - r["accuracy"] for r in gated if r["macs_reduction"] >= 30]
-    assert min(g for g in at30 if g == g) >= 1.3  # "every row saving 30% or more at least 1.3"
+    assert min(g for g in at30 if g == g) >= 0.7  # "30% or more: 0.7 or more"
     for path in ("README.md", "benchmarks/RESULTS.md"):
         text = _words(path)
         assert f"{_at(adapted)} fewer MACs" in text and f"{line - adapted['accuracy']:.2f} points under" in text, path
@@ -837,3 +837,47 @@ def test_the_jittered_backbone_row_and_its_budgets_are_the_json() -> None:
     stated += [f"{_at(rows['aig_alt2_jitter@50%'])} is", f"{least:.2f} or more points under"]
     page = _words("docs/routing.md")
     assert not [x for x in stated if x not in page], [x for x in stated if x not in page]
+
+
+def test_the_longer_schedule_row_and_its_matched_gap_are_the_json() -> None:
+    """Item 20 of docs/routing.md: aig_alt2_long, its budgets and its plain controls are the JSON's rows; the
+    matched line is plain_r32_long - plain_r26_long, the gap stated is that line minus its accuracy (half of
+    aig_alt2_backbone's), and "below criterion 1's saving, spread and one-block gap" holds."""
+    from skipnet.results import frontier
+
+    rows = _routing_rows()
+    run, ro, before = rows["aig_alt2_long"], rows["aig_alt2_long"]["routes"], rows["aig_alt2_backbone"]
+    r32, r26, kd7 = rows["plain_r32_long"], rows["plain_r26_long"], rows["plain_r32_kd7"]
+    matched = [(r["macs_reduction"], r["accuracy"]) for r in (r32, r26)]
+    line = frontier(matched, run["macs_reduction"])
+    wrong = ro["executed_mean_wrong"] - ro["executed_mean_correct"]
+    assert run["macs_reduction"] < 30 and ro["executed_std"] < 1.2 and wrong < 1.0  # below criterion 1's three
+    assert 0.5 < line - run["accuracy"] < 1.55 / 2 + 0.05  # "closes half of the matched gap": still under it
+    b30 = rows["aig_alt2_long@30%"]
+    plain = json.loads((ROOT / "benchmarks/results/dynamic_routing.json").read_text())["plain"]
+    static = [(p["macs_reduction"], p["accuracy"]) for p in plain.values()]
+    stated = [f"{_at(run)} fewer MACs, {run['accuracy'] - before['accuracy']:+.2f} points"]
+    stated += [f"for {before['macs_reduction'] - run['macs_reduction']:.1f} points less saving"]
+    stated += [
+        f"{ro['distinct_routes']} routes, none above {100 * ro['top_route_share']:.1f}%, std {ro['executed_std']:.2f}"
+    ]
+    stated += [f"wrong predictions {wrong:+.2f} blocks, Spearman −{-ro['class_spearman_median']:.2f}"]
+    stated += [f"{_at(r32)} ({r32['accuracy'] - kd7['accuracy']:+.2f})", _at(r26)]
+    stated += [
+        f"Their line is {line:.2f}% at the SkipNet's saving: it is **{line - run['accuracy']:.2f} points under**"
+    ]
+    stated += [f"{frontier(static, run['macs_reduction']) - run['accuracy']:.2f} under the 30-epoch static"]
+    stated += [f"{plain['ResNet-38']['accuracy'] - run['accuracy']:.2f} under the plain ResNet-38"]
+    stated += [f"{_at(b30)} ({frontier(matched, b30['macs_reduction']) - b30['accuracy']:.2f} under the"]
+    stated += [_at(rows[f"aig_alt2_long@{b}%"]) for b in (20, 40, 50)]
+    page = _words("docs/routing.md")
+    assert not [x for x in stated if x not in page], [x for x in stated if x not in page]
+    results = _words("benchmarks/RESULTS.md")
+    said = [
+        f"(`aig_alt2_long`) {_at(run)}, {line - run['accuracy']:.2f} under",
+        f"(`aig_alt2_long@20%`: {_at(rows['aig_alt2_long@20%'])}",
+    ]
+    assert not [x for x in said if x not in results], [x for x in said if x not in results]
+    assert f"(`aig_alt2_long`) give {_at(run)} fewer MACs, {line - run['accuracy']:.2f} points under" in _words(
+        "README.md"
+    )
