@@ -340,12 +340,12 @@ def oracle_graph(cond: bytes) -> bytes:
 THREADS = {"intra_op": 1}
 
 
-def ort_runner(payload: bytes, batches: list, feeds=None, layout: str = "nchw", **opts):
-    """A callable running an ONNX Runtime session (``THREADS`` intra-op threads) over ``batches``; ``feeds`` adds
-    inputs per batch."""
+def ort_runner(payload: bytes, batches: list, feeds=None, layout: str = "nchw", threads: int | None = None, **opts):
+    """A callable running an ONNX Runtime session (``threads`` intra-op threads, ``THREADS`` unless given) over
+    ``batches``; ``feeds`` adds inputs per batch; ``opts`` go to ``onnx_session`` (e.g. ``workers``)."""
     from skipnet.export import onnx_session
 
-    s = onnx_session(payload, THREADS["intra_op"], layout=layout, **opts)
+    s = onnx_session(payload, threads or THREADS["intra_op"], layout=layout, **opts)
     name = s.get_inputs()[0].name
     extra = feeds or [{} for _ in batches]
     return lambda: [s.run(None, {name: b, **f}) for b, f in zip(batches, extra)]
@@ -531,14 +531,19 @@ def load_seconds(payload: bytes) -> dict:
     return res
 
 
-def deploy_batch1(model, arch: str, ex: dict, stats, images: torch.Tensor, args) -> dict:
+def macs_ideal(model, size: int, decisions: torch.Tensor) -> float:
+    """The MACs ideal speed-up of the routes ``decisions`` took: the plain network's MACs over their mean."""
     from skipnet.cost import cost_model
 
+    cm = cost_model(model, size)
+    return float(cm.total_macs_all_on) / float(cm.macs_per_image(decisions).mean())
+
+
+def deploy_batch1(model, arch: str, ex: dict, stats, images: torch.Tensor, args) -> dict:
     batches = [images[i : i + 1].contiguous().numpy() for i in range(len(images))]
     first = ort_runner(ex["cond"].payload, batches)()
     dec = torch.from_numpy(np.concatenate([o[2] for o in first]))
-    cm = cost_model(model, int(images.shape[-1]))
-    ideal = float(cm.total_macs_all_on) / float(cm.macs_per_image(dec).mean())
+    ideal = macs_ideal(model, int(images.shape[-1]), dec)
     variants = _b1_variants(ex, batches, dec, rnn=model.config.gate == "rnn")
     aoti_s, aoti_agree = {}, {}
     if args.aoti and arch in args.aoti_models:
@@ -591,7 +596,6 @@ def whole_batch_share(routed: bytes, images: torch.Tensor, batch: int = 32) -> f
 
 def deploy_batch32(model, arch: str, ex: dict, stats, test: torch.Tensor, args) -> dict:
     """Batch 32 on the first 64 of the ``test`` images (timed); the whole-batch share over all of them."""
-    from skipnet.cost import cost_model
     from skipnet.export import blocked_routed
 
     images = test[:64]
@@ -605,8 +609,7 @@ def deploy_batch32(model, arch: str, ex: dict, stats, test: torch.Tensor, args) 
         v["masked"] = ort_runner(ex["masked"].payload, batches)
     routed_out = v["routed"]()  # the decisions, and the reference of the blocked layout's agreement below
     dec = torch.from_numpy(np.concatenate([o[2] for o in routed_out]))
-    cm = cost_model(model, int(images.shape[-1]))
-    ideal = float(cm.total_macs_all_on) / float(cm.macs_per_image(dec).mean())
+    ideal = macs_ideal(model, int(images.shape[-1]), dec)
     aoti_s, aoti_agree = {}, {}
     if args.aoti and arch in args.aoti_models:
         keys = (("aoti_plain", "plain_pt2"), ("aoti_routed", "routed_pt2"))
@@ -658,8 +661,6 @@ def workers(args) -> dict:
     (``onnx_session``), at one intra-op thread, at ``--threads`` intra-op threads, and as ``--workers`` one-thread
     sessions on shards of each batch (``ShardedSession``); wall time on the first 64 test images, the plain and the
     routed graph interleaved, each way in its own rounds."""
-    from skipnet.cost import cost_model
-
     torch.set_num_threads(1)
     data, cifar_stats = cifar()
     images = pixels(data, "test", 64)
@@ -673,13 +674,11 @@ def workers(args) -> dict:
         for key in ("plain", "routed"):
             payload = export_model(model, "onnx", graph=key, stats=stats, probes=1).payload
             for tag, threads, k in (("t1", 1, 1), (f"t{n}", n, 1), (f"w{w}", 1, w)):
-                s = onnx_session(payload, threads, workers=k)
-                v[f"{key}_{tag}"] = lambda s=s: [s.run(None, {"images": b}) for b in batches]
+                v[f"{key}_{tag}"] = ort_runner(payload, batches, layout="nchwc", threads=threads, workers=k)
         ref, sharded = v["routed_t1"](), v[f"routed_w{w}"]()
         same = all(np.array_equal(a, b) for x, y in zip(ref, sharded) for a, b in zip(x, y))
         dec = torch.from_numpy(np.concatenate([o[2] for o in ref]))
-        cm = cost_model(model, int(images.shape[-1]))
-        ideal = float(cm.total_macs_all_on) / float(cm.macs_per_image(dec).mean())
+        ideal = macs_ideal(model, int(images.shape[-1]), dec)
         tags, times = ("t1", f"t{n}", f"w{w}"), {}
         for tag in tags:  # each way timed by itself: spinning intra-op threads of one way would slow another's
             times |= _time({k: v[k] for k in (f"plain_{tag}", f"routed_{tag}")}, args.rounds, len(images))

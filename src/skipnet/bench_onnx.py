@@ -35,7 +35,7 @@ from skipnet.errors import SkipnetError
 from skipnet.export import read_onnx_meta
 from skipnet.ortgraph import onnx_session, require_onnx
 from skipnet.ortgraph import prune_graph as _prune
-from skipnet.predict import check_export_meta, check_onnx_structure, open_onnx_session
+from skipnet.predict import check_export_meta, check_onnx_structure, computed_blocks, open_onnx_session
 
 
 def inline_branch(graph: Any, sub: Any, prefix: str, reads: dict[str, str] | None = None) -> tuple[list, list[str]]:
@@ -221,8 +221,7 @@ def _macs(config: ArchConfig, size: int, decisions: torch.Tensor, graph: str | N
     from skipnet.gated import GatedResNet
 
     cm = cost_model(GatedResNet(config), size)
-    decisions = torch.ones_like(decisions) if graph == "masked" else decisions
-    return float(cm.total_macs_all_on), float(cm.macs_per_image(decisions).mean())
+    return float(cm.total_macs_all_on), float(cm.macs_per_image(computed_blocks(graph, decisions)).mean())
 
 
 def _cpu_fields(cpu: dict[str, list[float]], n: int, ideal: float) -> dict[str, Any]:

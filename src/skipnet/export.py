@@ -615,7 +615,7 @@ def _onnx_payload(
     proto.producer_name = "skipnet"
     proto.graph.name = f"skipnet_{g.graph}_{model.config.name}"
     meta["graph_sha256"] = graph_digest(proto)
-    meta["sha256"] = file_digest(proto, meta)
+    meta["sha256"] = file_digest(meta["graph_sha256"], meta)
     entry = proto.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(meta)
     payload = proto.SerializeToString()
@@ -662,11 +662,11 @@ def graph_digest(proto: Any) -> str:
     return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
 
 
-def file_digest(proto: Any, meta: dict[str, Any]) -> str:
-    """SHA-256 of the graph (as :func:`graph_digest`) and of the skipnet metadata (canonical JSON) but its own
-    ``sha256`` entry: an edit of either (a weight, the class list, the threshold) changes it."""
+def file_digest(graph_sha256: str, meta: dict[str, Any]) -> str:
+    """SHA-256 of the graph's digest (:func:`graph_digest`) and of the skipnet metadata (canonical JSON) but its
+    own ``sha256`` entry: an edit of either (a weight, the class list, the threshold) changes it."""
     rest = json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode()
-    return hashlib.sha256(graph_digest(proto).encode() + b"\0" + rest).hexdigest()
+    return hashlib.sha256(graph_sha256.encode() + b"\0" + rest).hexdigest()
 
 
 def read_onnx_meta(path: str | Path) -> tuple[Any, dict[str, Any]]:
@@ -692,10 +692,10 @@ def read_onnx_meta(path: str | Path) -> tuple[Any, dict[str, Any]]:
         raise SkipnetError(f"{path} has malformed skipnet metadata")
     _check_interface(path, proto, meta)
     recorded, whole = meta.get("graph_sha256"), meta.get("sha256")  # files of older exports: the graph's only
-    if (recorded is not None and recorded != graph_digest(proto)) or (
-        whole is not None and whole != file_digest(proto, meta)
-    ):
-        what = "graph (nodes or weights)" if recorded != graph_digest(proto) else "skipnet metadata"
+    digest = graph_digest(proto) if recorded is not None or whole is not None else None
+    graph_changed = recorded is not None and recorded != digest
+    if graph_changed or (whole is not None and whole != file_digest(digest, meta)):
+        what = "graph (nodes or weights)" if graph_changed else "skipnet metadata"
         raise SkipnetError(
             f"{path} was altered after export: its {what} no longer has the SHA-256 its skipnet metadata records; "
             "export it again"

@@ -653,12 +653,6 @@ class ShardedSession:
     def get_inputs(self) -> Any:
         return self.sessions[0].get_inputs()
 
-    def get_outputs(self) -> Any:
-        return self.sessions[0].get_outputs()
-
-    def get_modelmeta(self) -> Any:
-        return self.sessions[0].get_modelmeta()
-
     def run(self, output_names: Any, feeds: dict[str, Any]) -> list[Any]:
         import numpy as np
 

@@ -595,14 +595,19 @@ def predict(
     return Predictions(rows, skipped, time.perf_counter() - start, top_k)
 
 
+def computed_blocks(graph: str | None, decisions: Tensor) -> Tensor:
+    """The gated blocks a model of that graph kind computes for each image: those its ``decisions`` take, or every
+    block for a masked graph (it runs them all and mixes by the decision, saving nothing)."""
+    return torch.ones_like(decisions) if graph == "masked" else decisions
+
+
 def _batch_rows(
     p: Predictor, names: list[str], images: list[Tensor], top_k: int, on_progress: Callable[[int], None] | None
 ) -> list[dict[str, Any]]:
     logits, decisions = p(torch.stack(images))
     probs = logits.softmax(1)
     top_p, top_i = probs.topk(top_k, dim=1)
-    computed = torch.ones_like(decisions) if p.graph == "masked" else decisions  # a masked graph runs every block
-    macs = p.cost.macs_per_image(computed, include_gates=p.gated)
+    macs = p.cost.macs_per_image(computed_blocks(p.graph, decisions), include_gates=p.gated)
     rows = []
     for j, name in enumerate(names):
         d = decisions[j]
