@@ -143,8 +143,6 @@ def _checked_out(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SkipnetError(f"--out {out} is a file; analyze writes a directory of figures, so give a directory name")
-    if any(p.exists() and not p.is_dir() for p in out.parents):
-        raise SkipnetError(f"--out {out}: a parent of it is a file, not a directory")
     foreign = foreign_files(out, OWNED)
     if foreign:  # analyze replaces its directory whole: anyone else's files there would go with it
         raise SkipnetError(

@@ -78,13 +78,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def check_out_file(src: Path, dst: Path, force: bool) -> None:
-    """``--out`` is a new file (or ``--force``), never the input, a directory or under a file."""
+    """``--out`` is a new file (or ``--force``), never the input or a directory (under a file: ``check_out``)."""
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise SkipnetError("--out must differ from the input checkpoint (it is kept as it is)")
     if dst.is_dir():
         raise SkipnetError(f"--out {dst} is a directory; give a file name such as {dst / 'calibrated.pt'}")
-    if any(p.exists() and not p.is_dir() for p in dst.parents):
-        raise SkipnetError(f"--out {dst}: a parent of it is a file, not a directory")
     if dst.exists() and not force:
         raise SkipnetError(f"--out {dst} exists; pass --force to overwrite it or choose another name")
     if dst.suffix not in OUT_SUFFIXES:
