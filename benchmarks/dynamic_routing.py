@@ -66,6 +66,8 @@ POLICY_FIXED = tuple("policy" if a == "gates" else a for a in BACKBONE_ONLY)
 BACKBONE_LONG = ("--stage", "sp", "--freeze", "gates", "--distill", BASE, "--lr", "0.02", "--schedule", "cosine")
 BACKBONE_LONG += ("--eval-every", "351", "--epochs", "8", "--threads", "1")
 PLAIN_LONG = ("--distill", BASE, "--schedule", "cosine", "--threads", "1", "--lr", "0.02", "--epochs", "8")
+# the plain networks' match for a third alternation (one joint epoch at lr 0.005, two backbone epochs at 0.01)
+PLAIN_LONG3 = ("--distill", BASE, "--schedule", "cosine", "--threads", "1", "--lr", "0.01", "--epochs", "3")
 JITTER = ("--epochs", "2", "--threads", "1", "--threshold-jitter", "0.4")
 # a backbone made robust to skipping before any gate is trained (stochastic depth, the SDV stage): each gated
 # block dropped per image with probability 0.35 (the rate the gates will be given), distilled from the plain network
@@ -396,6 +398,33 @@ RUNS = [
         note="the shipped 30-epoch plain ResNet-26 (its kd chain's directories are gone) given aig_alt2_long's eight "
         "distilled epochs: 30 + 8 epochs against the SkipNet's 30 + 23, at the SkipNets' cost",
     ),
+    aig_after(
+        "aig_alt3_order",
+        "aig_alt2_long",
+        (*FLOOR_ORDER_WIDE[:-1], "1"),
+        note="a third alternation, after the long schedule: one epoch of the ordering recipe on gates and backbone "
+        "(as aig_alt2_order), to bring back the saving and the spread that the long backbone stage let drift",
+    ),
+    aig_after(
+        "aig_alt3_backbone",
+        "aig_alt3_order",
+        (*BACKBONE_ONLY,),
+        budgets=BUDGETS,
+        note="aig_alt3_order with its gates frozen and the backbone given two distilled epochs, as aig_alt2_backbone "
+        "(30 + 26 epochs): does the long schedule's gain survive an alternation at a saving over 30%?",
+    ),
+    Run(
+        "plain_r32_long3",
+        (*PLAIN32, "--init", "{runs}/plain_r32_long/best.pt", *PLAIN_LONG3),
+        needs=("plain_r32_long",),
+        note="plain_r32_long given three more distilled epochs (lr 0.01, cosine): aig_alt3's three",
+    ),
+    Run(
+        "plain_r26_long3",
+        (*PLAIN26[:-2], "--init", "{runs}/plain_r26_long/best.pt", *PLAIN_LONG3),
+        needs=("plain_r26_long",),
+        note="plain_r26_long given three more distilled epochs (lr 0.01, cosine): aig_alt3's three",
+    ),
     Run(
         "rnn_sp_bs",
         ("cifar10_rnn_gate_38", *AIG),
@@ -500,12 +529,13 @@ def _declared(name: str) -> tuple[int, float]:
 def main(argv: list[str] | None = None) -> int:
     p = results.group_parser(__doc__, "runs/dyn", DEFAULT_DATA, RESULTS)
     p.add_argument("--figure", default=str(FIGURE), help="where the accuracy/MACs figure is written")
+    p.add_argument("--parallel", type=int, default=1, help="train up to this many runs at once (default 1)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out_dir = Path(args.results)
     runner = Runner(Path(args.out), args.data)
     if not args.no_train:
-        runner.train(RUNS if args.only is None else select(RUNS, args.only))
+        runner.train(RUNS if args.only is None else select(RUNS, args.only), parallel=args.parallel)
     plain = plain_points(out_dir)
     rows = collect(runner, out_dir / "dynamic_routing.json", plain["ResNet-38"]["macs"])
     out = {
