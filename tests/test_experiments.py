@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 
 import pytest
@@ -180,3 +181,31 @@ def test_runner_failure_in_a_group_waits_for_the_others_and_raises(tmp_path) -> 
     with pytest.raises(RunFailed, match="bad2.log"):
         runner.train(runs, parallel=2, deadline=stop_at)
     assert (runner.dir("long") / "checkpoint").exists() and gone(runner, "long")
+
+
+def test_runner_calibrates_a_budget_once_when_two_runners_collect_at_once(tmp_path) -> None:
+    """Two drivers collecting the same finished run both want its budget: the second waits for the first's
+    calibration and reuses its file instead of calibrating again (and never reads a half-made one)."""
+
+    run = Run("a", ("cifar10_resnet_20",), budgets=(30.0,))
+    calls: list[str] = []
+
+    def fake_call(self, cmd, logfile):
+        calls.append(" ".join(cmd))
+        time.sleep(0.3)  # long enough for the other runner to arrive while this one calibrates
+        self.calibrated_path(run, 30.0).write_text("calibrated")
+        return ""
+
+    runners = [Runner(tmp_path / "runs", "digits") for _ in range(2)]
+    runners[0].dir("a").mkdir(parents=True)
+    got: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Runner, "_call", fake_call)
+        calibrate = [lambda r=r: got.append(r.calibrated(run, 30.0).read_text()) for r in runners]
+        threads = [threading.Thread(target=c) for c in calibrate]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(calls) == 1 and "--target-reduction 30" in calls[0]
+    assert got == ["calibrated", "calibrated"]

@@ -18,8 +18,10 @@ Placeholders in a run's arguments: ``{data}`` (the data set) and ``{runs}`` (the
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -149,6 +151,18 @@ def select(runs: Sequence[Run], names: Sequence[str]) -> list[Run]:
     return [r for r in runs if r.name in wanted]
 
 
+@contextlib.contextmanager
+def _one_at_a_time(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created if missing), waiting while another holds it: two
+    drivers collecting the same runs calibrate each budget once. The kernel releases it when its holder ends."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # per open file: also excludes another thread of this process
+        yield
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class Runner:
     """Runs, calibrates and evaluates declared :class:`Run` s under ``out`` on ``data``."""
@@ -259,7 +273,9 @@ class Runner:
         """``best.pt`` of ``run`` calibrated to ``budget`` % fewer MACs (written once, then reused)."""
         path = self.calibrated_path(run, budget)
         if not path.exists():
-            self._call(self.calibrate_command(run, budget), self.out / f"{run.name}.log")
+            with _one_at_a_time(path.with_name(f".{path.name}.lock")):
+                if not path.exists():  # another runner may have written it while this one waited
+                    self._call(self.calibrate_command(run, budget), self.out / f"{run.name}.log")
         return path
 
     def calibrate_command(self, run: Run, budget: float) -> list[str]:
