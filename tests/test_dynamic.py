@@ -204,6 +204,7 @@ def test_freeze_policy_keeps_the_gates_batchnorm_statistics_where_freeze_gates_m
         ({"stage": "base", "difficulty_spread": 0.2, "distill": "t.pt"}, "trains no gate"),
         ({"stage": "sp", "difficulty_spread": 0.6, "distill": "t.pt"}, "--difficulty-spread"),
         ({"stage": "hrl", "threshold_jitter": 0.2}, "only stage sp"),
+        ({"stage": "base", "detach_gates": True}, "--detach-gates stops the gates' gradient"),
         ({"stage": "sp", "threshold_jitter": 0.5}, "--threshold-jitter"),
         ({"stage": "sp", "threshold_jitter": 0.3, "threshold": 0.8}, r"within \(J, 1 - J\)"),
     ],
@@ -881,3 +882,44 @@ def test_the_longer_schedule_row_and_its_matched_gap_are_the_json() -> None:
     assert f"(`aig_alt2_long`) give {_at(run)} fewer MACs, {line - run['accuracy']:.2f} points under" in _words(
         "README.md"
     )
+
+
+def _backbone_grads(model, x, y, **kw) -> dict[str, torch.Tensor]:
+    """The backbone's gradients of the cross-entropy of one hard-gated (SP) forward."""
+    model.zero_grad(set_to_none=True)
+    out = model(x, "hard", execution="masked", **kw)  # as training runs it: every block on the whole batch
+    torch.nn.functional.cross_entropy(out.logits, y).backward()
+    return {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in model.backbone.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ["tiny_aig_gate_14", "tiny_rnn_gate_14"])
+def test_detach_gates_leaves_the_backbone_only_the_routes_gradient(arch) -> None:
+    """--detach-gates: with the gates' inputs detached and their weights frozen, the backbone's gradient in the SP
+    stage is exactly that of the same routes forced (no straight-through path into the features); without it the
+    gradient differs (the path exists). The gates themselves still get a gradient when not frozen."""
+    from skipnet import create_model
+
+    torch.manual_seed(0)
+    model = create_model(arch).double().train()
+    model.set_gate_bias(0.0)  # p near 0.5: some blocks run, some do not
+    x, y = torch.randn(8, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (8,))
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.0  # the repeated forwards leave the running statistics as they are
+    with torch.no_grad():  # the routes this batch takes in training (a ConvNet-AIG gate normalises over the batch)
+        routes = model(x, "hard", execution="masked").trace.decisions.clone()
+    assert 0 < routes.mean() < 1
+    model.gates.requires_grad_(False)
+    forced = _backbone_grads(model, x, y, decisions=routes)
+    model.detach_gate_inputs = True
+    detached = _backbone_grads(model, x, y)
+    for n in forced:
+        torch.testing.assert_close(detached[n], forced[n], rtol=1e-9, atol=1e-12, msg=n)
+    model.detach_gate_inputs = False
+    through = _backbone_grads(model, x, y)
+    assert any(not torch.allclose(through[n], forced[n], rtol=1e-6, atol=1e-9) for n in forced)
+    model.gates.requires_grad_(True)
+    model.detach_gate_inputs = True
+    model.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x, "hard").logits, y).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.gates.parameters() if p.ndim > 1)

@@ -70,6 +70,8 @@ class GatedResNet(nn.Module):
         self.mode = GateMode.GREEDY if config.gated else GateMode.ALL_ON
         self.threshold = 0.5
         self.keep_ratio = 1.0
+        # beyond the paper: no gradient from a gate into the features it reads (``skipnet train --detach-gates``)
+        self.detach_gate_inputs = False
 
     @staticmethod
     def _in_channels(block: nn.Module) -> int:
@@ -121,9 +123,12 @@ class GatedResNet(nn.Module):
         raise SkipnetError(capture.REFUSE_SCRIPT)
 
     def gate_step(self, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
-        """Logit (B,) of gate ``i`` from the input ``x`` of gated block ``i``."""
+        """Logit (B,) of gate ``i`` from the input ``x`` of gated block ``i``; with :attr:`detach_gate_inputs` the
+        gate reads ``x`` detached, so that no loss reaches the backbone through a gate: the straight-through and
+        REINFORCE gradients train the gates alone, and the backbone cannot move its features to open or close
+        blocks (with frozen gates it learns only the routes it is given)."""
         assert self.gates is not None
-        return self.gates.step(i, x, state)
+        return self.gates.step(i, x.detach() if self.detach_gate_inputs else x, state)
 
     def forward(
         self,

@@ -252,6 +252,7 @@ def build_model(model: GatedResNet, cfg: TrainConfig, stage: Stage, init: dict[s
         init_torchvision(model, cfg.init_torchvision)
     model.threshold = cfg.threshold
     model.keep_ratio = cfg.keep
+    model.detach_gate_inputs = cfg.detach_gates
     model.mode = stage.eval_mode if arch.gated or stage.eval_mode == GateMode.RANDOM else GateMode.ALL_ON
 
 

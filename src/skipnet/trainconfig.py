@@ -64,6 +64,7 @@ class TrainConfig:
     wrong_penalty: float = 1.0
     entropy_bonus: float = 0.0
     freeze: str = "none"
+    detach_gates: bool = False
     batch_shape: float | None = None
     batch_shape_weight: float = 1.0
     batch_shape_floor: float | None = None
@@ -186,6 +187,9 @@ class TrainConfig:
             raise SkipnetError("--threshold-jitter moves the hard gates' threshold; only stage sp thresholds them")
         if self.threshold_jitter and not self.threshold_jitter < self.threshold < 1 - self.threshold_jitter:
             raise SkipnetError("--threshold-jitter J needs --threshold within (J, 1 - J)")
+        if self.detach_gates and self.stage not in ("hrl", "rl", "sp", "soft"):
+            stage = self.stage
+            raise SkipnetError(f"--detach-gates stops the gates' gradient into the backbone; stage {stage} has none")
         if self.freezes_gates and self.stage not in ("hrl", "rl", "sp", "soft"):
             stage = self.stage
             raise SkipnetError(f"--freeze {self.freeze} needs a stage that trains gates; stage {stage} trains none")

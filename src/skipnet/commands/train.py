@@ -160,6 +160,14 @@ def _add_routing_args(p: argparse._ArgumentGroup) -> None:
         "(the gates in eval mode: the backbone trains on the routes inference takes, a ConvNet-AIG gate's "
         "BatchNorm statistics fixed too)",
     )
+    p.add_argument(
+        "--detach-gates",
+        action="store_true",
+        default=d["detach_gates"],
+        help="the gates read their inputs detached: no gradient reaches the backbone through a gate, so it cannot "
+        "move its features to open or close blocks (with --freeze gates it learns only the routes it is given; "
+        "beyond the paper)",
+    )
 
 
 def _add_shape_args(p: argparse._ArgumentGroup) -> None:
