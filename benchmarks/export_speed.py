@@ -398,6 +398,7 @@ LEVERS_B1 = (
     ("ORT, conditional, ORT_ENABLE_BASIC", "cond_basic", "cond_all_basic", "plain"),
     ("ORT, conditional, allow_spinning=0", "cond_nospin", "cond_all_nospin", "plain"),
     ("ORT, gate as one LSTM node (NCHW across If)", "lstm", "all_lstm", "plain"),
+    ("ORT, NCHWc kept across If, each If behind a Reshape (before)", "nchwc_reshape", "all_nchwc_reshape", "plain"),
     ("ORT, NCHWc kept across If", "nchwc", "all_nchwc", "plain"),
     ("ORT, NCHWc across If + LSTM gate (layout=nchwc)", "fused", "all_fused", "plain"),
     ("ORT, floor: NCHWc across If, decisions fed (gate free)", "oracle", "oracle_all", "plain"),
@@ -421,6 +422,8 @@ def _b1_variants(ex: dict, batches: list, decisions: torch.Tensor | None, rnn: b
             # gate does not even reload: its branch values reuse the outer graph's names, fixed by blocked_layout)
             v[f"{key}lstm"] = ort_runner(lstm_gates(ort_optimized(payload)).SerializeToString(), batches)
         v[f"{key}nchwc"] = ort_runner(blocked_layout(payload, fuse_gates=False), batches)
+        reshaped = blocked_layout(payload, fuse_gates=False, direct_conditions=False)
+        v[f"{key}nchwc_reshape"] = ort_runner(reshaped, batches)
         if rnn:
             v[f"{key}fused"] = ort_runner(payload, batches, layout="nchwc")
     if decisions is not None:

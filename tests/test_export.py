@@ -337,6 +337,8 @@ def test_blocked_layout_applies_to_the_feed_forward_gates(arch, tmp_path) -> Non
     assert not any(m_.op_type in ("ReorderInput", "ReorderOutput") for b in branches for m_ in b.node)
     # a feed-forward gate has no rewrite of its own (its head as 1x1 convolutions measured no faster, issue 32)
     assert rewritten == blocked_layout(ex.payload, fuse_gates=False)
+    made = {o: n.op_type for n in proto.graph.node for o in n.output}  # each If reads its gate's comparison
+    assert {made[n.input[0]] for n in proto.graph.node if n.op_type == "If"} == {"GreaterOrEqual"}
     session = onnx_session(rewritten, layout="nchw")
     d = torch.cat(_agree(m, "conditional", lambda x: run_onnx(session, x), _fresh(16, 1, seed=11)))
     assert (d.min(0).values != d.max(0).values).any(), "some block taken by some images and skipped by others"

@@ -148,7 +148,7 @@ def _reorder_out(blocked: str, plain: str, channels: int) -> Any:
     return helper.make_node("ReorderOutput", [blocked], [plain], domain=NCHWC, channels_last=0, channels=channels)
 
 
-def blocked_layout(model_bytes: bytes, fuse_gates: bool = True) -> bytes:
+def blocked_layout(model_bytes: bytes, fuse_gates: bool = True, direct_conditions: bool = True) -> bytes:
     """A conditional graph rewritten to keep ONNX Runtime's blocked NCHWc layout across its ``If`` nodes (issue 32).
 
     ONNX Runtime optimises each ``If`` branch by itself: a value that crosses the boundary is plain NCHW, so every
@@ -162,7 +162,9 @@ def blocked_layout(model_bytes: bytes, fuse_gates: bool = True) -> bytes:
     where it runs (:func:`onnx_session` does with ``layout="nchwc"``). Raises ``ValueError`` for a graph it does
     not recognise (no ``If``, a branch that is not a convolution chain); :func:`onnx_session` also checks the
     result against the graph as written on probe images before it uses it.
-    ``fuse_gates`` also rewrites the recurrent gates into one ``LSTM`` node each (:func:`lstm_gates`)."""
+    ``fuse_gates`` also rewrites the recurrent gates into one ``LSTM`` node each (:func:`lstm_gates`);
+    ``direct_conditions`` lets each ``If`` read its gate's comparison without the ``Reshape`` to a scalar
+    (:func:`_direct_conditions`; off only to measure it)."""
     proto = ort_optimized(model_bytes)
     graph, blocked, channels, nodes, restored = proto.graph, {}, {}, [], set()
     if not any(n.op_type == "If" for n in graph.node):
@@ -190,9 +192,12 @@ def blocked_layout(model_bytes: bytes, fuse_gates: bool = True) -> bytes:
                 restored.add(i)
                 nodes.append(_reorder_out(blocked[i], i, channels[blocked[i]]))
         nodes.append(n)
+    if direct_conditions:  # one node fewer a gate (a feed-forward gate's too; measured in export_speed.py deploy)
+        _direct_conditions(nodes)
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.value_info[:]
+    prune_graph(graph)
     return (lstm_gates(proto) if fuse_gates else proto).SerializeToString()
 
 
@@ -503,7 +508,8 @@ def _users(nodes: Any) -> dict[str, list[Any]]:
 
 def _direct_conditions(nodes: list[Any]) -> None:
     """An ``If`` takes any one-element condition: each ``If`` whose condition a ``Reshape`` makes (of the (1, 1)
-    or (1, 1, 1, 1) comparison to a scalar) reads the comparison itself; the unused ``Reshape`` is pruned later."""
+    or (1, 1, 1, 1) comparison to a scalar) reads the comparison itself; the unused ``Reshape`` is pruned later.
+    (A conditional graph runs one image: every comparison a gate makes has one element.)"""
     made = {o: n for n in nodes for o in n.output}
     for n in nodes:
         if n.op_type == "If" and made.get(n.input[0]) is not None and made[n.input[0]].op_type == "Reshape":
