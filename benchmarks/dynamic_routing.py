@@ -413,6 +413,14 @@ RUNS = [
         note="aig_alt3_order with its gates frozen and the backbone given two distilled epochs, as aig_alt2_backbone "
         "(30 + 26 epochs): does the long schedule's gain survive an alternation at a saving over 30%?",
     ),
+    aig_after(
+        "aig_alt2_long_detach",
+        "aig_alt2_backbone",
+        (*BACKBONE_LONG, "--detach-gates"),
+        budgets=BUDGETS,
+        note="aig_alt2_long with --detach-gates: no gradient from the frozen gates into the backbone, so that it "
+        "cannot move its features to open more blocks (is that the saving's drift?); matched by plain_r32_long",
+    ),
     Run(
         "plain_r32_long3",
         (*PLAIN32, "--init", "{runs}/plain_r32_long/best.pt", *PLAIN_LONG3),
