@@ -643,7 +643,7 @@ def test_the_adapted_model_meets_the_per_input_criteria_and_the_pages_state_it()
     """Item 14 of docs/routing.md: aig_alt_backbone (shipped as cifar10_aig_gate_38_adapted: the zoo has its row)
     meets criterion 1 of issue 31; aig_ordered_backbone, its budgets and aig_alt_order are the JSON's rows; the
     gaps to the matched line and the claims "above every earlier calibrated point" and "every row saving 20% or
-    more is under it" hold (the closest: aig_alt2_long's 20% budget, 0.18 points; 30% or more: 0.7)."""
+    more is under it" hold (the closest: aig_alt2_long's 20% budget, 0.18 points; 30% or more: 0.28)."""
     from skipnet.results import frontier
 
     rows = _routing_rows()
@@ -671,7 +671,7 @@ def test_the_adapted_model_meets_the_per_input_criteria_and_the_pages_state_it()
     assert not [s for s in stated if s not in page], [s for s in stated if s not in page]
     gain = first["accuracy"] - rows["aig_sp_floor_order_wide2"]["accuracy"]
     assert f"{gain:.2f} points more accurate" in page
-    later = ("aig_ordered_backbone", "aig_policy_backbone", "aig_alt2_long")  # itself, item 17's, item 20's
+    later = ("aig_ordered_backbone", "aig_policy_backbone", "aig_alt2_long", "aig_alt3")  # itself, items 17, 20, 21
     earlier = [r for n, r in rows.items() if "@" in n and not n.startswith(later)]
     for b in (20, 30):  # "above every earlier calibrated point"
         assert rows[f"aig_ordered_backbone@{b}%"]["accuracy"] > max(r["accuracy"] for r in earlier)
@@ -685,7 +685,7 @@ def test_the_adapted_model_meets_the_per_input_criteria_and_the_pages_state_it()
     assert min(g for g in saving if g == g) > 0.15  # "every row saving 20% or more is under it, the closest 0.18"
     gated = [r for n, r in rows.items() if not n.startswith("plain")]
     at30 = [frontier(static, r["macs_reduction"]) - r["accuracy"] for r in gated if r["macs_reduction"] >= 30]
-    assert min(g for g in at30 if g == g) >= 0.7  # "30% or more: 0.7 or more"
+    assert min(g for g in at30 if g == g) > 0.25  # "30% or more: 0.28 or more" (aig_alt3_backbone@30%)
     for path in ("README.md", "benchmarks/RESULTS.md"):
         text = _words(path)
         assert f"{_at(adapted)} fewer MACs" in text and f"{line - adapted['accuracy']:.2f} points under" in text, path
@@ -882,6 +882,49 @@ def test_the_longer_schedule_row_and_its_matched_gap_are_the_json() -> None:
     assert f"(`aig_alt2_long`) give {_at(run)} fewer MACs, {line - run['accuracy']:.2f} points under" in _words(
         "README.md"
     )
+
+
+def test_the_third_alternation_row_its_budgets_and_its_plain_controls_are_the_json() -> None:
+    """Item 21 of docs/routing.md: aig_alt3_order, aig_alt3_backbone (shipped as cifar10_aig_gate_38_long: the zoo
+    has its row) and its budgets, plain_r32_long3 and plain_r26_long3 are the JSON's rows; it meets criterion 1;
+    the gaps stated (to the ResNet-26 given the same epochs, to the matched and 30-epoch lines at its 30% budget,
+    the closest point saving 30% or more of any run) are computed from them."""
+    from skipnet.results import frontier
+
+    rows = _routing_rows()
+    run, ro, order = rows["aig_alt3_backbone"], rows["aig_alt3_backbone"]["routes"], rows["aig_alt3_order"]
+    wrong = ro["executed_mean_wrong"] - ro["executed_mean_correct"]
+    assert run["macs_reduction"] >= 30 and ro["executed_std"] >= 1.2 and ro["distinct_routes"] >= 100 and wrong >= 1
+    assert ro["top_route_share"] <= 0.2 and ro["class_spearman_median"] <= -0.5
+    zoo = json.loads((ROOT / "src/skipnet/pretrained/index.json").read_text())["models"]["cifar10_aig_gate_38_long"]
+    assert abs(zoo["accuracy"] - run["accuracy"]) < 1e-6 and abs(zoo["macs_mean"] - run["macs_mean"]) < 1
+    r32, r26 = rows["plain_r32_long3"], rows["plain_r26_long3"]
+    matched = [(r["macs_reduction"], r["accuracy"]) for r in (r32, r26)]
+    plain = json.loads((ROOT / "benchmarks/results/dynamic_routing.json").read_text())["plain"]
+    static = [(p["macs_reduction"], p["accuracy"]) for p in plain.values()]
+    b30 = rows["aig_alt3_backbone@30%"]
+    orr = order["routes"]
+    stated = [_at(order), f"{orr['distinct_routes']} routes, std {orr['executed_std']:.2f}"]
+    stated += [f"+{orr['executed_mean_wrong'] - orr['executed_mean_correct']:.2f} blocks", f"**{_at(run)} fewer MACs**"]
+    stated += [
+        f"{ro['distinct_routes']} routes, none above {100 * ro['top_route_share']:.1f}%, std {ro['executed_std']:.2f}"
+    ]
+    stated += [f"+{wrong:.2f} blocks, Spearman −{-ro['class_spearman_median']:.2f}"]
+    for name in ("aig_alt_backbone", "aig_alt2_backbone"):
+        stated += [f"{run['accuracy'] - rows[name]['accuracy']:.2f} points above `{name}`"]
+        stated[-1] = stated[-1].replace(" points above `aig_alt2", " above `aig_alt2")
+    stated += [f"`plain_r32_long3` {_at(r32)} ({r32['accuracy'] - rows['plain_r32_long']['accuracy']:+.2f})"]
+    stated += [f"`plain_r26_long3` {_at(r26)} ({r26['accuracy'] - rows['plain_r26_long']['accuracy']:+.2f})"]
+    stated += [f"**{r26['accuracy'] - run['accuracy']:.2f} points above** the SkipNet"]
+    stated += [f"{frontier(static, run['macs_reduction']) - run['accuracy']:.2f} under the 30-epoch static"]
+    stated += [f"**{_at(b30)}** ({frontier(matched, b30['macs_reduction']) - b30['accuracy']:.2f} under the matched"]
+    stated += [f"{frontier(static, b30['macs_reduction']) - b30['accuracy']:.2f} under the 30-epoch frontier"]
+    stated += [_at(rows[f"aig_alt3_backbone@{b}%"]) for b in (20, 40, 50)]
+    page = _words("docs/routing.md")
+    assert not [x for x in stated if x not in page], [x for x in stated if x not in page]
+    gated = [r for n, r in rows.items() if not n.startswith("plain") and r["macs_reduction"] >= 30]
+    gaps = [frontier(static, r["macs_reduction"]) - r["accuracy"] for r in gated]
+    assert min(g for g in gaps if g == g) == frontier(static, b30["macs_reduction"]) - b30["accuracy"]  # the closest
 
 
 def _backbone_grads(model, x, y, **kw) -> dict[str, torch.Tensor]:
