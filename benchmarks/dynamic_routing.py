@@ -422,6 +422,12 @@ RUNS = [
         "cannot move its features to open more blocks (is that the saving's drift?); matched by plain_r32_long",
     ),
     Run(
+        "plain_r20_long",
+        (*PLAIN20, "--init", "pretrained:cifar10_resnet_20", *PLAIN_LONG),
+        note="the shipped 30-epoch plain ResNet-20 given aig_alt2_long's eight distilled epochs: with plain_r26_long, "
+        "the matched line past 34% (aig_alt2_long_detach saves 40%)",
+    ),
+    Run(
         "plain_r32_long3",
         (*PLAIN32, "--init", "{runs}/plain_r32_long/best.pt", *PLAIN_LONG3),
         needs=("plain_r32_long",),
@@ -446,7 +452,7 @@ NAMES = [r.name for r in RUNS]
 # the runs whose calibrated budgets the figure draws as curves: threshold jitter, its control, where both began,
 # the per-input model whose backbone adapted to its frozen gates, and the same after the longer schedule
 CURVES = ("aig_sp_bs_more3", "aig_sp_bs_more5", "aig_sp_jitter", "aig_sp_jitter_wide", "aig_ordered_backbone")
-CURVES += ("aig_alt2_long",)
+CURVES += ("aig_alt2_long", "aig_alt3_backbone", "aig_alt2_long_detach")
 
 
 def plain_points(results: Path) -> dict[str, dict]:
@@ -496,6 +502,9 @@ def plot(rows: dict[str, dict], plain: dict[str, dict], path: Path) -> None:
         text = ", ".join(f"{r['accuracy']:.2f}" for r in matched)
         at = (best["macs_reduction"], best["accuracy"])
         ax.annotate(text, at, fontsize=7, xytext=(3, -9), textcoords="offset points")
+    long3 = sorted((r["macs_reduction"], r["accuracy"]) for n, r in rows.items() if n.endswith("_long3"))
+    if long3:  # the plain ResNet-32 and -26 given aig_alt3_backbone's 30 + 11 epochs
+        ax.plot(*zip(*long3), "v:", color="black", label="ResNet-32/26, 30 + 11 epochs (matched to aig_alt3)")
     for k, run in enumerate(CURVES):
         curve = sorted((r["macs_reduction"], r["accuracy"]) for n, r in rows.items() if n.split("@")[0] == run)
         if curve:
@@ -539,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--figure", default=str(FIGURE), help="where the accuracy/MACs figure is written")
     p.add_argument("--parallel", type=int, default=1, help="train up to this many runs at once (default 1)")
     args = p.parse_args(argv)
+    if args.parallel < 1:
+        p.error(f"--parallel must be at least 1, not {args.parallel}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out_dir = Path(args.results)
     runner = Runner(Path(args.out), args.data)
