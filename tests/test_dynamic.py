@@ -950,7 +950,7 @@ def test_the_detached_long_schedule_row_its_budgets_and_its_plain_controls_are_t
     plain = json.loads((ROOT / "benchmarks/results/dynamic_routing.json").read_text())["plain"]
     static = [(p["macs_reduction"], p["accuracy"]) for p in plain.values()]
     line = frontier(matched, run["macs_reduction"])
-    stated = [f"**{_at(run)} fewer MACs**", f"(item 20: {_at(undetached)})"]
+    stated = [f"**{_at(run)} fewer MACs**", f"(item 20: {_at(undetached)};"]
     stated += [
         f"{ro['distinct_routes']} routes, none above {100 * ro['top_route_share']:.1f}%, std {ro['executed_std']:.2f}"
     ]
