@@ -422,6 +422,20 @@ RUNS = [
         "cannot move its features to open more blocks (is that the saving's drift?); matched by plain_r32_long",
     ),
     Run(
+        "aig_detach_order",
+        ("cifar10_aig_gate_38", "--init", "pretrained:cifar10_aig_gate_38_detach", *FLOOR_ORDER_WIDE[:-1], "1"),
+        note="a detached alternation from the shipped _detach model (aig_alt2_long_detach): one epoch of the "
+        "ordering recipe on gates and backbone, as aig_alt3_order",
+    ),
+    aig_after(
+        "aig_detach_backbone",
+        "aig_detach_order",
+        (*BACKBONE_ONLY, "--detach-gates"),
+        budgets=BUDGETS,
+        note="aig_detach_order with its gates frozen and detached, the backbone given two distilled epochs (30 + 26 "
+        "epochs, as aig_alt3_backbone): does the alternation's gain add to the detached schedule's saving?",
+    ),
+    Run(
         "plain_r20_long",
         (*PLAIN20, "--init", "pretrained:cifar10_resnet_20", *PLAIN_LONG),
         note="the shipped 30-epoch plain ResNet-20 given aig_alt2_long's eight distilled epochs: with plain_r26_long, "
