@@ -362,6 +362,27 @@ def _at(row: dict) -> str:
     return f"{row['accuracy']:.2f}% at {row['macs_reduction']:.1f}%"
 
 
+def _assert_per_input(row: dict) -> float:
+    """Criterion 1 of issue 31 holds for ``row``; returns its wrong-minus-right blocks."""
+    ro = row["routes"]
+    wrong = ro["executed_mean_wrong"] - ro["executed_mean_correct"]
+    assert row["macs_reduction"] >= 30 and ro["executed_std"] >= 1.2 and ro["distinct_routes"] >= 100 and wrong >= 1
+    assert ro["top_route_share"] <= 0.2 and ro["class_spearman_median"] <= -0.5
+    return wrong
+
+
+def _assert_shipped_as(name: str, row: dict) -> None:
+    """The zoo's ``name`` is ``row``'s checkpoint: the same test accuracy and MACs."""
+    zoo = json.loads((ROOT / "src/skipnet/pretrained/index.json").read_text())["models"][name]
+    assert abs(zoo["accuracy"] - row["accuracy"]) < 1e-6 and abs(zoo["macs_mean"] - row["macs_mean"]) < 1
+
+
+def _static_points() -> list[tuple[float, float]]:
+    """The 30-epoch plain ResNet-20/26/32/38 as (MACs reduction, accuracy)."""
+    plain = json.loads((ROOT / "benchmarks/results/dynamic_routing.json").read_text())["plain"]
+    return [(p["macs_reduction"], p["accuracy"]) for p in plain.values()]
+
+
 def test_routing_page_figures_are_the_results_json() -> None:
     """Every figure docs/routing.md states about a run is that run's row in benchmarks/results/dynamic_routing.json
     (the page's table is that file's Markdown twin, included as it is)."""
@@ -648,11 +669,8 @@ def test_the_adapted_model_meets_the_per_input_criteria_and_the_pages_state_it()
 
     rows = _routing_rows()
     adapted, routes = rows["aig_alt_backbone"], rows["aig_alt_backbone"]["routes"]
-    gap = routes["executed_mean_wrong"] - routes["executed_mean_correct"]
-    assert adapted["macs_reduction"] >= 30 and routes["executed_std"] >= 1.2 and routes["distinct_routes"] >= 100
-    assert routes["top_route_share"] <= 0.2 and routes["class_spearman_median"] <= -0.5 and gap >= 1.0
-    zoo = json.loads((ROOT / "src/skipnet/pretrained/index.json").read_text())["models"]["cifar10_aig_gate_38_adapted"]
-    assert abs(zoo["accuracy"] - adapted["accuracy"]) < 1e-6 and abs(zoo["macs_mean"] - adapted["macs_mean"]) < 1
+    gap = _assert_per_input(adapted)
+    _assert_shipped_as("cifar10_aig_gate_38_adapted", adapted)
     r20, kd7 = rows["plain_r20_kd7"], rows["plain_r26_kd7"]
     matched = [(r["macs_reduction"], r["accuracy"]) for r in (r20, kd7)]
     line = frontier(matched, adapted["macs_reduction"])
@@ -895,15 +913,11 @@ def test_the_third_alternation_row_its_budgets_and_its_plain_controls_are_the_js
 
     rows = _routing_rows()
     run, ro, order = rows["aig_alt3_backbone"], rows["aig_alt3_backbone"]["routes"], rows["aig_alt3_order"]
-    wrong = ro["executed_mean_wrong"] - ro["executed_mean_correct"]
-    assert run["macs_reduction"] >= 30 and ro["executed_std"] >= 1.2 and ro["distinct_routes"] >= 100 and wrong >= 1
-    assert ro["top_route_share"] <= 0.2 and ro["class_spearman_median"] <= -0.5
-    zoo = json.loads((ROOT / "src/skipnet/pretrained/index.json").read_text())["models"]["cifar10_aig_gate_38_long"]
-    assert abs(zoo["accuracy"] - run["accuracy"]) < 1e-6 and abs(zoo["macs_mean"] - run["macs_mean"]) < 1
+    wrong = _assert_per_input(run)
+    _assert_shipped_as("cifar10_aig_gate_38_long", run)
     r32, r26 = rows["plain_r32_long3"], rows["plain_r26_long3"]
     matched = [(r["macs_reduction"], r["accuracy"]) for r in (r32, r26)]
-    plain = json.loads((ROOT / "benchmarks/results/dynamic_routing.json").read_text())["plain"]
-    static = [(p["macs_reduction"], p["accuracy"]) for p in plain.values()]
+    static = _static_points()
     b30 = rows["aig_alt3_backbone@30%"]
     orr = order["routes"]
     stated = [_at(order), f"{orr['distinct_routes']} routes, std {orr['executed_std']:.2f}"]
@@ -912,9 +926,8 @@ def test_the_third_alternation_row_its_budgets_and_its_plain_controls_are_the_js
         f"{ro['distinct_routes']} routes, none above {100 * ro['top_route_share']:.1f}%, std {ro['executed_std']:.2f}"
     ]
     stated += [f"+{wrong:.2f} blocks, Spearman −{-ro['class_spearman_median']:.2f}"]
-    for name in ("aig_alt_backbone", "aig_alt2_backbone"):
-        stated += [f"{run['accuracy'] - rows[name]['accuracy']:.2f} points above `{name}`"]
-        stated[-1] = stated[-1].replace(" points above `aig_alt2", " above `aig_alt2")
+    stated += [f"{run['accuracy'] - rows['aig_alt_backbone']['accuracy']:.2f} points above `aig_alt_backbone`"]
+    stated += [f"{run['accuracy'] - rows['aig_alt2_backbone']['accuracy']:.2f} above `aig_alt2_backbone`"]
     stated += [f"`plain_r32_long3` {_at(r32)} ({r32['accuracy'] - rows['plain_r32_long']['accuracy']:+.2f})"]
     stated += [f"`plain_r26_long3` {_at(r26)} ({r26['accuracy'] - rows['plain_r26_long']['accuracy']:+.2f})"]
     stated += [f"**{r26['accuracy'] - run['accuracy']:.2f} points above** the SkipNet"]
@@ -938,17 +951,13 @@ def test_the_detached_long_schedule_row_its_budgets_and_its_plain_controls_are_t
 
     rows = _routing_rows()
     run, ro, undetached = rows["aig_alt2_long_detach"], rows["aig_alt2_long_detach"]["routes"], rows["aig_alt2_long"]
-    wrong = ro["executed_mean_wrong"] - ro["executed_mean_correct"]
-    assert run["macs_reduction"] >= 30 and ro["executed_std"] >= 1.2 and ro["distinct_routes"] >= 100 and wrong >= 1
-    assert ro["top_route_share"] <= 0.2 and ro["class_spearman_median"] <= -0.5
+    wrong = _assert_per_input(run)
     assert run["macs_reduction"] > rows["aig_alt2_backbone"]["macs_reduction"] > undetached["macs_reduction"]
-    zoo = json.loads((ROOT / "src/skipnet/pretrained/index.json").read_text())["models"]["cifar10_aig_gate_38_detach"]
-    assert abs(zoo["accuracy"] - run["accuracy"]) < 1e-6 and abs(zoo["macs_mean"] - run["macs_mean"]) < 1
+    _assert_shipped_as("cifar10_aig_gate_38_detach", run)
     r20 = rows["plain_r20_long"]  # the line of the plain networks given the same eight epochs
     matched = [(rows[n]["macs_reduction"], rows[n]["accuracy"]) for n in ("plain_r32_long", "plain_r26_long")]
     matched += [(r20["macs_reduction"], r20["accuracy"])]
-    plain = json.loads((ROOT / "benchmarks/results/dynamic_routing.json").read_text())["plain"]
-    static = [(p["macs_reduction"], p["accuracy"]) for p in plain.values()]
+    static = _static_points()
     line = frontier(matched, run["macs_reduction"])
     stated = [f"**{_at(run)} fewer MACs**", f"(item 20: {_at(undetached)};"]
     stated += [
