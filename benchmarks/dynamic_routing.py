@@ -110,9 +110,11 @@ def plain_more(name: str, after: str, lr: str, epochs: str, what: str, net: tupl
 
 
 def aig_after(name: str, after: str, recipe: tuple[str, ...], note: str, budgets: tuple[float, ...] = ()) -> Run:
-    """A SkipNet-38 (ConvNet-AIG gate) run that continues the run ``after`` from its ``best.pt`` with ``recipe``."""
-    args = ("cifar10_aig_gate_38", "--init", f"{{runs}}/{after}/best.pt", *recipe)
-    return Run(name, args, needs=(after,), budgets=budgets, note=note)
+    """A SkipNet-38 (ConvNet-AIG gate) run that continues the run ``after`` from its ``best.pt`` with ``recipe``;
+    ``after`` may be a shipped model (``pretrained:NAME``), which needs no run of this machine."""
+    shipped = after.startswith("pretrained:")
+    args = ("cifar10_aig_gate_38", "--init", after if shipped else f"{{runs}}/{after}/best.pt", *recipe)
+    return Run(name, args, needs=() if shipped else (after,), budgets=budgets, note=note)
 
 
 def plain_chain(first: str, net: tuple[str, ...], what: dict[str, str] | None = None, shipped: str = "") -> list[Run]:
@@ -421,9 +423,10 @@ RUNS = [
         note="aig_alt2_long with --detach-gates: no gradient from the frozen gates into the backbone, so that it "
         "cannot move its features to open more blocks (is that the saving's drift?); matched by plain_r32_long",
     ),
-    Run(
+    aig_after(
         "aig_detach_order",
-        ("cifar10_aig_gate_38", "--init", "pretrained:cifar10_aig_gate_38_detach", *FLOOR_ORDER_WIDE[:-1], "1"),
+        "pretrained:cifar10_aig_gate_38_detach",
+        (*FLOOR_ORDER_WIDE[:-1], "1"),
         note="a detached alternation from the shipped _detach model (aig_alt2_long_detach): one epoch of the "
         "ordering recipe on gates and backbone, as aig_alt3_order",
     ),
