@@ -78,3 +78,10 @@ def trained_like(name: str, seed: int = 1) -> torch.nn.Module:
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 2.0)
     return model
+
+
+# a tiny HRL training on the built-in digits (seconds a run), the shared base of the fault and resume tests;
+# each adds its --iters, --eval-every and --baseline
+TINY_HRL = ["tiny_rnn_gate_14", "--stage", "hrl", "--data", "digits", "--batch-size", "16", "--threads", "1"]
+TINY_HRL += ["--val-split", "0.2", "--lr", "0.05", "--schedule", "constant", "--limit-train", "160"]
+TINY_HRL += ["--limit-test", "64", "--log-every", "100"]

@@ -18,38 +18,11 @@ import pytest
 import torch
 
 import skipnet.fileio as fileio
+from conftest import TINY_HRL
 from skipnet.checkpoint import load_checkpoint
 from skipnet.cli import main
 
-ARGS = [
-    "tiny_rnn_gate_14",
-    "--stage",
-    "hrl",
-    "--data",
-    "digits",
-    "--batch-size",
-    "16",
-    "--threads",
-    "1",
-    "--val-split",
-    "0.2",
-    "--lr",
-    "0.05",
-    "--schedule",
-    "constant",
-    "--baseline",
-    "ema",
-    "--limit-train",
-    "160",
-    "--limit-test",
-    "64",
-    "--iters",
-    "8",
-    "--eval-every",
-    "4",
-    "--log-every",
-    "100",
-]
+ARGS = [*TINY_HRL, "--baseline", "ema", "--iters", "8", "--eval-every", "4"]
 
 
 def run_args(out: Path, *extra: str) -> list[str]:

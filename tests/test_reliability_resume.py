@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import skipnet.fileio as fileio
+from conftest import TINY_HRL
 from skipnet.checkpoint import load_checkpoint
 from skipnet.cli import main
 
@@ -124,35 +125,7 @@ def test_a_length_in_the_other_unit_extends_the_run(folder_run, capsys) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the first checkpoint
-HRL = [
-    "tiny_rnn_gate_14",
-    "--stage",
-    "hrl",
-    "--data",
-    "digits",
-    "--batch-size",
-    "16",
-    "--threads",
-    "1",
-    "--val-split",
-    "0.2",
-    "--lr",
-    "0.05",
-    "--schedule",
-    "constant",
-    "--baseline",
-    "ema",
-    "--limit-train",
-    "160",
-    "--limit-test",
-    "64",
-    "--iters",
-    "4",
-    "--eval-every",
-    "2",
-    "--log-every",
-    "100",
-]
+HRL = [*TINY_HRL, "--baseline", "ema", "--iters", "4", "--eval-every", "2"]
 
 
 def hrl_args(out: Path, *extra: str) -> list[str]:

@@ -15,34 +15,13 @@ import torch
 import torch.nn as nn
 
 import skipnet.fileio as fileio
+from conftest import TINY_HRL
 from skipnet.checkpoint import atomic_save, load_checkpoint
 from skipnet.cli import main
 from skipnet.rundir import run_lock
 from skipnet.train import Trainer
 
-ARGS = [
-    "tiny_rnn_gate_14",
-    "--stage",
-    "hrl",
-    "--data",
-    "digits",
-    "--batch-size",
-    "16",
-    "--threads",
-    "1",
-    "--val-split",
-    "0.2",
-    "--lr",
-    "0.05",
-    "--schedule",
-    "constant",
-    "--limit-train",
-    "160",
-    "--limit-test",
-    "64",
-    "--log-every",
-    "100",
-]
+ARGS = TINY_HRL
 
 
 def run_args(out: Path, *extra: str) -> list[str]:
