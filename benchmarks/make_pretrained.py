@@ -13,9 +13,10 @@ The checkpoint is exported with the library's safetensors export, the exported f
 ``skipnet eval FILE --data DATA --json`` on the whole test split (``--device``, CPU by default, so that the
 recorded numbers are what a user's ``skipnet eval pretrained:NAME --data DATA --json`` prints on a CPU), and only
 then copied into the zoo and recorded, with the training command(s) given by ``--command`` (in the order they ran)
-and today's date. ``--bench B`` also times the plain and the routed network on B test images (``skipnet bench``)
-and records the ratio. A NAME already shipped is refused unless ``--force``. ``--zoo DIR`` writes another zoo
-folder (default: the package's, or ``$SKIPNET_PRETRAINED_DIR``).
+and today's date; ``--replaces OLD`` then removes the model it supersedes (entry, then file). ``--bench B`` also
+times the plain and the routed network on B test images (``skipnet bench``) and records the ratio. A NAME already
+shipped is refused unless ``--force``. ``--zoo DIR`` writes another zoo folder (default: the package's, or
+``$SKIPNET_PRETRAINED_DIR``).
 """
 
 from __future__ import annotations
@@ -85,6 +86,18 @@ def write_index(models: dict[str, dict[str, Any]], root: str | Path | None = Non
     root = zoo_dir(root)
     _atomic_text(root / INDEX, json.dumps({"format": INDEX_FORMAT, "models": models}, indent=2) + "\n")
     _atomic_text(root / RESULTS, render_results(models))
+
+
+def remove_model(name: str, root: str | Path | None = None) -> None:
+    """Take ``name`` out of the zoo: its entry first (``index.json`` and ``RESULTS.md``), then its file, so that no
+    entry ever names a missing file."""
+    root = zoo_dir(root)
+    index = read_index(root)
+    if name not in index:
+        raise SkipnetError(f"{name} is not in {root}; nothing to replace")
+    entry = index.pop(name)
+    write_index(index, root)
+    (root / entry["file"]).unlink(missing_ok=True)
 
 
 def _cli_json(argv: list[str]) -> dict[str, Any]:
@@ -308,12 +321,21 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--notes", default=None, help="a sentence shown under the model in RESULTS.md")
     p.add_argument("--zoo", default=None, help="the zoo folder (default: the package's src/skipnet/pretrained)")
     p.add_argument("--force", action="store_true", help="replace NAME if it is already shipped")
+    p.add_argument(
+        "--replaces",
+        default=None,
+        metavar="OLD",
+        help="the shipped model this one supersedes: removed (entry and file) once NAME is recorded, so that the "
+        "package keeps its size",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
+        if args.replaces is not None and (args.replaces == args.name or args.replaces not in read_index(args.zoo)):
+            raise SkipnetError(f"--replaces {args.replaces}: not another model of {zoo_dir(args.zoo)}")
         commands = [command_of_run(run) for run in args.from_run] + args.commands
         entry = add_model(
             args.checkpoint,
@@ -329,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             notes=args.notes,
             force=args.force,
         )
+        if args.replaces is not None:
+            remove_model(args.replaces, args.zoo)
     except SkipnetError as exc:
         print(f"make_pretrained.py: error: {exc}", file=sys.stderr)
         return 2

@@ -285,3 +285,23 @@ def test_command_of_run_repeats_the_run(tmp_path) -> None:
     recorded = {"command_line": f"/usr/lib/skipnet/__main__.py train tiny_14 --out {repo}/runs/x --data /d/c.tar"}
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict() | {"environment": recorded}))
     assert command_of_run(tmp_path) == "skipnet train tiny_14 --out runs/x --data /d/c.tar"
+
+
+def test_make_pretrained_replaces_a_superseded_model(zoo, tmp_path, capsys) -> None:
+    """--replaces OLD: the new model is recorded, then OLD's entry and file go (the package keeps its size); an OLD
+    that is not shipped, or NAME itself, is refused before anything is written."""
+    import shutil
+
+    root = tmp_path / "zoo"
+    shutil.copytree(zoo["dir"], root)
+    script = _load_script()
+    base = [str(zoo["ckpt"]), "tiny.next", "--data", zoo["data"], "--zoo", str(root), "--command", "skipnet train x"]
+    before = {p.name: p.read_bytes() for p in root.iterdir()}
+    for old in ("no.such", "tiny.next"):
+        assert script.main([*base, "--replaces", old]) == 2
+        assert "not another model of" in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in root.iterdir()} == before
+    assert script.main([*base, "--replaces", NAME]) == 0
+    index = json.loads((root / "index.json").read_text())["models"]
+    assert list(index) == ["tiny.next"] and not (root / f"{NAME}.safetensors").exists()
+    assert (root / "tiny.next.safetensors").exists() and NAME not in (root / "RESULTS.md").read_text()

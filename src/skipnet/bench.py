@@ -57,8 +57,9 @@ def set_threads(threads: int | None) -> int:
 
 
 def is_checkpoint(spec: str) -> bool:
-    """Whether ``spec`` names a checkpoint file rather than a registered architecture."""
-    return spec.startswith("pretrained:") or spec.endswith((".pt", ".pth", ".ckpt")) or Path(spec).is_file()
+    """Whether ``spec`` names a checkpoint (a file, ``pretrained:NAME`` or a ``save_pretrained`` directory) rather
+    than a registered architecture."""
+    return spec.startswith("pretrained:") or spec.endswith((".pt", ".pth", ".ckpt")) or Path(spec).exists()
 
 
 def load_subject(spec: str) -> tuple[GatedResNet, dict[str, Any]]:
@@ -70,8 +71,6 @@ def load_subject(spec: str) -> tuple[GatedResNet, dict[str, Any]]:
     if not is_checkpoint(spec):
         model = create_model(spec)
         return model, {"source": "arch", "arch": model.config.name}
-    if not spec.startswith("pretrained:") and not Path(spec).is_file():  # pretrained:NAME: the shipped file
-        raise SkipnetError(f"checkpoint {spec!r} does not exist")
     from skipnet.checkpoint import load_model  # the checkpoint format lives there
 
     model, _ = load_model(spec, map_location="cpu")

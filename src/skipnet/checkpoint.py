@@ -45,7 +45,7 @@ from skipnet.fileio import (  # noqa: F401 (re-exported: the model-free file I/O
 )
 from skipnet.gated import GatedResNet, GateMode
 from skipnet.policy import ALL_SKIP_THRESHOLD
-from skipnet.zoo import check_entry, resolve_checkpoint
+from skipnet.zoo import WEIGHTS, check_entry, resolve_checkpoint
 
 FORMAT_VERSION = 1
 
@@ -91,6 +91,9 @@ def make_checkpoint(
     data: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """A checkpoint of ``model`` (weights, architecture, inference settings and what is given). ``data`` is the
+    record of the data the weights were trained on (normalisation ``mean``/``std``, ``classes``, ...); without it,
+    the record the model was loaded with (``model.data_record``)."""
     net = unwrap(model)
     assert isinstance(net, GatedResNet)
     ckpt = {
@@ -108,7 +111,7 @@ def make_checkpoint(
         "rng": rng_state(),
         "metrics": metrics or {},
         "train_config": train_config or {},
-        "data": data or {},
+        "data": dict(data or net.data_record),  # a loaded model keeps its record unless another is given
     }
     if extra:
         ckpt.update(extra)
@@ -192,8 +195,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     optimizer state. ``pretrained:NAME`` is the file shipped for NAME (:mod:`skipnet.zoo`).
     """
     spec, path = path, resolve_checkpoint(path)
+    if path.is_dir():
+        raise SkipnetError(f"{path} is a directory, not a checkpoint (a save_pretrained directory holds {WEIGHTS})")
     if not path.is_file():
         raise SkipnetError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix in (".onnx", ".pt2"):
+        raise SkipnetError(
+            f"{path} is an exported graph, not a checkpoint: skipnet predict and skipnet bench take it; this command "
+            "needs the checkpoint it was exported from"
+        )
     if _is_safetensors(path):
         ckpt = load_safetensors(path, map_location)
         check_entry(spec, ckpt)
@@ -494,6 +504,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str | Path = "the checkp
     model.threshold = float(ckpt.get("threshold", 0.5))
     model.keep_ratio = float(ckpt.get("keep_ratio", 1.0))
     model.mode = type(model.mode)(ckpt.get("mode", model.mode.value))
+    model.data_record = dict(ckpt.get("data") or {})
     return model.eval()
 
 
@@ -520,6 +531,12 @@ def load_weights_into(model: GatedResNet, ckpt: dict[str, Any], source: str = "c
     problems = [k for k in own if k.startswith("backbone.") and (k not in src or src[k].shape != own[k].shape)]
     if problems:
         theirs, mine = ckpt.get("arch") or {}, model.config.to_dict()
+        if theirs.get("in_channels", 3) != mine.get("in_channels", 3):
+            raise SkipnetError(
+                f"{source} takes {theirs.get('in_channels', 3)}-channel images but this data has "
+                f"{mine.get('in_channels', 3)}-channel ones; --init needs a checkpoint trained on data with the same "
+                "channels"
+            )
         if all(theirs.get(k) == mine.get(k) for k in ("family", "depth", "width")) and theirs.get(
             "num_classes"
         ) != mine.get("num_classes"):

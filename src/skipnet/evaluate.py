@@ -12,6 +12,7 @@ from torch import Tensor
 
 from skipnet.cost import CostModel, computation_percentage
 from skipnet.data import DataBundle, load_data
+from skipnet.errors import SkipnetError
 from skipnet.gated import GatedResNet, GateMode
 from skipnet.routes import route_summary
 
@@ -85,6 +86,8 @@ def run_eval(
         torch.set_rng_state(gen_state)
         net.train(was_training)
     decisions = torch.cat(decs) if decs else torch.zeros(0, net.num_gates)
+    if mode == GateMode.SOFT:  # soft gating (Sec. 3.2): every block runs for every image, its output scaled by p
+        decisions = torch.ones_like(decisions)
     gates_spent = net.gates is not None and mode.computes_gates
     return EvalRecord(
         labels=torch.cat(labels),
@@ -137,6 +140,20 @@ def checkpoint_stats(ckpt: dict[str, Any]) -> tuple[tuple[float, ...], tuple[flo
     """The normalisation a checkpoint was trained with, or ``None``."""
     meta = ckpt.get("data", {})
     return (tuple(meta["mean"]), tuple(meta["std"])) if meta.get("mean") else None
+
+
+def required_stats(ckpt: dict[str, Any], source: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation a checkpoint was trained with, for what feeds it images itself (``skipnet predict``, an
+    exported graph); a one-line error where it records none: the images would reach the network unnormalised, and
+    every prediction would be wrong without an error."""
+    stats = checkpoint_stats(ckpt)
+    if stats is None:
+        raise SkipnetError(
+            f"{source} records no input normalisation (its data record has no mean and std), so images fed to it "
+            "would be wrong; save it with its record: save_pretrained(model, DIR, data={'mean': [...], 'std': [...], "
+            "'classes': [...]}) or save_checkpoint(PATH, model, data=...)"
+        )
+    return stats
 
 
 def data_for_checkpoint(

@@ -76,12 +76,16 @@ ONNX_OPSET = 18
 
 
 def format_for(path: str | Path, fmt: str | None = None) -> str:
-    """The export format: ``fmt`` if given, else from the file extension; a one-line error otherwise."""
+    """The export format: ``fmt`` if given, else from the file extension; a one-line error otherwise, and for a
+    ``fmt`` that an extension of another format (or a checkpoint's) contradicts: every reader goes by the extension."""
+    suffix = Path(path).suffix
     if fmt is not None:
         if fmt not in FORMATS:
             raise SkipnetError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        other = SUFFIXES.get(suffix, "checkpoint" if suffix in (".pt", ".pth", ".ckpt") else fmt)
+        if other != fmt:
+            raise SkipnetError(f"{path}'s extension says {other}, but --format is {fmt}; end it in .{fmt} or drop --format")
         return fmt
-    suffix = Path(path).suffix
     if suffix not in SUFFIXES:
         raise SkipnetError(
             f"{path} must end in .safetensors, .pt2 or .onnx (the format is taken from the extension), or pass --format"

@@ -72,6 +72,9 @@ class GatedResNet(nn.Module):
         self.keep_ratio = 1.0
         # beyond the paper: no gradient from a gate into the features it reads (``skipnet train --detach-gates``)
         self.detach_gate_inputs = False
+        # the normalisation and class names its weights were trained with, as its checkpoint recorded them
+        # (set by skipnet.checkpoint.model_from_checkpoint, saved again by make_checkpoint); never read here
+        self.data_record: dict = {}
 
     @staticmethod
     def _in_channels(block: nn.Module) -> int:

@@ -75,6 +75,7 @@ _DESCRIPTIONS = {
     GateMode.ALL_ON: "all_on: every block runs, no gate computed",
     GateMode.RANDOM: "random: blocks kept at random (stochastic depth)",
     GateMode.GREEDY: "greedy: the learned gates decide",
+    GateMode.SOFT: "soft: every block runs, its output scaled by its gate's probability (saves nothing)",
 }
 
 

@@ -124,22 +124,21 @@ def load_predictor(spec: str, *, threads: int | None = None, workers: int = 1) -
 
 def _load_checkpoint(spec: str) -> Predictor:
     from skipnet.checkpoint import load_model
-    from skipnet.evaluate import checkpoint_stats, eval_mode_for
+    from skipnet.evaluate import eval_mode_for, required_stats
     from skipnet.gated import GateMode
 
     model, ckpt = load_model(spec, map_location="cpu")
     model = model.eval().to(memory_format=torch.channels_last)
     mode = eval_mode_for(model)  # as it was trained and validated: never greedy gates for a base-stage network
-    stats = checkpoint_stats(ckpt)
+    stats = required_stats(ckpt, spec)
     c = model.config.in_channels
-    if stats is not None and (len(stats[0]) != c or len(stats[1]) != c):
+    if len(stats[0]) != c or len(stats[1]) != c:
         raise SkipnetError(f"{spec} records a normalisation of {len(stats[0])} channels for a {c}-channel network")
-    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in stats) if stats else (None, None)
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in stats)
 
     def run(x: Tensor) -> tuple[Tensor, Tensor]:
         with torch.inference_mode():
-            if mean is not None:
-                x = (x - mean) / std  # what the data loaders do: (pixels / 255 - mean) / std
+            x = (x - mean) / std  # what the data loaders do: (pixels / 255 - mean) / std
             out = model(x.contiguous(memory_format=torch.channels_last), mode)
             return out.logits, out.trace.decisions
 
@@ -374,6 +373,10 @@ def _image_suffix(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTS | {".gif"}
 
 
+def _broken_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
+
+
 def expand_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], int | None]:
     """The files and archives to read, in order (a folder: its image files, recursively, sorted), and the number
     of images when it is known without reading an archive (``None`` with a tar archive: its members are counted
@@ -385,12 +388,13 @@ def expand_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], int | None]:
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and _image_suffix(p.name))
+            # a broken link is listed too: reading it gives its skipped line, not silence
+            found = sorted(p for p in path.rglob("*") if _image_suffix(p.name) and (p.is_file() or _broken_link(p)))
             if not found:
                 raise SkipnetError(f"{path} holds no image files (ending in .jpg, .png, ...)")
             out += found
             total = None if total is None else total + len(found)
-        elif path.is_file():
+        elif path.is_file() or _broken_link(path):
             out.append(path)
             k = _count(path)
             if k == 0:

@@ -80,7 +80,8 @@ def save_pretrained(
     """Write ``model`` (a :class:`~skipnet.gated.GatedResNet`, possibly DDP/compiled) to ``directory`` as
     ``model.safetensors`` (weights and metadata, see :func:`~skipnet.checkpoint.export_safetensors`) and
     ``config.json`` (architecture, threshold, keep ratio, gate mode and ``data``: the normalisation ``mean`` /
-    ``std`` and ``classes`` the model expects, as in a checkpoint's ``data`` record). Both files are written
+    ``std`` and ``classes`` the model expects, as in a checkpoint's ``data`` record; by default the record the model
+    was loaded with). Both files are written
     atomically; existing ones are refused unless ``overwrite``. Returns the directory."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -117,16 +118,7 @@ def from_pretrained(directory_or_name: str | Path, map_location: str = "cpu"):
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise SkipnetError(f"{directory} has no {WEIGHTS}; write it with skipnet.pretrained.save_pretrained")
-    ckpt = load_checkpoint(weights, map_location)
-    config_path = directory / CONFIG
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise SkipnetError(f"{config_path} is not readable JSON ({type(exc).__name__})") from None
-        if not isinstance(config, dict) or config.get("arch") != ckpt["arch"]:
-            raise SkipnetError(f"{config_path} describes another architecture than {weights}; save the model again")
-        check_mode(config, ckpt, f"{config_path} and {weights}")
+    ckpt = load_checkpoint(directory, map_location)  # config.json checked against the weights (zoo.check_entry)
     return model_from_checkpoint(ckpt, weights)
 
 

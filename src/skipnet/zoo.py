@@ -127,8 +127,28 @@ def check_mode(record: dict[str, Any], ckpt: dict[str, Any], what: str) -> None:
 
 
 def check_entry(spec: str | Path, ckpt: dict[str, Any]) -> None:
-    """For ``pretrained:NAME``: the shipped file must run in the mode its index entry was measured in."""
+    """For ``pretrained:NAME``: the shipped file must run in the mode its index entry was measured in. For a
+    directory written by :func:`skipnet.pretrained.save_pretrained`: its ``config.json``, when present, must say
+    what the weights' metadata says (architecture, threshold, keep ratio, gate mode, data record); the model runs
+    as the weights say, so an edited config would be silently ignored."""
     text = str(spec)
     if text.startswith(PREFIX) and text[len(PREFIX) :]:
         key, entry = get_entry(text[len(PREFIX) :])
         check_mode(entry, ckpt, f"the index entry of {key!r} and its file")
+    elif Path(spec).is_dir() and (Path(spec) / CONFIG).is_file():
+        _check_config(Path(spec) / CONFIG, ckpt)
+
+
+def _check_config(path: Path, ckpt: dict[str, Any]) -> None:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SkipnetError(f"{path} is not readable JSON ({type(exc).__name__})") from None
+    if not isinstance(config, dict) or config.get("arch") != ckpt["arch"]:
+        raise SkipnetError(
+            f"{path} describes another architecture than {path.with_name(WEIGHTS)}; save the model again"
+        )
+    check_mode(config, ckpt, f"{path} and {path.with_name(WEIGHTS)}")
+    for key in ("threshold", "keep_ratio", "data"):
+        if key in config and config[key] != ckpt.get(key):
+            raise SkipnetError(f"{path} and {path.with_name(WEIGHTS)} disagree on the {key}; save the model again")

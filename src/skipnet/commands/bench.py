@@ -291,7 +291,6 @@ def run_onnx(args: argparse.Namespace) -> int:
 def _onnx_subject(args: argparse.Namespace) -> tuple[bytes, dict, bytes | None, Any, dict]:
     """``(graph bytes, metadata, plain graph bytes or None, model or None, info)`` of an ONNX benchmark: the
     given ``.onnx`` file, or the graph exported from the checkpoint (conditional at batch 1, else routed)."""
-    from pathlib import Path
 
     from skipnet.bench_onnx import load_onnx_subject, read_checked_onnx
     from skipnet.export import export_model
@@ -307,9 +306,10 @@ def _onnx_subject(args: argparse.Namespace) -> tuple[bytes, dict, bytes | None, 
         payload, meta = load_onnx_subject(args.subject)
         model = None
     else:
+        from skipnet.bench import is_checkpoint
         from skipnet.evaluate import checkpoint_stats
 
-        if not Path(args.subject).is_file():
+        if not is_checkpoint(args.subject):
             raise SkipnetError(
                 f"--runtime onnxruntime needs a checkpoint or an exported .onnx file, got {args.subject!r}"
             )

@@ -77,14 +77,14 @@ def run(args: argparse.Namespace) -> int:
     if fmt == "safetensors":
         return _write_safetensors(ckpt, src, dst, args)
 
-    from skipnet.evaluate import checkpoint_stats
+    from skipnet.evaluate import required_stats
 
     graph = _graph_for(model, args.graph, str(src))
     ex = export_model(
         model,
         fmt,
         graph=graph,
-        stats=checkpoint_stats(ckpt),
+        stats=required_stats(ckpt, src),
         threshold=args.threshold,
         ckpt=ckpt,
         probes=args.probes,
@@ -143,7 +143,8 @@ def _report(args: argparse.Namespace, ex: Any, model: Any, src: Path, dst: Path,
         f"checked in {chk['runtime']} on {chk['images']} probe images against the eager model: max logit "
         f"difference {chk['max_abs_logit_diff']:.1e}{dec}"
     )
-    print("input: float32 RGB images in [0, 1], (B, C, H, W); normalised inside the graph")
+    channels = "RGB" if model.config.in_channels == 3 else f"{model.config.in_channels}-channel"
+    print(f"input: float32 {channels} images in [0, 1], (B, C, H, W); normalised inside the graph")
 
 
 def _graph_for(model, graph: str | None, source: str) -> str:
