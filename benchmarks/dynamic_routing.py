@@ -438,6 +438,14 @@ RUNS = [
         note="aig_detach_order with its gates frozen and detached, the backbone given two distilled epochs (30 + 26 "
         "epochs, as aig_alt3_backbone): does the alternation's gain add to the detached schedule's saving?",
     ),
+    aig_after(
+        "aig_detach_jitter",
+        "pretrained:cifar10_aig_gate_38_detach",
+        (*BACKBONE_ONLY, "--detach-gates", "--threshold-jitter", "0.45"),
+        budgets=BUDGETS,
+        note="the shipped _detach model's backbone given two distilled epochs on its frozen, detached gates "
+        "thresholded at 0.5 + U(-0.45, 0.45) each step (as aig_alt2_jitter): one checkpoint for 20-50%",
+    ),
     Run(
         "plain_r20_long",
         (*PLAIN20, "--init", "pretrained:cifar10_resnet_20", *PLAIN_LONG),
@@ -466,10 +474,10 @@ PLAIN = {"base_r20": "ResNet-20", "base_r26": "ResNet-26", "base_r32": "ResNet-3
 
 
 NAMES = [r.name for r in RUNS]
-# the runs whose calibrated budgets the figure draws as curves: threshold jitter, its control, where both began,
-# the per-input model whose backbone adapted to its frozen gates, and the same after the longer schedule
-CURVES = ("aig_sp_bs_more3", "aig_sp_bs_more5", "aig_sp_jitter", "aig_sp_jitter_wide", "aig_ordered_backbone")
-CURVES += ("aig_alt2_long", "aig_alt3_backbone", "aig_alt2_long_detach")
+# the runs whose calibrated budgets the figure draws as curves: where threshold jitter began and the first jittered
+# model, the shipped _long and _detach models, the detached alternation and the detached, jittered model (_budgets)
+CURVES = ("aig_sp_bs_more3", "aig_sp_jitter", "aig_alt3_backbone", "aig_alt2_long_detach", "aig_detach_backbone")
+CURVES += ("aig_detach_jitter",)
 
 
 def plain_points(results: Path) -> dict[str, dict]:
