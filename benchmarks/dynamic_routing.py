@@ -446,6 +446,14 @@ RUNS = [
         note="the shipped _detach model's backbone given two distilled epochs on its frozen, detached gates "
         "thresholded at 0.5 + U(-0.45, 0.45) each step (as aig_alt2_jitter): one checkpoint for 20-50%",
     ),
+    aig_after(
+        "aig_alt2_long_detach_jitter",
+        "aig_alt2_backbone",
+        (*BACKBONE_LONG, "--detach-gates", "--threshold-jitter", "0.45"),
+        budgets=BUDGETS,
+        note="aig_alt2_long_detach with threshold jitter (0.5 + U(-0.45, 0.45) each step) through its eight epochs: "
+        "the far budgets' routes trained from the start of the long schedule, not after it (aig_detach_jitter)",
+    ),
     Run(
         "plain_r20_long",
         (*PLAIN20, "--init", "pretrained:cifar10_resnet_20", *PLAIN_LONG),
