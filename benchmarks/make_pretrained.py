@@ -100,6 +100,18 @@ def remove_model(name: str, root: str | Path | None = None) -> None:
     (root / entry["file"]).unlink(missing_ok=True)
 
 
+def check_replaceable(old: str, name: str, root: str | Path | None = None) -> None:
+    """``old`` may make way for ``name``: another shipped model, which no other entry's recorded commands start
+    from (``pretrained:OLD``: those commands could no longer be rerun)."""
+    index = read_index(root)
+    if old == name or old not in index:
+        raise SkipnetError(f"--replaces {old}: not another model of {zoo_dir(root)}")
+    token = re.compile(rf"pretrained:{re.escape(old)}(?![\w.-])")
+    users = [n for n, e in index.items() if n != old and any(token.search(c) for c in e.get("commands", []))]
+    if users:
+        raise SkipnetError(f"--replaces {old}: the commands of {', '.join(users)} start from it; it must stay")
+
+
 def _cli_json(argv: list[str]) -> dict[str, Any]:
     """Run a ``skipnet`` command in this process and return the JSON object it prints (``--json``)."""
     out = io.StringIO()
@@ -334,8 +346,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
-        if args.replaces is not None and (args.replaces == args.name or args.replaces not in read_index(args.zoo)):
-            raise SkipnetError(f"--replaces {args.replaces}: not another model of {zoo_dir(args.zoo)}")
+        if args.replaces is not None:
+            check_replaceable(args.replaces, args.name, args.zoo)
         commands = [command_of_run(run) for run in args.from_run] + args.commands
         entry = add_model(
             args.checkpoint,

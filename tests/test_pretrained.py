@@ -305,3 +305,9 @@ def test_make_pretrained_replaces_a_superseded_model(zoo, tmp_path, capsys) -> N
     index = json.loads((root / "index.json").read_text())["models"]
     assert list(index) == ["tiny.next"] and not (root / f"{NAME}.safetensors").exists()
     assert (root / "tiny.next.safetensors").exists() and NAME not in (root / "RESULTS.md").read_text()
+    later = [str(zoo["ckpt"]), "tiny.third", "--data", zoo["data"], "--zoo", str(root)]
+    assert script.main([*later, "--command", "skipnet train x --init pretrained:tiny.next"]) == 0
+    before = {p.name: p.read_bytes() for p in root.iterdir()}
+    assert script.main([*base[:1], "tiny.fourth", *base[2:], "--replaces", "tiny.next"]) == 2
+    assert "the commands of tiny.third start from it" in capsys.readouterr().err  # they could not be rerun
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == before

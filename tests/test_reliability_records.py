@@ -122,6 +122,7 @@ def test_a_saved_directory_config_must_agree_with_its_weights(tmp_path, capsys, 
 @pytest.mark.parametrize(
     ("out", "fmt", "ok"),
     [("x.onnx", "pt2", False), ("x.pt2", "onnx", False), ("x.pt", "pt2", False), ("x.safetensors", "onnx", False)]
+    + [("x.ONNX", "onnx", False), ("x.Pt2", "pt2", False)]
     + [("x.onnx", "onnx", True), ("x.bin", "onnx", True), ("x.onnx", None, True)],
 )
 def test_export_refuses_a_format_its_extension_contradicts(out, fmt, ok) -> None:
@@ -129,7 +130,7 @@ def test_export_refuses_a_format_its_extension_contradicts(out, fmt, ok) -> None
     if ok:
         assert format_for(out, fmt) == (fmt or "onnx")
     else:
-        with pytest.raises(SkipnetError, match="extension says"):
+        with pytest.raises(SkipnetError, match="extension says|skipnet reads"):
             format_for(out, fmt)
 
 
@@ -139,12 +140,38 @@ def test_init_names_a_channel_mismatch() -> None:
         load_weights_into(create_model(ARCH, in_channels=1), make_checkpoint(create_model(ARCH)), "x.pt")
 
 
-@pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
-def test_an_exported_graph_is_not_taken_for_a_checkpoint(tmp_path, suffix) -> None:
+@pytest.mark.parametrize(
+    ("suffix", "takes"),
+    [(".onnx", "skipnet predict and skipnet bench take it;"), (".ONNX", "take it \\(named .onnx\\)")]
+    + [(".pt2", "skipnet predict takes it;")],
+)
+def test_an_exported_graph_is_not_taken_for_a_checkpoint(tmp_path, suffix, takes) -> None:
     path = tmp_path / f"net{suffix}"
     path.write_bytes(b"\x08\x07not a pickle")
-    with pytest.raises(SkipnetError, match="is an exported graph, not a checkpoint: skipnet predict and skipnet"):
+    with pytest.raises(SkipnetError, match=f"is an exported graph, not a checkpoint: .*{takes}"):
         load_checkpoint(path)
+
+
+def test_a_folder_named_after_an_architecture_is_benchmarked_as_the_architecture(tmp_path, monkeypatch) -> None:
+    """Only a folder holding model.safetensors is a saved model; a run folder named cifar10_resnet_20 is not."""
+    from skipnet.bench import is_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ARCH).mkdir()
+    assert not is_checkpoint(ARCH)
+    (tmp_path / ARCH / "model.safetensors").write_bytes(b"")
+    assert is_checkpoint(ARCH) and is_checkpoint(f"pretrained:{ARCH}")
+
+
+def test_the_record_given_replaces_the_loaded_one_and_an_old_object_saves() -> None:
+    """``data=`` replaces the record as a whole ({} clears it); a model object without ``data_record`` (pickled by
+    an earlier version) saves with none."""
+    model = create_model(ARCH)
+    model.data_record = dict(DATA)
+    assert make_checkpoint(model, data={})["data"] == {}
+    assert make_checkpoint(model, data={"classes": DATA["classes"]})["data"] == {"classes": DATA["classes"]}
+    del model.__dict__["data_record"]
+    assert make_checkpoint(model)["data"] == {}
 
 
 def test_a_directory_is_not_taken_for_a_missing_checkpoint(tmp_path) -> None:

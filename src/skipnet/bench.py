@@ -59,7 +59,9 @@ def set_threads(threads: int | None) -> int:
 def is_checkpoint(spec: str) -> bool:
     """Whether ``spec`` names a checkpoint (a file, ``pretrained:NAME`` or a ``save_pretrained`` directory) rather
     than a registered architecture."""
-    return spec.startswith("pretrained:") or spec.endswith((".pt", ".pth", ".ckpt")) or Path(spec).exists()
+    path = Path(spec)
+    saved = path.is_dir() and (path / "model.safetensors").is_file()  # a folder named after an architecture is not
+    return spec.startswith("pretrained:") or spec.endswith((".pt", ".pth", ".ckpt")) or path.is_file() or saved
 
 
 def load_subject(spec: str) -> tuple[GatedResNet, dict[str, Any]]:

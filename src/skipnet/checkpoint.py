@@ -92,8 +92,9 @@ def make_checkpoint(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A checkpoint of ``model`` (weights, architecture, inference settings and what is given). ``data`` is the
-    record of the data the weights were trained on (normalisation ``mean``/``std``, ``classes``, ...); without it,
-    the record the model was loaded with (``model.data_record``)."""
+    record of the data the weights were trained on (normalisation ``mean``/``std``, ``classes``, ...), as a whole;
+    without it (``None``), the record the model was loaded with (``model.data_record``; none for a model pickled
+    by an earlier version)."""
     net = unwrap(model)
     assert isinstance(net, GatedResNet)
     ckpt = {
@@ -111,7 +112,7 @@ def make_checkpoint(
         "rng": rng_state(),
         "metrics": metrics or {},
         "train_config": train_config or {},
-        "data": dict(data or net.data_record),  # a loaded model keeps its record unless another is given
+        "data": dict(getattr(net, "data_record", {}) if data is None else data),  # a loaded model keeps its record
     }
     if extra:
         ckpt.update(extra)
@@ -199,10 +200,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise SkipnetError(f"{path} is a directory, not a checkpoint (a save_pretrained directory holds {WEIGHTS})")
     if not path.is_file():
         raise SkipnetError(f"checkpoint {str(path)!r} does not exist")
-    if path.suffix in (".onnx", ".pt2"):
+    lower = path.suffix.lower()
+    if lower in (".onnx", ".pt2"):
+        takes = "skipnet predict and skipnet bench take it" if lower == ".onnx" else "skipnet predict takes it"
+        named = "" if path.suffix == lower else f" (named {lower})"
         raise SkipnetError(
-            f"{path} is an exported graph, not a checkpoint: skipnet predict and skipnet bench take it; this command "
-            "needs the checkpoint it was exported from"
+            f"{path} is an exported graph, not a checkpoint: {takes}{named}; this command needs the checkpoint it "
+            "was exported from"
         )
     if _is_safetensors(path):
         ckpt = load_safetensors(path, map_location)

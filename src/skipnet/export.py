@@ -82,9 +82,14 @@ def format_for(path: str | Path, fmt: str | None = None) -> str:
     if fmt is not None:
         if fmt not in FORMATS:
             raise SkipnetError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-        other = SUFFIXES.get(suffix, "checkpoint" if suffix in (".pt", ".pth", ".ckpt") else fmt)
+        lower = suffix.lower()
+        other = SUFFIXES.get(lower, "checkpoint" if lower in (".pt", ".pth", ".ckpt") else fmt)
+        if lower in SUFFIXES and suffix != lower:  # skipnet's readers go by the exact extension
+            raise SkipnetError(f"{path}: skipnet reads {lower} files, not {suffix}; end it in {lower}")
         if other != fmt:
-            raise SkipnetError(f"{path}'s extension says {other}, but --format is {fmt}; end it in .{fmt} or drop --format")
+            raise SkipnetError(
+                f"{path}'s extension says {other}, but --format is {fmt}; end it in .{fmt} or drop --format"
+            )
         return fmt
     if suffix not in SUFFIXES:
         raise SkipnetError(
