@@ -191,7 +191,7 @@ def _report(args: argparse.Namespace, result: Any, record: dict, target: float, 
         f"threshold {result.threshold:.4g} (was {record['source_threshold']:.4g}): {args.split} accuracy "
         f"{result.accuracy:.2f}%, {result.macs_mean:.4g} MACs/image, {fewer_macs(result.macs_reduction)} than the "
         f"plain ResNet (budget {target:.4g} = {record['target_reduction']:.1f}% fewer, "
-        f"{args.margin:g} points margin)"
+        f"margin {args.margin:g} percentage point{'' if args.margin == 1 else 's'})"
     )
     if result.threshold == ALL_SKIP_THRESHOLD:
         print(
