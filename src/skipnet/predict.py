@@ -476,7 +476,7 @@ def _tar_members(path: Path) -> Iterator[tuple[str, bytes | Unreadable]]:
                 seen += 1
                 yield name, data
     except Exception as exc:  # noqa: BLE001 - tarfile, gzip, bz2, lzma and zlib errors: the rest is unreadable
-        where = f" after {seen} images" if seen else ""
+        where = f" after {seen} images read" if seen else ""  # read, not all decodable: the last may be cut short
         yield str(path), Unreadable(f"damaged or not a tar archive{where} ({type(exc).__name__}: {_first_line(exc)})")
 
 
