@@ -189,3 +189,27 @@ def test_a_broken_link_in_a_folder_gets_its_skipped_line(tmp_path) -> None:
     read = dict(iter_inputs(files))
     assert isinstance(read[str(tmp_path / "a.png")], bytes)
     assert not isinstance(read[str(tmp_path / "b.png")], bytes)
+
+
+# ------------------------------------------------------------------------------------------ a third round
+def test_calibration_bisects_in_logit_space_up_to_the_edges() -> None:
+    """Gate probabilities bunch up near 0 and 1: between the grid's 0.95 and 1.0 an arithmetic bisection never came
+    closer to 1 than 0.9969 (a budget met at 0.99999 was answered with 1.0, every block skipped, at chance)."""
+    from skipnet.analysis import _midpoint
+
+    assert _midpoint(0.25, 0.75) == pytest.approx(0.5) and 0.5 < _midpoint(0.5, 0.55) < 0.55
+    assert 0.999 < _midpoint(0.95, 1.0) < 1.0  # one step from the grid's last point passes 1 - 1e-3
+    assert 0.0 < _midpoint(0.0, 0.05) < 1e-3 and _midpoint(0.0, 1.0) == pytest.approx(0.5)
+
+
+def test_analyze_skips_a_scale_the_network_cannot_take(tmp_path, capsys, cifar_jpeg) -> None:
+    """A scale that shrinks the images under the network's least input (8 px for a CIFAR ResNet) is skipped with a
+    warning, never measured (it reported accuracy and MACs at 1 px); none left is one line, nothing written."""
+    out = tmp_path / "an"
+    argv = ["analyze", "pretrained:cifar10_aig_gate_38_budgets", "--data", cifar_jpeg, "--limit", "8", "--images", "2"]
+    assert main([*argv, "--out", str(out), "--scales", "0.01", "0.2"]) == 2
+    assert "no --scales value leaves cifar10_aig_gate_38 its 8 px" in capsys.readouterr().err and not out.exists()
+    assert main([*argv, "--out", str(out), "--scales", "0.2", "1.25", "--thresholds", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "--scales 0.2 skipped: 32-px images would be 6 px, under the 8 px" in err
+    assert [m["scale"] for m in json.loads((out / "analysis.json").read_text())["multiscale"]] == [1.25]

@@ -447,6 +447,14 @@ def _best_feasible(points: Sequence[dict[str, Any]], target: float) -> dict[str,
     return max(feasible, key=lambda p: (round(p["accuracy"], 9), -p["macs_mean"], -p["threshold"]))
 
 
+def _midpoint(lo: float, hi: float) -> float:
+    """The midpoint of two thresholds in logit space, the ends held 1e-6 inside [0, 1]: gate probabilities bunch up
+    near 0 and 1, where an arithmetic bisection from the grid never comes closer than 1/2^refine of a grid step."""
+    a, b = (min(max(t, 1e-6), 1.0 - 1e-6) for t in (lo, hi))
+    z = 0.5 * (math.log(a / (1.0 - a)) + math.log(b / (1.0 - b)))
+    return 1.0 / (1.0 + math.exp(-z))
+
+
 def calibrate_threshold(
     model: GatedResNet,
     loader,
@@ -485,7 +493,7 @@ def calibrate_threshold(
             continue
         lo, hi = lo_p["threshold"], hi_p["threshold"]
         for _ in range(refine):
-            mid = 0.5 * (lo + hi)
+            mid = _midpoint(lo, hi)
             points[mid] = p = evaluate_at(mid)
             if p["macs_mean"] <= target_macs:
                 hi = mid

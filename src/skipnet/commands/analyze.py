@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from skipnet.errors import SkipnetError
 from skipnet.evaluate import eval_mode_for, run_eval
 from skipnet.fileio import atomic_directory, foreign_files
 from skipnet.gated import GateMode
+from skipnet.registry import min_image_size
 
 log = logging.getLogger(__name__)
 
@@ -207,11 +209,31 @@ def _write_figures(out: Path, numbers: dict, result: Any, model: Any, split: str
     )
 
 
+def _usable_scales(scales: list[float], config) -> list[float]:
+    """The scales whose images the network takes (at least ``min_image_size`` pixels: under it the feature maps
+    vanish and the figures mean nothing); each dropped one is said on stderr, none left is a one-line error."""
+    least, size = min_image_size(config), config.image_size
+    kept = [s for s in scales if round(size * s) >= least]
+    for s in scales:
+        if s not in kept:
+            print(
+                f"skipnet analyze: warning: --scales {s:g} skipped: {size}-px images would be {round(size * s)} px, "
+                f"under the {least} px {config.name} takes",
+                file=sys.stderr,
+            )
+    if not kept:
+        raise SkipnetError(
+            f"no --scales value leaves {config.name} its {least} px; use scales of at least {least / size:g}"
+        )
+    return kept
+
+
 def run(args: argparse.Namespace) -> int:
     out = _checked_out(args)
 
     def check(model, ckpt) -> None:
         require_learned_gates(model, ckpt, str(args.checkpoint), "analyze")
+        args.scales = _usable_scales(args.scales, model.config)
         if args.split == "val" and not float(ckpt.get("data", {}).get("val_split", 0.0) or 0.0):
             raise SkipnetError(f"{args.checkpoint} was trained without a validation split; use --split test")
 

@@ -29,7 +29,7 @@ from skipnet.cost import cost_model, fewer_macs
 from skipnet.errors import SkipnetError
 from skipnet.policy import ALL_SKIP_THRESHOLD
 
-MAX_REFINE = 20  # bisection steps: 2**-20 of a grid interval
+MAX_REFINE = 20  # bisection steps (in logit space: analysis._midpoint): 2**-20 of a grid interval
 MAX_GRID = 1000  # thresholds: one evaluation pass each
 OUT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 
@@ -69,7 +69,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="extra MACs reduction to ask for on the calibration split, in percentage points of the plain ResNet",
     )
     p.add_argument("--grid", type=float, nargs="+", default=list(CALIBRATION_GRID), help="thresholds to evaluate")
-    p.add_argument("--refine", type=int, default=4, help="bisection steps between grid points at the budget's edge")
+    p.add_argument(
+        "--refine",
+        type=int,
+        default=4,
+        help="bisection steps (in logit space) between grid points at the budget's edge",
+    )
     p.add_argument("--limit", type=int, default=None, help="calibrate on a seeded subset of N images (default: all)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -188,7 +193,7 @@ def _report(args: argparse.Namespace, result: Any, record: dict, target: float, 
         print(json.dumps({"checkpoint": str(dst)} | {k: v for k, v in record.items() if k != "points"} | extra))
         return
     print(
-        f"threshold {result.threshold:.4g} (was {record['source_threshold']:.4g}): {args.split} accuracy "
+        f"threshold {result.threshold:.6g} (was {record['source_threshold']:.6g}): {args.split} accuracy "
         f"{result.accuracy:.2f}%, {result.macs_mean:.4g} MACs/image, {fewer_macs(result.macs_reduction)} than the "
         f"plain ResNet (budget {target:.4g} = {record['target_reduction']:.1f}% fewer, "
         f"margin {args.margin:g} percentage point{'' if args.margin == 1 else 's'})"
