@@ -308,6 +308,7 @@ def test_analyze_command_writes_figures_and_report(sp_run: Path, tmp_path: Path,
     assert len(numbers["skip_ratio_per_block"]) == 5
     # the default scales 0.5 and 0.75 make the 8-px digits 4 and 6 px, under the network's 8: skipped, said on stderr
     assert [m["scale"] for m in numbers["multiscale"]] == [1.25, 1.5] and err.count("warning: --scales") == 2
+    assert "--scales 0.5 skipped: 8-px images would be 4 px, under the 8 px" in err
     assert numbers["base"]["macs_reduction"] == pytest.approx(0.0)  # every block on, no gate
     assert sum(numbers["executed_blocks_counts"].values()) == 120
     assert 1 <= numbers["routes"]["distinct_routes"] <= 120 and "distinct routes" in report
