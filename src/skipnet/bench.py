@@ -43,6 +43,7 @@ from skipnet.cost import cost_model
 from skipnet.errors import SkipnetError
 from skipnet.gated import GatedResNet
 from skipnet.registry import create_model
+from skipnet.zoo import WEIGHTS
 
 CHANNELS_LAST = torch.channels_last
 
@@ -60,7 +61,7 @@ def is_checkpoint(spec: str) -> bool:
     """Whether ``spec`` names a checkpoint (a file, ``pretrained:NAME`` or a ``save_pretrained`` directory) rather
     than a registered architecture."""
     path = Path(spec)
-    saved = path.is_dir() and (path / "model.safetensors").is_file()  # a folder named after an architecture is not
+    saved = path.is_dir() and (path / WEIGHTS).is_file()  # a folder named after an architecture is not
     return spec.startswith("pretrained:") or spec.endswith((".pt", ".pth", ".ckpt")) or path.is_file() or saved
 
 
