@@ -454,6 +454,29 @@ RUNS = [
         note="aig_alt2_long_detach with threshold jitter (0.5 + U(-0.45, 0.45) each step) through its eight epochs: "
         "the far budgets' routes trained from the start of the long schedule, not after it (aig_detach_jitter)",
     ),
+    aig_after(
+        "aig_detach_order_jitter",
+        "aig_detach_order",
+        (*BACKBONE_ONLY, "--detach-gates", "--threshold-jitter", "0.45"),
+        budgets=BUDGETS,
+        note="item 23's detached alternation with item 24's jitter: aig_detach_order's backbone given two distilled "
+        "epochs on its frozen, detached gates thresholded at 0.5 + U(-0.45, 0.45) each step",
+    ),
+    aig_after(
+        "aig_ldj_order",
+        "aig_alt2_long_detach_jitter",
+        (*FLOOR_ORDER_WIDE[:-1], "1"),
+        note="a detached alternation from the jittered long schedule (aig_alt2_long_detach_jitter): one epoch of the "
+        "ordering recipe on gates and backbone, as aig_detach_order",
+    ),
+    aig_after(
+        "aig_ldj_backbone",
+        "aig_ldj_order",
+        (*BACKBONE_ONLY, "--detach-gates", "--threshold-jitter", "0.45"),
+        budgets=BUDGETS,
+        note="aig_ldj_order's backbone given two distilled epochs on its frozen, detached, jittered gates: the "
+        "alternation after the schedule that gave the best 50% budget",
+    ),
     Run(
         "plain_r20_long",
         (*PLAIN20, "--init", "pretrained:cifar10_resnet_20", *PLAIN_LONG),
