@@ -51,6 +51,18 @@ def model():
     return _varied_model()
 
 
+_EXPORTED: dict = {}
+
+
+def _exported(m, fmt: str, graph: str):
+    """``export_model(m, fmt, graph=graph)`` once per module-scoped model, for the tests that only read the result
+    (exporting is most of this file's time; a test that patches the exporter calls ``export_model`` itself)."""
+    key = (id(m), fmt, graph)
+    if key not in _EXPORTED:
+        _EXPORTED[key] = (m, export_model(m, fmt, graph=graph, stats=STATS, probes=2))  # m kept: its id stays its own
+    return _EXPORTED[key][1]
+
+
 def _fresh(n: int, batch: int, seed: int = 7) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.rand(batch, 3, 32, 32, generator=gen) for _ in range(n)]
@@ -121,7 +133,7 @@ def test_conditional_onnx_runs_gated_convolutions_only_inside_if(model, conditio
 
 
 def test_conditional_pt2_matches_eager_and_round_trips(model, tmp_path) -> None:
-    ex = export_model(model, "pt2", graph="conditional", stats=STATS, probes=2)
+    ex = _exported(model, "pt2", "conditional")
     path = tmp_path / "m.pt2"
     path.write_bytes(ex.payload)
     program, meta = load_pt2(path)
@@ -134,7 +146,7 @@ def test_conditional_pt2_matches_eager_and_round_trips(model, tmp_path) -> None:
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
 def test_routed_graph_matches_eager_at_any_batch(model, fmt) -> None:
-    ex = export_model(model, fmt, graph="routed", stats=STATS, probes=2)
+    ex = _exported(model, fmt, "routed")
     assert ex.graph == "routed" and not ex.warnings and ex.meta["batch"] is None
     if fmt == "onnx":
         ops = {n.op_type for n in onnx.load_from_string(ex.payload).graph.node}
@@ -170,7 +182,7 @@ def test_routed_falls_back_to_masked_with_a_warning(model, monkeypatch) -> None:
 
 
 def test_plain_graph_is_the_all_on_network(model) -> None:
-    ex = export_model(model, "pt2", graph="plain", stats=STATS, probes=1)
+    ex = _exported(model, "pt2", "plain")
     program = torch.export.load(__import__("io").BytesIO(ex.payload))
     assert not any("cond" in str(n.target) or "nonzero" in str(n.target) for n in program.graph.nodes)
     assert ex.meta["outputs"] == ["logits"]
@@ -307,7 +319,7 @@ def test_blocked_layout_graph_matches_eager(wide_model, fuse) -> None:
     from skipnet.export import blocked_layout
 
     model = wide_model
-    payload = export_model(model, "onnx", graph="conditional", stats=STATS, probes=1).payload
+    payload = _exported(model, "onnx", "conditional").payload
     rewritten = blocked_layout(payload, fuse_gates=fuse)
     proto = onnx.load_from_string(rewritten)
     branches = [a.g for n in proto.graph.node if n.op_type == "If" for a in n.attribute]
@@ -352,8 +364,8 @@ def test_nchwc_session_says_when_the_rewrite_falls_back(model, graph_name, fault
     silently (issue 32: a gate's renamed weights once broke the rewrite with only a debug line)."""
     import skipnet.ortgraph as ortgraph
 
-    graph = export_model(model, "onnx", graph=graph_name, stats=STATS, probes=1).payload
-    other = export_model(create_model("tiny_resnet_14").eval(), "onnx", graph="plain", stats=STATS, probes=1)
+    graph = _exported(model, "onnx", graph_name).payload
+    other = _exported(model, "onnx", "plain")  # logits only: other outputs
 
     def broken(_: bytes) -> bytes:
         if fault == "raises":
@@ -377,7 +389,7 @@ def test_nchwc_session_runs_other_graphs_as_they_are(model, monkeypatch) -> None
     monkeypatch.setattr(ortgraph, "blocked_layout", never)
     monkeypatch.setattr(ortgraph, "blocked_routed", never)
     for graph in ("masked", "plain"):
-        ex = export_model(model, "onnx", graph=graph, stats=STATS, probes=1)
+        ex = _exported(model, "onnx", graph)
         session = onnx_session(ex.payload, layout="nchwc")
         first = 1 if graph == "plain" else 3  # the plain graph returns the logits alone
 

@@ -32,7 +32,8 @@ EMULATE = {
 }
 NATIVE = fastgate.variants()[:1]  # the variant the in-process tests run torch at (the best this CPU has)
 LESSER = [v for v in fastgate.variants() if v in EMULATE and v not in NATIVE]
-# the tests that compare a fast path with the eager formula it replaces
+# the tests that compare a fast path with the eager formula it replaces (their end-to-end CLI tests, marked slow,
+# run once, in the suite itself)
 FAST_PATH_TESTS = ["tests/test_fastgate.py", "tests/test_routing.py"]
 
 
@@ -59,7 +60,19 @@ def test_fast_paths_equal_eager_with_torch_at_a_lesser_isa(isa: str) -> None:
     )
     got = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert got.stdout.split() == [EMULATE[isa]["ATEN_CPU_CAPABILITY"].upper(), isa]  # torch really runs there
-    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *FAST_PATH_TESTS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-n",
+        "0",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "not slow",
+        *FAST_PATH_TESTS,
+    ]
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=patience(900))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout.splitlines()[-1]

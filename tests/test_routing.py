@@ -429,6 +429,7 @@ def test_bench_cli_user_errors(argv: list[str], capsys: pytest.CaptureFixture[st
     assert "error" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # reads the CIFAR archive; no fast path of its own (not rerun at the lesser ISAs)
 def test_bench_cli_data_times_real_images(tmp_path, cifar_jpeg, capsys: pytest.CaptureFixture[str]) -> None:
     """``--data``: the learned gates decide on real test images (as the checkpoint saw them), not on noise."""
     from skipnet.checkpoint import save_checkpoint
