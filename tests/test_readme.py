@@ -72,10 +72,12 @@ def test_quickstart_is_quiet(tmp_path, capsys) -> None:
     """``skipnet quickstart``: a line per stage (a bar on a terminal) and one table, at most 25 lines; per-epoch
     lines go to OUT/quickstart.log; no word about --resume, which the user did not give (issue 35)."""
     from skipnet.cli import main
+    from skipnet.commands.quickstart import claim_out
 
     out = tmp_path / "qs"
-    (out / "sp").mkdir(parents=True)
-    (out / "sp" / "metrics.jsonl").write_text('{"step": 3}\n')  # an earlier attempt, killed before its checkpoint
+    claim_out(out, {"epochs": 0.05, "alpha": 2.0, "seed": 0, "threads": 1})  # an earlier attempt's record, then its
+    (out / "sp").mkdir(parents=True)  # SP run, killed before its checkpoint
+    (out / "sp" / "metrics.jsonl").write_text('{"step": 3}\n')
     assert main(["quickstart", "--out", str(out), "--epochs", "0.05", "--threads", "1"]) == 0
     stdout, stderr = capsys.readouterr()
     shown = (stdout + stderr).strip().splitlines()

@@ -165,3 +165,47 @@ def test_a_new_training_class_relabels_the_cached_test_split(tmp_path) -> None:
         f.unlink()
     new.rmdir()
     assert sorted(_test_labels(root)[1]) == [0] * 4 + [1] * 4
+
+
+def _resave(root: Path, split: str, size: tuple[int, int]) -> None:
+    """Every image of ``split`` resized to ``size`` (width, height)."""
+    for f in (root / split).rglob("*.png"):
+        Image.open(f).resize(size).save(f)
+
+
+@pytest.mark.parametrize(
+    "case, match", [("test", "under .*test are 12x12 px, those under .*train 16x16"), ("wide", "16 px wide and 8 high")]
+)
+def test_splits_of_another_size_or_not_square_are_refused(tmp_path, case, match) -> None:
+    """A folder's network size and cost come from one image size: a test split of another size (it was tested at
+    a size it never trained on, and costed at the training size) or non-square images (costed at their width) are
+    refused in one line, and --image-size resizes both splits to one square size."""
+    root = make_folder(tmp_path / "d")
+    if case == "test":
+        _resave(root, "test", (12, 12))
+    else:
+        for split in ("train", "test"):
+            _resave(root, split, (16, 8))
+    with pytest.raises(SkipnetError, match=match):
+        load_data(str(root), batch_size=4)
+    assert "--image-size" in str(pytest.raises(SkipnetError, load_data, str(root), batch_size=4).value)
+    data = load_data(str(root), batch_size=4, image_size=16)
+    assert data.image_size == 16 and next(iter(data.test))[0].shape[-2:] == (16, 16)
+
+
+def test_a_failed_download_and_an_unread_archive_say_what_is_true(tmp_path, monkeypatch) -> None:
+    """--download given: the message does not ask for --download; a .zip names the archives read."""
+    import torchvision.datasets as tvd
+
+    def offline(*_, **__):
+        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(tvd, "CIFAR10", offline)
+    with pytest.raises(SkipnetError, match="could not be downloaded") as err:
+        load_data("cifar10", data_dir=str(tmp_path), download=True)
+    assert "pass --download" not in str(err.value)
+    with pytest.raises(SkipnetError, match="pass --download"):
+        load_data("cifar10", data_dir=str(tmp_path), download=False)
+    (tmp_path / "images.zip").write_bytes(b"PK\x03\x04")
+    with pytest.raises(SkipnetError, match=r"archives read are \.tar, \.tar\.gz and \.tgz"):
+        load_data(str(tmp_path / "images.zip"))

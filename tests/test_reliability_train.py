@@ -202,3 +202,27 @@ def test_resume_forgets_metric_rows_written_after_the_checkpoint(tmp_path) -> No
     after = metric_rows(run)
     assert after[: len(rows)] == rows and [r["step"] for r in after] == [4, 8, 12]
     assert "val_accuracy" in after[-1]
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_no_channels_last_reaches_the_network(tmp_path, monkeypatch, channels_last) -> None:
+    """``--no-channels-last`` trains and evaluates on NCHW batches (the loaders yield channels_last, and a
+    convolution given a channels_last input runs channels_last whatever its weights: the option was ignored)."""
+    import torch
+
+    from skipnet.cli import main
+
+    seen: set[bool] = set()
+    real = torch.nn.Conv2d._conv_forward
+
+    def record(self, x, weight, bias):
+        if min(x.shape[0], x.shape[1], x.shape[-1]) > 1:  # batches (not the cost model's probe), told apart
+            seen.add(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return real(self, x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", record)
+    argv = ["train", "tiny_resnet_14", "--stage", "base", "--data", "digits", "--iters", "2", "--eval-every", "1"]
+    argv += ["--batch-size", "16", "--limit-test", "32", "--val-split", "0.1", "--threads", "1"]
+    argv += ["--out", str(tmp_path / "run"), *([] if channels_last else ["--no-channels-last"])]
+    assert main(argv) == 0
+    assert seen == {channels_last}

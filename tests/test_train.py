@@ -231,7 +231,8 @@ def test_stage_trains_from_cli(runs, stage) -> None:
 
 def test_init_options_reach_the_trained_model(runs, tmp_path, caplog) -> None:
     """--gate-bias opens the gates of an SP run from scratch; --zero-init-residual starts the branches at zero
-    (one step at a tiny lr barely moves either); an --init checkpoint's tensors replace both."""
+    (one step at a tiny lr barely moves either); with a gated --init, whose tensors would replace both, they are
+    refused."""
     root, data = runs
     args = ["train", "tiny_rnn_gate_14", "--stage", "sp", "--data", data, *COMMON, "--iters", "1", "--lr", "1e-6"]
     out = tmp_path / "open"
@@ -244,10 +245,10 @@ def test_init_options_reach_the_trained_model(runs, tmp_path, caplog) -> None:
     out = tmp_path / "closed"
     assert main([*args, "--zero-init-residual", "--paper-gate-init", "--out", str(out)]) == 0
     assert "--zero-init-residual with gates that may start closed" in caplog.text  # the SP deadlock warning
-    out = tmp_path / "init"
-    assert main([*args, "--zero-init-residual", "--init", str(root / "sp" / "best.pt"), "--out", str(out)]) == 0
-    model, _ = load_model(out / "last.pt")
-    assert all(b.bn2.weight.abs().max().item() > 1e-2 for b in model._blocks)
+    out = tmp_path / "init"  # the checkpoint's tensors would replace both: refused, not ignored
+    assert main([*args, "--zero-init-residual", "--init", str(root / "sp" / "best.pt"), "--out", str(out)]) == 2
+    assert main([*args, "--gate-bias", "6", "--init", str(root / "sp" / "best.pt"), "--out", str(out)]) == 2
+    assert not out.exists()
 
 
 def test_eval_json_keys(runs, capsys) -> None:

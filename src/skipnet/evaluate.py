@@ -58,8 +58,10 @@ def run_eval(
     keep: float | None = None,
     seed: int = 0,
     max_batches: int | None = None,
+    memory_format: torch.memory_format = torch.preserve_format,
 ) -> EvalRecord:
-    """Run ``model`` over ``loader`` and collect per-image predictions, decisions and MACs."""
+    """Run ``model`` over ``loader`` and collect per-image predictions, decisions and MACs; the images reach it in
+    ``memory_format`` (the loaders' channels_last by default; training's ``--no-channels-last`` passes NCHW)."""
     net: GatedResNet = getattr(model, "module", model)
     was_training = net.training
     net.eval()
@@ -72,7 +74,8 @@ def run_eval(
         for b, (x, y) in enumerate(loader):
             if max_batches is not None and b >= max_batches:
                 break
-            out = net(x.to(device, non_blocking=True), mode, threshold=threshold, keep=keep)
+            x = x.to(device, non_blocking=True, memory_format=memory_format)
+            out = net(x, mode, threshold=threshold, keep=keep)
             logits = out.logits.float().cpu()
             k = min(5, logits.shape[1])
             top = logits.topk(k, dim=1).indices

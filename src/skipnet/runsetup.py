@@ -78,6 +78,11 @@ def assemble(cfg: TrainConfig, dist: DistContext, given: set[str]) -> RunSetup:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     init = load_checkpoint(cfg.init) if cfg.init and resume is None else None
+    if init is not None and cfg.gate_bias is not None and any(k.startswith("gates.") for k in init["state_dict"]):
+        raise SkipnetError(
+            f"--gate-bias sets the bias of gates that start untrained; --init {cfg.init} brings its gates' own: "
+            "leave --gate-bias out"
+        )
     arch = get_config(cfg.arch)
     if cfg.gate_bias is not None and not arch.gated:
         raise SkipnetError(f"--gate-bias needs a gated architecture; {arch.name} has no gates")
@@ -236,7 +241,7 @@ def build_model(model: GatedResNet, cfg: TrainConfig, stage: Stage, init: dict[s
     """Initialise the new ``model`` (zero residuals, gate bias, ``--init`` weights, ``--init-torchvision``) and set
     its threshold, keep ratio and the stage's gate mode."""
     arch = model.config
-    if cfg.zero_init_residual:  # before --init, whose tensors replace these
+    if cfg.zero_init_residual:  # never with --init (refused: its tensors would replace these)
         model.zero_init_residual()
         if stage.train_mode == GateMode.HARD and not cfg.init and not (cfg.gate_bias or 0) > 0:
             log.warning(
@@ -248,6 +253,13 @@ def build_model(model: GatedResNet, cfg: TrainConfig, stage: Stage, init: dict[s
     if init is not None:
         left = load_weights_into(model, init, cfg.init)
         log.info("initialised from %s (%d tensors left at their initial values)", cfg.init, len(left))
+        if any(k.startswith("gates.") for k in init["state_dict"]) and any(k.startswith("gates.") for k in left):
+            log.warning(
+                "--init %s has gates of another design than %s: its gates were not loaded and start untrained (the "
+                "backbone is loaded)",
+                cfg.init,
+                arch.name,
+            )
     if cfg.init_torchvision and not resumed:
         init_torchvision(model, cfg.init_torchvision)
     model.threshold = cfg.threshold
@@ -264,8 +276,15 @@ def load_teacher(spec: str, data: DataBundle, channels_last: bool, device: torch
         raise SkipnetError(
             f"--distill {spec} predicts {teacher.config.num_classes} classes; the data has {data.num_classes}"
         )
+    if teacher.config.in_channels != data.in_channels:
+        raise SkipnetError(
+            f"--distill {spec} takes {teacher.config.in_channels}-channel images; the data has "
+            f"{data.in_channels}-channel ones"
+        )
     stats = ckpt.get("data", {})
-    if stats.get("mean") is not None and not _same_stats(stats, data):
+    if stats.get("mean") is None:
+        log.warning("--distill %s records no input normalisation: it is taken to be this run's", spec)
+    elif not _same_stats(stats, data):
         raise SkipnetError(
             f"--distill {spec} was trained on inputs normalised with mean {stats['mean']} and std {stats['std']}; "
             f"this run normalises with {list(data.mean)} and {list(data.std)}"

@@ -62,6 +62,8 @@ class Trainer:
         self.cost, self.optimizer, self.scheduler = s.cost, s.optimizer, s.scheduler
         self.steps_per_epoch, self.total, self.out = s.steps_per_epoch, s.total, Path(s.cfg.out)
         self.block_cost = torch.tensor(self.cost.block_macs, dtype=torch.float32, device=self.device)
+        # the layout the batches reach the model in: the loaders yield channels_last; --no-channels-last is NCHW
+        self.memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         c = self.cfg  # --skip-budget: alpha adapted each step from the global batch's skips (same on every rank)
         budget = SkipBudget(c.skip_budget, c.alpha, c.alpha_lr) if c.skip_budget is not None else None
         self.state = RunState(s, self.dist.baseline(c.baseline), budget)  # the baseline: global-batch mean
@@ -99,13 +101,20 @@ class Trainer:
         # Rank 0 evaluates the bare model on the whole split; the other ranks receive its result.
         loader = self.dist.full_split(self.data.split(split))
         return self.dist.on_main(
-            lambda: evaluate(self.model, loader, self.cost, mode=self.model.mode, seed=self.cfg.seed)
+            lambda: evaluate(
+                self.model,
+                loader,
+                self.cost,
+                mode=self.model.mode,
+                seed=self.cfg.seed,
+                memory_format=self.memory_format,
+            )
         )
 
     # -- the loop
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         cfg = self.cfg
-        x = x.to(self.device, non_blocking=True)
+        x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
         y = y.to(self.device, non_blocking=True)
         with self.amp:
             out = self.train_model(
@@ -319,7 +328,8 @@ class Trainer:
             best = load_checkpoint(self.out / "best.pt", self.device)
             model = model_from_checkpoint(best).to(self.device)
             test_loader = self.dist.full_split(self.data.test)
-            test = evaluate(model, test_loader, self.cost, mode=model.mode, seed=self.cfg.seed)
+            fmt = self.memory_format
+            test = evaluate(model, test_loader, self.cost, mode=model.mode, seed=self.cfg.seed, memory_format=fmt)
             summary |= {
                 "best_step": best["step"],
                 "best_val_accuracy": best["metrics"].get("val_accuracy"),

@@ -140,6 +140,7 @@ class TrainConfig:
             if on and self.stage not in ("hrl", "rl"):
                 raise SkipnetError(f"{flag} changes the HRL/RL reward or its estimator; stage {self.stage} has none")
         self._validate_freeze()
+        self._validate_init()
         if self.device.startswith("cpu:") and self.device != "cpu:0":
             raise SkipnetError(f"--device {self.device}: the CPU is one device; pass --device cpu")
         from skipnet.registry import check_image_size, get_config
@@ -156,6 +157,21 @@ class TrainConfig:
     def freezes_gates(self) -> bool:
         """``--freeze gates`` or ``policy``: the gates' parameters do not train."""
         return self.freeze in ("gates", "policy")
+
+    def _validate_init(self) -> None:
+        """Options that set a network's first weights, against each other and against ``--init``, which brings them:
+        one that the other would overwrite is refused, not ignored."""
+        start = self.init or self.init_torchvision
+        if self.zero_init_residual and start:
+            raise SkipnetError(
+                f"--zero-init-residual zeroes each block's last BatchNorm of a network trained from scratch; --init "
+                f"{start} replaces them: leave one out"
+            )
+        if self.paper_gate_init and self.gate_bias is not None:
+            raise SkipnetError(
+                "--paper-gate-init and --gate-bias are alternatives (the paper's gate initialisation, or a bias of "
+                "your choice): leave one out"
+            )
 
     def _validate_freeze(self) -> None:
         if self.reward == "blockdrop" and (self.skip_target is not None or self.skip_reward != "all"):

@@ -42,7 +42,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
         "--image-size",
         type=int,
         default=None,
-        help="resize (small) or crop (large) images to S (default: the data's own; 224 for ImageNet nets)",
+        help="resize (small) or crop (large) images to S (default: the data's own up to 64 px; 224 for larger images "
+        "and for ImageNet nets)",
     )
     from skipnet.trainconfig import TrainConfig
 

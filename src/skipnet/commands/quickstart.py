@@ -6,8 +6,12 @@ stage and leaves the run directories behind (``--out``, default ``runs/quickstar
 
 Quiet by design (issue 35): one progress bar per stage on a terminal (one line per stage elsewhere) and one
 table at the end. Every log line of the three runs (each evaluation, the notices) goes to ``OUT/quickstart.log``
-instead, beside the runs' own ``metrics.jsonl`` and ``steps.csv``; warnings still reach the terminal. Running it
-again reuses the stages that finished and continues one that was stopped.
+instead, beside the runs' own ``metrics.jsonl`` and ``steps.csv``; warnings still reach the terminal.
+
+Running the same command again reuses the stages that finished and continues one that was stopped. The options
+that change the results are recorded in ``OUT/quickstart.json`` before the first stage starts; a rerun into that
+``--out`` with other values is refused before anything runs or is written, naming them, as is an ``--out`` that
+holds stage directories but no record (an older skipnet's, or another command's runs).
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from skipnet.commands._common import MAX_THREADS, check_count, check_out, check_value
+from skipnet.errors import Interrupted, SkipnetError
+from skipnet.fileio import atomic_write, json_text
 from skipnet.runlog import bar_label
 from skipnet.train import TrainConfig, train
 
@@ -32,6 +38,12 @@ LOG = "quickstart.log"
 # for --resume itself (to clear an earlier attempt's leftovers), so the notice goes to the log file only.
 NO_CHECKPOINT_NOTICE = "holds no checkpoint yet; starting a new run"
 MAX_EPOCHS = 100.0  # x (30 + 15 + 15) epochs: 6,000 epochs of digits, days on a CPU
+STAGES = ("base", "sp", "hrl")  # the run directories under --out
+# The options that change the numbers, recorded in OUT/RECORD: --threads too (torch's CPU reductions split by thread
+# count; --threads 1 and 2 differ by points of accuracy). --out and --json do not.
+RECORD = "quickstart.json"
+RECORDED = ("epochs", "alpha", "seed", "threads")
+RERUN = "run the same skipnet quickstart command again to continue it"
 
 
 DOCS = "docs/getting-started.md"  # the page that explains this command (its --help says so)
@@ -43,8 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="base -> SP -> HRL on the built-in digits data (a few minutes on CPU)",
         description="Train a plain ResNet, a SkipNet by supervised pre-training from it, and refine it with hybrid "
         "RL, on scikit-learn's digits (no download); print one progress bar per stage and a table of accuracy, "
-        "MACs and computation percentage. Every log line goes to OUT/quickstart.log. Run again, it reuses the "
-        "finished stages. See docs/getting-started.md.",
+        "MACs and computation percentage. Every log line goes to OUT/quickstart.log. Run again with the same "
+        "options, it reuses the finished stages and continues a stopped one; other options need another --out. "
+        "See docs/getting-started.md.",
     )
     p.add_argument("--out", default="runs/quickstart", help="parent directory of the three run directories")
     p.add_argument(
@@ -148,6 +161,60 @@ def quiet_logs(path: Path) -> Iterator[None]:
         to_file.close()
 
 
+def _shown(value: object) -> str:
+    """An option's value as the user would type it (``default`` when it was left out)."""
+    if value is None:
+        return "default"
+    if isinstance(value, float) and float(f"{value:g}") == value:
+        return f"{value:g}"
+    return str(value)
+
+
+def _read_record(path: Path) -> dict:
+    """The options of ``OUT/quickstart.json``; one line if it cannot be read or is not such a record."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or type(exc).__name__
+        raise SkipnetError(f"--out {path.parent}: {path.name} cannot be read ({why}); use another --out") from None
+    missing = [name for name in RECORDED if not isinstance(record, dict) or name not in record]
+    if missing:
+        what = f"no --{missing[0]}" if isinstance(record, dict) else "not an object"
+        raise SkipnetError(f"--out {path.parent}: {path.name} is not a quickstart record ({what}); use another --out")
+    return record
+
+
+def claim_out(out: Path, options: dict) -> None:
+    """Make sure ``out`` holds this quickstart, before anything runs: refuse (one line) one made with other
+    ``options`` or stage directories without a record; record ``options`` (atomically) where there is none yet."""
+    path = out / RECORD
+    if path.exists():
+        record = _read_record(path)
+        changed = [name for name in RECORDED if record[name] != options[name]]
+        if changed:
+            made = ", ".join(f"--{n} {_shown(record[n])} (now {_shown(options[n])})" for n in changed)
+            again = "use another --out, or the same options to continue it"
+            raise SkipnetError(f"--out {out} holds a quickstart made with {made}: {again}")
+        return
+    runs = [f"{name}/" for name in STAGES if (out / name).is_dir() and any((out / name).iterdir())]
+    if runs:
+        raise SkipnetError(
+            f"--out {out} holds {', '.join(runs)} but no {RECORD} saying which options made them (an older skipnet's "
+            "quickstart, or another command's runs): use another --out"
+        )
+    atomic_write(path, lambda f: f.write((json_text(options, indent=2) + "\n").encode()))
+
+
+@contextlib.contextmanager
+def continue_by_rerunning() -> Iterator[None]:
+    """A stop on SIGINT / SIGTERM says how quickstart continues: the same command again (it has no --resume)."""
+    try:
+        yield
+    except Interrupted as exc:
+        kept = [part for part in str(exc).split("; ") if "--resume" not in part]
+        raise Interrupted("; ".join([*kept, RERUN]), exc.exit_code) from None
+
+
 def run(args: argparse.Namespace) -> int:
     check_value("epochs", args.epochs, lambda v: 0 < v <= MAX_EPOCHS, f"in (0, {MAX_EPOCHS:g}]")
     check_value("alpha", args.alpha, lambda v: v >= 0, ">= 0")
@@ -155,40 +222,39 @@ def run(args: argparse.Namespace) -> int:
     check_count("--seed", args.seed, 0, 2**32 - 1)
     check_out(args.out)
     out = Path(args.out)
+    claim_out(out, {name: getattr(args, name) for name in RECORDED})
     configs = stage_configs(out, args.epochs, args.alpha, args.seed, args.threads)
-    bars = sys.stderr.isatty()
     say = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     say(f"skipnet quickstart: base -> SP -> HRL on scikit-learn digits; logs in {out / LOG}")
-    rows = []
-    with quiet_logs(out / LOG):
-        for i, cfg in enumerate(configs, 1):
-            start = time.time()
-            with bar_label(f"[{i}/3] {cfg.stage}") as label:
-                summary = train(cfg, progress_bar=True)
-            t = summary["test"]
-            if not label.started:
-                say(f"[{i}/3] {cfg.stage:<4} finished earlier: reused {cfg.out}")
-            elif not bars:
-                say(
-                    f"[{i}/3] {cfg.stage:<4} trained in {time.time() - start:.0f} s: test accuracy {t['accuracy']:.2f}%"
-                )
-            rows.append(
-                {
-                    "stage": cfg.stage,
-                    "arch": cfg.arch,
-                    "run": cfg.out,
-                    "accuracy": round(t["accuracy"], 2),
-                    "macs": round(t["macs_mean"]),
-                    "macs_reduction": round(t["macs_reduction"], 1),
-                    "computation_percentage": round(t["computation_percentage"], 1),
-                    "train_time_s": summary.get("train_time_s"),
-                }
-            )
+    with quiet_logs(out / LOG), continue_by_rerunning():
+        rows = [run_stage(i, cfg, say) for i, cfg in enumerate(configs, 1)]
     if args.json:
         print(json.dumps(rows))
         return 0
     print_table(rows, out)
     return 0
+
+
+def run_stage(i: int, cfg: TrainConfig, say: Callable[[str], None]) -> dict:
+    """Train (or reuse) stage ``i`` of 3 and return its row of the table."""
+    start = time.time()
+    with bar_label(f"[{i}/3] {cfg.stage}") as label:
+        summary = train(cfg, progress_bar=True)
+    t = summary["test"]
+    if not label.started:
+        say(f"[{i}/3] {cfg.stage:<4} finished earlier: reused {cfg.out}")
+    elif not sys.stderr.isatty():
+        say(f"[{i}/3] {cfg.stage:<4} trained in {time.time() - start:.0f} s: test accuracy {t['accuracy']:.2f}%")
+    return {
+        "stage": cfg.stage,
+        "arch": cfg.arch,
+        "run": cfg.out,
+        "accuracy": round(t["accuracy"], 2),
+        "macs": round(t["macs_mean"]),
+        "macs_reduction": round(t["macs_reduction"], 1),
+        "computation_percentage": round(t["computation_percentage"], 1),
+        "train_time_s": summary.get("train_time_s"),
+    }
 
 
 def print_table(rows: list[dict], out: Path) -> None:

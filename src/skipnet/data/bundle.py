@@ -193,12 +193,29 @@ def build(spec: DataSpec) -> DataBundle:
             "train": decode_folder(root / "train", spec.image_size),
             "test": decode_folder(test_dir, spec.image_size, classes),
         }
+        _check_sizes(root, test_dir, arrays)
     if spec.augment is False:
         pad, flip = 0, False
     stats = spec.stats
     if stats is None:
         stats = STATS.get(spec.source) or _compute_stats(arrays["train"][0])
     return _tensor_bundle(spec, name, arrays, pad, flip, stats)
+
+
+def _check_sizes(root: Path, test_dir: Path, arrays: Arrays) -> None:
+    """The decoded splits of a folder are square images of one size: the network's input size and its cost (one
+    ``image_size``) are read from them. Otherwise :class:`SkipnetError`, naming ``--image-size``."""
+    (h, w), (th, tw) = arrays["train"][0].shape[-2:], arrays["test"][0].shape[-2:]
+    if h != w:
+        raise SkipnetError(
+            f"the images under {root / 'train'} are {w} px wide and {h} high: the networks take square images; "
+            "pass --image-size S to resize them to S x S"
+        )
+    if (th, tw) != (h, w):
+        raise SkipnetError(
+            f"the images under {test_dir} are {tw}x{th} px, those under {root / 'train'} {w}x{h}: a network is "
+            "trained, tested and costed at one size; pass --image-size S to resize both splits to S x S"
+        )
 
 
 def _folder_source(spec: DataSpec) -> tuple[Path, Path, list[str], bool]:

@@ -70,7 +70,10 @@ def resolve_folder(path: Path) -> Path:
             "(train/ and test/ class folders) or .tar.gz of one"
         )
     if not path.is_dir():
-        raise SkipnetError(f"data {str(path)!r} is neither a known data set ({', '.join(BUILTIN)}) nor a directory")
+        raise SkipnetError(
+            f"data {str(path)!r} is neither a known data set ({', '.join(BUILTIN)}) nor a directory; the archives "
+            "read are .tar, .tar.gz and .tgz"
+        )
     subdirs = sorted(p for p in path.iterdir() if p.is_dir())
     if not subdirs and not any(path.iterdir()):
         raise SkipnetError(f"data directory {path} is empty; put train/ and test/ (or val/) class folders in it")

@@ -34,6 +34,8 @@ def _torchvision_arrays(name: str, root: Path, download: bool) -> Arrays:
     import torchvision.datasets as tvd
 
     def missing(exc: Exception) -> SkipnetError:
+        if download:  # the fetch itself failed (no network, a server down): another hint
+            return SkipnetError(f"{name} could not be downloaded to {root} ({exc}); or use --data-dir to point at it")
         return SkipnetError(
             f"{name} not found under {root} ({exc}); pass --download to fetch it, or --data-dir to point at it"
         )

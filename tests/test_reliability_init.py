@@ -1,0 +1,72 @@
+"""Options that set a network's first weights, against --init and --distill checkpoints that bring their own: each
+combination the run would silently ignore or crash on is refused in one line before anything is written, or said."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from skipnet.checkpoint import save_checkpoint
+from skipnet.cli import main
+from skipnet.gated import GatedResNet
+from skipnet.registry import get_config
+
+DIGITS = {"mean": [0.5], "std": [0.25]}
+RUN = ["--data", "digits", "--iters", "1", "--batch-size", "16", "--limit-test", "16", "--threads", "1"]
+
+
+def _digits_model(arch: str) -> GatedResNet:
+    torch.manual_seed(0)
+    return GatedResNet(get_config(arch).replace(in_channels=1, image_size=8, num_classes=10))
+
+
+def _train(tmp_path: Path, capsys, *argv: str) -> tuple[int, str, Path]:
+    out = tmp_path / "run"
+    rc = main(["train", *argv, *RUN, "--out", str(out)])
+    return rc, capsys.readouterr().err, out
+
+
+def test_a_teacher_of_other_channels_is_refused_before_anything_is_written(tmp_path, capsys) -> None:
+    teacher = tmp_path / "teacher.pt"
+    save_checkpoint(teacher, GatedResNet(get_config("tiny_resnet_14")), data={"mean": [0.5] * 3, "std": [0.2] * 3})
+    rc, err, out = _train(tmp_path, capsys, "tiny_rnn_gate_14", "--stage", "sp", "--distill", str(teacher))
+    assert rc == 2 and "takes 3-channel images; the data has 1-channel ones" in err and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--gate-bias", "3"], "--gate-bias sets the bias of gates that start untrained"),
+        (["--zero-init-residual"], "--zero-init-residual zeroes .* --init .* replaces them"),
+    ],
+)
+def test_options_that_init_would_overwrite_are_refused(tmp_path, capsys, argv, match) -> None:
+    """--gate-bias with a gated --init was recorded in config.json and never applied (the checkpoint's gates
+    replaced it); --zero-init-residual likewise."""
+    init = tmp_path / "sp.pt"
+    save_checkpoint(init, _digits_model("tiny_rnn_gate_14"), data=DIGITS)
+    rc, err, out = _train(tmp_path, capsys, "tiny_rnn_gate_14", "--stage", "sp", "--init", str(init), *argv)
+    assert rc == 2 and re.search(match, err), err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_paper_gate_init_and_a_gate_bias_are_alternatives(tmp_path, capsys) -> None:
+    rc, err, _ = _train(tmp_path, capsys, "tiny_rnn_gate_14", "--stage", "sp", "--paper-gate-init", "--gate-bias", "2")
+    assert rc == 2 and "are alternatives" in err
+
+
+@pytest.mark.parametrize("design", ["tiny_feedforward_14", "tiny_rnn_gate_14"])
+def test_a_gated_init_of_another_gate_design_says_its_gates_start_untrained(tmp_path, capsys, caplog, design) -> None:
+    """The gates of another design are not loaded (only the backbone is): a warning says so; the same design's
+    gates load, and nothing is said."""
+    init = tmp_path / "init.pt"
+    save_checkpoint(init, _digits_model(design), data=DIGITS)
+    with caplog.at_level(logging.WARNING):
+        rc, err, _ = _train(tmp_path, capsys, "tiny_rnn_gate_14", "--stage", "sp", "--init", str(init))
+    assert rc == 0, err
+    assert ("has gates of another design" in caplog.text + err) == (design != "tiny_rnn_gate_14")
