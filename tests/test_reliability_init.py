@@ -70,3 +70,27 @@ def test_a_gated_init_of_another_gate_design_says_its_gates_start_untrained(tmp_
         rc, err, _ = _train(tmp_path, capsys, "tiny_rnn_gate_14", "--stage", "sp", "--init", str(init))
     assert rc == 0, err
     assert ("has gates of another design" in caplog.text + err) == (design != "tiny_rnn_gate_14")
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--stage", "sp", "--explore", "0.3"], "--explore 0.3"),
+        (["--stage", "hrl", "--alpha-lr", "5"], "--alpha-lr 5"),
+        (["--stage", "hrl", "--wrong-penalty", "5"], "--wrong-penalty 5"),
+        (["--stage", "sp", "--distill-weight", "0.9"], "--distill-weight 0.9"),
+        (["--stage", "sp", "--distill-temperature", "2"], "--distill-temperature 2"),
+        (["--stage", "sp", "--keep", "0.7"], "--keep 0.7"),
+    ],
+)
+def test_an_option_nothing_reads_is_refused(tmp_path, capsys, argv, flag) -> None:
+    """Each of these ran to the end with the option ignored (exit 0): now one line, before anything is written."""
+    rc, err, out = _train(tmp_path, capsys, "tiny_rnn_gate_14", *argv)
+    assert rc == 2 and f"{flag} has no effect here" in err, err
+    assert not out.exists()
+
+
+def test_the_same_options_where_they_are_read_still_run(tmp_path, capsys) -> None:
+    argv = ["--stage", "hrl", "--explore", "0.1", "--skip-budget", "0.3", "--alpha-lr", "0.02", "--gate-bias", "1"]
+    rc, err, _ = _train(tmp_path, capsys, "tiny_rnn_gate_14", *argv)
+    assert rc == 0, err

@@ -141,6 +141,7 @@ class TrainConfig:
                 raise SkipnetError(f"{flag} changes the HRL/RL reward or its estimator; stage {self.stage} has none")
         self._validate_freeze()
         self._validate_init()
+        self._validate_unused()
         if self.device.startswith("cpu:") and self.device != "cpu:0":
             raise SkipnetError(f"--device {self.device}: the CPU is one device; pass --device cpu")
         from skipnet.registry import check_image_size, get_config
@@ -157,6 +158,21 @@ class TrainConfig:
     def freezes_gates(self) -> bool:
         """``--freeze gates`` or ``policy``: the gates' parameters do not train."""
         return self.freeze in ("gates", "policy")
+
+    def _validate_unused(self) -> None:
+        """An option set away from its default where nothing reads it is refused, not silently ignored."""
+        d = TrainConfig.defaults()
+        unused = (
+            ("--explore", "explore", self.stage not in ("hrl", "rl"), f"stage {self.stage} samples no gates"),
+            ("--alpha-lr", "alpha_lr", self.skip_budget is None, "it adapts --skip-budget's alpha; none is given"),
+            ("--wrong-penalty", "wrong_penalty", self.reward != "blockdrop", "it is --reward blockdrop's gamma"),
+            ("--distill-weight", "distill_weight", self.distill is None, "it weighs --distill; none is given"),
+            ("--distill-temperature", "distill_temperature", self.distill is None, "it is --distill's; none is given"),
+            ("--keep", "keep", self.stage != "sdv", f"it is stage sdv's keep ratio; stage {self.stage} has none"),
+        )
+        for flag, name, idle, why in unused:
+            if idle and getattr(self, name) != d[name]:
+                raise SkipnetError(f"{flag} {getattr(self, name):g} has no effect here: {why}")
 
     def _validate_init(self) -> None:
         """Options that set a network's first weights, against each other and against ``--init``, which brings them:
