@@ -100,16 +100,11 @@ class Trainer:
     def evaluate_split(self, split: str) -> dict[str, Any]:
         # Rank 0 evaluates the bare model on the whole split; the other ranks receive its result.
         loader = self.dist.full_split(self.data.split(split))
-        return self.dist.on_main(
-            lambda: evaluate(
-                self.model,
-                loader,
-                self.cost,
-                mode=self.model.mode,
-                seed=self.cfg.seed,
-                memory_format=self.memory_format,
-            )
-        )
+        return self.dist.on_main(lambda: self._evaluate(self.model, loader))
+
+    def _evaluate(self, model: torch.nn.Module, loader) -> dict[str, Any]:
+        fmt = self.memory_format
+        return evaluate(model, loader, self.cost, mode=model.mode, seed=self.cfg.seed, memory_format=fmt)
 
     # -- the loop
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -328,8 +323,7 @@ class Trainer:
             best = load_checkpoint(self.out / "best.pt", self.device)
             model = model_from_checkpoint(best).to(self.device)
             test_loader = self.dist.full_split(self.data.test)
-            fmt = self.memory_format
-            test = evaluate(model, test_loader, self.cost, mode=model.mode, seed=self.cfg.seed, memory_format=fmt)
+            test = self._evaluate(model, test_loader)
             summary |= {
                 "best_step": best["step"],
                 "best_val_accuracy": best["metrics"].get("val_accuracy"),
