@@ -94,3 +94,23 @@ def test_the_same_options_where_they_are_read_still_run(tmp_path, capsys) -> Non
     argv = ["--stage", "hrl", "--explore", "0.1", "--skip-budget", "0.3", "--alpha-lr", "0.02", "--gate-bias", "1"]
     rc, err, _ = _train(tmp_path, capsys, "tiny_rnn_gate_14", *argv)
     assert rc == 0, err
+
+
+def test_a_config_replay_derives_the_defaults_again(tmp_path, capsys) -> None:
+    """config.json records which options were set; a --config replay takes those and derives the rest again, so a
+    changed option is not overruled by a default the first run derived (SP from scratch records gate bias 2, which
+    --paper-gate-init then contradicted)."""
+    import json
+
+    rc, err, first = _train(tmp_path, capsys, "tiny_rnn_gate_14", "--stage", "sp", "--lr", "0.05")
+    assert rc == 0, err
+    record = json.loads((first / "config.json").read_text())
+    assert record["gate_bias"] == 2.0 and "gate_bias" not in record["given"] and "lr" in record["given"]
+    again = tmp_path / "again"
+    argv = ["train", "--config", str(first / "config.json"), "--paper-gate-init", "--out", str(again)]
+    assert main(argv) == 0, capsys.readouterr().err
+    replay = json.loads((again / "config.json").read_text())
+    assert replay["gate_bias"] is None and replay["paper_gate_init"] and replay["lr"] == 0.05
+    assert {k: v for k, v in replay.items() if k not in ("out", "paper_gate_init", "gate_bias", "environment")} == {
+        k: v for k, v in record.items() if k not in ("out", "paper_gate_init", "gate_bias", "environment")
+    } | {"given": sorted({*record["given"], "paper_gate_init"})}

@@ -330,6 +330,10 @@ def environment(device: Any = None, world: int = 1) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ --config FILE
 RECORD_ONLY = ("arch_config", "environment")  # what a run's config.json holds besides the options
+# config.json: the options the user set; every other value there was derived from them (a default that depends on
+# the stage, the lr, ...), and a --config replay derives it again, so that a changed option re-derives its dependants
+GIVEN = "given"
+ALWAYS_FROM_FILE = ("arch", "stage", "data", "out")  # what a run cannot be without
 NEVER_FROM_FILE = ("resume", "json", "config")  # what only the command line decides
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -352,7 +356,25 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(data, dict):
         raise SkipnetError(f"--config {path} must hold a mapping of option names to values")
-    return {str(k).replace("-", "_"): v for k, v in data.items() if k not in RECORD_ONLY}
+    given = data.pop(GIVEN, None)
+    if given is not None and not (isinstance(given, list) and all(isinstance(g, str) for g in given)):
+        raise SkipnetError(f"--config {path}: {GIVEN!r} must list option names (a run's config.json records them)")
+    keep = None if given is None else {*given, *ALWAYS_FROM_FILE}
+    options = {str(k).replace("-", "_"): v for k, v in data.items() if k not in RECORD_ONLY}
+    return options if keep is None else {k: v for k, v in options.items() if k in keep}
+
+
+def given_record(path: Path, given: set[str], resumed: bool) -> list[str] | None:
+    """The options ``config.json`` at ``path`` records as set by the user: ``given``, and on a resumed run those it
+    already records too; ``None`` (nothing recorded: a replay takes every value) where a resumed run's file records
+    none (written before the record was)."""
+    if not resumed:
+        return sorted(given)
+    try:
+        before = json.loads(path.read_text(encoding="utf-8")).get(GIVEN)
+    except (OSError, ValueError, AttributeError):
+        before = None
+    return None if not isinstance(before, list) else sorted(given | set(before))
 
 
 def _parse_config(path: Path, text: str) -> Any:
