@@ -69,7 +69,7 @@ def test_a_gated_init_of_another_gate_design_says_its_gates_start_untrained(tmp_
     with caplog.at_level(logging.WARNING):
         rc, err, _ = _train(tmp_path, capsys, "tiny_rnn_gate_14", "--stage", "sp", "--init", str(init))
     assert rc == 0, err
-    assert ("has gates of another design" in caplog.text + err) == (design != "tiny_rnn_gate_14")
+    assert ("its backbone is loaded, the gates start untrained" in caplog.text + err) == (design != "tiny_rnn_gate_14")
 
 
 @pytest.mark.parametrize(
@@ -81,6 +81,7 @@ def test_a_gated_init_of_another_gate_design_says_its_gates_start_untrained(tmp_
         (["--stage", "sp", "--distill-weight", "0.9"], "--distill-weight 0.9"),
         (["--stage", "sp", "--distill-temperature", "2"], "--distill-temperature 2"),
         (["--stage", "sp", "--keep", "0.7"], "--keep 0.7"),
+        (["--stage", "hrl", "--paper-gate-init"], "--paper-gate-init"),
     ],
 )
 def test_an_option_nothing_reads_is_refused(tmp_path, capsys, argv, flag) -> None:
@@ -97,20 +98,56 @@ def test_the_same_options_where_they_are_read_still_run(tmp_path, capsys) -> Non
 
 
 def test_a_config_replay_derives_the_defaults_again(tmp_path, capsys) -> None:
-    """config.json records which options were set; a --config replay takes those and derives the rest again, so a
-    changed option is not overruled by a default the first run derived (SP from scratch records gate bias 2, which
-    --paper-gate-init then contradicted)."""
+    """config.json lists the options the run's defaults filled ('derived'); a --config replay derives those again,
+    so a changed option is not overruled by a default the first run derived (SP from scratch records gate bias 2,
+    which --paper-gate-init then contradicted); every other value, edited or not, is taken from the file."""
     import json
 
     rc, err, first = _train(tmp_path, capsys, "tiny_rnn_gate_14", "--stage", "sp", "--lr", "0.05")
     assert rc == 0, err
     record = json.loads((first / "config.json").read_text())
-    assert record["gate_bias"] == 2.0 and "gate_bias" not in record["given"] and "lr" in record["given"]
+    assert record["gate_bias"] == 2.0 and "gate_bias" in record["derived"] and "lr" not in record["derived"]
     again = tmp_path / "again"
     argv = ["train", "--config", str(first / "config.json"), "--paper-gate-init", "--out", str(again)]
     assert main(argv) == 0, capsys.readouterr().err
     replay = json.loads((again / "config.json").read_text())
     assert replay["gate_bias"] is None and replay["paper_gate_init"] and replay["lr"] == 0.05
-    assert {k: v for k, v in replay.items() if k not in ("out", "paper_gate_init", "gate_bias", "environment")} == {
-        k: v for k, v in record.items() if k not in ("out", "paper_gate_init", "gate_bias", "environment")
-    } | {"given": sorted({*record["given"], "paper_gate_init"})}
+    same = ("out", "paper_gate_init", "gate_bias", "environment", "derived")
+    assert {k: v for k, v in replay.items() if k not in same} == {k: v for k, v in record.items() if k not in same}
+    assert set(replay["derived"]) == set(record["derived"]) - {"gate_bias"}
+    # an edited value is taken (seed is not derived); a hyphenated name in the list is one
+    edited = {**record, "seed": 7, "derived": [d.replace("_", "-") for d in record["derived"]]}
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    assert main(["train", "--config", str(tmp_path / "edited.json"), "--out", str(tmp_path / "e")]) == 0
+    taken = json.loads((tmp_path / "e" / "config.json").read_text())
+    assert taken["seed"] == 7 and taken["gate_bias"] == 2.0 and set(taken["derived"]) == set(record["derived"])
+    (tmp_path / "bad.json").write_text(json.dumps({**record, "derived": ["learning_rate"]}))
+    assert main(["train", "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "b")]) == 2
+    assert "unknown option(s) learning_rate" in capsys.readouterr().err
+
+
+def test_a_resumed_run_keeps_its_derived_list(tmp_path, capsys) -> None:
+    """A run stopped (here after its first checkpoint) and resumed by a shorter command keeps the list its first
+    command recorded, not one made from the resume command's unset options."""
+    import json
+
+    rc, err, out = _train(tmp_path, capsys, "tiny_rnn_gate_14", "--stage", "sp", "--lr", "0.05", "--seed", "3")
+    assert rc == 0, err
+    first = json.loads((out / "config.json").read_text())["derived"]
+    argv = ["train", "tiny_rnn_gate_14", "--stage", "sp", "--data", "digits", "--out", str(out), "--resume"]
+    assert main([*argv, "--iters", "2"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["derived"] == [d for d in first if d != "iters"]
+
+
+def test_a_gate_bias_for_gates_that_do_not_load_is_applied(tmp_path, capsys) -> None:
+    """--gate-bias with a gated --init of another design: its gates are not loaded, so the bias is the one given
+    (it was refused, while the warning said the gates start untrained)."""
+    from skipnet.checkpoint import load_model
+
+    init = tmp_path / "ff.pt"
+    save_checkpoint(init, _digits_model("tiny_feedforward_14"), data=DIGITS)
+    argv = ["tiny_rnn_gate_14", "--stage", "sp", "--init", str(init), "--gate-bias", "3", "--lr", "1e-12"]
+    rc, err, out = _train(tmp_path, capsys, *argv)
+    assert rc == 0, err
+    model, _ = load_model(out / "last.pt")
+    assert model.gates.fc.bias.item() == pytest.approx(3.0, abs=1e-6)

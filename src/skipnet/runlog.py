@@ -330,10 +330,9 @@ def environment(device: Any = None, world: int = 1) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ --config FILE
 RECORD_ONLY = ("arch_config", "environment")  # what a run's config.json holds besides the options
-# config.json: the options the user set; every other value there was derived from them (a default that depends on
-# the stage, the lr, ...), and a --config replay derives it again, so that a changed option re-derives its dependants
-GIVEN = "given"
-ALWAYS_FROM_FILE = ("arch", "stage", "data", "out")  # what a run cannot be without
+# config.json: the options the run left unset, which its defaults filled (they depend on the stage, the lr, ...); a
+# --config replay derives them again, so that they follow an option the replay changes
+DERIVED = "derived"
 NEVER_FROM_FILE = ("resume", "json", "config")  # what only the command line decides
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -356,25 +355,27 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(data, dict):
         raise SkipnetError(f"--config {path} must hold a mapping of option names to values")
-    given = data.pop(GIVEN, None)
-    if given is not None and not (isinstance(given, list) and all(isinstance(g, str) for g in given)):
-        raise SkipnetError(f"--config {path}: {GIVEN!r} must list option names (a run's config.json records them)")
-    keep = None if given is None else {*given, *ALWAYS_FROM_FILE}
+    derived = data.pop(DERIVED, [])
+    if not (isinstance(derived, list) and all(isinstance(d, str) for d in derived)):
+        raise SkipnetError(f"--config {path}: {DERIVED!r} must list option names (a run's config.json records them)")
     options = {str(k).replace("-", "_"): v for k, v in data.items() if k not in RECORD_ONLY}
-    return options if keep is None else {k: v for k, v in options.items() if k in keep}
+    derived = {d.replace("-", "_") for d in derived}
+    if derived:
+        log.info("--config %s: %s derived again, as in the run it records", path, ", ".join(sorted(derived)))
+    return options | {DERIVED: sorted(derived)}
 
 
-def given_record(path: Path, given: set[str], resumed: bool) -> list[str] | None:
-    """The options ``config.json`` at ``path`` records as set by the user: ``given``, and on a resumed run those it
-    already records too; ``None`` (nothing recorded: a replay takes every value) where a resumed run's file records
-    none (written before the record was)."""
+def derived_record(path: Path, user: dict[str, Any], resolved: dict[str, Any], resumed: bool) -> list[str] | None:
+    """The options ``config.json`` at ``path`` records as derived: on a new run those the ``user`` options left
+    ``None`` that the ``resolved`` run fills; on a resumed run those the file already records, less any now set;
+    ``None`` (a replay takes every value) where a resumed run's file records none (written before the list was)."""
     if not resumed:
-        return sorted(given)
+        return sorted(k for k, v in user.items() if v is None and resolved.get(k) is not None)
     try:
-        before = json.loads(path.read_text(encoding="utf-8")).get(GIVEN)
+        before = json.loads(path.read_text(encoding="utf-8")).get(DERIVED)
     except (OSError, ValueError, AttributeError):
         before = None
-    return None if not isinstance(before, list) else sorted(given | set(before))
+    return None if not isinstance(before, list) else sorted(k for k in before if user.get(k) is None)
 
 
 def _parse_config(path: Path, text: str) -> Any:
@@ -410,8 +411,9 @@ def apply_config(
 ) -> argparse.Namespace:
     """``args`` with every option the command line left out taken from the ``--config`` file."""
     data = load_config_file(path)
+    derived = set(data.pop(DERIVED))  # filled by the recorded run's defaults: derived again here
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", *NEVER_FROM_FILE)}
-    unknown = sorted(k for k in data if k not in actions and k not in NEVER_FROM_FILE)
+    unknown = sorted(k for k in {*data, *derived} if k not in actions and k not in NEVER_FROM_FILE)
     if unknown:
         raise SkipnetError(f"--config {path}: unknown option(s) {', '.join(unknown)}; see 'skipnet train --help'")
     given = explicit_options(parser, argv)
@@ -422,7 +424,7 @@ def apply_config(
         raise SkipnetError(f"--config {path}: gives both epochs and iters; keep one")
     args.from_config = []  # the options the file gave (a resumed run applies or refuses them like given ones)
     for key, value in data.items():
-        if key in NEVER_FROM_FILE or key in given:
+        if key in NEVER_FROM_FILE or key in given or key in derived:
             continue
         setattr(args, key, _config_value(path, key, value, actions[key]))
         args.from_config.append(key)

@@ -78,11 +78,6 @@ def assemble(cfg: TrainConfig, dist: DistContext, given: set[str]) -> RunSetup:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     init = load_checkpoint(cfg.init) if cfg.init and resume is None else None
-    if init is not None and cfg.gate_bias is not None and any(k.startswith("gates.") for k in init["state_dict"]):
-        raise SkipnetError(
-            f"--gate-bias sets the bias of gates that start untrained; --init {cfg.init} brings its gates' own: "
-            "leave --gate-bias out"
-        )
     arch = get_config(cfg.arch)
     if cfg.gate_bias is not None and not arch.gated:
         raise SkipnetError(f"--gate-bias needs a gated architecture; {arch.name} has no gates")
@@ -251,14 +246,13 @@ def build_model(model: GatedResNet, cfg: TrainConfig, stage: Stage, init: dict[s
     if cfg.gate_bias is not None and arch.gated:
         model.set_gate_bias(cfg.gate_bias)
     if init is not None:
+        init = _gates_of_this_design(init, arch, cfg)
         left = load_weights_into(model, init, cfg.init)
         log.info("initialised from %s (%d tensors left at their initial values)", cfg.init, len(left))
-        if any(k.startswith("gates.") for k in init["state_dict"]) and any(k.startswith("gates.") for k in left):
-            log.warning(
-                "--init %s has gates of another design than %s: its gates were not loaded and start untrained (the "
-                "backbone is loaded)",
-                cfg.init,
-                arch.name,
+        if cfg.gate_bias is not None and any(k.startswith("gates.") for k in init["state_dict"]):
+            raise SkipnetError(
+                f"--gate-bias sets the bias of gates that start untrained; --init {cfg.init} brings its gates' own: "
+                "leave --gate-bias out"
             )
     if cfg.init_torchvision and not resumed:
         init_torchvision(model, cfg.init_torchvision)
@@ -266,6 +260,26 @@ def build_model(model: GatedResNet, cfg: TrainConfig, stage: Stage, init: dict[s
     model.keep_ratio = cfg.keep
     model.detach_gate_inputs = cfg.detach_gates
     model.mode = stage.eval_mode if arch.gated or stage.eval_mode == GateMode.RANDOM else GateMode.ALL_ON
+
+
+def _gates_of_this_design(init: dict[str, Any], arch: ArchConfig, cfg: TrainConfig) -> dict[str, Any]:
+    """``init`` as ``--init`` loads it: a gated checkpoint of another gate design gives its backbone only (a tensor
+    of its gates that happens to fit one of these would be a meaningless start), with a warning."""
+    theirs = (init.get("arch") or {}).get("gate")
+    if (
+        {theirs, arch.gate} & {None, "none"}  # a plain network on either side
+        or theirs == arch.gate
+        or not any(k.startswith("gates.") for k in init["state_dict"])
+    ):
+        return init
+    log.warning(
+        "--init %s has %s gates, %s %s ones: its backbone is loaded, the gates start untrained",
+        cfg.init,
+        theirs,
+        arch.name,
+        arch.gate,
+    )
+    return init | {"state_dict": {k: v for k, v in init["state_dict"].items() if not k.startswith("gates.")}}
 
 
 def load_teacher(spec: str, data: DataBundle, channels_last: bool, device: torch.device) -> GatedResNet:

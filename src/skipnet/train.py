@@ -36,7 +36,7 @@ from skipnet.gated import GateMode
 from skipnet.gates import AIGGate
 from skipnet.losses import SkipBudget, distillation_loss, distilled_task_loss
 from skipnet.rundir import run_lock
-from skipnet.runlog import GIVEN, Progress, RunLog, environment, given_record
+from skipnet.runlog import DERIVED, Progress, RunLog, derived_record, environment
 from skipnet.runsetup import assemble
 from skipnet.runstate import RunState, run_score, validation_row
 from skipnet.stages import Reward
@@ -57,8 +57,8 @@ class Trainer:
         self.dist = distributed.setup(cfg)
         self.rank, self.world, self.device = self.dist.rank, self.dist.world, self.dist.device
         self.main = self.rank == 0
-        self.given = options_set(cfg) if given is None else given  # the options the user set, recorded
-        s = assemble(cfg, self.dist, self.given)
+        s = assemble(cfg, self.dist, options_set(cfg) if given is None else given)
+        self.unset, self.resumed = cfg.to_dict(), s.resume is not None  # what config.json records as derived
         self.cfg, self.stage, self.data, self.model, self.teacher = s.cfg, s.stage, s.data, s.model, s.teacher
         self.cost, self.optimizer, self.scheduler = s.cost, s.optimizer, s.scheduler
         self.steps_per_epoch, self.total, self.out = s.steps_per_epoch, s.total, Path(s.cfg.out)
@@ -238,9 +238,9 @@ class Trainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             options = self.cfg.to_dict()
-            given = given_record(self.out / "config.json", self.given & set(options) - {"resume"}, self.step > 0)
+            derived = derived_record(self.out / "config.json", self.unset, options, self.resumed)
             record = {"arch_config": self.model.config.to_dict(), "environment": environment(self.device, self.world)}
-            text = json.dumps(options | record | ({GIVEN: given} if given is not None else {}), indent=2)
+            text = json.dumps(options | record | ({DERIVED: derived} if derived is not None else {}), indent=2)
             atomic_write(self.out / "config.json", lambda f: f.write(text.encode()))
 
     def _announce(self) -> None:

@@ -169,10 +169,18 @@ class TrainConfig:
             ("--distill-weight", "distill_weight", self.distill is None, "it weighs --distill; none is given"),
             ("--distill-temperature", "distill_temperature", self.distill is None, "it is --distill's; none is given"),
             ("--keep", "keep", self.stage != "sdv", f"it is stage sdv's keep ratio; stage {self.stage} has none"),
+            (
+                "--paper-gate-init",
+                "paper_gate_init",
+                self.stage not in ("sp", "soft") or self.init is not None or self.init_torchvision is not None,
+                "it keeps the gates' initialisation of SP from scratch",
+            ),
         )
         for flag, name, idle, why in unused:
-            if idle and getattr(self, name) != d[name]:
-                raise SkipnetError(f"{flag} {getattr(self, name):g} has no effect here: {why}")
+            value = getattr(self, name)
+            if idle and value != d[name]:
+                shown = "" if isinstance(value, bool) else f" {value:g}"
+                raise SkipnetError(f"{flag}{shown} has no effect here: {why}")
 
     def _validate_init(self) -> None:
         """Options that set a network's first weights, against each other and against ``--init``, which brings them:
