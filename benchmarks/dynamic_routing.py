@@ -477,6 +477,20 @@ RUNS = [
         note="aig_ldj_order's backbone given two distilled epochs on its frozen, detached, jittered gates: the "
         "alternation after the schedule that gave the best 50% budget",
     ),
+    aig_after(
+        "aig_ldj2_order",
+        "aig_ldj_backbone",
+        (*FLOOR_ORDER_WIDE[:-1], "1"),
+        note="a second detached alternation after the jittered long schedule: one epoch of the ordering recipe from "
+        "aig_ldj_backbone (each alternation so far raised the 50% budget)",
+    ),
+    aig_after(
+        "aig_ldj2_backbone",
+        "aig_ldj2_order",
+        (*BACKBONE_ONLY, "--detach-gates", "--threshold-jitter", "0.45"),
+        budgets=BUDGETS,
+        note="aig_ldj2_order's backbone given two distilled epochs on its frozen, detached, jittered gates",
+    ),
     Run(
         "plain_r20_long",
         (*PLAIN20, "--init", "pretrained:cifar10_resnet_20", *PLAIN_LONG),
