@@ -522,7 +522,7 @@ NAMES = [r.name for r in RUNS]
 # the runs whose calibrated budgets the figure draws as curves: where threshold jitter began and the first jittered
 # model, the shipped _long and _detach models, the detached alternation and the detached, jittered model (_budgets)
 CURVES = ("aig_sp_bs_more3", "aig_alt3_backbone", "aig_alt2_long_detach", "aig_detach_backbone", "aig_detach_jitter")
-CURVES += ("aig_ldj_backbone",)
+CURVES += ("aig_ldj2_backbone",)
 
 
 def plain_points(results: Path) -> dict[str, dict]:
