@@ -8,9 +8,10 @@ class SkipnetError(Exception):
 class Interrupted(SkipnetError):
     """Training stopped by SIGINT / SIGTERM after writing a resumable checkpoint; ``exit_code`` is 128 + signal."""
 
-    def __init__(self, message: str, exit_code: int) -> None:
+    def __init__(self, message: str, exit_code: int, stopped: str | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.stopped = stopped or message  # what happened, without how to continue (a caller may say it its way)
 
 
 def check_value(option: str, value, test, what: str) -> None:

@@ -337,8 +337,9 @@ NEVER_FROM_FILE = ("resume", "json", "config")  # what only the command line dec
 MAX_CONFIG_BYTES = 1 << 20
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """The options in a JSON or YAML file (keys as in ``config.json``; ``-`` and ``_`` alike)."""
+def load_config_file(path: str | Path) -> tuple[dict[str, Any], set[str]]:
+    """The options in a JSON or YAML file (keys as in ``config.json``; ``-`` and ``_`` alike), and the names a run's
+    ``config.json`` lists as derived (filled by its defaults; empty for any other file)."""
     path = Path(path)
     if path.is_dir():
         raise SkipnetError(f"--config {path} is a directory; give a JSON or YAML file (e.g. a run's config.json)")
@@ -359,10 +360,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not (isinstance(derived, list) and all(isinstance(d, str) for d in derived)):
         raise SkipnetError(f"--config {path}: {DERIVED!r} must list option names (a run's config.json records them)")
     options = {str(k).replace("-", "_"): v for k, v in data.items() if k not in RECORD_ONLY}
-    derived = {d.replace("-", "_") for d in derived}
-    if derived:
-        log.info("--config %s: %s derived again, as in the run it records", path, ", ".join(sorted(derived)))
-    return options | {DERIVED: sorted(derived)}
+    return options, {d.replace("-", "_") for d in derived}
 
 
 def derived_record(path: Path, user: dict[str, Any], resolved: dict[str, Any], resumed: bool) -> list[str] | None:
@@ -410,8 +408,9 @@ def apply_config(
     args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str], path: str | Path
 ) -> argparse.Namespace:
     """``args`` with every option the command line left out taken from the ``--config`` file."""
-    data = load_config_file(path)
-    derived = set(data.pop(DERIVED))  # filled by the recorded run's defaults: derived again here
+    data, derived = load_config_file(path)  # derived: filled by the recorded run's defaults, derived again here
+    if derived:
+        log.info("--config %s: %s derived again, as in the run it records", path, ", ".join(sorted(derived)))
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", *NEVER_FROM_FILE)}
     unknown = sorted(k for k in {*data, *derived} if k not in actions and k not in NEVER_FROM_FILE)
     if unknown:

@@ -238,7 +238,7 @@ def build_model(model: GatedResNet, cfg: TrainConfig, stage: Stage, init: dict[s
     arch = model.config
     if cfg.zero_init_residual:  # never with --init (refused: its tensors would replace these)
         model.zero_init_residual()
-        if stage.train_mode == GateMode.HARD and not cfg.init and not (cfg.gate_bias or 0) > 0:
+        if stage.train_mode == GateMode.HARD and not (cfg.gate_bias or 0) > 0:
             log.warning(
                 "--zero-init-residual with gates that may start closed: in SP a closed gate's zero branch gets "
                 "no gradient and the gate none either; pass --gate-bias 2 so that the gates start open"

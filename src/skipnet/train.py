@@ -58,7 +58,7 @@ class Trainer:
         self.rank, self.world, self.device = self.dist.rank, self.dist.world, self.dist.device
         self.main = self.rank == 0
         s = assemble(cfg, self.dist, options_set(cfg) if given is None else given)
-        self.unset, self.resumed = cfg.to_dict(), s.resume is not None  # what config.json records as derived
+        self.requested, self.resumed = cfg.to_dict(), s.resume is not None  # config.json: what the defaults filled
         self.cfg, self.stage, self.data, self.model, self.teacher = s.cfg, s.stage, s.data, s.model, s.teacher
         self.cost, self.optimizer, self.scheduler = s.cost, s.optimizer, s.scheduler
         self.steps_per_epoch, self.total, self.out = s.steps_per_epoch, s.total, Path(s.cfg.out)
@@ -238,7 +238,7 @@ class Trainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             options = self.cfg.to_dict()
-            derived = derived_record(self.out / "config.json", self.unset, options, self.resumed)
+            derived = derived_record(self.out / "config.json", self.requested, options, self.resumed)
             record = {"arch_config": self.model.config.to_dict(), "environment": environment(self.device, self.world)}
             text = json.dumps(options | record | ({DERIVED: derived} if derived is not None else {}), indent=2)
             atomic_write(self.out / "config.json", lambda f: f.write(text.encode()))
@@ -290,11 +290,8 @@ class Trainer:
             log.info("interrupted at step %d/%d after %.0f s", self.step, self.total, elapsed)
         self.dist.barrier()
         name = signal.Signals(signum).name
-        raise Interrupted(
-            f"{name}: stopped at step {self.step}/{self.total}; checkpoint {self.out / 'last.pt'} written; "
-            f"continue with the same command plus --resume",
-            128 + int(signum),
-        )
+        stopped = f"{name}: stopped at step {self.step}/{self.total}; checkpoint {self.out / 'last.pt'} written"
+        raise Interrupted(f"{stopped}; continue with the same command plus --resume", 128 + int(signum), stopped)
 
     def _checkpoint_round(self, train_stats: dict[str, float], elapsed: float) -> None:
         """Evaluate on the validation split, record the row, and write ``last.pt`` (and ``best.pt`` when chosen)."""

@@ -211,8 +211,7 @@ def continue_by_rerunning() -> Iterator[None]:
     try:
         yield
     except Interrupted as exc:
-        kept = [part for part in str(exc).split("; ") if "--resume" not in part]
-        raise Interrupted("; ".join([*kept, RERUN]), exc.exit_code) from None
+        raise Interrupted(f"{exc.stopped}; {RERUN}", exc.exit_code, exc.stopped) from None
 
 
 def run(args: argparse.Namespace) -> int:
