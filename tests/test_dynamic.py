@@ -106,13 +106,22 @@ def _state(path: str) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["state_dict"]
 
 
-@pytest.mark.parametrize("freeze", ["backbone", "gates"])
-def test_freeze_keeps_its_part_bit_identical_and_trains_the_other(plain_run, tmp_path, freeze) -> None:
+@pytest.fixture(scope="module")
+def gated_run(plain_run, tmp_path_factory) -> str:
+    """A SkipNet with trained recurrent gates (12 HRL steps from the plain network), for --freeze gates."""
     init = f"{plain_run}/best.pt"
-    extra = ["--reward", "blockdrop", "--baseline", "self-critical", "--lr", "0.5", "--gate-bias", "1"]
-    out = _train(tmp_path, freeze, "tiny_rnn_gate_14", "--stage", "hrl", "--init", init, "--freeze", freeze, *extra)
-    args = ["tiny_rnn_gate_14", "--stage", "hrl", "--init", init, "--freeze", freeze, *extra[:6], "--gate-bias", "1"]
-    first = _train(tmp_path, "start", *args, "--lr", "1e-30")  # the same start, no step taken
+    args = ["tiny_rnn_gate_14", "--stage", "hrl", "--init", init, "--gate-bias", "1"]
+    return _train(tmp_path_factory.mktemp("gated"), "gated", *args)
+
+
+@pytest.mark.parametrize("freeze", ["backbone", "gates"])
+def test_freeze_keeps_its_part_bit_identical_and_trains_the_other(plain_run, gated_run, tmp_path, freeze) -> None:
+    init = f"{plain_run}/best.pt" if freeze == "backbone" else f"{gated_run}/last.pt"
+    extra = ["--reward", "blockdrop", "--baseline", "self-critical", "--lr", "0.5"]
+    extra += ["--gate-bias", "1"] if freeze == "backbone" else []  # --init brings trained gates for "gates"
+    args = ["tiny_rnn_gate_14", "--stage", "hrl", "--init", init, "--freeze", freeze]
+    out = _train(tmp_path, freeze, *args, *extra)
+    first = _train(tmp_path, "start", *args, *extra[:4], *extra[6:], "--lr", "1e-30")  # the same start, no step taken
     before, after, start = _state(init), _state(f"{out}/last.pt"), _state(f"{first}/last.pt")
     gate_keys = [k for k in after if k.startswith("gates.")]
     assert gate_keys
@@ -121,25 +130,19 @@ def test_freeze_keeps_its_part_bit_identical_and_trains_the_other(plain_run, tmp
             assert torch.equal(after[k], v), k
         assert any(not torch.equal(after[k], start[k]) for k in gate_keys)
     else:
-        changed = [k for k, v in before.items() if v.is_floating_point() and not torch.equal(after[k], v)]
-        assert changed
-        gate_init = _train(
-            tmp_path,
-            "g0",
-            "tiny_rnn_gate_14",
-            "--stage",
-            "hrl",
-            "--init",
-            init,
-            "--iters",
-            "1",
-            "--freeze",
-            "gates",
-            "--gate-bias",
-            "1",
-        )
-        for k in gate_keys:  # the gates stay at their (seeded) initial values
-            assert torch.equal(after[k], _state(f"{gate_init}/last.pt")[k]), k
+        backbone = [k for k, v in before.items() if k.startswith("backbone.") and v.is_floating_point()]
+        assert any(not torch.equal(after[k], before[k]) for k in backbone)
+        for k in gate_keys:  # the gates stay as --init brought them
+            assert torch.equal(after[k], before[k]), k
+
+
+def test_freeze_gates_refuses_an_init_without_trained_gates(plain_run, tmp_path, capsys) -> None:
+    """--freeze gates from a plain network would keep untrained gates deciding: refused in one line."""
+    args = ["tiny_rnn_gate_14", "--stage", "hrl", "--init", f"{plain_run}/best.pt", "--freeze", "gates"]
+    assert main(["train", *args, "--data", "digits", "--iters", "1", "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no trained rnn gates" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "refused" / "last.pt").exists()
 
 
 def test_freeze_backbone_in_sp_trains_the_gates_by_straight_through_alone(plain_run, tmp_path) -> None:
@@ -160,8 +163,8 @@ def test_freeze_policy_keeps_the_gates_batchnorm_statistics_where_freeze_gates_m
     """--freeze policy: every gate tensor, a ConvNet-AIG gate's BatchNorm running statistics included, stays as it
     started (the backbone trains on the routes inference takes); --freeze gates fixes the gate weights only, so
     the gate's batch statistics follow the changing features."""
-    init = f"{plain_run}/best.pt"
-    args = ["tiny_aig_gate_14", "--stage", "sp", "--init", init, "--distill", init]
+    gated = _train(tmp_path, "gated", "tiny_aig_gate_14", "--stage", "sp", "--init", f"{plain_run}/best.pt")
+    args = ["tiny_aig_gate_14", "--stage", "sp", "--init", f"{gated}/last.pt", "--distill", f"{plain_run}/best.pt"]
     start = _state(f"{_train(tmp_path, 'p0', *args, '--freeze', 'policy', '--lr', '1e-30', '--iters', '1')}/last.pt")
     runs = {}
     for f in ("policy", "gates"):
@@ -206,6 +209,8 @@ def test_freeze_policy_keeps_the_gates_batchnorm_statistics_where_freeze_gates_m
         ({"stage": "hrl", "threshold_jitter": 0.2}, "only stage sp"),
         ({"stage": "base", "detach_gates": True}, "--detach-gates stops the gates' gradient"),
         ({"stage": "sp", "threshold_jitter": 0.5}, "--threshold-jitter"),
+        ({"stage": "sp", "freeze": "policy"}, "pass --init with trained gates"),
+        ({"stage": "hrl", "freeze": "gates"}, "pass --init with trained gates"),
         ({"stage": "sp", "threshold_jitter": 0.3, "threshold": 0.8}, r"within \(J, 1 - J\)"),
     ],
 )

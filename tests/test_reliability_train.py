@@ -221,7 +221,7 @@ def test_no_channels_last_reaches_the_network(tmp_path, monkeypatch, channels_la
         return real(self, x, weight, bias)
 
     monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", record)
-    argv = ["train", "tiny_resnet_14", "--stage", "base", "--data", "digits", "--iters", "2", "--eval-every", "1"]
+    argv = ["train", "cifar10_resnet_20", "--stage", "base", "--data", "digits", "--iters", "2", "--eval-every", "1"]
     argv += ["--batch-size", "16", "--limit-test", "32", "--val-split", "0.1", "--threads", "1"]
     argv += ["--out", str(tmp_path / "run"), *([] if channels_last else ["--no-channels-last"])]
     assert main(argv) == 0

@@ -577,10 +577,16 @@ def require_same_classes(model: GatedResNet, data: Any, source: str, classes: An
             f"{source} was trained for {model.config.num_classes} classes but {data.name} has {data.num_classes} "
             "class folders; evaluate it on the data set it was trained on"
         )
+    require_same_class_names(classes, data, source, "evaluate it on the data set it was trained on")
+
+
+def require_same_class_names(classes: Any, data: Any, source: str, advice: str) -> None:
+    """Refuse a checkpoint that recorded other class names (``classes``) than ``data``'s, in order: its class ``i``
+    would be scored, predicted or distilled as the data's class ``i``. Nothing to check where either names none."""
     names = list(getattr(data, "classes", None) or [])
     if isinstance(classes, list) and all(isinstance(c, str) for c in classes) and names and classes != names:
         diff = next(i for i, (a, b) in enumerate(zip(classes, names, strict=False)) if a != b)
         raise SkipnetError(
             f"{source} was trained with class {diff} named {classes[diff]!r} but {data.name} names it "
-            f"{names[diff]!r}; evaluate it on the data set it was trained on"
+            f"{names[diff]!r}; {advice}"
         )

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from skipnet.checkpoint import load_checkpoint, load_model, load_weights_into
+from skipnet.checkpoint import load_checkpoint, load_model, load_weights_into, require_same_class_names
 from skipnet.config import ArchConfig
 from skipnet.cost import CostModel, cost_model
 from skipnet.data import DataBundle, load_data
@@ -86,6 +86,8 @@ def assemble(cfg: TrainConfig, dist: DistContext, given: set[str]) -> RunSetup:
         raise SkipnetError(f"--batch-size {cfg.batch_size} is not divisible by the {dist.world} processes")
     data = load_run_data(cfg, arch, dist, resume if resume is not None else init)
     fingerprint = data_fingerprint(data)
+    if init is not None:
+        require_same_class_names(_recorded_classes(init), data, f"--init {cfg.init}", SAME_CLASSES)
     if resume is not None:  # another --data path must hold the same data set
         check_same_data(resume, data.meta(), fingerprint, cfg.data, cfg.out)
     arch = arch.replace(num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size)
@@ -99,6 +101,7 @@ def assemble(cfg: TrainConfig, dist: DistContext, given: set[str]) -> RunSetup:
     if resume is not None:
         check_resumed_length(cfg, int(resume.get("step", 0)), total, cfg.out)
     build_model(model, cfg, stage, init, resumed=resume is not None)
+    cfg = safe_layout(cfg, model, dist.device)
     teacher = load_teacher(cfg.distill, data, cfg.channels_last, dist.device) if cfg.distill else None
     cost = cost_model(model)
     model.to(dist.device)
@@ -247,6 +250,11 @@ def build_model(model: GatedResNet, cfg: TrainConfig, stage: Stage, init: dict[s
         model.set_gate_bias(cfg.gate_bias)
     if init is not None:
         init = _gates_of_this_design(init, arch, cfg)
+        if cfg.freezes_gates and not any(k.startswith("gates.") for k in init["state_dict"]):
+            raise SkipnetError(
+                f"--freeze {cfg.freeze} keeps the gates as --init brings them, but {cfg.init} has no trained "
+                f"{arch.gate} gates: they would stay at random; pass --init with trained gates"
+            )
         left = load_weights_into(model, init, cfg.init)
         log.info("initialised from %s (%d tensors left at their initial values)", cfg.init, len(left))
         if cfg.gate_bias is not None and any(k.startswith("gates.") for k in init["state_dict"]):
@@ -282,6 +290,46 @@ def _gates_of_this_design(init: dict[str, Any], arch: ArchConfig, cfg: TrainConf
     return init | {"state_dict": {k: v for k, v in init["state_dict"].items() if not k.startswith("gates.")}}
 
 
+# oneDNN's AVX-512 kernel for the weight gradient of a 1x1, stride-2 convolution in channels_last crashes the
+# process (SIGSEGV/SIGABRT, PyTorch 2.14.1 on CPU) when the convolution reads fewer than 16 channels and its input
+# is 56 px or more: the shortcuts of the tiny_* networks (width 8). Such networks train in NCHW on the CPU.
+NARROW_CHANNELS = 16
+
+
+def narrow_strided_1x1(model: torch.nn.Module) -> list[str]:
+    """The 1x1, stride-2 convolutions of ``model`` that read fewer than :data:`NARROW_CHANNELS` channels."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Conv2d)
+        and m.kernel_size == (1, 1)
+        and m.stride != (1, 1)
+        and m.in_channels < NARROW_CHANNELS
+    ]
+
+
+def safe_layout(cfg: TrainConfig, model: GatedResNet, device: torch.device) -> TrainConfig:
+    """``cfg`` with channels_last turned off (and a warning) where the CPU kernels would crash the run."""
+    narrow = narrow_strided_1x1(model) if cfg.channels_last and device.type == "cpu" else []
+    if not narrow:
+        return cfg
+    log.warning(
+        "%s trains in NCHW, not channels_last: its %d-channel 1x1 stride-2 shortcut convolutions (%s) crash "
+        "oneDNN's CPU kernels in channels_last (PyTorch 2.14)",
+        model.config.name,
+        model.get_submodule(narrow[0]).in_channels,
+        ", ".join(narrow),
+    )
+    return replace(cfg, channels_last=False)
+
+
+SAME_CLASSES = "it needs a checkpoint trained on data with the same classes, in the same order"
+
+
+def _recorded_classes(ckpt: dict[str, Any]) -> Any:
+    return (ckpt.get("data") or {}).get("classes")
+
+
 def load_teacher(spec: str, data: DataBundle, channels_last: bool, device: torch.device) -> GatedResNet:
     """The frozen network whose predictions ``--distill`` matches (eval mode, its own gate mode): it must see the
     same classes and the same input normalisation as the student, or the targets would be wrong."""
@@ -295,6 +343,7 @@ def load_teacher(spec: str, data: DataBundle, channels_last: bool, device: torch
             f"--distill {spec} takes {teacher.config.in_channels}-channel images; the data has "
             f"{data.in_channels}-channel ones"
         )
+    require_same_class_names(_recorded_classes(ckpt), data, f"--distill {spec}", SAME_CLASSES)
     stats = ckpt.get("data", {})
     if stats.get("mean") is None:
         log.warning("--distill %s records no input normalisation: it is taken to be this run's", spec)

@@ -233,6 +233,10 @@ class TrainConfig:
         if self.freezes_gates and self.stage not in ("hrl", "rl", "sp", "soft"):
             stage = self.stage
             raise SkipnetError(f"--freeze {self.freeze} needs a stage that trains gates; stage {stage} trains none")
+        if self.freezes_gates and self.init is None:
+            raise SkipnetError(
+                f"--freeze {self.freeze} keeps the gates as --init brings them: pass --init with trained gates"
+            )
 
 
 # Options a resumed run takes from its new command line (``--resume``): where the data is (the same data set: its

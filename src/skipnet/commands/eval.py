@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
                 "computes no gate; drop --threshold, or pass --mode greedy to run the gates"
             )
 
-    _, model, _, data = open_for_eval(args, check=check, limit=args.limit)
+    split_limit = {"limit_train": args.limit} if args.split == "train" else {"limit": args.limit}
+    _, model, _, data = open_for_eval(args, check=check, **split_limit)
     loader = eval_loader(data, args.split)
     cost = cost_model(model)
     mode = GateMode(args.mode or eval_mode_for(model))  # what the checkpoint was validated in, unless asked

@@ -46,7 +46,10 @@ class DataBundle:
     def split(self, name: str) -> TensorLoader | FolderLoader:
         loader = {"train": self.train, "val": self.val, "test": self.test}.get(name)
         if loader is None:
-            raise SkipnetError(f"split {name!r} is not available (use --val-split to carve a validation split)")
+            raise SkipnetError(
+                f"split {name!r} is not available: this data has no validation split (a checkpoint trained with "
+                "--val-split 0 has none; skipnet train --val-split F carves one)"
+            )
         return loader
 
     def denormalize(self, x: Tensor) -> Tensor:

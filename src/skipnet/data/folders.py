@@ -86,7 +86,8 @@ def resolve_folder(path: Path) -> Path:
 def list_folder(split_dir: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
     """Image files, labels and class names of one split. With ``classes`` (the training split's), labels index
     that list, so a test split may lack a class but must not bring a new one."""
-    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    # hidden folders (.ipynb_checkpoints, .git) are no classes, nor hidden files (macOS ._x.jpg) images
+    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not found:
         raise SkipnetError(
             f"{split_dir} holds no class folders; put each class's images in its own sub-folder "
@@ -107,7 +108,7 @@ def list_folder(split_dir: Path, classes: list[str] | None = None) -> tuple[list
             continue
         n = len(files)
         for f in sorted((split_dir / c).iterdir()):
-            if f.suffix.lower() in IMAGE_EXTS and f.is_file():
+            if f.suffix.lower() in IMAGE_EXTS and f.is_file() and not f.name.startswith("."):
                 files.append(f)
                 labels.append(i)
             else:

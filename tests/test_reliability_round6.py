@@ -1,0 +1,117 @@
+"""Hostile round 6 (new data sets): a tiny network on 64-px images trains (oneDNN's channels_last kernel for narrow
+1x1 stride-2 convolutions crashed the process), ``--init`` and ``--distill`` refuse a checkpoint whose classes have
+other names, hidden folders are no classes, ``eval --split train --limit`` limits, and ``--split val`` without a
+validation split names the option that carves one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from skipnet.cli import main
+from skipnet.data.folders import list_folder
+from skipnet.gated import GatedResNet
+from skipnet.registry import get_config
+from skipnet.runsetup import narrow_strided_1x1, safe_layout
+from skipnet.trainconfig import TrainConfig
+
+ARGS = ["--stage", "base", "--batch-size", "8", "--threads", "1", "--iters", "2", "--eval-every", "2"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIPNET_CACHE", str(tmp_path / "cache"))
+
+
+def make_folder(root: Path, classes: list[str], side: int = 8, per_class: int = 8) -> Path:
+    """An ImageFolder of random RGB PNGs: ``per_class`` training and 2 test images per class."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", 2)):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+                    root / split / c / f"{i}.png"
+                )
+    return root
+
+
+def one_line_error(capsys) -> str:
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("skipnet "), err
+    return err[0]
+
+
+def test_narrow_shortcuts_train_in_nchw_and_wide_ones_in_channels_last(caplog) -> None:
+    cfg = TrainConfig(arch="tiny_aig_gate_14", stage="sp", data="digits", out="o")
+    tiny = GatedResNet(get_config("tiny_aig_gate_14"))
+    assert narrow_strided_1x1(tiny) == ["backbone.layer2.0.downsample.0"]  # layer3's reads 16 channels
+    with caplog.at_level(logging.WARNING):
+        assert safe_layout(cfg, tiny, torch.device("cpu")).channels_last is False
+    assert "trains in NCHW" in caplog.text
+    wide = GatedResNet(get_config("cifar10_aig_gate_20"))
+    assert narrow_strided_1x1(wide) == []
+    assert safe_layout(cfg, wide, torch.device("cpu")) is cfg
+
+
+def test_a_tiny_network_trains_on_64_px_images(tmp_path) -> None:
+    """In a subprocess: before the fix the weight gradient of its 8-channel shortcut killed the process (SIGSEGV)."""
+    data = make_folder(tmp_path / "big", ["a", "b"], side=64, per_class=8)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "skipnet", "train", "tiny_resnet_14", *ARGS, "--data", str(data), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "trains in NCHW" in done.stderr and (out / "best.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def named_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("named")
+    data = make_folder(root / "cats", ["cat", "dog"])
+    args = ["train", "tiny_resnet_14", *ARGS, "--val-split", "0", "--data", str(data), "--out", str(root / "run")]
+    assert main(args) == 0
+    return root
+
+
+@pytest.mark.parametrize("option", ["--init", "--distill"])
+def test_init_and_distill_refuse_a_checkpoint_whose_classes_have_other_names(named_run, tmp_path, capsys, option):
+    renamed = make_folder(tmp_path / "insects", ["ant", "bee"])
+    ckpt = str(named_run / "run" / "best.pt")
+    args = ["train", "tiny_resnet_14", *ARGS, "--data", str(renamed), "--out", str(tmp_path / "r"), option, ckpt]
+    assert main(args) == 2
+    assert "class 0 named 'cat' but insects names it 'ant'" in one_line_error(capsys)
+    assert not (tmp_path / "r" / "last.pt").exists()
+    same = ["train", "tiny_resnet_14", *ARGS, "--data", str(named_run / "cats"), "--out", str(tmp_path / "ok")]
+    assert main([*same, option, ckpt]) == 0  # the same names in the same order: accepted
+
+
+def test_hidden_folders_and_files_are_no_classes_and_no_images(tmp_path) -> None:
+    data = make_folder(tmp_path / "d", ["a", "b"])
+    (data / "train" / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8)).save(data / "train" / ".ipynb_checkpoints" / "x.png")
+    (data / "train" / "a" / "._0.png").write_bytes(b"AppleDouble, not a PNG")
+    files, labels, classes = list_folder(data / "train")
+    assert classes == ["a", "b"] and len(files) == 16 and labels.count(0) == 8
+
+
+def test_eval_limits_the_train_split_as_calibrate_does(named_run, capsys) -> None:
+    ckpt, data = str(named_run / "run" / "best.pt"), str(named_run / "cats")
+    capsys.readouterr()
+    assert main(["eval", ckpt, "--data", data, "--split", "train", "--limit", "5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 5
+
+
+def test_eval_of_a_missing_validation_split_names_the_option_that_carves_one(named_run, capsys) -> None:
+    ckpt, data = str(named_run / "run" / "best.pt"), str(named_run / "cats")
+    capsys.readouterr()
+    assert main(["eval", ckpt, "--data", data, "--split", "val"]) == 2
+    line = one_line_error(capsys)
+    assert "no validation split" in line and "skipnet train --val-split" in line
