@@ -335,3 +335,51 @@ def test_a_masked_graph_reports_the_macs_it_computes(models, folder, tmp_path, c
     assert got["macs_routed"] > got["macs_plain"] and got["ideal_speedup"] < 1
     assert main(bench) == 0
     assert "\nmasked " in capsys.readouterr().out
+
+
+def test_names_that_are_not_utf8_are_escaped_not_a_crash(models, folder, tmp_path, capsys) -> None:
+    """A file name with a Latin-1 byte (valid on Linux) reaches the CSV and the table as ``\\xe9``; it crashed
+    the CSV writer (UnicodeEncodeError) and lost every result."""
+    odd = tmp_path / os.fsdecode(b"caf\xe9.png")
+    odd.write_bytes(next(folder.rglob("*.png")).read_bytes())
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(models["pt"]), str(odd), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(io.StringIO(out.read_text(encoding="utf-8"))))
+    assert [Path(r["image"]).name for r in rows] == ["caf\\xe9.png"]
+    capsys.readouterr()
+    assert main(["predict", str(models["pt"]), str(odd)]) == 0
+    assert "caf\\xe9.png" in capsys.readouterr().out
+
+
+def test_links_in_a_tar_archive_are_skipped_with_one_line_each(models, folder, tmp_path, capsys) -> None:
+    """A streamed archive cannot go back to a link's target: each link member is named as skipped (they vanished)."""
+    first = next(folder.rglob("*.png"))
+    archive = tmp_path / "links.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(first, arcname="p/a.png")
+        for name, kind in (("p/b.png", tarfile.LNKTYPE), ("p/c.png", tarfile.SYMTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "p/a.png" if kind == tarfile.LNKTYPE else "a.png"
+            tar.addfile(info)
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", str(models["pt"]), str(archive), "--out", str(out)]) == 0
+    assert [r["image"] for r in _jsonl(out)] == [f"{archive}:p/a.png"]
+    err = capsys.readouterr().err
+    assert "p/b.png: a hard link to p/a.png" in err and "p/c.png: a symbolic link to a.png" in err
+
+
+def test_an_export_is_known_by_its_extension_in_any_case(models, folder, tmp_path, capsys) -> None:
+    upper = tmp_path / "TINY.ONNX"
+    upper.write_bytes(models["onnx"].read_bytes())
+    image = str(next(folder.rglob("*.png")))
+    for model in (models["onnx"], upper):
+        assert main(["predict", str(model), image, "--out", str(tmp_path / f"{model.name}.jsonl")]) == 0
+    assert _jsonl(tmp_path / "TINY.ONNX.jsonl") == _jsonl(tmp_path / "tiny.onnx.jsonl")
+
+
+def test_out_under_home_is_written_where_it_was_checked(models, folder, tmp_path, monkeypatch) -> None:
+    """``--out '~/p.csv'`` was checked at the expanded path but written to a folder named ``~``."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", str(models["pt"]), str(next(folder.rglob("*.png"))), "--out", "~/p.csv"]) == 0
+    assert (tmp_path / "home" / "p.csv").exists() and not (tmp_path / "~").exists()

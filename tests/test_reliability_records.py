@@ -122,15 +122,18 @@ def test_a_saved_directory_config_must_agree_with_its_weights(tmp_path, capsys, 
 @pytest.mark.parametrize(
     ("out", "fmt", "ok"),
     [("x.onnx", "pt2", False), ("x.pt2", "onnx", False), ("x.pt", "pt2", False), ("x.safetensors", "onnx", False)]
-    + [("x.ONNX", "onnx", False), ("x.Pt2", "pt2", False)]
-    + [("x.onnx", "onnx", True), ("x.bin", "onnx", True), ("x.onnx", None, True)],
+    + [("x.bin", "onnx", False), ("x.bin", "pt2", False), ("x.bin", None, False), ("x.pt", None, False)]
+    + [("x.onnx", "onnx", True), ("x.ONNX", None, True), ("x.Pt2", "pt2", True), ("x.onnx", None, True)]
+    + [("x.bin", "safetensors", True)],
 )
 def test_export_refuses_a_format_its_extension_contradicts(out, fmt, ok) -> None:
-    """Every reader goes by the extension: a pt2 program written to x.onnx would be refused by all of them."""
+    """Every reader knows a pt2 or onnx export by its extension (in any case): a pt2 program written to x.onnx,
+    or an onnx graph to x.bin, would be refused by all of them (a safetensors file is known by its content)."""
     if ok:
-        assert format_for(out, fmt) == (fmt or "onnx")
+        expected = fmt or {".onnx": "onnx", ".pt2": "pt2"}[Path(out).suffix.lower()]
+        assert format_for(out, fmt) == expected
     else:
-        with pytest.raises(SkipnetError, match="extension says|skipnet reads"):
+        with pytest.raises(SkipnetError, match="extension says|skipnet reads|must end in"):
             format_for(out, fmt)
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import patience
 from skipnet.cli import main
 from skipnet.data.folders import list_folder
 from skipnet.gated import GatedResNet
@@ -67,7 +68,7 @@ def test_a_tiny_network_trains_on_64_px_images(tmp_path) -> None:
     data = make_folder(tmp_path / "big", ["a", "b"], side=64, per_class=8)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "skipnet", "train", "tiny_resnet_14", *ARGS, "--data", str(data), "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=patience(300))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "trains in NCHW" in done.stderr and (out / "best.pt").exists()
 
@@ -115,3 +116,53 @@ def test_eval_of_a_missing_validation_split_names_the_option_that_carves_one(nam
     assert main(["eval", ckpt, "--data", data, "--split", "val"]) == 2
     line = one_line_error(capsys)
     assert "no validation split" in line and "skipnet train --val-split" in line
+
+
+def _png(image: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_16_bit_photo_for_a_large_network_is_scaled_not_clipped_to_white(tmp_path) -> None:
+    """``convert("RGB")`` clips 16-bit gray to 255: the large-image path (predict, and the ImageFolder loader
+    of training and evaluation) read such a photo as white."""
+    from skipnet.data.decode import pil_loader
+    from skipnet.predict import load_image
+
+    gray8 = np.random.default_rng(0).integers(0, 256, (90, 120), dtype=np.uint8)
+    gray16 = Image.fromarray(gray8.astype(np.uint16) * 257)
+    assert gray16.mode.startswith("I")
+    eight, sixteen = load_image(_png(Image.fromarray(gray8)), 3, 72), load_image(_png(gray16), 3, 72)
+    assert torch.equal(eight, sixteen) and sixteen.min() < 0.5
+    (tmp_path / "g16.png").write_bytes(_png(gray16))
+    assert np.array_equal(np.asarray(pil_loader(str(tmp_path / "g16.png")))[..., 0], gray8)
+
+
+def test_an_image_far_longer_than_wide_is_unreadable_not_gigabytes(tmp_path) -> None:
+    """Resizing its short side to ~82 px made a 300,000 x 1 PNG of a few hundred bytes gigabytes long."""
+    from skipnet.data.decode import pil_loader
+    from skipnet.predict import Unreadable, load_image
+
+    thin = Image.new("RGB", (100_000, 1))
+    with pytest.raises(Unreadable, match="long side over 64 times its short side"):
+        load_image(_png(thin), 3, 72)
+    (tmp_path / "thin.png").write_bytes(_png(thin))
+    with pytest.raises(ValueError, match="long side over"):
+        pil_loader(str(tmp_path / "thin.png"))
+    assert load_image(_png(Image.new("RGB", (640, 90))), 3, 72).shape == (3, 72, 72)  # 7:1 is a photo
+
+
+def test_a_library_warning_reaches_a_command_line_user_as_one_line(capsys, monkeypatch) -> None:
+    """Not Python's ``/abs/path/x.py:12: UserWarning: ...`` and the source line under it."""
+    import warnings
+
+    def run(args) -> int:
+        warnings.warn("the rewrite does not apply\nrunning it as written", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr("skipnet.commands.eval.run", run)
+    assert main(["eval", "x.pt", "--data", "digits"]) == 0
+    assert capsys.readouterr().err == "skipnet eval: warning: the rewrite does not apply running it as written\n"

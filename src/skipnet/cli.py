@@ -15,6 +15,7 @@ import os
 import pkgutil
 import signal
 import sys
+import warnings
 
 from skipnet.errors import Interrupted, SkipnetError
 
@@ -102,6 +103,15 @@ def one_line(message: str) -> str:
     return " ".join(lines)
 
 
+def _warning_line(command: str):
+    """``warnings.showwarning`` for a command: ``skipnet COMMAND: warning: MESSAGE`` on stderr."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001 - its signature
+        print(f"skipnet {command}: warning: {one_line(str(message))}", file=sys.stderr if file is None else file)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()  # imports torch: a Ctrl-C here is the same one line as later
@@ -116,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():  # a library warning reaches a user as one line, not as a source location
+            warnings.showwarning = _warning_line(args.command)
+            return int(args.func(args) or 0)
     except BrokenPipeError:  # e.g. `skipnet eval ... --json | head -c 10`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 128 + signal.SIGPIPE

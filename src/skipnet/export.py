@@ -76,26 +76,25 @@ ONNX_OPSET = 18
 
 
 def format_for(path: str | Path, fmt: str | None = None) -> str:
-    """The export format: ``fmt`` if given, else from the file extension; a one-line error otherwise, and for a
-    ``fmt`` that an extension of another format (or a checkpoint's) contradicts: every reader goes by the extension."""
-    suffix = Path(path).suffix
-    if fmt is not None:
-        if fmt not in FORMATS:
-            raise SkipnetError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-        lower = suffix.lower()
-        other = SUFFIXES.get(lower, "checkpoint" if lower in (".pt", ".pth", ".ckpt") else fmt)
-        if lower in SUFFIXES and suffix != lower:  # skipnet's readers go by the exact extension
-            raise SkipnetError(f"{path}: skipnet reads {lower} files, not {suffix}; end it in {lower}")
-        if other != fmt:
+    """The export format: ``fmt`` if given, else from the file extension (any case); a one-line error otherwise,
+    for a ``fmt`` that the extension contradicts (another format's, or a checkpoint's), and for a pt2 or onnx export
+    under another extension: skipnet's readers know those two by their extension, so nothing would read it."""
+    lower = Path(path).suffix.lower()
+    from_extension = SUFFIXES.get(lower, "checkpoint" if lower in (".pt", ".pth", ".ckpt") else None)
+    if fmt is None:
+        if from_extension is None or from_extension == "checkpoint":
             raise SkipnetError(
-                f"{path}'s extension says {other}, but --format is {fmt}; end it in .{fmt} or drop --format"
+                f"{path} must end in .safetensors, .pt2 or .onnx (the format is taken from the extension), or pass "
+                "--format"
             )
-        return fmt
-    if suffix not in SUFFIXES:
-        raise SkipnetError(
-            f"{path} must end in .safetensors, .pt2 or .onnx (the format is taken from the extension), or pass --format"
-        )
-    return SUFFIXES[suffix]
+        return from_extension
+    if fmt not in FORMATS:
+        raise SkipnetError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if from_extension is not None and from_extension != fmt:
+        raise SkipnetError(f"{path}'s extension says {from_extension}, but --format is {fmt}; end it in .{fmt}")
+    if from_extension is None and fmt in ("pt2", "onnx"):
+        raise SkipnetError(f"{path}: skipnet reads {fmt} exports by their extension; end it in .{fmt}")
+    return fmt
 
 
 # ------------------------------------------------------------------------------------------- graph modules

@@ -620,8 +620,8 @@ def _chosen(model_bytes: bytes, threads: int | None, layout: str, level: str, sp
     except Exception as exc:  # noqa: BLE001 - not a graph the rewrite knows here: run it as it is, and say so
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
         warnings.warn(
-            f"the blocked-layout rewrite does not apply to this graph ({reason}); running it as written, "
-            "with the same outputs but slower (layout='nchw' runs it so without this warning)",
+            f"the blocked-layout rewrite does not apply to this graph ({reason}); running it as written: the same "
+            "outputs, slower (in Python, layout='nchw' runs it so without this warning)",
             stacklevel=3,
         )
         return model_bytes, plain

@@ -102,6 +102,11 @@ class Predictor:
         return torch.cat(logits), torch.cat(decisions)
 
 
+def is_export(spec: str | Path, suffix: str) -> bool:
+    """Whether ``spec`` names an export of the kind ``suffix`` (``.onnx``, ``.pt2``), in any case."""
+    return str(spec).lower().endswith(suffix)
+
+
 def _class_names(classes: Any, n: int) -> list[str]:
     if isinstance(classes, list) and len(classes) == n and all(isinstance(c, str) for c in classes):
         return list(classes)
@@ -113,11 +118,11 @@ def load_predictor(spec: str, *, threads: int | None = None, workers: int = 1) -
     sessions running a batch's shards at once, :class:`skipnet.ortgraph.ShardedSession`), a ``.pt2`` program
     (torch.export), or any checkpoint ``skipnet eval`` takes (the eager network)."""
     text = str(spec)
-    if text.endswith(".onnx"):
+    if is_export(text, ".onnx"):
         return _load_onnx(text, threads, workers)
     if workers != 1:
         raise SkipnetError(f"workers run several ONNX Runtime sessions: they apply to an .onnx model, not {spec}")
-    if text.endswith(".pt2"):
+    if is_export(text, ".pt2"):
         return _load_pt2(text)
     return _load_checkpoint(text)
 
@@ -419,20 +424,31 @@ def _count(path: Path) -> int | None:
     return None
 
 
+def shown(name: str) -> str:
+    """A file or member name as valid UTF-8 text: bytes that are not UTF-8 (held as lone surrogates, as Python
+    decodes such file names) become ``\\xNN`` escapes, so a CSV, a JSON line or the terminal can take it."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def iter_inputs(files: Sequence[Path]) -> Iterator[tuple[str, bytes | Unreadable]]:
     """``(name, encoded bytes or the reason it cannot be read)`` of every image of ``files``, in order; archive
     members are named ``ARCHIVE:MEMBER`` and read in place. A damaged archive yields the images before the damage
     and one :class:`Unreadable` for the rest."""
     for path in files:
         if not is_archive(path):
+            name = shown(str(path))
             try:
                 size = path.stat().st_size
                 if size > MAX_IMAGE_BYTES:
-                    yield str(path), Unreadable(f"{size:,} bytes, over the {MAX_IMAGE_BYTES:,} limit")
+                    yield name, Unreadable(f"{size:,} bytes, over the {MAX_IMAGE_BYTES:,} limit")
                     continue
-                yield str(path), path.read_bytes()
+                yield name, path.read_bytes()
             except OSError as exc:
-                yield str(path), Unreadable(exc.strerror or type(exc).__name__)
+                yield name, Unreadable(exc.strerror or type(exc).__name__)
         elif path.name.lower().endswith(".zip"):
             yield from _zip_members(path)
         else:
@@ -443,13 +459,13 @@ def _zip_members(path: Path) -> Iterator[tuple[str, bytes | Unreadable]]:
     try:
         z = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
-        yield str(path), Unreadable(f"not a readable zip archive ({type(exc).__name__})")
+        yield shown(str(path)), Unreadable(f"not a readable zip archive ({type(exc).__name__})")
         return
     with z:
         for info in z.infolist():
             if info.is_dir() or not _image_suffix(info.filename):
                 continue
-            name = f"{path}:{info.filename}"
+            name = shown(f"{path}:{info.filename}")
             if info.file_size > MAX_IMAGE_BYTES:
                 yield name, Unreadable(f"{info.file_size:,} bytes uncompressed, over the {MAX_IMAGE_BYTES:,} limit")
                 continue
@@ -466,9 +482,14 @@ def _tar_members(path: Path) -> Iterator[tuple[str, bytes | Unreadable]]:
     try:
         with tarfile.open(path, "r|*") as tar:  # a stream: one pass through a compressed archive
             for member in tar:
-                if not member.isfile() or not _image_suffix(member.name):
+                if not (member.isfile() or member.islnk() or member.issym()) or not _image_suffix(member.name):
                     continue
-                name = f"{path}:{member.name}"
+                name = shown(f"{path}:{member.name}")
+                if not member.isfile():  # a streamed archive cannot go back to the member a link names
+                    kind = "hard" if member.islnk() else "symbolic"
+                    where = shown(member.linkname)
+                    yield name, Unreadable(f"a {kind} link to {where} in the archive (extract it to read links)")
+                    continue
                 if member.size > MAX_IMAGE_BYTES:
                     yield name, Unreadable(f"{member.size:,} bytes, over the {MAX_IMAGE_BYTES:,} limit")
                     continue
@@ -477,7 +498,8 @@ def _tar_members(path: Path) -> Iterator[tuple[str, bytes | Unreadable]]:
                 yield name, data
     except Exception as exc:  # noqa: BLE001 - tarfile, gzip, bz2, lzma and zlib errors: the rest is unreadable
         where = f" after {seen} images read" if seen else ""  # read, not all decodable: the last may be cut short
-        yield str(path), Unreadable(f"damaged or not a tar archive{where} ({type(exc).__name__}: {_first_line(exc)})")
+        why = f"damaged or not a tar archive{where} ({type(exc).__name__}: {_first_line(exc)})"
+        yield shown(str(path)), Unreadable(why)
 
 
 class _Encoded:
@@ -528,6 +550,7 @@ def _large_image(data: bytes, size: int) -> Tensor | None:
     from torchvision import transforms as T
 
     from skipnet.data import SMALL_MAX
+    from skipnet.data.decode import pil_rgb, too_elongated
 
     try:
         with warnings.catch_warnings():
@@ -537,7 +560,10 @@ def _large_image(data: bytes, size: int) -> Tensor | None:
                     raise Unreadable("declares more pixels than the decompression-bomb limit")
                 if max(im.size) <= SMALL_MAX:
                     return None
-                rgb = im.convert("RGB")
+                why = too_elongated(im.width, im.height)
+                if why is not None:
+                    raise Unreadable(why)
+                rgb = pil_rgb(im)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise Unreadable(f"not a readable image ({type(exc).__name__})") from None
     # the evaluation transform of skipnet.data's large-image folders, without its Normalize (done by the model)

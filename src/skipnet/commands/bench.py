@@ -32,6 +32,7 @@ from skipnet.bench import bench_inference, calibrate_bn, load_subject, set_threa
 from skipnet.commands._common import MAX_THREADS, check_count
 from skipnet.device import pick_device
 from skipnet.errors import SkipnetError
+from skipnet.predict import is_export
 
 DOCS = "docs/deploy.md"  # the page that explains this command (its --help says so)
 
@@ -156,7 +157,7 @@ def _refuse_onnx_options(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.runtime == "onnxruntime" or (args.runtime is None and args.subject.endswith(".onnx")):
+    if args.runtime == "onnxruntime" or (args.runtime is None and is_export(args.subject, ".onnx")):
         return run_onnx(args)
     if args.batch_size is None:
         args.batch_size = 64
@@ -245,7 +246,7 @@ def run_onnx(args: argparse.Namespace) -> int:
 
     require_onnx()
     if args.batch_size is None:
-        args.batch_size = 1 if args.subject.endswith(".onnx") or args.runtime == "onnxruntime" else 64
+        args.batch_size = 1 if is_export(args.subject, ".onnx") or args.runtime == "onnxruntime" else 64
     check_bounds(args)
     check_count("--images", args.images, 1, MAX_IMAGES)
     if args.images * args.batch_size > MAX_IMAGES * 16:
@@ -302,7 +303,7 @@ def _onnx_subject(args: argparse.Namespace) -> tuple[bytes, dict, bytes | None, 
             raise SkipnetError(f"--plain {args.plain} is a {pmeta.get('graph')} graph; export one with --graph plain")
         plain_bytes = proto.SerializeToString()
     info: dict = {"source": "onnx", "path": args.subject}
-    if args.subject.endswith(".onnx"):
+    if is_export(args.subject, ".onnx"):
         payload, meta = load_onnx_subject(args.subject)
         model = None
     else:

@@ -59,13 +59,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from skipnet.predict import MAX_TOP_K, expand_inputs, load_predictor, output_format, predict, write_predictions
+    from skipnet.predict import (
+        MAX_TOP_K,
+        expand_inputs,
+        is_export,
+        load_predictor,
+        output_format,
+        predict,
+        write_predictions,
+    )
+
+    args.model, args.out = expand_user(args.model), expand_user(args.out)  # where the checks look, it is written
 
     check_count("--batch-size", args.batch_size, 1, MAX_BATCH)
     check_count("--top-k", args.top_k, 1, MAX_TOP_K)
     check_count("--threads", args.threads, 1, MAX_THREADS)
     check_count("--workers", args.workers, 1, MAX_THREADS)
-    if args.workers > 1 and not str(args.model).endswith(".onnx"):
+    if args.workers > 1 and not is_export(args.model, ".onnx"):
         raise SkipnetError("--workers runs several ONNX Runtime sessions: it applies to an .onnx MODEL only")
     check_count("--seed", args.seed, 0, 2**32 - 1)
     if args.out is not None:
@@ -105,6 +115,10 @@ def run(args: argparse.Namespace) -> int:
         _print_table(preds)
     _summary(predictor, preds)
     return 0
+
+
+def expand_user(path: str | None) -> str | None:
+    return None if path is None else os.path.expanduser(path)
 
 
 def _refuse_overwriting_an_input(out: str, inputs: list[str]) -> None:

@@ -71,14 +71,46 @@ def _decode_file(path: Path, decode=None) -> Tensor | None:
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            if im.mode.startswith("I"):  # 16/32-bit integer gray: scale 16 bits down to 8 (convert() would clip)
-                import numpy as np
-
-                im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) // 257).astype(np.uint8))
-            rgb = im.convert("RGB")
+            rgb = pil_rgb(im)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
     return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3).permute(2, 0, 1)
+
+
+def pil_rgb(im):
+    """A PIL image as 8-bit RGB, whatever its mode: 16/32-bit integer gray is scaled from 16 bits down to 8
+    (``convert("RGB")`` alone clips it, and a 16-bit photo comes out white)."""
+    from PIL import Image
+
+    if im.mode.startswith("I"):
+        import numpy as np
+
+        im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) // 257).astype(np.uint8))
+    return im.convert("RGB")
+
+
+# The large-image transforms resize the short side to about S px: an image far longer than wide would become
+# millions of pixels long (a 1-px-high, 300,000-px-wide PNG of a few hundred bytes: gigabytes), so it is unreadable.
+MAX_ASPECT = 64
+
+
+def too_elongated(width: int, height: int) -> str | None:
+    """Why an image of ``width`` x ``height`` px is refused by the large-image path, or ``None``."""
+    if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+        return f"{width}x{height} px, its long side over {MAX_ASPECT} times its short side (resized: out of memory)"
+    return None
+
+
+def pil_loader(path: str):
+    """torchvision ImageFolder's loader, reading every mode as :func:`pil_rgb` does; an image longer than
+    :data:`MAX_ASPECT` times its width raises ``ValueError`` (skipped as unreadable, with a warning)."""
+    from PIL import Image
+
+    with open(path, "rb") as f, Image.open(f) as im:
+        why = too_elongated(im.width, im.height)
+        if why is not None:
+            raise ValueError(why)
+        return pil_rgb(im)
 
 
 def _warn_skipped(split_dir: Path, skipped: list[str], total: int) -> None:

@@ -196,9 +196,16 @@ def image_folder(split_dir: Path, transform, classes: list[str]) -> SafeFolder:
     """torchvision's ImageFolder over ``split_dir``, its labels indexing the training split's ``classes``."""
     from torchvision.datasets import ImageFolder
 
-    folder = ImageFolder(str(split_dir), transform, allow_empty=True)
+    from skipnet.data.decode import pil_loader
+
+    folder = ImageFolder(str(split_dir), transform, loader=pil_loader, allow_empty=True)
     index = {c: i for i, c in enumerate(classes)}
-    folder.samples = [(path, index[folder.classes[t]]) for path, t in folder.samples]
+    hidden = {t for t, c in enumerate(folder.classes) if c.startswith(".")}  # as skipnet.data.folders.list_folder
+    folder.samples = [
+        (path, index[folder.classes[t]])
+        for path, t in folder.samples
+        if t not in hidden and not Path(path).name.startswith(".")
+    ]
     folder.imgs = folder.samples
     folder.targets = [t for _, t in folder.samples]
     folder.classes, folder.class_to_idx = list(classes), index
