@@ -96,14 +96,18 @@ def make_checkpoint(
     without it (``None``), the record the model was loaded with (``model.data_record``; none for a model pickled
     by an earlier version)."""
     net = unwrap(model)
-    assert isinstance(net, GatedResNet)
+    if not isinstance(net, GatedResNet):
+        raise SkipnetError(f"a checkpoint holds a skipnet GatedResNet (create_model, load_model), not {type(net)}")
+    threshold, keep = float(net.threshold), float(net.keep_ratio)
+    if not (0.0 <= threshold <= 1.0 and 0.0 <= keep <= 1.0):  # every loader refuses such a file: never write one
+        raise SkipnetError(f"the model's threshold {threshold} and keep ratio {keep} must lie in [0, 1]")
     ckpt = {
         "format_version": FORMAT_VERSION,
         "kind": "skipnet",
         "arch": net.config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-        "threshold": float(net.threshold),
-        "keep_ratio": float(net.keep_ratio),
+        "threshold": threshold,
+        "keep_ratio": keep,
         "mode": str(net.mode.value),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -120,8 +124,16 @@ def make_checkpoint(
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, **kwargs: Any) -> None:
-    """Build a checkpoint of ``model`` (see :func:`make_checkpoint`) and write it atomically."""
-    atomic_save(make_checkpoint(model, **kwargs), path)
+    """Build a checkpoint of ``model`` (see :func:`make_checkpoint`) and write it atomically: a ``.safetensors``
+    path gets a safetensors export (:func:`export_safetensors`: weights and inference settings, no optimizer or
+    schedule state), any other a torch checkpoint."""
+    if Path(path).is_dir():
+        raise SkipnetError(f"{path} is a directory; give a file name such as {Path(path) / 'model.pt'}")
+    ckpt = make_checkpoint(model, **kwargs)
+    if str(path).lower().endswith(".safetensors"):
+        export_safetensors(ckpt, Path(path), source="save_checkpoint")
+    else:
+        atomic_save(ckpt, path)
 
 
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")

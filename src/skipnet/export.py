@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,8 @@ from skipnet.ortgraph import (  # noqa: F401 - the running side's public names, 
     prune_graph,
     require_onnx,
 )
+
+log = logging.getLogger(__name__)
 
 GRAPHS = ("conditional", "routed", "masked", "plain")
 FORMATS = ("safetensors", "pt2", "onnx")
@@ -576,6 +579,9 @@ def export_model(
     """
     if fmt not in ("pt2", "onnx"):
         raise SkipnetError(f"export_model writes pt2 or onnx, not {fmt!r}")
+    decides_at = float(model.threshold if threshold is None else threshold)
+    if not 0.0 <= decides_at <= 1.0:  # every reader refuses such a file: never write one
+        raise SkipnetError(f"the threshold {decides_at} must lie in [0, 1]")
     model.eval()
     batch = 1 if graph == "conditional" else None
     notes: list[str] = []
@@ -644,7 +650,47 @@ def _pt2_payload(
     check["runtime"] = "torch.export " + torch.__version__
     buf = io.BytesIO()
     torch.export.save(program, buf, extra_files={META_KEY: json.dumps(meta)})
+    with zipfile.ZipFile(buf, "a") as z:  # torch's reader checks nothing: the digest of every other member
+        z.writestr(_digest_member(z), pt2_digest(z))
     return buf.getvalue(), check
+
+
+# The member of a .pt2 archive (in its top folder, as torch's reader requires) that holds the SHA-256 of all the
+# others (program, weights, skipnet metadata).
+PT2_DIGEST = "skipnet_sha256"
+
+
+def _digest_member(z: zipfile.ZipFile) -> str:
+    names = z.namelist()
+    return f"{names[0].split('/')[0]}/{PT2_DIGEST}" if names else PT2_DIGEST
+
+
+def pt2_digest(z: zipfile.ZipFile) -> str:
+    """SHA-256 over every member of a ``.pt2`` archive but :data:`PT2_DIGEST`, by name: an edit of a weight, of
+    the program or of the skipnet metadata (class list, threshold) changes it. Reading a member checks its CRC."""
+    h = hashlib.sha256()
+    own = _digest_member(z)
+    for name in sorted(n for n in z.namelist() if n != own):
+        h.update(name.encode() + b"\0" + hashlib.sha256(z.read(name)).digest())
+    return h.hexdigest()
+
+
+def check_pt2_digest(path: Path) -> None:
+    """Refuse a ``.pt2`` file whose members changed since :func:`export_model` wrote it (one line); warn for one
+    written before skipnet recorded the digest."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            own = _digest_member(z)
+            recorded = z.read(own).decode() if own in z.namelist() else None
+            digest = pt2_digest(z) if recorded is not None else None
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, EOFError) as exc:
+        raise SkipnetError(f"{path} is damaged or not a torch.export program ({type(exc).__name__})") from None
+    if recorded is None:
+        log.warning("%s was written before skipnet checksummed .pt2 files: it is not verified; export it again", path)
+    elif recorded != digest:
+        raise SkipnetError(
+            f"{path} was altered after export: its members no longer have the SHA-256 it records; export it again"
+        )
 
 
 def _ort_version() -> str:
@@ -700,6 +746,8 @@ def read_onnx_meta(path: str | Path) -> tuple[Any, dict[str, Any]]:
         raise SkipnetError(f"{path} has malformed skipnet metadata")
     _check_interface(path, proto, meta)
     recorded, whole = meta.get("graph_sha256"), meta.get("sha256")  # files of older exports: the graph's only
+    if recorded is None and whole is None:
+        log.warning("%s was written before skipnet checksummed ONNX exports: it is not verified; export it again", path)
     digest = graph_digest(proto) if recorded is not None or whole is not None else None
     graph_changed = recorded is not None and recorded != digest
     if graph_changed or (whole is not None and whole != file_digest(digest, meta)):
@@ -728,6 +776,7 @@ def _check_interface(path: Path, proto: Any, meta: dict[str, Any]) -> None:
 def load_pt2(path: str | Path) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
     """``(ExportedProgram, skipnet metadata)`` of a ``.pt2`` file written by :func:`export_model`."""
     path = Path(path)
+    check_pt2_digest(path)
     extra = {META_KEY: ""}
     try:
         with _quiet():

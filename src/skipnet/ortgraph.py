@@ -580,7 +580,7 @@ LAYOUTS = ("nchw", "nchwc")
 
 
 def onnx_session(
-    model_bytes: bytes,
+    model_bytes: bytes | str | os.PathLike,
     threads: int | None = 1,
     *,
     layout: str = "nchwc",
@@ -595,6 +595,13 @@ def onnx_session(
     blocked layout, runs as written (``"nchw"``), and so, with a warning, does a graph the rewrite does not apply to.
     ``spinning=False`` stops idle intra-op threads spinning. ``workers`` > 1 returns a :class:`ShardedSession` of
     that many such sessions (each with ``threads`` intra-op threads), which runs a batch's shards at once."""
+    if isinstance(model_bytes, (str, os.PathLike)):  # a file, as ONNX Runtime's own InferenceSession takes
+        if not os.path.isfile(model_bytes):
+            raise SkipnetError(f"{os.fspath(model_bytes)} is not a file")
+        with open(model_bytes, "rb") as f:
+            model_bytes = f.read()
+    if not isinstance(model_bytes, (bytes, bytearray)):
+        raise SkipnetError(f"onnx_session takes an .onnx path or its bytes, not {type(model_bytes).__name__}")
     if layout not in LAYOUTS:
         raise SkipnetError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     if workers < 1:

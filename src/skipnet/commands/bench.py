@@ -245,8 +245,13 @@ def run_onnx(args: argparse.Namespace) -> int:
     from skipnet.ortgraph import require_onnx
 
     require_onnx()
-    if args.batch_size is None:
-        args.batch_size = 1 if is_export(args.subject, ".onnx") or args.runtime == "onnxruntime" else 64
+    if args.batch_size is None:  # 1 for a conditional graph (the one a checkpoint is exported to here), else 64
+        conditional = True
+        if is_export(args.subject, ".onnx"):
+            from skipnet.export import read_onnx_meta
+
+            conditional = read_onnx_meta(args.subject)[1].get("graph") == "conditional"
+        args.batch_size = 1 if conditional else 64
     check_bounds(args)
     check_count("--images", args.images, 1, MAX_IMAGES)
     if args.images * args.batch_size > MAX_IMAGES * 16:

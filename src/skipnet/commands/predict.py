@@ -197,8 +197,8 @@ def _summary(predictor: Any, preds: Any) -> None:
     how = f"{predictor.graph} graph, " if predictor.graph else ""
     threshold = f" at threshold {predictor.threshold:g}" if predictor.threshold is not None else ""
     print(
-        f"skipnet predict: {n} image{'' if n == 1 else 's'} with {predictor.config.name} ({how}{predictor.runtime}, mode "
-        f"{predictor.mode}{threshold}) in {preds.seconds:.2f} s ({n / max(preds.seconds, 1e-9):.1f} images/s); "
+        f"skipnet predict: {n} image{'' if n == 1 else 's'} with {predictor.config.name} ({how}{predictor.runtime}, "
+        f"mode {predictor.mode}{threshold}) in {preds.seconds:.2f} s ({n / max(preds.seconds, 1e-9):.1f} images/s); "
         f"{executed:.2f} of {predictor.num_gates} gated blocks and {macs / 1e6:.2f} MMACs per image on average",
         file=sys.stderr,
     )
