@@ -336,3 +336,7 @@ def test_sweep_two_alphas_and_rerun_skips(sp_run: Path, tmp_path: Path, capsys: 
     assert code == 0, err
     assert (out / "alpha_0.1" / "metrics.jsonl").read_text() == before  # finished runs are not retrained
     assert json.loads(stdout)["rows"] == result["rows"]
+    for changed in (["--lr", "0.5"], ["--iters", "3"]):  # reused as it was, they were reported as the new options'
+        code, stdout, err = _run_cli(capsys, *argv, *changed)
+        assert code == 2 and "choose another --out" in err and len(err.strip().splitlines()) == 1, err
+    assert (out / "alpha_0.1" / "metrics.jsonl").read_text() == before

@@ -383,3 +383,40 @@ def test_out_under_home_is_written_where_it_was_checked(models, folder, tmp_path
     monkeypatch.chdir(tmp_path)
     assert main(["predict", str(models["pt"]), str(next(folder.rglob("*.png"))), "--out", "~/p.csv"]) == 0
     assert (tmp_path / "home" / "p.csv").exists() and not (tmp_path / "~").exists()
+
+
+def _rewrite_member(src: Path, dst: Path, edit) -> None:
+    """A copy of the zip archive ``src`` with each member's bytes passed through ``edit(name, data)``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, edit(info.filename, zin.read(info.filename)))
+
+
+def test_a_pt2_export_edited_after_export_is_refused(models, folder, tmp_path, capsys, caplog) -> None:
+    """torch's .pt2 reader checks nothing: an edited class list gave other classes with exit 0. A file without the
+    digest (written before it was recorded) still runs, with a warning."""
+    image = str(next(folder.rglob("*.png")))
+
+    def reversed_classes(name: str, data: bytes) -> bytes:
+        if name.endswith("/extra/skipnet"):
+            meta = json.loads(data)
+            meta["classes"] = meta["classes"][::-1]
+            return json.dumps(meta).encode()
+        return data
+
+    _rewrite_member(models["pt2"], tmp_path / "edited.pt2", reversed_classes)
+    assert main(["predict", str(tmp_path / "edited.pt2"), image]) == 2
+    assert "was altered after export" in _one_line_error(capsys)
+    with zipfile.ZipFile(models["pt2"]) as z, zipfile.ZipFile(tmp_path / "old.pt2", "w") as out:
+        for info in z.infolist():
+            if not info.filename.endswith("/skipnet_sha256"):
+                out.writestr(info, z.read(info.filename))
+    assert main(["predict", str(tmp_path / "old.pt2"), image]) == 0
+    assert "was written before skipnet checksummed .pt2 files" in caplog.text
+
+
+def test_onnx_session_takes_a_path_as_onnx_runtime_does(models) -> None:
+    from skipnet.ortgraph import onnx_session
+
+    for given in (models["onnx"], str(models["onnx"])):
+        assert [i.name for i in onnx_session(given, layout="nchw").get_inputs()] == ["images"]

@@ -55,7 +55,7 @@ def test_narrow_shortcuts_train_in_nchw_and_wide_ones_in_channels_last(caplog) -
     cfg = TrainConfig(arch="tiny_aig_gate_14", stage="sp", data="digits", out="o")
     tiny = GatedResNet(get_config("tiny_aig_gate_14"))
     assert narrow_strided_1x1(tiny) == ["backbone.layer2.0.downsample.0"]  # layer3's reads 16 channels
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         assert safe_layout(cfg, tiny, torch.device("cpu")).channels_last is False
     assert "trains in NCHW" in caplog.text
     wide = GatedResNet(get_config("cifar10_aig_gate_20"))
@@ -166,3 +166,56 @@ def test_a_library_warning_reaches_a_command_line_user_as_one_line(capsys, monke
     monkeypatch.setattr("skipnet.commands.eval.run", run)
     assert main(["eval", "x.pt", "--data", "digits"]) == 0
     assert capsys.readouterr().err == "skipnet eval: warning: the rewrite does not apply running it as written\n"
+
+
+# ---------------------------------------------------------------------------------------------- round 7
+def test_a_val_split_of_no_image_an_empty_data_and_several_data_sets_are_refused(tmp_path) -> None:
+    from skipnet.data import load_data
+    from skipnet.data.bundle import _carve_val
+    from skipnet.errors import SkipnetError
+
+    with pytest.raises(SkipnetError, match="is no image"):
+        _carve_val(240, 0.001)  # round(0.24) = 0: validation was silently off, best.pt the last step
+    assert len(_carve_val(240, 0.005)[1]) == 1
+    with pytest.raises(SkipnetError, match="--data is empty"):
+        load_data("")
+    make_folder(tmp_path / "multi" / "a", ["x", "y"])
+    make_folder(tmp_path / "multi" / "b", ["x", "y"])
+    with pytest.raises(SkipnetError, match=r"holds 2 ImageFolder roots \(a, b\)"):
+        load_data(str(tmp_path / "multi"))
+    assert load_data(str(tmp_path / "multi" / "b")).num_classes == 2
+
+
+def test_resume_without_the_chosen_best_checkpoint_is_refused_before_training(named_run, tmp_path, capsys) -> None:
+    """It trained the whole schedule, then failed testing best.pt, on every rerun."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(named_run / "run", run)
+    (run / "summary.json").unlink()
+    (run / "best.pt").unlink()
+    args = ["train", "tiny_resnet_14", *ARGS, "--val-split", "0", "--data", str(named_run / "cats"), "--out", str(run)]
+    assert main([*args, "--resume", "--iters", "6"]) == 2
+    assert "best.pt, the checkpoint this run chose so far, cannot be read" in one_line_error(capsys)
+    assert not (run / "summary.json").exists()
+
+
+def test_checkpoints_and_exports_refuse_a_threshold_no_reader_takes(tmp_path) -> None:
+    from skipnet.checkpoint import load_model, save_checkpoint
+    from skipnet.errors import SkipnetError
+    from skipnet.export import export_model
+
+    model = GatedResNet(get_config("tiny_aig_gate_14")).eval()
+    model.threshold = 1.5
+    with pytest.raises(SkipnetError, match="must lie in"):
+        save_checkpoint(tmp_path / "t.pt", model)
+    model.threshold = 0.5
+    with pytest.raises(SkipnetError, match="threshold nan must lie in"):
+        export_model(model, "onnx", threshold=float("nan"))
+    save_checkpoint(tmp_path / "m.safetensors", model, data={"mean": [0.5] * 3, "std": [0.25] * 3})
+    loaded, ckpt = load_model(tmp_path / "m.safetensors")  # a real safetensors file, not a torch zip so named
+    assert ckpt["threshold"] == 0.5 and all(
+        torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items()
+    )
+    with pytest.raises(SkipnetError, match="is a directory"):
+        save_checkpoint(tmp_path, model)

@@ -313,7 +313,7 @@ def safe_layout(cfg: TrainConfig, model: GatedResNet, device: torch.device) -> T
     narrow = narrow_strided_1x1(model) if cfg.channels_last and device.type == "cpu" else []
     if not narrow:
         return cfg
-    log.warning(
+    log.info(
         "%s trains in NCHW, not channels_last: its %d-channel 1x1 stride-2 shortcut convolutions (%s) crash "
         "oneDNN's CPU kernels in channels_last (PyTorch 2.14)",
         model.config.name,

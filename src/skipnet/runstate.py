@@ -237,8 +237,22 @@ class RunState:
                 f"{path} holds non-finite weights or statistics, so training cannot continue from it; "
                 "start a new run (another --out) with a lower --lr"
             )
+        self._check_best(path)
         self._drop_metrics_after(self.step)
         log.info("resumed %s at step %d/%d", self.out, self.step, s.total)
+
+    def _check_best(self, path: Path) -> None:
+        """A run resumed after it chose a ``best.pt`` ends by testing it: refuse now, not after the whole schedule,
+        when that file is gone or damaged."""
+        if self.best_score == -math.inf or path.name == "best.pt":
+            return
+        try:
+            load_checkpoint(path.parent / "best.pt")
+        except SkipnetError as exc:
+            raise SkipnetError(
+                f"--resume: {path.parent}/best.pt, the checkpoint this run chose so far, cannot be read "
+                f"({first_line(exc)}); put it back, or start a new run (another --out)"
+            ) from None
 
     def finite(self) -> bool:
         """Whether every floating-point parameter and buffer is finite (NaN * 0 and inf * 0 are NaN)."""

@@ -19,13 +19,13 @@ import torch
 
 from skipnet import plots
 from skipnet.analysis import eval_point, require_gates
-from skipnet.checkpoint import load_model
+from skipnet.checkpoint import load_checkpoint, load_model
 from skipnet.commands._common import add_data_args, add_optim_args
 from skipnet.cost import cost_model
 from skipnet.errors import SkipnetError
 from skipnet.evaluate import data_for_checkpoint, eval_loader, eval_mode_for, run_eval
 from skipnet.experiments import Run, Runner
-from skipnet.trainconfig import TrainConfig
+from skipnet.trainconfig import TrainConfig, options_set, resumed_config
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,22 @@ def trained_rows(runner: Runner, runs: list[Run], alphas: list[float]) -> list[d
     return rows
 
 
+def check_same_run(cfg: TrainConfig) -> None:
+    """A finished run of an earlier sweep into the same ``--out`` is reused only if this sweep asks for the same
+    run (the options ``--resume`` would refuse to change, and its length): one line otherwise."""
+    saved = TrainConfig.from_dict(load_checkpoint(Path(cfg.out) / "last.pt")["train_config"])
+    resumed_config(cfg, saved, options_set(cfg) | {"init", "alpha", "val_split"}, cfg.out)
+
+    def length(c: TrainConfig) -> str:
+        return f"--iters {c.iters}" if c.iters is not None else f"--epochs {c.epochs:g}"
+
+    if (cfg.epochs, cfg.iters) != (None, None) and (cfg.epochs, cfg.iters) != (saved.epochs, saved.iters):
+        raise SkipnetError(
+            f"{cfg.out} finished with {length(saved)}, not {length(cfg)}; a sweep of another length trains other "
+            "runs: choose another --out"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from skipnet.device import pick_device
 
@@ -137,6 +153,9 @@ def run(args: argparse.Namespace) -> int:
         TrainConfig(**(common | {"alpha": a, "out": str(alpha_dir(out, a))})).validate()
     runs = declare(args, arch, alphas, val_split)
     runner = Runner(out, args.data)
+    for r, a in zip(runs, alphas, strict=True):  # an unfinished run refuses other options itself (--resume)
+        if runner.finished(r):
+            check_same_run(TrainConfig(**(common | {"alpha": a, "out": str(alpha_dir(out, a))})))
     runner.train(runs)  # resumes an unfinished run, skips a finished one
     rows = trained_rows(runner, runs, alphas)
 

@@ -76,6 +76,11 @@ def _carve_val(n: int, fraction: float) -> tuple[Tensor, Tensor]:
         raise SkipnetError(f"--val-split must be in [0, 1), got {fraction}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
     k = int(round(n * fraction))
+    if fraction > 0 and k == 0:  # validation would silently be off, and best.pt the last step
+        raise SkipnetError(
+            f"--val-split {fraction:g} of {n} training images is no image: ask for at least {1 / n:.2g} (one "
+            "image), or pass --val-split 0 to train without a validation split"
+        )
     return perm[k:].sort().values, perm[:k].sort().values
 
 
@@ -184,6 +189,8 @@ def load_data(
 
 def build(spec: DataSpec) -> DataBundle:
     """The :class:`DataBundle` of ``spec``: small images decoded into memory, large ones read by DataLoader workers."""
+    if not str(spec.source).strip():  # Path("") is the working directory, which is not what an empty value asks
+        raise SkipnetError(f"--data is empty; pass one of {', '.join(BUILTIN)}, or an ImageFolder directory or archive")
     if spec.source in BUILTIN:
         name, arrays = spec.source, builtin_arrays(spec.source, spec.data_dir, spec.download)
         pad, flip = {"digits": (1, False), "svhn": (0, False)}.get(spec.source, (4, True))

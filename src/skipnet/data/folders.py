@@ -77,9 +77,14 @@ def resolve_folder(path: Path) -> Path:
     subdirs = sorted(p for p in path.iterdir() if p.is_dir())
     if not subdirs and not any(path.iterdir()):
         raise SkipnetError(f"data directory {path} is empty; put train/ and test/ (or val/) class folders in it")
-    for candidate in [path, *subdirs]:
-        if (candidate / "train").is_dir() and any((candidate / s).is_dir() for s in ("test", "val")):
-            return candidate
+    roots = [c for c in [path, *subdirs] if (c / "train").is_dir() and any((c / s).is_dir() for s in ("test", "val"))]
+    if roots and roots[0] == path or len(roots) == 1:
+        return roots[0]
+    if roots:  # an archive or folder of several data sets: which one is meant is the user's to say
+        raise SkipnetError(
+            f"{path} holds {len(roots)} ImageFolder roots ({', '.join(r.name for r in roots[:4])}); pass the one to "
+            "use (from an extracted archive)"
+        )
     raise SkipnetError(f"{path} is not an ImageFolder root: expected train/ and test/ (or val/) class folders")
 
 
