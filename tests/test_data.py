@@ -163,11 +163,12 @@ def test_a_decoded_image_cache_of_the_old_layout_is_read(tmp_path) -> None:
 def test_large_image_folder_augment_false_turns_augmentation_off(tmp_path) -> None:
     root = str(make_folder(tmp_path / "large", 72))
     on = load_data(root, batch_size=2, seed=3, workers=0, image_size=72)
-    torch.manual_seed(0)
-    assert not torch.equal(on.train.dataset[0][0], on.train.dataset[0][0])  # random crops and flips by default
+    # random crops and flips by default, drawn anew each epoch (the same for an image and epoch: resumable)
+    assert not torch.equal(on.train.dataset[(0, 0)][0], on.train.dataset[(1, 0)][0])
+    assert torch.equal(on.train.dataset[(1, 0)][0], on.train.dataset[(1, 0)][0])
     off = load_data(root, batch_size=2, seed=3, workers=0, image_size=72, augment=False)
-    first = off.train.dataset[0][0]
-    assert torch.equal(first, off.train.dataset[0][0])  # deterministic: the evaluation transform
+    first = off.train.dataset[(0, 0)][0]
+    assert torch.equal(first, off.train.dataset[(1, 0)][0])  # deterministic: the evaluation transform
     path = off.train.dataset.dataset.folder.samples[off.train.dataset.indices[0]][0]
     evaluation = off.test.dataset.dataset.folder.transform
     with Image.open(path) as im:

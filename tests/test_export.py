@@ -224,7 +224,7 @@ def test_cli_format_errors_are_one_line(ckpt, capsys, tmp_path) -> None:
 
 
 def test_cli_pt2_threshold_and_force_overwrite_atomically(ckpt, model, capsys, tmp_path) -> None:
-    out = tmp_path / "m.bin"
+    out = tmp_path / "m.pt2"
     out.write_bytes(b"previous")
     argv = ["export", str(ckpt), str(out), "--format", "pt2", "--graph", "routed", "--threshold", "0.6", "--force"]
     rc, stdout, err = _cli(capsys, [*argv, "--json"])

@@ -219,3 +219,25 @@ def test_checkpoints_and_exports_refuse_a_threshold_no_reader_takes(tmp_path) ->
     )
     with pytest.raises(SkipnetError, match="is a directory"):
         save_checkpoint(tmp_path, model)
+
+
+def test_a_large_image_epoch_is_the_same_however_the_run_got_to_it(tmp_path) -> None:
+    """A run resumed inside an epoch replays its batches: the random crops drew from the process's stream (and the
+    order from a generator the DataLoader also drew from), so the resumed run trained on other images."""
+    from skipnet.data import load_data
+
+    data = make_folder(tmp_path / "big", ["a", "b"], side=80, per_class=6)
+    batches = []
+    for warm in (True, False):  # a run that went through epoch 0, and one that starts at epoch 1 (resumed)
+        train = load_data(str(data), batch_size=4, image_size=72, workers=0, val_split=0).train
+        if warm:
+            train.set_epoch(0)
+            list(train)
+        torch.manual_seed(123 if warm else 456)  # the training step's stream must not matter
+        train.set_epoch(1)
+        batches.append(list(train))
+    assert len(batches[0]) == 3
+    for (x0, y0), (x1, y1) in zip(*batches, strict=True):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    train.set_epoch(2)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(batches[1], list(train), strict=True))  # epochs differ

@@ -244,7 +244,7 @@ def gather_images(data: DataBundle, loader, indices: Sequence[int]) -> Tensor:
         idx = torch.as_tensor(list(indices))
         return data.denormalize(loader.normalize(loader.images[idx]))
     dataset = loader.dataset  # FolderLoader: normalised tensors
-    return data.denormalize(torch.stack([dataset[i][0] for i in indices]))
+    return data.denormalize(torch.stack([dataset[(0, i)][0] for i in indices]))  # a KeyedSubset: (epoch, i)
 
 
 # ------------------------------------------------------------------------------------------ the analysis

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -247,7 +248,7 @@ def run_onnx(args: argparse.Namespace) -> int:
     require_onnx()
     if args.batch_size is None:  # 1 for a conditional graph (the one a checkpoint is exported to here), else 64
         conditional = True
-        if is_export(args.subject, ".onnx"):
+        if is_export(args.subject, ".onnx") and os.path.isfile(args.subject):  # else refused below, in one line
             from skipnet.export import read_onnx_meta
 
             conditional = read_onnx_meta(args.subject)[1].get("graph") == "conditional"

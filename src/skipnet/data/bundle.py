@@ -11,7 +11,7 @@ from torch import Tensor
 
 from skipnet.data.decode import decode_folder, first_image_size
 from skipnet.data.folders import list_folder, resolve_folder
-from skipnet.data.loaders import FolderLoader, TensorLoader, folder_transforms, image_folder
+from skipnet.data.loaders import FolderLoader, KeyedSubset, TensorLoader, folder_transforms, image_folder
 from skipnet.data.sources import BUILTIN, Arrays, builtin_arrays
 from skipnet.errors import SkipnetError
 
@@ -275,8 +275,6 @@ def _counts(tr_idx, va_idx, te_idx) -> dict[str, int]:
 def _folder_bundle(spec: DataSpec, root: Path, test_dir: Path, classes: list[str]) -> DataBundle:
     """The bundle of an ImageFolder of large images: one :class:`FolderLoader` per split, with the standard
     transforms at ``spec.image_size`` (224 by default)."""
-    from torch.utils.data import Subset
-
     size = spec.image_size or 224
     mean, std = spec.stats or STATS["imagenet"]
     evaluation = folder_transforms(size, False, mean, std)
@@ -286,11 +284,13 @@ def _folder_bundle(spec: DataSpec, root: Path, test_dir: Path, classes: list[str
     test_ds = image_folder(test_dir, evaluation, classes)
     tr_idx, va_idx, te_idx = _split(spec, len(train_full), len(test_ds))
     common = {"workers": spec.workers, "seed": spec.seed, "rank": spec.rank, "world": spec.world}
-    train = FolderLoader(Subset(train_full, tr_idx.tolist()), spec.batch_size, train=True, **common)
+    train = FolderLoader(KeyedSubset(train_full, tr_idx.tolist(), spec.seed), spec.batch_size, train=True, **common)
     val = (
-        FolderLoader(Subset(val_full, va_idx.tolist()), spec.eval_batch, train=False, **common) if len(va_idx) else None
+        FolderLoader(KeyedSubset(val_full, va_idx.tolist(), spec.seed), spec.eval_batch, train=False, **common)
+        if len(va_idx)
+        else None
     )
-    test = FolderLoader(Subset(test_ds, te_idx.tolist()), spec.eval_batch, train=False, **common)
+    test = FolderLoader(KeyedSubset(test_ds, te_idx.tolist(), spec.seed), spec.eval_batch, train=False, **common)
     return DataBundle(
         root.name,
         len(classes),

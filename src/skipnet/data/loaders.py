@@ -118,10 +118,58 @@ class TensorLoader:
             yield x, self.labels[idx]
 
 
-class FolderLoader:
-    """DataLoader over an ImageFolder of large images with the standard ImageNet transforms."""
+class KeyedSubset(torch.utils.data.Dataset):
+    """``dataset[indices[i]]`` read for the key ``(epoch, i)`` (:class:`EpochKeys`), with torch's random stream
+    seeded by ``(seed, epoch, i)`` around the read: an image's random crop and flip are the same whichever worker
+    reads it and whenever (a run resumed inside an epoch replays the same ones), and reading leaves the reading
+    process's own stream alone (with no workers, the training step's)."""
 
-    def __init__(self, dataset, batch_size: int, *, train: bool, workers: int, seed: int, rank: int, world: int):
+    def __init__(self, dataset, indices: list[int], seed: int) -> None:
+        self.dataset, self.indices, self.seed = dataset, list(indices), int(seed)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_003 + i) % (2**63))
+            return self.dataset[self.indices[i]]
+
+
+class EpochKeys(torch.utils.data.Sampler):
+    """``(epoch, index)`` keys of a :class:`KeyedSubset`: the order of ``sampler`` when given (a
+    ``DistributedSampler``, told the epoch), else all ``n`` indices, shuffled (training) by a generator seeded anew
+    from ``(seed, epoch)`` at each pass: the same order for an epoch however the run got to it (a resumed run too)."""
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int, sampler=None) -> None:
+        self.n, self.shuffle, self.seed, self.sampler, self.epoch = n, shuffle, seed, sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler) if self.sampler is not None else self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.sampler is not None:
+            order = list(self.sampler)
+        elif self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+        else:
+            order = range(self.n)
+        return ((self.epoch, int(i)) for i in order)
+
+
+class FolderLoader:
+    """DataLoader over an ImageFolder of large images (a :class:`KeyedSubset`) with the standard ImageNet
+    transforms."""
+
+    def __init__(
+        self, dataset: KeyedSubset, batch_size: int, *, train: bool, workers: int, seed: int, rank: int, world: int
+    ):
         from torch.utils.data import DataLoader, DistributedSampler
 
         self.dataset, self.train, self.seed, self.epoch = dataset, train, seed, 0
@@ -129,11 +177,11 @@ class FolderLoader:
         if world > 1:
             self.sampler = DistributedSampler(dataset, world, rank, shuffle=train, seed=seed, drop_last=train)
         gen = torch.Generator().manual_seed(seed)
+        self.keys = EpochKeys(len(dataset), shuffle=train, seed=seed, sampler=self.sampler)
         self.loader = DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train and self.sampler is None,
-            sampler=self.sampler,
+            sampler=self.keys,
             num_workers=workers,
             drop_last=train,
             persistent_workers=workers > 0,
@@ -149,10 +197,7 @@ class FolderLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
-        else:
-            self.loader.generator.manual_seed(self.seed * 100003 + epoch)
+        self.keys.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for x, y in self.loader:
