@@ -174,16 +174,23 @@ def test_a_val_split_of_no_image_an_empty_data_and_several_data_sets_are_refused
     from skipnet.data.bundle import _carve_val
     from skipnet.errors import SkipnetError
 
-    with pytest.raises(SkipnetError, match="is no image"):
-        _carve_val(240, 0.001)  # round(0.24) = 0: validation was silently off, best.pt the last step
-    assert len(_carve_val(240, 0.005)[1]) == 1
+    assert len(_carve_val(240, 0.001)[1]) == 0 and len(_carve_val(240, 0.005)[1]) == 1
     with pytest.raises(SkipnetError, match="--data is empty"):
         load_data("")
+    make_folder(tmp_path / "multi" / ".Trash-1000", ["x", "y"])  # hidden: no data set
     make_folder(tmp_path / "multi" / "a", ["x", "y"])
     make_folder(tmp_path / "multi" / "b", ["x", "y"])
     with pytest.raises(SkipnetError, match=r"holds 2 ImageFolder roots \(a, b\)"):
         load_data(str(tmp_path / "multi"))
     assert load_data(str(tmp_path / "multi" / "b")).num_classes == 2
+
+
+def test_training_refuses_a_val_split_of_no_image(named_run, tmp_path, capsys) -> None:
+    """round(16 * 0.01) = 0: validation was silently off and best.pt the last step (a checkpoint so trained
+    earlier is still evaluated: only training refuses)."""
+    args = ["train", "tiny_resnet_14", *ARGS, "--data", str(named_run / "cats"), "--out", str(tmp_path / "r")]
+    assert main([*args, "--val-split", "0.01"]) == 2
+    assert "--val-split 0.01 of 16 training images is no image" in one_line_error(capsys)
 
 
 def test_resume_without_the_chosen_best_checkpoint_is_refused_before_training(named_run, tmp_path, capsys) -> None:
@@ -209,6 +216,10 @@ def test_checkpoints_and_exports_refuse_a_threshold_no_reader_takes(tmp_path) ->
     model.threshold = 1.5
     with pytest.raises(SkipnetError, match="must lie in"):
         save_checkpoint(tmp_path / "t.pt", model)
+    model.threshold = 1.01  # calibrate's all-skip point: a checkpoint may hold it, an exported graph not
+    save_checkpoint(tmp_path / "all_skip.pt", model)
+    with pytest.raises(SkipnetError, match="all-skip point"):
+        export_model(model, "onnx")
     model.threshold = 0.5
     with pytest.raises(SkipnetError, match="threshold nan must lie in"):
         export_model(model, "onnx", threshold=float("nan"))
@@ -241,3 +252,20 @@ def test_a_large_image_epoch_is_the_same_however_the_run_got_to_it(tmp_path) -> 
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
     train.set_epoch(2)
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(batches[1], list(train), strict=True))  # epochs differ
+
+
+def test_init_of_another_class_count_is_one_line_not_a_traceback(named_run, tmp_path, capsys) -> None:
+    """One class list a prefix of the other: the name check found no differing name (StopIteration)."""
+    more = make_folder(tmp_path / "more", ["cat", "dog", "fox"])
+    args = ["train", "tiny_resnet_14", *ARGS, "--data", str(more), "--out", str(tmp_path / "r")]
+    assert main([*args, "--init", str(named_run / "run" / "best.pt")]) == 2
+    assert "was trained for 2 classes but more has 3" in one_line_error(capsys)
+
+
+def test_a_hidden_folder_inside_a_class_folder_is_no_image_on_the_large_path(tmp_path) -> None:
+    from skipnet.data.loaders import image_folder
+
+    data = make_folder(tmp_path / "big", ["a", "b"], side=72, per_class=3)
+    (data / "train" / "a" / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (72, 72)).save(data / "train" / "a" / ".ipynb_checkpoints" / "0-checkpoint.png")
+    assert len(image_folder(data / "train", None, ["a", "b"]).folder.samples) == 6

@@ -99,8 +99,11 @@ def make_checkpoint(
     if not isinstance(net, GatedResNet):
         raise SkipnetError(f"a checkpoint holds a skipnet GatedResNet (create_model, load_model), not {type(net)}")
     threshold, keep = float(net.threshold), float(net.keep_ratio)
-    if not (0.0 <= threshold <= 1.0 and 0.0 <= keep <= 1.0):  # every loader refuses such a file: never write one
-        raise SkipnetError(f"the model's threshold {threshold} and keep ratio {keep} must lie in [0, 1]")
+    if not ((0.0 <= threshold <= 1.0 or threshold == ALL_SKIP_THRESHOLD) and 0.0 <= keep <= 1.0):  # no reader takes it
+        raise SkipnetError(
+            f"the model's threshold {threshold} and keep ratio {keep} must lie in [0, 1] (or the threshold be "
+            f"calibrate's all-skip {ALL_SKIP_THRESHOLD})"
+        )
     ckpt = {
         "format_version": FORMAT_VERSION,
         "kind": "skipnet",
@@ -597,7 +600,10 @@ def require_same_class_names(classes: Any, data: Any, source: str, advice: str) 
     would be scored, predicted or distilled as the data's class ``i``. Nothing to check where either names none."""
     names = list(getattr(data, "classes", None) or [])
     if isinstance(classes, list) and all(isinstance(c, str) for c in classes) and names and classes != names:
-        diff = next(i for i, (a, b) in enumerate(zip(classes, names, strict=False)) if a != b)
+        if len(classes) != len(names):
+            n, m = len(classes), len(names)
+            raise SkipnetError(f"{source} was trained for {n} classes but {data.name} has {m}; {advice}")
+        diff = next(i for i, (a, b) in enumerate(zip(classes, names, strict=True)) if a != b)
         raise SkipnetError(
             f"{source} was trained with class {diff} named {classes[diff]!r} but {data.name} names it "
             f"{names[diff]!r}; {advice}"

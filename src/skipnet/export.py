@@ -581,7 +581,8 @@ def export_model(
         raise SkipnetError(f"export_model writes pt2 or onnx, not {fmt!r}")
     decides_at = float(model.threshold if threshold is None else threshold)
     if not 0.0 <= decides_at <= 1.0:  # every reader refuses such a file: never write one
-        raise SkipnetError(f"the threshold {decides_at} must lie in [0, 1]")
+        why = " (calibrate's all-skip point: no gated block runs; export --graph plain)" if decides_at > 1 else ""
+        raise SkipnetError(f"the threshold {decides_at} must lie in [0, 1] for an exported graph{why}")
     model.eval()
     batch = 1 if graph == "conditional" else None
     notes: list[str] = []

@@ -86,6 +86,12 @@ def assemble(cfg: TrainConfig, dist: DistContext, given: set[str]) -> RunSetup:
         raise SkipnetError(f"--batch-size {cfg.batch_size} is not divisible by the {dist.world} processes")
     data = load_run_data(cfg, arch, dist, resume if resume is not None else init)
     fingerprint = data_fingerprint(data)
+    if cfg.val_split > 0 and resume is None and data.val is None:  # validation would silently be off
+        n = data.info.get("train_images", 0)
+        raise SkipnetError(
+            f"--val-split {cfg.val_split:g} of {n} training images is no image: ask for at least {1 / max(n, 1):.2g} "
+            "(one image), or pass --val-split 0 to train without a validation split"
+        )
     if init is not None:
         require_same_class_names(_recorded_classes(init), data, f"--init {cfg.init}", SAME_CLASSES)
     if resume is not None:  # another --data path must hold the same data set

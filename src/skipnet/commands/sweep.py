@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -117,11 +119,31 @@ def trained_rows(runner: Runner, runs: list[Run], alphas: list[float]) -> list[d
     return rows
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Whether two names of ``--init`` are the same file (or files of the same bytes)."""
+    pa, pb = Path(a), Path(b)
+    if not (pa.is_file() and pb.is_file()):
+        return a == b
+    return os.path.samefile(pa, pb) or pa.read_bytes() == pb.read_bytes()
+
+
 def check_same_run(cfg: TrainConfig) -> None:
     """A finished run of an earlier sweep into the same ``--out`` is reused only if this sweep asks for the same
     run (the options ``--resume`` would refuse to change, and its length): one line otherwise."""
-    saved = TrainConfig.from_dict(load_checkpoint(Path(cfg.out) / "last.pt")["train_config"])
-    resumed_config(cfg, saved, options_set(cfg) | {"init", "alpha", "val_split"}, cfg.out)
+    run = Path(cfg.out)
+    ckpt = next((run / n for n in ("last.pt", "best.pt") if (run / n).exists()), None)
+    if ckpt is None:  # only its summary is left: nothing says how it was trained
+        return
+    saved = TrainConfig.from_dict(load_checkpoint(ckpt)["train_config"])
+    if saved.init and cfg.init and _same_file(saved.init, cfg.init):  # the same checkpoint named another way
+        cfg = replace(cfg, init=saved.init)
+    try:
+        resumed_config(cfg, saved, options_set(cfg) | {"init", "alpha", "val_split"}, cfg.out)
+    except SkipnetError as exc:
+        raise SkipnetError(
+            f"{cfg.out} holds a finished run of other options ({str(exc).split(' has ', 1)[-1].split(', and ')[0]}); "
+            "choose another --out"
+        ) from None
 
     def length(c: TrainConfig) -> str:
         return f"--iters {c.iters}" if c.iters is not None else f"--epochs {c.epochs:g}"

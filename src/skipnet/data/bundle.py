@@ -76,11 +76,6 @@ def _carve_val(n: int, fraction: float) -> tuple[Tensor, Tensor]:
         raise SkipnetError(f"--val-split must be in [0, 1), got {fraction}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
     k = int(round(n * fraction))
-    if fraction > 0 and k == 0:  # validation would silently be off, and best.pt the last step
-        raise SkipnetError(
-            f"--val-split {fraction:g} of {n} training images is no image: ask for at least {1 / n:.2g} (one "
-            "image), or pass --val-split 0 to train without a validation split"
-        )
     return perm[k:].sort().values, perm[:k].sort().values
 
 

@@ -74,7 +74,7 @@ def resolve_folder(path: Path) -> Path:
             f"data {str(path)!r} is neither a known data set ({', '.join(BUILTIN)}) nor a directory; the archives "
             "read are .tar, .tar.gz and .tgz"
         )
-    subdirs = sorted(p for p in path.iterdir() if p.is_dir())
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not subdirs and not any(path.iterdir()):
         raise SkipnetError(f"data directory {path} is empty; put train/ and test/ (or val/) class folders in it")
     roots = [c for c in [path, *subdirs] if (c / "train").is_dir() and any((c / s).is_dir() for s in ("test", "val"))]
@@ -82,8 +82,7 @@ def resolve_folder(path: Path) -> Path:
         return roots[0]
     if roots:  # an archive or folder of several data sets: which one is meant is the user's to say
         raise SkipnetError(
-            f"{path} holds {len(roots)} ImageFolder roots ({', '.join(r.name for r in roots[:4])}); pass the one to "
-            "use (from an extracted archive)"
+            f"{path} holds {len(roots)} ImageFolder roots ({', '.join(r.name for r in roots[:4])}); pass the one to use"
         )
     raise SkipnetError(f"{path} is not an ImageFolder root: expected train/ and test/ (or val/) class folders")
 

@@ -249,7 +249,7 @@ def image_folder(split_dir: Path, transform, classes: list[str]) -> SafeFolder:
     folder.samples = [
         (path, index[folder.classes[t]])
         for path, t in folder.samples
-        if t not in hidden and not Path(path).name.startswith(".")
+        if t not in hidden and not any(part.startswith(".") for part in Path(path).relative_to(split_dir).parts)
     ]
     folder.imgs = folder.samples
     folder.targets = [t for _, t in folder.samples]
