@@ -86,14 +86,7 @@ def assemble(cfg: TrainConfig, dist: DistContext, given: set[str]) -> RunSetup:
         raise SkipnetError(f"--batch-size {cfg.batch_size} is not divisible by the {dist.world} processes")
     data = load_run_data(cfg, arch, dist, resume if resume is not None else init)
     fingerprint = data_fingerprint(data)
-    if cfg.val_split > 0 and resume is None and data.val is None:  # validation would silently be off
-        n = data.info.get("train_images", 0)
-        raise SkipnetError(
-            f"--val-split {cfg.val_split:g} of {n} training images is no image: ask for at least {1 / max(n, 1):.2g} "
-            "(one image), or pass --val-split 0 to train without a validation split"
-        )
-    if init is not None:
-        require_same_class_names(_recorded_classes(init), data, f"--init {cfg.init}", SAME_CLASSES)
+    check_new_data(cfg, data, init if resume is None else None, resume is not None)
     if resume is not None:  # another --data path must hold the same data set
         check_same_data(resume, data.meta(), fingerprint, cfg.data, cfg.out)
     arch = arch.replace(num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size)
@@ -238,6 +231,19 @@ def load_run_data(cfg: TrainConfig, arch: ArchConfig, dist: DistContext, saved: 
             image_size=cfg.image_size or (arch.image_size if arch.family == "imagenet" else None),
             stats=stats,
         )
+
+
+def check_new_data(cfg: TrainConfig, data: DataBundle, init: dict[str, Any] | None, resumed: bool) -> None:
+    """One line for a ``--val-split`` that carves no image (validation would silently be off) and for an
+    ``--init`` checkpoint whose classes have other names."""
+    if cfg.val_split > 0 and not resumed and data.val is None:
+        n = data.info.get("train_images", 0)
+        raise SkipnetError(
+            f"--val-split {cfg.val_split:g} of {n} training images is no image: ask for at least {1 / max(n, 1):.2g} "
+            "(one image), or pass --val-split 0 to train without a validation split"
+        )
+    if init is not None:
+        require_same_class_names(_recorded_classes(init), data, f"--init {cfg.init}", SAME_CLASSES)
 
 
 # ------------------------------------------------------------------------------------------ 3. model
