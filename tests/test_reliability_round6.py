@@ -269,3 +269,23 @@ def test_a_hidden_folder_inside_a_class_folder_is_no_image_on_the_large_path(tmp
     (data / "train" / "a" / ".ipynb_checkpoints").mkdir()
     Image.new("RGB", (72, 72)).save(data / "train" / "a" / ".ipynb_checkpoints" / "0-checkpoint.png")
     assert len(image_folder(data / "train", None, ["a", "b"]).folder.samples) == 6
+
+
+def test_eval_of_a_large_image_training_split_smaller_than_a_batch(tmp_path, capsys) -> None:
+    """The training loader drops its last partial batch and crops at random: eval --split train crashed on a split
+    under one batch (torch.cat of nothing) and scored random crops."""
+    data = make_folder(tmp_path / "big", ["a", "b"], side=72, per_class=5)
+    out = tmp_path / "run"
+    args = ["train", "tiny_resnet_14", *ARGS, "--val-split", "0", "--batch-size", "8", "--workers", "0"]
+    assert main([*args, "--data", str(data), "--out", str(out)]) == 0
+    capsys.readouterr()
+    runs = []
+    for _ in range(2):
+        assert (
+            main(
+                ["eval", str(out / "best.pt"), "--data", str(data), "--split", "train", "--batch-size", "64", "--json"]
+            )
+            == 0
+        )
+        runs.append(json.loads(capsys.readouterr().out))
+    assert runs[0]["images"] == 10 and runs[0]["loss"] == runs[1]["loss"]  # every image, no random crop

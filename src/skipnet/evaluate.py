@@ -191,6 +191,8 @@ def data_for_checkpoint(
 def eval_loader(data: DataBundle, split: str):
     """The loader of ``split``, without augmentation (also for ``train``)."""
     loader = data.split(split)
+    if split == "train" and getattr(loader, "evaluation", None) is not None:  # a large-image folder
+        return loader.evaluation
     if split == "train" and hasattr(loader, "train"):
         loader.train = False
     return loader

@@ -280,6 +280,10 @@ def _folder_bundle(spec: DataSpec, root: Path, test_dir: Path, classes: list[str
     tr_idx, va_idx, te_idx = _split(spec, len(train_full), len(test_ds))
     common = {"workers": spec.workers, "seed": spec.seed, "rank": spec.rank, "world": spec.world}
     train = FolderLoader(KeyedSubset(train_full, tr_idx.tolist(), spec.seed), spec.batch_size, train=True, **common)
+    # ``skipnet eval --split train``: the training images with the evaluation transform, in order, every one
+    train.evaluation = FolderLoader(
+        KeyedSubset(val_full, tr_idx.tolist(), spec.seed), spec.eval_batch, train=False, **common
+    )
     val = (
         FolderLoader(KeyedSubset(val_full, va_idx.tolist(), spec.seed), spec.eval_batch, train=False, **common)
         if len(va_idx)

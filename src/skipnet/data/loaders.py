@@ -173,6 +173,7 @@ class FolderLoader:
         from torch.utils.data import DataLoader, DistributedSampler
 
         self.dataset, self.train, self.seed, self.epoch = dataset, train, seed, 0
+        self.evaluation: FolderLoader | None = None  # of a training split: the same images, evaluated in order
         self.sampler = None
         if world > 1:
             self.sampler = DistributedSampler(dataset, world, rank, shuffle=train, seed=seed, drop_last=train)
