@@ -270,22 +270,31 @@ def options_set(cfg: TrainConfig) -> set[str]:
     return {k for k, v in cfg.to_dict().items() if v is not None and (k not in defaults or v != defaults[k])}
 
 
+def changed_option(cfg: TrainConfig, saved: TrainConfig, given: set[str]) -> tuple[str, Any, Any] | None:
+    """``(option, saved value, new value)`` of the first option ``given`` that a resumed run may not change and
+    ``cfg`` sets to another value than ``saved`` (lengths excepted), or ``None``."""
+    for name in sorted(given & {f.name for f in fields(TrainConfig)}):
+        value, before = getattr(cfg, name), getattr(saved, name)
+        if value is not None and name not in ("epochs", "iters") and name not in RESUME_MAY_CHANGE and value != before:
+            return name.replace("_", "-"), before, value
+    return None
+
+
 def resumed_config(cfg: TrainConfig, saved: TrainConfig, given: set[str], out: str) -> TrainConfig:
     """The saved run's options with those of ``RESUME_MAY_CHANGE`` that the new command line gives (``given``)
     applied; a length (``--epochs`` or ``--iters``) replaces the saved one, whichever it was. Any other option
     given with a value other than the saved run's is refused in one line naming it."""
+    changed = changed_option(cfg, saved, given)
+    if changed is not None:
+        name, before, value = changed
+        raise SkipnetError(
+            f"--resume: the run in {out} has {name} {before!r}, not {value!r}, and changing "
+            "it would make it another run; resume it with its own options (or choose another --out)"
+        )
     merged = TrainConfig(**asdict(saved))
-    for name in sorted(given & {f.name for f in fields(TrainConfig)}):
-        value, before = getattr(cfg, name), getattr(saved, name)
-        if value is None or name in ("epochs", "iters"):
-            continue
-        if name in RESUME_MAY_CHANGE:
-            setattr(merged, name, value)
-        elif value != before:
-            raise SkipnetError(
-                f"--resume: the run in {out} has {name.replace('_', '-')} {before!r}, not {value!r}, and changing "
-                "it would make it another run; resume it with its own options (or choose another --out)"
-            )
+    for name in sorted(given & {f.name for f in fields(TrainConfig)} & RESUME_MAY_CHANGE):
+        if getattr(cfg, name) is not None:
+            setattr(merged, name, getattr(cfg, name))
     if cfg.epochs is not None or cfg.iters is not None:
         merged.epochs, merged.iters = cfg.epochs, cfg.iters
     merged.resume, merged.out = True, cfg.out

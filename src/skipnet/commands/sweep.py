@@ -27,7 +27,7 @@ from skipnet.cost import cost_model
 from skipnet.errors import SkipnetError
 from skipnet.evaluate import data_for_checkpoint, eval_loader, eval_mode_for, run_eval
 from skipnet.experiments import Run, Runner
-from skipnet.trainconfig import TrainConfig, options_set, resumed_config
+from skipnet.trainconfig import TrainConfig, changed_option, options_set
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +137,12 @@ def check_same_run(cfg: TrainConfig) -> None:
     saved = TrainConfig.from_dict(load_checkpoint(ckpt)["train_config"])
     if saved.init and cfg.init and _same_file(saved.init, cfg.init):  # the same checkpoint named another way
         cfg = replace(cfg, init=saved.init)
-    try:
-        resumed_config(cfg, saved, options_set(cfg) | {"init", "alpha", "val_split"}, cfg.out)
-    except SkipnetError as exc:
+    changed = changed_option(cfg, saved, options_set(cfg) | {"init", "alpha", "val_split"})
+    if changed is not None:
+        name, before, value = changed
         raise SkipnetError(
-            f"{cfg.out} holds a finished run of other options ({str(exc).split(' has ', 1)[-1].split(', and ')[0]}); "
-            "choose another --out"
-        ) from None
+            f"{cfg.out} holds a finished run of other options ({name} {before!r}, not {value!r}); choose another --out"
+        )
 
     def length(c: TrainConfig) -> str:
         return f"--iters {c.iters}" if c.iters is not None else f"--epochs {c.epochs:g}"
