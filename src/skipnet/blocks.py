@@ -1,7 +1,7 @@
 """The two functions of a gated residual block in Eq. 1, ``x_{i+1} = g_i F_i(x_i) + (1 - g_i) S_i(x_i)``.
 
-``F_i`` is the whole torchvision BasicBlock/Bottleneck (residual branch + shortcut + ReLU) and ``S_i`` its
-shortcut: the identity, or for a downsampling block its projection ``BN(conv1x1_s2(x))`` (no ReLU). Every
+``F_i`` is the whole BasicBlock/Bottleneck of :mod:`skipnet.backbones` (residual branch + shortcut + ReLU) and
+``S_i`` its shortcut: the identity, or for a downsampling block its projection ``BN(conv1x1_s2(x))`` (no ReLU). Every
 executor (:mod:`skipnet.executors`), the cost counter and the export graphs build on these.
 """
 
@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.models.resnet import Bottleneck
+
+from skipnet.backbones import Bottleneck
 
 
 def residual_branch(block: nn.Module, x: Tensor) -> Tensor:
-    """The residual function of a torchvision BasicBlock/Bottleneck, before the addition."""
+    """The residual function of a BasicBlock/Bottleneck, before the addition."""
     out = block.relu(block.bn1(block.conv1(x)))
     out = block.bn2(block.conv2(out))
     if isinstance(block, Bottleneck):

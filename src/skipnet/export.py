@@ -50,8 +50,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.models.resnet import Bottleneck
 
+from skipnet.backbones import Bottleneck
 from skipnet.blocks import residual_branch, run_block, shortcut_branch
 from skipnet.errors import SkipnetError
 from skipnet.gated import GatedResNet

@@ -25,10 +25,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torchvision.models.resnet import Bottleneck
 
 from skipnet import capture, executors, policy
-from skipnet.backbones import build_backbone, stages
+from skipnet.backbones import Bottleneck, build_backbone, stages
 from skipnet.config import ArchConfig
 from skipnet.errors import SkipnetError
 from skipnet.gates import GateBank, build_gates
