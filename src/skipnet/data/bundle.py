@@ -11,7 +11,14 @@ from torch import Tensor
 
 from skipnet.data.decode import decode_folder, first_image_size
 from skipnet.data.folders import list_folder, resolve_folder
-from skipnet.data.loaders import FolderLoader, KeyedSubset, TensorLoader, folder_transforms, image_folder
+from skipnet.data.loaders import (
+    FolderLoader,
+    KeyedSubset,
+    TensorLoader,
+    folder_transforms,
+    image_folder,
+    usable_workers,
+)
 from skipnet.data.sources import BUILTIN, Arrays, builtin_arrays
 from skipnet.errors import SkipnetError
 
@@ -278,7 +285,7 @@ def _folder_bundle(spec: DataSpec, root: Path, test_dir: Path, classes: list[str
     val_full = image_folder(root / "train", evaluation, classes)
     test_ds = image_folder(test_dir, evaluation, classes)
     tr_idx, va_idx, te_idx = _split(spec, len(train_full), len(test_ds))
-    common = {"workers": spec.workers, "seed": spec.seed, "rank": spec.rank, "world": spec.world}
+    common = {"workers": usable_workers(spec.workers), "seed": spec.seed, "rank": spec.rank, "world": spec.world}
     train = FolderLoader(KeyedSubset(train_full, tr_idx.tolist(), spec.seed), spec.batch_size, train=True, **common)
     # ``skipnet eval --split train``: the training images with the evaluation transform, in order, every one
     train.evaluation = FolderLoader(

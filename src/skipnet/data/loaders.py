@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,6 +162,20 @@ class EpochKeys(torch.utils.data.Sampler):
         else:
             order = range(self.n)
         return ((self.epoch, int(i)) for i in order)
+
+
+def usable_workers(requested: int) -> int:
+    """``requested`` DataLoader workers, at most one per CPU this process may run on: more only contend for the
+    same cores (each loader keeps its own persistent workers), and PyTorch warns of them. The images and their
+    crops do not depend on the count (:class:`KeyedSubset`)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    if requested > cpus:
+        log.info("--workers %d: %d CPU%s here, so %d", requested, cpus, "" if cpus == 1 else "s", cpus)
+        return cpus
+    return requested
 
 
 class FolderLoader:
