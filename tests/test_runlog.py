@@ -17,7 +17,7 @@ from PIL import Image
 
 from skipnet.checkpoint import load_checkpoint
 from skipnet.cli import main
-from skipnet.runlog import STEP_FIELDS, Progress
+from skipnet.runlog import STEP_FIELDS, Progress, load_config_file
 
 TINY = ["--batch-size", "4", "--threads", "1", "--val-split", "0.2", "--log-every", "2", "--eval-every", "3"]
 
@@ -155,7 +155,22 @@ def test_config_file_mistakes_are_one_line(run, tmp_path, capsys) -> None:
     for k, (content, needle) in enumerate(wrong_types):
         (tmp_path / f"t{k}.json").write_text(json.dumps(content))
         assert needle in error(["train", "--config", str(tmp_path / f"t{k}.json")])
+    twice = [  # an option given twice: refused, not the last one taken silently
+        ("d1.json", '{"lr": 0.1, "lr": 0.2}', "'lr' is given twice"),
+        ("d2.json", '{"batch-size": 8, "batch_size": 16}', "'batch-size' and 'batch_size' are the same option"),
+        ("d3.yaml", "lr: 0.1\n'lr': 0.2\n", "'lr' is given twice"),
+        ("d4.yml", "lr: 0.1\nbatch_size: 8\nbatch-size: 16\n", "'batch_size' and 'batch-size' are the same"),
+    ]
+    for name, text, needle in twice:
+        (tmp_path / name).write_text(text)
+        assert needle in error(["train", "--config", str(tmp_path / name)])
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_yaml_merge_key_may_override_what_it_merges(tmp_path) -> None:
+    (tmp_path / "m.yaml").write_text("common: &c {lr: 0.1, seed: 3}\noptions:\n  <<: *c\n  lr: 0.2\n")
+    data = load_config_file(tmp_path / "m.yaml")[0]
+    assert data["options"] == {"lr": 0.2, "seed": 3}
 
 
 def test_resumed_run_logs_like_an_uninterrupted_one(data, tmp_path) -> None:

@@ -335,6 +335,7 @@ RECORD_ONLY = ("arch_config", "environment")  # what a run's config.json holds b
 DERIVED = "derived"
 NEVER_FROM_FILE = ("resume", "json", "config")  # what only the command line decides
 MAX_CONFIG_BYTES = 1 << 20
+MERGE_TAG = "tag:yaml.org,2002:merge"  # YAML's "<<:" merge key
 
 
 def load_config_file(path: str | Path) -> tuple[dict[str, Any], set[str]]:
@@ -359,8 +360,30 @@ def load_config_file(path: str | Path) -> tuple[dict[str, Any], set[str]]:
     derived = data.pop(DERIVED, [])
     if not (isinstance(derived, list) and all(isinstance(d, str) for d in derived)):
         raise SkipnetError(f"--config {path}: {DERIVED!r} must list option names (a run's config.json records them)")
-    options = {str(k).replace("-", "_"): v for k, v in data.items() if k not in RECORD_ONLY}
+    options: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in data.items():
+        if key in RECORD_ONLY:
+            continue
+        name = str(key).replace("-", "_")
+        if name in options:
+            raise SkipnetError(f"--config {path}: {spelled[name]!r} and {key!r} are the same option; give it once")
+        options[name], spelled[name] = value, str(key)
     return options, {d.replace("-", "_") for d in derived}
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A mapping from ``pairs``, refusing a key given twice (the JSON and YAML parsers keep the last silently)."""
+    out: dict[Any, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Duplicate(f"{key!r} is given twice; give it once")
+        out[key] = value
+    return out
 
 
 def derived_record(path: Path, user: dict[str, Any], resolved: dict[str, Any], resumed: bool) -> list[str] | None:
@@ -382,13 +405,24 @@ def _parse_config(path: Path, text: str) -> Any:
             import yaml
         except ImportError:
             raise SkipnetError("--config: a YAML file needs PyYAML (pip install pyyaml); or give a JSON file") from None
+
+        class UniqueKeys(yaml.SafeLoader):
+            def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+                own = [k for k, _ in node.value if isinstance(k, yaml.ScalarNode) and k.tag != MERGE_TAG]
+                _unique_pairs([(self.construct_object(k), None) for k in own])  # a merged key may be overridden
+                return super().construct_mapping(node, deep)
+
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=UniqueKeys)  # noqa: S506 - a SafeLoader
+        except _Duplicate as exc:
+            raise SkipnetError(f"--config {path}: {exc}") from None
         except yaml.YAMLError as exc:
             raise SkipnetError(f"--config {path} is not valid YAML ({type(exc).__name__})") from None
     else:
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_pairs)
+        except _Duplicate as exc:
+            raise SkipnetError(f"--config {path}: {exc}") from None
         except ValueError as exc:
             raise SkipnetError(f"--config {path} is not valid JSON ({exc})") from None
     return data
