@@ -77,8 +77,8 @@ def test_runner_trains_in_order_resumes_collects_and_fails_one_way(tmp_path) -> 
     runner.train([early])
     assert runner.commands[0].endswith("--resume") and runner.finished(early)
     bad = Run("bad", ("tiny_resnet_14", "--stage", "base", "--lr", "-1", *FAST))
-    with pytest.raises(RunFailed, match="bad.log"):
-        runner.train([bad])
+    with pytest.raises(RunFailed, match=r"exited 2 \(--lr must be positive, got -1\); see .*bad\.log"):
+        runner.train([bad])  # the reason, from the log's last one-line error
 
 
 # A stand-in for ``python -m skipnet train KIND:SECONDS ... --out DIR [--resume]``: records its pid and the times

@@ -129,6 +129,18 @@ def _stop(going: Sequence[_Going], grace: float) -> None:
             g.proc.wait()
 
 
+def _reason(logfile: Path) -> str:
+    """`` (the error)``: the last one-line error (``skipnet CMD: error: ...``) at the end of ``logfile``, or ``""``."""
+    try:
+        with open(logfile, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            tail = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    errors = [line.split(": error: ", 1)[1] for line in tail if line.startswith("skipnet ") and ": error: " in line]
+    return f" ({errors[-1].strip()})" if errors else ""
+
+
 def _stamp(path: Path) -> list[int]:
     st = path.stat()
     return [st.st_size, st.st_mtime_ns]
@@ -200,7 +212,7 @@ class Runner:
         with open(logfile, "a") as f:
             done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=f, text=True, env=self.env)
         if done.returncode != 0:
-            raise RunFailed(f"{' '.join(cmd)} exited {done.returncode}; see {logfile}")
+            raise RunFailed(f"{' '.join(cmd)} exited {done.returncode}{_reason(logfile)}; see {logfile}")
         return done.stdout
 
     def train(self, runs: Sequence[Run], parallel: int = 1, deadline: float | None = None) -> list[str]:
@@ -263,7 +275,10 @@ class Runner:
             log.warning("%s stopped at the deadline (it resumes next time); see %s", g.run.name, g.logfile)
         failed = [g for g in started if not g.stopped and g.proc.returncode]
         if failed:
-            cmds = (f"{' '.join(self.command(g.run))} exited {g.proc.returncode}; see {g.logfile}" for g in failed)
+            cmds = (
+                f"{' '.join(self.command(g.run))} exited {g.proc.returncode}{_reason(g.logfile)}; see {g.logfile}"
+                for g in failed
+            )
             raise RunFailed("; ".join(cmds))
         if todo:
             log.warning("not started: %s", ", ".join(r.name for r in todo))
