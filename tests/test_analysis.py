@@ -131,6 +131,9 @@ def test_per_class_stats_hand_made() -> None:
     assert stats[1]["median_skipped"] == 1.5
     assert stats[0]["mean_executed"] == pytest.approx((1 + 3 + 4) / 3)
     assert easiest_hardest_class(stats) == (0, 1)  # the empty class is ignored
+    tied = [dict(st, accuracy=50.0) for st in stats]  # equally accurate: the first listed, whatever they skip
+    assert easiest_hardest_class(tied) == (0, 0)
+    assert easiest_hardest_class(tied[::-1]) == (1, 1)  # class 1 ("dog", skipping less) is now listed first
 
     easy, hard = easy_hard_indices(decisions, 2)
     assert easy == [0, 4] and hard == [3, 2]

@@ -99,13 +99,14 @@ def per_class_stats(labels: Tensor, preds: Tensor, decisions: Tensor, classes: S
 def easiest_hardest_class(stats: Sequence[dict[str, Any]]) -> tuple[int, int]:
     """Indices (into ``stats``) of the classes with the highest and the lowest accuracy.
 
-    Ties go to the class that skips more (easiest) or less (hardest); classes without images are ignored.
+    Ties go to the class listed first, never to the one that skips more or less: the pair is compared by how much
+    each skips (Fig. 9a), which a tie-break on skipping would decide. Classes without images are ignored.
     """
     seen = [i for i, s in enumerate(stats) if s["images"]]
     if not seen:
         raise ValueError("no class has any image")
-    easy = max(seen, key=lambda i: (stats[i]["accuracy"], stats[i]["median_skipped"], -i))
-    hard = min(seen, key=lambda i: (stats[i]["accuracy"], stats[i]["median_skipped"], i))
+    easy = max(seen, key=lambda i: (stats[i]["accuracy"], -i))
+    hard = min(seen, key=lambda i: (stats[i]["accuracy"], i))
     return easy, hard
 
 
