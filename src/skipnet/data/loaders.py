@@ -192,6 +192,8 @@ class FolderLoader:
         self.sampler = None
         if world > 1:
             self.sampler = DistributedSampler(dataset, world, rank, shuffle=train, seed=seed, drop_last=train)
+        # Its own generator, though no image depends on it (KeyedSubset): without one, each pass would draw the
+        # workers' base seed from the process's random stream, which the training step's sampling then continues.
         gen = torch.Generator().manual_seed(seed)
         self.keys = EpochKeys(len(dataset), shuffle=train, seed=seed, sampler=self.sampler)
         self.loader = DataLoader(
