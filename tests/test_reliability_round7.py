@@ -7,11 +7,9 @@ import os
 import warnings
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
-from skipnet.data import load_data
-from skipnet.data import loaders
+from skipnet.data import load_data, loaders
 
 
 def _folder(root: Path, side: int = 72, per_class: int = 4) -> Path:
@@ -19,7 +17,8 @@ def _folder(root: Path, side: int = 72, per_class: int = 4) -> Path:
         for c in ("a", "b"):
             (root / split / c).mkdir(parents=True)
             for i in range(per_class):
-                Image.new("RGB", (side, side), (60 * i, 200 if c == "a" else 20, 90)).save(root / split / c / f"{i}.png")
+                colour = (60 * i, 200 if c == "a" else 20, 90)
+                Image.new("RGB", (side, side), colour).save(root / split / c / f"{i}.png")
     return root
 
 
