@@ -382,19 +382,28 @@ def init_torchvision(model: GatedResNet, path: str) -> None:
     if model.config.family != "imagenet":
         raise SkipnetError("--init-torchvision needs an imagenet_* architecture")
     if not Path(path).is_file():
-        raise SkipnetError(f"--init-torchvision: {path!r} does not exist")
+        what = "is a directory; give the file torch.save wrote" if Path(path).is_dir() else "does not exist"
+        raise SkipnetError(f"--init-torchvision: {path!r} {what}")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         raise SkipnetError(f"--init-torchvision: cannot read {path} ({type(exc).__name__})") from None
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-    if sd.get("fc.weight") is not None and sd["fc.weight"].shape[0] != model.config.num_classes:
+    if not (isinstance(sd, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items())):
+        raise SkipnetError(f"--init-torchvision: {path} is not a state dict (names to tensors) of a torchvision ResNet")
+    if "fc.weight" in sd and sd["fc.weight"].shape[0] != model.config.num_classes:
         sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
         log.info("--init-torchvision: classifier has a different number of classes; fc left at random init")
-    missing, unexpected = model.backbone.load_state_dict(sd, strict=False)
-    bad = [k for k in missing if not k.startswith("fc.")] + list(unexpected)
+    mine = model.backbone.state_dict()
+    # older state dicts lack BatchNorm's counters (loading fills them); fc may be left out (other classes)
+    bad = [k for k in mine if k not in sd and not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+    bad += [k for k in sd if k not in mine]
+    bad += [
+        f"{k} is {tuple(sd[k].shape)}, not {tuple(v.shape)}" for k, v in mine.items() if sd.get(k, v).shape != v.shape
+    ]
     if bad:
         raise SkipnetError(f"--init-torchvision: {path} is not a matching torchvision ResNet state dict ({bad[0]})")
+    model.backbone.load_state_dict(sd, strict=False)
 
 
 # ------------------------------------------------------------------------------------------ 4. optimizer

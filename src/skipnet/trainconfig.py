@@ -186,6 +186,11 @@ class TrainConfig:
         """Options that set a network's first weights, against each other and against ``--init``, which brings them:
         one that the other would overwrite is refused, not ignored."""
         start = self.init or self.init_torchvision
+        if self.init and self.init_torchvision:
+            raise SkipnetError(
+                f"--init {self.init} and --init-torchvision {self.init_torchvision} both set the backbone's weights "
+                f"(torchvision's would replace the checkpoint's): leave one out"
+            )
         if self.zero_init_residual and start:
             raise SkipnetError(
                 f"--zero-init-residual zeroes each block's last BatchNorm of a network trained from scratch; --init "
