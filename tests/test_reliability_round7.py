@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -14,8 +15,10 @@ from PIL import Image
 
 from skipnet.backbones import ImageNetResNet
 from skipnet.data import load_data, loaders
+from skipnet.data.loaders import FolderLoader, folder_transforms
 from skipnet.errors import SkipnetError
 from skipnet.gated import GatedResNet
+from skipnet.predict import load_image
 from skipnet.registry import create_model
 from skipnet.runsetup import init_torchvision
 from skipnet.trainconfig import TrainConfig
@@ -89,3 +92,43 @@ def test_init_and_init_torchvision_together_are_refused() -> None:
     cfg = TrainConfig(arch="imagenet_rnn_gate_34", stage="hrl", data="x", out="y", init="a.pt", init_torchvision="b")
     with pytest.raises(SkipnetError, match="--init a.pt and --init-torchvision b both set the backbone's weights"):
         cfg.validate()
+
+
+# ------------------------------------------------------------------------- how an image is made S x S
+
+
+def _encoded(side_w: int, side_h: int, seed: int) -> bytes:
+    gen = torch.Generator().manual_seed(seed)
+    arr = (torch.rand(side_h, side_w, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_one_small_image_does_not_switch_a_large_image_folder_to_the_small_path(tmp_path) -> None:
+    root = _folder(tmp_path / "d", side=80, per_class=20)
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(root / "train" / "a" / "-first.png")  # sorts first
+    bundle = load_data(str(root), batch_size=2, val_split=0.25, image_size=72, workers=0)
+    assert isinstance(bundle.test, FolderLoader) and bundle.meta()["prepare"] == "crop"
+    small = load_data(str(_folder(tmp_path / "s", side=24)), batch_size=2, val_split=0.25, workers=0)
+    assert not isinstance(small.test, FolderLoader) and small.meta()["prepare"] == "resize"
+
+
+@pytest.mark.parametrize(("w", "h"), [(60, 30), (24, 64), (200, 150)])
+def test_predict_crops_any_image_for_a_model_whose_folder_was_cropped(w, h) -> None:
+    """A model trained on a large-image folder: every image, small ones too, gets evaluation's transform."""
+    data = _encoded(w, h, seed=w)
+    evaluation = folder_transforms(96, False, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # normalisation left to the model
+    with Image.open(io.BytesIO(data)) as im:
+        want = evaluation(im.convert("RGB"))
+    assert torch.equal(load_image(data, 3, 96, "crop"), want)
+    assert torch.equal(load_image(data, 3, 96), want)  # no record: a network over 64 px crops too
+    squashed = load_image(data, 3, 96, "resize")  # a small-image folder resized to 96: squashed, as it trained
+    assert squashed.shape == want.shape and not torch.equal(squashed, want)
+
+
+def test_a_malformed_preparation_record_is_refused(tmp_path) -> None:
+    from skipnet.checkpoint import check_data_record
+
+    with pytest.raises(SkipnetError, match="prepare 'stretch' is not 'crop' or 'resize'"):
+        check_data_record({"prepare": "stretch"}, {"in_channels": 3, "num_classes": 10}, "x.pt")

@@ -321,6 +321,8 @@ def check_data_record(data: Any, arch: dict[str, Any], path: str | Path) -> None
     for key in ("num_classes", "in_channels", "image_size"):
         if key in data and data[key] is not None and data[key] != arch.get(key):
             raise refuse(f"{key} {data[key]!r} but the architecture's is {arch.get(key)!r}"[:150])
+    if data.get("prepare") not in (None, "crop", "resize"):
+        raise refuse(f"prepare {data['prepare']!r} is not 'crop' or 'resize'"[:150])
     classes = data.get("classes")
     if classes is not None and (
         not isinstance(classes, list)

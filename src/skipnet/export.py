@@ -440,6 +440,7 @@ def metadata(model: GatedResNet, graph: ExportGraph, ckpt: dict[str, Any] | None
         else None,
         "outputs": ["logits"] if graph.graph == "plain" else ["logits", "probs", "decisions"],
         "classes": data.get("classes"),
+        "prepare": data.get("prepare"),  # how the training images were made S x S (skipnet predict does the same)
         "saves_compute": graph.graph in ("conditional", "routed"),
         "backbone_sha256": backbone_fingerprint(model),
     }

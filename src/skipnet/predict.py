@@ -76,6 +76,7 @@ class Predictor:
     gated: bool
     cost: CostModel
     fn: Callable[[Tensor], tuple[Tensor, Tensor | None]] = field(repr=False)
+    prepare: str | None = None  # "crop" or "resize" as its training data was prepared; None: by the image size
 
     @property
     def image_size(self) -> int:
@@ -160,6 +161,7 @@ def _load_checkpoint(spec: str) -> Predictor:
         gated=gated,
         cost=cost_model(model),
         fn=run,
+        prepare=_preparation((ckpt.get("data") or {}).get("prepare"), spec),
     )
 
 
@@ -180,7 +182,15 @@ def _exported(spec: str, meta: dict[str, Any], runtime: str, fn: Callable) -> Pr
         gated=gated,
         cost=cost_model(GatedResNet(config), int(meta["image_size"])),
         fn=fn,
+        prepare=_preparation(meta.get("prepare"), spec),
     )
+
+
+def _preparation(recorded: Any, spec: str) -> str | None:
+    """How the model's images were made S x S, as its data record says (``None`` where it predates the record)."""
+    if recorded not in (None, "crop", "resize"):
+        raise SkipnetError(f"{spec} records an image preparation {recorded!r}; expected 'crop' or 'resize'"[:200])
+    return recorded
 
 
 def _load_pt2(spec: str) -> Predictor:
@@ -513,17 +523,19 @@ class _Encoded:
         return self.data
 
 
-def load_image(data: bytes, channels: int, size: int) -> Tensor:
-    """One encoded image as the data module prepares the checkpoint's images: float32 (C, S, S) in [0, 1] before
-    normalisation. :class:`Unreadable` (with the reason) if it is not a readable image."""
+def load_image(data: bytes, channels: int, size: int, prepare: str | None = None) -> Tensor:
+    """One encoded image as the data module prepared the model's images: float32 (C, S, S) in [0, 1] before
+    normalisation. ``prepare``: ``"crop"`` (a large-image folder's evaluation transform: resized to S * 256 / 224
+    and centre-cropped, whatever the image's own size), ``"resize"`` (decoded and resized to S x S, as small
+    images are), or ``None`` (a record older than the choice): crop for a network over 64 px, resize otherwise.
+    :class:`Unreadable` (with the reason) if it is not a readable image."""
     from skipnet.data import SMALL_MAX, _decode_file, _tv_decoder
 
     if not data:
         raise Unreadable("empty file")
-    if size > SMALL_MAX:
+    if prepare == "crop" or (prepare is None and size > SMALL_MAX):
         large = _large_image(data, size)
-        if large is not None:
-            return large if channels == 3 else _gray(large * 255.0) / 255.0
+        return large if channels == 3 else _gray(large * 255.0) / 255.0
     with warnings.catch_warnings():  # torchvision warns of its decoders' deprecation on every call (as data.py)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
         img = _decode_file(_Encoded(data), _tv_decoder())  # uint8 RGB (3, H, W)
@@ -543,13 +555,12 @@ def _gray(x: Tensor) -> Tensor:
     return (x * w).sum(0, keepdim=True)
 
 
-def _large_image(data: bytes, size: int) -> Tensor | None:
-    """A photo for a large network (S > 64): evaluation's resize to S * 256 / 224 and centre crop S, through PIL
-    as the ImageFolder loader reads it; ``None`` for an image of at most 64 px (prepared as a small one)."""
+def _large_image(data: bytes, size: int) -> Tensor:
+    """A photo as a large-image folder's evaluation prepares it: resized to S * 256 / 224 and centre-cropped to S,
+    through PIL as the ImageFolder loader reads it."""
     from PIL import Image
     from torchvision import transforms as T
 
-    from skipnet.data import SMALL_MAX
     from skipnet.data.decode import pil_rgb, too_elongated
 
     try:
@@ -558,8 +569,6 @@ def _large_image(data: bytes, size: int) -> Tensor | None:
             with Image.open(io.BytesIO(data)) as im:
                 if im.width * im.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
                     raise Unreadable("declares more pixels than the decompression-bomb limit")
-                if max(im.size) <= SMALL_MAX:
-                    return None
                 why = too_elongated(im.width, im.height)
                 if why is not None:
                     raise Unreadable(why)
@@ -609,7 +618,7 @@ def predict(
             try:
                 if isinstance(data, Unreadable):
                     raise data
-                images.append(load_image(data, predictor.in_channels, predictor.image_size))
+                images.append(load_image(data, predictor.in_channels, predictor.image_size, predictor.prepare))
                 names.append(name)
             except Unreadable as exc:
                 skipped.append((name, str(exc)))

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from skipnet.data.decode import decode_folder, first_image_size
+from skipnet.data.decode import decode_folder, mostly_larger_than
 from skipnet.data.folders import list_folder, resolve_folder
 from skipnet.data.loaders import (
     FolderLoader,
@@ -75,6 +75,9 @@ class DataBundle:
             "classes": list(self.classes),
             "mean": list(self.mean),
             "std": list(self.std),
+            # how an image becomes S x S (skipnet predict prepares its images so): resized and centre-cropped as a
+            # large-image folder's evaluation does, or resized to S x S as small images are
+            "prepare": "crop" if isinstance(self.test, FolderLoader) else "resize",
         }
 
 
@@ -238,8 +241,7 @@ def _folder_source(spec: DataSpec) -> tuple[Path, Path, list[str], bool]:
     test_dir = root / "test" if (root / "test").is_dir() else root / "val"
     files, _, classes = list_folder(root / "train")
     list_folder(test_dir, classes)
-    w, h = first_image_size(files)
-    large = max(w, h) > SMALL_MAX and (spec.image_size is None or spec.image_size > SMALL_MAX)
+    large = (spec.image_size is None or spec.image_size > SMALL_MAX) and mostly_larger_than(files, SMALL_MAX)
     return root, test_dir, classes, large
 
 

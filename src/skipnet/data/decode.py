@@ -125,20 +125,32 @@ def _warn_skipped(split_dir: Path, skipped: list[str], total: int) -> None:
         )
 
 
-def first_image_size(files: list[Path]) -> tuple[int, int]:
-    """Size of the first readable image of ``files``."""
+def _longer_side(path: Path) -> int | None:
+    """The longer side of the image at ``path`` from its header; ``None`` if it is not a readable image."""
     from PIL import Image
 
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                return im.size
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            continue
-    raise SkipnetError(
-        f"none of the {len(files)} images under {files[0].parent.parent} could be decoded (e.g. {files[0]}); "
-        "they are corrupt, truncated or not images: replace them"
-    )
+    try:
+        with Image.open(path) as im:
+            return max(im.size)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def mostly_larger_than(files: list[Path], side: int, sample: int = 31) -> bool:
+    """Whether most of ``files`` have a side over ``side`` px, judged from the headers of up to ``sample`` of them
+    spread evenly over the list (not the first alone: one odd image must not decide how a folder is read)."""
+    n = len(files)
+    picks = [files[i * n // sample] for i in range(sample)] if n > sample else files
+    sizes = [s for s in map(_longer_side, picks) if s is not None]
+    if not sizes:  # none of the sample is readable: any image of the folder decides
+        first = next((s for s in map(_longer_side, files) if s is not None), None)
+        if first is None:
+            raise SkipnetError(
+                f"none of the {n} images under {files[0].parent.parent} could be decoded (e.g. {files[0]}); "
+                "they are corrupt, truncated or not images: replace them"
+            )
+        sizes = [first]
+    return 2 * sum(s > side for s in sizes) > len(sizes)
 
 
 def _folder_key(split_dir: Path, files: list[Path], size: int | None, classes: list[str]) -> str:
