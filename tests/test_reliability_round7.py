@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from skipnet.backbones import ImageNetResNet
+from skipnet.cli import main
 from skipnet.data import load_data, loaders
 from skipnet.data.loaders import FolderLoader, folder_transforms
 from skipnet.errors import SkipnetError
@@ -132,3 +133,32 @@ def test_a_malformed_preparation_record_is_refused(tmp_path) -> None:
 
     with pytest.raises(SkipnetError, match="prepare 'stretch' is not 'crop' or 'resize'"):
         check_data_record({"prepare": "stretch"}, {"in_channels": 3, "num_classes": 10}, "x.pt")
+
+
+# ------------------------------------------------------------------------------------------ calibrate --out
+
+
+@pytest.fixture(scope="module")
+def sp_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sp") / "sp"
+    argv = ["train", "tiny_rnn_gate_14", "--stage", "sp", "--data", "digits", "--iters", "4", "--threads", "1"]
+    assert main([*argv, "--batch-size", "16", "--out", str(out)]) == 0
+    return out
+
+
+def test_calibrate_never_replaces_an_out_written_meanwhile(sp_run, tmp_path, monkeypatch, capsys) -> None:
+    from skipnet.commands import calibrate
+
+    dst = tmp_path / "race.pt"
+    real = calibrate.calibrate_threshold
+
+    def meanwhile(*args, **kwargs):  # another calibration finishes first
+        dst.write_bytes(b"the other process's result")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "calibrate_threshold", meanwhile)
+    argv = ["calibrate", str(sp_run / "best.pt"), "--data", "digits", "--target-reduction", "10", "--out", str(dst)]
+    assert main(argv) == 2
+    assert "was written by another process meanwhile; kept it" in capsys.readouterr().err
+    assert dst.read_bytes() == b"the other process's result"
+    assert main([*argv, "--force"]) == 0 and dst.read_bytes() != b"the other process's result"

@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from skipnet.analysis import CALIBRATION_GRID, calibrate_threshold, eval_loader
-from skipnet.checkpoint import atomic_save, export_safetensors
+from skipnet.checkpoint import export_safetensors
 from skipnet.commands._common import (
     add_source_args,
     check_count,
@@ -27,6 +29,7 @@ from skipnet.commands._common import (
 )
 from skipnet.cost import cost_model, fewer_macs
 from skipnet.errors import SkipnetError
+from skipnet.fileio import atomic_write
 from skipnet.policy import ALL_SKIP_THRESHOLD
 
 MAX_REFINE = 20  # bisection steps (in logit space: analysis._midpoint): 2**-20 of a grid interval
@@ -160,10 +163,15 @@ def run(args: argparse.Namespace) -> int:
     new = dict(ckpt)
     new["threshold"] = float(result.threshold)
     new["calibration"] = record
-    if dst.suffix == ".safetensors":
-        export_safetensors(new, dst, source=str(src))
-    else:
-        atomic_save(new, dst)
+    try:  # without --force never over a file, even one another process wrote while this one calibrated
+        if dst.suffix == ".safetensors":
+            export_safetensors(new, dst, source=str(src), replace=args.force)
+        else:
+            atomic_write(dst, lambda f: torch.save(new, f), replace=args.force)
+    except FileExistsError:
+        raise SkipnetError(
+            f"--out {dst} was written by another process meanwhile; kept it (--force replaces it)"
+        ) from None
     _report(args, result, record, target, dst)
     return 0
 
