@@ -145,7 +145,7 @@ def test_a_plain_pickle_is_refused_naming_its_object(tmp_path, capsys, protocol)
         (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
         (["--threads", "100000"], "--threads must be in [1, 256], got 100000"),
         (["--workers", "100000"], "--workers must be in [0, 64], got 100000"),
-        (["--batch-size", "1000000000"], "--batch-size must be in [1, 65536], got 1e+09"),
+        (["--batch-size", "1000000000"], "--batch-size must be in [1, 65536], got 1000000000"),
         (["--image-size", "100000"], "--image-size must be in [1, 1024], got 100000"),
         (["--image-size", "16"], "--image-size 16: the built-in data set digits has 8x8 images and is not resized"),
     ],

@@ -17,7 +17,7 @@ from skipnet.backbones import ImageNetResNet
 from skipnet.cli import main
 from skipnet.data import load_data, loaders
 from skipnet.data.loaders import FolderLoader, folder_transforms
-from skipnet.errors import SkipnetError
+from skipnet.errors import SkipnetError, check_value
 from skipnet.gated import GatedResNet
 from skipnet.predict import load_image
 from skipnet.registry import create_model
@@ -162,3 +162,10 @@ def test_calibrate_never_replaces_an_out_written_meanwhile(sp_run, tmp_path, mon
     assert "was written by another process meanwhile; kept it" in capsys.readouterr().err
     assert dst.read_bytes() == b"the other process's result"
     assert main([*argv, "--force"]) == 0 and dst.read_bytes() != b"the other process's result"
+
+
+def test_a_value_beyond_float32_or_near_a_bound_is_named_exactly() -> None:
+    with pytest.raises(SkipnetError, match=r"--lr must be at most 3.403e\+38 in magnitude \(float32\), got 1e\+39"):
+        TrainConfig(arch="tiny_resnet_14", stage="base", data="digits", out="x", lr=1e39).validate()
+    with pytest.raises(SkipnetError, match=r"--threshold must be in \[0, 1\], got 1.0000001$"):
+        check_value("threshold", 1.0000001, lambda v: 0 <= v <= 1, "in [0, 1]")
