@@ -136,7 +136,28 @@ def test_a_resumed_run_keeps_its_derived_list(tmp_path, capsys) -> None:
     first = json.loads((out / "config.json").read_text())["derived"]
     argv = ["train", "tiny_rnn_gate_14", "--stage", "sp", "--data", "digits", "--out", str(out), "--resume"]
     assert main([*argv, "--iters", "2"]) == 0, capsys.readouterr().err
-    assert json.loads((out / "config.json").read_text())["derived"] == [d for d in first if d != "iters"]
+    assert list(json.loads((out / "config.json").read_text())["derived"]) == [d for d in first if d != "iters"]
+
+
+def test_a_derived_value_edited_in_config_json_is_taken(tmp_path, capsys) -> None:
+    """config.json records each derived option's value: one the user edited is taken from the file (it was derived
+    again, silently), one left alone is derived again; a file listing names only is read as before."""
+    import json
+
+    rc, err, out = _train(tmp_path, capsys, "tiny_rnn_gate_14", "--stage", "sp")
+    assert rc == 0, err
+    record = json.loads((out / "config.json").read_text())
+    assert record["derived"]["lr"] == record["lr"] and record["derived"]["weight_decay"] == record["weight_decay"]
+    edited = {**record, "lr": 0.0123, "iters": 2}
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    assert main(["train", "--config", str(tmp_path / "edited.json"), "--out", str(tmp_path / "e")]) == 0
+    taken = json.loads((tmp_path / "e" / "config.json").read_text())
+    assert taken["lr"] == 0.0123 and "lr" not in taken["derived"]
+    assert taken["weight_decay"] == record["weight_decay"] and "weight_decay" in taken["derived"]
+    names_only = {**edited, "derived": list(record["derived"])}  # as written before the values were
+    (tmp_path / "old.json").write_text(json.dumps(names_only))
+    assert main(["train", "--config", str(tmp_path / "old.json"), "--out", str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["lr"] == record["lr"]
 
 
 def test_a_gate_bias_for_gates_that_do_not_load_is_applied(tmp_path, capsys) -> None:

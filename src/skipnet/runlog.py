@@ -333,14 +333,16 @@ RECORD_ONLY = ("arch_config", "environment")  # what a run's config.json holds b
 # config.json: the options the run left unset, which its defaults filled (they depend on the stage, the lr, ...); a
 # --config replay derives them again, so that they follow an option the replay changes
 DERIVED = "derived"
+UNRECORDED = object()  # a derived option's value in a config.json that lists names only
 NEVER_FROM_FILE = ("resume", "json", "config")  # what only the command line decides
 MAX_CONFIG_BYTES = 1 << 20
 MERGE_TAG = "tag:yaml.org,2002:merge"  # YAML's "<<:" merge key
 
 
-def load_config_file(path: str | Path) -> tuple[dict[str, Any], set[str]]:
-    """The options in a JSON or YAML file (keys as in ``config.json``; ``-`` and ``_`` alike), and the names a run's
-    ``config.json`` lists as derived (filled by its defaults; empty for any other file)."""
+def load_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The options in a JSON or YAML file (keys as in ``config.json``; ``-`` and ``_`` alike), and the options a
+    run's ``config.json`` records as derived (filled by its defaults; none for any other file) with the values they
+    were derived to (:data:`UNRECORDED` in files that list names only)."""
     path = Path(path)
     if path.is_dir():
         raise SkipnetError(f"--config {path} is a directory; give a JSON or YAML file (e.g. a run's config.json)")
@@ -358,8 +360,12 @@ def load_config_file(path: str | Path) -> tuple[dict[str, Any], set[str]]:
     if not isinstance(data, dict):
         raise SkipnetError(f"--config {path} must hold a mapping of option names to values")
     derived = data.pop(DERIVED, [])
-    if not (isinstance(derived, list) and all(isinstance(d, str) for d in derived)):
-        raise SkipnetError(f"--config {path}: {DERIVED!r} must list option names (a run's config.json records them)")
+    if isinstance(derived, list):  # written before the values were: an edit of such an option is not seen
+        derived = dict.fromkeys(derived, UNRECORDED)
+    if not (isinstance(derived, dict) and all(isinstance(d, str) for d in derived)):
+        raise SkipnetError(
+            f"--config {path}: {DERIVED!r} must name options with their derived values (as a run's config.json does)"
+        )
     options: dict[str, Any] = {}
     spelled: dict[str, str] = {}
     for key, value in data.items():
@@ -369,7 +375,7 @@ def load_config_file(path: str | Path) -> tuple[dict[str, Any], set[str]]:
         if name in options:
             raise SkipnetError(f"--config {path}: {spelled[name]!r} and {key!r} are the same option; give it once")
         options[name], spelled[name] = value, str(key)
-    return options, {d.replace("-", "_") for d in derived}
+    return options, {d.replace("-", "_"): v for d, v in derived.items()}
 
 
 class _Duplicate(ValueError):
@@ -386,17 +392,22 @@ def _unique_pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     return out
 
 
-def derived_record(path: Path, user: dict[str, Any], resolved: dict[str, Any], resumed: bool) -> list[str] | None:
-    """The options ``config.json`` at ``path`` records as derived: on a new run those the ``user`` options left
-    ``None`` that the ``resolved`` run fills; on a resumed run those the file already records, less any now set;
-    ``None`` (a replay takes every value) where a resumed run's file records none (written before the list was)."""
+def derived_record(path: Path, user: dict[str, Any], resolved: dict[str, Any], resumed: bool) -> dict | None:
+    """The options ``config.json`` at ``path`` records as derived, with their values: on a new run those the
+    ``user`` options left ``None`` that the ``resolved`` run fills; on a resumed run those the file already
+    records, less any now set; ``None`` (a replay takes every value) where a resumed run's file records none
+    (written before the record was). A replay derives these again unless the file's value was edited."""
     if not resumed:
-        return sorted(k for k, v in user.items() if v is None and resolved.get(k) is not None)
-    try:
-        before = json.loads(path.read_text(encoding="utf-8")).get(DERIVED)
-    except (OSError, ValueError, AttributeError):
-        before = None
-    return None if not isinstance(before, list) else sorted(k for k in before if user.get(k) is None)
+        names = [k for k, v in user.items() if v is None and resolved.get(k) is not None]
+    else:
+        try:
+            before = json.loads(path.read_text(encoding="utf-8")).get(DERIVED)
+        except (OSError, ValueError, AttributeError):
+            before = None
+        if not isinstance(before, (list, dict)):
+            return None
+        names = [k for k in before if user.get(k) is None]
+    return {k: resolved.get(k) for k in sorted(names)}
 
 
 def _parse_config(path: Path, text: str) -> Any:
@@ -443,8 +454,9 @@ def apply_config(
 ) -> argparse.Namespace:
     """``args`` with every option the command line left out taken from the ``--config`` file."""
     data, derived = load_config_file(path)  # derived: filled by the recorded run's defaults, derived again here
-    if derived:
-        log.info("--config %s: %s derived again, as in the run it records", path, ", ".join(sorted(derived)))
+    again = sorted(k for k, v in derived.items() if v is UNRECORDED or data.get(k, v) == v)
+    if again:
+        log.info("--config %s: %s derived again, as in the run it records", path, ", ".join(again))
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", *NEVER_FROM_FILE)}
     unknown = sorted(k for k in {*data, *derived} if k not in actions and k not in NEVER_FROM_FILE)
     if unknown:
@@ -455,9 +467,12 @@ def apply_config(
         data.pop("iters", None)
     elif data.get("epochs") is not None and data.get("iters") is not None:
         raise SkipnetError(f"--config {path}: gives both epochs and iters; keep one")
+    edited = sorted(k for k, v in derived.items() if k in data and v is not UNRECORDED and data[k] != v)
+    if edited:  # a value changed since the run derived it: the user's, taken as given
+        log.info("--config %s: %s edited, so taken from the file", path, ", ".join(edited))
     args.from_config = []  # the options the file gave (a resumed run applies or refuses them like given ones)
     for key, value in data.items():
-        if key in NEVER_FROM_FILE or key in given or key in derived:
+        if key in NEVER_FROM_FILE or key in given or (key in derived and key not in edited):
             continue
         setattr(args, key, _config_value(path, key, value, actions[key]))
         args.from_config.append(key)
