@@ -161,6 +161,10 @@ def test_config_file_mistakes_are_one_line(run, tmp_path, capsys) -> None:
         ("d3.yaml", "lr: 0.1\n'lr': 0.2\n", "'lr' is given twice"),
         ("d4.yml", "lr: 0.1\nbatch_size: 8\nbatch-size: 16\n", "'batch_size' and 'batch-size' are the same"),
     ]
+    twice += [  # and two more mistakes of a file's form
+        ("t.toml", "lr = 0.1\n", "is not JSON (nor YAML, by its name)"),
+        ("n.yaml", "no-channels-last: true\n", "unknown option(s) no_channels_last (a file names the option a --no-"),
+    ]
     for name, text, needle in twice:
         (tmp_path / name).write_text(text)
         assert needle in error(["train", "--config", str(tmp_path / name)])

@@ -435,7 +435,8 @@ def _parse_config(path: Path, text: str) -> Any:
         except _Duplicate as exc:
             raise SkipnetError(f"--config {path}: {exc}") from None
         except ValueError as exc:
-            raise SkipnetError(f"--config {path} is not valid JSON ({exc})") from None
+            kind = "is not valid JSON" if path.suffix.lower() == ".json" else "is not JSON (nor YAML, by its name)"
+            raise SkipnetError(f"--config {path} {kind} ({exc}); a config file is JSON or YAML (.yaml, .yml)") from None
     return data
 
 
@@ -460,7 +461,9 @@ def apply_config(
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", *NEVER_FROM_FILE)}
     unknown = sorted(k for k in {*data, *derived} if k not in actions and k not in NEVER_FROM_FILE)
     if unknown:
-        raise SkipnetError(f"--config {path}: unknown option(s) {', '.join(unknown)}; see 'skipnet train --help'")
+        flags = [f"{k[3:]}: false" for k in unknown if k.startswith("no_") and k[3:] in actions]  # --no-X's dest
+        hint = f" (a file names the option a --no-... flag sets: {', '.join(flags)})" if flags else ""
+        raise SkipnetError(f"--config {path}: unknown option(s) {', '.join(unknown)}{hint}; see 'skipnet train --help'")
     given = explicit_options(parser, argv)
     if given & {"epochs", "iters"}:  # a length on the command line replaces the file's, whichever it was
         data.pop("epochs", None)
