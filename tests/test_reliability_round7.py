@@ -169,3 +169,10 @@ def test_a_value_beyond_float32_or_near_a_bound_is_named_exactly() -> None:
         TrainConfig(arch="tiny_resnet_14", stage="base", data="digits", out="x", lr=1e39).validate()
     with pytest.raises(SkipnetError, match=r"--threshold must be in \[0, 1\], got 1.0000001$"):
         check_value("threshold", 1.0000001, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def test_an_unknown_argument_is_named_by_its_command(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["models", "foo"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "skipnet models: error: unrecognized arguments: foo"

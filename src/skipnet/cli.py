@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def sub_parser(parser: argparse.ArgumentParser, name: str | None) -> argparse.ArgumentParser | None:
+    """The parser of command ``name`` (``None`` if there is none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(name)
+    return None
+
+
 def _name_docs(sub: argparse._SubParsersAction, name: str, page: str | None) -> None:
     """End the command's description with the docs page that explains it."""
     command = sub.choices[name]
@@ -118,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("skipnet: interrupted", file=sys.stderr)
         return 130
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command they were given to ("skipnet models: error: ..."), as its own errors are
+        command = sub_parser(parser, getattr(args, "command", None))
+        (command or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     given = list(sys.argv[1:] if argv is None else argv)
     if getattr(args, "command", None) in given:  # the command's own arguments (skipnet train --config reads them)
         args.command_argv = given[given.index(args.command) + 1 :]
