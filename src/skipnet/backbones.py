@@ -5,7 +5,9 @@ Both expose torchvision's attribute layout (``conv1, bn1, relu, maxpool, layer1.
 torchvision ResNet state dict loads into an ImageNet backbone unchanged. The modules are built here rather than
 imported: importing torchvision takes 1.4 s (it loads every model and ``torch._dynamo``), which every command
 paid before it did anything. Modules are created and initialised in torchvision's order, so that a seed gives
-the same weights as before (``tests/test_backbones.py`` checks both against torchvision). The CIFAR network
+the same weights as before (``tests/test_backbones.py`` checks both against torchvision), except for an ImageNet
+network of other than 3 input channels: its stem was torchvision's replaced by a default-initialised convolution,
+and is now built for its channels and initialised as every other convolution. The CIFAR network
 uses a projection shortcut (1x1 conv stride 2 + BN) on the first block of stages 2 and 3, as in the authors'
 code.
 """
