@@ -176,3 +176,11 @@ def test_an_unknown_argument_is_named_by_its_command(capsys) -> None:
         main(["models", "foo"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "skipnet models: error: unrecognized arguments: foo"
+
+
+def test_a_budget_above_the_plain_network_reads_as_such(sp_run, tmp_path, capsys) -> None:
+    argv = ["calibrate", str(sp_run / "best.pt"), "--data", "digits", "--target-macs", "1e30"]
+    assert main([*argv, "--out", str(tmp_path / "c.pt")]) == 0
+    out, err = capsys.readouterr()
+    assert "(budget 1e+30 = more than the plain ResNet, margin" in out and "e+2" not in out.split("budget")[1]
+    assert "every block may run" in err

@@ -195,6 +195,11 @@ def _budget(args: argparse.Namespace, cost: Any) -> tuple[float, float]:
     return target, effective
 
 
+def _share(reduction: float) -> str:
+    """A budget as a share of the plain ResNet's MACs: "30.0% fewer", or "more than the plain ResNet"."""
+    return f"{reduction:.1f}% fewer" if reduction >= 0 else "more than the plain ResNet"
+
+
 def _report(args: argparse.Namespace, result: Any, record: dict, target: float, dst: Path) -> None:
     if args.json:
         extra = {"all_skip": result.threshold == ALL_SKIP_THRESHOLD}
@@ -203,9 +208,11 @@ def _report(args: argparse.Namespace, result: Any, record: dict, target: float, 
     print(
         f"threshold {result.threshold:.6g} (was {record['source_threshold']:.6g}): {args.split} accuracy "
         f"{result.accuracy:.2f}%, {result.macs_mean:.4g} MACs/image, {fewer_macs(result.macs_reduction)} than the "
-        f"plain ResNet (budget {target:.4g} = {record['target_reduction']:.1f}% fewer, "
+        f"plain ResNet (budget {target:.4g} = {_share(record['target_reduction'])}, "
         f"margin {args.margin:g} percentage point{'' if args.margin == 1 else 's'})"
     )
+    if record["target_reduction"] < 0:
+        print("note: the budget is above what the plain ResNet spends: every block may run", file=sys.stderr)
     if result.threshold == ALL_SKIP_THRESHOLD:
         print(
             "note: no threshold of the grid met the budget, so every gated block is skipped (the all-skip point); a "
