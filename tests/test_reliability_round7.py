@@ -184,3 +184,20 @@ def test_a_budget_above_the_plain_network_reads_as_such(sp_run, tmp_path, capsys
     out, err = capsys.readouterr()
     assert "(budget 1e+30 = more than the plain ResNet, margin" in out and "e+2" not in out.split("budget")[1]
     assert "every block may run" in err
+
+
+@pytest.mark.parametrize(("prepare", "side"), [("crop", 40), ("resize", 80)])
+def test_eval_prepares_a_folder_as_the_checkpoint_records_as_predict_does(tmp_path, prepare, side) -> None:
+    """eval, calibrate, analyze and bench --data read a folder as the checkpoint's images were made S x S, also
+    when the folder itself would be read the other way: the same tensors predict makes."""
+    from skipnet.evaluate import data_for_checkpoint
+
+    root = _folder(tmp_path / "d", side=side, per_class=3)
+    model = create_model("tiny_aig_gate_14", image_size=72, num_classes=2)
+    ckpt = {"data": {"prepare": prepare, "mean": [0.0] * 3, "std": [1.0] * 3}}
+    data = data_for_checkpoint(ckpt, model, str(root), batch_size=64)
+    assert isinstance(data.test, FolderLoader) == (prepare == "crop")
+    x, _ = next(iter(data.test))
+    first = sorted((root / "val" / "a").iterdir())[0]
+    want = load_image(first.read_bytes(), 3, 72, prepare)
+    assert torch.allclose(x[0].float(), want, atol=1 / 255 + 1e-6)  # the small path's cache holds 8-bit pixels

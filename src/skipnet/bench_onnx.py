@@ -385,6 +385,7 @@ def data_images(subject: str, meta: dict[str, Any], spec: str, data_dir: str | N
         image_size=int(meta["image_size"]),
         stats=identity,
         augment=False,
+        prepare=meta.get("prepare") if meta.get("prepare") in ("crop", "resize") else None,
     )
     require_same_classes(GatedResNet(config), data, subject, meta.get("classes"))
     xs, have = [], 0

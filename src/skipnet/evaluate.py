@@ -170,7 +170,8 @@ def data_for_checkpoint(
     limit: int | None = None,
     limit_train: int | None = None,
 ) -> DataBundle:
-    """Load ``spec`` as the checkpoint saw it: its normalisation, its validation split and its image size.
+    """Load ``spec`` as the checkpoint saw it: its normalisation, its validation split, its image size and the way
+    its images were made that size.
 
     ``limit`` keeps a seeded subset of the test and validation splits (as ``skipnet eval --limit``).
     """
@@ -185,6 +186,7 @@ def data_for_checkpoint(
         limit_test=limit,
         image_size=model.config.image_size,
         stats=checkpoint_stats(ckpt),
+        prepare=(ckpt.get("data") or {}).get("prepare"),  # as its images were made S x S (predict does the same)
     )
 
 

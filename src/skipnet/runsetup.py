@@ -84,7 +84,7 @@ def assemble(cfg: TrainConfig, dist: DistContext, given: set[str]) -> RunSetup:
     cfg = replace(cfg, batch_size=cfg.batch_size or default_batch_size(arch.family))
     if cfg.batch_size % dist.world:
         raise SkipnetError(f"--batch-size {cfg.batch_size} is not divisible by the {dist.world} processes")
-    data = load_run_data(cfg, arch, dist, resume if resume is not None else init)
+    data = load_run_data(cfg, arch, dist, resume if resume is not None else init, resumed=resume is not None)
     fingerprint = data_fingerprint(data)
     check_new_data(cfg, data, init if resume is None else None, resume is not None)
     if resume is not None:  # another --data path must hold the same data set
@@ -208,9 +208,12 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ 2. data
-def load_run_data(cfg: TrainConfig, arch: ArchConfig, dist: DistContext, saved: dict[str, Any] | None) -> DataBundle:
+def load_run_data(
+    cfg: TrainConfig, arch: ArchConfig, dist: DistContext, saved: dict[str, Any] | None, *, resumed: bool = False
+) -> DataBundle:
     """This process's share of the data (``cfg.batch_size`` is the global batch), normalised as ``saved`` (the
-    resumed or ``--init`` checkpoint) was."""
+    resumed or ``--init`` checkpoint) was; a resumed run's images made S x S as they were (new data, under
+    ``--init``, is read as it is)."""
     stats = None
     if saved is not None and saved.get("data", {}).get("mean"):
         stats = (tuple(saved["data"]["mean"]), tuple(saved["data"]["std"]))
@@ -230,6 +233,7 @@ def load_run_data(cfg: TrainConfig, arch: ArchConfig, dist: DistContext, saved: 
             limit_test=cfg.limit_test,
             image_size=cfg.image_size or (arch.image_size if arch.family == "imagenet" else None),
             stats=stats,
+            prepare=(saved or {}).get("data", {}).get("prepare") if resumed else None,
         )
 
 

@@ -125,6 +125,9 @@ class DataSpec:
         image_size: resize images of an ImageFolder to this size (small images) or crop size (large).
         stats: normalisation (mean, std) to use instead of the data set's own (checkpoints carry theirs).
         augment: ``False`` turns the default augmentation off (on for CIFAR/ImageFolder, off for SVHN and digits).
+        prepare: how an ImageFolder's images become S x S, as a checkpoint records it (``"crop"``: read as large
+            images, resized and centre-cropped; ``"resize"``: decoded and resized to S x S); ``None``: decided by
+            the folder (most images over 64 px: crop).
     """
 
     source: str
@@ -142,6 +145,7 @@ class DataSpec:
     image_size: int | None = None
     stats: Stats | None = None
     augment: bool | None = None
+    prepare: str | None = None
 
     @property
     def eval_batch(self) -> int:
@@ -166,6 +170,7 @@ def load_data(
     image_size: int | None = None,
     stats: Stats | None = None,
     augment: bool | None = None,
+    prepare: str | None = None,
 ) -> DataBundle:
     """Load data set ``spec``: ``cifar10``, ``cifar100``, ``svhn``, ``digits`` or an ImageFolder path/archive.
 
@@ -188,6 +193,7 @@ def load_data(
             image_size=image_size,
             stats=stats,
             augment=augment,
+            prepare=prepare,
         )
     )
 
@@ -241,7 +247,10 @@ def _folder_source(spec: DataSpec) -> tuple[Path, Path, list[str], bool]:
     test_dir = root / "test" if (root / "test").is_dir() else root / "val"
     files, _, classes = list_folder(root / "train")
     list_folder(test_dir, classes)
-    large = (spec.image_size is None or spec.image_size > SMALL_MAX) and mostly_larger_than(files, SMALL_MAX)
+    if spec.prepare is not None:  # as the checkpoint's images were prepared, whatever the folder holds
+        large = spec.prepare == "crop"
+    else:
+        large = (spec.image_size is None or spec.image_size > SMALL_MAX) and mostly_larger_than(files, SMALL_MAX)
     return root, test_dir, classes, large
 
 
