@@ -12,7 +12,9 @@ time (SIGTERM, then SIGKILL after ``Runner.grace`` seconds): a stopped run is no
 checkpoint and resumes with ``--resume`` the next time.
 
 Placeholders in a run's arguments: ``{data}`` (the data set) and ``{runs}`` (the directory holding every run, so
-``--init {runs}/policy/best.pt`` names another run's checkpoint; list that run in ``needs``).
+``--init {runs}/policy/best.pt`` names another run's checkpoint; list that run in ``needs``). Arguments go through
+:meth:`str.format`: a literal brace is doubled (``{{``, ``}}``); :func:`literal` doubles them in a user's value
+(a path such as ``sp{x}.pt`` or ``{data}.pt``), which then passes through as it was given.
 """
 
 from __future__ import annotations
@@ -71,6 +73,12 @@ class Result:
     name: str
     test: dict[str, Any]
     finished: bool
+
+
+def literal(text: str) -> str:
+    """``text`` as a run argument that :meth:`Runner.command` passes through unchanged: its braces doubled, so that
+    no part of it is taken for a placeholder."""
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def order(runs: Sequence[Run]) -> list[Run]:
@@ -196,8 +204,17 @@ class Runner:
         return (self.dir(run.name) / "summary.json").exists()
 
     def command(self, run: Run) -> list[str]:
-        """The ``skipnet train`` command of ``run`` (placeholders filled)."""
-        args = [a.format(data=self.data, runs=self.out) for a in run.args]
+        """The ``skipnet train`` command of ``run`` (placeholders filled); an argument with a brace that is neither
+        a placeholder nor doubled is refused in one line."""
+        args = []
+        for a in run.args:
+            try:
+                args.append(a.format(data=self.data, runs=self.out))
+            except (KeyError, IndexError, ValueError, AttributeError):
+                raise SkipnetError(
+                    f"run {run.name}: argument {a!r} holds a brace that is not {{data}} or {{runs}}; double a literal "
+                    "brace ({{ and }}, skipnet.experiments.literal)"
+                ) from None
         return ["skipnet", "train", *args, "--data", self.data, "--out", str(self.dir(run.name))]
 
     def _argv(self, cmd: list[str], logfile: Path) -> list[str]:
@@ -346,4 +363,4 @@ class Runner:
         return {r.name: r.test | {"note": r.run.note, "finished": r.finished} for r in self.results(runs)}
 
 
-__all__ = ["Result", "Run", "RunFailed", "Runner", "order", "select"]
+__all__ = ["Result", "Run", "RunFailed", "Runner", "literal", "order", "select"]

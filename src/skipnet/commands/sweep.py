@@ -4,7 +4,13 @@ Trains hybrid RL (Eq. 5-6) from one supervised-pre-trained checkpoint at each al
 :class:`skipnet.experiments.Run` of ``skipnet train`` into its own run directory ``DIR/alpha_<a>/`` (run by
 :class:`skipnet.experiments.Runner`: a rerun resumes unfinished runs and skips finished ones; each run's log is
 ``DIR/alpha_<a>.log``), then tabulates the test numbers of each run's ``best.pt`` (chosen on validation) with the SP
-starting point: ``DIR/sweep.json``, ``DIR/sweep.md`` and ``DIR/tradeoff.png`` (paper appendix Fig. 12).
+starting point: ``DIR/sweep.json``, ``DIR/sweep.md`` and ``DIR/tradeoff.png`` (paper appendix Fig. 12), each written
+atomically.
+
+Every run trains and is evaluated at the greedy threshold of ``--init`` (a calibrated checkpoint's own), the
+threshold of the starting point's row. ``DIR/sweep-runs.json`` records, before any run starts, the SHA-256 of the
+``--init`` file each run was declared from: a rerun reuses (or resumes) a run only if ``--init`` still has those
+contents. ``DIR`` holds only what a sweep writes; anything else there (a user's file, a training run) is refused.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,13 +27,14 @@ from typing import Any
 import torch
 
 from skipnet import plots
-from skipnet.analysis import eval_point, require_gates
+from skipnet.analysis import eval_point
 from skipnet.checkpoint import load_checkpoint, load_model
-from skipnet.commands._common import add_data_args, add_optim_args
+from skipnet.commands._common import add_data_args, add_optim_args, check_out, require_learned_gates
 from skipnet.cost import cost_model
 from skipnet.errors import SkipnetError
 from skipnet.evaluate import data_for_checkpoint, eval_loader, eval_mode_for, run_eval
-from skipnet.experiments import Run, Runner
+from skipnet.experiments import Run, Runner, literal
+from skipnet.fileio import atomic_write, json_text
 from skipnet.trainconfig import TrainConfig, changed_option, options_set
 
 log = logging.getLogger(__name__)
@@ -83,9 +91,106 @@ def markdown_table(rows: list[dict[str, Any]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------------ what --out may hold
+RECORD = "sweep-runs.json"  # per run: the --init it was declared from, and the SHA-256 of that file's contents
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _json_with(key: str) -> Callable[[bytes], bool]:
+    def test(data: bytes) -> bool:
+        obj = json.loads(data.decode())
+        return isinstance(obj, dict) and key in obj
+
+    return test
+
+
+# The files a sweep writes in --out, each with how to tell an existing one of that name is a sweep's own.
+SUMMARIES: dict[str, Callable[[bytes], bool]] = {
+    "sweep.json": _json_with("rows"),
+    "sweep.md": lambda data: data.startswith(b"# Hybrid-RL sweep over"),
+    "tradeoff.png": lambda data: data.startswith(PNG),
+    RECORD: _json_with("runs"),
+}
+
+
+def _is_ours(entry: Path) -> bool:
+    """Whether ``entry`` of ``--out`` is a sweep's: a summary (by its contents), a run directory ``alpha_<a>/`` or
+    its log ``alpha_<a>.log``, or a temporary file an interrupted atomic write of a summary left."""
+    name = entry.name
+    if entry.is_symlink():  # writing through it would change its target
+        return False
+    if name in SUMMARIES:
+        if not entry.is_file():  # a directory, a FIFO ...: not what a sweep writes (and not to be opened)
+            return False
+        try:
+            with open(entry, "rb") as f:
+                return SUMMARIES[name](f.read(1 << 20))
+        except (OSError, ValueError):
+            return False
+    stem = name.removesuffix(".log")
+    if stem.startswith("alpha_"):
+        try:
+            float(stem.removeprefix("alpha_"))
+        except ValueError:
+            return False
+        return entry.is_file() if name.endswith(".log") else entry.is_dir()
+    return name.endswith(".tmp") and any(name.startswith(f".{n}.") for n in SUMMARIES)
+
+
+def checked_out(value: str) -> Path:
+    """``--out`` as a directory a sweep may write: a writable path, not a file, holding only what a sweep wrote (a
+    user's ``sweep.md`` or a training run's files would be overwritten or mixed with the sweep's)."""
+    check_out(value)
+    out = Path(value)
+    if out.exists() and not out.is_dir():
+        raise SkipnetError(f"--out {out} is a file; sweep writes a directory of runs, so give a directory name")
+    try:
+        foreign = [p.name for p in sorted(out.iterdir()) if not _is_ours(p)] if out.exists() else []
+    except OSError as exc:
+        raise SkipnetError(f"--out {out}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    if foreign:
+        raise SkipnetError(
+            f"--out {out} holds {', '.join(foreign[:3])} that sweep did not write, and a sweep there could overwrite "
+            "it; give a new directory or an earlier sweep's"[:300]
+        )
+    return out
+
+
+def checked_alphas(values: list[float]) -> list[float]:
+    """``--alphas`` sorted, repeats dropped; each >= 0 and each of its own run directory, or one line."""
+    alphas = sorted(set(values))
+    if any(not a >= 0 for a in alphas):
+        raise SkipnetError("--alphas must be >= 0")
+    names = [alpha_dir(Path(), a).name for a in alphas]
+    for a, b, name, other in zip(alphas, alphas[1:], names, names[1:]):
+        if name == other:
+            raise SkipnetError(
+                f"--alphas {a!r} and {b!r} both name the run directory {name} (it keeps 6 significant digits); "
+                "give alphas that differ within them"
+            )
+    return alphas
+
+
+# ------------------------------------------------------------------------------------------ the start and its runs
+def start_threshold(model: Any, ckpt: dict[str, Any], init: str) -> float:
+    """The greedy threshold of ``--init``, at which every run trains and is evaluated (as the start row is); refuses,
+    as calibrate and analyze do, a checkpoint whose gates were never trained or decide at random."""
+    from skipnet.policy import ALL_SKIP_THRESHOLD
+
+    require_learned_gates(model, ckpt, f"--init {init}", "sweep")
+    threshold = float(model.threshold)
+    if threshold == ALL_SKIP_THRESHOLD:
+        raise SkipnetError(
+            f"--init {init} is calibrated to skip every gated block (threshold {threshold:g}): hybrid RL has no "
+            "route to learn there; give the checkpoint before calibration (or one calibrated to a smaller budget)"
+        )
+    return threshold
+
+
 def train_args(args: argparse.Namespace) -> tuple[str, ...]:
     """The data and optimisation options of ``args`` that differ from their defaults, as ``skipnet train``
-    arguments (both commands take the same options, :func:`add_data_args` and :func:`add_optim_args`)."""
+    arguments (both commands take the same options, :func:`add_data_args` and :func:`add_optim_args`), each value
+    passed through literally (:func:`skipnet.experiments.literal`)."""
     p = argparse.ArgumentParser()
     add_data_args(p)
     add_optim_args(p)
@@ -95,13 +200,16 @@ def train_args(args: argparse.Namespace) -> tuple[str, ...]:
         if not action.option_strings or action.dest in ("help", "data") or value in (None, action.default):
             continue
         flag = action.option_strings[-1]
-        out += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]  # noqa: SLF001
+        out += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, literal(str(value))]  # noqa: SLF001
     return tuple(out)
 
 
-def declare(args: argparse.Namespace, arch: str, alphas: list[float], val_split: float) -> list[Run]:
-    """One HRL run per alpha from ``--init``, in ``alpha_<a>/``."""
-    common = (arch, "--stage", "hrl", "--init", args.init, "--val-split", f"{val_split!r}", *train_args(args))
+def declare(
+    args: argparse.Namespace, arch: str, alphas: list[float], val_split: float, threshold: float = 0.5
+) -> list[Run]:
+    """One HRL run per alpha from ``--init``, in ``alpha_<a>/``, at ``threshold`` (``--init``'s)."""
+    common = (arch, "--stage", "hrl", "--init", literal(args.init), "--val-split", f"{val_split!r}")
+    common += ("--threshold", f"{threshold!r}", *train_args(args))
     return [Run(alpha_dir(Path(), a).name, (*common, "--alpha", f"{a!r}")) for a in alphas]
 
 
@@ -119,25 +227,68 @@ def trained_rows(runner: Runner, runs: list[Run], alphas: list[float]) -> list[d
     return rows
 
 
-def _same_file(a: str, b: str) -> bool:
-    """Whether two names of ``--init`` are the same file (or files of the same bytes)."""
-    pa, pb = Path(a), Path(b)
-    if not (pa.is_file() and pb.is_file()):
-        return a == b
-    return os.path.samefile(pa, pb) or pa.read_bytes() == pb.read_bytes()
+# ------------------------------------------------------------------------------------------ reusing earlier runs
+def init_digest(init: str) -> str:
+    """The SHA-256 of the file ``--init`` names (``pretrained:NAME`` and a save_pretrained directory resolved)."""
+    from skipnet.zoo import resolve_checkpoint, sha256_of
+
+    return sha256_of(resolve_checkpoint(init))
+
+
+def read_record(out: Path) -> dict[str, Any]:
+    """The runs of :data:`RECORD` in ``out`` (``{}`` if none): name -> ``{"init", "init_sha256"}``."""
+    try:
+        runs = json.loads((out / RECORD).read_text()).get("runs")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {k: v for k, v in runs.items() if isinstance(v, dict)} if isinstance(runs, dict) else {}
+
+
+def check_same_init(runner: Runner, runs: list[Run], init: str, digest: str) -> None:
+    """A run an earlier sweep into the same ``--out`` trained (a checkpoint or summary there) is reused or resumed
+    only if the sweep recorded that it was declared from ``--init`` contents of this ``digest``: one line
+    otherwise, before anything trains (the same path may hold another checkpoint now)."""
+    record = read_record(runner.out)
+    for run in runs:
+        where = runner.dir(run.name)
+        if not any((where / n).exists() for n in ("last.pt", "best.pt", "summary.json")):
+            continue  # nothing trained there yet
+        entry = record.get(run.name, {})
+        before = entry.get("init_sha256")
+        if before == digest:
+            continue
+        if not isinstance(before, str):
+            raise SkipnetError(
+                f"{where} holds a run that {runner.out / RECORD} does not tie to the contents of an --init file, so "
+                f"it may not come from {init}: choose another --out"
+            )
+        raise SkipnetError(
+            f"{where} was trained from another --init: {entry.get('init')} had SHA-256 {before[:12]}... then, {init} "
+            f"has {digest[:12]}... now; a sweep from this file trains other runs: choose another --out"
+        )
+
+
+def write_record(out: Path, runs: list[Run], init: str, digest: str) -> None:
+    """Record, before they train, that ``runs`` start from ``--init`` contents of ``digest`` (atomically; the
+    entries of other runs kept)."""
+    record = read_record(out) | {r.name: {"init": init, "init_sha256": digest} for r in runs}
+    try:
+        atomic_write(out / RECORD, lambda f: f.write(json_text({"runs": record}, indent=2).encode()))
+    except OSError as exc:
+        raise SkipnetError(f"--out {out}: cannot write in it ({exc.strerror or type(exc).__name__})") from None
 
 
 def check_same_run(cfg: TrainConfig) -> None:
     """A finished run of an earlier sweep into the same ``--out`` is reused only if this sweep asks for the same
-    run (the options ``--resume`` would refuse to change, and its length): one line otherwise."""
+    run (the options ``--resume`` would refuse to change, the threshold, and its length): one line otherwise. Its
+    ``--init`` is checked by contents, not by name (:func:`check_same_init`)."""
     run = Path(cfg.out)
     ckpt = next((run / n for n in ("last.pt", "best.pt") if (run / n).exists()), None)
     if ckpt is None:  # only its summary is left: nothing says how it was trained
         return
     saved = TrainConfig.from_dict(load_checkpoint(ckpt)["train_config"])
-    if saved.init and cfg.init and _same_file(saved.init, cfg.init):  # the same checkpoint named another way
-        cfg = replace(cfg, init=saved.init)
-    changed = changed_option(cfg, saved, options_set(cfg) | {"init", "alpha", "val_split"})
+    cfg = replace(cfg, init=saved.init)  # the same contents, maybe named another way
+    changed = changed_option(cfg, saved, options_set(cfg) | {"alpha", "val_split", "threshold"})
     if changed is not None:
         name, before, value = changed
         raise SkipnetError(
@@ -154,29 +305,54 @@ def check_same_run(cfg: TrainConfig) -> None:
         )
 
 
-def run(args: argparse.Namespace) -> int:
-    from skipnet.device import pick_device
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    alphas = sorted(set(args.alphas))
-    if any(a < 0 for a in alphas):
-        raise SkipnetError("--alphas must be >= 0")
+# ------------------------------------------------------------------------------------------ the command
+def prepare(args: argparse.Namespace) -> tuple[Runner, list[Run], list[float], Any, dict[str, Any], float]:
+    """Check everything, then record the runs: ``(runner, runs, alphas, SP model, its checkpoint, threshold)``.
+    Nothing is written before every check has passed."""
+    out = checked_out(args.out)
+    alphas = checked_alphas(args.alphas)
     sp_model, sp_ckpt = load_model(args.init, map_location="cpu")
-    require_gates(sp_model, "sweep")
+    threshold = start_threshold(sp_model, sp_ckpt, args.init)
     arch = sp_ckpt["arch"]["name"]
     val_split = args.val_split
     if val_split is None:
         val_split = float(sp_ckpt.get("data", {}).get("val_split", 0.1) or 0.0)
-    out = Path(args.out)
     common = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    common |= {"arch": arch, "stage": "hrl", "init": args.init, "val_split": val_split, "resume": True}
+    common |= {"arch": arch, "stage": "hrl", "init": args.init, "val_split": val_split, "threshold": threshold}
+    common |= {"resume": True}
+
+    def config(a: float) -> TrainConfig:
+        return TrainConfig(**(common | {"alpha": a, "out": str(alpha_dir(out, a))}))
+
     for a in alphas:  # a bad option is refused here, in one line, before any run starts
-        TrainConfig(**(common | {"alpha": a, "out": str(alpha_dir(out, a))})).validate()
-    runs = declare(args, arch, alphas, val_split)
+        config(a).validate()
+    runs = declare(args, arch, alphas, val_split, threshold)
     runner = Runner(out, args.data)
+    digest = init_digest(args.init)
+    check_same_init(runner, runs, args.init, digest)
     for r, a in zip(runs, alphas, strict=True):  # an unfinished run refuses other options itself (--resume)
         if runner.finished(r):
-            check_same_run(TrainConfig(**(common | {"alpha": a, "out": str(alpha_dir(out, a))})))
+            check_same_run(config(a))
+    write_record(out, runs, args.init, digest)
+    return runner, runs, alphas, sp_model, sp_ckpt, threshold
+
+
+def write_summaries(out: Path, result: dict[str, Any], title: str, plot: Callable[[Path], Any]) -> None:
+    """``sweep.json``, ``sweep.md`` and ``tradeoff.png`` (drawn by ``plot(path)``, first and aside), each written
+    atomically: an interruption or a full disk leaves each of them whole, the earlier or the new one."""
+    with tempfile.TemporaryDirectory(prefix="skipnet-sweep-") as tmp:
+        plot(Path(tmp) / "tradeoff.png")
+        png = (Path(tmp) / "tradeoff.png").read_bytes()
+    atomic_write(out / "sweep.json", lambda f: f.write(json_text(result, indent=2).encode()))
+    atomic_write(out / "sweep.md", lambda f: f.write(markdown_table(result["rows"], title).encode()))
+    atomic_write(out / "tradeoff.png", lambda f: f.write(png))
+
+
+def run(args: argparse.Namespace) -> int:
+    from skipnet.device import pick_device
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    runner, runs, alphas, sp_model, sp_ckpt, threshold = prepare(args)
     runner.train(runs)  # resumes an unfinished run, skips a finished one
     rows = trained_rows(runner, runs, alphas)
 
@@ -191,23 +367,27 @@ def run(args: argparse.Namespace) -> int:
     sp_point = eval_point(rec, cost, sp_model.config.num_classes)
     sp_row = _row("SP (start)", None, "init", sp_point, checkpoint=args.init)
 
-    table = [sp_row, *rows]
-    result = {"init": args.init, "arch": arch, "data": args.data, "macs_all_on": cost.total_macs_all_on, "rows": table}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(result, indent=2))
-    (out / "sweep.md").write_text(markdown_table(table, f"Hybrid-RL sweep over α from {args.init} ({arch})"))
-    plots.plot_tradeoff(
-        out / "tradeoff.png",
-        macs_all_on=cost.total_macs_all_on,
-        own=sp_point,
-        own_label="SP starting point",
-        others=[(r["label"], r) for r in rows],
-        connect_others=True,
-        title=f"Accuracy vs computation over α, {arch} (test split)",
+    arch, table = sp_ckpt["arch"]["name"], [sp_row, *rows]
+    result = {"init": args.init, "arch": arch, "data": args.data, "threshold": threshold}
+    result |= {"macs_all_on": cost.total_macs_all_on, "rows": table}
+    title = f"Hybrid-RL sweep over α from {args.init} ({arch}, threshold {threshold:g})"
+    write_summaries(
+        runner.out,
+        result,
+        title,
+        lambda path: plots.plot_tradeoff(
+            path,
+            macs_all_on=cost.total_macs_all_on,
+            own=sp_point,
+            own_label="SP starting point",
+            others=[(r["label"], r) for r in rows],
+            connect_others=True,
+            title=f"Accuracy vs computation over α, {arch} (test split, threshold {threshold:g})",
+        ),
     )
     if args.json:
-        print(json.dumps(result))
+        print(json_text(result))
         return 0
     print(markdown_table(table, f"sweep of {arch} from {args.init}").split("\n", 2)[2], end="")
-    print(f"wrote {out / 'sweep.json'}, sweep.md and tradeoff.png")
+    print(f"wrote {runner.out / 'sweep.json'}, sweep.md and tradeoff.png (every row at threshold {threshold:g})")
     return 0
