@@ -154,6 +154,11 @@ def test_a_derived_value_edited_in_config_json_is_taken(tmp_path, capsys) -> Non
     taken = json.loads((tmp_path / "e" / "config.json").read_text())
     assert taken["lr"] == 0.0123 and "lr" not in taken["derived"]
     assert taken["weight_decay"] == record["weight_decay"] and "weight_decay" in taken["derived"]
+    length = {**record, "iters": 64000, "epochs": 0.05, "derived": {**record["derived"], "iters": 64000}}
+    (tmp_path / "length.json").write_text(json.dumps(length))  # the run derived its length; the user gave epochs
+    assert main(["train", "--config", str(tmp_path / "length.json"), "--out", str(tmp_path / "l")]) == 0
+    replayed = json.loads((tmp_path / "l" / "config.json").read_text())
+    assert replayed["epochs"] == 0.05 and replayed["iters"] is None
     names_only = {**edited, "derived": list(record["derived"])}  # as written before the values were
     (tmp_path / "old.json").write_text(json.dumps(names_only))
     assert main(["train", "--config", str(tmp_path / "old.json"), "--out", str(tmp_path / "o")]) == 0

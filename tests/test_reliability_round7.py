@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import re
 import warnings
@@ -71,12 +72,27 @@ def test_init_torchvision_refuses_what_is_not_its_resnets_state_dict(resnet34, t
         (_saved(tmp_path, {**ImageNetResNet(34, 1000).state_dict(), "fc.weight": None}), "is not a state dict"),
         (_saved(tmp_path, fifty), "is not a matching torchvision ResNet state dict (layer1.0.conv3.weight)"),
         (str(tmp_path), "is a directory"),
+        (_saved(tmp_path, {**ImageNetResNet(34, 5).state_dict(), "fc.weight": torch.zeros(())}), "fc.weight is ()"),
+        (_saved(tmp_path, {k: v.long() for k, v in ImageNetResNet(34, 5).state_dict().items()}), "torch.int64 values"),
+        (
+            _saved(
+                tmp_path, {**ImageNetResNet(34, 5).state_dict(), "conv1.weight": torch.full((64, 3, 7, 7), math.nan)}
+            ),
+            "NaN",
+        ),
     ]
     before = {k: v.clone() for k, v in resnet34.backbone.state_dict().items()}
     for path, needle in cases:
         with pytest.raises(SkipnetError, match=re.escape(needle)):
             init_torchvision(resnet34, path)
     assert all(torch.equal(before[k], v) for k, v in resnet34.backbone.state_dict().items())  # nothing half-loaded
+
+
+def test_a_fifo_among_large_images_is_no_image(tmp_path) -> None:
+    root = _folder(tmp_path / "d", side=80)
+    os.mkfifo(root / "train" / "a" / "5a.png")  # a worker opening it would wait for ever
+    folder = loaders.image_folder(root / "train", None, ["a", "b"])
+    assert len(folder) == 8 and not any("5a.png" in path for path, _ in folder.folder.samples)
 
 
 def test_init_torchvision_takes_a_state_dict_without_batchnorm_counters(resnet34, tmp_path) -> None:

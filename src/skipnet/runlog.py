@@ -465,12 +465,15 @@ def apply_config(
         hint = f" (a file names the option a --no-... flag sets: {', '.join(flags)})" if flags else ""
         raise SkipnetError(f"--config {path}: unknown option(s) {', '.join(unknown)}{hint}; see 'skipnet train --help'")
     given = explicit_options(parser, argv)
+    edited = sorted(k for k, v in derived.items() if k in data and v is not UNRECORDED and data[k] != v)
     if given & {"epochs", "iters"}:  # a length on the command line replaces the file's, whichever it was
         data.pop("epochs", None)
         data.pop("iters", None)
     elif data.get("epochs") is not None and data.get("iters") is not None:
-        raise SkipnetError(f"--config {path}: gives both epochs and iters; keep one")
-    edited = sorted(k for k, v in derived.items() if k in data and v is not UNRECORDED and data[k] != v)
+        kept = [k for k in ("epochs", "iters") if k not in derived or k in edited]
+        if len(kept) != 1:  # both the user's (or an older file's): which one was meant is not known
+            raise SkipnetError(f"--config {path}: gives both epochs and iters; keep one")
+        data.pop("iters" if kept == ["epochs"] else "epochs")  # the length the run derived gives way
     if edited:  # a value changed since the run derived it: the user's, taken as given
         log.info("--config %s: %s edited, so taken from the file", path, ", ".join(edited))
     args.from_config = []  # the options the file gave (a resumed run applies or refuses them like given ones)

@@ -395,7 +395,15 @@ def init_torchvision(model: GatedResNet, path: str) -> None:
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
     if not (isinstance(sd, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items())):
         raise SkipnetError(f"--init-torchvision: {path} is not a state dict (names to tensors) of a torchvision ResNet")
-    if "fc.weight" in sd and sd["fc.weight"].shape[0] != model.config.num_classes:
+    weights = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    odd = next((k for k, v in weights.items() if not v.is_floating_point()), None)
+    if odd is not None:
+        raise SkipnetError(f"--init-torchvision: {path} holds {sd[odd].dtype} values in {odd}; weights are floats")
+    odd = next((k for k, v in weights.items() if not bool(torch.isfinite(v).all())), None)
+    if odd is not None:
+        raise SkipnetError(f"--init-torchvision: {path} holds NaN or infinite values in {odd}")
+    fc = sd.get("fc.weight")
+    if fc is not None and fc.dim() == 2 and fc.shape[0] != model.config.num_classes:
         sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
         log.info("--init-torchvision: classifier has a different number of classes; fc left at random init")
     mine = model.backbone.state_dict()

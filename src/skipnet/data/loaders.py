@@ -267,7 +267,9 @@ def image_folder(split_dir: Path, transform, classes: list[str]) -> SafeFolder:
     folder.samples = [
         (path, index[folder.classes[t]])
         for path, t in folder.samples
-        if t not in hidden and not any(part.startswith(".") for part in Path(path).relative_to(split_dir).parts)
+        if t not in hidden
+        and not any(part.startswith(".") for part in Path(path).relative_to(split_dir).parts)
+        and os.path.isfile(path)  # a FIFO or device so named would block a worker for ever (as list_folder skips)
     ]
     folder.imgs = folder.samples
     folder.targets = [t for _, t in folder.samples]
