@@ -192,6 +192,16 @@ def test_an_unknown_argument_is_named_by_its_command(capsys) -> None:
         main(["models", "foo"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "skipnet models: error: unrecognized arguments: foo"
+    with pytest.raises(SystemExit):
+        main(["--bogus", "models"])  # given to skipnet itself, before the command
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "skipnet: error: unrecognized arguments: --bogus"
+
+
+def test_calibrate_out_at_a_dangling_link_is_refused_before_calibrating(sp_run, tmp_path, capsys) -> None:
+    (tmp_path / "dang.pt").symlink_to(tmp_path / "nowhere")
+    argv = ["calibrate", str(sp_run / "best.pt"), "--data", "digits", "--target-reduction", "10"]
+    assert main([*argv, "--out", str(tmp_path / "dang.pt")]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
 
 
 def test_a_budget_above_the_plain_network_reads_as_such(sp_run, tmp_path, capsys) -> None:

@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     args, extra = parser.parse_known_args(argv)
     if extra:  # named by the command they were given to ("skipnet models: error: ..."), as its own errors are
-        command = sub_parser(parser, getattr(args, "command", None))
+        tokens, name = list(sys.argv[1:] if argv is None else argv), getattr(args, "command", None)
+        after = name in tokens and all(tokens.index(e) > tokens.index(name) for e in extra if e in tokens)
+        command = sub_parser(parser, name) if after else None
         (command or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     given = list(sys.argv[1:] if argv is None else argv)
     if getattr(args, "command", None) in given:  # the command's own arguments (skipnet train --config reads them)

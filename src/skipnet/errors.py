@@ -27,4 +27,4 @@ def check_value(option: str, value, test, what: str) -> None:
     if abs(value) == float("inf"):
         raise SkipnetError(f"{name} must be finite, got {value:g}")
     if isinstance(value, float) and abs(value) > FLOAT32_MAX:  # the computations are float32: it would overflow
-        raise SkipnetError(f"{name} must be at most {FLOAT32_MAX:.4g} in magnitude (float32), got {value:g}")
+        raise SkipnetError(f"{name} must be at most {FLOAT32_MAX:.4g} in magnitude (float32), got {value!r}")

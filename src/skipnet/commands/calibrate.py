@@ -91,7 +91,7 @@ def check_out_file(src: Path, dst: Path, force: bool) -> None:
         raise SkipnetError("--out must differ from the input checkpoint (it is kept as it is)")
     if dst.is_dir():
         raise SkipnetError(f"--out {dst} is a directory; give a file name such as {dst / 'calibrated.pt'}")
-    if dst.exists() and not force:
+    if (dst.exists() or dst.is_symlink()) and not force:  # a dangling link too: the file could not be created
         raise SkipnetError(f"--out {dst} exists; pass --force to overwrite it or choose another name")
     if dst.suffix not in OUT_SUFFIXES:
         raise SkipnetError(
