@@ -214,6 +214,12 @@ def test_alphas_of_one_run_directory_are_refused_before_training(
     code, _, err = _cli(capsys, "sweep", "--init", str(sp_ckpt), "--data", "digits", *alphas, "--out", str(out))
     _one_line(code, err)
     assert "0.1234561 and 0.1234562 both name the run directory alpha_0.123456" in err and not out.exists()
+    for alpha, says in (("1e39", "--alphas must be at most 3.403e+38"), ("nan", "--alphas must be >= 0, got nan")):
+        code, _, err = _cli(
+            capsys, "sweep", "--init", str(sp_ckpt), "--data", "digits", "--alphas", alpha, "--out", str(out)
+        )
+        _one_line(code, err)
+        assert says in err and not out.exists()
 
 
 # --------------------------------------------------------------------------------------------- 7. untrained gates

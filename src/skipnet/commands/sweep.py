@@ -31,7 +31,7 @@ from skipnet.analysis import eval_point
 from skipnet.checkpoint import load_checkpoint, load_model
 from skipnet.commands._common import add_data_args, add_optim_args, check_out, require_learned_gates
 from skipnet.cost import cost_model
-from skipnet.errors import SkipnetError
+from skipnet.errors import SkipnetError, check_value
 from skipnet.evaluate import data_for_checkpoint, eval_loader, eval_mode_for, run_eval
 from skipnet.experiments import Run, Runner, literal
 from skipnet.fileio import atomic_write, json_text
@@ -159,8 +159,8 @@ def checked_out(value: str) -> Path:
 def checked_alphas(values: list[float]) -> list[float]:
     """``--alphas`` sorted, repeats dropped; each >= 0 and each of its own run directory, or one line."""
     alphas = sorted(set(values))
-    if any(not a >= 0 for a in alphas):
-        raise SkipnetError("--alphas must be >= 0")
+    for a in alphas:
+        check_value("alphas", a, lambda v: v >= 0, ">= 0")  # NaN, infinity and beyond float32 too
     names = [alpha_dir(Path(), a).name for a in alphas]
     for a, b, name, other in zip(alphas, alphas[1:], names, names[1:]):
         if name == other:
