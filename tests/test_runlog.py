@@ -175,6 +175,8 @@ def test_a_yaml_merge_key_may_override_what_it_merges(tmp_path) -> None:
     (tmp_path / "m.yaml").write_text("common: &c {lr: 0.1, seed: 3}\noptions:\n  <<: *c\n  lr: 0.2\n")
     data = load_config_file(tmp_path / "m.yaml")[0]
     assert data["options"] == {"lr": 0.2, "seed": 3}
+    (tmp_path / "s.yaml").write_text("<<: {batch_size: 8, lr: 0.1}\nbatch-size: 16\n")  # the other spelling
+    assert load_config_file(tmp_path / "s.yaml")[0] == {"batch_size": 16, "lr": 0.1}
 
 
 def test_resumed_run_logs_like_an_uninterrupted_one(data, tmp_path) -> None:

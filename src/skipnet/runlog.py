@@ -419,9 +419,14 @@ def _parse_config(path: Path, text: str) -> Any:
 
         class UniqueKeys(yaml.SafeLoader):
             def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
-                own = [k for k, _ in node.value if isinstance(k, yaml.ScalarNode) and k.tag != MERGE_TAG]
-                _unique_pairs([(self.construct_object(k), None) for k in own])  # a merged key may be overridden
-                return super().construct_mapping(node, deep)
+                scalars = [k for k, _ in node.value if isinstance(k, yaml.ScalarNode) and k.tag != MERGE_TAG]
+                own = [self.construct_object(k) for k in scalars]
+                _unique_pairs([(k, None) for k in own])  # a merged key may be overridden
+                mapping = super().construct_mapping(node, deep)
+                names = {str(k).replace("-", "_") for k in own}
+                for key in [k for k in mapping if k not in own and str(k).replace("-", "_") in names]:
+                    del mapping[key]  # merged under the other spelling of a key given here, which overrides it
+                return mapping
 
         try:
             data = yaml.load(text, Loader=UniqueKeys)  # noqa: S506 - a SafeLoader
