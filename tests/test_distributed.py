@@ -237,6 +237,9 @@ def test_setup_refuses_what_cannot_work_on_cpu(monkeypatch: pytest.MonkeyPatch) 
     if not torch.cuda.is_available():
         with pytest.raises(SkipnetError, match="CUDA is not available"):
             pick_device("cuda")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: nothing to synchronise, refused rather than ignored
+    with pytest.raises(SkipnetError, match="this run is one process; drop it"):
+        setup(SimpleNamespace(device="cpu", amp="none", sync_bn=True))
 
 
 @pytest.mark.parametrize(

@@ -317,8 +317,11 @@ def setup(cfg: Any) -> DistContext:
     sync_bn = bool(getattr(cfg, "sync_bn", False))
     if sync_bn and world > 1 and device.type != "cuda":
         raise SkipnetError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm has no CPU implementation")
-    if sync_bn and world == 1:
-        log.warning("--sync-bn has no effect in a single process")
+    if sync_bn and world == 1:  # refused, not ignored, as every option that nothing would read
+        raise SkipnetError(
+            "--sync-bn synchronises BatchNorm across torchrun processes, and this run is one process; drop it, or "
+            "start the run with torchrun --nproc_per_node N"
+        )
     ctx = DistContext(rank=rank, world=world, local_rank=local_rank, device=device)
     if world == 1:
         if device.type == "cuda":

@@ -61,7 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="force Bernoulli(K) decisions per sample and gate (default: 0.5 for an architecture, the learned "
         "gates for a checkpoint)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads per run (default: torch's own in PyTorch, 1 in an ONNX Runtime session's intra-op pool)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (CUDA calls are synchronised)")
     p.add_argument("--image-size", type=int, default=None, help="square input size (default: the arch's own)")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds (median reported)")
