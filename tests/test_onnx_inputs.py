@@ -5,6 +5,7 @@ altered graph where that can be detected)."""
 from __future__ import annotations
 
 import json
+import logging
 import zipfile
 from pathlib import Path
 
@@ -199,6 +200,18 @@ def test_an_altered_onnx_file_is_one_line(exported, tmp_path, capsys, name, edit
     assert not out.exists()
     assert main(["bench", str(path), "--images", "1", *BENCH]) == 2
     assert needle in _error(capsys, "bench")
+
+
+def test_metadata_without_its_digest_is_said_unverified(exported, tmp_path, caplog) -> None:
+    """The metadata digest removed (and a class renamed): the graph is still checked, but the class names and the
+    threshold cannot be, and predict says so (it said nothing)."""
+    proto = onnx.load_from_string(exported["onnx"].read_bytes())
+    _meta_edit("classes", ["renamed", *CLASSES[1:]])(proto)
+    path = tmp_path / "undigested.onnx"
+    path.write_bytes(proto.SerializeToString())
+    with caplog.at_level(logging.WARNING, logger="skipnet.export"):
+        assert main(["predict", str(path), str(exported["img"]), "--threads", "1"]) == 0
+    assert "records no SHA-256 of its skipnet metadata: its class names and threshold are not verified" in caplog.text
 
 
 def _pt2_with_meta(src: Path, dst: Path, text: str, digest: bool = True) -> None:

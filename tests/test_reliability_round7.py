@@ -227,3 +227,15 @@ def test_eval_prepares_a_folder_as_the_checkpoint_records_as_predict_does(tmp_pa
     first = sorted((root / "val" / "a").iterdir())[0]
     want = load_image(first.read_bytes(), 3, 72, prepare)
     assert torch.allclose(x[0].float(), want, atol=1 / 255 + 1e-6)  # the small path's cache holds 8-bit pixels
+
+
+def test_predict_of_a_two_channel_model_is_one_line(tmp_path, capsys) -> None:
+    from skipnet.checkpoint import save_checkpoint
+
+    model = create_model("tiny_feedforward_14", in_channels=2, image_size=16)
+    save_checkpoint(tmp_path / "g2.pt", model, data={"mean": [0.5, 0.5], "std": [0.2, 0.2]})
+    Image.new("RGB", (16, 16), (9, 99, 199)).save(tmp_path / "x.png")
+    assert main(["predict", str(tmp_path / "g2.pt"), str(tmp_path / "x.png")]) == 2
+    assert (
+        "takes 2-channel images; predict reads image files as RGB (3 channels) or grey (1)" in capsys.readouterr().err
+    )

@@ -750,6 +750,12 @@ def read_onnx_meta(path: str | Path) -> tuple[Any, dict[str, Any]]:
     recorded, whole = meta.get("graph_sha256"), meta.get("sha256")  # files of older exports: the graph's only
     if recorded is None and whole is None:
         log.warning("%s was written before skipnet checksummed ONNX exports: it is not verified; export it again", path)
+    elif whole is None:  # an older export, or one whose metadata was edited and its digest removed
+        log.warning(
+            "%s records no SHA-256 of its skipnet metadata: its class names and threshold are not verified (the "
+            "graph is); export it again",
+            path,
+        )
     digest = graph_digest(proto) if recorded is not None or whole is not None else None
     graph_changed = recorded is not None and recorded != digest
     if graph_changed or (whole is not None and whole != file_digest(digest, meta)):

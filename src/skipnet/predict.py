@@ -606,6 +606,11 @@ def predict(
     called as ``k`` more inputs are done. Random decisions (an SDV network) are drawn from ``seed``."""
     if not 1 <= top_k <= predictor.config.num_classes:
         raise SkipnetError(f"--top-k must be in [1, {predictor.config.num_classes}] (its classes), got {top_k}")
+    if predictor.in_channels not in (1, 3):  # images decode to RGB, or to its luma for a one-channel network
+        raise SkipnetError(
+            f"{predictor.source} takes {predictor.in_channels}-channel images; predict reads image files as RGB "
+            "(3 channels) or grey (1), so it cannot prepare them"
+        )
     files, _ = expand_inputs(paths)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
