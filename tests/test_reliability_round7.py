@@ -239,3 +239,12 @@ def test_predict_of_a_two_channel_model_is_one_line(tmp_path, capsys) -> None:
     assert (
         "takes 2-channel images; predict reads image files as RGB (3 channels) or grey (1)" in capsys.readouterr().err
     )
+
+
+def test_bench_onnxruntime_of_a_plain_checkpoint_names_no_option_bench_lacks(tmp_path, capsys) -> None:
+    from skipnet.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "plain.pt", create_model("tiny_resnet_14"), data={"mean": [0.5] * 3, "std": [0.2] * 3})
+    assert main(["bench", str(tmp_path / "plain.pt"), "--runtime", "onnxruntime", "--images", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "has no gates" in err and "--graph" not in err

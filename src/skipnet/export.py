@@ -434,7 +434,8 @@ def metadata(model: GatedResNet, graph: ExportGraph, ckpt: dict[str, Any] | None
         "mode": "all_on" if graph.graph == "plain" else "greedy",  # how the graph decides: every block, or the gates
         "batch": batch,  # None: any batch size
         "image_size": model.config.image_size,
-        "input": "float32 RGB images in [0, 1], (B, C, H, W); the normalisation below is applied inside the graph",
+        "input": f"float32 {'RGB' if model.config.in_channels == 3 else f'{model.config.in_channels}-channel'} "
+        "images in [0, 1], (B, C, H, W); the normalisation below is applied inside the graph",
         "normalize": {"mean": stats.mean.flatten().tolist(), "std": stats.std.flatten().tolist()}
         if stats.enabled
         else None,

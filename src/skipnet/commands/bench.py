@@ -354,7 +354,12 @@ def _require_greedy(model: Any, subject: str) -> None:
     from skipnet.gated import GateMode
 
     mode = eval_mode_for(model)
-    if mode == GateMode.GREEDY or model.gates is None:  # no gates: the export says only --graph plain applies
+    if model.gates is None:  # bench has no --graph: the export's "only --graph plain applies" would mislead
+        raise SkipnetError(
+            f"{subject} has no gates: --runtime onnxruntime times a SkipNet's graph against its plain ResNet, and "
+            "a plain network has nothing to skip"
+        )
+    if mode == GateMode.GREEDY:
         return
     why = {
         GateMode.ALL_ON: "runs every block (mode all_on: its gates were never trained, e.g. stage base)",
