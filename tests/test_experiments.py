@@ -69,16 +69,6 @@ def test_runner_trains_in_order_resumes_collects_and_fails_one_way(tmp_path) -> 
     runner.commands.clear()
     runner.train([base])
     assert runner.commands[0].endswith("--resume")
-    # a run killed after its first metrics row but before any last.pt is started again, not refused
-    early = Run("early", ("tiny_resnet_14", "--stage", "base", *FAST))
-    (tmp_path / "runs" / "early").mkdir()
-    (tmp_path / "runs" / "early" / "metrics.jsonl").write_text('{"step": 2, "val_accuracy": 9.0}\n')
-    runner.commands.clear()
-    runner.train([early])
-    assert runner.commands[0].endswith("--resume") and runner.finished(early)
-    bad = Run("bad", ("tiny_resnet_14", "--stage", "base", "--lr", "-1", *FAST))
-    with pytest.raises(RunFailed, match=r"exited 2 \(--lr must be positive, got -1\); see .*bad\.log"):
-        runner.train([bad])  # the reason, from the log's last one-line error
 
 
 # A stand-in for ``python -m skipnet train KIND:SECONDS ... --out DIR [--resume]``: records its pid and the times
@@ -103,6 +93,7 @@ if kind == "stop":
 if "--resume" not in args:
     time.sleep(float(seconds))
 if kind == "fail":
+    print("skipnet train: error: it failed as asked", file=sys.stderr)
     sys.exit(3)
 (out / "ended").write_text(repr(time.time()))
 (out / "summary.json").write_text("{}")
@@ -168,11 +159,21 @@ def test_runner_stops_runs_at_the_deadline_and_resumes_them(tmp_path) -> None:
     assert all(c.endswith("--resume") for c in runner.commands[:2]) and not runner.commands[2].endswith("--resume")
 
 
+def test_runner_restarts_a_run_killed_before_its_first_checkpoint(tmp_path) -> None:
+    """A run killed after its first metrics row but before any last.pt is started again (--resume), not refused."""
+    runner, _ = fake_runner(tmp_path)
+    early = Run("early", ("run:0.1",))
+    runner.dir("early").mkdir(parents=True)
+    (runner.dir("early") / "metrics.jsonl").write_text('{"step": 2, "val_accuracy": 9.0}\n')
+    runner.train([early])
+    assert runner.commands[0].endswith("--resume") and runner.finished(early)
+
+
 def test_runner_failure_in_a_group_waits_for_the_others_and_raises(tmp_path) -> None:
     runner, tick = fake_runner(tmp_path)
     runs = [Run("bad", ("fail:0.1",)), Run("slow", (f"run:{tick}",)), Run("next", ("run:0.1",))]
-    with pytest.raises(RunFailed, match="exited 3; see .*bad.log"):
-        runner.train(runs, parallel=2)
+    with pytest.raises(RunFailed, match=r"exited 3 \(it failed as asked\); see .*bad\.log"):
+        runner.train(runs, parallel=2)  # the reason, from the log's last one-line error
     assert runner.finished(runs[1]) and gone(runner, "slow")  # the run going finished first
     assert not runner.dir("next").exists()  # nothing started after the failure
     # a run going at the deadline is stopped before the failure is raised
