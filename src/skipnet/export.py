@@ -393,7 +393,11 @@ def compare(
         res["decision_mismatches"] = int((dec != ref_dec.float()).sum())
         res["executed_fraction"] = float(ref_dec.float().mean()) if ref_dec.numel() else 1.0
         res["same_decisions"] = res["decision_mismatches"] == 0
-    res["ok"] = bool(res["same_classes"] and res.get("same_decisions", True) and res["max_abs_logit_diff"] <= tol)
+    # tol is absolute up to logits of magnitude 1 and relative beyond: float32 rounds large logits by more
+    scale = max(1.0, float(ref_logits.abs().max())) if ref_logits.numel() else 1.0
+    res["ok"] = bool(
+        res["same_classes"] and res.get("same_decisions", True) and res["max_abs_logit_diff"] <= tol * scale
+    )
     return res
 
 
@@ -577,7 +581,7 @@ def export_model(
     does not export (the exporter cannot express the data-dependent shapes) and ``fallback`` is set, the
     ``masked`` graph is exported instead with a warning that it saves no compute. The exported program is run
     on ``probes`` seeded batches of random images (and the ONNX file in ONNX Runtime); any decision, class or
-    logit (> 1e-4) that differs from the eager greedy model is an error and nothing is returned.
+    logit (by > 1e-4, relative above 1) that differs from the eager greedy model is an error and nothing is returned.
     """
     if fmt not in ("pt2", "onnx"):
         raise SkipnetError(f"export_model writes pt2 or onnx, not {fmt!r}")
