@@ -85,3 +85,13 @@ def trained_like(name: str, seed: int = 1) -> torch.nn.Module:
 TINY_HRL = ["tiny_rnn_gate_14", "--stage", "hrl", "--data", "digits", "--batch-size", "16", "--threads", "1"]
 TINY_HRL += ["--val-split", "0.2", "--lr", "0.05", "--schedule", "constant", "--limit-train", "160"]
 TINY_HRL += ["--limit-test", "64", "--log-every", "100"]
+
+
+def train_tiny_sp(out: Path, **options) -> Path:
+    """Train a tiny RNN-gated network by SP on digits (20% validation split, one thread) into ``out``; ``options``
+    are TrainConfig fields (iters, batch_size, ...). Returns ``out``."""
+    from skipnet.train import TrainConfig, train
+
+    fields = {"arch": "tiny_rnn_gate_14", "stage": "sp", "data": "digits", "val_split": 0.2, "threads": 1}
+    train(TrainConfig(out=str(out), log_every=1000, **(fields | options)))
+    return out

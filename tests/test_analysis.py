@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import train_tiny_sp
 from skipnet import create_model
 from skipnet.analysis import (
     ALL_SKIP_THRESHOLD,
@@ -33,7 +34,6 @@ from skipnet.checkpoint import atomic_save, load_checkpoint, load_model
 from skipnet.cli import main
 from skipnet.cost import cost_model
 from skipnet.errors import SkipnetError
-from skipnet.train import TrainConfig, train
 
 FIGURES = (
     "tradeoff.png",
@@ -50,21 +50,7 @@ FIGURES = (
 def sp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny RNN-gated network after a few SP steps on digits (with a 20% validation split)."""
     out = tmp_path_factory.mktemp("analysis") / "sp"
-    cfg = TrainConfig(
-        arch="tiny_rnn_gate_14",
-        stage="sp",
-        data="digits",
-        out=str(out),
-        iters=12,
-        batch_size=64,
-        lr=0.05,
-        val_split=0.2,
-        limit_train=384,
-        threads=1,
-        log_every=1000,
-    )
-    train(cfg)
-    return out
+    return train_tiny_sp(out, iters=12, batch_size=64, lr=0.05, limit_train=384)
 
 
 def _calibrated_bn(model: nn.Module, x: torch.Tensor) -> nn.Module:

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import train_tiny_sp
 from skipnet import fileio
 from skipnet.checkpoint import atomic_save, load_checkpoint
 from skipnet.cli import build_parser, main
 from skipnet.commands import sweep
 from skipnet.errors import SkipnetError
 from skipnet.experiments import Run, Runner, literal
-from skipnet.train import TrainConfig, train
 
 FAST = ["--data", "digits", "--iters", "1", "--batch-size", "16", "--limit-train", "64", "--limit-test", "64"]
 FAST += ["--threads", "1"]
@@ -28,20 +28,7 @@ FAST += ["--threads", "1"]
 def sp_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny RNN-gated network after a few SP steps on digits (20% validation split): its ``best.pt``."""
     out = tmp_path_factory.mktemp("sweep7") / "sp"
-    cfg = TrainConfig(
-        arch="tiny_rnn_gate_14",
-        stage="sp",
-        data="digits",
-        out=str(out),
-        iters=4,
-        batch_size=32,
-        val_split=0.2,
-        limit_train=128,
-        threads=1,
-        log_every=1000,
-    )
-    train(cfg)
-    return out / "best.pt"
+    return train_tiny_sp(out, iters=4, batch_size=32, limit_train=128) / "best.pt"
 
 
 def _cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:

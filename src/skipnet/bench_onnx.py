@@ -369,7 +369,7 @@ def data_images(subject: str, meta: dict[str, Any], spec: str, data_dir: str | N
     """The first ``n`` test images of ``spec`` as an exported graph takes them: float32 pixels in [0, 1] at the
     graph's image size (the graph normalises them itself), loaded by the data module with an identity
     normalisation; data of another channel count, image size or class list than the graph's is a one-line error."""
-    from skipnet.checkpoint import require_same_classes
+    from skipnet.checkpoint import PREPARATIONS, require_same_classes
     from skipnet.data import load_data
     from skipnet.gated import GatedResNet
 
@@ -385,7 +385,7 @@ def data_images(subject: str, meta: dict[str, Any], spec: str, data_dir: str | N
         image_size=int(meta["image_size"]),
         stats=identity,
         augment=False,
-        prepare=meta.get("prepare") if meta.get("prepare") in ("crop", "resize") else None,
+        prepare=meta.get("prepare") if meta.get("prepare") in PREPARATIONS else None,
     )
     require_same_classes(GatedResNet(config), data, subject, meta.get("classes"))
     xs, have = [], 0

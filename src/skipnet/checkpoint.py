@@ -297,6 +297,10 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# How a data record says its images were made S x S (``skipnet.data``'s large- and small-image paths).
+PREPARATIONS = ("crop", "resize")
+
+
 def check_data_record(data: Any, arch: dict[str, Any], path: str | Path) -> None:
     """Refuse, in one line, a ``data`` record that does not describe the images the architecture takes: a mapping
     whose ``mean`` / ``std`` (if given) hold one finite number per input channel, every ``std`` > 0; whose
@@ -321,7 +325,7 @@ def check_data_record(data: Any, arch: dict[str, Any], path: str | Path) -> None
     for key in ("num_classes", "in_channels", "image_size"):
         if key in data and data[key] is not None and data[key] != arch.get(key):
             raise refuse(f"{key} {data[key]!r} but the architecture's is {arch.get(key)!r}"[:150])
-    if data.get("prepare") not in (None, "crop", "resize"):
+    if data.get("prepare") not in (None, *PREPARATIONS):
         raise refuse(f"prepare {data['prepare']!r} is not 'crop' or 'resize'"[:150])
     classes = data.get("classes")
     if classes is not None and (

@@ -188,7 +188,9 @@ def _exported(spec: str, meta: dict[str, Any], runtime: str, fn: Callable) -> Pr
 
 def _preparation(recorded: Any, spec: str) -> str | None:
     """How the model's images were made S x S, as its data record says (``None`` where it predates the record)."""
-    if recorded not in (None, "crop", "resize"):
+    from skipnet.checkpoint import PREPARATIONS
+
+    if recorded not in (None, *PREPARATIONS):
         raise SkipnetError(f"{spec} records an image preparation {recorded!r}; expected 'crop' or 'resize'"[:200])
     return recorded
 
