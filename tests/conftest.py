@@ -63,6 +63,28 @@ def cifar_jpeg() -> str:
     return str(CIFAR_TAR)
 
 
+@pytest.fixture(scope="session")
+def cifar_mini(cifar_jpeg, tmp_path_factory) -> str:
+    """Real CIFAR-10 images, few: the bundled archive's first 48 training and 16 test images of each class, in
+    its layout (a .tar.gz). Reading the whole archive takes 3-5 s, which the training tests would pay every run."""
+    import tarfile
+    from collections import Counter
+
+    out = tmp_path_factory.mktemp("cifar_mini") / "cifar10-jpeg.tar.gz"
+    keep, taken = {"train": 48, "test": 16}, Counter()
+    with tarfile.open(cifar_jpeg) as src, tarfile.open(out, "w:gz") as dst:
+        for member in src:
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) == 4 and parts[1] in keep:
+                if taken[parts[1], parts[2]] >= keep[parts[1]]:
+                    continue
+                taken[parts[1], parts[2]] += 1
+                dst.addfile(member, src.extractfile(member))
+            elif member.isdir():
+                dst.addfile(member)
+    return str(out)
+
+
 def trained_like(name: str, seed: int = 1) -> torch.nn.Module:
     """A model whose gates decide differently per sample, in eval mode: gate weights spread so that the gate
     probabilities straddle 0.5, BatchNorm statistics moved off their initial values (as training leaves them)."""

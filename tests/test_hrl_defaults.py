@@ -49,12 +49,12 @@ def test_selection_rules() -> None:
 
 
 @pytest.fixture(scope="module")
-def sp_run(tmp_path_factory, cifar_jpeg):
+def sp_run(tmp_path_factory, cifar_mini):
     """SP from scratch with nothing but the schedule set: its defaults open the gates."""
     out = tmp_path_factory.mktemp("defaults") / "sp"
-    args = ["train", "tiny_rnn_gate_14", "--stage", "sp", "--data", cifar_jpeg, *COMMON, "--iters", "8"]
+    args = ["train", "tiny_rnn_gate_14", "--stage", "sp", "--data", cifar_mini, *COMMON, "--iters", "8"]
     assert main([*args, "--lr", "0.05", "--out", str(out)]) == 0
-    return out, cifar_jpeg
+    return out, cifar_mini
 
 
 def test_sp_from_scratch_starts_with_open_gates(sp_run, tmp_path) -> None:

@@ -430,7 +430,7 @@ def test_bench_cli_user_errors(argv: list[str], capsys: pytest.CaptureFixture[st
 
 
 @pytest.mark.slow  # reads the CIFAR archive; no fast path of its own (not rerun at the lesser ISAs)
-def test_bench_cli_data_times_real_images(tmp_path, cifar_jpeg, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_cli_data_times_real_images(tmp_path, cifar_mini, capsys: pytest.CaptureFixture[str]) -> None:
     """``--data``: the learned gates decide on real test images (as the checkpoint saw them), not on noise."""
     from skipnet.checkpoint import save_checkpoint
     from skipnet.commands.bench import real_images
@@ -439,10 +439,10 @@ def test_bench_cli_data_times_real_images(tmp_path, cifar_jpeg, capsys: pytest.C
     path = tmp_path / "m.pt"
     save_checkpoint(path, model)
     argv = ["bench", str(path), "--batch-size", "5", "--repeats", "1", "--threads", "1", "--json"]
-    assert main([*argv, "--data", cifar_jpeg]) == 0
+    assert main([*argv, "--data", cifar_mini]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["inputs"] == "real images" and res["image_size"] == 32
-    x = real_images(str(path), model, cifar_jpeg, None, 5)
+    x = real_images(str(path), model, cifar_mini, None, 5)
     assert x.shape == (5, 3, 32, 32) and x.std() > 0.1
     with torch.no_grad():
         expected = model.eval()(x, "greedy").trace.decisions.float().mean().item()

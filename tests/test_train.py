@@ -159,9 +159,9 @@ def test_hrl_gate_gradient_comes_from_reinforce_only() -> None:
 
 # ------------------------------------------------------------------------------------------- CLI runs
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, cifar_jpeg):
+def runs(tmp_path_factory, cifar_mini):
     root = tmp_path_factory.mktemp("runs")
-    data = ["--data", cifar_jpeg]
+    data = ["--data", cifar_mini]
     assert (
         main(
             [
@@ -202,7 +202,7 @@ def runs(tmp_path_factory, cifar_jpeg):
         )
         == 0
     )
-    return root, cifar_jpeg
+    return root, cifar_mini
 
 
 @pytest.mark.parametrize("stage", ["hrl", "soft", "rl", "sdv", "hrl_scratch"])
@@ -289,7 +289,7 @@ def test_sp_from_base_copies_backbone(runs) -> None:
 
 
 @pytest.mark.parametrize("budget", [[], ["--skip-budget", "0.5", "--alpha", "1", "--alpha-lr", "0.5"]])
-def test_resume_equals_uninterrupted(tmp_path, cifar_jpeg, budget) -> None:
+def test_resume_equals_uninterrupted(tmp_path, cifar_mini, budget) -> None:
     """Bit-identical weights after a resume; with --skip-budget its alpha (moved every step) resumes too."""
     args = [
         "train",
@@ -297,7 +297,7 @@ def test_resume_equals_uninterrupted(tmp_path, cifar_jpeg, budget) -> None:
         "--stage",
         "hrl",
         "--data",
-        cifar_jpeg,
+        cifar_mini,
         *COMMON,
         "--lr",
         "0.01",
