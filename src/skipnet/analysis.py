@@ -34,6 +34,7 @@ from skipnet.evaluate import (  # noqa: F401 - the data helpers are re-exported 
     checkpoint_stats,
     data_for_checkpoint,
     eval_loader,
+    require_learned_gates,
     run_eval,
     summarize,
 )
@@ -142,17 +143,6 @@ def is_non_increasing(values: Sequence[float], tol: float = 0.0) -> bool:
     return all(b <= a + tol for a, b in zip(values, values[1:]))
 
 
-def jsonable(obj: Any) -> Any:
-    """``obj`` with NaN/inf floats replaced by ``None`` (strict JSON) and tuples as lists, recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    return obj
-
-
 def eval_point(record: EvalRecord, cost: CostModel, num_classes: int, gated: bool = True) -> dict[str, Any]:
     """The headline numbers of one evaluation (accuracy, MACs, reduction, CP, executed blocks)."""
     s = summarize(record, cost, num_classes, gated)
@@ -161,11 +151,6 @@ def eval_point(record: EvalRecord, cost: CostModel, num_classes: int, gated: boo
 
 
 # ------------------------------------------------------------------------------------ running a model
-def require_gates(model: GatedResNet, what: str) -> None:
-    if model.gates is None or model.mode == GateMode.RANDOM:
-        raise SkipnetError(f"{what} needs a checkpoint with learned gates; {model.config.name} has none")
-
-
 class ScaledLoader:
     """Wrap a loader of normalised images so that each batch is resized by ``scale`` (bilinear; antialiased
     when shrinking), keeping the memory format. Labels pass through unchanged."""
@@ -270,7 +255,7 @@ def analyze(
     k: int = 16,
 ) -> Analysis:
     """Evaluate a gated ``model`` greedily at its own threshold on ``split`` and compute every analysis."""
-    require_gates(model, "analyze")
+    require_learned_gates(model, model.config.name, "analyze")
     loader = eval_loader(data, split)
     cost = cost_model(model)
     record = run_eval(model, loader, cost, mode=GateMode.GREEDY)

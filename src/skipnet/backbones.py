@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from skipnet.config import ArchConfig
+from skipnet.config import IMAGENET_LAYERS, ArchConfig
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
@@ -121,13 +121,7 @@ class CifarResNet(_ResNet):
                 nn.init.zeros_(m.bias)
 
 
-_IMAGENET_LAYERS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
-    18: (BasicBlock, (2, 2, 2, 2)),
-    34: (BasicBlock, (3, 4, 6, 3)),
-    50: (Bottleneck, (3, 4, 6, 3)),
-    101: (Bottleneck, (3, 4, 23, 3)),
-    152: (Bottleneck, (3, 8, 36, 3)),
-}
+_BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
 class ImageNetResNet(_ResNet):
@@ -135,7 +129,8 @@ class ImageNetResNet(_ResNet):
 
     def __init__(self, depth: int, num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
-        block, layers = _IMAGENET_LAYERS[depth]
+        kind, layers = IMAGENET_LAYERS[depth]
+        block = _BLOCKS[kind]
         self.inplanes = 64
         self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from skipnet.errors import SkipnetError
 
 Family = Literal["cifar", "imagenet"]
 GateKind = Literal["none", "ffgate1", "ffgate2", "rnn", "aig"]
 
-GATE_KINDS = ("none", "ffgate1", "ffgate2", "rnn", "aig")
-IMAGENET_DEPTHS = (18, 34, 50, 101, 152)
+GATE_KINDS: tuple[str, ...] = get_args(GateKind)
+# ImageNet ResNet depth -> (block type, blocks per stage), torchvision's table (He et al., 2016, Table 1)
+IMAGENET_LAYERS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+IMAGENET_DEPTHS = tuple(IMAGENET_LAYERS)
 
 # Upper bounds of every field, checked before anything is allocated: a name or a file's metadata cannot make
 # skipnet build a network that exhausts memory (the paper's largest is ResNet-1202 on CIFAR).

@@ -42,6 +42,25 @@ def eval_mode_for(model: GatedResNet) -> GateMode:
     return GateMode.GREEDY if model.gates is not None else GateMode.ALL_ON
 
 
+def require_learned_gates(model: GatedResNet, source: str, what: str, stage: str | None = None) -> None:
+    """Refuse, in one line, to choose or study gate thresholds of a model whose gates do not decide when it runs
+    as it was trained and validated: no gates, ``random`` (SDV) or ``all_on`` (a gated architecture trained in
+    stage ``base``, named by ``stage`` where known: its gates were never trained)."""
+    mode = eval_mode_for(model)
+    if model.gates is None:
+        raise SkipnetError(f"{what} needs a checkpoint with learned gates; {source} ({model.config.name}) has none")
+    if mode == GateMode.RANDOM:
+        raise SkipnetError(
+            f"{what} needs learned gates, but {source} decides at random (mode random, stochastic depth)"
+        )
+    if mode == GateMode.ALL_ON:
+        how = f", as it was trained in stage {stage}" if stage else ""
+        raise SkipnetError(
+            f"{source} runs every block (mode all_on{how}): its gates were never trained, so {what} has no "
+            "thresholds to work on; give a checkpoint of stage sp or hrl"
+        )
+
+
 def describe_mode(mode: GateMode | str) -> str:
     """A few words naming how a mode decides, for reports (:attr:`GateMode.description`)."""
     return GateMode(mode).description

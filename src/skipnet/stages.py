@@ -27,8 +27,6 @@ from skipnet.losses import (
     reinforce_loss,
 )
 
-REWARDS = ("hybrid", "blockdrop")  # --reward: the paper's Eq. 5-6, or BlockDrop's (beyond the paper)
-
 
 @dataclass(frozen=True)
 class Reward:

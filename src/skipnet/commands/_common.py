@@ -139,26 +139,10 @@ def open_for_eval(
 
 
 def require_learned_gates(model: Any, ckpt: dict[str, Any], source: str, what: str) -> None:
-    """Refuse, in one line, to choose or study gate thresholds of a checkpoint whose gates do not decide when it
-    runs as it was trained and validated: no gates, ``random`` (SDV) or ``all_on`` (a gated architecture trained
-    in stage ``base``: its gates were never trained)."""
-    from skipnet.evaluate import eval_mode_for
-    from skipnet.gated import GateMode
+    """:func:`skipnet.evaluate.require_learned_gates`, naming the checkpoint's training stage."""
+    from skipnet.evaluate import require_learned_gates as require
 
-    mode = eval_mode_for(model)
-    if model.gates is None:
-        raise SkipnetError(f"{what} needs a checkpoint with learned gates; {source} ({model.config.name}) has none")
-    if mode == GateMode.RANDOM:
-        raise SkipnetError(
-            f"{what} needs learned gates, but {source} decides at random (mode random, stochastic depth)"
-        )
-    if mode == GateMode.ALL_ON:
-        stage = ckpt.get("stage") or (ckpt.get("train_config") or {}).get("stage")
-        how = f", as it was trained in stage {stage}" if stage else ""
-        raise SkipnetError(
-            f"{source} runs every block (mode all_on{how}): its gates were never trained, so {what} has no "
-            "thresholds to work on; give a checkpoint of stage sp or hrl"
-        )
+    require(model, source, what, ckpt.get("stage") or (ckpt.get("train_config") or {}).get("stage"))
 
 
 def check_out(value: str, option: str = "--out") -> None:

@@ -27,7 +27,6 @@ from skipnet.analysis import (
     data_for_checkpoint,
     eval_loader,
     eval_point,
-    jsonable,
     report_markdown,
 )
 from skipnet.checkpoint import load_model, require_same_classes
@@ -42,7 +41,7 @@ from skipnet.commands._common import (
 from skipnet.cost import cost_model, fewer_macs
 from skipnet.errors import SkipnetError
 from skipnet.evaluate import eval_mode_for, run_eval
-from skipnet.fileio import atomic_directory, foreign_files
+from skipnet.fileio import atomic_directory, foreign_files, json_safe
 from skipnet.gated import GateMode
 from skipnet.registry import min_image_size
 
@@ -71,7 +70,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="figures and a report of a model's skipping behaviour (paper §4.2)",
         description="Evaluate a gated checkpoint greedily at its own threshold and write six figures, "
         "analysis.json and report.md into --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "checkpoint",
@@ -264,14 +262,14 @@ def run(args: argparse.Namespace) -> int:
 
     def fill(staging: Path) -> None:  # every file of --out, into a staging directory that then replaces it whole
         _write_figures(staging, numbers, result, model, args.split)
-        write_text(staging / "analysis.json", json.dumps(jsonable(numbers), indent=2))
+        write_text(staging / "analysis.json", json.dumps(json_safe(numbers), indent=2))
         write_text(staging / "report.md", report_markdown(numbers, FIGURES, title))
 
     atomic_directory(out, fill, OWNED)
 
     m = numbers["main"]
     if args.json:
-        print(json.dumps(jsonable({"out": str(out), "figures": list(FIGURES)} | m)))
+        print(json.dumps(json_safe({"out": str(out), "figures": list(FIGURES)} | m)))
         return 0
     print(
         f"{args.checkpoint} on {data.name} {args.split} ({m['images']} images): accuracy {m['accuracy']:.2f}%, "

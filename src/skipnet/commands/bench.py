@@ -44,7 +44,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="time plain vs masked vs routed SkipNet inference (wall clock, CPU or CUDA)",
         description="Time the plain ResNet, masked SkipNet and routed SkipNet on the same inputs, interleaved; "
         "report median latencies, the speedup, the ideal speedup from MACs and routed-vs-masked agreement.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "subject",

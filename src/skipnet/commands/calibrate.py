@@ -46,7 +46,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="choose the gate threshold that meets a MACs budget on the validation split",
         description="Search the greedy gate threshold that meets a compute budget (mean MACs per image, gates "
         "included) at the best validation accuracy, and write a checkpoint that uses it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("checkpoint", help="a gated checkpoint: .pt, .safetensors export or pretrained:NAME")
     add_source_args(p, "the data set the checkpoint was trained on")

@@ -42,7 +42,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Export a checkpoint: its weights as safetensors (config, threshold and normalisation in the "
         "metadata), or a torch.export / ONNX graph in which every gated block is a conditional on its gate, so that "
         "skipped blocks are not computed by the runtime. Graphs are checked against the eager model before writing.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "checkpoint",

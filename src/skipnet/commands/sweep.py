@@ -50,7 +50,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train stage hrl from --init at each alpha into OUT/alpha_<a>/ (resumable), evaluate each "
         "best.pt on the test split and write sweep.json, sweep.md and tradeoff.png. Options left unset take "
         "the trainer's HRL defaults (lr 1e-4 constant, 10k iterations on CIFAR).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--init", required=True, help="the supervised-pre-trained (SP) checkpoint every run starts from")
     add_data_args(p)
@@ -316,7 +315,7 @@ def prepare(args: argparse.Namespace) -> tuple[Runner, list[Run], list[float], A
     arch = sp_ckpt["arch"]["name"]
     val_split = args.val_split
     if val_split is None:
-        val_split = float(sp_ckpt.get("data", {}).get("val_split", 0.1) or 0.0)
+        val_split = float(sp_ckpt.get("data", {}).get("val_split", TrainConfig.val_split) or 0.0)
     common = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     common |= {"arch": arch, "stage": "hrl", "init": args.init, "val_split": val_split, "threshold": threshold}
     common |= {"resume": True}

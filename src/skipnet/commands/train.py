@@ -25,7 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train one stage of SkipNet. Paper defaults apply to every option left unset "
         "(each option's help names its value): CIFAR base/SP 64k iterations, lr 0.1 stepped at 50%/75%; HRL after SP "
         "lr 1e-4 constant for 10k iterations, alpha 0.1, beta 1; ImageNet alpha 0.01, beta alpha/N.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("arch", nargs="?", help="architecture name (see 'skipnet models')")
     run_group = _group(p, "the run", "docs/training.md")
