@@ -34,29 +34,30 @@ from skipnet.evaluate import (  # noqa: F401 - the data helpers are re-exported 
     checkpoint_stats,
     data_for_checkpoint,
     eval_loader,
+    gates_spent,
     require_learned_gates,
     run_eval,
     summarize,
 )
 from skipnet.gated import GatedResNet, GateMode
 from skipnet.policy import ALL_SKIP_THRESHOLD
-from skipnet.routes import executed_blocks, route_stats, skipped_blocks  # noqa: F401 (re-exported)
+from skipnet.routes import (  # noqa: F401 (re-exported)
+    executed_blocks,
+    route_stats,
+    skip_ratio_per_block,
+    skipped_blocks,
+)
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 ... 0.95
 CALIBRATION_GRID: tuple[float, ...] = (0.0, *DEFAULT_THRESHOLDS, 1.0)
 DEFAULT_SCALES: tuple[float, ...] = (0.5, 0.75, 1.25, 1.5)
+FORCED_MODE = GateMode.RANDOM  # static_lesion's forced decisions: the mode that takes them, no gate computed
 
 
 # ----------------------------------------------------------------------------------------- pure numbers
-def skip_ratio_per_block(decisions: Tensor) -> list[float]:
-    """Fraction of images that skip each gated block: ``1 - mean(decisions, 0)``, length N (Fig. 10a)."""
-    if decisions.shape[0] == 0:
-        return [float("nan")] * decisions.shape[1]
-    return (1.0 - decisions.to(torch.float64).mean(0)).tolist()
-
-
 def skip_ratio_per_stage(decisions: Tensor, block_stage: Sequence[int]) -> list[float]:
-    """Mean skip ratio over the gated blocks of each stage (stage order); NaN for a stage with no gated block."""
+    """Mean skip ratio (:func:`~skipnet.routes.skip_ratio_per_block`) over the gated blocks of each stage (stage
+    order); NaN for a stage with no gated block."""
     ratios = skip_ratio_per_block(decisions)
     out = []
     for s in range(max(block_stage, default=-1) + 1):
@@ -143,9 +144,9 @@ def is_non_increasing(values: Sequence[float], tol: float = 0.0) -> bool:
     return all(b <= a + tol for a, b in zip(values, values[1:]))
 
 
-def eval_point(record: EvalRecord, cost: CostModel, num_classes: int, gated: bool = True) -> dict[str, Any]:
+def eval_point(record: EvalRecord, cost: CostModel, num_classes: int) -> dict[str, Any]:
     """The headline numbers of one evaluation (accuracy, MACs, reduction, CP, executed blocks)."""
-    s = summarize(record, cost, num_classes, gated)
+    s = summarize(record, cost, num_classes)
     keys = ("images", "accuracy", "macs_mean", "macs_all_on", "macs_reduction", "computation_percentage")
     return {k: s[k] for k in keys} | {"executed_blocks_mean": s["executed_blocks_mean"]}
 
@@ -307,8 +308,8 @@ def _cost_numbers(cost: CostModel) -> dict[str, Any]:
     return {
         "macs_all_on": cost.total_macs_all_on,
         "fixed_macs": cost.fixed_macs,
-        "gate_macs": float(sum(cost.gate_macs)),
-        "min_macs": cost.fixed_macs + float(sum(cost.gate_macs)),
+        "gate_macs": cost.gate_macs_total,
+        "min_macs": cost.min_macs,
         "image_size": cost.image_size,
     }
 
@@ -394,13 +395,13 @@ def static_lesion(
                 keep[0, i] = 0.0
             else:
                 loss, acc = _forced_run(model, select, keep)
-            macs = cost.macs_per_image(keep, include_gates=False).item()
+            macs = cost.macs_per_image(keep, include_gates=gates_spent(model, FORCED_MODE)).item()
             point = {
                 "dropped": torch.nonzero(keep[0] == 0).flatten().tolist(),
                 "select_loss": loss,
                 "select_accuracy": acc,
                 "macs_mean": macs,
-                "macs_reduction": 100.0 * (1.0 - macs / cost.total_macs_all_on),
+                "macs_reduction": cost.reduction(macs),
             }
             if evaluate_on is not None:
                 point["accuracy"] = _forced_run(model, evaluate_on, keep)[1]
@@ -418,7 +419,7 @@ def _forced_run(model: GatedResNet, batches: Any, keep: Tensor) -> tuple[float, 
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         decisions = keep.to(device).expand(x.shape[0], model.num_gates)
-        logits = model(x, GateMode.RANDOM, decisions=decisions).logits.float()
+        logits = model(x, FORCED_MODE, decisions=decisions).logits.float()
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         seen += y.shape[0]
@@ -459,7 +460,7 @@ def calibrate_threshold(
     the grid was monotone. If no grid threshold meets the budget, ``ALL_SKIP_THRESHOLD`` (no gated block
     runs) is tried; a budget below that cost raises :class:`SkipnetError`.
     """
-    floor = cost.fixed_macs + float(sum(cost.gate_macs))
+    floor = cost.min_macs
     if target_macs < floor:
         raise SkipnetError(
             f"target of {target_macs:.4g} MACs/image is below the least this network can spend "

@@ -85,6 +85,25 @@ class CostModel:
         return self.fixed_macs + sum(self.block_macs)
 
     @property
+    def gate_macs_total(self) -> float:
+        """MACs of all the gates per image, spent whether or not their blocks run (where the gates are computed)."""
+        return float(sum(self.gate_macs))
+
+    @property
+    def min_macs(self) -> float:
+        """The least a gated run can spend per image: every gated block skipped, the gates computed (the fixed part
+        plus :attr:`gate_macs_total`); calibration's floor, the all-skip point."""
+        return self.fixed_macs + self.gate_macs_total
+
+    def reduction(self, macs: Any) -> Any:
+        """``macs`` as a MACs reduction vs the plain ResNet, in % (:func:`macs_reduction`)."""
+        return macs_reduction(macs, self.total_macs_all_on)
+
+    def macs_for_reduction(self, reduction: Any) -> Any:
+        """The MACs per image ``reduction`` % below the plain ResNet (:func:`macs_at_reduction`)."""
+        return macs_at_reduction(reduction, self.total_macs_all_on)
+
+    @property
     def gate_overhead(self) -> float:
         """Summed gate MACs / summed gated-block MACs (projection shortcuts included in the blocks)."""
         return sum(self.gate_macs) / max(1, sum(self.block_macs))
@@ -94,7 +113,7 @@ class CostModel:
         blocks = torch.tensor(self.block_macs, dtype=torch.float64, device=decisions.device)
         spent = self.fixed_macs + decisions.to(torch.float64) @ blocks
         if include_gates:
-            spent = spent + float(sum(self.gate_macs))
+            spent = spent + self.gate_macs_total
         return spent
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +122,18 @@ class CostModel:
         d["total_macs_all_on"] = self.total_macs_all_on
         d["gate_overhead"] = self.gate_overhead
         return d
+
+
+def macs_reduction(macs: Any, all_on: Any) -> Any:
+    """How many % fewer MACs ``macs`` are than ``all_on`` (the plain ResNet's): ``100 (1 - macs / all_on)``; negative
+    for more. The one home of the formula; works on numbers and arrays alike (a plot's secondary axis)."""
+    return 100.0 * (1.0 - macs / all_on)
+
+
+def macs_at_reduction(reduction: Any, all_on: Any) -> Any:
+    """The MACs ``reduction`` % below ``all_on``: ``all_on (1 - reduction / 100)``, the inverse of
+    :func:`macs_reduction`."""
+    return all_on * (1.0 - reduction / 100.0)
 
 
 def fewer_macs(reduction: float) -> str:

@@ -14,7 +14,9 @@ from skipnet.cost import CostModel, computation_percentage
 from skipnet.data import DataBundle, load_data
 from skipnet.errors import SkipnetError
 from skipnet.gated import GatedResNet, GateMode
-from skipnet.routes import route_summary
+from skipnet.routes import executed_blocks, route_summary, skip_ratio_per_block
+
+SKIP_RATIO_DIGITS = 6  # the skip ratio per block as summarize reports it (eval --json, summary.json, metrics.jsonl)
 
 
 @dataclass
@@ -28,6 +30,15 @@ class EvalRecord:
     probs: Tensor  # (M, N)
     macs: Tensor  # (M,) float64
     ce: Tensor  # (M,) cross-entropy of each image
+    gates_spent: bool  # whether ``macs`` count the gates' MACs: :func:`gates_spent` of the pass
+
+
+def gates_spent(model: nn.Module, mode: GateMode | str) -> bool:
+    """Whether running ``model`` in ``mode`` spends its gates' MACs: it has gates and the mode computes them
+    (greedy, hard, soft, sample; not all_on or random, which decide without them). The one rule for every count of
+    MACs: :func:`run_eval` records it in :attr:`EvalRecord.gates_spent`."""
+    net = getattr(model, "module", model)
+    return net.gates is not None and GateMode(mode).computes_gates
 
 
 def eval_mode_for(model: GatedResNet) -> GateMode:
@@ -110,37 +121,36 @@ def run_eval(
     decisions = torch.cat(decs) if decs else torch.zeros(0, net.num_gates)
     if mode == GateMode.SOFT:  # soft gating (Sec. 3.2): every block runs for every image, its output scaled by p
         decisions = torch.ones_like(decisions)
-    gates_spent = net.gates is not None and mode.computes_gates
+    spent = gates_spent(net, mode)
     return EvalRecord(
         labels=torch.cat(labels),
         preds=torch.cat(preds),
         correct5=torch.cat(c5),
         decisions=decisions,
         probs=torch.cat(probs) if probs else decisions.clone(),
-        macs=cost.macs_per_image(decisions, include_gates=gates_spent),
+        macs=cost.macs_per_image(decisions, include_gates=spent),
         ce=torch.cat(ces) if ces else torch.zeros(0),
+        gates_spent=spent,
     )
 
 
-def summarize(record: EvalRecord, cost: CostModel, num_classes: int, gated: bool = True) -> dict[str, Any]:
-    """The numbers ``skipnet eval --json`` reports, from an :class:`EvalRecord`."""
+def summarize(record: EvalRecord, cost: CostModel, num_classes: int) -> dict[str, Any]:
+    """The numbers ``skipnet eval --json`` reports, from an :class:`EvalRecord`; the gates' MACs count where the
+    record says they were spent (:attr:`EvalRecord.gates_spent`)."""
     n = len(record.labels)
     correct = (record.preds == record.labels).float()
     macs_mean = record.macs.mean().item() if n else float("nan")
-    all_on = cost.total_macs_all_on
-    executed = record.decisions.mean(0) if n else torch.ones(cost.num_gates)
-    gate_macs = float(sum(cost.gate_macs)) if gated else 0.0
     out: dict[str, Any] = {
         "images": n,
         "accuracy": 100.0 * correct.mean().item() if n else float("nan"),
         "loss": record.ce.mean().item() if n else float("nan"),
         "macs_mean": macs_mean,
-        "macs_all_on": all_on,
-        "macs_reduction": 100.0 * (1.0 - macs_mean / all_on),
+        "macs_all_on": cost.total_macs_all_on,
+        "macs_reduction": cost.reduction(macs_mean),
         "computation_percentage": computation_percentage(record.decisions) if n else 100.0,
-        "skip_ratio_per_block": [round(1.0 - v, 6) for v in executed.tolist()],
-        "executed_blocks_mean": 1.0 + record.decisions.sum(1).mean().item() if n else float("nan"),
-        "gate_macs_mean": gate_macs,
+        "skip_ratio_per_block": [round(r, SKIP_RATIO_DIGITS) for r in skip_ratio_per_block(record.decisions)],
+        "executed_blocks_mean": executed_blocks(record.decisions).double().mean().item() if n else float("nan"),
+        "gate_macs_mean": cost.gate_macs_total if record.gates_spent else 0.0,
         "routes": route_summary(record.decisions, record.labels, record.preds),
     }
     if num_classes >= 20:
@@ -151,10 +161,7 @@ def summarize(record: EvalRecord, cost: CostModel, num_classes: int, gated: bool
 def evaluate(model: nn.Module, loader, cost: CostModel, **kwargs: Any) -> dict[str, Any]:
     """Evaluate and summarise in one call (see :func:`run_eval` for the keyword arguments)."""
     net = getattr(model, "module", model)
-    record = run_eval(model, loader, cost, **kwargs)
-    mode = GateMode(kwargs.get("mode") or eval_mode_for(net))
-    gated = net.gates is not None and mode.computes_gates
-    return summarize(record, cost, net.config.num_classes, gated)
+    return summarize(run_eval(model, loader, cost, **kwargs), cost, net.config.num_classes)
 
 
 # ------------------------------------------------------------------- data as a checkpoint saw it

@@ -16,6 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
+from skipnet.cost import macs_at_reduction, macs_reduction
+
 STAGE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
 # Labelled checkpoints: no red (this checkpoint's star) and no black (the plain ResNet).
 OTHER_COLORS = ("#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
@@ -95,7 +97,10 @@ def plot_tradeoff(
     ax.set_xlim(min(lo, 0.0), max(hi, macs_all_on / div * 1.05))
     secondary = ax.secondary_xaxis(
         "top",
-        functions=(lambda m: 100.0 * (1.0 - m * div / macs_all_on), lambda r: (1.0 - r / 100.0) * macs_all_on / div),
+        functions=(
+            lambda m: macs_reduction(m * div, macs_all_on),
+            lambda r: macs_at_reduction(r, macs_all_on) / div,
+        ),
     )
     secondary.set_xlabel("MACs reduction vs plain ResNet (%)")
     return _save(fig, path)

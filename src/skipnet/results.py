@@ -24,6 +24,8 @@ Row = dict[str, Any]
 # 30% budget is crossed between 0 and 0.1)
 GRID = ("0", "0.005", "0.01", "0.02", "0.03", "0.04", "0.05", "0.06", "0.08", "0.1", "0.15")
 GRID += ("0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9")
+# the skip ratio per block in a results row: the precision of every committed row (summarize reports 6 digits)
+RESULTS_SKIP_DIGITS = 4
 
 
 def portable(cmd: Sequence[str] | str, root: Path) -> str:
@@ -204,7 +206,7 @@ def run_row(runner: Runner, res: Result, root: Path) -> Row:
         ev = runner.eval_command(runner.calibrated_path(res.run, res.budget))
         row["threshold"] = res.test["threshold"]
         row["command"] = portable(cal, root) + " && " + portable(ev, root)
-    skips = [round(v, 4) for v in res.test.get("skip_ratio_per_block", [])]
+    skips = [round(v, RESULTS_SKIP_DIGITS) for v in res.test.get("skip_ratio_per_block", [])]
     return row | test_fields(res.test) | {"skip_ratio_per_block": skips}
 
 

@@ -1,7 +1,10 @@
-"""How per-image a policy is, from the (M, N) 0/1 decisions of an evaluation: distinct routes, the share of the
-most common one, the spread of the blocks executed, whether wrong predictions execute more than right ones (the
-paper's Fig. 1/7: hard images take more computation) and whether harder classes execute more (Fig. 9a: the
-Spearman correlation, over classes, of the median blocks executed with the class accuracy).
+"""How often the gates skip and how per-image a policy is, from the (M, N) 0/1 decisions of an evaluation.
+
+The skip ratio, per gated block and overall, has its one home here (:func:`skip_ratio_per_block`,
+:func:`skip_ratio`). The rest tells how per-image the routes are: distinct routes, the share of the most common one,
+the spread of the blocks executed, whether wrong predictions execute more than right ones (the paper's Fig. 1/7:
+hard images take more computation) and whether harder classes execute more (Fig. 9a: the Spearman correlation, over
+classes, of the median blocks executed with the class accuracy).
 
 Pure functions of tensors; ``skipnet eval --json`` reports :func:`route_summary` under ``"routes"``.
 """
@@ -23,6 +26,25 @@ def executed_blocks(decisions: Tensor) -> Tensor:
 def skipped_blocks(decisions: Tensor) -> Tensor:
     """Gated blocks skipped per image, (M,) int64, from (M, N) decisions."""
     return decisions.shape[1] - decisions.round().long().sum(1)
+
+
+def skip_ratio_per_block(decisions: Tensor) -> list[float]:
+    """Fraction of the images that skip each gated block, ``1 - mean(decisions, 0)`` in float64, length N (Fig. 10a);
+    NaN for every block when there is no image (nothing was decided). Unrounded: a report rounds it where it writes
+    it."""
+    if decisions.shape[0] == 0:
+        return [math.nan] * decisions.shape[1]
+    return (1.0 - decisions.to(torch.float64).mean(0)).tolist()
+
+
+def skip_ratio(executed_mean: float, num_gates: int) -> float:
+    """The overall skip ratio, the fraction of the N gated blocks skipped on average, from the mean blocks executed
+    per image (:func:`executed_blocks`, the always-run first block counted; what a summary keeps):
+    ``1 - (executed_mean - 1) / N``, the mean of :func:`skip_ratio_per_block` over the blocks. NaN for NaN (no
+    image); 0.0 for a network without a gated block (nothing can be skipped)."""
+    if num_gates == 0:
+        return 0.0
+    return 1.0 - (executed_mean - 1.0) / num_gates
 
 
 def route_stats(decisions: Tensor) -> dict[str, Any]:
@@ -84,4 +106,12 @@ def route_summary(decisions: Tensor, labels: Tensor, preds: Tensor) -> dict[str,
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in out.items()}  # JSON-safe
 
 
-__all__ = ["executed_blocks", "route_stats", "route_summary", "skipped_blocks", "spearman"]
+__all__ = [
+    "executed_blocks",
+    "route_stats",
+    "route_summary",
+    "skip_ratio",
+    "skip_ratio_per_block",
+    "skipped_blocks",
+    "spearman",
+]

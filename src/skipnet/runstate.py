@@ -19,6 +19,7 @@ import torch
 from skipnet.checkpoint import atomic_write, checkpoint_bytes, load_checkpoint, make_checkpoint, set_rng_state
 from skipnet.errors import SkipnetError
 from skipnet.losses import Baseline, SkipBudget, mean_first_return
+from skipnet.routes import skip_ratio
 from skipnet.rundir import append_row, read_rows, write_rows
 from skipnet.runsetup import RunSetup, first_line
 from skipnet.trainconfig import TrainConfig
@@ -59,7 +60,7 @@ def selection_score(
     if rule == "accuracy":
         return float(val["accuracy"])
     if rule == "reward":
-        skipped = 1.0 - (val["executed_blocks_mean"] - 1.0) / max(1, num_gates)
+        skipped = skip_ratio(val["executed_blocks_mean"], num_gates)
         if reward == "blockdrop":
             acc = float(val["accuracy"]) / 100.0
             return acc * (1.0 - (1.0 - skipped) ** 2) - (1.0 - acc) * penalty
@@ -94,8 +95,8 @@ def validation_row(val: dict[str, Any], num_gates: int) -> dict[str, Any]:
         "val_macs": val["macs_mean"],
         "val_macs_reduction": val["macs_reduction"],
         "val_cp": val["computation_percentage"],
-        "val_skip_ratio": 1.0 - (val["executed_blocks_mean"] - 1.0) / max(1, num_gates),
-        "val_skip_ratio_per_block": [round(float(r), 5) for r in val.get("skip_ratio_per_block", [])],
+        "val_skip_ratio": skip_ratio(val["executed_blocks_mean"], num_gates),
+        "val_skip_ratio_per_block": [float(r) for r in val.get("skip_ratio_per_block", [])],  # as summarize rounds
         "val_loss": val["loss"],
     }
 

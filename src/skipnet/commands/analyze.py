@@ -114,8 +114,7 @@ def _other_point(
     cost = cost_model(model)
     mode = GateMode.ALL_ON if plain else eval_mode_for(model)
     rec = run_eval(model, eval_loader(bundles[key], args.split), cost, mode=mode)
-    gated = model.gates is not None and mode == GateMode.GREEDY
-    point = eval_point(rec, cost, model.config.num_classes, gated)
+    point = eval_point(rec, cost, model.config.num_classes)  # gates counted as rec.gates_spent says
     label = checkpoint_label(path, ckpt)
     if plain:  # a gated checkpoint as --base is its own network with every block on
         label = f"plain ResNet ({label})" if model.gates is None else f"all blocks on ({label})"

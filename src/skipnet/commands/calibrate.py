@@ -27,7 +27,7 @@ from skipnet.commands._common import (
     open_for_eval,
     require_learned_gates,
 )
-from skipnet.cost import cost_model, fewer_macs
+from skipnet.cost import CostModel, cost_model, fewer_macs, macs_reduction
 from skipnet.errors import SkipnetError
 from skipnet.fileio import atomic_write
 from skipnet.policy import ALL_SKIP_THRESHOLD
@@ -121,7 +121,7 @@ def _record(
     """The ``calibration`` entry written into the new checkpoint."""
     return {
         "target_macs": target,
-        "target_reduction": 100.0 * (1.0 - target / all_on),
+        "target_reduction": macs_reduction(target, all_on),
         "margin": args.margin,
         "effective_target_macs": effective,
         "split": args.split,
@@ -175,20 +175,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _budget(args: argparse.Namespace, cost: Any) -> tuple[float, float]:
+def _budget(args: argparse.Namespace, cost: CostModel) -> tuple[float, float]:
     """``(target, effective target)`` MACs per image: the budget asked for, and less its margin; one line if that
     is below the least the network can spend."""
     all_on = float(cost.total_macs_all_on)
     if args.target_macs is not None:
         target = float(args.target_macs)
     else:
-        target = all_on * (1.0 - args.target_reduction / 100.0)
+        target = cost.macs_for_reduction(args.target_reduction)
     effective = target - all_on * args.margin / 100.0
-    floor = cost.fixed_macs + float(sum(cost.gate_macs))
+    floor = cost.min_macs
     if effective < floor:
         raise SkipnetError(
-            f"budget {target:.4g} MACs/image ({100 * (1 - target / all_on):.1f}% fewer) less the {args.margin:g}-point "
-            f"margin is below the least this network spends, {floor:.4g} ({100 * (1 - floor / all_on):.1f}% fewer: "
+            f"budget {target:.4g} MACs/image ({cost.reduction(target):.1f}% fewer) less the {args.margin:g}-point "
+            f"margin is below the least this network spends, {floor:.4g} ({cost.reduction(floor):.1f}% fewer: "
             "stem, first block, shortcuts, head, gates)"
         )
     return target, effective
