@@ -113,7 +113,7 @@ def test_predictions_are_the_eager_model_on_the_data_module_pixels(models, folde
     """The checkpoint's rows are the eager greedy model on the pixels the data module decodes, normalised with the
     checkpoint's statistics; the 40 px image is resized as skipnet.data resizes a small-image folder."""
     from skipnet.checkpoint import load_model
-    from skipnet.data import _decode_file, _tv_decoder
+    from skipnet.data import decode_file, image_decoder
 
     assert main(["predict", str(models["pt"]), str(folder), "--threads", "1", "--top-k", "2"]) == 0
     table = capsys.readouterr().out.splitlines()
@@ -121,7 +121,8 @@ def test_predictions_are_the_eager_model_on_the_data_module_pixels(models, folde
     files = sorted(p for p in folder.rglob("*.png"))
     xs = []
     for f in files:
-        img = _decode_file(f, _tv_decoder()).float()
+        with image_decoder() as decode:
+            img = decode_file(f, decode).float()
         if img.shape[-1] != 32:
             img = torch.nn.functional.interpolate(img[None], size=(32, 32), mode="bilinear", antialias=True)[0]
             img = img.round().clamp(0, 255)

@@ -53,6 +53,7 @@ from torch import Tensor
 
 from skipnet.backbones import Bottleneck
 from skipnet.blocks import residual_branch, run_block, shortcut_branch
+from skipnet.data import Normalize
 from skipnet.errors import SkipnetError
 from skipnet.gated import GatedResNet
 from skipnet.gates import AIGGate, FeedForwardGates, RNNGate
@@ -101,20 +102,8 @@ def format_for(path: str | Path, fmt: str | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------------------- graph modules
-class _Normalize(nn.Module):
-    """``(x - mean) / std`` per channel, as the data loaders do (identity without statistics)."""
-
-    def __init__(self, stats: tuple[tuple[float, ...], tuple[float, ...]] | None, channels: int) -> None:
-        super().__init__()
-        self.enabled = stats is not None
-        mean, std = stats if stats is not None else ((0.0,) * channels, (1.0,) * channels)
-        if len(mean) != channels or len(std) != channels:
-            raise SkipnetError(f"normalisation has {len(mean)} channels but the network takes {channels}")
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std if self.enabled else x
+# ``(x - mean) / std`` per channel (identity without statistics), as the data loaders normalise: their own module
+_Normalize = Normalize
 
 
 def logit_threshold(threshold: float) -> float:

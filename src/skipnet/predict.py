@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from skipnet.config import ArchConfig
@@ -130,25 +129,22 @@ def load_predictor(spec: str, *, threads: int | None = None, workers: int = 1) -
 
 def _load_checkpoint(spec: str) -> Predictor:
     from skipnet.checkpoint import load_model
-    from skipnet.evaluate import eval_mode_for, required_stats
-    from skipnet.gated import GateMode
+    from skipnet.data import Normalize
+    from skipnet.evaluate import eval_mode_for, gates_spent, required_stats
 
     model, ckpt = load_model(spec, map_location="cpu")
     model = model.eval().to(memory_format=torch.channels_last)
     mode = eval_mode_for(model)  # as it was trained and validated: never greedy gates for a base-stage network
-    stats = required_stats(ckpt, spec)
-    c = model.config.in_channels
-    if len(stats[0]) != c or len(stats[1]) != c:
-        raise SkipnetError(f"{spec} records a normalisation of {len(stats[0])} channels for a {c}-channel network")
-    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in stats)
+    # one number per input channel: load_model refuses any other data record (checkpoint.check_data_record)
+    normalize = Normalize(required_stats(ckpt, spec))
 
     def run(x: Tensor) -> tuple[Tensor, Tensor]:
         with torch.inference_mode():
-            x = (x - mean) / std  # what the data loaders do: (pixels / 255 - mean) / std
+            x = normalize(x)  # as the data loaders normalise: (pixels / 255 - mean) / std
             out = model(x.contiguous(memory_format=torch.channels_last), mode)
             return out.logits, out.trace.decisions
 
-    gated = model.gates is not None and mode == GateMode.GREEDY
+    gated = gates_spent(model, mode)  # as skipnet eval counts MACs
     return Predictor(
         source=spec,
         runtime="torch " + torch.__version__.split("+")[0],
@@ -166,10 +162,12 @@ def _load_checkpoint(spec: str) -> Predictor:
 
 
 def _exported(spec: str, meta: dict[str, Any], runtime: str, fn: Callable) -> Predictor:
+    from skipnet.evaluate import gates_spent
     from skipnet.gated import GatedResNet
 
     config = ArchConfig.from_dict(meta["arch"])
-    gated = meta["graph"] != "plain"
+    net = GatedResNet(config)
+    gated = gates_spent(net, meta["mode"])  # greedy for a gated graph, all_on for plain (check_export_meta)
     return Predictor(
         source=spec,
         runtime=runtime,
@@ -180,7 +178,7 @@ def _exported(spec: str, meta: dict[str, Any], runtime: str, fn: Callable) -> Pr
         graph=meta["graph"],
         batch=meta.get("batch"),
         gated=gated,
-        cost=cost_model(GatedResNet(config), int(meta["image_size"])),
+        cost=cost_model(net, int(meta["image_size"])),
         fn=fn,
         prepare=_preparation(meta.get("prepare"), spec),
     )
@@ -514,38 +512,25 @@ def _tar_members(path: Path) -> Iterator[tuple[str, bytes | Unreadable]]:
         yield shown(str(path)), Unreadable(why)
 
 
-class _Encoded:
-    """Bytes with a ``read_bytes()``: :func:`skipnet.data._decode_file` decodes them exactly as it decodes the
-    files of a data set (the same decoders, in the same order, the same mode conversions)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def read_bytes(self) -> bytes:
-        return self.data
-
-
 def load_image(data: bytes, channels: int, size: int, prepare: str | None = None) -> Tensor:
     """One encoded image as the data module prepared the model's images: float32 (C, S, S) in [0, 1] before
     normalisation. ``prepare``: ``"crop"`` (a large-image folder's evaluation transform: resized to S * 256 / 224
     and centre-cropped, whatever the image's own size), ``"resize"`` (decoded and resized to S x S, as small
     images are), or ``None`` (a record older than the choice): crop for a network over 64 px, resize otherwise.
-    :class:`Unreadable` (with the reason) if it is not a readable image."""
-    from skipnet.data import SMALL_MAX, _decode_file, _tv_decoder
+    Each step is :mod:`skipnet.data`'s own (:func:`~skipnet.data.decode_bytes`, :func:`~skipnet.data.resize_small`,
+    :func:`~skipnet.data.eval_transform`). :class:`Unreadable` (with the reason) if it is not a readable image."""
+    from skipnet.data import SMALL_MAX, decode_bytes, image_decoder, resize_small
 
     if not data:
         raise Unreadable("empty file")
     if prepare == "crop" or (prepare is None and size > SMALL_MAX):
         large = _large_image(data, size)
         return large if channels == 3 else _gray(large * 255.0) / 255.0
-    with warnings.catch_warnings():  # torchvision warns of its decoders' deprecation on every call (as data.py)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
-        img = _decode_file(_Encoded(data), _tv_decoder())  # uint8 RGB (3, H, W)
+    with image_decoder() as decode:
+        img = decode_bytes(data, decode)  # uint8 RGB (3, H, W), decoded as a small-image folder's files are
     if img is None:
         raise Unreadable("not a readable image (corrupt, truncated or another format)")
-    if tuple(img.shape[1:]) != (size, size):  # as skipnet.data decodes a small-image folder
-        img = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", antialias=True)[0]
-        img = img.round().clamp(0, 255).to(torch.uint8)
+    img = resize_small(img, size)
     if channels == 1:
         img = _gray(img.float()).round().clamp(0, 255).to(torch.uint8)
     return img.float() / 255.0
@@ -558,12 +543,11 @@ def _gray(x: Tensor) -> Tensor:
 
 
 def _large_image(data: bytes, size: int) -> Tensor:
-    """A photo as a large-image folder's evaluation prepares it: resized to S * 256 / 224 and centre-cropped to S,
-    through PIL as the ImageFolder loader reads it."""
+    """A photo as a large-image folder's evaluation prepares it (:func:`skipnet.data.eval_transform`, without its
+    normalisation: the model's), read through PIL as the ImageFolder loader reads it."""
     from PIL import Image
-    from torchvision import transforms as T
 
-    from skipnet.data.decode import pil_rgb, too_elongated
+    from skipnet.data import eval_transform, pil_rgb, too_elongated
 
     try:
         with warnings.catch_warnings():
@@ -577,8 +561,7 @@ def _large_image(data: bytes, size: int) -> Tensor:
                 rgb = pil_rgb(im)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise Unreadable(f"not a readable image ({type(exc).__name__})") from None
-    # the evaluation transform of skipnet.data's large-image folders, without its Normalize (done by the model)
-    return T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), T.ToTensor()])(rgb)
+    return eval_transform(size)(rgb)
 
 
 # ------------------------------------------------------------------------------------------- predictions

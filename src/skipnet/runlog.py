@@ -75,6 +75,28 @@ def bar_label(text: str) -> Iterator[BarLabel]:
         _LABELS.remove(label)
 
 
+def terminal_bar(**options: Any) -> Any:
+    """A tqdm bar on ``sys.stderr`` when it is a terminal (``None`` otherwise), with tqdm's ``options`` (``total``,
+    ``unit``, ``desc``, ...): as wide as the terminal and following its width, or 100 x 50 on a pseudo-terminal
+    that reports no size (0 x 0), where tqdm would hide the bar. The one progress bar of the commands (training,
+    ``skipnet predict``)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    try:
+        sized = min(os.get_terminal_size(sys.stderr.fileno())) > 0
+    except (OSError, ValueError):
+        sized = False
+    return tqdm(
+        file=sys.stderr,
+        dynamic_ncols=sized,
+        ncols=None if sized else 100,
+        nrows=None if sized else 50,
+        **options,
+    )
+
+
 class Progress:
     """Training progress: log lines with rate and ETA every ``log_every`` steps; with ``bar`` (the CLI's), a tqdm
     bar instead when ``sys.stderr`` is a terminal."""
@@ -85,28 +107,15 @@ class Progress:
         self.total, self.enabled, self.log_every = total, enabled, max(1, log_every)
         self.initial, self.elapsed_before = initial, elapsed
         self.start = time.time()
-        self.tty = enabled and bar and sys.stderr.isatty()
-        self.bar = None
         label = _LABELS[-1] if _LABELS and enabled else None
         if label is not None:
             label.started = True
-        if self.tty:
-            from tqdm import tqdm
-
-            try:  # a pseudo-terminal without a size (0 x 0) would hide the bar: give it 100 x 50
-                sized = min(os.get_terminal_size(sys.stderr.fileno())) > 0
-            except (OSError, ValueError):
-                sized = False
-            self.bar = tqdm(
-                desc=label.text if label is not None else None,
-                total=total,
-                initial=initial,
-                unit="step",
-                file=sys.stderr,
-                dynamic_ncols=sized,
-                ncols=None if sized else 100,
-                nrows=None if sized else 50,
+        self.bar = None
+        if enabled and bar:
+            self.bar = terminal_bar(
+                desc=label.text if label is not None else None, total=total, initial=initial, unit="step"
             )
+        self.tty = self.bar is not None
 
     def update(self, step: int, stats: dict[str, float]) -> None:
         if not self.enabled:

@@ -133,23 +133,9 @@ class _Bar:
     """A tqdm bar on stderr when it is a terminal (nothing otherwise); skip lines are printed above it."""
 
     def __init__(self, total: int | None) -> None:
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
+        from skipnet.runlog import terminal_bar
 
-            try:  # a pseudo-terminal without a size (0 x 0) would hide the bar (as skipnet.runlog)
-                sized = min(os.get_terminal_size(sys.stderr.fileno())) > 0
-            except (OSError, ValueError):
-                sized = False
-            self.bar = tqdm(
-                total=total,
-                unit="img",
-                file=sys.stderr,
-                desc="predict",
-                leave=False,
-                ncols=None if sized else 100,
-                nrows=None if sized else 50,
-            )
+        self.bar = terminal_bar(total=total, unit="img", desc="predict", leave=False)
 
     def __enter__(self) -> _Bar:
         return self

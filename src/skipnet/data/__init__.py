@@ -22,13 +22,18 @@ One module per job, each importing only those listed before it:
 - ``decode``: small images decoded into one uint8 tensor per split, cached on disk;
 - ``loaders``: :class:`TensorLoader`, :class:`FolderLoader` and the ImageFolder dataset they read;
 - ``bundle``: the entry point, :func:`load_data` / :func:`build` of a :class:`DataSpec`, and :class:`DataBundle`.
+
+How one image becomes what a network takes has one home, here, used by the loaders and by ``skipnet predict``
+alike: :func:`image_decoder`, :func:`decode_bytes` / :func:`decode_file` and :func:`resize_small` (a small
+image: decoded to uint8 RGB, resized to S x S), :func:`eval_transform` (a large one: resized to S * 256 / 224 and
+centre-cropped), and :class:`Normalize` (``(x - mean) / std``).
 """
 
 from skipnet.data.bundle import SMALL_MAX, SPLIT_SEED, STATS, DataBundle, DataSpec, build, load_data
-from skipnet.data.decode import _decode_file as _decode_file
 from skipnet.data.decode import _tv_decoder as _tv_decoder
+from skipnet.data.decode import decode_bytes, decode_file, image_decoder, pil_rgb, resize_small, too_elongated
 from skipnet.data.folders import IMAGE_EXTS, resolve_folder
-from skipnet.data.loaders import FolderLoader, SafeFolder, TensorLoader, image_folder
+from skipnet.data.loaders import FolderLoader, Normalize, SafeFolder, TensorLoader, eval_transform, image_folder
 from skipnet.data.sources import BUILTIN, cache_dir
 
 __all__ = [
@@ -40,13 +45,23 @@ __all__ = [
     "DataBundle",
     "DataSpec",
     "FolderLoader",
+    "Normalize",
     "SafeFolder",
     "TensorLoader",
     "build",
     "cache_dir",
+    "decode_bytes",
+    "decode_file",
+    "eval_transform",
+    "image_decoder",
     "image_folder",
     "load_data",
+    "pil_rgb",
+    "resize_small",
     "resolve_folder",
+    "too_elongated",
 ]
 
-_image_folder = image_folder  # its name before the split (tests import it)
+# their names before they were public (tests import them)
+_image_folder = image_folder
+_decode_file = decode_file

@@ -1,14 +1,20 @@
 """Decoding small images: every image of a split into one uint8 tensor, whatever its mode (L, P, RGBA, CMYK,
 16-bit), unreadable files and decompression bombs skipped with one warning, cached on disk under a key of the
-split's files (``<cache>/tensors/<root>-<split>-<key>.pt``)."""
+split's files (``<cache>/tensors/<root>-<split>-<key>.pt``).
+
+The steps are public, and the one home of a small image's preparation (``skipnet predict`` calls them too):
+:func:`image_decoder` (torchvision's decoder, its deprecation warnings silenced), :func:`decode_bytes` /
+:func:`decode_file` (uint8 RGB, ``None`` if unreadable) and :func:`resize_small` (to S x S, 8 bits)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -31,6 +37,16 @@ def _tv_decoder():
     return lambda buf: decode_image(buf, mode=ImageReadMode.RGB)
 
 
+@contextlib.contextmanager
+def image_decoder() -> Iterator[Callable | None]:
+    """The decoder :func:`decode_bytes` and :func:`decode_file` take (torchvision's, ``None`` where it is gone: PIL
+    decodes alone), with torchvision's warning of its decoders' deprecation (raised on every call) silenced while
+    the block runs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+        yield _tv_decoder()
+
+
 def _bomb(data: bytes) -> bool:
     """Whether an encoded image declares more pixels than PIL's decompression-bomb limit (a few hundred bytes can
     declare gigabytes; torchvision's decoder has no limit): read from its header, nothing decoded."""
@@ -49,12 +65,18 @@ def _bomb(data: bytes) -> bool:
         return False
 
 
-def _decode_file(path: Path, decode=None) -> Tensor | None:
-    """One image as uint8 RGB (3, H, W), whatever its mode (L, P, RGBA, CMYK, 16-bit); ``None`` if unreadable."""
+def decode_file(path: Path, decode=None) -> Tensor | None:
+    """The image file at ``path`` as :func:`decode_bytes` decodes it; ``None`` if unreadable."""
     try:
         data = path.read_bytes()
     except OSError:
         return None
+    return decode_bytes(data, decode)
+
+
+def decode_bytes(data: bytes, decode=None) -> Tensor | None:
+    """One encoded image as uint8 RGB (3, H, W), whatever its mode (L, P, RGBA, CMYK, 16-bit); ``None`` if it is
+    unreadable or declares more pixels than PIL's decompression-bomb limit. ``decode``: :func:`image_decoder`'s."""
     if not data or _bomb(data):
         return None
     try:
@@ -75,6 +97,15 @@ def _decode_file(path: Path, decode=None) -> Tensor | None:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
     return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3).permute(2, 0, 1)
+
+
+def resize_small(img: Tensor, size: int) -> Tensor:
+    """A uint8 image (C, H, W) as a small-image split holds it at ``size``: resized to S x S (bilinear,
+    antialiased) and rounded back to 8 bits; returned as is when it is S x S already."""
+    if tuple(img.shape[1:]) == (size, size):
+        return img
+    out = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", antialias=True)[0]
+    return out.round().clamp(0, 255).to(torch.uint8)
 
 
 def pil_rgb(im):
@@ -208,18 +239,13 @@ def _decode_all(
 ) -> tuple[Tensor, Tensor, list[str]]:
     """Images (resized to ``size``) and labels of the readable ``files``, and the paths of those skipped."""
     images, kept, skipped = [], [], []
-    decode = _tv_decoder()
-    with warnings.catch_warnings():  # torchvision warns of its decoders' deprecation on every call
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+    with image_decoder() as decode:
         for f, label in zip(files, labels):
-            img = _decode_file(f, decode)
+            img = decode_file(f, decode)
             if img is None:
                 skipped.append(str(f))
                 continue
-            if size is not None and tuple(img.shape[1:]) != (size, size):
-                img = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", antialias=True)[0]
-                img = img.round().clamp(0, 255).to(torch.uint8)
-            images.append(img)
+            images.append(img if size is None else resize_small(img, size))
             kept.append(label)
     if not images:
         raise SkipnetError(

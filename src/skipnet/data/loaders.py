@@ -1,13 +1,17 @@
 """Loaders: :class:`TensorLoader` (decoded small images in memory, augmented batch-wise on tensors) and
 :class:`FolderLoader` (large images through DataLoader workers and the standard ImageNet transforms, over a
-:class:`SafeFolder` that steps over unreadable files). Both can be sharded across distributed ranks."""
+:class:`SafeFolder` that steps over unreadable files). Both can be sharded across distributed ranks.
+
+Two steps are public, each the one home of its job (``skipnet predict`` and the export graphs use them too):
+:class:`Normalize` (``(x - mean) / std`` per channel) and :func:`eval_transform` (a large image's evaluation
+transform: resize to S * 256 / 224, centre crop to S)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -17,6 +21,29 @@ from torch import Tensor
 from skipnet.errors import SkipnetError
 
 log = logging.getLogger(__name__)
+
+
+class Normalize(torch.nn.Module):
+    """``(x - mean) / std`` per channel, on float images in [0, 1], one (C, H, W) or a batch (B, C, H, W): the
+    normalisation of every image skipnet feeds a network (the loaders' batches and transforms, ``skipnet predict``,
+    and the export graphs, where ``mean`` and ``std`` are constants). ``stats`` ``None``: the identity.
+    ``channels``: refuse (:class:`SkipnetError`) statistics of another number of channels."""
+
+    def __init__(self, stats: tuple[Sequence[float], Sequence[float]] | None, channels: int | None = None) -> None:
+        super().__init__()
+        self.enabled = stats is not None
+        mean, std = stats if stats is not None else ((0.0,) * (channels or 1), (1.0,) * (channels or 1))
+        if channels is not None and (len(mean) != channels or len(std) != channels):
+            raise SkipnetError(f"normalisation has {len(mean)} channels but the network takes {channels}")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if x.dim() == 3:  # one image, as a transform gets it
+            return (x - self.mean[0]) / self.std[0]
+        return (x - self.mean) / self.std
 
 
 class TensorLoader:
@@ -46,8 +73,7 @@ class TensorLoader:
         self.batch_size, self.train, self.pad, self.flip = batch_size, train, pad, flip
         self.seed, self.epoch, self.rank, self.world = seed, 0, rank, world
         self._drop_last = drop_last
-        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.norm = Normalize((mean, std))
 
     @property
     def num_samples(self) -> int:
@@ -86,7 +112,8 @@ class TensorLoader:
         return order
 
     def normalize(self, x: Tensor) -> Tensor:
-        return ((x.float() / 255.0) - self.mean) / self.std
+        """A uint8 batch as the network takes it: float in [0, 1], normalised."""
+        return self.norm(x.float() / 255.0)
 
     def augment(self, x: Tensor, g: torch.Generator) -> Tensor:
         """Padded random crop and horizontal flip, drawn per sample, on a uint8 batch."""
@@ -278,9 +305,20 @@ def image_folder(split_dir: Path, transform, classes: list[str]) -> SafeFolder:
 
 
 def folder_transforms(size: int, train: bool, mean, std):
+    """The transform of a large-image folder's images (PIL RGB) at ``size``: training's random resized crop and
+    flip, or :func:`eval_transform`; normalised with ``mean`` and ``std``."""
     from torchvision import transforms as T
 
-    norm = T.Normalize(mean, std)
-    if train:
-        return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
-    return T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), T.ToTensor(), norm])
+    if not train:
+        return eval_transform(size, (mean, std))
+    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), Normalize((mean, std))])
+
+
+def eval_transform(size: int, stats: tuple[Sequence[float], Sequence[float]] | None = None):
+    """Evaluation's transform of a large image (PIL RGB): its short side resized to S * 256 / 224, centre-cropped
+    to S x S, float32 (C, S, S) in [0, 1]; then normalised with ``stats`` (mean, std) when given (``skipnet
+    predict`` leaves that to the model)."""
+    from torchvision import transforms as T
+
+    steps = [T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), T.ToTensor()]
+    return T.Compose(steps if stats is None else [*steps, Normalize(stats)])
