@@ -38,11 +38,12 @@ import torch
 
 import skipnet
 from skipnet import results
-from skipnet.checkpoint import atomic_write, export_safetensors, load_checkpoint, model_from_checkpoint
+from skipnet.checkpoint import export_safetensors, load_checkpoint, model_from_checkpoint
 from skipnet.cli import build_parser
 from skipnet.cli import main as cli_main
 from skipnet.cost import fewer_macs
 from skipnet.errors import SkipnetError
+from skipnet.fileio import atomic_write
 from skipnet.pretrained import INDEX, INDEX_FORMAT, RESULTS, read_index, sha256_of, zoo_dir
 
 # what the index records of `skipnet eval --json` and of `skipnet bench --json`

@@ -30,10 +30,11 @@ from skipnet.analysis import (
     threshold_sweep,
     value_counts,
 )
-from skipnet.checkpoint import atomic_save, load_checkpoint, load_model
+from skipnet.checkpoint import load_checkpoint, load_model
 from skipnet.cli import main
 from skipnet.cost import cost_model
 from skipnet.errors import SkipnetError
+from skipnet.fileio import atomic_save
 
 FIGURES = (
     "tradeoff.png",

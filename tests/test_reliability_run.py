@@ -16,8 +16,9 @@ import torch.nn as nn
 
 import skipnet.fileio as fileio
 from conftest import TINY_HRL
-from skipnet.checkpoint import atomic_save, load_checkpoint
+from skipnet.checkpoint import load_checkpoint
 from skipnet.cli import main
+from skipnet.fileio import atomic_save
 from skipnet.rundir import run_lock
 from skipnet.train import Trainer
 

@@ -14,11 +14,12 @@ import torch
 
 from conftest import train_tiny_sp
 from skipnet import fileio
-from skipnet.checkpoint import atomic_save, load_checkpoint
+from skipnet.checkpoint import load_checkpoint
 from skipnet.cli import build_parser, main
 from skipnet.commands import sweep
 from skipnet.errors import SkipnetError
 from skipnet.experiments import Run, Runner, literal
+from skipnet.fileio import atomic_save
 
 FAST = ["--data", "digits", "--iters", "1", "--batch-size", "16", "--limit-train", "64", "--limit-test", "64"]
 FAST += ["--threads", "1"]

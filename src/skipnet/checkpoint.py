@@ -36,13 +36,7 @@ import torch.nn as nn
 
 from skipnet.config import ArchConfig
 from skipnet.errors import SkipnetError
-from skipnet.fileio import (  # noqa: F401 (re-exported: the model-free file I/O of skipnet.fileio)
-    atomic_save,
-    atomic_write,
-    checkpoint_bytes,
-    fault_point,
-    remove_stale_temps,
-)
+from skipnet.fileio import atomic_save, atomic_write
 from skipnet.gated import GatedResNet, GateMode
 from skipnet.policy import ALL_SKIP_THRESHOLD
 from skipnet.zoo import WEIGHTS, check_entry, resolve_checkpoint

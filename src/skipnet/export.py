@@ -695,9 +695,9 @@ def _ort_version() -> str:
 
 
 def write_export(ex: Exported, out: str | Path, *, replace: bool = True) -> None:
-    """Write an export's bytes to ``out`` atomically (see :func:`skipnet.checkpoint.atomic_write`); with
+    """Write an export's bytes to ``out`` atomically (see :func:`skipnet.fileio.atomic_write`); with
     ``replace=False`` a file at ``out``, even one another process wrote meanwhile, is an error and stays."""
-    from skipnet.checkpoint import atomic_write
+    from skipnet.fileio import atomic_write
 
     try:
         atomic_write(out, lambda f: f.write(ex.payload), replace=replace)

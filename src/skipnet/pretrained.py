@@ -27,9 +27,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from skipnet.checkpoint import atomic_write, export_safetensors, load_checkpoint, make_checkpoint, model_from_checkpoint
+from skipnet.checkpoint import export_safetensors, load_checkpoint, make_checkpoint, model_from_checkpoint
 from skipnet.config import ArchConfig
 from skipnet.errors import SkipnetError
+from skipnet.fileio import atomic_write
 from skipnet.registry import create_model as create_architecture
 from skipnet.zoo import (  # noqa: F401 (the index's names, re-exported: callers import them from here)
     CONFIG,

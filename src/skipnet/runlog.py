@@ -181,7 +181,7 @@ def check_tensorboard() -> None:
 
 
 def _replace_text(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary sibling renamed over it. Not :func:`skipnet.checkpoint.atomic_write`:
+    """Write ``path`` through a temporary sibling renamed over it. Not :func:`skipnet.fileio.atomic_write`:
     a log is not a checkpoint, and its file operations must not count as fault points."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

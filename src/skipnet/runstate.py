@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from skipnet.checkpoint import atomic_write, checkpoint_bytes, load_checkpoint, make_checkpoint, set_rng_state
+from skipnet.checkpoint import load_checkpoint, make_checkpoint, set_rng_state
 from skipnet.errors import SkipnetError
+from skipnet.fileio import atomic_write, checkpoint_bytes
 from skipnet.losses import Baseline, SkipBudget, mean_first_return
 from skipnet.routes import skip_ratio
 from skipnet.rundir import append_row, read_rows, write_rows

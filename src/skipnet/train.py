@@ -27,11 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from skipnet.checkpoint import atomic_write, load_checkpoint, model_from_checkpoint, remove_stale_temps
+from skipnet.checkpoint import load_checkpoint, model_from_checkpoint
 from skipnet.cost import fewer_macs
 from skipnet.errors import Interrupted
 from skipnet.evaluate import evaluate
-from skipnet.fileio import json_text
+from skipnet.fileio import atomic_write, json_text, remove_stale_temps
 from skipnet.gated import GateMode
 from skipnet.gates import AIGGate
 from skipnet.losses import SkipBudget, distillation_loss, distilled_task_loss
