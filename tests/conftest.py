@@ -43,6 +43,13 @@ def _fast_gate_kernel() -> None:
     fastgate.load()
 
 
+def one_line_error(capsys, command: str) -> str:
+    """The one line a command's user error printed (``skipnet COMMAND: error: ...``): nothing else on stderr."""
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith(f"skipnet {command}: error: "), err
+    return err[0]
+
+
 def patience(seconds: float) -> float:
     """A hang guard's wall-clock limit: ``seconds`` on an idle machine, stretched by how busy the machine is now
     (the load per core, doubled), so that a test waiting on a subprocess fails for a hang, not for a CPU hog

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import one_line_error
 from skipnet import SkipnetError
 from skipnet.checkpoint import export_safetensors, load_checkpoint, load_model, make_checkpoint
 from skipnet.cli import main
@@ -34,12 +35,6 @@ def valid(tmp_path_factory) -> dict:
     torch.save(ckpt, pt)
     export_safetensors(ckpt, st)
     return {"root": root, "pt": pt, "st": st, "ckpt": ckpt}
-
-
-def one_line_error(capsys, command: str) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"skipnet {command}: error: "), err
-    return err[0]
 
 
 # ------------------------------------------------------------------------------------------ bounds (defect 7)

@@ -12,6 +12,7 @@ import shutil
 import pytest
 
 import skipnet.commands.eval as eval_command
+from conftest import one_line_error
 from skipnet.checkpoint import load_checkpoint
 from skipnet.cli import main
 from skipnet.errors import SkipnetError
@@ -45,12 +46,6 @@ def strict_json(text: str):
         raise ValueError(f"not JSON: {constant}")
 
     return json.loads(text, parse_constant=refuse)
-
-
-def one_line_error(capsys, command: str) -> str:
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(err) == 1 and err[0].startswith(f"skipnet {command}: error: "), err
-    return err[0]
 
 
 # ------------------------------------------------------------------------------------------ JSON output

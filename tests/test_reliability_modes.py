@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import one_line_error
 from skipnet import SkipnetError
 from skipnet.checkpoint import export_safetensors, load_checkpoint, load_model, make_checkpoint
 from skipnet.cli import main
@@ -49,12 +50,6 @@ def base(tmp_path_factory) -> dict:
     export_safetensors(ckpt, st)
     summary = json.loads((run / "summary.json").read_text())
     return {"root": root, "run": run, "pt": pt, "st": st, "ckpt": ckpt, "summary": summary}
-
-
-def one_line_error(capsys, command: str) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"skipnet {command}: error: "), err
-    return err[0]
 
 
 def test_eval_mode_for_keeps_the_recorded_mode() -> None:

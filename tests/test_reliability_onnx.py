@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import one_line_error
 from skipnet.bench import calibrate_bn
 from skipnet.checkpoint import save_checkpoint
 from skipnet.cli import main
@@ -53,12 +54,6 @@ def graphs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("skipnet bench: error: "), err
-    return err[0]
-
-
 def test_the_plain_graph_of_the_same_checkpoint_is_accepted(graphs, capsys) -> None:
     for subject in ("cond_a", "routed_a"):
         batch = "1" if subject == "cond_a" else "2"
@@ -80,14 +75,14 @@ def test_the_plain_graph_of_another_checkpoint_is_refused(graphs, capsys, subjec
     batch = "1" if subject == "cond_a" else "2"
     argv = ["bench", str(graphs[subject]), "--plain", str(graphs[plain]), "--batch-size", batch, *BENCH]
     assert main(argv) == 2
-    assert needle in one_line_error(capsys)
+    assert needle in one_line_error(capsys, "bench")
 
 
 def test_a_checkpoint_benched_in_onnxruntime_checks_its_plain_graph_too(graphs, capsys) -> None:
     ckpt = graphs["cond_a"].parent / "a.pt"
     argv = ["bench", str(ckpt), "--runtime", "onnxruntime", "--batch-size", "2", "--plain", str(graphs["plain_b"])]
     assert main([*argv, *BENCH]) == 2
-    assert "holds other backbone weights" in one_line_error(capsys)
+    assert "holds other backbone weights" in one_line_error(capsys, "bench")
 
 
 def test_a_routed_graph_is_benched_against_the_plain_resnet_unfolded_from_itself(graphs, capsys) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import one_line_error
 from skipnet.checkpoint import load_checkpoint, load_model, load_weights_into, make_checkpoint, save_checkpoint
 from skipnet.cli import main
 from skipnet.cost import cost_model
@@ -24,12 +25,6 @@ from skipnet.registry import create_model
 
 ARCH = "tiny_rnn_gate_14"
 DATA = {"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26], "classes": [f"c{i}" for i in range(10)]}
-
-
-def one_line_error(capsys, command: str) -> str:
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(err) == 1 and err[0].startswith(f"skipnet {command}: error: "), err
-    return err[0]
 
 
 def _image(path: Path) -> Path:
