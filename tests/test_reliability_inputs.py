@@ -510,14 +510,14 @@ def test_corrupt_images_are_skipped_with_a_warning(tmp_path, caplog) -> None:
     assert bundle.train.labels.bincount().tolist() == [5, 5]
 
 
-def test_corrupt_large_images_are_replaced_when_met(tmp_path, caplog) -> None:
+def test_corrupt_large_images_are_skipped_when_met(tmp_path, caplog) -> None:
     root = make_folder(tmp_path / "big", classes=("a", "b"), n_train=3, n_test=1, size=80)
     (root / "train" / "a" / "001.jpg").write_bytes(b"\xff\xd8\xff broken")
     bundle = load_data(str(root), batch_size=2, val_split=0.0, image_size=72, workers=0)
     with caplog.at_level(logging.WARNING, logger="skipnet.data"):
         seen = sum(len(y) for _, y in bundle.train)
         x, _ = next(iter(bundle.test))
-    assert seen == 6 and x.shape[1:] == (3, 72, 72)
+    assert seen == 5 and x.shape[1:] == (3, 72, 72)  # 6 files, one unreadable: skipped, not replaced
     assert any("001.jpg" in r.getMessage() for r in caplog.records)
 
 

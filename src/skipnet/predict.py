@@ -13,10 +13,12 @@ A model is loaded by :func:`load_predictor` from
   file altered after export is a one-line :class:`~skipnet.errors.SkipnetError`, not a traceback or silently
   different logits where that can be detected.
 
-Images come from files, folders (searched recursively for image files) and ``.tar`` / ``.tar.gz`` / ``.tgz`` /
-``.zip`` archives (read in place, never extracted), and are prepared as the data module prepares the
-checkpoint's data (:mod:`skipnet.data`): small networks (<= 64 px) get the image decoded the same way and resized
-to S x S (bilinear, antialiased, rounded to 8 bits); large ones the resize-then-centre-crop of evaluation.
+Images come from files, folders (searched recursively for image files, as a data split's class folders are:
+linked folders followed, none twice, hidden ones skipped) and ``.tar`` / ``.tar.gz`` / ``.tgz`` / ``.zip`` archives
+(read in place, never extracted; zip names written by Info-ZIP as UTF-8 read so), and are prepared as the data
+module prepares the checkpoint's data (:mod:`skipnet.data`): small networks (<= 64 px) get the image decoded the
+same way and resized to S x S (bilinear, antialiased, rounded to 8 bits); large ones the resize-then-centre-crop of
+evaluation.
 Unreadable files are skipped and reported through a callback: a prediction run never stops midway on one.
 
 :func:`predict` returns one row per image (class, its probability, top-k, the gated blocks executed and the MACs
@@ -108,8 +110,9 @@ def is_export(spec: str | Path, suffix: str) -> bool:
 
 
 def _class_names(classes: Any, n: int) -> list[str]:
+    """The model's class names, each as valid UTF-8 text (:func:`shown`): rows, tables and files can hold them."""
     if isinstance(classes, list) and len(classes) == n and all(isinstance(c, str) for c in classes):
-        return list(classes)
+        return [shown(c) for c in classes]
     return [str(i) for i in range(n)]
 
 
@@ -393,9 +396,13 @@ def _broken_link(path: Path) -> bool:
 
 
 def expand_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], int | None]:
-    """The files and archives to read, in order (a folder: its image files, recursively, sorted), and the number
-    of images when it is known without reading an archive (``None`` with a tar archive: its members are counted
-    only by reading it). A path that does not exist, or inputs that hold no image file, are one-line errors."""
+    """The files and archives to read, in order (a folder: its image files, recursively, sorted, walked as a data
+    split's class folders are, :func:`skipnet.data.walk_files`: linked folders followed, none entered twice,
+    hidden files and folders skipped), and the number of images when it is known without reading an archive
+    (``None`` with a tar archive: its members are counted only by reading it). A path that does not exist, or
+    inputs that hold no image file, are one-line errors."""
+    from skipnet.data import walk_files
+
     if not paths:
         raise SkipnetError("give at least one image file, folder or archive")
     out: list[Path] = []
@@ -404,7 +411,7 @@ def expand_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], int | None]:
         path = Path(raw).expanduser()
         if path.is_dir():
             # a broken link is listed too: reading it gives its skipped line, not silence
-            found = sorted(p for p in path.rglob("*") if _image_suffix(p.name) and (p.is_file() or _broken_link(p)))
+            found = [p for p in walk_files(path) if _image_suffix(p.name) and (p.is_file() or _broken_link(p))]
             if not found:
                 raise SkipnetError(f"{path} holds no image files (ending in .jpg, .png, ...)")
             out += found
@@ -428,7 +435,7 @@ def _count(path: Path) -> int | None:
     if path.name.lower().endswith(".zip"):
         try:
             with zipfile.ZipFile(path) as z:
-                return sum(not i.is_dir() and _image_suffix(i.filename) for i in z.infolist())
+                return sum(not i.is_dir() and _image_suffix(zip_name(i)) for i in z.infolist())
         except (zipfile.BadZipFile, OSError):
             return 1  # reported as one unreadable input when it is read
     return None
@@ -465,6 +472,18 @@ def iter_inputs(files: Sequence[Path]) -> Iterator[tuple[str, bytes | Unreadable
             yield from _tar_members(path)
 
 
+def zip_name(info: zipfile.ZipInfo) -> str:
+    """A zip member's name. Without the UTF-8 flag, zipfile decodes it as cp437; but Info-ZIP (``zip`` on Linux
+    and macOS) writes UTF-8 names without the flag: a name whose bytes are valid UTF-8 is read so (a cp437 name of
+    accented letters is almost never valid UTF-8, and an ASCII name is the same either way)."""
+    if info.flag_bits & 0x800:
+        return info.filename
+    try:
+        return info.filename.encode("cp437").decode("utf-8")
+    except UnicodeError:
+        return info.filename
+
+
 def _zip_members(path: Path) -> Iterator[tuple[str, bytes | Unreadable]]:
     try:
         z = zipfile.ZipFile(path)
@@ -473,9 +492,10 @@ def _zip_members(path: Path) -> Iterator[tuple[str, bytes | Unreadable]]:
         return
     with z:
         for info in z.infolist():
-            if info.is_dir() or not _image_suffix(info.filename):
+            member = zip_name(info)
+            if info.is_dir() or not _image_suffix(member):
                 continue
-            name = shown(f"{path}:{info.filename}")
+            name = shown(f"{path}:{member}")
             if info.file_size > MAX_IMAGE_BYTES:
                 yield name, Unreadable(f"{info.file_size:,} bytes uncompressed, over the {MAX_IMAGE_BYTES:,} limit")
                 continue
@@ -686,4 +706,5 @@ def write_predictions(preds: Predictions, path: str | Path) -> None:
                 flat[f"top{k}_class"], flat[f"top{k}_probability"] = c, q
             writer.writerow(flat)
         text = buf.getvalue()
-    atomic_write(path, lambda f: f.write(text.encode()))
+    # the names are valid UTF-8 already (shown); whatever else: escaped, never a crash after the work is done
+    atomic_write(path, lambda f: f.write(text.encode("utf-8", "backslashreplace")))

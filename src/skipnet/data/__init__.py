@@ -9,11 +9,13 @@ A validation split is carved from the training set with a fixed seed (``--val-sp
 selection never touches the test set. Every loader can be sharded across distributed ranks.
 
 ImageFolder input is checked, not trusted: a missing or empty directory, a split without class folders or
-images, or test classes that the training split lacks are one-line ``SkipnetError`` messages. Grayscale,
-palette, RGBA, CMYK and 16-bit images are converted to 8-bit RGB. Corrupt or truncated files are skipped:
-small-image splits log one warning with their count and the first few paths (and fail if *every* image of a
-split is unreadable); large-image splits replace an unreadable file by the next image of the folder when they
-meet it, with a warning.
+images, test classes that the training split lacks, or a class folder not named in UTF-8 are one-line
+``SkipnetError`` messages. Both paths read the images one listing gives (``folders.list_folder``): every image
+file in a class folder and, recursively, its sub-folders, linked folders followed but none entered twice (a loop
+is skipped with a warning), hidden files and folders skipped. Grayscale, palette, RGBA, CMYK and 16-bit images
+are converted to 8-bit RGB. Corrupt or truncated files are skipped, never replaced by another image: small-image
+splits log one warning with their count and the first few paths; large-image splits one warning per file when
+they meet it (its row is dropped from the batch); either fails if a split has no readable image.
 
 One module per job, each importing only those listed before it:
 
@@ -32,8 +34,16 @@ centre-cropped), and :class:`Normalize` (``(x - mean) / std``).
 from skipnet.data.bundle import SMALL_MAX, SPLIT_SEED, STATS, DataBundle, DataSpec, build, load_data
 from skipnet.data.decode import _tv_decoder as _tv_decoder
 from skipnet.data.decode import decode_bytes, decode_file, image_decoder, pil_rgb, resize_small, too_elongated
-from skipnet.data.folders import IMAGE_EXTS, resolve_folder
-from skipnet.data.loaders import FolderLoader, Normalize, SafeFolder, TensorLoader, eval_transform, image_folder
+from skipnet.data.folders import IMAGE_EXTS, resolve_folder, walk_files
+from skipnet.data.loaders import (
+    FolderLoader,
+    ImageList,
+    Normalize,
+    SafeFolder,
+    TensorLoader,
+    eval_transform,
+    image_folder,
+)
 from skipnet.data.sources import BUILTIN, cache_dir
 
 __all__ = [
@@ -45,6 +55,7 @@ __all__ = [
     "DataBundle",
     "DataSpec",
     "FolderLoader",
+    "ImageList",
     "Normalize",
     "SafeFolder",
     "TensorLoader",
@@ -60,6 +71,7 @@ __all__ = [
     "resize_small",
     "resolve_folder",
     "too_elongated",
+    "walk_files",
 ]
 
 # their names before they were public (tests import them)

@@ -206,13 +206,13 @@ def build(spec: DataSpec) -> DataBundle:
         name, arrays = spec.source, builtin_arrays(spec.source, spec.data_dir, spec.download)
         pad, flip = {"digits": (1, False), "svhn": (0, False)}.get(spec.source, (4, True))
     else:
-        root, test_dir, classes, large = _folder_source(spec)
+        root, test_dir, listings, large = _folder_source(spec)
         if large:
-            return _folder_bundle(spec, root, test_dir, classes)
+            return _folder_bundle(spec, root, test_dir, listings)
         name, pad, flip = root.name, 4, True
         arrays = {
-            "train": decode_folder(root / "train", spec.image_size),
-            "test": decode_folder(test_dir, spec.image_size, classes),
+            "train": decode_folder(root / "train", spec.image_size, listing=listings["train"]),
+            "test": decode_folder(test_dir, spec.image_size, listing=listings["test"]),
         }
         _check_sizes(root, test_dir, arrays)
     if spec.augment is False:
@@ -239,19 +239,24 @@ def _check_sizes(root: Path, test_dir: Path, arrays: Arrays) -> None:
         )
 
 
-def _folder_source(spec: DataSpec) -> tuple[Path, Path, list[str], bool]:
-    """The ImageFolder root of ``spec.source``, its test (or val) split, the training classes, and whether its
-    images are large (read through DataLoader workers rather than decoded into memory). Both splits are checked
-    (same classes, some images) before anything is decoded."""
+Listing = tuple[list[Path], list[int], list[str]]
+
+
+def _folder_source(spec: DataSpec) -> tuple[Path, Path, dict[str, Listing], bool]:
+    """The ImageFolder root of ``spec.source``, its test (or val) split, the listing of each split (``train``,
+    ``test``: files, labels indexing the training classes, those classes), and whether its images are large (read
+    through DataLoader workers rather than decoded into memory). Both splits are checked (same classes, some
+    images) before anything is decoded; either path reads the images listed here."""
     root = resolve_folder(Path(spec.source).expanduser())
     test_dir = root / "test" if (root / "test").is_dir() else root / "val"
-    files, _, classes = list_folder(root / "train")
-    list_folder(test_dir, classes)
+    listings = {"train": list_folder(root / "train")}
+    files, _, classes = listings["train"]
+    listings["test"] = list_folder(test_dir, classes)
     if spec.prepare is not None:  # as the checkpoint's images were prepared, whatever the folder holds
         large = spec.prepare == "crop"
     else:
         large = (spec.image_size is None or spec.image_size > SMALL_MAX) and mostly_larger_than(files, SMALL_MAX)
-    return root, test_dir, classes, large
+    return root, test_dir, listings, large
 
 
 def _tensor_bundle(spec: DataSpec, name: str, arrays: Arrays, pad: int, flip: bool, stats: Stats) -> DataBundle:
@@ -285,16 +290,17 @@ def _counts(tr_idx, va_idx, te_idx) -> dict[str, int]:
     return {"train_images": len(tr_idx), "val_images": len(va_idx), "test_images": len(te_idx)}
 
 
-def _folder_bundle(spec: DataSpec, root: Path, test_dir: Path, classes: list[str]) -> DataBundle:
+def _folder_bundle(spec: DataSpec, root: Path, test_dir: Path, listings: dict[str, Listing]) -> DataBundle:
     """The bundle of an ImageFolder of large images: one :class:`FolderLoader` per split, with the standard
-    transforms at ``spec.image_size`` (224 by default)."""
+    transforms at ``spec.image_size`` (224 by default), over the images ``listings`` lists."""
     size = spec.image_size or 224
     mean, std = spec.stats or STATS["imagenet"]
+    classes = listings["train"][2]
     evaluation = folder_transforms(size, False, mean, std)
     training = folder_transforms(size, True, mean, std) if spec.augment is not False else evaluation
-    train_full = image_folder(root / "train", training, classes)
-    val_full = image_folder(root / "train", evaluation, classes)
-    test_ds = image_folder(test_dir, evaluation, classes)
+    train_full = image_folder(root / "train", training, classes, listings["train"])
+    val_full = image_folder(root / "train", evaluation, classes, listings["train"])
+    test_ds = image_folder(test_dir, evaluation, classes, listings["test"])
     tr_idx, va_idx, te_idx = _split(spec, len(train_full), len(test_ds))
     common = {"workers": usable_workers(spec.workers), "seed": spec.seed, "rank": spec.rank, "world": spec.world}
     train = FolderLoader(KeyedSubset(train_full, tr_idx.tolist(), spec.seed), spec.batch_size, train=True, **common)

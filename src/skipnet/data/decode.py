@@ -188,24 +188,33 @@ def _folder_key(split_dir: Path, files: list[Path], size: int | None, classes: l
     """Cache key over the split's path, the class list its labels index (the training split's, for a test
     split: a class added to or removed from train/ relabels test/), every file's name, size and mtime, and the
     resize target."""
-    h = hashlib.sha1(f"{split_dir.resolve()}:{size}:{json.dumps(list(classes))}".encode())
+
+    def text(s: str) -> bytes:  # a file name that is not UTF-8 is held as surrogates: its own bytes back
+        return s.encode("utf-8", "surrogateescape")
+
+    h = hashlib.sha1(text(f"{split_dir.resolve()}:{size}:{json.dumps(list(classes))}"))
     for f in files:
+        name = f.relative_to(split_dir).as_posix()  # CLASS/IMAGE, or CLASS/SUB/.../IMAGE
         try:
             st = f.stat()
-            h.update(f"{f.parent.name}/{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            h.update(text(f"{name}:{st.st_size}:{st.st_mtime_ns}\n"))
         except OSError:
-            h.update(f"{f.parent.name}/{f.name}:gone\n".encode())
+            h.update(text(f"{name}:gone\n"))
     return h.hexdigest()[:16]
 
 
 def decode_folder(
-    split_dir: Path, size: int | None, classes: list[str] | None = None
+    split_dir: Path,
+    size: int | None,
+    classes: list[str] | None = None,
+    listing: tuple[list[Path], list[int], list[str]] | None = None,
 ) -> tuple[Tensor, Tensor, list[str]]:
     """Decode every image of a small-image split into one uint8 tensor, cached on disk.
 
     Unreadable files are skipped with one warning (count and first paths); a split with no readable image fails.
+    ``listing``: the split's :func:`~skipnet.data.folders.list_folder`, when the caller has it already.
     """
-    files, labels, classes = list_folder(split_dir, classes)
+    files, labels, classes = listing if listing is not None else list_folder(split_dir, classes)
     key = _folder_key(split_dir, files, size, classes)
     cache = cache_dir() / "tensors" / f"{split_dir.parent.name}-{split_dir.name}-{key}.pt"
     cached = _read_cache(cache, split_dir, classes, len(files))

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from skipnet.data.sources import BUILTIN, cache_dir
@@ -87,32 +88,104 @@ def resolve_folder(path: Path) -> Path:
     raise SkipnetError(f"{path} is not an ImageFolder root: expected train/ and test/ (or val/) class folders")
 
 
-def list_folder(split_dir: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
-    """Image files, labels and class names of one split. With ``classes`` (the training split's), labels index
-    that list, so a test split may lack a class but must not bring a new one."""
-    # hidden folders (.ipynb_checkpoints, .git) are no classes, nor hidden files (macOS ._x.jpg) images
-    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _entries(folder: Path) -> list[Path]:
+    """The entries of ``folder``, sorted by name; none (with a warning) when it cannot be listed."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        log.warning("cannot list %s (%s); skipped", folder, exc.strerror or type(exc).__name__)
+        return []
+
+
+def _is(path: Path, kind: str) -> bool:
+    """``path.is_dir()`` or ``path.is_file()`` (following links), ``False`` where it cannot be looked at."""
+    try:
+        return path.is_dir() if kind == "dir" else path.is_file()
+    except OSError:  # no permission to look (EACCES), a name too long
+        return False
+
+
+def walk_files(top: Path, seen: set[str] | None = None) -> Iterator[Path]:
+    """Every entry under the folder ``top`` that is not a folder (files, broken links, FIFOs: the caller keeps the
+    regular files it wants), recursively, in sorted order (by path), the one way skipnet walks a folder of images
+    (a split's class folders, ``skipnet predict``'s folders). Hidden files and folders (``.ipynb_checkpoints``,
+    macOS ``._x.jpg``) are skipped. Linked folders are followed, but no folder is entered twice: one whose real path
+    is in ``seen`` (the real paths entered so far, ``top``'s included; shared by the caller across several tops) is
+    skipped with a warning (a link back up the tree, a loop, or a second link to one folder)."""
+    seen = set() if seen is None else seen
+    seen.add(os.path.realpath(top))
+    stack = [iter(_entries(top))]
+    while stack:  # depth first, without recursion: a deep tree does not reach Python's recursion limit
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        if entry.name.startswith("."):
+            continue
+        if not _is(entry, "dir"):  # follows links
+            yield entry
+            continue
+        real = os.path.realpath(entry)
+        if real in seen:
+            log.warning("skipping %s: it leads to %s, a folder already listed (a loop or a second link)", entry, real)
+            continue
+        seen.add(real)
+        stack.append(iter(_entries(entry)))
+
+
+def _class_folders(split_dir: Path, classes: list[str] | None) -> list[str]:
+    """The class list of a split: its own folders, or ``classes`` (the training split's) once its folders are
+    checked against it. Hidden folders are no classes; a name that is not valid UTF-8 is refused (labels, records,
+    figures and CSV files could not hold it)."""
+    found = sorted(p.name for p in _entries(split_dir) if p.is_dir() and not p.name.startswith("."))
     if not found:
         raise SkipnetError(
             f"{split_dir} holds no class folders; put each class's images in its own sub-folder "
             f"({split_dir}/CLASS/IMAGE.jpg)"
         )
-    if classes is None:
-        classes = found
-    else:
-        extra = sorted(set(found) - set(classes))
-        if extra:
+    for name in found:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
             raise SkipnetError(
-                f"{split_dir} has class folders that the training split lacks ({', '.join(extra[:5])}); "
-                "both splits need the same classes"
-            )
+                f"class folder {ascii(name)} under {split_dir} is not named in valid UTF-8 (the class names go into "
+                "checkpoints, reports and CSV files); rename it"
+            ) from None
+    if classes is None:
+        return found
+    extra = sorted(set(found) - set(classes))
+    if extra:
+        raise SkipnetError(
+            f"{split_dir} has class folders that the training split lacks ({', '.join(extra[:5])}); "
+            "both splits need the same classes"
+        )
+    return list(classes)
+
+
+def list_folder(split_dir: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
+    """Image files, labels and class names of one split, the one listing of a split's images that every path reads
+    (small images decoded, large ones through DataLoader workers). A class's images are the regular image files in
+    its folder and, recursively, in its sub-folders (:func:`walk_files`: linked folders followed, none entered
+    twice, hidden ones skipped), in sorted order. With ``classes`` (the training split's), labels index that list,
+    so a test split may lack a class but must not bring a new one."""
+    classes = _class_folders(split_dir, classes)
     files, labels, empty, others = [], [], [], 0
+    seen = {os.path.realpath(split_dir)}
+    # every class folder is its own class's: a link to it from inside another class is not followed
+    seen |= {os.path.realpath(split_dir / c) for c in classes if (split_dir / c).is_dir()}
+    walked: dict[str, str] = {}
     for i, c in enumerate(classes):
-        if not (split_dir / c).is_dir():
+        folder = split_dir / c
+        if not folder.is_dir():
             continue
+        real = os.path.realpath(folder)
+        if real in walked:  # a link to another class's folder: its images are that class's
+            log.warning("%s: class folder %s is %s, listed as class %s; skipped", split_dir, c, real, walked[real])
+            continue
+        walked[real] = c
         n = len(files)
-        for f in sorted((split_dir / c).iterdir()):
-            if f.suffix.lower() in IMAGE_EXTS and f.is_file() and not f.name.startswith("."):
+        for f in walk_files(folder, seen):
+            if f.suffix.lower() in IMAGE_EXTS and _is(f, "file"):  # not a FIFO or a broken link: it would block or fail
                 files.append(f)
                 labels.append(i)
             else:

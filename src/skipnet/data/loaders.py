@@ -206,8 +206,11 @@ def usable_workers(requested: int) -> int:
 
 
 class FolderLoader:
-    """DataLoader over an ImageFolder of large images (a :class:`KeyedSubset`) with the standard ImageNet
-    transforms."""
+    """DataLoader over an ImageFolder of large images (a :class:`KeyedSubset` of a :class:`SafeFolder`) with the
+    standard ImageNet transforms. The rows of unreadable images are dropped: such an image is skipped, never
+    counted."""
+
+    MAX_UNREADABLE = 50  # a pass whose first this many images are all unreadable is refused
 
     def __init__(
         self, dataset: KeyedSubset, batch_size: int, *, train: bool, workers: int, seed: int, rank: int, world: int
@@ -245,63 +248,139 @@ class FolderLoader:
         self.keys.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        batches = self._readable()
+        if self.train:  # exactly len(self) batches a pass: the training loop counts its steps by them
+            batches = self._steps(batches)
+        for x, y in batches:
+            if len(y):  # a batch of unreadable images only: skipped
+                yield x.contiguous(memory_format=torch.channels_last), y
+
+    def _folder(self) -> SafeFolder | None:
+        dataset = getattr(self.dataset, "dataset", None)
+        return dataset if isinstance(dataset, SafeFolder) else None
+
+    def _where(self, marker: int) -> str:
+        """Under which folder, and which file, a marked row's image is."""
+        folder = self._folder()
+        return f"under {folder.folder.root} (e.g. {folder.path(marker)})" if folder else f"(e.g. image {-1 - marker})"
+
+    def _readable(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The DataLoader's batches without the rows of unreadable images (:class:`SafeFolder`'s markers), some
+        maybe empty; a pass whose first images (up to ``MAX_UNREADABLE``) are all unreadable is refused."""
+        seen = readable = 0
         for x, y in self.loader:
-            yield x.contiguous(memory_format=torch.channels_last), y
+            keep = y >= 0
+            seen, readable = seen + len(y), readable + int(keep.sum())
+            if not readable and seen >= min(self.num_samples, self.MAX_UNREADABLE):
+                raise SkipnetError(
+                    f"{seen} consecutive images {self._where(int(y[0]))} could not be decoded; they are corrupt or "
+                    "truncated: replace them"
+                )
+            yield (x, y) if bool(keep.all()) else (x[keep], y[keep])
+
+    def _steps(self, batches: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
+        """Training batches, as many as the DataLoader's: a batch left with no readable image is made up for by
+        splitting the readable batch before it (or, at the start, after it) in two or more; no image is dropped or
+        repeated. A pass with fewer readable images than batches is refused (the training loop, which counts its
+        steps by the batches, would never finish its epoch)."""
+        owed, held = 0, None  # the last readable batch is held until the next one shows whether to split it
+
+        def split(batch: tuple[Tensor, Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
+            nonlocal owed
+            parts = min(owed + 1, len(batch[1]))
+            owed -= parts - 1
+            return zip(batch[0].tensor_split(parts), batch[1].tensor_split(parts))
+
+        for x, y in batches:
+            if not len(y):
+                owed += 1
+                continue
+            if held is not None:
+                yield from split(held)
+            held = (x, y)
+        if held is not None:
+            yield from split(held)
+        if owed:
+            where = f" under {self._folder().folder.root}" if self._folder() else ""
+            raise SkipnetError(
+                f"{owed} training batch(es) of an epoch{where} held no readable image and no later batch could make "
+                "up for them; replace or remove the unreadable images the warnings name"
+            )
+
+
+class ImageList(torch.utils.data.Dataset):
+    """``(image, label)`` of the listed ``samples`` (path, label): the image read by ``loader`` (PIL RGB), then
+    ``transform`` when given. It raises what the loader raises on an unreadable file (:class:`SafeFolder` marks
+    those). ``root``, ``classes`` and ``targets`` as torchvision's ImageFolder has them."""
+
+    def __init__(self, root: Path, samples: list[tuple[str, int]], classes: list[str], transform, loader) -> None:
+        self.root, self.samples, self.transform, self.loader = str(root), samples, transform, loader
+        self.imgs, self.targets = samples, [t for _, t in samples]
+        self.classes, self.class_to_idx = list(classes), {c: i for i, c in enumerate(classes)}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        image = self.loader(path)
+        return (image if self.transform is None else self.transform(image)), target
 
 
 class SafeFolder(torch.utils.data.Dataset):
-    """An ImageFolder that replaces an unreadable image by the next readable one, with a warning."""
+    """An :class:`ImageList` whose unreadable images come back marked, with a warning (once per file): a zero image
+    and the label ``-1 - index`` (negative), which :class:`FolderLoader` drops. A corrupt image is skipped, never
+    replaced by another one (which an evaluation would count twice)."""
 
-    MAX_TRIES = 50
-
-    def __init__(self, folder) -> None:
+    def __init__(self, folder: ImageList) -> None:
         self.folder = folder
         self.classes = folder.classes
         self.bad: set[str] = set()
+        self._blank: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.folder)
 
+    def blank(self):
+        """The zero image of a marked row: the transform's output shape (``None`` without a transform)."""
+        if self.folder.transform is None:
+            return None
+        if self._blank is None:
+            from PIL import Image
+
+            with torch.random.fork_rng(devices=[]):  # a random crop's draw must not move anyone's stream
+                self._blank = torch.zeros_like(self.folder.transform(Image.new("RGB", (256, 256))))
+        return self._blank
+
     def __getitem__(self, index: int):
         from PIL import Image
 
-        n = len(self.folder)
-        path = ""
-        for k in range(min(n, self.MAX_TRIES)):
-            i = (index + k) % n
-            try:
-                return self.folder[i]
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-                path = self.folder.samples[i][0]
-                if path not in self.bad:
-                    self.bad.add(path)
-                    log.warning("skipping unreadable image %s (%s); using the next one", path, type(exc).__name__)
-        raise SkipnetError(
-            f"{min(n, self.MAX_TRIES)} consecutive images under {self.folder.root} could not be decoded "
-            f"(e.g. {path}); they are corrupt or truncated: replace them"
-        )
+        try:
+            return self.folder[index]
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            path = self.folder.samples[index][0]
+            if path not in self.bad:
+                self.bad.add(path)
+                log.warning("skipping unreadable image %s (%s)", path, type(exc).__name__)
+            return self.blank(), -1 - index
+
+    def path(self, marker: int) -> str:
+        """The file of a marked row's label."""
+        return self.folder.samples[-1 - marker][0]
 
 
-def image_folder(split_dir: Path, transform, classes: list[str]) -> SafeFolder:
-    """torchvision's ImageFolder over ``split_dir``, its labels indexing the training split's ``classes``."""
-    from torchvision.datasets import ImageFolder
-
+def image_folder(
+    split_dir: Path, transform, classes: list[str], listing: tuple[list[Path], list[int], list[str]] | None = None
+) -> SafeFolder:
+    """The images of ``split_dir`` as :func:`~skipnet.data.folders.list_folder` lists them (``listing``, when the
+    caller has it), their labels indexing the training split's ``classes``, read by
+    :func:`~skipnet.data.decode.pil_loader`: the same images as a small-image split of that folder would hold."""
     from skipnet.data.decode import pil_loader
+    from skipnet.data.folders import list_folder
 
-    folder = ImageFolder(str(split_dir), transform, loader=pil_loader, allow_empty=True)
-    index = {c: i for i, c in enumerate(classes)}
-    hidden = {t for t, c in enumerate(folder.classes) if c.startswith(".")}  # as skipnet.data.folders.list_folder
-    folder.samples = [
-        (path, index[folder.classes[t]])
-        for path, t in folder.samples
-        if t not in hidden
-        and not any(part.startswith(".") for part in Path(path).relative_to(split_dir).parts)
-        and os.path.isfile(path)  # a FIFO or device so named would block a worker for ever (as list_folder skips)
-    ]
-    folder.imgs = folder.samples
-    folder.targets = [t for _, t in folder.samples]
-    folder.classes, folder.class_to_idx = list(classes), index
-    return SafeFolder(folder)
+    files, labels, _ = listing if listing is not None else list_folder(split_dir, list(classes))
+    samples = [(str(f), int(t)) for f, t in zip(files, labels)]
+    return SafeFolder(ImageList(split_dir, samples, classes, transform, pil_loader))
 
 
 def folder_transforms(size: int, train: bool, mean, std):
