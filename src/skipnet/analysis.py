@@ -442,6 +442,81 @@ def _midpoint(lo: float, hi: float) -> float:
     return 1.0 / (1.0 + math.exp(-z))
 
 
+ONE_SIDED_SPAN = 4.0  # logits kept between a one-ended gap's end and the threshold (gap_threshold)
+
+
+def _logit(p: float) -> float | None:
+    """``log(p / (1 - p))``, or ``None`` at 0 and 1 (no finite end)."""
+    return math.log(p) - math.log1p(-p) if 0.0 < p < 1.0 else None
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+
+
+def gap_threshold(probs: Tensor, t: float) -> float:
+    """A threshold that takes the same greedy decisions ``1[p >= t]`` on the gate probabilities ``probs`` (any
+    shape; every gate of every image) as ``t``, as far from each of them as it can be: the midpoint, in logit space,
+    of the gap between the largest probability below ``t`` and the smallest at or above it, rounded to ``probs``'
+    dtype (in which the gates compare). A gap with one end only (every probability on one side of ``t``, or an end
+    at exactly 0 or 1) has no middle: ``t`` moves away from that end to :data:`ONE_SIDED_SPAN` logits from it where
+    it was nearer, never toward it (so no block runs that ran at ``t`` above every probability, and none is
+    skipped that ran at ``t`` below every one). Where rounding leaves nothing inside a gap (ends one float apart)
+    ``t`` is kept; so is an all-skip ``t`` above 1."""
+    p = probs.detach().flatten()
+    if t > 1.0 or p.numel() == 0:
+        return t
+    at = torch.tensor(t, dtype=p.dtype)
+    below, above = p[p < at], p[p >= at]
+    lo = float(below.max()) if below.numel() else None
+    hi = float(above.min()) if above.numel() else None
+    z_lo, z_hi = (_logit(v) if v is not None else None for v in (lo, hi))
+    if z_lo is not None and z_hi is not None:
+        candidate = _sigmoid(0.5 * (z_lo + z_hi))
+    elif z_hi is not None:  # nothing (or only exact zeros) below t: keep below hi
+        candidate = min(t, _sigmoid(z_hi - ONE_SIDED_SPAN))
+    elif z_lo is not None:  # nothing (or only exact ones) at or above t: keep above lo
+        candidate = max(t, _sigmoid(z_lo + ONE_SIDED_SPAN))
+    else:  # only exact zeros and ones
+        candidate = 0.5
+    arithmetic = 0.5 * ((lo or 0.0) + (1.0 if hi is None else hi))
+    for value in (candidate, arithmetic):
+        c = float(torch.tensor(value, dtype=p.dtype))
+        if (lo is None or c > lo) and (hi is None or c <= hi) and 0.0 <= c <= 1.0:
+            return c
+    return t
+
+
+def _snap(model: GatedResNet, loader, cost: CostModel, t: float) -> tuple[float, dict[str, Any] | None]:
+    """The chosen threshold ``t`` moved into the middle of its gap (:func:`gap_threshold`) over every gate
+    probability of a run at ``t``, and the point evaluated there; ``(t, None)`` where it stays. The run at the new
+    threshold must take the very same decisions (so the same MACs and classes), else :class:`AssertionError`."""
+    rec = run_eval(model, loader, cost, mode=GateMode.GREEDY, threshold=t)
+    snapped = gap_threshold(rec.probs, t)
+    if snapped == t:
+        return t, None
+    again = run_eval(model, loader, cost, mode=GateMode.GREEDY, threshold=snapped)
+    if not torch.equal(again.decisions, rec.decisions):
+        raise AssertionError(f"threshold {snapped!r}, inside the gap around {t!r}, changed decisions")
+    return snapped, {"threshold": snapped} | eval_point(again, cost, model.config.num_classes)
+
+
+def _bisect_edges(points: dict[float, Any], grid_pts: list[dict], target: float, refine: int, evaluate_at) -> None:
+    """Bisect ``refine`` times (in logit space) between every pair of neighbouring grid points where the lower
+    threshold misses the budget ``target`` and the higher one meets it, adding each evaluated point to ``points``."""
+    for lo_p, hi_p in zip(grid_pts, grid_pts[1:]):
+        if not (lo_p["macs_mean"] > target >= hi_p["macs_mean"]):
+            continue
+        lo, hi = lo_p["threshold"], hi_p["threshold"]
+        for _ in range(refine):
+            mid = _midpoint(lo, hi)
+            points[mid] = p = evaluate_at(mid)
+            if p["macs_mean"] <= target:
+                hi = mid
+            else:
+                lo = mid
+
+
 def calibrate_threshold(
     model: GatedResNet,
     loader,
@@ -459,7 +534,14 @@ def calibrate_threshold(
     the choice is among all evaluated thresholds that meet the budget, and ``monotone_on_grid`` says whether
     the grid was monotone. If no grid threshold meets the budget, ``ALL_SKIP_THRESHOLD`` (no gated block
     runs) is tried; a budget below that cost raises :class:`SkipnetError`.
-    """
+
+    The chosen threshold is then moved into the middle of its gap (:func:`gap_threshold`, :func:`_snap`):
+    bisection lands it within about 1e-7 of a gate probability, where another batch size or runtime, whose
+    probabilities differ in the last bits, would decide otherwise. Every threshold in the open gap between the
+    largest probability below it and the smallest at or above it (every gate and image of the run at it; greedy
+    executes where ``p >= t``) takes the same decisions, also for the recurrent gate: the same decisions up to a
+    gate give it the same input and state, hence the same probability (induction over the gates). The run there
+    must take exactly the same decisions (else :class:`AssertionError`), hence MACs and classes; it joins ``points``."""
     floor = cost.min_macs
     if target_macs < floor:
         raise SkipnetError(
@@ -475,23 +557,15 @@ def calibrate_threshold(
     points = {float(t): evaluate_at(float(t)) for t in sorted(set(grid))}
     grid_pts = [points[t] for t in sorted(points)]
     monotone = is_non_increasing([p["macs_mean"] for p in grid_pts])
-    for lo_p, hi_p in zip(grid_pts, grid_pts[1:]):
-        if not (lo_p["macs_mean"] > target_macs >= hi_p["macs_mean"]):
-            continue
-        lo, hi = lo_p["threshold"], hi_p["threshold"]
-        for _ in range(refine):
-            mid = _midpoint(lo, hi)
-            points[mid] = p = evaluate_at(mid)
-            if p["macs_mean"] <= target_macs:
-                hi = mid
-            else:
-                lo = mid
+    _bisect_edges(points, grid_pts, target_macs, refine, evaluate_at)
     if _best_feasible(list(points.values()), target_macs) is None:
         points[ALL_SKIP_THRESHOLD] = evaluate_at(ALL_SKIP_THRESHOLD)
-    ordered = [points[t] for t in sorted(points)]
-    best = _best_feasible(ordered, target_macs)
+    best = _best_feasible(list(points.values()), target_macs)
     if best is None:  # not reachable: all-skip costs exactly the floor checked above
         raise SkipnetError(f"no threshold meets {target_macs:.4g} MACs/image")
+    snapped, moved = _snap(model, loader, cost, best["threshold"])
+    if moved is not None:
+        best = points[snapped] = moved
     return Calibration(
         threshold=best["threshold"],
         accuracy=best["accuracy"],
@@ -499,7 +573,7 @@ def calibrate_threshold(
         macs_reduction=best["macs_reduction"],
         computation_percentage=best["computation_percentage"],
         target_macs=float(target_macs),
-        points=ordered,
+        points=[points[t] for t in sorted(points)],
         monotone_on_grid=monotone,
     )
 

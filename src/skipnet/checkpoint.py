@@ -26,6 +26,7 @@ import pickle
 import pickletools
 import random
 import re
+import unicodedata
 import warnings
 import zipfile
 from pathlib import Path
@@ -363,6 +364,9 @@ def export_safetensors(
     if ckpt.get("calibration"):
         cal = {k: v for k, v in ckpt["calibration"].items() if k != "points"}
         meta["calibration"] = json.dumps(cal)
+    if isinstance(ckpt.get("data_fingerprint"), dict):  # its validation split stays checked (evaluate.check_val_split)
+        subsets = dict(zip(SUBSETS, fingerprint_subsets(ckpt), strict=True))
+        meta["data_fingerprint"] = json.dumps({"splits": ckpt["data_fingerprint"], "subsets": subsets})
     # the metadata changes the header only, never the data section
     meta["data_sha256"] = hashlib.sha256(_data_section(save(tensors, metadata=meta))).hexdigest()
     meta[HEADER_DIGEST] = _file_digest(save(tensors, metadata=meta))
@@ -370,6 +374,28 @@ def export_safetensors(
     if _file_digest(payload) != meta[HEADER_DIGEST]:  # the digest excludes itself, so adding it changes nothing
         raise SkipnetError(f"cannot write {out}: its checksum does not reproduce")
     atomic_write(out, lambda f: f.write(payload), replace=replace)
+
+
+SUBSETS = ("limit_train", "limit_test")  # the seeded subsets a run's data fingerprint was taken of
+
+
+def fingerprint_subsets(ckpt: dict[str, Any]) -> tuple[int | None, int | None]:
+    """``(limit_train, limit_test)``: the seeded subsets of its data that a checkpoint's ``data_fingerprint`` was
+    taken of (its run's ``train_config``, or ``data_subsets`` where an export carried them); ``None``: all."""
+    record = ckpt.get("data_subsets")
+    if not isinstance(record, dict):
+        record = ckpt.get("train_config") if isinstance(ckpt.get("train_config"), dict) else {}
+    values = (record.get(k) for k in SUBSETS)
+    return tuple(v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None for v in values)
+
+
+def _fingerprint_record(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``data_fingerprint`` entry of a safetensors export: ``(fingerprint, subsets)``; ValueError if malformed."""
+    record = json.loads(text)
+    splits, subsets = (record.get(k) if isinstance(record, dict) else None for k in ("splits", "subsets"))
+    if not (isinstance(splits, dict) and isinstance(subsets, dict)):
+        raise ValueError("data_fingerprint")
+    return splits, subsets
 
 
 HEADER_DIGEST = "sha256"  # metadata key: SHA-256 of the header (every entry but this one) and the data section
@@ -496,6 +522,8 @@ def load_safetensors(path: str | Path, map_location: str | torch.device = "cpu")
         }
         if meta.get("calibration"):
             ckpt["calibration"] = json.loads(meta["calibration"])
+        if meta.get("data_fingerprint"):
+            ckpt["data_fingerprint"], ckpt["data_subsets"] = _fingerprint_record(meta["data_fingerprint"])
     except (ValueError, TypeError, AttributeError) as exc:
         raise SkipnetError(f"{path} has malformed skipnet metadata ({type(exc).__name__})") from None
     check_contents(ckpt, path)
@@ -604,7 +632,34 @@ def require_same_class_names(classes: Any, data: Any, source: str, advice: str) 
             n, m = len(classes), len(names)
             raise SkipnetError(f"{source} was trained for {n} classes but {data.name} has {m}; {advice}")
         diff = next(i for i, (a, b) in enumerate(zip(classes, names, strict=True)) if a != b)
+        if set(classes) != set(names) and sorted(map(_nfc, classes)) == sorted(map(_nfc, names)):
+            named = next(n for n in names if n not in classes)
+            recorded = next(c for c in classes if _nfc(c) == _nfc(named))
+            raise SkipnetError(_normal_form_message(recorded, named, source, data.name))
         raise SkipnetError(
             f"{source} was trained with class {diff} named {classes[diff]!r} but {data.name} names it "
             f"{names[diff]!r}; {advice}"
         )
+
+
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
+def _form(name: str) -> str:
+    """The Unicode normal form a name is in: NFC (composed), NFD (decomposed) or mixed."""
+    nfc, nfd = unicodedata.is_normalized("NFC", name), unicodedata.is_normalized("NFD", name)
+    return "NFC" if nfc else "NFD" if nfd else "mixed"
+
+
+def _normal_form_message(recorded: str, named: str, source: str, where: str) -> str:
+    """The refusal of class names that are the checkpoint's after Unicode NFC normalisation, e.g. a folder copied
+    from macOS, whose file systems store names decomposed (NFD): the same classes, in other code points, which also
+    sort into another order, so the labels would not match."""
+    form = _form(recorded)
+    how = "convmv -f utf8 -t utf8 --nfc -r --notest DIR" if form == "NFC" else f"unicodedata.normalize('{form}', n)"
+    return (
+        f"{where} names the class {recorded!r} of {source} {named!r}: the same name, differing only in Unicode "
+        f"normal form ({_form(named)}, as in a folder copied from macOS, against the checkpoint's {form}), which can "
+        f"reorder the classes and so their labels; rename {where}'s class folders to {form} (e.g. {how})"
+    )

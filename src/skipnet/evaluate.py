@@ -10,11 +10,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from skipnet.checkpoint import fingerprint_subsets
 from skipnet.cost import CostModel, computation_percentage
 from skipnet.data import DataBundle, load_data
 from skipnet.errors import SkipnetError
 from skipnet.gated import GatedResNet, GateMode
 from skipnet.routes import executed_blocks, route_summary, skip_ratio_per_block
+from skipnet.rundir import data_fingerprint, describe_difference, val_split_difference
 
 SKIP_RATIO_DIGITS = 6  # the skip ratio per block as summarize reports it (eval --json, summary.json, metrics.jsonl)
 
@@ -185,6 +187,10 @@ def required_stats(ckpt: dict[str, Any], source: Any) -> tuple[tuple[float, ...]
     return stats
 
 
+VAL_GUARD = "val_guard"  # DataBundle.info key: data_for_checkpoint's check of the validation split, run on use
+VAL_ADVICE = "give the data it was trained on, or use --split test (another test set is fine)"
+
+
 def data_for_checkpoint(
     ckpt: dict[str, Any],
     model: GatedResNet,
@@ -199,26 +205,78 @@ def data_for_checkpoint(
     """Load ``spec`` as the checkpoint saw it: its normalisation, its validation split, its image size and the way
     its images were made that size.
 
-    ``limit`` keeps a seeded subset of the test and validation splits (as ``skipnet eval --limit``).
+    ``limit`` keeps a seeded subset of the test and validation splits (as ``skipnet eval --limit``). Where the
+    checkpoint records the fingerprint of its data (``data_fingerprint``), its validation split is checked when
+    it is used (:func:`eval_loader` of ``"val"``, see :func:`check_val_split`).
     """
-    return load_data(
-        spec,
-        data_dir=data_dir,
-        download=download,
-        batch_size=batch_size,
-        eval_batch_size=batch_size,
-        val_split=float(ckpt.get("data", {}).get("val_split", 0.0) or 0.0),
-        limit_train=limit_train,
-        limit_test=limit,
-        image_size=model.config.image_size,
-        stats=checkpoint_stats(ckpt),
-        prepare=(ckpt.get("data") or {}).get("prepare"),  # as its images were made S x S (predict does the same)
+    kwargs: dict[str, Any] = {
+        "data_dir": data_dir,
+        "download": download,
+        "batch_size": batch_size,
+        "eval_batch_size": batch_size,
+        "val_split": float(ckpt.get("data", {}).get("val_split", 0.0) or 0.0),
+        "image_size": model.config.image_size,
+        "stats": checkpoint_stats(ckpt),
+        "prepare": (ckpt.get("data") or {}).get("prepare"),  # as its images were made S x S (predict does the same)
+    }
+    data = load_data(spec, limit_train=limit_train, limit_test=limit, **kwargs)
+    if isinstance(ckpt.get("data_fingerprint"), dict) and data.val is not None:
+        subsets = (limit_train, limit)
+
+        def guard(advice: str, source: str) -> None:
+            check_val_split(ckpt, data, spec, source, advice, subsets, kwargs)
+
+        data.info[VAL_GUARD] = guard
+    return data
+
+
+def check_val_split(
+    ckpt: dict[str, Any],
+    data: DataBundle,
+    spec: str,
+    source: str,
+    advice: str,
+    subsets: tuple[int | None, int | None],
+    kwargs: dict[str, Any],
+) -> None:
+    """Refuse, in one line, the validation split of ``data`` (``spec`` loaded with ``subsets``, its
+    ``(limit_train, limit_test)``, and ``kwargs``) for the checkpoint ``ckpt`` where it is not the split the
+    checkpoint was validated on: the split is carved from the training images by their count with a fixed seed,
+    so data with other training images (a few added, say) carves another one, which may hold images the
+    checkpoint trained on. The current data's fingerprint (:func:`skipnet.rundir.data_fingerprint`, under the
+    subsets the run used: :func:`skipnet.checkpoint.fingerprint_subsets`) is compared with the recorded one
+    (:func:`skipnet.rundir.val_split_difference`); the test split may differ."""
+    trained = fingerprint_subsets(ckpt)
+    same = (
+        data
+        if trained == tuple(_subset(v) for v in subsets)
+        else load_data(spec, **dict(kwargs, limit_train=trained[0], limit_test=trained[1]))
+    )
+    diff = val_split_difference(ckpt["data_fingerprint"], data_fingerprint(same))
+    if diff is None:
+        return
+    trained_on = (ckpt.get("data") or {}).get("spec")
+    where = f" ({trained_on})" if isinstance(trained_on, str) and trained_on != spec else ""
+    raise SkipnetError(
+        f"--data {spec} is not the data {source} was trained on{where}: {describe_difference(*diff)}, so the "
+        f"validation split carved from its training images may include images the checkpoint trained on; {advice}"
     )
 
 
-def eval_loader(data: DataBundle, split: str):
-    """The loader of ``split``, without augmentation (also for ``train``)."""
+def _subset(value: int | None) -> int | None:
+    """A ``limit_train`` / ``limit_test`` as :func:`skipnet.checkpoint.fingerprint_subsets` gives it (0: all)."""
+    return value if value else None
+
+
+def eval_loader(data: DataBundle, split: str, *, source: str = "the checkpoint", advice: str = VAL_ADVICE):
+    """The loader of ``split``, without augmentation (also for ``train``). The validation split of data loaded for a
+    checkpoint (:func:`data_for_checkpoint`) is first checked to be the one it was validated on
+    (:func:`check_val_split`; its error names the checkpoint ``source`` and ends with ``advice``)."""
     loader = data.split(split)
+    guard = data.info.get(VAL_GUARD) if split == "val" else None
+    if guard is not None:
+        guard(advice, source)
+        data.info.pop(VAL_GUARD, None)  # checked once
     if split == "train" and getattr(loader, "evaluation", None) is not None:  # a large-image folder
         return loader.evaluation
     if split == "train" and hasattr(loader, "train"):

@@ -553,6 +553,14 @@ def check_program(
     return total
 
 
+# why an exported graph refuses calibrate's all-skip threshold, and what to do instead
+ALL_SKIP_REFUSAL = (
+    ": it is calibrate's all-skip point (no threshold in [0, 1] met the budget, so every gated block is skipped), "
+    "which no exported graph holds (--graph plain would run every block instead); calibrate again to a larger "
+    "budget, or export with --threshold T <= 1 (at 1 a block runs only where its gate is certain)"
+)
+
+
 def export_model(
     model: GatedResNet,
     fmt: str,
@@ -576,7 +584,7 @@ def export_model(
         raise SkipnetError(f"export_model writes pt2 or onnx, not {fmt!r}")
     decides_at = float(model.threshold if threshold is None else threshold)
     if not 0.0 <= decides_at <= 1.0:  # every reader refuses such a file: never write one
-        why = " (calibrate's all-skip point: no gated block runs; export --graph plain)" if decides_at > 1 else ""
+        why = ALL_SKIP_REFUSAL if decides_at > 1 else ""
         raise SkipnetError(f"the threshold {decides_at} must lie in [0, 1] for an exported graph{why}")
     model.eval()
     batch = 1 if graph == "conditional" else None

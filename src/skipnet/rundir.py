@@ -227,21 +227,55 @@ def write_rows(path: str | Path, rows: list[dict[str, Any]]) -> None:
 # ------------------------------------------------------------------------------------------ the run's data
 def data_fingerprint(data: Any) -> dict[str, Any]:
     """What a run records of its data (a :class:`~skipnet.data.DataBundle`) to recognise it on ``--resume``, where
-    ``--data`` may name another path of the same data set but never another data set: the image count of each
-    split and, for the splits held in memory, a SHA-256 of their labels in order."""
+    ``--data`` may name another path of the same data set but never another data set, and wherever its validation
+    split is used again (:func:`val_split_difference`): the image count of each split and, for the splits held in
+    memory, a SHA-256 of their labels in order (``labels_sha256``: every split; ``train_val_labels_sha256``: the
+    training and validation splits alone, which another test set leaves as they are)."""
     record: dict[str, Any] = {}
-    digest = hashlib.sha256()
+    digest, train_val = hashlib.sha256(), hashlib.sha256()
     for split in ("train", "val", "test"):
         loader = getattr(data, split, None)
         labels = getattr(loader, "labels", None)
         if labels is not None:
             record[f"{split}_images"] = int(len(labels))
-            digest.update(split.encode() + labels.detach().cpu().long().numpy().tobytes())
+            chunk = split.encode() + labels.detach().cpu().long().numpy().tobytes()
+            digest.update(chunk)
+            if split != "test":
+                train_val.update(chunk)
         elif getattr(loader, "dataset", None) is not None:
             record[f"{split}_images"] = len(loader.dataset)
     if any(getattr(getattr(data, s, None), "labels", None) is not None for s in ("train", "val", "test")):
         record["labels_sha256"] = digest.hexdigest()
+        record["train_val_labels_sha256"] = train_val.hexdigest()
     return record
+
+
+def val_split_difference(recorded: dict[str, Any], current: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """``(what, recorded, now)`` where the data of ``current`` (:func:`data_fingerprint`, under the subsets the
+    run used) would carve another validation split than the run whose ``recorded`` fingerprint it is, else
+    ``None``. The validation split is carved from the training images by their count, so another count of the
+    training or validation split, or other labels of theirs, can put training images into it. The test split is
+    free to differ (another test set is legitimate): only a fingerprint older than ``train_val_labels_sha256``
+    compares ``labels_sha256``, which covers every split, and only where the test split has its recorded size."""
+    keys = ["train_images", "val_images"]
+    if "train_val_labels_sha256" in recorded:
+        keys.append("train_val_labels_sha256")
+    elif recorded.get("test_images") == current.get("test_images"):
+        keys.append("labels_sha256")
+    for key in keys:
+        before, now = recorded.get(key), current.get(key)
+        if before is not None and now is not None and before != now:
+            return key, before, now
+    return None
+
+
+def describe_difference(key: str, before: Any, now: Any) -> str:
+    """A fingerprint entry that differs, in words: ``train images 171, recorded 162``."""
+    words = {
+        "labels_sha256": "labels of its splits (SHA-256)",
+        "train_val_labels_sha256": "labels of its training and validation splits (SHA-256)",
+    }
+    return f"{words.get(key, key.replace('_', ' '))} {_short(now)}, recorded {_short(before)}"
 
 
 def check_same_data(ckpt: dict[str, Any], meta: dict[str, Any], fingerprint: dict[str, Any], spec: str, out) -> None:

@@ -113,7 +113,7 @@ def _other_point(
     model.to(device).to(memory_format=torch.channels_last)
     cost = cost_model(model)
     mode = GateMode.ALL_ON if plain else eval_mode_for(model)
-    rec = run_eval(model, eval_loader(bundles[key], args.split), cost, mode=mode)
+    rec = run_eval(model, eval_loader(bundles[key], args.split, source=path), cost, mode=mode)
     point = eval_point(rec, cost, model.config.num_classes)  # gates counted as rec.gates_spent says
     label = checkpoint_label(path, ckpt)
     if plain:  # a gated checkpoint as --base is its own network with every block on
@@ -235,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
             raise SkipnetError(f"{args.checkpoint} was trained without a validation split; use --split test")
 
     device, model, ckpt, data = open_for_eval(args, check=check, limit=args.limit)
+    eval_loader(data, args.split, source=args.checkpoint)  # the validation split is the checkpoint's, or one line
     result = analyze(model, data, args.split, thresholds=args.thresholds, scales=args.scales, k=args.images)
     numbers = result.numbers
     cfg = ckpt.get("train_config") or {}

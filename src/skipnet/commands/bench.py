@@ -36,6 +36,7 @@ from skipnet.errors import SkipnetError
 from skipnet.predict import is_export
 
 DOCS = "docs/deploy.md"  # the page that explains this command (its --help says so)
+DEFAULT_BATCHES = 8  # --images left unset: batches of distinct images per ONNX round
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -103,7 +104,11 @@ def _onnx_options(p: argparse.ArgumentParser) -> None:
         "gives its own; one given is checked to be of the same backbone)",
     )
     p.add_argument(
-        "--images", type=int, default=8, help="onnxruntime: distinct images (batches of --batch-size) per round"
+        "--images",
+        type=int,
+        default=None,
+        help="onnxruntime: BATCHES of --batch-size distinct images per round, so --images x --batch-size images "
+        f"(default: {DEFAULT_BATCHES}, or with --data as many whole batches as its test split holds, up to that)",
     )
     p.add_argument(
         "--workers",
@@ -117,7 +122,7 @@ def _onnx_options(p: argparse.ArgumentParser) -> None:
 MAX_BATCH = 4096  # images per forward pass
 MAX_IMAGE_SIZE = 1024  # px (as skipnet flops)
 MAX_REPEATS = 10000
-MAX_IMAGES = 1024  # --images: distinct batches per ONNX round
+MAX_IMAGES = 1024  # --images: distinct batches per ONNX round (it counts batches of --batch-size, not images)
 
 
 def check_bounds(args: argparse.Namespace) -> None:
@@ -135,8 +140,9 @@ def real_images(path: str, model, spec: str, data_dir: str | None, batch: int) -
     from skipnet.checkpoint import load_checkpoint, require_same_classes
     from skipnet.evaluate import data_for_checkpoint, eval_loader
 
-    data = data_for_checkpoint(load_checkpoint(path), model, spec, data_dir=data_dir, batch_size=batch)
-    require_same_classes(model, data, path)
+    ckpt = load_checkpoint(path)
+    data = data_for_checkpoint(ckpt, model, spec, data_dir=data_dir, batch_size=batch)
+    require_same_classes(model, data, path, (ckpt.get("data") or {}).get("classes"))  # names too, as ONNX's
     xs, n = [], 0
     for x, _ in eval_loader(data, "test"):
         xs.append(x)
@@ -159,6 +165,8 @@ def _refuse_onnx_options(args: argparse.Namespace) -> None:
         raise SkipnetError("--plain applies to --runtime onnxruntime")
     if args.workers != 1:
         raise SkipnetError("--workers applies to --runtime onnxruntime (several sessions of an exported graph)")
+    if args.images is not None:
+        raise SkipnetError("--images applies to --runtime onnxruntime; eager PyTorch times one batch, --batch-size")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -258,10 +266,11 @@ def run_onnx(args: argparse.Namespace) -> int:
             conditional = read_onnx_meta(args.subject)[1].get("graph") == "conditional"
         args.batch_size = 1 if conditional else 64
     check_bounds(args)
-    check_count("--images", args.images, 1, MAX_IMAGES)
-    if args.images * args.batch_size > MAX_IMAGES * 16:
+    check_count("--images", args.images, 1, MAX_IMAGES, " batches of --batch-size")
+    if (args.images or DEFAULT_BATCHES) * args.batch_size > MAX_IMAGES * 16:
         raise SkipnetError(
-            f"--images {args.images} x --batch-size {args.batch_size} images per round is over {MAX_IMAGES * 16}"
+            f"--images {args.images or DEFAULT_BATCHES} batches x --batch-size {args.batch_size} images per round is "
+            f"over {MAX_IMAGES * 16} images"
         )
     if args.keep is not None:
         raise SkipnetError("--keep forces decisions in eager PyTorch only; an exported graph's gates decide")
@@ -374,16 +383,36 @@ def _onnx_images(args: argparse.Namespace, meta: dict, model: Any) -> tuple[torc
     size = meta["image_size"]
     if args.image_size is not None and args.image_size != size:
         raise SkipnetError(f"{args.subject} takes {size}-px images (its exported graph); drop --image-size")
-    n = args.images * args.batch_size
+    n = (args.images or DEFAULT_BATCHES) * args.batch_size
     channels = meta["arch"].get("in_channels", 3)
     if args.data is not None:  # pixels in [0, 1]: the exported graph normalises them itself
         images = data_images(args.subject, meta, args.data, args.data_dir, n)
-        inputs = f"first {n} test images of {args.data}"
+        images = images[: _whole_batches(args, len(images), n)]
+        inputs = f"first {len(images)} test images of {args.data}"
     else:
         gen = torch.Generator().manual_seed(args.seed)
         images = torch.rand(n, channels, size, size, generator=gen)
         inputs = "random uniform [0, 1] images"
     return images.float().contiguous(), inputs
+
+
+def _whole_batches(args: argparse.Namespace, have: int, n: int) -> int:
+    """How many of the ``have`` test images of ``--data`` a round takes: the ``n`` asked for, or, with ``--images``
+    unset, as many whole batches as there are; one line where there are too few."""
+    batch, fit = args.batch_size, have // args.batch_size
+    if have >= n:
+        return n
+    if fit == 0:
+        raise SkipnetError(
+            f"--data {args.data}: its test split has {have} images, fewer than one batch of --batch-size {batch}; "
+            f"pass --batch-size {have} or less"
+        )
+    if args.images is None:
+        return fit * batch
+    raise SkipnetError(
+        f"--data {args.data}: its test split has {have} images, fewer than --images {args.images} batches x "
+        f"--batch-size {batch} = {n}; pass --images {fit} or less (--images counts batches)"
+    )
 
 
 def _print_table(res: dict) -> None:

@@ -37,6 +37,8 @@ MAX_GRID = 1000  # thresholds: one evaluation pass each
 OUT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 
 
+# the end of the error for a validation split that is not the checkpoint's (evaluate.check_val_split)
+VAL_ADVICE = "give the data it was trained on, or pass --split train to calibrate on training images knowingly"
 DOCS = "docs/training.md"  # the page that explains this command (its --help says so)
 
 
@@ -155,9 +157,8 @@ def run(args: argparse.Namespace) -> int:
     _, model, ckpt, data = open_for_eval(args, check=check, **split_limit)
     cost = cost_model(model)
     target, effective = _budget(args, cost)
-    result = calibrate_threshold(
-        model, eval_loader(data, args.split), cost, effective, grid=args.grid, refine=args.refine
-    )
+    loader = eval_loader(data, args.split, source=str(src), advice=VAL_ADVICE)
+    result = calibrate_threshold(model, loader, cost, effective, grid=args.grid, refine=args.refine)
     record = _record(args, result, target, float(cost.total_macs_all_on), effective, src, ckpt)
     new = dict(ckpt)
     new["threshold"] = float(result.threshold)

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     split_limit = {"limit_train": args.limit} if args.split == "train" else {"limit": args.limit}
     _, model, _, data = open_for_eval(args, check=check, **split_limit)
-    loader = eval_loader(data, args.split)
+    loader = eval_loader(data, args.split, source=args.checkpoint)
     cost = cost_model(model)
     mode = GateMode(args.mode or eval_mode_for(model))  # what the checkpoint was validated in, unless asked
     result = evaluate(model, loader, cost, mode=mode, threshold=args.threshold)
