@@ -1,6 +1,7 @@
 // Compiled CPU kernels of skipnet (skipnet.fastgate), float32 only, built on first use by torch.utils.cpp_extension:
-// - gate_step: the recurrent gate's inference step in one call: spatial sum, LSTM cell with folded input weights,
-//   output layer, sigmoid, threshold and the indices of the samples that execute the block;
+// - gate_step: the recurrent gate's inference step in one call: spatial mean, the block's projection, LSTM cell,
+//   output layer, sigmoid, threshold and the indices of the samples that execute the block, on the parameters as
+//   they are at the call (gate_pack lays out the shared ones once per forward: nothing is cached between forwards);
 // - masked_tail_forward / masked_tail_backward: Eq. 1's masked block tail (skipnet.gated._MaskedTail), each in one
 //   pass over memory.
 #include <torch/extension.h>
@@ -98,7 +99,26 @@ SKIPNET_INLINE void spatial_sum_body(const float* __restrict__ xb, int64_t C, in
   }
 }
 
-// One LSTM step of one sample from its channel sums xs (C): the state hb, cb (hd) is updated; returns the logit.
+// The block's projection of one sample: e[0:E] = pb + pw @ (xs / hw), pw (E, C) row-major. Each row's dot product
+// runs in 8 independent partial sums (vectorised without reordering any sum: every variant rounds alike).
+SKIPNET_INLINE void project_body(float* __restrict__ xs, const float* __restrict__ pw, const float* __restrict__ pb,
+                                 int64_t C, int64_t E, float hw, float* __restrict__ e) {
+  for (int64_t k = 0; k < C; ++k) xs[k] = xs[k] / hw;  // the spatial mean, as torch's mean: sum, then divide
+  for (int64_t j = 0; j < E; ++j) {
+    const float* __restrict__ row = pw + j * C;
+    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t k = 0;
+    for (; k + 8 <= C; k += 8)
+      for (int q = 0; q < 8; ++q) part[q] += row[k + q] * xs[k + q];
+    float tot = 0.0f;
+    for (; k < C; ++k) tot += row[k] * xs[k];
+    for (int q = 0; q < 8; ++q) tot += part[q];
+    e[j] = pb[j] + tot;
+  }
+}
+
+// One LSTM step of one sample from its input xs (C, the projection's E): the state hb, cb (hd) is updated; returns
+// the logit. wp: W_ih transposed (C, 4hd); whp: W_hh transposed (hd, 4hd); bp: b_ih + b_hh.
 SKIPNET_INLINE float lstm_step_body(
     const float* __restrict__ xs, float* __restrict__ hb, float* __restrict__ cb, const float* __restrict__ wp,
     const float* __restrict__ whp, const float* __restrict__ bp, const float* __restrict__ fwp, float fb, int64_t C,
@@ -128,6 +148,10 @@ SKIPNET_VARIANTS(spatial_sum, void,
                  (const float* __restrict__ xb, int64_t C, int64_t H, int64_t W, int64_t s1, int64_t s2, int64_t s3,
                   float* __restrict__ xs),
                  (xb, C, H, W, s1, s2, s3, xs))
+SKIPNET_VARIANTS(project, void,
+                 (float* __restrict__ xs, const float* __restrict__ pw, const float* __restrict__ pb, int64_t C,
+                  int64_t E, float hw, float* __restrict__ e),
+                 (xs, pw, pb, C, E, hw, e))
 SKIPNET_VARIANTS(lstm_step, float,
                  (const float* __restrict__ xs, float* __restrict__ hb, float* __restrict__ cb,
                   const float* __restrict__ wp, const float* __restrict__ whp, const float* __restrict__ bp,
@@ -136,40 +160,85 @@ SKIPNET_VARIANTS(lstm_step, float,
 
 }  // namespace
 
-// Gate `col` for every sample of x (B, C, H, W). hc (2, B, Hd) is the LSTM state (h, c), updated in place. pack
-// is the gate's parameters in one contiguous float run: W_ih P_i / (H W) transposed (C, 4Hd), its bias (4Hd),
-// W_hh transposed (Hd, 4Hd), the output weight (Hd) and bias (1). Writes the logit and p = sigmoid(logit) into
-// column `col` of zp[0] and zp[1] (each B, N), and into idx (B,) int64 the samples with p >= threshold (in float,
-// as a float tensor compares with a Python number), in order. Returns their count.
-int64_t gate_step(const at::Tensor& x, at::Tensor& hc, const at::Tensor& pack, at::Tensor& zp, at::Tensor& idx,
-                  int64_t col, double threshold) {
+// The shared parameters of the recurrent gate in the layout gate_step reads, as one float32 run: W_ih transposed
+// (E, 4Hd), b_ih + b_hh (4Hd), W_hh transposed (Hd, 4Hd), the output layer's first row (Hd) and bias (1). Made once
+// per forward from the parameters as they are then (float32 CPU, as the input gate_step takes).
+at::Tensor gate_pack(const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh,
+                     const at::Tensor& fc_w, const at::Tensor& fc_b) {
+  const int64_t g4 = w_ih.size(0), E = w_ih.size(1), hd = w_hh.size(1);
+  TORCH_CHECK(w_ih.dim() == 2 && w_hh.dim() == 2 && g4 == 4 * hd && w_hh.size(0) == g4 && b_ih.numel() == g4 &&
+                  b_hh.numel() == g4 && fc_w.dim() == 2 && fc_w.size(1) == hd && fc_w.size(0) >= 1 &&
+                  fc_b.numel() == fc_w.size(0),
+              "gate_pack: LSTM cell and output layer shapes");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&w_ih, &w_hh, &b_ih, &b_hh, &fc_w, &fc_b})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(),
+                "gate_pack: the gate's parameters must be float32 CPU tensors, like its input");
+  const auto f = [](const at::Tensor& t) { return t.contiguous(); };
+  const at::Tensor wi = f(w_ih), wh = f(w_hh), bi = f(b_ih), bh = f(b_hh), fw = f(fc_w), fbt = f(fc_b);
+  at::Tensor pack = at::empty({E * g4 + g4 + hd * g4 + hd + 1}, at::TensorOptions().dtype(at::kFloat));
+  float* o = pack.data_ptr<float>();
+  const float *wip = wi.data_ptr<float>(), *whp = wh.data_ptr<float>(), *bip = bi.data_ptr<float>();
+  const float *bhp = bh.data_ptr<float>(), *fwp = fw.data_ptr<float>();
+  for (int64_t k = 0; k < E; ++k)
+    for (int64_t g = 0; g < g4; ++g) *o++ = wip[g * E + k];
+  for (int64_t g = 0; g < g4; ++g) *o++ = bip[g] + bhp[g];
+  for (int64_t k = 0; k < hd; ++k)
+    for (int64_t g = 0; g < g4; ++g) *o++ = whp[g * hd + k];
+  for (int64_t k = 0; k < hd; ++k) *o++ = fwp[k];
+  *o = fbt.data_ptr<float>()[0];
+  return pack;
+}
+
+// Gate `col` for every sample of x (B, C, H, W). hc (2, B, Hd) is the LSTM state (h, c), updated in place. proj_w
+// (E, C) and proj_b (E) are the block's projection, shared gate_pack's layout of the LSTM cell and output layer. Writes
+// the logit and p = sigmoid(logit) into column `col` of zp[0] and zp[1] (each B, N), and into idx (B,) int64 the
+// samples with p >= threshold (in float, as a float tensor compares with a Python number), in order. Returns their
+// count.
+int64_t gate_step(const at::Tensor& x, at::Tensor& hc, const at::Tensor& proj_w, const at::Tensor& proj_b,
+                  const at::Tensor& shared, at::Tensor& zp, at::Tensor& idx, int64_t col, double threshold) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "gate_step: float32 CPU x");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t hd = hc.size(2), g4 = 4 * hd;
-  TORCH_CHECK(hc.is_contiguous() && zp.is_contiguous() && pack.is_contiguous(), "gate_step: contiguous buffers");
-  TORCH_CHECK(pack.numel() == C * g4 + g4 + hd * g4 + hd + 1 && hc.size(1) == B && zp.size(1) == B,
+  TORCH_CHECK(hc.dim() == 3 && zp.dim() == 3 && idx.dim() == 1, "gate_step: buffer shapes");
+  const int64_t hd = hc.size(2), g4 = 4 * hd, n = zp.size(2);
+  TORCH_CHECK(hc.is_contiguous() && zp.is_contiguous() && shared.is_contiguous() && idx.is_contiguous(),
+              "gate_step: contiguous buffers");
+  TORCH_CHECK(hc.scalar_type() == at::kFloat && zp.scalar_type() == at::kFloat && shared.scalar_type() == at::kFloat &&
+                  idx.scalar_type() == at::kLong,
+              "gate_step: buffer dtypes (float32 state and outputs, int64 indices)");
+  TORCH_CHECK(proj_w.scalar_type() == at::kFloat && proj_b.scalar_type() == at::kFloat && proj_w.device().is_cpu() &&
+                  proj_b.device().is_cpu(),
+              "gate_step: the gate's projection must be float32 CPU parameters, like its input");
+  const at::Tensor pw = proj_w.contiguous(), pbt = proj_b.contiguous();
+  const int64_t E = pw.dim() == 2 ? pw.size(0) : -1;
+  TORCH_CHECK(E > 0 && pw.size(1) == C && pbt.numel() == E, "gate_step: the projection's shape (E, C) and bias (E)");
+  TORCH_CHECK(shared.numel() == E * g4 + g4 + hd * g4 + hd + 1 && hc.size(0) == 2 && hc.size(1) == B &&
+                  zp.size(0) == 2 && zp.size(1) == B && 0 <= col && col < n && idx.numel() >= B,
               "gate_step: parameter pack or buffer shapes");
   const float* xp = x.data_ptr<float>();
   const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
   float* hp = hc.data_ptr<float>();
   float* cp = hp + B * hd;
-  const float* wp = pack.data_ptr<float>();
-  const float* bp = wp + C * g4;
+  const float* pwp = pw.data_ptr<float>();
+  const float* pbp = pbt.data_ptr<float>();
+  const float* wp = shared.data_ptr<float>();
+  const float* bp = wp + E * g4;
   const float* whp = bp + g4;
   const float* fwp = whp + hd * g4;
   const float fb = fwp[hd];
-  const int64_t n = zp.size(2);
   float* zz = zp.data_ptr<float>() + col;
   float* pp = zz + B * n;
   const float t = static_cast<float>(threshold);
+  const float hw = static_cast<float>(H * W);
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, C * H * W));
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> buf(C + g4);
+    std::vector<float> buf(C + E + g4);
     float* xs = buf.data();
-    float* gates = xs + C;
+    float* e = xs + C;
+    float* gates = e + E;
     for (int64_t b = b0; b < b1; ++b) {
       spatial_sum(xp + b * s0, C, H, W, s1, s2, s3, xs);
-      const float logit = lstm_step(xs, hp + b * hd, cp + b * hd, wp, whp, bp, fwp, fb, C, hd, gates);
+      project(xs, pwp, pbp, C, E, hw, e);
+      const float logit = lstm_step(e, hp + b * hd, cp + b * hd, wp, whp, bp, fwp, fb, E, hd, gates);
       zz[b * n] = logit;
       pp[b * n] = sigmoid(logit);
     }
@@ -312,6 +381,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported_isas", &supported_isas, "the instruction-set variants this CPU can run, fastest first");
   m.def("set_isa", &set_isa, "select the instruction-set variant of every kernel");
   m.def("current_isa", &current_isa, "the selected instruction-set variant");
+  m.def("gate_pack", &gate_pack, "the recurrent gate's shared parameters in gate_step's layout (see _fastgate.cpp)");
   m.def("gate_step", &gate_step, "one recurrent-gate inference step (see _fastgate.cpp)");
   m.def("masked_tail_forward", &masked_tail_forward, "forward of the masked block tail (see _fastgate.cpp)");
   m.def("masked_tail_backward", &masked_tail_backward, "backward of the masked block tail (see _fastgate.cpp)");

@@ -5,7 +5,9 @@ At batch size 1 on a CPU a gate step in eager PyTorch is about ten small calls (
 layer, sigmoid, threshold, host read) at 15-20 us in all, against ~1.5 us for the same work in one C++ function:
 over the 53 gates of a ResNet-110 that is ~1 ms of a ~10 ms forward, the whole of the gate overhead that routing
 must recover. The kernel computes exactly the inference path of :class:`skipnet.gates.RNNGate` (logits equal
-to float rounding; the decision ``p >= t`` is taken on the kernel's own ``p``, which the trace records).
+to float rounding; the decision ``p >= t`` is taken on the kernel's own ``p``, which the trace records), on the
+parameters as they are at the call: each gate's projection is passed as it is, the shared LSTM and output weights
+are laid out once per forward (``gate_pack``), and nothing is kept between forwards.
 
 The masked tail (SP / soft training, masked execution) is memory-bound at training batch sizes: the eager form
 reads and writes the block's activations ~5 times in the backward, the kernel once (float32 CPU, NCHW or

@@ -55,15 +55,12 @@ class GatedResNet(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = build_backbone(config)
-        blocks: list[nn.Module] = []
-        stage_of: list[int] = []
-        for s, layer in enumerate(stages(self.backbone)):
-            for block in layer:
-                blocks.append(block)
-                stage_of.append(s)
-        # Plain Python lists: the modules are registered once, inside the backbone.
-        self._blocks = blocks
-        self.block_stage = stage_of[1:]  # stage index of each gated block
+        layers = stages(self.backbone)
+        # The blocks are looked up by these names at every forward (:attr:`_blocks`), never kept: a block replaced in
+        # the tree (``m.backbone.layer3[1] = ...``, quantization, pruning tools) is the one that runs.
+        self._stage_names = tuple(f"layer{s + 1}" for s in range(len(layers)))
+        self.block_stage = [s for s, layer in enumerate(layers) for _ in layer][1:]  # stage index of each gated block
+        blocks = self._blocks
         channels = [self._in_channels(b) for b in blocks[1:]]
         self.gates: GateBank | None = build_gates(config.gate, channels, config.rnn_embed, config.rnn_hidden)
         self.mode = GateMode.GREEDY if config.gated else GateMode.ALL_ON
@@ -100,9 +97,21 @@ class GatedResNet(nn.Module):
             fc.bias.fill_(float(bias))
 
     @property
+    def _blocks(self) -> list[nn.Module]:
+        """Every residual block, in order, as the module tree holds them now (a few dictionary reads)."""
+        layers = self.backbone._modules
+        blocks = [b for name in self._stage_names for b in layers[name]]
+        if len(blocks) != len(self.block_stage) + 1:
+            raise SkipnetError(
+                f"{self.config.name} was built with {len(self.block_stage) + 1} residual blocks and its gates for "
+                f"them, but its backbone now holds {len(blocks)}"
+            )
+        return blocks
+
+    @property
     def num_gates(self) -> int:
         """N: the number of gated blocks (blocks - 1)."""
-        return len(self._blocks) - 1
+        return len(self.block_stage)
 
     @property
     def first_block(self) -> nn.Module:
@@ -166,10 +175,11 @@ class GatedResNet(nn.Module):
         threshold = self.threshold if threshold is None else threshold
         keep = self.keep_ratio if keep is None else keep
         gate = policy.choose(self, mode, executor.routed, x.shape[0], decisions, threshold, keep, explore, paths)
-        x = self.first_block(self.stem(x))
+        blocks = self._blocks  # from the module tree, once per forward
+        x = blocks[0](self.stem(x))
         gate.start(x)  # from here on ``x`` is a tensor this forward made (routing may write into it)
-        for i, block in enumerate(self.gated_blocks):
-            x = executor(block, x, gate.decide(i, x))
+        for i in range(1, len(blocks)):
+            x = executor(blocks[i], x, gate.decide(i - 1, x))
         return SkipOutput(self.head(x), gate.trace(x))
 
     def _check_default_mode(self) -> None:

@@ -159,70 +159,119 @@ class FeedForwardGates(GateBank):
         return [g.fc for g in self.gates]
 
 
-class _FoldedStep:
-    """One RNN gate step's folded input weights (see :class:`RNNGate`): ``weight`` = ``W_ih P_i``, ``bias``, and
-    ``weight_hw`` = ``weight / hw`` for the spatial size ``hw`` = H W last seen; ``pack``: the same with the shared
-    recurrent and output weights in the compiled kernel's layout (see ``_fastgate.cpp``), made when the kernel
-    first needs it at this size."""
+class _GateWeights:
+    """One forward's recurrent-gate parameters, read from the module tree when the forward starts and dropped with it.
 
-    __slots__ = ("weight", "bias", "hw", "weight_hw", "pack")
+    Nothing is kept between forwards, so the next forward sees every update, however it was made (optimizer steps,
+    fused ones included, which do not bump version counters; ``.data`` edits; ``vector_to_parameters``; replaced
+    modules; another process writing a ``share_memory()`` model), and concurrent forwards share nothing.
 
-    def __init__(self, weight: Tensor, bias: Tensor) -> None:
-        self.weight, self.bias, self.hw, self.weight_hw, self.pack = weight, bias, 0, weight, None
+    ``proj[i]``: gate ``i``'s projection's ``_parameters`` (``weight`` (E, C), ``bias`` (E)); ``lstm``, ``fc``: the
+    LSTM cell's and the output layer's. :meth:`folded` gives the eager inference step its folded input weights,
+    computed in this forward on first use, one run of gates at a time.
+    """
 
-    def at_size(self, hw: int) -> _FoldedStep:
-        if self.hw != hw:  # first step at this input size: fold the mean's 1 / (H W) in too
-            self.hw, self.weight_hw, self.pack = hw, self.weight / hw, None
-        return self
+    __slots__ = ("proj", "lstm", "fc", "runs", "_folded", "_shared")
 
-    def packed(self, hw: int, shared: tuple[Tensor, ...]) -> Tensor:
-        """``pack`` at size ``hw``; ``shared`` = (``W_hh``, output weight row, output bias)."""
-        if self.hw != hw or self.pack is None:
-            w_hh, fc_w, fc_b = shared
-            parts = (self.at_size(hw).weight_hw.t(), self.bias, w_hh.t(), fc_w, fc_b)
-            self.pack = torch.cat([t.reshape(-1) for t in parts])
-        return self.pack
+    def __init__(self, proj: list[dict], lstm: dict, fc: dict, runs: list[tuple[int, int]]) -> None:
+        self.proj, self.lstm, self.fc, self.runs = proj, lstm, fc, runs
+        self._folded: dict[int, tuple[Tensor, Tensor]] = {}
+        self._shared: tuple[Tensor, ...] | None = None
+
+    @classmethod
+    def read(cls, gate: RNNGate) -> _GateWeights | None:
+        """``gate``'s parameters now, or ``None`` when one of its modules must be called to compute its function:
+        not exactly an ``nn.Linear`` / ``nn.LSTMCell`` with biases (quantized, parametrized or subclassed modules),
+        or watched by forward hooks (the cost counter's)."""
+        if _hooks._global_forward_hooks or _hooks._global_forward_pre_hooks:
+            return None
+        mods, lin = gate._modules, nn.Linear
+        projs = [
+            m._parameters
+            for m in mods["proj"]._modules.values()
+            if type(m) is lin and not (m._forward_hooks or m._forward_pre_hooks) and m._parameters["bias"] is not None
+        ]
+        lstm, fc = mods["lstm"], mods["fc"]
+        if (
+            len(projs) != gate.num_gates
+            or type(lstm) is not nn.LSTMCell
+            or type(fc) is not lin
+            or lstm._forward_hooks
+            or lstm._forward_pre_hooks
+            or fc._forward_hooks
+            or fc._forward_pre_hooks
+            or lstm._parameters["bias_ih"] is None
+            or fc._parameters["bias"] is None
+        ):
+            return None
+        return cls(projs, lstm._parameters, fc._parameters, gate._run_of)
+
+    def shared(self) -> tuple[Tensor, ...]:
+        """``W_hh``, ``b_ih + b_hh``, zeros for ``b_hh``, the output layer's first row and bias (this forward's)."""
+        if self._shared is None:
+            lstm, fc = self.lstm, self.fc
+            bias = lstm["bias_ih"] + lstm["bias_hh"]
+            self._shared = (lstm["weight_hh"], bias, torch.zeros_like(bias), fc["weight"][0], fc["bias"][:1])
+        return self._shared
+
+    def folded(self, i: int) -> tuple[Tensor, Tensor]:
+        """Gate ``i``'s ``W_ih P_i`` and ``W_ih b_i + b_ih + b_hh``, folded for its whole run of gates at once."""
+        if i not in self._folded:
+            a, b = self.runs[i]
+            w_ih, bias = self.lstm["weight_ih"], self.shared()[1]
+            w = torch.stack([self.proj[k]["weight"] for k in range(a, b)])  # (n, E, C)
+            pb = torch.stack([self.proj[k]["bias"] for k in range(a, b)])  # (n, E)
+            pairs = zip(torch.matmul(w_ih, w).unbind(0), torch.addmm(bias, pb, w_ih.t()).unbind(0), strict=True)
+            self._folded.update(zip(range(a, b), pairs, strict=True))
+        return self._folded[i]
 
 
 class KernelRun:
     """One forward's use of the compiled gate step (:mod:`skipnet.fastgate`), for float32 CPU inference.
 
-    Holds the LSTM state ``hc`` (2, B, Hd) and a (2, B, N) buffer that each :meth:`step` fills in column ``i``:
-    ``z`` (logits) and ``p`` (probabilities) are its two halves; ``idx[:n]`` are the samples with
+    Holds the forward's parameters (the projections as they are, the shared LSTM and output weights laid out once
+    by ``gate_pack``), the LSTM state ``hc`` (2, B, Hd) and a (2, B, N) buffer that each :meth:`step` fills in
+    column ``i``: ``z`` (logits) and ``p`` (probabilities) are its two halves; ``idx[:n]`` are the samples with
     ``p >= threshold`` after the step that returned ``n``. The caller reads them instead of computing
-    ``sigmoid``, a comparison and ``nonzero`` per gate.
+    ``sigmoid``, a comparison and ``nonzero`` per gate. Every buffer is float32 (int64 ``idx``), whatever the
+    default dtype.
     """
 
-    __slots__ = ("fn", "folded", "shared", "threshold", "hc", "zp", "z", "p", "idx")
+    __slots__ = ("fn", "proj", "shared", "threshold", "hc", "zp", "z", "p", "idx")
 
-    def __init__(self, fn: Any, params: tuple, batch: int, hidden: int, n_gates: int, threshold: float) -> None:
-        self.fn, self.threshold = fn, float(threshold)
-        self.folded, w_hh, fc_w, fc_b = params[:4]
-        self.shared = (w_hh, fc_w, fc_b)
-        self.hc = torch.zeros(2, batch, hidden)
-        self.zp = torch.empty(2, batch, n_gates)
+    def __init__(self, module: Any, weights: _GateWeights, batch: int, n_gates: int, threshold: float) -> None:
+        self.fn, self.threshold, self.proj = module.gate_step, float(threshold), weights.proj
+        lstm, fc = weights.lstm, weights.fc
+        w_ih, w_hh = lstm["weight_ih"], lstm["weight_hh"]
+        self.shared = module.gate_pack(w_ih, w_hh, lstm["bias_ih"], lstm["bias_hh"], fc["weight"], fc["bias"])
+        self.hc = torch.zeros(2, batch, w_hh.shape[1], dtype=torch.float32)
+        self.zp = torch.empty(2, batch, n_gates, dtype=torch.float32)
         self.z, self.p = self.zp[0], self.zp[1]
         self.idx = torch.empty(batch, dtype=torch.long)
 
     def step(self, i: int, x: Tensor) -> int:
         """Gate ``i`` on its block's input ``x``; returns how many samples execute the block."""
-        pack = self.folded[i].packed(x.shape[2] * x.shape[3], self.shared)
-        return self.fn(x, self.hc, pack, self.zp, self.idx, i, self.threshold)
+        d = self.proj[i]
+        return self.fn(x, self.hc, d["weight"], d["bias"], self.shared, self.zp, self.idx, i, self.threshold)
 
 
 class RNNGate(GateBank):
     """The recurrent gate (Fig. 11c): per-block projection, one shared LSTM cell and output layer.
 
-    Two executions of the same function. With autograd (training), autocast, ``torch.compile`` or while someone
-    watches the module calls (e.g. the cost counter's hooks), every step is the reference step: the projection,
-    the LSTM cell and the output layer, called as modules. Otherwise (inference) :meth:`init_state` selects the
-    fast step, three calls: the spatial sum, one ``torch.lstm_cell`` whose input weights are the LSTM's ``W_ih``
-    with the block's projection and the mean's ``1 / (H W)`` folded in (``W_ih P_i / (H W)``, bias
-    ``W_ih b_i + b_ih + b_hh``), and one ``addmv`` for the output layer (on a float32 CPU, the compiled kernel of
-    :mod:`skipnet.fastgate` does the same in one call). The folded weights are computed for all gates at once (a
-    few batched products) and cached until a gate parameter changes. At batch size 1 on a CPU a gate's cost is its
-    number of calls, not its ~0.04% of a block's MACs. The logits equal the reference step's up to float rounding
-    (the folded products are summed in another order).
+    Two executions of the same function. With autograd (training), autocast, a graph capture, while someone
+    watches the module calls (e.g. the cost counter's hooks), or when a module is not a plain ``nn.Linear`` /
+    ``nn.LSTMCell`` (quantized, parametrized, subclassed), every step is the reference step: the projection, the
+    LSTM cell and the output layer, called as modules. Otherwise (inference) :meth:`init_state` reads the
+    parameters from the module tree for this forward (:class:`_GateWeights`; nothing is cached between forwards)
+    and selects the fast step: on a float32 CPU input the compiled kernel of :mod:`skipnet.fastgate` (mean,
+    projection, LSTM cell, output layer and decision in one call), else three calls: the spatial mean, one
+    ``torch.lstm_cell`` whose input weights have the block's projection folded in (``W_ih P_i``, bias
+    ``W_ih b_i + b_ih + b_hh``, folded in the forward for each run of gates), and one ``addmv`` for the output
+    layer. At batch size 1 on a CPU a gate's cost is its number of calls, not its ~0.04% of a block's MACs. The
+    logits equal the reference step's up to float rounding (the products are summed in another order).
+
+    Modules are looked up in the tree at every forward: a replaced projection, LSTM cell or output layer (e.g. by
+    ``torch.ao.quantization.quantize_dynamic``) is the one that runs.
     """
 
     def __init__(self, channels: list[int], embed: int = 10, hidden: int = 10) -> None:
@@ -232,90 +281,47 @@ class RNNGate(GateBank):
         self.fc = nn.Linear(hidden, 1)
         self.hidden = hidden
         self.num_gates = len(channels)
-        # Plain references for the hot path (a tuple is not registered as a submodule).
-        self._hot = (list(self.proj), self.lstm, self.fc)
-        # Runs of consecutive gates with the same input width (one per stage): folded together.
+        # Runs of consecutive gates with the same input width (one per stage): folded together by the eager step.
         runs: list[tuple[int, int]] = []
         for i, c in enumerate(channels):
             if runs and channels[runs[-1][0]] == c:
                 runs[-1] = (runs[-1][0], i + 1)
             else:
                 runs.append((i, i + 1))
-        self._runs = runs
-
-    @staticmethod
-    def _watched(*modules: nn.Module) -> bool:
-        """Whether forward (pre-)hooks watch these module calls (then the modules must be called)."""
-        if _hooks._global_forward_hooks or _hooks._global_forward_pre_hooks:
-            return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
-
-    def _folded(self) -> tuple[list[_FoldedStep], Tensor, Tensor, Tensor, Tensor]:
-        """The inference parameters (see :meth:`_fold`), cached while no gate parameter changes: the key is every
-        parameter's storage address and version counter (bumped by optimizer steps, ``load_state_dict`` and
-        any other in-place update; a moved, converted or replaced parameter has a new address)."""
-        projs, lstm, fc = self._hot
-        key = tuple(
-            (t.data_ptr(), t._version) for m in (lstm, fc, *projs) for t in m._parameters.values() if t is not None
-        )
-        cache = self.__dict__.get("_fold_cache")
-        if cache is None or cache[0] != key:
-            cache = self.__dict__["_fold_cache"] = (key, self._fold())
-        return cache[1]
-
-    @torch.no_grad()
-    def _fold(self) -> tuple[list[_FoldedStep], Tensor, Tensor, Tensor, Tensor]:
-        """Per gate ``W_ih P_i`` and ``W_ih b_i + b_ih + b_hh``; ``W_hh``; the output layer's weight row and bias;
-        a zero hidden bias."""
-        projs, lstm, fc = self._hot
-        w_ih = lstm.weight_ih
-        bias = lstm.bias_ih + lstm.bias_hh
-        folded: list[_FoldedStep] = []
-        for a, b in self._runs:
-            w = torch.stack([p.weight for p in projs[a:b]])  # (n, E, C)
-            pb = torch.stack([p.bias for p in projs[a:b]])  # (n, E)
-            folded += map(_FoldedStep, torch.matmul(w_ih, w).unbind(0), torch.addmm(bias, pb, w_ih.t()).unbind(0))
-        # b_hh is folded into the per-gate bias; lstm_cell is given zeros for it (CUDA's fused cell needs both).
-        zero = torch.zeros_like(lstm.bias_hh)
-        return folded, lstm.weight_hh, fc.weight[0], fc.bias, zero
+        self._run_of = [r for r in runs for _ in range(*r)]  # gate i -> the (start, end) of its run
 
     def heads(self) -> list[nn.Linear]:
         return [self.fc]
 
-    def init_state(self, x: Tensor, paths: capture.Paths | None = None) -> tuple[Tensor, ...]:
-        """``(h, c)`` at zero, plus the folded parameters when the fast inference path applies (eager, no
-        autograd, no autocast, no hook on the gate's modules)."""
+    def init_state(self, x: Tensor, paths: capture.Paths | None = None) -> tuple[Any, ...]:
+        """``(h, c)`` at zero, plus this forward's parameters (:class:`_GateWeights`) when the fast inference path
+        applies (eager, no autograd, no autocast, plain modules, no hook on them)."""
         zeros = x.new_zeros(x.shape[0], self.hidden)
-        projs, lstm, fc = self._hot
         captured = (capture.paths(x) if paths is None else paths).captured
-        if (
-            torch.is_grad_enabled()
-            or torch.is_autocast_enabled(x.device.type)
-            or captured
-            or self._watched(lstm, fc, *projs)
-        ):
+        if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) or captured:
             return zeros, zeros
-        return zeros, zeros, self._folded()
+        weights = _GateWeights.read(self)
+        return (zeros, zeros) if weights is None else (zeros, zeros, weights)
 
     def kernel_run(
-        self, x: Tensor, state: tuple[Tensor, ...], threshold: float, paths: capture.Paths | None = None
+        self, x: Tensor, state: tuple[Any, ...], threshold: float, paths: capture.Paths | None = None
     ) -> KernelRun | None:
         """The compiled step for this forward when the fast inference path applies and ``paths`` (default:
         decided from ``x``) allow the compiled kernels (float32 CPU input ``x``)."""
         if len(state) != 3 or not (capture.paths(x) if paths is None else paths).kernels:
             return None
-        return KernelRun(fastgate.load().gate_step, state[2], x.shape[0], self.hidden, self.num_gates, threshold)
+        return KernelRun(fastgate.load(), state[2], x.shape[0], self.num_gates, threshold)
 
-    def step(self, i: int, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, Any]:
+    def step(self, i: int, x: Tensor, state: tuple[Any, ...]) -> tuple[Tensor, Any]:
         if len(state) == 3:  # the inference path (see the class docstring)
-            h, c, params = state
-            folded, w_hh, fc_w, fc_b, zero = params
-            f = folded[i].at_size(x.shape[2] * x.shape[3])
-            h, c = torch.lstm_cell(x.sum(dim=(2, 3)), (h, c), f.weight_hw, w_hh, f.bias, zero)
-            return torch.addmv(fc_b, h, fc_w), (h, c, params)
-        projs, lstm, fc = self._hot  # the reference step: the module calls, which hooks (the cost counter) see
-        h, c = lstm(projs[i](spatial_mean(x)), state)
-        return fc(h)[:, 0], (h, c)
+            h, c, weights = state
+            w_hh, bias, zero, fc_w, fc_b = weights.shared()
+            w, b = weights.folded(i)
+            h, c = torch.lstm_cell(x.mean(dim=(2, 3)), (h, c), w, w_hh, b, zero)
+            return torch.addmv(fc_b, h, fc_w), (h, c, weights)
+        # the reference step: the modules of the tree, called (hooks such as the cost counter's see them)
+        h, c = self.lstm(self.proj[i](spatial_mean(x)), state)
+        return self.fc(h)[:, 0], (h, c)
 
 
 def build_gates(kind: str, channels: list[int], embed: int = 10, hidden: int = 10) -> GateBank | None:

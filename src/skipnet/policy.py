@@ -251,6 +251,46 @@ class Drawn(GatePolicy):
         return torch.stack(self.dec_l, 1) if self.dec_l else x.new_ones(self.batch, self.n)
 
 
+def check_threshold(threshold: Any) -> float:
+    """``threshold`` as a float when it is a number in [0, 1] or :data:`ALL_SKIP_THRESHOLD` (the rule checkpoints
+    follow); anything else (NaN, -0.5, 1.5, a string) is refused: ``p >= t`` would silently skip every block."""
+    t = _real(threshold)
+    if not (0.0 <= t <= 1.0 or t == ALL_SKIP_THRESHOLD):  # NaN fails both
+        raise SkipnetError(
+            f"threshold must be a number in [0, 1] (or calibrate's all-skip {ALL_SKIP_THRESHOLD}), got {threshold!r}; "
+            "pass threshold= or set model.threshold"
+        )
+    return t
+
+
+def check_keep(keep: Any) -> float:
+    """``keep`` (the keep ratio of ``random`` mode) as a float when it is a number in [0, 1]; else refused."""
+    k = _real(keep)
+    if not 0.0 <= k <= 1.0:  # NaN fails
+        raise SkipnetError(f"keep must be a number in [0, 1], got {keep!r}; pass keep= or set model.keep_ratio")
+    return k
+
+
+def check_decisions(decisions: Tensor) -> None:
+    """Refuse forced decisions other than 0 and 1 (0.7, 2, -1, NaN): routed execution would read them as ``> 0.5``
+    and masked execution mix with them, two different networks. One reduction on the tensor."""
+    d = decisions.detach()
+    if bool(((d != 0) & (d != 1)).any()):
+        bad = d[(d != 0) & (d != 1)].flatten()[0].item()
+        raise SkipnetError(f"decisions must hold only 0 and 1 (1: the block runs), got {bad!r}")
+
+
+def _real(value: Any) -> float:
+    """``value`` as a Python float when it is a real number (a Python or NumPy number, a one-element tensor); NaN
+    for anything else, so that every range check refuses it."""
+    if isinstance(value, (str, bytes, bool)) or value is None:
+        return float("nan")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return float("nan")
+
+
 def choose(
     model: Any,
     mode: GateMode,
@@ -269,6 +309,11 @@ def choose(
         raise SkipnetError(f"explore must be in [0, 0.5), got {explore}")
     if decisions is not None and tuple(decisions.shape) != (batch, model.num_gates):
         raise SkipnetError(f"decisions must have shape (B, N) = ({batch}, {model.num_gates})")
+    threshold = check_threshold(threshold)
+    if decisions is not None and not paths.masked_only:  # a tracer cannot read them (a graph input takes new ones)
+        check_decisions(decisions)
+    elif mode == GateMode.RANDOM:
+        keep = check_keep(keep)
     policy: GatePolicy
     if decisions is not None or mode == GateMode.RANDOM:
         policy = Forced(model, mode, threshold, explore, routed, decisions=decisions, keep=keep)
@@ -282,4 +327,16 @@ def choose(
     return policy
 
 
-__all__ = ["AllOn", "Drawn", "Forced", "GateMode", "GatePolicy", "Greedy", "choose"]
+__all__ = [
+    "ALL_SKIP_THRESHOLD",
+    "AllOn",
+    "Drawn",
+    "Forced",
+    "GateMode",
+    "GatePolicy",
+    "Greedy",
+    "check_decisions",
+    "check_keep",
+    "check_threshold",
+    "choose",
+]
