@@ -5,6 +5,7 @@ class names in another Unicode normal form."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import unicodedata
@@ -96,6 +97,23 @@ def test_the_validation_split_of_other_training_images_is_refused_everywhere(tra
     assert "train images 22, recorded 18" in one_line_error(capsys, "eval")
 
 
+def test_analyze_scores_each_compared_checkpoint_on_its_own_validation_split(trained, tmp_path, capsys) -> None:
+    """``analyze --split val --compare/--base``: a checkpoint trained without a validation split (or with another)
+    is not scored on the analysed checkpoint's validation images, which it may have trained on."""
+    ckpt, data = str(trained["ckpt"]), str(trained["A"])
+    no_val = str(_checkpoint(tmp_path / "no_val.pt", trained["A"], val_split=0.0))
+    other = str(_checkpoint(tmp_path / "other.pt", trained["A"], val_split=0.5))
+    for flag, path in [("--compare", no_val), ("--base", no_val)]:
+        argv = ["analyze", ckpt, "--data", data, "--split", "val", flag, path, "--out", str(tmp_path / "an")]
+        assert main(argv) == 2, flag
+        assert "validation" in one_line_error(capsys, "analyze") and not (tmp_path / "an").exists()
+    argv = ["analyze", ckpt, "--data", data, "--split", "val", "--compare", other, "--out", str(tmp_path / "an2")]
+    assert main([*argv, "--json"]) == 0
+    capsys.readouterr()
+    numbers = json.loads((tmp_path / "an2" / "analysis.json").read_text())
+    assert numbers["main"]["images"] == 6 and numbers["others"][0]["images"] == 12  # 25% and 50% of 24
+
+
 def test_relabelled_training_images_are_refused_and_another_test_set_is_not(trained, tmp_path, capsys) -> None:
     swapped = tmp_path / "swapped"  # as many training images, one of them in another class
     shutil.copytree(trained["A"], swapped)
@@ -173,6 +191,31 @@ def test_a_recurrent_gate_calibrated_finely_decides_alike_at_every_batch_size() 
     ones = run_eval(model, [(x[i : i + 1], y[i : i + 1]) for i in range(16)], cost, mode="greedy", threshold=t)
     whole = run_eval(model, [(x, y)], cost, mode=GateMode.GREEDY, threshold=t)
     assert torch.equal(ones.decisions, whole.decisions) and torch.equal(ones.preds, whole.preds)
+
+
+def test_a_budget_above_the_grid_is_bisected_towards_one_before_all_skip() -> None:
+    """``--grid 0.5`` and a budget met only above 0.5: a threshold below 1 that meets it, not the all-skip point (0%
+    of the gated blocks, no export)."""
+    probs = [0.88, 0.66, 0.45, 0.33, 0.12]
+    model = _constant_gates(probs)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    loader = [(x, model(x, "greedy", threshold=0.8).logits.argmax(1))]
+    cost = cost_model(model)
+    target = float(cost.macs_per_image(torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0]]), include_gates=True))
+    result = calibrate_threshold(model, loader, cost, target, grid=[0.5], refine=8)
+    assert 0.66 < result.threshold < 1.0 and result.macs_mean <= target  # before: 1.01, the all-skip point
+    assert 1.0 in [p["threshold"] for p in result.points]
+
+
+def test_the_all_skip_threshold_read_back_as_float32_is_taken() -> None:
+    import numpy as np
+
+    model = create_model("tiny_rnn_gate_14").eval()
+    x = torch.randn(2, 3, 32, 32)
+    for t in (np.float32(1.01), torch.tensor(1.01), float(torch.tensor(1.01))):  # 1.0099999904632568
+        assert model(x, threshold=t).trace.decisions.sum() == 0
+    with pytest.raises(SkipnetError, match="threshold"):
+        model(x, threshold=1.02)
 
 
 def test_gap_threshold_at_the_edges() -> None:

@@ -532,7 +532,8 @@ def calibrate_threshold(
     the budget and the higher one meets it, bisects ``refine`` times (the budget is usually met most
     accurately right at its edge). MACs are not assumed monotone in the threshold (see the module docstring):
     the choice is among all evaluated thresholds that meet the budget, and ``monotone_on_grid`` says whether
-    the grid was monotone. If no grid threshold meets the budget, ``ALL_SKIP_THRESHOLD`` (no gated block
+    the grid was monotone. If no grid threshold meets the budget, 1 is tried and, if it does, bisected towards from
+    the grid's highest threshold; if it does not either, ``ALL_SKIP_THRESHOLD`` (no gated block
     runs) is tried; a budget below that cost raises :class:`SkipnetError`.
 
     The chosen threshold is then moved into the middle of its gap (:func:`gap_threshold`, :func:`_snap`):
@@ -558,6 +559,9 @@ def calibrate_threshold(
     grid_pts = [points[t] for t in sorted(points)]
     monotone = is_non_increasing([p["macs_mean"] for p in grid_pts])
     _bisect_edges(points, grid_pts, target_macs, refine, evaluate_at)
+    if _best_feasible(list(points.values()), target_macs) is None and 1.0 not in points:
+        points[1.0] = evaluate_at(1.0)  # the budget may lie above the grid: bisect towards 1 before all-skip
+        _bisect_edges(points, [grid_pts[-1], points[1.0]], target_macs, refine, evaluate_at)
     if _best_feasible(list(points.values()), target_macs) is None:
         points[ALL_SKIP_THRESHOLD] = evaluate_at(ALL_SKIP_THRESHOLD)
     best = _best_feasible(list(points.values()), target_macs)

@@ -22,6 +22,7 @@ To add a gate mode: a :class:`GateMode` member and a :class:`GatePolicy` subclas
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
@@ -255,6 +256,8 @@ def check_threshold(threshold: Any) -> float:
     """``threshold`` as a float when it is a number in [0, 1] or :data:`ALL_SKIP_THRESHOLD` (the rule checkpoints
     follow); anything else (NaN, -0.5, 1.5, a string) is refused: ``p >= t`` would silently skip every block."""
     t = _real(threshold)
+    if t > 1.0 and math.isclose(t, ALL_SKIP_THRESHOLD, rel_tol=1e-6):  # the all-skip value read back as float32
+        t = ALL_SKIP_THRESHOLD
     if not (0.0 <= t <= 1.0 or t == ALL_SKIP_THRESHOLD):  # NaN fails both
         raise SkipnetError(
             f"threshold must be a number in [0, 1] (or calibrate's all-skip {ALL_SKIP_THRESHOLD}), got {threshold!r}; "

@@ -93,6 +93,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _bundle_key(ckpt: dict[str, Any], model: Any, split: str) -> tuple:
+    """Which checkpoints may share one loading of ``--data``: the same normalisation and image size, and on the
+    validation split also the same data record and fingerprint, so that each is scored on its *own* validation
+    images, checked against its own fingerprint (data loaded for one checkpoint checks its split once)."""
+    key: tuple = (checkpoint_stats(ckpt), model.config.image_size)
+    if split == "val":
+        record = {k: v for k, v in (ckpt.get("data") or {}).items() if k not in ("classes", "mean", "std")}
+        key += (
+            json.dumps(record, sort_keys=True, default=str),
+            json.dumps(ckpt.get("data_fingerprint"), sort_keys=True),
+        )
+    return key
+
+
 def _other_point(
     path: str, args: argparse.Namespace, main_ckpt: dict[str, Any], bundles: dict, device, plain: bool = False
 ) -> dict:
@@ -104,7 +118,7 @@ def _other_point(
             f"{path} has {model.config.num_classes} classes; the analysed checkpoint has "
             f"{main_ckpt['arch']['num_classes']}"
         )
-    key = (checkpoint_stats(ckpt), model.config.image_size)
+    key = _bundle_key(ckpt, model, args.split)
     if key not in bundles:
         bundles[key] = data_for_checkpoint(
             ckpt, model, args.data, data_dir=args.data_dir, batch_size=args.batch_size, limit=args.limit
@@ -250,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
         "mode": GateMode.GREEDY.value,  # analyze runs the learned gates (require_learned_gates)
     }
 
-    bundles = {(checkpoint_stats(ckpt), model.config.image_size): data}
+    bundles = {_bundle_key(ckpt, model, args.split): data}
     base = _other_point(args.base, args, ckpt, bundles, device, plain=True) if args.base else None
     others = [_other_point(p, args, ckpt, bundles, device) for p in args.compare]
     numbers["base"] = base
