@@ -517,6 +517,22 @@ def _bisect_edges(points: dict[float, Any], grid_pts: list[dict], target: float,
                 lo = mid
 
 
+def _search(grid: Sequence[float], target: float, refine: int, evaluate_at) -> tuple[dict[float, Any], bool]:
+    """Every point :func:`calibrate_threshold` evaluates, by threshold, and whether the grid's MACs were monotone:
+    the grid, the bisections at its budget edges, above the grid towards 1 when no grid point meets the budget,
+    and the all-skip point when nothing below it does."""
+    points = {float(t): evaluate_at(float(t)) for t in sorted(set(grid))}
+    grid_pts = [points[t] for t in sorted(points)]
+    monotone = is_non_increasing([p["macs_mean"] for p in grid_pts])
+    _bisect_edges(points, grid_pts, target, refine, evaluate_at)
+    if _best_feasible(list(points.values()), target) is None and 1.0 not in points:
+        points[1.0] = evaluate_at(1.0)  # the budget may lie above the grid: bisect towards 1 before all-skip
+        _bisect_edges(points, [grid_pts[-1], points[1.0]], target, refine, evaluate_at)
+    if _best_feasible(list(points.values()), target) is None:
+        points[ALL_SKIP_THRESHOLD] = evaluate_at(ALL_SKIP_THRESHOLD)
+    return points, monotone
+
+
 def calibrate_threshold(
     model: GatedResNet,
     loader,
@@ -555,15 +571,7 @@ def calibrate_threshold(
         rec = run_eval(model, loader, cost, mode=GateMode.GREEDY, threshold=t)
         return {"threshold": t} | eval_point(rec, cost, nc)
 
-    points = {float(t): evaluate_at(float(t)) for t in sorted(set(grid))}
-    grid_pts = [points[t] for t in sorted(points)]
-    monotone = is_non_increasing([p["macs_mean"] for p in grid_pts])
-    _bisect_edges(points, grid_pts, target_macs, refine, evaluate_at)
-    if _best_feasible(list(points.values()), target_macs) is None and 1.0 not in points:
-        points[1.0] = evaluate_at(1.0)  # the budget may lie above the grid: bisect towards 1 before all-skip
-        _bisect_edges(points, [grid_pts[-1], points[1.0]], target_macs, refine, evaluate_at)
-    if _best_feasible(list(points.values()), target_macs) is None:
-        points[ALL_SKIP_THRESHOLD] = evaluate_at(ALL_SKIP_THRESHOLD)
+    points, monotone = _search(grid, target_macs, refine, evaluate_at)
     best = _best_feasible(list(points.values()), target_macs)
     if best is None:  # not reachable: all-skip costs exactly the floor checked above
         raise SkipnetError(f"no threshold meets {target_macs:.4g} MACs/image")
