@@ -115,3 +115,11 @@ def test_run_eval_records_whether_gates_were_spent() -> None:
         assert torch.equal(rec.macs, cost.macs_per_image(rec.decisions, include_gates=rec.gates_spent))
         gate_macs = summarize(rec, cost, 10)["gate_macs_mean"]
         assert gate_macs == (cost.gate_macs_total if rec.gates_spent else 0.0)
+
+
+def test_the_stage_groups_of_the_options_are_the_stages_own_properties() -> None:
+    from skipnet.stages import STAGES
+    from skipnet.trainconfig import GATED_STAGES, RL_STAGES
+
+    assert set(RL_STAGES) == {name for name, stage in STAGES.items() if stage.uses_rl}
+    assert set(GATED_STAGES) == {name for name, stage in STAGES.items() if stage.needs_gates}

@@ -47,6 +47,7 @@ from skipnet.routes import (  # noqa: F401 (re-exported)
     skip_ratio_per_block,
     skipped_blocks,
 )
+from skipnet.trainconfig import RL_STAGES
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 ... 0.95
 CALIBRATION_GRID: tuple[float, ...] = (0.0, *DEFAULT_THRESHOLDS, 1.0)
@@ -328,7 +329,7 @@ def checkpoint_label(path: str | Path, ckpt: dict[str, Any]) -> str:
     parts = [run]
     if stage:
         parts.append(str(stage))
-    if stage in ("hrl", "rl") and cfg.get("alpha") is not None:
+    if stage in RL_STAGES and cfg.get("alpha") is not None:
         parts.append(f"α={float(cfg['alpha']):g}")
     t = float(ckpt.get("threshold", 0.5))
     if ckpt.get("calibration") or abs(t - 0.5) > 1e-9:

@@ -15,6 +15,8 @@ BN_MODES = ("update", "frozen")
 BN_FREEZE_MAX_LR = 1e-3
 SELECT_RULES = ("accuracy", "reward", "last")
 SKIP_REWARDS = ("all", "correct")  # --skip-reward: who earns Eq. 5's skip reward
+RL_STAGES = ("hrl", "rl")  # the stages that sample routes and learn them by REINFORCE (stages.Stage.uses_rl)
+GATED_STAGES = ("hrl", "rl", "sp", "soft")  # the stages that train gates (stages.Stage.needs_gates)
 REWARDS = ("hybrid", "blockdrop")  # --reward: Eq. 5-6, or BlockDrop's 1 - u^2 if right else -penalty
 FREEZE = ("none", "backbone", "gates", "policy")  # --freeze: which parameters do not train (policy: the gates
 # as inference routes, a ConvNet-AIG gate's BatchNorm statistics included)
@@ -137,7 +139,7 @@ class TrainConfig:
             ("--baseline self-critical", self.baseline == "self-critical"),
         )
         for flag, on in rl_only:
-            if on and self.stage not in ("hrl", "rl"):
+            if on and self.stage not in RL_STAGES:
                 raise SkipnetError(f"{flag} changes the HRL/RL reward or its estimator; stage {self.stage} has none")
         self._validate_freeze()
         self._validate_init()
@@ -163,7 +165,7 @@ class TrainConfig:
         """An option set away from its default where nothing reads it is refused, not silently ignored."""
         d = TrainConfig.defaults()
         unused = (
-            ("--explore", "explore", self.stage not in ("hrl", "rl"), f"stage {self.stage} samples no gates"),
+            ("--explore", "explore", self.stage not in RL_STAGES, f"stage {self.stage} samples no gates"),
             ("--alpha-lr", "alpha_lr", self.skip_budget is None, "it adapts --skip-budget's alpha; none is given"),
             ("--wrong-penalty", "wrong_penalty", self.reward != "blockdrop", "it is --reward blockdrop's gamma"),
             ("--distill-weight", "distill_weight", self.distill is None, "it weighs --distill; none is given"),
@@ -208,7 +210,7 @@ class TrainConfig:
         if self.reward == "blockdrop" and self.skip_budget is not None:
             raise SkipnetError("--skip-budget adapts the hybrid reward's alpha; --reward blockdrop has no alpha")
         if self.freeze == "backbone":
-            if self.stage not in ("hrl", "rl", "sp", "soft"):
+            if self.stage not in GATED_STAGES:
                 raise SkipnetError(f"--freeze backbone trains the gates alone; stage {self.stage} trains none")
             if self.init is None and self.init_torchvision is None:
                 raise SkipnetError("--freeze backbone needs a trained backbone: pass --init (e.g. the plain network)")
@@ -219,12 +221,12 @@ class TrainConfig:
                 "--batch-shape (one rate) and --batch-shape-floor (each gate's own rate) are alternatives"
             )
         shaped = self.batch_shape is not None or self.batch_shape_floor is not None
-        if shaped and self.stage not in ("hrl", "rl", "sp", "soft"):
+        if shaped and self.stage not in GATED_STAGES:
             raise SkipnetError(f"--batch-shape shapes the gates' probabilities; stage {self.stage} trains no gate")
         if shaped and self.freezes_gates:
             raise SkipnetError(f"--batch-shape trains the gates; --freeze {self.freeze} keeps them fixed")
         if self.difficulty_spread is not None:
-            if self.stage not in ("hrl", "rl", "sp", "soft") or self.freezes_gates:
+            if self.stage not in GATED_STAGES or self.freezes_gates:
                 raise SkipnetError("--difficulty-spread orders the gates' executed shares; this run trains no gate")
             if self.distill is None:
                 raise SkipnetError("--difficulty-spread ranks images by the teacher's loss: pass --distill TEACHER")
@@ -232,10 +234,10 @@ class TrainConfig:
             raise SkipnetError("--threshold-jitter moves the hard gates' threshold; only stage sp thresholds them")
         if self.threshold_jitter and not self.threshold_jitter < self.threshold < 1 - self.threshold_jitter:
             raise SkipnetError("--threshold-jitter J needs --threshold within (J, 1 - J)")
-        if self.detach_gates and self.stage not in ("hrl", "rl", "sp", "soft"):
+        if self.detach_gates and self.stage not in GATED_STAGES:
             stage = self.stage
             raise SkipnetError(f"--detach-gates stops the gates' gradient into the backbone; stage {stage} has none")
-        if self.freezes_gates and self.stage not in ("hrl", "rl", "sp", "soft"):
+        if self.freezes_gates and self.stage not in GATED_STAGES:
             stage = self.stage
             raise SkipnetError(f"--freeze {self.freeze} needs a stage that trains gates; stage {stage} trains none")
         if self.freezes_gates and self.init is None:
@@ -359,7 +361,7 @@ def resolve_defaults(cfg: TrainConfig, family: str, dataset: str, num_gates: int
         # Beyond the paper: gates start open (p = 0.88). With the paper's initialisation SP from scratch closes
         # almost every gate in its first epoch, and a closed block gets no gradient (benchmarks/RESULTS.md).
         c.gate_bias = OPEN_GATE_BIAS
-    rl = c.stage in ("hrl", "rl")
+    rl = c.stage in RL_STAGES
     if c.bn is None and c.freeze == "backbone":  # nothing of the backbone learns, its statistics included
         c.bn = "frozen"
     if c.bn is None:

@@ -44,6 +44,7 @@ from skipnet.evaluate import eval_mode_for, run_eval
 from skipnet.fileio import atomic_directory, foreign_files, json_safe
 from skipnet.gated import GateMode
 from skipnet.registry import min_image_size
+from skipnet.trainconfig import RL_STAGES
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
         "path": args.checkpoint,
         "label": checkpoint_label(args.checkpoint, ckpt),
         "stage": stage,
-        "alpha": cfg.get("alpha") if stage in ("hrl", "rl") else None,
+        "alpha": cfg.get("alpha") if stage in RL_STAGES else None,
         "data": args.data,
         "calibration": ckpt.get("calibration"),
         "mode": GateMode.GREEDY.value,  # analyze runs the learned gates (require_learned_gates)
