@@ -58,9 +58,8 @@ def test_bench_onnx_on_real_images_decides_as_the_checkpoint(exported, tmp_path,
     res = json.loads(capsys.readouterr().out)
     assert res["inputs"] == f"first 4 test images of {exported['folder']}" and res["images"] == 4
     # the decisions are the eager model's on the same pixels, normalised with the checkpoint's statistics
-    from skipnet.checkpoint import load_model
+    from skipnet.checkpoint import checkpoint_stats, load_model
     from skipnet.data import load_data
-    from skipnet.evaluate import checkpoint_stats
 
     model, ckpt = load_model(exported["ckpt"])
     data = load_data(str(exported["folder"]), eval_batch_size=4, stats=checkpoint_stats(ckpt))

@@ -31,7 +31,6 @@ from skipnet.data import DataBundle
 from skipnet.errors import SkipnetError
 from skipnet.evaluate import (  # noqa: F401 - the data helpers are re-exported for the commands
     EvalRecord,
-    checkpoint_stats,
     data_for_checkpoint,
     eval_loader,
     gates_spent,

@@ -47,6 +47,12 @@ FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
 
 
+def checkpoint_stats(ckpt: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The normalisation a checkpoint was trained with, or ``None``."""
+    meta = ckpt.get("data", {})
+    return (tuple(meta["mean"]), tuple(meta["std"])) if meta.get("mean") else None
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare module under DDP / torch.compile wrappers."""
     while True:

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from skipnet.checkpoint import fingerprint_subsets
+from skipnet.checkpoint import checkpoint_stats, fingerprint_subsets
 from skipnet.cost import CostModel, computation_percentage
 from skipnet.data import DataBundle, load_data
 from skipnet.errors import SkipnetError
@@ -167,12 +167,6 @@ def evaluate(model: nn.Module, loader, cost: CostModel, **kwargs: Any) -> dict[s
 
 
 # ------------------------------------------------------------------- data as a checkpoint saw it
-def checkpoint_stats(ckpt: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """The normalisation a checkpoint was trained with, or ``None``."""
-    meta = ckpt.get("data", {})
-    return (tuple(meta["mean"]), tuple(meta["std"])) if meta.get("mean") else None
-
-
 def required_stats(ckpt: dict[str, Any], source: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The normalisation a checkpoint was trained with, for what feeds it images itself (``skipnet predict``, an
     exported graph); a one-line error where it records none: the images would reach the network unnormalised, and

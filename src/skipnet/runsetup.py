@@ -24,7 +24,13 @@ from typing import Any
 
 import torch
 
-from skipnet.checkpoint import load_checkpoint, load_model, load_weights_into, require_same_class_names
+from skipnet.checkpoint import (
+    checkpoint_stats,
+    load_checkpoint,
+    load_model,
+    load_weights_into,
+    require_same_class_names,
+)
 from skipnet.config import ArchConfig
 from skipnet.cost import CostModel, cost_model
 from skipnet.data import DataBundle, load_data
@@ -214,9 +220,7 @@ def load_run_data(
     """This process's share of the data (``cfg.batch_size`` is the global batch), normalised as ``saved`` (the
     resumed or ``--init`` checkpoint) was; a resumed run's images made S x S as they were (new data, under
     ``--init``, is read as it is)."""
-    stats = None
-    if saved is not None and saved.get("data", {}).get("mean"):
-        stats = (tuple(saved["data"]["mean"]), tuple(saved["data"]["std"]))
+    stats = checkpoint_stats(saved) if saved is not None else None
     with dist.main_first():  # one process per machine extracts and caches the data first
         return load_data(
             cfg.data,

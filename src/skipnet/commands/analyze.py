@@ -23,13 +23,12 @@ from skipnet.analysis import (
     DEFAULT_THRESHOLDS,
     analyze,
     checkpoint_label,
-    checkpoint_stats,
     data_for_checkpoint,
     eval_loader,
     eval_point,
     report_markdown,
 )
-from skipnet.checkpoint import load_model, require_same_classes
+from skipnet.checkpoint import checkpoint_stats, load_model, require_same_classes
 from skipnet.commands._common import (
     add_source_args,
     check_count,

@@ -327,7 +327,7 @@ def _onnx_subject(args: argparse.Namespace) -> tuple[bytes, dict, bytes | None, 
         model = None
     else:
         from skipnet.bench import is_checkpoint
-        from skipnet.evaluate import checkpoint_stats
+        from skipnet.checkpoint import checkpoint_stats
 
         if not is_checkpoint(args.subject):
             raise SkipnetError(
