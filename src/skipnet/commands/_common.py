@@ -138,6 +138,15 @@ def open_for_eval(
     return device, model, ckpt, data
 
 
+def add_eval_args(p: argparse.ArgumentParser, verb: str, json_help: str = "print one JSON object") -> None:
+    """``--limit``, ``--batch-size``, ``--device`` and ``--json``: the options of every command that evaluates a
+    checkpoint on a split (``verb``: what it does to the images, in ``--limit``'s help)."""
+    p.add_argument("--limit", type=int, default=None, help=f"{verb} a seeded subset of N images (default: all)")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--json", action="store_true", help=json_help)
+
+
 def require_learned_gates(model: Any, ckpt: dict[str, Any], source: str, what: str) -> None:
     """:func:`skipnet.evaluate.require_learned_gates`, naming the checkpoint's training stage."""
     from skipnet.evaluate import require_learned_gates as require

@@ -30,6 +30,7 @@ from skipnet.analysis import (
 )
 from skipnet.checkpoint import checkpoint_stats, load_model, require_same_classes
 from skipnet.commands._common import (
+    add_eval_args,
     add_source_args,
     check_count,
     check_out,
@@ -81,15 +82,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["test", "val"], default="test", help="which split to analyse")
     p.add_argument("--base", default=None, help="a plain-ResNet checkpoint: its point on the trade-off plot")
     p.add_argument("--compare", nargs="+", default=[], metavar="CKPT", help="other checkpoints to place on the plot")
-    p.add_argument("--limit", type=int, default=None, help="analyse a seeded subset of N images (default: all)")
+    add_eval_args(p, "analyse", "print the headline numbers as one JSON object")
     p.add_argument(
         "--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS), help="gate thresholds to sweep"
     )
     p.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES), help="input scales (Fig. 8)")
     p.add_argument("--images", type=int, default=16, help="images in each easy/hard grid")
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--json", action="store_true", help="print the headline numbers as one JSON object")
     p.set_defaults(func=run)
 
 

@@ -20,6 +20,7 @@ import torch
 from skipnet.analysis import CALIBRATION_GRID, calibrate_threshold, eval_loader
 from skipnet.checkpoint import export_safetensors
 from skipnet.commands._common import (
+    add_eval_args,
     add_source_args,
     check_count,
     check_out,
@@ -79,10 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=4,
         help="bisection steps (in logit space) between grid points at the budget's edge",
     )
-    p.add_argument("--limit", type=int, default=None, help="calibrate on a seeded subset of N images (default: all)")
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_eval_args(p, "calibrate on")
     p.set_defaults(func=run)
 
 

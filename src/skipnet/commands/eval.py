@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from skipnet.commands._common import add_source_args, check_value, open_for_eval
+from skipnet.commands._common import add_eval_args, add_source_args, check_value, open_for_eval
 from skipnet.cost import cost_model
 from skipnet.errors import SkipnetError
 from skipnet.evaluate import describe_mode, eval_loader, eval_mode_for, evaluate
@@ -31,10 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="gate mode (default: the one the checkpoint was trained and validated in: greedy for SkipNets, all_on "
         "for plain ResNets and for gated networks trained in stage base, random for SDV)",
     )
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-    p.add_argument("--limit", type=int, default=None, help="evaluate a seeded subset of N images (default: all)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_eval_args(p, "evaluate")
     p.set_defaults(func=run)
 
 
