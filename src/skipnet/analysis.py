@@ -487,18 +487,14 @@ def gap_threshold(probs: Tensor, t: float) -> float:
     return t
 
 
-def _snap(model: GatedResNet, loader, cost: CostModel, t: float) -> tuple[float, dict[str, Any] | None]:
-    """The chosen threshold ``t`` moved into the middle of its gap (:func:`gap_threshold`) over every gate
-    probability of a run at ``t``, and the point evaluated there; ``(t, None)`` where it stays. The run at the new
-    threshold must take the very same decisions (so the same MACs and classes), else :class:`AssertionError`."""
-    rec = run_eval(model, loader, cost, mode=GateMode.GREEDY, threshold=t)
-    snapped = gap_threshold(rec.probs, t)
-    if snapped == t:
-        return t, None
+def _snap(model: GatedResNet, loader, cost: CostModel, t: float, snapped: float, decisions: Tensor) -> dict[str, Any]:
+    """The point at ``snapped``, the threshold ``t`` moved into the middle of its gap (:func:`gap_threshold` of the
+    run at ``t``, which took ``decisions``). The run there must take the very same decisions (so the same MACs and
+    classes), else :class:`AssertionError`."""
     again = run_eval(model, loader, cost, mode=GateMode.GREEDY, threshold=snapped)
-    if not torch.equal(again.decisions, rec.decisions):
+    if not torch.equal(again.decisions.bool(), decisions):
         raise AssertionError(f"threshold {snapped!r}, inside the gap around {t!r}, changed decisions")
-    return snapped, {"threshold": snapped} | eval_point(again, cost, model.config.num_classes)
+    return {"threshold": snapped} | eval_point(again, cost, model.config.num_classes)
 
 
 def _bisect_edges(points: dict[float, Any], grid_pts: list[dict], target: float, refine: int, evaluate_at) -> None:
@@ -566,18 +562,20 @@ def calibrate_threshold(
             f"({floor:.4g}: stem, first block, shortcuts, head and gates)"
         )
     nc = model.config.num_classes
+    gaps: dict[float, tuple[float, Tensor]] = {}  # threshold -> (the middle of its gap, the decisions taken there)
 
     def evaluate_at(t: float) -> dict[str, Any]:
         rec = run_eval(model, loader, cost, mode=GateMode.GREEDY, threshold=t)
+        gaps[t] = (gap_threshold(rec.probs, t), rec.decisions.bool())  # bool: 1 byte a decision
         return {"threshold": t} | eval_point(rec, cost, nc)
 
     points, monotone = _search(grid, target_macs, refine, evaluate_at)
     best = _best_feasible(list(points.values()), target_macs)
     if best is None:  # not reachable: all-skip costs exactly the floor checked above
         raise SkipnetError(f"no threshold meets {target_macs:.4g} MACs/image")
-    snapped, moved = _snap(model, loader, cost, best["threshold"])
-    if moved is not None:
-        best = points[snapped] = moved
+    snapped, decisions = gaps[best["threshold"]]
+    if snapped != best["threshold"]:
+        best = points[snapped] = _snap(model, loader, cost, best["threshold"], snapped, decisions)
     return Calibration(
         threshold=best["threshold"],
         accuracy=best["accuracy"],

@@ -211,8 +211,8 @@ def build(spec: DataSpec) -> DataBundle:
             return _folder_bundle(spec, root, test_dir, listings)
         name, pad, flip = root.name, 4, True
         arrays = {
-            "train": decode_folder(root / "train", spec.image_size, listing=listings["train"]),
-            "test": decode_folder(test_dir, spec.image_size, listing=listings["test"]),
+            "train": decode_folder(root / "train", spec.image_size, listings["train"]),
+            "test": decode_folder(test_dir, spec.image_size, listings["test"]),
         }
         _check_sizes(root, test_dir, arrays)
     if spec.augment is False:

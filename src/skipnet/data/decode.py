@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from skipnet.data.folders import list_folder
 from skipnet.data.sources import cache_dir
 from skipnet.errors import SkipnetError
 
@@ -204,17 +203,14 @@ def _folder_key(split_dir: Path, files: list[Path], size: int | None, classes: l
 
 
 def decode_folder(
-    split_dir: Path,
-    size: int | None,
-    classes: list[str] | None = None,
-    listing: tuple[list[Path], list[int], list[str]] | None = None,
+    split_dir: Path, size: int | None, listing: tuple[list[Path], list[int], list[str]]
 ) -> tuple[Tensor, Tensor, list[str]]:
     """Decode every image of a small-image split into one uint8 tensor, cached on disk.
 
     Unreadable files are skipped with one warning (count and first paths); a split with no readable image fails.
-    ``listing``: the split's :func:`~skipnet.data.folders.list_folder`, when the caller has it already.
+    ``listing``: the split's :func:`~skipnet.data.folders.list_folder` (files, labels, classes).
     """
-    files, labels, classes = listing if listing is not None else list_folder(split_dir, classes)
+    files, labels, classes = listing
     key = _folder_key(split_dir, files, size, classes)
     cache = cache_dir() / "tensors" / f"{split_dir.parent.name}-{split_dir.name}-{key}.pt"
     cached = _read_cache(cache, split_dir, classes, len(files))

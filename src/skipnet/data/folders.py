@@ -137,7 +137,7 @@ def _class_folders(split_dir: Path, classes: list[str] | None) -> list[str]:
     """The class list of a split: its own folders, or ``classes`` (the training split's) once its folders are
     checked against it. Hidden folders are no classes; a name that is not valid UTF-8 is refused (labels, records,
     figures and CSV files could not hold it)."""
-    found = sorted(p.name for p in _entries(split_dir) if p.is_dir() and not p.name.startswith("."))
+    found = sorted(p.name for p in _entries(split_dir) if _is(p, "dir") and not p.name.startswith("."))
     if not found:
         raise SkipnetError(
             f"{split_dir} holds no class folders; put each class's images in its own sub-folder "
