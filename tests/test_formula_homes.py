@@ -123,3 +123,44 @@ def test_the_stage_groups_of_the_options_are_the_stages_own_properties() -> None
 
     assert set(RL_STAGES) == {name for name, stage in STAGES.items() if stage.uses_rl}
     assert set(GATED_STAGES) == {name for name, stage in STAGES.items() if stage.needs_gates}
+
+
+def test_a_checkpoints_data_record_is_read_in_one_place() -> None:
+    """``checkpoint.data_record`` is the one reader of a checkpoint's ``data`` record (a missing or non-mapping
+    record reads as empty; the loader refuses a malformed one before this), ``recorded_val_split`` the one reader
+    of its validation share; no other module reads ``ckpt["data"]`` itself."""
+    import re
+    from pathlib import Path
+
+    from skipnet.checkpoint import data_record, recorded_val_split
+
+    assert data_record({}) == {} and data_record({"data": None}) == {} and data_record({"data": [1]}) == {}
+    assert data_record({"data": {"classes": ["a"]}}) == {"classes": ["a"]}
+    assert recorded_val_split({}) == 0.0 and recorded_val_split({"data": {"val_split": None}}) == 0.0
+    assert recorded_val_split({"data": {"val_split": 0.1}}) == 0.1
+    package = Path(__file__).resolve().parents[1] / "src" / "skipnet"
+    readers = re.compile(r"""(ckpt|saved|record)\w*\)?\.get\(\s*["']data["']|\[["']data["']\]""")
+    found = sorted(
+        str(p.relative_to(package))
+        for p in package.rglob("*.py")
+        if p.name not in ("checkpoint.py", "rundir.py") and readers.search(p.read_text())
+    )
+    assert found == [], found
+
+
+def test_the_run_directory_names_its_files_once() -> None:
+    """A run directory's file names are spelled in ``rundir`` only: every other module joins the constants."""
+    from pathlib import Path
+
+    from skipnet import rundir
+
+    assert {rundir.LAST, rundir.BEST, rundir.CONFIG, rundir.METRICS, rundir.SUMMARY} <= set(rundir.RUN_FILES)
+    package = Path(__file__).resolve().parents[1] / "src" / "skipnet"
+    spelled = {
+        str(p.relative_to(package))
+        for p in package.rglob("*.py")
+        if p.name != "rundir.py"
+        for name in ("last.pt", "best.pt", "metrics.jsonl", "summary.json")
+        if f'/ "{name}"' in p.read_text() or f'("{name}"' in p.read_text() or f', "{name}"' in p.read_text()
+    }
+    assert spelled == set(), spelled

@@ -46,6 +46,7 @@ from skipnet.routes import (  # noqa: F401 (re-exported)
     skip_ratio_per_block,
     skipped_blocks,
 )
+from skipnet.rundir import BEST, LAST
 from skipnet.trainconfig import RL_STAGES
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 ... 0.95
@@ -322,7 +323,7 @@ def _image_rows(indices: Sequence[int], executed: Tensor, labels: Tensor, classe
 def checkpoint_label(path: str | Path, ckpt: dict[str, Any]) -> str:
     """A short label for a checkpoint: its run directory (or file stem), stage and, for RL stages, alpha."""
     p = Path(path)
-    run = p.parent.name if p.name in ("best.pt", "last.pt") and p.parent.name else p.stem
+    run = p.parent.name if p.name in (BEST, LAST) and p.parent.name else p.stem
     cfg = ckpt.get("train_config") or {}
     stage = ckpt.get("stage") or cfg.get("stage")
     parts = [run]

@@ -47,9 +47,21 @@ FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
 
 
+def data_record(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records of the data it was trained on (``classes``, ``mean``/``std``, ``spec``, ``val_split``,
+    ``prepare``, ...; checked at load by :func:`check_data_record`), ``{}`` where it records none."""
+    record = ckpt.get("data")
+    return record if isinstance(record, dict) else {}
+
+
+def recorded_val_split(ckpt: dict[str, Any]) -> float:
+    """The share of the training images a checkpoint held out as its validation split (0 when it held out none)."""
+    return float(data_record(ckpt).get("val_split") or 0.0)
+
+
 def checkpoint_stats(ckpt: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """The normalisation a checkpoint was trained with, or ``None``."""
-    meta = ckpt.get("data", {})
+    meta = data_record(ckpt)
     return (tuple(meta["mean"]), tuple(meta["std"])) if meta.get("mean") else None
 
 
@@ -285,7 +297,7 @@ def check_contents(ckpt: dict[str, Any], path: str | Path) -> None:
     step = ckpt.get("step", 0)
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise SkipnetError(f"{path} has step {step!r}; it must be a count >= 0"[:300])
-    check_data_record(ckpt.get("data", {}), ckpt["arch"], path)
+    check_data_record(ckpt.get("data", {}), ckpt["arch"], path)  # the record as stored: refused if malformed
     bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if bad is not None:
         raise SkipnetError(
@@ -361,7 +373,7 @@ def export_safetensors(
         "threshold": repr(float(ckpt.get("threshold", 0.5))),
         "keep_ratio": repr(float(ckpt.get("keep_ratio", 1.0))),
         "mode": str(ckpt.get("mode", "greedy")),
-        "data": json.dumps(ckpt.get("data") or {}),
+        "data": json.dumps(data_record(ckpt)),
         "stage": str(ckpt.get("stage") or (ckpt.get("train_config") or {}).get("stage") or ""),
         "step": str(int(ckpt.get("step", 0))),
     }
@@ -557,7 +569,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str | Path = "the checkp
     model.threshold = float(ckpt.get("threshold", 0.5))
     model.keep_ratio = float(ckpt.get("keep_ratio", 1.0))
     model.mode = type(model.mode)(ckpt.get("mode", model.mode.value))
-    model.data_record = dict(ckpt.get("data") or {})
+    model.data_record = dict(data_record(ckpt))
     return model.eval()
 
 

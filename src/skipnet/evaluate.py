@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from skipnet.checkpoint import checkpoint_stats, fingerprint_subsets
+from skipnet.checkpoint import checkpoint_stats, data_record, fingerprint_subsets, recorded_val_split
 from skipnet.cost import CostModel, computation_percentage
 from skipnet.data import DataBundle, load_data
 from skipnet.errors import SkipnetError
@@ -208,10 +208,10 @@ def data_for_checkpoint(
         "download": download,
         "batch_size": batch_size,
         "eval_batch_size": batch_size,
-        "val_split": float(ckpt.get("data", {}).get("val_split", 0.0) or 0.0),
+        "val_split": recorded_val_split(ckpt),
         "image_size": model.config.image_size,
         "stats": checkpoint_stats(ckpt),
-        "prepare": (ckpt.get("data") or {}).get("prepare"),  # as its images were made S x S (predict does the same)
+        "prepare": data_record(ckpt).get("prepare"),  # as its images were made S x S (predict does the same)
     }
     data = load_data(spec, limit_train=limit_train, limit_test=limit, **kwargs)
     if isinstance(ckpt.get("data_fingerprint"), dict) and data.val is not None:
@@ -249,7 +249,7 @@ def check_val_split(
     diff = val_split_difference(ckpt["data_fingerprint"], data_fingerprint(same))
     if diff is None:
         return
-    trained_on = (ckpt.get("data") or {}).get("spec")
+    trained_on = data_record(ckpt).get("spec")
     where = f" ({trained_on})" if isinstance(trained_on, str) and trained_on != spec else ""
     raise SkipnetError(
         f"--data {spec} is not the data {source} was trained on{where}: {describe_difference(*diff)}, so the "

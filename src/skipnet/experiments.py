@@ -35,6 +35,7 @@ from typing import Any
 
 from skipnet.errors import SkipnetError
 from skipnet.fileio import atomic_write
+from skipnet.rundir import BEST, SUMMARY
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ class Runner:
         return self.out / name
 
     def finished(self, run: Run) -> bool:
-        return (self.dir(run.name) / "summary.json").exists()
+        return (self.dir(run.name) / SUMMARY).exists()
 
     def command(self, run: Run) -> list[str]:
         """The ``skipnet train`` command of ``run`` (placeholders filled); an argument with a brace that is neither
@@ -312,7 +313,7 @@ class Runner:
 
     def calibrate_command(self, run: Run, budget: float) -> list[str]:
         """The ``skipnet calibrate`` command writing :meth:`calibrated_path`."""
-        cmd = ["skipnet", "calibrate", str(self.dir(run.name) / "best.pt"), "--data", self.data]
+        cmd = ["skipnet", "calibrate", str(self.dir(run.name) / BEST), "--data", self.data]
         out = str(self.calibrated_path(run, budget))
         return [*cmd, "--target-reduction", f"{budget:g}", "--out", out, *self.calibrate_args]
 
@@ -346,7 +347,7 @@ class Runner:
         """The test evaluation of every run with a ``best.pt`` (only the finished ones with ``finished_only``)
         and, for a finished run (saving at least ``min_saving`` %, if set), of each of its budgets."""
         for run in runs:
-            best = self.dir(run.name) / "best.pt"
+            best = self.dir(run.name) / BEST
             done = self.finished(run)
             if not best.exists() or (finished_only and not done):
                 continue

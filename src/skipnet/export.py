@@ -53,6 +53,7 @@ from torch import Tensor
 
 from skipnet.backbones import Bottleneck
 from skipnet.blocks import residual_branch, run_block, shortcut_branch
+from skipnet.checkpoint import data_record
 from skipnet.data import Normalize
 from skipnet.errors import SkipnetError
 from skipnet.gated import GatedResNet
@@ -417,7 +418,7 @@ def backbone_fingerprint(model: GatedResNet) -> str:
 def metadata(model: GatedResNet, graph: ExportGraph, ckpt: dict[str, Any] | None, batch: int | None) -> dict:
     """The JSON metadata stored with an export: what the graph takes, returns and decides with."""
     stats = graph.norm
-    data = (ckpt or {}).get("data") or {}
+    data = data_record(ckpt or {})
     return {
         "format": "skipnet-export",
         "version": 1,

@@ -131,7 +131,7 @@ def load_predictor(spec: str, *, threads: int | None = None, workers: int = 1) -
 
 
 def _load_checkpoint(spec: str) -> Predictor:
-    from skipnet.checkpoint import load_model
+    from skipnet.checkpoint import data_record, load_model
     from skipnet.data import Normalize
     from skipnet.evaluate import eval_mode_for, gates_spent, required_stats
 
@@ -152,7 +152,7 @@ def _load_checkpoint(spec: str) -> Predictor:
         source=spec,
         runtime="torch " + torch.__version__.split("+")[0],
         config=model.config,
-        classes=_class_names((ckpt.get("data") or {}).get("classes"), model.config.num_classes),
+        classes=_class_names(data_record(ckpt).get("classes"), model.config.num_classes),
         mode=mode.value,
         threshold=float(model.threshold) if gated else None,
         graph=None,
@@ -160,7 +160,7 @@ def _load_checkpoint(spec: str) -> Predictor:
         gated=gated,
         cost=cost_model(model),
         fn=run,
-        prepare=_preparation((ckpt.get("data") or {}).get("prepare"), spec),
+        prepare=_preparation(data_record(ckpt).get("prepare"), spec),
     )
 
 

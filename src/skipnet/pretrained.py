@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from skipnet.checkpoint import export_safetensors, load_checkpoint, make_checkpoint, model_from_checkpoint
+from skipnet.checkpoint import data_record, export_safetensors, load_checkpoint, make_checkpoint, model_from_checkpoint
 from skipnet.config import ArchConfig
 from skipnet.errors import SkipnetError
 from skipnet.fileio import atomic_write
@@ -97,7 +97,7 @@ def save_pretrained(
         "threshold": ckpt["threshold"],
         "keep_ratio": ckpt["keep_ratio"],
         "mode": ckpt["mode"],
-        "data": ckpt["data"],
+        "data": data_record(ckpt),
         "skipnet_version": _version(),
     }
     export_safetensors(ckpt, directory / WEIGHTS, source="save_pretrained")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from skipnet.experiments import Result, Run, Runner
+from skipnet.rundir import BEST
 
 Row = dict[str, Any]
 # calibration thresholds: calibrate's own spacing plus low ones (the gates of longer HRL runs are confident, so a
@@ -145,7 +146,7 @@ def lesion(run: Path, data: str, cache: Path, max_drop: int = 6, select_images: 
     images, with the test accuracy after each removal. None without a ``best.pt``."""
     if cache.exists():
         return json.loads(cache.read_text())
-    if not (run / "best.pt").exists():
+    if not (run / BEST).exists():
         return None
     import torch
 
@@ -154,7 +155,7 @@ def lesion(run: Path, data: str, cache: Path, max_drop: int = 6, select_images: 
     from skipnet.cost import cost_model
 
     torch.set_num_threads(2)
-    model, ckpt = load_model(run / "best.pt")
+    model, ckpt = load_model(run / BEST)
     bundle = data_for_checkpoint(ckpt, model, data, batch_size=500)
     select, seen = [], 0
     for x, y in eval_loader(bundle, "val"):

@@ -34,6 +34,10 @@ from skipnet.fileio import atomic_write, fault_point, json_text
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+# The files of a run directory, named once: the latest round's checkpoint, the one --select chose, the options the
+# run was started with, one JSON row per evaluation, and the final summary.
+LAST, BEST, CONFIG = "last.pt", "best.pt", "config.json"
+METRICS, SUMMARY = "metrics.jsonl", "summary.json"
 _held: dict[Path, int] = {}  # lock path -> nesting depth, for this process
 
 
@@ -137,12 +141,12 @@ def _first_row_has_step(head: bytes) -> bool:
 # What skipnet writes in a run directory, and how to tell that an existing file of that name is skipnet's (a file
 # of these names that is not would be overwritten or appended to by a new run).
 RUN_FILES = {
-    "config.json": lambda p: _looks_like(p, _json_object_with(("arch", "stage", "out"))),
-    "summary.json": lambda p: _looks_like(p, _json_object_with(("stage", "arch"))),
-    "metrics.jsonl": lambda p: _looks_like(p, _first_row_has_step),
+    CONFIG: lambda p: _looks_like(p, _json_object_with(("arch", "stage", "out"))),
+    SUMMARY: lambda p: _looks_like(p, _json_object_with(("stage", "arch"))),
+    METRICS: lambda p: _looks_like(p, _first_row_has_step),
     "steps.csv": lambda p: p.stat().st_size == 0 or _looks_like(p, lambda h: h.startswith(b"step,")),
-    "last.pt": lambda p: _looks_like(p, lambda h: h.startswith(b"PK")),  # torch.save's zip archive
-    "best.pt": lambda p: _looks_like(p, lambda h: h.startswith(b"PK")),
+    LAST: lambda p: _looks_like(p, lambda h: h.startswith(b"PK")),  # torch.save's zip archive
+    BEST: lambda p: _looks_like(p, lambda h: h.startswith(b"PK")),
     "tensorboard": lambda p: p.is_dir() and not p.is_symlink(),
 }
 

@@ -26,6 +26,7 @@ import torch
 
 from skipnet.checkpoint import (
     checkpoint_stats,
+    data_record,
     load_checkpoint,
     load_model,
     load_weights_into,
@@ -38,7 +39,7 @@ from skipnet.distributed import DistContext
 from skipnet.errors import SkipnetError
 from skipnet.gated import GatedResNet, GateMode
 from skipnet.registry import get_config
-from skipnet.rundir import check_same_data, data_fingerprint
+from skipnet.rundir import BEST, LAST, METRICS, SUMMARY, check_same_data, data_fingerprint
 from skipnet.stages import STAGES, Stage
 from skipnet.trainconfig import (
     TrainConfig,
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 
 # Files whose presence means a directory already holds a run (config.json alone: a run that never got to a
 # checkpoint, which a new run may replace).
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json")
+RUN_FILES = (LAST, BEST, METRICS, SUMMARY)
 
 
 @dataclass
@@ -169,7 +170,7 @@ def resume_source(cfg: TrainConfig, main: bool = True) -> Path | None:
     if not cfg.resume:
         check_no_run(out)
         return None
-    last, best = out / "last.pt", out / "best.pt"
+    last, best = out / LAST, out / BEST
     if last.exists():
         return last
     if not best.exists():
@@ -194,7 +195,7 @@ def resume_source(cfg: TrainConfig, main: bool = True) -> Path | None:
 def start_afresh(out: Path, main: bool) -> None:
     """``--resume`` on a directory without a checkpoint (a job preempted before its first one, re-queued with the
     same command line): start a new run there, dropping what the first attempt left."""
-    leftovers = [n for n in ("metrics.jsonl", "summary.json") if (out / n).exists()]  # best.pt: refused
+    leftovers = [n for n in (METRICS, SUMMARY) if (out / n).exists()]  # best.pt: refused
     log.warning("--resume: %s holds no checkpoint yet; starting a new run", out)
     if main:
         for name in leftovers:
@@ -237,7 +238,7 @@ def load_run_data(
             limit_test=cfg.limit_test,
             image_size=cfg.image_size or (arch.image_size if arch.family == "imagenet" else None),
             stats=stats,
-            prepare=(saved or {}).get("data", {}).get("prepare") if resumed else None,
+            prepare=data_record(saved or {}).get("prepare") if resumed else None,
         )
 
 
@@ -347,7 +348,7 @@ SAME_CLASSES = "it needs a checkpoint trained on data with the same classes, in 
 
 
 def _recorded_classes(ckpt: dict[str, Any]) -> Any:
-    return (ckpt.get("data") or {}).get("classes")
+    return data_record(ckpt).get("classes")
 
 
 def load_teacher(spec: str, data: DataBundle, channels_last: bool, device: torch.device) -> GatedResNet:
@@ -364,7 +365,7 @@ def load_teacher(spec: str, data: DataBundle, channels_last: bool, device: torch
             f"{data.in_channels}-channel ones"
         )
     require_same_class_names(_recorded_classes(ckpt), data, f"--distill {spec}", SAME_CLASSES)
-    stats = ckpt.get("data", {})
+    stats = data_record(ckpt)
     if stats.get("mean") is None:
         log.warning("--distill %s records no input normalisation: it is taken to be this run's", spec)
     elif not _same_stats(stats, data):

@@ -21,7 +21,7 @@ from skipnet.errors import SkipnetError
 from skipnet.fileio import atomic_write, checkpoint_bytes
 from skipnet.losses import Baseline, SkipBudget, mean_first_return
 from skipnet.routes import skip_ratio
-from skipnet.rundir import append_row, read_rows, write_rows
+from skipnet.rundir import BEST, LAST, METRICS, append_row, read_rows, write_rows
 from skipnet.runsetup import RunSetup, first_line
 from skipnet.trainconfig import TrainConfig
 
@@ -157,7 +157,7 @@ class RunState:
             self.best_score = score
         self.history.append(row)
         if self.main:
-            append_row(self.out / "metrics.jsonl", row)
+            append_row(self.out / METRICS, row)
         return row | {"best_val_accuracy": self.best_val, "best_score": self.best_score}, improved
 
     def latest_metrics(self) -> dict[str, Any]:
@@ -168,7 +168,7 @@ class RunState:
     def elapsed_before(self) -> float:
         """Training time spent before this process (the last metrics row's, on resume)."""
         if not self.history:
-            rows, _ = read_rows(self.out / "metrics.jsonl")
+            rows, _ = read_rows(self.out / METRICS)
             if rows:
                 return float(rows[-1].get("time_s", 0.0))
         return 0.0
@@ -208,8 +208,8 @@ class RunState:
             return
         payload = self.checkpoint_bytes(metrics)
         if best:
-            atomic_write(self.out / "best.pt", lambda f: f.write(payload))
-        atomic_write(self.out / "last.pt", lambda f: f.write(payload))
+            atomic_write(self.out / BEST, lambda f: f.write(payload))
+        atomic_write(self.out / LAST, lambda f: f.write(payload))
         self.last_saved = time.monotonic()
 
     def restore(self, ckpt: dict[str, Any], path: Path) -> None:
@@ -249,7 +249,7 @@ class RunState:
         if self.best_score == -math.inf or path.name == "best.pt":
             return
         try:
-            load_checkpoint(path.parent / "best.pt")
+            load_checkpoint(path.parent / BEST)
         except SkipnetError as exc:
             raise SkipnetError(
                 f"--resume: {path.parent}/best.pt, the checkpoint this run chose so far, cannot be read "
@@ -264,12 +264,12 @@ class RunState:
 
     def kept(self) -> str:
         """Which checkpoint a stopped run leaves to resume from, in words."""
-        last = self.out / "last.pt"
+        last = self.out / LAST
         return f"{last} (step {load_checkpoint(last)['step']}) is kept" if last.exists() else "no checkpoint was kept"
 
     def loss_error(self, value: float) -> SkipnetError:
         """A non-finite training loss, caught before the update that would have spread it to the weights."""
-        last = self.out / "last.pt"
+        last = self.out / LAST
         kept = (
             f"the last good checkpoint is {last} (step {load_checkpoint(last)['step']})"
             if last.exists()
@@ -289,7 +289,7 @@ class RunState:
     def _drop_metrics_after(self, step: int) -> None:
         """On resume: forget metric rows written after the checkpoint (a run killed between the two writes) and a
         torn row (a run killed, or a disk filled, in the middle of one)."""
-        path = self.out / "metrics.jsonl"
+        path = self.out / METRICS
         if not self.main or not path.exists():
             return
         rows, torn = read_rows(path)

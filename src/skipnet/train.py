@@ -35,7 +35,7 @@ from skipnet.fileio import atomic_write, json_text, remove_stale_temps
 from skipnet.gated import GateMode
 from skipnet.gates import AIGGate
 from skipnet.losses import SkipBudget, distillation_loss, distilled_task_loss
-from skipnet.rundir import run_lock
+from skipnet.rundir import BEST, CONFIG, SUMMARY, run_lock
 from skipnet.runlog import DERIVED, Progress, RunLog, derived_record, environment
 from skipnet.runsetup import assemble
 from skipnet.runstate import RunState, run_score, validation_row
@@ -214,7 +214,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the last step (or the next signal), evaluating and checkpointing every ``--eval-every`` steps;
         returns the summary (the test metrics of ``best.pt``)."""
-        summary_path = self.out / "summary.json"
+        summary_path = self.out / SUMMARY
         self._write_config()
         if self.step >= self.total and summary_path.exists():
             log.info("%s has already finished (%d steps); nothing to do", self.out, self.total)
@@ -238,10 +238,10 @@ class Trainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             options = self.cfg.to_dict()
-            derived = derived_record(self.out / "config.json", self.requested, options, self.resumed)
+            derived = derived_record(self.out / CONFIG, self.requested, options, self.resumed)
             record = {"arch_config": self.model.config.to_dict(), "environment": environment(self.device, self.world)}
             text = json.dumps(options | record | ({DERIVED: derived} if derived is not None else {}), indent=2)
-            atomic_write(self.out / "config.json", lambda f: f.write(text.encode()))
+            atomic_write(self.out / CONFIG, lambda f: f.write(text.encode()))
 
     def _announce(self) -> None:
         c = self.cfg
@@ -320,7 +320,7 @@ class Trainer:
     def _finish(self, elapsed: float) -> dict[str, Any]:
         summary: dict[str, Any] = {"stage": self.cfg.stage, "arch": self.model.config.name, "steps": self.step}
         if self.main:
-            best = load_checkpoint(self.out / "best.pt", self.device)
+            best = load_checkpoint(self.out / BEST, self.device)
             model = model_from_checkpoint(best).to(self.device)
             test_loader = self.dist.full_split(self.data.test)
             test = self._evaluate(model, test_loader)
@@ -332,7 +332,7 @@ class Trainer:
                 "train_config": self.cfg.to_dict(),
             }
             text = json_text(summary, indent=2)  # a non-finite figure as null
-            atomic_write(self.out / "summary.json", lambda f: f.write(text.encode()))
+            atomic_write(self.out / SUMMARY, lambda f: f.write(text.encode()))
             log.info(
                 "finished: test accuracy %.2f%% at %.4g MACs (%s than the plain ResNet), CP %.1f%%",
                 test["accuracy"],

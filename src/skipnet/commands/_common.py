@@ -115,7 +115,7 @@ def open_for_eval(
     ``channels_last``."""
     import torch
 
-    from skipnet.checkpoint import load_model, require_same_classes
+    from skipnet.checkpoint import data_record, load_model, require_same_classes
     from skipnet.device import pick_device
     from skipnet.evaluate import data_for_checkpoint
 
@@ -133,7 +133,7 @@ def open_for_eval(
         limit=limit,
         limit_train=limit_train,
     )
-    require_same_classes(model, data, str(args.checkpoint), (ckpt.get("data") or {}).get("classes"))
+    require_same_classes(model, data, str(args.checkpoint), data_record(ckpt).get("classes"))
     model.to(device).to(memory_format=torch.channels_last)
     return device, model, ckpt, data
 

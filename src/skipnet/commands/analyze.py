@@ -28,7 +28,7 @@ from skipnet.analysis import (
     eval_point,
     report_markdown,
 )
-from skipnet.checkpoint import checkpoint_stats, load_model, require_same_classes
+from skipnet.checkpoint import checkpoint_stats, data_record, load_model, recorded_val_split, require_same_classes
 from skipnet.commands._common import (
     add_eval_args,
     add_source_args,
@@ -97,7 +97,7 @@ def _bundle_key(ckpt: dict[str, Any], model: Any, split: str) -> tuple:
     images, checked against its own fingerprint (data loaded for one checkpoint checks its split once)."""
     key: tuple = (checkpoint_stats(ckpt), model.config.image_size)
     if split == "val":
-        record = {k: v for k, v in (ckpt.get("data") or {}).items() if k not in ("classes", "mean", "std")}
+        record = {k: v for k, v in data_record(ckpt).items() if k not in ("classes", "mean", "std")}
         key += (
             json.dumps(record, sort_keys=True, default=str),
             json.dumps(ckpt.get("data_fingerprint"), sort_keys=True),
@@ -121,7 +121,7 @@ def _other_point(
         bundles[key] = data_for_checkpoint(
             ckpt, model, args.data, data_dir=args.data_dir, batch_size=args.batch_size, limit=args.limit
         )
-    require_same_classes(model, bundles[key], path, (ckpt.get("data") or {}).get("classes"))
+    require_same_classes(model, bundles[key], path, data_record(ckpt).get("classes"))
     model.to(device).to(memory_format=torch.channels_last)
     cost = cost_model(model)
     mode = GateMode.ALL_ON if plain else eval_mode_for(model)
@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     def check(model, ckpt) -> None:
         require_learned_gates(model, ckpt, str(args.checkpoint), "analyze")
         args.scales = _usable_scales(args.scales, model.config)
-        if args.split == "val" and not float(ckpt.get("data", {}).get("val_split", 0.0) or 0.0):
+        if args.split == "val" and not recorded_val_split(ckpt):
             raise SkipnetError(f"{args.checkpoint} was trained without a validation split; use --split test")
 
     device, model, ckpt, data = open_for_eval(args, check=check, limit=args.limit)

@@ -137,12 +137,12 @@ def check_bounds(args: argparse.Namespace) -> None:
 
 def real_images(path: str, model, spec: str, data_dir: str | None, batch: int) -> torch.Tensor:
     """The first ``batch`` images of the test split, loaded as the checkpoint saw its data."""
-    from skipnet.checkpoint import load_checkpoint, require_same_classes
+    from skipnet.checkpoint import data_record, load_checkpoint, require_same_classes
     from skipnet.evaluate import data_for_checkpoint, eval_loader
 
     ckpt = load_checkpoint(path)
     data = data_for_checkpoint(ckpt, model, spec, data_dir=data_dir, batch_size=batch)
-    require_same_classes(model, data, path, (ckpt.get("data") or {}).get("classes"))  # names too, as ONNX's
+    require_same_classes(model, data, path, data_record(ckpt).get("classes"))  # names too, as ONNX's
     xs, n = [], 0
     for x, _ in eval_loader(data, "test"):
         xs.append(x)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from skipnet.analysis import CALIBRATION_GRID, calibrate_threshold, eval_loader
-from skipnet.checkpoint import export_safetensors
+from skipnet.checkpoint import export_safetensors, recorded_val_split
 from skipnet.commands._common import (
     add_eval_args,
     add_source_args,
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
     def check(model, ckpt) -> None:
         require_learned_gates(model, ckpt, str(src), "calibrate")
-        if args.split == "val" and not float(ckpt.get("data", {}).get("val_split", 0.0) or 0.0):
+        if args.split == "val" and not recorded_val_split(ckpt):
             raise SkipnetError(
                 f"{src} was trained without a validation split, and the test set must not choose the threshold; "
                 "pass --split train to calibrate on its training images instead"

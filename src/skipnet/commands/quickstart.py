@@ -28,6 +28,7 @@ from pathlib import Path
 from skipnet.commands._common import MAX_THREADS, check_count, check_out, check_value
 from skipnet.errors import Interrupted, SkipnetError
 from skipnet.fileio import atomic_write, json_text
+from skipnet.rundir import BEST
 from skipnet.runlog import bar_label
 from skipnet.train import TrainConfig, train
 
@@ -92,7 +93,7 @@ def stage_configs(out: Path, scale: float, alpha: float, seed: int, threads: int
             GATED,
             "sp",
             out=str(out / "sp"),
-            init=str(out / "base" / "best.pt"),
+            init=str(out / "base" / BEST),
             epochs=15 * scale,
             lr=0.05,
             schedule="onecycle",
@@ -102,7 +103,7 @@ def stage_configs(out: Path, scale: float, alpha: float, seed: int, threads: int
             GATED,
             "hrl",
             out=str(out / "hrl"),
-            init=str(out / "sp" / "best.pt"),
+            init=str(out / "sp" / BEST),
             epochs=15 * scale,
             lr=0.01,
             schedule="constant",
@@ -264,6 +265,6 @@ def print_table(rows: list[dict], out: Path) -> None:
             f"{r['stage']:<6} {r['accuracy']:>10.2f} {r['macs']:>12,} {0.0 - r['macs_reduction']:>+13.1f}% "
             f"{r['computation_percentage']:>8.1f}  {r['run']}"
         )
-    best = out / "hrl" / "best.pt"
+    best = out / "hrl" / BEST
     print(f"\nPer-epoch metrics: each run dir's metrics.jsonl and steps.csv; every log line: {out / LOG}")
     print(f"Next: skipnet eval {best} --data digits ; skipnet bench {best} --data digits")

@@ -28,13 +28,14 @@ import torch
 
 from skipnet import plots
 from skipnet.analysis import eval_point
-from skipnet.checkpoint import load_checkpoint, load_model
+from skipnet.checkpoint import data_record, load_checkpoint, load_model
 from skipnet.commands._common import add_data_args, add_optim_args, check_out, require_learned_gates
 from skipnet.cost import cost_model
 from skipnet.errors import SkipnetError, check_value
 from skipnet.evaluate import data_for_checkpoint, eval_loader, eval_mode_for, run_eval
 from skipnet.experiments import Run, Runner, literal
 from skipnet.fileio import atomic_write, json_text
+from skipnet.rundir import BEST, LAST, SUMMARY
 from skipnet.trainconfig import TrainConfig, changed_option, options_set
 
 log = logging.getLogger(__name__)
@@ -217,12 +218,12 @@ def trained_rows(runner: Runner, runs: list[Run], alphas: list[float]) -> list[d
     validation)."""
     rows = []
     for run, a in zip(runs, alphas):
-        summary = json.loads((runner.dir(run.name) / "summary.json").read_text())
+        summary = json.loads((runner.dir(run.name) / SUMMARY).read_text())
         test = summary.get("test") or {}
         if not test:
             raise SkipnetError(f"{runner.dir(run.name)} finished without test metrics")
         best = dict(best_step=summary.get("best_step"), best_val_accuracy=summary.get("best_val_accuracy"))
-        rows.append(_row(f"α={a:g}", a, run.name, test, **best, checkpoint=str(runner.dir(run.name) / "best.pt")))
+        rows.append(_row(f"α={a:g}", a, run.name, test, **best, checkpoint=str(runner.dir(run.name) / BEST)))
     return rows
 
 
@@ -250,7 +251,7 @@ def check_same_init(runner: Runner, runs: list[Run], init: str, digest: str) -> 
     record = read_record(runner.out)
     for run in runs:
         where = runner.dir(run.name)
-        if not any((where / n).exists() for n in ("last.pt", "best.pt", "summary.json")):
+        if not any((where / n).exists() for n in (LAST, BEST, SUMMARY)):
             continue  # nothing trained there yet
         entry = record.get(run.name, {})
         before = entry.get("init_sha256")
@@ -282,7 +283,7 @@ def check_same_run(cfg: TrainConfig) -> None:
     run (the options ``--resume`` would refuse to change, the threshold, and its length): one line otherwise. Its
     ``--init`` is checked by contents, not by name (:func:`check_same_init`)."""
     run = Path(cfg.out)
-    ckpt = next((run / n for n in ("last.pt", "best.pt") if (run / n).exists()), None)
+    ckpt = next((run / n for n in (LAST, BEST) if (run / n).exists()), None)
     if ckpt is None:  # only its summary is left: nothing says how it was trained
         return
     saved = TrainConfig.from_dict(load_checkpoint(ckpt)["train_config"])
@@ -315,7 +316,7 @@ def prepare(args: argparse.Namespace) -> tuple[Runner, list[Run], list[float], A
     arch = sp_ckpt["arch"]["name"]
     val_split = args.val_split
     if val_split is None:
-        val_split = float(sp_ckpt.get("data", {}).get("val_split", TrainConfig.val_split) or 0.0)
+        val_split = float(data_record(sp_ckpt).get("val_split", TrainConfig.val_split) or 0.0)
     common = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     common |= {"arch": arch, "stage": "hrl", "init": args.init, "val_split": val_split, "threshold": threshold}
     common |= {"resume": True}
