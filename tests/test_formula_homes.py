@@ -164,3 +164,24 @@ def test_the_run_directory_names_its_files_once() -> None:
         if f'/ "{name}"' in p.read_text() or f'("{name}"' in p.read_text() or f', "{name}"' in p.read_text()
     }
     assert spelled == set(), spelled
+
+
+def test_the_built_in_data_sets_are_described_once() -> None:
+    """``data.BUILTINS`` holds the built-in data sets' facts; the registry's architecture names agree with it
+    (classes, 32 px), the training options read the image side from it, and the loaders its augmentation."""
+    import pytest
+
+    from skipnet.data import BUILTIN, BUILTINS, load_data
+    from skipnet.errors import SkipnetError
+    from skipnet.registry import SMALL_DATASETS, get_config
+    from skipnet.trainconfig import TrainConfig
+
+    assert BUILTIN == tuple(BUILTINS)
+    for name, classes in SMALL_DATASETS.items():
+        config = get_config(f"{name}_resnet_20")
+        assert (config.num_classes, config.image_size) == (BUILTINS[name].classes, BUILTINS[name].size) == (classes, 32)
+    with pytest.raises(SkipnetError, match="has 8x8 images"):
+        TrainConfig(stage="base", out="unused", arch="tiny_resnet_8", data="digits", image_size=16).validate()
+    bundle = load_data("digits", batch_size=8)
+    assert (bundle.train.pad, bundle.train.flip) == (BUILTINS["digits"].pad, BUILTINS["digits"].flip) == (1, False)
+    assert len(bundle.classes) == BUILTINS["digits"].classes

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
+from skipnet.data.sources import BUILTINS
 from skipnet.errors import SkipnetError, check_value
 
 SCHEDULES = ("paper", "step", "cosine", "onecycle", "constant")
@@ -27,7 +28,6 @@ MAX_WORKERS = 64  # DataLoader worker processes
 MAX_IMAGE_SIZE = 1024  # px, as skipnet flops: a training input larger than this only fails in the allocator
 MAX_BATCH = 65536
 # The built-in data sets and their images' side: they are not resized, so --image-size must be that or unset.
-BUILTIN_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "svhn": 32, "digits": 8}
 
 
 @dataclass
@@ -149,7 +149,7 @@ class TrainConfig:
         from skipnet.registry import check_image_size, get_config
 
         check_image_size(get_config(self.arch), self.image_size)
-        native = BUILTIN_IMAGE_SIZE.get(self.data)
+        native = BUILTINS[self.data].size if self.data in BUILTINS else None
         if self.image_size is not None and native is not None and self.image_size != native:
             raise SkipnetError(
                 f"--image-size {self.image_size}: the built-in data set {self.data} has {native}x{native} images and "

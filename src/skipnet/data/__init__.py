@@ -31,7 +31,7 @@ image: decoded to uint8 RGB, resized to S x S), :func:`eval_transform` (a large 
 centre-cropped), and :class:`Normalize` (``(x - mean) / std``).
 """
 
-from skipnet.data.bundle import SMALL_MAX, SPLIT_SEED, STATS, DataBundle, DataSpec, build, load_data
+from skipnet.data.bundle import SMALL_MAX, SPLIT_SEED, DataBundle, DataSpec, build, load_data
 from skipnet.data.decode import _tv_decoder as _tv_decoder
 from skipnet.data.decode import decode_bytes, decode_file, image_decoder, pil_rgb, resize_small, too_elongated
 from skipnet.data.folders import IMAGE_EXTS, resolve_folder, walk_files
@@ -44,14 +44,15 @@ from skipnet.data.loaders import (
     eval_transform,
     image_folder,
 )
-from skipnet.data.sources import BUILTIN, cache_dir
+from skipnet.data.sources import BUILTIN, BUILTINS, Builtin, cache_dir
 
 __all__ = [
     "BUILTIN",
     "IMAGE_EXTS",
     "SMALL_MAX",
     "SPLIT_SEED",
-    "STATS",
+    "BUILTINS",
+    "Builtin",
     "DataBundle",
     "DataSpec",
     "FolderLoader",

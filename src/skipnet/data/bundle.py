@@ -19,19 +19,12 @@ from skipnet.data.loaders import (
     image_folder,
     usable_workers,
 )
-from skipnet.data.sources import BUILTIN, Arrays, builtin_arrays
+from skipnet.data.sources import BUILTIN, BUILTINS, IMAGENET_STATS, Arrays, Stats, builtin_arrays
 from skipnet.errors import SkipnetError
 
 SPLIT_SEED = 20180908  # the validation split never depends on the training seed
 
-STATS: dict[str, Stats] = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
 SMALL_MAX = 64  # the largest side decoded into a tensor cache; larger images go through DataLoader workers
-Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 @dataclass
@@ -204,7 +197,7 @@ def build(spec: DataSpec) -> DataBundle:
         raise SkipnetError(f"--data is empty; pass one of {', '.join(BUILTIN)}, or an ImageFolder directory or archive")
     if spec.source in BUILTIN:
         name, arrays = spec.source, builtin_arrays(spec.source, spec.data_dir, spec.download)
-        pad, flip = {"digits": (1, False), "svhn": (0, False)}.get(spec.source, (4, True))
+        pad, flip = BUILTINS[spec.source].pad, BUILTINS[spec.source].flip
     else:
         root, test_dir, listings, large = _folder_source(spec)
         if large:
@@ -219,7 +212,7 @@ def build(spec: DataSpec) -> DataBundle:
         pad, flip = 0, False
     stats = spec.stats
     if stats is None:
-        stats = STATS.get(spec.source) or _compute_stats(arrays["train"][0])
+        stats = (BUILTINS[spec.source].stats if spec.source in BUILTINS else None) or _compute_stats(arrays["train"][0])
     return _tensor_bundle(spec, name, arrays, pad, flip, stats)
 
 
@@ -294,7 +287,7 @@ def _folder_bundle(spec: DataSpec, root: Path, test_dir: Path, listings: dict[st
     """The bundle of an ImageFolder of large images: one :class:`FolderLoader` per split, with the standard
     transforms at ``spec.image_size`` (224 by default), over the images ``listings`` lists."""
     size = spec.image_size or 224
-    mean, std = spec.stats or STATS["imagenet"]
+    mean, std = spec.stats or IMAGENET_STATS
     classes = listings["train"][2]
     evaluation = folder_transforms(size, False, mean, std)
     training = folder_transforms(size, True, mean, std) if spec.augment is not False else evaluation

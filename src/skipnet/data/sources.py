@@ -4,6 +4,7 @@ that downloads, extracted archives and decoded tensors share."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,7 +12,32 @@ from torch import Tensor
 
 from skipnet.errors import SkipnetError
 
-BUILTIN = ("cifar10", "cifar100", "svhn", "digits")
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """What skipnet knows of a built-in data set: its number of classes, its image side (never resized), its
+    normalisation (``None``: computed from the training images) and its training augmentation (random crops
+    from ``pad`` pixels of padding, horizontal flips or not)."""
+
+    classes: int
+    size: int
+    stats: Stats | None
+    pad: int
+    flip: bool
+
+
+BUILTINS: dict[str, Builtin] = {
+    "cifar10": Builtin(10, 32, ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)), pad=4, flip=True),
+    "cifar100": Builtin(100, 32, ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)), pad=4, flip=True),
+    "svhn": Builtin(
+        10, 32, ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)), pad=0, flip=False
+    ),  # digits: no flips
+    "digits": Builtin(10, 8, None, pad=1, flip=False),
+}
+BUILTIN = tuple(BUILTINS)
+IMAGENET_STATS: Stats = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # large-image folders, unless given
 
 Arrays = dict[str, tuple[Tensor, Tensor, list[str]]]
 """``train`` / ``test``: (uint8 images (N, C, H, W), labels (N,), class names)."""
