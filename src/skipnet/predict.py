@@ -567,15 +567,13 @@ def _large_image(data: bytes, size: int) -> Tensor:
     normalisation: the model's), read through PIL as the ImageFolder loader reads it."""
     from PIL import Image
 
-    from skipnet.data import eval_transform, pil_rgb, too_elongated
+    from skipnet.data import eval_transform, pil_rgb, too_elongated, too_many_pixels
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
-                if im.width * im.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
-                    raise Unreadable("declares more pixels than the decompression-bomb limit")
-                why = too_elongated(im.width, im.height)
+                why = too_many_pixels(im.width, im.height) or too_elongated(im.width, im.height)
                 if why is not None:
                     raise Unreadable(why)
                 rgb = pil_rgb(im)

@@ -33,7 +33,15 @@ centre-cropped), and :class:`Normalize` (``(x - mean) / std``).
 
 from skipnet.data.bundle import SMALL_MAX, SPLIT_SEED, DataBundle, DataSpec, build, load_data
 from skipnet.data.decode import _tv_decoder as _tv_decoder
-from skipnet.data.decode import decode_bytes, decode_file, image_decoder, pil_rgb, resize_small, too_elongated
+from skipnet.data.decode import (
+    decode_bytes,
+    decode_file,
+    image_decoder,
+    pil_rgb,
+    resize_small,
+    too_elongated,
+    too_many_pixels,
+)
 from skipnet.data.folders import IMAGE_EXTS, resolve_folder, walk_files
 from skipnet.data.loaders import (
     FolderLoader,
@@ -72,6 +80,7 @@ __all__ = [
     "resize_small",
     "resolve_folder",
     "too_elongated",
+    "too_many_pixels",
     "walk_files",
 ]
 

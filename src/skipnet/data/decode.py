@@ -57,7 +57,7 @@ def _bomb(data: bytes) -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
-                return im.width * im.height > (Image.MAX_IMAGE_PIXELS or float("inf"))
+                return too_many_pixels(im.width, im.height) is not None
     except Image.DecompressionBombError:
         return True
     except Exception:  # noqa: BLE001 - not for PIL to judge: the decoders below report unreadable files
@@ -131,16 +131,32 @@ def too_elongated(width: int, height: int) -> str | None:
     return None
 
 
-def pil_loader(path: str):
-    """torchvision ImageFolder's loader, reading every mode as :func:`pil_rgb` does; an image longer than
-    :data:`MAX_ASPECT` times its width raises ``ValueError`` (skipped as unreadable, with a warning)."""
+def too_many_pixels(width: int, height: int) -> str | None:
+    """Why an image of ``width`` x ``height`` px is refused as a decompression bomb (more pixels than PIL's limit,
+    ``Image.MAX_IMAGE_PIXELS``; PIL itself only warns up to twice that), or ``None``: one rule for every path."""
     from PIL import Image
 
-    with open(path, "rb") as f, Image.open(f) as im:
-        why = too_elongated(im.width, im.height)
-        if why is not None:
-            raise ValueError(why)
-        return pil_rgb(im)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        return f"{width}x{height} px, more than the decompression-bomb limit of {limit} pixels"
+    return None
+
+
+def pil_loader(path: str):
+    """torchvision ImageFolder's loader, reading every mode as :func:`pil_rgb` does; an image longer than
+    :data:`MAX_ASPECT` times its width or over the decompression-bomb limit (:func:`too_many_pixels`) raises
+    ``ValueError`` (skipped as unreadable, with a warning)."""
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, as on the other paths
+        with open(path, "rb") as f, Image.open(f) as im:
+            why = too_many_pixels(im.width, im.height) or too_elongated(im.width, im.height)
+            if why is not None:
+                raise ValueError(why)
+            return pil_rgb(im)
 
 
 def _warn_skipped(split_dir: Path, skipped: list[str], total: int) -> None:
