@@ -176,7 +176,7 @@ def test_the_built_in_data_sets_are_described_once() -> None:
     from skipnet.registry import SMALL_DATASETS, get_config
     from skipnet.trainconfig import TrainConfig
 
-    assert BUILTIN == tuple(BUILTINS)
+    assert tuple(BUILTINS) == BUILTIN
     for name, classes in SMALL_DATASETS.items():
         config = get_config(f"{name}_resnet_20")
         assert (config.num_classes, config.image_size) == (BUILTINS[name].classes, BUILTINS[name].size) == (classes, 32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 def test_a_decompression_bomb_is_one_rule_on_every_path(tmp_path, monkeypatch) -> None:
@@ -26,3 +27,26 @@ def test_a_decompression_bomb_is_one_rule_on_every_path(tmp_path, monkeypatch) -
     assert decode_bytes(ok.read_bytes()).shape == (3, 30, 30)
     assert pil_loader(str(ok)).size == (30, 30)
     assert _large_image(ok.read_bytes(), 16).shape == (3, 16, 16)
+
+
+def test_analyze_shows_the_images_its_rows_are_about_past_an_unreadable_one(tmp_path, monkeypatch) -> None:
+    """An evaluation pass over large images leaves out an unreadable one; the example images analyze draws for
+    the pass's rows are those rows' images, not the ones a position further on."""
+    from PIL import Image
+
+    from skipnet.analysis import gather_images
+    from skipnet.data import load_data
+
+    monkeypatch.setenv("SKIPNET_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "F"
+    for split in ("train", "test"):
+        for k, c in enumerate(("a", "b")):
+            for i in range(4):
+                (root / split / c).mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (80, 80), (60 * i, 40 + 100 * k, 20 * i)).save(root / split / c / f"{i}.png")
+    (root / "test" / "a" / "1.png").write_bytes(b"not an image")  # the second image of the split
+    bundle = load_data(str(root), batch_size=2, eval_batch_size=3, workers=0, image_size=72)
+    rows = torch.cat([x for x, _ in bundle.test])
+    assert len(rows) == 7 and bundle.test.dropped == [1]
+    shown = gather_images(bundle, bundle.test, list(range(7)))
+    assert torch.allclose(shown, bundle.denormalize(rows), atol=1e-6)

@@ -231,8 +231,18 @@ def gather_images(data: DataBundle, loader, indices: Sequence[int]) -> Tensor:
     if hasattr(loader, "images"):  # TensorLoader: uint8, not yet normalised
         idx = torch.as_tensor(list(indices))
         return data.denormalize(loader.normalize(loader.images[idx]))
-    dataset = loader.dataset  # FolderLoader: normalised tensors
-    return data.denormalize(torch.stack([dataset[(0, i)][0] for i in indices]))  # a KeyedSubset: (epoch, i)
+    dataset = loader.dataset  # FolderLoader: normalised tensors, its pass without the images it could not read
+    return data.denormalize(torch.stack([dataset[(0, _in_split(i, loader.dropped))][0] for i in indices]))
+
+
+def _in_split(row: int, dropped: Sequence[int]) -> int:
+    """The position in the split of an evaluation pass's ``row``, the pass having left out the images at the
+    (ascending) positions ``dropped``."""
+    for d in dropped:
+        if d > row:
+            break
+        row += 1
+    return row
 
 
 # ------------------------------------------------------------------------------------------ the analysis

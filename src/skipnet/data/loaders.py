@@ -219,6 +219,7 @@ class FolderLoader:
 
         self.dataset, self.train, self.seed, self.epoch = dataset, train, seed, 0
         self.evaluation: FolderLoader | None = None  # of a training split: the same images, evaluated in order
+        self.dropped: list[int] = []  # an evaluation pass's unreadable images: their positions in the split, in order
         self.sampler = None
         if world > 1:
             self.sampler = DistributedSampler(dataset, world, rank, shuffle=train, seed=seed, drop_last=train)
@@ -268,8 +269,12 @@ class FolderLoader:
         """The DataLoader's batches without the rows of unreadable images (:class:`SafeFolder`'s markers), some
         maybe empty; a pass whose first images (up to ``MAX_UNREADABLE``) are all unreadable is refused."""
         seen = readable = 0
+        if not self.train:
+            self.dropped = []
         for x, y in self.loader:
             keep = y >= 0
+            if not self.train and not bool(keep.all()):  # in order: the rows' positions in the split
+                self.dropped += [seen + int(j) for j in torch.nonzero(~keep).flatten()]
             seen, readable = seen + len(y), readable + int(keep.sum())
             if not readable and seen >= min(self.num_samples, self.MAX_UNREADABLE):
                 raise SkipnetError(
