@@ -373,7 +373,7 @@ def export_safetensors(
         "threshold": repr(float(ckpt.get("threshold", 0.5))),
         "keep_ratio": repr(float(ckpt.get("keep_ratio", 1.0))),
         "mode": str(ckpt.get("mode", "greedy")),
-        "data": json.dumps(data_record(ckpt)),
+        "data": json.dumps(ckpt.get("data") or {}),  # as stored: a malformed record is refused when read back
         "stage": str(ckpt.get("stage") or (ckpt.get("train_config") or {}).get("stage") or ""),
         "step": str(int(ckpt.get("step", 0))),
     }
