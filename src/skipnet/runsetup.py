@@ -37,7 +37,9 @@ from skipnet.cost import CostModel, cost_model
 from skipnet.data import DataBundle, load_data
 from skipnet.distributed import DistContext
 from skipnet.errors import SkipnetError
+from skipnet.evaluate import require_learned_gates
 from skipnet.gated import GatedResNet, GateMode
+from skipnet.policy import ALL_SKIP_THRESHOLD
 from skipnet.registry import get_config
 from skipnet.rundir import BEST, LAST, METRICS, SUMMARY, check_same_data, data_fingerprint
 from skipnet.stages import STAGES, Stage
@@ -106,6 +108,9 @@ def assemble(cfg: TrainConfig, dist: DistContext, given: set[str]) -> RunSetup:
     total = total_steps(cfg, steps_per_epoch)
     if resume is not None:
         check_resumed_length(cfg, int(resume.get("step", 0)), total, cfg.out)
+    elif init is not None:  # its gates as this run loads them; a gated --init with learned ones brings its threshold
+        init = _gates_of_this_design(init, arch, cfg)
+        cfg = init_threshold(cfg, model, stage, init, given)
     build_model(model, cfg, stage, init, resumed=resume is not None)
     cfg = safe_layout(cfg, model, dist.device)
     teacher = load_teacher(cfg.distill, data, cfg.channels_last, dist.device) if cfg.distill else None
@@ -267,28 +272,78 @@ def build_model(model: GatedResNet, cfg: TrainConfig, stage: Stage, init: dict[s
                 "--zero-init-residual with gates that may start closed: in SP a closed gate's zero branch gets "
                 "no gradient and the gate none either; pass --gate-bias 2 so that the gates start open"
             )
-    if cfg.gate_bias is not None and arch.gated:
-        model.set_gate_bias(cfg.gate_bias)
     if init is not None:
         init = _gates_of_this_design(init, arch, cfg)
-        if cfg.freezes_gates and not any(k.startswith("gates.") for k in init["state_dict"]):
+        untrained = untrained_gates(model, init)
+        if cfg.freezes_gates and untrained is not None:
             raise SkipnetError(
                 f"--freeze {cfg.freeze} keeps the gates as --init brings them, but {cfg.init} has no trained "
-                f"{arch.gate} gates: they would stay at random; pass --init with trained gates"
+                f"{arch.gate} gates{untrained}: they would stay at random; pass --init with trained gates (stage sp "
+                "or hrl)"
+            )
+        if cfg.gate_bias is not None and untrained is None:
+            raise SkipnetError(
+                f"--gate-bias sets the bias of gates that start untrained; --init {cfg.init} brings its gates' own "
+                "(trained ones): leave --gate-bias out"
             )
         left = load_weights_into(model, init, cfg.init)
         log.info("initialised from %s (%d tensors left at their initial values)", cfg.init, len(left))
-        if cfg.gate_bias is not None and any(k.startswith("gates.") for k in init["state_dict"]):
-            raise SkipnetError(
-                f"--gate-bias sets the bias of gates that start untrained; --init {cfg.init} brings its gates' own: "
-                "leave --gate-bias out"
-            )
+    if cfg.gate_bias is not None and arch.gated:  # after --init: its untrained gates' bias is replaced too
+        model.set_gate_bias(cfg.gate_bias)
     if cfg.init_torchvision and not resumed:
         init_torchvision(model, cfg.init_torchvision)
     model.threshold = cfg.threshold
     model.keep_ratio = cfg.keep
     model.detach_gate_inputs = cfg.detach_gates
     model.mode = stage.eval_mode if arch.gated or stage.eval_mode == GateMode.RANDOM else GateMode.ALL_ON
+
+
+def untrained_gates(model: GatedResNet, init: dict[str, Any]) -> str | None:
+    """Why the gates ``init`` brings the gated ``model`` are not trained ones, as a parenthesis (``""``: it holds
+    none), or ``None`` where they are: the rule of :func:`skipnet.evaluate.require_learned_gates` (no gates, mode
+    ``all_on`` -- a base stage ran every block -- or ``random``, SDV) applied to ``init``'s gates and mode."""
+    if model.gates is None or not any(k.startswith("gates.") for k in init["state_dict"]):
+        return ""
+    own = model.mode
+    model.mode = GateMode(init.get("mode", own))
+    try:
+        require_learned_gates(model, "--init", "training from its gates")
+    except SkipnetError:
+        stage = init.get("stage") or (init.get("train_config") or {}).get("stage")
+        return f" (mode {model.mode.value}{f' from stage {stage}' if stage else ''})"
+    finally:
+        model.mode = own
+    return None
+
+
+def init_threshold(
+    cfg: TrainConfig, model: GatedResNet, stage: Stage, init: dict[str, Any], given: set[str]
+) -> TrainConfig:
+    """``cfg`` with the greedy threshold of ``--init`` (a calibrated checkpoint's own, as ``skipnet sweep`` keeps
+    it) where its gates are learned ones that this stage's gates decide with and no ``--threshold`` was
+    ``given``; an explicit ``--threshold`` wins."""
+    if "threshold" in given or not stage.eval_mode.computes_gates or untrained_gates(model, init) is not None:
+        return cfg
+    threshold = float(init.get("threshold", cfg.threshold))
+    if threshold == cfg.threshold:
+        return cfg
+    if threshold == ALL_SKIP_THRESHOLD:
+        raise SkipnetError(
+            f"--init {cfg.init} is calibrated to skip every gated block (threshold {threshold:g}): no block would "
+            "run to train; pass --threshold (e.g. 0.5) to train from it"
+        )
+    j = cfg.threshold_jitter
+    if j and not j < threshold < 1 - j:
+        raise SkipnetError(
+            f"--threshold-jitter {j:g} needs a threshold within ({j:g}, {1 - j:g}); --init {cfg.init} brings "
+            f"{threshold:g}: pass --threshold"
+        )
+    log.info(
+        "--init %s brings its threshold %g: the run trains and validates at it (--threshold: another)",
+        cfg.init,
+        threshold,
+    )
+    return replace(cfg, threshold=threshold)
 
 
 def _gates_of_this_design(init: dict[str, Any], arch: ArchConfig, cfg: TrainConfig) -> dict[str, Any]:
