@@ -50,3 +50,40 @@ def test_analyze_shows_the_images_its_rows_are_about_past_an_unreadable_one(tmp_
     assert len(rows) == 7 and bundle.test.dropped == [1]
     shown = gather_images(bundle, bundle.test, list(range(7)))
     assert torch.allclose(shown, bundle.denormalize(rows), atol=1e-6)
+
+
+def test_export_model_takes_the_models_own_record_and_mode() -> None:
+    """The library's ``export_model`` (not only ``skipnet export``) writes a loaded model's normalisation and
+    classes into the graph, and refuses a gated graph for a network whose gates were never trained."""
+    from skipnet.errors import SkipnetError
+    from skipnet.export import export_model
+    from skipnet.gated import GateMode
+    from skipnet.registry import create_model
+
+    model = create_model("tiny_rnn_gate_14").eval()
+    record = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3], "classes": [f"c{i}" for i in range(10)]}
+    model.data_record = dict(record)
+    ex = export_model(model, "pt2", probes=1)
+    assert ex.graph == "conditional"
+    assert ex.meta["normalize"] == {"mean": pytest.approx(record["mean"]), "std": pytest.approx(record["std"])}
+    assert ex.meta["classes"] == record["classes"]
+    model.mode = GateMode.ALL_ON  # as a stage-base checkpoint of a gated architecture loads
+    with pytest.raises(SkipnetError, match="never trained"):
+        export_model(model, "pt2", graph="conditional", probes=1)
+    assert export_model(model, "pt2", probes=1).graph == "plain"
+
+
+def test_predict_lists_a_folder_as_eval_does(tmp_path) -> None:
+    """A .gif in a class folder is not one of a split's images, so predict on the folder leaves it out too (it
+    reads a .gif given by name)."""
+    from PIL import Image
+
+    from skipnet.data.folders import list_folder
+    from skipnet.predict import expand_inputs
+
+    for name in ("a.png", "b.gif", "c.jpg"):
+        (tmp_path / "cat").mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "cat" / name)
+    found, _ = expand_inputs([str(tmp_path)])
+    assert sorted(p.name for p in found) == sorted(p.name for p in list_folder(tmp_path)[0]) == ["a.png", "c.jpg"]
+    assert [p.name for p in expand_inputs([str(tmp_path / "cat" / "b.gif")])[0]] == ["b.gif"]

@@ -216,7 +216,8 @@ def bench_inference(
         times = time_interleaved(fns, repeats, warmup, cpu, sync)
 
     inputs = "random N(0, 1)" if images is None else "real images"
-    common = (info or {}) | {"arch": model.config.name, "image_size": size, "batch_size": batch_size, "inputs": inputs}
+    common = {"inputs": inputs} | (info or {})  # the caller's account of the images wins
+    common |= {"arch": model.config.name, "image_size": size, "batch_size": batch_size}
     one_thread = torch.get_num_threads() == 1 and dev.type == "cpu"
     results = []
     for j, (run, (out_m, out_r)) in enumerate(zip(runs, checks)):

@@ -53,10 +53,10 @@ from torch import Tensor
 
 from skipnet.backbones import Bottleneck
 from skipnet.blocks import residual_branch, run_block, shortcut_branch
-from skipnet.checkpoint import data_record
+from skipnet.checkpoint import checkpoint_stats, data_record
 from skipnet.data import Normalize
 from skipnet.errors import SkipnetError
-from skipnet.gated import GatedResNet
+from skipnet.gated import GatedResNet, GateMode
 from skipnet.gates import AIGGate, FeedForwardGates, RNNGate
 from skipnet.ortgraph import (  # noqa: F401 - the running side's public names, also skipnet.export's
     LAYOUTS,
@@ -562,11 +562,49 @@ ALL_SKIP_REFUSAL = (
 )
 
 
+def graph_for(model: GatedResNet, graph: str | None, source: str) -> str:
+    """The graph to export: as the checkpoint was trained and validated. A SkipNet (greedy gates) defaults to
+    ``conditional``; a network that runs every block (no gates, or a gated one trained in stage ``base``: mode
+    ``all_on``) to ``plain`` and refuses a gated graph, whose untrained gates would decide; a stochastic-depth
+    network (mode ``random``) has no deterministic graph and needs ``--graph plain`` explicitly."""
+    from skipnet.evaluate import eval_mode_for
+
+    mode = eval_mode_for(model)
+    if mode == GateMode.RANDOM and graph != "plain":
+        raise SkipnetError(
+            f"{source} decides at random (mode random, stochastic depth), which no exported graph does; pass "
+            "--graph plain (graph='plain') to export it with every block on"
+        )
+    if mode == GateMode.ALL_ON and model.gates is not None and graph not in (None, "plain"):
+        raise SkipnetError(
+            f"{source} runs every block (mode all_on: its gates were never trained, e.g. stage base), so a "
+            f"{graph} graph would let untrained gates decide; export it with --graph plain (graph='plain', the "
+            "default for it)"
+        )
+    if graph is not None:
+        return graph
+    return "conditional" if mode == GateMode.GREEDY else "plain"
+
+
+def _as_recorded(model: GatedResNet, fmt: str, graph: str | None, stats: Any, ckpt: Any, threshold: Any) -> tuple:
+    """``export_model``'s arguments checked, and its graph, normalisation and record where not given: the model's
+    own (:func:`graph_for`, its ``data_record``)."""
+    if fmt not in ("pt2", "onnx"):
+        raise SkipnetError(f"export_model writes pt2 or onnx, not {fmt!r}")
+    decides_at = float(model.threshold if threshold is None else threshold)
+    if not 0.0 <= decides_at <= 1.0:  # every reader refuses such a file: never write one
+        why = ALL_SKIP_REFUSAL if decides_at > 1 else ""
+        raise SkipnetError(f"the threshold {decides_at} must lie in [0, 1] for an exported graph{why}")
+    ckpt = ckpt if ckpt is not None else {"data": dict(getattr(model, "data_record", None) or {})}
+    stats = stats if stats is not None else checkpoint_stats(ckpt)
+    return graph_for(model, graph, model.config.name), stats, ckpt
+
+
 def export_model(
     model: GatedResNet,
     fmt: str,
     *,
-    graph: str = "conditional",
+    graph: str | None = None,
     stats: Any = None,
     threshold: float | None = None,
     ckpt: dict[str, Any] | None = None,
@@ -575,18 +613,17 @@ def export_model(
 ) -> Exported:
     """Export ``model`` as ``fmt`` (``pt2`` or ``onnx``) with graph ``graph``, checked against the eager model.
 
-    ``conditional`` is exported for batch 1; ``routed``, ``masked`` and ``plain`` for any batch. When ``routed``
-    does not export (the exporter cannot express the data-dependent shapes) and ``fallback`` is set, the
-    ``masked`` graph is exported instead with a warning that it saves no compute. The exported program is run
-    on ``probes`` seeded batches of random images (and the ONNX file in ONNX Runtime); any decision, class or
-    logit (by > 1e-4, relative above 1) that differs from the eager greedy model is an error and nothing is returned.
+    ``graph`` defaults to the one the model is validated in (:func:`graph_for`: ``conditional`` for a SkipNet,
+    ``plain`` for a network that runs every block, which refuses a gated graph). ``stats`` (the normalisation the
+    graph applies) and ``ckpt`` (the record of classes and preparation the file carries) default to the model's own
+    record (``model.data_record``, set when it is loaded or created pretrained). ``conditional`` is exported for
+    batch 1; ``routed``, ``masked`` and ``plain`` for any batch. When ``routed`` does not export (the exporter
+    cannot express the data-dependent shapes) and ``fallback`` is set, the ``masked`` graph is exported instead with
+    a warning that it saves no compute. The exported program is run on ``probes`` seeded batches of random images
+    (and the ONNX file in ONNX Runtime); any decision, class or logit (by > 1e-4, relative above 1) that differs
+    from the eager greedy model is an error and nothing is returned.
     """
-    if fmt not in ("pt2", "onnx"):
-        raise SkipnetError(f"export_model writes pt2 or onnx, not {fmt!r}")
-    decides_at = float(model.threshold if threshold is None else threshold)
-    if not 0.0 <= decides_at <= 1.0:  # every reader refuses such a file: never write one
-        why = ALL_SKIP_REFUSAL if decides_at > 1 else ""
-        raise SkipnetError(f"the threshold {decides_at} must lie in [0, 1] for an exported graph{why}")
+    graph, stats, ckpt = _as_recorded(model, fmt, graph, stats, ckpt, threshold)
     model.eval()
     batch = 1 if graph == "conditional" else None
     notes: list[str] = []

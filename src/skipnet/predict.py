@@ -386,9 +386,11 @@ def is_archive(path: Path) -> bool:
 
 
 def _image_suffix(name: str) -> bool:
+    """Whether a folder's or an archive's member is an image: the suffixes the data module lists a split by, so that
+    predict and eval see the same images of a folder (a file given by name is read whatever its suffix)."""
     from skipnet.data import IMAGE_EXTS
 
-    return Path(name).suffix.lower() in IMAGE_EXTS | {".gif"}
+    return Path(name).suffix.lower() in IMAGE_EXTS
 
 
 def _broken_link(path: Path) -> bool:

@@ -27,7 +27,7 @@ from typing import Any
 from skipnet.checkpoint import export_safetensors, load_checkpoint, model_from_checkpoint
 from skipnet.commands._common import check_count, check_out
 from skipnet.errors import SkipnetError
-from skipnet.export import FORMATS, GRAPHS, export_model, format_for, write_export
+from skipnet.export import FORMATS, GRAPHS, export_model, format_for, graph_for, write_export
 
 MAX_PROBES = 64  # probe batches: each is a run of the exported program and of the eager model
 
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     from skipnet.evaluate import required_stats
 
-    graph = _graph_for(model, args.graph, str(src))
+    graph = graph_for(model, args.graph, str(src))
     ex = export_model(
         model,
         fmt,
@@ -135,8 +135,9 @@ def _report(args: argparse.Namespace, ex: Any, model: Any, src: Path, dst: Path,
     chk = ex.check
     dec = f", {chk['decision_mismatches']} decisions differ" if "decision_mismatches" in chk else ""
     print(
-        f"wrote {dst} ({info['arch']}, {ex.graph} graph, mode {info['mode']}, {batch}, threshold "
-        f"{info['threshold']:g}, {info['bytes']:,} bytes)"
+        f"wrote {dst} ({info['arch']}, {ex.graph} graph, mode {info['mode']}, {batch}, "
+        + ("" if ex.graph == "plain" else f"threshold {info['threshold'] + 0.0:g}, ")  # a plain graph decides nothing
+        + f"{info['bytes']:,} bytes)"
     )
     print(
         f"checked in {chk['runtime']} on {chk['images']} probe images against the eager model: max logit "
@@ -144,30 +145,6 @@ def _report(args: argparse.Namespace, ex: Any, model: Any, src: Path, dst: Path,
     )
     channels = "RGB" if model.config.in_channels == 3 else f"{model.config.in_channels}-channel"
     print(f"input: float32 {channels} images in [0, 1], (B, C, H, W); normalised inside the graph")
-
-
-def _graph_for(model, graph: str | None, source: str) -> str:
-    """The graph to export: as the checkpoint was trained and validated. A SkipNet (greedy gates) defaults to
-    ``conditional``; a network that runs every block (no gates, or a gated one trained in stage ``base``: mode
-    ``all_on``) to ``plain`` and refuses a gated graph, whose untrained gates would decide; a stochastic-depth
-    network (mode ``random``) has no deterministic graph and needs ``--graph plain`` explicitly."""
-    from skipnet.evaluate import eval_mode_for
-    from skipnet.gated import GateMode
-
-    mode = eval_mode_for(model)
-    if mode == GateMode.RANDOM and graph != "plain":
-        raise SkipnetError(
-            f"{source} decides at random (mode random, stochastic depth), which no exported graph does; pass "
-            "--graph plain to export it with every block on"
-        )
-    if mode == GateMode.ALL_ON and model.gates is not None and graph not in (None, "plain"):
-        raise SkipnetError(
-            f"{source} runs every block (mode all_on: its gates were never trained, e.g. stage base), so a "
-            f"{graph} graph would let untrained gates decide; export it with --graph plain (the default for it)"
-        )
-    if graph is not None:
-        return graph
-    return "conditional" if mode == GateMode.GREEDY else "plain"
 
 
 def _write_safetensors(ckpt: dict, src: Path, dst: Path, args: argparse.Namespace) -> int:
