@@ -262,7 +262,9 @@ def _add_model_args(p: argparse._ArgumentGroup) -> None:
         "--distill-temperature", type=float, default=d["distill_temperature"], help="T, the softmax temperature"
     )
     p.add_argument("--keep", type=float, default=d["keep"], help="SDV keep ratio (stage sdv)")
-    p.add_argument("--threshold", type=float, default=d["threshold"], help="gate threshold for greedy decisions")
+    p.add_argument(
+        "--threshold", type=float, default=d["threshold"], help="greedy gate threshold (a trained --init brings its own)"
+    )
 
 
 def _add_runtime_args(p: argparse._ArgumentGroup) -> None:
