@@ -263,7 +263,7 @@ def _add_model_args(p: argparse._ArgumentGroup) -> None:
     )
     p.add_argument("--keep", type=float, default=d["keep"], help="SDV keep ratio (stage sdv)")
     p.add_argument(
-        "--threshold", type=float, default=d["threshold"], help="greedy gate threshold (a trained --init brings its own)"
+        "--threshold", type=float, default=d["threshold"], help="greedy gate threshold (a trained --init: its own)"
     )
 
 
