@@ -163,25 +163,47 @@ class TrainConfig:
 
     def _validate_unused(self) -> None:
         """An option set away from its default where nothing reads it is refused, not silently ignored."""
-        d = TrainConfig.defaults()
+        d, stage, rl = TrainConfig.defaults(), self.stage, self.stage in RL_STAGES
+        scored = rl or self.select == "reward"  # the hybrid return: HRL/RL's reward, --select reward's score
+        hybrid = f"it is the hybrid reward's (Eq. 5-6), which stage {stage} neither trains nor selects on"
+        no_gates = stage not in GATED_STAGES
         unused = (
-            ("--explore", "explore", self.stage not in RL_STAGES, f"stage {self.stage} samples no gates"),
+            ("--explore", "explore", not rl, f"stage {stage} samples no gates"),
+            ("--alpha", "alpha", not scored, hybrid),
+            ("--beta", "beta", not scored, hybrid),
+            ("--skip-target", "skip_target", not scored, hybrid),
+            ("--rl-weight", "rl_weight", not rl, f"it scales the REINFORCE term; stage {stage} has none"),
+            ("--baseline", "baseline", not rl, f"it is REINFORCE's baseline; stage {stage} has no REINFORCE term"),
+            (
+                "--select",
+                "select",
+                self.val_split == 0 and self.select != "last",
+                "with --val-split 0 there is no validation split to choose on: best.pt is the last checkpoint "
+                "(as --select last)",
+            ),
+            ("--threshold", "threshold", no_gates, f"it thresholds the gates; stage {stage} decides by none"),
+            (
+                "--gate-lr-mult",
+                "gate_lr_mult",
+                no_gates or self.freezes_gates,
+                f"stage {stage} trains no gate" if no_gates else f"--freeze {self.freeze} keeps the gates fixed",
+            ),
             ("--alpha-lr", "alpha_lr", self.skip_budget is None, "it adapts --skip-budget's alpha; none is given"),
             ("--wrong-penalty", "wrong_penalty", self.reward != "blockdrop", "it is --reward blockdrop's gamma"),
             ("--distill-weight", "distill_weight", self.distill is None, "it weighs --distill; none is given"),
             ("--distill-temperature", "distill_temperature", self.distill is None, "it is --distill's; none is given"),
-            ("--keep", "keep", self.stage != "sdv", f"it is stage sdv's keep ratio; stage {self.stage} has none"),
+            ("--keep", "keep", stage != "sdv", f"it is stage sdv's keep ratio; stage {stage} has none"),
             (
                 "--paper-gate-init",
                 "paper_gate_init",
-                self.stage not in ("sp", "soft") or self.init is not None or self.init_torchvision is not None,
+                stage not in ("sp", "soft") or self.init is not None or self.init_torchvision is not None,
                 "it keeps the gates' initialisation of SP from scratch",
             ),
         )
         for flag, name, idle, why in unused:
             value = getattr(self, name)
             if idle and value != d[name]:
-                shown = "" if isinstance(value, bool) else f" {value:g}"
+                shown = "" if isinstance(value, bool) else f" {value}" if isinstance(value, str) else f" {value:g}"
                 raise SkipnetError(f"{flag}{shown} has no effect here: {why}")
 
     def _validate_init(self) -> None:

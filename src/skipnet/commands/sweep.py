@@ -10,7 +10,11 @@ atomically.
 Every run trains and is evaluated at the greedy threshold of ``--init`` (a calibrated checkpoint's own), the
 threshold of the starting point's row. ``DIR/sweep-runs.json`` records, before any run starts, the SHA-256 of the
 ``--init`` file each run was declared from: a rerun reuses (or resumes) a run only if ``--init`` still has those
-contents. ``DIR`` holds only what a sweep writes; anything else there (a user's file, a training run) is refused.
+contents, every option that can change its numbers is the run's (an option left at its default included; threads,
+workers, logging and the device may differ) and ``--data`` holds the data it was trained and tested on (another path
+of it is fine: the split sizes and labels the run recorded are compared); otherwise one line, before anything
+trains. The start row's data is checked as ``skipnet eval`` checks it (channels, image size, classes of ``--init``).
+``DIR`` holds only what a sweep writes; anything else there (a user's file, a training run) is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +32,17 @@ import torch
 
 from skipnet import plots
 from skipnet.analysis import eval_point
-from skipnet.checkpoint import data_record, load_checkpoint, load_model
+from skipnet.checkpoint import checkpoint_stats, data_record, load_checkpoint, load_model, require_same_classes
 from skipnet.commands._common import add_data_args, add_optim_args, check_out, require_learned_gates
 from skipnet.cost import cost_model
+from skipnet.data import load_data
 from skipnet.errors import SkipnetError, check_value
 from skipnet.evaluate import data_for_checkpoint, eval_loader, eval_mode_for, run_eval
 from skipnet.experiments import Run, Runner, literal
 from skipnet.fileio import atomic_write, json_text
-from skipnet.rundir import BEST, LAST, SUMMARY
-from skipnet.trainconfig import TrainConfig, changed_option, options_set
+from skipnet.rundir import BEST, CONFIG, LAST, SUMMARY, data_fingerprint, describe_difference
+from skipnet.runlog import DERIVED
+from skipnet.trainconfig import RESUME_MAY_CHANGE, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -278,22 +284,69 @@ def write_record(out: Path, runs: list[Run], init: str, digest: str) -> None:
         raise SkipnetError(f"--out {out}: cannot write in it ({exc.strerror or type(exc).__name__})") from None
 
 
-def check_same_run(cfg: TrainConfig) -> None:
-    """A finished run of an earlier sweep into the same ``--out`` is reused only if this sweep asks for the same
-    run (the options ``--resume`` would refuse to change, the threshold, and its length): one line otherwise. Its
-    ``--init`` is checked by contents, not by name (:func:`check_same_init`)."""
-    run = Path(cfg.out)
-    ckpt = next((run / n for n in (LAST, BEST) if (run / n).exists()), None)
-    if ckpt is None:  # only its summary is left: nothing says how it was trained
-        return
-    saved = TrainConfig.from_dict(load_checkpoint(ckpt)["train_config"])
-    cfg = replace(cfg, init=saved.init)  # the same contents, maybe named another way
-    changed = changed_option(cfg, saved, options_set(cfg) | {"alpha", "val_split", "threshold"})
+# Options a run of the sweep may have had with other values and still be reused: those that cannot change its
+# numbers (threads, workers, logging, the device and the memory layout, which training turns off where the CPU
+# kernels would crash; where the data is: its contents are compared instead, :func:`check_same_data`), its length
+# (compared apart, :func:`check_same_length`) and ``--init`` (compared by its contents, :func:`check_same_init`).
+# Every other option, a default included, must be the run's.
+MAY_DIFFER = RESUME_MAY_CHANGE | {"init", "channels_last"}
+
+
+def saved_run(run: Path) -> tuple[TrainConfig, dict[str, Any], set[str] | None] | None:
+    """``(options, checkpoint, derived)`` of the run in ``run`` (its ``last.pt``, else ``best.pt``): the options it
+    ran with, its defaults filled in, and the names of those its defaults filled (its ``config.json`` records them;
+    ``None`` where it does not); ``None`` where no checkpoint is left to say how it was trained."""
+    path = next((run / n for n in (LAST, BEST) if (run / n).exists()), None)
+    if path is None:
+        return None
+    ckpt = load_checkpoint(path)
+    try:
+        derived = json.loads((run / CONFIG).read_text()).get(DERIVED)
+    except (OSError, ValueError, AttributeError):
+        derived = None
+    names = {str(k) for k in derived} if isinstance(derived, (list, dict)) else None
+    return TrainConfig.from_dict(ckpt["train_config"]), ckpt, names
+
+
+def other_option(cfg: TrainConfig, saved: TrainConfig, derived: set[str] | None) -> tuple[str, Any, str] | None:
+    """``(option, saved value, new value in words)`` of the first option but :data:`MAY_DIFFER` that ``cfg`` (the
+    new sweep's run, unset options ``None``) gives another value than the ``saved`` run had: a value given that
+    differs, or an option left unset (to its stage's default) that the saved run set (``derived``: the names the
+    saved run's defaults filled; ``None``: not recorded, an unset option is taken as the same); else ``None``."""
+    for f in fields(TrainConfig):
+        if f.name in MAY_DIFFER:
+            continue
+        value, before = getattr(cfg, f.name), getattr(saved, f.name)
+        if value is None and before is not None and derived is not None and f.name not in derived:
+            return f.name.replace("_", "-"), before, "left to its default"
+        if value is not None and value != before:
+            return f.name.replace("_", "-"), before, f"not {value!r}"
+    return None
+
+
+def check_same_run(cfg: TrainConfig) -> TrainConfig | None:
+    """A run of an earlier sweep into the same ``--out`` (finished, or to be resumed) is reused only if this sweep
+    asks for the same run: every option that can change its numbers (defaults included), the threshold and, once
+    finished, its length; one line otherwise. Its ``--init`` is checked by contents, not by name
+    (:func:`check_same_init`), its data by what the run recorded of it (:func:`check_same_data`). Returns the
+    run's checkpoint (``None``: none is left, only a summary, and nothing says how it was trained)."""
+    found = saved_run(Path(cfg.out))
+    if found is None:
+        return None
+    saved, ckpt, derived = found
+    changed = other_option(cfg, saved, derived)
     if changed is not None:
         name, before, value = changed
         raise SkipnetError(
-            f"{cfg.out} holds a finished run of other options ({name} {before!r}, not {value!r}); choose another --out"
+            f"{cfg.out} holds a run of other options ({name} {before!r}, {value}); a sweep of these options trains "
+            "other runs: choose another --out"
         )
+    return ckpt
+
+
+def check_same_length(cfg: TrainConfig, ckpt: dict[str, Any]) -> None:
+    """A finished run is reused only at the length this sweep asks for (when it asks for one)."""
+    saved = TrainConfig.from_dict(ckpt["train_config"])
 
     def length(c: TrainConfig) -> str:
         return f"--iters {c.iters}" if c.iters is not None else f"--epochs {c.epochs:g}"
@@ -305,10 +358,42 @@ def check_same_run(cfg: TrainConfig) -> None:
         )
 
 
+def check_same_data(args: argparse.Namespace, trained: list[tuple[Path, dict[str, Any]]]) -> None:
+    """The runs ``trained`` (their directory and checkpoint) are reused only on the data they were trained,
+    validated and tested on: ``--data`` (another path of the same data is fine) loaded as they loaded it must
+    have the split sizes and labels their checkpoints record (``data_fingerprint``); one line otherwise (their
+    test numbers, beside a start row evaluated on other images, would compare nothing)."""
+    recorded = [(run, ckpt) for run, ckpt in trained if isinstance(ckpt.get("data_fingerprint"), dict)]
+    if not recorded:
+        return
+    cfg = TrainConfig.from_dict(recorded[0][1]["train_config"])  # the same data options in each (check_same_run)
+    data = load_data(
+        args.data,
+        data_dir=args.data_dir,
+        download=args.download,
+        val_split=cfg.val_split,
+        seed=cfg.seed,
+        workers=cfg.workers,
+        limit_train=cfg.limit_train,
+        limit_test=cfg.limit_test,
+        image_size=cfg.image_size,
+        stats=checkpoint_stats(recorded[0][1]),
+    )
+    now = data_fingerprint(data)
+    for run, ckpt in recorded:
+        for key, before in ckpt["data_fingerprint"].items():
+            if before != now.get(key):
+                raise SkipnetError(
+                    f"{run} was trained and tested on other data than --data {args.data} "
+                    f"({describe_difference(key, before, now.get(key))}); a sweep on this data trains other runs: "
+                    "choose another --out"
+                )
+
+
 # ------------------------------------------------------------------------------------------ the command
-def prepare(args: argparse.Namespace) -> tuple[Runner, list[Run], list[float], Any, dict[str, Any], float]:
-    """Check everything, then record the runs: ``(runner, runs, alphas, SP model, its checkpoint, threshold)``.
-    Nothing is written before every check has passed."""
+def prepare(args: argparse.Namespace) -> tuple[Runner, list[Run], list[float], Any, dict[str, Any], float, Any]:
+    """Check everything, then record the runs: ``(runner, runs, alphas, SP model, its checkpoint, threshold, the
+    data of the start row)``. Nothing is written, nothing trains, before every check has passed."""
     out = checked_out(args.out)
     alphas = checked_alphas(args.alphas)
     sp_model, sp_ckpt = load_model(args.init, map_location="cpu")
@@ -326,15 +411,31 @@ def prepare(args: argparse.Namespace) -> tuple[Runner, list[Run], list[float], A
 
     for a in alphas:  # a bad option is refused here, in one line, before any run starts
         config(a).validate()
+    data = start_data(args, sp_model, sp_ckpt)
     runs = declare(args, arch, alphas, val_split, threshold)
     runner = Runner(out, args.data)
     digest = init_digest(args.init)
     check_same_init(runner, runs, args.init, digest)
-    for r, a in zip(runs, alphas, strict=True):  # an unfinished run refuses other options itself (--resume)
-        if runner.finished(r):
-            check_same_run(config(a))
+    trained = []
+    for r, a in zip(runs, alphas, strict=True):  # a run to reuse or resume: of these options, length, data
+        ckpt = check_same_run(config(a))
+        if ckpt is not None and runner.finished(r):
+            check_same_length(config(a), ckpt)
+        if ckpt is not None:
+            trained.append((runner.dir(r.name), ckpt))
+    check_same_data(args, trained)
     write_record(out, runs, args.init, digest)
-    return runner, runs, alphas, sp_model, sp_ckpt, threshold
+    return runner, runs, alphas, sp_model, sp_ckpt, threshold, data
+
+
+def start_data(args: argparse.Namespace, sp_model: Any, sp_ckpt: dict[str, Any]) -> Any:
+    """The data of the start row, as ``--init`` saw it, checked as ``skipnet eval`` checks it: the channels, image
+    size and classes of ``--init`` (:func:`skipnet.checkpoint.require_same_classes`), in one line otherwise."""
+    data = data_for_checkpoint(
+        sp_ckpt, sp_model, args.data, data_dir=args.data_dir, download=args.download, limit=args.limit_test
+    )
+    require_same_classes(sp_model, data, f"--init {args.init}", data_record(sp_ckpt).get("classes"))
+    return data
 
 
 def write_summaries(out: Path, result: dict[str, Any], title: str, plot: Callable[[Path], Any]) -> None:
@@ -352,15 +453,12 @@ def run(args: argparse.Namespace) -> int:
     from skipnet.device import pick_device
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    runner, runs, alphas, sp_model, sp_ckpt, threshold = prepare(args)
+    runner, runs, alphas, sp_model, sp_ckpt, threshold, data = prepare(args)
     runner.train(runs)  # resumes an unfinished run, skips a finished one
     rows = trained_rows(runner, runs, alphas)
 
     # The SP starting point on the same test images, as a reference.
     device = pick_device(args.device)
-    data = data_for_checkpoint(
-        sp_ckpt, sp_model, args.data, data_dir=args.data_dir, download=args.download, limit=args.limit_test
-    )
     sp_model.to(device).to(memory_format=torch.channels_last)
     cost = cost_model(sp_model)
     rec = run_eval(sp_model, eval_loader(data, "test"), cost, mode=eval_mode_for(sp_model))  # as it was trained
