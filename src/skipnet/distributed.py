@@ -149,7 +149,8 @@ class DistContext:
         ``model`` itself stays the bare network (its BatchNorms become SyncBatchNorms in place under
         ``--sync-bn``; their parameters are the same objects, so an optimizer built before keeps working).
         On several ranks the global RNG is re-seeded per rank here (from one draw shared by all), so that
-        sampled gate decisions are independent across ranks.
+        sampled gate decisions are independent across ranks; a resumed run then puts back each rank's own streams
+        from its checkpoint (:meth:`skipnet.runstate.RunState.restore_rank_rng`).
         """
         from skipnet.stages import STAGES
 
@@ -213,6 +214,14 @@ class DistContext:
         box = [obj]
         dist.broadcast_object_list(box, src=src, device=self.device if self.device.type == "cuda" else None)
         return box[0]
+
+    def gather_object(self, obj: T) -> list[T] | None:
+        """Every rank's (picklable) ``obj``, in rank order, on rank 0; ``None`` on the other ranks."""
+        if self.world == 1:
+            return [obj]
+        box: list[Any] | None = [None] * self.world if self.main else None
+        dist.gather_object(obj, box, dst=0)
+        return box
 
     def on_main(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0 only and hand its (picklable) result to every rank."""

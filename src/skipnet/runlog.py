@@ -309,6 +309,15 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def command_line(argv: list[str]) -> str:
+    """The command that ran, as one can type it again: ``python -m skipnet`` and ``torchrun -m skipnet`` run
+    skipnet's ``__main__.py``, recorded as ``skipnet`` (the same program)."""
+    program = Path(argv[0]).name if argv else "skipnet"
+    if program == "__main__.py" and Path(argv[0]).parent.name == "skipnet":
+        program = "skipnet"
+    return shlex.join([program, *argv[1:]])
+
+
 def environment(device: Any = None, world: int = 1) -> dict[str, Any]:
     """Versions, git commit of the skipnet source, command line and device: what ``config.json`` records so that a
     run can be repeated and its numbers traced."""
@@ -326,7 +335,7 @@ def environment(device: Any = None, world: int = 1) -> dict[str, Any]:
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "git": _git_commit(Path(skipnet.__file__).resolve().parent),
-        "command_line": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command_line": command_line(sys.argv),
         "device": dev,
         "gpu": gpu,
         "cpu": _cpu_model(),

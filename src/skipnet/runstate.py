@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from skipnet.checkpoint import load_checkpoint, make_checkpoint, set_rng_state
+from skipnet.checkpoint import load_checkpoint, make_checkpoint, rng_state, set_rng_state
 from skipnet.errors import SkipnetError
 from skipnet.fileio import atomic_write, checkpoint_bytes
 from skipnet.losses import Baseline, SkipBudget, mean_first_return
@@ -105,8 +105,11 @@ def validation_row(val: dict[str, Any], num_gates: int) -> dict[str, Any]:
 class RunState:
     """The resumable state of one run beside its model and optimizer, and the files that record it."""
 
-    def __init__(self, setup: RunSetup, baseline: Baseline, budget: SkipBudget | None) -> None:
+    def __init__(
+        self, setup: RunSetup, baseline: Baseline, budget: SkipBudget | None, teacher_sha256: str | None = None
+    ) -> None:
         self.setup, self.baseline, self.budget = setup, baseline, budget
+        self.teacher_sha256 = teacher_sha256  # --distill: the teacher file's contents, checked on resume
         self.out = Path(setup.cfg.out)
         self.main = setup.dist.rank == 0
         self.step = 0
@@ -117,6 +120,7 @@ class RunState:
         self.n_running = 0
         self.last_saved = time.monotonic()  # for the wall-clock checkpoints (--checkpoint-minutes)
         self.exploded_steps = 0  # consecutive steps with the cross-entropy over the exploded level
+        self.last_round: int | None = None  # the step of the last evaluation (checkpoint round)
 
     # -- the statistics between evaluations
     def accumulate(self, stats: dict[str, float]) -> dict[str, float]:
@@ -156,6 +160,7 @@ class RunState:
             self.best_val = row.get("val_accuracy", self.best_val)
             self.best_score = score
         self.history.append(row)
+        self.last_round = int(row["step"])
         if self.main:
             append_row(self.out / METRICS, row)
         return row | {"best_val_accuracy": self.best_val, "best_score": self.best_score}, improved
@@ -174,8 +179,9 @@ class RunState:
         return 0.0
 
     # -- checkpoints
-    def checkpoint_bytes(self, metrics: dict[str, Any]) -> bytes:
-        """The resumable state of the run, serialised (weights, optimizer, schedule, RNG, running statistics)."""
+    def checkpoint_bytes(self, metrics: dict[str, Any], rng_ranks: list[Any] | None = None) -> bytes:
+        """The resumable state of the run, serialised (weights, optimizer, schedule, RNG, running statistics);
+        ``rng_ranks``: every rank's RNG state, in rank order (several processes: each samples its own stream)."""
         s = self.setup
         ckpt = make_checkpoint(
             s.model,
@@ -192,6 +198,10 @@ class RunState:
                 "skip_budget": self.budget.state_dict() if self.budget is not None else None,
                 "stage": s.cfg.stage,
                 "running": {"sums": dict(self.running), "n": self.n_running},
+                "last_round": self.last_round,
+                "world_size": s.dist.world,
+                "rng_ranks": rng_ranks if s.dist.world > 1 else None,
+                "teacher_sha256": self.teacher_sha256,
             },
         )
         return checkpoint_bytes(ckpt)
@@ -204,18 +214,19 @@ class RunState:
         with the previous checkpoints kept."""
         if not self.finite():
             raise self.diverged()
-        if not self.main:
-            return
-        payload = self.checkpoint_bytes(metrics)
-        if best:
-            atomic_write(self.out / BEST, lambda f: f.write(payload))
-        atomic_write(self.out / LAST, lambda f: f.write(payload))
-        self.last_saved = time.monotonic()
+        rng_ranks = self.setup.dist.gather_object(rng_state())  # every rank's stream; None off rank 0
+        if self.main:
+            payload = self.checkpoint_bytes(metrics, rng_ranks)
+            if best:
+                atomic_write(self.out / BEST, lambda f: f.write(payload))
+            atomic_write(self.out / LAST, lambda f: f.write(payload))
+        self.last_saved = time.monotonic()  # on every rank: the ranks decide on the next wall-clock save together
 
     def restore(self, ckpt: dict[str, Any], path: Path) -> None:
         """Continue from the checkpoint ``ckpt`` read from ``path``: weights, optimizer, schedule, step, best
         scores, baselines, running statistics and RNG streams; metric rows written after it are dropped."""
         s = self.setup
+        self._check_resumable(ckpt, path)
         try:
             s.model.load_state_dict(ckpt["state_dict"])
             s.model.to(s.dist.device)
@@ -231,6 +242,8 @@ class RunState:
             running = ckpt.get("running") or {}
             self.running = {k: float(v) for k, v in running.get("sums", {}).items()}
             self.n_running = int(running.get("n", 0))
+            last_round = ckpt.get("last_round", ckpt.get("metrics", {}).get("step"))  # older files: their row's
+            self.last_round = int(last_round) if last_round is not None else None
             set_rng_state(ckpt.get("rng", {}))
         except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise SkipnetError(f"{path} cannot be resumed by this run ({first_line(exc)})") from None
@@ -242,6 +255,34 @@ class RunState:
         self._check_best(path)
         self._drop_metrics_after(self.step)
         log.info("resumed %s at step %d/%d", self.out, self.step, s.total)
+
+    def _check_resumable(self, ckpt: dict[str, Any], path: Path) -> None:
+        """Refuse a resume that could not continue the run exactly: under another number of processes (each
+        rank's data shard, augmentation and sampling streams, and where an epoch ends, depend on it), or with a
+        ``--distill`` teacher file whose contents changed since the run started."""
+        world, saved = self.setup.dist.world, ckpt.get("world_size")
+        if isinstance(saved, int) and saved != world:
+            how = f"torchrun --nproc_per_node {saved}" if saved > 1 else "one process (without torchrun)"
+            raise SkipnetError(
+                f"--resume: {path} was written by a run of {saved} process(es) and this run has {world}; the data "
+                f"shards, random streams and epoch ends depend on the number, so it would not continue exactly (not "
+                f"even at an epoch boundary); resume it with {how}, or start a new run (another --out)"
+            )
+        teacher = ckpt.get("teacher_sha256")
+        if teacher is not None and self.teacher_sha256 is not None and teacher != self.teacher_sha256:
+            raise SkipnetError(
+                f"--resume: the --distill teacher {self.setup.cfg.distill} has other contents (SHA-256 "
+                f"{self.teacher_sha256[:12]}...) than when the run in {path.parent} started ({str(teacher)[:12]}...); "
+                "put the original teacher back, or start a new run (another --out)"
+            )
+
+    def restore_rank_rng(self, ckpt: dict[str, Any]) -> None:
+        """Several processes: this rank's own RNG streams from ``ckpt`` (after :meth:`DistContext.wrap`, which seeds
+        a new run's per-rank streams), so that a resumed run samples as the uninterrupted one. A checkpoint from
+        before they were saved keeps the streams ``wrap`` drew (not exact)."""
+        states, dist = ckpt.get("rng_ranks"), self.setup.dist
+        if dist.world > 1 and isinstance(states, list) and len(states) == dist.world:
+            set_rng_state(states[dist.rank])
 
     def _check_best(self, path: Path) -> None:
         """A run resumed after it chose a ``best.pt`` ends by testing it: refuse now, not after the whole schedule,

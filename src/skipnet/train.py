@@ -11,6 +11,7 @@ loop.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from skipnet.checkpoint import load_checkpoint, model_from_checkpoint
 from skipnet.cost import fewer_macs
-from skipnet.errors import Interrupted
+from skipnet.errors import Interrupted, SkipnetError
 from skipnet.evaluate import evaluate
 from skipnet.fileio import atomic_write, json_text, remove_stale_temps
 from skipnet.gated import GateMode
@@ -67,11 +68,13 @@ class Trainer:
         self.memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         c = self.cfg  # --skip-budget: alpha adapted each step from the global batch's skips (same on every rank)
         budget = SkipBudget(c.skip_budget, c.alpha, c.alpha_lr) if c.skip_budget is not None else None
-        self.state = RunState(s, self.dist.baseline(c.baseline), budget)  # the baseline: global-batch mean
+        self.state = RunState(s, self.dist.baseline(c.baseline), budget, teacher_sha256(c.distill))  # global baseline
         if s.resume is not None:
             self.state.restore(s.resume, s.resume_path)
         self.stop = StopRequest(self.main)  # set by SIGINT / SIGTERM; acted on between steps
         self.train_model: nn.Module = self.dist.wrap(self.model, self.cfg)
+        if s.resume is not None:  # each rank's own RNG streams, which wrap re-seeded
+            self.state.restore_rank_rng(s.resume)
         self.amp = self.dist.autocast(self.cfg.amp)
         self.scaler = self.dist.grad_scaler(self.cfg.amp)
 
@@ -104,8 +107,8 @@ class Trainer:
         return self.dist.on_main(lambda: self._evaluate(self.model, loader))
 
     def _evaluate(self, model: torch.nn.Module, loader) -> dict[str, Any]:
-        fmt = self.memory_format
-        return evaluate(model, loader, self.cost, mode=model.mode, seed=self.cfg.seed, memory_format=fmt)
+        """``model`` on ``loader`` as ``skipnet eval`` runs it (SDV: eval's seed, not ``--seed``): same figures."""
+        return evaluate(model, loader, self.cost, mode=model.mode, memory_format=self.memory_format)
 
     # -- the loop
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -230,6 +233,8 @@ class Trainer:
         with self.stop.installed(), progress.logging_above(), self.runlog:  # closed also on a stop or an error
             while self.step < self.total:
                 self._epoch(progress, run_start)
+            if self.state.last_round != self.step:  # resumed at its last step, stopped before that step's round
+                self._checkpoint_round(self.state.take_means(), time.time() - run_start)
         progress.close()
         self.runlog.close()
         return self._finish(time.time() - run_start)
@@ -371,6 +376,24 @@ class StopRequest:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+def teacher_sha256(spec: str | None) -> str | None:
+    """SHA-256 of the file ``--distill`` names (a path, a ``save_pretrained`` directory or ``pretrained:NAME``;
+    ``None`` without one): recorded in the run's checkpoints, so that a resume with other teacher contents is
+    refused."""
+    from skipnet.zoo import resolve_checkpoint
+
+    if not spec:
+        return None
+    h = hashlib.sha256()
+    try:
+        with open(resolve_checkpoint(spec), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise SkipnetError(f"--distill {spec} cannot be read ({exc.strerror or exc})") from None
+    return h.hexdigest()
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
