@@ -231,7 +231,7 @@ def test_the_names_other_modules_import_from_skipnet_data() -> None:
         "eval_transform",
         "Normalize",
         "cache_dir",
-        "STATS",
+        "BUILTINS",
         "BUILTIN",
         "SPLIT_SEED",
     ):

@@ -441,7 +441,7 @@ def test_bench_cli_data_times_real_images(tmp_path, cifar_mini, capsys: pytest.C
     argv = ["bench", str(path), "--batch-size", "5", "--repeats", "1", "--threads", "1", "--json"]
     assert main([*argv, "--data", cifar_mini]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["inputs"] == "real images" and res["image_size"] == 32
+    assert res["inputs"].startswith("first 5 test images of") and res["image_size"] == 32  # the command's account
     x = real_images(str(path), model, cifar_mini, None, 5)
     assert x.shape == (5, 3, 32, 32) and x.std() > 0.1
     with torch.no_grad():
