@@ -46,7 +46,7 @@ def rows(run: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(ln).items() if k != "time_s"} for ln in lines if ln.strip()]
 
 
-def same_weights(a: Path, b: Path) -> list[str]:
+def differing_tensors(a: Path, b: Path) -> list[str]:
     """The names of the tensors that differ between two checkpoints' weights."""
     sa, sb = load_checkpoint(a)["state_dict"], load_checkpoint(b)["state_dict"]
     return [k for k in sa if not torch.equal(sa[k], sb[k])]
@@ -70,7 +70,7 @@ def test_resume_at_the_step_reached_runs_its_checkpoint_round(tmp_path, monkeypa
     summary = [json.loads((p / "summary.json").read_text()) for p in (straight, run)]
     assert summary[1]["steps"] == 6 and summary[1]["best_step"] == 6
     assert summary[0]["test"] == summary[1]["test"]
-    assert not same_weights(straight / "best.pt", run / "best.pt")
+    assert not differing_tensors(straight / "best.pt", run / "best.pt")
 
 
 def test_resume_at_the_step_reached_before_any_round_finishes(tmp_path, monkeypatch) -> None:
@@ -151,7 +151,7 @@ def test_torchrun_resume_of_a_sampling_stage_is_exact_and_only_under_the_same_wo
     torchrun(["train", *HRL, "--iters", "9", "--out", str(straight)], tmp_path)
     torchrun(["train", *HRL, "--iters", "6", "--out", str(run)], tmp_path)
     torchrun(["train", *HRL, "--iters", "9", "--out", str(run), "--resume"], tmp_path)
-    assert not same_weights(straight / "last.pt", run / "last.pt")
+    assert not differing_tensors(straight / "last.pt", run / "last.pt")
     assert rows(straight) == rows(run)
 
     before = (run / "last.pt").read_bytes()
