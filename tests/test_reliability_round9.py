@@ -87,3 +87,25 @@ def test_predict_lists_a_folder_as_eval_does(tmp_path) -> None:
     found, _ = expand_inputs([str(tmp_path)])
     assert sorted(p.name for p in found) == sorted(p.name for p in list_folder(tmp_path)[0]) == ["a.png", "c.jpg"]
     assert [p.name for p in expand_inputs([str(tmp_path / "cat" / "b.gif")])[0]] == ["b.gif"]
+
+
+def test_export_model_falls_back_to_the_models_normalisation_when_ckpt_has_none() -> None:
+    """``ckpt=`` given with classes only: the graph still normalises as the model's own record says."""
+    from skipnet.export import export_model
+    from skipnet.registry import create_model
+
+    model = create_model("tiny_rnn_gate_14").eval()
+    model.data_record = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}
+    ex = export_model(model, "pt2", ckpt={"data": {"classes": [f"c{i}" for i in range(10)]}}, probes=1)
+    assert ex.meta["normalize"]["mean"] == pytest.approx([0.4, 0.5, 0.6]) and ex.meta["classes"][0] == "c0"
+
+
+def test_predict_says_how_a_gif_is_read_when_a_folder_holds_only_gifs(tmp_path) -> None:
+    from PIL import Image
+
+    from skipnet.errors import SkipnetError
+    from skipnet.predict import expand_inputs
+
+    Image.new("L", (8, 8)).save(tmp_path / "a.gif")
+    with pytest.raises(SkipnetError, match="gif, are read when named"):
+        expand_inputs([str(tmp_path)])

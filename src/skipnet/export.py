@@ -595,8 +595,9 @@ def _as_recorded(model: GatedResNet, fmt: str, graph: str | None, stats: Any, ck
     if not 0.0 <= decides_at <= 1.0:  # every reader refuses such a file: never write one
         why = ALL_SKIP_REFUSAL if decides_at > 1 else ""
         raise SkipnetError(f"the threshold {decides_at} must lie in [0, 1] for an exported graph{why}")
-    ckpt = ckpt if ckpt is not None else {"data": dict(getattr(model, "data_record", None) or {})}
-    stats = stats if stats is not None else checkpoint_stats(ckpt)
+    own = {"data": dict(getattr(model, "data_record", None) or {})}
+    ckpt = ckpt if ckpt is not None else own
+    stats = stats if stats is not None else checkpoint_stats(ckpt) or checkpoint_stats(own)  # a ckpt without them
     return graph_for(model, graph, model.config.name), stats, ckpt
 
 

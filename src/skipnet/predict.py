@@ -385,6 +385,9 @@ def is_archive(path: Path) -> bool:
     return path.name.lower().endswith(ARCHIVES)
 
 
+NO_IMAGES = "ending in .jpg, .png, ... as a data split's images do; other formats, e.g. .gif, are read when named"
+
+
 def _image_suffix(name: str) -> bool:
     """Whether a folder's or an archive's member is an image: the suffixes the data module lists a split by, so that
     predict and eval see the same images of a folder (a file given by name is read whatever its suffix)."""
@@ -415,14 +418,14 @@ def expand_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], int | None]:
             # a broken link is listed too: reading it gives its skipped line, not silence
             found = [p for p in walk_files(path) if _image_suffix(p.name) and (p.is_file() or _broken_link(p))]
             if not found:
-                raise SkipnetError(f"{path} holds no image files (ending in .jpg, .png, ...)")
+                raise SkipnetError(f"{path} holds no image files ({NO_IMAGES})")
             out += found
             total = None if total is None else total + len(found)
         elif path.is_file() or _broken_link(path):
             out.append(path)
             k = _count(path)
             if k == 0:
-                raise SkipnetError(f"{path} holds no image files (ending in .jpg, .png, ...)")
+                raise SkipnetError(f"{path} holds no image files ({NO_IMAGES})")
             total = None if total is None or k is None else total + k
         elif path.exists():
             raise SkipnetError(f"{raw} is not a regular file or folder")
