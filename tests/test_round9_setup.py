@@ -118,3 +118,52 @@ def test_an_init_calibrated_to_skip_every_block_needs_a_threshold(runs, tmp_path
     assert not (tmp_path / "refused" / "last.pt").exists()
     args = ("--stage", "hrl", "--init", str(init), "--iters", "1", "--threshold", "0.5")
     assert _train(tmp_path / "given", *args) == 0
+
+
+# ------------------------------------------------------------------------------- 4. --config replays (round 10)
+def _replay(config: Path, out: Path, *args: str) -> int:
+    return main(["train", "--config", str(config), *args, "--out", str(out)])
+
+
+def test_a_replay_with_another_init_takes_that_init_s_threshold(runs, tmp_path, capsys) -> None:
+    """The threshold --init brought is recorded as derived: a --config replay takes its own --init's (as the same
+    command with that --init would), not the recorded run's calibrated one."""
+    assert _train(tmp_path / "cal", "--stage", "hrl", "--init", str(runs["cal"]), "--iters", "1") == 0
+    recorded = json.loads((tmp_path / "cal" / "config.json").read_text())
+    assert recorded["threshold"] == 0.42 and recorded["derived"]["threshold"] == 0.42
+    assert _replay(tmp_path / "cal" / "config.json", tmp_path / "sp", "--init", str(runs["sp"])) == 0
+    assert _thresholds(tmp_path / "sp") == [0.5] * 4  # as `--stage hrl --init sp` trains
+    assert _replay(tmp_path / "sp" / "config.json", tmp_path / "again", "--init", str(runs["cal"])) == 0
+    assert _thresholds(tmp_path / "again") == [0.42] * 4  # sp's 0.5 was no choice either
+    assert _replay(tmp_path / "cal" / "config.json", tmp_path / "same") == 0
+    assert _thresholds(tmp_path / "same") == [0.42] * 4
+
+
+def test_a_replay_keeps_a_threshold_that_was_given(runs, tmp_path) -> None:
+    for given in ("0.6", "0.5"):  # 0.5, the default, given: the calibrated --init does not replace it either
+        out = tmp_path / given
+        assert _train(out, "--stage", "hrl", "--init", str(runs["sp"]), "--iters", "1", "--threshold", given) == 0
+        assert "threshold" not in json.loads((out / "config.json").read_text())["derived"]
+        assert _replay(out / "config.json", tmp_path / f"replay{given}", "--init", str(runs["cal"])) == 0
+        assert _thresholds(tmp_path / f"replay{given}") == [float(given)] * 4
+
+
+def test_the_python_api_keeps_a_threshold_of_0_5_that_is_set(runs, tmp_path) -> None:
+    common = {"arch": "tiny_rnn_gate_14", "stage": "hrl", "data": "digits", "init": str(runs["cal"]), "iters": 1}
+    common |= {"batch_size": 32, "limit_train": 128, "limit_test": 64, "threads": 1, "val_split": 0.2}
+    assert train(TrainConfig(out=str(tmp_path / "a"), threshold=0.5, **common))["train_config"]["threshold"] == 0.5
+
+
+def test_gated_blocks_is_the_models_own_count() -> None:
+    """``trainconfig.gated_blocks`` (N for ImageNet's beta = alpha / N, without building the model) is the count a
+    built model has, for every registered gated architecture."""
+    from skipnet.registry import create_model, get_config, list_models
+    from skipnet.trainconfig import gated_blocks
+
+    names = [n for n in list_models() if get_config(n).gate != "none"]
+    assert any(n.startswith("imagenet") for n in names) and any(n.startswith("cifar10_") for n in names)
+    for name in names:
+        config = get_config(name)
+        if config.family == "imagenet" and config.depth > 50:
+            continue  # building ResNet-101/152 takes seconds each; 18, 34 and 50 cover both block kinds
+        assert gated_blocks(config) == create_model(name).num_gates, name

@@ -146,8 +146,9 @@ REFUSED = [
     ("sp", {"baseline": "ema"}, "--baseline ema has no effect here"),
     ("soft", {"alpha": 3.0}, "--alpha 3 has no effect here"),
     ("sp", {"select": "reward", "val_split": 0.0}, "--select reward has no effect here: with --val-split 0"),
-    ("sp", {"select": "accuracy", "val_split": 0.0}, "(as --select last)"),
-    ("hrl", {"select": "reward", "val_split": 0.0}, "there is no validation split"),
+    ("hrl", {"select": "accuracy", "val_split": 0.0}, "(as --select last)"),
+    ("sp", {"beta": 1.5}, "--beta 1.5 has no effect here"),
+    ("sp", {"alpha": 0.01}, "--alpha 0.01 has no effect here"),  # ImageNet's default, not CIFAR's
     ("base", {"threshold": 0.7}, "--threshold 0.7 has no effect here"),
     ("base", {"gate_lr_mult": 5.0}, "--gate-lr-mult 5 has no effect here: stage base trains no gate"),
     ("sdv", {"gate_lr_mult": 5.0}, "stage sdv trains no gate"),
@@ -173,12 +174,56 @@ ACCEPTED = [
     # every option at its default, as a replayed config.json gives it
     ("base", {k: v for k, v in TrainConfig.defaults().items() if v is not None}),
     ("sp", {k: v for k, v in TrainConfig.defaults().items() if v is not None}),
+    # the value the run fills in where it is unset: what an older config.json (no 'derived') or a restatement gives
+    ("base", {"alpha": 0.1, "beta": 1.0, "select": "accuracy", "threshold": 0.5}),
+    ("sp", {"alpha": 0.1, "beta": 1.0}),
+    ("sp", {"select": "accuracy", "val_split": 0.0}),  # an older run's command line, resumed
+    ("hrl", {"select": "reward", "val_split": 0.0}),
+    ("sdv", {"threshold": 0.5, "alpha": 0.1, "beta": 1.0}),
 ]
 
 
 @pytest.mark.parametrize(("stage", "options"), ACCEPTED)
 def test_an_option_that_is_read_is_accepted(stage: str, options: dict) -> None:
     TrainConfig("tiny_rnn_gate_14", stage, "digits", "o", **options).validate()
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"alpha": 0.01, "beta": 0.01 / 15}, None),
+        ({"beta": 1.0}, "--beta 1 has no effect here"),
+        ({"alpha": 0.1}, "--alpha 0.1 has no effect here"),
+    ],
+)
+def test_an_unused_option_is_compared_with_the_default_of_its_data(options: dict, says: str | None) -> None:
+    """ImageNet's defaults: alpha 0.01, beta alpha / N (15 gated blocks of ResNet-34)."""
+    cfg = TrainConfig("imagenet_rnn_gate_34", "sp", "imagenet", "o", **options)
+    if says is None:
+        cfg.validate()
+        return
+    with pytest.raises(SkipnetError, match="has no effect here") as info:
+        cfg.validate()
+    assert says in str(info.value)
+
+
+def test_an_older_config_json_replays_and_an_older_run_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """config.json written before 'derived' was (every filled value recorded as if given) replays; a run started
+    with --val-split 0 --select accuracy (sp's own) resumes with its command line."""
+    short = ["--iters", "1", "--limit-train", "32", "--limit-test", "32", "--threads", "1", "--batch-size", "16"]
+    base = ["train", "tiny_rnn_gate_14", "--stage", "base", "--data", "digits", *short]
+    assert main([*base, "--out", str(tmp_path / "base")]) == 0
+    record = json.loads((tmp_path / "base" / "config.json").read_text())
+    record.pop("derived")
+    (tmp_path / "old.json").write_text(json.dumps(record))
+    assert main(["train", "--config", str(tmp_path / "old.json"), "--out", str(tmp_path / "replay")]) == 0
+    sp = ["train", "tiny_rnn_gate_14", "--stage", "sp", "--data", "digits", "--out", str(tmp_path / "sp"), *short]
+    sp += ["--val-split", "0", "--select", "accuracy", "--beta", "1.0"]
+    assert main(sp) == 0
+    assert main([*sp, "--resume", "--iters", "2"]) == 0
+    capsys.readouterr()
+    assert main([*sp, "--resume", "--iters", "3", "--alpha", "3"]) == 2
+    assert "--alpha 3 has no effect here" in one_line_error(capsys, "train")
 
 
 def test_freeze_gates_refuses_gate_lr_mult() -> None:
@@ -193,3 +238,27 @@ def test_cli_train_refuses_an_unused_option_in_one_line(tmp_path: Path, capsys: 
     argv += ["--iters", "1", "--limit-train", "32", "--limit-test", "32", "--threads", "1"]  # short, where accepted
     assert main(argv) == 2
     assert "--baseline ema has no effect here" in one_line_error(capsys, "train") and not out.exists()
+
+
+# --------------------------------------------------------------------------------------------- 4. older sweeps
+@pytest.mark.slow
+def test_a_rerun_over_an_older_sweep_compares_the_values_its_runs_would_train_with(
+    sp_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A run whose config.json does not say which values were defaults (written before 'derived' was) is reused
+    only if the new run would train with its values: an option left unset is compared at its default."""
+    out = tmp_path / "sw"
+    argv = ["sweep", "--init", str(sp_ckpt), "--data", "digits", "--alphas", "0.3", "--out", str(out), *FAST]
+    assert main([*argv, "--lr", "0.001"]) == 0
+    rows = (out / "alpha_0.3" / "metrics.jsonl").read_text()
+    config = out / "alpha_0.3" / "config.json"
+    record = json.loads(config.read_text())
+    assert "eval_every" in record.pop("derived")  # a default that depends on the data: compared as well
+    config.write_text(json.dumps(record))
+    capsys.readouterr()
+    code, _, err = _cli(capsys, *argv)  # trains at lr 1e-4: not the run there
+    line = _one_line(code, err)
+    assert "lr 0.001, left to its default (0.0001)" in line and "choose another --out" in line, line
+    code, _, err = _cli(capsys, *argv, "--lr", "0.001")  # the same run: reused
+    assert code == 0, err
+    assert (out / "alpha_0.3" / "metrics.jsonl").read_text() == rows

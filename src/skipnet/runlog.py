@@ -410,13 +410,20 @@ def _unique_pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     return out
 
 
+def left_unset(value: Any) -> bool:
+    """Whether an option's ``value`` is "not given": ``None``, or a default that says so (its ``given`` is false:
+    ``--threshold``'s, :data:`skipnet.trainconfig.UNSET_THRESHOLD`, which a trained ``--init`` replaces)."""
+    return value is None or getattr(value, "given", True) is False
+
+
 def derived_record(path: Path, user: dict[str, Any], resolved: dict[str, Any], resumed: bool) -> dict | None:
     """The options ``config.json`` at ``path`` records as derived, with their values: on a new run those the
-    ``user`` options left ``None`` that the ``resolved`` run fills; on a resumed run those the file already
-    records, less any now set; ``None`` (a replay takes every value) where a resumed run's file records none
-    (written before the record was). A replay derives these again unless the file's value was edited."""
+    ``user`` options left unset (``None``; a ``--threshold`` not given, which a trained ``--init`` may bring) that
+    the ``resolved`` run fills; on a resumed run those the file already records, less any now set; ``None`` (a
+    replay takes every value) where a resumed run's file records none (written before the record was). A replay
+    derives these again unless the file's value was edited."""
     if not resumed:
-        names = [k for k, v in user.items() if v is None and resolved.get(k) is not None]
+        names = [k for k, v in user.items() if left_unset(v) and resolved.get(k) is not None]
     else:
         try:
             before = json.loads(path.read_text(encoding="utf-8")).get(DERIVED)
@@ -424,7 +431,7 @@ def derived_record(path: Path, user: dict[str, Any], resolved: dict[str, Any], r
             before = None
         if not isinstance(before, (list, dict)):
             return None
-        names = [k for k in before if user.get(k) is None]
+        names = [k for k in before if left_unset(user.get(k))]
     return {k: resolved.get(k) for k in sorted(names)}
 
 

@@ -3,11 +3,13 @@ that fill the ones left unset (:func:`resolve_defaults`). The CLI's ``skipnet tr
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
+from skipnet.config import IMAGENET_LAYERS, ArchConfig
 from skipnet.data.sources import BUILTINS
 from skipnet.errors import SkipnetError, check_value
+from skipnet.runlog import left_unset
 
 SCHEDULES = ("paper", "step", "cosine", "onecycle", "constant")
 BN_MODES = ("update", "frozen")
@@ -28,6 +30,28 @@ MAX_WORKERS = 64  # DataLoader worker processes
 MAX_IMAGE_SIZE = 1024  # px, as skipnet flops: a training input larger than this only fails in the allocator
 MAX_BATCH = 65536
 # The built-in data sets and their images' side: they are not resized, so --image-size must be that or unset.
+
+
+class _UnsetThreshold(float):
+    """``--threshold`` left unset: 0.5, unless a trained ``--init`` brings its own (:func:`skipnet.runsetup.
+    init_threshold`). A number like any other, that also says it was not given, so that ``config.json`` records
+    the threshold the run took as derived (a ``--config`` replay takes its own ``--init``'s again) and a
+    ``--threshold 0.5`` given stays given. :func:`resolve_defaults` makes it a plain float (nothing saved holds
+    one)."""
+
+    given = False  # runlog.left_unset
+
+    def __copy__(self) -> _UnsetThreshold:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> _UnsetThreshold:
+        return self
+
+    def __reduce__(self) -> tuple:
+        return float, (float(self),)
+
+
+UNSET_THRESHOLD = _UnsetThreshold(0.5)
 
 
 @dataclass
@@ -77,7 +101,7 @@ class TrainConfig:
     bn: str | None = None
     select: str | None = None
     keep: float = 0.5
-    threshold: float = 0.5
+    threshold: float = UNSET_THRESHOLD  # 0.5, or a trained --init's own
     threshold_jitter: float = 0.0
     val_split: float = 0.1
     seed: int = 0
@@ -162,7 +186,8 @@ class TrainConfig:
         return self.freeze in ("gates", "policy")
 
     def _validate_unused(self) -> None:
-        """An option set away from its default where nothing reads it is refused, not silently ignored."""
+        """An option set where nothing reads it is refused, not silently ignored; unless its value is the one this
+        run gives it when unset (:func:`resolve_defaults`): a replayed ``config.json`` or a resumed run restates it."""
         d, stage, rl = TrainConfig.defaults(), self.stage, self.stage in RL_STAGES
         scored = rl or self.select == "reward"  # the hybrid return: HRL/RL's reward, --select reward's score
         hybrid = f"it is the hybrid reward's (Eq. 5-6), which stage {stage} neither trains nor selects on"
@@ -200,9 +225,9 @@ class TrainConfig:
                 "it keeps the gates' initialisation of SP from scratch",
             ),
         )
-        for flag, name, idle, why in unused:
+        for flag, name, idle, why in unused:  # its value as this run would fill it (a replayed config.json's)
             value = getattr(self, name)
-            if idle and value != d[name]:
+            if idle and value != d[name] and value != _filled_default(self, name):
                 shown = "" if isinstance(value, bool) else f" {value}" if isinstance(value, str) else f" {value:g}"
                 raise SkipnetError(f"{flag}{shown} has no effect here: {why}")
 
@@ -293,10 +318,29 @@ RESUME_MAY_CHANGE = frozenset(
 
 
 def options_set(cfg: TrainConfig) -> set[str]:
-    """The options of ``cfg`` a caller set, as far as the values tell: those that are not their defaults (the CLI
-    knows better, from its command line: :func:`skipnet.runlog.given_options`)."""
-    defaults = TrainConfig.defaults()
-    return {k for k, v in cfg.to_dict().items() if v is not None and (k not in defaults or v != defaults[k])}
+    """The options of ``cfg`` a caller set, as far as the values tell: those that are not their defaults, and a
+    threshold given (a ``--init``'s does not replace it; the CLI knows better, from its command line:
+    :func:`skipnet.runlog.explicit_options`)."""
+    d = TrainConfig.defaults()
+    given = {k for k, v in cfg.to_dict().items() if v is not None and (k not in d or v != d[k])}
+    return given | ({"threshold"} if not left_unset(cfg.threshold) else set())
+
+
+def _filled_default(cfg: TrainConfig, name: str) -> Any:
+    """The value :func:`resolve_defaults` gives option ``name`` of ``cfg`` left unset (its declared default,
+    or the stage's paper setting where that is ``None``)."""
+    from skipnet.registry import get_config
+
+    arch = get_config(cfg.arch)
+    unset = replace(cfg, **{name: TrainConfig.defaults()[name]})
+    return getattr(resolve_defaults(unset, arch.family, arch.dataset, gated_blocks(arch), 1), name)
+
+
+def gated_blocks(arch: ArchConfig) -> int:
+    """N, the gated blocks of ``arch`` (every residual block but the first): ``GatedResNet(arch).num_gates``
+    without building it."""
+    per_stage = (arch.depth - 2) // 6 if arch.family == "cifar" else IMAGENET_LAYERS[arch.depth][1]
+    return (3 * per_stage if arch.family == "cifar" else sum(per_stage)) - 1
 
 
 def changed_option(cfg: TrainConfig, saved: TrainConfig, given: set[str]) -> tuple[str, Any, Any] | None:
@@ -348,6 +392,7 @@ def default_batch_size(family: str) -> int:
 def resolve_defaults(cfg: TrainConfig, family: str, dataset: str, num_gates: int, steps_per_epoch: int) -> TrainConfig:
     """Fill ``None`` options with the paper's settings (§4; the authors' scripts) for this stage and data."""
     c = TrainConfig(**asdict(cfg))
+    c.threshold = float(c.threshold)  # left unset: 0.5 (a trained --init's replaces it: runsetup.init_threshold)
     imagenet = family == "imagenet"
     finetune = c.stage == "hrl" and (c.init is not None or c.init_torchvision is not None)
     if c.batch_size is None:

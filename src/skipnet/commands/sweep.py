@@ -40,9 +40,9 @@ from skipnet.errors import SkipnetError, check_value
 from skipnet.evaluate import data_for_checkpoint, eval_loader, eval_mode_for, run_eval
 from skipnet.experiments import Run, Runner, literal
 from skipnet.fileio import atomic_write, json_text
-from skipnet.rundir import BEST, CONFIG, LAST, SUMMARY, data_fingerprint, describe_difference
-from skipnet.runlog import DERIVED
-from skipnet.trainconfig import RESUME_MAY_CHANGE, TrainConfig
+from skipnet.registry import get_config
+from skipnet.rundir import BEST, LAST, SUMMARY, data_fingerprint, describe_difference
+from skipnet.trainconfig import RESUME_MAY_CHANGE, TrainConfig, default_batch_size, resolve_defaults
 
 log = logging.getLogger(__name__)
 
@@ -292,49 +292,58 @@ def write_record(out: Path, runs: list[Run], init: str, digest: str) -> None:
 MAY_DIFFER = RESUME_MAY_CHANGE | {"init", "channels_last"}
 
 
-def saved_run(run: Path) -> tuple[TrainConfig, dict[str, Any], set[str] | None] | None:
-    """``(options, checkpoint, derived)`` of the run in ``run`` (its ``last.pt``, else ``best.pt``): the options it
-    ran with, its defaults filled in, and the names of those its defaults filled (its ``config.json`` records them;
-    ``None`` where it does not); ``None`` where no checkpoint is left to say how it was trained."""
+def saved_run(run: Path) -> tuple[TrainConfig, dict[str, Any]] | None:
+    """``(options, checkpoint)`` of the run in ``run`` (its ``last.pt``, else ``best.pt``): the options it ran with,
+    its defaults filled in; ``None`` where no checkpoint is left to say how it was trained."""
     path = next((run / n for n in (LAST, BEST) if (run / n).exists()), None)
     if path is None:
         return None
     ckpt = load_checkpoint(path)
-    try:
-        derived = json.loads((run / CONFIG).read_text()).get(DERIVED)
-    except (OSError, ValueError, AttributeError):
-        derived = None
-    names = {str(k) for k in derived} if isinstance(derived, (list, dict)) else None
-    return TrainConfig.from_dict(ckpt["train_config"]), ckpt, names
+    return TrainConfig.from_dict(ckpt["train_config"]), ckpt
 
 
-def other_option(cfg: TrainConfig, saved: TrainConfig, derived: set[str] | None) -> tuple[str, Any, str] | None:
-    """``(option, saved value, new value in words)`` of the first option but :data:`MAY_DIFFER` that ``cfg`` (the
-    new sweep's run, unset options ``None``) gives another value than the ``saved`` run had: a value given that
-    differs, or an option left unset (to its stage's default) that the saved run set (``derived``: the names the
-    saved run's defaults filled; ``None``: not recorded, an unset option is taken as the same); else ``None``."""
+def would_train(cfg: TrainConfig, ckpt: dict[str, Any], arch: tuple[str, str, int]) -> TrainConfig:
+    """``cfg`` (a new run of the sweep, unset options ``None``) with the values ``skipnet train`` would fill in
+    (:func:`~skipnet.trainconfig.resolve_defaults`; ``arch``: family, data set and gated blocks of ``--init``'s
+    network), the epoch length, on which ``--eval-every``'s default depends, that of the data the saved run in
+    ``ckpt`` recorded (other data is refused apart: :func:`check_same_data`)."""
+    family, dataset, gates = arch
+    images = (ckpt.get("data_fingerprint") or {}).get("train_images")
+    batch = cfg.batch_size or default_batch_size(family)
+    steps = images // batch if isinstance(images, int) and images >= batch else None
+    resolved = resolve_defaults(cfg, family, dataset, gates, steps or 1)
+    if steps is None and cfg.eval_every is None:  # not recorded: no value to compare, the run's is not taken
+        resolved.eval_every = None
+    return resolved
+
+
+def other_option(cfg: TrainConfig, resolved: TrainConfig, saved: TrainConfig) -> tuple[str, Any, str] | None:
+    """``(option, saved value, new value in words)`` of the first option but :data:`MAY_DIFFER` that the new run
+    (``cfg`` as given, ``resolved`` as it would train: an option left unset takes its stage's default) has with
+    another value than the ``saved`` run had; else ``None``."""
     for f in fields(TrainConfig):
-        if f.name in MAY_DIFFER:
+        value, before = getattr(resolved, f.name), getattr(saved, f.name)
+        if f.name in MAY_DIFFER or value == before:
             continue
-        value, before = getattr(cfg, f.name), getattr(saved, f.name)
-        if value is None and before is not None and derived is not None and f.name not in derived:
-            return f.name.replace("_", "-"), before, "left to its default"
-        if value is not None and value != before:
-            return f.name.replace("_", "-"), before, f"not {value!r}"
+        if getattr(cfg, f.name) is None:
+            shown = "one epoch, of a size the run did not record" if value is None else repr(value)
+            return f.name.replace("_", "-"), before, f"left to its default ({shown})"
+        return f.name.replace("_", "-"), before, f"not {value!r}"
     return None
 
 
-def check_same_run(cfg: TrainConfig) -> TrainConfig | None:
+def check_same_run(cfg: TrainConfig, arch: tuple[str, str, int]) -> TrainConfig | None:
     """A run of an earlier sweep into the same ``--out`` (finished, or to be resumed) is reused only if this sweep
-    asks for the same run: every option that can change its numbers (defaults included), the threshold and, once
-    finished, its length; one line otherwise. Its ``--init`` is checked by contents, not by name
+    asks for the same run: every option that can change its numbers at the value it would train with (a default
+    included, whether or not the run's ``config.json`` says which of its values were defaults), the threshold and,
+    once finished, its length; one line otherwise. Its ``--init`` is checked by contents, not by name
     (:func:`check_same_init`), its data by what the run recorded of it (:func:`check_same_data`). Returns the
     run's checkpoint (``None``: none is left, only a summary, and nothing says how it was trained)."""
     found = saved_run(Path(cfg.out))
     if found is None:
         return None
-    saved, ckpt, derived = found
-    changed = other_option(cfg, saved, derived)
+    saved, ckpt = found
+    changed = other_option(cfg, would_train(cfg, ckpt, arch), saved)
     if changed is not None:
         name, before, value = changed
         raise SkipnetError(
@@ -417,8 +426,10 @@ def prepare(args: argparse.Namespace) -> tuple[Runner, list[Run], list[float], A
     digest = init_digest(args.init)
     check_same_init(runner, runs, args.init, digest)
     trained = []
+    registered = get_config(arch)  # the family and data set skipnet train resolves the runs' defaults for
+    shape = (registered.family, registered.dataset, sp_model.num_gates)
     for r, a in zip(runs, alphas, strict=True):  # a run to reuse or resume: of these options, length, data
-        ckpt = check_same_run(config(a))
+        ckpt = check_same_run(config(a), shape)
         if ckpt is not None and runner.finished(r):
             check_same_length(config(a), ckpt)
         if ckpt is not None:
