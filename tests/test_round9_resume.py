@@ -195,8 +195,13 @@ def test_resume_refuses_a_distill_teacher_with_other_contents(tmp_path, monkeypa
     line = one_line_error(capsys, "train")
     assert "--distill teacher" in line and "other contents" in line, line
     assert (run / "last.pt").read_bytes() == before
-    teacher.write_bytes(original)  # the original back: the run continues
-    assert main(["train", *TINY, "--stage", "sp", "--out", str(run), "--resume"]) == 0
+    (tmp_path / "moved").mkdir()
+    teacher.rename(tmp_path / "moved" / "T.pt")  # moved: the resume names the new path
+    (tmp_path / "moved" / "T.pt").write_bytes(original)  # the original contents at the new path: the run continues
+    assert main(["train", *TINY, "--stage", "sp", "--out", str(run), "--resume"]) == 2  # the old path is gone
+    assert "--distill " in one_line_error(capsys, "train")
+    moved = ["--distill", str(tmp_path / "moved" / "T.pt")]
+    assert main(["train", *TINY, "--stage", "sp", "--out", str(run), "--resume", *moved]) == 0
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
 
 

@@ -409,7 +409,10 @@ def _recorded_classes(ckpt: dict[str, Any]) -> Any:
 def load_teacher(spec: str, data: DataBundle, channels_last: bool, device: torch.device) -> GatedResNet:
     """The frozen network whose predictions ``--distill`` matches (eval mode, its own gate mode): it must see the
     same classes and the same input normalisation as the student, or the targets would be wrong."""
-    teacher, ckpt = load_model(spec)
+    try:
+        teacher, ckpt = load_model(spec)
+    except SkipnetError as exc:  # say which of the run's checkpoints it is
+        raise SkipnetError(f"--distill {spec} (the teacher): {exc}"[:400]) from None
     if teacher.config.num_classes != data.num_classes:
         raise SkipnetError(
             f"--distill {spec} predicts {teacher.config.num_classes} classes; the data has {data.num_classes}"

@@ -268,7 +268,13 @@ class RunState:
                 f"shards, random streams and epoch ends depend on the number, so it would not continue exactly (not "
                 f"even at an epoch boundary); resume it with {how}, or start a new run (another --out)"
             )
-        teacher = ckpt.get("teacher_sha256")
+        teacher, distill = ckpt.get("teacher_sha256"), self.setup.cfg.distill
+        before = (ckpt.get("train_config") or {}).get("distill")
+        if teacher is None and distill is not None and before is not None and distill != before:
+            raise SkipnetError(
+                f"--resume: {path} records no digest of its --distill teacher (written before teachers were "
+                f"checked), so a teacher at another path cannot be told to be the same; give --distill {before}"
+            )
         if teacher is not None and self.teacher_sha256 is not None and teacher != self.teacher_sha256:
             raise SkipnetError(
                 f"--resume: the --distill teacher {self.setup.cfg.distill} has other contents (SHA-256 "

@@ -343,12 +343,19 @@ def gated_blocks(arch: ArchConfig) -> int:
     return (3 * per_stage if arch.family == "cifar" else sum(per_stage)) - 1
 
 
+# Paths a resumed run may give anew where the file moved: its contents are checked instead (RunState's teacher
+# SHA-256), so not in RESUME_MAY_CHANGE, which also says what a sweep rerun may change.
+RESUME_MAY_MOVE = frozenset({"distill"})
+
+
 def changed_option(cfg: TrainConfig, saved: TrainConfig, given: set[str]) -> tuple[str, Any, Any] | None:
     """``(option, saved value, new value)`` of the first option ``given`` that a resumed run may not change and
-    ``cfg`` sets to another value than ``saved`` (lengths excepted), or ``None``."""
+    ``cfg`` sets to another value than ``saved`` (lengths excepted, and a moved file of ``RESUME_MAY_MOVE``), or
+    ``None``."""
     for name in sorted(given & {f.name for f in fields(TrainConfig)}):
         value, before = getattr(cfg, name), getattr(saved, name)
-        if value is not None and name not in ("epochs", "iters") and name not in RESUME_MAY_CHANGE and value != before:
+        moved = name in RESUME_MAY_MOVE and before is not None
+        if value is not None and name not in ("epochs", "iters", *RESUME_MAY_CHANGE) and not moved and value != before:
             return name.replace("_", "-"), before, value
     return None
 
@@ -365,7 +372,7 @@ def resumed_config(cfg: TrainConfig, saved: TrainConfig, given: set[str], out: s
             "it would make it another run; resume it with its own options (or choose another --out)"
         )
     merged = TrainConfig(**asdict(saved))
-    for name in sorted(given & {f.name for f in fields(TrainConfig)} & RESUME_MAY_CHANGE):
+    for name in sorted(given & {f.name for f in fields(TrainConfig)} & (RESUME_MAY_CHANGE | RESUME_MAY_MOVE)):
         if getattr(cfg, name) is not None:
             setattr(merged, name, getattr(cfg, name))
     if cfg.epochs is not None or cfg.iters is not None:
