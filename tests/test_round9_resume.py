@@ -216,3 +216,23 @@ def test_config_records_a_command_line_that_runs(monkeypatch, argv0, program) ->
 
     monkeypatch.setattr(sys, "argv", [argv0, "train", "tiny_rnn_gate_14", "--out", "a b"])
     assert environment()["command_line"] == f"{program} train tiny_rnn_gate_14 --out 'a b'"
+
+
+def test_an_older_checkpoint_resumed_under_torchrun_is_said_not_exact(caplog) -> None:
+    """A checkpoint without per-rank random states (written before they were saved) resumed by several processes:
+    one warning from rank 0 that the run is not bit-identical; one process, or saved states, say nothing."""
+    import logging
+
+    from skipnet.runstate import RunState
+
+    def resumed(world: int, rank: int, ckpt: dict) -> list[str]:
+        caplog.clear()
+        fake = SimpleNamespace(setup=SimpleNamespace(dist=SimpleNamespace(world=world, rank=rank)))
+        with caplog.at_level(logging.WARNING, logger="skipnet.runstate"):
+            RunState.restore_rank_rng(fake, ckpt)
+        return [r.getMessage() for r in caplog.records]
+
+    assert "not bit-identical" in " ".join(resumed(2, 0, {}))
+    assert resumed(2, 1, {}) == [] and resumed(1, 0, {}) == []
+    state = {"torch": torch.get_rng_state()}  # as saved (checkpoint.get_rng_state), the same stream put back
+    assert resumed(2, 0, {"rng_ranks": [state, state]}) == []

@@ -289,6 +289,13 @@ class RunState:
         states, dist = ckpt.get("rng_ranks"), self.setup.dist
         if dist.world > 1 and isinstance(states, list) and len(states) == dist.world:
             set_rng_state(states[dist.rank])
+        elif dist.world > 1 and dist.rank == 0:  # said once, not silent: the numbers will differ from a straight run
+            log.warning(
+                "resuming a checkpoint written before each process's random streams were saved: the run continues "
+                "under %d processes, but not bit-identical to one that never stopped (nor checked for its number of "
+                "processes)",
+                dist.world,
+            )
 
     def _check_best(self, path: Path) -> None:
         """A run resumed after it chose a ``best.pt`` ends by testing it: refuse now, not after the whole schedule,

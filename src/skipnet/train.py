@@ -424,7 +424,9 @@ def train(cfg: TrainConfig, progress_bar: bool = False, given: set[str] | None =
     with hold_run_dir(cfg.out):
         trainer = Trainer(cfg, progress_bar, given)
         try:
-            return trainer.fit()
+            summary = trainer.fit()
+            trainer.dist.barrier()  # every rank done before any tears the process group down (gloo aborts a late one)
+            return summary
         finally:
             trainer.train_model = trainer.model  # free the DDP wrapper now, not at exit (see DistContext.cleanup)
             trainer.dist.cleanup()
