@@ -138,10 +138,10 @@ def torchrun(args: list[str], tmp: Path) -> None:
         proc = subprocess.run([*cmd, *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=patience(300))
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"torchrun did not finish (a hang?): {exc.stderr}")
-    # Known open fault (2026-12-07, see the closing note): a two-process HRL run from the CLI sometimes aborts at
-    # interpreter exit after it has finished and written everything ("terminate called without an active
-    # exception", about one launch in four here). This test is about what the run wrote, so that abort alone is
-    # tolerated, and only once the run's summary.json is there; any other failure fails the test.
+    # A fault seen on 2026-12-07 (docs/reliability.md, known limits): a finished two-process run aborted at exit
+    # ("terminate called without an active exception", one launch in four) while the per-rank random states were
+    # collected by torch's gather_object; not seen since they are broadcast. This test is about what the runs
+    # wrote, so that abort alone is tolerated, and only once the run's summary.json is there.
     out = Path(args[args.index("--out") + 1])
     exit_abort = "terminate called without an active exception" in proc.stderr and (out / "summary.json").is_file()
     assert proc.returncode == 0 or exit_abort, proc.stderr[-4000:]
