@@ -24,7 +24,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +32,17 @@ import torch
 
 from skipnet import plots
 from skipnet.analysis import eval_point
-from skipnet.checkpoint import checkpoint_stats, data_record, load_checkpoint, load_model, require_same_classes
+from skipnet.checkpoint import data_record, load_checkpoint, load_model, require_same_classes
 from skipnet.commands._common import add_data_args, add_optim_args, check_out, require_learned_gates
 from skipnet.cost import cost_model
-from skipnet.data import load_data
+from skipnet.distributed import DistContext
 from skipnet.errors import SkipnetError, check_value
 from skipnet.evaluate import data_for_checkpoint, eval_loader, eval_mode_for, run_eval
 from skipnet.experiments import Run, Runner, literal
 from skipnet.fileio import atomic_write, json_text
 from skipnet.registry import get_config
 from skipnet.rundir import BEST, LAST, SUMMARY, data_fingerprint, describe_difference
+from skipnet.runsetup import load_run_data
 from skipnet.trainconfig import RESUME_MAY_CHANGE, TrainConfig, default_batch_size, resolve_defaults
 
 log = logging.getLogger(__name__)
@@ -375,19 +376,10 @@ def check_same_data(args: argparse.Namespace, trained: list[tuple[Path, dict[str
     recorded = [(run, ckpt) for run, ckpt in trained if isinstance(ckpt.get("data_fingerprint"), dict)]
     if not recorded:
         return
-    cfg = TrainConfig.from_dict(recorded[0][1]["train_config"])  # the same data options in each (check_same_run)
-    data = load_data(
-        args.data,
-        data_dir=args.data_dir,
-        download=args.download,
-        val_split=cfg.val_split,
-        seed=cfg.seed,
-        workers=cfg.workers,
-        limit_train=cfg.limit_train,
-        limit_test=cfg.limit_test,
-        image_size=cfg.image_size,
-        stats=checkpoint_stats(recorded[0][1]),
-    )
+    saved = recorded[0][1]
+    cfg = TrainConfig.from_dict(saved["train_config"])  # the same data options in each (check_same_run)
+    cfg = replace(cfg, data=args.data, data_dir=args.data_dir, download=args.download)
+    data = load_run_data(cfg, get_config(cfg.arch), DistContext(), saved, resumed=True)  # as a resume loads it
     now = data_fingerprint(data)
     for run, ckpt in recorded:
         for key, before in ckpt["data_fingerprint"].items():
