@@ -29,6 +29,31 @@ def test_a_decompression_bomb_is_one_rule_on_every_path(tmp_path, monkeypatch) -
     assert _large_image(ok.read_bytes(), 16).shape == (3, 16, 16)
 
 
+def test_a_bomb_in_a_folder_of_small_images_is_named_as_such(tmp_path, monkeypatch, caplog) -> None:
+    """The small-image decoder skips an image over the pixel limit with the other unreadable ones: its warning
+    names that limit beside corrupt and truncated files (it said "corrupt or truncated" only)."""
+    import logging
+
+    from PIL import Image
+
+    from skipnet.data import load_data
+
+    monkeypatch.setenv("SKIPNET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    root = tmp_path / "F"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (30, 30), (40 * i, 9, 9)).save(root / split / c / f"{i}.png")
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(root / "test" / "a" / "big.png")  # 1,600 px
+    with caplog.at_level(logging.WARNING):
+        bundle = load_data(str(root), batch_size=2, workers=0)
+    assert len(bundle.test.labels) == 6
+    line = next(r.getMessage() for r in caplog.records if "big.png" in r.getMessage())
+    assert "skipped 1 of 7" in line and "decompression-bomb limit" in line, line
+
+
 def test_analyze_shows_the_images_its_rows_are_about_past_an_unreadable_one(tmp_path, monkeypatch) -> None:
     """An evaluation pass over large images leaves out an unreadable one; the example images analyze draws for
     the pass's rows are those rows' images, not the ones a position further on."""

@@ -163,7 +163,8 @@ def _warn_skipped(split_dir: Path, skipped: list[str], total: int) -> None:
     if skipped:
         head = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
         log.warning(
-            "skipped %d of %d images under %s that could not be decoded (corrupt or truncated): %s",
+            "skipped %d of %d images under %s that could not be decoded (corrupt, truncated, or over the "
+            "decompression-bomb limit of PIL.Image.MAX_IMAGE_PIXELS): %s",
             len(skipped),
             total,
             split_dir,
@@ -271,7 +272,7 @@ def _decode_all(
     if not images:
         raise SkipnetError(
             f"none of the {len(files)} images under {split_dir} could be decoded (e.g. {skipped[0]}); "
-            "they are corrupt, truncated or not images: replace them"
+            "they are corrupt, truncated, not images or over the decompression-bomb limit: replace them"
         )
     _warn_skipped(split_dir, skipped, len(files))
     try:
