@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,21 @@ def patience(seconds: float) -> float:
     beside the suite (issue 33: a run of the suite beside two training jobs, load 7 on 2 cores, timed out)."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return seconds * max(1.0, 2.0 * load / (os.cpu_count() or 1))
+
+
+def torchrun(args: list[str], cwd: Path, nproc: int = 2, limit: float = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=nproc ARGS`` (one thread a process, its own data cache under
+    ``cwd``), asserted to exit 0; a launch still running after ``patience(limit)`` s fails the test as a hang."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "SKIPNET_CACHE": str(cwd / "cache"), "PYTHONUNBUFFERED": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=patience(limit))
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"torchrun did not finish in {patience(limit):.0f}s (a hang?): {' '.join(args)}\n{exc.stderr}")
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
 
 
 REPO = Path(__file__).resolve().parents[1]

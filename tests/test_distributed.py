@@ -8,10 +8,7 @@ live in ``tests/dist_worker.py``.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import patience
+from conftest import CIFAR_TAR, torchrun
 from skipnet import SkipnetError, create_model
 from skipnet.distributed import (
     DistContext,
@@ -35,13 +32,9 @@ from skipnet.losses import Baseline
 from skipnet.stages import STAGES
 from skipnet.train import TrainConfig, Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-BUNDLED = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+BUNDLED = CIFAR_TAR  # the test data beside the repository (a missing file fails the tests that read it)
 WORKER = TESTS / "dist_worker.py"
-TIMEOUT = 300  # seconds per torchrun launch; a few tens of seconds on two busy cores
-
-needs_bundled = pytest.mark.skipif(not BUNDLED.is_file(), reason=f"bundled CIFAR-10 JPEGs not found at {BUNDLED}")
 
 
 def cifar_subset(dest: Path, train_per_class: int, test_per_class: int) -> Path:
@@ -66,23 +59,8 @@ def cifar_subset(dest: Path, train_per_class: int, test_per_class: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cifar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not BUNDLED.is_file():
-        pytest.skip(f"bundled CIFAR-10 JPEGs not found at {BUNDLED}")
+def cifar_dir(tmp_path_factory: pytest.TempPathFactory, cifar_jpeg: str) -> Path:
     return cifar_subset(tmp_path_factory.mktemp("cifar") / "cifar10-sub", 30, 8)
-
-
-def torchrun(args: list[str], tmp: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = os.environ | {"OMP_NUM_THREADS": "1", "SKIPNET_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    try:
-        proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=patience(TIMEOUT))
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"torchrun did not finish in {patience(TIMEOUT):.0f}s (a hang?): {' '.join(args)}\n{exc.stderr}")
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
 
 
 def json_objects(text: str) -> list[dict]:
@@ -129,7 +107,6 @@ def _sp_args(data: Path, out: Path) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- torchrun
 @pytest.mark.slow
-@needs_bundled
 def test_torchrun_cli_trains_sp_then_routed_hrl_in_sync(cifar_dir: Path, tmp_path: Path) -> None:
     """``torchrun -m skipnet train``: rank-0-only files, full-split evaluation, identical weights on every rank."""
     sp = tmp_path / "sp"
@@ -295,7 +272,6 @@ def test_unsharded_eval_loader_covers_the_split() -> None:
 
 
 @pytest.mark.slow
-@needs_bundled
 def test_bf16_autocast_trains_routed_hrl_on_cpu(cifar_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """``--amp bf16`` on CPU: SP (masked) and HRL (routed) steps run under autocast and give finite losses."""
     monkeypatch.setenv("SKIPNET_CACHE", str(tmp_path / "cache"))

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import CIFAR_TAR
 from skipnet import get_config
 from skipnet.cli import main
 from skipnet.trainconfig import TrainConfig, resolve_defaults
 
-BUNDLED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+BUNDLED = CIFAR_TAR
 CLASSES = ("cat", "ship")
 PER_CLASS = {"train": 6, "val": 2}  # 16 images
 
@@ -62,8 +63,7 @@ def test_imagenet_hrl_defaults_are_the_authors() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not BUNDLED.is_file(), reason=f"bundled CIFAR-10 JPEGs not found at {BUNDLED}")
-def test_imagenet_layout_torchvision_init_sp_then_hrl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_imagenet_layout_torchvision_init_sp_then_hrl(tmp_path: Path, monkeypatch, cifar_jpeg) -> None:
     import torchvision
 
     monkeypatch.setenv("SKIPNET_CACHE", str(tmp_path / "cache"))

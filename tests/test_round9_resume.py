@@ -6,10 +6,8 @@ resume of a sampling stage is exact (D); the trainer evaluates as ``skipnet eval
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import one_line_error, patience, train_tiny_sp
+from conftest import one_line_error, torchrun, train_tiny_sp
 from skipnet.checkpoint import load_checkpoint
 from skipnet.cli import main
 from skipnet.errors import Interrupted
@@ -129,24 +127,6 @@ HRL = [*TINY, "--stage", "hrl", "--batch-size", "16", "--lr", "0.01", "--schedul
 HRL += ["--limit-train", "320", "--limit-test", "64", "--eval-every", "3", "--device", "cpu"]
 
 
-def torchrun(args: list[str], tmp: Path) -> None:
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "SKIPNET_CACHE": str(tmp / "cache")}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "skipnet"]
-    try:
-        proc = subprocess.run([*cmd, *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=patience(300))
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"torchrun did not finish (a hang?): {exc.stderr}")
-    # A fault seen on 2026-12-07 (docs/reliability.md, known limits): a finished two-process run aborted at exit
-    # ("terminate called without an active exception", one launch in four) while the per-rank random states were
-    # collected by torch's gather_object; not seen since they are broadcast. This test is about what the runs
-    # wrote, so that abort alone is tolerated, and only once the run's summary.json is there.
-    out = Path(args[args.index("--out") + 1])
-    exit_abort = "terminate called without an active exception" in proc.stderr and (out / "summary.json").is_file()
-    assert proc.returncode == 0 or exit_abort, proc.stderr[-4000:]
-
-
 def test_torchrun_resume_of_a_sampling_stage_is_exact_and_only_under_the_same_world(tmp_path, capsys) -> None:
     """HRL under 2 processes, stopped at step 6 and resumed to 9, ends bit-identical to one that never stopped: each
     rank's sampling stream is saved and put back (rank 0's went to every rank, then all were re-seeded). The same
@@ -154,9 +134,9 @@ def test_torchrun_resume_of_a_sampling_stage_is_exact_and_only_under_the_same_wo
     sampling streams and the steps per epoch depend on the number of processes, so no resume under another number
     (mid-epoch or at an epoch boundary) would continue the run exactly."""
     straight, run = tmp_path / "straight", tmp_path / "run"
-    torchrun(["train", *HRL, "--iters", "9", "--out", str(straight)], tmp_path)
-    torchrun(["train", *HRL, "--iters", "6", "--out", str(run)], tmp_path)
-    torchrun(["train", *HRL, "--iters", "9", "--out", str(run), "--resume"], tmp_path)
+    torchrun(["-m", "skipnet", "train", *HRL, "--iters", "9", "--out", str(straight)], tmp_path)
+    torchrun(["-m", "skipnet", "train", *HRL, "--iters", "6", "--out", str(run)], tmp_path)
+    torchrun(["-m", "skipnet", "train", *HRL, "--iters", "9", "--out", str(run), "--resume"], tmp_path)
     assert not differing_tensors(straight / "last.pt", run / "last.pt")
     assert rows(straight) == rows(run)
 
