@@ -9,7 +9,8 @@ Models. No trained ResNet-110 is at hand, so the networks are *bias-set*: BatchN
 real CIFAR-10 training images (train-mode ``all_on`` passes, cumulative averages), then the recurrent gate's
 output layer scaled (x20, so that logits spread) and its bias bisected until the learned greedy gates execute
 the wanted fraction of blocks on the benchmark images. Their decisions vary from image to image and block to
-block, as a trained model's do; their accuracy is meaningless (random convolution weights).
+block, as a trained model's do; their accuracy is meaningless (random convolution weights). See
+:func:`skipnet.bench.bias_set_model`.
 
 ``speed``: the bias-set model at about half of its gated blocks executed (bias bisected) and at all executed
 (threshold 0 in the exported graph, so every gate is computed and every ``If`` takes its ``then`` branch),
@@ -29,21 +30,25 @@ Writes ``benchmarks/results/export_speed.json`` / ``export_agreement.json`` and 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import io
 import json
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from skipnet.bench import time_interleaved
+from skipnet.bench import (
+    bias_set_model,
+    bisect_gate_bias,
+    calibrate_batchnorm,
+    environment,
+    load_bench_data,
+    split_pixels,
+    time_interleaved,
+)
 from skipnet.bench_onnx import bench_onnx
-from skipnet.data import load_data
 from skipnet.export import build_graph, compare, eager_reference, export_model, onnx_session, run_onnx
 from skipnet.registry import create_model
 
@@ -53,83 +58,12 @@ DATA = HERE.parent.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 def cifar(limit_train: int = 2048):
     """The CIFAR-10 bundle (test split whole) and its normalisation."""
-    data = load_data(str(DATA), batch_size=256, eval_batch_size=500, limit_train=limit_train, workers=0)
-    return data, (tuple(data.mean), tuple(data.std))
-
-
-def pixels(data, split: str, n: int | None = None) -> torch.Tensor:
-    """The first ``n`` images of ``split`` as [0, 1] pixels (what the exported graphs take)."""
-    loader = data.split(split)
-    if hasattr(loader, "train"):
-        loader.train = False
-    xs, got = [], 0
-    for x, _ in loader:
-        xs.append(x)
-        got += len(x)
-        if n is not None and got >= n:
-            break
-    x = torch.cat(xs)[:n]
-    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (data.mean, data.std))
-    return x * std + mean
-
-
-@torch.no_grad()
-def calibrate(model, batches: list[torch.Tensor]) -> None:
-    """BatchNorm running statistics = cumulative averages over ``batches`` (already normalised)."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for x in batches:
-        model(x, "all_on")
-    for m in bns:
-        m.momentum = 0.1
-    model.eval()
-
-
-@torch.no_grad()
-def set_keep(model, x: torch.Tensor, keep: float, scale: float = 20.0) -> float:
-    """Scale the gates' output layers by ``scale`` and bisect their bias until greedy decisions on ``x``
-    (normalised) execute about ``keep`` of the gated blocks; returns the fraction reached."""
-    for fc in model.gates.heads():  # the recurrent gate's one layer, or each feed-forward gate's
-        fc.weight.mul_(scale)
-    lo, hi = -200.0, 200.0
-    frac = 0.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        model.set_gate_bias(mid)
-        frac = float(model(x, "greedy").trace.decisions.mean())
-        if abs(frac - keep) < 0.01:
-            break
-        lo, hi = (mid, hi) if frac < keep else (lo, mid)
-    return frac
-
-
-def bias_set_model(arch: str, data, stats, keep: float, n: int = 64):
-    torch.manual_seed(0)
-    model = create_model(arch)
-    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in stats)
-    train_px = (pixels(data, "train", 512) - mean) / std
-    train = [train_px[i : i + 128] for i in range(0, 512, 128)]
-    calibrate(model, train)
-    test = (pixels(data, "test", n) - mean) / std
-    reached = set_keep(model, test, keep)
-    return model.eval(), reached
+    return load_bench_data(DATA, limit_train)
 
 
 def env() -> dict:
-    import onnxruntime
-
-    return {
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpus": __import__("os").cpu_count(),
-        "command": " ".join(sys.argv),
-    }
+    """Where and when this ran (the versions of torch and ONNX Runtime among it)."""
+    return environment("torch", "onnxruntime")
 
 
 def imagenet_model(arch: str, keep: float, n: int):
@@ -140,9 +74,9 @@ def imagenet_model(arch: str, keep: float, n: int):
     torch.manual_seed(0)
     model = create_model(arch)
     gen = torch.Generator().manual_seed(1)
-    calibrate(model, [(torch.rand(8, 3, 224, 224, generator=gen) - mean) / std for _ in range(2)])
+    calibrate_batchnorm(model, [(torch.rand(8, 3, 224, 224, generator=gen) - mean) / std for _ in range(2)])
     images = torch.rand(n, 3, 224, 224, generator=gen)
-    reached = set_keep(model, (images - mean) / std, keep)
+    reached = bisect_gate_bias(model, (images - mean) / std, keep)
     return model.eval(), reached, images, stats
 
 
@@ -153,7 +87,7 @@ def speed(args) -> dict:
         what = f"{args.arch}, random weights, BN calibrated on random images, gate bias set"
     else:
         data, stats = cifar()
-        images = pixels(data, "test", args.images)
+        images = split_pixels(data, "test", args.images)
         model, reached = bias_set_model(args.arch, data, stats, 0.5)
         what = f"{args.arch}, BN calibrated on CIFAR-10, gate bias set"
     print(f"bias-set {args.arch}: {reached:.3f} of gated blocks executed", flush=True)
@@ -176,7 +110,7 @@ def speed(args) -> dict:
         ex_r.payload,
         ex_r.meta,
         plain_bytes=ex_p.payload,
-        images=pixels(data, "test", 64),
+        images=split_pixels(data, "test", 64),
         batch_size=32,
         repeats=max(3, args.repeats // 2),
         warmup=1,
@@ -220,7 +154,7 @@ def agreement(args) -> dict:
     torch.set_num_threads(1)
     data, stats = cifar()
     model, reached = bias_set_model("cifar10_rnn_gate_38", data, stats, 0.5)
-    images = pixels(data, "test", args.limit)
+    images = split_pixels(data, "test", args.limit)
     print(f"bias-set cifar10_rnn_gate_38: {reached:.3f} executed; {len(images)} test images", flush=True)
     out = {"env": env(), "cifar10": {"arch": "cifar10_rnn_gate_38", "model": "BN calibrated, gate bias set"}}
     ref = None
@@ -248,11 +182,11 @@ def agreement(args) -> dict:
     torch.manual_seed(0)
     inet = create_model("imagenet_rnn_gate_50")
     gen = torch.Generator().manual_seed(1)
-    calibrate(inet, [torch.randn(8, 3, 224, 224, generator=gen) for _ in range(2)])
+    calibrate_batchnorm(inet, [torch.randn(8, 3, 224, 224, generator=gen) for _ in range(2)])
     x = torch.rand(args.imagenet_images, 3, 224, 224, generator=gen)
     inet_stats = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in inet_stats)
-    reached = set_keep(inet, (torch.rand(8, 3, 224, 224, generator=gen) - mean) / std, 0.5)
+    reached = bisect_gate_bias(inet, (torch.rand(8, 3, 224, 224, generator=gen) - mean) / std, 0.5)
     out["imagenet"] = {"arch": "imagenet_rnn_gate_50", "model": "random weights, BN calibrated, gate bias set"}
     g50 = build_graph(inet, "conditional", inet_stats)
     ref = None
@@ -281,7 +215,7 @@ def shipped(args) -> dict:
 
     torch.set_num_threads(1)
     data, _ = cifar(limit_train=256)
-    images = pixels(data, "test", args.limit)
+    images = split_pixels(data, "test", args.limit)
     out = {"env": env(), "images": len(images), "models": {}}
     for name in args.models:
         t0 = time.time()
@@ -651,9 +585,9 @@ def deploy(args) -> dict:
         ex = _deploy_exports(model, stats, args.aoti and arch in args.aoti_models)
         ex["masked"] = export_model(model, "onnx", graph="masked", stats=stats, probes=1)
         entry = {"arch": arch, "model": what, "gated_blocks": len(model.gated_blocks)}
-        entry["batch1"] = deploy_batch1(model, arch, ex, stats, pixels(data, "test", args.images), args)
+        entry["batch1"] = deploy_batch1(model, arch, ex, stats, split_pixels(data, "test", args.images), args)
         _print_rows(arch, entry["batch1"])
-        entry["batch32"] = deploy_batch32(model, arch, ex, stats, pixels(data, "test", 1024), args)
+        entry["batch32"] = deploy_batch32(model, arch, ex, stats, split_pixels(data, "test", 1024), args)
         _print_rows(arch, entry["batch32"])
         out["models"].append(entry)
     return out
@@ -666,7 +600,7 @@ def workers(args) -> dict:
     routed graph interleaved, each way in its own rounds."""
     torch.set_num_threads(1)
     data, cifar_stats = cifar()
-    images = pixels(data, "test", 64)
+    images = split_pixels(data, "test", 64)
     batches = [images[i : i + 32].contiguous().numpy() for i in range(0, len(images), 32)]
     n, w = args.threads, args.workers
     out = {"env": env(), "rounds": args.rounds, "threads": n, "workers": w, "images": len(images), "models": []}

@@ -112,6 +112,45 @@ def print_train(res: dict) -> None:
             print(f"{key}: " + ", ".join(f"{k} {v:.3f}" for k, v in res[key].items()))
 
 
+def run_inference(cfg: dict, args: argparse.Namespace, rows: list[dict]) -> None:
+    """The inference table: each configured architecture (seeded, BatchNorm calibrated on random batches) at each
+    of its batch sizes; appends the rows to ``rows`` and prints them as they come."""
+    for arch, size, batches, keeps in cfg["inference"]:
+        if args.skip_imagenet and arch.startswith("imagenet"):
+            continue
+        torch.manual_seed(args.seed)
+        model = create_model(arch)
+        small = arch.startswith("imagenet")
+        calibrate_bn(model, size, batches=2 if small else 4, batch_size=8 if small else 32, seed=args.seed)
+        for batch in batches:
+            repeats, warmup = repeats_for(arch, batch, args.quick)
+            t0 = time.time()
+            found = bench_inference(
+                model,
+                batch_size=batch,
+                keeps=keeps,
+                image_size=size,
+                repeats=repeats,
+                warmup=warmup,
+                seed=args.seed,
+                info={"source": "arch", "bn": "calibrated on random batches"},
+            )
+            rows.extend(found)
+            print_inference(found)
+            print(f"  ({time.time() - t0:.0f} s)", flush=True)
+        del model
+
+
+def run_train(cfg: dict, args: argparse.Namespace) -> dict:
+    """The training-step table (seeded), printed; returns :func:`skipnet.bench.bench_train`'s result."""
+    arch, batch, keeps = cfg["train"]
+    torch.manual_seed(args.seed)
+    repeats, warmup = (3, 1) if args.quick else (5, 1)
+    res = bench_train(arch, batch_size=batch, keeps=keeps, repeats=repeats, warmup=warmup, seed=args.seed)
+    print_train(res)
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small smoke configuration")
@@ -134,39 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "inference": [],
     }
-    for arch, size, batches, keeps in [] if args.skip_inference else cfg["inference"]:
-        if args.skip_imagenet and arch.startswith("imagenet"):
-            continue
-        torch.manual_seed(args.seed)
-        model = create_model(arch)
-        small = arch.startswith("imagenet")
-        calibrate_bn(model, size, batches=2 if small else 4, batch_size=8 if small else 32, seed=args.seed)
-        for batch in batches:
-            repeats, warmup = repeats_for(arch, batch, args.quick)
-            t0 = time.time()
-            rows = bench_inference(
-                model,
-                batch_size=batch,
-                keeps=keeps,
-                image_size=size,
-                repeats=repeats,
-                warmup=warmup,
-                seed=args.seed,
-                info={"source": "arch", "bn": "calibrated on random batches"},
-            )
-            report["inference"].extend(rows)
-            print_inference(rows)
-            print(f"  ({time.time() - t0:.0f} s)", flush=True)
-        del model
-
+    if not args.skip_inference:
+        run_inference(cfg, args, report["inference"])
     if not args.skip_train:
-        arch, batch, keeps = cfg["train"]
-        torch.manual_seed(args.seed)
-        repeats, warmup = (3, 1) if args.quick else (5, 1)
-        report["train"] = bench_train(
-            arch, batch_size=batch, keeps=keeps, repeats=repeats, warmup=warmup, seed=args.seed
-        )
-        print_train(report["train"])
+        report["train"] = run_train(cfg, args)
 
     report["machine"]["loadavg_end"] = os.getloadavg()
     report["seconds"] = round(time.time() - started, 1)

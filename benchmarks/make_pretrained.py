@@ -179,14 +179,7 @@ def add_model(
     in ``index.json`` and ``RESULTS.md``. With ``bench_batch``, ``skipnet bench`` times the file on that many
     test images (on ``device``) and the plain/routed latency ratio is recorded. The file is evaluated before
     anything in the zoo changes; an existing NAME is refused unless ``force``. Returns the entry."""
-    check_name(name)
-    if not commands or not all(isinstance(c, str) and c.strip() for c in commands):
-        raise SkipnetError("give the training command(s) of the checkpoint (--command), in the order they were run")
-    root = zoo_dir(root)
-    index = read_index(root)
-    target = root / f"{name}.safetensors"
-    if (name in index or target.exists()) and not force:
-        raise SkipnetError(f"{name} is already in {root}; pass --force to replace it")
+    root, index, target = _check_new(name, commands, root, force)
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, checkpoint)
     root.mkdir(parents=True, exist_ok=True)
@@ -212,7 +205,34 @@ def add_model(
     if latency:
         entry["latency_ratio"] = latency["speedup"]
         entry["latency"] = {k: latency.get(k) for k in BENCH_KEYS}
-    entry |= {
+    entry |= _provenance(checkpoint, commands, device, date)
+    if notes:
+        entry["notes"] = notes
+    index[name] = entry
+    write_index(index, root)
+    return entry
+
+
+def _check_new(
+    name: str, commands: list[str], root: str | Path | None, force: bool
+) -> tuple[Path, dict[str, dict[str, Any]], Path]:
+    """Refuse a bad NAME, missing training commands, or a NAME already shipped (unless ``force``); else the zoo
+    folder, its index and the file NAME will be."""
+    check_name(name)
+    if not commands or not all(isinstance(c, str) and c.strip() for c in commands):
+        raise SkipnetError("give the training command(s) of the checkpoint (--command), in the order they were run")
+    root = zoo_dir(root)
+    index = read_index(root)
+    target = root / f"{name}.safetensors"
+    if (name in index or target.exists()) and not force:
+        raise SkipnetError(f"{name} is already in {root}; pass --force to replace it")
+    return root, index, target
+
+
+def _provenance(checkpoint: str | Path, commands: list[str], device: str, date: str | None) -> dict[str, Any]:
+    """How an entry came to be: where it was evaluated, the commands that trained it, its source file, the date (today
+    unless given) and the versions of skipnet and torch."""
+    return {
         "eval_device": device,
         "commands": [c.strip() for c in commands],
         "source": Path(checkpoint).name,
@@ -220,11 +240,6 @@ def add_model(
         "skipnet_version": skipnet.__version__,
         "torch_version": torch.__version__,
     }
-    if notes:
-        entry["notes"] = notes
-    index[name] = entry
-    write_index(index, root)
-    return entry
 
 
 def _stage_and_measure(

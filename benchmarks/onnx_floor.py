@@ -3,8 +3,9 @@
     python benchmarks/onnx_floor.py            # cifar10_rnn_gate_110, batch 1, one thread (~6 min)
 
 The exported conditional graph of the bias-set ResNet-110 of ``export_speed.py`` (all gated blocks executed:
-threshold 0) is rewritten into graphs that each keep one more part of a SkipNet block, and all are timed
-interleaved against the plain ResNet-110 unfolded from it (same BN-folded weights, same kernels):
+threshold 0; the model is :func:`skipnet.bench.bias_set_model`'s) is rewritten into graphs that each keep one more
+part of a SkipNet block, and all are timed interleaved against the plain ResNet-110 unfolded from it (same BN-folded
+weights, same kernels):
 
 - ``plain``: every ``If`` replaced by its ``then`` branch, gates pruned;
 - ``if_only``: every ``If`` kept, its condition a graph input fed ``True``, gates pruned: the cost of running a
@@ -36,13 +37,13 @@ import torch
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
-from export_speed import bias_set_model, cifar, env, pixels
-from skipnet.bench import time_interleaved
+from skipnet.bench import bias_set_model, environment, load_bench_data, split_pixels, time_interleaved
 from skipnet.bench_onnx import _prune, inline_branch, unfold_ifs
 from skipnet.cost import cost_model
 from skipnet.export import export_model, onnx_session
 
 HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"  # as export_speed.py reads it
 
 
 def _outer_input(node) -> str:
@@ -166,9 +167,9 @@ def main() -> None:
     p.add_argument("--out", default=str(HERE / "results" / "onnx_floor.json"))
     args = p.parse_args()
     torch.set_num_threads(1)
-    data, stats = cifar()
+    data, stats = load_bench_data(DATA)
     model, reached = bias_set_model("cifar10_rnn_gate_110", data, stats, 0.5)
-    images = pixels(data, "test", args.images).numpy()
+    images = split_pixels(data, "test", args.images).numpy()
     full = onnx.load_from_string(export_model(model, "onnx", stats=stats, threshold=0.0, probes=1).payload)
     half = onnx.load_from_string(export_model(model, "onnx", stats=stats, probes=1).payload)
     blocks = sum(n.op_type == "If" for n in full.graph.node)
@@ -195,7 +196,7 @@ def main() -> None:
     )
     per_block = {k: 1e3 * (v - ms["plain"]) / blocks for k, v in ms.items()}
     result = {
-        "env": env(),
+        "env": environment("torch", "onnxruntime"),
         "model": "cifar10_rnn_gate_110, BN calibrated on CIFAR-10, gate bias set (export_speed.py)",
         "gated_blocks": blocks,
         "keep_half": reached,

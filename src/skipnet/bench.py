@@ -20,19 +20,31 @@ over that ideal.
 An untrained network in eval mode has running BatchNorm statistics at their initial (0, 1), so activations grow
 by orders of magnitude through 50 residual blocks and a float32 difference between two execution orders looks
 huge. :func:`calibrate_bn` therefore first sets every running statistic to the cumulative average over a few
-random batches (train-mode ``all_on`` passes under ``no_grad`` with ``momentum=None``), which keeps
-activations O(1) and ``max_abs_diff`` meaningful. Checkpoints keep their trained statistics.
+random batches (train-mode ``all_on`` passes under ``no_grad`` with ``momentum=None``;
+:func:`calibrate_batchnorm` does it on any batches), which keeps activations O(1) and ``max_abs_diff`` meaningful.
+Checkpoints keep their trained statistics.
+
+Benchmarks on real images without a trained model (the export benchmarks) use a *bias-set* model
+(:func:`bias_set_model`): BatchNorm calibrated on real training images, then the gates' bias bisected
+(:func:`bisect_gate_bias`) until the learned greedy gates execute a wanted fraction of the blocks, with decisions
+that vary from image to image as a trained model's do. :func:`load_bench_data`, :func:`split_pixels` and
+:func:`environment` are their data and their record of the machine.
 """
 
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import gc
+import importlib
+import os
+import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -45,7 +57,11 @@ from skipnet.gated import GatedResNet
 from skipnet.registry import create_model
 from skipnet.zoo import WEIGHTS
 
+if TYPE_CHECKING:
+    from skipnet.data import DataBundle
+
 CHANNELS_LAST = torch.channels_last
+Stats = tuple[tuple[float, ...], tuple[float, ...]]  # a normalisation: (mean, std) per channel
 
 
 def set_threads(threads: int | None) -> int:
@@ -96,12 +112,14 @@ def random_decisions(batch: int, n_gates: int, keep: float, seed: int) -> Tensor
 
 
 @torch.no_grad()
-def calibrate_bn(model: GatedResNet, image_size: int, batches: int = 4, batch_size: int = 16, seed: int = 0) -> None:
-    """Set every BatchNorm running statistic to its cumulative average over random-input ``all_on`` passes.
+def calibrate_batchnorm(model: GatedResNet, batches: Iterable[Tensor]) -> None:
+    """Set every BatchNorm running statistic to its cumulative average over train-mode ``all_on`` passes on
+    ``batches`` (inputs as the model takes them: normalised).
 
-    For untrained networks only (see the module docstring): keeps eval-mode activations O(1). Gate BNs (in
-    feed-forward gates) are not visited by ``all_on`` and keep their initial statistics; forced decisions do
-    not depend on them. Leaves the model in eval mode.
+    Every BatchNorm's statistics are reset and its momentum set to ``None`` (cumulative moving average) for the
+    passes, then restored. ``batches`` may be any iterable, e.g. a generator making each batch when it is needed.
+    Gate BNs (in feed-forward gates) are not visited by ``all_on`` and keep their initial statistics. Leaves the
+    model in eval mode, also when a pass fails.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in bns]
@@ -109,14 +127,117 @@ def calibrate_bn(model: GatedResNet, image_size: int, batches: int = 4, batch_si
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average
     model.train()
-    dtype = next(model.parameters()).dtype
     try:
-        for b in range(batches):
-            model(random_images(batch_size, model, image_size, seed + 1000 + b).to(dtype), "all_on")
+        for x in batches:
+            model(x, "all_on")
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom
         model.eval()
+
+
+def calibrate_bn(model: GatedResNet, image_size: int, batches: int = 4, batch_size: int = 16, seed: int = 0) -> None:
+    """:func:`calibrate_batchnorm` on ``batches`` seeded random-input batches (:func:`random_images`, seeds
+    ``seed + 1000 + b``, in the model's dtype).
+
+    For untrained networks only (see the module docstring): keeps eval-mode activations O(1); forced decisions do
+    not depend on the gate BNs it leaves alone. Leaves the model in eval mode.
+    """
+    dtype = next(model.parameters()).dtype
+    images = (random_images(batch_size, model, image_size, seed + 1000 + b).to(dtype) for b in range(batches))
+    calibrate_batchnorm(model, images)
+
+
+@torch.no_grad()
+def bisect_gate_bias(
+    model: GatedResNet, images: Tensor, keep: float, *, scale: float = 20.0, tol: float = 0.01, steps: int = 30
+) -> float:
+    """Make an untrained model's learned greedy gates execute about ``keep`` of the gated blocks on ``images``.
+
+    Scales the weight of every gate's output layer by ``scale`` (so that the gate logits spread and decisions vary
+    from image to image and block to block), then bisects one bias shared by all gates (:meth:`set_gate_bias`) in
+    [-200, 200] until greedy decisions on ``images`` (normalised, in eval mode) execute a fraction within ``tol`` of
+    ``keep``, or for ``steps`` steps at most. Changes the model in place and leaves it in eval mode with the last
+    bias tried; returns the fraction of (image, gate) decisions that bias executes.
+    """
+    if model.gates is None:
+        raise SkipnetError(f"{model.config.name} has no gates to set a bias on")
+    if not 0.0 <= keep <= 1.0:
+        raise SkipnetError(f"keep must be in [0, 1], got {keep}")
+    model.eval()
+    for fc in model.gates.heads():  # the recurrent gate's one layer, or each feed-forward gate's
+        fc.weight.mul_(scale)
+    lo, hi = -200.0, 200.0
+    frac = 0.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        model.set_gate_bias(mid)
+        frac = float(model(images, "greedy").trace.decisions.mean())
+        if abs(frac - keep) < tol:
+            break
+        lo, hi = (mid, hi) if frac < keep else (lo, mid)
+    return frac
+
+
+def load_bench_data(spec: str | Path, limit_train: int | None = 2048) -> tuple[DataBundle, Stats]:
+    """A data set to benchmark on real images: its :class:`~skipnet.data.DataBundle`, loaded in this process (no
+    loader workers), the test split whole in batches of 500, the training split limited to ``limit_train`` images
+    (enough to calibrate BatchNorm); and its normalisation ``(mean, std)``, as :func:`skipnet.export.export_model`
+    takes it."""
+    from skipnet.data import load_data
+
+    data = load_data(str(spec), batch_size=256, eval_batch_size=500, limit_train=limit_train, workers=0)
+    return data, (tuple(data.mean), tuple(data.std))
+
+
+def split_pixels(data: DataBundle, split: str, n: int | None = None) -> Tensor:
+    """The first ``n`` images (all without ``n``) of ``split`` of a data bundle, in evaluation order and without
+    augmentation, as [0, 1] pixels: the bundle's normalisation undone (what exported graphs take). Sets the split's
+    loader to evaluation (``train = False``) for good."""
+    loader = data.split(split)
+    if hasattr(loader, "train"):
+        loader.train = False
+    xs, got = [], 0
+    for x, _ in loader:
+        xs.append(x)
+        got += len(x)
+        if n is not None and got >= n:
+            break
+    x = torch.cat(xs)[:n]
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (data.mean, data.std))
+    return x * std + mean
+
+
+def bias_set_model(arch: str, data: DataBundle, stats: Stats, keep: float, n: int = 64) -> tuple[GatedResNet, float]:
+    """An untrained ``arch`` whose gates decide as a trained model's do, for benchmarks without a trained one.
+
+    Built with ``torch.manual_seed(0)``; BatchNorm calibrated (:func:`calibrate_batchnorm`) on the first 512
+    training images of ``data`` in batches of 128; then :func:`bisect_gate_bias` to ``keep`` on its first ``n``
+    test images. Images are normalised with ``stats`` ``(mean, std)``. Returns ``(model in eval mode, fraction of
+    gated blocks executed on those test images)``; its accuracy is meaningless (random convolution weights).
+    """
+    torch.manual_seed(0)
+    model = create_model(arch)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in stats)
+    train_px = (split_pixels(data, "train", 512) - mean) / std
+    calibrate_batchnorm(model, [train_px[i : i + 128] for i in range(0, 512, 128)])
+    test = (split_pixels(data, "test", n) - mean) / std
+    reached = bisect_gate_bias(model, test, keep)
+    return model.eval(), reached
+
+
+def environment(*packages: str) -> dict[str, Any]:
+    """Where and when a benchmark ran, to record beside its numbers: the date and time, the version of each of
+    ``packages`` (imported; e.g. ``"torch", "onnxruntime"``), Python's, the machine's architecture, its CPU count
+    and the command line."""
+    env: dict[str, Any] = {"date": dt.datetime.now().isoformat(timespec="seconds")}
+    env |= {name: importlib.import_module(name).__version__ for name in packages}
+    return env | {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "command": " ".join(sys.argv),
+    }
 
 
 def time_interleaved(
@@ -417,11 +538,17 @@ def _train_ratios(ms: dict[str, float], keeps: Sequence[float]) -> dict[str, flo
 __all__ = [
     "bench_inference",
     "bench_train",
+    "bias_set_model",
+    "bisect_gate_bias",
+    "calibrate_batchnorm",
     "calibrate_bn",
+    "environment",
     "is_checkpoint",
+    "load_bench_data",
     "load_subject",
     "random_decisions",
     "random_images",
     "set_threads",
+    "split_pixels",
     "time_interleaved",
 ]
