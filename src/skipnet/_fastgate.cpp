@@ -322,7 +322,16 @@ void masked_tail_backward(const at::Tensor& grad, const at::Tensor& grad_execute
 namespace {
 SKIPNET_INLINE void tail_forward_sample_body(float* __restrict__ r, const float* __restrict__ s,
                                              float* __restrict__ out, int64_t n, float w) {
-  if (w < 0.5f) {
+  // A gate of exactly 0 or 1 selects a branch (skipnet.executors._mix): lerp's 0 * inf would make a NaN where the
+  // other branch overflowed.
+  if (w == 0.0f || w == 1.0f) {
+    const bool take = w == 1.0f;
+    for (int64_t i = 0; i < n; ++i) {
+      const float a = r[i] + s[i], e = a > 0.0f ? a : (a != a ? a : 0.0f);
+      r[i] = e;
+      out[i] = take ? e : s[i];
+    }
+  } else if (w < 0.5f) {
     for (int64_t i = 0; i < n; ++i) {
       const float a = r[i] + s[i], e = a > 0.0f ? a : (a != a ? a : 0.0f);
       r[i] = e;

@@ -28,15 +28,29 @@ def shortcut_branch(block: nn.Module, x: Tensor) -> Tensor:
     return block.downsample(x) if block.downsample is not None else x
 
 
-def run_block(block: nn.Module, x: Tensor) -> Tensor:
-    """``F_i(x)``: the whole residual block, ``relu(residual(x) + shortcut(x))``.
+def plain_relu(block: nn.Module) -> bool:
+    """Whether the block's activation is a plain ``nn.ReLU`` that nothing watches (no hook): then the fast paths
+    may apply it as a fused or in-place ReLU; any other (``nn.ReLU6``, ``nn.LeakyReLU``, a hooked ReLU) is called
+    as the module it is, as the plain ResNet's own forward calls it."""
+    act = block.relu
+    return type(act) is nn.ReLU and not (act._forward_hooks or act._forward_pre_hooks)
 
-    The addition and the ReLU are done in place on the residual's fresh output (as torchvision's own blocks
+
+def activation_(block: nn.Module, out: Tensor) -> Tensor:
+    """The block's activation after the addition, ``block.relu(out)``: in place in ``out`` (a fresh tensor of the
+    caller's) for a plain ReLU (:func:`plain_relu`)."""
+    return F.relu_(out) if plain_relu(block) else block.relu(out)
+
+
+def run_block(block: nn.Module, x: Tensor) -> Tensor:
+    """``F_i(x)``: the whole residual block, ``act(residual(x) + shortcut(x))`` with the block's activation.
+
+    The addition and a plain ReLU are done in place on the residual's fresh output (as torchvision's own blocks
     do), which is autograd-safe: batch norm does not save its output.
     """
     out = residual_branch(block, x)
     out += shortcut_branch(block, x)
-    return F.relu_(out)
+    return activation_(block, out)
 
 
-__all__ = ["residual_branch", "run_block", "shortcut_branch"]
+__all__ = ["activation_", "plain_relu", "residual_branch", "run_block", "shortcut_branch"]

@@ -96,6 +96,8 @@ def paths(x: Any) -> Paths:
     found = tool(x)
     if found == FX:
         raise SkipnetError(REFUSE_FX)
+    if not isinstance(x, torch.Tensor):
+        raise SkipnetError(f"the model takes images as a torch.Tensor (B, C, H, W), got {type(x).__name__}")
     eligible = found is None and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
     return Paths(found, eligible)
 

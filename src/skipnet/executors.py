@@ -61,24 +61,9 @@ class _GlobalAvgPool(torch.autograd.Function):
         return out.copy_((grad / (h * w)).expand(ctx.shape))
 
 
-# ``a = relu(a + b)`` in one pass: an ATen kernel without autograd formula (made for fusion), float32/float64
-# only on CPU; bit-identical to the two-op form. Only called inside :class:`_MaskedTail`, which has its own backward.
-_ADD_RELU_ = getattr(torch.ops.aten, "_add_relu_", None)
-
-
-def _add_relu_(a: Tensor, b: Tensor) -> Tensor:
-    if (
-        _ADD_RELU_ is not None
-        and a.device.type == "cpu"
-        and a.dtype in (torch.float32, torch.float64)
-        and b.dtype == a.dtype
-    ):
-        return _ADD_RELU_(a, b)
-    return a.add_(b).relu_()
-
-
 class _MaskedTail(torch.autograd.Function):
-    """Eq. 1 after a block's residual branch ``r`` for a per-sample gate ``g``: ``lerp(s, relu(r + s), g)``.
+    """Eq. 1 after a block's residual branch ``r`` for a per-sample gate ``g``: ``lerp(s, relu(r + s), g)``, a
+    branch taken exactly where ``g`` is 0 or 1 (:func:`_mix`).
 
     One autograd node for the block's addition, ReLU and mix, with a backward that makes fewer full-size passes
     than autograd's three nodes (the block is memory-bound at training batch sizes):
@@ -105,8 +90,8 @@ class _MaskedTail(torch.autograd.Function):
             kernels.masked_tail_forward(residual, shortcut, w.reshape(-1).contiguous(), out)
             executed = residual
         else:
-            executed = _add_relu_(residual, shortcut)
-            out = torch.lerp(shortcut, executed, w)
+            executed = residual.add_(shortcut).relu_()
+            out = _mix(w, executed, shortcut)
         ctx.mark_dirty(residual)
         ctx.save_for_backward(w, executed, shortcut)
         ctx.g_dtype = g.dtype
@@ -162,25 +147,32 @@ def _tail_kernels(paths: capture.Paths | None, *tensors: Tensor | None) -> Any:
     return fastgate.load() if paths.kernels else None
 
 
-def _mix(g: Tensor, executed: Tensor, skipped: Tensor) -> Tensor:
-    """Eq. 1 with a per-sample gate ``g`` of shape (B,), without autograd: ``lerp(skipped, executed, g)``.
+def _mix(w: Tensor, executed: Tensor, skipped: Tensor) -> Tensor:
+    """Eq. 1 for a per-sample gate ``w`` (B, 1, 1, 1) in the blocks' dtype: ``lerp(skipped, executed, w)``, and
+    exactly ``skipped`` where ``w`` is 0 and ``executed`` where it is 1, as routed execution gives them, also where
+    the other branch holds an inf or a NaN (``lerp`` would make ``0 * inf`` a NaN: a skipped block that overflowed
+    in float16 would poison the image). Differentiable in all three (used by the captured and module paths)."""
+    mixed = torch.lerp(skipped, executed, w)
+    return torch.where(w == 0, skipped, torch.where(w == 1, executed, mixed))
 
-    One fused ``lerp`` instead of four element-wise passes; exact for ``g`` in {0, 1}.
-    """
-    return torch.lerp(skipped, executed, g.view(-1, 1, 1, 1).to(executed.dtype))
 
-
-def _masked_tail(g: Tensor, residual: Tensor, shortcut: Tensor, paths: capture.Paths | None = None) -> Tensor:
-    """``lerp(shortcut, relu(residual + shortcut), g)``: Eq. 1 for the block whose residual branch gave
-    ``residual``, on the forward's fast ``paths`` (default: decided from ``residual``). May write into
-    ``residual`` (a fresh tensor of the caller's)."""
+def _masked_tail(
+    g: Tensor, residual: Tensor, shortcut: Tensor, paths: capture.Paths | None = None, block: nn.Module | None = None
+) -> Tensor:
+    """Eq. 1 for the block whose residual branch gave ``residual``: ``act(residual + shortcut)`` mixed with
+    ``shortcut`` by ``g`` (:func:`_mix`), ``act`` the activation of ``block`` (a ReLU when ``None``), on the
+    forward's fast ``paths`` (default: decided from ``residual``). May write into ``residual`` (a fresh tensor of
+    the caller's)."""
     paths = capture.paths(residual) if paths is None else paths
+    w = g.view(-1, 1, 1, 1).to(residual.dtype)
+    if block is not None and not blocks.plain_relu(block):  # another activation: the module, autograd's own
+        return _mix(w, block.relu(residual + shortcut), shortcut)
     if paths.captured:  # plain, out-of-place ops that every tracer and exporter records
-        return torch.lerp(shortcut, F.relu(residual + shortcut), g.view(-1, 1, 1, 1).to(residual.dtype))
+        return _mix(w, F.relu(residual + shortcut), shortcut)
     if torch.is_grad_enabled() and (g.requires_grad or residual.requires_grad or shortcut.requires_grad):
         return _MaskedTail.apply(g, residual, shortcut, paths)[0]
     residual += shortcut
-    return _mix(g, F.relu_(residual), shortcut)
+    return _mix(w, F.relu_(residual), shortcut)
 
 
 def masked_block(block: nn.Module, x: Tensor, g: Tensor, paths: capture.Paths | None = None) -> Tensor:
@@ -188,7 +180,7 @@ def masked_block(block: nn.Module, x: Tensor, g: Tensor, paths: capture.Paths | 
     the forward's (:func:`skipnet.capture.paths` of ``x`` when called on its own)."""
     paths = capture.paths(x) if paths is None else paths
     shortcut = blocks.shortcut_branch(block, x)
-    return _masked_tail(g, blocks.residual_branch(block, x), shortcut, paths)
+    return _masked_tail(g, blocks.residual_branch(block, x), shortcut, paths, block)
 
 
 def routed_block(block: nn.Module, x: Tensor, decision: Tensor) -> Tensor:
@@ -301,19 +293,27 @@ def route_indices(block: nn.Module, x: Tensor, idx: Tensor, inplace: bool = Fals
         shortcut = block.downsample(x)
         executed = blocks.residual_branch(block, xs)
         executed += _GatherRows.apply(shortcut, idx) if grad else take_rows(shortcut, idx)
-        executed = F.relu_(executed)
+        executed = blocks.activation_(block, executed)
         return _ScatterRows.apply(shortcut, idx, executed, True) if grad else put_rows_(shortcut, idx, executed)
     executed = blocks.residual_branch(block, xs)
     executed += xs  # the identity shortcut of the executed rows, already gathered
-    executed = F.relu_(executed)
+    executed = blocks.activation_(block, executed)
     if grad:
         return _ScatterRows.apply(x, idx, executed, False)
     return put_rows_(x if inplace else x.clone(), idx, executed)
 
 
 def global_avg_pool(x: Tensor, avgpool: nn.Module) -> Tensor:
-    """The backbone's ``avgpool`` of ``x``; under autograd a gradient in ``x``'s memory format."""
-    if torch.is_grad_enabled() and x.requires_grad and not capture.active():
+    """The backbone's ``avgpool`` of ``x``; under autograd a gradient in ``x``'s memory format when it is the
+    backbones' own global average pooling, unhooked (a replaced or watched ``avgpool`` is called as it is)."""
+    if (
+        torch.is_grad_enabled()
+        and x.requires_grad
+        and not capture.active()
+        and type(avgpool) is nn.AdaptiveAvgPool2d
+        and avgpool.output_size in (1, (1, 1))
+        and not (avgpool._forward_hooks or avgpool._forward_pre_hooks)
+    ):
         # The same values. (Under a capture the plain op is traced: the function keeps x's shape on ctx, which
         # does not trace with symbolic shapes.)
         return _GlobalAvgPool.apply(x)

@@ -595,6 +595,13 @@ def _as_recorded(model: GatedResNet, fmt: str, graph: str | None, stats: Any, ck
     if not 0.0 <= decides_at <= 1.0:  # every reader refuses such a file: never write one
         why = ALL_SKIP_REFUSAL if decides_at > 1 else ""
         raise SkipnetError(f"the threshold {decides_at} must lie in [0, 1] for an exported graph{why}")
+    acts = ((n, m) for n, m in model.named_modules() if n.split(".")[-1] == "relu")
+    odd = next(((n, m) for n, m in acts if type(m) is not nn.ReLU), None)
+    if odd is not None:  # the graphs write every activation as a ReLU (the network's own)
+        raise SkipnetError(
+            f"exported graphs apply ReLU activations, and {odd[0]} is a {type(odd[1]).__name__}: export a model with "
+            "the network's own nn.ReLU activations"
+        )
     own = {"data": dict(getattr(model, "data_record", None) or {})}
     ckpt = ckpt if ckpt is not None else own
     stats = stats if stats is not None else checkpoint_stats(ckpt) or checkpoint_stats(own)  # a ckpt without them

@@ -47,6 +47,7 @@ CFLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math"]
 VARIANT_ENV = "SKIPNET_KERNEL_ISA"
 _module: ModuleType | None = None
 _tried = False
+_selected = False  # a variant was selected in the loaded module (SKIPNET_KERNEL_ISA's or set_variant's)
 
 
 def enabled() -> bool:
@@ -62,7 +63,20 @@ def module_name() -> str:
 
 
 def load() -> ModuleType | None:
-    """The compiled kernel, building it on the first call of the process if needed; ``None`` if unavailable."""
+    """The compiled kernel, building it on the first call of the process if needed, in ``SKIPNET_KERNEL_ISA``'s
+    variant (the fastest when unset); ``None`` if unavailable. A variant this CPU does not run is refused at every
+    call until one is selected (never quietly replaced by another after the first refusal)."""
+    global _selected
+    module = _build()
+    if module is not None and not _selected:
+        _select(module, os.environ.get(VARIANT_ENV, "auto").strip().lower() or "auto")
+        _selected = True
+    return module
+
+
+def _build() -> ModuleType | None:
+    """The compiled kernel as built or loaded once per process (no variant selected here); ``None`` if
+    unavailable."""
     global _module, _tried
     if not enabled():
         return None
@@ -92,8 +106,6 @@ def load() -> ModuleType | None:
         _module = None
     finally:
         quiet.setLevel(level)
-    if _module is not None:
-        _select(_module, os.environ.get(VARIANT_ENV, "auto").strip().lower() or "auto")
     return _module
 
 
@@ -123,11 +135,14 @@ def variant() -> str | None:
 
 
 def set_variant(name: str) -> None:
-    """Run every kernel in variant ``name`` (one of :func:`variants`, or ``auto``) from now on, process-wide."""
-    module = load()
+    """Run every kernel in variant ``name`` (one of :func:`variants`, or ``auto``) from now on, process-wide, in
+    place of ``SKIPNET_KERNEL_ISA``'s."""
+    global _selected
+    module = _build()
     if module is None:
         raise SkipnetError("the compiled kernels are not available, so there is no variant to select")
     _select(module, name)
+    _selected = True
 
 
 def _built(name: str) -> bool:

@@ -310,6 +310,8 @@ def choose(
         raise SkipnetError(f"mode {mode.value!r} needs a gated architecture; this one has no gates")
     if not 0.0 <= explore < 0.5:
         raise SkipnetError(f"explore must be in [0, 0.5), got {explore}")
+    if decisions is not None and not isinstance(decisions, torch.Tensor):
+        raise SkipnetError(f"decisions must be a torch.Tensor (B, N) of 0 and 1, got {type(decisions).__name__}")
     if decisions is not None and tuple(decisions.shape) != (batch, model.num_gates):
         raise SkipnetError(f"decisions must have shape (B, N) = ({batch}, {model.num_gates})")
     threshold = check_threshold(threshold)
