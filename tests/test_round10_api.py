@@ -18,26 +18,52 @@ from skipnet import SkipnetError, create_model, fastgate
 from skipnet.capture import Paths
 from skipnet.executors import _masked_tail
 
-
 # --------------------------------------------------------------------------------------------- 1. overflow
+PATHS = {"eager": Paths(None, False), "kernel": Paths(None, True), "captured": Paths("torch.export", False)}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("grad", [False, True])
-@pytest.mark.parametrize("kernels", [False, True])
-def test_a_gate_of_0_or_1_takes_its_branch_exactly_whatever_the_other_holds(dtype, grad, kernels) -> None:
-    """Eq. 1 at g = 0 is the shortcut and at g = 1 the executed block, as routed execution gives them, on every
-    path of the masked tail (no autograd, the autograd function with and without the compiled kernel)."""
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("binary", [False, True])
+def test_a_gate_of_0_takes_the_shortcut_exactly_whatever_the_block_holds(dtype, grad, path, binary) -> None:
+    """Eq. 1 at g = 0 is the shortcut, as routed execution gives it, on every path of the masked tail (no autograd;
+    the autograd function with and without the compiled kernel; the plain ops a tracer records), and at g = 1 the
+    executed block (exactly, where it is finite or the backward is the hand-written one)."""
     g = torch.tensor([0.0, 1.0, 0.0, 1.0], requires_grad=grad)
     s = torch.randn(4, 8, 3, 3, dtype=dtype)
     r = torch.randn(4, 8, 3, 3, dtype=dtype)
     r[0, 0, 0, 0] = r[1, 1, 1, 1] = float("inf")  # overflowed residuals
     r[2, 2, 2, 2] = float("nan")
-    s[3, 3, 0, 0] = float("inf")  # an overflowed shortcut under an executed block
     expected = torch.where(g.detach().view(-1, 1, 1, 1) == 1, torch.relu(r + s), s)
-    paths = Paths(None, kernels and dtype == torch.float32)
     with torch.set_grad_enabled(grad):
-        out = _masked_tail(g, r.clone().requires_grad_(grad) * 1.0, s, paths)
-    assert torch.equal(out.detach(), expected) or torch.allclose(out.detach(), expected, equal_nan=True, atol=0)
-    assert not out.detach()[0].isnan().any() and not out.detach()[2].isnan().any()  # skipped: the shortcut
+        out = _masked_tail(g, r.clone().requires_grad_(grad) * 1.0, s, PATHS[path], binary=binary)
+    got = out.detach()
+    assert torch.equal(got[[0, 2]], expected[[0, 2]])  # skipped: the shortcut, whatever the block held
+    if path == "captured" and grad:  # lerp in plain ops for autograd's backward: exact where the block is finite
+        assert torch.equal(got[[1, 3]][expected[[1, 3]].isfinite()], expected[[1, 3]][expected[[1, 3]].isfinite()])
+    else:
+        assert torch.equal(got, expected)
+    if grad:
+        out.sum().backward()
+        if path == "captured":  # a skipped block's overflow leaves no NaN in the gate's gradient
+            assert torch.isfinite(g.grad[[0, 2]]).all()
+
+
+def test_the_traced_mix_has_the_hand_written_gradient_on_finite_values() -> None:
+    """The plain ops a tracer records (``_mix_autograd``) give the same values and gradients in g, r and s as the
+    hand-written backward (the straight-through gradient of hard mode, Eq. 7), at 0/1 and at soft gates."""
+    torch.manual_seed(0)
+    base = [torch.tensor([0.0, 1.0, 0.3, 1.0, 0.0]), torch.randn(5, 4, 3, 3, dtype=torch.float64)]
+    base.append(torch.randn(5, 4, 3, 3, dtype=torch.float64))
+    results = []
+    for path in ("captured", "eager"):
+        g, r, s = (t.clone().double().requires_grad_() for t in base)
+        out = _masked_tail(g, r * 1.0, s, PATHS[path])
+        (out * torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results.append((out.detach(), g.grad, r.grad, s.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_masked_equals_routed_when_a_skipped_block_overflows_in_float16() -> None:

@@ -264,7 +264,7 @@ def test_mix_gradient_equals_eq1_by_autograd(mode: str, monkeypatch: pytest.Monk
 
     ours = grads(copy.deepcopy(model))
 
-    def eq1(g: torch.Tensor, residual: torch.Tensor, shortcut: torch.Tensor, paths=None, block=None) -> torch.Tensor:
+    def eq1(g: torch.Tensor, residual: torch.Tensor, shortcut: torch.Tensor, *_: object) -> torch.Tensor:
         g = g.view(-1, 1, 1, 1)
         return g * F.relu(residual + shortcut) + (1.0 - g) * shortcut
 

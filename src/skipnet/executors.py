@@ -80,7 +80,9 @@ class _MaskedTail(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, g: Tensor, residual: Tensor, shortcut: Tensor, paths: capture.Paths) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx: Any, g: Tensor, residual: Tensor, shortcut: Tensor, paths: capture.Paths, binary: bool
+    ) -> tuple[Tensor, Tensor]:
         ctx.set_materialize_grads(False)  # the second output is normally unused: no zero gradient for it
         w = g.view(-1, 1, 1, 1).to(residual.dtype)
         ctx.paths = paths  # the forward's: its kernels asked only for tensors they take
@@ -91,7 +93,7 @@ class _MaskedTail(torch.autograd.Function):
             executed = residual
         else:
             executed = residual.add_(shortcut).relu_()
-            out = _mix(w, executed, shortcut)
+            out = _mix(w, executed, shortcut, binary)
         ctx.mark_dirty(residual)
         ctx.save_for_backward(w, executed, shortcut)
         ctx.g_dtype = g.dtype
@@ -100,11 +102,11 @@ class _MaskedTail(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad: Tensor | None, grad_executed: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
         w, executed, shortcut = ctx.saved_tensors
         if grad is None:  # only the second output was used (nobody does): relu(r + s) alone
             grad = torch.zeros_like(executed)
-        need_g, need_r, need_s, _ = ctx.needs_input_grad
+        need_g, need_r, need_s, _, _ = ctx.needs_input_grad
         kernels = _tail_kernels(ctx.paths if (need_r or need_s) else None, executed, grad, grad_executed, shortcut)
         if kernels is not None:  # the same formulas in one pass (skipnet.fastgate)
             g_r, g_s = torch.empty_like(executed), torch.empty_like(shortcut)
@@ -112,7 +114,7 @@ class _MaskedTail(torch.autograd.Function):
             ge = grad_executed if grad_executed is not None else executed.new_empty(0)
             w1 = w.reshape(-1).contiguous()
             kernels.masked_tail_backward(grad, ge, executed, shortcut, w1, g_r, g_s, g_g, need_g)
-            return g_g.to(ctx.g_dtype) if need_g else None, g_r if need_r else None, g_s if need_s else None, None
+            return g_g.to(ctx.g_dtype) if need_g else None, g_r if need_r else None, g_s if need_s else None, None, None
         g_g = g_r = g_s = None
         if need_g:
             g_g = (executed - shortcut).mul_(grad).sum(dim=(1, 2, 3)).to(ctx.g_dtype)
@@ -123,7 +125,7 @@ class _MaskedTail(torch.autograd.Function):
             g_r = torch.ops.aten.threshold_backward(g_e, executed, 0)
         if need_s:
             g_s = torch.addcmul(g_r, grad, 1.0 - w, out=torch.empty_like(shortcut))
-        return g_g, g_r if need_r else None, g_s, None
+        return g_g, g_r if need_r else None, g_s, None, None
 
 
 def _tail_kernels(paths: capture.Paths | None, *tensors: Tensor | None) -> Any:
@@ -147,40 +149,59 @@ def _tail_kernels(paths: capture.Paths | None, *tensors: Tensor | None) -> Any:
     return fastgate.load() if paths.kernels else None
 
 
-def _mix(w: Tensor, executed: Tensor, skipped: Tensor) -> Tensor:
-    """Eq. 1 for a per-sample gate ``w`` (B, 1, 1, 1) in the blocks' dtype: ``lerp(skipped, executed, w)``, and
-    exactly ``skipped`` where ``w`` is 0 and ``executed`` where it is 1, as routed execution gives them, also where
-    the other branch holds an inf or a NaN (``lerp`` would make ``0 * inf`` a NaN: a skipped block that overflowed
-    in float16 would poison the image). Differentiable in all three (used by the captured and module paths)."""
-    mixed = torch.lerp(skipped, executed, w)
-    return torch.where(w == 0, skipped, torch.where(w == 1, executed, mixed))
+def _mix(w: Tensor, executed: Tensor, skipped: Tensor, binary: bool = False) -> Tensor:
+    """Eq. 1 for a per-sample gate ``w`` (B, 1, 1, 1) in the blocks' dtype, for a forward whose gradient in ``w``
+    (if any) is written by hand: exactly ``skipped`` where ``w`` is 0 and ``executed`` where it is 1, as routed
+    execution gives them, also where the other branch holds an inf or a NaN (``lerp``'s ``0 * inf`` would make a
+    NaN: a skipped block that overflowed in float16 would poison the image), ``lerp`` in between. ``binary``: every
+    ``w`` is 0 or 1 (every mode but ``soft``): one selection."""
+    if binary:
+        return torch.where(w != 0, executed, skipped)
+    return torch.where(w == 0, skipped, torch.where(w == 1, executed, torch.lerp(skipped, executed, w)))
+
+
+def _mix_autograd(w: Tensor, executed: Tensor, skipped: Tensor) -> Tensor:
+    """Eq. 1 as ``lerp(skipped, executed, w)`` in plain ops for autograd's own backward (``d/dw = executed -
+    skipped``, the straight-through gradient in hard mode), with an executed value that is not finite replaced
+    by the shortcut where ``w`` is 0: a skipped block's overflow never reaches the output (nor the gradient)."""
+    safe = torch.where(torch.isfinite(executed) | (w != 0), executed, skipped)
+    return torch.lerp(skipped, safe, w)
 
 
 def _masked_tail(
-    g: Tensor, residual: Tensor, shortcut: Tensor, paths: capture.Paths | None = None, block: nn.Module | None = None
+    g: Tensor,
+    residual: Tensor,
+    shortcut: Tensor,
+    paths: capture.Paths | None = None,
+    block: nn.Module | None = None,
+    binary: bool = False,
 ) -> Tensor:
     """Eq. 1 for the block whose residual branch gave ``residual``: ``act(residual + shortcut)`` mixed with
-    ``shortcut`` by ``g`` (:func:`_mix`), ``act`` the activation of ``block`` (a ReLU when ``None``), on the
-    forward's fast ``paths`` (default: decided from ``residual``). May write into ``residual`` (a fresh tensor of
-    the caller's)."""
+    ``shortcut`` by ``g``, ``act`` the activation of ``block`` (a ReLU when ``None``), on the forward's fast
+    ``paths`` (default: decided from ``residual``); ``binary``: ``g`` holds only 0 and 1. May write into
+    ``residual`` (a fresh tensor of the caller's)."""
     paths = capture.paths(residual) if paths is None else paths
     w = g.view(-1, 1, 1, 1).to(residual.dtype)
-    if block is not None and not blocks.plain_relu(block):  # another activation: the module, autograd's own
-        return _mix(w, block.relu(residual + shortcut), shortcut)
-    if paths.captured:  # plain, out-of-place ops that every tracer and exporter records
-        return _mix(w, F.relu(residual + shortcut), shortcut)
-    if torch.is_grad_enabled() and (g.requires_grad or residual.requires_grad or shortcut.requires_grad):
-        return _MaskedTail.apply(g, residual, shortcut, paths)[0]
+    plain = block is None or blocks.plain_relu(block)
+    grad = torch.is_grad_enabled() and (g.requires_grad or residual.requires_grad or shortcut.requires_grad)
+    if paths.captured or not plain:  # plain, out-of-place ops (every tracer records them), the block's activation
+        executed = F.relu(residual + shortcut) if plain else block.relu(residual + shortcut)
+        return _mix_autograd(w, executed, shortcut) if grad and g.requires_grad else _mix(w, executed, shortcut, binary)
+    if grad:
+        return _MaskedTail.apply(g, residual, shortcut, paths, binary)[0]
     residual += shortcut
-    return _mix(w, F.relu_(residual), shortcut)
+    return _mix(w, F.relu_(residual), shortcut, binary)
 
 
-def masked_block(block: nn.Module, x: Tensor, g: Tensor, paths: capture.Paths | None = None) -> Tensor:
+def masked_block(
+    block: nn.Module, x: Tensor, g: Tensor, paths: capture.Paths | None = None, binary: bool = False
+) -> Tensor:
     """Eq. 1 for every sample: the whole block and its shortcut (computed once), mixed by ``g`` (B,). ``paths``:
-    the forward's (:func:`skipnet.capture.paths` of ``x`` when called on its own)."""
+    the forward's (:func:`skipnet.capture.paths` of ``x`` when called on its own); ``binary``: ``g`` holds only 0
+    and 1 (one selection instead of a mix)."""
     paths = capture.paths(x) if paths is None else paths
     shortcut = blocks.shortcut_branch(block, x)
-    return _masked_tail(g, blocks.residual_branch(block, x), shortcut, paths, block)
+    return _masked_tail(g, blocks.residual_branch(block, x), shortcut, paths, block, binary)
 
 
 def routed_block(block: nn.Module, x: Tensor, decision: Tensor) -> Tensor:
@@ -325,11 +346,13 @@ class MaskedExecutor:
 
     routed = False
 
-    def __init__(self, paths: capture.Paths) -> None:
-        self.paths = paths
+    def __init__(self, paths: capture.Paths, binary: bool) -> None:
+        self.paths, self.binary = paths, binary
 
     def __call__(self, block: nn.Module, x: Tensor, decision: Tensor | bool) -> Tensor:
-        return blocks.run_block(block, x) if decision is True else masked_block(block, x, decision, self.paths)
+        if decision is True:
+            return blocks.run_block(block, x)
+        return masked_block(block, x, decision, self.paths, self.binary)
 
 
 class RoutedExecutor:
@@ -375,4 +398,4 @@ def choose(paths: capture.Paths, execution: str, mode: GateMode, forced: bool) -
             "that skip",
             stacklevel=3,
         )
-    return RoutedExecutor(not torch.is_grad_enabled()) if routed else MaskedExecutor(paths)
+    return RoutedExecutor(not torch.is_grad_enabled()) if routed else MaskedExecutor(paths, mode != GateMode.SOFT)
