@@ -7,7 +7,7 @@
 ``--graph routed`` (the default here) takes any batch: per gated block the images that execute it are gathered,
 run and scattered back. ``--graph conditional`` (the default of ``skipnet export``) is batch 1, each gated block an
 ONNX ``If`` on its gate's decision. The graph takes float32 images in [0, 1], (B, C, H, W) — the normalisation and
-the threshold are inside it — and returns ``logits``, ``probs`` and ``decisions`` (B, N), 0/1 per gated block.
+the threshold are inside it — and returns ``logits`` (B, classes), and the gates' ``probs`` and ``decisions`` (0/1), each (B, N) per gated block.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     images = torch.rand(args.images, c, s, s)  # your images here: float32 RGB in [0, 1], not normalised
     logits, decisions = [], []
     for x in images.split(batch):
-        out = session.run(None, {"images": x.numpy()})  # -> logits, probs, decisions
+        out = session.run(None, {"images": x.numpy()})  # -> logits, gate probs, decisions
         logits.append(torch.from_numpy(out[0]))
         decisions.append(torch.from_numpy(out[2]))
     logits, decisions = torch.cat(logits), torch.cat(decisions)

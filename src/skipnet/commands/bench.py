@@ -81,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data-dir",
         default=None,
-        help="where torchvision data sets live, with --data (default: $SKIPNET_CACHE/datasets, ~/.cache/skipnet)",
+        help="where torchvision data sets live, with --data (default: ~/.cache/skipnet/datasets, or $SKIPNET_CACHE/datasets)",
     )
     _onnx_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
