@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from skipnet import plots
 from skipnet.analysis import (
     DEFAULT_SCALES,
     DEFAULT_THRESHOLDS,
@@ -170,6 +169,8 @@ def write_text(path: Path, text: str) -> None:
 
 def _write_figures(out: Path, numbers: dict, result: Any, model: Any, split: str) -> None:
     """The six figures of :data:`FIGURES` into ``out``."""
+    from skipnet import plots  # matplotlib: imported by the commands that draw, when they draw
+
     base, others = numbers["base"], numbers["others"][1:] if numbers["base"] else numbers["others"]
     name = numbers["checkpoint"]["label"]
     n = numbers["num_gates"]

@@ -81,7 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data-dir",
         default=None,
-        help="where torchvision data sets live, with --data (default: ~/.cache/skipnet/datasets, or $SKIPNET_CACHE/datasets)",
+        help="where torchvision data sets live, with --data "
+        "(default: ~/.cache/skipnet/datasets, or $SKIPNET_CACHE/datasets)",
     )
     _onnx_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from skipnet import plots
 from skipnet.analysis import eval_point
 from skipnet.checkpoint import data_record, load_checkpoint, load_model, require_same_classes
 from skipnet.commands._common import add_data_args, add_optim_args, check_out, require_learned_gates
@@ -472,6 +471,8 @@ def run(args: argparse.Namespace) -> int:
     result = {"init": args.init, "arch": arch, "data": args.data, "threshold": threshold}
     result |= {"macs_all_on": cost.total_macs_all_on, "rows": table}
     title = f"Hybrid-RL sweep over α from {args.init} ({arch}, threshold {threshold:g})"
+    from skipnet import plots  # matplotlib: imported by the commands that draw, when they draw
+
     write_summaries(
         runner.out,
         result,

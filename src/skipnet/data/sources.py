@@ -3,9 +3,11 @@ that downloads, extracted archives and decoded tensors share."""
 
 from __future__ import annotations
 
+import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -87,13 +89,31 @@ def _torchvision_arrays(name: str, root: Path, download: bool) -> Arrays:
     return out
 
 
+def digits_table() -> tuple[Any, Any]:
+    """scikit-learn's digits as ``(images (1797, 8, 8) in 0..16, labels)``, NumPy arrays: read from the CSV file its
+    package ships, as ``sklearn.datasets.load_digits`` reads it, without importing scikit-learn (over a second at
+    every start of a command); ``load_digits`` itself where that file is not found."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if csv is None or not csv.is_file():
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return d.images, d.target
+    with gzip.open(csv, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 def _digits() -> Arrays:
     """scikit-learn's 8x8 digits (1,797 real images, shipped inside the package): a fixed 80/20 split."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.from_numpy((d.images * (255.0 / 16.0)).round().astype("uint8")).unsqueeze(1)
-    y = torch.from_numpy(d.target).long()
+    images, target = digits_table()
+    x = torch.from_numpy((images * (255.0 / 16.0)).round().astype("uint8")).unsqueeze(1)
+    y = torch.from_numpy(target).long()
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     k = len(y) // 5
     classes = [str(i) for i in range(10)]
