@@ -169,6 +169,31 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     assert not (run / "summary.json").exists()
 
 
+class _NanGradientAt(_NanAt):
+    """The SP stage whose loss stays finite at one step while its gradient is not (``sqrt`` at 0 times 0: what a
+    skipped block that overflowed gives masked training, 0 x inf)."""
+
+    def loss(self, ce, trace, **kw):
+        loss, stats = super().loss(ce, trace, **kw)
+        if type(self).calls == type(self).bad_step:
+            loss = loss + (trace.probs.sum() * 0.0).sqrt()
+        return loss, stats
+
+
+def test_a_non_finite_gradient_under_a_finite_loss_stops_before_the_update(tmp_path, monkeypatch, capsys) -> None:
+    sp = STAGES["sp"]
+    bad = type("Bad", (_NanGradientAt,), {"calls": 0, "bad_step": 7, "value": 1.0})
+    monkeypatch.setitem(STAGES, "sp", bad(**{f: getattr(sp, f) for f in sp.__dataclass_fields__}))
+    run = tmp_path / "run"
+    assert main(train_args(run, "sp", "--iters", "20", "--eval-every", "3")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gradient became non-finite at step 7" in err[0], err
+    assert "last good checkpoint" in err[0] and "step 6" in err[0]
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["step"] == 6
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
 @pytest.mark.parametrize("alpha", ["0", "100"])
 def test_hrl_extreme_alpha_stays_finite(tmp_path, alpha) -> None:
     run = tmp_path / f"a{alpha}"

@@ -321,8 +321,9 @@ class RunState:
         last = self.out / LAST
         return f"{last} (step {load_checkpoint(last)['step']}) is kept" if last.exists() else "no checkpoint was kept"
 
-    def loss_error(self, value: float) -> SkipnetError:
-        """A non-finite training loss, caught before the update that would have spread it to the weights."""
+    def loss_error(self, value: float | str, quantity: str = "training loss") -> SkipnetError:
+        """A non-finite training loss (or gradient), caught before the update that would have spread it to the
+        weights."""
         last = self.out / LAST
         kept = (
             f"the last good checkpoint is {last} (step {load_checkpoint(last)['step']})"
@@ -330,7 +331,7 @@ class RunState:
             else "no checkpoint was written yet"
         )
         return SkipnetError(
-            f"the training loss became {value} at step {self.step + 1} (stage {self.setup.cfg.stage}); stopped before "
+            f"the {quantity} became {value} at step {self.step + 1} (stage {self.setup.cfg.stage}); stopped before "
             f"updating the weights; {kept}. Lower --lr (or --alpha / --rl-weight), or resume from it with --resume"
         )
 

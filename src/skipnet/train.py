@@ -159,6 +159,8 @@ class Trainer:
             self.scaler.update()
         else:
             loss.backward()
+            if self.dist.any(not finite_gradients(self.optimizer)):  # a finite loss, e.g. 0 x inf in a skipped block
+                raise self.state.loss_error("non-finite", quantity="gradient")
             self.optimizer.step()
         self.scheduler.step()
         with torch.no_grad():
@@ -394,6 +396,12 @@ def teacher_sha256(spec: str | None) -> str | None:
     except OSError as exc:
         raise SkipnetError(f"--distill {spec} cannot be read ({exc.strerror or exc})") from None
     return h.hexdigest()
+
+
+def finite_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient the optimizer is about to apply is finite (one sum per parameter, one read)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.stack([g.detach().sum(dtype=torch.float32) for g in grads])).all())
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
