@@ -152,16 +152,7 @@ class Trainer:
             stats |= extra
         if self.dist.any(not bool(torch.isfinite(loss.detach()))):  # before the update: weights stay good
             raise self.state.loss_error(loss.item())
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            if self.dist.any(not finite_gradients(self.optimizer)):  # a finite loss, e.g. 0 x inf in a skipped block
-                raise self.state.loss_error("non-finite", quantity="gradient")
-            self.optimizer.step()
+        apply_update(self.optimizer, self.scaler, loss, self.dist, self.state)
         self.scheduler.step()
         with torch.no_grad():
             acc = (out.logits.argmax(1) == y).float().mean()
@@ -396,6 +387,22 @@ def teacher_sha256(spec: str | None) -> str | None:
     except OSError as exc:
         raise SkipnetError(f"--distill {spec} cannot be read ({exc.strerror or exc})") from None
     return h.hexdigest()
+
+
+def apply_update(optimizer: torch.optim.Optimizer, scaler: Any, loss: torch.Tensor, dist: Any, state: Any) -> None:
+    """One optimizer update from ``loss`` (``scaler``: a ``GradScaler``, which itself skips a step whose gradients
+    are not finite). A non-finite gradient under a finite loss (0 x inf of a skipped block that overflowed in
+    masked training) stops the run before it is applied, as a non-finite loss does (``state.loss_error``)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return
+    loss.backward()
+    if dist.any(not finite_gradients(optimizer)):
+        raise state.loss_error("non-finite", quantity="gradient")
+    optimizer.step()
 
 
 def finite_gradients(optimizer: torch.optim.Optimizer) -> bool:
