@@ -177,9 +177,9 @@ def _mix_autograd(w: Tensor, executed: Tensor, skipped: Tensor) -> Tensor:
     decide, so that its backward never multiplies a zero by an inf there."""
     exact = (w == 0) | (w == 1)
     diff = executed - skipped
-    step = torch.where(exact & torch.isfinite(diff), diff, torch.zeros_like(diff))
-    picked = torch.where(w == 0, skipped, executed) + (w - w.detach()) * step
     zero = torch.zeros_like(diff)
+    step = torch.where(exact & torch.isfinite(diff), diff, zero)
+    picked = torch.where(w == 0, skipped, executed) + (w - w.detach()) * step
     soft = torch.lerp(torch.where(exact, zero, skipped), torch.where(exact, zero, executed), w)
     return torch.where(exact, picked, soft)
 
