@@ -32,8 +32,12 @@ def plain_relu(block: nn.Module) -> bool:
     """Whether the block's activation is a plain ``nn.ReLU`` that nothing watches (no hook): then the fast paths
     may apply it as a fused or in-place ReLU; any other (``nn.ReLU6``, ``nn.LeakyReLU``, a hooked ReLU) is called
     as the module it is, as the plain ResNet's own forward calls it."""
-    act = block.relu
-    return type(act) is nn.ReLU and not (act._forward_hooks or act._forward_pre_hooks)
+    return type(block.relu) is nn.ReLU and not watched(block.relu)
+
+
+def watched(module: nn.Module) -> bool:
+    """Whether ``module`` carries forward hooks or pre-hooks (then a fast path calls it as the module it is)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def activation_(block: nn.Module, out: Tensor) -> Tensor:
@@ -53,4 +57,4 @@ def run_block(block: nn.Module, x: Tensor) -> Tensor:
     return activation_(block, out)
 
 
-__all__ = ["activation_", "plain_relu", "residual_branch", "run_block", "shortcut_branch"]
+__all__ = ["activation_", "plain_relu", "residual_branch", "run_block", "shortcut_branch", "watched"]

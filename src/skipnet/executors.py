@@ -351,7 +351,7 @@ def global_avg_pool(x: Tensor, avgpool: nn.Module) -> Tensor:
         and not capture.active()
         and type(avgpool) is nn.AdaptiveAvgPool2d
         and avgpool.output_size in (1, (1, 1))
-        and not (avgpool._forward_hooks or avgpool._forward_pre_hooks)
+        and not blocks.watched(avgpool)
     ):
         # The same values. (Under a capture the plain op is traced: the function keeps x's shape on ctx, which
         # does not trace with symbolic shapes.)
