@@ -9,6 +9,8 @@ decisions) was an ``AttributeError``; the unfused masked tail zeroed a NaN in it
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -132,6 +134,30 @@ def test_a_hooked_relu_is_called_as_a_module() -> None:
     with torch.no_grad():
         model(torch.randn(4, 3, 16, 16), "greedy", decisions=torch.ones(4, model.num_gates), execution="routed")
     assert seen.count(4) == 2  # inside the residual branch and after the addition, as the block's own forward
+
+
+@pytest.mark.parametrize("execution", ["routed", "masked"])
+def test_a_global_forward_hook_sees_every_module_the_plain_forward_calls(execution) -> None:
+    """A hook on every module (``register_module_forward_hook``, as profilers and activation collectors use) sees
+    the block's ReLU after the addition and the ``avgpool`` under autograd, as the plain network's forward calls
+    them, and the gate's layers (the fused gate paths step aside, as for a module's own hook)."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    model = create_model("tiny_rnn_gate_14").eval()
+    seen: list[nn.Module] = []
+    handle = register_module_forward_hook(lambda m, i, o: seen.append(m))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # and no "converting a tensor that requires grad to a scalar" here
+            decisions = torch.ones(4, model.num_gates)
+            x = torch.randn(4, 3, 16, 16, requires_grad=True)
+            model(x, "greedy", decisions=decisions, execution=execution).logits.sum().backward()
+    finally:
+        handle.remove()
+    relus = [b.relu for b in model.gated_blocks]
+    assert all(sum(m is r for m in seen) == 2 for r in relus)  # inside the residual branch and after the addition
+    assert any(m is model.backbone.avgpool for m in seen)
+    assert any(isinstance(m, nn.LSTMCell) for m in seen)
 
 
 # --------------------------------------------------------------------------------------------- 4. variant

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules import module as _module
 
 from skipnet.backbones import Bottleneck
 
@@ -36,8 +37,14 @@ def plain_relu(block: nn.Module) -> bool:
 
 
 def watched(module: nn.Module) -> bool:
-    """Whether ``module`` carries forward hooks or pre-hooks (then a fast path calls it as the module it is)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    """Whether ``module`` is watched by forward hooks or pre-hooks, its own or global ones
+    (``torch.nn.modules.module.register_module_forward_hook``): then a fast path calls it as the module it is."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+    )
 
 
 def activation_(block: nn.Module, out: Tensor) -> Tensor:

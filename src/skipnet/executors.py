@@ -162,7 +162,7 @@ def _mix(w: Tensor, executed: Tensor, skipped: Tensor, binary: bool = False, eag
     the ``lerp``'s time. Elsewhere (and when the ``lerp`` is not finite) one or two ``where``."""
     if eager and executed.device.type == "cpu":
         mixed = torch.lerp(skipped, executed, w)
-        if math.isfinite(float(mixed.sum(dtype=torch.float32))):  # a NaN or inf anywhere makes the sum one
+        if math.isfinite(float(mixed.detach().sum(dtype=torch.float32))):  # a NaN or inf anywhere: the sum is one
             return mixed
     if binary:
         return torch.where(w > 0.5, executed, skipped)

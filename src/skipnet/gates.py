@@ -24,9 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules import module as _hooks
 
-from skipnet import capture, fastgate
+from skipnet import blocks, capture, fastgate
 
 
 class _SpatialMean(torch.autograd.Function):
@@ -183,23 +182,19 @@ class _GateWeights:
         """``gate``'s parameters now, or ``None`` when one of its modules must be called to compute its function:
         not exactly an ``nn.Linear`` / ``nn.LSTMCell`` with biases (quantized, parametrized or subclassed modules),
         or watched by forward hooks (the cost counter's)."""
-        if _hooks._global_forward_hooks or _hooks._global_forward_pre_hooks:
-            return None
         mods, lin = gate._modules, nn.Linear
         projs = [
             m._parameters
             for m in mods["proj"]._modules.values()
-            if type(m) is lin and not (m._forward_hooks or m._forward_pre_hooks) and m._parameters["bias"] is not None
+            if type(m) is lin and not blocks.watched(m) and m._parameters["bias"] is not None
         ]
         lstm, fc = mods["lstm"], mods["fc"]
         if (
             len(projs) != gate.num_gates
             or type(lstm) is not nn.LSTMCell
             or type(fc) is not lin
-            or lstm._forward_hooks
-            or lstm._forward_pre_hooks
-            or fc._forward_hooks
-            or fc._forward_pre_hooks
+            or blocks.watched(lstm)
+            or blocks.watched(fc)
             or lstm._parameters["bias_ih"] is None
             or fc._parameters["bias"] is None
         ):
