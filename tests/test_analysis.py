@@ -19,6 +19,7 @@ from skipnet.analysis import (
     easiest_hardest_class,
     easy_hard_indices,
     executed_blocks,
+    forced_run,
     is_non_increasing,
     multiscale_deltas,
     per_class_stats,
@@ -202,6 +203,28 @@ def test_static_lesion_removes_a_dead_block_first_and_nests() -> None:
     with pytest.raises(SkipnetError, match="max_drop"):
         static_lesion(model, select, cost, max_drop=model.num_gates + 1)
     assert model.training is False  # left as it was
+
+
+def test_forced_run_is_one_static_route_for_every_image() -> None:
+    """``forced_run``'s loss and accuracy are the network's with the blocks of ``keep`` executed for every image,
+    summed over the batches (not averaged per batch)."""
+    model, loader, _ = _random_setup("tiny_resnet_14")
+    model.eval()
+    x, _ = loader[0]
+    labels = torch.arange(48) % 10
+    batches = [(x[:40], labels[:40]), (x[40:], labels[40:])]  # unequal batches
+    keep = torch.ones(1, model.num_gates)
+    keep[0, [1, 3]] = 0
+    with torch.no_grad():
+        logits = model(x, "random", decisions=keep.expand(48, -1)).logits
+    loss, acc = forced_run(model, batches, keep)
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert acc == pytest.approx(100.0 * (logits.argmax(1) == labels).float().mean().item())
+    with torch.no_grad():
+        all_on = model(x, "all_on").logits
+    assert forced_run(model, batches, torch.ones(1, model.num_gates))[0] == pytest.approx(
+        torch.nn.functional.cross_entropy(all_on, labels).item(), rel=1e-5
+    )
 
 
 def test_calibrate_threshold_meets_target_and_refuses_impossible() -> None:

@@ -401,11 +401,11 @@ def static_lesion(
                 for i in torch.nonzero(keep[0]).flatten().tolist():
                     trial = keep.clone()
                     trial[0, i] = 0.0
-                    trials.append((*_forced_run(model, select, trial), i))
+                    trials.append((*forced_run(model, select, trial), i))
                 loss, acc, i = min(trials)
                 keep[0, i] = 0.0
             else:
-                loss, acc = _forced_run(model, select, keep)
+                loss, acc = forced_run(model, select, keep)
             macs = cost.macs_per_image(keep, include_gates=gates_spent(model, FORCED_MODE)).item()
             point = {
                 "dropped": torch.nonzero(keep[0] == 0).flatten().tolist(),
@@ -415,16 +415,18 @@ def static_lesion(
                 "macs_reduction": cost.reduction(macs),
             }
             if evaluate_on is not None:
-                point["accuracy"] = _forced_run(model, evaluate_on, keep)[1]
+                point["accuracy"] = forced_run(model, evaluate_on, keep)[1]
             points.append(point)
     finally:
         model.train(was_training)
     return points
 
 
-def _forced_run(model: GatedResNet, batches: Any, keep: Tensor) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (%) over ``batches`` with the blocks of ``keep`` (1, N) executed for every
-    image (forced decisions, no gate computed)."""
+@torch.no_grad()
+def forced_run(model: GatedResNet, batches: Any, keep: Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (%) over ``batches`` (``(images, labels)`` pairs: a list or a loader) with
+    the blocks of ``keep`` (1, N) executed for every image: one static route (forced decisions, no gate computed).
+    ``model`` in eval mode."""
     device = next(model.parameters()).device
     loss = correct = seen = 0.0
     for x, y in batches:
