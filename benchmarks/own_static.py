@@ -3,7 +3,7 @@
 A SkipNet that routes per image should beat the same network with one route for every image at the same compute:
 else its policy is a pruning. For each shipped model this evaluates the policy greedily at its own threshold on the
 test split, then removes gated blocks one at a time for every image alike, each time the block whose removal raises
-the mean cross-entropy on the first ``--select`` (500) validation images the least
+the mean cross-entropy on ``--select`` (500) validation images spread over the split the least
 (``skipnet.analysis.static_lesion``: forced decisions, no gate computed; the best static choice of that backbone,
 found greedily), until the policy's saving is passed. The static accuracy at that saving is read off the curve,
 linear between the two removals around it (the only two evaluated on the test split).
@@ -20,19 +20,22 @@ Results: ``benchmarks/results/own_static.json`` and ``.md`` (``--models`` rewrit
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
 import torch
 
 from skipnet.analysis import data_for_checkpoint, eval_loader, forced_run, static_lesion
+from skipnet.bench import calibrate_batchnorm
 from skipnet.checkpoint import load_model
 from skipnet.cost import cost_model
 from skipnet.evaluate import evaluate
-from skipnet.results import command_line, fmt, frontier, markdown, recorded, validation_batches, write_json
+from skipnet.results import command_line, fmt, frontier, markdown, recorded, spread_batches, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+SELECTION = "spread"  # how the validation images that choose each removal are picked (results.spread_batches)
 MODELS = (
     "cifar10_aig_gate_38_ordered",
     "cifar10_aig_gate_38_adapted",
@@ -43,42 +46,64 @@ MODELS = (
 )
 
 
-def measure(name: str, data: str, max_drop: int | None, select: int) -> dict:
+def measure(name: str, data: str, max_drop: int | None, select: int, recalibrate: int, recorded_row: dict | None):
     """One model's row: its policy on the test split, its own backbone's static lesion curve (chosen on
-    validation), the test accuracy of the two static routes around the policy's saving, the difference."""
+    validation; both taken from ``recorded_row`` when it has them), and the static routes around the policy's
+    saving on the test split, as they are and with BatchNorm recalibrated to each."""
     model, ckpt = load_model(f"pretrained:{name}")
     bundle = data_for_checkpoint(ckpt, model, data, batch_size=500)
-    t0, test, cost = time.time(), eval_loader(bundle, "test"), cost_model(model)
-    policy = evaluate(model, test, cost)
-    saving = policy["macs_reduction"]
-    picked = validation_batches(bundle, select)
-    drops = min(model.num_gates, max_drop or int(saving // 5) + 2)  # a CIFAR block is 5.7% of ResNet-38's MACs
-    points = static_lesion(model.eval(), picked, cost, max_drop=drops)
+    t0, cost = time.time(), cost_model(model)
+    if recorded_row and recorded_row.get("selection") == SELECTION and recorded_row.get("select_images", 0) >= select:
+        row = {k: recorded_row[k] for k in ("name", "accuracy", "macs_reduction", "distinct_routes", "executed_std")}
+        row |= {k: recorded_row[k] for k in ("selection", "select_images", "lesion")}
+    else:
+        policy = evaluate(model, eval_loader(bundle, "test"), cost)
+        row = {
+            "name": name,
+            "accuracy": round(policy["accuracy"], 2),
+            "macs_reduction": round(policy["macs_reduction"], 2),
+            "distinct_routes": policy["routes"]["distinct_routes"],
+            "executed_std": round(policy["routes"]["executed_std"], 2),
+        }
+        picked = spread_batches(bundle, "val", select)
+        drops = min(model.num_gates, max_drop or int(row["macs_reduction"] // 5) + 2)  # a block: 5.7% of ResNet-38
+        row |= {"selection": SELECTION, "select_images": sum(len(y) for _, y in picked)}
+        row["lesion"] = static_lesion(model.eval(), picked, cost, max_drop=drops)
+    row |= static_at(model, bundle, row["lesion"], row["macs_reduction"], recalibrate)
+    for key, gap in (("static_accuracy", "policy_minus_static"), ("static_bn_accuracy", "policy_minus_static_bn")):
+        row[gap] = None if row[key] is None else round(row["accuracy"] - row[key], 2)
+    return row | {"seconds": round(time.time() - t0, 1)}
+
+
+def static_at(model, bundle, points: list[dict], saving: float, recalibrate: int) -> dict:
+    """The test accuracy of the static routes of ``points`` around ``saving``, as they are (``accuracy``) and with
+    every BatchNorm's statistics recalibrated on ``recalibrate`` training images run on that route
+    (``accuracy_bn``), and each linear between them at ``saving``; None where the curve ends before it."""
     steps = [p["macs_reduction"] for p in points]
     end = next((i for i in range(1, len(steps)) if steps[i - 1] <= saving <= steps[i]), None)
-    static = None  # the curve ends before the policy's saving
-    if end is not None:
-        for p in points[end - 1 : end + 1]:
-            keep = torch.ones(1, model.num_gates)
-            keep[0, p["dropped"]] = 0.0
-            p["accuracy"] = forced_run(model, test, keep)[1]
-        static = frontier([(p["macs_reduction"], p["accuracy"]) for p in points[end - 1 : end + 1]], saving)
+    if end is None:
+        return {"static_accuracy": None, "static_bn_accuracy": None, "recalibration_images": recalibrate}
+    test = eval_loader(bundle, "test")
+    train = [x for x, _ in spread_batches(bundle, "train", recalibrate)]
+    for p in points[end - 1 : end + 1]:
+        keep = torch.ones(1, model.num_gates)
+        keep[0, p["dropped"]] = 0.0
+        p["accuracy"] = round(forced_run(model.eval(), test, keep)[1], 2)
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            calibrate_batchnorm(twin, train, keep=keep)
+        p["accuracy_bn"] = round(forced_run(twin, test, keep)[1], 2)
+    pair = points[end - 1 : end + 1]
     return {
-        "name": name,
-        "accuracy": round(policy["accuracy"], 2),
-        "macs_reduction": round(saving, 2),
-        "distinct_routes": policy["routes"]["distinct_routes"],
-        "executed_std": round(policy["routes"]["executed_std"], 2),
-        "static_accuracy": None if static is None else round(static, 2),
-        "policy_minus_static": None if static is None else round(policy["accuracy"] - static, 2),
-        "select_images": sum(len(y) for _, y in picked),
-        "lesion": points,
-        "seconds": round(time.time() - t0, 1),
+        "static_accuracy": round(frontier([(p["macs_reduction"], p["accuracy"]) for p in pair], saving), 2),
+        "static_bn_accuracy": round(frontier([(p["macs_reduction"], p["accuracy_bn"]) for p in pair], saving), 2),
+        "recalibration_images": sum(len(x) for x in train),
     }
 
 
 def table(rows: list[dict]) -> str:
-    head = ["model", "policy (test)", "% fewer MACs", "routes", "std", "static route, same weights", "policy − static"]
+    head = ["model", "policy (test)", "% fewer MACs", "routes", "std", "static route, same weights", "the same, BN"]
+    head += ["policy − static", "policy − static BN"]
     body = [
         [
             f"`{r['name']}`",
@@ -87,7 +112,9 @@ def table(rows: list[dict]) -> str:
             str(r["distinct_routes"]),
             fmt(r["executed_std"]),
             fmt(r["static_accuracy"]),
+            fmt(r["static_bn_accuracy"]),
             fmt(r["policy_minus_static"], "+.2f"),
+            fmt(r["policy_minus_static_bn"], "+.2f"),
         ]
         for r in rows
     ]
@@ -100,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=list(MODELS), help="shipped models (default: the CIFAR-10 ones)")
     p.add_argument("--max-drop", type=int, help="blocks removed at most (default: enough to pass the policy's saving)")
     p.add_argument("--select", type=int, default=500, help="validation images that choose each removal")
+    p.add_argument("--recalibrate", type=int, default=2000, help="training images that recalibrate BatchNorm")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS / "own_static.json"))
     args = p.parse_args(argv)
@@ -107,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     rows = recorded(out, key="models")
     for name in args.models:
-        rows[name] = measure(name, args.data, args.max_drop, args.select)
+        rows[name] = measure(name, args.data, args.max_drop, args.select, args.recalibrate, rows.get(name))
         payload = {"command": command_line(__file__, argv, REPO), "date": time.strftime("%Y-%m-%d")}
         write_json(out, payload | {"models": list(rows.values())})
         out.with_suffix(".md").write_text(table(list(rows.values())) + "\n")

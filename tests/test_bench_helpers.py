@@ -82,6 +82,31 @@ def test_calibrate_batchnorm_sets_the_cumulative_average_over_the_batches(arch: 
         torch.testing.assert_close(bn.running_var.double(), torch.stack(variances).mean(0), rtol=1e-4, atol=1e-5)
 
 
+def test_calibrate_batchnorm_of_a_static_route_sees_that_route() -> None:
+    """With ``keep``, the passes run that route: every block before the first skipped one gets the statistics of
+    ``all_on`` passes, the skipped block none (reset), and a later block those of its own, changed, input."""
+    torch.manual_seed(0)
+    batches = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    full = skipnet.create_model("tiny_rnn_gate_14")
+    routed = skipnet.create_model("tiny_rnn_gate_14")
+    routed.load_state_dict(full.state_dict())
+    skipped = 2
+    keep = torch.ones(1, full.num_gates)
+    keep[0, skipped] = 0
+    calibrate_batchnorm(full, batches)
+    calibrate_batchnorm(routed, batches, keep=keep)
+    with torch.no_grad():
+        (b_full, b_routed) = (m.gated_blocks for m in (full, routed))
+        assert torch.equal(b_routed[0].bn1.running_mean, b_full[0].bn1.running_mean)
+        assert torch.equal(b_routed[skipped].bn1.running_mean, torch.zeros_like(b_full[skipped].bn1.running_mean))
+        assert not torch.allclose(b_routed[skipped + 1].bn1.running_mean, b_full[skipped + 1].bn1.running_mean)
+        same = skipnet.create_model("tiny_rnn_gate_14")
+        same.load_state_dict(full.state_dict())
+        calibrate_batchnorm(same, batches, keep=torch.ones(1, full.num_gates))  # every block: all_on's statistics
+        for a, b in zip(_bns(same).values(), _bns(full).values()):
+            torch.testing.assert_close(a.running_mean, b.running_mean)
+
+
 def test_calibrate_batchnorm_leaves_eval_mode_and_momenta_when_a_pass_fails() -> None:
     model = skipnet.create_model("tiny_rnn_gate_14")
     momenta = [bn.momentum for bn in _bns(model).values()]
@@ -204,3 +229,23 @@ def test_environment_records_the_packages_asked_for() -> None:
     env = environment("torch")
     assert list(env) == ["date", "torch", "python", "machine", "cpus", "command"]
     assert env["torch"] == torch.__version__
+
+
+def test_spread_batches_gives_every_class_of_a_sorted_split_its_share() -> None:
+    """A split stored class by class (an ImageFolder's order): the first images are one class, the spread ones
+    every class alike; batches of the asked size, no more images than asked, all when the split has fewer."""
+    from types import SimpleNamespace
+
+    from skipnet.results import spread_batches
+
+    labels = torch.arange(10).repeat_interleave(100)  # 1,000 images, 100 per class, in class order
+    images = torch.arange(1000, dtype=torch.float32).view(-1, 1, 1, 1)
+    loader = [(images[i : i + 64], labels[i : i + 64]) for i in range(0, 1000, 64)]  # batches across classes
+    bundle = SimpleNamespace(info={"val_images": 1000}, split=lambda name: loader)
+    picked = spread_batches(bundle, "val", 200, batch_size=30)
+    y = torch.cat([b[1] for b in picked])
+    assert [len(b[1]) for b in picked] == [30] * 6 + [20]
+    assert torch.bincount(y, minlength=10).tolist() == [20] * 10
+    x = torch.cat([b[0] for b in picked]).flatten()
+    assert torch.equal(labels[x.long()], y)  # each image with its own label
+    assert len(torch.cat([b[1] for b in spread_batches(bundle, "val", 5000)])) == 1000

@@ -112,9 +112,10 @@ def random_decisions(batch: int, n_gates: int, keep: float, seed: int) -> Tensor
 
 
 @torch.no_grad()
-def calibrate_batchnorm(model: GatedResNet, batches: Iterable[Tensor]) -> None:
+def calibrate_batchnorm(model: GatedResNet, batches: Iterable[Tensor], keep: Tensor | None = None) -> None:
     """Set every BatchNorm running statistic to its cumulative average over train-mode ``all_on`` passes on
-    ``batches`` (inputs as the model takes them: normalised).
+    ``batches`` (inputs as the model takes them: normalised); with ``keep`` (1, N), passes of that one static route
+    (forced decisions: the blocks it skips keep their reset statistics unless the passes run them masked).
 
     Every BatchNorm's statistics are reset and its momentum set to ``None`` (cumulative moving average) for the
     passes, then restored. ``batches`` may be any iterable, e.g. a generator making each batch when it is needed.
@@ -129,7 +130,10 @@ def calibrate_batchnorm(model: GatedResNet, batches: Iterable[Tensor]) -> None:
     model.train()
     try:
         for x in batches:
-            model(x, "all_on")
+            if keep is None:
+                model(x, "all_on")
+            else:
+                model(x, "random", decisions=keep.to(x.device).expand(x.shape[0], -1))
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom

@@ -142,28 +142,36 @@ def lesion_table(curves: Sequence[Row]) -> str:
 
 def lesion_on(model: Any, bundle: Any, max_drop: int = 6, select_images: int = 1000) -> Row:
     """The static lesion curve of ``model`` (``skipnet.analysis.static_lesion``) on ``bundle``, the data as its
-    checkpoint saw it (``data_for_checkpoint``): the best blocks to remove for every image alike, chosen on the first
-    ``select_images`` validation images, with the test accuracy after each removal."""
+    checkpoint saw it (``data_for_checkpoint``): the best blocks to remove for every image alike, chosen on
+    ``select_images`` validation images spread over the split (:func:`spread_batches`), with the test accuracy after
+    each removal."""
     from skipnet.analysis import eval_loader, static_lesion
     from skipnet.cost import cost_model
 
-    select = validation_batches(bundle, select_images)
+    select = spread_batches(bundle, "val", select_images)
     t0 = time.time()
     points = static_lesion(model, select, cost_model(model), max_drop=max_drop, evaluate_on=eval_loader(bundle, "test"))
     return {"select_images": sum(len(y) for _, y in select), "points": points, "seconds": round(time.time() - t0, 1)}
 
 
-def validation_batches(bundle: Any, images: int) -> list[tuple[Any, Any]]:
-    """The first batches of ``bundle``'s validation split, ``images`` images or a little more (whole batches)."""
+def spread_batches(bundle: Any, split: str, images: int, batch_size: int = 500) -> list[tuple[Any, Any]]:
+    """``images`` images of ``bundle``'s ``split`` (all if it has fewer), without augmentation, spread evenly over
+    it: every k-th image, so that a split stored class by class gives every class its share (its first images may
+    all be of one class). Reads the whole split once."""
+    import torch
+
     from skipnet.analysis import eval_loader
 
-    batches, seen = [], 0
-    for x, y in eval_loader(bundle, "val"):
-        batches.append((x, y))
+    total = bundle.info.get(f"{split}_images") or images
+    step = max(1, total // max(images, 1))
+    xs, ys, seen = [], [], 0
+    for x, y in eval_loader(bundle, split):
+        keep = [j for j in range(len(y)) if (seen + j) % step == 0]
+        xs.append(x[keep])
+        ys.append(y[keep])
         seen += len(y)
-        if seen >= images:
-            break
-    return batches
+    x, y = torch.cat(xs)[:images], torch.cat(ys)[:images]
+    return [(x[k : k + batch_size], y[k : k + batch_size]) for k in range(0, len(y), batch_size)]
 
 
 def lesion(run: Path, data: str, cache: Path, max_drop: int = 6, select_images: int = 1000) -> Row | None:
