@@ -54,6 +54,15 @@ def test_flops_overrides_and_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert "tiny_rnn_gate_14 at 32x32" in text
     assert sum(line.startswith("block ") for line in text.splitlines()) == 5
     assert f"{base['total_macs_all_on']:,}" in text
+    # the plain network's cost (what "% fewer" is measured against) is labelled as having no gate; the gated
+    # network executing every block costs that plus its gates
+    lines = {line[:22].strip(): line[22:].split()[0] for line in text.splitlines()[-3:]}
+    gates = sum(base["gate_macs"])
+    assert lines == {
+        "all blocks, no gate": f"{base['total_macs_all_on']:,}",
+        "gates, summed": f"{gates:,}",
+        "all blocks and gates": f"{base['total_macs_all_on'] + gates:,}",
+    }
 
 
 def _run_main(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:

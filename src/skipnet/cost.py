@@ -105,7 +105,8 @@ class CostModel:
 
     @property
     def gate_overhead(self) -> float:
-        """Summed gate MACs / summed gated-block MACs (projection shortcuts included in the blocks)."""
+        """Summed gate MACs / summed gated-block MACs (a block's projection shortcut is in ``fixed_macs``, not in
+        ``block_macs``: a skipped block still runs it)."""
         return sum(self.gate_macs) / max(1, sum(self.block_macs))
 
     def macs_per_image(self, decisions: Tensor, include_gates: bool = True) -> Tensor:
