@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from skipnet import fastgate
 from skipnet.config import ArchConfig
 from skipnet.cost import CostModel, cost_model
 from skipnet.errors import SkipnetError
@@ -140,6 +141,8 @@ def _load_checkpoint(spec: str) -> Predictor:
     mode = eval_mode_for(model)  # as it was trained and validated: never greedy gates for a base-stage network
     # one number per input channel: load_model refuses any other data record (checkpoint.check_data_record)
     normalize = Normalize(required_stats(ckpt, spec))
+    if model.num_gates and fastgate.enabled():
+        fastgate.load()  # built here, on first use, rather than inside the timed predictions (a minute the first time)
 
     def run(x: Tensor) -> tuple[Tensor, Tensor]:
         with torch.inference_mode():
