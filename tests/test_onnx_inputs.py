@@ -56,13 +56,13 @@ def test_bench_onnx_on_real_images_decides_as_the_checkpoint(exported, tmp_path,
     argv = ["bench", str(exported["onnx"]), "--data", str(exported["folder"]), "--images", "4", *BENCH, "--json"]
     assert main(argv) == 0, capsys.readouterr().err
     res = json.loads(capsys.readouterr().out)
-    assert res["inputs"] == f"first 4 test images of {exported['folder']}" and res["images"] == 4
+    assert res["inputs"] == f"4 test images of {exported['folder']} (seeded sample)" and res["images"] == 4
     # the decisions are the eager model's on the same pixels, normalised with the checkpoint's statistics
     from skipnet.checkpoint import checkpoint_stats, load_model
     from skipnet.data import load_data
 
     model, ckpt = load_model(exported["ckpt"])
-    data = load_data(str(exported["folder"]), eval_batch_size=4, stats=checkpoint_stats(ckpt))
+    data = load_data(str(exported["folder"]), eval_batch_size=4, stats=checkpoint_stats(ckpt), limit_test=4)
     x, _ = next(iter(data.test))
     with torch.no_grad():
         keep = float(model(x[:4], "greedy").trace.decisions.mean())

@@ -441,9 +441,18 @@ def test_bench_cli_data_times_real_images(tmp_path, cifar_mini, capsys: pytest.C
     argv = ["bench", str(path), "--batch-size", "5", "--repeats", "1", "--threads", "1", "--json"]
     assert main([*argv, "--data", cifar_mini]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["inputs"].startswith("first 5 test images of") and res["image_size"] == 32  # the command's account
+    assert res["inputs"].endswith("(seeded sample)") and res["image_size"] == 32  # the command's account
     x = real_images(str(path), model, cifar_mini, None, 5)
     assert x.shape == (5, 3, 32, 32) and x.std() > 0.1
+    # the sample --limit draws, spread over the classes (the first five test images are all of one class)
+    from skipnet.checkpoint import load_checkpoint
+    from skipnet.evaluate import data_for_checkpoint
+
+    ckpt = load_checkpoint(path)
+    xs, ys = next(iter(data_for_checkpoint(ckpt, model, cifar_mini, batch_size=5, limit=5).test))
+    assert torch.equal(x, xs) and len(set(ys.tolist())) > 1, ys
+    first = data_for_checkpoint(ckpt, model, cifar_mini, batch_size=5).test
+    assert len(set(next(iter(first))[1].tolist())) == 1
     with torch.no_grad():
         expected = model.eval()(x, "greedy").trace.decisions.float().mean().item()
     assert res["keep"] == pytest.approx(expected)

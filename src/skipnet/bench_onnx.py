@@ -366,10 +366,10 @@ def check_plain_twin(subject: str, meta: dict[str, Any], proto: Any, plain: str,
 
 
 def data_images(subject: str, meta: dict[str, Any], spec: str, data_dir: str | None, n: int) -> torch.Tensor:
-    """The first ``n`` test images of ``spec`` (fewer where its test split holds fewer) as an exported graph takes
-    them: float32 pixels in [0, 1] at the graph's image size (the graph normalises them itself), loaded by the data
-    module with an identity normalisation; data of another channel count, image size or class list than the
-    graph's is a one-line error."""
+    """``n`` test images of ``spec`` (a seeded sample, as ``--limit`` draws one; all where its test split holds
+    fewer) as an exported graph takes them: float32 pixels in [0, 1] at the graph's image size (the graph
+    normalises them itself), loaded by the data module with an identity normalisation; data of another channel
+    count, image size or class list than the graph's is a one-line error."""
     from skipnet.checkpoint import PREPARATIONS, require_same_classes
     from skipnet.data import load_data
     from skipnet.gated import GatedResNet
@@ -382,7 +382,7 @@ def data_images(subject: str, meta: dict[str, Any], spec: str, data_dir: str | N
         data_dir=data_dir,
         batch_size=n,
         eval_batch_size=n,
-        limit_test=None,
+        limit_test=n,
         image_size=int(meta["image_size"]),
         stats=identity,
         augment=False,

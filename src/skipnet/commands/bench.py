@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         default=None,
-        help="time on the first B test images of this data set (as the checkpoint saw it: normalisation, size), "
+        help="time on B test images of this data set (a seeded sample; as the checkpoint saw it: normalisation, size), "
         "so learned gates decide as they do in use; default: random N(0, 1) inputs",
     )
     p.add_argument(
@@ -137,12 +137,13 @@ def check_bounds(args: argparse.Namespace) -> None:
 
 
 def real_images(path: str, model, spec: str, data_dir: str | None, batch: int) -> torch.Tensor:
-    """The first ``batch`` images of the test split, loaded as the checkpoint saw its data."""
+    """``batch`` images of the test split, loaded as the checkpoint saw its data: a seeded sample, as ``--limit``
+    draws one (the first images of a split stored class by class would all be of one class)."""
     from skipnet.checkpoint import data_record, load_checkpoint, require_same_classes
     from skipnet.evaluate import data_for_checkpoint, eval_loader
 
     ckpt = load_checkpoint(path)
-    data = data_for_checkpoint(ckpt, model, spec, data_dir=data_dir, batch_size=batch)
+    data = data_for_checkpoint(ckpt, model, spec, data_dir=data_dir, batch_size=batch, limit=batch)
     require_same_classes(model, data, path, data_record(ckpt).get("classes"))  # names too, as ONNX's
     xs, n = [], 0
     for x, _ in eval_loader(data, "test"):
@@ -191,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         if info["source"] != "checkpoint":
             raise SkipnetError("--data needs a checkpoint (an architecture name has no trained normalisation)")
         images = real_images(args.subject, model, args.data, args.data_dir, args.batch_size)
-        info["inputs"] = f"first {args.batch_size} test images of {args.data}"
+        info["inputs"] = f"{args.batch_size} test images of {args.data} (seeded sample)"
     size = args.image_size or (images.shape[-1] if images is not None else model.config.image_size)
     if info["source"] == "arch":
         keep = 0.5 if keep is None else keep
@@ -389,7 +390,7 @@ def _onnx_images(args: argparse.Namespace, meta: dict, model: Any) -> tuple[torc
     if args.data is not None:  # pixels in [0, 1]: the exported graph normalises them itself
         images = data_images(args.subject, meta, args.data, args.data_dir, n)
         images = images[: _whole_batches(args, len(images), n)]
-        inputs = f"first {len(images)} test images of {args.data}"
+        inputs = f"{len(images)} test images of {args.data} (seeded sample)"
     else:
         gen = torch.Generator().manual_seed(args.seed)
         images = torch.rand(n, channels, size, size, generator=gen)
