@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"{res['arch']} ({info['source']}), batch {res['batch_size']}, {size}x{size}, {res['device']}, "
-        f"{threads} threads, "
+        f"{threads} thread{'' if threads == 1 else 's'}, "
         f"{how}; executed fraction {res['keep']:.3f}"
     )
     print(f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up rounds")

@@ -69,10 +69,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"  top-1 accuracy          {result['accuracy']:.2f}%")
     if "top5" in result:
         print(f"  top-5 accuracy          {result['top5']:.2f}%")
-    print(f"  MACs per image          {result['macs_mean']:.4g} (plain ResNet {result['macs_all_on']:.4g})")
+    print(f"  MACs per image          {result['macs_mean']:,.0f} (plain ResNet {result['macs_all_on']:,.0f})")
     print(f"  MACs reduction          {result['macs_reduction']:.1f}%")
     print(f"  computation percentage  {result['computation_percentage']:.1f}%")
-    print(f"  gate MACs per image     {result['gate_macs_mean']:.4g}")
+    print(f"  gate MACs per image     {result['gate_macs_mean']:,.0f}")
     r = result["routes"]
     if r["distinct_routes"]:
         print(

@@ -182,10 +182,11 @@ def _summary(predictor: Any, preds: Any) -> None:
     macs = sum(r["macs"] for r in preds.rows) / n
     how = f"{predictor.graph} graph, " if predictor.graph else ""
     threshold = f" at threshold {predictor.threshold:g}" if predictor.threshold is not None else ""
+    kind = "gated" if predictor.config.gated else "skippable (no gate)"
     print(
         f"skipnet predict: {n} image{'' if n == 1 else 's'} with {predictor.config.name} ({how}{predictor.runtime}, "
         f"mode {predictor.mode}{threshold}) in {preds.seconds:.2f} s ({n / max(preds.seconds, 1e-9):.1f} images/s); "
-        f"{executed:.2f} of {predictor.num_gates} gated blocks and {macs / 1e6:.2f} MMACs per image on average",
+        f"{executed:.2f} of {predictor.num_gates} {kind} blocks and {macs / 1e6:.2f} MMACs per image on average",
         file=sys.stderr,
     )
     if preds.skipped:
