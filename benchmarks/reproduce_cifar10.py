@@ -656,7 +656,8 @@ def write_md(path: Path, payload: dict) -> None:
             "#### Static lesion of the plain networks (beyond the paper)",
             "",
             "The blocks removed for every image alike, greedily, each the one whose removal raises the validation "
-            "loss least (first 1,000 validation images); test accuracy after each removal.",
+            "loss least (1,000 validation images: for these curves the first 1,000, which are of three classes; later "
+            "runs spread them over the split, `results.spread_batches`); test accuracy after each removal.",
             "",
             lesion_table(curves),
             "",
