@@ -176,3 +176,34 @@ def test_suite_repeat_stopped_ends_its_suite_removes_its_clone_and_records_nothi
     assert not clone.exists() and not records.exists()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_own_static_table_and_pages_are_its_results() -> None:
+    """benchmarks/results/own_static.md is the table of own_static.json's rows; each static figure lies between the
+    two tested routes around the policy's saving and each gap is its two figures' difference; the policy's top
+    blocks are the blocks it skips least; docs/routing.md includes the table and RESULTS.md states the gaps' range."""
+    mod = script("own_static")
+    rows = json.loads((RESULTS / "own_static.json").read_text())["models"]
+    assert (RESULTS / "own_static.md").read_text() == mod.table(rows) + "\n"
+    assert {r["name"] for r in rows} == set(mod.MODELS)
+    for r in rows:
+        assert r["selection"] == mod.SELECTION and r["select_images"] >= 500
+        for curve, pairs in (
+            ("lesion", (("static_accuracy", "accuracy"), ("static_bn_accuracy", "accuracy_bn"))),
+            ("rate_routes", (("rate_accuracy", "accuracy"), ("rate_bn_accuracy", "accuracy_bn"))),
+        ):
+            tested = [p for p in r[curve] if "accuracy" in p]
+            assert len(tested) == 2
+            assert tested[0]["macs_reduction"] <= r["macs_reduction"] <= tested[1]["macs_reduction"]
+            for key, point in pairs:
+                lo, hi = sorted(p[point] for p in tested)
+                assert lo - 0.01 <= r[key] <= hi + 0.01, (r["name"], key)
+                assert abs(r["policy_minus_" + key.removesuffix("_accuracy")] - (r["accuracy"] - r[key])) < 0.011
+        skipped = [i for i, s in enumerate(r["skip_ratio_per_block"]) if s > 0]
+        dropped = set(r["rate_routes"][1]["dropped"])  # the first block a rate route drops: the most skipped
+        assert max(r["skip_ratio_per_block"]) == r["skip_ratio_per_block"][dropped.pop()] and skipped
+    page = (REPO / "docs" / "routing.md").read_text()
+    assert '--8<-- "benchmarks/results/own_static.md"' in page
+    gaps = sorted(mod.best_gap(r) for r in rows)
+    results = " ".join((BENCH / "RESULTS.md").read_text().split())
+    assert f"{gaps[0]:+.2f}" in results and f"{gaps[-1]:+.2f}" in results
