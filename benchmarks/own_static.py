@@ -107,7 +107,8 @@ def static_at(model, bundle, points: list[dict], saving: float, recalibrate: int
     if end is None:
         return {"static_accuracy": None, "static_bn_accuracy": None, "recalibration_images": recalibrate}
     test = eval_loader(bundle, "test")
-    train = [x for x, _ in islice(bundle.split("train"), -(-recalibrate // bundle.split("train").batch_size))]
+    loader = bundle.split("train")
+    train = [x for x, _ in islice(loader, -(-recalibrate // loader.batch_size))]
     for p in points[end - 1 : end + 1]:
         keep = torch.ones(1, model.num_gates)
         keep[0, p["dropped"]] = 0.0

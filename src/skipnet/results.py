@@ -140,20 +140,6 @@ def lesion_table(curves: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def lesion_on(model: Any, bundle: Any, max_drop: int = 6, select_images: int = 1000) -> Row:
-    """The static lesion curve of ``model`` (``skipnet.analysis.static_lesion``) on ``bundle``, the data as its
-    checkpoint saw it (``data_for_checkpoint``): the best blocks to remove for every image alike, chosen on
-    ``select_images`` validation images spread over the split (:func:`spread_batches`), with the test accuracy after
-    each removal."""
-    from skipnet.analysis import eval_loader, static_lesion
-    from skipnet.cost import cost_model
-
-    select = spread_batches(bundle, "val", select_images)
-    t0 = time.time()
-    points = static_lesion(model, select, cost_model(model), max_drop=max_drop, evaluate_on=eval_loader(bundle, "test"))
-    return {"select_images": sum(len(y) for _, y in select), "points": points, "seconds": round(time.time() - t0, 1)}
-
-
 def spread_batches(bundle: Any, split: str, images: int, batch_size: int = 500) -> list[tuple[Any, Any]]:
     """``images`` images of ``bundle``'s ``split`` (all if it has fewer), without augmentation, spread evenly over
     it: every k-th image, so that a split stored class by class gives every class its share (its first images may
@@ -175,21 +161,27 @@ def spread_batches(bundle: Any, split: str, images: int, batch_size: int = 500) 
 
 
 def lesion(run: Path, data: str, cache: Path, max_drop: int = 6, select_images: int = 1000) -> Row | None:
-    """:func:`lesion_on` of the trained run in ``run`` (its ``best.pt``), cached in ``cache``. None without a
-    ``best.pt``."""
+    """The static lesion curve of the trained run in ``run`` (``skipnet.analysis.static_lesion``), cached in
+    ``cache``: the best blocks to remove for every image alike, chosen on ``select_images`` validation images spread
+    over the split (:func:`spread_batches`), with the test accuracy after each removal. None without a ``best.pt``."""
     if cache.exists():
         return json.loads(cache.read_text())
     if not (run / BEST).exists():
         return None
     import torch
 
-    from skipnet.analysis import data_for_checkpoint
+    from skipnet.analysis import data_for_checkpoint, eval_loader, static_lesion
     from skipnet.checkpoint import load_model
+    from skipnet.cost import cost_model
 
     torch.set_num_threads(2)
     model, ckpt = load_model(run / BEST)
     bundle = data_for_checkpoint(ckpt, model, data, batch_size=500)
-    res = {"run": run.name, **lesion_on(model, bundle, max_drop, select_images)}
+    select = spread_batches(bundle, "val", select_images)
+    t0 = time.time()
+    points = static_lesion(model, select, cost_model(model), max_drop=max_drop, evaluate_on=eval_loader(bundle, "test"))
+    seen = sum(len(y) for _, y in select)
+    res = {"run": run.name, "select_images": seen, "points": points, "seconds": round(time.time() - t0, 1)}
     cache.write_text(json.dumps(res, indent=1))
     return res
 
